@@ -1,0 +1,1 @@
+"""tierserve expert_host role."""

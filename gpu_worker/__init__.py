@@ -1,0 +1,1 @@
+"""tierserve gpu_worker role."""

@@ -1,0 +1,1 @@
+"""Code every tierserve process shares: protocol, config, GGUF reading, model math, tokenizer."""
