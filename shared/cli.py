@@ -1,0 +1,41 @@
+"""The `tierserve` command: one entry point for every tool and role.
+
+Roles run as `python -m <role>` so this module (in `shared/`) never imports a role package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+
+# Tools implemented in shared/: subcommand -> module with a `main(argv) -> int`.
+TOOLS = {
+    "make-model": "shared.make_model",
+}
+
+
+def usage() -> str:
+    names = ", ".join(sorted(TOOLS))
+    return f"usage: tierserve <command> [options]\ncommands: {names}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command in TOOLS:
+        return int(importlib.import_module(TOOLS[command]).main(rest) or 0)
+    print(f"tierserve: unknown command {command!r}\n{usage()}", file=sys.stderr)
+    return 2
+
+
+def exec_role(module: str, argv: list[str]) -> None:
+    """Replace this process with `python -m module argv...` (how systemd units run a role)."""
+    os.execv(sys.executable, [sys.executable, "-m", module, *argv])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,125 @@
+"""Open a GGUF MoE model over mmap: metadata, validated tensors, zero-copy views, dequantization."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, quants
+from gguf.constants import GGML_QUANT_SIZES
+
+from shared.model_config import (
+    OPTIONAL_TENSORS,
+    ModelConfig,
+    ModelError,
+    config_from_metadata,
+    expert_tensor_name,
+    tensor_shapes,
+)
+
+Q = GGMLQuantizationType
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+
+def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
+    """Float32 values of a tensor stored as `qtype` (numpy shape of the stored bytes or values)."""
+    if qtype == Q.F32:
+        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+    if qtype == Q.F16:
+        return torch.from_numpy(np.ascontiguousarray(data)).float()
+    if qtype == Q.BF16:
+        # bf16 is the top half of an fp32: a widening view, no arithmetic.
+        return torch.from_numpy(np.ascontiguousarray(data).view(np.int16)).view(torch.bfloat16).float()
+    return torch.from_numpy(quants.dequantize(np.asarray(data), qtype))
+
+
+class GGUFModel:
+    """A GGUF file held open read-only through the `gguf` package's memory map.
+
+    Nothing is copied at open: `raw()` returns views into the mapping and only
+    `tensor()` / `expert()` produce float tensors, for exactly what they are asked for.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ModelError(f"{self.path}: no such model file")
+        self.file_size = self.path.stat().st_size
+        try:
+            self._reader = GGUFReader(self.path, "r")
+        except ValueError as e:
+            if "magic" in str(e):
+                raise ModelError(f"{self.path}: not a GGUF file (bad magic number)") from e
+            raise ModelError(f"{self.path}: GGUF file is truncated or corrupt ({e})") from e
+        except (IndexError, OverflowError, UnicodeDecodeError, KeyError) as e:
+            raise ModelError(f"{self.path}: GGUF file is truncated or corrupt ({type(e).__name__}: {e})") from e
+        self.metadata: dict[str, Any] = {
+            name: field.contents() for name, field in self._reader.fields.items() if not name.startswith("GGUF.")
+        }
+        self._tensors = {t.name: t for t in self._reader.tensors}
+        self.config: ModelConfig = config_from_metadata(
+            self.metadata, {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self._tensors.items()}
+        )
+        self._validate()
+
+    def _validate(self) -> None:
+        for name, t in self._tensors.items():
+            if t.data_offset + t.n_bytes > self.file_size:
+                raise ModelError(f"{self.path}: GGUF file is truncated: tensor {name} ends past the end of the file")
+        for name, shape in tensor_shapes(self.config).items():
+            t = self._tensors.get(name)
+            if t is None:
+                if name in OPTIONAL_TENSORS:
+                    continue
+                raise ModelError(f"{self.path}: tensor {name} is missing")
+            got = tuple(int(d) for d in reversed(t.shape))
+            if got != shape:
+                raise ModelError(f"{self.path}: tensor {name} has shape {got}, expected {shape}")
+            if t.tensor_type not in SUPPORTED_TYPES:
+                names = ", ".join(q.name for q in SUPPORTED_TYPES)
+                raise ModelError(
+                    f"{self.path}: tensor {name} has unsupported quant type {t.tensor_type.name} (supported: {names})"
+                )
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def qtype(self, name: str) -> GGMLQuantizationType:
+        return self._tensors[name].tensor_type
+
+    def raw(self, name: str) -> np.ndarray:
+        """Zero-copy view of the stored tensor: values for float types, block bytes for quantized ones."""
+        return self._tensors[name].data
+
+    def nbytes(self, name: str) -> int:
+        return int(self._tensors[name].n_bytes)
+
+    def file_offset(self, name: str) -> int:
+        """Absolute byte offset of the tensor's data in the file (for mmap / DMA of slices)."""
+        return int(self._tensors[name].data_offset)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The whole tensor dequantized to float32, in numpy (= torch) shape order."""
+        t = self._tensors[name]
+        out = dequantize(t.data, t.tensor_type)
+        return out.reshape(tuple(int(d) for d in reversed(t.shape)))
+
+    def expert(self, layer: int, kind: str, index: int) -> torch.Tensor:
+        """One expert's matrix (float32) out of a merged `*_exps` tensor, dequantizing only its slice."""
+        t = self._tensors[expert_tensor_name(layer, kind)]
+        return dequantize(t.data[index], t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape[:2])))
+
+    def expert_bytes(self, layer: int, kind: str, index: int) -> np.ndarray:
+        """Zero-copy view of one expert's stored bytes within a merged tensor."""
+        return self._tensors[expert_tensor_name(layer, kind)].data[index]
+
+    def tensor_names(self) -> list[str]:
+        return list(self._tensors)
+
+
+def bytes_per_value(qtype: GGMLQuantizationType) -> float:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return size / block

@@ -1,0 +1,119 @@
+"""The correctness oracle: a plain, dense, fp32 forward pass of every supported architecture.
+
+Written for clarity, not speed. Every serving path in tierserve must reproduce
+these logits (exactly the same greedy tokens on fp32 tiny models). It works on
+the GGUF layout directly, so Mixtral's Q/K rows are in llama.cpp's permuted
+order and RoPE rotates adjacent pairs for it; the other architectures rotate
+the two halves of each head.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from shared.gguf_file import GGUFModel
+from shared.model_config import ModelConfig
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, base: float, style: str) -> torch.Tensor:
+    """Rotate (T, heads, head_dim) by position; `style` is 'neox' (halves) or 'interleaved' (pairs)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    angles = (positions.double()[:, None] * inv_freq[None, :]).float()[:, None, :]  # (T, 1, d/2)
+    cos, sin = angles.cos(), angles.sin()
+    if style == "neox":
+        a, b = x[..., : d // 2], x[..., d // 2 :]
+        return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
+    a, b = x[..., 0::2], x[..., 1::2]
+    return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+
+
+def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU feed-forward: down(silu(gate x) * up x); weights in (out, in) layout."""
+    return (F.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+
+def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax router with top-k; returns (weights, expert ids), each (T, k)."""
+    probs = logits.softmax(dim=-1)
+    weights, ids = probs.topk(k, dim=-1)
+    if renormalize:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    return weights, ids
+
+
+class ReferenceModel:
+    """All weights dequantized to fp32 in memory: only for tiny and small models."""
+
+    def __init__(self, model: GGUFModel) -> None:
+        self.cfg: ModelConfig = model.config
+        self.w = {name: model.tensor(name) for name in model.tensor_names()}
+        if "output.weight" not in self.w:
+            self.w["output.weight"] = self.w["token_embd.weight"]
+
+    def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        c, w, b = self.cfg, self.w, f"blk.{i}."
+        q, k, v = (x @ w[b + f"attn_{n}.weight"].T for n in "qkv")
+        if c.attn_bias:
+            q, k, v = q + w[b + "attn_q.bias"], k + w[b + "attn_k.bias"], v + w[b + "attn_v.bias"]
+        if c.qk_norm == "full":
+            q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
+            k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
+        t = x.shape[0]
+        q = q.view(t, c.n_heads, c.head_dim)
+        k = k.view(t, c.n_kv_heads, c.head_dim)
+        v = v.view(t, c.n_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
+            k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
+        q = rope(q, positions, c.rope_base, c.rope_style)
+        k = rope(k, positions, c.rope_base, c.rope_style)
+        group = c.n_heads // c.n_kv_heads
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) / c.head_dim**0.5
+        causal = torch.ones(t, t, dtype=torch.bool).triu(1)
+        probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
+        out = torch.einsum("hqk,khd->qhd", probs, v).reshape(t, c.q_dim)
+        return out @ w[b + "attn_output.weight"].T
+
+    def moe(self, i: int, x: torch.Tensor, routing: list[torch.Tensor] | None = None) -> torch.Tensor:
+        c, w, b = self.cfg, self.w, f"blk.{i}."
+        weights, ids = route(x @ w[b + "ffn_gate_inp.weight"].T, c.n_experts_used, bool(c.norm_topk_prob))
+        if routing is not None:
+            routing.append(ids)
+        gate, up, down = w[b + "ffn_gate_exps.weight"], w[b + "ffn_up_exps.weight"], w[b + "ffn_down_exps.weight"]
+        out = torch.zeros_like(x)
+        for t in range(x.shape[0]):
+            for weight, e in zip(weights[t], ids[t].tolist(), strict=False):
+                out[t] += weight * expert_ffn(x[t], gate[e], up[e], down[e])
+        if c.shared_expert_ffn:
+            shared = expert_ffn(x, w[b + "ffn_gate_shexp.weight"], w[b + "ffn_up_shexp.weight"],
+                                w[b + "ffn_down_shexp.weight"])
+            out += torch.sigmoid(x @ w[b + "ffn_gate_inp_shexp.weight"])[:, None] * shared
+        return out
+
+    @torch.no_grad()
+    def forward(self, tokens: list[int], routing: list[torch.Tensor] | None = None) -> torch.Tensor:
+        """Logits (T, vocab) for a token sequence starting at position 0.
+
+        If `routing` is a list, the expert ids (T, k) chosen in each layer are appended to it.
+        """
+        c, w = self.cfg, self.w
+        x = w["token_embd.weight"][torch.tensor(tokens)]
+        positions = torch.arange(len(tokens))
+        for i in range(c.n_layers):
+            x = x + self.attention(i, rms_norm(x, w[f"blk.{i}.attn_norm.weight"], c.norm_eps), positions)
+            x = x + self.moe(i, rms_norm(x, w[f"blk.{i}.ffn_norm.weight"], c.norm_eps), routing)
+        return rms_norm(x, w["output_norm.weight"], c.norm_eps) @ w["output.weight"].T
+
+    def greedy(self, tokens: list[int], max_new_tokens: int) -> list[int]:
+        """Greedy continuation, recomputing the whole sequence each step (no KV cache: the oracle stays simple)."""
+        seq = list(tokens)
+        for _ in range(max_new_tokens):
+            seq.append(int(self.forward(seq)[-1].argmax()))
+        return seq[len(tokens):]
