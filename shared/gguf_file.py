@@ -27,7 +27,7 @@ SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
     """Float32 values of a tensor stored as `qtype` (numpy shape of the stored bytes or values)."""
     if qtype == Q.F32:
-        return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        return torch.from_numpy(np.array(data, dtype=np.float32))
     if qtype == Q.F16:
         return torch.from_numpy(np.ascontiguousarray(data)).float()
     if qtype == Q.BF16:

@@ -11,6 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 ARCHITECTURES = ("qwen3moe", "qwen2moe", "llama", "olmoe")
 
 # llama.cpp hard-codes top-k weight renormalisation per architecture.
@@ -158,8 +160,8 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
         n_heads=n_heads,
         n_kv_heads=int(opt("attention.head_count_kv", n_heads)),
         head_dim=head_dim,
-        rope_base=float(opt("rope.freq_base", 10000.0)),
-        norm_eps=float(need("attention.layer_norm_rms_epsilon")),
+        rope_base=_shortest_float(opt("rope.freq_base", 10000.0)),
+        norm_eps=_shortest_float(need("attention.layer_norm_rms_epsilon")),
         n_experts=n_experts,
         n_experts_used=int(need("expert_used_count")),
         expert_ffn=expert_ffn,
@@ -168,6 +170,11 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
         shared_expert_ffn=int(opt("expert_shared_feed_forward_length", 0)),
         norm_topk_prob=None if norm_topk is None else bool(norm_topk),
     )
+
+
+def _shortest_float(value: Any) -> float:
+    """GGUF stores float32: give back the shortest decimal that rounds to it (1e-06, not 9.99999997e-07)."""
+    return float(str(np.float32(value)))
 
 
 def tensor_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
