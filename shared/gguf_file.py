@@ -29,10 +29,10 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
     if qtype == Q.F32:
         return torch.from_numpy(np.array(data, dtype=np.float32))
     if qtype == Q.F16:
-        return torch.from_numpy(np.ascontiguousarray(data)).float()
+        return torch.from_numpy(np.array(data)).float()
     if qtype == Q.BF16:
         # bf16 is the top half of an fp32: a widening view, no arithmetic.
-        return torch.from_numpy(np.ascontiguousarray(data).view(np.int16)).view(torch.bfloat16).float()
+        return torch.from_numpy(np.array(data).view(np.int16)).view(torch.bfloat16).float()
     return torch.from_numpy(quants.dequantize(np.asarray(data), qtype))
 
 

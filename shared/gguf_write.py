@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from gguf import GGMLQuantizationType, GGUFValueType, GGUFWriter
 from gguf.constants import GGML_QUANT_SIZES
-from gguf.quants import quant_shape_from_byte_shape
+from gguf.quants import quant_shape_from_byte_shape, quant_shape_to_byte_shape
 
 from shared.model_config import ModelConfig, config_to_metadata
 
@@ -50,21 +50,25 @@ class GGUFModelWriter:
 
     def __init__(self, path: str | os.PathLike[str], cfg: ModelConfig, metadata: Mapping[str, Any] = ()) -> None:
         self.path = os.fspath(path)
-        self._writer = GGUFWriter(self.path, cfg.arch)
+        md = config_to_metadata(cfg)
+        md.update(metadata)
+        # GGUFWriter writes general.architecture itself from `arch`.
+        self._writer = GGUFWriter(self.path, md.pop("general.architecture"))
         self._declared: list[tuple[str, int]] = []
         self._next = 0
         self._written = 0
-        md = config_to_metadata(cfg)
-        md.update(metadata)
-        md.pop("general.architecture")  # GGUFWriter writes it from `arch`
         for key, value in md.items():
             _add_value(self._writer, key, value)
 
     def add_tensor(self, name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> int:
         """Declare a tensor (numpy-order shape); returns its stored size in bytes."""
         nbytes = stored_nbytes(shape, qtype)
-        np_dtype = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(qtype, np.uint8)
-        self._writer.add_tensor_info(name, shape, np.dtype(np_dtype), nbytes, raw_dtype=qtype)
+        float_dtype = {GGMLQuantizationType.F32: np.float32, GGMLQuantizationType.F16: np.float16}.get(qtype)
+        if float_dtype is not None:
+            self._writer.add_tensor_info(name, shape, np.dtype(float_dtype), nbytes, raw_dtype=qtype)
+        else:  # GGUFWriter takes block types as a uint8 array shape
+            byte_shape = quant_shape_to_byte_shape(shape, qtype)
+            self._writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=qtype)
         self._declared.append((name, nbytes))
         return nbytes
 

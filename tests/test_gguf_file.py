@@ -1,0 +1,200 @@
+"""GGUF reading: config parsing, zero-copy views, dequantization, and clear errors for bad files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+from gguf import quants
+
+from shared.gguf_file import GGUFModel, dequantize
+from shared.gguf_write import write_model
+from shared.model_config import ModelConfig, ModelError, tensor_shapes
+
+
+def tiny_config(arch: str = "qwen3moe") -> ModelConfig:
+    return ModelConfig(
+        arch=arch, n_layers=2, hidden=64, n_heads=4, n_kv_heads=4 if arch == "olmoe" else 2, head_dim=16,
+        rope_base=10000.0, norm_eps=1e-6, n_experts=8, n_experts_used=2, expert_ffn=32, vocab_size=96,
+        context_length=256, shared_expert_ffn=64 if arch == "qwen2moe" else 0,
+    )
+
+
+def random_tensors(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {name: rng.standard_normal(shape).astype(np.float32) for name, shape in tensor_shapes(cfg).items()}
+
+
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe", "llama", "olmoe"])
+def test_config_round_trips_through_metadata(tmp_path, arch):
+    cfg = tiny_config(arch)
+    write_model(tmp_path / "m.gguf", cfg, random_tensors(cfg))
+    model = GGUFModel(tmp_path / "m.gguf")
+    assert model.config == cfg
+    assert model.config.norm_topk_prob == (arch in ("qwen3moe", "llama"))
+
+
+def test_views_are_zero_copy_and_experts_slice_the_merged_tensor(tmp_path):
+    cfg = tiny_config()
+    tensors = random_tensors(cfg)
+    write_model(tmp_path / "m.gguf", cfg, tensors)
+    model = GGUFModel(tmp_path / "m.gguf")
+    raw = model.raw("blk.1.ffn_down_exps.weight")
+    assert isinstance(raw.base, np.memmap) or isinstance(raw, np.memmap)
+    assert not raw.flags.writeable
+    with open(tmp_path / "m.gguf", "rb") as f:
+        f.seek(model.file_offset("blk.1.ffn_down_exps.weight"))
+        assert f.read(64) == tensors["blk.1.ffn_down_exps.weight"].tobytes()[:64]
+    expected = torch.from_numpy(tensors["blk.1.ffn_down_exps.weight"][5])
+    assert torch.equal(model.expert(1, "ffn_down_exps", 5), expected)
+    assert model.expert(1, "ffn_gate_exps", 3).shape == (cfg.expert_ffn, cfg.hidden)
+
+
+def _q4_k_block_reference(block: bytes) -> np.ndarray:
+    """Scalar decoding of one Q4_K super-block, straight from llama.cpp's dequantize_row_q4_K."""
+    d, dmin = np.frombuffer(block[:4], dtype=np.float16).astype(np.float32)
+    scales, qs = block[4:16], block[16:]
+
+    def scale_min(j: int) -> tuple[int, int]:
+        if j < 4:
+            return scales[j] & 63, scales[j + 4] & 63
+        return (scales[j + 4] & 0xF) | ((scales[j - 4] >> 6) << 4), (scales[j + 4] >> 4) | ((scales[j] >> 6) << 4)
+
+    out = []
+    for j in range(0, 8, 2):
+        chunk = qs[j * 16 : j * 16 + 32]
+        for half, shift in ((j, 0), (j + 1, 4)):
+            sc, m = scale_min(half)
+            out += [d * sc * ((q >> shift) & 0xF) - dmin * m for q in chunk]
+    return np.array(out, dtype=np.float32)
+
+
+def test_q4_k_dequantization_matches_llama_cpp_formula():
+    rng = np.random.default_rng(1)
+    blocks = rng.integers(0, 256, size=(3, 144), dtype=np.uint8)
+    blocks[:, :4] = np.frombuffer(np.array([0.02, 0.01], dtype=np.float16).tobytes(), dtype=np.uint8)
+    got = dequantize(blocks.reshape(1, -1), Q.Q4_K).reshape(3, 256).numpy()
+    for b in range(3):
+        np.testing.assert_allclose(got[b], _q4_k_block_reference(blocks[b].tobytes()), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("qtype, tolerance", [(Q.F16, 1e-3), (Q.BF16, 1e-2), (Q.Q8_0, 1e-2), (Q.Q4_0, 0.2)])
+def test_quantized_tensors_read_back_close_to_the_original(tmp_path, qtype, tolerance):
+    cfg = tiny_config()
+    tensors = random_tensors(cfg)
+    name = "blk.0.ffn_up_exps.weight"
+    stored = quants.quantize(tensors[name], qtype)
+    if qtype == Q.F16:
+        tensors[name] = stored
+        qtypes = {}
+    else:
+        tensors[name] = stored.view(np.uint8)
+        qtypes = {name: qtype}
+    write_model(tmp_path / "m.gguf", cfg, tensors, qtypes=qtypes)
+    model = GGUFModel(tmp_path / "m.gguf")
+    assert model.qtype(name) == qtype
+    original = torch.from_numpy(random_tensors(cfg)[name])
+    got = model.tensor(name)
+    assert got.shape == original.shape
+    relative = ((got - original).norm() / original.norm()).item()
+    assert relative < tolerance
+
+
+# --- bad files: each names its problem ---------------------------------------------------------------
+
+
+def _write(tmp_path, cfg, tensors, metadata=(), qtypes=()):
+    path = tmp_path / "bad.gguf"
+    write_model(path, cfg, tensors, metadata, qtypes)
+    return path
+
+
+def test_unknown_architecture(tmp_path):
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg), {"general.architecture": "gpt5moe"})
+    with pytest.raises(ModelError, match="unknown architecture 'gpt5moe'"):
+        GGUFModel(path)
+
+
+def test_dense_model_without_experts(tmp_path):
+    cfg = tiny_config("llama")
+    path = _write(tmp_path, cfg, random_tensors(cfg), {"llama.expert_count": 0})
+    with pytest.raises(ModelError, match="has no experts"):
+        GGUFModel(path)
+
+
+def test_missing_tensor(tmp_path):
+    cfg = tiny_config()
+    tensors = random_tensors(cfg)
+    del tensors["blk.1.ffn_up_exps.weight"]
+    with pytest.raises(ModelError, match=r"tensor blk\.1\.ffn_up_exps\.weight is missing"):
+        GGUFModel(_write(tmp_path, cfg, tensors))
+
+
+def test_missing_metadata_key(tmp_path):
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg))
+    data = path.read_bytes().replace(b"qwen3moe.block_count", b"qwen3moe.block_cnt__")
+    path.write_bytes(data)
+    with pytest.raises(ModelError, match=r"metadata key qwen3moe\.block_count is missing"):
+        GGUFModel(path)
+
+
+def test_wrong_shape(tmp_path):
+    cfg = tiny_config()
+    tensors = random_tensors(cfg)
+    tensors["blk.0.ffn_gate_inp.weight"] = np.zeros((cfg.n_experts + 1, cfg.hidden), dtype=np.float32)
+    expected = r"tensor blk\.0\.ffn_gate_inp\.weight has shape \(9, 64\), expected \(8, 64\)"
+    with pytest.raises(ModelError, match=expected):
+        GGUFModel(_write(tmp_path, cfg, tensors))
+
+
+def test_unsupported_quant_type(tmp_path):
+    cfg = tiny_config()
+    tensors = random_tensors(cfg)
+    name = "blk.0.ffn_down_exps.weight"
+    e, h, f = tensors[name].shape
+    # Q4_1 is a real ggml type that tierserve does not serve.
+    tensors[name] = np.zeros((e, h, f // 32 * 20), dtype=np.uint8)
+    with pytest.raises(ModelError, match=r"tensor blk\.0\.ffn_down_exps\.weight has unsupported quant type Q4_1"):
+        GGUFModel(_write(tmp_path, cfg, tensors, qtypes={name: Q.Q4_1}))
+
+
+def test_truncated_file(tmp_path):
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg))
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) - 4096])
+    with pytest.raises(ModelError, match="truncated"):
+        GGUFModel(path)
+
+
+def test_truncated_header(tmp_path):
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg))
+    path.write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        GGUFModel(path)
+
+
+def test_not_a_gguf_file(tmp_path):
+    path = tmp_path / "random.bin"
+    path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+    with pytest.raises(ModelError, match="not a GGUF file"):
+        GGUFModel(path)
+
+
+def test_corrupt_counts_in_header(tmp_path):
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg))
+    data = bytearray(path.read_bytes())
+    data[16:24] = (2**40).to_bytes(8, "little")  # metadata key count
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="truncated or corrupt"):
+        GGUFModel(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ModelError, match="no such model file"):
+        GGUFModel(tmp_path / "nope.gguf")
