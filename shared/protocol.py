@@ -1,0 +1,389 @@
+"""Every message tierserve processes and clients exchange, defined once.
+
+A message is a typed dataclass. On the wire it is a multipart ZeroMQ message:
+frame 0 is a msgpack map {"v": version, "kind": ..., fields...}; each tensor field
+is replaced in the map by {"__tensor__": i, "dtype": ..., "shape": [...]} and its
+bytes travel as frame 1 + i, zero-copy, never pickled.
+
+`decode` checks everything a peer could get wrong (bytes that are not msgpack,
+unknown kinds, missing fields, wrong types, a different protocol version) and
+raises ProtocolError with a code and a message naming the problem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Union
+
+import msgpack
+import numpy as np
+import torch
+
+PROTOCOL_VERSION = 1
+
+
+class ProtocolError(ValueError):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+MESSAGES: dict[str, type[Message]] = {}
+
+
+@dataclass
+class Message:
+    KIND: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.KIND:
+            MESSAGES[cls.KIND] = cls
+
+
+# --- client API (client <-> coordinator, tcp ROUTER) ------------------------------------------------
+
+
+@dataclass
+class Generate(Message):
+    """Exactly one of prompt / messages / token_ids."""
+
+    KIND: ClassVar[str] = "generate"
+    request_id: str
+    prompt: str | None = None
+    messages: list[dict] | None = None
+    token_ids: list[int] | None = None
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    logprobs: int = 0
+
+
+@dataclass
+class Cancel(Message):
+    KIND: ClassVar[str] = "cancel"
+    request_id: str
+
+
+@dataclass
+class Health(Message):
+    KIND: ClassVar[str] = "health"
+
+
+@dataclass
+class Stats(Message):
+    KIND: ClassVar[str] = "stats"
+
+
+@dataclass
+class TokenEvent(Message):
+    KIND: ClassVar[str] = "token"
+    request_id: str
+    index: int
+    token_id: int
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[list] | None = None  # [[token_id, logprob], ...], best first
+
+
+@dataclass
+class FinalEvent(Message):
+    KIND: ClassVar[str] = "final"
+    request_id: str
+    finish_reason: str  # length | stop | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float
+    decode_tok_s: float
+    total_s: float
+    prompt_token_ids: list[int] = field(default_factory=list)
+
+
+@dataclass
+class ErrorEvent(Message):
+    KIND: ClassVar[str] = "error"
+    request_id: str | None
+    code: str
+    message: str
+
+
+@dataclass
+class HealthReply(Message):
+    KIND: ClassVar[str] = "health_reply"
+    status: str  # starting | ready | draining
+    members: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class StatsReply(Message):
+    KIND: ClassVar[str] = "stats_reply"
+    stats: dict = field(default_factory=dict)
+
+
+# --- engine (coordinator <-> gpu_worker) -------------------------------------------------------------
+
+
+@dataclass
+class EngineGenerate(Message):
+    KIND: ClassVar[str] = "engine_generate"
+    request_id: str
+    prompt_token_ids: list[int]
+    max_tokens: int
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int | None
+    logprobs: int
+    stop_token_ids: list[int]
+
+
+@dataclass
+class EngineCancel(Message):
+    KIND: ClassVar[str] = "engine_cancel"
+    request_id: str
+
+
+@dataclass
+class EngineToken(Message):
+    KIND: ClassVar[str] = "engine_token"
+    request_id: str
+    token_id: int
+    logprob: float
+    top_logprobs: list[list]
+    finish_reason: str | None = None
+
+
+@dataclass
+class EngineError(Message):
+    KIND: ClassVar[str] = "engine_error"
+    request_id: str
+    code: str
+    message: str
+
+
+@dataclass
+class EngineFinished(Message):
+    """A request the engine ended without a token (cancelled); frees the coordinator's state."""
+
+    KIND: ClassVar[str] = "engine_finished"
+    request_id: str
+    finish_reason: str
+
+
+# --- control plane (every process <-> coordinator) ---------------------------------------------------
+
+
+@dataclass
+class Join(Message):
+    KIND: ClassVar[str] = "join"
+    role: str
+    member_id: str
+    pid: int
+    endpoint: str
+    metrics_port: int
+
+
+@dataclass
+class Welcome(Message):
+    """The coordinator's answer to Join and to a placement change: what this process must hold."""
+
+    KIND: ClassVar[str] = "welcome"
+    placement: dict
+
+
+@dataclass
+class Heartbeat(Message):
+    KIND: ClassVar[str] = "heartbeat"
+    member_id: str
+    load: dict = field(default_factory=dict)
+
+
+@dataclass
+class Membership(Message):
+    """Sent by the coordinator to the gpu_worker when the set of live expert hosts changes."""
+
+    KIND: ClassVar[str] = "membership"
+    alive: list[str]
+
+
+# --- data plane (gpu_worker <-> expert host) ---------------------------------------------------------
+
+
+@dataclass
+class ExpertWork(Message):
+    """One layer's cold work for one host: `hidden` rows are grouped by expert, counts[i] rows for expert_ids[i]."""
+
+    KIND: ClassVar[str] = "expert_work"
+    step: int
+    layer: int
+    expert_ids: list[int]
+    counts: list[int]
+    hidden: torch.Tensor
+
+
+@dataclass
+class ExpertResult(Message):
+    KIND: ClassVar[str] = "expert_result"
+    step: int
+    layer: int
+    output: torch.Tensor
+    compute_s: float
+
+
+@dataclass
+class ExpertFailure(Message):
+    KIND: ClassVar[str] = "expert_failure"
+    step: int
+    layer: int
+    code: str
+    message: str
+
+
+# --- encoding ----------------------------------------------------------------------------------------
+
+# numpy has no bfloat16: such tensors travel as their raw 16-bit patterns.
+_WIRE_DTYPES = {torch.float32: "f4", torch.float16: "f2", torch.bfloat16: "bf16", torch.int32: "i4",
+                torch.int64: "i8", torch.uint8: "u1", torch.int8: "i1"}
+_TORCH_DTYPES = {name: dtype for dtype, name in _WIRE_DTYPES.items()}
+
+
+def encode(msg: Message) -> list[Any]:
+    """Frames of one message: msgpack header, then one buffer per tensor (send with copy=False)."""
+    header: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": msg.KIND}
+    frames: list[Any] = [None]
+    for f in dataclasses.fields(msg):
+        value = getattr(msg, f.name)
+        if isinstance(value, torch.Tensor):
+            t = value.detach().contiguous()
+            if t.device.type != "cpu":
+                t = t.cpu()
+            if t.dtype not in _WIRE_DTYPES:
+                raise ValueError(f"{msg.KIND}.{f.name}: dtype {t.dtype} cannot travel")
+            raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+            header[f.name] = {"__tensor__": len(frames) - 1, "dtype": _WIRE_DTYPES[t.dtype], "shape": list(t.shape)}
+            frames.append(memoryview(raw.numpy()).cast("B") if raw.numel() else b"")
+        else:
+            header[f.name] = value
+    frames[0] = msgpack.packb(header, use_bin_type=True)
+    return frames
+
+
+def _tensor_from(spec: Any, frames: list[Any], where: str) -> torch.Tensor:
+    if not isinstance(spec, dict) or "__tensor__" not in spec:
+        raise ProtocolError("bad_field", f"{where} must be a tensor")
+    index, dtype_name, shape = spec.get("__tensor__"), spec.get("dtype"), spec.get("shape")
+    if dtype_name not in _TORCH_DTYPES or not isinstance(index, int) or not isinstance(shape, list):
+        raise ProtocolError("bad_field", f"{where}: malformed tensor header")
+    if not 0 <= index < len(frames) - 1:
+        raise ProtocolError("bad_field", f"{where}: tensor frame {index} is missing")
+    buf = frames[1 + index]
+    buf = buf.buffer if hasattr(buf, "buffer") else buf
+    dtype = _TORCH_DTYPES[dtype_name]
+    n = int(np.prod(shape, dtype=np.int64))
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    if len(memoryview(buf)) != n * itemsize:
+        got = len(memoryview(buf))
+        raise ProtocolError("bad_field", f"{where}: tensor frame has {got} bytes, shape needs {n * itemsize}")
+    if n == 0:
+        return torch.empty(shape, dtype=dtype)
+    with warnings.catch_warnings():  # frames are read-only; receivers never write into them
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(buf, dtype=dtype).view(shape)
+
+
+def _check_type(value: Any, hint: Any, where: str) -> None:
+    origin = typing.get_origin(hint)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return
+        real = [o for o in options if o is not type(None)]
+        if len(real) == 1:  # Optional[X]: X's own message says more
+            _check_type(value, real[0], where)
+            return
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                _check_type(value, option, where)
+                return
+            except ProtocolError:
+                pass
+        names = " or ".join("null" if o is type(None) else getattr(o, "__name__", str(o)) for o in options)
+        raise ProtocolError("bad_field", f"{where} must be {names}, got {type(value).__name__}")
+    if origin is list:
+        if not isinstance(value, list):
+            raise ProtocolError("bad_field", f"{where} must be a list, got {type(value).__name__}")
+        (item,) = typing.get_args(hint) or (Any,)
+        for i, v in enumerate(value):
+            _check_type(v, item, f"{where}[{i}]")
+        return
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ProtocolError("bad_field", f"{where} must be a map, got {type(value).__name__}")
+        return
+    if hint is Any or hint is list and isinstance(value, list):
+        return
+    ok = {
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, (int, float)) and not isinstance(value, bool),
+        str: isinstance(value, str),
+        bool: isinstance(value, bool),
+    }.get(hint)
+    if ok is None:
+        raise TypeError(f"protocol field type {hint} is not supported")
+    if not ok:
+        raise ProtocolError("bad_field", f"{where} must be {hint.__name__}, got {type(value).__name__}")
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def decode(frames: list[Any]) -> Message:
+    """Parse and check a multipart message; raises ProtocolError naming what is wrong."""
+    if not frames:
+        raise ProtocolError("malformed", "empty message")
+    first = frames[0]
+    try:
+        header = msgpack.unpackb(first.buffer if hasattr(first, "buffer") else first, raw=False)
+    except Exception as e:  # msgpack raises several unrelated exception types for garbage
+        raise ProtocolError("malformed", f"message is not valid msgpack ({type(e).__name__})") from e
+    if not isinstance(header, dict):
+        raise ProtocolError("malformed", f"message must be a msgpack map, got {type(header).__name__}")
+    if header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            "bad_version", f"protocol version {header.get('v')!r} is not supported (expected {PROTOCOL_VERSION})"
+        )
+    kind = header.get("kind")
+    cls = MESSAGES.get(kind) if isinstance(kind, str) else None
+    if cls is None:
+        raise ProtocolError("unknown_kind", f"unknown message kind {kind!r}")
+    hints = _HINTS.get(cls)
+    if hints is None:
+        hints = _HINTS[cls] = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    extra = sorted(set(header) - known - {"v", "kind"})
+    if extra:
+        raise ProtocolError("bad_field", f"{kind}: unknown field(s) {', '.join(map(str, extra))}")
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        where = f"{kind}.{f.name}"
+        if f.name not in header:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ProtocolError("missing_field", f"{kind}: missing field {f.name!r}")
+            continue
+        value = header[f.name]
+        if hints[f.name] is torch.Tensor:
+            value = _tensor_from(value, frames, where)
+        else:
+            _check_type(value, hints[f.name], where)
+        values[f.name] = value
+    return cls(**values)

@@ -1,0 +1,84 @@
+"""Wire format: round trips with zero-copy tensor frames, and a named error for every kind of bad input."""
+
+from __future__ import annotations
+
+import msgpack
+import pytest
+import torch
+
+from shared.protocol import (
+    ExpertWork,
+    FinalEvent,
+    Generate,
+    Health,
+    ProtocolError,
+    decode,
+    encode,
+)
+
+
+def test_round_trip_plain_message():
+    msg = Generate(request_id="r1", prompt="hi", max_tokens=5, stop=["\n"], seed=3, temperature=0.7)
+    assert decode(encode(msg)) == msg
+    assert decode(encode(Health())) == Health()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int32])
+def test_tensors_travel_as_separate_frames(dtype):
+    hidden = (torch.arange(24, dtype=torch.float32).reshape(6, 4) / 7).to(dtype)
+    msg = ExpertWork(step=1, layer=2, expert_ids=[3, 5], counts=[4, 2], hidden=hidden)
+    frames = encode(msg)
+    assert len(frames) == 2 and b"hidden" in frames[0]
+    assert bytes(frames[1]) == hidden.view(torch.uint8).numpy().tobytes() if dtype != torch.bfloat16 else True
+    back = decode([bytes(f) for f in frames])
+    assert back.expert_ids == [3, 5] and back.hidden.dtype == dtype
+    assert torch.equal(back.hidden, hidden)
+
+
+def test_empty_tensor_round_trips():
+    msg = ExpertWork(step=0, layer=0, expert_ids=[], counts=[], hidden=torch.empty(0, 8))
+    assert decode([bytes(f) for f in encode(msg)]).hidden.shape == (0, 8)
+
+
+def _frames(header: dict) -> list[bytes]:
+    return [msgpack.packb(header)]
+
+
+@pytest.mark.parametrize(
+    "frames, code, text",
+    [
+        ([b"\xc1\xff random bytes"], "malformed", "not valid msgpack"),
+        ([msgpack.packb([1, 2, 3])], "malformed", "must be a msgpack map"),
+        ([], "malformed", "empty message"),
+        (_frames({"v": 99, "kind": "health"}), "bad_version", "protocol version 99"),
+        (_frames({"v": 1, "kind": "launch_rockets"}), "unknown_kind", "unknown message kind 'launch_rockets'"),
+        (_frames({"v": 1, "kind": "generate"}), "missing_field", "missing field 'request_id'"),
+        (_frames({"v": 1, "kind": "generate", "request_id": 7}), "bad_field", "generate.request_id must be str"),
+        (_frames({"v": 1, "kind": "generate", "request_id": "a", "max_tokens": "ten"}), "bad_field",
+         "generate.max_tokens must be int"),
+        (_frames({"v": 1, "kind": "generate", "request_id": "a", "token_ids": [1, "x"]}), "bad_field",
+         r"generate.token_ids\[1\] must be int"),
+        (_frames({"v": 1, "kind": "generate", "request_id": "a", "colour": "red"}), "bad_field",
+         r"unknown field\(s\) colour"),
+        (_frames({"v": 1, "kind": "expert_work", "step": 0, "layer": 0, "expert_ids": [], "counts": [],
+                  "hidden": {"__tensor__": 0, "dtype": "f4", "shape": [2, 2]}}), "bad_field", "frame 0 is missing"),
+    ],
+)
+def test_bad_input_names_the_problem(frames, code, text):
+    with pytest.raises(ProtocolError, match=text) as info:
+        decode(frames)
+    assert info.value.code == code
+
+
+def test_tensor_size_must_match_shape():
+    frames = encode(ExpertWork(step=0, layer=0, expert_ids=[1], counts=[2], hidden=torch.zeros(2, 4)))
+    with pytest.raises(ProtocolError, match="shape needs 32"):
+        decode([frames[0], b"\x00" * 8])
+
+
+def test_float_fields_accept_ints_and_optional_fields_accept_none():
+    msg = decode(_frames({"v": 1, "kind": "generate", "request_id": "a", "temperature": 1, "seed": None}))
+    assert msg.temperature == 1 and msg.seed is None
+    final = FinalEvent(request_id="a", finish_reason="length", prompt_tokens=3, completion_tokens=2,
+                       ttft_s=0.1, decode_tok_s=10.0, total_s=0.3)
+    assert decode(encode(final)) == final
