@@ -1,0 +1,155 @@
+"""The one configuration object of every tierserve process: loaded from a TOML file, overridden on the CLI.
+
+Every role reads the same file, so `tierserve up` writes one and systemd units point at one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import re
+import tempfile
+import tomllib
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+_SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+
+
+def parse_bytes(text: str | int) -> int:
+    """'16GB', '512M', '4GiB' or a plain number of bytes."""
+    if isinstance(text, int):
+        return text
+    m = _SIZE.match(str(text))
+    if not m:
+        raise ValueError(f"not a size: {text!r} (examples: 16GB, 512MiB, 1000000)")
+    number, unit, suffix = m.groups()
+    power = "kmgt".index(unit.lower()) + 1 if unit else 0
+    base = 1024 if suffix and suffix.lower() == "ib" else 1000
+    return int(float(number) * base**power)
+
+
+def default_run_dir() -> str:
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    return str(Path(base) / f"tierserve-{os.getuid()}")
+
+
+@dataclass
+class Config:
+    model: str = ""
+    run_dir: str = ""  # ipc sockets live here (mode 0700); default under $XDG_RUNTIME_DIR or /tmp
+    client_endpoint: str = "tcp://127.0.0.1:5555"
+    expert_hosts: int = 2
+    hot_experts: int = -1  # experts per layer kept on the gpu_worker; -1: as many as gpu_expert_budget allows
+    gpu_expert_budget: int = 0  # bytes of VRAM (or worker RAM without a GPU) for hot experts
+    device: str = "auto"  # auto | cpu | cuda
+    kv_cache_tokens: int = 16384
+    kv_block_size: int = 16
+    max_batch_tokens: int = 512
+    prefill_chunk: int = 256
+    max_running: int = 32
+    max_waiting: int = 256  # requests queued beyond this are refused as overloaded
+    max_request_bytes: int = 1 << 20
+    heartbeat_interval_s: float = 0.5
+    heartbeat_timeout_s: float = 3.0
+    expert_timeout_s: float = 10.0
+    drain_timeout_s: float = 30.0
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9400  # coordinator; gpu_worker +1, expert host i +2+i; 0 picks free ports
+    threads: int = 0  # torch threads per process; 0: cores shared evenly among the processes
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        if not self.run_dir:
+            self.run_dir = default_run_dir()
+        if self.expert_hosts < 0:
+            raise ValueError("expert_hosts must be >= 0")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
+
+    def ipc(self, name: str) -> str:
+        return f"ipc://{self.run_dir}/{name}.sock"
+
+    @property
+    def control_endpoint(self) -> str:
+        return self.ipc("control")
+
+    @property
+    def engine_endpoint(self) -> str:
+        return self.ipc("engine")
+
+    def expert_host_endpoint(self, host: int) -> str:
+        return self.ipc(f"expert-host-{host}")
+
+    def metrics_port_for(self, role: str, host: int = 0) -> int:
+        if self.metrics_port == 0:
+            return 0
+        return self.metrics_port + {"coordinator": 0, "gpu_worker": 1, "expert_host": 2 + host}[role]
+
+    def to_toml(self) -> str:
+        lines = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                lines.append(f"{f.name} = {'true' if value else 'false'}")
+            elif isinstance(value, (int, float)):
+                lines.append(f"{f.name} = {value}")
+            else:
+                lines.append(f"{f.name} = {_toml_string(str(value))}")
+        return "\n".join(lines) + "\n"
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+_HINTS = typing.get_type_hints(Config)
+_FIELDS = {f.name for f in dataclasses.fields(Config)}
+
+
+def _coerce(name: str, value: Any) -> Any:
+    hint = _HINTS[name]
+    if name in ("gpu_expert_budget", "max_request_bytes") and isinstance(value, str):
+        return parse_bytes(value)
+    try:
+        if hint is bool:
+            if isinstance(value, str):
+                return value.lower() in ("1", "true", "yes", "on")
+            return bool(value)
+        if hint is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return hint(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config {name}: {value!r} is not a valid {hint.__name__}") from None
+
+
+def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) -> Config:
+    """Read a TOML file (unknown keys are an error) and apply overrides whose value is not None."""
+    values: dict[str, Any] = {}
+    if path:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+        unknown = sorted(set(data) - _FIELDS)
+        if unknown:
+            raise ValueError(f"{path}: unknown config key(s): {', '.join(unknown)}")
+        values.update(data)
+    for key, value in overrides.items():
+        if key not in _FIELDS:
+            raise ValueError(f"unknown config key {key!r}")
+        if value is not None:
+            values[key] = value
+    return Config(**{k: _coerce(k, v) for k, v in values.items()})
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """--config FILE plus one --flag per config field (dashes for underscores)."""
+    parser.add_argument("--config", help="TOML configuration file")
+    for name in sorted(_FIELDS):
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=argparse.SUPPRESS)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    return load_config(args.config, **{name: getattr(args, name, None) for name in _FIELDS})
