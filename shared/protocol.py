@@ -182,36 +182,28 @@ class EngineFinished(Message):
 
 
 @dataclass
-class Join(Message):
-    KIND: ClassVar[str] = "join"
-    role: str
-    member_id: str
-    pid: int
-    endpoint: str
-    metrics_port: int
-
-
-@dataclass
-class Welcome(Message):
-    """The coordinator's answer to Join and to a placement change: what this process must hold."""
-
-    KIND: ClassVar[str] = "welcome"
-    placement: dict
-
-
-@dataclass
 class Heartbeat(Message):
+    """Every process sends one each heartbeat interval; it doubles as the join request.
+
+    The coordinator answers with Welcome whenever `placement_version` is not the current one
+    (a new or restarted process reports 0), so start order does not matter.
+    """
+
     KIND: ClassVar[str] = "heartbeat"
-    member_id: str
+    member_id: str  # gpu-worker, expert-host-N
+    role: str  # gpu_worker | expert_host
+    pid: int
+    metrics_port: int
+    placement_version: int  # the placement this process has fully applied
     load: dict = field(default_factory=dict)
 
 
 @dataclass
-class Membership(Message):
-    """Sent by the coordinator to the gpu_worker when the set of live expert hosts changes."""
+class Welcome(Message):
+    """The coordinator's answer to a Heartbeat with a stale placement: what this process must hold."""
 
-    KIND: ClassVar[str] = "membership"
-    alive: list[str]
+    KIND: ClassVar[str] = "welcome"
+    placement: dict
 
 
 # --- data plane (gpu_worker <-> expert host) ---------------------------------------------------------
