@@ -12,11 +12,14 @@ import sys
 # Tools implemented in shared/: subcommand -> module with a `main(argv) -> int`.
 TOOLS = {
     "make-model": "shared.make_model",
+    "up": "shared.launcher",
 }
+# Roles, each run as its own process: subcommand -> package run with `python -m`.
+ROLES = {"coordinator": "coordinator", "gpu-worker": "gpu_worker", "expert-host": "expert_host"}
 
 
 def usage() -> str:
-    names = ", ".join(sorted(TOOLS))
+    names = ", ".join(sorted([*TOOLS, *ROLES]))
     return f"usage: tierserve <command> [options]\ncommands: {names}"
 
 
@@ -28,6 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command in TOOLS:
         return int(importlib.import_module(TOOLS[command]).main(rest) or 0)
+    if command in ROLES:
+        exec_role(ROLES[command], rest)
     print(f"tierserve: unknown command {command!r}\n{usage()}", file=sys.stderr)
     return 2
 

@@ -1,0 +1,5 @@
+import sys
+
+from expert_host.service import main
+
+sys.exit(main())

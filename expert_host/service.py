@@ -1,0 +1,98 @@
+"""The expert host's socket loop: serve compute requests for the experts the placement gives it."""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import time
+
+import zmq
+from prometheus_client import Counter, Gauge, Histogram
+
+from expert_host.store import ExpertStore
+from shared.config import Config, add_config_arguments, config_from_args
+from shared.gguf_file import GGUFModel
+from shared.metrics import start_metrics_server
+from shared.placement import expert_host_id
+from shared.process import ControlLink, StopFlag, leave_run_dir, setup_process
+from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
+
+WORK = Counter("tierserve_expert_host_work_total", "Work items (one layer's experts for one batch)", ["outcome"])
+ROWS = Counter("tierserve_expert_host_rows_total", "Token rows computed")
+LATENCY = Histogram("tierserve_expert_host_compute_seconds", "Compute time of one work item",
+                    buckets=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0))
+QUEUE = Gauge("tierserve_expert_host_queue_depth", "Work items received and not yet computed")
+HELD = Gauge("tierserve_expert_host_experts", "Experts held by this host")
+HELD_BYTES = Gauge("tierserve_expert_host_expert_bytes", "Bytes of expert weights held by this host")
+
+
+def serve(config: Config, host_index: int) -> int:
+    member_id = expert_host_id(host_index)
+    log = setup_process(member_id, config)
+    stop = StopFlag()
+    model = GGUFModel(config.model)
+    store = ExpertStore(model, host_index)
+    metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("expert_host", host_index))
+    ctx = zmq.Context()
+    data = ctx.socket(zmq.ROUTER)
+    data.setsockopt(zmq.LINGER, 0)
+    endpoint = config.expert_host_endpoint(host_index)
+    data.bind(endpoint)
+    control = ControlLink(ctx, config, member_id, "expert_host", metrics_port)
+    log.info("serving %s on %s, metrics on :%d", config.model, endpoint, metrics_port)
+    queue: collections.deque[list] = collections.deque()
+    try:
+        while not stop.stopping:
+            control.heartbeat_if_due(store.placement_version, {"queue": len(queue), "experts": len(store.weights)})
+            placement = control.read_placement()
+            if placement is not None and placement.version != store.placement_version:
+                store.apply(placement)
+                HELD.set(len(store.weights))
+                HELD_BYTES.set(store.nbytes)
+                log.info("placement v%d: holding %d experts (%.1f MB)", placement.version, len(store.weights),
+                         store.nbytes / 1e6)
+                control.heartbeat_if_due(store.placement_version)
+            if not queue and not data.poll(50):
+                continue
+            while data.poll(0):
+                queue.append(data.recv_multipart(copy=False))
+            QUEUE.set(len(queue))
+            frames = queue.popleft()
+            data.send_multipart([frames[0], *handle(store, frames[1:])], copy=False)
+    finally:
+        data.close(linger=0)
+        control.socket.close(linger=0)
+        ctx.term()
+        leave_run_dir(config, endpoint)
+        log.info("stopped")
+    return 0
+
+
+def handle(store: ExpertStore, frames: list) -> list:
+    try:
+        msg = decode(frames)
+    except ProtocolError as e:
+        WORK.labels("error").inc()
+        return encode(ExpertFailure(step=-1, layer=-1, code=e.code, message=e.message))
+    if not isinstance(msg, ExpertWork):
+        WORK.labels("error").inc()
+        return encode(ExpertFailure(step=-1, layer=-1, code="unexpected", message=f"cannot handle {msg.KIND}"))
+    start = time.perf_counter()
+    try:
+        output = store.compute(msg.layer, msg.expert_ids, msg.counts, msg.hidden)
+    except ValueError as e:
+        WORK.labels("error").inc()
+        return encode(ExpertFailure(step=msg.step, layer=msg.layer, code="bad_work", message=str(e)))
+    seconds = time.perf_counter() - start
+    LATENCY.observe(seconds)
+    WORK.labels("ok").inc()
+    ROWS.inc(output.shape[0])
+    return encode(ExpertResult(step=msg.step, layer=msg.layer, output=output, compute_s=seconds))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierserve expert-host")
+    parser.add_argument("--host-id", type=int, default=0, help="index of this expert host (0..expert_hosts-1)")
+    add_config_arguments(parser)
+    args = parser.parse_args(argv)
+    return serve(config_from_args(args), args.host_id)

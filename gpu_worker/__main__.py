@@ -1,0 +1,5 @@
+import sys
+
+from gpu_worker.service import main
+
+sys.exit(main())

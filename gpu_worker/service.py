@@ -1,0 +1,221 @@
+"""The gpu_worker's busy loop: take requests from the coordinator, step the model, stream tokens back."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+import zmq
+from prometheus_client import Counter, Gauge, Histogram
+
+from gpu_worker.experts import HotExperts, MoEDispatch
+from gpu_worker.kv_blocks import KVBlockAllocator
+from gpu_worker.model import Chunk, Trunk
+from gpu_worker.remote import ExpertHostError, RemoteExperts
+from gpu_worker.sampler import Sampler
+from gpu_worker.scheduler import SamplingParams, Scheduler, Sequence
+from shared.config import Config, add_config_arguments, config_from_args
+from shared.gguf_file import GGUFModel
+from shared.metrics import start_metrics_server
+from shared.placement import Placement
+from shared.process import ControlLink, StopFlag, leave_run_dir, setup_process
+from shared.protocol import (
+    EngineCancel,
+    EngineError,
+    EngineFinished,
+    EngineGenerate,
+    EngineToken,
+    Message,
+    ProtocolError,
+    decode,
+    encode,
+)
+
+MEMBER_ID = "gpu-worker"
+
+STEPS = Counter("tierserve_worker_steps_total", "Model steps run")
+BATCH_TOKENS = Histogram("tierserve_worker_batch_tokens", "Tokens in one model step",
+                         buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096))
+BATCH_SEQS = Gauge("tierserve_worker_batch_size", "Sequences in the last model step")
+RUNNING = Gauge("tierserve_worker_running_requests", "Requests holding KV cache")
+WAITING = Gauge("tierserve_worker_waiting_requests", "Requests waiting for KV cache")
+KV_USED = Gauge("tierserve_worker_kv_cache_used_ratio", "Fraction of KV cache blocks in use")
+DISPATCH = Counter("tierserve_worker_expert_dispatch_total", "Routed (token, expert) pairs by path", ["path"])
+STEP_SECONDS = Histogram("tierserve_worker_step_seconds", "Wall time of one model step",
+                         buckets=(1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0))
+HOT_BYTES = Gauge("tierserve_worker_hot_expert_bytes", "Bytes of expert weights held by the worker")
+
+
+def pick_device(config: Config) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+class Engine:
+    """Model, cache, scheduler and sampler for one placement; no sockets of its own but the data plane."""
+
+    def __init__(self, config: Config, model: GGUFModel, remote: RemoteExperts | None) -> None:
+        self.config, self.model, self.remote = config, model, remote
+        self.device = pick_device(config)
+        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        num_blocks = max(1, config.kv_cache_tokens // config.kv_block_size)
+        self.trunk = Trunk(model, self.device, dtype, num_blocks, config.kv_block_size)
+        self.allocator = KVBlockAllocator(num_blocks, config.kv_block_size)
+        self.scheduler = Scheduler(self.allocator, max_batch_tokens=config.max_batch_tokens,
+                                   max_running=config.max_running, prefill_chunk=config.prefill_chunk,
+                                   max_context=model.config.context_length)
+        self.sampler = Sampler()
+        self.hot = HotExperts(model, self.device, dtype)
+        self.moe: MoEDispatch | None = None
+        self.placement_version = 0
+
+    def apply(self, placement: Placement) -> None:
+        self.hot.apply(placement)
+        self.moe = MoEDispatch(placement, self.hot, self.remote, lambda path, n: DISPATCH.labels(path).inc(n))
+        self.placement_version = placement.version
+        HOT_BYTES.set(self.hot.nbytes)
+
+    def step(self) -> tuple[list[tuple[Sequence, object]], list[Sequence]]:
+        """Run one batch; returns (sequence, sample) for every sampled token and the finished sequences."""
+        batch = self.scheduler.schedule()
+        if batch is None:
+            return [], []
+        start = time.perf_counter()
+        if self.remote is not None:
+            self.remote.begin_step()
+        chunks = [Chunk(c.token_ids, c.start, c.seq.block_table) for c in batch.chunks]
+        logits = self.trunk.forward(chunks, self.moe)
+        sampling = [(i, c.seq) for i, c in enumerate(batch.chunks) if c.samples]
+        results = self.sampler.sample(logits[[i for i, _ in sampling]], [s for _, s in sampling]) if sampling else []
+        sampled = [(seq, r) for (_, seq), r in zip(sampling, results, strict=True)]
+        finished = self.scheduler.postprocess(batch, {seq.request_id: r.token_id for seq, r in sampled})
+        for seq in finished:
+            self.sampler.forget(seq.request_id)
+        STEPS.inc()
+        BATCH_TOKENS.observe(batch.num_tokens)
+        BATCH_SEQS.set(len(batch.chunks))
+        STEP_SECONDS.observe(time.perf_counter() - start)
+        self.update_gauges()
+        return sampled, finished
+
+    def fail_all_running(self) -> list[Sequence]:
+        """After a lost expert host: the running batch's state is unusable, end every admitted request."""
+        failed = [seq for seq in list(self.scheduler.running)]
+        for seq in failed:
+            self.scheduler.cancel(seq.request_id)
+            self.sampler.forget(seq.request_id)
+        self.update_gauges()
+        return failed
+
+    def update_gauges(self) -> None:
+        RUNNING.set(self.scheduler.num_running)
+        WAITING.set(self.scheduler.num_waiting)
+        KV_USED.set(1 - self.allocator.num_free / max(1, self.allocator.num_blocks))
+
+    def load(self) -> dict:
+        return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
+                "kv_used": 1 - self.allocator.num_free / max(1, self.allocator.num_blocks)}
+
+
+def to_sequence(msg: EngineGenerate) -> Sequence:
+    params = SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
+                            top_k=msg.top_k, seed=msg.seed, logprobs=msg.logprobs,
+                            stop_token_ids=frozenset(msg.stop_token_ids))
+    return Sequence(msg.request_id, list(msg.prompt_token_ids), params)
+
+
+def serve(config: Config) -> int:
+    log = setup_process(MEMBER_ID, config)
+    stop = StopFlag()
+    model = GGUFModel(config.model)
+    metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("gpu_worker"))
+    ctx = zmq.Context()
+    engine_socket = ctx.socket(zmq.DEALER)
+    engine_socket.setsockopt(zmq.ROUTING_ID, MEMBER_ID.encode())
+    engine_socket.setsockopt(zmq.LINGER, 0)
+    engine_socket.connect(config.engine_endpoint)
+    control = ControlLink(ctx, config, MEMBER_ID, "gpu_worker", metrics_port)
+    remote = RemoteExperts(ctx, [config.expert_host_endpoint(i) for i in range(config.expert_hosts)],
+                           config.expert_timeout_s) if config.expert_hosts else None
+    engine = Engine(config, model, remote)
+    log.info("model %s on %s, metrics on :%d", config.model, engine.device, metrics_port)
+
+    def send(msg: Message) -> None:
+        engine_socket.send_multipart(encode(msg), copy=False)
+
+    try:
+        placement = control.wait_for_placement(stop)
+        if placement is None:
+            return 0
+        engine.apply(placement)
+        log.info("placement v%d: %d hot experts (%.1f MB)", placement.version, placement.count_hot(),
+                 engine.hot.nbytes / 1e6)
+        while True:
+            control.heartbeat_if_due(engine.placement_version, engine.load())
+            placement = control.read_placement()
+            if placement is not None and placement.version != engine.placement_version:
+                engine.apply(placement)
+                log.info("placement v%d applied", placement.version)
+            busy = engine.scheduler.has_work()
+            if stop.stopping and not busy:
+                break
+            if engine_socket.poll(0 if busy else 50):
+                while engine_socket.poll(0):
+                    handle_engine_message(engine, engine_socket.recv_multipart(copy=False), send, stop, log)
+            if not engine.scheduler.has_work():
+                continue
+            try:
+                sampled, _ = engine.step()
+            except ExpertHostError as e:
+                log.error("%s; failing the running requests", e)
+                for seq in engine.fail_all_running():
+                    send(EngineError(request_id=seq.request_id, code="expert_host_unavailable", message=str(e)))
+                continue
+            for seq, r in sampled:
+                send(EngineToken(request_id=seq.request_id, token_id=r.token_id, logprob=r.logprob,
+                                 top_logprobs=[list(p) for p in r.top_logprobs],
+                                 finish_reason=seq.finish_reason if seq.is_finished else None))
+    finally:
+        if remote is not None:
+            remote.close()
+        engine_socket.close(linger=0)
+        control.socket.close(linger=0)
+        ctx.term()
+        leave_run_dir(config)
+        log.info("stopped")
+    return 0
+
+
+def handle_engine_message(engine: Engine, frames: list, send, stop: StopFlag, log) -> None:
+    try:
+        msg = decode(frames)
+    except ProtocolError as e:
+        log.warning("dropping bad engine message: %s", e.message)
+        return
+    if isinstance(msg, EngineGenerate):
+        if stop.stopping:
+            send(EngineError(request_id=msg.request_id, code="shutting_down", message="the worker is shutting down"))
+            return
+        seq = to_sequence(msg)
+        if not engine.scheduler.fits_ever(seq):
+            send(EngineError(request_id=msg.request_id, code="context_exceeded",
+                             message="prompt plus max_tokens exceeds the KV cache capacity"))
+            return
+        engine.scheduler.add(seq)
+        engine.update_gauges()
+    elif isinstance(msg, EngineCancel):
+        seq = engine.scheduler.cancel(msg.request_id)
+        if seq is not None:
+            engine.sampler.forget(msg.request_id)
+            engine.update_gauges()
+            send(EngineFinished(request_id=msg.request_id, finish_reason="cancelled"))
+    else:
+        log.warning("dropping unexpected %s on the engine socket", msg.KIND)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierserve gpu-worker")
+    add_config_arguments(parser)
+    return serve(config_from_args(parser.parse_args(argv)))

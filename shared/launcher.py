@@ -1,0 +1,162 @@
+"""`tierserve up`: run the whole system as child processes for a desktop run or a test.
+
+Starts a coordinator, a gpu_worker and N expert hosts, each its own OS process talking
+over ipc:// sockets in a private run directory, prints the client endpoint once the
+system answers ready, restarts a child that dies, and on SIGTERM / Ctrl-C drains and
+stops them in order (coordinator, worker, hosts) leaving nothing behind. Children get
+SIGTERM if this process dies (PR_SET_PDEATHSIG), so even `kill -9` leaves no orphans.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import dataclasses
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from shared.client import Client
+from shared.config import Config, add_config_arguments, config_from_args
+from shared.process import EPHEMERAL_MARKER
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def free_tcp_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclasses.dataclass
+class Child:
+    name: str
+    argv: list[str]
+    process: subprocess.Popen | None = None
+    restarts: int = 0
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(self.argv, preexec_fn=_die_with_parent)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+
+def prepare_run(config: Config) -> tuple[Config, Path, bool]:
+    """Fill in a private run dir and a free client port where the config leaves them open."""
+    ephemeral = not config.run_dir or config.run_dir == Config().run_dir
+    run_dir = Path(tempfile.mkdtemp(prefix="tierserve-")) if ephemeral else Path(config.run_dir)
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(run_dir, 0o700)
+    endpoint = config.client_endpoint
+    if endpoint.endswith(":0"):
+        endpoint = f"{endpoint[:-2]}:{free_tcp_port()}"
+    config = dataclasses.replace(config, run_dir=str(run_dir), client_endpoint=endpoint)
+    if ephemeral:
+        (run_dir / EPHEMERAL_MARKER).touch()
+    return config, run_dir, ephemeral
+
+
+def children_for(config: Config, config_path: Path) -> list[Child]:
+    base = [sys.executable, "-m"]
+    kids = [Child("coordinator", [*base, "coordinator", "--config", str(config_path)]),
+            Child("gpu_worker", [*base, "gpu_worker", "--config", str(config_path)])]
+    kids += [Child(f"expert-host-{i}", [*base, "expert_host", "--config", str(config_path), "--host-id", str(i)])
+             for i in range(config.expert_hosts)]
+    return kids
+
+
+def wait_ready(config: Config, kids: list[Child], timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    with Client(config.client_endpoint, timeout_s=1.0) as client:
+        while time.monotonic() < deadline:
+            for kid in kids:
+                if not kid.alive():
+                    print(f"tierserve: {kid.name} exited with {kid.process.returncode} during start-up",
+                          file=sys.stderr)
+                    return False
+            try:
+                if client.health().status == "ready":
+                    return True
+            except TimeoutError:
+                pass
+            time.sleep(0.2)
+    print(f"tierserve: not ready after {timeout_s:.0f} s", file=sys.stderr)
+    return False
+
+
+def stop_in_order(kids: list[Child], drain_timeout_s: float) -> None:
+    """Coordinator first (it drains requests), then the worker, then the hosts it was using."""
+    groups = [[k for k in kids if k.name == "coordinator"], [k for k in kids if k.name == "gpu_worker"],
+              [k for k in kids if k.name.startswith("expert-host")]]
+    for group in groups:
+        for kid in group:
+            if kid.alive():
+                kid.process.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + drain_timeout_s + 5
+        for kid in group:
+            if kid.process is None:
+                continue
+            try:
+                kid.process.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                kid.process.kill()
+                kid.process.wait()
+
+
+def up(config: Config, ready_timeout_s: float = 300.0) -> int:
+    if not config.model:
+        print("tierserve up: --model is required", file=sys.stderr)
+        return 2
+    config, run_dir, ephemeral = prepare_run(config)
+    config_path = run_dir / "config.toml"
+    config_path.write_text(config.to_toml())
+    kids = children_for(config, config_path)
+    stopping = False
+
+    def on_signal(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    for kid in kids:
+        kid.start()
+    status = 0
+    try:
+        if not wait_ready(config, kids, ready_timeout_s):
+            return 1
+        print(f"tierserve ready: client endpoint {config.client_endpoint}", flush=True)
+        while not stopping:
+            time.sleep(0.2)
+            for kid in kids:
+                if not kid.alive() and not stopping:
+                    kid.restarts += 1
+                    print(f"tierserve: {kid.name} exited with {kid.process.returncode}; restarting", file=sys.stderr)
+                    kid.start()
+    finally:
+        stop_in_order(kids, config.drain_timeout_s)
+        if ephemeral:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        else:
+            config_path.unlink(missing_ok=True)
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierserve up", description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser)
+    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the system")
+    args = parser.parse_args(argv)
+    return up(config_from_args(args), args.ready_timeout)

@@ -1,0 +1,116 @@
+"""What every role process does the same way: logging, threads, stop signals, and its control link
+to the coordinator (heartbeats that double as join, placements that come back)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import time
+
+import torch
+import zmq
+
+from shared.config import Config
+from shared.placement import Placement
+from shared.protocol import Heartbeat, ProtocolError, Welcome, decode, encode
+
+ROLE_PROCESSES = 2  # coordinator and gpu_worker, besides the expert hosts
+
+
+def setup_process(role: str, config: Config) -> logging.Logger:
+    logging.basicConfig(level=config.log_level.upper(),
+                        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
+    threads = config.threads or max(1, (os.cpu_count() or 1) // (ROLE_PROCESSES + config.expert_hosts))
+    torch.set_num_threads(threads)
+    return logging.getLogger(role)
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGINT: the process drains, then exits."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._set)
+
+    def _set(self, signum: int, frame: object) -> None:
+        self.stopping = True
+
+
+class ControlLink:
+    """A DEALER to the coordinator's control socket, named by member id."""
+
+    def __init__(self, ctx: zmq.Context, config: Config, member_id: str, role: str, metrics_port: int) -> None:
+        self.config, self.member_id, self.role, self.metrics_port = config, member_id, role, metrics_port
+        self.socket = ctx.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.ROUTING_ID, member_id.encode())
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 16)
+        self.socket.connect(config.control_endpoint)
+        self._next_beat = 0.0
+
+    def heartbeat_if_due(self, placement_version: int, load: dict | None = None) -> None:
+        now = time.monotonic()
+        if now < self._next_beat:
+            return
+        self._next_beat = now + self.config.heartbeat_interval_s
+        msg = Heartbeat(member_id=self.member_id, role=self.role, pid=os.getpid(), metrics_port=self.metrics_port,
+                        placement_version=placement_version, load=load or {})
+        try:
+            self.socket.send_multipart(encode(msg), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            pass  # coordinator away; the next beat will try again
+
+    def read_placement(self) -> Placement | None:
+        """The newest placement waiting on the socket, if any (non-blocking)."""
+        newest = None
+        while self.socket.poll(0):
+            try:
+                msg = decode(self.socket.recv_multipart())
+            except ProtocolError as e:
+                logging.getLogger(self.role).warning("bad control message: %s", e.message)
+                continue
+            if isinstance(msg, Welcome):
+                newest = Placement.from_dict(msg.placement)
+        return newest
+
+    def wait_for_placement(self, stop: StopFlag, placement_version: int = 0) -> Placement | None:
+        while not stop.stopping:
+            self.heartbeat_if_due(placement_version)
+            if self.socket.poll(100):
+                placement = self.read_placement()
+                if placement is not None:
+                    return placement
+        return None
+
+
+_PARENT = os.getppid()
+EPHEMERAL_MARKER = ".ephemeral"
+
+
+def leave_run_dir(config: Config, *endpoints: str) -> None:
+    """Remove this process's socket files; if `tierserve up` died and left a private run dir, the last
+    process out removes it too."""
+    for endpoint in endpoints:
+        remove_ipc_file(endpoint)
+    run_dir = config.run_dir
+    if os.getppid() == _PARENT or not os.path.exists(os.path.join(run_dir, EPHEMERAL_MARKER)):
+        return
+    try:
+        if set(os.listdir(run_dir)) <= {EPHEMERAL_MARKER, "config.toml"}:
+            for name in (EPHEMERAL_MARKER, "config.toml"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(run_dir, name))
+            os.rmdir(run_dir)
+    except OSError:
+        pass  # another process got there first or is still inside
+
+
+def remove_ipc_file(endpoint: str) -> None:
+    if endpoint.startswith("ipc://"):
+        try:
+            os.unlink(endpoint[len("ipc://"):])
+        except FileNotFoundError:
+            pass
