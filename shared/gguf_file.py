@@ -9,7 +9,6 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
-from gguf.constants import GGML_QUANT_SIZES
 
 from shared.model_config import (
     OPTIONAL_TENSORS,
@@ -63,20 +62,21 @@ class GGUFModel:
         self.config: ModelConfig = config_from_metadata(
             self.metadata, {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self._tensors.items()}
         )
+        self._expected_shapes = tensor_shapes(self.config)
         self._validate()
 
     def _validate(self) -> None:
         for name, t in self._tensors.items():
             if t.data_offset + t.n_bytes > self.file_size:
                 raise ModelError(f"{self.path}: GGUF file is truncated: tensor {name} ends past the end of the file")
-        for name, shape in tensor_shapes(self.config).items():
+        for name, shape in self._expected_shapes.items():
             t = self._tensors.get(name)
             if t is None:
                 if name in OPTIONAL_TENSORS:
                     continue
                 raise ModelError(f"{self.path}: tensor {name} is missing")
             got = tuple(int(d) for d in reversed(t.shape))
-            if got != shape:
+            if _without_leading_ones(got) != _without_leading_ones(shape):
                 raise ModelError(f"{self.path}: tensor {name} has shape {got}, expected {shape}")
             if t.tensor_type not in SUPPORTED_TYPES:
                 names = ", ".join(q.name for q in SUPPORTED_TYPES)
@@ -105,7 +105,7 @@ class GGUFModel:
         """The whole tensor dequantized to float32, in numpy (= torch) shape order."""
         t = self._tensors[name]
         out = dequantize(t.data, t.tensor_type)
-        return out.reshape(tuple(int(d) for d in reversed(t.shape)))
+        return out.reshape(self._expected_shapes.get(name) or tuple(int(d) for d in reversed(t.shape)))
 
     def expert(self, layer: int, kind: str, index: int) -> torch.Tensor:
         """One expert's matrix (float32) out of a merged `*_exps` tensor, dequantizing only its slice."""
@@ -120,6 +120,9 @@ class GGUFModel:
         return list(self._tensors)
 
 
-def bytes_per_value(qtype: GGMLQuantizationType) -> float:
-    block, size = GGML_QUANT_SIZES[qtype]
-    return size / block
+def _without_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """llama.cpp writes some vectors as (1, n) and others as (n,); both load, so both are accepted."""
+    while len(shape) > 1 and shape[0] == 1:
+        shape = shape[1:]
+    return shape
+

@@ -51,6 +51,15 @@ def test_views_are_zero_copy_and_experts_slice_the_merged_tensor(tmp_path):
     assert model.expert(1, "ffn_gate_exps", 3).shape == (cfg.expert_ffn, cfg.hidden)
 
 
+def test_shared_expert_gate_written_as_a_row_is_accepted(tmp_path):
+    """Newer llama.cpp converters store qwen2moe's ffn_gate_inp_shexp as (1, H) instead of (H,)."""
+    cfg = tiny_config("qwen2moe")
+    tensors = random_tensors(cfg)
+    tensors["blk.0.ffn_gate_inp_shexp.weight"] = tensors["blk.0.ffn_gate_inp_shexp.weight"][None, :]
+    write_model(tmp_path / "m.gguf", cfg, tensors)
+    assert GGUFModel(tmp_path / "m.gguf").tensor("blk.0.ffn_gate_inp_shexp.weight").shape == (cfg.hidden,)
+
+
 def _q4_k_block_reference(block: bytes) -> np.ndarray:
     """Scalar decoding of one Q4_K super-block, straight from llama.cpp's dequantize_row_q4_K."""
     d, dmin = np.frombuffer(block[:4], dtype=np.float16).astype(np.float32)
