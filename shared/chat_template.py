@@ -1,0 +1,69 @@
+"""Render a model's chat template into a prompt string, in the Jinja2 environment Hugging Face uses.
+
+Templates are written against transformers' `apply_chat_template`: a sandboxed environment with
+trim_blocks/lstrip_blocks, the loopcontrols extension, a `tojson` filter that keeps non-ASCII text,
+and `raise_exception` / `strftime_now` globals. A template that renders there renders the same here.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+class ChatTemplateError(ValueError):
+    """A chat template that cannot be rendered for these messages; the message says why."""
+
+
+def _raise_exception(message: str) -> None:
+    # Templates call this to refuse a conversation (e.g. roles that do not alternate): a client error.
+    raise ChatTemplateError(message)
+
+
+def _tojson(
+    value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.now().strftime(fmt)
+
+
+def _environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = _strftime_now
+    return env
+
+
+class ChatTemplate:
+    """One compiled template; `render` is safe to call from several requests (the template holds no state)."""
+
+    def __init__(self, source: str, bos_token: str = "", eos_token: str = "") -> None:
+        try:
+            self._template = _environment().from_string(source)
+        except jinja2.TemplateSyntaxError as e:
+            raise ChatTemplateError(f"chat template does not parse (line {e.lineno}): {e.message}") from e
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+
+    def render(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **variables: Any
+    ) -> str:
+        """The prompt for `messages`; extra variables (tools, documents, enable_thinking...) reach the template."""
+        context = {"bos_token": self.bos_token, "eos_token": self.eos_token, **variables}
+        try:
+            return self._template.render(
+                messages=list(messages), add_generation_prompt=add_generation_prompt, **context
+            )
+        except (jinja2.TemplateError, TypeError) as e:
+            # TypeError: the messages do not have the shape the template assumes (content None, a list, ...).
+            raise ChatTemplateError(f"chat template failed: {e}") from e

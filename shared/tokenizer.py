@@ -1,0 +1,327 @@
+"""Text to token ids and back for a GGUF model, built from its metadata on the `tokenizers` library.
+
+llama.cpp writes two tokenizer families into GGUF files, and both are built here to split text as
+llama.cpp does on the same file:
+- "gpt2": byte-level BPE with its merge list (Qwen, OLMoE); the words BPE sees come from the
+  pre-tokenizer regex that `tokenizer.ggml.pre` names.
+- "llama": SentencePiece BPE (Mixtral): pieces spelled with "▁" for spaces, scores instead of
+  merges, and <0xXX> tokens for bytes no piece covers.
+Control and user-defined tokens are matched whole in the text; the chat template comes along.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from functools import cached_property
+from typing import Any
+
+from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers.models import BPE
+
+from shared.chat_template import ChatTemplate, ChatTemplateError
+from shared.gguf_file import GGUFModel
+
+log = logging.getLogger(__name__)
+
+# tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # 5 (unused) is read as normal
+
+SPACE = "\u2581"  # SentencePiece's visible space, "▁"
+
+# The pre-tokenizer regexes of tokenizer.json (llama.cpp spells the case-insensitive group out by hand).
+GPT2_SPLIT = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
+# tokenizer.ggml.pre -> (split regex, ignore_merges): llama.cpp takes a whole word that is in the vocabulary
+# as one token without merging for the llama3 family only.
+_PRE_TOKENIZERS = {
+    "default": (GPT2_SPLIT, False),
+    "gpt-2": (GPT2_SPLIT, False),
+    "olmo": (GPT2_SPLIT, False),
+    "qwen2": (QWEN2_SPLIT, False),
+    "deepseek-r1-qwen": (QWEN2_SPLIT, False),
+    "llama-bpe": (LLAMA3_SPLIT, True),
+    "llama3": (LLAMA3_SPLIT, True),
+    "llama-v3": (LLAMA3_SPLIT, True),
+    "dbrx": (LLAMA3_SPLIT, True),
+    "smaug-bpe": (LLAMA3_SPLIT, True),
+}
+
+# Texts of end-of-turn tokens: a chat model ends its reply with one of these rather than with eos
+# (llama.cpp's end-of-generation list, restricted to the families tierserve serves and their kin).
+_END_OF_TURN = frozenset({"<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|eom_id|>", "<|end|>", "<end_of_turn>"})
+
+
+class TokenizerError(ValueError):
+    """Metadata no tokenizer can be built from, or token ids this vocabulary does not have."""
+
+
+def split_merge(merge: str) -> tuple[str, str]:
+    """One "left right" entry of tokenizer.ggml.merges; as llama.cpp, the separator is the first space
+    after the first character, so a left part that is itself a space survives."""
+    cut = merge.find(" ", 1)
+    if cut < 0:
+        raise TokenizerError(f"tokenizer.ggml.merges entry {merge!r} has no space between its two parts")
+    return merge[:cut], merge[cut + 1 :]
+
+
+def merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to SentencePiece's score-driven merging, as Hugging Face converts it.
+
+    Every split of a piece into two pieces of the vocabulary is a merge, ranked by the score of the
+    piece it makes (higher first; ties: longer left part, then longer right part). Splits of one piece
+    come in the order of their parts' ids, which is where the sort's stability leaves equal ranks.
+    """
+    ids = {t: i for i, t in enumerate(tokens)}
+    score_of = dict(zip(tokens, scores, strict=True))
+    merges = []
+    for piece, score in score_of.items():
+        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids]
+        local.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
+        merges += [(left, right, score) for left, right in local]
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(left, right) for left, right, _ in merges]
+
+
+def _need(md: Mapping[str, Any], key: str) -> Any:
+    if key not in md:
+        raise TokenizerError(f"metadata key {key} is missing: the file carries no usable tokenizer")
+    return md[key]
+
+
+def _vocab(tokens: Sequence[str]) -> dict[str, int]:
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        vocab.setdefault(t, i)
+    if len(vocab) < len(tokens):
+        log.warning(
+            "%d tokens repeat an earlier token's text: they are never produced and decode to nothing",
+            len(tokens) - len(vocab),
+        )
+    return vocab
+
+
+def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], **options: Any) -> BPE:
+    try:
+        return BPE(vocab, merges, **options)
+    except Exception as e:  # `tokenizers` raises a bare Exception for merges that name unknown tokens
+        raise TokenizerError(f"tokenizer merges do not fit the vocabulary: {e}") from e
+
+
+def _byte_level(md: Mapping[str, Any], tokens: Sequence[str]) -> HFTokenizer:
+    pre = md.get("tokenizer.ggml.pre", "default")
+    if pre not in _PRE_TOKENIZERS:
+        log.warning("unknown pre-tokenizer %r (tokenizer.ggml.pre): splitting words as gpt-2 does", pre)
+    split, ignore_merges = _PRE_TOKENIZERS.get(pre, _PRE_TOKENIZERS["gpt-2"])
+    merges = [split_merge(m) for m in _need(md, "tokenizer.ggml.merges")]
+    tok = HFTokenizer(_bpe(_vocab(tokens), merges, ignore_merges=ignore_merges))
+    # No NFC normalizer although Qwen's tokenizer.json has one: llama.cpp does not normalize.
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    return tok
+
+
+def _sentencepiece(md: Mapping[str, Any], tokens: Sequence[str]) -> HFTokenizer:
+    scores = _need(md, "tokenizer.ggml.scores")
+    if len(scores) != len(tokens):
+        raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+    unk = int(md.get("tokenizer.ggml.unknown_token_id", 0))
+    if not 0 <= unk < len(tokens):
+        raise TokenizerError(f"tokenizer.ggml.unknown_token_id = {unk} is outside the vocabulary of {len(tokens)}")
+    model = _bpe(
+        _vocab(tokens), merges_from_scores(tokens, scores), unk_token=tokens[unk], byte_fallback=True, fuse_unk=True
+    )
+    tok = HFTokenizer(model)
+    # A normalizer rather than the Metaspace pre-tokenizer: it prepends "▁" to every stretch of text
+    # between special tokens, even one that starts with a space, which is what SentencePiece and
+    # llama.cpp do (Metaspace skips text already starting with a space, so " hi" would lose one).
+    spaces = normalizers.Replace(" ", SPACE)
+    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if md.get("tokenizer.ggml.add_space_prefix", True):
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), spaces])
+        steps.append(decoders.Strip(" ", 1, 0))
+    else:
+        tok.normalizer = spaces
+    tok.decoder = decoders.Sequence(steps)
+    return tok
+
+
+_BUILDERS = {"gpt2": _byte_level, "llama": _sentencepiece}
+
+
+class Tokenizer:
+    """A GGUF model's tokenizer: encode, decode, stream-decode and render chats.
+
+    Ids are the GGUF's: id i is tokenizer.ggml.tokens[i], whatever the `tokenizers` object inside does.
+    """
+
+    def __init__(self, md: Mapping[str, Any]) -> None:
+        model = _need(md, "tokenizer.ggml.model")
+        if model not in _BUILDERS:
+            raise TokenizerError(f"unknown tokenizer model {model!r} (tokenizer.ggml.model); supported: gpt2, llama")
+        self.model = model
+        self.tokens: list[str] = list(_need(md, "tokenizer.ggml.tokens"))
+        self.token_types: list[int] = list(md.get("tokenizer.ggml.token_type") or [NORMAL] * len(self.tokens))
+        if len(self.token_types) != len(self.tokens):
+            raise TokenizerError(
+                f"tokenizer.ggml.token_type has {len(self.token_types)} entries for {len(self.tokens)} tokens"
+            )
+        spm = model == "llama"
+        # llama.cpp's defaults for files that do not say: SentencePiece vocabularies put <s> first.
+        self.bos_id = self._token_id(md, "bos_token_id", 1 if spm else None)
+        self.eos_id = self._token_id(md, "eos_token_id", 2 if spm else None)
+        self.pad_id = self._token_id(md, "padding_token_id", None)
+        self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", spm)) and self.bos_id is not None
+        self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False)) and self.eos_id is not None
+        self._template_source: str | None = md.get("tokenizer.chat_template")
+
+        self._hf = _BUILDERS[model](md, self.tokens)
+        # llama.cpp matches unknown and control tokens only when asked to parse special tokens, and
+        # user-defined ones (e.g. <think>) always; tokenizers' special / non-special added tokens do the same.
+        special = [
+            AddedToken(t, special=True, normalized=False)
+            for t, kind in zip(self.tokens, self.token_types, strict=True)
+            if kind in (UNKNOWN, CONTROL)
+        ]
+        user = [
+            AddedToken(t, special=False, normalized=False)
+            for t, kind in zip(self.tokens, self.token_types, strict=True)
+            if kind == USER_DEFINED
+        ]
+        self._hf.add_special_tokens(special)
+        self._hf.add_tokens(user)
+
+        ends = {self.eos_id} if self.eos_id is not None else set()
+        for key in ("eot_token_id", "eom_token_id"):
+            if (extra := self._token_id(md, key, None)) is not None:
+                ends.add(extra)
+        ends.update(
+            i
+            for i, (t, kind) in enumerate(zip(self.tokens, self.token_types, strict=True))
+            if t in _END_OF_TURN and kind in (CONTROL, USER_DEFINED)
+        )
+        self.eos_token_ids: frozenset[int] = frozenset(ends)
+
+    def _token_id(self, md: Mapping[str, Any], key: str, default: int | None) -> int | None:
+        value = md.get(f"tokenizer.ggml.{key}", default)
+        if value is None:
+            return None
+        if not 0 <= int(value) < len(self.tokens):
+            raise TokenizerError(f"tokenizer.ggml.{key} = {value} is outside the vocabulary of {len(self.tokens)}")
+        return int(value)
+
+    @classmethod
+    def from_metadata(cls, md: Mapping[str, Any]) -> Tokenizer:
+        return cls(md)
+
+    @classmethod
+    def from_gguf(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        return cls(GGUFModel(path).metadata)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def token_text(self, token_id: int) -> str:
+        """The token as the vocabulary spells it (byte-level or "▁" pieces), not as decoded text."""
+        self._check_ids([token_id])
+        return self.tokens[token_id]
+
+    def _check_ids(self, ids: Sequence[int]) -> None:
+        if ids and (min(ids) < 0 or max(ids) >= len(self.tokens)):
+            bad = next(i for i in ids if not 0 <= i < len(self.tokens))
+            raise TokenizerError(f"token id {bad} is outside the vocabulary of {len(self.tokens)} tokens")
+
+    @cached_property
+    def _hf_literal(self) -> HFTokenizer:
+        # A copy that reads control tokens as text; built on first use, since copying a large vocabulary
+        # takes a second, and a per-call flag on the shared object would race between threads.
+        literal = HFTokenizer.from_str(self._hf.to_str())
+        literal.encode_special_tokens = True
+        return literal
+
+    def encode(self, text: str, add_special: bool = True, special: bool = True) -> list[int]:
+        """Token ids of `text`. add_special: add BOS/EOS where the model asks for them. special: match
+        control tokens written in the text (<|im_start|>...) as single ids; off for untrusted text."""
+        hf = self._hf if special else self._hf_literal
+        ids = hf.encode(text, add_special_tokens=False).ids
+        if add_special:
+            if self.add_bos:
+                ids.insert(0, self.bos_id)
+            if self.add_eos:
+                ids.append(self.eos_id)
+        return ids
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        ids = [int(i) for i in ids]
+        self._check_ids(ids)
+        return self._hf.decode(ids, skip_special_tokens=skip_special)
+
+    def detokenizer(self, skip_special: bool = False) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, skip_special)
+
+    @cached_property
+    def chat_template(self) -> ChatTemplate:
+        if not self._template_source:
+            raise ChatTemplateError(
+                "the model has no chat template (tokenizer.chat_template is missing): send a prompt or token ids"
+            )
+        bos = self.tokens[self.bos_id] if self.bos_id is not None else ""
+        eos = self.tokens[self.eos_id] if self.eos_id is not None else ""
+        return ChatTemplate(self._template_source, bos_token=bos, eos_token=eos)
+
+    def apply_chat_template(
+        self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **variables: Any
+    ) -> str:
+        """The prompt text for a conversation; encode it with special=True."""
+        return self.chat_template.render(messages, add_generation_prompt, **variables)
+
+
+class IncrementalDetokenizer:
+    """Text of a growing token sequence, handed out as it becomes final.
+
+    Decoding one token alone is wrong in two ways: a character may span several byte tokens, and
+    SentencePiece's decoder drops the leading space of whatever it decodes. So each step decodes a
+    short window twice, with and without the new tokens, and hands out the difference once it no longer
+    ends in a partial character (U+FFFD). The pieces joined equal `decode` of the whole sequence.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
+        self._tok = tokenizer
+        self._skip = skip_special
+        self._ids: list[int] = []
+        self._prefix = 0  # start of the window: text before it is already handed out
+        self._read = 0  # end of what has been handed out
+
+    def feed(self, token_id: int) -> str:
+        """Add one token; returns the text it completes ("" while a character is still partial)."""
+        self._tok._check_ids([token_id])
+        self._ids.append(int(token_id))
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """At the end of the sequence: whatever is held back, partial characters decoded as U+FFFD."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        if self._read == len(self._ids):
+            return ""
+        done = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
+        text = self._tok.decode(self._ids[self._prefix :], self._skip)
+        if len(text) <= len(done) or (text.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self._ids)
+        return text[len(done) :]

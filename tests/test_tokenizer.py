@@ -1,0 +1,417 @@
+"""Tokenizers rebuilt from GGUF metadata: round trips, special tokens, streaming decode, chat templates.
+
+Both vocabularies are trained here with `tokenizers` and written into real GGUF model files the way
+llama.cpp's converter lays them out; Hugging Face's own GGUF tokenizer loader is the reference.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+
+import pytest
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import pre_tokenizers, trainers
+from tokenizers.models import BPE
+
+from shared.chat_template import ChatTemplateError
+from shared.gguf_write import write_model
+from shared.tokenizer import (
+    BYTE,
+    CONTROL,
+    NORMAL,
+    SPACE,
+    UNKNOWN,
+    USER_DEFINED,
+    Tokenizer,
+    TokenizerError,
+    merges_from_scores,
+)
+from tests.test_gguf_file import random_tensors, tiny_config
+
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. It's what they'd said they'll do.",
+    "Hello world! Hello there, hello again: 12345 + 678 = 13023.",
+    "def main(argv):\n    return 0\n\n\tindented\twith tabs\n",
+    "Café déjà vu, naïve façade, crème brûlée, São Paulo, Zürich, Ærøskøbing.",
+    "東京は日本の首都です。中文分词测试，你好世界。",
+    "Привет, как дела? Всё хорошо.",
+    "Mixture of experts models route every token to a few experts in each layer.",
+] * 20
+
+TEXTS = [
+    "Hello world",
+    "the lazy dog jumps over the quick brown fox",
+    "Café déjà vu — naïve Zürich",
+    "東京は日本の首都です。你好",
+    "emoji 🦊🚀 and 👩‍👩‍👧 families",
+    "  two leading spaces, trailing spaces   ",
+    "tabs\tand\nnewlines\n\n\r\nmixed \n \t end",
+    "\n",
+    "",
+    "numbers 1234567890 and symbols #$%&*(){}",
+]
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+# Mixtral-8x7B-Instruct-v0.1's template.
+MIXTRAL = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+    "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token}}"
+    "{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}{% endfor %}"
+)
+
+# Multi-line, in the style of Qwen3's: only renders as intended with trim_blocks and lstrip_blocks.
+QWEN_STYLE = """{%- if tools %}
+<|im_start|>system
+Tools:
+{% for tool in tools %}
+{{ tool | tojson }}
+{% endfor %}
+<|im_end|>
+{% endif %}
+{% for message in messages %}
+    {% if message.role == "assistant" %}
+<|im_start|>assistant
+{{ message.content }}<|im_end|>
+    {% else %}
+<|im_start|>{{ message.role }}
+{{ message.content }}<|im_end|>
+    {% endif %}
+{% endfor %}
+{% if add_generation_prompt %}
+<|im_start|>assistant
+{% if enable_thinking is defined and not enable_thinking %}
+<think>
+
+</think>
+
+{% endif %}
+{% endif %}"""
+
+QWEN_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+QWEN_USER_DEFINED = ["<think>", "</think>"]
+
+def byte_level_metadata(pre: str = "qwen2", template: str | None = CHATML) -> dict:
+    """A Qwen-style gpt2 vocabulary as llama.cpp's converter writes it: trained byte-level BPE pieces,
+    "a b" merges, control tokens after the pieces and user-defined ones after those."""
+    tok = HFTokenizer(BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    model = json.loads(tok.to_str())["model"]
+    tokens = sorted(model["vocab"], key=model["vocab"].get)
+    types = [NORMAL] * len(tokens) + [CONTROL] * len(QWEN_SPECIALS) + [USER_DEFINED] * len(QWEN_USER_DEFINED)
+    tokens += QWEN_SPECIALS + QWEN_USER_DEFINED
+    md = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.merges": [" ".join(m) for m in model["merges"]],
+        "tokenizer.ggml.bos_token_id": tokens.index("<|endoftext|>"),
+        "tokenizer.ggml.eos_token_id": tokens.index("<|im_end|>"),
+        "tokenizer.ggml.padding_token_id": tokens.index("<|endoftext|>"),
+        "tokenizer.ggml.add_bos_token": False,
+    }
+    if template is not None:
+        md["tokenizer.chat_template"] = template
+    return md
+
+
+def sentencepiece_metadata(template: str | None = MIXTRAL) -> dict:
+    """A Llama/Mixtral-style SentencePiece vocabulary: <unk> <s> </s>, the 256 byte tokens, then merged
+    pieces best first and single characters last, each scored by its rank as SentencePiece BPE does."""
+    tok = HFTokenizer(BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=500, show_progress=False))
+    model = json.loads(tok.to_str())["model"]
+    merged = ["".join(m) for m in model["merges"]]
+    chars = [t for t in sorted(model["vocab"], key=model["vocab"].get) if len(t) == 1]
+    pieces = merged + chars
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [UNKNOWN, CONTROL, CONTROL] + [BYTE] * 256 + [NORMAL] * len(pieces)
+    md = {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": [0.0] * 259 + [-float(i) for i in range(len(pieces))],
+        "tokenizer.ggml.token_type": types,
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.unknown_token_id": 0,
+        "tokenizer.ggml.add_bos_token": True,
+        "tokenizer.ggml.add_eos_token": False,
+    }
+    if template is not None:
+        md["tokenizer.chat_template"] = template
+    return md
+
+
+def write_gguf(path, md: dict, arch: str) -> None:
+    cfg = dataclasses.replace(tiny_config(arch), vocab_size=len(md["tokenizer.ggml.tokens"]))
+    write_model(path, cfg, random_tensors(cfg), metadata=md)
+
+
+@pytest.fixture(scope="module")
+def qwen_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("qwen") / "qwen.gguf"
+    write_gguf(path, byte_level_metadata(), "qwen3moe")
+    return path
+
+
+@pytest.fixture(scope="module")
+def mixtral_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mixtral") / "mixtral.gguf"
+    write_gguf(path, sentencepiece_metadata(), "llama")
+    return path
+
+
+@pytest.fixture(scope="module")
+def qwen(qwen_file):
+    return Tokenizer.from_gguf(qwen_file)
+
+
+@pytest.fixture(scope="module")
+def mixtral(mixtral_file):
+    return Tokenizer.from_gguf(mixtral_file)
+
+
+def hf_reference(path):
+    """Hugging Face transformers' tokenizer for the same GGUF file (its from_pretrained(gguf_file=) path)."""
+    from transformers.integrations.gguf import convert_gguf_tokenizer, get_gguf_tokenizer
+
+    arch, tokenizer_dict, _ = get_gguf_tokenizer(str(path))
+    return convert_gguf_tokenizer(arch, tokenizer_dict)[0]
+
+
+def pieces(tok: Tokenizer, text: str) -> list[str]:
+    return [tok.token_text(i) for i in tok.encode(text, add_special=False)]
+
+
+@pytest.mark.parametrize("name", ["qwen", "mixtral"])
+@pytest.mark.parametrize("text", TEXTS)
+def test_round_trip(request, name, text):
+    tok = request.getfixturevalue(name)
+    ids = tok.encode(text, add_special=False)
+    assert tok.decode(ids) == text
+    assert all(0 <= i < tok.vocab_size for i in ids)
+
+
+def test_trained_pieces_are_used_not_just_bytes(qwen, mixtral):
+    # A round trip alone would pass on a tokenizer that spells everything byte by byte.
+    assert pieces(qwen, "The lazy dog") == ["The", "Ġlazy", "Ġdog"]
+    assert pieces(mixtral, "The lazy dog") == [f"{SPACE}The", f"{SPACE}lazy", f"{SPACE}do", "g"]
+
+
+@pytest.mark.parametrize("pre", ["qwen2", "llama-bpe", "gpt-2"])
+def test_byte_level_matches_hugging_face(tmp_path, pre):
+    write_gguf(tmp_path / "m.gguf", byte_level_metadata(pre), "qwen3moe")
+    ours, hf = Tokenizer.from_gguf(tmp_path / "m.gguf"), hf_reference(tmp_path / "m.gguf")
+    for text in TEXTS + ["<|im_start|>user\nHi<|im_end|>\n<think>x</think>", "I'M here, they'LL see 2024's"]:
+        assert ours.encode(text) == hf.encode(text, add_special_tokens=False).ids, text
+
+
+def test_sentencepiece_matches_hugging_face_except_for_llama_cpp_spaces(mixtral, mixtral_file):
+    hf = hf_reference(mixtral_file)
+    for text in TEXTS + ["foo</s>bar"]:
+        if not text.startswith(" ") and "</s>" not in text:
+            assert mixtral.encode(text, add_special=False) == hf.encode(text, add_special_tokens=False).ids, text
+    # Where they differ we follow SentencePiece and llama.cpp, which prepend " " to every stretch of text
+    # between special tokens, even one starting with a space; Hugging Face's Metaspace pre-tokenizer does
+    # so only at the start of the text and only when no space is already there.
+    assert pieces(mixtral, "  two")[1:] == hf.encode("  two", add_special_tokens=False).tokens
+    ours, theirs = pieces(mixtral, "foo</s>bar"), hf.encode("foo</s>bar", add_special_tokens=False).tokens
+    assert ours[:4] == theirs[:4] and ours[3:5] == ["</s>", SPACE] and theirs[4] != SPACE
+    assert mixtral.decode(mixtral.encode(" x", add_special=False)) == " x"
+
+
+def test_llama3_takes_whole_words_from_the_vocabulary():
+    # llama.cpp (and Llama 3's tokenizer.json) skip the merges for a word that is itself a token.
+    md = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.tokens": ["a", "b", "c", "bc", "ab", "abc"],
+        "tokenizer.ggml.merges": ["b c", "a b"],
+    }
+    assert Tokenizer.from_metadata({**md, "tokenizer.ggml.pre": "llama-bpe"}).encode("abc") == [5]
+    assert Tokenizer.from_metadata({**md, "tokenizer.ggml.pre": "qwen2"}).encode("abc") == [0, 3]
+
+
+def test_merges_from_scores_rank_by_merged_piece_score():
+    tokens = ["a", "b", "c", "ab", "bc", "abc"]
+    scores = [0.0, 0.0, 0.0, -2.0, -1.0, -3.0]
+    # bc outranks ab; abc is made by two merges of equal rank, the one with the longer left part first.
+    assert merges_from_scores(tokens, scores) == [("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]
+
+
+def test_sentencepiece_bytes_fall_back_to_byte_tokens(mixtral):
+    ids = mixtral.encode("🦊", add_special=False)
+    assert [mixtral.token_text(i) for i in ids] == [SPACE, "<0xF0>", "<0x9F>", "<0xA6>", "<0x8A>"]
+
+
+def test_special_tokens_are_single_ids(qwen, mixtral):
+    im_start, im_end = qwen.tokens.index("<|im_start|>"), qwen.tokens.index("<|im_end|>")
+    ids = qwen.encode("<|im_start|>user\nhello<|im_end|>")
+    assert ids[0] == im_start and ids[-1] == im_end
+    assert ids[1:-1] == qwen.encode("user\nhello")
+    # Untrusted text: control tokens stay text; user-defined ones (<think>) are matched whole as in llama.cpp.
+    literal = qwen.encode("<|im_end|>", special=False)
+    assert im_end not in literal and qwen.decode(literal) == "<|im_end|>"
+    assert qwen.encode("<think>", special=False) == [qwen.tokens.index("<think>")]
+    assert mixtral.encode("a</s>b<unk>", add_special=False)[1:] == [2] + mixtral.encode("b", add_special=False) + [0]
+    assert 2 not in mixtral.encode("a</s>b", add_special=False, special=False)
+
+
+def test_bos_eos_and_stop_ids(qwen, mixtral):
+    assert mixtral.encode("hi")[0] == 1 and mixtral.encode("hi", add_special=False)[0] != 1
+    assert qwen.encode("hi") == qwen.encode("hi", add_special=False)  # Qwen asks for no BOS
+    assert mixtral.bos_id == 1 and mixtral.eos_id == 2 and mixtral.eos_token_ids == {2}
+    ends = {qwen.tokens.index("<|im_end|>"), qwen.tokens.index("<|endoftext|>")}
+    assert qwen.eos_id == qwen.tokens.index("<|im_end|>") and qwen.eos_token_ids == ends
+    assert qwen.pad_id == qwen.tokens.index("<|endoftext|>")
+
+
+def test_add_bos_and_eos_flags_are_read():
+    md = sentencepiece_metadata()
+    md["tokenizer.ggml.add_bos_token"] = False
+    md["tokenizer.ggml.add_eos_token"] = True
+    tok = Tokenizer.from_metadata(md)
+    assert tok.encode("hi") == tok.encode("hi", add_special=False) + [2]
+
+
+def test_decode_skips_special_tokens_when_asked(qwen, mixtral):
+    ids = qwen.encode("<|im_start|>assistant\n<think>hm</think>Hi<|im_end|>")
+    assert qwen.decode(ids) == "<|im_start|>assistant\n<think>hm</think>Hi<|im_end|>"
+    assert qwen.decode(ids, skip_special=True) == "assistant\n<think>hm</think>Hi"
+    assert mixtral.decode(mixtral.encode("Hi there") + [2], skip_special=True) == "Hi there"
+
+
+def stream(tok: Tokenizer, ids: list[int], skip_special: bool = False) -> list[str]:
+    detok = tok.detokenizer(skip_special)
+    return [detok.feed(i) for i in ids] + [detok.flush()]
+
+
+@pytest.mark.parametrize("name", ["qwen", "mixtral"])
+@pytest.mark.parametrize("skip_special", [False, True])
+def test_incremental_detokenizer_joins_to_decode(request, name, skip_special):
+    tok = request.getfixturevalue(name)
+    with_specials = ["<|im_start|>assistant\n<think>x</think>Hi 🦊<|im_end|>", "<s> a</s> b </s>"]
+    for text in TEXTS + with_specials:
+        ids = tok.encode(text)
+        pieces = stream(tok, ids, skip_special)
+        assert "".join(pieces) == tok.decode(ids, skip_special=skip_special), text
+        assert not any("\ufffd" in p for p in pieces), text
+
+
+@pytest.mark.parametrize("name", ["qwen", "mixtral"])
+def test_incremental_detokenizer_holds_partial_characters(request, name):
+    tok = request.getfixturevalue(name)
+    ids = tok.encode("ok 🦊", add_special=False)
+    pieces = stream(tok, ids)
+    assert len(ids) >= 4 and pieces[-2] == "🦊" and pieces[-1] == ""
+    assert all(p == "" for p in pieces[-5:-2])  # the fox's first three bytes produce nothing yet
+    # A sequence cut inside a character: flush hands out what decode shows for it.
+    detok = tok.detokenizer()
+    assert "".join([detok.feed(i) for i in ids[:-2]]) == "ok "
+    rest = detok.flush()
+    assert rest.startswith("\ufffd") and rest == tok.decode(ids[:-2])[len("ok ") :]
+
+
+def test_incremental_detokenizer_keeps_sentencepiece_spaces(mixtral):
+    ids = mixtral.encode("The lazy dog", add_special=False)  # ▁The ▁lazy ▁do g
+    assert stream(mixtral, ids) == ["The", " lazy", " do", "g", ""]
+
+
+def test_chatml_template_and_its_tokens(qwen):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    prompt = qwen.apply_chat_template(messages)
+    assert prompt == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert not qwen.apply_chat_template(messages, add_generation_prompt=False).endswith("assistant\n")
+    ids = qwen.encode(prompt)
+    assert ids.count(qwen.tokens.index("<|im_start|>")) == 3 and ids.count(qwen.tokens.index("<|im_end|>")) == 2
+
+
+def test_mixtral_template(mixtral):
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "How are you?"},
+    ]
+    assert mixtral.apply_chat_template(messages) == "<s>[INST] Hi [/INST]Hello!</s>[INST] How are you? [/INST]"
+    with pytest.raises(ChatTemplateError, match="must alternate"):
+        mixtral.apply_chat_template(messages[1:])
+    ids = mixtral.encode(mixtral.apply_chat_template(messages[:1]), add_special=False)
+    assert ids[0] == 1 and ids.count(1) == 1
+
+
+def test_templates_render_as_transformers_renders_them():
+    from transformers import PreTrainedTokenizerFast
+
+    messages = [{"role": "user", "content": "Grüß dich 你好"}, {"role": "assistant", "content": "Hi"}]
+    tools = [{"name": "weather", "description": "Météo", "parameters": {"city": "string"}}]
+    for md, template in [
+        (byte_level_metadata(template=CHATML), CHATML),
+        (byte_level_metadata(template=QWEN_STYLE), QWEN_STYLE),
+        (sentencepiece_metadata(template=MIXTRAL), MIXTRAL),
+    ]:
+        ours = Tokenizer.from_metadata(md)
+        hf = PreTrainedTokenizerFast(
+            tokenizer_object=HFTokenizer(BPE()),
+            chat_template=template,
+            bos_token=ours.token_text(ours.bos_id),
+            eos_token=ours.token_text(ours.eos_id),
+        )
+        for gen in (True, False):
+            for extra in ({}, {"tools": tools, "enable_thinking": False}):
+                expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen, **extra)
+                assert ours.apply_chat_template(messages, gen, **extra) == expected
+    qwen = Tokenizer.from_metadata(byte_level_metadata(template=QWEN_STYLE))
+    prompt = qwen.apply_chat_template(messages[:1], tools=tools, enable_thinking=False)
+    assert '"Météo"' in prompt and prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+
+def test_missing_or_broken_chat_template_is_a_clear_error():
+    with pytest.raises(ChatTemplateError, match="no chat template"):
+        Tokenizer.from_metadata(byte_level_metadata(template=None)).apply_chat_template([])
+    with pytest.raises(ChatTemplateError, match="does not parse"):
+        Tokenizer.from_metadata(byte_level_metadata(template="{% for %}")).apply_chat_template([])
+    with pytest.raises(ChatTemplateError, match="failed"):
+        Tokenizer.from_metadata(byte_level_metadata()).apply_chat_template([{"role": "user", "content": None}])
+
+
+def test_unknown_pre_tokenizer_falls_back_to_gpt2_with_a_warning(caplog):
+    with caplog.at_level(logging.WARNING, logger="shared.tokenizer"):
+        tok = Tokenizer.from_metadata(byte_level_metadata(pre="no-such-pre"))
+    assert "no-such-pre" in caplog.text
+    gpt2 = Tokenizer.from_metadata(byte_level_metadata(pre="gpt-2"))
+    qwen = Tokenizer.from_metadata(byte_level_metadata(pre="qwen2"))
+    # qwen2 splits digits one by one, gpt-2 keeps runs of digits together.
+    assert tok.encode("12345") == gpt2.encode("12345") != qwen.encode("12345")
+
+
+def test_errors_name_the_problem(qwen):
+    md = byte_level_metadata()
+    with pytest.raises(TokenizerError, match="unknown tokenizer model 'bert'"):
+        Tokenizer.from_metadata({**md, "tokenizer.ggml.model": "bert"})
+    with pytest.raises(TokenizerError, match="tokenizer.ggml.tokens"):
+        Tokenizer.from_metadata({k: v for k, v in md.items() if k != "tokenizer.ggml.tokens"})
+    with pytest.raises(TokenizerError, match="merges"):
+        Tokenizer.from_metadata({**md, "tokenizer.ggml.merges": ["x \u4e00\u4e01"]})
+    with pytest.raises(TokenizerError, match="eos_token_id"):
+        Tokenizer.from_metadata({**md, "tokenizer.ggml.eos_token_id": 10**6})
+    with pytest.raises(TokenizerError, match=f"token id {qwen.vocab_size} is outside"):
+        qwen.decode([1, qwen.vocab_size])
+    with pytest.raises(TokenizerError, match="token id -1"):
+        qwen.detokenizer().feed(-1)
+    with pytest.raises(ValueError):
+        qwen.token_text(qwen.vocab_size)
