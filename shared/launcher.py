@@ -160,3 +160,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the system")
     args = parser.parse_args(argv)
     return up(config_from_args(args), args.ready_timeout)
+
+
+class RunningSystem:
+    """`tierserve up` as a child process, for the demo, benchmarks and tests: start, read the endpoint, stop."""
+
+    def __init__(self, model: str, *options: str, ready_timeout_s: float = 180.0) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "up", "--model", model, "--client-endpoint", "tcp://127.0.0.1:0",
+             "--metrics-port", "0", "--ready-timeout", str(ready_timeout_s), *options],
+            stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent,
+        )
+        self.endpoint = ""
+        for line in self.process.stdout:
+            if "client endpoint" in line:
+                self.endpoint = line.split("client endpoint", 1)[1].strip()
+                break
+        if not self.endpoint:
+            code = self.process.wait()
+            raise RuntimeError(f"tierserve up exited with {code} before it was ready")
+
+    def stop(self, timeout_s: float = 60.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout_s)
+        finally:
+            self.process.stdout.close()
+
+    def __enter__(self) -> RunningSystem:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
