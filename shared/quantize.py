@@ -1,0 +1,104 @@
+"""Random weight matrices straight in GGUF storage formats, and the quantizers the generator needs.
+
+Drawing Gaussian floats and quantizing them runs at ~100 M values/s on one core, far too slow for a
+17 GB model, so quantized random matrices are made as blocks directly: random bits (SFC64 raw output,
+GB/s) give the 4- or 8-bit codes and every block gets the same magnitude of scale, chosen so the values
+have the requested standard deviation. The values are uniform over the codes rather than Gaussian.
+The scale's sign bit is left random: codes 0..15 around 8 (or -128..127) have a mean of -0.5 code,
+which would otherwise add the same small offset to every weight of a matrix.
+
+Stored matrices are uint8 arrays of shape (rows, bytes per row) for every type, floats included.
+All-zero bytes are the value 0 in every type here, so callers zero a row by assigning 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from gguf import GGMLQuantizationType, quants
+from gguf.constants import GGML_QUANT_SIZES
+
+Q = GGMLQuantizationType
+GENERATED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K)
+
+# Root mean square of the integer each code stands for, when codes are uniform.
+_Q4_RMS = float(np.sqrt(np.mean((np.arange(16) - 8.0) ** 2)))
+_Q8_RMS = float(np.sqrt(np.mean(np.arange(-128, 128, dtype=np.float64) ** 2)))
+
+# Q4_K blocks made here give all eight sub-blocks scale 1 and min 8 with dmin = d, so a value is
+# d * (q - 8) exactly as in Q4_0. Packed as llama.cpp does: bytes 0-3 scales, 4-7 mins, 8-11 the
+# low nibbles of the upper four scales and mins (their high bits, here 0, live in bytes 0-7).
+_Q4_K_SCALES = np.array([1] * 4 + [8] * 4 + [1 | 8 << 4] * 4, dtype=np.uint8)
+
+# Where element 0 of a block's codes sits and the code that makes it 0: (byte, bits kept, code).
+_ZERO_FIRST = {Q.Q4_0: (2, 0xF0, 8), Q.Q8_0: (2, 0x00, 0), Q.Q4_K: (16, 0xF0, 8)}
+
+
+def row_nbytes(cols: int, qtype: GGMLQuantizationType) -> int:
+    block, size = GGML_QUANT_SIZES[qtype]
+    return cols // block * size
+
+
+def random_matrix(
+    rng: np.random.Generator, rows: int, cols: int, qtype: GGMLQuantizationType, std: float,
+    zero_first_column: bool = False,
+) -> np.ndarray:
+    """A (rows, cols) matrix of zero-mean random values with standard deviation `std`, stored as `qtype`."""
+    if qtype in (Q.F32, Q.F16, Q.BF16):
+        values = rng.standard_normal((rows, cols), dtype=np.float32)
+        values *= np.float32(std)
+        if zero_first_column:
+            values[:, 0] = 0.0
+        return quantize_rows(values, qtype)
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = rows * (cols // block) * size
+    blocks = rng.bit_generator.random_raw(-(-n // 8)).view(np.uint8)[:n].reshape(rows, cols // block, size)
+    scale = np.float16(std / (_Q8_RMS if qtype == Q.Q8_0 else _Q4_RMS)).view(np.uint16)
+    lo, hi = np.uint8(scale & 0xFF), np.uint8(scale >> 8)
+    blocks[..., 0] = lo
+    blocks[..., 1] = (blocks[..., 1] & 0x80) | hi
+    if qtype == Q.Q4_K:
+        blocks[..., 2] = lo
+        blocks[..., 3] = (blocks[..., 1] & 0x80) | hi  # dmin takes d's sign so min and scale agree
+        blocks[..., 4:16] = _Q4_K_SCALES
+    if zero_first_column:
+        byte, keep, code = _ZERO_FIRST[qtype]
+        blocks[:, 0, byte] = (blocks[:, 0, byte] & keep) | code
+    return blocks.reshape(rows, -1)
+
+
+def quantize_rows(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray:
+    """Store float rows (rows, cols) as `qtype`: uint8 (rows, bytes per row)."""
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if qtype == Q.Q4_K:
+        return _quantize_q4_k(values).reshape(values.shape[0], -1)
+    return np.ascontiguousarray(quants.quantize(values, qtype)).view(np.uint8)
+
+
+def set_first_column(stored: np.ndarray, qtype: GGMLQuantizationType, value: float) -> None:
+    """Set element 0 of every row of a stored matrix to `value`, requantizing only the first block."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    first = quants.dequantize(stored[:, :size], qtype).reshape(-1, block)
+    first[:, 0] = value
+    stored[:, :size] = quantize_rows(first, qtype)
+
+
+def _quantize_q4_k(values: np.ndarray) -> np.ndarray:
+    """Q4_K blocks (n, 144) with a per-sub-block min/max fit; llama.cpp's search for better scales is skipped."""
+    sub = values.reshape(-1, 8, 32)
+    low = np.minimum(sub.min(axis=-1), 0.0)
+    scale = (sub.max(axis=-1) - low) / 15
+    d = (scale.max(axis=-1) / 63).astype(np.float16)
+    dmin = ((-low).max(axis=-1) / 63).astype(np.float16)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        sc = np.nan_to_num(np.rint(scale / d.astype(np.float32)[:, None])).clip(0, 63).astype(np.uint8)
+        mn = np.nan_to_num(np.rint(-low / dmin.astype(np.float32)[:, None])).clip(0, 63).astype(np.uint8)
+        step = (d.astype(np.float32)[:, None] * sc)[..., None]
+        offset = (dmin.astype(np.float32)[:, None] * mn)[..., None]
+        q = np.nan_to_num(np.rint((sub + offset) / step)).clip(0, 15).astype(np.uint8)
+    packed = np.empty((sub.shape[0], 12), dtype=np.uint8)
+    packed[:, 0:4] = sc[:, :4] | (sc[:, 4:] >> 4) << 6
+    packed[:, 4:8] = mn[:, :4] | (mn[:, 4:] >> 4) << 6
+    packed[:, 8:12] = (sc[:, 4:] & 0x0F) | (mn[:, 4:] & 0x0F) << 4
+    q = q.reshape(-1, 4, 2, 32)
+    qs = (q[:, :, 0] | q[:, :, 1] << 4).reshape(-1, 128)
+    return np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), packed, qs], axis=1)
