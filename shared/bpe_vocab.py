@@ -128,15 +128,26 @@ def chat_style(arch: str) -> str:
     return "inst" if arch == "llama" else "chatml"
 
 
-def tokenizer_metadata(arch: str, vocab_size: int) -> dict[str, Any]:
-    """The `tokenizer.*` GGUF keys of a `vocab_size`-token vocabulary for a model of GGUF architecture `arch`."""
-    style = _STYLES[chat_style(arch)]
-    specials: tuple[str, ...] = style["specials"]
+def _trained_for(arch: str, vocab_size: int) -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
+    """(trained tokens, merges, control tokens) of the vocabulary; padding fills the rest."""
+    specials: tuple[str, ...] = _STYLES[chat_style(arch)]["specials"]
     n_trained = min(vocab_size - len(specials), MAX_TRAINED)
     if n_trained < 256:
         raise ValueError(f"a vocabulary of {vocab_size} tokens cannot hold the 256 byte tokens and {len(specials)} "
                          "control tokens")
-    trained, merges = trained_bpe(n_trained)
+    return *trained_bpe(n_trained), specials
+
+
+def padding_start(arch: str, vocab_size: int) -> int:
+    """Id of the first `<|extra_N|>` padding token (vocab_size when there is none)."""
+    trained, _, specials = _trained_for(arch, vocab_size)
+    return len(trained) + len(specials)
+
+
+def tokenizer_metadata(arch: str, vocab_size: int) -> dict[str, Any]:
+    """The `tokenizer.*` GGUF keys of a `vocab_size`-token vocabulary for a model of GGUF architecture `arch`."""
+    style = _STYLES[chat_style(arch)]
+    trained, merges, specials = _trained_for(arch, vocab_size)
     extras = [f"<|extra_{i}|>" for i in range(vocab_size - len(trained) - len(specials))]
     tokens = [*trained, *specials, *extras]
     ids = {t: i for i, t in enumerate(tokens) if t in specials}

@@ -26,7 +26,7 @@ from typing import Any
 from gguf import GGMLQuantizationType, LlamaFileType
 from gguf.constants import GGML_QUANT_SIZES
 
-from shared.bpe_vocab import tokenizer_metadata
+from shared.bpe_vocab import padding_start, tokenizer_metadata
 from shared.gguf_write import GGUFModelWriter
 from shared.model_config import ModelConfig, ModelError, tensor_shapes
 from shared.weights_gen import WeightGenerator
@@ -132,7 +132,7 @@ def make_model(
     tensors = [(name, shape, storage_type(name, shape, qtype)) for name, shape in tensor_shapes(cfg).items()]
     total = sum(writer.add_tensor(name, shape, q) for name, shape, q in tensors)
     _check_disk(Path(path), total + _DISK_MARGIN)
-    gen = WeightGenerator(cfg, seed, routing_skew, step)
+    gen = WeightGenerator(cfg, seed, routing_skew, step, padding_start(cfg.arch, cfg.vocab_size))
     jobs = ((name, shape, q, i) for name, shape, q in tensors for i in range(gen.units(shape)))
     workers = min(os.cpu_count() or 1, 4)
     written = 0

@@ -123,8 +123,10 @@ def hot_ranking(seed: int, layer: int, n_experts: int) -> np.ndarray:
 class WeightGenerator:
     """Produces the stored bytes of any tensor of `cfg`, unit by unit."""
 
-    def __init__(self, cfg: ModelConfig, seed: int, routing_skew: float, step: float) -> None:
-        self.seed, self.step = seed, step
+    def __init__(self, cfg: ModelConfig, seed: int, routing_skew: float, step: float, padding_start: int) -> None:
+        """`padding_start`: the first token id of the vocabulary's unused padding, which the output head never
+        predicts (its rows are 0, so their logits stay below the best real token's), as in trained models."""
+        self.seed, self.step, self.padding_start = seed, step, padding_start
         self.bias_by_rank, w2_renormalised, w2_raw = routing_bias(
             cfg.n_experts, cfg.n_experts_used, float(routing_skew), cfg.hidden)
         sum_w2 = w2_renormalised if cfg.norm_topk_prob else w2_raw
@@ -161,6 +163,10 @@ class WeightGenerator:
         if kind == "token_embd":
             out = random_matrix(rng, rows, cols, qtype, 1.0)
             set_first_column(out, qtype, BIAS_VALUE)
+            return out
+        if kind == "output":
+            out = random_matrix(rng, rows, cols, qtype, 1 / np.sqrt(cols), zero_first_column=True)
+            out[max(0, self.padding_start - index * ROWS_PER_UNIT):] = 0
             return out
         if kind in self._writers:
             out = random_matrix(rng, rows, cols, qtype, self._writers[kind] / np.sqrt(cols))

@@ -72,11 +72,19 @@ def test_each_unit_depends_only_on_the_seed_not_on_generation_order(tmp_path):
     make_model(tmp_path / "m.gguf", "qwen3moe", "tiny", "q8_0", seed=5)
     model = GGUFModel(tmp_path / "m.gguf")
     cfg, step = preset_config("tiny", "qwen3moe")
-    gen = WeightGenerator(cfg, 5, 0.0, step)
+    gen = WeightGenerator(cfg, 5, 0.0, step, cfg.vocab_size)
     name = "blk.2.ffn_up_exps.weight"
     units = {i: gen.unit(name, tensor_shapes(cfg)[name], Q.Q8_0, i) for i in reversed(range(cfg.n_experts))}
     expected = np.concatenate([units[i].ravel() for i in sorted(units)])
     assert np.array_equal(np.asarray(model.raw(name)).ravel(), expected)
+
+
+def test_the_output_head_never_predicts_vocabulary_padding():
+    cfg, step = preset_config("small")
+    gen = WeightGenerator(cfg, 0, 0.0, step, padding_start=3000)
+    head = gen.unit("output.weight", (cfg.vocab_size, cfg.hidden), Q.F32, 1).view(np.float32)  # rows 2048..4095
+    assert not head[3000 - 2048:].any()
+    assert np.all(np.abs(head[: 3000 - 2048, 1:]).sum(axis=1) > 0)
 
 
 def test_experts_and_attention_change_the_greedy_continuation(tiny_f32):
