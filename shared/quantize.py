@@ -18,16 +18,15 @@ from gguf import GGMLQuantizationType, quants
 from gguf.constants import GGML_QUANT_SIZES
 
 Q = GGMLQuantizationType
-GENERATED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K)
 
 # Root mean square of the integer each code stands for, when codes are uniform.
 _Q4_RMS = float(np.sqrt(np.mean((np.arange(16) - 8.0) ** 2)))
 _Q8_RMS = float(np.sqrt(np.mean(np.arange(-128, 128, dtype=np.float64) ** 2)))
 
-# Q4_K blocks made here give all eight sub-blocks scale 1 and min 8 with dmin = d, so a value is
-# d * (q - 8) exactly as in Q4_0. Packed as llama.cpp does: bytes 0-3 scales, 4-7 mins, 8-11 the
-# low nibbles of the upper four scales and mins (their high bits, here 0, live in bytes 0-7).
-_Q4_K_SCALES = np.array([1] * 4 + [8] * 4 + [1 | 8 << 4] * 4, dtype=np.uint8)
+# Q4_K blocks made here give each of their eight sub-blocks a random scale sc in 1..7 and the min
+# 8 * sc with dmin = d, so a value is d * sc * (q - 8): zero-mean like Q4_0, and the 6-bit scale and
+# min packing, high bits included, is exercised. Scales uniform in 1..7 have a mean square of 20.
+_Q4_K_SC_RMS = float(np.sqrt(np.mean(np.arange(1, 8) ** 2)))
 
 # Where element 0 of a block's codes sits and the code that makes it 0: (byte, bits kept, code).
 _ZERO_FIRST = {Q.Q4_0: (2, 0xF0, 8), Q.Q8_0: (2, 0x00, 0), Q.Q4_K: (16, 0xF0, 8)}
@@ -52,14 +51,16 @@ def random_matrix(
     block, size = GGML_QUANT_SIZES[qtype]
     n = rows * (cols // block) * size
     blocks = rng.bit_generator.random_raw(-(-n // 8)).view(np.uint8)[:n].reshape(rows, cols // block, size)
-    scale = np.float16(std / (_Q8_RMS if qtype == Q.Q8_0 else _Q4_RMS)).view(np.uint16)
+    code_rms = {Q.Q8_0: _Q8_RMS, Q.Q4_0: _Q4_RMS, Q.Q4_K: _Q4_RMS * _Q4_K_SC_RMS}[qtype]
+    scale = np.float16(std / code_rms).view(np.uint16)
     lo, hi = np.uint8(scale & 0xFF), np.uint8(scale >> 8)
     blocks[..., 0] = lo
     blocks[..., 1] = (blocks[..., 1] & 0x80) | hi
     if qtype == Q.Q4_K:
         blocks[..., 2] = lo
         blocks[..., 3] = (blocks[..., 1] & 0x80) | hi  # dmin takes d's sign so min and scale agree
-        blocks[..., 4:16] = _Q4_K_SCALES
+        sc = rng.integers(1, 8, size=blocks.shape[:2] + (8,), dtype=np.uint8)
+        blocks[..., 4:16] = _pack_q4_k_scales(sc, sc * np.uint8(8))
     if zero_first_column:
         byte, keep, code = _ZERO_FIRST[qtype]
         blocks[:, 0, byte] = (blocks[:, 0, byte] & keep) | code
@@ -95,10 +96,18 @@ def _quantize_q4_k(values: np.ndarray) -> np.ndarray:
         step = (d.astype(np.float32)[:, None] * sc)[..., None]
         offset = (dmin.astype(np.float32)[:, None] * mn)[..., None]
         q = np.nan_to_num(np.rint((sub + offset) / step)).clip(0, 15).astype(np.uint8)
-    packed = np.empty((sub.shape[0], 12), dtype=np.uint8)
-    packed[:, 0:4] = sc[:, :4] | (sc[:, 4:] >> 4) << 6
-    packed[:, 4:8] = mn[:, :4] | (mn[:, 4:] >> 4) << 6
-    packed[:, 8:12] = (sc[:, 4:] & 0x0F) | (mn[:, 4:] & 0x0F) << 4
     q = q.reshape(-1, 4, 2, 32)
     qs = (q[:, :, 0] | q[:, :, 1] << 4).reshape(-1, 128)
+    packed = _pack_q4_k_scales(sc, mn)
     return np.concatenate([d[:, None].view(np.uint8), dmin[:, None].view(np.uint8), packed, qs], axis=1)
+
+
+def _pack_q4_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """llama.cpp's 12-byte packing of eight 6-bit scales and mins (..., 8) each: bytes 0-3 and 4-7
+    hold the first four scales and mins with the top two bits of the last four, bytes 8-11 the
+    low nibbles of the last four scales and mins."""
+    packed = np.empty(sc.shape[:-1] + (12,), dtype=np.uint8)
+    packed[..., 0:4] = sc[..., :4] | (sc[..., 4:] >> 4) << 6
+    packed[..., 4:8] = mn[..., :4] | (mn[..., 4:] >> 4) << 6
+    packed[..., 8:12] = (sc[..., 4:] & 0x0F) | (mn[..., 4:] & 0x0F) << 4
+    return packed

@@ -44,7 +44,7 @@ from shared.model_config import ModelConfig
 from shared.quantize import random_matrix, set_first_column
 
 BIAS_CHANNEL = 0
-# Above every other value an embedding block holds (|v| <= 1.73 for std 1), so block quantizers keep it exact.
+# Above every other value a Q4_0 or Q8_0 embedding block holds (|v| <= 1.73 for std 1), so they store it exactly.
 BIAS_VALUE = 2.0
 NORM_JITTER = 0.1  # norm weights are 1 + N(0, NORM_JITTER): a path that skips a norm weight gives other logits
 ATTN_BIAS_STD = 0.05  # qwen2moe's q/k/v biases
