@@ -1,0 +1,71 @@
+"""Next-token choice from a step's logits: greedy, or temperature / top-k / top-p sampling with one random
+generator per request, so a seeded request draws the same tokens whatever else shares its batches."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from gpu_worker.scheduler import Sequence
+
+
+@dataclass(frozen=True)
+class SampleResult:
+    token_id: int
+    logprob: float  # of the chosen token under the raw (untempered) distribution
+    top_logprobs: list[tuple[int, float]]  # the params.logprobs most likely (id, logprob), most likely first
+
+
+class Sampler:
+    def __init__(self) -> None:
+        self._generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        self._generators.pop(request_id, None)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
+        """One token for each row of logits (n, vocab); row i belongs to seqs[i]."""
+        if logits.shape[0] != len(seqs):
+            raise ValueError(f"{logits.shape[0]} rows of logits for {len(seqs)} sequences")
+        logits = logits.float()
+        logprobs = torch.log_softmax(logits, dim=-1)
+        tokens = logits.argmax(dim=-1)
+        rows = [i for i, seq in enumerate(seqs) if seq.params.temperature > 0]
+        if rows:
+            tokens[rows] = self._draw(logits[rows], [seqs[i] for i in rows])
+        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        n_top = min(max(seq.params.logprobs for seq in seqs), logits.shape[-1])
+        top_values, top_ids = (t.tolist() for t in logprobs.topk(n_top, dim=-1))
+        return [SampleResult(token, chosen[i], list(zip(top_ids[i], top_values[i], strict=True))[: seq.params.logprobs])
+                for i, (token, seq) in enumerate(zip(tokens.tolist(), seqs, strict=True))]
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        device, vocab = logits.device, logits.shape[-1]
+        temperature = torch.tensor([seq.params.temperature for seq in seqs], device=device)
+        top_k = torch.tensor([seq.params.top_k if 0 < seq.params.top_k < vocab else vocab for seq in seqs],
+                             device=device)
+        top_p = torch.tensor([seq.params.top_p for seq in seqs], device=device)
+        # one sort serves both filters: top-k is a rank cut, top-p a cut on the running sum
+        ordered, order = (logits / temperature[:, None]).sort(dim=-1, descending=True, stable=True)
+        ordered = ordered.masked_fill(torch.arange(vocab, device=device)[None, :] >= top_k[:, None], -torch.inf)
+        probs = torch.softmax(ordered, dim=-1)
+        # keep a token while the mass before it is short of top_p: the smallest prefix reaching top_p
+        keep = (probs.cumsum(dim=-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
+        keep[:, 0] = True
+        probs = probs.masked_fill(~keep, 0.0)
+        picks = torch.cat([torch.multinomial(probs[i], 1, generator=self._generator(seq, device))
+                           for i, seq in enumerate(seqs)])
+        return order.gather(1, picks[:, None])[:, 0]
+
+    def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
+        generator = self._generators.get(seq.request_id)
+        if generator is None:
+            generator = torch.Generator(device=device)
+            if seq.params.seed is None:
+                generator.seed()
+            else:
+                generator.manual_seed(seq.params.seed)
+            self._generators[seq.request_id] = generator
+        return generator

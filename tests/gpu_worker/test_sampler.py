@@ -1,0 +1,135 @@
+"""Sampling from logits: greedy, filters, per-request reproducible seeds, logprobs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gpu_worker.sampler import Sampler
+from gpu_worker.scheduler import SamplingParams, Sequence
+
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                                     reason="no CUDA device")])]
+
+
+def make_seq(request_id: str, **params) -> Sequence:
+    return Sequence(request_id, [1], SamplingParams(max_tokens=100, **params))
+
+
+def logits_of(probs: list[float], device: str = "cpu") -> torch.Tensor:
+    return torch.tensor([math.log(p) for p in probs], device=device)
+
+
+def frequencies(tokens: list[int], vocab: int) -> list[float]:
+    return (torch.bincount(torch.tensor(tokens), minlength=vocab).float() / len(tokens)).tolist()
+
+
+def draw_many(probs: list[float], n: int, device: str = "cpu", **params) -> list[int]:
+    """n draws from one distribution, as n seeded requests in one batch."""
+    logits = logits_of(probs, device).expand(n, -1)
+    seqs = [make_seq(f"r{i}", seed=i, **params) for i in range(n)]
+    return [r.token_id for r in Sampler().sample(logits, seqs)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_greedy_is_argmax_with_ties_to_the_lowest_id(device):
+    logits = torch.randn(6, 50, generator=torch.Generator().manual_seed(0)).to(device)
+    logits[5, 10] = logits[5, 20] = logits[5].max() + 1
+    results = Sampler().sample(logits, [make_seq(str(i)) for i in range(6)])
+    assert [r.token_id for r in results] == logits.argmax(dim=-1).tolist()
+    assert results[5].token_id == 10
+
+
+def test_top_k_one_is_greedy_at_any_temperature():
+    logits = torch.randn(32, 100, generator=torch.Generator().manual_seed(1))
+    seqs = [make_seq(str(i), temperature=5.0, top_k=1) for i in range(32)]
+    assert [r.token_id for r in Sampler().sample(logits, seqs)] == logits.argmax(dim=-1).tolist()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_top_p_keeps_the_smallest_nucleus(device):
+    # cumulative 0.5, 0.8, 0.95, 1.0: top_p 0.7 keeps the first two, renormalised to 0.625 / 0.375
+    tokens = draw_many([0.5, 0.3, 0.15, 0.05], 4000, device, temperature=1.0, top_p=0.7)
+    freq = frequencies(tokens, 4)
+    assert freq[2] == freq[3] == 0
+    assert freq[0] == pytest.approx(0.625, abs=0.03)
+
+
+def test_top_p_always_keeps_one_token():
+    tokens = draw_many([0.25, 0.4, 0.35], 200, temperature=1.0, top_p=0.01)
+    assert set(tokens) == {1}
+
+
+def test_temperature_and_top_k_shape_the_distribution():
+    # top_k 2 keeps 0.4 and 0.3; temperature 0.5 squares them: 0.16 / 0.09 -> 0.64 / 0.36
+    tokens = draw_many([0.4, 0.3, 0.2, 0.1], 4000, temperature=0.5, top_k=2)
+    freq = frequencies(tokens, 4)
+    assert freq[2] == freq[3] == 0
+    assert freq[0] == pytest.approx(0.64, abs=0.03)
+    # and with no filter at temperature 1 every token shows up at its own rate
+    freq = frequencies(draw_many([0.4, 0.3, 0.2, 0.1], 4000, temperature=1.0), 4)
+    assert freq == pytest.approx([0.4, 0.3, 0.2, 0.1], abs=0.03)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_seeded_request_draws_the_same_tokens_alone_or_in_any_batch(device):
+    steps = 20
+    gen = torch.Generator().manual_seed(2)
+    mine = torch.randn(steps, 64, generator=gen)
+    params = dict(temperature=0.9, top_p=0.95, top_k=40, seed=1234)
+
+    alone = Sampler()
+    solo = [alone.sample(mine[t : t + 1].to(device), [make_seq("me", **params)])[0].token_id for t in range(steps)]
+
+    batched = Sampler()
+    others = [make_seq("greedy"), make_seq("unseeded", temperature=1.0), make_seq("other", temperature=1.3, seed=7)]
+    together = []
+    for t in range(steps):
+        # a different crowd, in a different order, around the same request every step
+        crowd = others[: t % 4]
+        at = t % (len(crowd) + 1)
+        seqs = crowd[:at] + [make_seq("me", **params)] + crowd[at:]
+        logits = torch.randn(len(seqs), 64, generator=gen)
+        logits[at] = mine[t]
+        together.append(batched.sample(logits.to(device), seqs)[at].token_id)
+    assert together == solo
+    assert len(set(solo)) > 1  # the check means something only if the draws vary
+
+
+def test_different_seeds_differ_and_forget_restarts_the_stream():
+    sampler = Sampler()
+    logits = torch.zeros(30, 1000)  # uniform: two streams agreeing by chance is out of the question
+
+    def stream(request_id: str, seed: int | None) -> list[int]:
+        return [sampler.sample(logits[t : t + 1], [make_seq(request_id, temperature=1.0, seed=seed)])[0].token_id
+                for t in range(30)]
+
+    first = stream("a", 1)
+    assert stream("b", 2) != first
+    assert stream("a", 1) != first  # the same request's generator carries on
+    sampler.forget("a")
+    assert stream("a", 1) == first
+    assert stream("u", None) != stream("v", None)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_logprobs_come_from_the_raw_logits(device):
+    logits = torch.randn(3, 40, generator=torch.Generator().manual_seed(3)).to(device)
+    seqs = [make_seq("a", temperature=2.0, top_k=5, seed=0, logprobs=3), make_seq("b", logprobs=0),
+            make_seq("c", logprobs=50)]
+    results = Sampler().sample(logits.to(torch.bfloat16), seqs)
+    reference = torch.log_softmax(logits.to(torch.bfloat16).float(), dim=-1).cpu()
+    for row, r in enumerate(results):
+        assert r.logprob == pytest.approx(reference[row, r.token_id].item(), abs=1e-5)
+        n = seqs[row].params.logprobs
+        values, ids = reference[row].topk(min(n, 40))
+        assert [i for i, _ in r.top_logprobs] == ids.tolist()
+        assert [v for _, v in r.top_logprobs] == pytest.approx(values.tolist(), abs=1e-5)
+    assert results[1].top_logprobs == [] and len(results[2].top_logprobs) == 40
+
+
+def test_rows_must_match_sequences():
+    with pytest.raises(ValueError):
+        Sampler().sample(torch.zeros(2, 5), [make_seq("a")])
