@@ -62,10 +62,9 @@ class Engine:
         dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
         num_blocks = max(1, config.kv_cache_tokens // config.kv_block_size)
         self.trunk = Trunk(model, self.device, dtype, num_blocks, config.kv_block_size)
-        self.allocator = KVBlockAllocator(num_blocks, config.kv_block_size)
-        self.scheduler = Scheduler(self.allocator, max_batch_tokens=config.max_batch_tokens,
-                                   max_running=config.max_running, prefill_chunk=config.prefill_chunk,
-                                   max_context=model.config.context_length)
+        self.scheduler = Scheduler(KVBlockAllocator(num_blocks, config.kv_block_size),
+                                   max_batch_tokens=config.max_batch_tokens, max_running=config.max_running,
+                                   prefill_chunk=config.prefill_chunk, max_context=model.config.context_length)
         self.sampler = Sampler()
         self.hot = HotExperts(model, self.device, dtype)
         self.moe: MoEDispatch | None = None
@@ -104,7 +103,7 @@ class Engine:
         """After a lost expert host: the running batch's state is unusable, end every admitted request."""
         failed = [seq for seq in list(self.scheduler.running)]
         for seq in failed:
-            self.scheduler.cancel(seq.request_id)
+            self.scheduler.cancel(seq.request_id, reason="error")
             self.sampler.forget(seq.request_id)
         self.update_gauges()
         return failed
@@ -112,11 +111,11 @@ class Engine:
     def update_gauges(self) -> None:
         RUNNING.set(self.scheduler.num_running)
         WAITING.set(self.scheduler.num_waiting)
-        KV_USED.set(1 - self.allocator.num_free / max(1, self.allocator.num_blocks))
+        KV_USED.set(self.scheduler.kv_blocks_used / self.scheduler.kv_blocks_total)
 
     def load(self) -> dict:
         return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
-                "kv_used": 1 - self.allocator.num_free / max(1, self.allocator.num_blocks)}
+                "kv_used": self.scheduler.kv_blocks_used / self.scheduler.kv_blocks_total}
 
 
 def to_sequence(msg: EngineGenerate) -> Sequence:
