@@ -1,0 +1,148 @@
+"""Bad input against the running system: each gets an error event naming the problem, and the
+server keeps serving (a valid request succeeds after every one)."""
+
+from __future__ import annotations
+
+import time
+import urllib.request
+import uuid
+
+import msgpack
+import pytest
+import zmq
+
+from shared.client import Client
+from shared.launcher import RunningSystem
+from shared.make_model import make_model
+from shared.protocol import ErrorEvent, Message, decode
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def system(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.gguf"
+    make_model(path, arch="qwen3moe", preset="tiny", dtype="f32", seed=3)
+    with RunningSystem(str(path), "--expert-hosts", "1", "--hot-experts", "4", "--max-waiting", "64") as running:
+        yield running
+
+
+@pytest.fixture
+def raw(system):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(system.endpoint)
+    yield sock
+    sock.close()
+
+
+def receive(sock: zmq.Socket, timeout_s: float = 30.0) -> Message:
+    assert sock.poll(int(timeout_s * 1000)), "no answer from the server"
+    return decode(sock.recv_multipart())
+
+
+def generate_frame(**fields) -> bytes:
+    return msgpack.packb({"v": 1, "kind": "generate", **fields})
+
+
+def assert_still_serving(system) -> None:
+    with Client(system.endpoint) as client:
+        result = client.complete(prompt="still there?", max_tokens=3)
+    assert len(result.token_ids) == 3
+
+
+@pytest.mark.parametrize(
+    "frames, code, text",
+    [
+        ([b"\x93\xff\x00 random bytes \xc1"], "malformed", "msgpack"),
+        ([msgpack.packb({"v": 1, "kind": "generate"})[:-3]], "malformed", "msgpack"),
+        ([msgpack.packb("just a string")], "malformed", "map"),
+        ([msgpack.packb({"v": 1, "kind": "fly_to_the_moon"})], "unknown_kind", "fly_to_the_moon"),
+        ([msgpack.packb({"v": 1, "kind": "generate", "prompt": "hi"})], "missing_field", "request_id"),
+        ([generate_frame(request_id="a", prompt=42)], "bad_field", "prompt"),
+        ([generate_frame(request_id="a", prompt="hi", max_tokens="many")], "bad_field", "max_tokens"),
+        ([generate_frame(request_id="a", token_ids=[1, "two"])], "bad_field", "token_ids"),
+    ],
+)
+def test_malformed_messages(system, raw, frames, code, text):
+    raw.send_multipart(frames)
+    event = receive(raw)
+    assert isinstance(event, ErrorEvent) and event.code == code and text in event.message
+    assert_still_serving(system)
+
+
+@pytest.mark.parametrize(
+    "fields, code, text",
+    [
+        (dict(token_ids=list(range(1, 500)) * 2), "context_exceeded", "context"),
+        (dict(prompt="hi", max_tokens=0), "invalid_request", "max_tokens"),
+        (dict(prompt="hi", max_tokens=-5), "invalid_request", "max_tokens"),
+        (dict(token_ids=[1, 2, 10**6]), "invalid_request", "vocabulary"),
+        (dict(token_ids=[-1]), "invalid_request", "vocabulary"),
+        (dict(), "invalid_request", "prompt"),
+        (dict(prompt="a", token_ids=[1]), "invalid_request", "prompt"),
+        (dict(prompt="hi", temperature=-1.0), "invalid_request", "temperature"),
+        (dict(prompt="hi", top_p=0.0), "invalid_request", "top_p"),
+        (dict(messages=[{"role": "user"}]), "invalid_request", "messages"),
+    ],
+)
+def test_invalid_requests(system, raw, fields, code, text):
+    raw.send_multipart([generate_frame(request_id="bad", **fields)])
+    event = receive(raw)
+    assert isinstance(event, ErrorEvent), event
+    assert event.code == code and text in event.message, event
+    assert event.request_id == "bad"
+    assert_still_serving(system)
+
+
+def test_oversized_message(system, raw):
+    raw.send_multipart([generate_frame(request_id="big", prompt="x" * (2 << 20))])
+    event = receive(raw)
+    assert isinstance(event, ErrorEvent) and event.code == "too_large"
+    assert_still_serving(system)
+
+
+def _worker_gauge(system, name: str) -> float:
+    with Client(system.endpoint) as client:
+        port = next(m["metrics_port"] for m in client.health().members if m["member_id"] == "gpu-worker")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    raise AssertionError(f"{name} not exported")
+
+
+def test_client_disconnecting_mid_stream_cancels_and_frees_kv(system):
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(system.endpoint)
+    sock.send_multipart([generate_frame(request_id="gone", prompt="a long story", max_tokens=400)])
+    assert receive(sock).KIND == "token"
+    sock.close()
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _worker_gauge(system, "tierserve_worker_running_requests") > 0:
+        time.sleep(0.2)
+    assert _worker_gauge(system, "tierserve_worker_running_requests") == 0
+    assert _worker_gauge(system, "tierserve_worker_kv_cache_used_ratio") == 0
+    assert_still_serving(system)
+
+
+def test_a_hundred_requests_at_once(system, raw):
+    ids = [uuid.uuid4().hex for _ in range(100)]
+    for rid in ids:
+        raw.send_multipart([generate_frame(request_id=rid, token_ids=[5, 6, 7], max_tokens=3)])
+    ended: dict[str, Message] = {}
+    deadline = time.monotonic() + 240
+    while len(ended) < len(ids) and time.monotonic() < deadline:
+        event = receive(raw, timeout_s=max(1.0, deadline - time.monotonic()))
+        if event.KIND in ("final", "error"):
+            ended[event.request_id] = event
+    assert set(ended) == set(ids)
+    completed = [e for e in ended.values() if e.KIND == "final"]
+    refused = [e for e in ended.values() if e.KIND == "error"]
+    assert all(e.code == "overloaded" for e in refused), {e.code for e in refused}
+    assert len(completed) >= 64  # max_waiting requests queue; only the excess may be refused
+    assert all(e.completion_tokens == 3 for e in completed)
+    assert_still_serving(system)
