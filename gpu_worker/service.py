@@ -18,6 +18,7 @@ from gpu_worker.scheduler import SamplingParams, Scheduler, Sequence
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
+from shared.model_config import ModelError
 from shared.placement import Placement
 from shared.process import ControlLink, StopFlag, leave_run_dir, setup_process
 from shared.protocol import (
@@ -128,7 +129,11 @@ def to_sequence(msg: EngineGenerate) -> Sequence:
 def serve(config: Config) -> int:
     log = setup_process(MEMBER_ID, config)
     stop = StopFlag()
-    model = GGUFModel(config.model)
+    try:
+        model = GGUFModel(config.model)
+    except ModelError as e:
+        log.error("cannot start: %s", e)
+        return 1
     metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("gpu_worker"))
     ctx = zmq.Context()
     engine_socket = ctx.socket(zmq.DEALER)

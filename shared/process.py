@@ -22,6 +22,7 @@ ROLE_PROCESSES = 2  # coordinator and gpu_worker, besides the expert hosts
 def setup_process(role: str, config: Config) -> logging.Logger:
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
+    os.makedirs(config.run_dir, mode=0o700, exist_ok=True)  # whichever process starts first makes it
     threads = config.threads or max(1, (os.cpu_count() or 1) // (ROLE_PROCESSES + config.expert_hosts))
     torch.set_num_threads(threads)
     return logging.getLogger(role)

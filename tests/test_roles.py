@@ -1,0 +1,89 @@
+"""Each role started alone, as systemd runs it: any start order works, and a process that dies and
+restarts rejoins, gets the current placement and serves the oracle's tokens again."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from shared.client import Client
+from shared.config import Config
+from shared.gguf_file import GGUFModel
+from shared.launcher import free_tcp_port
+from shared.make_model import make_model
+from shared.reference import ReferenceModel
+
+pytestmark = pytest.mark.slow
+PROMPT = [11, 12, 13, 14]
+
+
+def wait_ready(endpoint: str, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    with Client(endpoint, timeout_s=1.0) as client:
+        while time.monotonic() < deadline:
+            try:
+                if client.health().status == "ready":
+                    return
+            except TimeoutError:
+                pass
+            time.sleep(0.2)
+    raise AssertionError("system did not become ready")
+
+
+def test_any_start_order_and_restarts_rejoin(tmp_path):
+    model = tmp_path / "m.gguf"
+    make_model(model, arch="qwen2moe", preset="tiny", dtype="f32", seed=5)
+    expected = ReferenceModel(GGUFModel(model)).greedy(PROMPT, 6)
+    run_dir = tmp_path / "run"
+    config = Config(model=str(model), run_dir=str(run_dir), client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}",
+                    expert_hosts=2, hot_experts=2, metrics_port=0, expert_timeout_s=3.0, heartbeat_timeout_s=2.0)
+    config_path = tmp_path / "tierserve.toml"
+    config_path.write_text(config.to_toml())
+    base = [sys.executable, "-m", "shared.cli"]
+    commands = {
+        "expert-host-1": [*base, "expert-host", "--config", str(config_path), "--host-id", "1"],
+        "expert-host-0": [*base, "expert-host", "--config", str(config_path), "--host-id", "0"],
+        "gpu-worker": [*base, "gpu-worker", "--config", str(config_path)],
+        "coordinator": [*base, "coordinator", "--config", str(config_path)],
+    }
+    procs: dict[str, subprocess.Popen] = {}
+
+    def start(name: str) -> None:
+        procs[name] = subprocess.Popen(commands[name])
+
+    def check() -> None:
+        wait_ready(config.client_endpoint)
+        with Client(config.client_endpoint) as client:
+            assert client.complete(token_ids=PROMPT, max_tokens=6).token_ids == expected
+
+    try:
+        for name in commands:  # hosts first, coordinator last: the reverse of `tierserve up`
+            start(name)
+            time.sleep(0.3)
+        check()
+        pids_before = {m["member_id"]: m["pid"] for m in Client(config.client_endpoint).health().members}
+        for name in ("expert-host-1", "gpu-worker", "coordinator"):
+            procs[name].send_signal(signal.SIGKILL)
+            procs[name].wait()
+            time.sleep(2.5)  # long enough for the heartbeat timeout to notice
+            start(name)
+            check()
+        with Client(config.client_endpoint) as client:
+            members = {m["member_id"]: m for m in client.health().members}
+        for name in ("expert-host-1", "gpu-worker"):
+            assert members[name]["pid"] == procs[name].pid != pids_before[name]
+            assert members[name]["placement_version"] == 1
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        codes = {name: proc.wait(60) for name, proc in procs.items()}
+    assert all(code == 0 for code in codes.values()), codes
+    leftovers = [p for p in os.listdir(run_dir) if p.endswith(".sock")] if Path(run_dir).exists() else []
+    assert leftovers == []
