@@ -9,10 +9,14 @@ import importlib
 import os
 import sys
 
-# Tools implemented in shared/: subcommand -> module with a `main(argv) -> int`.
+# Tools implemented in shared/: subcommand -> "module" with a `main(argv) -> int`, or "module:function".
 TOOLS = {
     "make-model": "shared.make_model",
     "up": "shared.launcher",
+    "generate": "shared.cli_client:generate_main",
+    "chat": "shared.cli_client:chat_main",
+    "health": "shared.cli_client:health_main",
+    "stats": "shared.cli_client:stats_main",
 }
 # Roles, each run as its own process: subcommand -> package run with `python -m`.
 ROLES = {"coordinator": "coordinator", "gpu-worker": "gpu_worker", "expert-host": "expert_host"}
@@ -30,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if argv else 2
     command, rest = argv[0], argv[1:]
     if command in TOOLS:
-        return int(importlib.import_module(TOOLS[command]).main(rest) or 0)
+        module, _, function = TOOLS[command].partition(":")
+        return int(getattr(importlib.import_module(module), function or "main")(rest) or 0)
     if command in ROLES:
         exec_role(ROLES[command], rest)
     print(f"tierserve: unknown command {command!r}\n{usage()}", file=sys.stderr)

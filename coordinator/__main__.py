@@ -1,0 +1,5 @@
+import sys
+
+from coordinator.service import main
+
+sys.exit(main())

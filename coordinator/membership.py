@@ -1,0 +1,110 @@
+"""Who is in the system, whether they are alive, and whether together they can serve: pure logic, no sockets.
+
+Every process sends a Heartbeat each heartbeat interval; it doubles as the join request. A member is alive
+while heard from within the heartbeat timeout; one reporting a placement version other than the current
+one (0 after a start or restart) gets a Welcome carrying the placement. The system is ready when the gpu
+worker and every expert host the placement uses are alive and have applied the current placement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.config import Config
+from shared.gguf_file import GGUFModel
+from shared.model_config import EXPERT_TENSOR_KINDS
+from shared.placement import Placement, hot_experts_for_budget, round_robin_placement
+from shared.protocol import Heartbeat
+
+WORKER_ID = "gpu-worker"
+
+
+def expert_nbytes(model: GGUFModel) -> int:
+    """Stored bytes of one expert (its gate, up and down matrices) of the model."""
+    return sum(int(model.expert_bytes(0, kind, 0).nbytes) for kind in EXPERT_TENSOR_KINDS)
+
+
+def startup_placement(model: GGUFModel, config: Config) -> Placement:
+    """The placement the coordinator starts with: `hot_experts` per layer on the worker (or as many as
+    `gpu_expert_budget` holds), the rest dealt round-robin to the expert hosts."""
+    cfg = model.config
+    hot = config.hot_experts
+    if hot < 0:
+        hot = hot_experts_for_budget(cfg, config.gpu_expert_budget, expert_nbytes(model))
+    return round_robin_placement(cfg, hot, config.expert_hosts)
+
+
+@dataclass
+class Member:
+    member_id: str
+    role: str
+    pid: int
+    metrics_port: int
+    placement_version: int
+    last_seen: float
+    load: dict[str, Any] = field(default_factory=dict)
+    alive: bool = True
+
+
+@dataclass(frozen=True)
+class HeartbeatOutcome:
+    welcome: bool  # send the current placement back
+    joined: bool  # first heard of, or heard again after being lost or restarting
+    restarted: bool  # a known, live member came back as a new process: whatever it held is gone
+
+
+class Membership:
+    def __init__(self, placement: Placement, timeout_s: float) -> None:
+        self.placement = placement
+        self.timeout_s = timeout_s
+        self.members: dict[str, Member] = {}
+
+    def heartbeat(self, hb: Heartbeat, now: float) -> HeartbeatOutcome:
+        old = self.members.get(hb.member_id)
+        restarted = old is not None and old.alive and old.pid != hb.pid
+        joined = old is None or not old.alive or restarted
+        self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.pid, hb.metrics_port, hb.placement_version,
+                                            now, dict(hb.load))
+        return HeartbeatOutcome(welcome=hb.placement_version != self.placement.version, joined=joined,
+                                restarted=restarted)
+
+    def expire(self, now: float) -> list[Member]:
+        """Mark members not heard from within the timeout as lost; returns those lost just now."""
+        lost = []
+        for m in self.members.values():
+            if m.alive and now - m.last_seen > self.timeout_s:
+                m.alive = False
+                lost.append(m)
+        return lost
+
+    def is_alive(self, member_id: str) -> bool:
+        m = self.members.get(member_id)
+        return m is not None and m.alive
+
+    def required(self) -> list[str]:
+        return [WORKER_ID, *(self.placement.hosts[h] for h in self.placement.hosts_in_use())]
+
+    def missing(self) -> list[str]:
+        """Required members that are not alive with the current placement, each with the reason."""
+        out = []
+        for member_id in self.required():
+            m = self.members.get(member_id)
+            if m is None:
+                out.append(f"{member_id} has not joined")
+            elif not m.alive:
+                out.append(f"{member_id} is not responding")
+            elif m.placement_version != self.placement.version:
+                out.append(f"{member_id} is applying placement v{self.placement.version}")
+        return out
+
+    def ready(self) -> bool:
+        return not self.missing()
+
+    def snapshot(self, now: float) -> list[dict[str, Any]]:
+        return [
+            {"member_id": m.member_id, "role": m.role, "pid": m.pid, "metrics_port": m.metrics_port,
+             "alive": m.alive, "placement_version": m.placement_version, "last_seen_s": round(now - m.last_seen, 3),
+             "load": m.load}
+            for m in sorted(self.members.values(), key=lambda m: m.member_id)
+        ]

@@ -1,0 +1,383 @@
+"""The coordinator process: three ROUTER sockets on one asyncio loop, the decisions in the pure modules.
+
+- client API (tcp, ROUTER_MANDATORY: a send to a client that left raises, and its requests are cancelled);
+- engine (ipc, the gpu_worker's DEALER "gpu-worker"): EngineGenerate / EngineCancel out, tokens back;
+- control (ipc, every process's DEALER named by member id): heartbeats in, Welcome with the placement out.
+
+Every send is non-blocking, so each message is handled to the end before the next is read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import secrets
+import signal
+import time
+from collections.abc import Callable
+
+import zmq
+import zmq.asyncio
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
+
+from coordinator.admission import Admission, Limits, Rejected, check_state, parse_request
+from coordinator.membership import WORKER_ID, Membership, startup_placement
+from coordinator.streams import RequestStream, StreamTable
+from shared.client import run
+from shared.config import Config, add_config_arguments, config_from_args
+from shared.gguf_file import GGUFModel
+from shared.metrics import start_metrics_server
+from shared.model_config import ModelError
+from shared.process import leave_run_dir, setup_process
+from shared.protocol import (
+    Cancel,
+    EngineCancel,
+    EngineError,
+    EngineFinished,
+    EngineToken,
+    ErrorEvent,
+    Generate,
+    Health,
+    HealthReply,
+    Heartbeat,
+    Message,
+    ProtocolError,
+    Stats,
+    StatsReply,
+    Welcome,
+    decode,
+    encode,
+)
+from shared.tokenizer import Tokenizer, TokenizerError
+
+OUTCOMES = ("completed", "cancelled", "error", "rejected")
+REQUESTS = Counter("tierserve_requests_total", "Client requests by outcome", ["outcome"])
+for _outcome in OUTCOMES:
+    REQUESTS.labels(_outcome)
+GENERATED = Counter("tierserve_generated_tokens_total", "Tokens generated for clients")
+PROMPT = Counter("tierserve_prompt_tokens_total", "Prompt tokens of admitted requests")
+TTFT = Histogram("tierserve_time_to_first_token_seconds", "From a request's arrival to its first token",
+                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
+ITL = Histogram("tierserve_inter_token_latency_seconds", "Between two tokens of one request",
+                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+RUNNING = Gauge("tierserve_running_requests", "Requests in the engine")
+WAITING = Gauge("tierserve_waiting_requests", "Admitted requests waiting for a place in the engine")
+
+TICK_S = 0.1  # how often liveness, readiness and the drain are looked at
+FLUSH_S = 0.05  # before closing with linger 0: time for the last events to leave
+WORKER = WORKER_ID.encode()
+log = logging.getLogger("coordinator")
+
+
+class Coordinator:
+    def __init__(self, config: Config, model: GGUFModel) -> None:
+        self.config = config
+        self.tokenizer = Tokenizer.from_metadata(model.metadata)
+        self.placement = startup_placement(model, config)
+        self.membership = Membership(self.placement, config.heartbeat_timeout_s)
+        self.admission = Admission(self.tokenizer, Limits(model.config.context_length, config.kv_cache_tokens))
+        self.table = StreamTable(secrets.token_hex(4))
+        self.stop_token_ids = sorted(self.tokenizer.eos_token_ids)
+        self.ready = False
+        self.draining = False
+        self.drain_deadline = 0.0
+        self.metrics_port = 0
+        self.started = time.monotonic()
+        self.ctx = zmq.asyncio.Context()
+        self.client = self._router(config.client_endpoint, zmq.ROUTER_MANDATORY, hwm=100_000)
+        self.engine = self._router(config.engine_endpoint, zmq.ROUTER_MANDATORY, zmq.ROUTER_HANDOVER, hwm=100_000)
+        self.control = self._router(config.control_endpoint, zmq.ROUTER_HANDOVER, hwm=1_000)
+        # A client whose machine vanished without closing its connection is found by ZMTP heartbeats.
+        self.client.setsockopt(zmq.HEARTBEAT_IVL, 2_000)
+        self.client.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6_000)
+
+    def _router(self, endpoint: str, *options: int, hwm: int) -> zmq.asyncio.Socket:
+        socket = self.ctx.socket(zmq.ROUTER)
+        for option in options:
+            socket.setsockopt(option, 1)
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.SNDHWM, hwm)
+        socket.setsockopt(zmq.RCVHWM, hwm)
+        socket.bind(endpoint)
+        return socket
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.begin_drain)
+        self.done = asyncio.Event()
+        tasks = [asyncio.create_task(self._receive(self.client, self.on_client)),
+                 asyncio.create_task(self._receive(self.engine, self.on_engine)),
+                 asyncio.create_task(self._receive(self.control, self.on_control)),
+                 asyncio.create_task(self._ticks())]
+        try:
+            await self.done.wait()
+            await asyncio.sleep(FLUSH_S)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    def close(self) -> None:
+        for socket in (self.client, self.engine, self.control):
+            socket.close(linger=0)
+        self.ctx.term()
+        leave_run_dir(self.config, self.config.engine_endpoint, self.config.control_endpoint)
+
+    async def _receive(self, socket: zmq.asyncio.Socket, handle: Callable[[bytes, list], None]) -> None:
+        while True:
+            frames = await socket.recv_multipart(copy=False)
+            try:
+                handle(frames[0].bytes, frames[1:])
+            except Exception:  # one message that trips a bug must not take the server down
+                log.exception("error handling a message")
+
+    async def _ticks(self) -> None:
+        while True:
+            await asyncio.sleep(TICK_S)
+            self.tick(time.monotonic())
+
+    # --- client API ------------------------------------------------------------------------------------
+
+    def on_client(self, client: bytes, frames: list) -> None:
+        now = time.monotonic()
+        try:
+            msg = parse_request(frames, self.config.max_request_bytes)
+            if isinstance(msg, Generate):
+                self.admit(client, msg, now)
+            elif isinstance(msg, Cancel):
+                self.cancel(client, msg.request_id, now)
+            elif isinstance(msg, Health):
+                self.send_client(client, HealthReply(status=self.status, members=self.members(now)))
+            elif isinstance(msg, Stats):
+                self.send_client(client, StatsReply(stats=self.stats(now)))
+        except Rejected as r:
+            REQUESTS.labels("rejected").inc()
+            self.send_client(client, ErrorEvent(request_id=r.request_id, code=r.code, message=r.message))
+
+    def admit(self, client: bytes, msg: Generate, now: float) -> None:
+        check_state(msg, draining=self.draining, missing=self.membership.missing(),
+                    duplicate=self.table.find(client, msg.request_id) is not None,
+                    waiting=self.table.num_waiting, max_waiting=self.config.max_waiting)
+        prompt_ids = self.admission.prompt_ids(msg)
+        self.table.add(RequestStream(self.table.next_id(), client, msg, prompt_ids, self.tokenizer.detokenizer(),
+                                     self.stop_token_ids, now))
+        PROMPT.inc(len(prompt_ids))
+        self.dispatch()
+
+    def cancel(self, client: bytes, request_id: str, now: float) -> None:
+        stream = self.table.find(client, request_id)
+        if stream is None:
+            raise Rejected("unknown_request", f"no request {request_id!r} is in flight on this connection",
+                           request_id)
+        self.end(stream, "cancelled", stream.final("cancelled", now))
+
+    def send_client(self, client: bytes, msg: Message) -> bool:
+        """False when the client is gone (its requests are then cancelled) or is not reading its replies."""
+        try:
+            self.client.send_multipart([client, *encode(msg)], flags=zmq.NOBLOCK, copy=False).result()
+            return True
+        except zmq.ZMQError as e:
+            self.client_gone(client, e)
+            return False
+
+    def client_gone(self, client: bytes, error: zmq.ZMQError) -> None:
+        streams = self.table.of_client(client)
+        if streams:
+            log.info("client %s unreachable (%s): cancelling its %d requests", client.hex(), error.strerror,
+                     len(streams))
+        for stream in streams:
+            self.end(stream, "cancelled")
+
+    # --- engine ----------------------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Let waiting requests into the engine while it has room and the system is ready."""
+        if self.ready:
+            for stream in self.table.start_next(self.config.max_running):
+                if not self.send_engine(stream.engine_request()):
+                    self.fail(stream, "unavailable", "the gpu worker is not connected")
+        RUNNING.set(self.table.num_running)
+        WAITING.set(self.table.num_waiting)
+
+    def send_engine(self, msg: Message) -> bool:
+        try:
+            self.engine.send_multipart([WORKER, *encode(msg)], flags=zmq.NOBLOCK, copy=False).result()
+            return True
+        except zmq.ZMQError as e:
+            log.warning("cannot reach the gpu worker: %s", e.strerror)
+            return False
+
+    def on_engine(self, identity: bytes, frames: list) -> None:
+        if identity != WORKER:
+            log.warning("dropping a message from %r on the engine socket", identity)
+            return
+        try:
+            msg = decode(frames)
+        except ProtocolError as e:
+            log.warning("dropping a bad engine message: %s", e.message)
+            return
+        if not isinstance(msg, (EngineToken, EngineError, EngineFinished)):
+            log.warning("dropping unexpected %s on the engine socket", msg.KIND)
+            return
+        stream = self.table.get(msg.request_id)
+        if stream is None:
+            # A request already ended here (cancelled, stopped, failed) or sent by an earlier coordinator:
+            # nobody waits for it, so the engine should stop spending KV cache on it.
+            if isinstance(msg, EngineToken) and msg.finish_reason is None:
+                self.send_engine(EngineCancel(request_id=msg.request_id))
+            return
+        now = time.monotonic()
+        if isinstance(msg, EngineToken):
+            self.on_token(stream, msg, now)
+        elif isinstance(msg, EngineError):
+            self.fail(stream, msg.code, msg.message, in_engine=False)
+        else:
+            self.end(stream, msg.finish_reason, stream.final(msg.finish_reason, now), in_engine=False)
+
+    def on_token(self, stream: RequestStream, token: EngineToken, now: float) -> None:
+        previous = stream.last_token_at
+        events = stream.on_token(token, now)
+        GENERATED.inc()
+        if previous is None:
+            TTFT.observe(now - stream.arrived)
+        else:
+            ITL.observe(now - previous)
+        if not stream.finished:
+            self.send_client(stream.client, events[0])
+        elif self.send_client(stream.client, events[0]):
+            self.end(stream, stream.finish_reason, events[1], in_engine=token.finish_reason is None)
+
+    def end(self, stream: RequestStream, reason: str, final: Message | None = None, in_engine: bool = True) -> None:
+        """Forget a stream, telling the engine to drop it if it may still hold it, and its client why."""
+        if in_engine and self.table.is_running(stream):
+            self.send_engine(EngineCancel(request_id=stream.internal_id))
+        self.table.remove(stream)
+        REQUESTS.labels(reason if reason in ("cancelled", "error") else "completed").inc()
+        if final is not None:
+            self.send_client(stream.client, final)
+        self.dispatch()
+
+    def fail(self, stream: RequestStream, code: str, message: str, in_engine: bool = True) -> None:
+        self.end(stream, "error", ErrorEvent(request_id=stream.request_id, code=code, message=message), in_engine)
+
+    def fail_all(self, message: str) -> None:
+        streams = list(self.table.streams.values())
+        if streams:
+            log.warning("%s: failing %d requests", message, len(streams))
+        for stream in streams:
+            self.fail(stream, "unavailable", message, in_engine=False)
+
+    # --- control plane ---------------------------------------------------------------------------------
+
+    def on_control(self, identity: bytes, frames: list) -> None:
+        try:
+            msg = decode(frames)
+        except ProtocolError as e:
+            log.warning("dropping a bad control message: %s", e.message)
+            return
+        if not isinstance(msg, Heartbeat):
+            log.warning("dropping unexpected %s on the control socket", msg.KIND)
+            return
+        outcome = self.membership.heartbeat(msg, time.monotonic())
+        if outcome.joined:
+            log.info("%s joined (pid %d, metrics :%d, placement v%d)", msg.member_id, msg.pid, msg.metrics_port,
+                     msg.placement_version)
+        if outcome.restarted and msg.member_id == WORKER_ID:
+            self.fail_all("the gpu worker restarted")
+        if outcome.welcome:
+            # Without ROUTER_MANDATORY a welcome that cannot go out is dropped; the next heartbeat asks again.
+            self.control.send_multipart([identity, *encode(Welcome(placement=self.placement.to_dict()))],
+                                        flags=zmq.NOBLOCK, copy=False)
+        self.update_ready()
+
+    def update_ready(self) -> None:
+        ready = self.membership.ready()
+        if ready != self.ready:
+            self.ready = ready
+            if ready:
+                log.info("ready: placement v%d, %d hot experts", self.placement.version, self.placement.count_hot())
+            else:
+                log.warning("not ready: %s", "; ".join(self.membership.missing()))
+        self.dispatch()
+
+    def tick(self, now: float) -> None:
+        for member in self.membership.expire(now):
+            log.warning("%s lost (no heartbeat for %.1f s)", member.member_id, self.config.heartbeat_timeout_s)
+            if member.member_id == WORKER_ID:
+                self.fail_all("the gpu worker stopped responding")
+        self.update_ready()
+        if self.draining and (not self.table or now >= self.drain_deadline):
+            for stream in list(self.table.streams.values()):
+                self.end(stream, "cancelled", stream.final("cancelled", now))
+            self.done.set()
+
+    # --- status ----------------------------------------------------------------------------------------
+
+    def begin_drain(self) -> None:
+        now = time.monotonic()
+        if self.draining:  # a second signal: stop waiting
+            self.drain_deadline = now
+            return
+        self.draining = True
+        self.drain_deadline = now + self.config.drain_timeout_s
+        log.info("draining: %d requests in flight, waiting up to %.0f s", len(self.table),
+                 self.config.drain_timeout_s)
+
+    @property
+    def status(self) -> str:
+        return "draining" if self.draining else "ready" if self.ready else "starting"
+
+    def members(self, now: float) -> list[dict]:
+        me = {"member_id": "coordinator", "role": "coordinator", "pid": os.getpid(), "metrics_port": self.metrics_port,
+              "alive": True, "placement_version": self.placement.version, "last_seen_s": 0.0,
+              "load": {"running": self.table.num_running, "waiting": self.table.num_waiting}}
+        return [me, *self.membership.snapshot(now)]
+
+    def stats(self, now: float) -> dict:
+        def count(name: str, **labels: str) -> int:
+            return int(REGISTRY.get_sample_value(name, labels) or 0)
+
+        return {
+            "status": self.status, "model": self.config.model, "run_dir": self.config.run_dir,
+            "uptime_s": round(now - self.started, 3),
+            "running": self.table.num_running, "waiting": self.table.num_waiting,
+            "requests": {o: count("tierserve_requests_total", outcome=o) for o in OUTCOMES},
+            "prompt_tokens": count("tierserve_prompt_tokens_total"),
+            "generated_tokens": count("tierserve_generated_tokens_total"),
+            "placement": {"version": self.placement.version, "hot_experts": self.placement.count_hot(),
+                          "hosts": list(self.placement.hosts)},
+            "members": {m.member_id: m.load for m in self.membership.members.values()},
+        }
+
+
+def serve(config: Config) -> int:
+    setup_process("coordinator", config)
+    try:
+        model = GGUFModel(config.model)
+        os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
+        coordinator = Coordinator(config, model)
+    except (ModelError, TokenizerError, OSError, ValueError, zmq.ZMQError) as e:
+        log.error("cannot start: %s", e)
+        return 1
+    try:
+        coordinator.metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("coordinator"))
+        log.info("serving %s: clients at %s, metrics on :%d, placement v%d (%d hot experts, %d hosts)",
+                 config.model, config.client_endpoint, coordinator.metrics_port, coordinator.placement.version,
+                 coordinator.placement.count_hot(), len(coordinator.placement.hosts_in_use()))
+        run(coordinator.run())
+    except OSError as e:
+        log.error("cannot start: %s", e)
+        return 1
+    finally:
+        coordinator.close()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierserve coordinator", description=__doc__.split("\n\n")[0])
+    add_config_arguments(parser)
+    return serve(config_from_args(parser.parse_args(argv)))

@@ -1,0 +1,150 @@
+"""`tierserve generate`, `chat`, `health` and `stats`: the client API from a shell.
+
+    tierserve generate "The capital of France is" --max-tokens 16 --stop "." --json
+    tierserve chat --system "You answer in one sentence."
+    tierserve health   # exits 0 when the server is ready, 1 otherwise
+
+--endpoint defaults to the client_endpoint of --config FILE, else to the default configuration's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from shared.client import Client, ServerError
+from shared.config import load_config
+
+
+def _connection_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--endpoint", help="the coordinator's client endpoint (tcp://HOST:PORT)")
+    parser.add_argument("--config", help="TOML configuration file whose client_endpoint to use")
+    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer")
+
+
+def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0, help="0: off")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--logprobs", type=int, default=0, help="how many top alternatives to report per token")
+    parser.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S",
+                        help="stop strings: generation ends before the first one that appears")
+
+
+def _sampling(args: argparse.Namespace) -> dict[str, Any]:
+    return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
+            "top_k": args.top_k, "seed": args.seed, "logprobs": args.logprobs, "stop": args.stop}
+
+
+def _client(args: argparse.Namespace) -> Client:
+    endpoint = args.endpoint or load_config(args.config).client_endpoint
+    return Client(endpoint, timeout_s=args.timeout)
+
+
+def _fail(command: str, error: Exception) -> int:
+    print(f"tierserve {command}: {error}", file=sys.stderr)
+    return 1
+
+
+def generate_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierserve generate", description="Complete a text, streaming it.")
+    parser.add_argument("text", help="the prompt")
+    parser.add_argument("--json", action="store_true",
+                        help="print one JSON object (token ids, text, logprobs, usage, timings) at the end")
+    _connection_arguments(parser)
+    _sampling_arguments(parser)
+    args = parser.parse_args(argv)
+    with _client(args) as client:
+        try:
+            if args.json:
+                print(json.dumps(client.complete(prompt=args.text, **_sampling(args)).to_dict()))
+                return 0
+            stream = client.generate(prompt=args.text, **_sampling(args))
+            try:
+                for event in stream:
+                    if event.KIND == "token":
+                        sys.stdout.write(event.text)
+                        sys.stdout.flush()
+            except KeyboardInterrupt:
+                return 130
+            finally:
+                stream.close()  # cancels the request if Ctrl-C cut it short
+            print()
+        except (ServerError, TimeoutError) as e:
+            return _fail("generate", e)
+    return 0
+
+
+def chat_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierserve chat",
+                                     description="Chat over stdin: one line is one turn; end with EOF (Ctrl-D).")
+    parser.add_argument("--system", help="a system message that opens the conversation")
+    _connection_arguments(parser)
+    _sampling_arguments(parser)
+    args = parser.parse_args(argv)
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    with _client(args) as client:
+        try:
+            _chat(client, messages, _sampling(args), sys.stdin.isatty())
+        except KeyboardInterrupt:
+            return 130
+    return 0
+
+
+def _chat(client: Client, messages: list[dict], sampling: dict[str, Any], interactive: bool) -> None:
+    while True:
+        if interactive:
+            print("> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:
+            return
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line.rstrip("\n")})
+        reply = []
+        stream = client.generate(messages=messages, **sampling)
+        try:
+            for event in stream:
+                if event.KIND == "token":
+                    reply.append(event.text)
+                    sys.stdout.write(event.text)
+                    sys.stdout.flush()
+        except (ServerError, TimeoutError) as e:
+            messages.pop()  # the turn did not happen; the user may try again
+            _fail("chat", e)
+            continue
+        finally:
+            stream.close()  # cancels the reply if Ctrl-C cut it short
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+
+
+def health_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierserve health",
+                                     description="Print the server's status and members as JSON; exit 0 if ready.")
+    _connection_arguments(parser)
+    args = parser.parse_args(argv)
+    with _client(args) as client:
+        try:
+            reply = client.health()
+        except (ServerError, TimeoutError) as e:
+            return _fail("health", e)
+    print(json.dumps({"status": reply.status, "members": reply.members}, indent=2))
+    return 0 if reply.status == "ready" else 1
+
+
+def stats_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierserve stats", description="Print the server's counters as JSON.")
+    _connection_arguments(parser)
+    args = parser.parse_args(argv)
+    with _client(args) as client:
+        try:
+            reply = client.stats()
+        except (ServerError, TimeoutError) as e:
+            return _fail("stats", e)
+    print(json.dumps(reply.stats, indent=2))
+    return 0

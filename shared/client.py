@@ -1,0 +1,359 @@
+"""Python clients of the tierserve client API: a blocking `Client` and an asyncio `AsyncClient`.
+
+Both speak the messages of `shared.protocol` over one DEALER socket to the coordinator's ROUTER, so
+several requests can be in flight on one client: replies carry their request id and are sorted into
+per-request inboxes as they arrive, whichever request the caller happens to be waiting for.
+
+    with Client("tcp://127.0.0.1:5555") as client:
+        for event in client.generate(prompt="Once upon a time", max_tokens=32):
+            print(event.text if event.KIND == "token" else "", end="")
+        result = client.complete(messages=[{"role": "user", "content": "Hi"}], max_tokens=16)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+import uuid
+from collections import defaultdict, deque
+from collections.abc import Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from shared.protocol import (
+    Cancel,
+    ErrorEvent,
+    FinalEvent,
+    Generate,
+    Health,
+    HealthReply,
+    Message,
+    Stats,
+    StatsReply,
+    TokenEvent,
+    decode,
+    encode,
+)
+
+T = TypeVar("T")
+Event = TokenEvent | FinalEvent
+
+# Inbox keys: a request's events by its id; replies that carry no id by their kind. An error with no
+# request id answers whichever id-less request is waiting (it means the server could not read one).
+_ORPHAN_ERROR = ("error", None)
+
+
+class ServerError(RuntimeError):
+    """The server answered a request with an error event."""
+
+    def __init__(self, code: str, message: str, request_id: str | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.message, self.request_id = code, message, request_id
+
+
+@dataclass
+class Completion:
+    """A whole generation, gathered from its stream."""
+
+    request_id: str
+    token_ids: list[int]
+    text: str
+    prompt_token_ids: list[int]
+    logprobs: list[float | None]
+    top_logprobs: list[list[list]] | None  # per token, [[token_id, logprob], ...] when logprobs > 0 was asked
+    finish_reason: str
+    usage: dict[str, int]
+    timings: dict[str, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_events(cls, request_id: str, events: list[Event]) -> Completion:
+        tokens = [e for e in events if isinstance(e, TokenEvent)]
+        final = events[-1]
+        if not isinstance(final, FinalEvent):
+            raise ValueError("a completion needs the stream's final event")
+        top = [e.top_logprobs or [] for e in tokens] if any(e.top_logprobs is not None for e in tokens) else None
+        return cls(
+            request_id=request_id,
+            token_ids=[e.token_id for e in tokens],
+            text="".join(e.text for e in tokens),
+            prompt_token_ids=list(final.prompt_token_ids),
+            logprobs=[e.logprob for e in tokens],
+            top_logprobs=top,
+            finish_reason=final.finish_reason,
+            usage={"prompt_tokens": final.prompt_tokens, "completion_tokens": final.completion_tokens},
+            timings={"ttft_s": final.ttft_s, "decode_tok_s": final.decode_tok_s, "total_s": final.total_s},
+        )
+
+
+def generate_request(request_id: str | None = None, **options: Any) -> Generate:
+    """A Generate message; `options` are its fields (prompt / messages / token_ids, max_tokens, temperature,
+    top_p, top_k, seed, stop, logprobs). A fresh request id is drawn when none is given."""
+    return Generate(request_id=request_id or uuid.uuid4().hex, **options)
+
+
+class _Inbox:
+    """Messages received but not yet asked for, by key; events of requests nobody tracks are dropped."""
+
+    def __init__(self) -> None:
+        self.boxes: defaultdict[tuple, deque[Message]] = defaultdict(deque)
+        self.open: set[str] = set()
+
+    def put(self, frames: list) -> None:
+        msg = decode(frames)
+        if isinstance(msg, (TokenEvent, FinalEvent, ErrorEvent)) and msg.request_id is not None:
+            if msg.request_id in self.open:
+                self.boxes[("request", msg.request_id)].append(msg)
+        elif isinstance(msg, ErrorEvent):
+            self.boxes[_ORPHAN_ERROR].append(msg)
+        else:
+            self.boxes[("reply", msg.KIND)].append(msg)
+
+    def take(self, key: tuple) -> Message | None:
+        box = self.boxes.get(key)
+        if box:
+            return box.popleft()
+        if key[0] == "reply" and self.boxes.get(_ORPHAN_ERROR):
+            return self.boxes[_ORPHAN_ERROR].popleft()
+        return None
+
+    def forget(self, key: tuple) -> None:
+        self.boxes.pop(key, None)
+
+    def finish(self, request_id: str) -> None:
+        self.open.discard(request_id)
+        self.boxes.pop(("request", request_id), None)
+
+
+def _checked(msg: Message, request_id: str | None = None) -> Message:
+    if isinstance(msg, ErrorEvent):
+        raise ServerError(msg.code, msg.message, msg.request_id or request_id)
+    return msg
+
+
+def _new_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    socket = ctx.socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.SNDHWM, 10_000)
+    socket.setsockopt(zmq.RCVHWM, 100_000)
+    socket.connect(endpoint)
+    return socket
+
+
+class Client:
+    """A blocking client; `timeout_s` bounds every wait for the server (raises TimeoutError)."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 60.0) -> None:
+        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self._socket = _new_socket(zmq.Context.instance(), endpoint)
+        self._socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+        self._inbox = _Inbox()
+
+    def generate(self, request_id: str | None = None, **options: Any) -> Stream:
+        """Send a request now; iterate the returned stream for its TokenEvents and then its FinalEvent."""
+        msg = generate_request(request_id, **options)
+        self._inbox.open.add(msg.request_id)
+        self._send(msg)
+        return Stream(self, msg.request_id)
+
+    def complete(self, request_id: str | None = None, **options: Any) -> Completion:
+        stream = self.generate(request_id, **options)
+        return Completion.from_events(stream.request_id, list(stream))
+
+    def cancel(self, request_id: str) -> None:
+        """Ask the server to end the request; its stream then ends with finish_reason "cancelled"."""
+        self._send(Cancel(request_id=request_id))
+
+    def health(self) -> HealthReply:
+        return self._ask(Health(), "health_reply")
+
+    def stats(self) -> StatsReply:
+        return self._ask(Stats(), "stats_reply")
+
+    def _ask(self, msg: Message, reply_kind: str) -> Any:
+        key = ("reply", reply_kind)
+        self._drain()
+        self._inbox.forget(key)  # a late answer to an earlier call that timed out
+        self._send(msg)
+        return _checked(self._next(key))
+
+    def _send(self, msg: Message) -> None:
+        try:
+            self._socket.send_multipart(encode(msg), copy=False)
+        except zmq.Again:
+            raise TimeoutError(f"could not send to {self.endpoint} within {self.timeout_s} s") from None
+
+    def _drain(self) -> None:
+        while self._socket.poll(0):
+            self._inbox.put(self._socket.recv_multipart())
+
+    def _next(self, key: tuple) -> Message:
+        deadline = time.monotonic() + self.timeout_s
+        while (msg := self._inbox.take(key)) is None:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._socket.poll(remaining * 1000):
+                raise TimeoutError(f"no answer from {self.endpoint} within {self.timeout_s} s")
+            self._inbox.put(self._socket.recv_multipart())
+        return msg
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Stream:
+    """The events of one request: TokenEvents, then a FinalEvent; an ErrorEvent raises ServerError."""
+
+    def __init__(self, client: Client, request_id: str) -> None:
+        self.client, self.request_id = client, request_id
+        self.done = False
+
+    def __iter__(self) -> Stream:
+        return self
+
+    def __next__(self) -> Event:
+        if self.done:
+            raise StopIteration
+        try:
+            msg = self.client._next(("request", self.request_id))
+        except TimeoutError:
+            self.close()
+            raise
+        if not isinstance(msg, TokenEvent):
+            self.done = True
+            self.client._inbox.finish(self.request_id)
+        return _checked(msg, self.request_id)
+
+    def close(self) -> None:
+        """Stop reading this stream; a request still running is cancelled."""
+        if not self.done:
+            self.done = True
+            self.client._inbox.finish(self.request_id)
+            self.client.cancel(self.request_id)
+
+
+class AsyncClient:
+    """The asyncio client: the same calls, awaited; `generate` returns an async iterator of events.
+
+    Many coroutines may share one client: whichever is waiting reads the socket for all of them.
+    """
+
+    def __init__(self, endpoint: str, timeout_s: float = 60.0) -> None:
+        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self._socket = _new_socket(zmq.asyncio.Context.instance(), endpoint)
+        self._inbox = _Inbox()
+        self._reading = False
+        self._arrived = asyncio.Condition()
+
+    async def generate(self, request_id: str | None = None, **options: Any) -> AsyncStream:
+        """Send a request now; `async for` over the returned stream for its events."""
+        msg = generate_request(request_id, **options)
+        self._inbox.open.add(msg.request_id)
+        await self._send(msg)
+        return AsyncStream(self, msg.request_id)
+
+    async def complete(self, request_id: str | None = None, **options: Any) -> Completion:
+        stream = await self.generate(request_id, **options)
+        return Completion.from_events(stream.request_id, [event async for event in stream])
+
+    async def cancel(self, request_id: str) -> None:
+        await self._send(Cancel(request_id=request_id))
+
+    async def health(self) -> HealthReply:
+        return await self._ask(Health(), "health_reply")
+
+    async def stats(self) -> StatsReply:
+        return await self._ask(Stats(), "stats_reply")
+
+    async def _ask(self, msg: Message, reply_kind: str) -> Any:
+        key = ("reply", reply_kind)
+        self._inbox.forget(key)
+        await self._send(msg)
+        return _checked(await self._next(key))
+
+    async def _send(self, msg: Message) -> None:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                await self._socket.send_multipart(encode(msg), copy=False)
+        except TimeoutError:
+            raise TimeoutError(f"could not send to {self.endpoint} within {self.timeout_s} s") from None
+
+    async def _next(self, key: tuple) -> Message:
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                while (msg := self._inbox.take(key)) is None:
+                    if self._reading:
+                        async with self._arrived:
+                            await self._arrived.wait_for(lambda: not self._reading)
+                        continue
+                    self._reading = True
+                    try:
+                        self._inbox.put(await self._socket.recv_multipart())
+                    finally:
+                        self._reading = False
+                        async with self._arrived:
+                            self._arrived.notify_all()
+                return msg
+        except TimeoutError:
+            raise TimeoutError(f"no answer from {self.endpoint} within {self.timeout_s} s") from None
+
+    def close(self) -> None:
+        self._socket.close(linger=0)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncStream:
+    """The asyncio twin of `Stream`."""
+
+    def __init__(self, client: AsyncClient, request_id: str) -> None:
+        self.client, self.request_id = client, request_id
+        self.done = False
+
+    def __aiter__(self) -> AsyncStream:
+        return self
+
+    async def __anext__(self) -> Event:
+        if self.done:
+            raise StopAsyncIteration
+        try:
+            msg = await self.client._next(("request", self.request_id))
+        except TimeoutError:
+            await self.close()
+            raise
+        if not isinstance(msg, TokenEvent):
+            self.done = True
+            self.client._inbox.finish(self.request_id)
+        return _checked(msg, self.request_id)
+
+    async def close(self) -> None:
+        """Stop reading this stream; a request still running is cancelled."""
+        if not self.done:
+            self.done = True
+            self.client._inbox.finish(self.request_id)
+            await self.client.cancel(self.request_id)
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """asyncio.run on uvloop where it is installed (it is a dependency on Linux), else on asyncio's loop."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(main)

@@ -1,0 +1,153 @@
+"""The coordinator's contract with clients and the engine, through the whole system (`tierserve up`): queueing,
+cancellation, clients that vanish, and a worker that dies, checked against the fp32 oracle's tokens."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+import zmq
+
+from shared.client import Client, ServerError
+from shared.gguf_file import GGUFModel
+from shared.launcher import RunningSystem
+from shared.protocol import FinalEvent, Generate, TokenEvent, decode, encode
+from shared.reference import ReferenceModel
+
+MAX_RUNNING, MAX_WAITING = 4, 100
+PROMPT = [11, 22, 33, 44]
+
+
+@pytest.fixture(scope="module")
+def system(tiny_model):
+    with RunningSystem(str(tiny_model), "--expert-hosts", "1", "--hot-experts", "4", "--max-running",
+                       str(MAX_RUNNING), "--max-waiting", str(MAX_WAITING), "--heartbeat-timeout-s", "2") as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_model) -> ReferenceModel:
+    return ReferenceModel(GGUFModel(tiny_model))
+
+
+@pytest.fixture
+def client(system):
+    with Client(system.endpoint, timeout_s=30) as c:
+        yield c
+
+
+def wait_until_idle(client: Client, timeout_s: float = 10.0) -> dict:
+    """Stats once the coordinator holds nothing and the worker has reported an empty KV cache."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = client.stats().stats
+        worker = stats["members"].get("gpu-worker", {})
+        if stats["running"] == stats["waiting"] == 0 and worker.get("running") == 0 and worker.get("kv_used") == 0:
+            return stats
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still busy: {stats}")
+        time.sleep(0.1)
+
+
+def test_a_hundred_requests_at_once_are_all_served(client, oracle):
+    expected = oracle.greedy(PROMPT, 4)
+    streams = [client.generate(token_ids=PROMPT, max_tokens=4) for _ in range(100)]
+    for stream in streams:
+        events = list(stream)
+        assert [e.token_id for e in events if isinstance(e, TokenEvent)] == expected
+        assert isinstance(events[-1], FinalEvent) and events[-1].finish_reason == "length"
+    stats = wait_until_idle(client)
+    assert stats["requests"]["completed"] >= 100
+
+
+def test_requests_wait_their_turn_and_the_queue_has_a_limit(system, oracle):
+    """Raw socket, so the arrival order of every event is seen: request i starts (first token) only after at
+    least i - MAX_RUNNING + 1 requests have finished; past MAX_WAITING queued, requests are refused."""
+    n = MAX_RUNNING + MAX_WAITING + 40
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 30_000)
+    socket.connect(system.endpoint)
+    try:
+        for i in range(n):
+            socket.send_multipart(encode(Generate(request_id=str(i), token_ids=PROMPT, max_tokens=16)))
+        finished, refused, first_token_after = 0, set(), {}
+        tokens: dict[int, list[int]] = {}
+        while finished + len(refused) < n:
+            event = decode(socket.recv_multipart())
+            i = int(event.request_id)
+            if event.KIND == "error":
+                assert event.code == "overloaded", event
+                refused.add(i)
+            elif event.KIND == "token":
+                first_token_after.setdefault(i, finished)
+                tokens.setdefault(i, []).append(event.token_id)
+            else:
+                finished += 1
+    finally:
+        socket.close()
+    expected = oracle.greedy(PROMPT, 16)
+    served = sorted(tokens)
+    assert all(tokens[i] == expected for i in served)
+    assert set(range(MAX_RUNNING + MAX_WAITING)) <= set(served)  # these can never find the queue full
+    assert refused and min(refused) >= MAX_RUNNING + MAX_WAITING
+    for i in served:
+        assert first_token_after[i] >= i - MAX_RUNNING + 1 - len({r for r in refused if r < i}), i
+
+
+def test_cancel_ends_running_and_waiting_requests(client, oracle):
+    running = [client.generate(token_ids=PROMPT, max_tokens=400) for _ in range(MAX_RUNNING)]
+    waiting = client.generate(token_ids=PROMPT, max_tokens=400)
+    first = next(running[0])
+    assert first.token_id == oracle.greedy(PROMPT, 1)[0]
+    client.cancel(waiting.request_id)
+    (final,) = list(waiting)
+    assert final.finish_reason == "cancelled" and final.completion_tokens == 0
+    client.cancel(running[0].request_id)
+    rest = list(running[0])
+    assert isinstance(rest[-1], FinalEvent) and rest[-1].finish_reason == "cancelled"
+    assert rest[-1].completion_tokens == len(rest)  # the first token and those that came before the cancel
+    for stream in running[1:]:
+        stream.close()
+    stats = wait_until_idle(client)
+    assert stats["requests"]["cancelled"] >= MAX_RUNNING + 1
+
+
+def test_a_duplicate_request_id_is_refused_while_the_first_is_in_flight(client):
+    first = client.generate(request_id="same", token_ids=PROMPT, max_tokens=200)
+    next(first)
+    with pytest.raises(ServerError) as info:
+        client.complete(request_id="same", token_ids=PROMPT, max_tokens=2)
+    assert info.value.code == "duplicate_request"
+    first.close()
+    wait_until_idle(client)
+
+
+def test_a_client_that_disconnects_mid_stream_has_its_request_cancelled_in_the_engine(system, client):
+    before = client.stats().stats["requests"]["cancelled"]
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 30_000)
+    socket.connect(system.endpoint)
+    socket.send_multipart(encode(Generate(request_id="gone", token_ids=PROMPT, max_tokens=400)))
+    assert decode(socket.recv_multipart()).KIND == "token"
+    socket.close()
+    stats = wait_until_idle(client)
+    assert stats["requests"]["cancelled"] == before + 1  # run to its end, it would count as completed
+
+
+def test_requests_in_flight_when_the_worker_dies_end_with_an_error_and_service_resumes(client, oracle):
+    worker = next(m for m in client.health().members if m["member_id"] == "gpu-worker")
+    stream = client.generate(token_ids=PROMPT, max_tokens=400)
+    next(stream)
+    os.kill(worker["pid"], signal.SIGKILL)
+    with pytest.raises(ServerError) as info:
+        list(stream)
+    assert info.value.code == "unavailable" and "gpu worker" in info.value.message
+    deadline = time.monotonic() + 60
+    while client.health().status != "ready":
+        assert time.monotonic() < deadline, "the restarted worker never made the system ready"
+        time.sleep(0.2)
+    assert client.complete(token_ids=PROMPT, max_tokens=6).token_ids == oracle.greedy(PROMPT, 6)

@@ -1,0 +1,93 @@
+"""Liveness, readiness and welcome decisions of the membership table, and the placement the coordinator starts with."""
+
+from __future__ import annotations
+
+import pytest
+
+from coordinator.membership import Membership, expert_nbytes, startup_placement
+from shared.config import Config
+from shared.gguf_file import GGUFModel
+from shared.model_config import ModelConfig
+from shared.placement import round_robin_placement
+from shared.protocol import Heartbeat
+
+CFG = ModelConfig(arch="qwen3moe", n_layers=2, hidden=8, n_heads=2, n_kv_heads=1, head_dim=4, n_experts=4,
+                  n_experts_used=2, expert_ffn=4, vocab_size=16, context_length=32, rope_base=1e4, norm_eps=1e-6)
+
+
+def beat(member_id: str, version: int, pid: int = 100, load: dict | None = None) -> Heartbeat:
+    role = "gpu_worker" if member_id == "gpu-worker" else "expert_host"
+    return Heartbeat(member_id=member_id, role=role, pid=pid, metrics_port=9000, placement_version=version,
+                     load=load or {})
+
+
+@pytest.fixture
+def members() -> Membership:
+    return Membership(round_robin_placement(CFG, hot_per_layer=2, n_hosts=2, version=3), timeout_s=2.0)
+
+
+def test_a_new_or_restarted_process_is_welcomed_until_it_reports_the_placement(members):
+    first = members.heartbeat(beat("gpu-worker", 0), now=0.0)
+    assert (first.welcome, first.joined, first.restarted) == (True, True, False)
+    again = members.heartbeat(beat("gpu-worker", 0), now=0.5)  # still applying: welcomed again, not joined again
+    assert (again.welcome, again.joined) == (True, False)
+    applied = members.heartbeat(beat("gpu-worker", 3), now=1.0)
+    assert (applied.welcome, applied.joined) == (False, False)
+    restarted = members.heartbeat(beat("gpu-worker", 0, pid=200), now=1.5)
+    assert (restarted.welcome, restarted.joined, restarted.restarted) == (True, True, True)
+
+
+def test_members_not_heard_from_within_the_timeout_are_lost_once(members):
+    members.heartbeat(beat("gpu-worker", 3), now=0.0)
+    members.heartbeat(beat("expert-host-0", 3), now=1.0)
+    assert members.expire(now=2.0) == []
+    lost = members.expire(now=2.5)
+    assert [m.member_id for m in lost] == ["gpu-worker"]
+    assert members.expire(now=2.6) == []
+    assert not members.is_alive("gpu-worker") and members.is_alive("expert-host-0")
+    back = members.heartbeat(beat("gpu-worker", 3), now=3.0)
+    assert back.joined and not back.restarted and members.is_alive("gpu-worker")
+
+
+def test_ready_needs_the_worker_and_every_host_in_use_alive_with_the_current_placement(members):
+    assert members.missing() == ["gpu-worker has not joined", "expert-host-0 has not joined",
+                                 "expert-host-1 has not joined"]
+    members.heartbeat(beat("gpu-worker", 3), now=0.0)
+    members.heartbeat(beat("expert-host-0", 3), now=0.0)
+    members.heartbeat(beat("expert-host-1", 0), now=0.0)
+    assert members.missing() == ["expert-host-1 is applying placement v3"] and not members.ready()
+    members.heartbeat(beat("expert-host-1", 3), now=1.0)
+    assert members.ready()
+    members.expire(now=2.5)
+    assert members.missing() == ["gpu-worker is not responding", "expert-host-0 is not responding"]
+
+
+def test_hosts_the_placement_does_not_use_are_not_needed():
+    members = Membership(round_robin_placement(CFG, hot_per_layer=4, n_hosts=2), timeout_s=1.0)
+    assert members.required() == ["gpu-worker"]
+    members.heartbeat(beat("gpu-worker", 1), now=0.0)
+    assert members.ready()
+
+
+def test_snapshot_lists_each_member_for_health(members):
+    members.heartbeat(beat("expert-host-1", 3, pid=7, load={"queue": 2}), now=10.0)
+    members.heartbeat(beat("gpu-worker", 0, pid=8), now=10.5)
+    snap = members.snapshot(now=11.0)
+    assert [m["member_id"] for m in snap] == ["expert-host-1", "gpu-worker"]
+    assert snap[0] == {"member_id": "expert-host-1", "role": "expert_host", "pid": 7, "metrics_port": 9000,
+                       "alive": True, "placement_version": 3, "last_seen_s": 1.0, "load": {"queue": 2}}
+
+
+def test_startup_placement_takes_hot_experts_or_fills_the_budget(tiny_model):
+    model = GGUFModel(tiny_model)
+    cfg = model.config
+    one = expert_nbytes(model)
+    assert one == 3 * cfg.hidden * cfg.expert_ffn * 4  # gate, up and down of one expert in f32
+    fixed = startup_placement(model, Config(model=str(tiny_model), hot_experts=3, expert_hosts=2))
+    assert [len(fixed.hot(layer)) for layer in range(cfg.n_layers)] == [3] * cfg.n_layers
+    assert fixed.hosts_in_use() == [0, 1] and fixed.version == 1
+    budget = 2 * one * cfg.n_layers + one  # room for 2 per layer, not 3
+    by_budget = startup_placement(model, Config(model=str(tiny_model), gpu_expert_budget=budget, expert_hosts=1))
+    assert by_budget.count_hot() == 2 * cfg.n_layers
+    everything = startup_placement(model, Config(model=str(tiny_model), gpu_expert_budget=10**12, expert_hosts=0))
+    assert everything.count_hot() == cfg.n_experts * cfg.n_layers and everything.hosts_in_use() == []

@@ -1,0 +1,169 @@
+"""The coordinator process alone (`python -m coordinator --config F`, no worker), over its real sockets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import msgpack
+import pytest
+import zmq
+
+from shared.client import Client, ServerError
+from shared.config import Config
+from shared.launcher import free_tcp_port
+from shared.protocol import ErrorEvent, Heartbeat, Welcome, decode, encode
+
+MAX_REQUEST_BYTES = 65536
+
+
+class Coordinator:
+    def __init__(self, model: Path, tmp_path: Path, **settings) -> None:
+        self.config = Config(model=str(model), run_dir=str(tmp_path / "run"),
+                             client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", metrics_port=0,
+                             max_request_bytes=MAX_REQUEST_BYTES, heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0,
+                             **settings)
+        path = tmp_path / "config.toml"
+        path.write_text(self.config.to_toml())
+        self.log = tmp_path / "coordinator.log"
+        with open(self.log, "w") as log:
+            self.process = subprocess.Popen([sys.executable, "-m", "coordinator", "--config", str(path)],
+                                            stdout=log, stderr=subprocess.STDOUT)
+        self.client = Client(self.config.client_endpoint, timeout_s=0.5)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                self.client.health()
+                break
+            except TimeoutError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"coordinator did not answer:\n{self.log.read_text()}") from None
+        self.client.timeout_s = 5.0
+
+    def stop(self) -> int:
+        self.client.close()
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        return self.process.wait(30)
+
+
+@pytest.fixture(scope="module")
+def coordinator(tiny_model, tmp_path_factory):
+    c = Coordinator(tiny_model, tmp_path_factory.mktemp("alone"))
+    yield c
+    c.stop()
+
+
+@pytest.fixture
+def raw(coordinator):
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 5000)
+    socket.connect(coordinator.config.client_endpoint)
+    yield socket
+    socket.close()
+
+
+def test_health_is_starting_and_lists_the_coordinator_with_its_metrics(coordinator):
+    health = coordinator.client.health()
+    assert health.status == "starting"
+    assert [m["member_id"] for m in health.members] == ["coordinator"]
+    me = health.members[0]
+    assert me["pid"] == coordinator.process.pid and me["alive"] and me["placement_version"] == 1
+    with urllib.request.urlopen(f"http://127.0.0.1:{me['metrics_port']}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    for name in ("tierserve_requests_total", "tierserve_generated_tokens_total", "tierserve_prompt_tokens_total",
+                 "tierserve_time_to_first_token_seconds", "tierserve_inter_token_latency_seconds",
+                 "tierserve_running_requests", "tierserve_waiting_requests", "process_resident_memory_bytes"):
+        assert name in text, name
+
+
+def test_generate_without_a_worker_is_unavailable(coordinator):
+    before = coordinator.client.stats().stats["requests"]["rejected"]
+    with pytest.raises(ServerError) as info:
+        coordinator.client.complete(request_id="early", prompt="hello", max_tokens=4)
+    assert (info.value.code, info.value.request_id) == ("unavailable", "early")
+    assert "gpu-worker has not joined" in info.value.message
+    stats = coordinator.client.stats().stats
+    assert stats["requests"]["rejected"] == before + 1
+    assert (stats["status"], stats["running"], stats["waiting"]) == ("starting", 0, 0)
+    assert stats["placement"] == {"version": 1, "hot_experts": 0, "hosts": ["expert-host-0", "expert-host-1"]}
+
+
+@pytest.mark.parametrize(
+    ("frames", "code", "request_id"),
+    [
+        ([os.urandom(64)], "malformed", None),
+        ([b"\xff\xfe\xfd"], "malformed", None),
+        ([msgpack.packb("just a string")], "malformed", None),
+        ([msgpack.packb({"v": 1, "kind": "teleport", "request_id": "t1"})], "unknown_kind", "t1"),
+        ([msgpack.packb({"v": 1, "kind": "generate"})], "missing_field", None),
+        ([msgpack.packb({"v": 1, "kind": "generate", "request_id": "t2", "temperature": "hot"})], "bad_field", "t2"),
+        ([msgpack.packb({"v": 1, "kind": "generate", "request_id": "t3", "prompt": "x" * MAX_REQUEST_BYTES})],
+         "too_large", "t3"),
+        (encode(Welcome(placement={})), "unexpected_kind", None),
+        ([msgpack.packb({"v": 1, "kind": "cancel", "request_id": "nobody"})], "unknown_request", "nobody"),
+    ],
+)
+def test_bad_frames_each_get_an_error_event_and_the_server_goes_on(coordinator, raw, frames, code, request_id):
+    raw.send_multipart(frames)
+    reply = decode(raw.recv_multipart())
+    assert isinstance(reply, ErrorEvent)
+    assert (reply.code, reply.request_id) == (code, request_id)
+    assert reply.message
+    assert coordinator.client.health().status == "starting"
+
+
+def test_a_joining_worker_is_welcomed_makes_the_system_ready_and_is_lost_when_silent(tiny_model, tmp_path):
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
+    member = zmq.Context.instance().socket(zmq.DEALER)
+    member.setsockopt(zmq.ROUTING_ID, b"gpu-worker")
+    member.setsockopt(zmq.LINGER, 0)
+    member.setsockopt(zmq.RCVTIMEO, 5000)
+    member.connect(coordinator.config.control_endpoint)
+    try:
+        hb = Heartbeat(member_id="gpu-worker", role="gpu_worker", pid=4242, metrics_port=1234, placement_version=0)
+        member.send_multipart(encode(hb))
+        welcome = decode(member.recv_multipart())
+        assert isinstance(welcome, Welcome)
+        assert welcome.placement["version"] == 1 and welcome.placement["hosts"] == []
+        assert welcome.placement["owner"] == [[-1] * 8] * 4  # every expert on the worker
+        hb.placement_version = 1
+        member.send_multipart(encode(hb))
+        deadline = time.monotonic() + 5
+        while coordinator.client.health().status != "ready" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        health = coordinator.client.health()
+        assert health.status == "ready"
+        worker = next(m for m in health.members if m["member_id"] == "gpu-worker")
+        assert (worker["pid"], worker["metrics_port"], worker["alive"], worker["placement_version"]) == (
+            4242, 1234, True, 1)
+        # Ready, but nothing is connected to the engine socket: the request is refused, not lost.
+        with pytest.raises(ServerError) as info:
+            coordinator.client.complete(prompt="hello", max_tokens=2)
+        assert info.value.code == "unavailable" and "not connected" in info.value.message
+        time.sleep(1.5)  # no heartbeat for longer than the timeout
+        health = coordinator.client.health()
+        assert health.status == "starting"
+        assert not next(m for m in health.members if m["member_id"] == "gpu-worker")["alive"]
+    finally:
+        member.close()
+        assert coordinator.stop() == 0
+    log = coordinator.log.read_text()
+    for line in ("gpu-worker joined", "ready: placement v1", "gpu-worker lost", "draining", "stopped"):
+        assert line in log, line
+
+
+def test_sigterm_exits_zero_and_leaves_no_socket_files(tiny_model, tmp_path):
+    coordinator = Coordinator(tiny_model, tmp_path)
+    run_dir = Path(coordinator.config.run_dir)
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    assert sorted(p.name for p in run_dir.iterdir()) == ["control.sock", "engine.sock"]
+    assert coordinator.stop() == 0
+    assert list(run_dir.iterdir()) == []
