@@ -357,7 +357,6 @@ def serve(config: Config) -> int:
     setup_process("coordinator", config)
     try:
         model = GGUFModel(config.model)
-        os.makedirs(config.run_dir, mode=0o700, exist_ok=True)
         coordinator = Coordinator(config, model)
     except (ModelError, TokenizerError, OSError, ValueError, zmq.ZMQError) as e:
         log.error("cannot start: %s", e)

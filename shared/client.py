@@ -130,6 +130,12 @@ class _Inbox:
         self.open.discard(request_id)
         self.boxes.pop(("request", request_id), None)
 
+    def settle(self, request_id: str, msg: Message) -> Event:
+        """A request's next event for its reader: the last one closes the request, an error raises."""
+        if not isinstance(msg, TokenEvent):
+            self.finish(request_id)
+        return _checked(msg, request_id)
+
 
 def _checked(msg: Message, request_id: str | None = None) -> Message:
     if isinstance(msg, ErrorEvent):
@@ -230,10 +236,8 @@ class Stream:
         except TimeoutError:
             self.close()
             raise
-        if not isinstance(msg, TokenEvent):
-            self.done = True
-            self.client._inbox.finish(self.request_id)
-        return _checked(msg, self.request_id)
+        self.done = not isinstance(msg, TokenEvent)
+        return self.client._inbox.settle(self.request_id, msg)
 
     def close(self) -> None:
         """Stop reading this stream; a request still running is cancelled."""
@@ -336,10 +340,8 @@ class AsyncStream:
         except TimeoutError:
             await self.close()
             raise
-        if not isinstance(msg, TokenEvent):
-            self.done = True
-            self.client._inbox.finish(self.request_id)
-        return _checked(msg, self.request_id)
+        self.done = not isinstance(msg, TokenEvent)
+        return self.client._inbox.settle(self.request_id, msg)
 
     async def close(self) -> None:
         """Stop reading this stream; a request still running is cancelled."""

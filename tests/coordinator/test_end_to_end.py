@@ -1,5 +1,6 @@
-"""The coordinator's contract with clients and the engine, through the whole system (`tierserve up`): queueing,
-cancellation, clients that vanish, and a worker that dies, checked against the fp32 oracle's tokens."""
+"""The coordinator's contract with clients and the engine, through the whole system (`tierserve up`): queueing in
+order with a bounded queue, cancellation, duplicate ids, and a worker that dies, checked against the oracle's tokens.
+(Bad input, clients that vanish mid-stream and bursts of requests are in tests/test_bad_input.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import zmq
 from shared.client import Client, ServerError
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
-from shared.protocol import FinalEvent, Generate, TokenEvent, decode, encode
+from shared.protocol import FinalEvent, Generate, decode, encode
 from shared.reference import ReferenceModel
 
 MAX_RUNNING, MAX_WAITING = 4, 100
@@ -49,17 +50,6 @@ def wait_until_idle(client: Client, timeout_s: float = 10.0) -> dict:
         if time.monotonic() > deadline:
             raise AssertionError(f"still busy: {stats}")
         time.sleep(0.1)
-
-
-def test_a_hundred_requests_at_once_are_all_served(client, oracle):
-    expected = oracle.greedy(PROMPT, 4)
-    streams = [client.generate(token_ids=PROMPT, max_tokens=4) for _ in range(100)]
-    for stream in streams:
-        events = list(stream)
-        assert [e.token_id for e in events if isinstance(e, TokenEvent)] == expected
-        assert isinstance(events[-1], FinalEvent) and events[-1].finish_reason == "length"
-    stats = wait_until_idle(client)
-    assert stats["requests"]["completed"] >= 100
 
 
 def test_requests_wait_their_turn_and_the_queue_has_a_limit(system, oracle):
@@ -125,19 +115,6 @@ def test_a_duplicate_request_id_is_refused_while_the_first_is_in_flight(client):
     wait_until_idle(client)
 
 
-def test_a_client_that_disconnects_mid_stream_has_its_request_cancelled_in_the_engine(system, client):
-    before = client.stats().stats["requests"]["cancelled"]
-    socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, 30_000)
-    socket.connect(system.endpoint)
-    socket.send_multipart(encode(Generate(request_id="gone", token_ids=PROMPT, max_tokens=400)))
-    assert decode(socket.recv_multipart()).KIND == "token"
-    socket.close()
-    stats = wait_until_idle(client)
-    assert stats["requests"]["cancelled"] == before + 1  # run to its end, it would count as completed
-
-
 def test_requests_in_flight_when_the_worker_dies_end_with_an_error_and_service_resumes(client, oracle):
     worker = next(m for m in client.health().members if m["member_id"] == "gpu-worker")
     stream = client.generate(token_ids=PROMPT, max_tokens=400)
@@ -151,3 +128,15 @@ def test_requests_in_flight_when_the_worker_dies_end_with_an_error_and_service_r
         assert time.monotonic() < deadline, "the restarted worker never made the system ready"
         time.sleep(0.2)
     assert client.complete(token_ids=PROMPT, max_tokens=6).token_ids == oracle.greedy(PROMPT, 6)
+
+
+def test_a_drain_that_runs_out_of_time_cancels_what_is_left_and_exits_cleanly(tiny_model):
+    system = RunningSystem(str(tiny_model), "--expert-hosts", "0", "--hot-experts", "8", "--drain-timeout-s", "0.5")
+    with Client(system.endpoint, timeout_s=30) as client:
+        stream = client.generate(token_ids=PROMPT, max_tokens=400)
+        next(stream)
+        system.process.send_signal(signal.SIGTERM)
+        rest = list(stream)
+    # Left alone it would end with "length" after 400 tokens (~3 s here); the drain gave up after 0.5 s.
+    assert rest[-1].finish_reason == "cancelled" and 1 < rest[-1].completion_tokens < 400
+    assert system.stop() == 0

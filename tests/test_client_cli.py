@@ -1,0 +1,171 @@
+"""The Python clients and the `tierserve generate / chat / health / stats` commands against a running system,
+their tokens checked against the fp32 oracle and their text against the tokenizer."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shared.cli import main as tierserve
+from shared.client import AsyncClient, Client, ServerError, run
+from shared.gguf_file import GGUFModel
+from shared.launcher import RunningSystem
+from shared.make_model import make_model
+from shared.reference import ReferenceModel
+from shared.tokenizer import Tokenizer
+
+PROMPT = "The expert hosts"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    path = tmp_path_factory.mktemp("client") / "tiny.gguf"
+    make_model(path, arch="qwen3moe", preset="tiny", dtype="f32", seed=2)
+    return path
+
+
+@pytest.fixture(scope="module")
+def system(model):
+    with RunningSystem(str(model), "--expert-hosts", "1", "--hot-experts", "4") as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def oracle(model) -> ReferenceModel:
+    return ReferenceModel(GGUFModel(model))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(model) -> Tokenizer:
+    return Tokenizer.from_gguf(model)
+
+
+def expected_reply(oracle, tokenizer, prompt_ids: list[int], n: int) -> tuple[list[int], str]:
+    """The oracle's greedy tokens, ending at an end-of-turn token as the server does, and their text."""
+    ids = oracle.greedy(prompt_ids, n)
+    end = next((i for i, t in enumerate(ids) if t in tokenizer.eos_token_ids), None)
+    if end is not None:
+        ids = ids[: end + 1]
+        return ids, tokenizer.decode(ids[:-1])
+    return ids, tokenizer.decode(ids)
+
+
+def test_complete_gathers_tokens_text_logprobs_usage_and_timings(system, oracle, tokenizer):
+    with Client(system.endpoint) as client:
+        result = client.complete(prompt=PROMPT, max_tokens=8, logprobs=3)
+    prompt_ids = tokenizer.encode(PROMPT)
+    ids, text = expected_reply(oracle, tokenizer, prompt_ids, 8)
+    assert (result.token_ids, result.text, result.prompt_token_ids) == (ids, text, prompt_ids)
+    assert len(result.logprobs) == len(ids) and all(lp <= 0 for lp in result.logprobs)
+    assert [len(top) for top in result.top_logprobs] == [3] * len(ids)
+    assert [top[0][0] for top in result.top_logprobs] == ids  # greedy: the chosen token is the likeliest
+    assert result.usage == {"prompt_tokens": len(prompt_ids), "completion_tokens": len(ids)}
+    assert result.finish_reason == ("stop" if ids[-1] in tokenizer.eos_token_ids else "length")
+    assert 0 < result.timings["ttft_s"] <= result.timings["total_s"] and result.timings["decode_tok_s"] > 0
+
+
+def test_a_stop_string_cuts_the_text_and_ends_the_request(system, oracle, tokenizer):
+    prompt_ids = tokenizer.encode(PROMPT)
+    _, text = expected_reply(oracle, tokenizer, prompt_ids, 24)
+    stop = text[5:8]
+    with Client(system.endpoint) as client:
+        result = client.complete(prompt=PROMPT, max_tokens=24, stop=[stop])
+    assert result.finish_reason == "stop" and stop not in result.text
+    assert result.text == text[: text.index(stop)]
+    assert len(result.token_ids) < 24
+
+
+def test_a_refused_request_raises_with_its_code(system):
+    with Client(system.endpoint) as client, pytest.raises(ServerError) as info:
+        client.complete(request_id="zero", prompt="hi", max_tokens=0)
+    assert (info.value.code, info.value.request_id) == ("invalid_request", "zero")
+    assert "max_tokens" in str(info.value)
+
+
+def test_streams_of_one_client_interleave(system, oracle, tokenizer):
+    with Client(system.endpoint) as client:
+        a = client.generate(token_ids=[1, 2, 3], max_tokens=6)
+        b = client.generate(token_ids=[4, 5], max_tokens=6)
+        b_events = list(b)  # a's events arrive meanwhile and wait in its inbox
+        a_events = list(a)
+    assert [e.token_id for e in a_events[:-1]] == oracle.greedy([1, 2, 3], 6)
+    assert [e.token_id for e in b_events[:-1]] == oracle.greedy([4, 5], 6)
+
+
+def test_async_client_runs_requests_concurrently_and_cancels(system, oracle):
+    async def main():
+        async with AsyncClient(system.endpoint) as client:
+            results = await asyncio.gather(client.complete(token_ids=[7, 8], max_tokens=5),
+                                           client.complete(token_ids=[9], max_tokens=7), client.health())
+            stream = await client.generate(token_ids=[7, 8], max_tokens=400)
+            first = await anext(stream)
+            await client.cancel(stream.request_id)
+            rest = [e async for e in stream]
+            return results, first, rest
+
+    (a, b, health), first, rest = run(main())
+    assert a.token_ids == oracle.greedy([7, 8], 5) and b.token_ids == oracle.greedy([9], 7)
+    assert health.status == "ready"
+    assert first.token_id == a.token_ids[0] and rest[-1].finish_reason == "cancelled"
+
+
+def test_generate_command_streams_text_and_prints_json(system, oracle, tokenizer, capsys):
+    ids, text = expected_reply(oracle, tokenizer, tokenizer.encode(PROMPT), 6)
+    assert tierserve(["generate", PROMPT, "--endpoint", system.endpoint, "--max-tokens", "6"]) == 0
+    assert capsys.readouterr().out == text + "\n"
+    assert tierserve(["generate", PROMPT, "--endpoint", system.endpoint, "--max-tokens", "6", "--logprobs", "2",
+                      "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert set(out) >= {"token_ids", "text", "prompt_token_ids", "logprobs", "finish_reason", "usage", "timings"}
+    assert (out["token_ids"], out["text"]) == (ids, text)
+    assert len(out["top_logprobs"][0]) == 2
+
+
+def test_generate_command_reports_a_refusal(system, capsys):
+    assert tierserve(["generate", "hi", "--endpoint", system.endpoint, "--top-p", "0"]) == 1
+    err = capsys.readouterr().err
+    assert "invalid_request" in err and "top_p" in err
+
+
+def test_chat_command_keeps_the_conversation(system, oracle, tokenizer, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\nhow are you\n"))
+    assert tierserve(["chat", "--endpoint", system.endpoint, "--system", "Be brief.", "--max-tokens", "5"]) == 0
+    out = capsys.readouterr().out
+    messages = [{"role": "system", "content": "Be brief."}]
+    expected = ""
+    for line in ("hello", "how are you"):
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), add_special=False)
+        _, reply = expected_reply(oracle, tokenizer, prompt, 5)
+        messages.append({"role": "assistant", "content": reply})
+        expected += reply + "\n"
+    assert out == expected
+
+
+def test_health_and_stats_commands_print_json(system, capsys):
+    assert tierserve(["health", "--endpoint", system.endpoint]) == 0
+    health = json.loads(capsys.readouterr().out)
+    assert health["status"] == "ready"
+    assert {m["member_id"] for m in health["members"]} == {"coordinator", "gpu-worker", "expert-host-0"}
+    assert tierserve(["stats", "--endpoint", system.endpoint]) == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["requests"]["completed"] >= 1 and stats["generated_tokens"] >= 1
+
+
+def test_the_installed_command_reads_the_endpoint_from_the_config(system, tmp_path):
+    config = tmp_path / "client.toml"
+    config.write_text(f'client_endpoint = "{system.endpoint}"\n')
+    done = subprocess.run([sys.executable, "-m", "shared.cli", "health", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "ready"
+
+
+def test_commands_without_a_server_time_out_clearly(capsys):
+    assert tierserve(["stats", "--endpoint", "tcp://127.0.0.1:9", "--timeout", "0.3"]) == 1
+    assert "no answer from tcp://127.0.0.1:9 within 0.3 s" in capsys.readouterr().err
