@@ -13,6 +13,8 @@ from shared.placement import Placement
 
 
 class ExpertStore:
+    """Float experts are zero-copy views of the mapped file, so a host's RAM is the pages it touches."""
+
     def __init__(self, model: GGUFModel, host_index: int) -> None:
         self.model, self.host_index = model, host_index
         self.weights: dict[tuple[int, int], ExpertWeights] = {}
@@ -25,7 +27,7 @@ class ExpertStore:
             del self.weights[key]
         for layer, e in sorted(wanted - set(self.weights)):
             self.weights[(layer, e)] = tuple(  # type: ignore[assignment]
-                self.model.expert(layer, kind, e) for kind in EXPERT_TENSOR_KINDS
+                self.model.expert_view(layer, kind, e) for kind in EXPERT_TENSOR_KINDS
             )
         self.placement_version = placement.version
 
@@ -50,4 +52,5 @@ class ExpertStore:
         missing = [e for e in experts if not self.owns(layer, e)]
         if missing:
             raise ValueError(f"layer {layer}: experts {missing} are not held by this host")
-        return grouped_ffn(hidden.float(), experts, counts, self.of_layer(layer)).to(hidden.dtype)
+        compute_dtype = self.weights[(layer, experts[0])][0].dtype if experts else hidden.dtype
+        return grouped_ffn(hidden.to(compute_dtype), experts, counts, self.of_layer(layer)).to(hidden.dtype)

@@ -54,13 +54,19 @@ def pick_device(config: Config) -> torch.device:
     return torch.device("cpu")
 
 
+def pick_dtype(config: Config, device: torch.device) -> torch.dtype:
+    if config.dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return getattr(torch, config.dtype)
+
+
 class Engine:
     """Model, cache, scheduler and sampler for one placement; no sockets of its own but the data plane."""
 
     def __init__(self, config: Config, model: GGUFModel, remote: RemoteExperts | None) -> None:
         self.config, self.model, self.remote = config, model, remote
         self.device = pick_device(config)
-        dtype = torch.float32 if self.device.type == "cpu" else torch.bfloat16
+        dtype = pick_dtype(config, self.device)
         num_blocks = max(1, config.kv_cache_tokens // config.kv_block_size)
         self.trunk = Trunk(model, self.device, dtype, num_blocks, config.kv_block_size)
         self.scheduler = Scheduler(KVBlockAllocator(num_blocks, config.kv_block_size),

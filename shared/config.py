@@ -46,6 +46,7 @@ class Config:
     hot_experts: int = -1  # experts per layer kept on the gpu_worker; -1: as many as gpu_expert_budget allows
     gpu_expert_budget: int = 0  # bytes of VRAM (or worker RAM without a GPU) for hot experts
     device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # trunk and hot experts: auto (float32 on the CPU, bfloat16 on a GPU) | float32 | bfloat16
     kv_cache_tokens: int = 16384
     kv_block_size: int = 16
     max_batch_tokens: int = 512
@@ -69,6 +70,8 @@ class Config:
             raise ValueError("expert_hosts must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError(f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
 
     def ipc(self, name: str) -> str:
         return f"ipc://{self.run_dir}/{name}.sock"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +112,20 @@ class GGUFModel:
         """One expert's matrix (float32) out of a merged `*_exps` tensor, dequantizing only its slice."""
         t = self._tensors[expert_tensor_name(layer, kind)]
         return dequantize(t.data[index], t.tensor_type).reshape(tuple(int(d) for d in reversed(t.shape[:2])))
+
+    def expert_view(self, layer: int, kind: str, index: int) -> torch.Tensor:
+        """One expert's matrix as a zero-copy tensor over the file's pages when it is stored as F32, F16
+        or BF16 (the `mapped` memory kind: RAM is only what the page cache holds); block-quantized
+        experts are dequantized to float32."""
+        t = self._tensors[expert_tensor_name(layer, kind)]
+        if t.tensor_type not in (Q.F32, Q.F16, Q.BF16):
+            return self.expert(layer, kind, index)
+        raw = np.asarray(t.data[index])
+        with warnings.catch_warnings():  # the mapping is read-only and so are these tensors
+            warnings.simplefilter("ignore", UserWarning)
+            if t.tensor_type == Q.BF16:
+                return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
+            return torch.from_numpy(raw)
 
     def expert_bytes(self, layer: int, kind: str, index: int) -> np.ndarray:
         """Zero-copy view of one expert's stored bytes within a merged tensor."""
