@@ -207,3 +207,17 @@ def test_corrupt_counts_in_header(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(ModelError, match="no such model file"):
         GGUFModel(tmp_path / "nope.gguf")
+
+
+def test_float_experts_are_zero_copy_views_of_the_file(tmp_path):
+    cfg = tiny_config()
+    tensors = random_tensors(cfg)
+    name = "blk.1.ffn_gate_exps.weight"
+    tensors[name] = quants.quantize(tensors[name], Q.BF16).view(np.uint8)
+    write_model(tmp_path / "m.gguf", cfg, tensors, qtypes={name: Q.BF16})
+    model = GGUFModel(tmp_path / "m.gguf")
+    for layer in (0, 1):  # f32 and bf16
+        view = model.expert_view(layer, "ffn_gate_exps", 6)
+        assert view.data_ptr() == model.expert_bytes(layer, "ffn_gate_exps", 6).ctypes.data
+        assert torch.equal(view.float(), model.expert(layer, "ffn_gate_exps", 6))
+    assert model.expert_view(1, "ffn_gate_exps", 6).dtype == torch.bfloat16
