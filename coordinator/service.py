@@ -85,6 +85,7 @@ class Coordinator:
         self.drain_deadline = 0.0
         self.metrics_port = 0
         self.started = time.monotonic()
+        self.done = asyncio.Event()  # set when the drain is over
         self.ctx = zmq.asyncio.Context()
         self.client = self._router(config.client_endpoint, zmq.ROUTER_MANDATORY, hwm=100_000)
         self.engine = self._router(config.engine_endpoint, zmq.ROUTER_MANDATORY, zmq.ROUTER_HANDOVER, hwm=100_000)
@@ -107,7 +108,6 @@ class Coordinator:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.begin_drain)
-        self.done = asyncio.Event()
         tasks = [asyncio.create_task(self._receive(self.client, self.on_client)),
                  asyncio.create_task(self._receive(self.engine, self.on_engine)),
                  asyncio.create_task(self._receive(self.control, self.on_control)),
