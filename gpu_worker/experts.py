@@ -6,13 +6,16 @@ work, then the hosts' results are gathered, so the two overlap.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 
+from gpu_worker.cold_path import ColdPlanner
+from gpu_worker.grouped import swiglu_grouped
 from gpu_worker.remote import RemoteExperts
-from shared.expert_math import ExpertWeights, group_by_expert, grouped_ffn
+from gpu_worker.soft_pool import SoftPool
+from shared.expert_math import ExpertWeights, Grouped, group_by_expert, grouped_ffn
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.placement import GPU, Placement
@@ -30,7 +33,7 @@ class HotExperts:
         self.grouped = device.type == "cuda" and dtype == torch.bfloat16  # what grouped GEMM kernels take
         self.ids: dict[int, list[int]] = {}
         self.weights: dict[tuple[int, int], ExpertWeights] = {}  # CPU: per expert
-        self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # GPU: (gate_up (G, H, 2F), down (G, F, H))
+        self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # GPU: (gate_up (G, 2F, H), down (G, H, F))
 
     def _load(self, layer: int, e: int) -> ExpertWeights:
         return tuple(self.model.expert(layer, kind, e).to(self.device, self.dtype)  # type: ignore[return-value]
@@ -49,9 +52,8 @@ class HotExperts:
                 continue
             if self.grouped:
                 weights = [self._load(layer, e) for e in ids]
-                gate_up = torch.stack([torch.cat([g, u]).T for g, u, _ in weights])
-                down = torch.stack([d.T for _, _, d in weights])
-                self.stacks[layer] = (gate_up.contiguous(), down.contiguous())
+                self.stacks[layer] = (torch.stack([torch.cat([g, u]) for g, u, _ in weights]),
+                                      torch.stack([d for _, _, d in weights]))
             else:
                 for e in ids:
                     self.weights[(layer, e)] = self._load(layer, e)
@@ -61,13 +63,8 @@ class HotExperts:
         if not self.grouped:
             return grouped_ffn(x, experts, counts, lambda e: self.weights[(layer, e)])
         gate_up, down = self.stacks[layer]
-        rows = torch.tensor([self.ids[layer].index(e) for e in experts], device=x.device)
-        per_row = torch.zeros(gate_up.shape[0], dtype=torch.int32, device=x.device)
-        per_row[rows] = torch.tensor(counts, dtype=torch.int32, device=x.device)
-        offs = per_row.cumsum(0, dtype=torch.int32)
-        h = torch._grouped_mm(x, gate_up, offs=offs)
-        gate, up = h.chunk(2, dim=-1)
-        return torch._grouped_mm(F.silu(gate) * up, down, offs=offs)
+        index = {e: i for i, e in enumerate(self.ids[layer])}
+        return swiglu_grouped(x, gate_up, down, [index[e] for e in experts], counts)
 
     @property
     def nbytes(self) -> int:
@@ -76,12 +73,37 @@ class HotExperts:
 
 
 class MoEDispatch:
-    """The trunk's MoE function for one placement. `on_dispatch(path, pairs)` counts work by path."""
+    """The trunk's MoE function for one placement. `on_dispatch(path, pairs)` counts (token, expert)
+    pairs by path: hot, soft_hit (already in a VRAM slot), streamed (copied in for this step) or cpu."""
 
     def __init__(self, placement: Placement, hot: HotExperts, remote: RemoteExperts | None,
+                 pool: SoftPool | None = None, planner: ColdPlanner | None = None,
                  on_dispatch: Callable[[str, int], None] = lambda path, n: None) -> None:
-        self.hot, self.remote, self.on_dispatch = hot, remote, on_dispatch
+        self.hot, self.remote, self.pool, self.planner, self.on_dispatch = hot, remote, pool, planner, on_dispatch
+        self.owners = [list(layer) for layer in placement.owner]
         self.owner = [torch.tensor(layer, dtype=torch.long, device=hot.device) for layer in placement.owner]
+
+    def _soft_slots(self, layer: int, cold: Grouped) -> dict[int, int]:
+        """Slots of this layer's cold experts computed on the GPU this step: resident ones, then the
+        ones the planner streams in (an expert the policy finds no slot for stays on its host)."""
+        if self.pool is None:
+            return {}
+        tier = self.pool.tier
+        slots = {}
+        for e in cold.experts:  # pinned as found, so streaming this layer's misses cannot evict them
+            if (layer, e) in tier:
+                slots[e] = tier.lookup((layer, e))
+                tier.pin((layer, e))
+        counts = dict(zip(cold.experts, cold.counts, strict=True))
+        self.on_dispatch("soft_hit", sum(counts[e] for e in slots))
+        misses = [(e, self.owners[layer][e], counts[e]) for e in cold.experts if e not in slots]
+        for e in self.planner.to_stream(misses) if self.planner else []:
+            slot = self.pool.stream(layer, e)
+            if slot is not None:
+                slots[e] = slot
+                tier.pin((layer, e))
+                self.on_dispatch("streamed", counts[e])
+        return slots
 
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         n, k = expert_ids.shape
@@ -89,23 +111,37 @@ class MoEDispatch:
         experts, pair_weights = expert_ids.flatten(), weights.flatten()
         owners = self.owner[layer][experts]
         out = torch.zeros_like(h)
+        cold = owners != GPU
+        slots: dict[int, int] = {}
+        if self.pool is not None and bool(cold.any()):
+            slots = self._soft_slots(layer, group_by_expert(tokens[cold], experts[cold], pair_weights[cold]))
+        slot_of = torch.full((len(self.owners[layer]),), -1, dtype=torch.long)
+        for e, slot in slots.items():
+            slot_of[e] = slot
+        pair_slot = slot_of.to(h.device)[experts]
+        on_cpu = cold & (pair_slot < 0)
         sent = []
-        for host in torch.unique(owners).tolist():
-            if host == GPU:
-                continue
+        for host in torch.unique(owners[on_cpu]).tolist():
             assert self.remote is not None, "placement has cold experts but the worker has no expert hosts"
-            sel = owners == host
+            sel = on_cpu & (owners == host)
             g = group_by_expert(tokens[sel], experts[sel], pair_weights[sel])
             self.remote.send(host, layer, g.experts, g.counts, h[g.tokens])
             self.on_dispatch("cpu", len(g.tokens))
-            sent.append((host, g))
-        sel = owners == GPU
-        if bool(sel.any()):
-            g = group_by_expert(tokens[sel], experts[sel], pair_weights[sel])
-            y = self.hot.compute(layer, h[g.tokens], g.experts, g.counts)
-            out.index_add_(0, g.tokens, y * g.weights[:, None])
+            sent.append((host, g, time.perf_counter()))
+        on_gpu = owners == GPU
+        if bool(on_gpu.any()):
+            g = group_by_expert(tokens[on_gpu], experts[on_gpu], pair_weights[on_gpu])
+            out.index_add_(0, g.tokens, self.hot.compute(layer, h[g.tokens], g.experts, g.counts) * g.weights[:, None])
             self.on_dispatch("hot", len(g.tokens))
-        for host, g in sent:
-            y = self.remote.receive(host, layer).to(h.device, h.dtype)  # type: ignore[union-attr]
-            out.index_add_(0, g.tokens, y * g.weights[:, None])
+        if slots:
+            soft = pair_slot >= 0
+            g = group_by_expert(tokens[soft], pair_slot[soft], pair_weights[soft])  # grouped by slot
+            out.index_add_(0, g.tokens, self.pool.compute(h[g.tokens], g.experts, g.counts) * g.weights[:, None])
+            for e in slots:
+                self.pool.tier.unpin((layer, e))
+        for host, g, sent_at in sent:
+            y, compute_s = self.remote.receive(host, layer)  # type: ignore[union-attr]
+            if self.planner is not None:
+                self.planner.observe_host(len(g.experts), len(g.tokens), compute_s, time.perf_counter() - sent_at)
+            out.index_add_(0, g.tokens, y.to(h.device, h.dtype) * g.weights[:, None])
         return out

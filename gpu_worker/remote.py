@@ -21,7 +21,6 @@ class RemoteExperts:
         self.ctx, self.endpoints, self.timeout_s = ctx, endpoints, timeout_s
         self.sockets = [self._connect(e) for e in endpoints]
         self.step = 0
-        self.host_seconds = 0.0  # compute time the hosts reported, for metrics
 
     def _connect(self, endpoint: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -36,7 +35,8 @@ class RemoteExperts:
         msg = ExpertWork(step=self.step, layer=layer, expert_ids=experts, counts=counts, hidden=hidden)
         self.sockets[host].send_multipart(encode(msg), copy=False)
 
-    def receive(self, host: int, layer: int) -> torch.Tensor:
+    def receive(self, host: int, layer: int) -> tuple[torch.Tensor, float]:
+        """The host's output for this step's layer and the compute seconds it reports."""
         sock = self.sockets[host]
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -53,8 +53,7 @@ class RemoteExperts:
             if isinstance(msg, ExpertFailure):
                 raise ExpertHostError(host, msg.code, msg.message)
             if isinstance(msg, ExpertResult):
-                self.host_seconds += msg.compute_s
-                return msg.output
+                return msg.output, msg.compute_s
 
     def reset(self, host: int) -> None:
         """Drop whatever is queued to or from a host that stopped answering; reconnect fresh."""

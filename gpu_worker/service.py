@@ -9,12 +9,14 @@ import torch
 import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
+from gpu_worker.cold_path import ColdPlanner, measure_matmul_flops
 from gpu_worker.experts import HotExperts, MoEDispatch
 from gpu_worker.kv_blocks import KVBlockAllocator
 from gpu_worker.model import Chunk, Trunk
 from gpu_worker.remote import ExpertHostError, RemoteExperts
 from gpu_worker.sampler import Sampler
 from gpu_worker.scheduler import SamplingParams, Scheduler, Sequence
+from gpu_worker.soft_pool import SoftPool
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
@@ -42,9 +44,12 @@ BATCH_SEQS = Gauge("tierserve_worker_batch_size", "Sequences in the last model s
 RUNNING = Gauge("tierserve_worker_running_requests", "Requests holding KV cache")
 WAITING = Gauge("tierserve_worker_waiting_requests", "Requests waiting for KV cache")
 KV_USED = Gauge("tierserve_worker_kv_cache_used_ratio", "Fraction of KV cache blocks in use")
-DISPATCH = Counter("tierserve_worker_expert_dispatch_total", "Routed (token, expert) pairs by path", ["path"])
+DISPATCH = Counter("tierserve_worker_expert_dispatch_total",
+                   "Routed (token, expert) pairs by path: hot, soft_hit, streamed, cpu", ["path"])
 STEP_SECONDS = Histogram("tierserve_worker_step_seconds", "Wall time of one model step",
                          buckets=(1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0))
+SOFT_HIT_RATE = Gauge("tierserve_worker_soft_tier_hit_rate", "Cold expert lookups found in a VRAM slot")
+STREAMED_BYTES = Gauge("tierserve_worker_streamed_bytes", "Expert bytes streamed into VRAM slots since start")
 HOT_BYTES = Gauge("tierserve_worker_hot_expert_bytes", "Bytes of expert weights held by the worker")
 
 
@@ -74,12 +79,17 @@ class Engine:
                                    prefill_chunk=config.prefill_chunk, max_context=model.config.context_length)
         self.sampler = Sampler()
         self.hot = HotExperts(model, self.device, dtype)
+        self.pool = SoftPool(model, self.device, dtype, config.soft_slots, config.soft_policy) \
+            if config.soft_slots > 0 else None
+        self.planner = ColdPlanner(model, config.cold_path, self.pool.measure_bandwidth(),
+                                   measure_matmul_flops(self.device, dtype)) if self.pool else None
         self.moe: MoEDispatch | None = None
         self.placement_version = 0
 
     def apply(self, placement: Placement) -> None:
         self.hot.apply(placement)
-        self.moe = MoEDispatch(placement, self.hot, self.remote, lambda path, n: DISPATCH.labels(path).inc(n))
+        self.moe = MoEDispatch(placement, self.hot, self.remote, self.pool, self.planner,
+                               lambda path, n: DISPATCH.labels(path).inc(n))
         self.placement_version = placement.version
         HOT_BYTES.set(self.hot.nbytes)
 
@@ -119,6 +129,9 @@ class Engine:
         RUNNING.set(self.scheduler.num_running)
         WAITING.set(self.scheduler.num_waiting)
         KV_USED.set(self.scheduler.kv_blocks_used / self.scheduler.kv_blocks_total)
+        if self.pool is not None:
+            SOFT_HIT_RATE.set(self.pool.tier.hit_rate)
+            STREAMED_BYTES.set(self.pool.bytes_streamed)
 
     def load(self) -> dict:
         return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
@@ -182,6 +195,11 @@ def serve(config: Config) -> int:
                 log.error("%s; failing the running requests", e)
                 for seq in engine.fail_all_running():
                     send(EngineError(request_id=seq.request_id, code="expert_host_unavailable", message=str(e)))
+                continue
+            except Exception as e:  # a bug must cost the batch in flight, not every request the worker holds
+                log.exception("model step failed; failing the running requests")
+                for seq in engine.fail_all_running():
+                    send(EngineError(request_id=seq.request_id, code="internal_error", message=repr(e)))
                 continue
             for seq, r in sampled:
                 send(EngineToken(request_id=seq.request_id, token_id=r.token_id, logprob=r.logprob,

@@ -46,6 +46,9 @@ class Config:
     hot_experts: int = -1  # experts per layer kept on the gpu_worker; -1: as many as gpu_expert_budget allows
     gpu_expert_budget: int = 0  # bytes of VRAM (or worker RAM without a GPU) for hot experts
     device: str = "auto"  # auto | cpu | cuda
+    soft_slots: int = 0  # VRAM slots that cold experts are streamed into; 0: no streaming
+    soft_policy: str = "decayed-lfu"  # which expert keeps a slot: decayed-lfu | lru
+    cold_path: str = "auto"  # auto (cost model splits each layer) | cpu | stream
     dtype: str = "auto"  # trunk and hot experts: auto (float32 on the CPU, bfloat16 on a GPU) | float32 | bfloat16
     kv_cache_tokens: int = 16384
     kv_block_size: int = 16

@@ -25,8 +25,16 @@ ARCHS = ["qwen3moe", "qwen2moe", "mixtral", "olmoe"]
 PROMPTS = [[1, 2, 3], list(range(40, 57)), [7]]
 N_EXPERTS_TINY = 8
 
-# (expert hosts, hot experts per layer): all hot; all cold on one host; cold over two hosts; half hot.
-PLACEMENTS = {"all-hot": (0, N_EXPERTS_TINY), "one-host": (1, 0), "two-hosts": (2, 0), "half-hot": (2, 4)}
+# (expert hosts, hot experts per layer, more options): all hot; all cold on one host; cold over two hosts;
+# half hot; cold experts streamed into worker slots; the cost model splitting cold experts between paths.
+PLACEMENTS = {
+    "all-hot": (0, N_EXPERTS_TINY, ()),
+    "one-host": (1, 0, ()),
+    "two-hosts": (2, 0, ()),
+    "half-hot": (2, 4, ()),
+    "streamed": (1, 0, ("--soft-slots", "6", "--cold-path", "stream")),
+    "cost-model": (2, 2, ("--soft-slots", "8", "--cold-path", "auto")),
+}
 
 
 @pytest.fixture(scope="session")
@@ -52,8 +60,8 @@ def start(model: Path, hosts: int, hot: int, *extra: str) -> RunningSystem:
 @pytest.mark.parametrize("placement", list(PLACEMENTS))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_tokens_equal_the_oracle(models, oracles, arch, placement):
-    hosts, hot = PLACEMENTS[placement]
-    with start(models[arch], hosts, hot) as system, Client(system.endpoint) as client:
+    hosts, hot, options = PLACEMENTS[placement]
+    with start(models[arch], hosts, hot, *options) as system, Client(system.endpoint) as client:
         for prompt in PROMPTS:
             result = client.complete(token_ids=prompt, max_tokens=8)
             assert result.token_ids == oracles[arch].greedy(prompt, 8), (arch, placement, prompt)

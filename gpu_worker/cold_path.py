@@ -1,0 +1,86 @@
+"""Per layer and batch: which cold experts to stream into VRAM and which to leave to their hosts' CPUs.
+
+`auto` asks the cost model (gpu_worker.cost_model) for the split that finishes the layer soonest
+with the PCIe link and the hosts' CPUs working in parallel, from constants measured at start-up
+on this machine and refreshed from the hosts' reported timings; `cpu` and `stream` force one path.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from gpu_worker.cost_model import (
+    ColdExpert,
+    CostConstants,
+    LiveConstants,
+    expert_flops_per_token,
+    expert_format,
+    plan_layer,
+)
+from shared.gguf_file import GGUFModel
+from shared.model_config import EXPERT_TENSOR_KINDS
+from shared.reference import expert_ffn
+
+COLD_PATHS = ("auto", "cpu", "stream")
+
+
+def measure_cpu_expert(model: GGUFModel) -> tuple[float, float]:
+    """(weight bytes/s at one token, flop/s at 64 tokens) of this machine's CPU on one stored expert,
+    computed the way an expert host computes it."""
+    weights = [model.expert_view(0, kind, 0) for kind in EXPERT_TENSOR_KINDS]
+    nbytes = sum(w.numel() * w.element_size() for w in weights)
+    flops = expert_flops_per_token(model.config)
+
+    def seconds(tokens: int) -> float:
+        x = torch.randn(tokens, model.config.hidden, dtype=weights[0].dtype)
+        expert_ffn(x, *weights)
+        start = time.perf_counter()
+        for _ in range(4):
+            expert_ffn(x, *weights)
+        return (time.perf_counter() - start) / 4
+
+    return nbytes / seconds(1), 64 * flops / seconds(64)
+
+
+def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
+    """Flop/s of an expert-sized GEMM on the worker's device, measured now."""
+    a = torch.randn(256, 2048, device=device, dtype=dtype)
+    b = torch.randn(2048, 2048, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(8):
+        a @ b
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return 8 * 2 * 256 * 2048 * 2048 / (time.perf_counter() - start)
+
+
+class ColdPlanner:
+    def __init__(self, model: GGUFModel, mode: str, stream_bw: float, gpu_flops: float) -> None:
+        if mode not in COLD_PATHS:
+            raise ValueError(f"cold_path must be one of {', '.join(COLD_PATHS)}, not {mode!r}")
+        self.mode = mode
+        self.dtype, self.expert_bytes = expert_format(model, 0)
+        self.flops_per_token = expert_flops_per_token(model.config)
+        cpu_bw, cpu_flops = measure_cpu_expert(model)
+        self.live = LiveConstants(CostConstants(pcie_bw=stream_bw, cpu_read_bw={self.dtype: cpu_bw},
+                                                cpu_flops=cpu_flops, round_trip_s=100e-6, gpu_flops=gpu_flops))
+
+    def to_stream(self, cold: list[tuple[int, int, int]]) -> list[int]:
+        """Experts to stream among (expert, owning host, tokens) of one layer."""
+        if self.mode == "cpu" or not cold:
+            return []
+        if self.mode == "stream":
+            return [e for e, _, _ in cold]
+        plan = plan_layer([ColdExpert(e, host, n, self.expert_bytes, self.dtype, self.flops_per_token)
+                           for e, host, n in cold], self.live.current)
+        return plan.stream
+
+    def observe_host(self, experts: int, tokens: int, compute_s: float, round_trip_s: float) -> None:
+        self.live.observe_cpu(self.dtype, experts * self.expert_bytes, tokens * self.flops_per_token, compute_s)
+        self.live.observe_round_trip(max(round_trip_s - compute_s, 0.0))

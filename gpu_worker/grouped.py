@@ -1,0 +1,21 @@
+"""Many experts in one launch: SwiGLU over rows grouped by expert with torch's grouped GEMM."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def swiglu_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, groups: list[int],
+                   counts: list[int]) -> torch.Tensor:
+    """x rows grouped by `groups` (ascending indices into the stacks), counts[i] rows for groups[i].
+
+    gate_up is (G, 2F, H), gate rows then up rows, and down (G, H, F): the GGUF's row layout, so a
+    stack is filled by plain copies; the GEMMs read them transposed. Groups with no rows cost nothing.
+    """
+    per_group = torch.zeros(gate_up.shape[0], dtype=torch.int32)
+    per_group[groups] = torch.tensor(counts, dtype=torch.int32)
+    offs = per_group.cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
+    h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs)
+    gate, up = h.chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
