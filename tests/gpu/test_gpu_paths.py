@@ -56,23 +56,29 @@ def test_bf16_trunk_with_grouped_hot_experts_matches_the_oracle(small):
     assert relative < 5e-2
 
 
-def test_fp32_on_the_gpu_gives_the_oracles_greedy_tokens(small):
+STREAM = ("--soft-slots", "24", "--cold-path", "stream")
+AUTO = ("--soft-slots", "24", "--cold-path", "auto")
+
+
+@pytest.mark.parametrize("options", [(), STREAM, AUTO], ids=["cpu-cold", "streamed", "cost-model"])
+def test_fp32_on_the_gpu_gives_the_oracles_greedy_tokens(small, options):
     path, oracle = small
     with RunningSystem(str(path), "--device", "cuda", "--dtype", "float32", "--expert-hosts", "2",
-                       "--hot-experts", "16") as system, Client(system.endpoint) as client:
+                       "--hot-experts", "16", *options) as system, Client(system.endpoint) as client:
         got = client.complete(token_ids=PROMPT, max_tokens=32).token_ids
     assert got == oracle.greedy(PROMPT, 32)
 
 
-@pytest.mark.parametrize("hosts, hot", [(0, 32), (2, 16), (1, 0)])
-def test_bf16_system_logprobs_match_the_oracle(small, hosts, hot):
+@pytest.mark.parametrize("hosts, hot, options", [(0, 32, ()), (2, 16, ()), (1, 0, ()), (1, 0, STREAM), (2, 8, AUTO)],
+                         ids=["all-hot", "half-hot", "all-cpu", "all-streamed", "cost-model"])
+def test_bf16_system_logprobs_match_the_oracle(small, hosts, hot, options):
     path, oracle = small
     with RunningSystem(str(path), "--device", "cuda", "--expert-hosts", str(hosts), "--hot-experts", str(hot),
-                       "--prefill-chunk", "5") as system, Client(system.endpoint) as client:
+                       "--prefill-chunk", "5", *options) as system, Client(system.endpoint) as client:
         result = client.complete(token_ids=PROMPT, max_tokens=16, logprobs=1)
     seq = PROMPT + result.token_ids
     reference = oracle.forward(seq).log_softmax(-1)
     want = [reference[len(PROMPT) - 1 + i, t].item() for i, t in enumerate(result.token_ids)]
     worst = max(abs(a - b) for a, b in zip(result.logprobs, want, strict=True))
-    print(f"hosts={hosts} hot={hot}: worst logprob gap {worst:.3f} nats")
+    print(f"hosts={hosts} hot={hot} {' '.join(options)}: worst logprob gap {worst:.3f} nats")
     assert worst < 0.15
