@@ -11,11 +11,9 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from expert_host.store import ExpertStore
 from shared.config import Config, add_config_arguments, config_from_args
-from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
-from shared.model_config import ModelError
 from shared.placement import expert_host_id
-from shared.process import ControlLink, StopFlag, leave_run_dir, setup_process
+from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process
 from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
 
 WORK = Counter("tierserve_expert_host_work_total", "Work items (one layer's experts for one batch)", ["outcome"])
@@ -31,10 +29,8 @@ def serve(config: Config, host_index: int) -> int:
     member_id = expert_host_id(host_index)
     log = setup_process(member_id, config)
     stop = StopFlag()
-    try:
-        model = GGUFModel(config.model)
-    except ModelError as e:
-        log.error("cannot start: %s", e)
+    model = open_model(config, log)
+    if model is None:
         return 1
     store = ExpertStore(model, host_index)
     metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("expert_host", host_index))

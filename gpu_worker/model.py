@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS
-from shared.reference import expert_ffn, rms_norm, rope, route
+from shared.reference import attention_inputs, expert_ffn, rms_norm, route
 
 # (layer, normed hidden (N, H), routing weights (N, k), expert ids (N, k)) -> routed experts' sum (N, H)
 MoEFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,22 +45,8 @@ class Trunk:
 
     def _attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, chunks: Sequence[Chunk],
                    new_slots: torch.Tensor, context_slots: list[torch.Tensor]) -> torch.Tensor:
-        c, w, b = self.cfg, self.w, f"blk.{i}."
-        q, k, v = (x @ w[b + f"attn_{n}.weight"].T for n in "qkv")
-        if c.attn_bias:
-            q, k, v = q + w[b + "attn_q.bias"], k + w[b + "attn_k.bias"], v + w[b + "attn_v.bias"]
-        if c.qk_norm == "full":
-            q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
-            k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
-        n = x.shape[0]
-        q = q.view(n, c.n_heads, c.head_dim)
-        k = k.view(n, c.n_kv_heads, c.head_dim)
-        v = v.view(n, c.n_kv_heads, c.head_dim)
-        if c.qk_norm == "head":
-            q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
-            k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
-        q = rope(q, positions, c.rope_base, c.rope_style)
-        k = rope(k, positions, c.rope_base, c.rope_style)
+        c, w = self.cfg, self.w
+        q, k, v = attention_inputs(c, w, i, x, positions)
         self.kv[i, 0, new_slots] = k
         self.kv[i, 1, new_slots] = v
         out = torch.empty_like(q)
@@ -76,7 +62,7 @@ class Trunk:
             att = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, enable_gqa=True)
             out[offset : offset + m] = att.transpose(0, 1)
             offset += m
-        return out.reshape(n, c.q_dim) @ w[b + "attn_output.weight"].T
+        return out.reshape(x.shape[0], c.q_dim) @ w[f"blk.{i}.attn_output.weight"].T
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk], moe: MoEFn) -> torch.Tensor:

@@ -20,9 +20,8 @@ from gpu_worker.soft_pool import SoftPool
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
-from shared.model_config import ModelError
 from shared.placement import Placement
-from shared.process import ControlLink, StopFlag, leave_run_dir, setup_process
+from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process
 from shared.protocol import (
     EngineCancel,
     EngineError,
@@ -148,10 +147,8 @@ def to_sequence(msg: EngineGenerate) -> Sequence:
 def serve(config: Config) -> int:
     log = setup_process(MEMBER_ID, config)
     stop = StopFlag()
-    try:
-        model = GGUFModel(config.model)
-    except ModelError as e:
-        log.error("cannot start: %s", e)
+    model = open_model(config, log)
+    if model is None:
         return 1
     metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("gpu_worker"))
     ctx = zmq.Context()

@@ -13,6 +13,8 @@ import torch
 import zmq
 
 from shared.config import Config
+from shared.gguf_file import GGUFModel
+from shared.model_config import ModelError
 from shared.placement import Placement
 from shared.protocol import Heartbeat, ProtocolError, Welcome, decode, encode
 
@@ -26,6 +28,15 @@ def setup_process(role: str, config: Config) -> logging.Logger:
     threads = config.threads or max(1, (os.cpu_count() or 1) // (ROLE_PROCESSES + config.expert_hosts))
     torch.set_num_threads(threads)
     return logging.getLogger(role)
+
+
+def open_model(config: Config, log: logging.Logger) -> GGUFModel | None:
+    """The configured model, or None after logging why it cannot be served (the process then exits 1)."""
+    try:
+        return GGUFModel(config.model)
+    except ModelError as e:
+        log.error("cannot start: %s", e)
+        return None
 
 
 class StopFlag:

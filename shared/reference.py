@@ -49,6 +49,27 @@ def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor
     return weights, ids
 
 
+def attention_inputs(c: ModelConfig, w: dict[str, torch.Tensor], i: int, x: torch.Tensor,
+                     positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer i's queries (T, heads, d), keys and values (T, kv heads, d): projections, biases,
+    QK-norm where the architecture has one, and RoPE."""
+    b = f"blk.{i}."
+    q, k, v = (x @ w[b + f"attn_{n}.weight"].T for n in "qkv")
+    if c.attn_bias:
+        q, k, v = q + w[b + "attn_q.bias"], k + w[b + "attn_k.bias"], v + w[b + "attn_v.bias"]
+    if c.qk_norm == "full":
+        q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
+        k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
+    t = x.shape[0]
+    q = q.view(t, c.n_heads, c.head_dim)
+    k = k.view(t, c.n_kv_heads, c.head_dim)
+    v = v.view(t, c.n_kv_heads, c.head_dim)
+    if c.qk_norm == "head":
+        q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
+        k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
+    return rope(q, positions, c.rope_base, c.rope_style), rope(k, positions, c.rope_base, c.rope_style), v
+
+
 class ReferenceModel:
     """All weights dequantized to fp32 in memory: only for tiny and small models."""
 
@@ -59,29 +80,15 @@ class ReferenceModel:
             self.w["output.weight"] = self.w["token_embd.weight"]
 
     def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        c, w, b = self.cfg, self.w, f"blk.{i}."
-        q, k, v = (x @ w[b + f"attn_{n}.weight"].T for n in "qkv")
-        if c.attn_bias:
-            q, k, v = q + w[b + "attn_q.bias"], k + w[b + "attn_k.bias"], v + w[b + "attn_v.bias"]
-        if c.qk_norm == "full":
-            q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
-            k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
-        t = x.shape[0]
-        q = q.view(t, c.n_heads, c.head_dim)
-        k = k.view(t, c.n_kv_heads, c.head_dim)
-        v = v.view(t, c.n_kv_heads, c.head_dim)
-        if c.qk_norm == "head":
-            q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
-            k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
-        q = rope(q, positions, c.rope_base, c.rope_style)
-        k = rope(k, positions, c.rope_base, c.rope_style)
+        c, t = self.cfg, x.shape[0]
+        q, k, v = attention_inputs(c, self.w, i, x, positions)
         group = c.n_heads // c.n_kv_heads
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) / c.head_dim**0.5
         causal = torch.ones(t, t, dtype=torch.bool).triu(1)
         probs = scores.masked_fill(causal, float("-inf")).softmax(dim=-1)
         out = torch.einsum("hqk,khd->qhd", probs, v).reshape(t, c.q_dim)
-        return out @ w[b + "attn_output.weight"].T
+        return out @ self.w[f"blk.{i}.attn_output.weight"].T
 
     def moe(self, i: int, x: torch.Tensor, routing: list[torch.Tensor] | None = None) -> torch.Tensor:
         c, w, b = self.cfg, self.w, f"blk.{i}."
