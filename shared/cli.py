@@ -17,6 +17,7 @@ TOOLS = {
     "chat": "shared.cli_client:chat_main",
     "health": "shared.cli_client:health_main",
     "stats": "shared.cli_client:stats_main",
+    "bench": "shared.bench_cmd",
 }
 # Roles, each run as its own process: subcommand -> package run with `python -m`.
 ROLES = {"coordinator": "coordinator", "gpu-worker": "gpu_worker", "expert-host": "expert_host"}

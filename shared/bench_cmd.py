@@ -1,0 +1,265 @@
+"""`tierserve bench`: the whole system measured through its client API, next to this machine's physical limit
+and, optionally, llama.cpp on the same file.
+
+    tierserve bench --preset qwen3-30b-a3b --dtype q4_0 --expert-budget 4GB --llama-cpp ~/llama.cpp/build
+    tierserve bench --preset tiny --quick
+    tierserve bench --model M.gguf --endpoint tcp://127.0.0.1:5555
+
+Starts the system (or uses the one at --endpoint), measures decode at concurrency 1, 4 and 16, prefill of
+512- and 4096-token prompts, time to first token and inter-token latency, reads the gpu_worker's tier counters,
+measures the machine's links and compute, and writes results.json, results.md and plots under --out.
+See bench/README.md for what each figure means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from shared import bench_limits, bench_llama
+from shared.bench_load import TEXT, TIMEOUT_S, decode_run, prefill_run
+from shared.bench_measure import measure_machine
+from shared.bench_metrics import scrape_tiers, tier_delta, worker_metrics_url
+from shared.bench_report import markdown, write_results
+from shared.client import AsyncClient, ServerError, run
+from shared.config import parse_bytes
+from shared.gguf_file import GGUFModel
+from shared.launcher import RunningSystem
+from shared.make_model import ARCHS, DTYPES, PRESETS, make_model
+from shared.model_config import EXPERT_TENSOR_KINDS, ModelConfig, ModelError, expert_tensor_name
+from shared.tokenizer import Tokenizer
+
+CONCURRENCY = (1, 4, 16)
+
+
+class Progress:
+    """A tqdm bar on stderr when tqdm is installed, else a line every few seconds and at the end."""
+
+    def __init__(self, total: int, desc: str, unit: str = "req") -> None:
+        self.total, self.desc, self.n, self.printed = total, desc, 0, 0.0
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self.bar = None
+        else:
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, unit_scale=unit == "B")
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self.bar is not None:
+            self.bar.total = total
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.n >= self.total or time.monotonic() - self.printed > 2.0:
+            self.printed = time.monotonic()
+            print(f"bench: {self.desc} {self.n}/{self.total}", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def settings(quick: bool, context_length: int) -> dict[str, Any]:
+    """What is run: --quick keeps every figure but with small prompts and few tokens."""
+    max_tokens, decode_prompt = (8, 16) if quick else (128, 32)
+    requested = [64, 256] if quick else [512, 4096]
+    lengths = list(dict.fromkeys(min(n, context_length - 1) for n in requested))  # max_tokens=1 must fit too
+    return {"quick": quick, "concurrency": list(CONCURRENCY), "max_tokens": max_tokens,
+            "decode_prompt_tokens": min(decode_prompt, context_length - max_tokens), "waves": 1 if quick else 2,
+            "requested_prompt_lengths": requested, "prompt_lengths": lengths, "prefill_repeats": 1 if quick else 3}
+
+
+def preset_model(cache_dir: Path, preset: str, arch: str | None, dtype: str, skew: float) -> Path:
+    """The preset's model file, generated into the cache on first use."""
+    path = cache_dir / f"{preset}-{arch or PRESETS[preset]['arch']}-{dtype}-skew{skew:g}.gguf"
+    if path.exists():
+        return path
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    bar = Progress(0, f"make {path.name}", unit="B")
+
+    def progress(written: int, total: int, seconds: float) -> None:
+        bar.set_total(total)
+        bar.update(written - bar.n)
+
+    make_model(partial, arch, preset, dtype, seed=0, routing_skew=skew, progress=progress)
+    bar.close()
+    os.replace(partial, path)  # only a complete file ever carries the cached name
+    return path
+
+
+def model_facts(model: GGUFModel) -> dict[str, Any]:
+    cfg = model.config
+    expert_bytes = sum(model.nbytes(expert_tensor_name(layer, kind))
+                       for layer in range(cfg.n_layers) for kind in EXPERT_TENSOR_KINDS)
+    types = dict.fromkeys(model.qtype(expert_tensor_name(0, kind)).name for kind in EXPERT_TENSOR_KINDS)
+    return {"path": str(model.path), "name": model.metadata.get("general.name", model.path.stem), "arch": cfg.arch,
+            "n_layers": cfg.n_layers, "n_experts": cfg.n_experts, "n_experts_used": cfg.n_experts_used,
+            "hidden": cfg.hidden, "expert_ffn": cfg.expert_ffn, "context_length": cfg.context_length,
+            "expert_type": "+".join(types), "bytes_per_expert": expert_bytes / (cfg.n_layers * cfg.n_experts),
+            "file_bytes": model.file_size}
+
+
+def system_options(args: argparse.Namespace) -> list[str]:
+    options = []
+    for flag, value in (("--gpu-expert-budget", args.expert_budget), ("--hot-experts", args.hot_experts),
+                        ("--expert-hosts", args.expert_hosts), ("--soft-slots", args.soft_slots),
+                        ("--cold-path", args.cold_path)):
+        if value is not None:
+            options += [flag, str(value)]
+    return options
+
+
+async def measure_system(endpoint: str, run_settings: dict[str, Any], base: list[int]) -> dict[str, Any]:
+    """Decode, prefill and latency through the client API, with the worker's tier counters around each phase."""
+    s = run_settings
+    async with AsyncClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        metrics_url = worker_metrics_url(await client.health(), endpoint)
+        placement = (await client.stats()).stats["placement"]
+        await decode_run(endpoint, 1, 1, 4, base, s["decode_prompt_tokens"])  # warm-up: first steps pay set-up
+        await prefill_run(client, base, max(s["prompt_lengths"]), 1)
+        phases = {}
+        before, start = scrape_tiers(metrics_url), time.perf_counter()
+        bar = Progress(sum(c * s["waves"] for c in s["concurrency"]), "decode")
+        decode = [await decode_run(endpoint, c, s["waves"], s["max_tokens"], base, s["decode_prompt_tokens"],
+                                   bar.update) for c in s["concurrency"]]
+        bar.close()
+        after, end = scrape_tiers(metrics_url), time.perf_counter()
+        phases["decode"] = tier_delta(before, after, end - start)
+        bar = Progress(len(s["prompt_lengths"]) * s["prefill_repeats"], "prefill")
+        prefill = [await prefill_run(client, base, n, s["prefill_repeats"], bar.update) for n in s["prompt_lengths"]]
+        bar.close()
+        phases["prefill"] = tier_delta(after, scrape_tiers(metrics_url), time.perf_counter() - end)
+    return {"placement": placement, "decode": decode, "prefill": prefill, "tiers": phases}
+
+
+def limits(model: dict[str, Any], cfg: ModelConfig, machine: bench_limits.Machine, hot_per_layer: float,
+           measured: dict[str, Any]) -> dict[str, Any]:
+    """Bounds from the model, the placement and the measured hit rates, and measured / bound."""
+    traffic = bench_limits.model_traffic(cfg, model["bytes_per_expert"])
+    tiers = measured["tiers"]["decode"]
+    if sum(tiers["pairs"].values()):
+        share, source = tiers["cold_share"], "measured routed pairs"
+    else:
+        share = bench_limits.cold_share(hot_per_layer, cfg.n_experts, tiers["soft_tier_hit_rate"])
+        source = "placement and soft-tier hit rate"
+    decode = bench_limits.decode_bound(traffic, machine, share)
+    prefill = [bench_limits.prefill_bound(traffic, machine, hot_per_layer, p["prompt_tokens"])
+               for p in measured["prefill"]]
+    efficiency = {"decode": bench_limits.efficiency(measured["decode"][0]["per_request_tok_s"], decode.bound_tok_s)}
+    for p, bound in zip(measured["prefill"], prefill, strict=True):
+        efficiency[f"prefill_{p['prompt_tokens']}"] = bench_limits.efficiency(p["tok_s"], bound.bound_tok_s)
+    return {"decode": {"cold_share": share, "cold_share_source": source, **vars(decode)},
+            "prefill": [vars(b) for b in prefill], "efficiency": efficiency}
+
+
+def llama_cpp(args: argparse.Namespace, results: dict[str, Any]) -> dict[str, Any]:
+    if not args.llama_cpp:
+        return {"skipped": "llama.cpp comparison skipped: no --llama-cpp build directory given"}
+    model, s = results["model"], results["settings"]
+    print(f"bench: running llama-bench from {args.llama_cpp} (this takes a while)", file=sys.stderr, flush=True)
+    out = bench_llama.run_llama_bench(
+        args.llama_cpp, model["path"], s["prompt_lengths"], s["max_tokens"], os.cpu_count() or 1,
+        model["n_layers"], int(model["bytes_per_expert"] * model["n_experts"]),
+        int(results["system"]["hot_experts_per_layer"] * model["bytes_per_expert"] * model["n_layers"]), s["quick"])
+    decode = results["decode"]
+    ours = {f"decode_c{d['concurrency']}": d["per_request_tok_s"] if d["concurrency"] == 1 else d["aggregate_tok_s"]
+            for d in decode}
+    ours.update({f"prefill_{p['prompt_tokens']}": p["tok_s"] for p in results["prefill"]})
+    return {**out, "ratios": bench_llama.ratios(ours, out["best"])}
+
+
+def machine_info(machine: bench_limits.Machine) -> dict[str, Any]:
+    device = torch.cuda.get_device_name(0) if machine.has_gpu else f"CPU only ({os.cpu_count()} cores)"
+    return {"device": device, "cpu_count": os.cpu_count(), "cpu_read_bw": machine.cpu_read_bw,
+            "pcie_h2d_bw": machine.pcie_bw, "device_mem_bw": machine.device_mem_bw,
+            "device_flops": machine.device_flops, "device_bytes_per_param": machine.device_bytes_per_param}
+
+
+def bench(args: argparse.Namespace) -> dict[str, Any]:
+    started = datetime.datetime.now().astimezone()
+    path = Path(args.model) if args.model else preset_model(Path(args.cache_dir), args.preset, args.arch, args.dtype,
+                                                            args.routing_skew)
+    model = GGUFModel(path)
+    facts = model_facts(model)
+    run_settings = settings(args.quick, model.config.context_length)
+    tokenizer = Tokenizer.from_metadata(model.metadata)
+    base = tokenizer.encode(TEXT * 4, add_special=False)
+    print("bench: measuring this machine's memory, PCIe and compute", file=sys.stderr, flush=True)
+    machine = measure_machine(args.quick)
+    options = system_options(args)
+    if args.endpoint:
+        measured = run(measure_system(args.endpoint, run_settings, base))
+        endpoint = args.endpoint
+    else:
+        print(f"bench: starting tierserve on {path} {' '.join(options)}", file=sys.stderr, flush=True)
+        with RunningSystem(str(path), *options, ready_timeout_s=args.ready_timeout) as system:
+            endpoint = system.endpoint
+            measured = run(measure_system(endpoint, run_settings, base))
+    placement = measured["placement"]
+    hot_per_layer = placement["hot_experts"] / model.config.n_layers
+    results: dict[str, Any] = {
+        "version": 1, "started": started.isoformat(timespec="seconds"), "settings": run_settings, "model": facts,
+        "system": {"endpoint": endpoint, "started_by_bench": not args.endpoint, "options": options,
+                   "hot_experts_per_layer": hot_per_layer, "expert_hosts": len(placement["hosts"])},
+        "machine": machine_info(machine),
+        "decode": measured["decode"], "latency": {k: v for k, v in measured["decode"][0].items() if "_ms_" in k},
+        "prefill": measured["prefill"], "tiers": measured["tiers"],
+        "limits": limits(facts, model.config, machine, hot_per_layer, measured),
+    }
+    results["llama_cpp"] = llama_cpp(args, results)
+    return results
+
+
+def default_cache_dir() -> str:
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "tierserve", "models")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tierserve bench", description=__doc__.split("\n\n")[0])
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--model", help="GGUF model to serve and measure")
+    which.add_argument("--preset", choices=list(PRESETS), help="generate this preset's synthetic model (cached)")
+    p.add_argument("--arch", choices=list(ARCHS), help="architecture of the preset model (default: the preset's)")
+    p.add_argument("--dtype", choices=list(DTYPES), default="f32", help="storage type of the preset model")
+    p.add_argument("--routing-skew", type=float, default=1.0, help="expert popularity skew of the preset model")
+    p.add_argument("--cache-dir", default=default_cache_dir(), help="where generated preset models are kept")
+    p.add_argument("--endpoint", help="measure the system running at this client endpoint instead of starting one")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--expert-budget", type=parse_bytes, metavar="BYTES", help="VRAM for hot experts (e.g. 4GB)")
+    budget.add_argument("--hot-experts", type=int, metavar="K", help="hot experts per layer")
+    p.add_argument("--expert-hosts", type=int, metavar="N")
+    p.add_argument("--soft-slots", type=int, metavar="N", help="VRAM slots cold experts are streamed into")
+    p.add_argument("--cold-path", choices=["auto", "cpu", "stream"])
+    p.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp build directory holding llama-bench")
+    p.add_argument("--out", help="results directory (default: results/<timestamp>/)")
+    p.add_argument("--quick", action="store_true", help="small prompts and few tokens: a check that it all runs")
+    p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for the system to start")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        results = bench(args)
+    except (ModelError, ServerError, RuntimeError, OSError) as e:
+        print(f"tierserve bench: error: {e}", file=sys.stderr)
+        return 1
+    out = Path(args.out or Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    written = write_results(results, out)
+    print(markdown(results))
+    if not any(name.endswith(".png") for name in written):
+        print("bench: matplotlib is not installed: no plots", file=sys.stderr)
+    print(f"bench: wrote {', '.join(written)} under {out}", file=sys.stderr)
+    return 0

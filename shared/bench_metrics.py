@@ -1,0 +1,75 @@
+"""The gpu_worker's expert-tier counters, read from its Prometheus /metrics, and their change over a phase.
+
+The worker's metrics port comes from the coordinator's health reply (each member reports its own);
+the names are those gpu_worker/service.py exports.
+"""
+
+from __future__ import annotations
+
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlparse
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from shared.protocol import HealthReply
+
+PATHS = ("hot", "soft_hit", "streamed", "cpu")  # how a routed (token, expert) pair was computed
+DISPATCH = "tierserve_worker_expert_dispatch_total"
+SOFT_HIT_RATE = "tierserve_worker_soft_tier_hit_rate"
+STREAMED_BYTES = "tierserve_worker_streamed_bytes"
+
+
+def worker_metrics_url(health: HealthReply, client_endpoint: str) -> str:
+    """The gpu_worker's /metrics, on the client endpoint's host (every process serves on one host)."""
+    worker = next((m for m in health.members if m.get("role") == "gpu_worker"), None)
+    if worker is None or not worker.get("metrics_port"):
+        raise RuntimeError("the health reply names no gpu_worker with a metrics port")
+    host = urlparse(client_endpoint).hostname if client_endpoint.startswith("tcp://") else None
+    if host in (None, "*", "0.0.0.0"):
+        host = "127.0.0.1"
+    return f"http://{host}:{worker['metrics_port']}/metrics"
+
+
+@dataclass(frozen=True)
+class TierSnapshot:
+    pairs: dict[str, float]  # routed pairs by path since the worker started
+    soft_hit_rate: float  # of the soft tier since start (0 without soft slots)
+    streamed_bytes: float  # since start
+
+
+def parse_tiers(text: str) -> TierSnapshot:
+    """The tier counters out of a /metrics page (a path never taken has no sample yet: 0)."""
+    pairs = dict.fromkeys(PATHS, 0.0)
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == DISPATCH and sample.labels.get("path") in pairs:
+                pairs[sample.labels["path"]] = sample.value
+            elif sample.name in (SOFT_HIT_RATE, STREAMED_BYTES):
+                values[sample.name] = sample.value
+    return TierSnapshot(pairs, values.get(SOFT_HIT_RATE, 0.0), values.get(STREAMED_BYTES, 0.0))
+
+
+def scrape_tiers(url: str, timeout_s: float = 10.0) -> TierSnapshot:
+    with urllib.request.urlopen(url, timeout=timeout_s) as reply:
+        return parse_tiers(reply.read().decode())
+
+
+def tier_delta(before: TierSnapshot, after: TierSnapshot, seconds: float) -> dict[str, Any]:
+    """What a phase of `seconds` did: pairs by path and their shares, the share served from VRAM (hot pool
+    plus soft-tier hits), the soft tier's hit rate at the end, and the streaming rate achieved."""
+    pairs = {p: after.pairs[p] - before.pairs[p] for p in PATHS}
+    total = sum(pairs.values())
+    streamed = after.streamed_bytes - before.streamed_bytes
+    return {
+        "pairs": pairs,
+        "share": {p: (n / total if total else 0.0) for p, n in pairs.items()},
+        "vram_hit_rate": (pairs["hot"] + pairs["soft_hit"]) / total if total else 0.0,
+        "cold_share": (pairs["streamed"] + pairs["cpu"]) / total if total else 0.0,
+        "soft_tier_hit_rate": after.soft_hit_rate,
+        "streamed_bytes": streamed,
+        "streamed_gb_s": streamed / seconds / 1e9 if seconds > 0 else 0.0,
+        "seconds": seconds,
+    }

@@ -1,0 +1,132 @@
+"""The benchmark's results on disk: results.json (everything), results.md (the tables) and PNG plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:,.{digits}f}"
+
+
+def _scaled(value: float | None, scale: float, unit: str, digits: int = 1) -> str:
+    return "n/a" if value is None else f"{value / scale:,.{digits}f} {unit}"
+
+
+def _pct(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f}%" if value == 0 or value >= 1e-3 else f"{100 * value:.2g}%"  # small efficiencies
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+def markdown(results: dict[str, Any]) -> str:
+    model, system, machine, limits = results["model"], results["system"], results["machine"], results["limits"]
+    ratios = (results.get("llama_cpp") or {}).get("ratios", {})
+    lines = [f"# tierserve bench: {model['name']}", "",
+             f"{results['started']} · {machine['device']} · {model['n_layers']} layers × {model['n_experts']} "
+             f"experts (top-{model['n_experts_used']}), {model['bytes_per_expert'] / 1e6:.2f} MB per expert "
+             f"({model['expert_type']}) · {system['hot_experts_per_layer']:g} hot experts per layer · "
+             f"{system['expert_hosts']} expert hosts" + (" · quick run" if results["settings"]["quick"] else ""), "",
+             "## Decode", ""]
+    lines += _table(
+        ["concurrency", "aggregate tok/s", "per request tok/s", "TTFT p50 / p99 ms", "ITL p50 / p99 ms",
+         "vs llama.cpp best"],
+        [[str(d["concurrency"]), _num(d["aggregate_tok_s"]), _num(d["per_request_tok_s"]),
+          f"{_num(d['ttft_ms_p50'])} / {_num(d['ttft_ms_p99'])}", f"{_num(d['itl_ms_p50'], 2)} / "
+          f"{_num(d['itl_ms_p99'], 2)}", _num(ratios.get(f"decode_c{d['concurrency']}"), 2)]
+         for d in results["decode"]])
+    lines += ["## Prefill", ""]
+    bounds = {b["prompt_tokens"]: b for b in limits["prefill"]}
+    lines += _table(
+        ["prompt tokens", "tok/s", "TTFT ms", "bound tok/s (limited by)", "efficiency", "vs llama.cpp best"],
+        [[str(p["prompt_tokens"]), _num(p["tok_s"]), _num(p["ttft_s"] * 1e3),
+          f"{_num(bounds[p['prompt_tokens']]['bound_tok_s'])} ({bounds[p['prompt_tokens']]['limited_by']})",
+          _pct(limits["efficiency"].get(f"prefill_{p['prompt_tokens']}")),
+          _num(ratios.get(f"prefill_{p['prompt_tokens']}"), 2)] for p in results["prefill"]])
+    lines += ["## Expert tiers (gpu_worker metrics, change over each phase)", ""]
+    lines += _table(
+        ["phase", "hot", "soft hit", "streamed", "cpu", "VRAM hit rate", "soft tier hit rate", "streamed GB/s"],
+        [[phase, *(_pct(t["share"][p]) for p in ("hot", "soft_hit", "streamed", "cpu")), _pct(t["vram_hit_rate"]),
+          _pct(t["soft_tier_hit_rate"]), _num(t["streamed_gb_s"], 3)] for phase, t in results["tiers"].items()])
+    d = limits["decode"]
+    lines += ["## Physical limit (this machine, measured)", ""]
+    lines += _table(["figure", "value"], [
+        ["PCIe host-to-device, pinned", _scaled(machine["pcie_h2d_bw"], 1e9, "GB/s")],
+        ["CPU memory read", _scaled(machine["cpu_read_bw"], 1e9, "GB/s")],
+        ["device memory", _scaled(machine["device_mem_bw"], 1e9, "GB/s")],
+        ["device compute", _scaled(machine["device_flops"], 1e12, "Tflop/s", 2)],
+        [f"cold share of routed experts in decode ({d['cold_share_source']})", _pct(d["cold_share"])],
+        ["cold bytes per token", _scaled(d["cold_bytes_per_token"], 1e6, "MB", 2)],
+        ["decode bound, PCIe and CPU in parallel", _scaled(d["links_parallel_tok_s"], 1, "tok/s")],
+        ["decode bound, PCIe alone", _scaled(d["pcie_only_tok_s"], 1, "tok/s")],
+        ["decode bound, CPU alone", _scaled(d["cpu_only_tok_s"], 1, "tok/s")],
+        ["decode bound, one stream (cold and resident bytes)", _scaled(d["bound_tok_s"], 1, "tok/s")],
+        ["decode efficiency (concurrency 1, per request)", _pct(limits["efficiency"]["decode"])],
+    ])
+    llama = results.get("llama_cpp") or {}
+    lines += ["## llama.cpp", "", llama.get("skipped") or
+              "\n".join(f"- best {key}: {r['tok_s']:,.1f} tok/s ({r['placement']}, {r['load_mode']}, "
+                        f"{r['threads']} threads, ubatch {r['n_ubatch']})" for key, r in llama["best"].items()), ""]
+    return "\n".join(lines)
+
+
+def plots(results: dict[str, Any], out: Path) -> list[str]:
+    """decode.png and prefill.png (measured against the bound and llama.cpp); [] without matplotlib."""
+    try:
+        import matplotlib
+    except ImportError:
+        return []
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import matplotlib.ticker
+
+    llama_best = (results.get("llama_cpp") or {}).get("best", {})
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    conc = [d["concurrency"] for d in results["decode"]]
+    ax.plot(conc, [d["aggregate_tok_s"] for d in results["decode"]], "o-", label="tierserve aggregate")
+    ax.plot(conc, [d["per_request_tok_s"] or 0 for d in results["decode"]], "s--", label="tierserve per request")
+    ax.axhline(results["limits"]["decode"]["bound_tok_s"], color="k", ls=":", label="physical bound (1 stream)")
+    if "decode" in llama_best:
+        ax.axhline(llama_best["decode"]["tok_s"], color="r", ls="-.", label="llama.cpp best")
+    ax.set(xscale="log", yscale="log", xlabel="concurrent requests", ylabel="tokens/s", title="Decode")
+    ax.set_xticks(conc, [str(c) for c in conc], minor=False)
+    ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "decode.png", dpi=120)
+    written.append("decode.png")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    lengths = [p["prompt_tokens"] for p in results["prefill"]]
+    series = [("tierserve", [p["tok_s"] for p in results["prefill"]]),
+              ("physical bound", [b["bound_tok_s"] for b in results["limits"]["prefill"]])]
+    if any(f"prefill_{n}" in llama_best for n in lengths):
+        series.append(("llama.cpp best", [llama_best.get(f"prefill_{n}", {}).get("tok_s", 0.0) for n in lengths]))
+    width = 0.8 / len(series)
+    for i, (label, values) in enumerate(series):
+        ax.bar([x + (i - (len(series) - 1) / 2) * width for x in range(len(lengths))], values, width, label=label)
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+    ax.set(yscale="log", xlabel="prompt tokens", ylabel="tokens/s", title="Prefill")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "prefill.png", dpi=120)
+    plt.close("all")
+    written.append("prefill.png")
+    return written
+
+
+def write_results(results: dict[str, Any], out: Path) -> list[str]:
+    """results.json, results.md and the plots under `out`; returns the file names written."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (out / "results.md").write_text(markdown(results))
+    return ["results.json", "results.md", *plots(results, out)]

@@ -1,0 +1,143 @@
+"""`tierserve bench` on this machine: the tiny preset through the whole system, every figure in results.json,
+and the pieces it is made of (the worker's metrics, the load's timing helpers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from shared.bench_load import Timed, latency, prompt_ids
+from shared.bench_metrics import PATHS, parse_tiers, tier_delta, worker_metrics_url
+from shared.cli import main as tierserve
+from shared.protocol import HealthReply
+
+LAYERS, TOP_K = 4, 2  # the tiny preset
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    """One quick run: 2 hot experts per layer, one expert host, 4 soft slots streamed into."""
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "out"
+    code = tierserve(["bench", "--preset", "tiny", "--quick", "--cache-dir", str(tmp / "models"), "--out", str(out),
+                      "--hot-experts", "2", "--expert-hosts", "1", "--soft-slots", "4", "--cold-path", "stream"])
+    assert code == 0
+    return out, json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_decode_figures_at_each_concurrency(bench_run):
+    _, r = bench_run
+    assert r["settings"]["quick"] and r["system"]["started_by_bench"]
+    assert [d["concurrency"] for d in r["decode"]] == [1, 4, 16]
+    for d in r["decode"]:
+        assert d["requests"] == d["concurrency"]
+        assert 0 < d["completion_tokens"] <= d["requests"] * d["max_tokens"]
+        assert d["aggregate_tok_s"] > 0 and d["per_request_tok_s"] > 0 and d["server_decode_tok_s"] > 0
+        assert 0 < d["ttft_ms_p50"] <= d["ttft_ms_p99"] and 0 < d["itl_ms_p50"] <= d["itl_ms_p99"]
+    assert r["latency"] == {k: v for k, v in r["decode"][0].items() if k.endswith(("_p50", "_p99"))}
+
+
+@pytest.mark.slow
+def test_prefill_figures(bench_run):
+    _, r = bench_run
+    assert [p["prompt_tokens"] for p in r["prefill"]] == r["settings"]["prompt_lengths"] == [64, 256]
+    for p in r["prefill"]:
+        assert p["ttft_s"] > 0 and p["tok_s"] == pytest.approx(p["prompt_tokens"] / p["ttft_s"])
+
+
+@pytest.mark.slow
+def test_tier_counters_account_for_every_token_the_bench_sent(bench_run):
+    """Each token the worker forwarded routes TOP_K pairs per layer: a decode request forwards its prompt and
+    every generated token but the last, a prefill request its prompt."""
+    _, r = bench_run
+    decode, prefill = r["tiers"]["decode"], r["tiers"]["prefill"]
+    forwarded = sum(d["requests"] * (d["prompt_tokens"] - 1) + d["completion_tokens"] for d in r["decode"])
+    assert sum(decode["pairs"].values()) == forwarded * LAYERS * TOP_K
+    assert sum(prefill["pairs"].values()) == sum(p["prompt_tokens"] for p in r["prefill"]) * LAYERS * TOP_K
+    for phase in (decode, prefill):
+        assert sum(phase["share"].values()) == pytest.approx(1.0)
+        assert phase["pairs"]["hot"] > 0 and phase["pairs"]["streamed"] > 0  # placement and --cold-path stream
+        assert phase["vram_hit_rate"] == pytest.approx(phase["share"]["hot"] + phase["share"]["soft_hit"])
+        assert phase["streamed_bytes"] > 0 and phase["streamed_gb_s"] > 0
+        assert 0 < phase["soft_tier_hit_rate"] < 1
+
+
+@pytest.mark.slow
+def test_physical_limits_and_efficiency(bench_run):
+    _, r = bench_run
+    m, lim = r["machine"], r["limits"]
+    assert m["cpu_read_bw"] > 1e8 and m["device_flops"] > 1e8
+    assert r["model"]["bytes_per_expert"] == 3 * 64 * 32 * 4  # f32 gate, up and down
+    assert r["system"]["hot_experts_per_layer"] == 2 and r["system"]["expert_hosts"] == 1
+    decode = lim["decode"]
+    assert decode["cold_share"] == pytest.approx(r["tiers"]["decode"]["cold_share"])
+    assert decode["cold_bytes_per_token"] == pytest.approx(LAYERS * TOP_K * decode["cold_share"] * 3 * 64 * 32 * 4)
+    assert decode["cpu_only_tok_s"] > 0 and decode["bound_tok_s"] > 0
+    if m["pcie_h2d_bw"] is None:
+        assert decode["pcie_only_tok_s"] is None
+    assert [p["prompt_tokens"] for p in lim["prefill"]] == [64, 256]
+    efficiencies = lim["efficiency"]
+    assert set(efficiencies) == {"decode", "prefill_64", "prefill_256"}
+    assert all(0 < e < 1 for e in efficiencies.values())  # nothing beats the physical limit
+
+
+@pytest.mark.slow
+def test_outputs_on_disk(bench_run):
+    out, r = bench_run
+    md = (out / "results.md").read_text()
+    for heading in ("## Decode", "## Prefill", "## Expert tiers", "## Physical limit", "## llama.cpp"):
+        assert heading in md
+    assert "no --llama-cpp" in md and "skipped" in r["llama_cpp"]
+    plots = {p.name for p in out.glob("*.png")}
+    assert plots == ({"decode.png", "prefill.png"} if importlib.util.find_spec("matplotlib") else set())
+
+
+def worker_metrics_page(hot: int, streamed: int, hit_rate: float, streamed_bytes: float) -> str:
+    """A /metrics page with the gpu_worker's tier metrics, written by prometheus_client as the worker does."""
+    registry = CollectorRegistry()
+    dispatch = Counter("tierserve_worker_expert_dispatch_total", "pairs by path", ["path"], registry=registry)
+    dispatch.labels("hot").inc(hot)
+    dispatch.labels("streamed").inc(streamed)
+    Gauge("tierserve_worker_soft_tier_hit_rate", "hit rate", registry=registry).set(hit_rate)
+    Gauge("tierserve_worker_streamed_bytes", "bytes", registry=registry).set(streamed_bytes)
+    Gauge("tierserve_worker_hot_expert_bytes", "other metric", registry=registry).set(7)
+    return generate_latest(registry).decode()
+
+
+def test_tier_counters_from_a_metrics_page_and_their_change():
+    before = parse_tiers(worker_metrics_page(hot=10, streamed=0, hit_rate=0.0, streamed_bytes=0))
+    assert before.pairs == {"hot": 10, "soft_hit": 0, "streamed": 0, "cpu": 0}  # paths never taken read 0
+    after = parse_tiers(worker_metrics_page(hot=40, streamed=10, hit_rate=0.25, streamed_bytes=4e9))
+    d = tier_delta(before, after, seconds=2.0)
+    assert d["pairs"] == {"hot": 30, "soft_hit": 0, "streamed": 10, "cpu": 0}
+    assert d["share"]["hot"] == 0.75 and d["vram_hit_rate"] == 0.75 and d["cold_share"] == 0.25
+    assert d["streamed_gb_s"] == 2.0 and d["soft_tier_hit_rate"] == 0.25
+    assert set(d["share"]) == set(PATHS)
+    idle = tier_delta(after, after, 1.0)
+    assert idle["vram_hit_rate"] == 0.0 and idle["streamed_gb_s"] == 0.0
+
+
+def test_worker_metrics_url_from_health():
+    health = HealthReply(status="ready", members=[{"role": "coordinator", "metrics_port": 1},
+                                                  {"role": "gpu_worker", "metrics_port": 9401}])
+    assert worker_metrics_url(health, "tcp://10.0.0.5:5555") == "http://10.0.0.5:9401/metrics"
+    assert worker_metrics_url(health, "tcp://*:5555") == "http://127.0.0.1:9401/metrics"
+    with pytest.raises(RuntimeError, match="no gpu_worker"):
+        worker_metrics_url(HealthReply(status="starting", members=[]), "tcp://127.0.0.1:5555")
+
+
+def test_prompts_and_latency_from_client_timestamps():
+    base = list(range(10))
+    assert prompt_ids(base, 25, 0) == base + base + base[:5]
+    assert prompt_ids(base, 4, 1) != prompt_ids(base, 4, 0)
+    a = Timed(sent=0.0, arrivals=[0.1, 0.2, 0.4])
+    b = Timed(sent=1.0, arrivals=[1.3])
+    assert a.ttft_s == pytest.approx(0.1) and a.itl_s == pytest.approx([0.1, 0.2])
+    assert a.decode_tok_s == pytest.approx(2 / 0.3) and b.decode_tok_s is None
+    lat = latency([a, b])
+    assert lat["ttft_ms_p50"] == pytest.approx(200) and lat["itl_ms_p50"] == pytest.approx(150)
+    assert lat["ttft_ms_p99"] == pytest.approx(100 + 0.99 * 200)
