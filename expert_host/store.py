@@ -1,35 +1,132 @@
-"""The experts one host owns, read from the GGUF over mmap: only owned slices are ever touched."""
+"""The experts one host owns, in the memory kind its configuration names (see expert_host.memory)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 
+from expert_host import memory
+from shared.config import Config
+from shared.device_caps import DeviceCaps, read_device_caps
 from shared.expert_math import ExpertWeights, grouped_ffn
-from shared.gguf_file import GGUFModel
-from shared.model_config import EXPERT_TENSOR_KINDS
+from shared.gguf_file import ZERO_COPY_TYPES, GGUFModel
+from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
 from shared.placement import Placement
 
 
 class ExpertStore:
-    """Float experts are zero-copy views of the mapped file, so a host's RAM is the pages it touches."""
+    """Mapped experts are zero-copy views of the file (float types), so RAM is the pages they touch;
+    pinned and write-combined experts are copies the host owns, migrated in one layer at a time.
 
-    def __init__(self, model: GGUFModel, host_index: int) -> None:
-        self.model, self.host_index = model, host_index
+    Before anything is loaded, `apply` checks that the placement fits in the RAM free now (less the
+    safety floor) and raises HostMemoryError, saying what would fit, if it does not."""
+
+    def __init__(self, model: GGUFModel, host_index: int, kind: str = "mapped", floor: str = "2GiB",
+                 caps: DeviceCaps | None = None) -> None:
+        memory.check_kind(kind, caps)
+        self.model, self.host_index, self.kind, self.floor, self.caps = model, host_index, kind, floor, caps
         self.weights: dict[tuple[int, int], ExpertWeights] = {}
         self.placement_version = 0
+        self._arena: memory.Arena | None = None
+        self._matrices = memory.expert_matrices(model)
+
+    @classmethod
+    def from_config(cls, model: GGUFModel, host_index: int, config: Config) -> ExpertStore:
+        """The store expert host `host_index` runs with; only kinds that involve the GPU look for one."""
+        kind = config.host_memory_for(host_index)
+        caps = read_device_caps() if kind != "mapped" and config.device != "cpu" else None
+        return cls(model, host_index, kind, config.host_memory_floor, caps)
 
     def apply(self, placement: Placement) -> None:
-        """Hold exactly the experts the placement gives this host (drop first, so RAM never holds both sets)."""
-        wanted = {(layer, e) for layer in range(placement.n_layers) for e in placement.on_host(layer, self.host_index)}
-        for key in set(self.weights) - wanted:
+        """Hold exactly the experts the placement gives this host, never two copies of them at once."""
+        wanted = {layer: placement.on_host(layer, self.host_index) for layer in range(placement.n_layers)}
+        if self.kind == "mapped":
+            self._apply_mapped(wanted)
+        else:
+            self._migrate(wanted)
+        self.placement_version = placement.version
+
+    def _apply_mapped(self, wanted: dict[int, list[int]]) -> None:
+        keys = {(layer, e) for layer, experts in wanted.items() for e in experts}
+        self._check_fit(sum(map(self._copy_nbytes, keys)), len(keys), sum(map(self._copy_nbytes, self.weights)))
+        for key in set(self.weights) - keys:  # drop first, so RAM never holds both sets
             del self.weights[key]
-        for layer, e in sorted(wanted - set(self.weights)):
+        for layer, e in sorted(keys - set(self.weights)):
             self.weights[(layer, e)] = tuple(  # type: ignore[assignment]
                 self.model.expert_view(layer, kind, e) for kind in EXPERT_TENSOR_KINDS
             )
-        self.placement_version = placement.version
+
+    def _migrate(self, wanted: dict[int, list[int]]) -> None:
+        """Fill a new arena layer by layer: each expert comes from the old arena if held there (pinned), else
+        from the file, whose pages are then dropped; the old arena's layer is freed before the next one."""
+        layouts = {layer: memory.layer_layout(self._matrices[layer], experts) for layer, experts in wanted.items()}
+        need = sum(layout.nbytes for layout in layouts.values())
+        old = self._arena
+        self._check_fit(need, sum(len(experts) for experts in wanted.values()), old.nbytes if old else 0)
+        if need == 0:
+            self.close()
+            return
+        new = memory.make_arena(self.kind, [layouts[layer].nbytes for layer in sorted(layouts)], self.caps)
+        old_weights, self.weights = self.weights, {}
+        fd = os.open(self.model.path, os.O_RDONLY)
+        try:
+            for layer in sorted(layouts):
+                region = new.region(layer)
+                from_file = []
+                for e, slots in layouts[layer].slots.items():
+                    source = old_weights.pop((layer, e), None)
+                    if source is None or self.kind == "write-combined":  # uncached CPU reads: the file is faster
+                        source = tuple(self.model.expert_view(layer, kind, e) for kind in EXPERT_TENSOR_KINDS)
+                        from_file.append(e)
+                    self.weights[(layer, e)] = memory.place(region, slots, source)  # type: ignore[assignment]
+                if from_file:
+                    memory.drop_file_pages(self.model, layer, from_file, fd)
+                for key in [key for key in old_weights if key[0] == layer]:
+                    del old_weights[key]
+                if old is not None:
+                    old.release(layer)
+            new.finish()
+        except BaseException:
+            new.close()
+            self.close()  # half moved: hold nothing rather than an unknown part of either placement
+            raise
+        finally:
+            os.close(fd)
+        self._close_arena()
+        self._arena = new
+
+    def _copy_nbytes(self, key: tuple[int, int]) -> int:
+        """Process memory a mapped expert takes: none for a view of the file, all of it once dequantized."""
+        layer = key[0]
+        matrices = zip(EXPERT_TENSOR_KINDS, self._matrices[layer], strict=True)
+        return memory.expert_nbytes([matrix for kind, matrix in matrices
+                                     if self.model.qtype(expert_tensor_name(layer, kind)) not in ZERO_COPY_TYPES])
+
+    def _check_fit(self, need: int, n_experts: int, freed: int) -> None:
+        mem = memory.read_meminfo()
+        largest = max(memory.expert_nbytes(m) for m in self._matrices)
+        shm_free = memory.shm_free_bytes() if self.kind == "pinned" else None
+        memory.check_fit(self.kind, need, n_experts, largest, mem, memory.safety_floor(self.floor, mem), shm_free,
+                         freed)
+
+    def _close_arena(self) -> None:
+        if self._arena is not None:
+            self._arena.close()
+            self._arena = None
+
+    def close(self) -> None:
+        """Let go of every expert and free the memory they were copied into."""
+        self.weights = {}
+        self.placement_version = 0
+        self._close_arena()
+
+    def prefetch(self, layer: int, experts: list[int]) -> None:
+        """Ask the kernel to read mapped experts' pages ahead of use (e.g. the next layer's routed experts);
+        copied kinds are resident already."""
+        if self.kind == "mapped":
+            memory.prefetch([t for e in experts if self.owns(layer, e) for t in self.weights[(layer, e)]])
 
     def owns(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.weights
@@ -41,9 +138,11 @@ class ExpertStore:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for w in self.weights.values() for t in w)
 
-
     def compute(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
         """Validate a work item against what this host holds, then run it; ValueError names what is wrong."""
+        if self.kind == "write-combined":
+            raise ValueError("this host keeps its experts in write-combined memory, which the CPU reads uncached: "
+                             "they are streamed to the GPU, never computed here")
         if len(experts) != len(counts) or sum(counts) != hidden.shape[0] or any(n <= 0 for n in counts):
             raise ValueError(f"counts {counts} do not describe {hidden.shape[0]} rows for {len(experts)} experts")
         hidden_size = self.model.config.hidden
@@ -54,3 +153,4 @@ class ExpertStore:
             raise ValueError(f"layer {layer}: experts {missing} are not held by this host")
         compute_dtype = self.weights[(layer, experts[0])][0].dtype if experts else hidden.dtype
         return grouped_ffn(hidden.to(compute_dtype), experts, counts, self.of_layer(layer)).to(hidden.dtype)
+

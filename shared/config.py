@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+HOST_MEMORY_KINDS = ("mapped", "pinned", "write-combined")
 
 
 def parse_bytes(text: str | int) -> int:
@@ -30,6 +31,19 @@ def parse_bytes(text: str | int) -> int:
     power = "kmgt".index(unit.lower()) + 1 if unit else 0
     base = 1024 if suffix and suffix.lower() == "ib" else 1000
     return int(float(number) * base**power)
+
+
+def parse_bytes_or_percent(text: str | int) -> tuple[int, float]:
+    """'2GiB' -> (2147483648, 0.0); '10%' -> (0, 0.1): an absolute size or a share of something."""
+    if isinstance(text, str) and text.strip().endswith("%"):
+        try:
+            percent = float(text.strip()[:-1])
+        except ValueError:
+            raise ValueError(f"not a percentage: {text!r} (example: 10%)") from None
+        if not 0 <= percent <= 100:
+            raise ValueError(f"a percentage must be in 0..100, not {text!r}")
+        return 0, percent / 100
+    return parse_bytes(text), 0.0
 
 
 def default_run_dir() -> str:
@@ -64,6 +78,10 @@ class Config:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400  # coordinator; gpu_worker +1, expert host i +2+i; 0 picks free ports
     threads: int = 0  # torch threads per process; 0: cores shared evenly among the processes
+    # Where an expert host keeps its experts: mapped | pinned | write-combined, or a comma-separated list
+    # giving host i the i-th kind (the last kind for the hosts beyond the list).
+    host_memory: str = "mapped"
+    host_memory_floor: str = "2GiB"  # RAM an expert host leaves free: a size or a percentage of MemTotal
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -75,6 +93,11 @@ class Config:
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
+        for kind in self.host_memory.split(","):
+            if kind.strip() not in HOST_MEMORY_KINDS:
+                raise ValueError(f"host_memory must be one of {', '.join(HOST_MEMORY_KINDS)} (or a comma-separated "
+                                 f"list of them, one per expert host), not {self.host_memory!r}")
+        parse_bytes_or_percent(self.host_memory_floor)
 
     def ipc(self, name: str) -> str:
         return f"ipc://{self.run_dir}/{name}.sock"
@@ -89,6 +112,11 @@ class Config:
 
     def expert_host_endpoint(self, host: int) -> str:
         return self.ipc(f"expert-host-{host}")
+
+    def host_memory_for(self, host: int) -> str:
+        """The memory kind expert host `host` keeps its experts in."""
+        kinds = [kind.strip() for kind in self.host_memory.split(",")]
+        return kinds[min(host, len(kinds) - 1)]
 
     def metrics_port_for(self, role: str, host: int = 0) -> int:
         if self.metrics_port == 0:

@@ -22,6 +22,8 @@ from shared.model_config import (
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+# Stored types an expert is served from as a zero-copy view, with the torch dtype of that view.
+ZERO_COPY_TYPES = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
 
 
 def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
@@ -118,7 +120,7 @@ class GGUFModel:
         or BF16 (the `mapped` memory kind: RAM is only what the page cache holds); block-quantized
         experts are dequantized to float32."""
         t = self._tensors[expert_tensor_name(layer, kind)]
-        if t.tensor_type not in (Q.F32, Q.F16, Q.BF16):
+        if t.tensor_type not in ZERO_COPY_TYPES:
             return self.expert(layer, kind, index)
         raw = np.asarray(t.data[index])
         with warnings.catch_warnings():  # the mapping is read-only and so are these tensors
@@ -126,6 +128,10 @@ class GGUFModel:
             if t.tensor_type == Q.BF16:
                 return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
             return torch.from_numpy(raw)
+
+    def expert_dtype(self, layer: int, kind: str) -> torch.dtype:
+        """The dtype `expert_view` gives for this expert tensor (float32 for block-quantized ones)."""
+        return ZERO_COPY_TYPES.get(self.qtype(expert_tensor_name(layer, kind)), torch.float32)
 
     def expert_bytes(self, layer: int, kind: str, index: int) -> np.ndarray:
         """Zero-copy view of one expert's stored bytes within a merged tensor."""

@@ -1,0 +1,369 @@
+"""The memory kinds an expert host keeps experts in, and sizing them against the RAM that is free.
+
+- mapped: experts are zero-copy views of the model file's map (block-quantized ones are dequantized
+  into ordinary process memory); `prefetch` asks the kernel to read the next layer's pages ahead of use.
+- pinned: one shared-memory segment per host (/dev/shm, MAP_SHARED) that experts are copied into,
+  registered with CUDA where the GPU DMAs from host memory, so slots fill at link speed.
+- write-combined: cudaHostAlloc(WRITECOMBINED) buffers, one per layer: DMA at link speed, but CPU reads
+  are uncached and several times slower, so only for experts that are streamed, never computed here.
+
+Pinned and write-combined memory is laid out layer by layer (each layer a page-aligned region), so a
+migration can fill one layer and free the old copy of that layer before it moves on.
+
+A segment never outlives its process: it is unlinked from /dev/shm right after it is opened, and the fd
+and the mapping keep it alive until the process ends, however it ends (SIGKILL included). Its name
+carries the pid, so a segment left by a process killed between open and unlink is removed by the next
+segment created on the machine.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import mmap
+import os
+import re
+from dataclasses import dataclass
+from itertools import count
+from pathlib import Path
+
+import torch
+
+from shared.config import HOST_MEMORY_KINDS, parse_bytes_or_percent
+from shared.device_caps import HOST_DMA, DeviceCaps
+from shared.gguf_file import GGUFModel
+from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name, tensor_shapes
+
+PAGE = mmap.PAGESIZE
+SHM_DIR = "/dev/shm"
+SEGMENT_PREFIX = "tierserve-experts-"
+_ALIGN = 64  # each matrix starts on a cache line, as the file's own 32-byte alignment would not guarantee
+_CUDA_HOST_ALLOC_WRITE_COMBINED = 4
+_segment_numbers = count()
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+
+class HostMemoryError(ValueError):
+    """This host cannot hold its experts in the memory kind asked for; the message says what would work."""
+
+
+# ---- measured free memory and the sizing rule
+
+
+@dataclass(frozen=True)
+class MemInfo:
+    total: int
+    available: int
+    swap_free: int
+
+
+def parse_meminfo(text: str) -> MemInfo:
+    """MemTotal, MemAvailable and SwapFree (bytes) out of /proc/meminfo's text."""
+    values = {m.group(1): int(m.group(2)) * 1024 for m in re.finditer(r"^(\w+):\s+(\d+) kB$", text, re.M)}
+    try:
+        return MemInfo(values["MemTotal"], values["MemAvailable"], values.get("SwapFree", 0))
+    except KeyError as e:
+        raise ValueError(f"/proc/meminfo has no {e.args[0]} line") from None
+
+
+def read_meminfo(path: str = "/proc/meminfo") -> MemInfo:
+    return parse_meminfo(Path(path).read_text())
+
+
+def shm_free_bytes(directory: str = SHM_DIR) -> int:
+    """Room left in the tmpfs that segments live in (its size is a mount option, often half of RAM)."""
+    st = os.statvfs(directory)
+    return st.f_bavail * st.f_frsize
+
+
+def safety_floor(spec: str, mem: MemInfo) -> int:
+    """Bytes of RAM to leave free: a size ('2GiB') or a percentage of MemTotal ('10%')."""
+    absolute, share = parse_bytes_or_percent(spec)
+    return max(absolute, int(share * mem.total))
+
+
+def check_fit(kind: str, need: int, n_experts: int, largest_expert: int, mem: MemInfo, floor: int,
+              shm_free: int | None = None, freed: int = 0) -> None:
+    """Raise HostMemoryError unless `need` bytes of `kind` memory fit in what is free now, less the floor.
+
+    `freed` is what this host holds now in that kind and releases as it migrates. Swap counts only for
+    ordinary process memory: pinned and write-combined pages are page-locked on a GPU machine."""
+    if need <= 0:
+        return
+    budget = mem.available + freed - floor
+    limit = f"{_size(budget)} is available after the {_size(floor)} floor"
+    if kind == "mapped":
+        budget += mem.swap_free
+        limit = f"{_size(budget)} of RAM and swap is available after the {_size(floor)} floor"
+    if kind == "pinned" and shm_free is not None and shm_free + freed < budget:
+        budget = shm_free + freed
+        limit = f"{_size(budget)} is free in {SHM_DIR}"
+    if need <= budget:
+        return
+    fit = max(0, budget) // max(1, largest_expert)
+    if kind == "mapped":
+        instead = "use a model file whose experts are F32, F16 or BF16 (mapped with no copy)"
+    else:
+        instead = "use host_memory = mapped"
+    raise HostMemoryError(f"placement needs {_size(need)} of {kind} memory for {n_experts:,} experts; {limit}: "
+                          f"at most {fit:,} experts fit, or {instead}")
+
+
+def _size(n: int) -> str:
+    n = max(0, n)
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def check_kind(kind: str, caps: DeviceCaps | None) -> None:
+    """Refuse, at start-up, a memory kind this machine cannot provide."""
+    if kind not in HOST_MEMORY_KINDS:
+        raise HostMemoryError(f"unknown host memory kind {kind!r}; choose from {', '.join(HOST_MEMORY_KINDS)}")
+    if kind != "write-combined":
+        return
+    if caps is None:
+        raise HostMemoryError("host_memory = write-combined needs a CUDA GPU (cudaHostAlloc) and this host has "
+                              "none: use pinned or mapped")
+    if caps.decision != HOST_DMA:
+        raise HostMemoryError(f"host_memory = write-combined is for GPUs that DMA from host memory; "
+                              f"{caps.name} is {caps.decision}: use mapped")
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        raise HostMemoryError("host_memory = write-combined allocates through cupy, which is not installed "
+                              "(pip install 'tierserve[gpu]')") from None
+
+
+# ---- where each expert sits in a layer's region
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One matrix's place in a layer region."""
+
+    offset: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return int(torch.Size(self.shape).numel()) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class LayerLayout:
+    slots: dict[int, tuple[Slot, ...]]  # expert -> its gate, up and down matrices
+    nbytes: int  # whole pages, so a layer can be freed on its own
+
+
+def expert_matrices(model: GGUFModel) -> list[list[tuple[torch.dtype, tuple[int, ...]]]]:
+    """Per layer, the (dtype, shape) of an expert's gate, up and down matrices as a host holds them."""
+    shapes = tensor_shapes(model.config)
+    return [[(model.expert_dtype(layer, kind), shapes[expert_tensor_name(layer, kind)][1:])
+             for kind in EXPERT_TENSOR_KINDS] for layer in range(model.config.n_layers)]
+
+
+def expert_nbytes(matrices: list[tuple[torch.dtype, tuple[int, ...]]]) -> int:
+    return sum(int(torch.Size(shape).numel()) * dtype.itemsize for dtype, shape in matrices)
+
+
+def layer_layout(matrices: list[tuple[torch.dtype, tuple[int, ...]]], experts: list[int]) -> LayerLayout:
+    slots = {}
+    offset = 0
+    for e in experts:
+        placed = []
+        for dtype, shape in matrices:
+            offset = _round_up(offset, _ALIGN)
+            placed.append(Slot(offset, dtype, shape))
+            offset += placed[-1].nbytes
+        slots[e] = tuple(placed)
+    return LayerLayout(slots, _round_up(offset, PAGE))
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+def place(region: torch.Tensor, slots: tuple[Slot, ...], source: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Copy an expert's matrices into their slots of a layer region; the copies, as tensors over the region."""
+    placed = []
+    for slot, src in zip(slots, source, strict=True):
+        dst = region[slot.offset : slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
+        dst.copy_(src)
+        placed.append(dst)
+    return tuple(placed)
+
+
+# ---- the two kinds of copied memory, one region per layer
+
+
+class SharedSegment:
+    """The pinned kind: one /dev/shm segment for all of a host's layers, MAP_SHARED."""
+
+    def __init__(self, layer_sizes: list[int], register: bool) -> None:
+        remove_stale_segments()
+        self.offsets = [0]
+        for size in layer_sizes:
+            self.offsets.append(self.offsets[-1] + size)
+        self.nbytes = self.offsets[-1]
+        self.register, self.registered = register, False
+        path = os.path.join(SHM_DIR, f"{SEGMENT_PREFIX}{os.getuid()}-{os.getpid()}-{next(_segment_numbers)}")
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.unlink(path)  # from here on nothing of it is left in /dev/shm, however this process ends
+        os.ftruncate(self.fd, self.nbytes)  # sparse: pages are allocated layer by layer, as they are filled
+        self.map = mmap.mmap(self.fd, self.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._bytes = torch.frombuffer(self.map, dtype=torch.uint8)
+
+    def region(self, layer: int) -> torch.Tensor:
+        """The layer's bytes, allocated now: a full /dev/shm is an error here rather than a SIGBUS later."""
+        start, end = self.offsets[layer], self.offsets[layer + 1]
+        if end > start:
+            try:
+                os.posix_fallocate(self.fd, start, end - start)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise HostMemoryError(f"{SHM_DIR} is full: layer {layer} needs {_size(end - start)} more "
+                                      f"({_size(shm_free_bytes())} free); enlarge it or use host_memory = mapped"
+                                      ) from None
+        return self._bytes[start:end]
+
+    def finish(self) -> None:
+        """Every layer is filled (so every page is faulted in): register the segment for DMA if asked to."""
+        if not self.register or self.nbytes == 0:
+            return
+        err = int(torch.cuda.cudart().cudaHostRegister(self._bytes.data_ptr(), self.nbytes, 0))
+        if err != 0:
+            raise HostMemoryError(f"cudaHostRegister of the {_size(self.nbytes)} expert segment failed with CUDA "
+                                  f"error {err}: use host_memory = mapped")
+        self.registered = True
+
+    def release(self, layer: int) -> None:
+        """Give the layer's pages back to the system (page-locked pages cannot be, so unregister first)."""
+        self._unregister()
+        start, end = self.offsets[layer], self.offsets[layer + 1]
+        if end > start:
+            self.map.madvise(mmap.MADV_REMOVE, start, end - start)
+
+    def close(self) -> None:
+        """Free every page now; the mapping itself goes with the last tensor over it."""
+        if self.fd < 0:
+            return
+        self._unregister()
+        if self.nbytes:
+            self.map.madvise(mmap.MADV_REMOVE, 0, self.nbytes)
+        os.close(self.fd)
+        self.fd = -1
+
+    def _unregister(self) -> None:
+        if self.registered:
+            torch.cuda.cudart().cudaHostUnregister(self._bytes.data_ptr())
+            self.registered = False
+
+
+class WriteCombinedBuffers:
+    """The write-combined kind: one cudaHostAlloc(WRITECOMBINED) buffer per layer, freed layer by layer.
+    Such memory cannot be shared between processes, so there is no segment to clean up."""
+
+    def __init__(self, layer_sizes: list[int]) -> None:
+        self.sizes = layer_sizes
+        self.nbytes = sum(layer_sizes)
+        self.pointers: dict[int, int] = {}
+
+    def region(self, layer: int) -> torch.Tensor:
+        import cupy
+
+        size = self.sizes[layer]
+        if size == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        try:
+            ptr = cupy.cuda.runtime.hostAlloc(size, _CUDA_HOST_ALLOC_WRITE_COMBINED)
+        except cupy.cuda.runtime.CUDARuntimeError as e:
+            raise HostMemoryError(f"cudaHostAlloc of {_size(size)} of write-combined memory for layer {layer} "
+                                  f"failed ({e}): use host_memory = mapped") from None
+        self.pointers[layer] = ptr
+        return torch.frombuffer((ctypes.c_uint8 * size).from_address(ptr), dtype=torch.uint8)
+
+    def finish(self) -> None:
+        """cudaHostAlloc memory is page-locked from the start."""
+
+    def release(self, layer: int) -> None:
+        import cupy
+
+        ptr = self.pointers.pop(layer, None)
+        if ptr is not None:
+            cupy.cuda.runtime.freeHost(ptr)
+
+    def close(self) -> None:
+        for layer in list(self.pointers):
+            self.release(layer)
+
+
+Arena = SharedSegment | WriteCombinedBuffers
+
+
+def make_arena(kind: str, layer_sizes: list[int], caps: DeviceCaps | None) -> Arena:
+    if kind == "pinned":
+        return SharedSegment(layer_sizes, register=caps is not None and caps.decision == HOST_DMA)
+    if kind == "write-combined":
+        return WriteCombinedBuffers(layer_sizes)
+    raise ValueError(f"{kind} memory is not copied into an arena")
+
+
+def remove_stale_segments(directory: str = SHM_DIR) -> list[str]:
+    """Remove this user's segments whose process is gone; the names removed."""
+    removed = []
+    pattern = re.compile(rf"^{re.escape(SEGMENT_PREFIX)}{os.getuid()}-(\d+)-\d+$")
+    for name in os.listdir(directory):
+        m = pattern.match(name)
+        if m and not _alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(directory, name))
+                removed.append(name)
+            except FileNotFoundError:
+                pass  # another host cleaned it first
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # a live process of another user took the pid over
+    return True
+
+
+# ---- page advice over the model file's map
+
+
+def advise(address: int, nbytes: int, advice: int) -> None:
+    """madvise over every page that [address, address + nbytes) touches."""
+    start = address - address % PAGE
+    if _libc.madvise(start, address + nbytes - start, advice) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"madvise: {os.strerror(err)}")
+
+
+def prefetch(tensors: list[torch.Tensor]) -> None:
+    """Start reading these tensors' pages in (MADV_WILLNEED returns at once; the reads go on behind it)."""
+    for t in tensors:
+        advise(t.data_ptr(), t.numel() * t.element_size(), mmap.MADV_WILLNEED)
+
+
+def drop_file_pages(model: GGUFModel, layer: int, experts: list[int], fd: int) -> None:
+    """Once a layer's experts are copied out of the file: unmap the layer's expert tensors from this process
+    and drop the copied experts' pages from the page cache, so RAM holds one copy of them, not two.
+
+    Whole tensors are unmapped, not expert by expert, because a fault maps the whole (large) page-cache
+    folio around it, neighbours included, and a folio still mapped cannot be dropped from the cache."""
+    for kind in EXPERT_TENSOR_KINDS:
+        name = expert_tensor_name(layer, kind)
+        whole = model.raw(name)
+        advise(whole.ctypes.data, whole.nbytes, mmap.MADV_DONTNEED)
+        for e in experts:
+            stored = model.expert_bytes(layer, kind, e)
+            offset = model.file_offset(name) + stored.ctypes.data - whole.ctypes.data
+            os.posix_fadvise(fd, offset, stored.nbytes, os.POSIX_FADV_DONTNEED)

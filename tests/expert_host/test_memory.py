@@ -1,0 +1,107 @@
+"""Sizing from measured free memory (made-up /proc/meminfo numbers), the config fields that choose the
+memory kind and the floor, and the layout of copied layers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from expert_host.memory import (
+    PAGE,
+    HostMemoryError,
+    MemInfo,
+    check_fit,
+    check_kind,
+    layer_layout,
+    parse_meminfo,
+    safety_floor,
+)
+from shared.config import Config, load_config
+from shared.device_caps import HOST_DMA, UNIFIED, DeviceCaps
+
+GB = 10**9
+MEMINFO = """MemTotal:       131072000 kB
+MemFree:         1000000 kB
+MemAvailable:   31347656 kB
+Buffers:            2444 kB
+SwapTotal:      16000000 kB
+SwapFree:        8000000 kB
+"""
+
+
+def test_meminfo_is_read_in_bytes():
+    assert parse_meminfo(MEMINFO) == MemInfo(total=131072000 * 1024, available=31347656 * 1024,
+                                             swap_free=8000000 * 1024)
+    with pytest.raises(ValueError, match="MemAvailable"):
+        parse_meminfo("MemTotal: 100 kB\n")
+
+
+def test_refusal_says_what_would_fit():
+    mem = MemInfo(total=128 * GB, available=int(32.1 * GB), swap_free=0)
+    expert = 9_467_000  # a bf16 Qwen3-30B-A3B-sized expert
+    with pytest.raises(HostMemoryError) as refused:
+        check_fit("pinned", 4352 * expert, 4352, expert, mem, floor=2 * GB)
+    assert str(refused.value) == (
+        "placement needs 41.2 GB of pinned memory for 4,352 experts; 30.1 GB is available after the 2.0 GB floor: "
+        "at most 3,179 experts fit, or use host_memory = mapped")
+    assert isinstance(refused.value, ValueError)
+    check_fit("pinned", 3179 * expert, 3179, expert, mem, floor=2 * GB)
+
+
+def test_swap_counts_for_process_memory_but_not_for_page_locked_memory():
+    mem = MemInfo(total=64 * GB, available=10 * GB, swap_free=6 * GB)
+    check_fit("mapped", 12 * GB, 1000, 12_000_000, mem, floor=2 * GB)  # dequantized copies may be swapped out
+    with pytest.raises(HostMemoryError, match="8.0 GB is available after the 2.0 GB floor: at most 666 experts"):
+        check_fit("pinned", 12 * GB, 1000, 12_000_000, mem, floor=2 * GB)
+    with pytest.raises(HostMemoryError, match="14.0 GB of RAM and swap .* or use a model file whose experts are F32"):
+        check_fit("mapped", 15 * GB, 1000, 15_000_000, mem, floor=2 * GB)
+
+
+def test_memory_freed_by_the_migration_counts_and_dev_shm_can_be_the_limit():
+    mem = MemInfo(total=64 * GB, available=10 * GB, swap_free=0)
+    check_fit("pinned", 12 * GB, 1000, 12_000_000, mem, floor=2 * GB, freed=5 * GB)  # the old segment goes
+    with pytest.raises(HostMemoryError, match=r"3.0 GB is free in /dev/shm: at most 250 experts fit"):
+        check_fit("pinned", 6 * GB, 500, 12_000_000, mem, floor=2 * GB, shm_free=3 * GB)
+    check_fit("write-combined", 6 * GB, 500, 12_000_000, mem, floor=2 * GB, shm_free=3 * GB)  # not in /dev/shm
+    check_fit("mapped", 0, 500, 12_000_000, MemInfo(1, 0, 0), floor=2 * GB)  # views of the file need nothing
+
+
+def test_floor_is_a_size_or_a_share_of_ram():
+    mem = MemInfo(total=100 * GB, available=50 * GB, swap_free=0)
+    assert safety_floor("2GiB", mem) == 2 * 1024**3
+    assert safety_floor("10%", mem) == 10 * GB
+    assert safety_floor("0", mem) == 0
+
+
+def test_config_chooses_a_kind_per_host_and_validates_the_floor(tmp_path):
+    path = tmp_path / "tierserve.toml"
+    path.write_text('host_memory = "pinned, write-combined"\nhost_memory_floor = "5%"\nexpert_hosts = 3\n')
+    config = load_config(path)
+    assert [config.host_memory_for(i) for i in range(3)] == ["pinned", "write-combined", "write-combined"]
+    assert Config().host_memory_for(1) == "mapped" and Config().host_memory_floor == "2GiB"
+    with pytest.raises(ValueError, match="host_memory must be one of mapped, pinned, write-combined"):
+        Config(host_memory="pinned,huge")
+    with pytest.raises(ValueError, match="percentage must be in 0..100"):
+        Config(host_memory_floor="150%")
+    with pytest.raises(ValueError, match="not a size"):
+        Config(host_memory_floor="lots")
+
+
+def test_write_combined_needs_a_gpu_that_dmas_from_host_memory():
+    check_kind("pinned", None)
+    with pytest.raises(HostMemoryError, match="needs a CUDA GPU .* this host has none"):
+        check_kind("write-combined", None)
+    gb10 = DeviceCaps(0, "NVIDIA GB10", False, True, None, UNIFIED)
+    with pytest.raises(HostMemoryError, match="NVIDIA GB10 is unified: use mapped"):
+        check_kind("write-combined", gb10)
+    with pytest.raises(HostMemoryError, match="unknown host memory kind"):
+        check_kind("swap", DeviceCaps(0, "H100", True, False, True, HOST_DMA))
+
+
+def test_layers_are_whole_pages_and_matrices_start_on_cache_lines():
+    matrices = [(torch.bfloat16, (7, 5)), (torch.bfloat16, (7, 5)), (torch.float32, (5, 7))]
+    layout = layer_layout(matrices, [2, 9])
+    offsets = [slot.offset for e in (2, 9) for slot in layout.slots[e]]
+    assert offsets == [0, 128, 256, 448, 576, 704]  # 70-byte bf16 matrices and a 140-byte fp32 one
+    assert layout.nbytes == PAGE
+    assert layer_layout(matrices, []).nbytes == 0

@@ -1,0 +1,135 @@
+"""An expert host's store in each memory kind: the same numbers from every kind, copies that live in one
+unlinked shared-memory segment, refusals before anything is loaded, and prefetch of mapped experts."""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import mmap
+import os
+import time
+
+import pytest
+import torch
+
+from expert_host.memory import PAGE, HostMemoryError, advise
+from expert_host.store import ExpertStore
+from shared.gguf_file import GGUFModel
+from shared.make_model import make_model
+from shared.model_config import expert_tensor_name
+from shared.placement import round_robin_placement
+from tests.expert_host.conftest import memory_status, segment_mappings, segment_names
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def outputs(store: ExpertStore, placement, seed: int = 0) -> list[torch.Tensor]:
+    """Every expert the host owns, each layer's experts in one work item of uneven row counts."""
+    cfg = store.model.config
+    x = torch.randn(64, cfg.hidden, generator=torch.Generator().manual_seed(seed))
+    results = []
+    for layer in range(cfg.n_layers):
+        experts = placement.on_host(layer, store.host_index)
+        counts = [1 + i % 3 for i in range(len(experts))]
+        results.append(store.compute(layer, experts, counts, x[: sum(counts)]))
+    return results
+
+
+@pytest.mark.parametrize("dtype", ["f32", "bf16", "q8_0"])
+def test_pinned_experts_compute_bit_for_bit_what_mapped_ones_do(expert_models, dtype):
+    model = GGUFModel(expert_models[dtype])
+    before = round_robin_placement(model.config, 2, 2, version=1)
+    after = round_robin_placement(model.config, 3, 1, version=2)  # host 0 keeps some experts, gains others
+    mapped, pinned = ExpertStore(model, 0), ExpertStore(model, 0, "pinned")
+    try:
+        for placement in (before, after):
+            mapped.apply(placement)
+            pinned.apply(placement)
+            assert pinned.placement_version == placement.version
+            assert set(pinned.weights) == set(mapped.weights)
+            for a, b in zip(outputs(mapped, placement), outputs(pinned, placement), strict=True):
+                assert torch.equal(a, b)
+            assert pinned.nbytes == mapped.nbytes
+    finally:
+        pinned.close()
+
+
+def test_pinned_copies_live_in_one_unlinked_segment_not_in_the_file(expert_models):
+    model = GGUFModel(expert_models["f32"])
+    shm_before = segment_names()
+    store = ExpertStore(model, 0, "pinned")
+    placement = round_robin_placement(model.config, 0, 1)
+    store.apply(placement)
+    file_start = model.raw(expert_tensor_name(0, "ffn_gate_exps")).base.ctypes.data
+    pointers = [t.data_ptr() for weights in store.weights.values() for t in weights]
+    assert not [p for p in pointers if file_start <= p < file_start + model.file_size]
+    assert all(p % 64 == 0 for p in pointers)
+    (segment,) = segment_mappings()
+    assert segment.endswith("(deleted)") and " rw-s " in segment
+    assert segment_names() == shm_before
+    store.apply(round_robin_placement(model.config, 0, 1, version=2))  # a new placement makes a new segment
+    gc.collect()
+    assert len(segment_mappings()) == 1
+    held, shmem = store.nbytes, memory_status()["RssShmem"]
+    store.close()
+    assert store.weights == {}
+    assert memory_status()["RssShmem"] <= shmem - held  # the pages are given back at once
+
+
+def test_a_placement_that_does_not_fit_is_refused_before_anything_is_loaded(expert_models):
+    model = GGUFModel(expert_models["f32"])
+    placement = round_robin_placement(model.config, 0, 2)
+    store = ExpertStore(model, 0, "pinned", floor="100%")
+    with pytest.raises(HostMemoryError, match=r"placement needs 0.4 MB of pinned memory for 16 experts; .* "
+                                              r"at most 0 experts fit, or use host_memory = mapped"):
+        store.apply(placement)
+    assert store.weights == {} and store.placement_version == 0 and segment_mappings() == []
+    ExpertStore(model, 0, "mapped", floor="100%").apply(placement)  # views of an fp32 file need no memory
+    dequantized = ExpertStore(GGUFModel(expert_models["q8_0"]), 0, "mapped", floor="100%")
+    with pytest.raises(HostMemoryError, match="use a model file whose experts are F32, F16 or BF16"):
+        dequantized.apply(placement)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_write_combined_is_refused_at_start_without_cuda(expert_models):
+    with pytest.raises(HostMemoryError, match="write-combined needs a CUDA GPU"):
+        ExpertStore(GGUFModel(expert_models["f32"]), 0, "write-combined")
+
+
+def test_prefetch_reads_exactly_the_named_experts_into_the_page_cache(tmp_path):
+    path = tmp_path / "small.gguf"
+    make_model(path, preset="small", dtype="bf16", seed=1)
+    model = GGUFModel(path)
+    store = ExpertStore(model, 0)
+    store.apply(round_robin_placement(model.config, 0, 1))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # only clean pages can be dropped
+        for name in model.tensor_names():
+            whole = model.raw(name)
+            advise(whole.ctypes.data, whole.nbytes, mmap.MADV_DONTNEED)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    wanted, other = store.weights[(1, 3)] + store.weights[(1, 7)], store.weights[(3, 20)]
+    if resident(wanted) > 0.1:
+        pytest.skip("this file system keeps the file in memory (tmpfs?): there is no cold page cache to measure")
+    store.prefetch(1, [3, 7])
+    deadline = time.monotonic() + 5
+    while resident(wanted) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert resident(wanted) == 1
+    assert resident(other) < 0.5
+
+
+def resident(tensors) -> float:
+    """Share of the tensors' pages that are in the page cache (mincore)."""
+    pages = in_cache = 0
+    for t in tensors:
+        start = t.data_ptr() - t.data_ptr() % PAGE
+        n = -(-(t.data_ptr() + t.numel() * t.element_size() - start) // PAGE)
+        vec = (ctypes.c_ubyte * n)()
+        assert LIBC.mincore(ctypes.c_void_p(start), ctypes.c_size_t(n * PAGE), vec) == 0
+        pages += n
+        in_cache += sum(v & 1 for v in vec)
+    return in_cache / pages
