@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import logging
 import time
 
+import torch
 import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
 from expert_host.store import ExpertStore
 from shared.config import Config, add_config_arguments, config_from_args
+from shared.gguf_file import GGUFModel
+from shared.mailbox import ORDERED_STORES, Backoff, Mailbox, mailbox_path, remove_mailbox
 from shared.metrics import start_metrics_server
 from shared.placement import expert_host_id
 from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process
@@ -18,11 +22,33 @@ from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolErr
 
 WORK = Counter("tierserve_expert_host_work_total", "Work items (one layer's experts for one batch)", ["outcome"])
 ROWS = Counter("tierserve_expert_host_rows_total", "Token rows computed")
+MAILBOX_WORK = Counter("tierserve_expert_host_mailbox_work_total",
+                       "Work items that came through the shared-memory mailbox rather than ZeroMQ")
 LATENCY = Histogram("tierserve_expert_host_compute_seconds", "Compute time of one work item",
                     buckets=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0))
 QUEUE = Gauge("tierserve_expert_host_queue_depth", "Work items received and not yet computed")
 HELD = Gauge("tierserve_expert_host_experts", "Experts held by this host")
 HELD_BYTES = Gauge("tierserve_expert_host_expert_bytes", "Bytes of expert weights held by this host")
+
+# With a mailbox the loop watches it alone for up to SOCKETS_EVERY_S between looks at its sockets (each look
+# costs microseconds the mailbox path should not pay), and an idle host sleeps at most IDLE_SLEEP_S at a time.
+SOCKETS_EVERY_S = 1e-3
+IDLE_SLEEP_S = 1e-3
+
+
+def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging.Logger) -> Mailbox | None:
+    """This host's mailbox for the worker when the data plane to it is shared memory, sized for a whole batch's
+    rows (max_batch_tokens x top-k) in the widest dtype; a mailbox a killed predecessor left is removed."""
+    path = mailbox_path(config.expert_host_endpoint(host_index))
+    remove_mailbox(path)
+    if not config.shm_data_plane(host_index):
+        return None
+    if not ORDERED_STORES:
+        log.warning("shared-memory mailboxes need x86-64 store ordering; activations go over ZeroMQ")
+        return None
+    cfg = model.config
+    capacity = config.mailbox_bytes or config.max_batch_tokens * cfg.n_experts_used * cfg.hidden * 4
+    return Mailbox.create(path, capacity, cfg.n_experts)
 
 
 def serve(config: Config, host_index: int) -> int:
@@ -40,8 +66,11 @@ def serve(config: Config, host_index: int) -> int:
     endpoint = config.expert_host_endpoint(host_index)
     data.bind(endpoint)
     control = ControlLink(ctx, config, member_id, "expert_host", metrics_port)
-    log.info("serving %s on %s, metrics on :%d", config.model, endpoint, metrics_port)
+    mailbox = open_mailbox(config, host_index, model, log)
+    log.info("serving %s on %s%s, metrics on :%d", config.model, endpoint,
+             f" and {mailbox.path}" if mailbox else "", metrics_port)
     queue: collections.deque[list] = collections.deque()
+    backoff = Backoff(max_sleep_s=IDLE_SLEEP_S)
     try:
         while not stop.stopping:
             control.heartbeat_if_due(store.placement_version, {"queue": len(queue), "experts": len(store.weights)})
@@ -53,7 +82,13 @@ def serve(config: Config, host_index: int) -> int:
                 log.info("placement v%d: holding %d experts (%.1f MB)", placement.version, len(store.weights),
                          store.nbytes / 1e6)
                 control.heartbeat_if_due(store.placement_version)
-            if not queue and not data.poll(50):
+            if mailbox is not None:
+                if backoff.wait(mailbox.pending, time.monotonic() + SOCKETS_EVERY_S):
+                    answer_mailbox(store, mailbox)
+                    backoff.reset()
+                if not queue and not data.poll(0):
+                    continue
+            elif not queue and not data.poll(50):
                 continue
             while data.poll(0):
                 queue.append(data.recv_multipart(copy=False))
@@ -61,12 +96,27 @@ def serve(config: Config, host_index: int) -> int:
             frames = queue.popleft()
             data.send_multipart([frames[0], *handle(store, frames[1:])], copy=False)
     finally:
+        if mailbox is not None:
+            mailbox.close()
+            remove_mailbox(mailbox.path)
         data.close(linger=0)
         control.socket.close(linger=0)
         ctx.term()
         leave_run_dir(config, endpoint)
         log.info("stopped")
     return 0
+
+
+def compute(store: ExpertStore, layer: int, experts: list[int], counts: list[int],
+            hidden: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """One work item through the store, timed and counted; ValueError names what is wrong with it."""
+    start = time.perf_counter()
+    output = store.compute(layer, experts, counts, hidden)
+    seconds = time.perf_counter() - start
+    LATENCY.observe(seconds)
+    WORK.labels("ok").inc()
+    ROWS.inc(output.shape[0])
+    return output, seconds
 
 
 def handle(store: ExpertStore, frames: list) -> list:
@@ -78,17 +128,25 @@ def handle(store: ExpertStore, frames: list) -> list:
     if not isinstance(msg, ExpertWork):
         WORK.labels("error").inc()
         return encode(ExpertFailure(step=-1, layer=-1, code="unexpected", message=f"cannot handle {msg.KIND}"))
-    start = time.perf_counter()
     try:
-        output = store.compute(msg.layer, msg.expert_ids, msg.counts, msg.hidden)
+        output, seconds = compute(store, msg.layer, msg.expert_ids, msg.counts, msg.hidden)
     except ValueError as e:
         WORK.labels("error").inc()
         return encode(ExpertFailure(step=msg.step, layer=msg.layer, code="bad_work", message=str(e)))
-    seconds = time.perf_counter() - start
-    LATENCY.observe(seconds)
-    WORK.labels("ok").inc()
-    ROWS.inc(output.shape[0])
     return encode(ExpertResult(step=msg.step, layer=msg.layer, output=output, compute_s=seconds))
+
+
+def answer_mailbox(store: ExpertStore, mailbox: Mailbox) -> None:
+    """Answer the mailbox's pending request; the rows are computed where the worker wrote them."""
+    try:
+        request = mailbox.take()
+        output, seconds = compute(store, request.layer, request.experts, request.counts, request.hidden)
+    except ValueError as e:  # a request that does not describe its payload, or work the store refuses
+        WORK.labels("error").inc()
+        mailbox.fail("bad_work", str(e))
+        return
+    mailbox.reply(output, seconds)
+    MAILBOX_WORK.inc()
 
 
 def main(argv: list[str] | None = None) -> int:

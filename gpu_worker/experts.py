@@ -125,7 +125,7 @@ class MoEDispatch:
             assert self.remote is not None, "placement has cold experts but the worker has no expert hosts"
             sel = on_cpu & (owners == host)
             g = group_by_expert(tokens[sel], experts[sel], pair_weights[sel])
-            self.remote.send(host, layer, g.experts, g.counts, h[g.tokens])
+            self.remote.send(host, layer, g.experts, g.counts, h, g.tokens)
             self.on_dispatch("cpu", len(g.tokens))
             sent.append((host, g, time.perf_counter()))
         on_gpu = owners == GPU

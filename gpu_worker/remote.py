@@ -1,13 +1,26 @@
-"""The worker's side of the data plane: one DEALER per expert host, one exchange per host per layer."""
+"""The worker's side of the data plane: one exchange per expert host per layer.
+
+To a host on this machine the rows go through the shared-memory mailbox the host made (shared/mailbox.py):
+the worker gathers them straight into it and spins on the answer. To a host elsewhere, to one without a
+mailbox, or when a batch does not fit the mailbox, they go as a ZeroMQ message on the worker's DEALER for that
+host. A host's mailbox is found by the name its endpoint gives (mailbox_path) and looked up again at most every
+RECHECK_S, so the worker follows a host that restarts (a new mailbox file) long before it can serve again.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 
 import torch
 import zmq
 
+from shared.mailbox import Mailbox, MailboxError, mailbox_path
 from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
+
+RECHECK_S = 0.05
+log = logging.getLogger(__name__)
 
 
 class ExpertHostError(RuntimeError):
@@ -20,6 +33,10 @@ class RemoteExperts:
     def __init__(self, ctx: zmq.Context, endpoints: list[str], timeout_s: float) -> None:
         self.ctx, self.endpoints, self.timeout_s = ctx, endpoints, timeout_s
         self.sockets = [self._connect(e) for e in endpoints]
+        self.mailboxes: list[Mailbox | None] = [None] * len(endpoints)
+        self._seen: list[tuple[int, int] | None] = [None] * len(endpoints)  # file identity last looked at
+        self._recheck_at = [0.0] * len(endpoints)
+        self._in_flight: list[tuple[Mailbox, int] | None] = [None] * len(endpoints)  # None: sent over ZeroMQ
         self.step = 0
 
     def _connect(self, endpoint: str) -> zmq.Socket:
@@ -28,15 +45,73 @@ class RemoteExperts:
         sock.connect(endpoint)
         return sock
 
+    def _mailbox(self, host: int) -> Mailbox | None:
+        now = time.monotonic()
+        if now < self._recheck_at[host]:
+            return self.mailboxes[host]
+        self._recheck_at[host] = now + RECHECK_S
+        path = mailbox_path(self.endpoints[host])
+        try:
+            stat = os.stat(path)
+            identity: tuple[int, int] | None = (stat.st_dev, stat.st_ino)
+        except FileNotFoundError:
+            identity = None
+        if identity == self._seen[host]:
+            return self.mailboxes[host]
+        self._seen[host] = identity
+        if self.mailboxes[host] is not None:
+            self.mailboxes[host].close()
+            self.mailboxes[host] = None
+        if identity is not None:
+            try:
+                self.mailboxes[host] = mailbox = Mailbox.attach(path)
+                self._seen[host] = mailbox.identity
+                log.info("expert host %d: activations through shared memory %s", host, path)
+            except FileNotFoundError:
+                pass  # replaced while we looked; the next check finds the new one
+            except MailboxError as e:
+                log.warning("expert host %d: %s; activations go over ZeroMQ", host, e)
+        return self.mailboxes[host]
+
     def begin_step(self) -> None:
         self.step += 1
 
-    def send(self, host: int, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> None:
-        msg = ExpertWork(step=self.step, layer=layer, expert_ids=experts, counts=counts, hidden=hidden)
+    def send(self, host: int, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor,
+             tokens: torch.Tensor | None = None) -> None:
+        """Send rows hidden[tokens] (all of hidden without tokens), grouped by expert: counts[i] for experts[i]."""
+        rows = hidden.shape[0] if tokens is None else tokens.shape[0]
+        mailbox = self._mailbox(host)
+        if mailbox is not None and mailbox.fits(rows, hidden.shape[1], hidden.dtype, len(experts)):
+            area = mailbox.request_rows(rows, hidden.shape[1], hidden.dtype)
+            if tokens is None:
+                area.copy_(hidden)
+            elif hidden.device.type == "cpu":
+                torch.index_select(hidden, 0, tokens, out=area)
+            else:  # gathered on the device, then one copy into the mailbox
+                area.copy_(hidden.index_select(0, tokens))
+            self._in_flight[host] = (mailbox, mailbox.post(self.step, layer, experts, counts, area))
+            return
+        self._in_flight[host] = None
+        rows_sent = hidden if tokens is None else hidden[tokens]
+        msg = ExpertWork(step=self.step, layer=layer, expert_ids=experts, counts=counts, hidden=rows_sent)
         self.sockets[host].send_multipart(encode(msg), copy=False)
 
     def receive(self, host: int, layer: int) -> tuple[torch.Tensor, float]:
-        """The host's output for this step's layer and the compute seconds it reports."""
+        """The host's output for this step's layer and the compute seconds it reports. Output that came
+        through the mailbox is a view of it: use it before the next send to this host."""
+        in_flight = self._in_flight[host]
+        if in_flight is None:
+            return self._receive_message(host, layer)
+        mailbox, seq = in_flight
+        if not mailbox.wait_answer(seq, self.timeout_s):
+            self.reset(host)
+            raise ExpertHostError(host, "timeout", f"no answer within {self.timeout_s:.1f} s")
+        answer = mailbox.answer()
+        if answer.failure is not None:
+            raise ExpertHostError(host, *answer.failure)
+        return answer.output, answer.compute_s  # type: ignore[return-value]
+
+    def _receive_message(self, host: int, layer: int) -> tuple[torch.Tensor, float]:
         sock = self.sockets[host]
         deadline = time.monotonic() + self.timeout_s
         while True:
@@ -56,10 +131,16 @@ class RemoteExperts:
                 return msg.output, msg.compute_s
 
     def reset(self, host: int) -> None:
-        """Drop whatever is queued to or from a host that stopped answering; reconnect fresh."""
+        """Drop whatever is queued to or from a host that stopped answering; reconnect fresh and look for its
+        mailbox again at the next send (a mailbox holds nothing queued: a late answer is told apart by its
+        sequence number)."""
         self.sockets[host].close(linger=0)
         self.sockets[host] = self._connect(self.endpoints[host])
+        self._recheck_at[host] = 0.0
 
     def close(self) -> None:
         for sock in self.sockets:
             sock.close(linger=0)
+        for mailbox in self.mailboxes:
+            if mailbox is not None:
+                mailbox.close()

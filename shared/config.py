@@ -74,6 +74,8 @@ class Config:
     heartbeat_interval_s: float = 0.5
     heartbeat_timeout_s: float = 3.0
     expert_timeout_s: float = 10.0
+    data_plane: str = "auto"  # worker <-> hosts: auto (shared memory to hosts on ipc endpoints) | zmq | shm
+    mailbox_bytes: int = 0  # payload bytes each way per mailbox; 0: max_batch_tokens x top-k rows of fp32
     drain_timeout_s: float = 30.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400  # coordinator; gpu_worker +1, expert host i +2+i; 0 picks free ports
@@ -93,6 +95,8 @@ class Config:
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
+        if self.data_plane not in ("auto", "zmq", "shm"):
+            raise ValueError(f"data_plane must be auto, zmq or shm, not {self.data_plane!r}")
         for kind in self.host_memory.split(","):
             if kind.strip() not in HOST_MEMORY_KINDS:
                 raise ValueError(f"host_memory must be one of {', '.join(HOST_MEMORY_KINDS)} (or a comma-separated "
@@ -117,6 +121,12 @@ class Config:
         """The memory kind expert host `host` keeps its experts in."""
         kinds = [kind.strip() for kind in self.host_memory.split(",")]
         return kinds[min(host, len(kinds) - 1)]
+
+    def shm_data_plane(self, host: int) -> bool:
+        """Whether activations to this host go through a shared-memory mailbox: it must be on this machine,
+        which an ipc endpoint guarantees and "shm" asserts."""
+        return self.data_plane == "shm" or (self.data_plane == "auto" and
+                                             self.expert_host_endpoint(host).startswith("ipc://"))
 
     def metrics_port_for(self, role: str, host: int = 0) -> int:
         if self.metrics_port == 0:
@@ -146,7 +156,7 @@ _FIELDS = {f.name for f in dataclasses.fields(Config)}
 
 def _coerce(name: str, value: Any) -> Any:
     hint = _HINTS[name]
-    if name in ("gpu_expert_budget", "max_request_bytes") and isinstance(value, str):
+    if name in ("gpu_expert_budget", "max_request_bytes", "mailbox_bytes") and isinstance(value, str):
         return parse_bytes(value)
     try:
         if hint is bool:

@@ -1,0 +1,324 @@
+"""Shared-memory mailboxes between two real processes (the host side forked, real /dev/shm), the worker's
+RemoteExperts over them, and the whole system with activations in shared memory against the oracle."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+import zmq
+
+from gpu_worker.remote import ExpertHostError, RemoteExperts
+from shared.client import Client
+from shared.gguf_file import GGUFModel
+from shared.launcher import RunningSystem
+from shared.mailbox import SEQ_MASK, Backoff, Mailbox, MailboxError, mailbox_path
+from shared.make_model import make_model
+from shared.reference import ReferenceModel
+
+FORK = multiprocessing.get_context("fork")  # the child needs nothing but this module; no second torch import
+CAPACITY = 1 << 16
+MAX_EXPERTS = 16
+STOP_LAYER = -1
+FAIL_LAYER = 99
+
+
+def shm_entries() -> set[str]:
+    return set(os.listdir("/dev/shm"))
+
+
+def expected(hidden: torch.Tensor, layer: int, experts: list[int], counts: list[int]) -> torch.Tensor:
+    """What the test host answers: each row times 2, plus its expert id, plus the layer (exact in every dtype)."""
+    offsets = torch.tensor(experts, dtype=torch.float32).repeat_interleave(torch.tensor(counts, dtype=torch.long))
+    return (hidden.float() * 2 + offsets[:, None] + layer).to(hidden.dtype)
+
+
+def run_host(path: str, first_seq: int, answers: int, stall_s: float) -> None:
+    """The host side: create the mailbox, answer until told to stop (or `answers` are given, then hang).
+    With `stall_s` the host stalls that long right after the mailbox's name appears, as a descheduled one can."""
+    if stall_s:
+        rename = os.rename
+
+        def rename_then_stall(src: str, dst: str) -> None:
+            rename(src, dst)
+            time.sleep(stall_s)
+
+        os.rename = rename_then_stall  # only in this forked child
+    mailbox = Mailbox.create(path, CAPACITY, MAX_EXPERTS, first_seq)
+    backoff = Backoff(max_sleep_s=1e-3)
+    try:
+        for _ in range(answers):
+            assert backoff.wait(mailbox.pending, time.monotonic() + 30)
+            backoff.reset()
+            try:
+                request = mailbox.take()
+            except MailboxError as e:
+                mailbox.fail("bad_work", str(e))
+                continue
+            if request.layer == STOP_LAYER:
+                return
+            if request.layer == FAIL_LAYER:
+                mailbox.fail("bad_work", "layer 99 — not held here")
+                continue
+            output = expected(request.hidden, request.layer, request.experts, request.counts)
+            mailbox.reply(output, compute_s=float(request.step))
+        time.sleep(60)  # answers nothing more, like a host that froze
+    finally:
+        mailbox.close()
+        os.unlink(path)
+
+
+def inode(path: str) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+HOSTS: list[Host] = []
+
+
+class Host:
+    """A forked process serving a mailbox at `path`."""
+
+    def __init__(self, path: str, first_seq: int = 0, answers: int = 10**9, stall_s: float = 0.0) -> None:
+        self.path = path
+        HOSTS.append(self)
+        self.process = FORK.Process(target=run_host, args=(path, first_seq, answers, stall_s), daemon=True)
+        replaced = inode(path)  # a dead predecessor's mailbox, which this host replaces
+        self.process.start()
+        deadline = time.monotonic() + 10
+        while inode(path) in (None, replaced):
+            assert time.monotonic() < deadline and self.process.is_alive(), "host did not create its mailbox"
+            time.sleep(0.005)
+
+    def kill(self) -> None:
+        os.kill(self.process.pid, signal.SIGKILL)
+        self.process.join()
+
+
+@pytest.fixture
+def no_shm_left():
+    """Whatever a failed test left running is stopped; then nothing may be left in /dev/shm."""
+    before = shm_entries()
+    yield
+    for host in HOSTS:
+        if host.process.is_alive():
+            host.kill()
+            if os.path.exists(host.path):
+                os.unlink(host.path)
+    HOSTS.clear()
+    assert shm_entries() <= before
+
+
+@pytest.fixture
+def shm_path(no_shm_left) -> str:
+    return f"/dev/shm/tierserve-test-{uuid.uuid4().hex}"
+
+
+def round_trip(mailbox: Mailbox, step: int, layer: int, hidden: torch.Tensor, experts: list[int],
+               counts: list[int]) -> int:
+    rows = mailbox.request_rows(hidden.shape[0], hidden.shape[1], hidden.dtype)
+    rows.copy_(hidden)
+    seq = mailbox.post(step, layer, experts, counts, rows)
+    assert mailbox.wait_answer(seq, timeout_s=10)
+    answer = mailbox.answer()
+    assert answer.failure is None
+    assert answer.compute_s == float(step)
+    assert torch.equal(answer.output, expected(hidden, layer, experts, counts))
+    return seq
+
+
+def stop_host(mailbox: Mailbox, host: Host) -> None:
+    rows = mailbox.request_rows(0, 8, torch.float32)
+    mailbox.post(0, STOP_LAYER, [], [], rows)
+    host.process.join(10)
+    assert host.process.exitcode == 0
+    assert not os.path.exists(host.path)  # the host removes its mailbox as it exits
+
+
+def random_work(gen: torch.Generator, rows: int, cols: int, dtype: torch.dtype) -> tuple[list[int], list[int]]:
+    if rows == 0:
+        return [], []
+    n = int(torch.randint(1, min(rows, MAX_EXPERTS) + 1, (1,), generator=gen))
+    experts = sorted(torch.randperm(MAX_EXPERTS, generator=gen)[:n].tolist())
+    cuts = sorted(torch.randperm(rows - 1, generator=gen)[: n - 1].add(1).tolist()) if n > 1 else []
+    counts = [b - a for a, b in zip([0, *cuts], [*cuts, rows], strict=True)]
+    return experts, counts
+
+
+def test_random_payloads_of_every_size_and_dtype_round_trip(shm_path):
+    gen = torch.Generator().manual_seed(0)
+    host = Host(shm_path)
+    mailbox = Mailbox.attach(shm_path)
+    try:
+        for i, dtype in enumerate([torch.float32, torch.bfloat16, torch.float16] * 6):
+            cols = [8, 64, 96][i % 3]
+            most = CAPACITY // (cols * dtype.itemsize)
+            rows = [1, 3, 40, most, 0, 17][i % 6]
+            hidden = (torch.randn(rows, cols, generator=gen) * 100).round().to(dtype)
+            experts, counts = random_work(gen, rows, cols, dtype)
+            round_trip(mailbox, step=i, layer=i % 5, hidden=hidden, experts=experts, counts=counts)
+        stop_host(mailbox, host)
+    finally:
+        mailbox.close()
+
+
+def test_sequence_numbers_wrap(shm_path):
+    host = Host(shm_path, first_seq=SEQ_MASK - 2)
+    mailbox = Mailbox.attach(shm_path)
+    hidden = torch.arange(24, dtype=torch.float32).view(3, 8)
+    seqs = [round_trip(mailbox, step, 1, hidden, [2, 5], [1, 2]) for step in range(6)]
+    stop_host(mailbox, host)
+    mailbox.close()
+    assert seqs == [SEQ_MASK - 1, SEQ_MASK, 0, 1, 2, 3]
+
+
+def test_a_request_posted_the_moment_the_mailbox_appears_is_answered(shm_path):
+    host = Host(shm_path, stall_s=0.3)
+    mailbox = Mailbox.attach(shm_path)
+    round_trip(mailbox, 1, 0, torch.ones(2, 8), [4], [2])  # posted while the host is still stalled
+    stop_host(mailbox, host)
+    mailbox.close()
+
+
+def test_what_does_not_fit_is_refused_and_a_second_worker_is_kept_out(shm_path):
+    host = Host(shm_path)
+    mailbox = Mailbox.attach(shm_path)
+    assert mailbox.fits(CAPACITY // 256, 64, torch.float32, MAX_EXPERTS)
+    assert not mailbox.fits(CAPACITY // 256 + 1, 64, torch.float32, MAX_EXPERTS)
+    assert mailbox.fits(CAPACITY // 128, 64, torch.bfloat16, 1)
+    assert not mailbox.fits(1, 64, torch.float32, MAX_EXPERTS + 1)
+    assert not mailbox.fits(1, 64, torch.float64, 1)
+    with pytest.raises(MailboxError, match="in use by another worker"):
+        Mailbox.attach(shm_path)
+    stop_host(mailbox, host)
+    mailbox.close()
+
+
+def test_a_request_that_lies_about_its_size_is_answered_with_a_failure(shm_path):
+    host = Host(shm_path)
+    mailbox = Mailbox.attach(shm_path)
+    rows = mailbox.request_rows(4, 8, torch.float32)
+    too_many = torch.empty(CAPACITY // 32 + 1, 8)  # metadata for more rows than the mailbox holds
+    seq = mailbox.post(1, 0, [3], [too_many.shape[0]], too_many)
+    assert mailbox.wait_answer(seq, timeout_s=10)
+    code, message = mailbox.answer().failure
+    assert code == "bad_work" and "do not fit this mailbox" in message
+    round_trip(mailbox, 2, 0, rows.clone().fill_(1.0), [3], [4])  # and the mailbox still works
+    stop_host(mailbox, host)
+    mailbox.close()
+
+
+def test_a_file_that_is_not_a_mailbox_is_refused(shm_path):
+    with open(shm_path, "wb") as f:
+        f.write(b"\0" * 8192)
+    try:
+        with pytest.raises(MailboxError, match="not a tierserve mailbox"):
+            Mailbox.attach(shm_path)
+    finally:
+        os.unlink(shm_path)
+
+
+# --- the worker's RemoteExperts over a mailbox ----------------------------------------------------------------
+
+
+@pytest.fixture
+def remote(tmp_path, no_shm_left):
+    """A RemoteExperts whose one host endpoint nobody binds: only the mailbox can answer."""
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/expert-host-0.sock"
+    remote = RemoteExperts(ctx, [endpoint], timeout_s=0.5)
+    yield remote, mailbox_path(endpoint)
+    remote.close()
+    ctx.term()
+
+
+def remote_round_trip(remote: RemoteExperts, layer: int) -> None:
+    remote.begin_step()
+    h = torch.randn(6, 16).round()
+    tokens = torch.tensor([5, 0, 0, 3])
+    remote.send(0, layer, [1, 4], [3, 1], h, tokens)
+    output, compute_s = remote.receive(0, layer)
+    assert torch.equal(output, expected(h[tokens], layer, [1, 4], [3, 1]))
+    assert compute_s == float(remote.step)
+
+
+def test_worker_gathers_rows_into_the_mailbox_and_reports_host_failures(remote):
+    remote, path = remote
+    host = Host(path)
+    for layer in range(3):
+        remote_round_trip(remote, layer)
+    remote.begin_step()
+    remote.send(0, FAIL_LAYER, [1], [1], torch.ones(1, 16))
+    with pytest.raises(ExpertHostError, match="not held here") as failure:
+        remote.receive(0, FAIL_LAYER)
+    assert failure.value.code == "bad_work"
+    remote_round_trip(remote, 1)
+    stop_host(remote.mailboxes[0], host)
+
+
+def test_a_host_that_dies_is_detected_by_timeout_and_its_successor_is_found(remote):
+    remote, path = remote
+    host = Host(path, answers=2)
+    remote_round_trip(remote, 0)
+    remote_round_trip(remote, 1)
+    remote.begin_step()
+    remote.send(0, 2, [1], [1], torch.ones(1, 16))
+    host.kill()  # SIGKILL: its mailbox stays behind, as a crashed host's would
+    start = time.monotonic()
+    with pytest.raises(ExpertHostError, match="no answer within 0.5 s") as timeout:
+        remote.receive(0, 2)
+    assert timeout.value.code == "timeout"
+    assert 0.5 <= time.monotonic() - start < 2
+    successor = Host(path)  # replaces the dead host's mailbox, as a restarted host does
+    remote_round_trip(remote, 3)
+    stop_host(remote.mailboxes[0], successor)
+
+
+# --- the whole system -------------------------------------------------------------------------------------
+
+
+def _scrape(port: int, name: str) -> float:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        lines = r.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith(name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("data_plane", ["shm", "zmq"])
+def test_system_gives_the_oracles_tokens_and_leaves_no_shared_memory(tmp_path, data_plane):
+    """Two hosts, every expert cold. A mailbox of one page holds 16 rows of this model: decode steps go through
+    it, the prefill of the longer prompt (17 tokens x top-2 rows) falls back to ZeroMQ."""
+    model = tmp_path / "m.gguf"
+    make_model(model, arch="qwen3moe", preset="tiny", dtype="f32", seed=3)
+    oracle = ReferenceModel(GGUFModel(model))
+    prompts = [[1, 2, 3], list(range(40, 57))]
+    before = shm_entries()
+    with RunningSystem(str(model), "--expert-hosts", "2", "--hot-experts", "0", "--data-plane", data_plane,
+                       "--mailbox-bytes", "4096") as system, Client(system.endpoint) as client:
+        mailboxes = {e for e in shm_entries() - before if e.startswith("tierserve-mailbox-")}
+        for prompt in prompts:
+            assert client.complete(token_ids=prompt, max_tokens=8).token_ids == oracle.greedy(prompt, 8)
+        hosts = [m for m in client.health().members if m["role"] == "expert_host"]
+        total = sum(_scrape(m["metrics_port"], 'tierserve_expert_host_work_total{outcome="ok"}') for m in hosts)
+        mailed = sum(_scrape(m["metrics_port"], "tierserve_expert_host_mailbox_work_total") for m in hosts)
+    assert shm_entries() <= before
+    if data_plane == "zmq":
+        assert not mailboxes and mailed == 0 and total > 0
+    else:
+        assert len(mailboxes) == 2
+        assert 0 < mailed < total  # both paths served: mailbox for decode, ZeroMQ for the long prefill
+        assert mailed >= len(prompts) * 7 * 4  # each of 7 decode steps sends each of 4 layers to a host at least
+
+
+def test_mailbox_path_is_private_to_the_endpoint(tmp_path):
+    a, b = mailbox_path(f"ipc://{tmp_path}/a/expert-host-0.sock"), mailbox_path(f"ipc://{tmp_path}/b/expert-host-0.sock")
+    assert a != b and Path(a).parent == Path("/dev/shm")
