@@ -11,6 +11,7 @@ import torch
 import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
+from expert_host.memory import HostMemoryError
 from expert_host.store import ExpertStore
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.gguf_file import GGUFModel
@@ -58,7 +59,11 @@ def serve(config: Config, host_index: int) -> int:
     model = open_model(config, log)
     if model is None:
         return 1
-    store = ExpertStore(model, host_index)
+    try:
+        store = ExpertStore.from_config(model, host_index, config)
+    except HostMemoryError as e:
+        log.error("cannot start: %s", e)
+        return 1
     metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("expert_host", host_index))
     ctx = zmq.Context()
     data = ctx.socket(zmq.ROUTER)
@@ -76,7 +81,11 @@ def serve(config: Config, host_index: int) -> int:
             control.heartbeat_if_due(store.placement_version, {"queue": len(queue), "experts": len(store.weights)})
             placement = control.read_placement()
             if placement is not None and placement.version != store.placement_version:
-                store.apply(placement)
+                try:
+                    store.apply(placement)
+                except HostMemoryError as e:  # the placement cannot be held here: say what fits and stop
+                    log.error("cannot hold placement v%d: %s", placement.version, e)
+                    return 1
                 HELD.set(len(store.weights))
                 HELD_BYTES.set(store.nbytes)
                 log.info("placement v%d: holding %d experts (%.1f MB)", placement.version, len(store.weights),
@@ -96,6 +105,7 @@ def serve(config: Config, host_index: int) -> int:
             frames = queue.popleft()
             data.send_multipart([frames[0], *handle(store, frames[1:])], copy=False)
     finally:
+        store.close()
         if mailbox is not None:
             mailbox.close()
             remove_mailbox(mailbox.path)
