@@ -17,6 +17,7 @@ import zmq
 
 from gpu_worker.remote import ExpertHostError, RemoteExperts
 from shared.client import Client
+from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
 from shared.mailbox import SEQ_MASK, Backoff, Mailbox, MailboxError, mailbox_path
@@ -28,10 +29,6 @@ CAPACITY = 1 << 16
 MAX_EXPERTS = 16
 STOP_LAYER = -1
 FAIL_LAYER = 99
-
-
-def shm_entries() -> set[str]:
-    return set(os.listdir("/dev/shm"))
 
 
 def expected(hidden: torch.Tensor, layer: int, experts: list[int], counts: list[int]) -> torch.Tensor:
@@ -104,23 +101,23 @@ class Host:
         self.process.join()
 
 
-@pytest.fixture
-def no_shm_left():
-    """Whatever a failed test left running is stopped; then nothing may be left in /dev/shm."""
-    before = shm_entries()
-    yield
+def stop_leftovers_and_check(path: str) -> None:
+    """Stop whatever a failed test left running; then nothing of this test's may be left in /dev/shm (other
+    entries belong to whatever else runs on this machine)."""
     for host in HOSTS:
         if host.process.is_alive():
             host.kill()
             if os.path.exists(host.path):
                 os.unlink(host.path)
     HOSTS.clear()
-    assert shm_entries() <= before
+    assert not [e for e in os.listdir("/dev/shm") if e.startswith(os.path.basename(path))]
 
 
 @pytest.fixture
-def shm_path(no_shm_left) -> str:
-    return f"/dev/shm/tierserve-test-{uuid.uuid4().hex}"
+def shm_path():
+    path = f"/dev/shm/tierserve-test-{uuid.uuid4().hex}"
+    yield path
+    stop_leftovers_and_check(path)
 
 
 def round_trip(mailbox: Mailbox, step: int, layer: int, hidden: torch.Tensor, experts: list[int],
@@ -231,7 +228,7 @@ def test_a_file_that_is_not_a_mailbox_is_refused(shm_path):
 
 
 @pytest.fixture
-def remote(tmp_path, no_shm_left):
+def remote(tmp_path):
     """A RemoteExperts whose one host endpoint nobody binds: only the mailbox can answer."""
     ctx = zmq.Context()
     endpoint = f"ipc://{tmp_path}/expert-host-0.sock"
@@ -239,6 +236,7 @@ def remote(tmp_path, no_shm_left):
     yield remote, mailbox_path(endpoint)
     remote.close()
     ctx.term()
+    stop_leftovers_and_check(mailbox_path(endpoint))
 
 
 def remote_round_trip(remote: RemoteExperts, layer: int) -> None:
@@ -301,20 +299,21 @@ def test_system_gives_the_oracles_tokens_and_leaves_no_shared_memory(tmp_path, d
     make_model(model, arch="qwen3moe", preset="tiny", dtype="f32", seed=3)
     oracle = ReferenceModel(GGUFModel(model))
     prompts = [[1, 2, 3], list(range(40, 57))]
-    before = shm_entries()
     with RunningSystem(str(model), "--expert-hosts", "2", "--hot-experts", "0", "--data-plane", data_plane,
                        "--mailbox-bytes", "4096") as system, Client(system.endpoint) as client:
-        mailboxes = {e for e in shm_entries() - before if e.startswith("tierserve-mailbox-")}
+        run = Config(run_dir=client.stats().stats["run_dir"])  # other runs on this machine have mailboxes too
+        mailboxes = [mailbox_path(run.expert_host_endpoint(i)) for i in range(2)]
+        present = [os.path.exists(path) for path in mailboxes]
         for prompt in prompts:
             assert client.complete(token_ids=prompt, max_tokens=8).token_ids == oracle.greedy(prompt, 8)
         hosts = [m for m in client.health().members if m["role"] == "expert_host"]
         total = sum(_scrape(m["metrics_port"], 'tierserve_expert_host_work_total{outcome="ok"}') for m in hosts)
         mailed = sum(_scrape(m["metrics_port"], "tierserve_expert_host_mailbox_work_total") for m in hosts)
-    assert shm_entries() <= before
+    assert not any(os.path.exists(path) for path in mailboxes)  # the hosts removed theirs as they stopped
     if data_plane == "zmq":
-        assert not mailboxes and mailed == 0 and total > 0
+        assert present == [False, False] and mailed == 0 and total > 0
     else:
-        assert len(mailboxes) == 2
+        assert present == [True, True]
         assert 0 < mailed < total  # both paths served: mailbox for decode, ZeroMQ for the long prefill
         assert mailed >= len(prompts) * 7 * 4  # each of 7 decode steps sends each of 4 layers to a host at least
 
