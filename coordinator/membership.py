@@ -13,16 +13,10 @@ from typing import Any
 
 from shared.config import Config
 from shared.gguf_file import GGUFModel
-from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.placement import Placement, hot_experts_for_budget, round_robin_placement
 from shared.protocol import Heartbeat
 
 WORKER_ID = "gpu-worker"
-
-
-def expert_nbytes(model: GGUFModel) -> int:
-    """Stored bytes of one expert (its gate, up and down matrices) of the model."""
-    return sum(int(model.expert_bytes(0, kind, 0).nbytes) for kind in EXPERT_TENSOR_KINDS)
 
 
 def startup_placement(model: GGUFModel, config: Config) -> Placement:
@@ -31,7 +25,7 @@ def startup_placement(model: GGUFModel, config: Config) -> Placement:
     cfg = model.config
     hot = config.hot_experts
     if hot < 0:
-        hot = hot_experts_for_budget(cfg, config.gpu_expert_budget, expert_nbytes(model))
+        hot = hot_experts_for_budget(cfg, config.gpu_expert_budget, model.expert_nbytes(0))
     return round_robin_placement(cfg, hot, config.expert_hosts)
 
 

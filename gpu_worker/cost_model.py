@@ -96,7 +96,7 @@ def expert_format(model: GGUFModel, layer: int) -> tuple[str, int]:
     because the CPU kernel's speed is that of the expert as stored."""
     names = [expert_tensor_name(layer, kind) for kind in EXPERT_TENSOR_KINDS]
     types = dict.fromkeys(model.qtype(name).name for name in names)
-    return "+".join(types), sum(model.nbytes(name) for name in names) // model.config.n_experts
+    return "+".join(types), model.expert_nbytes(layer)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, quants
 
 from shared.model_config import (
+    EXPERT_TENSOR_KINDS,
     OPTIONAL_TENSORS,
     ModelConfig,
     ModelError,
@@ -132,6 +133,11 @@ class GGUFModel:
     def expert_dtype(self, layer: int, kind: str) -> torch.dtype:
         """The dtype `expert_view` gives for this expert tensor (float32 for block-quantized ones)."""
         return ZERO_COPY_TYPES.get(self.qtype(expert_tensor_name(layer, kind)), torch.float32)
+
+    def expert_nbytes(self, layer: int) -> int:
+        """Stored bytes of one expert (gate, up and down) of a layer."""
+        names = [expert_tensor_name(layer, kind) for kind in EXPERT_TENSOR_KINDS]
+        return sum(self.nbytes(name) for name in names) // self.config.n_experts
 
     def expert_bytes(self, layer: int, kind: str, index: int) -> np.ndarray:
         """Zero-copy view of one expert's stored bytes within a merged tensor."""

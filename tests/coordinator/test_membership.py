@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.membership import Membership, expert_nbytes, startup_placement
+from coordinator.membership import Membership, startup_placement
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.model_config import ModelConfig
@@ -81,7 +81,7 @@ def test_snapshot_lists_each_member_for_health(members):
 def test_startup_placement_takes_hot_experts_or_fills_the_budget(tiny_model):
     model = GGUFModel(tiny_model)
     cfg = model.config
-    one = expert_nbytes(model)
+    one = model.expert_nbytes(0)
     assert one == 3 * cfg.hidden * cfg.expert_ffn * 4  # gate, up and down of one expert in f32
     fixed = startup_placement(model, Config(model=str(tiny_model), hot_experts=3, expert_hosts=2))
     assert [len(fixed.hot(layer)) for layer in range(cfg.n_layers)] == [3] * cfg.n_layers
