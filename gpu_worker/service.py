@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import time
+from collections.abc import Callable
 
 import torch
 import zmq
@@ -213,7 +215,8 @@ def serve(config: Config) -> int:
     return 0
 
 
-def handle_engine_message(engine: Engine, frames: list, send, stop: StopFlag, log) -> None:
+def handle_engine_message(engine: Engine, frames: list, send: Callable[[Message], None], stop: StopFlag,
+                          log: logging.Logger) -> None:
     try:
         msg = decode(frames)
     except ProtocolError as e:

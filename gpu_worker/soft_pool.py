@@ -16,9 +16,9 @@ import torch
 
 from gpu_worker.expert_cache import SoftTier, make_policy
 from gpu_worker.grouped import swiglu_grouped
+from shared.expert_math import grouped_ffn
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
-from shared.reference import expert_ffn
 
 log = logging.getLogger(__name__)
 _CUDA_HOST_REGISTER_READ_ONLY = 8
@@ -93,11 +93,4 @@ class SoftPool:
         if self.grouped:
             return swiglu_grouped(x, self.gate_up, self.down, slots, counts)
         f = self.model.config.expert_ffn
-        out = torch.empty_like(x)
-        start = 0
-        for slot, n in zip(slots, counts, strict=True):
-            w = self.gate_up[slot]
-            out[start : start + n] = expert_ffn(x[start : start + n], w[:f], w[f:], self.down[slot])
-            start += n
-        return out
-
+        return grouped_ffn(x, slots, counts, lambda s: (self.gate_up[s, :f], self.gate_up[s, f:], self.down[s]))
