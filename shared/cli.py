@@ -12,6 +12,7 @@ import sys
 # Tools implemented in shared/: subcommand -> "module" with a `main(argv) -> int`, or "module:function".
 TOOLS = {
     "make-model": "shared.make_model",
+    "convert-experts": "shared.expert_cache",
     "up": "shared.launcher",
     "generate": "shared.cli_client:generate_main",
     "chat": "shared.cli_client:chat_main",

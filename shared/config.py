@@ -84,6 +84,10 @@ class Config:
     # giving host i the i-th kind (the last kind for the hosts beyond the list).
     host_memory: str = "mapped"
     host_memory_floor: str = "2GiB"  # RAM an expert host leaves free: a size or a percentage of MemTotal
+    host_threads: int = 0  # torch threads of each expert host; 0: auto
+    # Where block-quantized experts, converted once into their serving format, are cached: "" is next to the
+    # model if that directory is writable, else $XDG_CACHE_HOME/tierserve/experts.
+    expert_cache_dir: str = ""
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -91,6 +95,8 @@ class Config:
             self.run_dir = default_run_dir()
         if self.expert_hosts < 0:
             raise ValueError("expert_hosts must be >= 0")
+        if self.host_threads < 0:
+            raise ValueError("host_threads must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

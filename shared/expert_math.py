@@ -1,7 +1,8 @@
 """Expert FFNs over rows grouped by expert: one matrix product per expert per batch, never per token.
 
 The gpu_worker (hot experts) and the expert hosts (cold experts) both compute through
-here, so every placement of an expert gives the same numbers.
+here, so every placement of an expert gives the same numbers. Weights are float tensors or
+the quantized matrices of shared.quant, computed by its kernels.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.reference import expert_ffn
+from shared.quant import Matrix, quantized_ffn
 
-ExpertWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate (F, H), up (F, H), down (H, F)
+ExpertWeights = tuple[Matrix, Matrix, Matrix]  # gate (F, H), up (F, H), down (H, F)
 
 
 @dataclass
@@ -40,6 +41,6 @@ def grouped_ffn(
     out = torch.empty_like(x)
     start = 0
     for expert, n in zip(experts, counts, strict=True):
-        out[start : start + n] = expert_ffn(x[start : start + n], *weights_of(expert))
+        out[start : start + n] = quantized_ffn(x[start : start + n], *weights_of(expert))
         start += n
     return out

@@ -1,0 +1,459 @@
+"""The expert cache file: a model's block-quantized experts converted once into their serving format.
+
+Every expert is one page-aligned region of the file (gate, up and down one after another, each matrix its
+quantized tensor then its scales, every tensor on a 64-byte boundary), in (layer, expert) order, after a
+header naming the model's content hash and every layer's `ExpertLayout`. Every process maps the file and
+reads experts as zero-copy views; a region copied anywhere (pinned RAM, a VRAM slot) reads the same way
+through `ExpertLayout.views`.
+
+    tierserve convert-experts MODEL.gguf [--cache-dir DIR] [--workers N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import mmap
+import multiprocessing
+import os
+import shutil
+import struct
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shared.expert_math import ExpertWeights
+from shared.gguf_file import ZERO_COPY_TYPES, GGUFModel
+from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_name, tensor_shapes
+from shared.quant import (
+    INT8_K_MULTIPLE,
+    convert_matrix,
+    from_tensors,
+    layer_format,
+    matrix_tensors,
+    serving_format,
+    tensor_specs,
+)
+
+PAGE = 4096  # regions start and end on page boundaries: mappable, DMA-able and freeable one by one
+ALIGN = 64  # every tensor of a region starts on a cache line
+MAGIC = b"TSEXPRTS"
+VERSION = 1
+_PREFIX = struct.Struct("<8sIQ")  # magic, version, length of the JSON header that follows
+HASH_CHUNK = 64 << 20
+
+Progress = Callable[[int, int, int, float], None]  # (layers done, layers, bytes written, seconds)
+
+
+class CacheError(ValueError):
+    """An expert cache file that cannot be used (it is rebuilt); the message says why."""
+
+
+def _round_up(n: int, to: int) -> int:
+    return -(-n // to) * to
+
+
+@dataclass(frozen=True)
+class TensorSlot:
+    """One tensor's place in an expert region."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where an expert's gate, up and down matrices lie in its region; the same for every expert of a layer."""
+
+    format: str  # float | int8 | int4
+    matrices: tuple[tuple[TensorSlot, ...], ...]  # gate, up, down: each its stored tensors in order
+    region_nbytes: int  # whole pages
+
+    @classmethod
+    def build(cls, fmt: str, matrices: Sequence[tuple[tuple[int, int], torch.dtype]]) -> ExpertLayout:
+        """The layout of (shape (N, K), float dtype) gate, up and down matrices served in format `fmt`
+        (the float dtype matters only for 'float')."""
+        offset, placed = 0, []
+        for shape, float_dtype in matrices:
+            slots = []
+            for dtype, tensor_shape in tensor_specs(fmt, shape, float_dtype):
+                offset = _round_up(offset, ALIGN)
+                slots.append(TensorSlot(dtype, tensor_shape, offset))
+                offset += slots[-1].nbytes
+            placed.append(tuple(slots))
+        return cls(fmt, tuple(placed), _round_up(offset, PAGE))
+
+    @property
+    def expert_nbytes(self) -> int:
+        """Bytes of one expert's tensors, without the alignment padding of its region."""
+        return sum(slot.nbytes for slots in self.matrices for slot in slots)
+
+    def views(self, buf: torch.Tensor) -> ExpertWeights:
+        """(gate, up, down) as views over a uint8 region (..., region_nbytes) on any device; a stack of regions
+        (S, region_nbytes) gives matrices with a leading S dimension (stride(0) = region_nbytes / itemsize)."""
+        if buf.dtype != torch.uint8 or buf.dim() == 0 or buf.shape[-1] != self.region_nbytes:
+            raise ValueError(f"an expert region is a uint8 tensor (..., {self.region_nbytes}), "
+                             f"got {buf.dtype} {tuple(buf.shape)}")
+        lead = tuple(buf.shape[:-1])
+        return tuple(  # type: ignore[return-value]
+            from_tensors(self.format, [buf[..., s.offset : s.offset + s.nbytes].view(s.dtype).view(*lead, *s.shape)
+                                       for s in slots])
+            for slots in self.matrices
+        )
+
+    def fill(self, buf: torch.Tensor, weights: ExpertWeights) -> None:
+        """Copy an expert's matrices into their places in a region (padding is left as it is)."""
+        for dst, src in zip(self.views(buf), weights, strict=True):
+            for d, s in zip(matrix_tensors(dst), matrix_tensors(src), strict=True):
+                d.copy_(s)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": self.format, "region_nbytes": self.region_nbytes,
+                "matrices": [[{"dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
+                               "offset": s.offset} for s in slots] for slots in self.matrices]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ExpertLayout:
+        matrices = tuple(tuple(TensorSlot(getattr(torch, s["dtype"]), tuple(s["shape"]), s["offset"]) for s in slots)
+                         for slots in data["matrices"])
+        return cls(data["format"], matrices, data["region_nbytes"])
+
+
+def expert_layouts(model: GGUFModel) -> list[ExpertLayout]:
+    """Each layer's layout as served: float for float tensors (views of the model file), else int4 / int8."""
+    shapes = tensor_shapes(model.config)
+    layouts = []
+    for layer in range(model.config.n_layers):
+        names = [expert_tensor_name(layer, kind) for kind in EXPERT_TENSOR_KINDS]
+        fmt = layer_format([serving_format(model.qtype(name), shapes[name][1:]) for name in names])
+        for name in names:
+            if fmt == "int8" and shapes[name][-1] % INT8_K_MULTIPLE:
+                raise ModelError(f"{model.path}: tensor {name} would be served as int8, whose CPU kernel needs rows "
+                                 f"of a multiple of {INT8_K_MULTIPLE} values, not {shapes[name][-1]}")
+        matrices = [(shapes[name][1:], ZERO_COPY_TYPES.get(model.qtype(name), torch.float32)) for name in names]
+        layouts.append(ExpertLayout.build(fmt, matrices))
+    return layouts
+
+
+# ---- content hash
+
+
+_HASHES: dict[tuple[str, int, int, int, int], str] = {}
+
+
+def content_hash(path: str | os.PathLike[str], workers: int | None = None) -> str:
+    """blake2b tree hash of a file: 64 MiB chunks hashed in parallel (hashlib releases the GIL), then the
+    chunk digests hashed. Remembered per process for an unchanged file (same inode, size and mtime)."""
+    st = os.stat(path)
+    key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _HASHES:
+        return _HASHES[key]
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        mapped.madvise(mmap.MADV_SEQUENTIAL)
+        whole = memoryview(mapped)
+        chunks = [whole[i : i + HASH_CHUNK] for i in range(0, st.st_size, HASH_CHUNK)]
+        with ThreadPoolExecutor(workers or min(32, os.cpu_count() or 1)) as pool:
+            digests = list(pool.map(lambda chunk: hashlib.blake2b(chunk, digest_size=32).digest(), chunks))
+        for chunk in chunks:
+            chunk.release()
+        whole.release()
+    _HASHES[key] = hashlib.blake2b(b"".join(digests), digest_size=32).hexdigest()
+    return _HASHES[key]
+
+
+# ---- the file
+
+
+def _header(model: GGUFModel, layouts: list[ExpertLayout], source_hash: str) -> dict[str, Any]:
+    """Everything the file's header says, as it reads back from JSON (so headers compare with ==). Layer
+    offsets count from the start of the data, the first page after the header."""
+    n_experts, offset, offsets = model.config.n_experts, 0, []
+    for layout in layouts:
+        offsets.append(None if layout.format == "float" else offset)
+        if layout.format != "float":
+            offset += n_experts * layout.region_nbytes
+    header = {"source": model.path.name, "source_hash": source_hash, "n_layers": len(layouts),
+              "n_experts": n_experts, "formats": [layout.format for layout in layouts],
+              "layouts": [layout.to_json() for layout in layouts], "layer_offsets": offsets, "data_nbytes": offset}
+    return json.loads(json.dumps(header))
+
+
+def _encode_header(header: dict[str, Any]) -> bytes:
+    text = json.dumps(header).encode()
+    return _PREFIX.pack(MAGIC, VERSION, len(text)) + text
+
+
+def _data_offset(header_nbytes: int) -> int:
+    return _round_up(header_nbytes, PAGE)
+
+
+def _read_header(data: bytes | mmap.mmap, size: int) -> tuple[dict[str, Any], int]:
+    """(header, offset of the data) of a cache file of `size` bytes whose first bytes are `data`."""
+    if size < _PREFIX.size:
+        raise CacheError("is shorter than its header")
+    magic, version, length = _PREFIX.unpack(data[: _PREFIX.size])
+    if magic != MAGIC:
+        raise CacheError("is not an expert cache file (bad magic number)")
+    if version != VERSION:
+        raise CacheError(f"was written in format version {version}, this is version {VERSION}")
+    if _PREFIX.size + length > min(size, len(data)):
+        raise CacheError("is truncated in its header")
+    try:
+        header = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + length]))
+        data_nbytes = header["data_nbytes"]
+    except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
+        raise CacheError(f"has a corrupt header ({type(e).__name__}: {e})") from None
+    offset = _data_offset(_PREFIX.size + length)
+    if size != offset + data_nbytes:
+        raise CacheError(f"is {size} bytes, its header says {offset + data_nbytes}")
+    return header, offset
+
+
+def _check_file(path: Path, expected: dict[str, Any]) -> None:
+    """Raise CacheError unless `path` is a complete cache file for exactly this header."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(_PREFIX.size + len(json.dumps(expected)) + 4096)
+    except FileNotFoundError:
+        raise CacheError("does not exist") from None
+    header, _ = _read_header(head, size)
+    if header != expected:
+        differ = sorted(key for key in expected if header.get(key) != expected[key])
+        raise CacheError(f"was made for another model or layout (differs in {', '.join(differ) or 'keys'})")
+
+
+class ExpertCache:
+    """A cache file mapped read-only: regions as zero-copy numpy arrays, experts as views over them."""
+
+    def __init__(self, path: str | os.PathLike[str], built: bool = False) -> None:
+        self.path = Path(path)
+        self.built = built  # whether the call that opened it wrote it
+        with open(self.path, "rb") as f:
+            self._mmap = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
+        try:
+            header, data_offset = _read_header(self._mmap, len(self._mmap))
+        except CacheError as e:
+            self._mmap.close()
+            raise CacheError(f"{self.path}: {e}") from None
+        self.source_hash: str = header["source_hash"]
+        self.n_experts: int = header["n_experts"]
+        self.formats: list[str] = header["formats"]
+        self._layouts = [ExpertLayout.from_json(layout) for layout in header["layouts"]]
+        self._offsets: list[int | None] = header["layer_offsets"]
+        self._bytes = np.frombuffer(self._mmap, dtype=np.uint8)
+        self._data = self._bytes[data_offset:]
+
+    @property
+    def nbytes(self) -> int:
+        return len(self._bytes)
+
+    def layout(self, layer: int) -> ExpertLayout:
+        return self._layouts[layer]
+
+    def regions(self, layer: int) -> np.ndarray:
+        """All of a layer's regions, (n_experts, region_nbytes) uint8, zero-copy."""
+        offset = self._offsets[layer]
+        if offset is None:
+            raise KeyError(f"layer {layer} is served as float from the model file; the cache does not hold it")
+        size = self._layouts[layer].region_nbytes
+        return self._data[offset : offset + self.n_experts * size].reshape(self.n_experts, size)
+
+    def region(self, layer: int, expert: int) -> np.ndarray:
+        return self.regions(layer)[expert]
+
+    def weights(self, layer: int, expert: int) -> ExpertWeights:
+        with warnings.catch_warnings():  # the mapping is read-only and so are these tensors
+            warnings.simplefilter("ignore", UserWarning)
+            region = torch.from_numpy(self.region(layer, expert))
+        return self._layouts[layer].views(region)
+
+    def close(self) -> None:
+        """Unmap the file once no view of it is left (views still alive keep it mapped)."""
+        del self._bytes, self._data
+        try:
+            self._mmap.close()
+        except BufferError:
+            pass
+
+
+# ---- building it
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tierserve" / "experts"
+
+
+def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | None = None,
+                        workers: int | None = None, progress: Progress | None = None) -> ExpertCache | None:
+    """The model's expert cache, built first if no valid one exists; None when every expert is float.
+
+    Looked for (and built) in `directory`, else next to the model, else in the user cache directory
+    ($XDG_CACHE_HOME/tierserve/experts). Processes starting together build it once: one holds a lock on
+    `<name>.lock` while it converts, the others wait for it and then map the finished file.
+    """
+    layouts = expert_layouts(model)
+    if all(layout.format == "float" for layout in layouts):
+        return None
+    header = _header(model, layouts, content_hash(model.path))
+    name = f"{model.path.stem}.{header['source_hash'][:16]}.experts"
+    dirs = [Path(directory)] if directory else [model.path.parent, default_cache_dir()]
+    for d in dirs:
+        if _is_valid(d / name, header):
+            return ExpertCache(d / name)
+    target = _writable_dir(dirs) / name
+    with open(target.with_name(name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if _is_valid(target, header):  # built by another process while this one waited
+            return ExpertCache(target)
+        _build(model, target, header, layouts, workers, progress or _PrintProgress())
+    return ExpertCache(target, built=True)
+
+
+def _is_valid(path: Path, header: dict[str, Any]) -> bool:
+    try:
+        _check_file(path, header)
+    except CacheError as e:
+        if path.exists():
+            print(f"expert cache: {path} {e}; rebuilding it", file=sys.stderr)
+        return False
+    return True
+
+
+def _writable_dir(dirs: list[Path]) -> Path:
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+        except OSError:
+            continue
+        if os.access(d, os.W_OK):
+            return d
+    raise OSError(f"no writable directory for the expert cache among {', '.join(map(str, dirs))} "
+                  f"(set expert_cache_dir)")
+
+
+def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[ExpertLayout],
+           workers: int | None, progress: Progress) -> None:
+    """Write the file under a temporary name, layer by layer in parallel, then rename it into place."""
+    encoded = _encode_header(header)
+    data_offset = _data_offset(len(encoded))
+    nbytes = data_offset + header["data_nbytes"]
+    free = shutil.disk_usage(path.parent).free
+    if free < nbytes:
+        raise OSError(f"not enough disk space for the expert cache {path}: it needs {nbytes / 1e9:.2f} GB, "
+                      f"{free / 1e9:.2f} GB free")
+    jobs = [(layer, layouts[layer], data_offset + offset) for layer, offset in enumerate(header["layer_offsets"])
+            if offset is not None]
+    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
+    start, done, written = time.monotonic(), 0, 0
+    try:
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            os.ftruncate(fd, nbytes)
+            os.pwrite(fd, encoded, 0)
+            if workers == 1:
+                for job in jobs:
+                    written += _convert_layer(model, fd, *job)
+                    done += 1
+                    progress(done, len(jobs), written, time.monotonic() - start)
+            else:
+                # spawn: a forked child of a process that has run torch's thread pool can hang in it
+                with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_worker_init,
+                                         initargs=(str(model.path), str(tmp))) as pool:
+                    for future in as_completed([pool.submit(_worker_convert, *job) for job in jobs]):
+                        written += future.result()
+                        done += 1
+                        progress(done, len(jobs), written, time.monotonic() - start)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # the rename itself survives a crash
+    finally:
+        os.close(dir_fd)
+
+
+def _convert_layer(model: GGUFModel, fd: int, layer: int, layout: ExpertLayout, offset: int) -> int:
+    """Convert one layer's experts and write their regions at `offset`; returns the bytes written."""
+    shapes = tensor_shapes(model.config)
+    names = [expert_tensor_name(layer, kind) for kind in EXPERT_TENSOR_KINDS]
+    region = torch.zeros(layout.region_nbytes, dtype=torch.uint8)
+    for e in range(model.config.n_experts):
+        weights = tuple(convert_matrix(model.expert_bytes(layer, kind, e), model.qtype(name), shapes[name][1:],
+                                       layout.format) for kind, name in zip(EXPERT_TENSOR_KINDS, names, strict=True))
+        layout.fill(region, weights)  # type: ignore[arg-type]
+        os.pwrite(fd, region.numpy(), offset + e * layout.region_nbytes)
+    return model.config.n_experts * layout.region_nbytes
+
+
+_worker: tuple[GGUFModel, int] | None = None  # a pool process's own map of the model and handle on the output
+
+
+def _worker_init(model_path: str, out_path: str) -> None:
+    global _worker
+    torch.set_num_threads(1)  # the pool's processes are the parallelism
+    _worker = (GGUFModel(model_path), os.open(out_path, os.O_WRONLY))
+
+
+def _worker_convert(layer: int, layout: ExpertLayout, offset: int) -> int:
+    assert _worker is not None, "pool process not initialised"
+    return _convert_layer(*_worker, layer, layout, offset)
+
+
+class _PrintProgress:
+    """Prints layers converted and throughput to stderr every few seconds and at the end."""
+
+    def __init__(self, every_s: float = 3.0) -> None:
+        self.every_s, self.next_s = every_s, every_s
+
+    def __call__(self, done: int, total: int, written: int, seconds: float) -> None:
+        if seconds >= self.next_s or done == total:
+            self.next_s = seconds + self.every_s
+            rate = written / max(seconds, 1e-9) / 1e6
+            print(f"expert cache: {done}/{total} layers converted, {written / 1e9:.2f} GB, {rate:.0f} MB/s",
+                  file=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tierserve convert-experts",
+                                     description="Convert a model's quantized experts into the expert cache file "
+                                                 "every tierserve process maps (done on first start otherwise).")
+    parser.add_argument("model", help="GGUF model file")
+    parser.add_argument("--cache-dir", help="where to write it (default: next to the model, else "
+                                            "$XDG_CACHE_HOME/tierserve/experts)")
+    parser.add_argument("--workers", type=int, help="conversion processes (default: one per core)")
+    args = parser.parse_args(argv)
+    try:
+        cache = ensure_expert_cache(GGUFModel(args.model), args.cache_dir, args.workers)
+    except (ModelError, OSError) as e:
+        print(f"tierserve convert-experts: error: {e}", file=sys.stderr)
+        return 2 if isinstance(e, ModelError) else 1
+    if cache is None:
+        print(f"{args.model}: every expert tensor is float and is served from the model file; nothing to convert")
+        return 0
+    print(f"{cache.path}: {cache.nbytes} bytes ({'built' if cache.built else 'already up to date'}); "
+          f"formats per layer: {', '.join(sorted(set(cache.formats)))}")
+    cache.close()
+    return 0

@@ -1,0 +1,66 @@
+"""Experts in their served form, whatever the model stores: float views of the model file or quantized views
+of the expert cache file. Every process gets its experts through here."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from shared.config import Config
+from shared.expert_cache import ExpertCache, ExpertLayout, ensure_expert_cache, expert_layouts
+from shared.expert_math import ExpertWeights
+from shared.gguf_file import GGUFModel
+from shared.model_config import EXPERT_TENSOR_KINDS
+
+
+class ExpertSource:
+    """One model's experts as served. Float layers come from the model file and quantized ones from `cache`
+    (which must be the model's, as `ensure_expert_cache` gives it); both zero-copy. Every layer has an
+    `ExpertLayout`, float ones too, so a region (a pinned arena slot, a VRAM slot) holds any format the
+    same way."""
+
+    def __init__(self, model: GGUFModel, cache: ExpertCache | None) -> None:
+        self.model, self.cache = model, cache
+        self._layouts = expert_layouts(model)
+        quantized = [layer for layer, layout in enumerate(self._layouts) if layout.format != "float"]
+        if quantized and cache is None:
+            raise ValueError(f"{model.path}: layers {quantized} have quantized experts, which are served from an "
+                             "expert cache file (see ensure_expert_cache)")
+        if cache is not None and [cache.layout(layer) for layer in quantized] != [self._layouts[i] for i in quantized]:
+            raise ValueError(f"{cache.path} does not hold the experts of {model.path} in their current layout")
+
+    def format(self, layer: int) -> str:
+        """float | int8 | int4"""
+        return self._layouts[layer].format
+
+    def layout(self, layer: int) -> ExpertLayout:
+        return self._layouts[layer]
+
+    def weights(self, layer: int, expert: int) -> ExpertWeights:
+        """(gate, up, down) as served, zero-copy: float tensors over the model file's pages, or Int8Matrix /
+        Int4Matrix over the cache file's."""
+        if self.cache is None or self.format(layer) == "float":
+            return tuple(self.model.expert_view(layer, kind, expert)  # type: ignore[return-value]
+                         for kind in EXPERT_TENSOR_KINDS)
+        return self.cache.weights(layer, expert)
+
+    def region_bytes(self, layer: int, expert: int) -> list[tuple[int, np.ndarray]]:
+        """What to copy where to fill this expert's region: (offset in the region, uint8 bytes) pairs, zero-copy.
+        One pair for a cached expert (its whole region), one per matrix for a float one."""
+        layout = self._layouts[layer]
+        if self.cache is None or layout.format == "float":
+            return [(slots[0].offset, self.model.expert_bytes(layer, kind, expert).reshape(-1).view(np.uint8))
+                    for kind, slots in zip(EXPERT_TENSOR_KINDS, layout.matrices, strict=True)]
+        return [(0, self.cache.region(layer, expert))]
+
+    def expert_nbytes(self, layer: int) -> int:
+        """Bytes of one expert as served (its tensors; its region is `layout(layer).region_nbytes`)."""
+        return self._layouts[layer].expert_nbytes
+
+    def close(self) -> None:
+        if self.cache is not None:
+            self.cache.close()
+
+
+def open_expert_source(model: GGUFModel, config: Config) -> ExpertSource:
+    """The model's experts as served, converting its quantized experts into the cache file on first use."""
+    return ExpertSource(model, ensure_expert_cache(model, config.expert_cache_dir or None))

@@ -1,0 +1,200 @@
+"""Quantized expert matrices as served: int8 and int4 layouts, their CPU kernels, and conversion from GGUF blocks.
+
+Block-quantized GGUF experts are converted once into one of two serving formats (the expert cache file holds
+them); every kernel then reads those bytes directly:
+
+- int8: `Int8Matrix(q (N, K) int8, scale (N,) bf16)`, W[n, k] = q[n, k] * scale[n], a per-row absmax
+  re-quantisation of the GGUF-dequantized values (Q8_0, Q5_K, Q6_K, and 4-bit shapes int4 cannot take).
+- int4: `Int4Matrix(packed (N, K // 2) uint8, scale_zero (K // 32, N, 2) bf16)`, W[n, k] = (q - 8) * s + z per
+  32-value group, in the layout torch's CPU int4 kernel takes; Q4_0 and Q4_K convert into it exactly (up to the
+  bf16 rounding of s and z). The GPU decodes the same bytes.
+
+Float matrices stay plain tensors, so `Matrix` is any of the three and `linear` computes x @ W.T for each.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType, quants
+
+from shared.gguf_file import ZERO_COPY_TYPES, dequantize
+
+Q = GGMLQuantizationType
+FORMATS = ("float", "int8", "int4")
+INT4_GROUP = 32  # values sharing one (scale, zero) pair
+INT4_ROW_TILE = 64  # torch's CPU int4 layout interleaves rows in tiles of 64
+INT8_K_MULTIPLE = 16  # torch's CPU int8 kernel reads rows in chunks of 16 (other K give wrong results)
+
+
+class Int8Matrix(NamedTuple):
+    q: torch.Tensor  # (..., N, K) int8
+    scale: torch.Tensor  # (..., N) bfloat16
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.q.shape)
+
+
+class Int4Matrix(NamedTuple):
+    packed: torch.Tensor  # (..., N, K // 2) uint8, torch's CPU int4pack layout
+    scale_zero: torch.Tensor  # (..., K // 32, N, 2) bfloat16
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        *lead, n, half_k = self.packed.shape
+        return (*lead, n, 2 * half_k)
+
+
+Matrix = torch.Tensor | Int8Matrix | Int4Matrix
+
+
+def matrix_format(m: Matrix) -> str:
+    return "int8" if isinstance(m, Int8Matrix) else "int4" if isinstance(m, Int4Matrix) else "float"
+
+
+def matrix_tensors(m: Matrix) -> list[torch.Tensor]:
+    """The tensors a matrix is stored as, in layout order."""
+    return [m] if isinstance(m, torch.Tensor) else list(m)
+
+
+def tensor_specs(fmt: str, shape: tuple[int, int], float_dtype: torch.dtype = torch.float32
+                 ) -> list[tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of each tensor an (N, K) matrix is stored as in format `fmt`."""
+    n, k = shape
+    if fmt == "float":
+        return [(float_dtype, (n, k))]
+    if fmt == "int8":
+        return [(torch.int8, (n, k)), (torch.bfloat16, (n,))]
+    if fmt == "int4":
+        return [(torch.uint8, (n, k // 2)), (torch.bfloat16, (k // INT4_GROUP, n, 2))]
+    raise ValueError(f"unknown serving format {fmt!r}; formats: {', '.join(FORMATS)}")
+
+
+def from_tensors(fmt: str, tensors: list[torch.Tensor]) -> Matrix:
+    """The matrix whose stored tensors these are (the inverse of `matrix_tensors`)."""
+    if fmt == "float":
+        (m,) = tensors
+        return m
+    return (Int8Matrix if fmt == "int8" else Int4Matrix)(*tensors)
+
+
+# ---- compute
+
+
+def linear(x: torch.Tensor, m: Matrix) -> torch.Tensor:
+    """x @ W.T in x's dtype. Quantized matrices run torch's CPU kernels on bf16 activations (the kernels'
+    fast path); on a GPU the worker's grouped kernels read these bytes instead."""
+    if isinstance(m, torch.Tensor):
+        return (x.to(m.dtype) @ m.T).to(x.dtype)
+    if m[0].device.type != "cpu":
+        raise NotImplementedError("quantized experts on a GPU are computed by gpu_worker's grouped int8/int4 "
+                                  "kernels, not shared.quant.linear")
+    n, k = m.shape[-2:]
+    rows = x.reshape(-1, k).to(torch.bfloat16).contiguous()
+    if isinstance(m, Int8Matrix):
+        if k % INT8_K_MULTIPLE:
+            raise ValueError(f"int8 matrices need K % {INT8_K_MULTIPLE} == 0 for torch's CPU kernel, got K = {k}")
+        y = torch._weight_int8pack_mm(rows, m.q, m.scale)
+    else:
+        y = torch._weight_int4pack_mm_for_cpu(rows, m.packed, INT4_GROUP, m.scale_zero)
+    return y.to(x.dtype).reshape(*x.shape[:-1], n)
+
+
+def quantized_ffn(x: torch.Tensor, gate: Matrix, up: Matrix, down: Matrix) -> torch.Tensor:
+    """SwiGLU feed-forward down(silu(gate x) * up x), the oracle's expert_ffn for any matrix format
+    (for float weights of x's dtype the very same operations, so the same bits)."""
+    return linear(F.silu(linear(x, gate)) * linear(x, up), down)
+
+
+def dequantize_matrix(m: Matrix) -> torch.Tensor:
+    """Float32 (N, K) values of a matrix, decoded from its layout with plain tensor ops (the reference the
+    kernels are checked against; works on any device)."""
+    if isinstance(m, torch.Tensor):
+        return m.float()
+    if isinstance(m, Int8Matrix):
+        return m.q.float() * m.scale.float()[:, None]
+    n, k = m.shape
+    rows = torch.arange(n, device=m.packed.device)[:, None]
+    cols = torch.arange(k, device=m.packed.device)[None, :]
+    index = (rows // INT4_ROW_TILE) * (k * 32) + cols * 32 + rows % 32
+    byte = m.packed.reshape(-1)[index].int()
+    q = torch.where(rows % INT4_ROW_TILE < 32, byte & 0xF, byte >> 4).float()
+    s, z = (m.scale_zero[..., i].float().repeat_interleave(INT4_GROUP, dim=0).T for i in (0, 1))
+    return (q - 8) * s + z
+
+
+# ---- which format a GGUF matrix is served in
+
+
+def serving_format(qtype: GGMLQuantizationType, shape: tuple[int, int]) -> str:
+    """'float' for float types (served as views of the file), 'int4' for Q4_0 / Q4_K whose shape the int4 layout
+    takes (N % 64, K % 32), else 'int8'."""
+    if qtype in ZERO_COPY_TYPES:
+        return "float"
+    n, k = shape
+    if qtype in (Q.Q4_0, Q.Q4_K) and n % INT4_ROW_TILE == 0 and k % INT4_GROUP == 0:
+        return "int4"
+    return "int8"
+
+
+def layer_format(formats: list[str]) -> str:
+    """One format for a layer's gate, up and down: theirs when they agree, else int8 (which takes any type)."""
+    return formats[0] if len(set(formats)) == 1 else "int8"
+
+
+# ---- conversion from GGUF storage
+
+
+def int8_from_float(w: torch.Tensor) -> Int8Matrix:
+    """Per-row absmax int8: |W - q * scale| <= scale / 2 per weight, scale being the stored (bf16) one."""
+    w = w.float()
+    scale = (w.abs().amax(dim=-1) / 127).to(torch.bfloat16)
+    s = scale.float()[:, None]
+    q = torch.where(s > 0, w / s, torch.zeros_like(w)).round().clamp(-127, 127).to(torch.int8)
+    return Int8Matrix(q, scale)
+
+
+def int8_from_blocks(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> Int8Matrix:
+    """int8 from a matrix stored as any GGUF type (`raw`: its stored values or block bytes)."""
+    return int8_from_float(dequantize(raw, qtype).reshape(shape))
+
+
+def int4_from_blocks(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> Int4Matrix:
+    """int4 from Q4_0 or Q4_K block bytes (N, bytes per row), keeping every 4-bit code as stored."""
+    n, k = shape
+    if serving_format(qtype, shape) != "int4":
+        raise ValueError(f"a {qtype.name} matrix of shape {shape} cannot be served as int4")
+    groups = k // INT4_GROUP
+    if qtype == Q.Q4_0:
+        blocks = np.asarray(raw, dtype=np.uint8).reshape(n, groups, 18)
+        s = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float32)  # (N, groups)
+        z = np.zeros_like(s)
+        nibbles = blocks[..., 2:]  # value j in the low nibble of byte j, value 16 + j in the high one
+        codes = np.concatenate([nibbles & 0xF, nibbles >> 4], axis=-1)  # (N, groups, 32)
+    else:
+        blocks = np.asarray(raw, dtype=np.uint8).reshape(n * (k // 256), 144)
+        d = blocks[:, 0:2].copy().view(np.float16).astype(np.float32)  # (B, 1)
+        dmin = blocks[:, 2:4].copy().view(np.float16).astype(np.float32)
+        sc, mn = quants.Q4_K.get_scale_min(blocks[:, 4:16])  # (B, 8) each
+        s = d * sc.astype(np.float32)
+        z = 8 * s - dmin * mn.astype(np.float32)  # d*sc*q - dmin*m == (q - 8)*s + z
+        qs = blocks[:, 16:].reshape(-1, 4, 1, 32)  # 32 bytes hold sub-blocks 2c (low) and 2c + 1 (high)
+        codes = np.concatenate([qs & 0xF, qs >> 4], axis=2)  # (B, 4, 2, 32)
+        s, z, codes = s.reshape(n, groups), z.reshape(n, groups), codes.reshape(n, groups, 32)
+    q = torch.from_numpy(codes.reshape(n, k).astype(np.int32))
+    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    scale_zero = torch.from_numpy(np.stack([s.T, z.T], axis=-1)).to(torch.bfloat16).contiguous()
+    return Int4Matrix(packed, scale_zero)
+
+
+def convert_matrix(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], fmt: str) -> Matrix:
+    """A GGUF matrix (stored values or block bytes) in quantized serving format `fmt`."""
+    if fmt == "int4":
+        return int4_from_blocks(raw, qtype, shape)
+    if fmt == "int8":
+        return int8_from_blocks(raw, qtype, shape)
+    raise ValueError(f"float matrices are served from the model file, not converted (format {fmt!r})")
