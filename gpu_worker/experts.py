@@ -32,6 +32,7 @@ class HotExperts:
         self.model, self.device, self.dtype = model, device, dtype
         self.grouped = device.type == "cuda" and dtype == torch.bfloat16  # what grouped GEMM kernels take
         self.ids: dict[int, list[int]] = {}
+        self.stack_index: dict[int, dict[int, int]] = {}  # layer -> expert -> its place in the layer's stack
         self.weights: dict[tuple[int, int], ExpertWeights] = {}  # CPU: per expert
         self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # GPU: (gate_up (G, 2F, H), down (G, H, F))
 
@@ -45,6 +46,7 @@ class HotExperts:
             if self.ids.get(layer) == ids:
                 continue
             self.ids[layer] = ids
+            self.stack_index[layer] = {e: i for i, e in enumerate(ids)}
             for key in [k for k in self.weights if k[0] == layer]:
                 del self.weights[key]
             self.stacks.pop(layer, None)
@@ -63,7 +65,7 @@ class HotExperts:
         if not self.grouped:
             return grouped_ffn(x, experts, counts, lambda e: self.weights[(layer, e)])
         gate_up, down = self.stacks[layer]
-        index = {e: i for i, e in enumerate(self.ids[layer])}
+        index = self.stack_index[layer]
         return swiglu_grouped(x, gate_up, down, [index[e] for e in experts], counts)
 
     @property
@@ -81,6 +83,7 @@ class MoEDispatch:
                  on_dispatch: Callable[[str, int], None] = lambda path, n: None) -> None:
         self.hot, self.remote, self.pool, self.planner, self.on_dispatch = hot, remote, pool, planner, on_dispatch
         self.owners = [list(layer) for layer in placement.owner]
+        self.all_hot = [all(owner == GPU for owner in layer) for layer in placement.owner]
         self.owner = [torch.tensor(layer, dtype=torch.long, device=hot.device) for layer in placement.owner]
 
     def _soft_slots(self, layer: int, cold: Grouped) -> dict[int, int]:
@@ -105,10 +108,17 @@ class MoEDispatch:
                 self.on_dispatch("streamed", counts[e])
         return slots
 
+    def _add_hot(self, layer: int, h: torch.Tensor, g: Grouped, out: torch.Tensor) -> torch.Tensor:
+        self.on_dispatch("hot", len(g.tokens))
+        y = self.hot.compute(layer, h[g.tokens], g.experts, g.counts)
+        return out.index_add_(0, g.tokens, y * g.weights[:, None])
+
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         n, k = expert_ids.shape
         tokens = torch.arange(n, device=h.device).repeat_interleave(k)
         experts, pair_weights = expert_ids.flatten(), weights.flatten()
+        if self.all_hot[layer]:  # nothing of this layer is cold: no mask, no host, no slot to look at
+            return self._add_hot(layer, h, group_by_expert(tokens, experts, pair_weights), torch.zeros_like(h))
         owners = self.owner[layer][experts]
         out = torch.zeros_like(h)
         cold = owners != GPU
@@ -130,9 +140,7 @@ class MoEDispatch:
             sent.append((host, g, time.perf_counter()))
         on_gpu = owners == GPU
         if bool(on_gpu.any()):
-            g = group_by_expert(tokens[on_gpu], experts[on_gpu], pair_weights[on_gpu])
-            out.index_add_(0, g.tokens, self.hot.compute(layer, h[g.tokens], g.experts, g.counts) * g.weights[:, None])
-            self.on_dispatch("hot", len(g.tokens))
+            self._add_hot(layer, h, group_by_expert(tokens[on_gpu], experts[on_gpu], pair_weights[on_gpu]), out)
         if slots:
             soft = pair_slot >= 0
             g = group_by_expert(tokens[soft], pair_slot[soft], pair_weights[soft])  # grouped by slot
