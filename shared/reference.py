@@ -9,6 +9,8 @@ the two halves of each head.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -70,14 +72,25 @@ def attention_inputs(c: ModelConfig, w: dict[str, torch.Tensor], i: int, x: torc
     return rope(q, positions, c.rope_base, c.rope_style), rope(k, positions, c.rope_base, c.rope_style), v
 
 
+ExpertFn = Callable[[int, int, torch.Tensor], torch.Tensor]  # (layer, expert, x) -> the expert's FFN of x
+
+
 class ReferenceModel:
     """All weights dequantized to fp32 in memory: only for tiny and small models."""
 
-    def __init__(self, model: GGUFModel) -> None:
+    def __init__(self, model: GGUFModel, expert: ExpertFn | None = None) -> None:
+        """`expert(layer, e, x)`: routed expert e's FFN of x, by default through the dequantized fp32 weights;
+        another one (e.g. quantized kernels) measures that computation against this forward."""
         self.cfg: ModelConfig = model.config
         self.w = {name: model.tensor(name) for name in model.tensor_names()}
         if "output.weight" not in self.w:
             self.w["output.weight"] = self.w["token_embd.weight"]
+        self.expert = expert or self.dense_expert
+
+    def dense_expert(self, i: int, e: int, x: torch.Tensor) -> torch.Tensor:
+        w, b = self.w, f"blk.{i}."
+        return expert_ffn(x, w[b + "ffn_gate_exps.weight"][e], w[b + "ffn_up_exps.weight"][e],
+                          w[b + "ffn_down_exps.weight"][e])
 
     def attention(self, i: int, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         c, t = self.cfg, x.shape[0]
@@ -95,11 +108,10 @@ class ReferenceModel:
         weights, ids = route(x @ w[b + "ffn_gate_inp.weight"].T, c.n_experts_used, bool(c.norm_topk_prob))
         if routing is not None:
             routing.append(ids)
-        gate, up, down = w[b + "ffn_gate_exps.weight"], w[b + "ffn_up_exps.weight"], w[b + "ffn_down_exps.weight"]
         out = torch.zeros_like(x)
         for t in range(x.shape[0]):
             for weight, e in zip(weights[t], ids[t].tolist(), strict=False):
-                out[t] += weight * expert_ffn(x[t], gate[e], up[e], down[e])
+                out[t] += weight * self.expert(i, e, x[t])
         if c.shared_expert_ffn:
             shared = expert_ffn(x, w[b + "ffn_gate_shexp.weight"], w[b + "ffn_up_shexp.weight"],
                                 w[b + "ffn_down_shexp.weight"])
