@@ -51,6 +51,7 @@ MAGIC = b"TSEXPRTS"
 VERSION = 1
 _PREFIX = struct.Struct("<8sIQ")  # magic, version, length of the JSON header that follows
 HASH_CHUNK = 64 << 20
+BYTES_PER_WORKER = 512 << 20  # by default one conversion process per this much of the cache, one per core at most
 
 Progress = Callable[[int, int, int, float], None]  # (layers done, layers, bytes written, seconds)
 
@@ -360,7 +361,9 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
                       f"{free / 1e9:.2f} GB free")
     jobs = [(layer, layouts[layer], data_offset + offset) for layer, offset in enumerate(header["layer_offsets"])
             if offset is not None]
-    workers = max(1, min(workers or os.cpu_count() or 1, len(jobs)))
+    if workers is None:  # pool processes take a second or two to start: small caches convert faster here
+        workers = min(os.cpu_count() or 1, -(-header["data_nbytes"] // BYTES_PER_WORKER))
+    workers = max(1, min(workers, len(jobs)))
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     start, done, written = time.monotonic(), 0, 0
     try:
@@ -443,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="GGUF model file")
     parser.add_argument("--cache-dir", help="where to write it (default: next to the model, else "
                                             "$XDG_CACHE_HOME/tierserve/experts)")
-    parser.add_argument("--workers", type=int, help="conversion processes (default: one per core)")
+    parser.add_argument("--workers", type=int, help="conversion processes (default: one per core, fewer for "
+                                                    "small models)")
     args = parser.parse_args(argv)
     try:
         cache = ensure_expert_cache(GGUFModel(args.model), args.cache_dir, args.workers)

@@ -1,0 +1,252 @@
+"""The expert cache file and the expert source: layouts and their views, one build shared by every process,
+rebuilds of bad files, and experts served zero-copy in every format."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as Q
+
+from shared.cli import main as tierserve
+from shared.config import Config
+from shared.expert_cache import ExpertLayout, content_hash, ensure_expert_cache, expert_layouts
+from shared.expert_source import ExpertSource, open_expert_source
+from shared.gguf_file import GGUFModel
+from shared.make_model import make_model
+from shared.model_config import EXPERT_TENSOR_KINDS
+from shared.quant import Int4Matrix, Int8Matrix, dequantize_matrix, int4_from_blocks, matrix_tensors
+from tests.test_quant import write_quantized
+
+FORK = multiprocessing.get_context("fork")  # the children only convert a few small matrices single-threaded
+
+
+def quiet(*_: object) -> None:
+    """A progress callback that prints nothing."""
+
+
+class Calls:
+    """A progress callback that remembers it was called (i.e. that a build ran)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, int, float]] = []
+
+    def __call__(self, *args) -> None:
+        self.calls.append(args)
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    paths = {}
+    for dtype in ("q4_0", "q4_k", "q8_0", "f32"):
+        d = tmp_path_factory.mktemp(dtype)
+        make_model(d / f"small-{dtype}.gguf", preset="small", dtype=dtype, seed=1)
+        paths[dtype] = d / f"small-{dtype}.gguf"
+    return paths
+
+
+# ---- layouts
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8", "float"])
+def test_layout_views_of_a_region_and_of_a_stack(fmt):
+    shapes = [((128, 64), torch.bfloat16), ((128, 64), torch.bfloat16), ((64, 128), torch.bfloat16)]
+    layout = ExpertLayout.build(fmt, shapes)
+    assert layout.region_nbytes % 4096 == 0
+    for slots in layout.matrices:
+        assert all(slot.offset % 64 == 0 for slot in slots)
+    stack = torch.randint(0, 256, (3, layout.region_nbytes), dtype=torch.uint8,
+                          generator=torch.Generator().manual_seed(0))
+    stacked = layout.views(stack)
+    for s in range(3):
+        single = layout.views(stack[s])
+        for (shape, _), m_single, m_stacked in zip(shapes, single, stacked, strict=True):
+            assert m_single.shape[-2:] == shape and m_stacked.shape == (3, *shape)
+            for t_single, t_stacked in zip(matrix_tensors(m_single), matrix_tensors(m_stacked), strict=True):
+                assert t_stacked.stride(0) == layout.region_nbytes // t_stacked.element_size()
+                assert t_single.data_ptr() == t_stacked[s].data_ptr()  # views, no copies
+                assert torch.equal(t_single.view(torch.uint8), t_stacked[s].view(torch.uint8))
+    # filling a region writes exactly what the views read back
+    region = torch.zeros(layout.region_nbytes, dtype=torch.uint8)
+    layout.fill(region, layout.views(stack[1]))
+    for a, b in zip(layout.views(region), layout.views(stack[1]), strict=True):
+        assert all(torch.equal(x.view(torch.uint8), y.view(torch.uint8))
+                   for x, y in zip(matrix_tensors(a), matrix_tensors(b), strict=True))
+    assert ExpertLayout.from_json(layout.to_json()) == layout
+
+
+def test_layout_views_on_any_device():
+    layout = ExpertLayout.build("int4", [((64, 256), torch.float32)] * 3)
+    gate, _, _ = layout.views(torch.empty(5, layout.region_nbytes, dtype=torch.uint8, device="meta"))
+    assert isinstance(gate, Int4Matrix) and gate.packed.device.type == "meta"
+    assert gate.packed.shape == (5, 64, 128) and gate.scale_zero.shape == (5, 8, 64, 2)
+    with pytest.raises(ValueError, match="uint8"):
+        layout.views(torch.empty(layout.region_nbytes + 1, dtype=torch.uint8))
+
+
+def test_bits_per_weight_as_stored_and_as_served(models):
+    """int4 from Q4_0 keeps the 4-bit codes and stores a bf16 scale and zero per 32 values: 5.0 bits per weight
+    against Q4_0's 4.5 (one f16 scale per 32). int8 from Q8_0: 8 bits plus a bf16 scale per row (8.0625 for
+    256-value rows) against Q8_0's 8.5."""
+    for dtype, stored_bits, served_bits in (("q4_0", 4.5, 5.0), ("q4_k", 4.5, 5.0), ("q8_0", 8.5, 8 + 16 / 256)):
+        model = GGUFModel(models[dtype])
+        params = model.config.expert_params
+        layout = expert_layouts(model)[0]
+        assert model.expert_nbytes(0) * 8 / params == stored_bits
+        assert layout.expert_nbytes * 8 / params == served_bits
+        assert layout.region_nbytes == -(-layout.expert_nbytes // 4096) * 4096  # the 64-byte alignment fits
+
+
+# ---- the file
+
+
+def test_float_models_need_no_cache(models, tmp_path):
+    assert ensure_expert_cache(GGUFModel(models["f32"]), tmp_path, progress=quiet) is None
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_is_built_once_next_to_the_model_then_reused(models):
+    model = GGUFModel(models["q4_0"])
+    first = Calls()
+    cache = ensure_expert_cache(model, workers=1, progress=first)
+    assert cache.built and first.calls[-1][:2] == (4, 4)
+    assert cache.path.parent == models["q4_0"].parent
+    assert cache.path.name == f"small-q4_0.{content_hash(models['q4_0'])[:16]}.experts"
+    mtime = cache.path.stat().st_mtime_ns
+    cache.close()
+    again = Calls()
+    cache = ensure_expert_cache(GGUFModel(models["q4_0"]), workers=1, progress=again)
+    assert not cache.built and again.calls == [] and cache.path.stat().st_mtime_ns == mtime
+    assert [p.name for p in cache.path.parent.iterdir() if ".tmp" in p.name] == []
+    cache.close()
+
+
+def test_config_cache_dir_is_where_the_cache_goes(models, tmp_path):
+    source = open_expert_source(GGUFModel(models["q8_0"]), Config(expert_cache_dir=str(tmp_path / "cache")))
+    assert source.cache is not None and source.cache.path.parent == tmp_path / "cache"
+    assert source.format(0) == "int8"
+    source.close()
+
+
+@pytest.mark.parametrize("damage", ["truncated", "bad magic", "other model", "empty"])
+def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage):
+    model = GGUFModel(models["q4_k"])
+    good = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
+    path, original = good.path, good.path.read_bytes()
+    good.close()
+    if damage == "truncated":
+        path.write_bytes(original[:-4096])
+    elif damage == "bad magic":
+        path.write_bytes(b"X" + original[1:])
+    elif damage == "other model":  # a valid cache of another model under this one's name
+        other = ensure_expert_cache(GGUFModel(models["q4_0"]), tmp_path / "other", workers=1, progress=quiet)
+        path.write_bytes(other.path.read_bytes())
+        other.close()
+    else:
+        path.write_bytes(b"")
+    cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
+    assert cache.built and cache.path == path and path.read_bytes() == original
+    cache.close()
+
+
+def _build_in_child(path: str, directory: str, barrier, results) -> None:
+    barrier.wait()
+    cache = ensure_expert_cache(GGUFModel(path), directory, workers=1, progress=quiet)
+    results.put((cache.built, str(cache.path), os.stat(cache.path).st_ino))
+
+
+def test_processes_starting_together_build_it_once(models, tmp_path):
+    barrier, results = FORK.Barrier(2), FORK.Queue()
+    children = [FORK.Process(target=_build_in_child, args=(str(models["q4_0"]), str(tmp_path), barrier, results))
+                for _ in range(2)]
+    for child in children:
+        child.start()
+    outcomes = [results.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(10)
+        assert child.exitcode == 0
+    assert sorted(built for built, _, _ in outcomes) == [False, True]
+    assert len({(path, inode) for _, path, inode in outcomes}) == 1
+    assert sorted(p.name.rsplit(".", 1)[-1] for p in tmp_path.iterdir()) == ["experts", "lock"]
+
+
+@pytest.mark.slow
+def test_a_process_pool_writes_the_same_file(models, tmp_path):
+    """Layers converted by spawned pool processes, each writing its own regions, give the bytes one process does."""
+    model = GGUFModel(models["q4_k"])
+    one = ensure_expert_cache(model, tmp_path / "one", workers=1, progress=quiet)
+    pool = ensure_expert_cache(model, tmp_path / "pool", workers=2, progress=quiet)
+    assert pool.built and pool.path.read_bytes() == one.path.read_bytes()
+    one.close()
+    pool.close()
+
+
+def test_convert_experts_command(models, tmp_path, capsys):
+    assert tierserve(["convert-experts", str(models["q8_0"]), "--cache-dir", str(tmp_path), "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path) in out and "built" in out and "int8" in out
+    assert tierserve(["convert-experts", str(models["f32"])]) == 0
+    assert "nothing to convert" in capsys.readouterr().out
+
+
+# ---- the expert source
+
+
+def test_cached_experts_are_zero_copy_views_of_the_cache_file(models, tmp_path):
+    model = GGUFModel(models["q4_0"])
+    cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
+    source = ExpertSource(model, cache)
+    gate, up, down = source.weights(2, 5)
+    region = cache.region(2, 5)
+    assert isinstance(gate, Int4Matrix) and gate.packed.data_ptr() == region.ctypes.data
+    assert not region.flags.writeable
+    expected = int4_from_blocks(model.expert_bytes(2, "ffn_down_exps", 5), Q.Q4_0, (256, 256))
+    assert torch.equal(down.packed, expected.packed) and torch.equal(down.scale_zero, expected.scale_zero)
+    assert torch.equal(dequantize_matrix(up), dequantize_matrix(int4_from_blocks(
+        model.expert_bytes(2, "ffn_up_exps", 5), Q.Q4_0, (256, 256))))
+    assert source.expert_nbytes(2) == source.layout(2).expert_nbytes
+    source.close()
+
+
+@pytest.mark.parametrize("dtype", ["q8_0", "f32"])
+def test_region_bytes_fill_a_region_that_reads_as_the_served_expert(models, tmp_path, dtype):
+    """What pinned arenas and VRAM slots do: copy region_bytes into a region, read it through the layout."""
+    model = GGUFModel(models[dtype])
+    source = ExpertSource(model, ensure_expert_cache(model, tmp_path, workers=1, progress=quiet))
+    layout = source.layout(1)
+    region = np.zeros(layout.region_nbytes, dtype=np.uint8)
+    for offset, data in source.region_bytes(1, 7):
+        region[offset : offset + data.nbytes] = data
+    for got, served in zip(layout.views(torch.from_numpy(region)), source.weights(1, 7), strict=True):
+        assert type(got) is type(served)
+        assert all(torch.equal(a, b) for a, b in zip(matrix_tensors(got), matrix_tensors(served), strict=True))
+    if dtype == "f32":
+        assert source.cache is None and layout.format == "float"
+        assert len(source.region_bytes(1, 7)) == 3  # one matrix at a time, straight from the model file
+        gate = source.weights(1, 7)[0]
+        assert gate.data_ptr() == model.expert_bytes(1, "ffn_gate_exps", 7).ctypes.data
+    else:
+        assert isinstance(source.weights(1, 7)[0], Int8Matrix)
+
+
+def test_layers_in_different_formats(tmp_path):
+    """Layer 0 stored as F32 (served from the model file), layer 1 as Q4_K (int4 from the cache), layer 2 as Q8_0
+    (int8): the cache holds only the quantized layers."""
+    model = write_quantized(tmp_path / "mixed.gguf", {0: Q.F32, 1: Q.Q4_K, 2: Q.Q8_0})
+    cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
+    source = ExpertSource(model, cache)
+    assert [source.format(layer) for layer in range(3)] == ["float", "int4", "int8"]
+    regions = sum(source.layout(layer).region_nbytes for layer in (1, 2)) * model.config.n_experts
+    assert regions < cache.nbytes <= regions + 2 * 4096  # plus the header's page(s)
+    with pytest.raises(KeyError, match="float"):
+        cache.region(0, 0)
+    for layer in range(3):
+        for kind, m in zip(EXPERT_TENSOR_KINDS, source.weights(layer, 1), strict=True):
+            reference = model.expert(layer, kind, 1)
+            assert (dequantize_matrix(m) - reference).abs().max() <= 0.01 * reference.abs().max()
+    with pytest.raises(ValueError, match="expert cache"):
+        ExpertSource(model, None)
+    source.close()
