@@ -323,6 +323,8 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
         fcntl.flock(lock, fcntl.LOCK_EX)
         if _is_valid(target, header):  # built by another process while this one waited
             return ExpertCache(target)
+        for stale in target.parent.glob(f"{name}.tmp*"):  # left by a build that was killed
+            stale.unlink(missing_ok=True)
         _build(model, target, header, layouts, workers, progress or _PrintProgress())
     return ExpertCache(target, built=True)
 

@@ -111,19 +111,19 @@ def quantized_ffn(x: torch.Tensor, gate: Matrix, up: Matrix, down: Matrix) -> to
 
 
 def dequantize_matrix(m: Matrix) -> torch.Tensor:
-    """Float32 (N, K) values of a matrix, decoded from its layout with plain tensor ops (the reference the
-    kernels are checked against; works on any device)."""
+    """Float32 (..., N, K) values of a matrix or a stack of them, decoded from the layout with plain tensor ops
+    (the reference the kernels are checked against; works on any device)."""
     if isinstance(m, torch.Tensor):
         return m.float()
     if isinstance(m, Int8Matrix):
-        return m.q.float() * m.scale.float()[:, None]
-    n, k = m.shape
+        return m.q.float() * m.scale.float()[..., None]
+    n, k = m.shape[-2:]
     rows = torch.arange(n, device=m.packed.device)[:, None]
     cols = torch.arange(k, device=m.packed.device)[None, :]
     index = (rows // INT4_ROW_TILE) * (k * 32) + cols * 32 + rows % 32
-    byte = m.packed.reshape(-1)[index].int()
+    byte = m.packed.flatten(-2)[..., index].int()
     q = torch.where(rows % INT4_ROW_TILE < 32, byte & 0xF, byte >> 4).float()
-    s, z = (m.scale_zero[..., i].float().repeat_interleave(INT4_GROUP, dim=0).T for i in (0, 1))
+    s, z = (m.scale_zero[..., i].float().repeat_interleave(INT4_GROUP, dim=-2).transpose(-1, -2) for i in (0, 1))
     return (q - 8) * s + z
 
 

@@ -69,6 +69,8 @@ def test_layout_views_of_a_region_and_of_a_stack(fmt):
                 assert t_stacked.stride(0) == layout.region_nbytes // t_stacked.element_size()
                 assert t_single.data_ptr() == t_stacked[s].data_ptr()  # views, no copies
                 assert torch.equal(t_single.view(torch.uint8), t_stacked[s].view(torch.uint8))
+            torch.testing.assert_close(dequantize_matrix(m_stacked)[s], dequantize_matrix(m_single), rtol=0, atol=0,
+                                       equal_nan=True)  # random bytes: some scales are NaN
     # filling a region writes exactly what the views read back
     region = torch.zeros(layout.region_nbytes, dtype=torch.uint8)
     layout.fill(region, layout.views(stack[1]))
@@ -121,6 +123,15 @@ def test_cache_is_built_once_next_to_the_model_then_reused(models):
     cache = ensure_expert_cache(GGUFModel(models["q4_0"]), workers=1, progress=again)
     assert not cache.built and again.calls == [] and cache.path.stat().st_mtime_ns == mtime
     assert [p.name for p in cache.path.parent.iterdir() if ".tmp" in p.name] == []
+    cache.close()
+
+
+def test_a_killed_builds_leftovers_are_removed(models, tmp_path):
+    model = GGUFModel(models["q8_0"])
+    name = f"small-q8_0.{content_hash(models['q8_0'])[:16]}.experts"
+    (tmp_path / f"{name}.tmp999999").write_bytes(b"half a cache")
+    cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.lock"]
     cache.close()
 
 

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
+from gguf import quants
 
 from shared.expert_cache import ensure_expert_cache
 from shared.expert_source import ExpertSource
@@ -136,6 +137,23 @@ def test_int8_error_is_within_half_a_step_per_row(wide_models, qtype):
         error = (dequantize_matrix(m) - reference).abs()
         assert (error <= m.scale.float()[:, None] / 2 * (1 + 1e-6) + 1e-9).all()
         assert m.q.abs().max() == 127  # the absmax of each row uses the full range
+
+
+@pytest.mark.parametrize("qtype, scales_at", [(Q.Q5_K, 0), (Q.Q6_K, 208)])
+def test_int8_from_k_quant_blocks_is_within_half_a_step(qtype, scales_at):
+    """Q5_K and Q6_K (which make_model does not write): random blocks with sane f16 super-block scales."""
+    n, k = 64, 512
+    block_bytes = {Q.Q5_K: 176, Q.Q6_K: 210}[qtype]
+    blocks = np.random.default_rng(4).integers(0, 256, (n, k // 256, block_bytes), dtype=np.uint8)
+    scales = np.full(2, 0.001, dtype=np.float16).view(np.uint8)  # Q5_K: d and dmin; Q6_K: d
+    scales = scales[: block_bytes - scales_at]
+    blocks[..., scales_at : scales_at + len(scales)] = scales
+    raw = blocks.reshape(n, -1)
+    reference = torch.from_numpy(quants.dequantize(raw, qtype)).reshape(n, k)
+    m = int8_from_blocks(raw, qtype, (n, k))
+    error = (dequantize_matrix(m) - reference).abs()
+    assert reference.abs().max() > 0
+    assert (error <= m.scale.float()[:, None] / 2 * (1 + 1e-6) + 1e-9).all()
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
