@@ -9,6 +9,7 @@ the two halves of each head.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -23,18 +24,32 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, base: float, style: str) -> torch.Tensor:
-    """Rotate (T, heads, head_dim) by position; `style` is 'neox' (halves) or 'interleaved' (pairs)."""
+@functools.lru_cache(maxsize=8)
+def rope_table(head_dim: int, base: float, n_positions: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position below n_positions, (n_positions, head_dim/2) in fp32: built once per model
+    shape and device, so a step only gathers its positions' rows. Each entry is computed as for a lone position
+    (fp64 angle, rounded to fp32, then cos/sin), so a gathered row equals one computed on its own bit for bit."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float64, device=device) / head_dim))
+    angles = (torch.arange(n_positions, dtype=torch.float64, device=device)[:, None] * inv_freq[None, :]).float()
+    return angles.cos(), angles.sin()
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> torch.Tensor:
+    """Rotate (T, heads, head_dim) by the (T, 1, head_dim/2) angles of its positions (`rope_angles`);
+    `style` is 'neox' (halves) or 'interleaved' (pairs)."""
     d = x.shape[-1]
-    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float64, device=x.device) / d))
-    angles = (positions.double()[:, None] * inv_freq[None, :]).float()[:, None, :]  # (T, 1, d/2)
-    cos, sin = angles.cos(), angles.sin()
     xf = x.float()
     if style == "neox":
         a, b = xf[..., : d // 2], xf[..., d // 2 :]
         return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1).to(x.dtype)
     a, b = xf[..., 0::2], xf[..., 1::2]
     return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
+
+
+def rope_angles(c: ModelConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin (T, 1, head_dim/2) of the positions, every one below the model's context length."""
+    cos, sin = rope_table(c.head_dim, c.rope_base, c.context_length, positions.device)
+    return cos[positions][:, None, :], sin[positions][:, None, :]
 
 
 def expert_ffn(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -69,7 +84,8 @@ def attention_inputs(c: ModelConfig, w: dict[str, torch.Tensor], i: int, x: torc
     if c.qk_norm == "head":
         q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
         k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
-    return rope(q, positions, c.rope_base, c.rope_style), rope(k, positions, c.rope_base, c.rope_style), v
+    cos, sin = rope_angles(c, positions)
+    return rope(q, cos, sin, c.rope_style), rope(k, cos, sin, c.rope_style), v
 
 
 ExpertFn = Callable[[int, int, torch.Tensor], torch.Tensor]  # (layer, expert, x) -> the expert's FFN of x
