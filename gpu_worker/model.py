@@ -1,6 +1,8 @@
 """The dense trunk on the worker's device: embeddings, attention over a paged KV cache, norms,
 routers, shared experts and the output head. Routed experts are computed by whatever
-`MoEFn` the caller passes, so the trunk knows nothing of where experts live.
+`MoEFn` the caller passes, so the trunk knows nothing of where experts live. It marks the sections
+a step profile times (gpu_worker/step_profile.py): prepare, each layer's attention, router, moe and
+shared expert, and the lm head.
 """
 
 from __future__ import annotations
@@ -11,8 +13,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gpu_worker.step_profile import section
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS
+from shared.profile_table import LAYER
 from shared.reference import attention_inputs, expert_ffn, rms_norm, route
 
 # (layer, normed hidden (N, H), routing weights (N, k), expert ids (N, k)) -> routed experts' sum (N, H)
@@ -68,24 +72,34 @@ class Trunk:
     def forward(self, chunks: Sequence[Chunk], moe: MoEFn) -> torch.Tensor:
         """Run the chunks as one batch; returns logits (len(chunks), vocab) at each chunk's last token."""
         c, w = self.cfg, self.w
-        ids = torch.tensor([t for ch in chunks for t in ch.token_ids], dtype=torch.long, device=self.device)
-        spans = [torch.arange(ch.start, ch.start + len(ch.token_ids), device=self.device) for ch in chunks]
-        positions = torch.cat(spans)
-        new_slots = torch.cat([self._slots(ch.block_table, span) for ch, span in zip(chunks, spans, strict=True)])
-        context_slots = [self._slots(ch.block_table, torch.arange(ch.start + len(ch.token_ids), device=self.device))
-                         for ch in chunks]
-        x = w["token_embd.weight"][ids]
+        with section("prepare"):
+            ids = torch.tensor([t for ch in chunks for t in ch.token_ids], dtype=torch.long, device=self.device)
+            spans = [torch.arange(ch.start, ch.start + len(ch.token_ids), device=self.device) for ch in chunks]
+            positions = torch.cat(spans)
+            new_slots = torch.cat([self._slots(ch.block_table, span)
+                                   for ch, span in zip(chunks, spans, strict=True)])
+            context_slots = [self._slots(ch.block_table,
+                                         torch.arange(ch.start + len(ch.token_ids), device=self.device))
+                             for ch in chunks]
+            x = w["token_embd.weight"][ids]
         for i in range(c.n_layers):
             b = f"blk.{i}."
-            h = rms_norm(x, w[b + "attn_norm.weight"], c.norm_eps)
-            x = x + self._attention(i, h, positions, chunks, new_slots, context_slots)
-            h = rms_norm(x, w[b + "ffn_norm.weight"], c.norm_eps)
-            weights, expert_ids = route(h @ w[b + "ffn_gate_inp.weight"].T, c.n_experts_used, bool(c.norm_topk_prob))
-            out = moe(i, h, weights, expert_ids)
-            if c.shared_expert_ffn:
-                shared = expert_ffn(h, w[b + "ffn_gate_shexp.weight"], w[b + "ffn_up_shexp.weight"],
-                                    w[b + "ffn_down_shexp.weight"])
-                out = out + torch.sigmoid(h @ w[b + "ffn_gate_inp_shexp.weight"])[:, None] * shared
-            x = x + out
-        last = torch.tensor([len(ch.token_ids) for ch in chunks], device=self.device).cumsum(0) - 1
-        return (rms_norm(x[last], w["output_norm.weight"], c.norm_eps) @ w["output.weight"].T).float()
+            with section(LAYER):
+                with section("attention"):
+                    h = rms_norm(x, w[b + "attn_norm.weight"], c.norm_eps)
+                    x = x + self._attention(i, h, positions, chunks, new_slots, context_slots)
+                with section("router"):
+                    h = rms_norm(x, w[b + "ffn_norm.weight"], c.norm_eps)
+                    weights, expert_ids = route(h @ w[b + "ffn_gate_inp.weight"].T, c.n_experts_used,
+                                                bool(c.norm_topk_prob))
+                with section("moe"):
+                    out = moe(i, h, weights, expert_ids)
+                if c.shared_expert_ffn:
+                    with section("shared_expert"):
+                        shared = expert_ffn(h, w[b + "ffn_gate_shexp.weight"], w[b + "ffn_up_shexp.weight"],
+                                            w[b + "ffn_down_shexp.weight"])
+                        out = out + torch.sigmoid(h @ w[b + "ffn_gate_inp_shexp.weight"])[:, None] * shared
+                x = x + out
+        with section("lm_head"):
+            last = torch.tensor([len(ch.token_ids) for ch in chunks], device=self.device).cumsum(0) - 1
+            return (rms_norm(x[last], w["output_norm.weight"], c.norm_eps) @ w["output.weight"].T).float()

@@ -1,7 +1,10 @@
 """The worker's side of the data plane: one exchange per expert host per layer.
 
 To a host on this machine the rows go through the shared-memory mailbox the host made (shared/mailbox.py):
-the worker gathers them straight into it and spins on the answer. To a host elsewhere, to one without a
+the worker gathers them straight into it and spins on the answer. A worker on a GPU page-locks the mailbox
+first, so its rows are copied by DMA from the device into the mailbox and the answer from the mailbox onto the
+device: one synchronization per exchange (the rows must be in the mailbox before they are posted), and the
+answer's copy is queued behind the GPU's work without waiting for it. To a host elsewhere, to one without a
 mailbox, or when a batch does not fit the mailbox, they go as a ZeroMQ message on the worker's DEALER for that
 host. A host's mailbox is found by the name its endpoint gives (mailbox_path) and looked up again at most every
 RECHECK_S, so the worker follows a host that restarts (a new mailbox file) long before it can serve again.
@@ -16,6 +19,7 @@ import time
 import torch
 import zmq
 
+from gpu_worker.step_profile import section
 from shared.mailbox import Mailbox, MailboxError, mailbox_path
 from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
 
@@ -36,7 +40,8 @@ class RemoteExperts:
         self.mailboxes: list[Mailbox | None] = [None] * len(endpoints)
         self._seen: list[tuple[int, int] | None] = [None] * len(endpoints)  # file identity last looked at
         self._recheck_at = [0.0] * len(endpoints)
-        self._in_flight: list[tuple[Mailbox, int] | None] = [None] * len(endpoints)  # None: sent over ZeroMQ
+        # (mailbox, request sequence number, device of the rows sent); None: sent over ZeroMQ
+        self._in_flight: list[tuple[Mailbox, int, torch.device] | None] = [None] * len(endpoints)
         self.step = 0
 
     def _connect(self, endpoint: str) -> zmq.Socket:
@@ -79,37 +84,52 @@ class RemoteExperts:
     def send(self, host: int, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor,
              tokens: torch.Tensor | None = None) -> None:
         """Send rows hidden[tokens] (all of hidden without tokens), grouped by expert: counts[i] for experts[i]."""
-        rows = hidden.shape[0] if tokens is None else tokens.shape[0]
-        mailbox = self._mailbox(host)
-        if mailbox is not None and mailbox.fits(rows, hidden.shape[1], hidden.dtype, len(experts)):
-            area = mailbox.request_rows(rows, hidden.shape[1], hidden.dtype)
-            if tokens is None:
-                area.copy_(hidden)
-            elif hidden.device.type == "cpu":
-                torch.index_select(hidden, 0, tokens, out=area)
-            else:  # gathered on the device, then one copy into the mailbox
-                area.copy_(hidden.index_select(0, tokens))
-            self._in_flight[host] = (mailbox, mailbox.post(self.step, layer, experts, counts, area))
-            return
-        self._in_flight[host] = None
-        rows_sent = hidden if tokens is None else hidden[tokens]
-        msg = ExpertWork(step=self.step, layer=layer, expert_ids=experts, counts=counts, hidden=rows_sent)
-        self.sockets[host].send_multipart(encode(msg), copy=False)
+        with section("cold_send"):
+            rows = hidden.shape[0] if tokens is None else tokens.shape[0]
+            mailbox = self._mailbox(host)
+            if mailbox is not None and mailbox.fits(rows, hidden.shape[1], hidden.dtype, len(experts)):
+                area = mailbox.request_rows(rows, hidden.shape[1], hidden.dtype)
+                if hidden.device.type == "cpu":
+                    if tokens is None:
+                        area.copy_(hidden)
+                    else:
+                        torch.index_select(hidden, 0, tokens, out=area)
+                else:  # gathered on the device, then one copy into the mailbox
+                    if mailbox.dma is None:
+                        self._register(host, mailbox)
+                    area.copy_(hidden if tokens is None else hidden.index_select(0, tokens), non_blocking=True)
+                    torch.cuda.current_stream(hidden.device).synchronize()  # in the mailbox before it is posted
+                seq = mailbox.post(self.step, layer, experts, counts, area)
+                self._in_flight[host] = (mailbox, seq, hidden.device)
+                return
+            self._in_flight[host] = None
+            rows_sent = hidden if tokens is None else hidden[tokens]
+            msg = ExpertWork(step=self.step, layer=layer, expert_ids=experts, counts=counts, hidden=rows_sent)
+            self.sockets[host].send_multipart(encode(msg), copy=False)
+
+    def _register(self, host: int, mailbox: Mailbox) -> None:
+        err = mailbox.register_for_dma()
+        if err:
+            log.warning("expert host %d: cannot page-lock the mailbox (CUDA driver error %d); activations are "
+                        "staged through pageable memory", host, err)
 
     def receive(self, host: int, layer: int) -> tuple[torch.Tensor, float]:
-        """The host's output for this step's layer and the compute seconds it reports. Output that came
-        through the mailbox is a view of it: use it before the next send to this host."""
-        in_flight = self._in_flight[host]
-        if in_flight is None:
-            return self._receive_message(host, layer)
-        mailbox, seq = in_flight
-        if not mailbox.wait_answer(seq, self.timeout_s):
-            self.reset(host)
-            raise ExpertHostError(host, "timeout", f"no answer within {self.timeout_s:.1f} s")
-        answer = mailbox.answer()
-        if answer.failure is not None:
-            raise ExpertHostError(host, *answer.failure)
-        return answer.output, answer.compute_s  # type: ignore[return-value]
+        """The host's output for this step's layer, on the device the rows came from, and the compute seconds it
+        reports. Output of a CPU worker that came through the mailbox is a view of it: use it before the next
+        send to this host (a GPU worker's copy out of it is queued before that send's synchronization)."""
+        with section("cold_wait"):
+            in_flight = self._in_flight[host]
+            if in_flight is None:
+                return self._receive_message(host, layer)
+            mailbox, seq, device = in_flight
+            if not mailbox.wait_answer(seq, self.timeout_s):
+                self.reset(host)
+                raise ExpertHostError(host, "timeout", f"no answer within {self.timeout_s:.1f} s")
+            answer = mailbox.answer()
+            if answer.failure is not None:
+                raise ExpertHostError(host, *answer.failure)
+            output = answer.output if device.type == "cpu" else answer.output.to(device, non_blocking=True)
+            return output, answer.compute_s  # type: ignore[return-value]
 
     def _receive_message(self, host: int, layer: int) -> tuple[torch.Tensor, float]:
         sock = self.sockets[host]

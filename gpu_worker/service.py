@@ -19,6 +19,7 @@ from gpu_worker.remote import ExpertHostError, RemoteExperts
 from gpu_worker.sampler import Sampler
 from gpu_worker.scheduler import SamplingParams, Scheduler, Sequence
 from gpu_worker.soft_pool import SoftPool
+from gpu_worker.step_profile import StepProfile, section
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
@@ -86,6 +87,9 @@ class Engine:
                                    measure_matmul_flops(self.device, dtype)) if self.pool else None
         self.moe: MoEDispatch | None = None
         self.placement_version = 0
+        # Code the step calls marks its sections with step_profile.section, the MoE dispatch's included.
+        self.profile = StepProfile(config.profile_steps,
+                                   torch.cuda.synchronize if self.device.type == "cuda" else None)
 
     def apply(self, placement: Placement) -> None:
         self.hot.apply(placement)
@@ -96,25 +100,32 @@ class Engine:
 
     def step(self) -> tuple[list[tuple[Sequence, object]], list[Sequence]]:
         """Run one batch; returns (sequence, sample) for every sampled token and the finished sequences."""
-        batch = self.scheduler.schedule()
-        if batch is None:
-            return [], []
-        start = time.perf_counter()
-        if self.remote is not None:
-            self.remote.begin_step()
-        chunks = [Chunk(c.token_ids, c.start, c.seq.block_table) for c in batch.chunks]
-        logits = self.trunk.forward(chunks, self.moe)
-        sampling = [(i, c.seq) for i, c in enumerate(batch.chunks) if c.samples]
-        results = self.sampler.sample(logits[[i for i, _ in sampling]], [s for _, s in sampling]) if sampling else []
-        sampled = [(seq, r) for (_, seq), r in zip(sampling, results, strict=True)]
-        finished = self.scheduler.postprocess(batch, {seq.request_id: r.token_id for seq, r in sampled})
-        for seq in finished:
-            self.sampler.forget(seq.request_id)
-        STEPS.inc()
-        BATCH_TOKENS.observe(batch.num_tokens)
-        BATCH_SEQS.set(len(batch.chunks))
-        STEP_SECONDS.observe(time.perf_counter() - start)
-        self.update_gauges()
+        with self.profile.step() as profiled:
+            with section("schedule"):
+                batch = self.scheduler.schedule()
+            if batch is None or batch.num_tokens > len(batch.chunks):
+                profiled.discard()  # the profile is of decode steps: one token per sequence
+            if batch is None:
+                return [], []
+            start = time.perf_counter()
+            if self.remote is not None:
+                self.remote.begin_step()
+            chunks = [Chunk(c.token_ids, c.start, c.seq.block_table) for c in batch.chunks]
+            logits = self.trunk.forward(chunks, self.moe)
+            with section("sampling"):
+                sampling = [(i, c.seq) for i, c in enumerate(batch.chunks) if c.samples]
+                results = self.sampler.sample(logits[[i for i, _ in sampling]], [s for _, s in sampling]) \
+                    if sampling else []
+            with section("postprocess"):
+                sampled = [(seq, r) for (_, seq), r in zip(sampling, results, strict=True)]
+                finished = self.scheduler.postprocess(batch, {seq.request_id: r.token_id for seq, r in sampled})
+                for seq in finished:
+                    self.sampler.forget(seq.request_id)
+            STEPS.inc()
+            BATCH_TOKENS.observe(batch.num_tokens)
+            BATCH_SEQS.set(len(batch.chunks))
+            STEP_SECONDS.observe(time.perf_counter() - start)
+            self.update_gauges()
         return sampled, finished
 
     def fail_all_running(self) -> list[Sequence]:
@@ -135,8 +146,12 @@ class Engine:
             STREAMED_BYTES.set(self.pool.bytes_streamed)
 
     def load(self) -> dict:
-        return {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
+        """What the heartbeat reports, and the coordinator's stats show: with profiling on, the last window."""
+        load = {"running": self.scheduler.num_running, "waiting": self.scheduler.num_waiting,
                 "kv_used": self.scheduler.kv_blocks_used / self.scheduler.kv_blocks_total}
+        if self.profile.latest is not None:
+            load["profile"] = self.profile.latest.to_dict()
+        return load
 
 
 def to_sequence(msg: EngineGenerate) -> Sequence:
@@ -163,6 +178,8 @@ def serve(config: Config) -> int:
                            config.expert_timeout_s) if config.expert_hosts else None
     engine = Engine(config, model, remote)
     log.info("model %s on %s, metrics on :%d", config.model, engine.device, metrics_port)
+    if engine.profile.on:
+        log.info("profiling decode steps in windows of %d (tierserve stats shows the last)", config.profile_steps)
 
     def send(msg: Message) -> None:
         engine_socket.send_multipart(encode(msg), copy=False)

@@ -7,7 +7,9 @@ and, optionally, llama.cpp on the same file.
 
 Starts the system (or uses the one at --endpoint), measures decode at concurrency 1, 4 and 16, prefill of
 512- and 4096-token prompts, time to first token and inter-token latency, reads the gpu_worker's tier counters,
-measures the machine's links and compute, and writes results.json, results.md and plots under --out.
+measures the machine's links and compute, and writes results.json, results.md and plots under --out. With
+--profile-steps N it then starts the system once more, its worker profiling decode steps in windows of N, and
+adds where one decode step's time goes (results.json "decode_profile", and printed).
 See bench/README.md for what each figure means.
 """
 
@@ -24,9 +26,10 @@ from typing import Any
 import torch
 
 from shared import bench_limits, bench_llama
-from shared.bench_load import TEXT, TIMEOUT_S, decode_run, prefill_run
+from shared.bench_load import TEXT, TIMEOUT_S, decode_run, prefill_run, prompt_ids
 from shared.bench_measure import measure_machine
 from shared.bench_metrics import scrape_tiers, tier_delta, worker_metrics_url
+from shared.bench_profile import CANDIDATE_PROMPTS, profile_system
 from shared.bench_report import markdown, write_results
 from shared.client import AsyncClient, ServerError, run
 from shared.config import parse_bytes
@@ -217,6 +220,11 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "prefill": measured["prefill"], "tiers": measured["tiers"],
         "limits": limits(facts, model.config, machine, hot_per_layer, measured),
     }
+    if args.profile_steps:
+        print(f"bench: profiling decode steps (windows of {args.profile_steps})", file=sys.stderr, flush=True)
+        prompts = [prompt_ids(base, run_settings["decode_prompt_tokens"], v) for v in range(CANDIDATE_PROMPTS)]
+        results["decode_profile"] = profile_system(str(path), options, args.profile_steps, 1, prompts,
+                                                   args.ready_timeout)
     results["llama_cpp"] = llama_cpp(args, results)
     return results
 
@@ -235,7 +243,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=list(DTYPES), default="f32", help="storage type of the preset model")
     p.add_argument("--routing-skew", type=float, default=1.0, help="expert popularity skew of the preset model")
     p.add_argument("--cache-dir", default=default_cache_dir(), help="where generated preset models are kept")
-    p.add_argument("--endpoint", help="measure the system running at this client endpoint instead of starting one")
+    system = p.add_mutually_exclusive_group()
+    system.add_argument("--endpoint", help="measure the system running at this client endpoint instead of starting one")
+    system.add_argument("--profile-steps", type=int, default=0, metavar="N",
+                        help="then start it again profiling decode steps in windows of N, for where a step's time goes")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--expert-budget", type=parse_bytes, metavar="BYTES", help="VRAM for hot experts (e.g. 4GB)")
     budget.add_argument("--hot-experts", type=int, metavar="K", help="hot experts per layer")
@@ -259,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out or Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     written = write_results(results, out)
     print(markdown(results))
+    if "decode_profile" in results:
+        print(f"## Decode step profile (concurrency 1)\n\n{results['decode_profile']['table']}\n")
     if not any(name.endswith(".png") for name in written):
         print("bench: matplotlib is not installed: no plots", file=sys.stderr)
     print(f"bench: wrote {', '.join(written)} under {out}", file=sys.stderr)

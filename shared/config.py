@@ -88,6 +88,9 @@ class Config:
     # Where block-quantized experts, converted once into their serving format, are cached: "" is next to the
     # model if that directory is writable, else $XDG_CACHE_HOME/tierserve/experts.
     expert_cache_dir: str = ""
+    # The gpu_worker times the sections of its decode steps in windows of this many steps (0: off); the last
+    # window's table is in its heartbeat load, so `tierserve stats` shows it. On a GPU it slows every step.
+    profile_steps: int = 0
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -97,6 +100,8 @@ class Config:
             raise ValueError("expert_hosts must be >= 0")
         if self.host_threads < 0:
             raise ValueError("host_threads must be >= 0")
+        if self.profile_steps < 0:
+            raise ValueError("profile_steps must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

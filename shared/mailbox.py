@@ -25,12 +25,18 @@ number; the reader loads the sequence number, then the rest. That is enough on x
 makes stores visible to other cores in program order and never reorders a load with an older load (glibc's
 non-temporal copies end with sfence). Python has no fences, so elsewhere the mailbox is not used
 (ORDERED_STORES) and the data plane stays on ZeroMQ.
+
+A worker on a CUDA device page-locks both payload areas (`register_for_dma`), so the GPU copies activations
+straight into the request area and results straight out of the response area, where copies to and from
+pageable memory are staged by the driver through a bounce buffer of its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
+import functools
 import hashlib
 import mmap
 import os
@@ -70,6 +76,13 @@ _OK, _FAILED = 0, 1
 # than ZeroMQ.
 SPIN_S = 2e-3
 FIRST_SLEEP_S = 20e-6
+
+
+@functools.cache
+def _cuda_driver() -> ctypes.CDLL:
+    # The driver API rather than torch.cuda.cudart(): a refused registration there stays behind as the runtime's
+    # last error, for torch's next kernel launch to raise.
+    return ctypes.CDLL("libcuda.so.1")
 
 
 class MailboxError(ValueError):
@@ -153,6 +166,7 @@ class Mailbox:
                                             offset=self._payload_at() + i * self.capacity) for i in (0, 1)]
         self._typed: dict[tuple[int, torch.dtype, int], torch.Tensor] = {}
         self._seq = self._request_seq[0]  # the worker's last request; the host's last taken request
+        self.dma: bool | None = None  # payload areas page-locked for the GPU; None: not tried
 
     def _payload_at(self) -> int:
         return -(-(_IDS_AT + 8 * self.max_experts) // PAGE) * PAGE
@@ -196,8 +210,21 @@ class Mailbox:
             os.close(fd)
             raise
 
+    def register_for_dma(self) -> int:
+        """Page-lock both payload areas for the current CUDA device, so device copies into and out of them are
+        DMAs; returns the CUDA driver's result (0: registered). `dma` says how it went (None: never tried)."""
+        err = _cuda_driver().cuMemHostRegister_v2(ctypes.c_void_p(self._areas[0].data_ptr()),
+                                                  ctypes.c_size_t(2 * self.capacity), ctypes.c_uint(0))
+        self.dma = err == 0
+        return err
+
     def close(self) -> None:
-        """Unmap (once the last view a caller holds is gone) and release the worker's lock."""
+        """Unmap (once the last view a caller holds is gone) and release the worker's lock. A registered
+        mailbox waits for the device first: a copy out of the response area may still be queued."""
+        if self.dma:
+            torch.cuda.synchronize()
+            _cuda_driver().cuMemHostUnregister(ctypes.c_void_p(self._areas[0].data_ptr()))
+            self.dma = None
         self._request_seq.release()
         self._response_seq.release()
         self._areas, self._typed = [], {}
