@@ -20,6 +20,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from gpu_worker.soft_pool import SoftPool
+from shared.expert_source import ExpertSource
 from shared.gguf_file import GGUFModel
 from shared.gguf_write import GGUFModelWriter
 from shared.model_config import ModelConfig, tensor_shapes
@@ -97,7 +98,7 @@ def soft_pool_rate(workdir: Path, n_experts: int, total_bytes: int) -> tuple[flo
     for layer in range(cfg.n_layers):  # page the file in, as a served model's page cache is
         for kind in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
             np.asarray(model.raw(f"blk.{layer}.{kind}.weight")).sum()
-    pool = SoftPool(model, torch.device("cuda"), torch.bfloat16, n_slots=16, policy="lru")
+    pool = SoftPool(ExpertSource(model, None), torch.device("cuda"), torch.bfloat16, n_slots=16, policy="lru")
     keys = [(layer, e) for layer in range(cfg.n_layers) for e in range(n_experts)]
     expert_bytes = 3 * cfg.hidden * cfg.expert_ffn * 2
     rounds = max(len(keys), total_bytes // expert_bytes)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.config import Config
+from shared.expert_cache import expert_layouts
 from shared.gguf_file import GGUFModel
 from shared.placement import Placement, hot_experts_for_budget, round_robin_placement
 from shared.protocol import Heartbeat
@@ -25,7 +26,9 @@ def startup_placement(model: GGUFModel, config: Config) -> Placement:
     cfg = model.config
     hot = config.hot_experts
     if hot < 0:
-        hot = hot_experts_for_budget(cfg, config.gpu_expert_budget, model.expert_nbytes(0))
+        served = expert_layouts(model)[0]  # a quantized hot expert is its cache region in VRAM
+        one = served.region_nbytes if served.format != "float" else model.expert_nbytes(0)
+        hot = hot_experts_for_budget(cfg, config.gpu_expert_budget, one)
     return round_robin_placement(cfg, hot, config.expert_hosts)
 
 

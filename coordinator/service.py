@@ -354,7 +354,7 @@ class Coordinator:
 
 
 def serve(config: Config) -> int:
-    setup_process("coordinator", config)
+    setup_process("coordinator", "coordinator", config)
     try:
         model = GGUFModel(config.model)
         coordinator = Coordinator(config, model)

@@ -31,13 +31,12 @@ import torch
 
 from shared.config import HOST_MEMORY_KINDS, parse_bytes_or_percent
 from shared.device_caps import HOST_DMA, DeviceCaps
-from shared.gguf_file import GGUFModel
-from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name, tensor_shapes
+from shared.expert_source import ExpertSource
+from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
 
 PAGE = mmap.PAGESIZE
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "tierserve-experts-"
-_ALIGN = 64  # each matrix starts on a cache line, as the file's own 32-byte alignment would not guarantee
 _CUDA_HOST_ALLOC_WRITE_COMBINED = 4
 _segment_numbers = count()
 
@@ -136,63 +135,6 @@ def check_kind(kind: str, caps: DeviceCaps | None) -> None:
 
 
 # ---- where each expert sits in a layer's region
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One matrix's place in a layer region."""
-
-    offset: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    @property
-    def nbytes(self) -> int:
-        return int(torch.Size(self.shape).numel()) * self.dtype.itemsize
-
-
-@dataclass(frozen=True)
-class LayerLayout:
-    slots: dict[int, tuple[Slot, ...]]  # expert -> its gate, up and down matrices
-    nbytes: int  # whole pages, so a layer can be freed on its own
-
-
-def expert_matrices(model: GGUFModel) -> list[list[tuple[torch.dtype, tuple[int, ...]]]]:
-    """Per layer, the (dtype, shape) of an expert's gate, up and down matrices as a host holds them."""
-    shapes = tensor_shapes(model.config)
-    return [[(model.expert_dtype(layer, kind), shapes[expert_tensor_name(layer, kind)][1:])
-             for kind in EXPERT_TENSOR_KINDS] for layer in range(model.config.n_layers)]
-
-
-def expert_nbytes(matrices: list[tuple[torch.dtype, tuple[int, ...]]]) -> int:
-    return sum(int(torch.Size(shape).numel()) * dtype.itemsize for dtype, shape in matrices)
-
-
-def layer_layout(matrices: list[tuple[torch.dtype, tuple[int, ...]]], experts: list[int]) -> LayerLayout:
-    slots = {}
-    offset = 0
-    for e in experts:
-        placed = []
-        for dtype, shape in matrices:
-            offset = _round_up(offset, _ALIGN)
-            placed.append(Slot(offset, dtype, shape))
-            offset += placed[-1].nbytes
-        slots[e] = tuple(placed)
-    return LayerLayout(slots, _round_up(offset, PAGE))
-
-
-def _round_up(n: int, to: int) -> int:
-    return -(-n // to) * to
-
-
-def place(region: torch.Tensor, slots: tuple[Slot, ...], source: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-    """Copy an expert's matrices into their slots of a layer region; the copies, as tensors over the region."""
-    placed = []
-    for slot, src in zip(slots, source, strict=True):
-        dst = region[slot.offset : slot.offset + slot.nbytes].view(slot.dtype).view(slot.shape)
-        dst.copy_(src)
-        placed.append(dst)
-    return tuple(placed)
 
 
 # ---- the two kinds of copied memory, one region per layer
@@ -353,17 +295,33 @@ def prefetch(tensors: list[torch.Tensor]) -> None:
         advise(t.data_ptr(), t.numel() * t.element_size(), mmap.MADV_WILLNEED)
 
 
-def drop_file_pages(model: GGUFModel, layer: int, experts: list[int], fd: int) -> None:
-    """Once a layer's experts are copied out of the file: unmap the layer's expert tensors from this process
-    and drop the copied experts' pages from the page cache, so RAM holds one copy of them, not two.
+def drop_file_pages(source: ExpertSource, layer: int, experts: list[int]) -> None:
+    """Once a layer's experts are copied out of their file (the model's for float experts, the expert cache's
+    for quantized ones): unmap the layer's experts from this process and drop the copied experts' pages from
+    the page cache, so RAM holds one copy of them, not two.
 
-    Whole tensors are unmapped, not expert by expert, because a fault maps the whole (large) page-cache
+    The whole layer is unmapped, not expert by expert, because a fault maps the whole (large) page-cache
     folio around it, neighbours included, and a folio still mapped cannot be dropped from the cache."""
-    for kind in EXPERT_TENSOR_KINDS:
-        name = expert_tensor_name(layer, kind)
-        whole = model.raw(name)
+    if source.cache is not None and source.format(layer) != "float":
+        cache = source.cache
+        whole = cache.regions(layer)
         advise(whole.ctypes.data, whole.nbytes, mmap.MADV_DONTNEED)
-        for e in experts:
-            stored = model.expert_bytes(layer, kind, e)
-            offset = model.file_offset(name) + stored.ctypes.data - whole.ctypes.data
-            os.posix_fadvise(fd, offset, stored.nbytes, os.POSIX_FADV_DONTNEED)
+        ranges = [(cache.file_offset(layer, e), whole.shape[1]) for e in experts]
+        path = cache.path
+    else:
+        model = source.model
+        ranges = []
+        for kind in EXPERT_TENSOR_KINDS:
+            name = expert_tensor_name(layer, kind)
+            whole = model.raw(name)
+            advise(whole.ctypes.data, whole.nbytes, mmap.MADV_DONTNEED)
+            for e in experts:
+                stored = model.expert_bytes(layer, kind, e)
+                ranges.append((model.file_offset(name) + stored.ctypes.data - whole.ctypes.data, stored.nbytes))
+        path = model.path
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset, nbytes in ranges:
+            os.posix_fadvise(fd, offset, nbytes, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)

@@ -14,9 +14,11 @@ from prometheus_client import Counter, Gauge, Histogram
 from expert_host.memory import HostMemoryError
 from expert_host.store import ExpertStore
 from shared.config import Config, add_config_arguments, config_from_args
+from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.mailbox import ORDERED_STORES, Backoff, Mailbox, mailbox_path, remove_mailbox
 from shared.metrics import start_metrics_server
+from shared.model_config import ModelError
 from shared.placement import expert_host_id
 from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process
 from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
@@ -54,14 +56,14 @@ def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging
 
 def serve(config: Config, host_index: int) -> int:
     member_id = expert_host_id(host_index)
-    log = setup_process(member_id, config)
+    log = setup_process(member_id, "expert_host", config)
     stop = StopFlag()
     model = open_model(config, log)
     if model is None:
         return 1
     try:
-        store = ExpertStore.from_config(model, host_index, config)
-    except HostMemoryError as e:
+        store = ExpertStore.from_config(open_expert_source(model, config), host_index, config)
+    except (HostMemoryError, ModelError) as e:
         log.error("cannot start: %s", e)
         return 1
     metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("expert_host", host_index))

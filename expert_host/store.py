@@ -2,42 +2,43 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from expert_host import memory
 from shared.config import Config
 from shared.device_caps import DeviceCaps, read_device_caps
 from shared.expert_math import ExpertWeights, grouped_ffn
-from shared.gguf_file import ZERO_COPY_TYPES, GGUFModel
-from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
+from shared.expert_source import ExpertSource
 from shared.placement import Placement
+from shared.quant import matrix_tensors
 
 
 class ExpertStore:
-    """Mapped experts are zero-copy views of the file (float types), so RAM is the pages they touch;
-    pinned and write-combined experts are copies the host owns, migrated in one layer at a time.
+    """Mapped experts are zero-copy views of the model file (float experts) or of its expert cache file
+    (quantized ones), so RAM is the pages they touch; pinned and write-combined experts are copies of the
+    same bytes that the host owns, migrated in one layer at a time.
 
     Before anything is loaded, `apply` checks that the placement fits in the RAM free now (less the
     safety floor) and raises HostMemoryError, saying what would fit, if it does not."""
 
-    def __init__(self, model: GGUFModel, host_index: int, kind: str = "mapped", floor: str = "2GiB",
+    def __init__(self, source: ExpertSource, host_index: int, kind: str = "mapped", floor: str = "2GiB",
                  caps: DeviceCaps | None = None) -> None:
         memory.check_kind(kind, caps)
-        self.model, self.host_index, self.kind, self.floor, self.caps = model, host_index, kind, floor, caps
+        self.source, self.model = source, source.model
+        self.host_index, self.kind, self.floor, self.caps = host_index, kind, floor, caps
         self.weights: dict[tuple[int, int], ExpertWeights] = {}
         self.placement_version = 0
         self._arena: memory.Arena | None = None
-        self._matrices = memory.expert_matrices(model)
 
     @classmethod
-    def from_config(cls, model: GGUFModel, host_index: int, config: Config) -> ExpertStore:
+    def from_config(cls, source: ExpertSource, host_index: int, config: Config) -> ExpertStore:
         """The store expert host `host_index` runs with; only kinds that involve the GPU look for one."""
         kind = config.host_memory_for(host_index)
         caps = read_device_caps() if kind != "mapped" and config.device != "cpu" else None
-        return cls(model, host_index, kind, config.host_memory_floor, caps)
+        return cls(source, host_index, kind, config.host_memory_floor, caps)
 
     def apply(self, placement: Placement) -> None:
         """Hold exactly the experts the placement gives this host, never two copies of them at once."""
@@ -49,40 +50,42 @@ class ExpertStore:
         self.placement_version = placement.version
 
     def _apply_mapped(self, wanted: dict[int, list[int]]) -> None:
+        """Views of the files' pages: nothing to fit, nothing copied."""
         keys = {(layer, e) for layer, experts in wanted.items() for e in experts}
-        self._check_fit(sum(map(self._copy_nbytes, keys)), len(keys), sum(map(self._copy_nbytes, self.weights)))
-        for key in set(self.weights) - keys:  # drop first, so RAM never holds both sets
+        for key in set(self.weights) - keys:
             del self.weights[key]
         for layer, e in sorted(keys - set(self.weights)):
-            self.weights[(layer, e)] = tuple(  # type: ignore[assignment]
-                self.model.expert_view(layer, kind, e) for kind in EXPERT_TENSOR_KINDS
-            )
+            self.weights[(layer, e)] = self.source.weights(layer, e)
 
     def _migrate(self, wanted: dict[int, list[int]]) -> None:
-        """Fill a new arena layer by layer: each expert comes from the old arena if held there (pinned), else
-        from the file, whose pages are then dropped; the old arena's layer is freed before the next one."""
-        layouts = {layer: memory.layer_layout(self._matrices[layer], experts) for layer, experts in wanted.items()}
-        need = sum(layout.nbytes for layout in layouts.values())
+        """Fill a new arena layer by layer, one region per expert: each expert comes from the old arena if held
+        there (pinned), else from its file, whose pages are then dropped; the old arena's layer is freed
+        before the next one."""
+        sizes = {layer: len(experts) * self.source.layout(layer).region_nbytes for layer, experts in wanted.items()}
+        need = sum(sizes.values())
         old = self._arena
         self._check_fit(need, sum(len(experts) for experts in wanted.values()), old.nbytes if old else 0)
         if need == 0:
             self.close()
             return
-        new = memory.make_arena(self.kind, [layouts[layer].nbytes for layer in sorted(layouts)], self.caps)
+        new = memory.make_arena(self.kind, [sizes[layer] for layer in sorted(sizes)], self.caps)
         old_weights, self.weights = self.weights, {}
-        fd = os.open(self.model.path, os.O_RDONLY)
         try:
-            for layer in sorted(layouts):
-                region = new.region(layer)
+            for layer in sorted(wanted):
+                layout = self.source.layout(layer)
+                regions = new.region(layer).view(len(wanted[layer]), layout.region_nbytes)
                 from_file = []
-                for e, slots in layouts[layer].slots.items():
-                    source = old_weights.pop((layer, e), None)
-                    if source is None or self.kind == "write-combined":  # uncached CPU reads: the file is faster
-                        source = tuple(self.model.expert_view(layer, kind, e) for kind in EXPERT_TENSOR_KINDS)
+                for region, e in zip(regions, wanted[layer], strict=True):
+                    held = old_weights.pop((layer, e), None)
+                    if held is None or self.kind == "write-combined":  # uncached CPU reads: the file is faster
+                        for offset, data in self.source.region_bytes(layer, e):
+                            np.copyto(region[offset : offset + data.nbytes].numpy(), data)
                         from_file.append(e)
-                    self.weights[(layer, e)] = memory.place(region, slots, source)  # type: ignore[assignment]
+                    else:
+                        layout.fill(region, held)
+                    self.weights[(layer, e)] = layout.views(region)
                 if from_file:
-                    memory.drop_file_pages(self.model, layer, from_file, fd)
+                    memory.drop_file_pages(self.source, layer, from_file)
                 for key in [key for key in old_weights if key[0] == layer]:
                     del old_weights[key]
                 if old is not None:
@@ -92,21 +95,12 @@ class ExpertStore:
             new.close()
             self.close()  # half moved: hold nothing rather than an unknown part of either placement
             raise
-        finally:
-            os.close(fd)
         self._close_arena()
         self._arena = new
 
-    def _copy_nbytes(self, key: tuple[int, int]) -> int:
-        """Process memory a mapped expert takes: none for a view of the file, all of it once dequantized."""
-        layer = key[0]
-        matrices = zip(EXPERT_TENSOR_KINDS, self._matrices[layer], strict=True)
-        return memory.expert_nbytes([matrix for kind, matrix in matrices
-                                     if self.model.qtype(expert_tensor_name(layer, kind)) not in ZERO_COPY_TYPES])
-
     def _check_fit(self, need: int, n_experts: int, freed: int) -> None:
         mem = memory.read_meminfo()
-        largest = max(memory.expert_nbytes(m) for m in self._matrices)
+        largest = max(self.source.layout(layer).region_nbytes for layer in range(self.model.config.n_layers))
         shm_free = memory.shm_free_bytes() if self.kind == "pinned" else None
         memory.check_fit(self.kind, need, n_experts, largest, mem, memory.safety_floor(self.floor, mem), shm_free,
                          freed)
@@ -126,7 +120,8 @@ class ExpertStore:
         """Ask the kernel to read mapped experts' pages ahead of use (e.g. the next layer's routed experts);
         copied kinds are resident already."""
         if self.kind == "mapped":
-            memory.prefetch([t for e in experts if self.owns(layer, e) for t in self.weights[(layer, e)]])
+            memory.prefetch([t for e in experts if self.owns(layer, e)
+                             for m in self.weights[(layer, e)] for t in matrix_tensors(m)])
 
     def owns(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.weights
@@ -136,7 +131,7 @@ class ExpertStore:
 
     @property
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for w in self.weights.values() for t in w)
+        return sum(t.numel() * t.element_size() for w in self.weights.values() for m in w for t in matrix_tensors(m))
 
     def compute(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
         """Validate a work item against what this host holds, then run it; ValueError names what is wrong."""
@@ -151,6 +146,5 @@ class ExpertStore:
         missing = [e for e in experts if not self.owns(layer, e)]
         if missing:
             raise ValueError(f"layer {layer}: experts {missing} are not held by this host")
-        compute_dtype = self.weights[(layer, experts[0])][0].dtype if experts else hidden.dtype
-        return grouped_ffn(hidden.to(compute_dtype), experts, counts, self.of_layer(layer)).to(hidden.dtype)
+        return grouped_ffn(hidden, experts, counts, self.of_layer(layer))
 

@@ -19,26 +19,25 @@ from gpu_worker.cost_model import (
     expert_format,
     plan_layer,
 )
-from shared.gguf_file import GGUFModel
-from shared.model_config import EXPERT_TENSOR_KINDS
-from shared.reference import expert_ffn
+from shared.expert_source import ExpertSource
+from shared.quant import quantized_ffn
 
 COLD_PATHS = ("auto", "cpu", "stream")
 
 
-def measure_cpu_expert(model: GGUFModel) -> tuple[float, float]:
-    """(weight bytes/s at one token, flop/s at 64 tokens) of this machine's CPU on one stored expert,
-    computed the way an expert host computes it."""
-    weights = [model.expert_view(0, kind, 0) for kind in EXPERT_TENSOR_KINDS]
-    nbytes = sum(w.numel() * w.element_size() for w in weights)
-    flops = expert_flops_per_token(model.config)
+def measure_cpu_expert(source: ExpertSource, dtype: torch.dtype) -> tuple[float, float]:
+    """(weight bytes/s at one token, flop/s at 64 tokens) of this machine's CPU on one served expert,
+    computed the way an expert host computes it, from activations of the worker's dtype."""
+    weights = source.weights(0, 0)
+    nbytes = source.expert_nbytes(0)
+    flops = expert_flops_per_token(source.model.config)
 
     def seconds(tokens: int) -> float:
-        x = torch.randn(tokens, model.config.hidden, dtype=weights[0].dtype)
-        expert_ffn(x, *weights)
+        x = torch.randn(tokens, source.model.config.hidden, dtype=dtype)
+        quantized_ffn(x, *weights)
         start = time.perf_counter()
         for _ in range(4):
-            expert_ffn(x, *weights)
+            quantized_ffn(x, *weights)
         return (time.perf_counter() - start) / 4
 
     return nbytes / seconds(1), 64 * flops / seconds(64)
@@ -61,13 +60,14 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 
 class ColdPlanner:
-    def __init__(self, model: GGUFModel, mode: str, stream_bw: float, gpu_flops: float) -> None:
+    def __init__(self, source: ExpertSource, mode: str, stream_bw: float, gpu_flops: float,
+                 activation_dtype: torch.dtype) -> None:
         if mode not in COLD_PATHS:
             raise ValueError(f"cold_path must be one of {', '.join(COLD_PATHS)}, not {mode!r}")
         self.mode = mode
-        self.dtype, self.expert_bytes = expert_format(model, 0)
-        self.flops_per_token = expert_flops_per_token(model.config)
-        cpu_bw, cpu_flops = measure_cpu_expert(model)
+        self.dtype, self.expert_bytes = expert_format(source, 0)
+        self.flops_per_token = expert_flops_per_token(source.model.config)
+        cpu_bw, cpu_flops = measure_cpu_expert(source, activation_dtype)
         self.live = LiveConstants(CostConstants(pcie_bw=stream_bw, cpu_read_bw={self.dtype: cpu_bw},
                                                 cpu_flops=cpu_flops, round_trip_s=100e-6, gpu_flops=gpu_flops))
 

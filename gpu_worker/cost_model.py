@@ -25,7 +25,7 @@ import numpy as np
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelConfig, expert_tensor_name
 
 if TYPE_CHECKING:
-    from shared.gguf_file import GGUFModel
+    from shared.expert_source import ExpertSource
 
 
 @dataclass(frozen=True)
@@ -90,13 +90,16 @@ def expert_flops_per_token(cfg: ModelConfig) -> float:
     return 2.0 * cfg.expert_params
 
 
-def expert_format(model: GGUFModel, layer: int) -> tuple[str, int]:
-    """(dtype key, bytes of one expert) of a layer's experts. The key is the GGML type name, or the
-    names joined by '+' in gate, up, down order when they differ (e.g. Q4_K gate/up with Q6_K down),
-    because the CPU kernel's speed is that of the expert as stored."""
+def expert_format(source: ExpertSource, layer: int) -> tuple[str, int]:
+    """(dtype key, bytes of one expert) of a layer's experts as served. The key is the serving format (int8,
+    int4) of quantized experts; for float ones the GGML type name, or the names joined by '+' in gate, up,
+    down order when they differ, because the CPU kernel's speed is that of the expert as served."""
+    layout = source.layout(layer)
+    if layout.format != "float":
+        return layout.format, layout.expert_nbytes
     names = [expert_tensor_name(layer, kind) for kind in EXPERT_TENSOR_KINDS]
-    types = dict.fromkeys(model.qtype(name).name for name in names)
-    return "+".join(types), model.expert_nbytes(layer)
+    types = dict.fromkeys(source.model.qtype(name).name for name in names)
+    return "+".join(types), layout.expert_nbytes
 
 
 @dataclass

@@ -12,33 +12,52 @@ from collections.abc import Callable
 import torch
 
 from gpu_worker.cold_path import ColdPlanner
-from gpu_worker.grouped import swiglu_grouped
+from gpu_worker.grouped import experts_grouped
 from gpu_worker.remote import RemoteExperts
 from gpu_worker.soft_pool import SoftPool
 from shared.expert_math import ExpertWeights, Grouped, group_by_expert, grouped_ffn
-from shared.gguf_file import GGUFModel
+from shared.expert_source import ExpertSource
 from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.placement import GPU, Placement
+from shared.quant import matrix_tensors
 
 
 class HotExperts:
-    """The experts the placement keeps on the worker, dequantized onto its device.
+    """The experts the placement keeps on the worker.
 
-    On a GPU in bf16 each layer's hot experts are stacked so one grouped GEMM (torch._grouped_mm)
-    computes all of them at once; otherwise they are kept one by one and computed as the oracle does.
+    On a GPU each layer's hot experts are stacked so one grouped launch computes all of them: float experts
+    as bf16 stacks for torch._grouped_mm, quantized ones as a stack of their cache regions (the served bytes,
+    copied as they are) for the int8 / int4 kernels. On a CPU they are kept one by one: float ones in the
+    worker's dtype, quantized ones as views of the expert cache file, computed as an expert host does.
     """
 
-    def __init__(self, model: GGUFModel, device: torch.device, dtype: torch.dtype) -> None:
-        self.model, self.device, self.dtype = model, device, dtype
-        self.grouped = device.type == "cuda" and dtype == torch.bfloat16  # what grouped GEMM kernels take
+    def __init__(self, source: ExpertSource, device: torch.device, dtype: torch.dtype) -> None:
+        self.source, self.device, self.dtype = source, device, dtype
         self.ids: dict[int, list[int]] = {}
         self.stack_index: dict[int, dict[int, int]] = {}  # layer -> expert -> its place in the layer's stack
         self.weights: dict[tuple[int, int], ExpertWeights] = {}  # CPU: per expert
-        self.stacks: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # GPU: (gate_up (G, 2F, H), down (G, H, F))
+        self.stacks: dict[int, ExpertWeights] = {}  # GPU: per layer, (gate_up, down) or quantized (gate, up, down)
 
-    def _load(self, layer: int, e: int) -> ExpertWeights:
-        return tuple(self.model.expert(layer, kind, e).to(self.device, self.dtype)  # type: ignore[return-value]
+    def _grouped(self, layer: int) -> bool:
+        """Whether the layer's experts are stacked for grouped kernels: on a GPU, bf16 for torch._grouped_mm
+        or quantized for the int8 / int4 kernels."""
+        return self.device.type == "cuda" and (self.dtype == torch.bfloat16 or self.source.format(layer) != "float")
+
+    def _float(self, layer: int, e: int) -> ExpertWeights:
+        model = self.source.model
+        return tuple(model.expert(layer, kind, e).to(self.device, self.dtype)  # type: ignore[return-value]
                      for kind in EXPERT_TENSOR_KINDS)
+
+    def _stack(self, layer: int, ids: list[int]) -> ExpertWeights:
+        layout = self.source.layout(layer)
+        if layout.format == "float":
+            weights = [self._float(layer, e) for e in ids]
+            return torch.stack([torch.cat([g, u]) for g, u, _ in weights]), torch.stack([d for _, _, d in weights])
+        regions = torch.zeros(len(ids), layout.region_nbytes, dtype=torch.uint8, device=self.device)
+        for region, e in zip(regions, ids, strict=True):
+            for offset, data in self.source.region_bytes(layer, e):
+                region[offset : offset + data.nbytes].copy_(torch.from_numpy(data.copy()))
+        return layout.views(regions)
 
     def apply(self, placement: Placement) -> None:
         for layer in range(placement.n_layers):
@@ -52,26 +71,28 @@ class HotExperts:
             self.stacks.pop(layer, None)
             if not ids:
                 continue
-            if self.grouped:
-                weights = [self._load(layer, e) for e in ids]
-                self.stacks[layer] = (torch.stack([torch.cat([g, u]) for g, u, _ in weights]),
-                                      torch.stack([d for _, _, d in weights]))
+            if self._grouped(layer):
+                self.stacks[layer] = self._stack(layer, ids)
+            elif self.source.format(layer) == "float":
+                for e in ids:
+                    self.weights[(layer, e)] = self._float(layer, e)
             else:
                 for e in ids:
-                    self.weights[(layer, e)] = self._load(layer, e)
-
-    def compute(self, layer: int, x: torch.Tensor, experts: list[int], counts: list[int]) -> torch.Tensor:
-        """Rows of x grouped by expert (ascending ids, as group_by_expert sorts them) through their experts."""
-        if not self.grouped:
-            return grouped_ffn(x, experts, counts, lambda e: self.weights[(layer, e)])
-        gate_up, down = self.stacks[layer]
-        index = self.stack_index[layer]
-        return swiglu_grouped(x, gate_up, down, [index[e] for e in experts], counts)
+                    self.weights[(layer, e)] = self.source.weights(layer, e)
 
     @property
     def nbytes(self) -> int:
-        tensors = [t for w in self.weights.values() for t in w] + [t for s in self.stacks.values() for t in s]
-        return sum(t.numel() * t.element_size() for t in tensors)
+        """Bytes of expert weights the worker holds (views of the expert cache file are the page cache's)."""
+        held = [m for stack in self.stacks.values() for m in stack]
+        held += [m for w in self.weights.values() for m in w if isinstance(m, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for m in held for t in matrix_tensors(m))
+
+    def compute(self, layer: int, x: torch.Tensor, experts: list[int], counts: list[int]) -> torch.Tensor:
+        """Rows of x grouped by expert (ascending ids, as group_by_expert sorts them) through their experts."""
+        if layer not in self.stacks:
+            return grouped_ffn(x, experts, counts, lambda e: self.weights[(layer, e)])
+        index = self.stack_index[layer]
+        return experts_grouped(x, self.stacks[layer], [index[e] for e in experts], counts)
 
 
 class MoEDispatch:
@@ -144,7 +165,8 @@ class MoEDispatch:
         if slots:
             soft = pair_slot >= 0
             g = group_by_expert(tokens[soft], pair_slot[soft], pair_weights[soft])  # grouped by slot
-            out.index_add_(0, g.tokens, self.pool.compute(h[g.tokens], g.experts, g.counts) * g.weights[:, None])
+            y = self.pool.compute(layer, h[g.tokens], g.experts, g.counts)
+            out.index_add_(0, g.tokens, y * g.weights[:, None])
             for e in slots:
                 self.pool.tier.unpin((layer, e))
         for host, g, sent_at in sent:

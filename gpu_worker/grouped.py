@@ -19,3 +19,13 @@ def swiglu_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, g
     h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs)
     gate, up = h.chunk(2, dim=-1)
     return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+
+
+def experts_grouped(x: torch.Tensor, stack: tuple, groups: list[int], counts: list[int]) -> torch.Tensor:
+    """A stack of experts in either form the worker keeps on a GPU: bf16 (gate_up, down) for
+    swiglu_grouped, or quantized (gate, up, down) views of cache regions for the int8 / int4 kernels."""
+    if len(stack) == 2:
+        return swiglu_grouped(x, *stack, groups, counts)
+    from gpu_worker.quant_kernels import quant_swiglu_grouped  # Triton comes only with CUDA builds of torch
+
+    return quant_swiglu_grouped(x.to(torch.bfloat16), *stack, groups, counts).to(x.dtype)

@@ -21,6 +21,7 @@ from gpu_worker.scheduler import SamplingParams, Scheduler, Sequence
 from gpu_worker.soft_pool import SoftPool
 from gpu_worker.step_profile import StepProfile, section
 from shared.config import Config, add_config_arguments, config_from_args
+from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
 from shared.placement import Placement
@@ -80,11 +81,12 @@ class Engine:
                                    max_batch_tokens=config.max_batch_tokens, max_running=config.max_running,
                                    prefill_chunk=config.prefill_chunk, max_context=model.config.context_length)
         self.sampler = Sampler()
-        self.hot = HotExperts(model, self.device, dtype)
-        self.pool = SoftPool(model, self.device, dtype, config.soft_slots, config.soft_policy) \
+        self.experts = open_expert_source(model, config)
+        self.hot = HotExperts(self.experts, self.device, dtype)
+        self.pool = SoftPool(self.experts, self.device, dtype, config.soft_slots, config.soft_policy) \
             if config.soft_slots > 0 else None
-        self.planner = ColdPlanner(model, config.cold_path, self.pool.measure_bandwidth(),
-                                   measure_matmul_flops(self.device, dtype)) if self.pool else None
+        self.planner = ColdPlanner(self.experts, config.cold_path, self.pool.measure_bandwidth(),
+                                   measure_matmul_flops(self.device, dtype), dtype) if self.pool else None
         self.moe: MoEDispatch | None = None
         self.placement_version = 0
         # Code the step calls marks its sections with step_profile.section, the MoE dispatch's included.
@@ -162,7 +164,7 @@ def to_sequence(msg: EngineGenerate) -> Sequence:
 
 
 def serve(config: Config) -> int:
-    log = setup_process(MEMBER_ID, config)
+    log = setup_process(MEMBER_ID, "gpu_worker", config)
     stop = StopFlag()
     model = open_model(config, log)
     if model is None:

@@ -278,6 +278,10 @@ class ExpertCache:
     def region(self, layer: int, expert: int) -> np.ndarray:
         return self.regions(layer)[expert]
 
+    def file_offset(self, layer: int, expert: int) -> int:
+        """Where the expert's region starts in the file (for page-cache advice on it)."""
+        return self.region(layer, expert).ctypes.data - self._bytes.ctypes.data
+
     def weights(self, layer: int, expert: int) -> ExpertWeights:
         with warnings.catch_warnings():  # the mapping is read-only and so are these tensors
             warnings.simplefilter("ignore", UserWarning)

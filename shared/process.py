@@ -18,16 +18,13 @@ from shared.model_config import ModelError
 from shared.placement import Placement
 from shared.protocol import Heartbeat, ProtocolError, Welcome, decode, encode
 
-ROLE_PROCESSES = 2  # coordinator and gpu_worker, besides the expert hosts
 
-
-def setup_process(role: str, config: Config) -> logging.Logger:
+def setup_process(member_id: str, role: str, config: Config) -> logging.Logger:
     logging.basicConfig(level=config.log_level.upper(),
-                        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s")
+                        format=f"%(asctime)s {member_id}[%(process)d] %(levelname)s %(message)s")
     os.makedirs(config.run_dir, mode=0o700, exist_ok=True)  # whichever process starts first makes it
-    threads = config.threads or max(1, (os.cpu_count() or 1) // (ROLE_PROCESSES + config.expert_hosts))
-    torch.set_num_threads(threads)
-    return logging.getLogger(role)
+    torch.set_num_threads(config.threads_for(role))
+    return logging.getLogger(member_id)
 
 
 def open_model(config: Config, log: logging.Logger) -> GGUFModel | None:

@@ -12,12 +12,12 @@ from expert_host.memory import (
     MemInfo,
     check_fit,
     check_kind,
-    layer_layout,
     parse_meminfo,
     safety_floor,
 )
 from shared.config import Config, load_config
 from shared.device_caps import HOST_DMA, UNIFIED, DeviceCaps
+from shared.expert_cache import ExpertLayout
 
 GB = 10**9
 MEMINFO = """MemTotal:       131072000 kB
@@ -98,10 +98,7 @@ def test_write_combined_needs_a_gpu_that_dmas_from_host_memory():
         check_kind("swap", DeviceCaps(0, "H100", True, False, True, HOST_DMA))
 
 
-def test_layers_are_whole_pages_and_matrices_start_on_cache_lines():
-    matrices = [(torch.bfloat16, (7, 5)), (torch.bfloat16, (7, 5)), (torch.float32, (5, 7))]
-    layout = layer_layout(matrices, [2, 9])
-    offsets = [slot.offset for e in (2, 9) for slot in layout.slots[e]]
-    assert offsets == [0, 128, 256, 448, 576, 704]  # 70-byte bf16 matrices and a 140-byte fp32 one
-    assert layout.nbytes == PAGE
-    assert layer_layout(matrices, []).nbytes == 0
+def test_expert_regions_are_whole_pages_and_matrices_start_on_cache_lines():
+    layout = ExpertLayout.build("float", [((7, 5), torch.bfloat16), ((7, 5), torch.bfloat16), ((5, 7), torch.float32)])
+    assert [slots[0].offset for slots in layout.matrices] == [0, 128, 256]  # 70-byte bf16 and 140-byte fp32
+    assert layout.region_nbytes == PAGE

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from expert_host.store import ExpertStore
+from shared.config import Config
+from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
 from shared.model_config import EXPERT_TENSOR_KINDS
@@ -43,7 +45,7 @@ def small_model(tmp_path_factory) -> GGUFModel:
 
 def test_peak_rss_is_one_copy_plus_one_layer(small_model):
     cfg = small_model.config
-    store = ExpertStore(small_model, 0, "pinned")
+    store = ExpertStore(open_expert_source(small_model, Config()), 0, "pinned")
     try:
         start = reset_peak()
         store.apply(round_robin_placement(cfg, 0, 1))  # this host owns every expert
@@ -68,7 +70,7 @@ def test_peak_rss_is_one_copy_plus_one_layer(small_model):
 
 
 def test_mapped_float_experts_cost_no_process_memory_until_touched(small_model):
-    store = ExpertStore(small_model, 0)
+    store = ExpertStore(open_expert_source(small_model, Config()), 0)
     start = reset_peak()
     store.apply(round_robin_placement(small_model.config, 0, 1))
     assert memory_status()["VmHWM"] - start <= SLACK
@@ -84,7 +86,7 @@ def test_copied_experts_leave_the_page_cache(small_model, tmp_path):
     for t in (t for views in mapped.values() for t in views):
         t.sum()  # page the experts in, as a host that ran mapped before would have
     assert resident([t for views in mapped.values() for t in views]) == 1
-    store = ExpertStore(small_model, 0, "pinned")
+    store = ExpertStore(open_expert_source(small_model, Config()), 0, "pinned")
     try:
         store.apply(round_robin_placement(cfg, 0, 2))  # host 0 owns every other expert
         assert resident([t for key in store.weights for t in mapped[key]]) < 0.1

@@ -19,11 +19,13 @@ ROOT = Path(__file__).resolve().parents[2]
 HOST = """
 import sys, time
 from expert_host.store import ExpertStore
+from shared.config import Config
+from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.placement import round_robin_placement
 
 model = GGUFModel(sys.argv[1])
-store = ExpertStore(model, 0, "pinned")
+store = ExpertStore(open_expert_source(model, Config()), 0, "pinned")
 store.apply(round_robin_placement(model.config, 2, 1))
 print(len(store.weights), flush=True)
 time.sleep(120)

@@ -14,6 +14,8 @@ import torch
 
 from expert_host.memory import PAGE, HostMemoryError, advise
 from expert_host.store import ExpertStore
+from shared.config import Config
+from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
 from shared.model_config import expert_tensor_name
@@ -40,7 +42,8 @@ def test_pinned_experts_compute_bit_for_bit_what_mapped_ones_do(expert_models, d
     model = GGUFModel(expert_models[dtype])
     before = round_robin_placement(model.config, 2, 2, version=1)
     after = round_robin_placement(model.config, 3, 1, version=2)  # host 0 keeps some experts, gains others
-    mapped, pinned = ExpertStore(model, 0), ExpertStore(model, 0, "pinned")
+    source = open_expert_source(model, Config())
+    mapped, pinned = ExpertStore(source, 0), ExpertStore(source, 0, "pinned")
     try:
         for placement in (before, after):
             mapped.apply(placement)
@@ -57,7 +60,7 @@ def test_pinned_experts_compute_bit_for_bit_what_mapped_ones_do(expert_models, d
 def test_pinned_copies_live_in_one_unlinked_segment_not_in_the_file(expert_models):
     model = GGUFModel(expert_models["f32"])
     shm_before = segment_names()
-    store = ExpertStore(model, 0, "pinned")
+    store = ExpertStore(open_expert_source(model, Config()), 0, "pinned")
     placement = round_robin_placement(model.config, 0, 1)
     store.apply(placement)
     file_start = model.raw(expert_tensor_name(0, "ffn_gate_exps")).base.ctypes.data
@@ -79,28 +82,27 @@ def test_pinned_copies_live_in_one_unlinked_segment_not_in_the_file(expert_model
 def test_a_placement_that_does_not_fit_is_refused_before_anything_is_loaded(expert_models):
     model = GGUFModel(expert_models["f32"])
     placement = round_robin_placement(model.config, 0, 2)
-    store = ExpertStore(model, 0, "pinned", floor="100%")
+    store = ExpertStore(open_expert_source(model, Config()), 0, "pinned", floor="100%")
     with pytest.raises(HostMemoryError, match=r"placement needs 0.4 MB of pinned memory for 16 experts; .* "
                                               r"at most 0 experts fit, or use host_memory = mapped"):
         store.apply(placement)
     assert store.weights == {} and store.placement_version == 0 and segment_mappings() == []
-    ExpertStore(model, 0, "mapped", floor="100%").apply(placement)  # views of an fp32 file need no memory
-    dequantized = ExpertStore(GGUFModel(expert_models["q8_0"]), 0, "mapped", floor="100%")
-    with pytest.raises(HostMemoryError, match="use a model file whose experts are F32, F16 or BF16"):
-        dequantized.apply(placement)
+    for dtype in ("f32", "q8_0"):  # views of the model file or of its expert cache file need no memory
+        source = open_expert_source(GGUFModel(expert_models[dtype]), Config())
+        ExpertStore(source, 0, "mapped", floor="100%").apply(placement)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
 def test_write_combined_is_refused_at_start_without_cuda(expert_models):
     with pytest.raises(HostMemoryError, match="write-combined needs a CUDA GPU"):
-        ExpertStore(GGUFModel(expert_models["f32"]), 0, "write-combined")
+        ExpertStore(open_expert_source(GGUFModel(expert_models["f32"]), Config()), 0, "write-combined")
 
 
 def test_prefetch_reads_exactly_the_named_experts_into_the_page_cache(tmp_path):
     path = tmp_path / "small.gguf"
     make_model(path, preset="small", dtype="bf16", seed=1)
     model = GGUFModel(path)
-    store = ExpertStore(model, 0)
+    store = ExpertStore(open_expert_source(model, Config()), 0)
     store.apply(round_robin_placement(model.config, 0, 1))
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -14,6 +14,7 @@ import torch
 from gpu_worker.experts import HotExperts, MoEDispatch
 from gpu_worker.model import Chunk, Trunk
 from shared.client import Client
+from shared.expert_source import ExpertSource
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
 from shared.make_model import make_model
@@ -38,7 +39,7 @@ def small(tmp_path_factory):
 def run_trunk(model: GGUFModel, dtype: torch.dtype, tokens: list[int]) -> torch.Tensor:
     """All experts hot on the GPU; the prompt in two chunks, then logits for every position."""
     placement = round_robin_placement(model.config, model.config.n_experts, 0)
-    hot = HotExperts(model, CUDA, dtype)
+    hot = HotExperts(ExpertSource(model, None), CUDA, dtype)
     hot.apply(placement)
     trunk = Trunk(model, CUDA, dtype, num_blocks=64, block_size=16)
     moe = MoEDispatch(placement, hot, None)

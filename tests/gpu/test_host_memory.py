@@ -9,6 +9,7 @@ import torch
 from expert_host.store import ExpertStore
 from shared.config import Config
 from shared.device_caps import HOST_DMA, decide, read_device_caps
+from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
 from shared.placement import round_robin_placement
@@ -47,8 +48,8 @@ def test_copied_experts_reach_the_gpu_intact(model, kind):
     caps = read_device_caps()
     if caps is None or caps.decision != HOST_DMA:
         pytest.skip(f"{kind} memory is registered or allocated for DMA only where the GPU DMAs from host memory")
-    mapped = ExpertStore(model, 0)
-    store = ExpertStore.from_config(model, 0, Config(host_memory=kind))
+    mapped = ExpertStore(open_expert_source(model, Config()), 0)
+    store = ExpertStore.from_config(open_expert_source(model, Config()), 0, Config(host_memory=kind))
     try:
         for version, hot in ((1, 2), (2, 3)):  # a placement change builds new memory and frees the old
             placement = round_robin_placement(model.config, hot, 1, version=version)

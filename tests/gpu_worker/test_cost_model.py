@@ -23,6 +23,8 @@ from gpu_worker.cost_model import (
     plan_layer,
     single_link_plans,
 )
+from shared.config import Config
+from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.gguf_write import write_model
 from shared.make_model import preset_config
@@ -286,7 +288,7 @@ def test_live_constants_refuse_impossible_timings():
 # --- inputs from a real file
 
 
-def test_expert_format_reads_the_stored_type_and_size_of_one_expert(tmp_path):
+def test_expert_format_reads_the_served_format_and_size_of_one_expert(tmp_path):
     cfg = ModelConfig(arch="qwen3moe", n_layers=2, hidden=64, n_heads=4, n_kv_heads=2, head_dim=16, rope_base=1e6,
                       norm_eps=1e-6, n_experts=4, n_experts_used=2, expert_ffn=32, vocab_size=64, context_length=128)
     rng = np.random.default_rng(0)
@@ -298,7 +300,10 @@ def test_expert_format_reads_the_stored_type_and_size_of_one_expert(tmp_path):
         qtypes[name] = Q.Q8_0
     write_model(tmp_path / "m.gguf", cfg, tensors, qtypes=qtypes)
     model = GGUFModel(tmp_path / "m.gguf")
+    source = open_expert_source(model, Config(expert_cache_dir=str(tmp_path)))
     per_matrix = cfg.hidden * cfg.expert_ffn
-    assert expert_format(model, 0) == ("F32", 3 * per_matrix * 4)
-    assert expert_format(model, 1) == ("Q8_0+F32", 2 * per_matrix * 34 // 32 + per_matrix * 4)
+    assert expert_format(source, 0) == ("F32", 3 * per_matrix * 4)
+    # a layer with a quantized matrix is served in int8 (a byte per weight, a bf16 scale per row)
+    rows = 2 * cfg.expert_ffn + cfg.hidden
+    assert expert_format(source, 1) == ("int8", 3 * per_matrix + 2 * rows)
     assert expert_flops_per_token(cfg) == 2 * 3 * per_matrix
