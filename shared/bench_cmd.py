@@ -33,6 +33,7 @@ from shared.bench_profile import CANDIDATE_PROMPTS, profile_system
 from shared.bench_report import markdown, write_results
 from shared.client import AsyncClient, ServerError, run
 from shared.config import parse_bytes
+from shared.expert_cache import expert_layouts
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
 from shared.make_model import ARCHS, DTYPES, PRESETS, make_model
@@ -106,7 +107,10 @@ def model_facts(model: GGUFModel) -> dict[str, Any]:
     expert_bytes = sum(model.nbytes(expert_tensor_name(layer, kind))
                        for layer in range(cfg.n_layers) for kind in EXPERT_TENSOR_KINDS)
     types = dict.fromkeys(model.qtype(expert_tensor_name(0, kind)).name for kind in EXPERT_TENSOR_KINDS)
-    return {"path": str(model.path), "name": model.metadata.get("general.name", model.path.stem), "arch": cfg.arch,
+    served = expert_layouts(model)
+    return {"served_format": served[0].format,
+            "served_bytes_per_expert": sum(layout.expert_nbytes for layout in served) / cfg.n_layers,
+            "path": str(model.path), "name": model.metadata.get("general.name", model.path.stem), "arch": cfg.arch,
             "n_layers": cfg.n_layers, "n_experts": cfg.n_experts, "n_experts_used": cfg.n_experts_used,
             "hidden": cfg.hidden, "expert_ffn": cfg.expert_ffn, "context_length": cfg.context_length,
             "expert_type": "+".join(types), "bytes_per_expert": expert_bytes / (cfg.n_layers * cfg.n_experts),
@@ -148,8 +152,9 @@ async def measure_system(endpoint: str, run_settings: dict[str, Any], base: list
 
 def limits(model: dict[str, Any], cfg: ModelConfig, machine: bench_limits.Machine, hot_per_layer: float,
            measured: dict[str, Any]) -> dict[str, Any]:
-    """Bounds from the model, the placement and the measured hit rates, and measured / bound."""
-    traffic = bench_limits.model_traffic(cfg, model["bytes_per_expert"])
+    """Bounds from the model, the placement and the measured hit rates, and measured / bound: the bytes that
+    move are the experts as tierserve serves them (its int4 carries a zero per group that Q4_0 does not)."""
+    traffic = bench_limits.model_traffic(cfg, model["served_bytes_per_expert"])
     tiers = measured["tiers"]["decode"]
     if sum(tiers["pairs"].values()):
         share, source = tiers["cold_share"], "measured routed pairs"

@@ -34,7 +34,9 @@ def markdown(results: dict[str, Any]) -> str:
     lines = [f"# tierserve bench: {model['name']}", "",
              f"{results['started']} · {machine['device']} · {model['n_layers']} layers × {model['n_experts']} "
              f"experts (top-{model['n_experts_used']}), {model['bytes_per_expert'] / 1e6:.2f} MB per expert "
-             f"({model['expert_type']}) · {system['hot_experts_per_layer']:g} hot experts per layer · "
+             f"({model['expert_type']}; served as {model['served_format']}, "
+             f"{model['served_bytes_per_expert'] / 1e6:.2f} MB) · "
+             f"{system['hot_experts_per_layer']:g} hot experts per layer · "
              f"{system['expert_hosts']} expert hosts" + (" · quick run" if results["settings"]["quick"] else ""), "",
              "## Decode", ""]
     lines += _table(

@@ -72,6 +72,7 @@ def test_physical_limits_and_efficiency(bench_run):
     m, lim = r["machine"], r["limits"]
     assert m["cpu_read_bw"] > 1e8 and m["device_flops"] > 1e8
     assert r["model"]["bytes_per_expert"] == 3 * 64 * 32 * 4  # f32 gate, up and down
+    assert r["model"]["served_format"] == "float" and r["model"]["served_bytes_per_expert"] == 3 * 64 * 32 * 4
     assert r["system"]["hot_experts_per_layer"] == 2 and r["system"]["expert_hosts"] == 1
     decode = lim["decode"]
     assert decode["cold_share"] == pytest.approx(r["tiers"]["decode"]["cold_share"])
