@@ -47,7 +47,7 @@ def machine() -> str:
             f"Python {platform.python_version()}, torch {torch.__version__}")
 
 
-def report(command: str, model: GGUFModel, options: list[str], result: dict) -> str:
+def report(command: str, model: GGUFModel, options: list[str], result: dict, load: tuple[float, float]) -> str:
     cfg = model.config
     window = result["window"]
     return "\n".join([
@@ -57,7 +57,10 @@ def report(command: str, model: GGUFModel, options: list[str], result: dict) -> 
         f"{result['concurrency']} request(s) decoding side by side; the window: {window['steps']} decode steps. "
         f"The requests saw {result['decode_tok_s']:.1f} tok/s each while profiled "
         f"({1e3 / result['decode_tok_s']:.2f} ms per token, the step plus the worker's loop around it).", "",
-        "```", result["table"], "```", "", "Sections:", "", SECTIONS, ""])
+        "```", result["table"], "```", "",
+        f"Load average (1 min) before the run {load[0]:.1f}, after {load[1]:.1f}: on a machine shared with other work "
+        f"absolute times move between runs; the shares within one run are what to read.", "",
+        "Sections:", "", SECTIONS, ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -80,11 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         model = GGUFModel(path)
         base = Tokenizer.from_metadata(model.metadata).encode(TEXT * 4, add_special=False)
         prompts = [prompt_ids(base, PROMPT_TOKENS, variant) for variant in range(CANDIDATE_PROMPTS)]
+        load_before = os.getloadavg()[0]
         result = profile_system(str(path), options, args.steps, args.concurrency, prompts, args.ready_timeout)
         print(result["table"])
         if args.out:
             command = "python -m bench.decode_profile " + " ".join(argv if argv is not None else sys.argv[1:])
-            Path(args.out).write_text(report(command, model, options, result))
+            Path(args.out).write_text(report(command, model, options, result, (load_before, os.getloadavg()[0])))
     return 0
 
 
