@@ -158,8 +158,9 @@ _HASHES: dict[tuple[str, int, int, int, int], str] = {}
 
 
 def content_hash(path: str | os.PathLike[str], workers: int | None = None) -> str:
-    """blake2b tree hash of a file: 64 MiB chunks hashed in parallel (hashlib releases the GIL), then the
-    chunk digests hashed. Remembered per process for an unchanged file (same inode, size and mtime)."""
+    """Tree hash of a file: 64 MiB chunks hashed in parallel (hashlib releases the GIL), then the chunk digests.
+    SHA-256 rather than BLAKE2b: with the SHA extensions of current x86 CPUs it hashes ~1.4 GB/s per core, twice
+    BLAKE2b's ~0.7. Remembered per process for an unchanged file (same inode, size and mtime)."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key in _HASHES:
@@ -169,11 +170,11 @@ def content_hash(path: str | os.PathLike[str], workers: int | None = None) -> st
         whole = memoryview(mapped)
         chunks = [whole[i : i + HASH_CHUNK] for i in range(0, st.st_size, HASH_CHUNK)]
         with ThreadPoolExecutor(workers or min(32, os.cpu_count() or 1)) as pool:
-            digests = list(pool.map(lambda chunk: hashlib.blake2b(chunk, digest_size=32).digest(), chunks))
+            digests = list(pool.map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
         for chunk in chunks:
             chunk.release()
         whole.release()
-    _HASHES[key] = hashlib.blake2b(b"".join(digests), digest_size=32).hexdigest()
+    _HASHES[key] = hashlib.sha256(b"".join(digests)).hexdigest()
     return _HASHES[key]
 
 
@@ -410,8 +411,11 @@ def _convert_layer(model: GGUFModel, fd: int, layer: int, layout: ExpertLayout, 
     names = [expert_tensor_name(layer, kind) for kind in EXPERT_TENSOR_KINDS]
     region = torch.zeros(layout.region_nbytes, dtype=torch.uint8)
     for e in range(model.config.n_experts):
-        weights = tuple(convert_matrix(model.expert_bytes(layer, kind, e), model.qtype(name), shapes[name][1:],
-                                       layout.format) for kind, name in zip(EXPERT_TENSOR_KINDS, names, strict=True))
+        # One sequential copy of the stored bytes first: parsing blocks straight off the map touches every page
+        # out of order, which reads a cold file several times slower than the kernel's readahead does.
+        weights = tuple(convert_matrix(np.array(model.expert_bytes(layer, kind, e)), model.qtype(name),
+                                       shapes[name][1:], layout.format)
+                        for kind, name in zip(EXPERT_TENSOR_KINDS, names, strict=True))
         layout.fill(region, weights)  # type: ignore[arg-type]
         os.pwrite(fd, region.numpy(), offset + e * layout.region_nbytes)
     return model.config.n_experts * layout.region_nbytes

@@ -185,10 +185,18 @@ def int4_from_blocks(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[
         qs = blocks[:, 16:].reshape(-1, 4, 1, 32)  # 32 bytes hold sub-blocks 2c (low) and 2c + 1 (high)
         codes = np.concatenate([qs & 0xF, qs >> 4], axis=2)  # (B, 4, 2, 32)
         s, z, codes = s.reshape(n, groups), z.reshape(n, groups), codes.reshape(n, groups, 32)
-    q = torch.from_numpy(codes.reshape(n, k).astype(np.int32))
-    packed = torch._convert_weight_to_int4pack_for_cpu(q, 2)
+    packed = torch.from_numpy(pack_int4(codes.reshape(n, k)))
     scale_zero = torch.from_numpy(np.stack([s.T, z.T], axis=-1)).to(torch.bfloat16).contiguous()
     return Int4Matrix(packed, scale_zero)
+
+
+def pack_int4(codes: np.ndarray) -> np.ndarray:
+    """(N, K) codes 0..15 -> (N, K // 2) uint8 in torch's CPU int4pack layout (what
+    torch._convert_weight_to_int4pack_for_cpu(codes, 2) returns, at twice its speed): in each tile of 64 rows,
+    the byte for (column k, row j < 32) holds row j in its low nibble and row j + 32 in its high one."""
+    n, k = codes.shape
+    tiles = codes.astype(np.uint8, copy=False).reshape(n // INT4_ROW_TILE, 2, 32, k)
+    return np.ascontiguousarray((tiles[:, 0] | tiles[:, 1] << 4).transpose(0, 2, 1)).reshape(n, k // 2)
 
 
 def convert_matrix(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int], fmt: str) -> Matrix:

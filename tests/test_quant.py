@@ -23,6 +23,7 @@ from shared.quant import (
     int8_from_blocks,
     layer_format,
     linear,
+    pack_int4,
     quantized_ffn,
     serving_format,
 )
@@ -110,6 +111,12 @@ def test_int4_decoding_follows_the_spec_layout_of_torchs_packing():
     s, z = (scale_zero[..., i].float().repeat_interleave(32, dim=0).T for i in (0, 1))
     assert torch.equal(dequantize_matrix(m), (q.float() - 8) * s + z)
     assert m.shape == (n, k)
+
+
+def test_int4_packing_is_torchs():
+    codes = np.random.default_rng(5).integers(0, 16, (192, 96), dtype=np.uint8)
+    expected = torch._convert_weight_to_int4pack_for_cpu(torch.from_numpy(codes.astype(np.int32)), 2)
+    assert np.array_equal(pack_int4(codes), expected.numpy())
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q4_K"])
