@@ -1,0 +1,236 @@
+"""Quantized-expert kernels (gpu_worker.quant_kernels) on Qwen3-30B-A3B expert shapes, against the HBM
+bandwidth measured in the same run and against bf16 grouped GEMMs over the same experts.
+
+    python -m bench.quant_kernels_bench [--out bench/quant_kernels.md]
+
+Decode kernels are timed as CUDA-graph replays of many launches (launch gaps included, Python's
+launch cost not), each launch on a different set of experts out of a 128-expert stack so that the
+weights come from HBM rather than L2; bandwidth counts the quantized bytes (codes and scales) of the
+experts a launch reads. Prefill is timed per call (triton.testing.do_bench median), host-side plan
+included, against gpu_worker.grouped.swiglu_grouped on bf16 stacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import triton
+
+from gpu_worker import quant_kernels as qk
+from gpu_worker.grouped import swiglu_grouped
+from tests.quant_stacks import QuantMatrix, random_regions
+
+FFN, HIDDEN, EXPERTS = 768, 2048, 128  # Qwen3-30B-A3B: gate/up (768, 2048), down (2048, 768), 128 experts
+DECODE_CASES = [(8, 1), (64, 2), (128, 1), (64, 16)]  # (experts used, rows each)
+PREFILL_TOKENS, TOP_K = 4096, 8
+
+
+def copy_bandwidth(nbytes: int = 4 << 30) -> float:
+    """Bytes/s of a large device-to-device copy, counting the bytes read plus the bytes written."""
+    src = torch.empty(nbytes // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    ms = triton.testing.do_bench(lambda: dst.copy_(src), warmup=50, rep=300, return_mode="median")
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def graph_time(calls: list[Callable[[], object]], min_calls: int = 256) -> float:
+    """Seconds per call: the calls captured into one CUDA graph (repeated to at least min_calls calls),
+    replayed; median over replays."""
+    for call in calls:  # compile and tune outside the capture
+        call()
+    torch.cuda.synchronize()
+    repeat = -(-min_calls // len(calls))
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(repeat):
+            for call in calls:
+                call()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    times = []
+    for _ in range(20):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e-3)
+    return statistics.median(times) / (repeat * len(calls))
+
+
+def expert_bytes(matrices: list[QuantMatrix | torch.Tensor], groups: list[int]) -> int:
+    tensors = [t for m in matrices for t in ([m] if isinstance(m, torch.Tensor) else m)]
+    return sum(t[g].numel() * t.element_size() for t in tensors for g in groups)
+
+
+def rotation(n_used: int) -> list[list[int]]:
+    """Disjoint expert sets, as many as fit, so consecutive launches read different weights."""
+    return [list(range(start, start + n_used)) for start in range(0, EXPERTS - n_used + 1, n_used)]
+
+
+class Table:
+    def __init__(self, hbm: float) -> None:
+        self.hbm, self.rows = hbm, []
+
+    def add(self, kernel: str, shape: str, seconds: float, nbytes: int | None = None, ratio: float | None = None
+            ) -> None:
+        gbs = f"{nbytes / seconds / 1e9:.0f}" if nbytes else ""
+        pct = f"{100 * nbytes / seconds / self.hbm:.0f}%" if nbytes else ""
+        self.rows.append((kernel, shape, f"{seconds * 1e6:.1f}", gbs, pct, f"{ratio:.2f}" if ratio else ""))
+        print(" | ".join(self.rows[-1]), flush=True)
+
+    def markdown(self) -> str:
+        head = ("kernel", "shape", "time (us)", "GB/s of weight bytes", "% of HBM", "ratio to bf16")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in self.rows])
+
+
+def bf16_decode_calls(gate_up: torch.Tensor, down: torch.Tensor, sets: list[list[int]], rows: int, x: torch.Tensor
+                      ) -> list[Callable[[], object]]:
+    """swiglu_grouped's two grouped GEMMs with offsets prepared ahead (graph capture takes no host copies)."""
+    calls = []
+    for groups in sets:
+        per_group = torch.zeros(EXPERTS, dtype=torch.int32)
+        per_group[groups] = rows
+        offs = per_group.cumsum(0, dtype=torch.int32).cuda()
+
+        def call(offs=offs):
+            h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs)
+            g, u = h.chunk(2, dim=-1)
+            return torch._grouped_mm(F.silu(g) * u, down.transpose(-2, -1), offs=offs)
+        calls.append(call)
+    return calls
+
+
+def bench_decode(table: Table, fmt: str, stack: str, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
+                 bf16: tuple[torch.Tensor, torch.Tensor]) -> None:
+    for n_used, rows in DECODE_CASES:
+        sets = rotation(n_used)
+        plans = [qk.plan_groups(s, [rows] * n_used, torch.device("cuda")) for s in sets]
+        x = torch.randn(n_used * rows, HIDDEN, device="cuda").to(torch.bfloat16)
+        act = x.new_empty((n_used * rows, FFN))
+        out = x.new_empty((n_used * rows, HIDDEN))
+        shape = f"{n_used} experts x {rows} rows"
+        gate_up_s = graph_time([partial(qk.decode_linear, x, gate, up, p, act) for p in plans])
+        table.add(f"{fmt} gate+up+SwiGLU decode, {stack}", f"{shape}, ({FFN}, {HIDDEN}) x2", gate_up_s,
+                  expert_bytes([gate, up], sets[0]))
+        down_s = graph_time([partial(qk.decode_linear, act, down, None, p, out) for p in plans])
+        table.add(f"{fmt} down decode, {stack}", f"{shape}, ({HIDDEN}, {FFN})", down_s, expert_bytes([down], sets[0]))
+        both = gate_up_s + down_s
+        bf16_s = graph_time(bf16_decode_calls(*bf16, sets, rows, x))
+        table.add(f"{fmt} expert FFN decode (2 launches), {stack}", shape, both,
+                  expert_bytes([gate, up, down], sets[0]), ratio=both / bf16_s)
+
+
+def bench_prefill(table: Table, fmt: str, stack: str, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
+                  bf16_gate: torch.Tensor, x: torch.Tensor, counts: list[int], bf16_s: float) -> None:
+    groups = list(range(EXPERTS))
+    shape = f"{PREFILL_TOKENS} tokens x top-{TOP_K} over {EXPERTS} experts"
+    ms = triton.testing.do_bench(lambda: qk.quant_swiglu_grouped(x, gate, up, down, groups, counts),
+                                 return_mode="median")
+    table.add(f"{fmt} expert FFN prefill (dequantize + grouped GEMM), {stack}", shape, ms * 1e-3,
+              expert_bytes([gate, up, down], groups), ratio=ms * 1e-3 / bf16_s)
+    plan = qk.plan_groups(groups, counts, torch.device("cuda"))
+    gate_up = x.new_empty((EXPERTS, 2 * FFN, HIDDEN))
+    dense_down = x.new_empty((EXPERTS, HIDDEN, FFN))
+
+    def dequantize():
+        qk.dequantize_used(gate, plan, gate_up[:, :FFN])
+        qk.dequantize_used(up, plan, gate_up[:, FFN:])
+        qk.dequantize_used(down, plan, dense_down)
+    ms = triton.testing.do_bench(dequantize, return_mode="median")
+    table.add(f"{fmt} dequantize 128 experts to bf16 (3 launches), {stack}", "gate, up, down", ms * 1e-3,
+              expert_bytes([gate, up, down], groups))
+    ms = triton.testing.do_bench(lambda: qk.grouped_linear(x, gate, groups, counts), return_mode="median")
+    ms_bf16 = triton.testing.do_bench(
+        lambda: torch._grouped_mm(x, bf16_gate.transpose(-2, -1), offs=plan.ends), return_mode="median")
+    table.add(f"{fmt} grouped_linear prefill (gate only), {stack}", shape, ms * 1e-3,
+              expert_bytes([gate], groups), ratio=ms / ms_bf16)
+
+
+def bench_crossover(table: Table, fmt: str, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix) -> None:
+    """64 experts x 16 rows, the most the decode kernels take: both regimes on the same call."""
+    n_used, rows = 64, qk.DECODE_MAX_ROWS
+    groups = list(range(n_used))
+    x = torch.randn(n_used * rows, HIDDEN, device="cuda").to(torch.bfloat16)
+    counts = [rows] * n_used
+    plan = qk.plan_groups(groups, counts, torch.device("cuda"))
+
+    def prefill():
+        gate_up = x.new_empty((n_used, 2 * FFN, HIDDEN))
+        qk.dequantize_used(gate, plan, gate_up[:, :FFN])
+        qk.dequantize_used(up, plan, gate_up[:, FFN:])
+        dense_down = qk.dequantize_used(down, plan, x.new_empty((n_used, HIDDEN, FFN)))
+        return swiglu_grouped(x, gate_up, dense_down, groups, counts)
+    decode_ms = triton.testing.do_bench(lambda: qk.quant_swiglu_grouped(x, gate, up, down, groups, counts),
+                                        return_mode="median")
+    prefill_ms = triton.testing.do_bench(prefill, return_mode="median")
+    shape = f"{n_used} experts x {rows} rows"
+    nbytes = expert_bytes([gate, up, down], groups)
+    table.add(f"{fmt} expert FFN, decode regime (per call)", shape, decode_ms * 1e-3, nbytes)
+    table.add(f"{fmt} expert FFN, prefill regime forced (per call)", shape, prefill_ms * 1e-3, nbytes)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/quant_kernels.md"))
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    device = torch.cuda.get_device_name()
+    hbm = copy_bandwidth()
+    bf16 = (torch.randn(EXPERTS, 2 * FFN, HIDDEN, device="cuda").to(torch.bfloat16).mul_(0.02),
+            torch.randn(EXPERTS, HIDDEN, FFN, device="cuda").to(torch.bfloat16).mul_(0.02))
+    table = Table(hbm)
+    print(f"{device}: device-to-device copy {hbm / 1e9:.0f} GB/s (read + written)", flush=True)
+
+    tokens = torch.rand(PREFILL_TOKENS, EXPERTS, device="cuda").topk(TOP_K, dim=1).indices.flatten()
+    counts = torch.bincount(tokens, minlength=EXPERTS).tolist()
+    x = torch.randn(PREFILL_TOKENS * TOP_K, HIDDEN, device="cuda").to(torch.bfloat16)
+    ms = triton.testing.do_bench(lambda: swiglu_grouped(x, *bf16, list(range(EXPERTS)), counts),
+                                 return_mode="median")
+    table.add("bf16 swiglu_grouped prefill (baseline)", f"{PREFILL_TOKENS} tokens x top-{TOP_K}", ms * 1e-3,
+              expert_bytes(list(bf16), list(range(EXPERTS))))
+    bf16_prefill_s = ms * 1e-3
+    bf16_gate = bf16[0][:, :FFN].contiguous()
+
+    for fmt in ("int8", "int4"):
+        shapes = [(FFN, HIDDEN), (FFN, HIDDEN), (HIDDEN, FFN)]
+        for stack, strided in (("hot stack", False), ("VRAM slots", True)):
+            gate, up, down = random_regions(fmt, EXPERTS, shapes, torch.device("cuda"), seed=1, strided=strided)
+            bench_decode(table, fmt, stack, gate, up, down, bf16)
+            bench_prefill(table, fmt, stack, gate, up, down, bf16_gate, x, counts, bf16_prefill_s)
+            if strided:
+                bench_crossover(table, fmt, gate, up, down)
+            del gate, up, down
+
+    tuned = []
+    for kernel in (qk._int8_decode_kernel, qk._int4_decode_kernel):
+        for key, config in kernel.cache.items():
+            tuned.append(f"- {kernel.base_fn.__name__} (N, K, size class, dtypes) = {key[:3]}: {config}")
+    text = "\n".join([
+        f"Command: `python -m bench.quant_kernels_bench` on {device}.",
+        "",
+        f"HBM reference: device-to-device copy of 4 GiB, {hbm / 1e9:.0f} GB/s counting bytes read plus written.",
+        "GB/s counts the quantized bytes (codes + scales) of the experts each launch reads. Decode rows are",
+        "CUDA-graph replays (one launch per set of experts, rotating over disjoint sets of the 128-expert stack so",
+        "the weights come from HBM); their ratio column is to bf16 swiglu_grouped's GEMMs and SwiGLU on the same",
+        "rows (graph-replayed the same way). Prefill rows are per call (do_bench median, host planning included),",
+        "ratio to bf16 swiglu_grouped / torch._grouped_mm on the same tokens.",
+        "",
+        table.markdown(),
+        "",
+        "Tuned decode configurations:",
+        *tuned,
+        "",
+    ])
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

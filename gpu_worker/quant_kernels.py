@@ -1,0 +1,347 @@
+"""Quantized experts on the GPU: Triton kernels that read the int8 / int4 serving formats in place.
+
+Matrices come as stacks with a leading expert dimension (a layer's hot experts, or VRAM slots of raw
+expert regions, where stride(0) is the region size), and rows of x are grouped by expert as in
+gpu_worker.grouped. Two regimes:
+- decode (at most DECODE_MAX_ROWS rows per expert): one launch per matrix over all experts, each
+  program dequantizing a tile of rows in registers and multiplying it into that expert's rows, so
+  every quantized byte is read once; gate and up run in the same program with the SwiGLU fused.
+- prefill: the experts in use are dequantized into a bf16 scratch and torch's grouped GEMM takes
+  over, whose arithmetic then dominates the extra pass over the weights.
+
+Import this module only on the CUDA path: it needs triton, which CUDA builds of torch bring along.
+"""
+
+from __future__ import annotations
+
+from itertools import accumulate
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from triton import knobs
+
+from gpu_worker.grouped import swiglu_grouped
+from shared.quant import INT4_ROW_TILE, Int4Matrix, Int8Matrix
+
+QuantMatrix = Int8Matrix | Int4Matrix
+DECODE_MAX_ROWS = 16  # rows per expert the decode kernels take (one tensor-core tile of 16 rows)
+# The int4 layout interleaves rows in tiles of 64: a tile's column k is 32 bytes, rows j (low nibbles) and
+# 32 + j (high nibbles); the kernels also use that every (scale, zero) pair covers 32 columns.
+_ROW_TILE = tl.constexpr(INT4_ROW_TILE)
+# Operand type of the tensor-core products. Triton's interpreter (CPU tests) keeps bf16 as raw 16-bit integers
+# and multiplies those, so there the operands are float32.
+_OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
+
+
+def _configs(options: list[tuple[dict[str, int], int, int]]) -> list[triton.Config]:
+    configs = [triton.Config(kwargs, num_warps=warps, num_stages=stages) for kwargs, warps, stages in options]
+    return configs[:1] if knobs.runtime.interpret else configs  # one config: the interpreter has nothing to time
+
+
+def _block_k_fits(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Drop K tiles wider than K (all masked lanes); keep the narrowest if none fits."""
+    fitting = [c for c in configs if c.kwargs["BLOCK_K"] <= named_args["K"]]
+    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
+
+
+def _bench_briefly(fn, quantiles):  # tuning runs once per shape and size class: a short timing suffices
+    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
+
+
+_TUNING = dict(key=["N", "K", "SWIGLU", "size_class"], prune_configs_by={"early_config_prune": _block_k_fits},
+               do_bench=_bench_briefly)
+
+
+# ---------------------------------------------------------------- tiles of dequantized weights
+
+
+@triton.jit
+def _int8_tile(q_ptr, K, n, n_mask, k0, BLOCK_K: tl.constexpr):
+    """(BLOCK_K, len(n)) of q transposed, as dot operands (int8 is exact in bf16); the row scale is applied
+    after the dot."""
+    k = k0 + tl.arange(0, BLOCK_K)
+    q = tl.load(q_ptr + n[None, :] * K + k[:, None], mask=n_mask[None, :] & (k < K)[:, None], other=0)
+    return q.to(_OPERAND)
+
+
+@triton.jit
+def _int4_tile(p_ptr, sz_ptr, N, K, block, k0, BLOCK_K: tl.constexpr):
+    """Dequantized W of one 64-row tile for columns k0 .. k0+BLOCK_K, float32, as two (BLOCK_K // 32, 32, 32)
+    arrays [k // 32, k % 32, row] for the tile's rows 0..31 (low nibbles) and 32..63 (high nibbles)."""
+    KG: tl.constexpr = BLOCK_K // 32
+    kg = tl.arange(0, KG)
+    j = tl.arange(0, 32)
+    k = k0 + kg[:, None, None] * 32 + tl.arange(0, 32)[None, :, None]
+    packed = tl.load(p_ptr + block * K * 32 + k * 32 + j[None, None, :], mask=k < K, other=0)
+    group = k0 // 32 + kg
+    sz = sz_ptr + (group[:, None] * N + block * _ROW_TILE + j[None, :]) * 2  # (s, z) of rows 0..31
+    g_mask = (group < K // 32)[:, None]
+    s_lo = tl.load(sz, mask=g_mask, other=0).to(tl.float32)
+    z_lo = tl.load(sz + 1, mask=g_mask, other=0).to(tl.float32)
+    s_hi = tl.load(sz + 64, mask=g_mask, other=0).to(tl.float32)  # rows 32..63: 32 rows of 2 values on
+    z_hi = tl.load(sz + 65, mask=g_mask, other=0).to(tl.float32)
+    # W = (q - 8) * s + z = q * s + (z - 8 s)
+    lo = (packed & 15).to(tl.float32) * s_lo[:, None, :] + (z_lo - 8 * s_lo)[:, None, :]
+    hi = (packed >> 4).to(tl.float32) * s_hi[:, None, :] + (z_hi - 8 * s_hi)[:, None, :]
+    return lo, hi
+
+
+@triton.jit
+def _rows_of(meta_ptr, n_used, i, BLOCK_M: tl.constexpr):
+    """Expert index and row span of used group i; meta holds the used experts, then n_used + 1 row offsets."""
+    expert = tl.load(meta_ptr + i).to(tl.int64)
+    start = tl.load(meta_ptr + n_used + i)
+    end = tl.load(meta_ptr + n_used + i + 1)
+    rows = start + tl.arange(0, BLOCK_M)
+    return expert, rows, rows < end
+
+
+@triton.jit
+def _x_tile(x_ptr, x_stride, rows, row_mask, K, k0, BLOCK_K: tl.constexpr):
+    k = k0 + tl.arange(0, BLOCK_K)
+    x = tl.load(x_ptr + rows[:, None] * x_stride + k[None, :], mask=row_mask[:, None] & (k < K)[None, :], other=0.0)
+    return x.to(_OPERAND)
+
+
+# ---------------------------------------------------------------- decode: fused dequantize + multiply
+
+
+@triton.autotune(configs=_configs([  # none of these spills registers on sm_90 (ptxas report)
+    ({"BLOCK_N": 32, "BLOCK_K": 128}, 4, 4),
+    ({"BLOCK_N": 32, "BLOCK_K": 256}, 4, 3),
+    ({"BLOCK_N": 32, "BLOCK_K": 64}, 4, 4),
+    ({"BLOCK_N": 64, "BLOCK_K": 128}, 4, 4),
+    ({"BLOCK_N": 64, "BLOCK_K": 256}, 8, 3),
+    ({"BLOCK_N": 128, "BLOCK_K": 128}, 8, 3),
+]), **_TUNING)
+@triton.jit(do_not_specialize=["n_used", "size_class"])  # one compiled kernel for any number of experts
+def _int8_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
+                        q1_ptr, s1_ptr, q2_ptr, s2_ptr, q1_gs, s1_gs, q2_gs, s2_gs, N, K, size_class,
+                        SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """out[rows] = x[rows] @ W1.T, or silu(x[rows] @ W1.T) * (x[rows] @ W2.T) with SWIGLU, for one
+    expert's rows (program axis 1) and BLOCK_N output columns (axis 0)."""
+    expert, rows, row_mask = _rows_of(meta_ptr, n_used, tl.program_id(1), BLOCK_M)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_mask = n < N
+    q1_ptr += expert * q1_gs
+    q2_ptr += expert * q2_gs
+    acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = _x_tile(x_ptr, x_stride, rows, row_mask, K, k0, BLOCK_K)
+        acc1 = tl.dot(x, _int8_tile(q1_ptr, K, n, n_mask, k0, BLOCK_K), acc1)
+        if SWIGLU:
+            acc2 = tl.dot(x, _int8_tile(q2_ptr, K, n, n_mask, k0, BLOCK_K), acc2)
+    y = acc1 * tl.load(s1_ptr + expert * s1_gs + n, mask=n_mask, other=0).to(tl.float32)[None, :]
+    if SWIGLU:
+        up = acc2 * tl.load(s2_ptr + expert * s2_gs + n, mask=n_mask, other=0).to(tl.float32)[None, :]
+        y = y * tl.sigmoid(y) * up
+    tl.store(out_ptr + rows[:, None] * out_stride + n[None, :], y.to(tl.bfloat16),
+             mask=row_mask[:, None] & n_mask[None, :])
+
+
+@triton.jit
+def _int4_dot(acc_lo, acc_hi, x, p_ptr, sz_ptr, N, K, block, k0, BLOCK_K: tl.constexpr):
+    lo, hi = _int4_tile(p_ptr, sz_ptr, N, K, block, k0, BLOCK_K)
+    acc_lo = tl.dot(x, tl.reshape(lo.to(tl.bfloat16).to(_OPERAND), (BLOCK_K, 32)), acc_lo)
+    acc_hi = tl.dot(x, tl.reshape(hi.to(tl.bfloat16).to(_OPERAND), (BLOCK_K, 32)), acc_hi)
+    return acc_lo, acc_hi
+
+
+@triton.autotune(configs=_configs([
+    ({"BLOCK_K": 128}, 4, 3),
+    ({"BLOCK_K": 64}, 4, 4),
+    ({"BLOCK_K": 64}, 8, 4),
+    ({"BLOCK_K": 128}, 8, 3),
+    ({"BLOCK_K": 256}, 8, 2),
+]), **_TUNING)
+@triton.jit(do_not_specialize=["n_used", "size_class"])
+def _int4_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
+                        p1_ptr, sz1_ptr, p2_ptr, sz2_ptr, p1_gs, sz1_gs, p2_gs, sz2_gs, N, K, size_class,
+                        SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """As _int8_decode_kernel, one 64-row block of the int4 layout per program (axis 0)."""
+    expert, rows, row_mask = _rows_of(meta_ptr, n_used, tl.program_id(1), BLOCK_M)
+    block = tl.program_id(0)
+    p1_ptr += expert * p1_gs
+    sz1_ptr += expert * sz1_gs
+    p2_ptr += expert * p2_gs
+    sz2_ptr += expert * sz2_gs
+    acc1_lo = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
+    acc1_hi = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
+    acc2_lo = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
+    acc2_hi = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        x = _x_tile(x_ptr, x_stride, rows, row_mask, K, k0, BLOCK_K)
+        acc1_lo, acc1_hi = _int4_dot(acc1_lo, acc1_hi, x, p1_ptr, sz1_ptr, N, K, block, k0, BLOCK_K)
+        if SWIGLU:
+            acc2_lo, acc2_hi = _int4_dot(acc2_lo, acc2_hi, x, p2_ptr, sz2_ptr, N, K, block, k0, BLOCK_K)
+    if SWIGLU:
+        acc1_lo = acc1_lo * tl.sigmoid(acc1_lo) * acc2_lo
+        acc1_hi = acc1_hi * tl.sigmoid(acc1_hi) * acc2_hi
+    out = out_ptr + rows[:, None] * out_stride + block * _ROW_TILE + tl.arange(0, 32)[None, :]
+    tl.store(out, acc1_lo.to(tl.bfloat16), mask=row_mask[:, None])
+    tl.store(out + 32, acc1_hi.to(tl.bfloat16), mask=row_mask[:, None])
+
+
+# ---------------------------------------------------------------- prefill: dequantize into a bf16 scratch
+
+
+@triton.jit
+def _int8_dequant_kernel(q_ptr, s_ptr, q_gs, s_gs, meta_ptr, out_ptr, out_gs, out_rs, N, K,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[i] = W[meta[i]] in bf16 for used group i (axis 2), one (BLOCK_N, BLOCK_K) tile per program."""
+    i = tl.program_id(2)
+    expert = tl.load(meta_ptr + i).to(tl.int64)
+    n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    n_mask = n < N
+    q = _int8_tile(q_ptr + expert * q_gs, K, n, n_mask, k0, BLOCK_K)  # (BLOCK_K, BLOCK_N)
+    w = q.to(tl.float32) * tl.load(s_ptr + expert * s_gs + n, mask=n_mask, other=0).to(tl.float32)[None, :]
+    k = k0 + tl.arange(0, BLOCK_K)
+    tl.store(out_ptr + i.to(tl.int64) * out_gs + n[None, :] * out_rs + k[:, None], w.to(tl.bfloat16),
+             mask=n_mask[None, :] & (k < K)[:, None])
+
+
+@triton.jit
+def _int4_dequant_kernel(p_ptr, sz_ptr, p_gs, sz_gs, meta_ptr, out_ptr, out_gs, out_rs, N, K,
+                         BLOCK_K: tl.constexpr):
+    """As _int8_dequant_kernel, one 64-row block (axis 0) by BLOCK_K columns (axis 1) per program."""
+    i = tl.program_id(2)
+    expert = tl.load(meta_ptr + i).to(tl.int64)
+    block = tl.program_id(0)
+    k0 = tl.program_id(1) * BLOCK_K
+    lo, hi = _int4_tile(p_ptr + expert * p_gs, sz_ptr + expert * sz_gs, N, K, block, k0, BLOCK_K)
+    k = k0 + tl.arange(0, BLOCK_K // 32)[:, None, None] * 32 + tl.arange(0, 32)[None, :, None]
+    row = block * _ROW_TILE + tl.arange(0, 32)[None, None, :]
+    out = out_ptr + i.to(tl.int64) * out_gs + row * out_rs + k
+    tl.store(out, lo.to(tl.bfloat16), mask=k < K)
+    tl.store(out + 32 * out_rs, hi.to(tl.bfloat16), mask=k < K)
+
+
+_DEQUANT_INT8_BLOCK = (32, 256)  # (rows, columns): 8 KB read, 16 KB written per program
+_DEQUANT_INT4_BLOCK_K = 256  # 64 rows x 256 columns: 8 KB read, 32 KB written per program
+
+
+# ---------------------------------------------------------------- host side
+
+
+class GroupPlan(NamedTuple):
+    """Where each used expert's rows lie, on the device; experts with no rows are left out."""
+
+    meta: torch.Tensor  # int32: the n_used expert indices, then n_used + 1 row offsets
+    counts: list[int]  # rows per used expert
+
+    @property
+    def n_used(self) -> int:
+        return len(self.counts)
+
+    @property
+    def ends(self) -> torch.Tensor:
+        """Cumulative row ends, the `offs` of torch._grouped_mm."""
+        return self.meta[self.n_used + 1:]
+
+
+def plan_groups(groups: list[int], counts: list[int], device: torch.device) -> GroupPlan:
+    """One small host-to-device copy per call, as swiglu_grouped makes for its offsets."""
+    used = [(g, c) for g, c in zip(groups, counts, strict=True) if c > 0]
+    used_counts = [c for _, c in used]
+    host = torch.tensor([g for g, _ in used] + list(accumulate(used_counts, initial=0)), dtype=torch.int32)
+    return GroupPlan(host.to(device, non_blocking=True), used_counts)
+
+
+def _shape(w: QuantMatrix) -> tuple[int, int]:
+    """(N, K) of a stacked matrix, after checking the layout the kernels address (only dim 0 may be strided)."""
+    if isinstance(w, Int8Matrix):
+        _, n, k = w.q.shape
+        assert w.q.dtype == torch.int8 and w.q.stride()[1:] == (k, 1), "int8 q must be (G, N, K), rows contiguous"
+        assert w.scale.shape[1:] == (n,) and w.scale.stride(1) == 1, "int8 scale must be (G, N)"
+        return n, k
+    _, n, half_k = w.packed.shape
+    k = 2 * half_k
+    assert w.packed.dtype == torch.uint8 and w.packed.stride()[1:] == (half_k, 1), "int4 packed must be (G, N, K/2)"
+    assert n % INT4_ROW_TILE == 0 and k % 32 == 0, "int4 needs N % 64 == 0 and K % 32 == 0"
+    assert w.scale_zero.shape[1:] == (k // 32, n, 2) and w.scale_zero.stride()[1:] == (2 * n, 2, 1), \
+        "int4 scale_zero must be (G, K/32, N, 2)"
+    return n, k
+
+
+def _size_class(n_used: int) -> int:
+    """Tuning bucket for the number of experts in a launch: few experts want narrower tiles, for more programs."""
+    return 8 if n_used <= 8 else 32 if n_used <= 32 else 128
+
+
+def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan: GroupPlan,
+                  out: torch.Tensor) -> torch.Tensor:
+    """out = x @ W1.T per expert, or silu(x @ W1.T) * (x @ W2.T) when w2 is given; one launch, every
+    plan count <= DECODE_MAX_ROWS. x (P, K) and out (P, N) bf16 with unit column stride."""
+    n, k = _shape(w1)
+    assert w2 is None or (type(w2) is type(w1) and _shape(w2) == (n, k)), "gate and up must match"
+    assert x.stride(1) == 1 and out.stride(1) == 1
+    swiglu = w2 is not None
+    w2 = w2 if swiglu else w1
+    common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=_size_class(plan.n_used))
+    args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
+    if isinstance(w1, Int8Matrix):
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.n_used)  # noqa: E731
+        _int8_decode_kernel[grid](*args, w1.q, w1.scale, w2.q, w2.scale, w1.q.stride(0), w1.scale.stride(0),
+                                  w2.q.stride(0), w2.scale.stride(0), n, k, **common)
+    else:
+        grid = (n // INT4_ROW_TILE, plan.n_used)
+        _int4_decode_kernel[grid](*args, w1.packed, w1.scale_zero, w2.packed, w2.scale_zero, w1.packed.stride(0),
+                                  w1.scale_zero.stride(0), w2.packed.stride(0), w2.scale_zero.stride(0), n, k,
+                                  **common)
+    return out
+
+
+def dequantize_used(w: QuantMatrix, plan: GroupPlan, out: torch.Tensor) -> torch.Tensor:
+    """out[i] = bf16 W of the plan's i-th used expert; out (n_used, N, K) with unit column stride."""
+    n, k = _shape(w)
+    assert out.shape == (plan.n_used, n, k) and out.stride(2) == 1
+    args = (plan.meta, out, out.stride(0), out.stride(1), n, k)
+    if isinstance(w, Int8Matrix):
+        block_n, block_k = _DEQUANT_INT8_BLOCK
+        grid = (triton.cdiv(n, block_n), triton.cdiv(k, block_k), plan.n_used)
+        _int8_dequant_kernel[grid](w.q, w.scale, w.q.stride(0), w.scale.stride(0), *args,
+                                   BLOCK_N=block_n, BLOCK_K=block_k)
+    else:
+        block_k = min(_DEQUANT_INT4_BLOCK_K, triton.next_power_of_2(k))
+        grid = (n // INT4_ROW_TILE, triton.cdiv(k, block_k), plan.n_used)
+        _int4_dequant_kernel[grid](w.packed, w.scale_zero, w.packed.stride(0), w.scale_zero.stride(0), *args,
+                                   BLOCK_K=block_k)
+    return out
+
+
+def grouped_linear(x: torch.Tensor, w: QuantMatrix, groups: list[int], counts: list[int]) -> torch.Tensor:
+    """x (P, K) bf16 rows grouped by `groups` (ascending indices into w's stack), counts[i] rows for
+    groups[i] -> (P, N) bf16, each row times W[its group].T."""
+    n, k = _shape(w)
+    plan = plan_groups(groups, counts, x.device)
+    x = x.contiguous()
+    out = x.new_empty((x.shape[0], n))
+    if plan.n_used == 0:
+        return out
+    if max(plan.counts) <= DECODE_MAX_ROWS:
+        return decode_linear(x, w, None, plan, out)
+    dense = dequantize_used(w, plan, x.new_empty((plan.n_used, n, k)))
+    return torch._grouped_mm(x, dense.transpose(-2, -1), offs=plan.ends)
+
+
+def quant_swiglu_grouped(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
+                         groups: list[int], counts: list[int]) -> torch.Tensor:
+    """gpu_worker.grouped.swiglu_grouped over quantized stacks: gate, up (G, F, H) and down (G, H, F)."""
+    f, h = _shape(gate)
+    plan = plan_groups(groups, counts, x.device)
+    x = x.contiguous()
+    if plan.n_used == 0:
+        return x.new_empty((x.shape[0], h))
+    if max(plan.counts) <= DECODE_MAX_ROWS:
+        act = decode_linear(x, gate, up, plan, x.new_empty((x.shape[0], f)))
+        return decode_linear(act, down, None, plan, x.new_empty((x.shape[0], h)))
+    gate_up = x.new_empty((plan.n_used, 2 * f, h))
+    dequantize_used(gate, plan, gate_up[:, :f])
+    dequantize_used(up, plan, gate_up[:, f:])
+    dense_down = dequantize_used(down, plan, x.new_empty((plan.n_used, h, f)))
+    return swiglu_grouped(x, gate_up, dense_down, list(range(plan.n_used)), plan.counts)

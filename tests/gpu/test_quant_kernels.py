@@ -1,0 +1,113 @@
+"""Quantized-expert kernels (gpu_worker.quant_kernels) against a float32 reference from the dequantized weights.
+
+Run on a CUDA machine with `pytest -m gpu tests/gpu/test_quant_kernels.py`; on a CPU with triton installed the
+cases on small shapes run under Triton's interpreter (TRITON_INTERPRET=1, which
+tests/gpu_worker/test_quant_kernels_interpreted.py sets up).
+
+Stated tolerance: the worst row's relative L2 error below 1e-2. The kernels multiply bf16 activations by bf16
+weights (int8 codes are exact in bf16; int4 weights are rounded to bf16 after dequantizing, 2^-9 relative)
+with float32 accumulation, and round outputs (and the SwiGLU activations between the two products) to bf16:
+a few 1e-3 per row. Under the interpreter 2e-2: it truncates float32 to bf16 instead of rounding to nearest,
+which biases every rounding toward zero.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from tests.quant_stacks import random_regions, reference_linear, reference_swiglu, worst_row_error
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not (torch.cuda.is_available() or INTERPRETED),
+                       reason="needs a CUDA GPU (or TRITON_INTERPRET=1 to run the kernels on the CPU)"),
+]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+TOLERANCE = 2e-2 if INTERPRETED else 1e-2
+SMALL, MID = (64, 32), (256, 512)  # (N, K)
+GATE, DOWN = (768, 2048), (2048, 768)  # gate/up and down of Qwen3-30B-A3B experts
+DECODE_COUNTS, PREFILL_COUNTS = [1, 0, 16, 2], [40, 0, 3, 17]  # uneven, with an empty group
+
+
+@pytest.fixture(scope="module")
+def qk():
+    return pytest.importorskip("gpu_worker.quant_kernels")
+
+
+def rows(counts: list[int], k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator(DEVICE).manual_seed(seed)
+    return torch.randn(sum(counts), k, generator=g, device=DEVICE).to(torch.bfloat16)
+
+
+def poison_allocator(nbytes: int) -> None:
+    """Leave NaNs where the next allocations land (CUDA's caching allocator), so a row the kernels never
+    write reads as NaN, not as a lucky leftover."""
+    if DEVICE.type == "cuda":
+        blocks = [torch.full((nbytes // 2,), torch.nan, dtype=torch.bfloat16, device=DEVICE) for _ in range(4)]
+        del blocks
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("strided", [True, False], ids=["regions", "stack"])
+@pytest.mark.parametrize("counts", [DECODE_COUNTS, PREFILL_COUNTS], ids=["decode", "prefill"])
+@pytest.mark.parametrize("shape", [SMALL, GATE, DOWN], ids=["tiny", "gate", "down"])
+def test_grouped_linear(qk, fmt, strided, counts, shape):
+    n, k = shape
+    (w,) = random_regions(fmt, 6, [shape], DEVICE, seed=n + k + len(counts), strided=strided)
+    assert strided == (not w[0].is_contiguous())
+    groups = [0, 2, 3, 5]
+    x = rows(counts, k, seed=n)
+    poison_allocator(sum(counts) * max(n, k) * 2)
+    y = qk.grouped_linear(x, w, groups, counts)
+    assert y.shape == (sum(counts), n) and y.dtype == torch.bfloat16
+    assert worst_row_error(y, reference_linear(x, w, groups, counts)) < TOLERANCE
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+@pytest.mark.parametrize("strided", [True, False], ids=["regions", "stack"])
+@pytest.mark.parametrize("counts", [DECODE_COUNTS, PREFILL_COUNTS], ids=["decode", "prefill"])
+@pytest.mark.parametrize("dims", [(64, 64), (768, 2048)], ids=["tiny", "qwen3-30b-a3b"])
+def test_swiglu(qk, fmt, strided, counts, dims):
+    """strided: gate, up and down of each expert in one region, as streamed into VRAM slots."""
+    f, h = dims
+    gate, up, down = random_regions(fmt, 6, [(f, h), (f, h), (h, f)], DEVICE, seed=f + len(counts),
+                                    strided=strided)
+    groups = [0, 1, 4, 5]
+    x = rows(counts, h, seed=f)
+    poison_allocator(sum(counts) * 2 * f * 2)
+    y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
+    assert y.shape == (sum(counts), h)
+    assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_many_experts_decode(qk, fmt):
+    """Most of a 48-expert stack in one launch (the tuning class for many experts), 1-3 rows each."""
+    f, h = MID
+    gate, up, down = random_regions(fmt, 48, [(f, h), (f, h), (h, f)], DEVICE, seed=9)
+    groups = [g for g in range(48) if g % 7]
+    counts = [1 + g % 3 for g in groups]
+    x = rows(counts, h, seed=10)
+    y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
+    assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
+
+
+def test_decode_and_prefill_agree(qk):
+    """The two regimes compute the same function: the same rows through both give near-equal outputs."""
+    (w,) = random_regions("int4", 4, [MID], DEVICE, seed=11)
+    x = rows([16, 16], MID[1], seed=12)
+    plan = qk.plan_groups([1, 3], [16, 16], DEVICE)
+    decoded = qk.decode_linear(x, w, None, plan, x.new_empty((32, MID[0])))
+    dense = qk.dequantize_used(w, plan, x.new_empty((2, *MID)))
+    prefilled = torch._grouped_mm(x, dense.transpose(-2, -1), offs=plan.ends)
+    assert worst_row_error(decoded, prefilled.float()) < TOLERANCE
+
+
+def test_no_rows(qk):
+    (w,) = random_regions("int4", 2, [SMALL], DEVICE, seed=0)
+    y = qk.grouped_linear(torch.empty(0, SMALL[1], dtype=torch.bfloat16, device=DEVICE), w, [0, 1], [0, 0])
+    assert y.shape == (0, SMALL[0])
