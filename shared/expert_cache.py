@@ -321,27 +321,29 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
     name = f"{model.path.stem}.{header['source_hash'][:16]}.experts"
     dirs = [Path(directory)] if directory else [model.path.parent, default_cache_dir()]
     for d in dirs:
-        if _is_valid(d / name, header):
+        if _problem(d / name, header) is None:
             return ExpertCache(d / name)
     target = _writable_dir(dirs) / name
     with open(target.with_name(name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if _is_valid(target, header):  # built by another process while this one waited
+        problem = _problem(target, header)
+        if problem is None:  # built by another process while this one waited
             return ExpertCache(target)
+        if target.exists():
+            print(f"expert cache: {target} {problem}; rebuilding it", file=sys.stderr)
         for stale in target.parent.glob(f"{name}.tmp*"):  # left by a build that was killed
             stale.unlink(missing_ok=True)
         _build(model, target, header, layouts, workers, progress or _PrintProgress())
     return ExpertCache(target, built=True)
 
 
-def _is_valid(path: Path, header: dict[str, Any]) -> bool:
+def _problem(path: Path, header: dict[str, Any]) -> str | None:
+    """Why `path` is not a usable cache file for this header, or None if it is one."""
     try:
         _check_file(path, header)
     except CacheError as e:
-        if path.exists():
-            print(f"expert cache: {path} {e}; rebuilding it", file=sys.stderr)
-        return False
-    return True
+        return str(e)
+    return None
 
 
 def _writable_dir(dirs: list[Path]) -> Path:
@@ -387,10 +389,14 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
                 # spawn: a forked child of a process that has run torch's thread pool can hang in it
                 with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_worker_init,
                                          initargs=(str(model.path), str(tmp))) as pool:
-                    for future in as_completed([pool.submit(_worker_convert, *job) for job in jobs]):
-                        written += future.result()
-                        done += 1
-                        progress(done, len(jobs), written, time.monotonic() - start)
+                    try:
+                        for future in as_completed([pool.submit(_worker_convert, *job) for job in jobs]):
+                            written += future.result()
+                            done += 1
+                            progress(done, len(jobs), written, time.monotonic() - start)
+                    except BaseException:
+                        pool.shutdown(cancel_futures=True)  # the layers not started yet would be wasted work
+                        raise
             os.fsync(fd)
         finally:
             os.close(fd)

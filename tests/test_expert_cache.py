@@ -143,7 +143,7 @@ def test_config_cache_dir_is_where_the_cache_goes(models, tmp_path):
 
 
 @pytest.mark.parametrize("damage", ["truncated", "bad magic", "other model", "empty"])
-def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage):
+def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
     model = GGUFModel(models["q4_k"])
     good = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
     path, original = good.path, good.path.read_bytes()
@@ -158,8 +158,12 @@ def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage):
         other.close()
     else:
         path.write_bytes(b"")
+    capsys.readouterr()
     cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
     assert cache.built and cache.path == path and path.read_bytes() == original
+    reasons = {"truncated": "bytes, its header says", "bad magic": "bad magic number",
+               "other model": "another model", "empty": "shorter than its header"}
+    assert reasons[damage] in capsys.readouterr().err
     cache.close()
 
 
