@@ -73,10 +73,13 @@ class Progress:
             self.bar.close()
 
 
-def settings(quick: bool, context_length: int) -> dict[str, Any]:
-    """What is run: --quick keeps every figure but with small prompts and few tokens."""
-    max_tokens, decode_prompt = (8, 16) if quick else (128, 32)
-    requested = [64, 256] if quick else [512, 4096]
+def settings(quick: bool, context_length: int, prompt_lengths: list[int] | None = None,
+             max_tokens: int | None = None) -> dict[str, Any]:
+    """What is run: --quick keeps every figure but with small prompts, few tokens and one repetition;
+    prompt lengths and generated tokens may be set either way."""
+    default_tokens, decode_prompt = (8, 16) if quick else (128, 32)
+    max_tokens = max_tokens or default_tokens
+    requested = prompt_lengths or ([64, 256] if quick else [512, 4096])
     lengths = list(dict.fromkeys(min(n, context_length - 1) for n in requested))  # max_tokens=1 must fit too
     return {"quick": quick, "concurrency": list(CONCURRENCY), "max_tokens": max_tokens,
             "decode_prompt_tokens": min(decode_prompt, context_length - max_tokens), "waves": 1 if quick else 2,
@@ -200,7 +203,7 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
                                                             args.routing_skew)
     model = GGUFModel(path)
     facts = model_facts(model)
-    run_settings = settings(args.quick, model.config.context_length)
+    run_settings = settings(args.quick, model.config.context_length, args.prompt_lengths, args.max_tokens)
     tokenizer = Tokenizer.from_metadata(model.metadata)
     base = tokenizer.encode(TEXT * 4, add_special=False)
     print("bench: measuring this machine's memory, PCIe and compute", file=sys.stderr, flush=True)
@@ -239,6 +242,10 @@ def default_cache_dir() -> str:
     return os.path.join(base, "tierserve", "models")
 
 
+def _int_list(text: str) -> list[int]:
+    return [int(n) for n in text.split(",")]
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tierserve bench", description=__doc__.split("\n\n")[0])
     which = p.add_mutually_exclusive_group(required=True)
@@ -260,7 +267,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-path", choices=["auto", "cpu", "stream"])
     p.add_argument("--llama-cpp", metavar="DIR", help="llama.cpp build directory holding llama-bench")
     p.add_argument("--out", help="results directory (default: results/<timestamp>/)")
-    p.add_argument("--quick", action="store_true", help="small prompts and few tokens: a check that it all runs")
+    p.add_argument("--quick", action="store_true", help="small prompts, few tokens, one repetition and one llama.cpp "
+                                                        "thread count: a check that it all runs")
+    p.add_argument("--prompt-lengths", type=_int_list, metavar="N,N", help="prefill prompt lengths (default 512,4096)")
+    p.add_argument("--max-tokens", type=int, metavar="N", help="tokens generated per decode request (default 128)")
     p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for the system to start")
     return p
 

@@ -9,6 +9,7 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
+from shared.bench_cmd import settings
 from shared.bench_load import Timed, latency, prompt_ids
 from shared.bench_metrics import PATHS, parse_tiers, tier_delta, worker_metrics_url
 from shared.cli import main as tierserve
@@ -142,3 +143,9 @@ def test_prompts_and_latency_from_client_timestamps():
     lat = latency([a, b])
     assert lat["ttft_ms_p50"] == pytest.approx(200) and lat["itl_ms_p50"] == pytest.approx(150)
     assert lat["ttft_ms_p99"] == pytest.approx(100 + 0.99 * 200)
+
+
+def test_prompt_lengths_and_tokens_can_be_set_on_a_quick_run():
+    s = settings(True, 40960, [512, 4096], 32)
+    assert (s["prompt_lengths"], s["max_tokens"], s["prefill_repeats"], s["waves"]) == ([512, 4096], 32, 1, 1)
+    assert settings(False, 1024, [512, 4096])["prompt_lengths"] == [512, 1023]  # one token must still fit
