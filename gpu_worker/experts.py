@@ -15,6 +15,7 @@ from gpu_worker.cold_path import ColdPlanner
 from gpu_worker.grouped import experts_grouped
 from gpu_worker.remote import RemoteExperts
 from gpu_worker.soft_pool import SoftPool
+from gpu_worker.step_profile import section
 from shared.expert_math import ExpertWeights, Grouped, group_by_expert, grouped_ffn
 from shared.expert_source import ExpertSource
 from shared.model_config import EXPERT_TENSOR_KINDS
@@ -131,8 +132,9 @@ class MoEDispatch:
 
     def _add_hot(self, layer: int, h: torch.Tensor, g: Grouped, out: torch.Tensor) -> torch.Tensor:
         self.on_dispatch("hot", len(g.tokens))
-        y = self.hot.compute(layer, h[g.tokens], g.experts, g.counts)
-        return out.index_add_(0, g.tokens, y * g.weights[:, None])
+        with section("hot"):
+            y = self.hot.compute(layer, h[g.tokens], g.experts, g.counts)
+            return out.index_add_(0, g.tokens, y * g.weights[:, None])
 
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         n, k = expert_ids.shape
@@ -145,7 +147,8 @@ class MoEDispatch:
         cold = owners != GPU
         slots: dict[int, int] = {}
         if self.pool is not None and bool(cold.any()):
-            slots = self._soft_slots(layer, group_by_expert(tokens[cold], experts[cold], pair_weights[cold]))
+            with section("soft"):
+                slots = self._soft_slots(layer, group_by_expert(tokens[cold], experts[cold], pair_weights[cold]))
         slot_of = torch.full((len(self.owners[layer]),), -1, dtype=torch.long)
         for e, slot in slots.items():
             slot_of[e] = slot
@@ -163,12 +166,13 @@ class MoEDispatch:
         if bool(on_gpu.any()):
             self._add_hot(layer, h, group_by_expert(tokens[on_gpu], experts[on_gpu], pair_weights[on_gpu]), out)
         if slots:
-            soft = pair_slot >= 0
-            g = group_by_expert(tokens[soft], pair_slot[soft], pair_weights[soft])  # grouped by slot
-            y = self.pool.compute(layer, h[g.tokens], g.experts, g.counts)
-            out.index_add_(0, g.tokens, y * g.weights[:, None])
-            for e in slots:
-                self.pool.tier.unpin((layer, e))
+            with section("soft"):
+                soft = pair_slot >= 0
+                g = group_by_expert(tokens[soft], pair_slot[soft], pair_weights[soft])  # grouped by slot
+                y = self.pool.compute(layer, h[g.tokens], g.experts, g.counts)
+                out.index_add_(0, g.tokens, y * g.weights[:, None])
+                for e in slots:
+                    self.pool.tier.unpin((layer, e))
         for host, g, sent_at in sent:
             y, compute_s = self.remote.receive(host, layer)  # type: ignore[union-attr]
             if self.planner is not None:
