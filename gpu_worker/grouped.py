@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from shared.expert_cache import ExpertLayout
+
 
 def swiglu_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, groups: list[int],
                    counts: list[int]) -> torch.Tensor:
@@ -29,3 +31,16 @@ def experts_grouped(x: torch.Tensor, stack: tuple, groups: list[int], counts: li
     from gpu_worker.quant_kernels import quant_swiglu_grouped  # Triton comes only with CUDA builds of torch
 
     return quant_swiglu_grouped(x.to(torch.bfloat16), *stack, groups, counts).to(x.dtype)
+
+
+def warm_up_quantized(layout: ExpertLayout, n_experts: int, device: torch.device) -> None:
+    """Run the int8 / int4 kernels once for every launch size they are tuned for (few, some and many
+    experts at decode, and the prefill path), on zero weights. Triton tunes a kernel on its first call for
+    a shape, which takes seconds: done while serving, it would stall the first requests and the heartbeats."""
+    regions = torch.zeros(n_experts, layout.region_nbytes, dtype=torch.uint8, device=device)
+    stack = layout.views(regions)
+    hidden = stack[0].shape[-1]
+    for n_used, rows in ((1, 1), (min(16, n_experts), 1), (n_experts, 1), (min(8, n_experts), 32)):
+        x = torch.zeros(n_used * rows, hidden, dtype=torch.bfloat16, device=device)
+        experts_grouped(x, stack, list(range(n_used)), [rows] * n_used)
+    torch.cuda.synchronize(device)

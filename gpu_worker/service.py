@@ -13,6 +13,7 @@ from prometheus_client import Counter, Gauge, Histogram
 
 from gpu_worker.cold_path import ColdPlanner, measure_matmul_flops
 from gpu_worker.experts import HotExperts, MoEDispatch
+from gpu_worker.grouped import warm_up_quantized
 from gpu_worker.kv_blocks import KVBlockAllocator
 from gpu_worker.model import Chunk, Trunk
 from gpu_worker.remote import ExpertHostError, RemoteExperts
@@ -87,6 +88,8 @@ class Engine:
             if config.soft_slots > 0 else None
         self.planner = ColdPlanner(self.experts, config.cold_path, self.pool.measure_bandwidth(),
                                    measure_matmul_flops(self.device, dtype), dtype) if self.pool else None
+        if self.device.type == "cuda" and self.experts.format(0) != "float":
+            warm_up_quantized(self.experts.layout(0), model.config.n_experts, self.device)
         self.moe: MoEDispatch | None = None
         self.placement_version = 0
         # Code the step calls marks its sections with step_profile.section, the MoE dispatch's included.
