@@ -33,16 +33,12 @@ from shared.config import HOST_MEMORY_KINDS, parse_bytes_or_percent
 from shared.device_caps import HOST_DMA, DeviceCaps
 from shared.expert_source import ExpertSource
 from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
+from shared.pages import advise
 
-PAGE = mmap.PAGESIZE
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "tierserve-experts-"
 _CUDA_HOST_ALLOC_WRITE_COMBINED = 4
 _segment_numbers = count()
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-
 
 class HostMemoryError(ValueError):
     """This host cannot hold its experts in the memory kind asked for; the message says what would work."""
@@ -279,14 +275,6 @@ def _alive(pid: int) -> bool:
 
 
 # ---- page advice over the model file's map
-
-
-def advise(address: int, nbytes: int, advice: int) -> None:
-    """madvise over every page that [address, address + nbytes) touches."""
-    start = address - address % PAGE
-    if _libc.madvise(start, address + nbytes - start, advice) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"madvise: {os.strerror(err)}")
 
 
 def prefetch(tensors: list[torch.Tensor]) -> None:

@@ -12,6 +12,7 @@ through `ExpertLayout.views`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -35,6 +36,7 @@ import torch
 from shared.expert_math import ExpertWeights
 from shared.gguf_file import ZERO_COPY_TYPES, GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_name, tensor_shapes
+from shared.pages import advise
 from shared.quant import (
     INT8_K_MULTIPLE,
     convert_matrix,
@@ -317,9 +319,9 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
     layouts = expert_layouts(model)
     if all(layout.format == "float" for layout in layouts):
         return None
-    header = _header(model, layouts, content_hash(model.path))
-    name = f"{model.path.stem}.{header['source_hash'][:16]}.experts"
     dirs = [Path(directory)] if directory else [model.path.parent, default_cache_dir()]
+    header = _header(model, layouts, _remembered_hash(model.path, dirs))
+    name = f"{model.path.stem}.{header['source_hash'][:16]}.experts"
     for d in dirs:
         if _problem(d / name, header) is None:
             return ExpertCache(d / name)
@@ -344,6 +346,26 @@ def _problem(path: Path, header: dict[str, Any]) -> str | None:
     except CacheError as e:
         return str(e)
     return None
+
+
+def _remembered_hash(path: Path, dirs: list[Path]) -> str:
+    """The model's content hash, remembered across starts in `<stem>.source-hash` beside the cache for as
+    long as the file is unchanged (same device, inode, size and mtime, as git and ccache judge it), so a
+    start neither hashes a big file again nor pulls its expert pages back into the page cache."""
+    st = os.stat(path)
+    identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    memo_name = f"{path.stem}.source-hash"
+    for d in dirs:
+        try:
+            remembered_identity, digest = (d / memo_name).read_text().split()
+        except (OSError, ValueError):
+            continue
+        if remembered_identity == identity:
+            return digest
+    digest = content_hash(path)
+    with contextlib.suppress(OSError):  # a read-only place only costs the next start a hash
+        (_writable_dir(dirs) / memo_name).write_text(f"{identity} {digest}\n")
+    return digest
 
 
 def _writable_dir(dirs: list[Path]) -> Path:
@@ -409,6 +431,24 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
         os.fsync(dir_fd)  # the rename itself survives a crash
     finally:
         os.close(dir_fd)
+    _drop_converted_pages(model, layouts)
+
+
+def _drop_converted_pages(model: GGUFModel, layouts: list[ExpertLayout]) -> None:
+    """Converted experts are read from the cache from now on: unmap the model file's copies of them from this
+    process and let the page cache drop the file, so RAM does not end up holding the experts twice. The whole
+    file, because a large page-cache folio spans tensor boundaries and is dropped only whole; pages a process
+    still maps (the trunk being loaded, a float layer being served) stay, and any other is read again if used."""
+    for layer, layout in enumerate(layouts):
+        if layout.format != "float":
+            for kind in EXPERT_TENSOR_KINDS:
+                raw = model.raw(expert_tensor_name(layer, kind))
+                advise(raw.ctypes.data, raw.nbytes, mmap.MADV_DONTNEED)
+    fd = os.open(model.path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _convert_layer(model: GGUFModel, fd: int, layer: int, layout: ExpertLayout, offset: int) -> int:

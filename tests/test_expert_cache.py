@@ -19,6 +19,8 @@ from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
 from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.quant import Int4Matrix, Int8Matrix, dequantize_matrix, int4_from_blocks, matrix_tensors
+from tests.expert_host.test_migration import page_cache_droppable
+from tests.expert_host.test_store import resident
 from tests.test_quant import write_quantized
 
 FORK = multiprocessing.get_context("fork")  # the children only convert a few small matrices single-threaded
@@ -131,7 +133,7 @@ def test_a_killed_builds_leftovers_are_removed(models, tmp_path):
     name = f"small-q8_0.{content_hash(models['q8_0'])[:16]}.experts"
     (tmp_path / f"{name}.tmp999999").write_bytes(b"half a cache")
     cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.lock"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.lock", "small-q8_0.source-hash"]
     cache.close()
 
 
@@ -185,7 +187,7 @@ def test_processes_starting_together_build_it_once(models, tmp_path):
         assert child.exitcode == 0
     assert sorted(built for built, _, _ in outcomes) == [False, True]
     assert len({(path, inode) for _, path, inode in outcomes}) == 1
-    assert sorted(p.name.rsplit(".", 1)[-1] for p in tmp_path.iterdir()) == ["experts", "lock"]
+    assert sorted(p.name.rsplit(".", 1)[-1] for p in tmp_path.iterdir()) == ["experts", "lock", "source-hash"]
 
 
 @pytest.mark.slow
@@ -265,3 +267,33 @@ def test_layers_in_different_formats(tmp_path):
     with pytest.raises(ValueError, match="expert cache"):
         ExpertSource(model, None)
     source.close()
+
+
+def test_the_content_hash_is_remembered_while_the_model_file_is_unchanged(models, tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(models["q8_0"].read_bytes())
+    ensure_expert_cache(GGUFModel(path), workers=1, progress=quiet).close()
+    memo = tmp_path / "m.source-hash"
+    identity, digest = memo.read_text().split()
+    assert digest == content_hash(path)
+    os.utime(path, ns=(0, 0))  # same bytes, another mtime: hashed again, same cache reused
+    again = ensure_expert_cache(GGUFModel(path), workers=1, progress=quiet)
+    assert not again.built and memo.read_text().split() == [identity.rsplit(":", 1)[0] + ":0", digest]
+    again.close()
+
+
+def test_a_build_leaves_the_converted_experts_out_of_the_page_cache(models, tmp_path):
+    if not page_cache_droppable(tmp_path):
+        pytest.skip("this file system keeps files in memory (tmpfs?): its pages cannot be dropped")
+    path = tmp_path / "m.gguf"
+    path.write_bytes(models["q4_0"].read_bytes())
+    fd = os.open(path, os.O_RDONLY)
+    os.fsync(fd)  # only clean pages can be dropped, as a model file's long since are
+    os.close(fd)
+    model = GGUFModel(path)
+    experts = [torch.from_numpy(np.asarray(model.raw(f"blk.{layer}.{kind}.weight")).view(np.uint8))
+               for layer in range(model.config.n_layers) for kind in EXPERT_TENSOR_KINDS]
+    assert resident(experts) > 0.9
+    cache = ensure_expert_cache(model, workers=1, progress=quiet)
+    cache.close()
+    assert resident(experts) < 0.1

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from expert_host.memory import (
-    PAGE,
     HostMemoryError,
     MemInfo,
     check_fit,
@@ -18,6 +17,7 @@ from expert_host.memory import (
 from shared.config import Config, load_config
 from shared.device_caps import HOST_DMA, UNIFIED, DeviceCaps
 from shared.expert_cache import ExpertLayout
+from shared.pages import PAGE
 
 GB = 10**9
 MEMINFO = """MemTotal:       131072000 kB

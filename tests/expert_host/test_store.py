@@ -12,13 +12,14 @@ import time
 import pytest
 import torch
 
-from expert_host.memory import PAGE, HostMemoryError, advise
+from expert_host.memory import HostMemoryError
 from expert_host.store import ExpertStore
 from shared.config import Config
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
 from shared.model_config import expert_tensor_name
+from shared.pages import PAGE, advise
 from shared.placement import round_robin_placement
 from tests.expert_host.conftest import memory_status, segment_mappings, segment_names
 
