@@ -81,29 +81,22 @@ def safety_floor(spec: str, mem: MemInfo) -> int:
 
 def check_fit(kind: str, need: int, n_experts: int, largest_expert: int, mem: MemInfo, floor: int,
               shm_free: int | None = None, freed: int = 0) -> None:
-    """Raise HostMemoryError unless `need` bytes of `kind` memory fit in what is free now, less the floor.
-
-    `freed` is what this host holds now in that kind and releases as it migrates. Swap counts only for
-    ordinary process memory: pinned and write-combined pages are page-locked on a GPU machine."""
+    """Raise HostMemoryError unless `need` bytes of page-locked `kind` memory (pinned, write-combined) fit in
+    what is free now, less the floor. `freed` is what this host holds now in that kind and releases as it
+    migrates. Swap does not count: page-locked pages cannot be swapped out. (Mapped experts are views of a
+    file and need no memory of their own.)"""
     if need <= 0:
         return
     budget = mem.available + freed - floor
     limit = f"{_size(budget)} is available after the {_size(floor)} floor"
-    if kind == "mapped":
-        budget += mem.swap_free
-        limit = f"{_size(budget)} of RAM and swap is available after the {_size(floor)} floor"
     if kind == "pinned" and shm_free is not None and shm_free + freed < budget:
         budget = shm_free + freed
         limit = f"{_size(budget)} is free in {SHM_DIR}"
     if need <= budget:
         return
     fit = max(0, budget) // max(1, largest_expert)
-    if kind == "mapped":
-        instead = "use a model file whose experts are F32, F16 or BF16 (mapped with no copy)"
-    else:
-        instead = "use host_memory = mapped"
     raise HostMemoryError(f"placement needs {_size(need)} of {kind} memory for {n_experts:,} experts; {limit}: "
-                          f"at most {fit:,} experts fit, or {instead}")
+                          f"at most {fit:,} experts fit, or use host_memory = mapped")
 
 
 def _size(n: int) -> str:

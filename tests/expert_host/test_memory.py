@@ -48,13 +48,10 @@ def test_refusal_says_what_would_fit():
     check_fit("pinned", 3179 * expert, 3179, expert, mem, floor=2 * GB)
 
 
-def test_swap_counts_for_process_memory_but_not_for_page_locked_memory():
+def test_swap_does_not_count_for_page_locked_memory():
     mem = MemInfo(total=64 * GB, available=10 * GB, swap_free=6 * GB)
-    check_fit("mapped", 12 * GB, 1000, 12_000_000, mem, floor=2 * GB)  # dequantized copies may be swapped out
     with pytest.raises(HostMemoryError, match="8.0 GB is available after the 2.0 GB floor: at most 666 experts"):
         check_fit("pinned", 12 * GB, 1000, 12_000_000, mem, floor=2 * GB)
-    with pytest.raises(HostMemoryError, match="14.0 GB of RAM and swap .* or use a model file whose experts are F32"):
-        check_fit("mapped", 15 * GB, 1000, 15_000_000, mem, floor=2 * GB)
 
 
 def test_memory_freed_by_the_migration_counts_and_dev_shm_can_be_the_limit():
@@ -63,7 +60,7 @@ def test_memory_freed_by_the_migration_counts_and_dev_shm_can_be_the_limit():
     with pytest.raises(HostMemoryError, match=r"3.0 GB is free in /dev/shm: at most 250 experts fit"):
         check_fit("pinned", 6 * GB, 500, 12_000_000, mem, floor=2 * GB, shm_free=3 * GB)
     check_fit("write-combined", 6 * GB, 500, 12_000_000, mem, floor=2 * GB, shm_free=3 * GB)  # not in /dev/shm
-    check_fit("mapped", 0, 500, 12_000_000, MemInfo(1, 0, 0), floor=2 * GB)  # views of the file need nothing
+    check_fit("pinned", 0, 0, 12_000_000, MemInfo(1, 0, 0), floor=2 * GB)  # holding nothing needs nothing
 
 
 def test_floor_is_a_size_or_a_share_of_ram():
