@@ -51,14 +51,13 @@ class HostMemoryError(ValueError):
 class MemInfo:
     total: int
     available: int
-    swap_free: int
 
 
 def parse_meminfo(text: str) -> MemInfo:
-    """MemTotal, MemAvailable and SwapFree (bytes) out of /proc/meminfo's text."""
+    """MemTotal and MemAvailable (bytes) out of /proc/meminfo's text."""
     values = {m.group(1): int(m.group(2)) * 1024 for m in re.finditer(r"^(\w+):\s+(\d+) kB$", text, re.M)}
     try:
-        return MemInfo(values["MemTotal"], values["MemAvailable"], values.get("SwapFree", 0))
+        return MemInfo(values["MemTotal"], values["MemAvailable"])
     except KeyError as e:
         raise ValueError(f"/proc/meminfo has no {e.args[0]} line") from None
 

@@ -30,14 +30,13 @@ SwapFree:        8000000 kB
 
 
 def test_meminfo_is_read_in_bytes():
-    assert parse_meminfo(MEMINFO) == MemInfo(total=131072000 * 1024, available=31347656 * 1024,
-                                             swap_free=8000000 * 1024)
+    assert parse_meminfo(MEMINFO) == MemInfo(total=131072000 * 1024, available=31347656 * 1024)
     with pytest.raises(ValueError, match="MemAvailable"):
         parse_meminfo("MemTotal: 100 kB\n")
 
 
 def test_refusal_says_what_would_fit():
-    mem = MemInfo(total=128 * GB, available=int(32.1 * GB), swap_free=0)
+    mem = MemInfo(total=128 * GB, available=int(32.1 * GB))
     expert = 9_467_000  # a bf16 Qwen3-30B-A3B-sized expert
     with pytest.raises(HostMemoryError) as refused:
         check_fit("pinned", 4352 * expert, 4352, expert, mem, floor=2 * GB)
@@ -49,22 +48,22 @@ def test_refusal_says_what_would_fit():
 
 
 def test_swap_does_not_count_for_page_locked_memory():
-    mem = MemInfo(total=64 * GB, available=10 * GB, swap_free=6 * GB)
+    mem = MemInfo(total=64 * GB, available=10 * GB)
     with pytest.raises(HostMemoryError, match="8.0 GB is available after the 2.0 GB floor: at most 666 experts"):
         check_fit("pinned", 12 * GB, 1000, 12_000_000, mem, floor=2 * GB)
 
 
 def test_memory_freed_by_the_migration_counts_and_dev_shm_can_be_the_limit():
-    mem = MemInfo(total=64 * GB, available=10 * GB, swap_free=0)
+    mem = MemInfo(total=64 * GB, available=10 * GB)
     check_fit("pinned", 12 * GB, 1000, 12_000_000, mem, floor=2 * GB, freed=5 * GB)  # the old segment goes
     with pytest.raises(HostMemoryError, match=r"3.0 GB is free in /dev/shm: at most 250 experts fit"):
         check_fit("pinned", 6 * GB, 500, 12_000_000, mem, floor=2 * GB, shm_free=3 * GB)
     check_fit("write-combined", 6 * GB, 500, 12_000_000, mem, floor=2 * GB, shm_free=3 * GB)  # not in /dev/shm
-    check_fit("pinned", 0, 0, 12_000_000, MemInfo(1, 0, 0), floor=2 * GB)  # holding nothing needs nothing
+    check_fit("pinned", 0, 0, 12_000_000, MemInfo(1, 0), floor=2 * GB)  # holding nothing needs nothing
 
 
 def test_floor_is_a_size_or_a_share_of_ram():
-    mem = MemInfo(total=100 * GB, available=50 * GB, swap_free=0)
+    mem = MemInfo(total=100 * GB, available=50 * GB)
     assert safety_floor("2GiB", mem) == 2 * 1024**3
     assert safety_floor("10%", mem) == 10 * GB
     assert safety_floor("0", mem) == 0
