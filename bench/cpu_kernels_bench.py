@@ -1,0 +1,182 @@
+"""The expert hosts' CPU kernels (shared.quant.quantized_ffn, torch's int8 / int4 / bf16 CPU kernels) on the
+Qwen3-30B-A3B expert shape, against the memory-read bandwidth measured in the same run with the same threads.
+
+    python -m bench.cpu_kernels_bench [--out bench/cpu_kernels.md] [--quick]
+
+For each format (int8, int4, and bf16 for the float path), rows per expert (1, 4, 16, 64) and torch thread
+count (1, 2, 4, ... up to every core), one full expert FFN (gate, up, SwiGLU, down) is timed on bf16
+activations, rotating over 64 experts laid out as the expert cache serves them (ExpertLayout regions of one
+uint8 buffer, ~300 MB in int8) so that the weights come from RAM, not from the caches. GB/s counts the
+weight bytes an expert is stored as (codes and scales); the % is of `cpu_read_bandwidth` with the same thread
+count, measured in the same run. Both are the best of a few rounds: what the machine can do, not what it did
+while something else ran.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared.bench_measure import cpu_read_bandwidth
+from shared.expert_cache import ExpertLayout
+from shared.expert_math import ExpertWeights
+from shared.quant import matrix_tensors, quantized_ffn
+
+FORMATS = {"int8": "int8", "int4": "int4", "bf16": "float"}  # label -> serving format
+ROWS = (1, 4, 16, 64)
+
+
+@dataclass(frozen=True)
+class Settings:
+    ffn: int  # gate / up rows, down columns
+    hidden: int  # gate / up columns, down rows
+    experts: int  # experts rotated over, so that their weights outgrow the caches
+    rounds: int  # timed passes over the experts (the best counts)
+    bandwidth_bytes: int  # buffer cpu_read_bandwidth sums
+
+
+FULL = Settings(ffn=768, hidden=2048, experts=64, rounds=3, bandwidth_bytes=2 << 30)  # Qwen3-30B-A3B experts
+QUICK = Settings(ffn=128, hidden=256, experts=8, rounds=1, bandwidth_bytes=64 << 20)
+
+
+def thread_counts(cores: int) -> list[int]:
+    """1, 2, 4, ... below `cores`, then `cores` itself."""
+    counts = [1]
+    while counts[-1] * 2 < cores:
+        counts.append(counts[-1] * 2)
+    return counts + [cores] if cores > 1 else counts
+
+
+def served_experts(fmt: str, settings: Settings, seed: int = 0) -> tuple[ExpertLayout, list[ExpertWeights]]:
+    """`settings.experts` experts of one layout, each a view of its region of one uint8 buffer: random codes,
+    scales (and int4 zeros) of the magnitudes GGUF experts have, bf16 values of std 0.02 for the float path."""
+    f, h = settings.ffn, settings.hidden
+    layout = ExpertLayout.build(fmt, [((f, h), torch.bfloat16), ((f, h), torch.bfloat16), ((h, f), torch.bfloat16)])
+    generator = torch.Generator().manual_seed(seed)
+    buf = torch.randint(0, 256, (settings.experts, layout.region_nbytes), dtype=torch.uint8, generator=generator)
+    for matrix in layout.views(buf):  # matrices with a leading expert dimension
+        values, *scales = matrix_tensors(matrix)
+        if fmt == "float":
+            values.copy_(torch.randn(values.shape, generator=generator) * 0.02)
+        for t in scales:  # random bytes would make NaNs and huge scales
+            t.copy_(0.005 + 0.01 * torch.rand(t.shape, generator=generator))
+    return layout, [layout.views(buf[e]) for e in range(settings.experts)]
+
+
+def seconds_per_expert(x: torch.Tensor, experts: list[ExpertWeights], rounds: int) -> float:
+    """Best over `rounds` passes of one quantized_ffn per expert, after an untimed pass (first-call setup)."""
+    for weights in experts:
+        quantized_ffn(x, *weights)
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for weights in experts:
+            quantized_ffn(x, *weights)
+        best = min(best, (time.perf_counter() - start) / len(experts))
+    return best
+
+
+@dataclass(frozen=True)
+class Result:
+    label: str
+    rows: int
+    threads: int
+    seconds: float  # per expert FFN
+    weight_bytes: int  # per expert
+    read_bandwidth: float  # bytes/s, same threads
+
+    @property
+    def bytes_per_second(self) -> float:
+        return self.weight_bytes / self.seconds
+
+    def cells(self) -> tuple[str, ...]:
+        return (self.label, str(self.rows), str(self.threads), f"{self.seconds * 1e6:.0f}",
+                f"{self.rows / self.seconds:.0f}", f"{self.bytes_per_second / 1e9:.2f}",
+                f"{self.read_bandwidth / 1e9:.1f}", f"{100 * self.bytes_per_second / self.read_bandwidth:.0f}%")
+
+
+HEAD = ("format", "rows", "threads", "us per expert FFN", "rows/s", "GB/s of weight bytes", "read bandwidth GB/s",
+        "% of read bandwidth")
+
+
+def measure(settings: Settings, threads: list[int]) -> list[Result]:
+    served = {label: served_experts(fmt, settings) for label, fmt in FORMATS.items()}
+    before = torch.get_num_threads()
+    results = []
+    try:
+        for n in threads:
+            bandwidth = cpu_read_bandwidth(settings.bandwidth_bytes, threads=n)
+            torch.set_num_threads(n)
+            print(f"{n} threads: read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+            for label, (layout, experts) in served.items():
+                for rows in ROWS:
+                    x = torch.randn(rows, settings.hidden).to(torch.bfloat16)
+                    seconds = seconds_per_expert(x, experts, settings.rounds)
+                    results.append(Result(label, rows, n, seconds, layout.expert_nbytes, bandwidth))
+                    print(" | ".join(results[-1].cells()), flush=True)
+    finally:
+        torch.set_num_threads(before)
+    return results
+
+
+def markdown_table(results: list[Result]) -> str:
+    """Rows grouped by format and rows per expert, threads ascending, so scaling reads down a group."""
+    order = {label: i for i, label in enumerate(FORMATS)}
+    ordered = sorted(results, key=lambda r: (order[r.label], r.rows, r.threads))
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    return "\n".join(lines + ["| " + " | ".join(r.cells()) + " |" for r in ordered])
+
+
+def machine_name() -> str:
+    """The CPU's model name (what lscpu prints), its cores and torch's build."""
+    model = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+                 if line.startswith("model name")]
+        model = names[0] if names else model
+    return (f"{model}, {os.cpu_count()} cores (os.cpu_count()), torch {torch.__version__} "
+            f"({torch.backends.cpu.get_cpu_capability()} kernels)")
+
+
+def report(results: list[Result], settings: Settings, command: str) -> str:
+    f, h = settings.ffn, settings.hidden
+    return "\n".join([
+        f"Command: `{command}` on {machine_name()}.",
+        "",
+        f"One expert FFN (gate ({f}, {h}), up ({f}, {h}), down ({h}, {f}), SwiGLU) through shared.quant.quantized_ffn "
+        f"on bf16 activations, rotating over {settings.experts} experts in the expert cache's region layout so the "
+        "weights come from RAM; best of "
+        f"{settings.rounds} passes. GB/s counts the bytes an expert is stored as (codes + scales; bf16 values for "
+        "the float path); read bandwidth is `cpu_read_bandwidth` (torch summing a "
+        f"{settings.bandwidth_bytes >> 20} MiB float32 buffer) with the same thread count, measured in the same run.",
+        "",
+        markdown_table(results),
+        "",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("bench/cpu_kernels.md"))
+    parser.add_argument("--quick", action="store_true",
+                        help=f"({QUICK.ffn}, {QUICK.hidden}) experts, {QUICK.experts} of them, one pass: a check that "
+                             "every figure comes out, in seconds")
+    args = parser.parse_args()
+    settings = QUICK if args.quick else FULL
+    results = measure(settings, thread_counts(os.cpu_count() or 1))
+    command = "python -m bench.cpu_kernels_bench" + (" --quick" if args.quick else "")
+    text = report(results, settings, command)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
