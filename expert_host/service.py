@@ -63,7 +63,7 @@ def serve(config: Config, host_index: int) -> int:
         return 1
     try:
         store = ExpertStore.from_config(open_expert_source(model, config), host_index, config)
-    except (HostMemoryError, ModelError) as e:
+    except (HostMemoryError, ModelError, OSError) as e:
         log.error("cannot start: %s", e)
         return 1
     metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("expert_host", host_index))

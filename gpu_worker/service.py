@@ -25,6 +25,7 @@ from shared.config import Config, add_config_arguments, config_from_args
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
+from shared.model_config import ModelError
 from shared.placement import Placement
 from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process
 from shared.protocol import (
@@ -88,8 +89,11 @@ class Engine:
             if config.soft_slots > 0 else None
         self.planner = ColdPlanner(self.experts, config.cold_path, self.pool.measure_bandwidth(),
                                    measure_matmul_flops(self.device, dtype), dtype) if self.pool else None
-        if self.device.type == "cuda" and self.experts.format(0) != "float":
-            warm_up_quantized(self.experts.layout(0), model.config.n_experts, self.device)
+        if self.device.type == "cuda":
+            quantized = {self.experts.layout(layer) for layer in range(model.config.n_layers)
+                         if self.experts.format(layer) != "float"}  # e.g. int4 layers and Q6_K-down int8 ones
+            for layout in quantized:
+                warm_up_quantized(layout, model.config.n_experts, self.device)
         self.moe: MoEDispatch | None = None
         self.placement_version = 0
         # Code the step calls marks its sections with step_profile.section, the MoE dispatch's included.
@@ -181,15 +185,19 @@ def serve(config: Config) -> int:
     control = ControlLink(ctx, config, MEMBER_ID, "gpu_worker", metrics_port)
     remote = RemoteExperts(ctx, [config.expert_host_endpoint(i) for i in range(config.expert_hosts)],
                            config.expert_timeout_s) if config.expert_hosts else None
-    engine = Engine(config, model, remote)
-    log.info("model %s on %s, metrics on :%d", config.model, engine.device, metrics_port)
-    if engine.profile.on:
-        log.info("profiling decode steps in windows of %d (tierserve stats shows the last)", config.profile_steps)
 
     def send(msg: Message) -> None:
         engine_socket.send_multipart(encode(msg), copy=False)
 
     try:
+        try:
+            engine = Engine(config, model, remote)
+        except (ModelError, OSError) as e:  # e.g. no room for the expert cache, a model the kernels cannot take
+            log.error("cannot start: %s", e)
+            return 1
+        log.info("model %s on %s, metrics on :%d", config.model, engine.device, metrics_port)
+        if engine.profile.on:
+            log.info("profiling decode steps in windows of %d (tierserve stats shows the last)", config.profile_steps)
         placement = control.wait_for_placement(stop)
         if placement is None:
             return 0

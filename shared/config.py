@@ -84,9 +84,7 @@ class Config:
     # giving host i the i-th kind (the last kind for the hosts beyond the list).
     host_memory: str = "mapped"
     host_memory_floor: str = "2GiB"  # RAM an expert host leaves free: a size or a percentage of MemTotal
-    # torch threads of each expert host; 0: `threads` if set, else the cores but the coordinator's and the
-    # worker's shared evenly among the hosts (they compute the CPU experts, the heaviest CPU work there is)
-    host_threads: int = 0
+    host_threads: int = 0  # torch threads of each expert host; 0: `threads` if set, else an even share of the cores
     # Where block-quantized experts, converted once into their serving format, are cached: "" is next to the
     # model if that directory is writable, else $XDG_CACHE_HOME/tierserve/experts.
     expert_cache_dir: str = ""
@@ -131,12 +129,15 @@ class Config:
         return self.ipc(f"expert-host-{host}")
 
     def threads_for(self, role: str) -> int:
-        """torch threads of a process of this role ("expert_host", "gpu_worker", "coordinator")."""
-        role_processes = 2  # the coordinator and the gpu_worker, besides the expert hosts
-        cores = os.cpu_count() or 1
+        """torch threads of a process of this role ("expert_host", "gpu_worker", "coordinator"): `threads` if
+        set; else the coordinator (tokenizing, sockets) takes one core and the worker and every expert host share
+        the rest evenly, so together they never ask for more threads than there are cores."""
+        if role == "coordinator":
+            return self.threads or 1
+        share = max(1, ((os.cpu_count() or 1) - 1) // (1 + self.expert_hosts))
         if role == "expert_host":
-            return self.host_threads or self.threads or max(1, (cores - role_processes) // max(1, self.expert_hosts))
-        return self.threads or max(1, cores // (role_processes + self.expert_hosts))
+            return self.host_threads or self.threads or share
+        return self.threads or share
 
     def host_memory_for(self, host: int) -> str:
         """The memory kind expert host `host` keeps its experts in."""

@@ -351,20 +351,35 @@ def _problem(path: Path, header: dict[str, Any]) -> str | None:
 def _remembered_hash(path: Path, dirs: list[Path]) -> str:
     """The model's content hash, remembered across starts in `<stem>.source-hash` beside the cache for as
     long as the file is unchanged (same device, inode, size and mtime, as git and ccache judge it), so a
-    start neither hashes a big file again nor pulls its expert pages back into the page cache."""
+    start neither hashes a big file again nor pulls its expert pages back into the page cache. Processes
+    starting together hash it once: the first holds `<stem>.source-hash.lock` while it hashes."""
     st = os.stat(path)
     identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
     memo_name = f"{path.stem}.source-hash"
-    for d in dirs:
-        try:
-            remembered_identity, digest = (d / memo_name).read_text().split()
-        except (OSError, ValueError):
-            continue
-        if remembered_identity == identity:
-            return digest
-    digest = content_hash(path)
-    with contextlib.suppress(OSError):  # a read-only place only costs the next start a hash
-        (_writable_dir(dirs) / memo_name).write_text(f"{identity} {digest}\n")
+
+    def remembered() -> str | None:
+        for d in dirs:
+            with contextlib.suppress(OSError, ValueError):
+                remembered_identity, digest = (d / memo_name).read_text().split()
+                if remembered_identity == identity and len(digest) == 64:
+                    return digest
+        return None
+
+    digest = remembered()
+    if digest is not None:
+        return digest
+    try:
+        memo = _writable_dir(dirs) / memo_name
+    except OSError:  # nowhere to remember it: hash on every start
+        return content_hash(path)
+    with open(memo.with_name(memo_name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        digest = remembered()  # hashed by another process while this one waited
+        if digest is None:
+            digest = content_hash(path)
+            tmp = memo.with_name(f"{memo_name}.tmp{os.getpid()}")
+            tmp.write_text(f"{identity} {digest}\n")
+            os.replace(tmp, memo)  # readers see the old line or the new one, never half of it
     return digest
 
 

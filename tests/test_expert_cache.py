@@ -133,7 +133,8 @@ def test_a_killed_builds_leftovers_are_removed(models, tmp_path):
     name = f"small-q8_0.{content_hash(models['q8_0'])[:16]}.experts"
     (tmp_path / f"{name}.tmp999999").write_bytes(b"half a cache")
     cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.lock", "small-q8_0.source-hash"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.lock", "small-q8_0.source-hash",
+                                                          "small-q8_0.source-hash.lock"]
     cache.close()
 
 
@@ -187,7 +188,8 @@ def test_processes_starting_together_build_it_once(models, tmp_path):
         assert child.exitcode == 0
     assert sorted(built for built, _, _ in outcomes) == [False, True]
     assert len({(path, inode) for _, path, inode in outcomes}) == 1
-    assert sorted(p.name.rsplit(".", 1)[-1] for p in tmp_path.iterdir()) == ["experts", "lock", "source-hash"]
+    assert sorted(p.name.rsplit(".", 1)[-1] for p in tmp_path.iterdir()) == ["experts", "lock", "lock",
+                                                                             "source-hash"]
 
 
 @pytest.mark.slow

@@ -98,3 +98,16 @@ def test_expert_regions_are_whole_pages_and_matrices_start_on_cache_lines():
     layout = ExpertLayout.build("float", [((7, 5), torch.bfloat16), ((7, 5), torch.bfloat16), ((5, 7), torch.float32)])
     assert [slots[0].offset for slots in layout.matrices] == [0, 128, 256]  # 70-byte bf16 and 140-byte fp32
     assert layout.region_nbytes == PAGE
+
+
+def test_default_threads_never_ask_for_more_than_the_cores(monkeypatch):
+    for cores, hosts in ((2, 1), (16, 1), (16, 2), (64, 4), (1, 3)):
+        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        config = Config(expert_hosts=hosts)
+        total = config.threads_for("coordinator") + config.threads_for("gpu_worker") \
+            + hosts * config.threads_for("expert_host")
+        assert total <= max(cores, 2 + hosts), (cores, hosts, total)  # one thread each at the least
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert Config(expert_hosts=1).threads_for("expert_host") == 7
+    assert Config(expert_hosts=1, host_threads=12).threads_for("expert_host") == 12
+    assert Config(expert_hosts=1, threads=3).threads_for("gpu_worker") == 3
