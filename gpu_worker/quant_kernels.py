@@ -27,6 +27,7 @@ from shared.quant import INT4_ROW_TILE, Int4Matrix, Int8Matrix
 
 QuantMatrix = Int8Matrix | Int4Matrix
 DECODE_MAX_ROWS = 16  # rows per expert the decode kernels take (one tensor-core tile of 16 rows)
+PREFILL_EXPERTS_PER_PASS = 32  # experts dequantized to bf16 at once by prefill
 # The int4 layout interleaves rows in tiles of 64: a tile's column k is 32 bytes, rows j (low nibbles) and
 # 32 + j (high nibbles); the kernels also use that every (scale, zero) pair covers 32 columns.
 _ROW_TILE = tl.constexpr(INT4_ROW_TILE)
@@ -331,15 +332,33 @@ def grouped_linear(x: torch.Tensor, w: QuantMatrix, groups: list[int], counts: l
 
 def quant_swiglu_grouped(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
                          groups: list[int], counts: list[int]) -> torch.Tensor:
-    """gpu_worker.grouped.swiglu_grouped over quantized stacks: gate, up (G, F, H) and down (G, H, F)."""
+    """gpu_worker.grouped.swiglu_grouped over quantized stacks: gate, up (G, F, H) and down (G, H, F).
+
+    Prefill dequantizes PREFILL_EXPERTS_PER_PASS experts at a time into a bf16 scratch, so the scratch stays
+    the size of that many experts (~0.3 GB at Qwen3-30B-A3B's shapes), not of every expert a long prompt uses."""
     f, h = _shape(gate)
-    plan = plan_groups(groups, counts, x.device)
     x = x.contiguous()
-    if plan.n_used == 0:
+    if not any(counts):
         return x.new_empty((x.shape[0], h))
-    if max(plan.counts) <= DECODE_MAX_ROWS:
+    if max(counts) <= DECODE_MAX_ROWS:
+        plan = plan_groups(groups, counts, x.device)
         act = decode_linear(x, gate, up, plan, x.new_empty((x.shape[0], f)))
         return decode_linear(act, down, None, plan, x.new_empty((x.shape[0], h)))
+    used = [(g, c) for g, c in zip(groups, counts, strict=True) if c > 0]
+    out = x.new_empty((x.shape[0], h))
+    start = 0
+    for i in range(0, len(used), PREFILL_EXPERTS_PER_PASS):
+        part_groups, part_counts = zip(*used[i : i + PREFILL_EXPERTS_PER_PASS], strict=True)
+        end = start + sum(part_counts)
+        out[start:end] = _prefill_swiglu(x[start:end], gate, up, down, list(part_groups), list(part_counts))
+        start = end
+    return out
+
+
+def _prefill_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
+                    groups: list[int], counts: list[int]) -> torch.Tensor:
+    f, h = _shape(gate)
+    plan = plan_groups(groups, counts, x.device)
     gate_up = x.new_empty((plan.n_used, 2 * f, h))
     dequantize_used(gate, plan, gate_up[:, :f])
     dequantize_used(up, plan, gate_up[:, f:])

@@ -96,6 +96,20 @@ def test_many_experts_decode(qk, fmt):
     assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
 
 
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_prefill_over_more_experts_than_one_pass_dequantizes(qk, fmt):
+    """A prompt whose rows reach more experts than prefill dequantizes at once: done in passes, every row right."""
+    f, h = 64, 64
+    n = qk.PREFILL_EXPERTS_PER_PASS + 9
+    gate, up, down = random_regions(fmt, n + 2, [(f, h), (f, h), (h, f)], DEVICE, seed=11)
+    groups = [g for g in range(n + 2) if g != 3]
+    counts = [17 if g % 5 == 0 else g % 4 for g in groups]  # some above the decode limit, some empty
+    x = rows(counts, h, seed=12)
+    poison_allocator(sum(counts) * 2 * f * 2)
+    y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
+    assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
+
+
 def test_decode_and_prefill_agree(qk):
     """The two regimes compute the same function: the same rows through both give near-equal outputs."""
     (w,) = random_regions("int4", 4, [MID], DEVICE, seed=11)
