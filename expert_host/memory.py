@@ -1,14 +1,15 @@
 """The memory kinds an expert host keeps experts in, and sizing them against the RAM that is free.
 
-- mapped: experts are zero-copy views of the model file's map (block-quantized ones are dequantized
-  into ordinary process memory); `prefetch` asks the kernel to read the next layer's pages ahead of use.
+- mapped: experts are zero-copy views of the model file's map (float experts) or of the expert cache file's
+  (quantized ones, in their serving format); `prefetch` asks the kernel to read pages ahead of use.
 - pinned: one shared-memory segment per host (/dev/shm, MAP_SHARED) that experts are copied into,
   registered with CUDA where the GPU DMAs from host memory, so slots fill at link speed.
 - write-combined: cudaHostAlloc(WRITECOMBINED) buffers, one per layer: DMA at link speed, but CPU reads
   are uncached and several times slower, so only for experts that are streamed, never computed here.
 
-Pinned and write-combined memory is laid out layer by layer (each layer a page-aligned region), so a
-migration can fill one layer and free the old copy of that layer before it moves on.
+Pinned and write-combined memory is laid out layer by layer (each layer a page-aligned run of the experts'
+page-aligned regions, as shared.expert_cache lays them out), so a migration can fill one layer and free the old
+copy of that layer before it moves on.
 
 A segment never outlives its process: it is unlinked from /dev/shm right after it is opened, and the fd
 and the mapping keep it alive until the process ends, however it ends (SIGKILL included). Its name
@@ -120,9 +121,6 @@ def check_kind(kind: str, caps: DeviceCaps | None) -> None:
     except ImportError:
         raise HostMemoryError("host_memory = write-combined allocates through cupy, which is not installed "
                               "(pip install 'tierserve[gpu]')") from None
-
-
-# ---- where each expert sits in a layer's region
 
 
 # ---- the two kinds of copied memory, one region per layer
@@ -266,7 +264,7 @@ def _alive(pid: int) -> bool:
     return True
 
 
-# ---- page advice over the model file's map
+# ---- page advice over the model file's and the expert cache file's maps
 
 
 def prefetch(tensors: list[torch.Tensor]) -> None:

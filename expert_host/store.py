@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import numpy as np
 import torch
 
 from expert_host import memory
@@ -21,8 +20,8 @@ class ExpertStore:
     (quantized ones), so RAM is the pages they touch; pinned and write-combined experts are copies of the
     same bytes that the host owns, migrated in one layer at a time.
 
-    Before anything is loaded, `apply` checks that the placement fits in the RAM free now (less the
-    safety floor) and raises HostMemoryError, saying what would fit, if it does not."""
+    Before anything is copied, `apply` checks that a pinned or write-combined placement fits in the RAM free
+    now (less the safety floor) and raises HostMemoryError, saying what would fit, if it does not."""
 
     def __init__(self, source: ExpertSource, host_index: int, kind: str = "mapped", floor: str = "2GiB",
                  caps: DeviceCaps | None = None) -> None:
@@ -78,8 +77,7 @@ class ExpertStore:
                 for region, e in zip(regions, wanted[layer], strict=True):
                     held = old_weights.pop((layer, e), None)
                     if held is None or self.kind == "write-combined":  # uncached CPU reads: the file is faster
-                        for offset, data in self.source.region_bytes(layer, e):
-                            np.copyto(region[offset : offset + data.nbytes].numpy(), data)
+                        self.source.fill_region(layer, e, region)
                         from_file.append(e)
                     else:
                         layout.fill(region, held)

@@ -41,7 +41,7 @@ class CostConstants:
 # machine. Serving uses the constants of the machine at hand, measured there and kept fresh by LiveConstants.
 H100_MACHINE = CostConstants(
     pcie_bw=50.9e9,  # measured H2D from pinned memory in 2 MiB chunks (54.5e9 at 64 MiB); an expert is a few MB
-    cpu_read_bw={"BF16": 27e9, "Q8_0": 75e9},  # measured torch CPU expert FFN at batch 1; int8: _weight_int8pack_mm
+    cpu_read_bw={"BF16": 27e9, "int8": 75e9},  # measured torch CPU expert FFN at batch 1; int8: _weight_int8pack_mm
     cpu_flops=4e12,  # not measured: an estimate for 16 AMX cores on expert-sized GEMMs
     round_trip_s=18.1e-6,  # measured flag-synchronised shared-memory crossing inside a CUDA graph
     gpu_flops=300e12,  # not measured: an estimate, well under the H100's bf16 peak, for small GEMMs
@@ -53,7 +53,7 @@ class ColdExpert:
     expert: int
     host: int  # owning expert host
     tokens: int  # tokens of the batch routed to it in this layer
-    nbytes: int  # its weights at their stored type
+    nbytes: int  # its weights as served (stored float, or its int8 / int4 serving format)
     dtype: str  # key of CostConstants.cpu_read_bw (see expert_format)
     flops_per_token: float  # expert_flops_per_token(cfg)
 

@@ -56,8 +56,7 @@ class HotExperts:
             return torch.stack([torch.cat([g, u]) for g, u, _ in weights]), torch.stack([d for _, _, d in weights])
         regions = torch.zeros(len(ids), layout.region_nbytes, dtype=torch.uint8, device=self.device)
         for region, e in zip(regions, ids, strict=True):
-            for offset, data in self.source.region_bytes(layer, e):
-                region[offset : offset + data.nbytes].copy_(torch.from_numpy(data.copy()))
+            self.source.fill_region(layer, e, region)
         return layout.views(regions)
 
     def apply(self, placement: Placement) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -40,12 +39,6 @@ def register_for_dma(views: list[np.ndarray]) -> bool:
         log.warning("cannot register the expert file map for DMA (%s); streaming from pageable memory", err)
         return False
     return True
-
-
-def _read_only_tensor(data: np.ndarray) -> torch.Tensor:
-    with warnings.catch_warnings():  # the map is read-only; these bytes are only ever copied from
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(data)
 
 
 class SoftPool:
@@ -84,9 +77,7 @@ class SoftPool:
     def _fill(self, slot: int, layer: int, expert: int) -> int:
         """Start copying an expert into a slot (asynchronously on a GPU); the bytes it moves."""
         if self.quantized:
-            (_, region), = self.source.region_bytes(layer, expert)
-            self.regions[slot, : region.nbytes].copy_(_read_only_tensor(region), non_blocking=True)
-            return region.nbytes
+            return self.source.fill_region(layer, expert, self.regions[slot], non_blocking=True)
         f = self.source.model.config.expert_ffn
         gate, up, down = self.source.weights(layer, expert)
         self.gate_up[slot, :f].copy_(gate, non_blocking=True)

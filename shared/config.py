@@ -89,7 +89,8 @@ class Config:
     # model if that directory is writable, else $XDG_CACHE_HOME/tierserve/experts.
     expert_cache_dir: str = ""
     # The gpu_worker times the sections of its decode steps in windows of this many steps (0: off); the last
-    # window's table is in its heartbeat load, so `tierserve stats` shows it. On a GPU it slows every step.
+    # window's per-section times are in its heartbeat load, so `tierserve stats` shows them. On a GPU it slows
+    # every step.
     profile_steps: int = 0
     log_level: str = "INFO"
 

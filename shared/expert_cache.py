@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import glob
 import hashlib
 import json
 import mmap
@@ -23,7 +24,6 @@ import shutil
 import struct
 import sys
 import time
-import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -36,7 +36,7 @@ import torch
 from shared.expert_math import ExpertWeights
 from shared.gguf_file import ZERO_COPY_TYPES, GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_name, tensor_shapes
-from shared.pages import advise
+from shared.pages import advise, read_only_tensor
 from shared.quant import (
     INT8_K_MULTIPLE,
     convert_matrix,
@@ -159,7 +159,7 @@ def expert_layouts(model: GGUFModel) -> list[ExpertLayout]:
 _HASHES: dict[tuple[str, int, int, int, int], str] = {}
 
 
-def content_hash(path: str | os.PathLike[str], workers: int | None = None) -> str:
+def content_hash(path: str | os.PathLike[str]) -> str:
     """Tree hash of a file: 64 MiB chunks hashed in parallel (hashlib releases the GIL), then the chunk digests.
     SHA-256 rather than BLAKE2b: with the SHA extensions of current x86 CPUs it hashes ~1.4 GB/s per core, twice
     BLAKE2b's ~0.7. Remembered per process for an unchanged file (same inode, size and mtime)."""
@@ -171,7 +171,7 @@ def content_hash(path: str | os.PathLike[str], workers: int | None = None) -> st
         mapped.madvise(mmap.MADV_SEQUENTIAL)
         whole = memoryview(mapped)
         chunks = [whole[i : i + HASH_CHUNK] for i in range(0, st.st_size, HASH_CHUNK)]
-        with ThreadPoolExecutor(workers or min(32, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
             digests = list(pool.map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
         for chunk in chunks:
             chunk.release()
@@ -255,7 +255,6 @@ class ExpertCache:
         except CacheError as e:
             self._mmap.close()
             raise CacheError(f"{self.path}: {e}") from None
-        self.source_hash: str = header["source_hash"]
         self.n_experts: int = header["n_experts"]
         self.formats: list[str] = header["formats"]
         self._layouts = [ExpertLayout.from_json(layout) for layout in header["layouts"]]
@@ -286,13 +285,12 @@ class ExpertCache:
         return self.region(layer, expert).ctypes.data - self._bytes.ctypes.data
 
     def weights(self, layer: int, expert: int) -> ExpertWeights:
-        with warnings.catch_warnings():  # the mapping is read-only and so are these tensors
-            warnings.simplefilter("ignore", UserWarning)
-            region = torch.from_numpy(self.region(layer, expert))
-        return self._layouts[layer].views(region)
+        return self._layouts[layer].views(read_only_tensor(self.region(layer, expert)))
 
     def close(self) -> None:
         """Unmap the file once no view of it is left (views still alive keep it mapped)."""
+        if not hasattr(self, "_bytes"):
+            return
         del self._bytes, self._data
         try:
             self._mmap.close()
@@ -333,7 +331,7 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
             return ExpertCache(target)
         if target.exists():
             print(f"expert cache: {target} {problem}; rebuilding it", file=sys.stderr)
-        for stale in target.parent.glob(f"{name}.tmp*"):  # left by a build that was killed
+        for stale in target.parent.glob(f"{glob.escape(name)}.tmp*"):  # left by a build that was killed
             stale.unlink(missing_ok=True)
         _build(model, target, header, layouts, workers, progress or _PrintProgress())
     return ExpertCache(target, built=True)

@@ -4,12 +4,14 @@ of the expert cache file. Every process gets its experts through here."""
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from shared.config import Config
 from shared.expert_cache import ExpertCache, ExpertLayout, ensure_expert_cache, expert_layouts
 from shared.expert_math import ExpertWeights
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS
+from shared.pages import read_only_tensor
 
 
 class ExpertSource:
@@ -51,6 +53,15 @@ class ExpertSource:
             return [(slots[0].offset, self.model.expert_bytes(layer, kind, expert).reshape(-1).view(np.uint8))
                     for kind, slots in zip(EXPERT_TENSOR_KINDS, layout.matrices, strict=True)]
         return [(0, self.cache.region(layer, expert))]
+
+    def fill_region(self, layer: int, expert: int, region: torch.Tensor, non_blocking: bool = False) -> int:
+        """Copy the expert's served bytes into a region of its layer's layout (a page-locked arena's, a VRAM
+        slot's); the bytes copied. non_blocking: a DMA from registered pages into VRAM that the caller orders."""
+        copied = 0
+        for offset, data in self.region_bytes(layer, expert):
+            region[offset : offset + data.nbytes].copy_(read_only_tensor(data), non_blocking=non_blocking)
+            copied += data.nbytes
+        return copied
 
     def expert_nbytes(self, layer: int) -> int:
         """Bytes of one expert as served (its tensors; its region is `layout(layer).region_nbytes`)."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from shared.model_config import (
     expert_tensor_name,
     tensor_shapes,
 )
+from shared.pages import read_only_tensor
 
 Q = GGMLQuantizationType
 SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_K, Q.Q5_K, Q.Q6_K)
@@ -124,15 +124,9 @@ class GGUFModel:
         if t.tensor_type not in ZERO_COPY_TYPES:
             return self.expert(layer, kind, index)
         raw = np.asarray(t.data[index])
-        with warnings.catch_warnings():  # the mapping is read-only and so are these tensors
-            warnings.simplefilter("ignore", UserWarning)
-            if t.tensor_type == Q.BF16:
-                return torch.from_numpy(raw.view(np.int16)).view(torch.bfloat16)
-            return torch.from_numpy(raw)
-
-    def expert_dtype(self, layer: int, kind: str) -> torch.dtype:
-        """The dtype `expert_view` gives for this expert tensor (float32 for block-quantized ones)."""
-        return ZERO_COPY_TYPES.get(self.qtype(expert_tensor_name(layer, kind)), torch.float32)
+        if t.tensor_type == Q.BF16:
+            return read_only_tensor(raw.view(np.int16)).view(torch.bfloat16)
+        return read_only_tensor(raw)
 
     def expert_nbytes(self, layer: int) -> int:
         """Stored bytes of one expert (gate, up and down) of a layer."""

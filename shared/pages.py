@@ -1,10 +1,15 @@
-"""Advice to the kernel about pages of memory-mapped files (madvise over any address range)."""
+"""Pages of memory-mapped files: advice to the kernel about them (madvise over any address range), and
+tensors over read-only mappings."""
 
 from __future__ import annotations
 
 import ctypes
 import mmap
 import os
+import warnings
+
+import numpy as np
+import torch
 
 PAGE = mmap.PAGESIZE
 
@@ -18,3 +23,11 @@ def advise(address: int, nbytes: int, advice: int) -> None:
     if _libc.madvise(start, address + nbytes - start, advice) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"madvise: {os.strerror(err)}")
+
+
+def read_only_tensor(array: np.ndarray) -> torch.Tensor:
+    """A tensor over a read-only mapping's pages, zero-copy. torch warns that it cannot mark tensors
+    read-only; these are only ever read (computed from, or copied from into VRAM or page-locked memory)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(array)

@@ -33,13 +33,13 @@ from shared.model_config import ModelConfig, tensor_shapes
 QWEN3_30B, _ = preset_config("qwen3-30b-a3b")
 FLOPS = expert_flops_per_token(QWEN3_30B)
 PARAMS = QWEN3_30B.expert_params
-INT8_BYTES = PARAMS * 34 // 32  # Q8_0: 32 int8 values and one fp16 scale per block
+INT8_BYTES = PARAMS + 2 * (2 * 768 + 2048)  # int8: a byte per weight and a bf16 scale per row (gate, up, down)
 BF16_BYTES = PARAMS * 2
-EXPERT_BYTES = {"BF16": BF16_BYTES, "Q8_0": INT8_BYTES, "Q4_K": PARAMS * 144 // 256}  # Q4_K: 144 bytes per 256
+EXPERT_BYTES = {"BF16": BF16_BYTES, "int8": INT8_BYTES, "int4": PARAMS * 5 // 8}  # int4: 5 bits per weight
 
 
 def experts(n: int, tokens: int | list[int], host: int | list[int] = 0, nbytes: int = INT8_BYTES,
-            dtype: str = "Q8_0") -> list[ColdExpert]:
+            dtype: str = "int8") -> list[ColdExpert]:
     tokens = tokens if isinstance(tokens, list) else [tokens] * n
     host = host if isinstance(host, list) else [host] * n
     return [ColdExpert(e, host[e], tokens[e], nbytes, dtype, FLOPS) for e in range(n)]
@@ -116,7 +116,7 @@ def test_a_slow_link_is_left_out():
     slow_pcie = dataclasses.replace(H100_MACHINE, pcie_bw=1e8)
     plan = plan_layer(cold, slow_pcie)
     assert plan.cpu_share == 1.0 and plan.stream_s == 0.0
-    slow_cpu = dataclasses.replace(H100_MACHINE, cpu_read_bw={"Q8_0": 1e8})
+    slow_cpu = dataclasses.replace(H100_MACHINE, cpu_read_bw={"int8": 1e8})
     plan = plan_layer(cold, slow_cpu)
     assert plan.stream_share == 1.0 and plan.cpu_s == {0: 0.0}
     check_accounting(plan, cold, slow_cpu)
@@ -130,7 +130,7 @@ def test_two_hosts_with_uneven_loads_stream_from_the_busy_one():
     assert plan.stream and set(plan.stream) <= set(range(40))
     assert plan.cpu_s[1] < plan.cpu_s[0]
     # The busy host and the link are balanced to within one expert's time on either.
-    one = max(INT8_BYTES / H100_MACHINE.pcie_bw, INT8_BYTES / H100_MACHINE.cpu_read_bw["Q8_0"])
+    one = max(INT8_BYTES / H100_MACHINE.pcie_bw, INT8_BYTES / H100_MACHINE.cpu_read_bw["int8"])
     assert abs(plan.cpu_s[0] - plan.stream_s) <= one * 1.01
 
 
@@ -141,8 +141,8 @@ def test_no_cold_experts_is_an_empty_plan():
 
 
 def test_an_expert_dtype_without_a_cpu_rate_is_named():
-    with pytest.raises(ValueError, match="no CPU read rate for expert dtype 'Q4_K'"):
-        plan_layer(experts(2, 1, dtype="Q4_K"), H100_MACHINE)
+    with pytest.raises(ValueError, match="no CPU read rate for expert dtype 'int4'"):
+        plan_layer(experts(2, 1, dtype="int4"), H100_MACHINE)
 
 
 def test_the_plan_does_not_depend_on_the_order_of_its_input():
@@ -158,12 +158,12 @@ def test_the_plan_does_not_depend_on_the_order_of_its_input():
 
 def random_case(rng: random.Random, max_experts: int) -> tuple[list[ColdExpert], CostConstants]:
     c = CostConstants(
-        pcie_bw=rng.uniform(5e9, 60e9), cpu_read_bw={"BF16": rng.uniform(5e9, 100e9), "Q8_0": rng.uniform(5e9, 100e9)},
+        pcie_bw=rng.uniform(5e9, 60e9), cpu_read_bw={"BF16": rng.uniform(5e9, 100e9), "int8": rng.uniform(5e9, 100e9)},
         cpu_flops=rng.uniform(1e11, 1e13), round_trip_s=rng.uniform(0.0, 1e-4), gpu_flops=rng.uniform(1e13, 1e15),
     )
     n_hosts = rng.randint(1, 3)
     cold = [ColdExpert(e, rng.randrange(n_hosts), rng.choice([1, 1, 2, 3, 8, 64, 300]), rng.randint(1, 20) << 20,
-                       rng.choice(["BF16", "Q8_0"]), FLOPS) for e in range(rng.randint(1, max_experts))]
+                       rng.choice(["BF16", "int8"]), FLOPS) for e in range(rng.randint(1, max_experts))]
     return cold, c
 
 
@@ -201,7 +201,7 @@ def test_the_plan_is_within_one_expert_per_host_of_the_optimum():
 # --- constants that follow the machine
 
 
-TRUE = CostConstants(pcie_bw=31e9, cpu_read_bw={"BF16": 19e9, "Q8_0": 52e9, "Q4_K": 88e9}, cpu_flops=1.5e12,
+TRUE = CostConstants(pcie_bw=31e9, cpu_read_bw={"BF16": 19e9, "int8": 52e9, "int4": 88e9}, cpu_flops=1.5e12,
                      round_trip_s=45e-6, gpu_flops=H100_MACHINE.gpu_flops)
 
 
@@ -245,7 +245,7 @@ def test_live_constants_converge_to_the_machine_and_follow_it_when_it_changes():
     rng = random.Random(11)
     live = LiveConstants(H100_MACHINE)
     feed(live, TRUE, rng, 600, tokens=(1, 1, 2, 3, 16, 128))
-    assert_close(live.current, TRUE, rel=0.05)  # Q4_K was never measured at start-up: learnt from the stream
+    assert_close(live.current, TRUE, rel=0.05)  # int4 was never measured at start-up: learnt from the stream
     # The CPU gets busy with something else and a link slows down: the constants move with them.
     slower = dataclasses.replace(TRUE, pcie_bw=20e9, cpu_read_bw={d: bw / 2 for d, bw in TRUE.cpu_read_bw.items()},
                                  round_trip_s=80e-6)
