@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from shared.expert_cache import ExpertLayout
+from shared.expert_math import ExpertWeights
 
 
 def swiglu_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, groups: list[int],
@@ -23,7 +24,8 @@ def swiglu_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, g
     return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
 
 
-def experts_grouped(x: torch.Tensor, stack: tuple, groups: list[int], counts: list[int]) -> torch.Tensor:
+def experts_grouped(x: torch.Tensor, stack: ExpertWeights | tuple[torch.Tensor, torch.Tensor], groups: list[int],
+                    counts: list[int]) -> torch.Tensor:
     """A stack of experts in either form the worker keeps on a GPU: bf16 (gate_up, down) for
     swiglu_grouped, or quantized (gate, up, down) views of cache regions for the int8 / int4 kernels."""
     if len(stack) == 2:
