@@ -8,8 +8,8 @@ count (1, 2, 4, ... up to every core), one full expert FFN (gate, up, SwiGLU, do
 activations, rotating over 64 experts laid out as the expert cache serves them (ExpertLayout regions of one
 uint8 buffer, ~300 MB in int8) so that the weights come from RAM, not from the caches. GB/s counts the
 weight bytes an expert is stored as (codes and scales); the % is of `cpu_read_bandwidth` with the same thread
-count, measured in the same run. Both are the best of a few rounds: what the machine can do, not what it did
-while something else ran.
+count, measured in the same run. Both are the best of a few sweeps through every case: what the machine can
+do, not what it did while something else ran.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Settings:
     bandwidth_bytes: int  # buffer cpu_read_bandwidth sums
 
 
-FULL = Settings(ffn=768, hidden=2048, experts=64, rounds=3, bandwidth_bytes=2 << 30)  # Qwen3-30B-A3B experts
+FULL = Settings(ffn=768, hidden=2048, experts=64, rounds=5, bandwidth_bytes=2 << 30)  # Qwen3-30B-A3B experts
 QUICK = Settings(ffn=128, hidden=256, experts=8, rounds=1, bandwidth_bytes=64 << 20)
 
 
@@ -69,17 +69,12 @@ def served_experts(fmt: str, settings: Settings, seed: int = 0) -> tuple[ExpertL
     return layout, [layout.views(buf[e]) for e in range(settings.experts)]
 
 
-def seconds_per_expert(x: torch.Tensor, experts: list[ExpertWeights], rounds: int) -> float:
-    """Best over `rounds` passes of one quantized_ffn per expert, after an untimed pass (first-call setup)."""
+def seconds_per_expert(x: torch.Tensor, experts: list[ExpertWeights]) -> float:
+    """Seconds of one quantized_ffn per expert, over one pass through all of them."""
+    start = time.perf_counter()
     for weights in experts:
         quantized_ffn(x, *weights)
-    best = float("inf")
-    for _ in range(rounds):
-        start = time.perf_counter()
-        for weights in experts:
-            quantized_ffn(x, *weights)
-        best = min(best, (time.perf_counter() - start) / len(experts))
-    return best
+    return (time.perf_counter() - start) / len(experts)
 
 
 @dataclass(frozen=True)
@@ -96,9 +91,15 @@ class Result:
         return self.weight_bytes / self.seconds
 
     def cells(self) -> tuple[str, ...]:
-        return (self.label, str(self.rows), str(self.threads), f"{self.seconds * 1e6:.0f}",
-                f"{self.rows / self.seconds:.0f}", f"{self.bytes_per_second / 1e9:.2f}",
-                f"{self.read_bandwidth / 1e9:.1f}", f"{100 * self.bytes_per_second / self.read_bandwidth:.0f}%")
+        share = 100 * self.bytes_per_second / self.read_bandwidth
+        return (self.label, str(self.rows), str(self.threads), figure(self.seconds * 1e6),
+                figure(self.rows / self.seconds), figure(self.bytes_per_second / 1e9),
+                figure(self.read_bandwidth / 1e9), f"{figure(share)}%")
+
+
+def figure(value: float) -> str:
+    """Three significant digits, or whole numbers from 100 up: a slow case still reads as a positive number."""
+    return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
 HEAD = ("format", "rows", "threads", "us per expert FFN", "rows/s", "GB/s of weight bytes", "read bandwidth GB/s",
@@ -106,23 +107,30 @@ HEAD = ("format", "rows", "threads", "us per expert FFN", "rows/s", "GB/s of wei
 
 
 def measure(settings: Settings, threads: list[int]) -> list[Result]:
+    """Every (format, rows, threads) case timed once per sweep, `settings.rounds` sweeps, the best of each case
+    kept (and the best read bandwidth per thread count): spreading a case's rounds over the run keeps a burst of
+    other work on the machine from spoiling all of them."""
     served = {label: served_experts(fmt, settings) for label, fmt in FORMATS.items()}
+    inputs = {rows: torch.randn(rows, settings.hidden).to(torch.bfloat16) for rows in ROWS}
+    bandwidth: dict[int, float] = {}
+    best: dict[tuple[str, int, int], float] = {}
     before = torch.get_num_threads()
-    results = []
     try:
-        for n in threads:
-            bandwidth = cpu_read_bandwidth(settings.bandwidth_bytes, threads=n)
-            torch.set_num_threads(n)
-            print(f"{n} threads: read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
-            for label, (layout, experts) in served.items():
-                for rows in ROWS:
-                    x = torch.randn(rows, settings.hidden).to(torch.bfloat16)
-                    seconds = seconds_per_expert(x, experts, settings.rounds)
-                    results.append(Result(label, rows, n, seconds, layout.expert_nbytes, bandwidth))
-                    print(" | ".join(results[-1].cells()), flush=True)
+        for sweep in range(settings.rounds):
+            for n in threads:
+                bandwidth[n] = max(bandwidth.get(n, 0.0), cpu_read_bandwidth(settings.bandwidth_bytes, threads=n))
+                torch.set_num_threads(n)
+                for label, (_, experts) in served.items():
+                    for rows, x in inputs.items():
+                        if sweep == 0:  # untimed: first-call setup (oneDNN primitives, thread pools)
+                            seconds_per_expert(x, experts)
+                        seconds = seconds_per_expert(x, experts)
+                        best[label, rows, n] = min(best.get((label, rows, n), float("inf")), seconds)
+            print(f"sweep {sweep + 1} of {settings.rounds} done", flush=True)
     finally:
         torch.set_num_threads(before)
-    return results
+    return [Result(label, rows, n, seconds, served[label][0].expert_nbytes, bandwidth[n])
+            for (label, rows, n), seconds in best.items()]
 
 
 def markdown_table(results: list[Result]) -> str:
@@ -150,12 +158,12 @@ def report(results: list[Result], settings: Settings, command: str) -> str:
     return "\n".join([
         f"Command: `{command}` on {machine_name()}.",
         "",
-        f"One expert FFN (gate ({f}, {h}), up ({f}, {h}), down ({h}, {f}), SwiGLU) through shared.quant.quantized_ffn "
-        f"on bf16 activations, rotating over {settings.experts} experts in the expert cache's region layout so the "
-        "weights come from RAM; best of "
-        f"{settings.rounds} passes. GB/s counts the bytes an expert is stored as (codes + scales; bf16 values for "
-        "the float path); read bandwidth is `cpu_read_bandwidth` (torch summing a "
-        f"{settings.bandwidth_bytes >> 20} MiB float32 buffer) with the same thread count, measured in the same run.",
+        f"One expert FFN (gate ({f}, {h}), up ({f}, {h}), down ({h}, {f}), SwiGLU) through "
+        f"shared.quant.quantized_ffn on bf16 activations, rotating over {settings.experts} experts in the expert "
+        f"cache's region layout so the weights come from RAM; the best of {settings.rounds} passes, one per sweep "
+        "through every case. GB/s counts the bytes an expert is stored as (codes + scales; bf16 values for the "
+        f"float path); read bandwidth is `cpu_read_bandwidth` (torch summing a {settings.bandwidth_bytes >> 20} MiB "
+        "float32 buffer) with the same thread count, the best of its measurements in the same run.",
         "",
         markdown_table(results),
         "",
