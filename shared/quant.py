@@ -28,6 +28,7 @@ FORMATS = ("float", "int8", "int4")
 INT4_GROUP = 32  # values sharing one (scale, zero) pair
 INT4_ROW_TILE = 64  # torch's CPU int4 layout interleaves rows in tiles of 64
 INT8_K_MULTIPLE = 16  # torch's CPU int8 kernel reads rows in chunks of 16 (other K give wrong results)
+INT8_DEQUANTIZE_ROWS = 16  # from this many rows on, int8 runs as a bf16 GEMM over the converted codes
 
 
 class Int8Matrix(NamedTuple):
@@ -89,6 +90,8 @@ def linear(x: torch.Tensor, m: Matrix) -> torch.Tensor:
     """x @ W.T in x's dtype. Quantized matrices run torch's CPU kernels on bf16 activations (the kernels'
     fast path); on a GPU the worker's grouped kernels read these bytes instead."""
     if isinstance(m, torch.Tensor):
+        if m.dtype == torch.bfloat16 and m.device.type == "cpu" and x.numel() == x.shape[-1]:
+            return _bf16_row_linear(x, m)
         return (x.to(m.dtype) @ m.T).to(x.dtype)
     if m[0].device.type != "cpu":
         raise NotImplementedError("quantized experts on a GPU are computed by gpu_worker's grouped int8/int4 "
@@ -98,15 +101,33 @@ def linear(x: torch.Tensor, m: Matrix) -> torch.Tensor:
     if isinstance(m, Int8Matrix):
         if k % INT8_K_MULTIPLE:
             raise ValueError(f"int8 matrices need K % {INT8_K_MULTIPLE} == 0 for torch's CPU kernel, got K = {k}")
-        y = torch._weight_int8pack_mm(rows, m.q, m.scale)
+        if rows.shape[0] >= INT8_DEQUANTIZE_ROWS:
+            # torch's int8 kernel decodes the whole matrix again for every 4 rows, so past a few rows one
+            # conversion of the codes to bf16 and oneDNN's GEMM is faster (bench/cpu_kernels.md)
+            y = F.linear(rows, m.q.to(torch.bfloat16)) * m.scale
+        else:
+            y = torch._weight_int8pack_mm(rows, m.q, m.scale)
     else:
         y = torch._weight_int4pack_mm_for_cpu(rows, m.packed, INT4_GROUP, m.scale_zero)
     return y.to(x.dtype).reshape(*x.shape[:-1], n)
 
 
+def _bf16_row_linear(x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """One row through bf16 weights on the CPU by ATen's own gemv, which reads the weights at about twice the speed
+    of oneDNN's bf16 matmul (bench/cpu_kernels.md). oneDNN is a process-wide switch, set back at once: no process
+    computes experts from two threads."""
+    enabled = torch.backends.mkldnn.enabled
+    torch.backends.mkldnn.enabled = False
+    try:
+        return (x.to(m.dtype) @ m.T).to(x.dtype)
+    finally:
+        torch.backends.mkldnn.enabled = enabled
+
+
 def quantized_ffn(x: torch.Tensor, gate: Matrix, up: Matrix, down: Matrix) -> torch.Tensor:
     """SwiGLU feed-forward down(silu(gate x) * up x), the oracle's expert_ffn for any matrix format
-    (for float weights of x's dtype the very same operations, so the same bits)."""
+    (for float weights of x's dtype the very same operations, so the same bits, but for a single row on bf16
+    weights, which takes ATen's gemv)."""
     return linear(F.silu(linear(x, gate)) * linear(x, up), down)
 
 
