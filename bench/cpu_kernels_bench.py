@@ -9,7 +9,8 @@ activations, rotating over 64 experts laid out as the expert cache serves them (
 uint8 buffer, ~300 MB in int8) so that the weights come from RAM, not from the caches. GB/s counts the
 weight bytes an expert is stored as (codes and scales); the % is of `cpu_read_bandwidth` with the same thread
 count, measured in the same run. Both are the best of a few sweeps through every case: what the machine can
-do, not what it did while something else ran.
+do, not what it did while something else ran. A last column gives each format's call floor: the same call on
+experts small enough that their weights take no time.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -30,6 +31,7 @@ from shared.quant import matrix_tensors, quantized_ffn
 
 FORMATS = {"int8": "int8", "int4": "int4", "bf16": "float"}  # label -> serving format
 ROWS = (1, 4, 16, 64)
+FLOOR_SIZE = 64  # experts of (64, 64) matrices: their FFN time is Python, dispatch and thread start-up
 
 
 @dataclass(frozen=True)
@@ -37,12 +39,12 @@ class Settings:
     ffn: int  # gate / up rows, down columns
     hidden: int  # gate / up columns, down rows
     experts: int  # experts rotated over, so that their weights outgrow the caches
-    rounds: int  # timed passes over the experts (the best counts)
+    sweeps: int  # passes through every case, each timing one pass over the experts (the best counts)
     bandwidth_bytes: int  # buffer cpu_read_bandwidth sums
 
 
-FULL = Settings(ffn=768, hidden=2048, experts=64, rounds=5, bandwidth_bytes=2 << 30)  # Qwen3-30B-A3B experts
-QUICK = Settings(ffn=128, hidden=256, experts=8, rounds=1, bandwidth_bytes=64 << 20)
+FULL = Settings(ffn=768, hidden=2048, experts=64, sweeps=5, bandwidth_bytes=2 << 30)  # Qwen3-30B-A3B experts
+QUICK = Settings(ffn=128, hidden=256, experts=8, sweeps=1, bandwidth_bytes=64 << 20)
 
 
 def thread_counts(cores: int) -> list[int]:
@@ -69,8 +71,12 @@ def served_experts(fmt: str, settings: Settings, seed: int = 0) -> tuple[ExpertL
     return layout, [layout.views(buf[e]) for e in range(settings.experts)]
 
 
-def seconds_per_expert(x: torch.Tensor, experts: list[ExpertWeights]) -> float:
-    """Seconds of one quantized_ffn per expert, over one pass through all of them."""
+def seconds_per_expert(x: torch.Tensor, experts: list[ExpertWeights], warm_up: bool = False) -> float:
+    """Seconds of one quantized_ffn per expert, over one pass through all of them (after an untimed one if
+    `warm_up`: first-call setup, oneDNN primitives and thread pools)."""
+    if warm_up:
+        for weights in experts:
+            quantized_ffn(x, *weights)
     start = time.perf_counter()
     for weights in experts:
         quantized_ffn(x, *weights)
@@ -85,6 +91,7 @@ class Result:
     seconds: float  # per expert FFN
     weight_bytes: int  # per expert
     read_bandwidth: float  # bytes/s, same threads
+    floor_seconds: float  # the same call, one row, on experts small enough to stay in cache
 
     @property
     def bytes_per_second(self) -> float:
@@ -94,7 +101,7 @@ class Result:
         share = 100 * self.bytes_per_second / self.read_bandwidth
         return (self.label, str(self.rows), str(self.threads), figure(self.seconds * 1e6),
                 figure(self.rows / self.seconds), figure(self.bytes_per_second / 1e9),
-                figure(self.read_bandwidth / 1e9), f"{figure(share)}%")
+                figure(self.read_bandwidth / 1e9), f"{figure(share)}%", figure(self.floor_seconds * 1e6))
 
 
 def figure(value: float) -> str:
@@ -103,33 +110,38 @@ def figure(value: float) -> str:
 
 
 HEAD = ("format", "rows", "threads", "us per expert FFN", "rows/s", "GB/s of weight bytes", "read bandwidth GB/s",
-        "% of read bandwidth")
+        "% of read bandwidth", f"call floor us ({FLOOR_SIZE}x{FLOOR_SIZE} experts)")
 
 
 def measure(settings: Settings, threads: list[int]) -> list[Result]:
-    """Every (format, rows, threads) case timed once per sweep, `settings.rounds` sweeps, the best of each case
-    kept (and the best read bandwidth per thread count): spreading a case's rounds over the run keeps a burst of
-    other work on the machine from spoiling all of them."""
+    """Every (format, rows, threads) case timed once per sweep, `settings.sweeps` sweeps, the best of each case
+    kept (and the best read bandwidth per thread count): spreading a case's passes over the run keeps a burst of
+    other work on the machine from spoiling all of them. Also each format's call floor per thread count: one row
+    through experts small enough that the weights take no time."""
     served = {label: served_experts(fmt, settings) for label, fmt in FORMATS.items()}
+    tiny = replace(settings, ffn=FLOOR_SIZE, hidden=FLOOR_SIZE)
+    served_tiny = {label: served_experts(fmt, tiny)[1] for label, fmt in FORMATS.items()}
     inputs = {rows: torch.randn(rows, settings.hidden).to(torch.bfloat16) for rows in ROWS}
+    tiny_row = torch.randn(1, FLOOR_SIZE).to(torch.bfloat16)
     bandwidth: dict[int, float] = {}
     best: dict[tuple[str, int, int], float] = {}
+    floor: dict[tuple[str, int], float] = {}
     before = torch.get_num_threads()
     try:
-        for sweep in range(settings.rounds):
+        for sweep in range(settings.sweeps):
             for n in threads:
                 bandwidth[n] = max(bandwidth.get(n, 0.0), cpu_read_bandwidth(settings.bandwidth_bytes, threads=n))
                 torch.set_num_threads(n)
                 for label, (_, experts) in served.items():
+                    seconds = seconds_per_expert(tiny_row, served_tiny[label], warm_up=sweep == 0)
+                    floor[label, n] = min(floor.get((label, n), float("inf")), seconds)
                     for rows, x in inputs.items():
-                        if sweep == 0:  # untimed: first-call setup (oneDNN primitives, thread pools)
-                            seconds_per_expert(x, experts)
-                        seconds = seconds_per_expert(x, experts)
+                        seconds = seconds_per_expert(x, experts, warm_up=sweep == 0)
                         best[label, rows, n] = min(best.get((label, rows, n), float("inf")), seconds)
-            print(f"sweep {sweep + 1} of {settings.rounds} done", flush=True)
+            print(f"sweep {sweep + 1} of {settings.sweeps} done", flush=True)
     finally:
         torch.set_num_threads(before)
-    return [Result(label, rows, n, seconds, served[label][0].expert_nbytes, bandwidth[n])
+    return [Result(label, rows, n, seconds, served[label][0].expert_nbytes, bandwidth[n], floor[label, n])
             for (label, rows, n), seconds in best.items()]
 
 
@@ -160,10 +172,12 @@ def report(results: list[Result], settings: Settings, command: str) -> str:
         "",
         f"One expert FFN (gate ({f}, {h}), up ({f}, {h}), down ({h}, {f}), SwiGLU) through "
         f"shared.quant.quantized_ffn on bf16 activations, rotating over {settings.experts} experts in the expert "
-        f"cache's region layout so the weights come from RAM; the best of {settings.rounds} passes, one per sweep "
+        f"cache's region layout so the weights come from RAM; the best of {settings.sweeps} passes, one per sweep "
         "through every case. GB/s counts the bytes an expert is stored as (codes + scales; bf16 values for the "
         f"float path); read bandwidth is `cpu_read_bandwidth` (torch summing a {settings.bandwidth_bytes >> 20} MiB "
-        "float32 buffer) with the same thread count, the best of its measurements in the same run.",
+        "float32 buffer) with the same thread count, the best of its measurements in the same run. The call floor "
+        f"is the same FFN call on one row through ({FLOOR_SIZE}, {FLOOR_SIZE}) experts that stay in cache: Python, "
+        "dispatch and thread start-up, which every expert FFN pays whatever its size.",
         "",
         markdown_table(results),
         "",
