@@ -53,10 +53,6 @@ class Int4Matrix(NamedTuple):
 Matrix = torch.Tensor | Int8Matrix | Int4Matrix
 
 
-def matrix_format(m: Matrix) -> str:
-    return "int8" if isinstance(m, Int8Matrix) else "int4" if isinstance(m, Int4Matrix) else "float"
-
-
 def matrix_tensors(m: Matrix) -> list[torch.Tensor]:
     """The tensors a matrix is stored as, in layout order."""
     return [m] if isinstance(m, torch.Tensor) else list(m)
