@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import textwrap
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -167,21 +168,17 @@ def machine_name() -> str:
 
 def report(results: list[Result], settings: Settings, command: str) -> str:
     f, h = settings.ffn, settings.hidden
-    return "\n".join([
-        f"Command: `{command}` on {machine_name()}.",
-        "",
-        f"One expert FFN (gate ({f}, {h}), up ({f}, {h}), down ({h}, {f}), SwiGLU) through "
-        f"shared.quant.quantized_ffn on bf16 activations, rotating over {settings.experts} experts in the expert "
-        f"cache's region layout so the weights come from RAM; the best of {settings.sweeps} passes, one per sweep "
-        "through every case. GB/s counts the bytes an expert is stored as (codes + scales; bf16 values for the "
-        f"float path); read bandwidth is `cpu_read_bandwidth` (torch summing a {settings.bandwidth_bytes >> 20} MiB "
-        "float32 buffer) with the same thread count, the best of its measurements in the same run. The call floor "
-        f"is the same FFN call on one row through ({FLOOR_SIZE}, {FLOOR_SIZE}) experts that stay in cache: Python, "
-        "dispatch and thread start-up, which every expert FFN pays whatever its size.",
-        "",
-        markdown_table(results),
-        "",
-    ])
+    method = (
+        f"One expert FFN (gate ({f}, {h}), up ({f}, {h}), down ({h}, {f}), SwiGLU) through shared.quant.quantized_ffn "
+        f"on bf16 activations, rotating over {settings.experts} experts in the expert cache's region layout so the "
+        f"weights come from RAM; the best of {settings.sweeps} passes, one per sweep through every case. GB/s counts "
+        "the bytes an expert is stored as (codes + scales; bf16 values for the float path); read bandwidth is "
+        f"`cpu_read_bandwidth` (torch summing a {settings.bandwidth_bytes >> 20} MiB float32 buffer) with the same "
+        "thread count, the best of its measurements in the same run. The call floor is the same FFN call on one row "
+        f"through ({FLOOR_SIZE}, {FLOOR_SIZE}) experts that stay in cache: Python, dispatch and thread start-up, "
+        "which every expert FFN pays whatever its size.")
+    return "\n".join([f"Command: `{command}` on {machine_name()}.", "", textwrap.fill(method, width=115), "",
+                      markdown_table(results), ""])
 
 
 def main() -> None:
