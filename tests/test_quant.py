@@ -16,11 +16,13 @@ from shared.gguf_write import write_model
 from shared.make_model import make_model
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelConfig, expert_tensor_name, tensor_shapes
 from shared.quant import (
+    INT8_DEQUANTIZE_ROWS,
     Int4Matrix,
     Int8Matrix,
     dequantize_matrix,
     int4_from_blocks,
     int8_from_blocks,
+    int8_from_float,
     layer_format,
     linear,
     pack_int4,
@@ -232,3 +234,25 @@ def test_forward_with_quantized_experts_stays_close_to_the_oracle(small_models, 
     assert nats < 0.01
     assert int((~same).sum()) <= 4
     assert 0 < float(error[same].max()) < max_logit_error  # > 0: the quantized path really ran
+
+
+@pytest.mark.parametrize("rows", [INT8_DEQUANTIZE_ROWS - 1, INT8_DEQUANTIZE_ROWS, 64])
+def test_int8_linear_is_within_its_bound_on_both_sides_of_the_dequantize_threshold(rows):
+    gen = torch.Generator().manual_seed(rows)
+    m = int8_from_float(torch.randn(256, 512, generator=gen) * 0.05)
+    x = torch.randn(rows, 512, generator=gen)
+    expected = x.bfloat16().float() @ dequantize_matrix(m).T
+    got = linear(x, m)
+    assert got.dtype == torch.float32 and got.shape == (rows, 256)
+    assert (got - expected).abs().max() <= 2.0**-7 * expected.abs().max()
+
+def test_one_row_on_bf16_weights_takes_the_gemv_and_leaves_onednn_as_it_was():
+    gen = torch.Generator().manual_seed(3)
+    w = (torch.randn(96, 256, generator=gen) * 0.05).bfloat16()
+    x = torch.randn(2, 256, generator=gen)
+    expected = x.bfloat16().float() @ w.float().T
+    for row in (x[:1], x[0]):  # a (1, K) batch and the oracle's lone 1-D row
+        got = linear(row, w)
+        assert got.shape == (*row.shape[:-1], 96)
+        assert (got.reshape(-1) - expected[0]).abs().max() <= 2.0**-7 * expected[0].abs().max()
+    assert torch.backends.mkldnn.enabled
