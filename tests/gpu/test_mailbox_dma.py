@@ -6,22 +6,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-import zmq
 
 from gpu_worker.remote import ExpertHostError, RemoteExperts
 from shared.client import Client
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
-from shared.mailbox import mailbox_path
 from shared.make_model import make_model
 from shared.reference import ReferenceModel
-from tests.test_mailbox import Host, expected, stop_host, stop_leftovers_and_check
+from tests import test_mailbox
+from tests.test_mailbox import Host, expected, stop_host
 
 pytestmark = [
     pytest.mark.gpu,
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 CUDA = torch.device("cuda")
+remote = test_mailbox.remote  # the fixture: a RemoteExperts whose host answers only through the mailbox
 CUDA_MEMORY_TYPE_HOST = 1  # cudaPointerAttributes.type of page-locked (registered or allocated) host memory
 
 
@@ -29,18 +29,6 @@ def host_memory_type(tensor: torch.Tensor) -> int:
     import cupy
 
     return cupy.cuda.runtime.pointerGetAttributes(tensor.data_ptr()).type
-
-
-@pytest.fixture
-def remote(tmp_path):
-    """A RemoteExperts whose one host endpoint nobody binds: only the mailbox can answer."""
-    ctx = zmq.Context()
-    endpoint = f"ipc://{tmp_path}/expert-host-0.sock"
-    remote = RemoteExperts(ctx, [endpoint], timeout_s=0.5)
-    yield remote, mailbox_path(endpoint)
-    remote.close()
-    ctx.term()
-    stop_leftovers_and_check(mailbox_path(endpoint))
 
 
 def exchange(remote: RemoteExperts, layer: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
