@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The GPU machine's whole benchmark session in one go, in the order that keeps measurements clean:
+# the GPU tests, then llama-bench built with nothing else running, then per model: generate, convert the
+# experts, and `tierserve bench` against llama.cpp.
+#
+#   bench/gpu_machine_run.sh LLAMA_CPP_SOURCE OUT_DIR [PRESET_DTYPE:BUDGET ...]
+#
+# LLAMA_CPP_SOURCE is llama.cpp's source tree (e.g. vendor/llama.cpp of the llama-cpp-python sdist, see
+# bench/README.md); the default models are qwen3-30b-a3b in q4_0 with a 4 GB expert budget, then q8_0 with 8 GB.
+# Each model is deleted after its run: the two with their expert caches would not fit a 64 GB disk together.
+set -euo pipefail
+LLAMA_SRC=${1:?llama.cpp source directory}
+OUT=${2:?output directory}
+shift 2
+RUNS=("$@")
+[ ${#RUNS[@]} -eq 0 ] && RUNS=(q4_0:4GB q8_0:8GB)
+TS="python3 -m shared.cli"
+MODELS=${MODELS:-/tmp/tierserve-models}
+BUILD=${BUILD:-/tmp/llama-build}
+mkdir -p "$OUT" "$MODELS"
+start=$SECONDS
+stamp() { echo "[$((SECONDS - start)) s] $*"; }
+
+python3 -m pytest -m gpu tests/gpu -p no:cacheprovider -q > "$OUT/gpu_tests.log" 2>&1 || true
+stamp "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"
+
+cmake -S "$LLAMA_SRC" -B "$BUILD" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF > "$OUT/llama_build.log" 2>&1
+cmake --build "$BUILD" --target llama-bench -j "$(nproc)" >> "$OUT/llama_build.log" 2>&1
+stamp "llama-bench built"
+
+for run in "${RUNS[@]}"; do
+  dtype=${run%%:*}
+  budget=${run##*:}
+  model="$MODELS/qwen3-30b-a3b-$dtype.gguf"
+  $TS make-model "$model" --preset qwen3-30b-a3b --dtype "$dtype" --routing-skew 1.0 --seed 0
+  $TS convert-experts "$model"
+  stamp "$dtype model and expert cache ready"
+  $TS bench --model "$model" --expert-budget "$budget" --expert-hosts 1 --soft-slots 64 --cold-path auto \
+    --profile-steps 8 --llama-cpp "$BUILD" --out "$OUT/$dtype" > "$OUT/$dtype.log" 2>&1 || true
+  stamp "$dtype bench done"
+  rm -f "$MODELS"/qwen3-30b-a3b-"$dtype".*
+done
