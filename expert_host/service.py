@@ -37,6 +37,9 @@ HELD_BYTES = Gauge("tierserve_expert_host_expert_bytes", "Bytes of expert weight
 # costs microseconds the mailbox path should not pay), and an idle host sleeps at most IDLE_SLEEP_S at a time.
 SOCKETS_EVERY_S = 1e-3
 IDLE_SLEEP_S = 1e-3
+# A work item of this many rows is a prompt being prefilled (a decode batch's rows are its sequences times
+# top-k spread over the hosts): after it, the next layer's mapped experts are read in ahead of their use.
+PREFETCH_ROWS = 256
 
 
 def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging.Logger) -> Mailbox | None:
@@ -125,6 +128,8 @@ def compute(store: ExpertStore, layer: int, experts: list[int], counts: list[int
     start = time.perf_counter()
     output = store.compute(layer, experts, counts, hidden)
     seconds = time.perf_counter() - start
+    if hidden.shape[0] >= PREFETCH_ROWS:
+        store.prefetch_next_layer(layer)
     LATENCY.observe(seconds)
     WORK.labels("ok").inc()
     ROWS.inc(output.shape[0])

@@ -121,6 +121,12 @@ class ExpertStore:
             memory.prefetch([t for e in experts if self.owns(layer, e)
                              for m in self.weights[(layer, e)] for t in matrix_tensors(m)])
 
+    def prefetch_next_layer(self, layer: int) -> None:
+        """Start reading every expert this host holds of the next layer in: a batch that reached most of this
+        layer's experts (a prompt being prefilled) reaches most of the next one's too, a moment from now."""
+        if layer + 1 < self.model.config.n_layers:
+            self.prefetch(layer + 1, [e for held_layer, e in self.weights if held_layer == layer + 1])
+
     def owns(self, layer: int, expert: int) -> bool:
         return (layer, expert) in self.weights
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from expert_host.memory import HostMemoryError
+from expert_host.service import PREFETCH_ROWS, compute
 from expert_host.store import ExpertStore
 from shared.config import Config
 from shared.expert_source import open_expert_source
@@ -105,15 +106,7 @@ def test_prefetch_reads_exactly_the_named_experts_into_the_page_cache(tmp_path):
     model = GGUFModel(path)
     store = ExpertStore(open_expert_source(model, Config()), 0)
     store.apply(round_robin_placement(model.config, 0, 1))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # only clean pages can be dropped
-        for name in model.tensor_names():
-            whole = model.raw(name)
-            advise(whole.ctypes.data, whole.nbytes, mmap.MADV_DONTNEED)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    drop_pages(path, model)
     wanted, other = store.weights[(1, 3)] + store.weights[(1, 7)], store.weights[(3, 20)]
     if resident(wanted) > 0.1:
         pytest.skip("this file system keeps the file in memory (tmpfs?): there is no cold page cache to measure")
@@ -123,6 +116,44 @@ def test_prefetch_reads_exactly_the_named_experts_into_the_page_cache(tmp_path):
         time.sleep(0.01)
     assert resident(wanted) == 1
     assert resident(other) < 0.5
+
+
+def test_a_prefill_sized_work_item_reads_the_next_layers_experts_in(tmp_path):
+    path = tmp_path / "small.gguf"
+    make_model(path, preset="small", dtype="bf16", seed=2)
+    model = GGUFModel(path)
+    store = ExpertStore(open_expert_source(model, Config()), 0)
+    store.apply(round_robin_placement(model.config, 0, 1))
+    experts = list(range(model.config.n_experts))
+    decode = (experts, [1] * len(experts), torch.randn(len(experts), model.config.hidden))
+    compute(store, 1, *decode)  # layer 1 is read in now, so the reads below cause no readahead of layer 2
+    next_layer = [t for (layer, _), w in store.weights.items() if layer == 2 for t in w]
+    drop_pages(path, model, layer=2)
+    if resident(next_layer) > 0.1:
+        pytest.skip("this file system keeps the file in memory (tmpfs?): there is no cold page cache to measure")
+    compute(store, 1, *decode)  # a decode batch leaves the next layer alone
+    time.sleep(0.2)
+    assert resident(next_layer) < 0.5
+    counts = [PREFETCH_ROWS // len(experts)] * len(experts)
+    compute(store, 1, experts, counts, torch.randn(sum(counts), model.config.hidden))
+    deadline = time.monotonic() + 5
+    while resident(next_layer) < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert resident(next_layer) == 1
+
+
+def drop_pages(path, model: GGUFModel, layer: int | None = None) -> None:
+    """Unmap the model's tensors (those of one layer, if given) here and drop them from the page cache."""
+    names = [n for n in model.tensor_names() if layer is None or n.startswith(f"blk.{layer}.")]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # only clean pages can be dropped
+        for name in names:
+            whole = model.raw(name)
+            advise(whole.ctypes.data, whole.nbytes, mmap.MADV_DONTNEED)
+            os.posix_fadvise(fd, model.file_offset(name), model.nbytes(name), os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def resident(tensors) -> float:
