@@ -101,45 +101,52 @@ def test_write_combined_is_refused_at_start_without_cuda(expert_models):
 
 
 def test_prefetch_reads_exactly_the_named_experts_into_the_page_cache(tmp_path):
-    path = tmp_path / "small.gguf"
-    make_model(path, preset="small", dtype="bf16", seed=1)
-    model = GGUFModel(path)
-    store = ExpertStore(open_expert_source(model, Config()), 0)
-    store.apply(round_robin_placement(model.config, 0, 1))
+    path, model, store = mapped_store(tmp_path, seed=1)
     drop_pages(path, model)
     wanted, other = store.weights[(1, 3)] + store.weights[(1, 7)], store.weights[(3, 20)]
-    if resident(wanted) > 0.1:
-        pytest.skip("this file system keeps the file in memory (tmpfs?): there is no cold page cache to measure")
+    skip_unless_cold(wanted)
     store.prefetch(1, [3, 7])
-    deadline = time.monotonic() + 5
-    while resident(wanted) < 1 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert resident(wanted) == 1
+    assert wait_until_resident(wanted) == 1
     assert resident(other) < 0.5
 
 
 def test_a_prefill_sized_work_item_reads_the_next_layers_experts_in(tmp_path):
-    path = tmp_path / "small.gguf"
-    make_model(path, preset="small", dtype="bf16", seed=2)
-    model = GGUFModel(path)
-    store = ExpertStore(open_expert_source(model, Config()), 0)
-    store.apply(round_robin_placement(model.config, 0, 1))
+    path, model, store = mapped_store(tmp_path, seed=2)
     experts = list(range(model.config.n_experts))
     decode = (experts, [1] * len(experts), torch.randn(len(experts), model.config.hidden))
     compute(store, 1, *decode)  # layer 1 is read in now, so the reads below cause no readahead of layer 2
     next_layer = [t for (layer, _), w in store.weights.items() if layer == 2 for t in w]
     drop_pages(path, model, layer=2)
-    if resident(next_layer) > 0.1:
-        pytest.skip("this file system keeps the file in memory (tmpfs?): there is no cold page cache to measure")
+    skip_unless_cold(next_layer)
     compute(store, 1, *decode)  # a decode batch leaves the next layer alone
     time.sleep(0.2)
     assert resident(next_layer) < 0.5
     counts = [PREFETCH_ROWS // len(experts)] * len(experts)
     compute(store, 1, experts, counts, torch.randn(sum(counts), model.config.hidden))
-    deadline = time.monotonic() + 5
-    while resident(next_layer) < 1 and time.monotonic() < deadline:
+    assert wait_until_resident(next_layer) == 1
+
+
+def mapped_store(tmp_path, seed: int) -> tuple:
+    """A small bf16 model and a store holding every expert of it mapped: (path, model, store)."""
+    path = tmp_path / "small.gguf"
+    make_model(path, preset="small", dtype="bf16", seed=seed)
+    model = GGUFModel(path)
+    store = ExpertStore(open_expert_source(model, Config()), 0)
+    store.apply(round_robin_placement(model.config, 0, 1))
+    return path, model, store
+
+
+def skip_unless_cold(tensors) -> None:
+    if resident(tensors) > 0.1:
+        pytest.skip("this file system keeps the file in memory (tmpfs?): there is no cold page cache to measure")
+
+
+def wait_until_resident(tensors, timeout_s: float = 5.0) -> float:
+    """The tensors' resident share once it reaches 1, or when the reads in flight have had timeout_s."""
+    deadline = time.monotonic() + timeout_s
+    while resident(tensors) < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert resident(next_layer) == 1
+    return resident(tensors)
 
 
 def drop_pages(path, model: GGUFModel, layer: int | None = None) -> None:
