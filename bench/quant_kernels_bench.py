@@ -1,7 +1,7 @@
 """Quantized-expert kernels (gpu_worker.quant_kernels) on Qwen3-30B-A3B expert shapes, against the HBM
 bandwidth measured in the same run and against bf16 grouped GEMMs over the same experts.
 
-    python -m bench.quant_kernels_bench [--out bench/quant_kernels.md]
+    python -m bench.quant_kernels_bench [--out bench/quant_kernels.md] [--formats int8 int4]
 
 Decode kernels are timed as CUDA-graph replays of many launches (launch gaps included, Python's
 launch cost not), each launch on a different set of experts out of a 128-expert stack so that the
@@ -179,6 +179,7 @@ def bench_crossover(table: Table, fmt: str, gate: QuantMatrix, up: QuantMatrix, 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("bench/quant_kernels.md"))
+    parser.add_argument("--formats", nargs="+", choices=["int8", "int4"], default=["int8", "int4"])
     args = parser.parse_args()
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
@@ -198,7 +199,7 @@ def main() -> None:
     bf16_prefill_s = ms * 1e-3
     bf16_gate = bf16[0][:, :FFN].contiguous()
 
-    for fmt in ("int8", "int4"):
+    for fmt in args.formats:
         shapes = [(FFN, HIDDEN), (FFN, HIDDEN), (HIDDEN, FFN)]
         for stack, strided in (("hot stack", False), ("VRAM slots", True)):
             gate, up, down = random_regions(fmt, EXPERTS, shapes, torch.device("cuda"), seed=1, strided=strided)
@@ -211,7 +212,7 @@ def main() -> None:
     tuned = []
     for kernel in (qk._int8_decode_kernel, qk._int4_decode_kernel):
         for key, config in kernel.cache.items():
-            tuned.append(f"- {kernel.base_fn.__name__} (N, K, size class, dtypes) = {key[:3]}: {config}")
+            tuned.append(f"- {kernel.base_fn.__name__} (N, K, SwiGLU, size class) = {key[:4]}: {config}")
     text = "\n".join([
         f"Command: `python -m bench.quant_kernels_bench` on {device}.",
         "",
@@ -220,7 +221,8 @@ def main() -> None:
         "CUDA-graph replays (one launch per set of experts, rotating over disjoint sets of the 128-expert stack so",
         "the weights come from HBM); their ratio column is to bf16 swiglu_grouped's GEMMs and SwiGLU on the same",
         "rows (graph-replayed the same way). Prefill rows are per call (do_bench median, host planning included),",
-        "ratio to bf16 swiglu_grouped / torch._grouped_mm on the same tokens.",
+        "ratio to bf16 swiglu_grouped / torch._grouped_mm on the same tokens. The dequantize rows also write",
+        "2 bytes per weight, so their HBM traffic is 3x (int8) or 4.2x (int4) the bytes counted.",
         "",
         table.markdown(),
         "",

@@ -31,8 +31,9 @@ PREFILL_EXPERTS_PER_PASS = 32  # experts dequantized to bf16 at once by prefill
 # The int4 layout interleaves rows in tiles of 64: a tile's column k is 32 bytes, rows j (low nibbles) and
 # 32 + j (high nibbles); the kernels also use that every (scale, zero) pair covers 32 columns.
 _ROW_TILE = tl.constexpr(INT4_ROW_TILE)
-# Operand type of the tensor-core products. Triton's interpreter (CPU tests) keeps bf16 as raw 16-bit integers
-# and multiplies those, so there the operands are float32.
+_INTERPRETED = tl.constexpr(knobs.runtime.interpret)  # Triton's interpreter, as the CPU tests run the kernels
+# Operand type of the tensor-core products and of int4 dequantization. The interpreter keeps bf16 as raw 16-bit
+# integers and multiplies those, so there the operands are float32.
 _OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
 
 
@@ -144,47 +145,108 @@ def _int8_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
              mask=row_mask[:, None] & n_mask[None, :])
 
 
+_PAIR_CODES_PTX = tl.constexpr("""{
+    .reg .b32 t;
+    lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
+    shr.b32 t, $4, 8;
+    lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA;
+    shr.b32 t, $4, 4;
+    lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA;
+    shr.b32 t, $4, 12;
+    lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA;
+}""")  # two uint16 in, four bf16 pairs out: (x & 0xF) | 0x4300 per 16-bit lane, after shifts of 0, 8, 4, 12
+
+
 @triton.jit
-def _int4_dot(acc_lo, acc_hi, x, p_ptr, sz_ptr, N, K, block, k0, BLOCK_K: tl.constexpr):
-    lo, hi = _int4_tile(p_ptr, sz_ptr, N, K, block, k0, BLOCK_K)
-    acc_lo = tl.dot(x, tl.reshape(lo.to(tl.bfloat16).to(_OPERAND), (BLOCK_K, 32)), acc_lo)
-    acc_hi = tl.dot(x, tl.reshape(hi.to(tl.bfloat16).to(_OPERAND), (BLOCK_K, 32)), acc_hi)
-    return acc_lo, acc_hi
+def _biased(nibbles):
+    return (nibbles | 0x4300).to(tl.bfloat16, bitcast=True)
 
 
-@triton.autotune(configs=_configs([
+@triton.jit
+def _int4_pair_codes(pairs):
+    """uint16 pairs of bytes (rows 2p and 2p + 1 of a 64-row tile, one column) -> the codes of rows 2p, 2p + 1
+    (low nibbles), 32 + 2p and 33 + 2p (high nibbles) as bf16 128 + q, whose bits are 0x4300 | q: bit
+    operations only, one instruction or two per two codes (what the compiler makes of nibble arithmetic on
+    narrow integers costs several times that, and int4 decode is bound by instructions, not bytes)."""
+    if _INTERPRETED:  # the interpreter runs no PTX: the same bits from tensor operations
+        return _biased(pairs & 15), _biased((pairs >> 8) & 15), _biased((pairs >> 4) & 15), _biased(pairs >> 12)
+    return tl.inline_asm_elementwise(_PAIR_CODES_PTX, "=r,=r,=r,=r,r", [pairs], is_pure=True, pack=2,
+                                     dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
+
+
+@triton.jit
+def _dequantized(codes, sz):
+    """bf16 W = (q - 8) * s + z from codes 128 + q and the (s, z) pairs at sz, in one rounding."""
+    s, z = tl.split(tl.load(sz))
+    return tl.fma(codes.to(_OPERAND) - 136, s.to(_OPERAND)[None, :], z.to(_OPERAND)[None, :])
+
+
+@triton.jit
+def _int4_group_dot(a0, a1, a2, a3, x, p_ptr, sz_ptr, N, K, block, k):
+    """a0..a3 (M, 16), rows 2p, 2p + 1, 32 + 2p, 33 + 2p of the 64-row tile `block`, += x (M, 32 columns
+    from k) @ W.T, for the 32 columns of one (scale, zero) group. A k past the end reads the last group
+    again, against x's zero-masked columns."""
+    p = tl.arange(0, 16)
+    k = tl.minimum(k, K - 32)
+    pairs_ptr = p_ptr.to(tl.pointer_type(tl.uint16)) + block * K * 16
+    c0, c1, c2, c3 = _int4_pair_codes(tl.load(pairs_ptr + (k + tl.arange(0, 32))[:, None] * 16 + p[None, :]))
+    sz = sz_ptr + ((k // 32) * N + block * _ROW_TILE + 2 * p[:, None]) * 2 + tl.arange(0, 2)[None, :]
+    a0 = tl.dot(x, _dequantized(c0, sz), a0)
+    a1 = tl.dot(x, _dequantized(c1, sz + 2), a1)  # (s, z) of the next row
+    a2 = tl.dot(x, _dequantized(c2, sz + 64), a2)  # 32 rows on
+    a3 = tl.dot(x, _dequantized(c3, sz + 66), a3)
+    return a0, a1, a2, a3
+
+
+@triton.jit
+def _int4_store(out, row_mask, a0, a1, a2, a3):
+    tl.store(out, a0.to(tl.bfloat16), mask=row_mask[:, None])
+    tl.store(out + 1, a1.to(tl.bfloat16), mask=row_mask[:, None])
+    tl.store(out + 32, a2.to(tl.bfloat16), mask=row_mask[:, None])
+    tl.store(out + 33, a3.to(tl.bfloat16), mask=row_mask[:, None])
+
+
+@triton.autotune(configs=_configs([  # one warp per tile: more warps replicate the dequantization (kept for few experts)
+    ({"BLOCK_K": 128}, 1, 3),
+    ({"BLOCK_K": 256}, 1, 3),
+    ({"BLOCK_K": 64}, 1, 4),
+    ({"BLOCK_K": 128}, 2, 3),
+    ({"BLOCK_K": 256}, 2, 3),
     ({"BLOCK_K": 128}, 4, 3),
-    ({"BLOCK_K": 64}, 4, 4),
-    ({"BLOCK_K": 64}, 8, 4),
-    ({"BLOCK_K": 128}, 8, 3),
-    ({"BLOCK_K": 256}, 8, 2),
 ]), **_TUNING)
 @triton.jit(do_not_specialize=["n_used", "size_class"])
 def _int4_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
                         p1_ptr, sz1_ptr, p2_ptr, sz2_ptr, p1_gs, sz1_gs, p2_gs, sz2_gs, N, K, size_class,
                         SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """As _int8_decode_kernel, one 64-row block of the int4 layout per program (axis 0)."""
+    """As _int8_decode_kernel, one 64-row tile of the int4 layout per program (axis 0), dequantized to
+    bf16 in registers one (scale, zero) group of 32 columns at a time."""
     expert, rows, row_mask = _rows_of(meta_ptr, n_used, tl.program_id(1), BLOCK_M)
     block = tl.program_id(0)
     p1_ptr += expert * p1_gs
     sz1_ptr += expert * sz1_gs
     p2_ptr += expert * p2_gs
     sz2_ptr += expert * sz2_gs
-    acc1_lo = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
-    acc1_hi = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
-    acc2_lo = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
-    acc2_hi = tl.zeros((BLOCK_M, 32), dtype=tl.float32)
+    a0 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    a1 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    a2 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    a3 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    b0 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    b1 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    b2 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
+    b3 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        x = _x_tile(x_ptr, x_stride, rows, row_mask, K, k0, BLOCK_K)
-        acc1_lo, acc1_hi = _int4_dot(acc1_lo, acc1_hi, x, p1_ptr, sz1_ptr, N, K, block, k0, BLOCK_K)
-        if SWIGLU:
-            acc2_lo, acc2_hi = _int4_dot(acc2_lo, acc2_hi, x, p2_ptr, sz2_ptr, N, K, block, k0, BLOCK_K)
+        for g in tl.static_range(BLOCK_K // 32):
+            x = _x_tile(x_ptr, x_stride, rows, row_mask, K, k0 + g * 32, 32)
+            a0, a1, a2, a3 = _int4_group_dot(a0, a1, a2, a3, x, p1_ptr, sz1_ptr, N, K, block, k0 + g * 32)
+            if SWIGLU:
+                b0, b1, b2, b3 = _int4_group_dot(b0, b1, b2, b3, x, p2_ptr, sz2_ptr, N, K, block, k0 + g * 32)
     if SWIGLU:
-        acc1_lo = acc1_lo * tl.sigmoid(acc1_lo) * acc2_lo
-        acc1_hi = acc1_hi * tl.sigmoid(acc1_hi) * acc2_hi
-    out = out_ptr + rows[:, None] * out_stride + block * _ROW_TILE + tl.arange(0, 32)[None, :]
-    tl.store(out, acc1_lo.to(tl.bfloat16), mask=row_mask[:, None])
-    tl.store(out + 32, acc1_hi.to(tl.bfloat16), mask=row_mask[:, None])
+        a0 = a0 * tl.sigmoid(a0) * b0
+        a1 = a1 * tl.sigmoid(a1) * b1
+        a2 = a2 * tl.sigmoid(a2) * b2
+        a3 = a3 * tl.sigmoid(a3) * b3
+    out = out_ptr + rows[:, None] * out_stride + block * _ROW_TILE + 2 * tl.arange(0, 16)[None, :]
+    _int4_store(out, row_mask, a0, a1, a2, a3)
 
 
 # ---------------------------------------------------------------- prefill: dequantize into a bf16 scratch

@@ -96,6 +96,9 @@ class Engine:
                 warm_up_quantized(layout, model.config.n_experts, self.device)
         self.moe: MoEDispatch | None = None
         self.placement_version = 0
+        # Called before each layer's experts: a step whose cold experts come off a disk (the first prompt on a
+        # cold page cache) can run for many heartbeat timeouts, and the worker must not be declared dead then.
+        self.keep_alive: Callable[[], None] = lambda: None
         # Code the step calls marks its sections with step_profile.section, the MoE dispatch's included.
         self.profile = StepProfile(config.profile_steps,
                                    torch.cuda.synchronize if self.device.type == "cuda" else None)
@@ -120,7 +123,7 @@ class Engine:
             if self.remote is not None:
                 self.remote.begin_step()
             chunks = [Chunk(c.token_ids, c.start, c.seq.block_table) for c in batch.chunks]
-            logits = self.trunk.forward(chunks, self.moe)
+            logits = self.trunk.forward(chunks, self._moe_keeping_alive)
             with section("sampling"):
                 sampling = [(i, c.seq) for i, c in enumerate(batch.chunks) if c.samples]
                 results = self.sampler.sample(logits[[i for i, _ in sampling]], [s for _, s in sampling]) \
@@ -136,6 +139,11 @@ class Engine:
             STEP_SECONDS.observe(time.perf_counter() - start)
             self.update_gauges()
         return sampled, finished
+
+    def _moe_keeping_alive(self, layer: int, h: torch.Tensor, weights: torch.Tensor,
+                           expert_ids: torch.Tensor) -> torch.Tensor:
+        self.keep_alive()
+        return self.moe(layer, h, weights, expert_ids)
 
     def fail_all_running(self) -> list[Sequence]:
         """After a lost expert host: the running batch's state is unusable, end every admitted request."""
@@ -202,6 +210,7 @@ def serve(config: Config) -> int:
         if placement is None:
             return 0
         engine.apply(placement)
+        engine.keep_alive = lambda: control.heartbeat_if_due(engine.placement_version, engine.load())
         log.info("placement v%d: %d hot experts (%.1f MB)", placement.version, placement.count_hot(),
                  engine.hot.nbytes / 1e6)
         while True:

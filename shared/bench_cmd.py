@@ -197,7 +197,9 @@ def machine_info(machine: bench_limits.Machine) -> dict[str, Any]:
             "device_flops": machine.device_flops, "device_bytes_per_param": machine.device_bytes_per_param}
 
 
-def bench(args: argparse.Namespace) -> dict[str, Any]:
+def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    """Measures, writing what it has under `out` after each stage, so a run cut short (a long llama.cpp
+    comparison, say) keeps the figures already measured."""
     started = datetime.datetime.now().astimezone()
     path = Path(args.model) if args.model else preset_model(Path(args.cache_dir), args.preset, args.arch, args.dtype,
                                                             args.routing_skew)
@@ -228,11 +230,13 @@ def bench(args: argparse.Namespace) -> dict[str, Any]:
         "prefill": measured["prefill"], "tiers": measured["tiers"],
         "limits": limits(facts, model.config, machine, hot_per_layer, measured),
     }
+    write_results(results, out)
     if args.profile_steps:
         print(f"bench: profiling decode steps (windows of {args.profile_steps})", file=sys.stderr, flush=True)
         prompts = [prompt_ids(base, run_settings["decode_prompt_tokens"], v) for v in range(CANDIDATE_PROMPTS)]
         results["decode_profile"] = profile_system(str(path), options, args.profile_steps, 1, prompts,
                                                    args.ready_timeout)
+        write_results(results, out)
     results["llama_cpp"] = llama_cpp(args, results)
     return results
 
@@ -277,12 +281,12 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    out = Path(args.out or Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     try:
-        results = bench(args)
+        results = bench(args, out)
     except (ModelError, ServerError, RuntimeError, OSError) as e:
         print(f"tierserve bench: error: {e}", file=sys.stderr)
         return 1
-    out = Path(args.out or Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     written = write_results(results, out)
     print(markdown(results))
     if "decode_profile" in results:

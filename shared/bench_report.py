@@ -74,7 +74,7 @@ def markdown(results: dict[str, Any]) -> str:
         ["decode bound, one stream (cold and resident bytes)", _scaled(d["bound_tok_s"], 1, "tok/s")],
         ["decode efficiency (concurrency 1, per request)", _pct(limits["efficiency"]["decode"])],
     ])
-    llama = results.get("llama_cpp") or {}
+    llama = results.get("llama_cpp") or {"skipped": "llama.cpp not measured yet"}
     lines += ["## llama.cpp", "", llama.get("skipped") or
               "\n".join(f"- best {key}: {r['tok_s']:,.1f} tok/s ({r['placement']}, {r['load_mode']}, "
                         f"{r['threads']} threads, ubatch {r['n_ubatch']})" for key, r in llama["best"].items()), ""]

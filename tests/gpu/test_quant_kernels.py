@@ -98,8 +98,9 @@ def test_many_experts_decode(qk, fmt):
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_prefill_over_more_experts_than_one_pass_dequantizes(qk, fmt):
-    """A prompt whose rows reach more experts than prefill dequantizes at once: done in passes, every row right."""
-    f, h = 64, 64
+    """A prompt whose rows reach more experts than prefill dequantizes at once: done in passes, every row right.
+    Widths of 256 and 512: at 64, bf16 rounding alone puts the worst of some 200 rows near the tolerance."""
+    f, h = MID
     n = qk.PREFILL_EXPERTS_PER_PASS + 9
     gate, up, down = random_regions(fmt, n + 2, [(f, h), (f, h), (h, f)], DEVICE, seed=11)
     groups = [g for g in range(n + 2) if g != 3]

@@ -1,0 +1,29 @@
+"""The worker's liveness inside a step: a step can outlast the heartbeat timeout (a first prompt whose cold
+experts come off a disk), so the engine calls its keep-alive before every layer's experts."""
+
+from __future__ import annotations
+
+from gpu_worker.scheduler import SamplingParams, Sequence
+from gpu_worker.service import Engine
+from shared.config import Config
+from shared.gguf_file import GGUFModel
+from shared.make_model import make_model
+from shared.placement import round_robin_placement
+
+
+def test_every_layer_of_every_step_keeps_the_worker_alive(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    make_model(path, preset="tiny", dtype="f32", seed=3)
+    model = GGUFModel(path)
+    cfg = model.config
+    engine = Engine(Config(model=str(path), device="cpu", expert_hosts=0), model, None)
+    engine.apply(round_robin_placement(cfg, cfg.n_experts, 0))
+    calls: list[int] = []
+    engine.keep_alive = lambda: calls.append(len(calls))
+    engine.scheduler.add(Sequence("r", list(range(5, 17)), SamplingParams(max_tokens=3)))
+    steps = 0
+    while engine.scheduler.has_work():
+        engine.step()
+        steps += 1
+        assert len(calls) == steps * cfg.n_layers
+    assert steps == 3
