@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from gpu_worker.cold_path import ColdPlanner
@@ -16,7 +18,7 @@ from gpu_worker.grouped import experts_grouped
 from gpu_worker.remote import RemoteExperts
 from gpu_worker.soft_pool import SoftPool
 from gpu_worker.step_profile import section
-from shared.expert_math import ExpertWeights, Grouped, group_by_expert, grouped_ffn
+from shared.expert_math import ExpertWeights, grouped_ffn
 from shared.expert_source import ExpertSource
 from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.placement import GPU, Placement
@@ -95,86 +97,105 @@ class HotExperts:
         return experts_grouped(x, self.stacks[layer], [index[e] for e in experts], counts)
 
 
+@dataclass
+class _PathGroups:
+    """One path's share of a layer's (token, expert) pairs, grouped: `keys[i]` (an expert, or a soft slot)
+    takes `counts[i]` consecutive pairs of the path's span [start, end) of the layer's pair order."""
+
+    keys: list[int]
+    counts: list[int]
+    start: int
+    end: int
+
+
 class MoEDispatch:
     """The trunk's MoE function for one placement. `on_dispatch(path, pairs)` counts (token, expert)
-    pairs by path: hot, soft_hit (already in a VRAM slot), streamed (copied in for this step) or cpu."""
+    pairs by path: hot, soft_hit (already in a VRAM slot), streamed (copied in for this step) or cpu.
+
+    A layer's routing comes to the host once (one wait on the device per layer); the pairs are grouped there by
+    path and expert and their order goes back in one copy, so a decode step launches few small kernels."""
 
     def __init__(self, placement: Placement, hot: HotExperts, remote: RemoteExperts | None,
                  pool: SoftPool | None = None, planner: ColdPlanner | None = None,
                  on_dispatch: Callable[[str, int], None] = lambda path, n: None) -> None:
         self.hot, self.remote, self.pool, self.planner, self.on_dispatch = hot, remote, pool, planner, on_dispatch
-        self.owners = [list(layer) for layer in placement.owner]
-        self.all_hot = [all(owner == GPU for owner in layer) for layer in placement.owner]
-        self.owner = [torch.tensor(layer, dtype=torch.long, device=hot.device) for layer in placement.owner]
+        self.owners = [np.asarray(layer, dtype=np.int64) for layer in placement.owner]
 
-    def _soft_slots(self, layer: int, cold: Grouped) -> dict[int, int]:
-        """Slots of this layer's cold experts computed on the GPU this step: resident ones, then the
-        ones the planner streams in (an expert the policy finds no slot for stays on its host)."""
-        if self.pool is None:
+    def _soft_slots(self, layer: int, cold: dict[int, int]) -> dict[int, int]:
+        """Slots of this layer's cold experts (expert -> pairs) computed on the GPU this step: resident ones,
+        then the ones the planner streams in (an expert the policy finds no slot for stays on its host)."""
+        if self.pool is None or not cold:
             return {}
         tier = self.pool.tier
         slots = {}
-        for e in cold.experts:  # pinned as found, so streaming this layer's misses cannot evict them
+        for e in cold:  # pinned as found, so streaming this layer's misses cannot evict them
             if (layer, e) in tier:
                 slots[e] = tier.lookup((layer, e))
                 tier.pin((layer, e))
-        counts = dict(zip(cold.experts, cold.counts, strict=True))
-        self.on_dispatch("soft_hit", sum(counts[e] for e in slots))
-        misses = [(e, self.owners[layer][e], counts[e]) for e in cold.experts if e not in slots]
+        self.on_dispatch("soft_hit", sum(cold[e] for e in slots))
+        misses = [(e, int(self.owners[layer][e]), n) for e, n in cold.items() if e not in slots]
         for e in self.planner.to_stream(misses) if self.planner else []:
             slot = self.pool.stream(layer, e)
             if slot is not None:
                 slots[e] = slot
                 tier.pin((layer, e))
-                self.on_dispatch("streamed", counts[e])
+                self.on_dispatch("streamed", cold[e])
         return slots
 
-    def _add_hot(self, layer: int, h: torch.Tensor, g: Grouped, out: torch.Tensor) -> torch.Tensor:
-        self.on_dispatch("hot", len(g.tokens))
-        with section("hot"):
-            y = self.hot.compute(layer, h[g.tokens], g.experts, g.counts)
-            return out.index_add_(0, g.tokens, y * g.weights[:, None])
+    def _plan(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict[str | int, _PathGroups], dict[int, int]]:
+        """The layer's pair order (pair indices: hot pairs by expert, then soft ones by slot, then each host's by
+        expert), each path's groups in it, and the soft slots in use."""
+        order = np.argsort(ids, kind="stable")
+        experts, first, counts = np.unique(ids[order], return_index=True, return_counts=True)
+        owner = self.owners[layer][experts]
+        cold = {int(e): int(n) for e, n, o in zip(experts, counts, owner, strict=True) if o != GPU}
+        slots = self._soft_slots(layer, cold)
+        path_of = [GPU if o == GPU else "soft" if int(e) in slots else int(o) for e, o in zip(experts, owner,
+                                                                                               strict=True)]
+        spans, groups, start = [], {}, 0
+        hosts = sorted({p for p in path_of if isinstance(p, int) and p != GPU})
+        for path in [GPU, "soft", *hosts]:
+            members = [j for j, p in enumerate(path_of) if p == path]
+            if path == "soft":
+                members.sort(key=lambda j: slots[int(experts[j])])
+            if not members:
+                continue
+            keys = [slots[int(experts[j])] if path == "soft" else int(experts[j]) for j in members]
+            n = [int(counts[j]) for j in members]
+            spans += [order[first[j] : first[j] + counts[j]] for j in members]
+            groups[path] = _PathGroups(keys, n, start, start + sum(n))
+            start += sum(n)
+        return np.concatenate(spans), groups, slots
 
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        n, k = expert_ids.shape
-        tokens = torch.arange(n, device=h.device).repeat_interleave(k)
-        experts, pair_weights = expert_ids.flatten(), weights.flatten()
-        if self.all_hot[layer]:  # nothing of this layer is cold: no mask, no host, no slot to look at
-            return self._add_hot(layer, h, group_by_expert(tokens, experts, pair_weights), torch.zeros_like(h))
-        owners = self.owner[layer][experts]
-        out = torch.zeros_like(h)
-        cold = owners != GPU
-        slots: dict[int, int] = {}
-        if self.pool is not None and bool(cold.any()):
-            with section("soft"):
-                slots = self._soft_slots(layer, group_by_expert(tokens[cold], experts[cold], pair_weights[cold]))
-        slot_of = torch.full((len(self.owners[layer]),), -1, dtype=torch.long)
-        for e, slot in slots.items():
-            slot_of[e] = slot
-        pair_slot = slot_of.to(h.device)[experts]
-        on_cpu = cold & (pair_slot < 0)
+        k = expert_ids.shape[1]
+        pair_order, groups, slots = self._plan(layer, expert_ids.flatten().cpu().numpy())
+        pairs = torch.from_numpy(pair_order).to(h.device, non_blocking=True)
+        tokens = pairs // k
+        ys = []
         sent = []
-        for host in torch.unique(owners[on_cpu]).tolist():
+        for host, g in groups.items():
+            if not isinstance(host, int) or host == GPU:
+                continue
             assert self.remote is not None, "placement has cold experts but the worker has no expert hosts"
-            sel = on_cpu & (owners == host)
-            g = group_by_expert(tokens[sel], experts[sel], pair_weights[sel])
-            self.remote.send(host, layer, g.experts, g.counts, h, g.tokens)
-            self.on_dispatch("cpu", len(g.tokens))
+            self.remote.send(host, layer, g.keys, g.counts, h, tokens[g.start : g.end])
+            self.on_dispatch("cpu", g.end - g.start)
             sent.append((host, g, time.perf_counter()))
-        on_gpu = owners == GPU
-        if bool(on_gpu.any()):
-            self._add_hot(layer, h, group_by_expert(tokens[on_gpu], experts[on_gpu], pair_weights[on_gpu]), out)
-        if slots:
+        if GPU in groups:
+            g = groups[GPU]
+            self.on_dispatch("hot", g.end - g.start)
+            with section("hot"):
+                ys.append(self.hot.compute(layer, h[tokens[g.start : g.end]], g.keys, g.counts))
+        if "soft" in groups:
+            g = groups["soft"]
             with section("soft"):
-                soft = pair_slot >= 0
-                g = group_by_expert(tokens[soft], pair_slot[soft], pair_weights[soft])  # grouped by slot
-                y = self.pool.compute(layer, h[g.tokens], g.experts, g.counts)
-                out.index_add_(0, g.tokens, y * g.weights[:, None])
+                ys.append(self.pool.compute(layer, h[tokens[g.start : g.end]], g.keys, g.counts))  # type: ignore[union-attr]
                 for e in slots:
-                    self.pool.tier.unpin((layer, e))
+                    self.pool.tier.unpin((layer, e))  # type: ignore[union-attr]
         for host, g, sent_at in sent:
             y, compute_s = self.remote.receive(host, layer)  # type: ignore[union-attr]
             if self.planner is not None:
-                self.planner.observe_host(len(g.experts), len(g.tokens), compute_s, time.perf_counter() - sent_at)
-            out.index_add_(0, g.tokens, y.to(h.device, h.dtype) * g.weights[:, None])
-        return out
+                self.planner.observe_host(len(g.keys), g.end - g.start, compute_s, time.perf_counter() - sent_at)
+            ys.append(y.to(h.device, h.dtype))
+        y = ys[0] if len(ys) == 1 else torch.cat(ys)
+        return torch.zeros_like(h).index_add_(0, tokens, y * weights.flatten()[pairs][:, None])

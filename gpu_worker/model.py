@@ -17,10 +17,27 @@ from gpu_worker.step_profile import section
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.profile_table import LAYER
-from shared.reference import attention_inputs, expert_ffn, rms_norm, route
+from shared.reference import expert_ffn, rope, rope_table, route
 
 # (layer, normed hidden (N, H), routing weights (N, k), expert ids (N, k)) -> routed experts' sum (N, H)
 MoEFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """shared.reference.rms_norm in one fused kernel where torch has one (CUDA), fp32 inside either way."""
+    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+
+
+@dataclass
+class _BatchSlots:
+    """A step's positions and KV slots on the device, and per chunk its row span, its context's slots and
+    its attention mask (None where SDPA's own causal or full attention is the same)."""
+
+    positions: torch.Tensor
+    new_slots: torch.Tensor
+    context_slots: list[torch.Tensor]
+    spans: list[tuple[int, int]]
+    masks: list[torch.Tensor | None]
 
 
 @dataclass
@@ -39,55 +56,94 @@ class Trunk:
         expert_names = {f"blk.{i}.{kind}.weight" for i in range(cfg.n_layers) for kind in EXPERT_TENSOR_KINDS}
         self.w = {n: model.tensor(n).to(device, dtype) for n in model.tensor_names() if n not in expert_names}
         self.w.setdefault("output.weight", self.w["token_embd.weight"])
+        # One projection per layer for q, k and v: a decode step is bound by kernel launches, not by bytes.
+        for i in range(cfg.n_layers):
+            for kind in ("weight", "bias") if cfg.attn_bias else ("weight",):
+                parts = [self.w.pop(f"blk.{i}.attn_{n}.{kind}") for n in "qkv"]
+                self.w[f"blk.{i}.attn_qkv.{kind}"] = torch.cat(parts)
+        self.rope_cos, self.rope_sin = rope_table(cfg.head_dim, cfg.rope_base, cfg.context_length, device)
         # K and V of every layer: (layers, 2, blocks * block_size slots, kv heads, head dim)
         self.kv = torch.zeros(cfg.n_layers, 2, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim,
                               device=device, dtype=dtype)
 
-    def _slots(self, block_table: Sequence[int], positions: torch.Tensor) -> torch.Tensor:
-        table = torch.tensor(block_table, dtype=torch.long, device=self.device)
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
+    def _attention_inputs(self, i: int, x: torch.Tensor, cos: torch.Tensor,
+                          sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """shared.reference.attention_inputs with fewer kernels: one projection for q, k and v, and q and k
+        rotated together."""
+        c, w, b = self.cfg, self.w, f"blk.{i}."
+        qkv = x @ w[b + "attn_qkv.weight"].T
+        if c.attn_bias:
+            qkv = qkv + w[b + "attn_qkv.bias"]
+        q, k, v = qkv.split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
+        if c.qk_norm == "full":
+            q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
+            k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
+        t = x.shape[0]
+        q = q.reshape(t, c.n_heads, c.head_dim)
+        k = k.reshape(t, c.n_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
+            k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
+        qk = rope(torch.cat([q, k], dim=1), cos, sin, c.rope_style)
+        return qk[:, : c.n_heads], qk[:, c.n_heads :], v.reshape(t, c.n_kv_heads, c.head_dim)
 
-    def _attention(self, i: int, x: torch.Tensor, positions: torch.Tensor, chunks: Sequence[Chunk],
-                   new_slots: torch.Tensor, context_slots: list[torch.Tensor]) -> torch.Tensor:
-        c, w = self.cfg, self.w
-        q, k, v = attention_inputs(c, w, i, x, positions)
-        self.kv[i, 0, new_slots] = k
-        self.kv[i, 1, new_slots] = v
-        out = torch.empty_like(q)
-        offset = 0
-        for chunk, slots in zip(chunks, context_slots, strict=True):
-            m = len(chunk.token_ids)
+    def _attention(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   batch: _BatchSlots) -> torch.Tensor:
+        c = self.cfg
+        q, k, v = self._attention_inputs(i, x, cos, sin)
+        self.kv[i, 0, batch.new_slots] = k
+        self.kv[i, 1, batch.new_slots] = v
+        outs = []
+        for (offset, m), slots, visible in zip(batch.spans, batch.context_slots, batch.masks, strict=True):
             keys = self.kv[i, 0, slots].transpose(0, 1)  # (kv heads, context, head dim)
             values = self.kv[i, 1, slots].transpose(0, 1)
             query = q[offset : offset + m].transpose(0, 1)
-            # token j of the chunk sees every cached position up to its own: start + j
-            visible = torch.arange(len(slots), device=self.device)[None, :] <= (
-                chunk.start + torch.arange(m, device=self.device)[:, None])
-            att = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible, enable_gqa=True)
-            out[offset : offset + m] = att.transpose(0, 1)
+            att = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible,
+                                                 is_causal=visible is None and m > 1, enable_gqa=True)
+            outs.append(att.transpose(0, 1))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out.reshape(x.shape[0], c.q_dim) @ self.w[f"blk.{i}.attn_output.weight"].T
+
+    def _batch_slots(self, chunks: Sequence[Chunk]) -> _BatchSlots:
+        """Every index the step's layers share, built on the host and copied over once."""
+        positions, new_slots, context, spans, masks = [], [], [], [], []
+        offset = 0
+        for ch in chunks:
+            m, end = len(ch.token_ids), ch.start + len(ch.token_ids)
+            table = torch.tensor(ch.block_table, dtype=torch.long)
+            seen = torch.arange(end)
+            slots = table[seen // self.block_size] * self.block_size + seen % self.block_size
+            positions.append(seen[ch.start :])
+            new_slots.append(slots[ch.start :])
+            context.append(slots)
+            spans.append((offset, m))
             offset += m
-        return out.reshape(x.shape[0], c.q_dim) @ w[f"blk.{i}.attn_output.weight"].T
+            # token j of the chunk sees every cached position up to its own, start + j: no mask for one token
+            # (it sees all), a causal one for a chunk that starts the sequence
+            masks.append(None if m == 1 or ch.start == 0 else
+                         (seen[None, :] <= ch.start + torch.arange(m)[:, None]).to(self.device, non_blocking=True))
+        lengths = [len(s) for s in context]
+        host = torch.cat([torch.cat(positions), torch.cat(new_slots), *context])
+        device = host.to(self.device, non_blocking=True)
+        positions_d, new_slots_d, *context_d = device.split([offset, offset, *lengths])
+        return _BatchSlots(positions_d, new_slots_d, context_d, spans, masks)
 
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk], moe: MoEFn) -> torch.Tensor:
         """Run the chunks as one batch; returns logits (len(chunks), vocab) at each chunk's last token."""
         c, w = self.cfg, self.w
         with section("prepare"):
-            ids = torch.tensor([t for ch in chunks for t in ch.token_ids], dtype=torch.long, device=self.device)
-            spans = [torch.arange(ch.start, ch.start + len(ch.token_ids), device=self.device) for ch in chunks]
-            positions = torch.cat(spans)
-            new_slots = torch.cat([self._slots(ch.block_table, span)
-                                   for ch, span in zip(chunks, spans, strict=True)])
-            context_slots = [self._slots(ch.block_table,
-                                         torch.arange(ch.start + len(ch.token_ids), device=self.device))
-                             for ch in chunks]
+            ids = torch.tensor([t for ch in chunks for t in ch.token_ids], dtype=torch.long).to(self.device)
+            batch = self._batch_slots(chunks)
+            cos = self.rope_cos[batch.positions][:, None, :]
+            sin = self.rope_sin[batch.positions][:, None, :]
             x = w["token_embd.weight"][ids]
         for i in range(c.n_layers):
             b = f"blk.{i}."
             with section(LAYER):
                 with section("attention"):
                     h = rms_norm(x, w[b + "attn_norm.weight"], c.norm_eps)
-                    x = x + self._attention(i, h, positions, chunks, new_slots, context_slots)
+                    x = x + self._attention(i, h, cos, sin, batch)
                 with section("router"):
                     h = rms_norm(x, w[b + "ffn_norm.weight"], c.norm_eps)
                     weights, expert_ids = route(h @ w[b + "ffn_gate_inp.weight"].T, c.n_experts_used,
