@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from shared import bench_limits, bench_llama
+from shared import bench_limits, bench_llama, bench_sweep
 from shared.bench_load import TEXT, TIMEOUT_S, decode_run, prefill_run, prompt_ids
 from shared.bench_measure import measure_machine
 from shared.bench_metrics import scrape_tiers, tier_delta, worker_metrics_url
@@ -238,12 +238,33 @@ def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                                                    args.ready_timeout)
         write_results(results, out)
     results["llama_cpp"] = llama_cpp(args, results)
+    if args.budget_sweep:
+        write_results(results, out)
+        results["sweep"] = sweep(args, results, str(path), options, base)
     return results
+
+
+def sweep(args: argparse.Namespace, results: dict[str, Any], path: str, options: list[str],
+          base: list[int]) -> dict[str, Any]:
+    model, s = results["model"], results["settings"]
+    experts = model["n_layers"] * model["n_experts"]
+    points = bench_sweep.run_tierserve(path, options, args.budget_sweep, model["served_bytes_per_expert"] * experts,
+                                       model["n_layers"], s, base, args.ready_timeout)
+    if not args.llama_cpp:
+        return {"tierserve": points, "llama_cpp": None}
+    print("bench: budget sweep of llama.cpp", file=sys.stderr, flush=True)
+    llama = bench_sweep.run_llama(args.llama_cpp, path, args.budget_sweep, model["bytes_per_expert"] * experts,
+                                  model["n_layers"], s["max_tokens"], min(s["prompt_lengths"]), os.cpu_count() or 1)
+    return {"tierserve": points, "llama_cpp": llama}
 
 
 def default_cache_dir() -> str:
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return os.path.join(base, "tierserve", "models")
+
+
+def _float_list(text: str) -> list[float]:
+    return [float(v) for v in text.split(",")]
 
 
 def _int_list(text: str) -> list[int]:
@@ -275,12 +296,18 @@ def parser() -> argparse.ArgumentParser:
                                                         "thread count: a check that it all runs")
     p.add_argument("--prompt-lengths", type=_int_list, metavar="N,N", help="prefill prompt lengths (default 512,4096)")
     p.add_argument("--max-tokens", type=int, metavar="N", help="tokens generated per decode request (default 128)")
+    p.add_argument("--budget-sweep", type=_float_list, metavar="P,P",
+                   help="then measure decode and prefill again at each of these VRAM budgets, in percent of the "
+                        "experts' bytes (e.g. 10,25,50,100), llama.cpp too when given")
     p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for the system to start")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    cli = parser()
+    args = cli.parse_args(argv)
+    if args.budget_sweep and args.endpoint:
+        cli.error("--budget-sweep starts the system once per budget, so it cannot measure the one at --endpoint")
     out = Path(args.out or Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     try:
         results = bench(args, out)

@@ -31,6 +31,12 @@ def load_mode_args(help_text: str) -> list[str]:
     return ["-lm", "mmap,none"] if "--load-mode" in help_text else ["-mmp", "1,0"]
 
 
+def loaded_args(help_text: str) -> list[str]:
+    """The model loaded into memory rather than mapped, which let llama.cpp repack the CPU's experts and was
+    its faster setting for decode and prefill on the H100 machine."""
+    return ["-lm", "none"] if "--load-mode" in help_text else ["-mmp", "0"]
+
+
 def thread_sweep(cores: int, quick: bool) -> list[int]:
     if quick:
         return [cores]
@@ -72,6 +78,7 @@ def parse_results(text: str) -> list[dict[str, Any]]:
             "threads": int(r["n_threads"]), "n_ubatch": int(r["n_ubatch"]),
             # older builds report use_mmap, newer ones load_mode
             "load_mode": str(r.get("load_mode", "mmap" if r.get("use_mmap", True) else "none")),
+            "n_cpu_moe": int(r.get("n_cpu_moe", 0)),
             "placement": f"--n-cpu-moe {r['n_cpu_moe']}" if int(r.get("n_cpu_moe", 0))
             else f"-ot {r.get('tensor_buft_overrides', 'none')}",
         })

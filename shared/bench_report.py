@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from shared import bench_sweep
+
 
 def _num(value: float | None, digits: int = 1) -> str:
     if value is None:
@@ -78,7 +80,22 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["## llama.cpp", "", llama.get("skipped") or
               "\n".join(f"- best {key}: {r['tok_s']:,.1f} tok/s ({r['placement']}, {r['load_mode']}, "
                         f"{r['threads']} threads, ubatch {r['n_ubatch']})" for key, r in llama["best"].items()), ""]
+    if "sweep" in results:
+        lines += sweep_table(results["sweep"])
     return "\n".join(lines)
+
+
+def sweep_table(sweep: dict[str, Any]) -> list[str]:
+    llama = {p["percent"]: p for p in sweep.get("llama_cpp") or []}
+    lines = ["## VRAM budget sweep (decode: one stream; prefill: the shortest prompt)", ""]
+    return lines + _table(
+        ["budget (% of experts)", "budget GB", "hot experts per layer", "decode tok/s", "prefill tok/s",
+         "llama.cpp --n-cpu-moe", "llama.cpp decode tok/s", "llama.cpp prefill tok/s"],
+        [[f"{p['percent']:g}", _scaled(p["budget_bytes"], 1e9, "", 2).strip(), f"{p['hot_experts_per_layer']:g}",
+          _num(p["decode_tok_s"]), _num(p["prefill_tok_s"]),
+          str(llama[p["percent"]]["n_cpu_moe"]) if p["percent"] in llama else "n/a",
+          _num(llama.get(p["percent"], {}).get("llama_decode_tok_s")),
+          _num(llama.get(p["percent"], {}).get("llama_prefill_tok_s"))] for p in sweep["tierserve"]])
 
 
 def plots(results: dict[str, Any], out: Path) -> list[str]:
@@ -123,6 +140,8 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     fig.savefig(out / "prefill.png", dpi=120)
     plt.close("all")
     written.append("prefill.png")
+    if "sweep" in results:
+        written += bench_sweep.plot(results["sweep"], out, results["model"]["name"])
     return written
 
 

@@ -15,6 +15,7 @@ from shared.bench_llama import (
     cpu_moe_layers,
     find_llama_bench,
     load_mode_args,
+    loaded_args,
     parse_results,
     placements,
     ratios,
@@ -45,8 +46,9 @@ def test_parse_results_reads_each_test_and_its_setup():
     records = parse_results(json.dumps(RUN))
     assert [r["test"] for r in records] == ["decode"] * 3 + ["prefill"] * 3
     assert records[1] == {"test": "decode", "n_prompt": 0, "n_gen": 128, "tok_s": 43.0, "threads": 2,
-                          "n_ubatch": 512, "load_mode": "none", "placement": "-ot exps=CPU"}
-    assert records[2]["placement"] == "--n-cpu-moe 40" and records[2]["threads"] == 16
+                          "n_ubatch": 512, "load_mode": "none", "n_cpu_moe": 0, "placement": "-ot exps=CPU"}
+    assert records[2]["placement"] == "--n-cpu-moe 40" and records[2]["n_cpu_moe"] == 40
+    assert records[2]["threads"] == 16
     old = {k: v for k, v in record(0, 16, 10.0).items() if k not in ("load_mode", "n_cpu_moe")}
     assert parse_results(json.dumps([{**old, "use_mmap": False}]))[0]["load_mode"] == "none"  # older builds
 
@@ -89,8 +91,8 @@ def test_command_lines():
 
 def fake_llama_bench(directory: Path) -> Path:
     """A stand-in for llama-bench (no llama.cpp here): it answers --help like a new build and prints one
-    record per prompt length or one decode record, as `-o json` does, and fails on a model it cannot load;
-    it logs its arguments."""
+    record per prompt length or one decode record, as `-o json` does, for each `-ncmoe` value given (faster
+    with fewer layers of experts on the CPU), and fails on a model it cannot load; it logs its arguments."""
     path = directory / "bin" / "llama-bench"
     path.parent.mkdir(parents=True)
     path.write_text(f"""#!{sys.executable}
@@ -108,7 +110,8 @@ prompts = [int(p) for p in value("-p").split(",")]
 records = [dict(n_prompt=p, n_gen=0, avg_ts=1000.0 + p) for p in prompts if p] or [
     dict(n_prompt=0, n_gen=int(value("-n")), avg_ts=50.0)]
 base = dict(n_threads=1, n_ubatch=512, n_cpu_moe=0, tensor_buft_overrides="exps=CPU", load_mode="mmap")
-print(json.dumps([{{**base, **r}} for r in records]))
+cpu_moe = [int(v) for v in value("-ncmoe").split(",")] if "-ncmoe" in args else [0]
+print(json.dumps([{{**base, **r, "n_cpu_moe": n, "avg_ts": r["avg_ts"] - n}} for n in cpu_moe for r in records]))
 """)
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
@@ -132,3 +135,8 @@ def test_missing_or_failing_llama_bench_is_a_clear_error(tmp_path):
     fake_llama_bench(tmp_path)
     with pytest.raises(RuntimeError, match="llama-bench failed"):
         run_llama_bench(str(tmp_path), "missing.gguf", [64], 8, 2, 4, 100, 0, quick=True)
+
+
+def test_loaded_args_in_either_spelling():
+    assert loaded_args("  -lm, --load-mode <auto|none|mmap>") == ["-lm", "none"]
+    assert loaded_args("  -mmp, --mmap <0|1>") == ["-mmp", "0"]

@@ -1,0 +1,64 @@
+"""`tierserve bench --budget-sweep`: the system started once per VRAM budget, llama-bench run over the matching
+`--n-cpu-moe` values, and the table and plot made of them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+
+from shared.bench_llama import parse_results
+from shared.bench_sweep import by_cpu_moe, run_llama, sweep_options
+from shared.cli import main as tierserve
+from tests.test_bench_llama import fake_llama_bench, record
+
+LAYERS, EXPERTS = 4, 8  # the tiny preset
+
+
+def test_sweep_options_set_the_budget_in_place_of_any_other():
+    assert sweep_options(["--hot-experts", "2", "--expert-hosts", "1"], 1000) == [
+        "--expert-hosts", "1", "--gpu-expert-budget", "1000"]
+    assert sweep_options(["--gpu-expert-budget", "5", "--soft-slots", "4"], 7) == [
+        "--soft-slots", "4", "--gpu-expert-budget", "7"]
+
+
+def test_llama_records_are_picked_by_their_cpu_moe_layers():
+    records = parse_results(json.dumps([record(0, 32, 40.0, n_cpu_moe=3), record(0, 32, 90.0),
+                                        record(512, 0, 800.0, n_cpu_moe=3)]))
+    assert by_cpu_moe(records, 3) == {"llama_decode_tok_s": 40.0, "llama_prefill_tok_s": 800.0}
+    assert by_cpu_moe(records, 0) == {"llama_decode_tok_s": 90.0, "llama_prefill_tok_s": None}
+
+
+def test_llama_sweep_runs_each_budget_s_cpu_moe_in_one_call_per_figure(tmp_path):
+    fake_llama_bench(tmp_path)
+    # 4 layers of 100 bytes of experts: 0% keeps all 4 on the CPU, 50% two, 100% none
+    points = run_llama(str(tmp_path), "m.gguf", [0, 50, 100], 400, LAYERS, gen_tokens=8, prompt_tokens=64, threads=2)
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert len(calls) == 3 and all("-ncmoe 0,2,4" in c and "-lm none" in c for c in calls[1:])
+    assert [(p["percent"], p["n_cpu_moe"]) for p in points] == [(0, 4), (50, 2), (100, 0)]
+    assert [p["llama_decode_tok_s"] for p in points] == [46.0, 48.0, 50.0]
+    assert [p["llama_prefill_tok_s"] for p in points] == [1060.0, 1062.0, 1064.0]
+
+
+@pytest.mark.slow
+def test_bench_sweeps_the_budget_on_the_tiny_model(tmp_path):
+    out = tmp_path / "out"
+    code = tierserve(["bench", "--preset", "tiny", "--quick", "--cache-dir", str(tmp_path / "models"),
+                      "--out", str(out), "--hot-experts", "2", "--expert-hosts", "1", "--budget-sweep", "25,100"])
+    assert code == 0
+    r = json.loads((out / "results.json").read_text())
+    points = r["sweep"]["tierserve"]
+    served = r["model"]["served_bytes_per_expert"] * LAYERS * EXPERTS
+    assert [p["percent"] for p in points] == [25, 100]
+    assert [p["budget_bytes"] for p in points] == [int(served / 4), int(served)]
+    assert [p["hot_experts_per_layer"] for p in points] == [EXPERTS / 4, EXPERTS]
+    assert all(p["decode_tok_s"] > 0 and p["prefill_tok_s"] > 0 for p in points)
+    assert r["sweep"]["llama_cpp"] is None
+    assert "## VRAM budget sweep" in (out / "results.md").read_text()
+    assert (out / "sweep.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_a_sweep_cannot_measure_a_running_system():
+    with pytest.raises(SystemExit):
+        tierserve(["bench", "--model", "m.gguf", "--endpoint", "tcp://127.0.0.1:1", "--budget-sweep", "50"])
