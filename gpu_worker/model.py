@@ -31,13 +31,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 @dataclass
 class _BatchSlots:
     """A step's positions and KV slots on the device, and per chunk its row span, its context's slots and
-    its attention mask (None where SDPA's own causal or full attention is the same)."""
+    its attention mask (None where SDPA's own causal or full attention is the same). A step of several
+    sequences decoding one token each has instead every context's slots padded to the longest, (sequences,
+    longest), and which of them are real, (sequences, 1, 1, longest): one attention for all of them."""
 
     positions: torch.Tensor
     new_slots: torch.Tensor
     context_slots: list[torch.Tensor]
     spans: list[tuple[int, int]]
     masks: list[torch.Tensor | None]
+    padded: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -93,6 +96,12 @@ class Trunk:
         q, k, v = self._attention_inputs(i, x, cos, sin)
         self.kv[i, 0, batch.new_slots] = k
         self.kv[i, 1, batch.new_slots] = v
+        if batch.padded is not None:
+            slots, visible = batch.padded
+            keys = self.kv[i, 0, slots].transpose(1, 2)  # (sequences, kv heads, longest context, head dim)
+            values = self.kv[i, 1, slots].transpose(1, 2)
+            att = F.scaled_dot_product_attention(q[:, :, None], keys, values, attn_mask=visible, enable_gqa=True)
+            return att.reshape(x.shape[0], c.q_dim) @ self.w[f"blk.{i}.attn_output.weight"].T
         outs = []
         for (offset, m), slots, visible in zip(batch.spans, batch.context_slots, batch.masks, strict=True):
             keys = self.kv[i, 0, slots].transpose(0, 1)  # (kv heads, context, head dim)
@@ -123,6 +132,14 @@ class Trunk:
             masks.append(None if m == 1 or ch.start == 0 else
                          (seen[None, :] <= ch.start + torch.arange(m)[:, None]).to(self.device, non_blocking=True))
         lengths = [len(s) for s in context]
+        if len(chunks) > 1 and offset == len(chunks):  # decode only: one padded attention
+            padded = torch.nn.utils.rnn.pad_sequence(context, batch_first=True)  # padding: slot 0, masked out
+            host = torch.cat([torch.cat(positions), torch.cat(new_slots), padded.flatten(), torch.tensor(lengths)])
+            device = host.to(self.device, non_blocking=True)
+            positions_d, new_slots_d, padded_d, lengths_d = device.split([offset, offset, padded.numel(), offset])
+            visible = torch.arange(padded.shape[1], device=self.device)[None, :] < lengths_d[:, None]
+            return _BatchSlots(positions_d, new_slots_d, [], spans, masks,
+                               (padded_d.view(padded.shape), visible[:, None, None, :]))
         host = torch.cat([torch.cat(positions), torch.cat(new_slots), *context])
         device = host.to(self.device, non_blocking=True)
         positions_d, new_slots_d, *context_d = device.split([offset, offset, *lengths])

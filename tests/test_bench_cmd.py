@@ -59,11 +59,14 @@ def test_tier_counters_account_for_every_token_the_bench_sent(bench_run):
     forwarded = sum(d["requests"] * (d["prompt_tokens"] - 1) + d["completion_tokens"] for d in r["decode"])
     assert sum(decode["pairs"].values()) == forwarded * LAYERS * TOP_K
     assert sum(prefill["pairs"].values()) == sum(p["prompt_tokens"] for p in r["prefill"]) * LAYERS * TOP_K
+    # --cold-path stream into 4 slots: streamed into; in a phase where the slots' policy keeps its residents every
+    # cold expert is a soft hit or computed by the host, so streaming is only certain over the whole run
+    assert decode["pairs"]["streamed"] + prefill["pairs"]["streamed"] > 0
     for phase in (decode, prefill):
         assert sum(phase["share"].values()) == pytest.approx(1.0)
-        assert phase["pairs"]["hot"] > 0 and phase["pairs"]["streamed"] > 0  # placement and --cold-path stream
+        assert phase["pairs"]["hot"] > 0 and phase["pairs"]["soft_hit"] + phase["pairs"]["streamed"] > 0
         assert phase["vram_hit_rate"] == pytest.approx(phase["share"]["hot"] + phase["share"]["soft_hit"])
-        assert phase["streamed_bytes"] > 0 and phase["streamed_gb_s"] > 0
+        assert (phase["streamed_bytes"] > 0) == (phase["streamed_gb_s"] > 0) == (phase["pairs"]["streamed"] > 0)
         assert 0 < phase["soft_tier_hit_rate"] < 1
 
 
