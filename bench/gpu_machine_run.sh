@@ -8,6 +8,7 @@
 # LLAMA_CPP_SOURCE is llama.cpp's source tree (e.g. vendor/llama.cpp of the llama-cpp-python sdist, see
 # bench/README.md); the default models are qwen3-30b-a3b in q4_0 with a 4 GB expert budget, then q8_0 with 8 GB.
 # Each model is deleted after its run: the two with their expert caches would not fit a 64 GB disk together.
+# SWEEP=10,25,50,100 adds the VRAM budget sweep (the system started once per budget: minutes per point on 30B).
 set -euo pipefail
 LLAMA_SRC=${1:?llama.cpp source directory}
 OUT=${2:?output directory}
@@ -25,7 +26,8 @@ python3 -m pytest -m gpu tests/gpu -p no:cacheprovider -q > "$OUT/gpu_tests.log"
 stamp "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"
 
 cmake -S "$LLAMA_SRC" -B "$BUILD" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
-  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF > "$OUT/llama_build.log" 2>&1
+  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \
+  > "$OUT/llama_build.log" 2>&1
 cmake --build "$BUILD" --target llama-bench -j "$(nproc)" >> "$OUT/llama_build.log" 2>&1
 stamp "llama-bench built"
 
@@ -37,7 +39,8 @@ for run in "${RUNS[@]}"; do
   $TS convert-experts "$model"
   stamp "$dtype model and expert cache ready"
   $TS bench --model "$model" --expert-budget "$budget" --expert-hosts 1 --soft-slots 64 --cold-path auto \
-    --profile-steps 8 --llama-cpp "$BUILD" --out "$OUT/$dtype" > "$OUT/$dtype.log" 2>&1 || true
+    --profile-steps 8 ${SWEEP:+--budget-sweep "$SWEEP"} --llama-cpp "$BUILD" --out "$OUT/$dtype" \
+    > "$OUT/$dtype.log" 2>&1 || true
   stamp "$dtype bench done"
   rm -f "$MODELS"/qwen3-30b-a3b-"$dtype".*
 done
