@@ -121,13 +121,14 @@ class MoEDispatch:
         self.hot, self.remote, self.pool, self.planner, self.on_dispatch = hot, remote, pool, planner, on_dispatch
         self.owners = [np.asarray(layer, dtype=np.int64) for layer in placement.owner]
 
-    def _soft_slots(self, layer: int, cold: dict[int, int]) -> dict[int, int]:
+    def _soft_slots(self, layer: int, cold: dict[int, int]) -> tuple[dict[int, int], set[int]]:
         """Slots of this layer's cold experts (expert -> pairs) computed on the GPU this step: resident ones,
-        then the ones the planner streams in (an expert the policy finds no slot for stays on its host)."""
+        then the ones the planner streams in; and the experts it streams that the policy finds no slot for,
+        which go through the staging slots (or, with none, stay on their host)."""
         if self.pool is None or not cold:
-            return {}
+            return {}, set()
         tier = self.pool.tier
-        slots = {}
+        slots, staged = {}, set()
         for e in cold:  # pinned as found, so streaming this layer's misses cannot evict them
             if (layer, e) in tier:
                 slots[e] = tier.lookup((layer, e))
@@ -139,22 +140,26 @@ class MoEDispatch:
             if slot is not None:
                 slots[e] = slot
                 tier.pin((layer, e))
-                self.on_dispatch("streamed", cold[e])
-        return slots
+            elif self.pool.staging_slots:
+                staged.add(e)
+            else:
+                continue
+            self.on_dispatch("streamed", cold[e])
+        return slots, staged
 
     def _plan(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict[str | int, _PathGroups], dict[int, int]]:
-        """The layer's pair order (pair indices: hot pairs by expert, then soft ones by slot, then each host's by
-        expert), each path's groups in it, and the soft slots in use."""
+        """The layer's pair order (pair indices: hot pairs by expert, soft ones by slot, staged ones by expert,
+        then each host's by expert), each path's groups in it, and the soft slots in use."""
         order = np.argsort(ids, kind="stable")
         experts, first, counts = np.unique(ids[order], return_index=True, return_counts=True)
         owner = self.owners[layer][experts]
         cold = {int(e): int(n) for e, n, o in zip(experts, counts, owner, strict=True) if o != GPU}
-        slots = self._soft_slots(layer, cold)
-        path_of = [GPU if o == GPU else "soft" if int(e) in slots else int(o) for e, o in zip(experts, owner,
-                                                                                               strict=True)]
+        slots, staged = self._soft_slots(layer, cold)
+        path_of = [GPU if o == GPU else "soft" if int(e) in slots else "staged" if int(e) in staged else int(o)
+                   for e, o in zip(experts, owner, strict=True)]
         spans, groups, start = [], {}, 0
         hosts = sorted({p for p in path_of if isinstance(p, int) and p != GPU})
-        for path in [GPU, "soft", *hosts]:
+        for path in [GPU, "soft", "staged", *hosts]:
             members = [j for j, p in enumerate(path_of) if p == path]
             if path == "soft":
                 members.sort(key=lambda j: slots[int(experts[j])])
@@ -166,6 +171,18 @@ class MoEDispatch:
             groups[path] = _PathGroups(keys, n, start, start + sum(n))
             start += sum(n)
         return np.concatenate(spans), groups, slots
+
+    def _staged(self, layer: int, h: torch.Tensor, tokens: torch.Tensor, g: _PathGroups) -> list[torch.Tensor]:
+        """The staged experts' rows, in passes of as many experts as there are staging slots."""
+        pool = self.pool
+        assert pool is not None
+        width, out, start = len(pool.staging_slots), [], g.start
+        for i in range(0, len(g.keys), width):
+            counts = g.counts[i : i + width]
+            slots = pool.stage(layer, g.keys[i : i + width])
+            out.append(pool.compute(layer, h[tokens[start : start + sum(counts)]], slots, counts))
+            start += sum(counts)
+        return out
 
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         k = expert_ids.shape[1]
@@ -192,6 +209,9 @@ class MoEDispatch:
                 ys.append(self.pool.compute(layer, h[tokens[g.start : g.end]], g.keys, g.counts))  # type: ignore[union-attr]
                 for e in slots:
                     self.pool.tier.unpin((layer, e))  # type: ignore[union-attr]
+        if "staged" in groups:
+            with section("staged"):
+                ys += self._staged(layer, h, tokens, groups["staged"])
         for host, g, sent_at in sent:
             y, compute_s = self.remote.receive(host, layer)  # type: ignore[union-attr]
             if self.planner is not None:

@@ -85,8 +85,8 @@ class Engine:
         self.sampler = Sampler()
         self.experts = open_expert_source(model, config)
         self.hot = HotExperts(self.experts, self.device, dtype)
-        self.pool = SoftPool(self.experts, self.device, dtype, config.soft_slots, config.soft_policy) \
-            if config.soft_slots > 0 else None
+        self.pool = SoftPool(self.experts, self.device, dtype, config.soft_slots, config.soft_policy,
+                             config.soft_staging) if config.soft_slots > 0 else None
         self.planner = ColdPlanner(self.experts, config.cold_path, self.pool.measure_bandwidth(),
                                    measure_matmul_flops(self.device, dtype), dtype) if self.pool else None
         if self.device.type == "cuda":

@@ -46,10 +46,13 @@ class SoftPool:
     expert-cache regions, byte for byte, so one copy fills a slot and the int8 / int4 kernels read it."""
 
     def __init__(self, source: ExpertSource, device: torch.device, dtype: torch.dtype, n_slots: int,
-                 policy: str) -> None:
+                 policy: str, staging: int = 0) -> None:
+        """n_slots for the tier, then `staging` slots that `stage` fills for one step's computation."""
         cfg = source.model.config
         self.source, self.device, self.dtype = source, device, dtype
         self.tier = SoftTier(n_slots, make_policy(policy, cfg.n_layers * cfg.n_experts))
+        self.staging_slots = list(range(n_slots, n_slots + staging))
+        n_slots += staging
         layouts = [source.layout(layer) for layer in range(cfg.n_layers)]
         self.quantized = layouts[0].format != "float"
         if any((layout.format != "float") != self.quantized for layout in layouts):
@@ -92,6 +95,15 @@ class SoftPool:
             return None
         self.bytes_streamed += self._fill(admission.slot, layer, expert)
         return admission.slot
+
+    def stage(self, layer: int, experts: list[int]) -> list[int]:
+        """Copy experts into the staging slots for this step only, in order; their slots. Copies and the
+        computation that reads them are queued on the same stream, so the next pass's copies wait for it."""
+        assert len(experts) <= len(self.staging_slots), "more experts than staging slots"
+        slots = self.staging_slots[: len(experts)]
+        for slot, e in zip(slots, experts, strict=True):
+            self.bytes_streamed += self._fill(slot, layer, e)
+        return slots
 
     def measure_bandwidth(self) -> float:
         """Bytes/s of streaming one expert into a slot, measured now (start-up) on this machine."""

@@ -62,6 +62,9 @@ class Config:
     device: str = "auto"  # auto | cpu | cuda
     soft_slots: int = 0  # VRAM slots that cold experts are streamed into; 0: no streaming
     soft_policy: str = "decayed-lfu"  # which expert keeps a slot: decayed-lfu | lru
+    # VRAM slots beside the soft tier's for cold experts streamed for one step only: those the cost model sends
+    # over PCIe but the tier's policy does not keep (a prompt's many experts), computed in passes of this many
+    soft_staging: int = 16
     cold_path: str = "auto"  # auto (cost model splits each layer) | cpu | stream
     dtype: str = "auto"  # trunk and hot experts: auto (float32 on the CPU, bfloat16 on a GPU) | float32 | bfloat16
     kv_cache_tokens: int = 16384
@@ -103,6 +106,8 @@ class Config:
             raise ValueError("host_threads must be >= 0")
         if self.profile_steps < 0:
             raise ValueError("profile_steps must be >= 0")
+        if self.soft_staging < 0:
+            raise ValueError("soft_staging must be >= 0")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -57,7 +57,7 @@ MOE_TOLERANCE, LOGIT_TOLERANCE, LOGPROB_TOLERANCE = 2e-2, 5e-2, 0.15
 # than the model's 128, so slots are evicted and refilled.
 ENGINE_PLACEMENTS = {"all-hot": (32, 0), "all-streamed": (0, 48), "half-hot-half-streamed": (16, 48)}
 # (options, the dispatch paths the worker's metrics must show taken); streamed experts the soft tier's policy
-# refuses a slot are computed by the host.
+# refuses a slot go through the staging slots.
 SYSTEM_PLACEMENTS = {
     "half-hot-one-host": (("--expert-hosts", "1", "--hot-experts", "16"), ("hot", "cpu")),
     "streamed": (("--expert-hosts", "1", "--hot-experts", "0", "--soft-slots", "24", "--cold-path", "stream"),

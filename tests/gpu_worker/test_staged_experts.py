@@ -1,0 +1,43 @@
+"""Cold experts the cost model streams but the soft tier's policy does not keep: streamed into the staging
+slots for the step and computed there, in passes when there are more of them than staging slots."""
+
+from __future__ import annotations
+
+import torch
+
+from gpu_worker.model import Chunk
+from gpu_worker.service import Engine
+from shared.config import Config
+from shared.gguf_file import GGUFModel
+from shared.make_model import make_model
+from shared.placement import round_robin_placement
+from shared.reference import ReferenceModel
+
+
+def test_refused_experts_are_computed_from_the_staging_slots_in_passes(tmp_path):
+    path = tmp_path / "tiny.gguf"
+    make_model(path, preset="tiny", dtype="f32", seed=5)
+    model = GGUFModel(path)
+    cfg = model.config
+    # one tier slot that keeps its first expert (decayed LFU), two staging slots; no expert host at all, so a
+    # refused expert that fell back to a host would fail the step
+    config = Config(model=str(path), device="cpu", soft_slots=1, soft_policy="decayed-lfu", soft_staging=2,
+                    cold_path="stream")
+    engine = Engine(config, model, remote=None)
+    engine.apply(round_robin_placement(cfg, 2, 1))
+    paths: dict[str, int] = {}
+    engine.moe.on_dispatch = lambda path, n: paths.__setitem__(path, paths.get(path, 0) + n)
+    staged_layers: list[int] = []
+    stage = engine.pool.stage
+    engine.pool.stage = lambda layer, experts: staged_layers.append(layer) or stage(layer, experts)
+    tokens = list(range(3, 23))
+    table = list(range(4))
+    got = torch.cat([engine.trunk.forward([Chunk(tokens[:12], 0, table)], engine.moe)] +
+                    [engine.trunk.forward([Chunk(tokens[p : p + 1], p, table)], engine.moe) for p in range(12, 20)])
+    want = ReferenceModel(model).forward(tokens)[11:]
+    assert paths["streamed"] > paths.get("soft_hit", 0) > 0 and "cpu" not in paths
+    assert engine.pool.tier.refusals > 0
+    repeats = [a == b for a, b in zip(staged_layers, staged_layers[1:], strict=False)]
+    assert any(repeats), "some layer must take several passes"
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
