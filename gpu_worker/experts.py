@@ -110,7 +110,8 @@ class _PathGroups:
 
 class MoEDispatch:
     """The trunk's MoE function for one placement. `on_dispatch(path, pairs)` counts (token, expert)
-    pairs by path: hot, soft_hit (already in a VRAM slot), streamed (copied in for this step) or cpu.
+    pairs by path: hot, soft_hit (already in a VRAM slot), streamed (copied into a slot it keeps), staged
+    (copied into a staging slot for this step only) or cpu.
 
     A layer's routing comes to the host once (one wait on the device per layer); the pairs are grouped there by
     path and expert and their order goes back in one copy, so a decode step launches few small kernels."""
@@ -140,11 +141,10 @@ class MoEDispatch:
             if slot is not None:
                 slots[e] = slot
                 tier.pin((layer, e))
+                self.on_dispatch("streamed", cold[e])
             elif self.pool.staging_slots:
                 staged.add(e)
-            else:
-                continue
-            self.on_dispatch("streamed", cold[e])
+                self.on_dispatch("staged", cold[e])
         return slots, staged
 
     def _plan(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict[str | int, _PathGroups], dict[int, int]]:

@@ -50,7 +50,7 @@ RUNNING = Gauge("tierserve_worker_running_requests", "Requests holding KV cache"
 WAITING = Gauge("tierserve_worker_waiting_requests", "Requests waiting for KV cache")
 KV_USED = Gauge("tierserve_worker_kv_cache_used_ratio", "Fraction of KV cache blocks in use")
 DISPATCH = Counter("tierserve_worker_expert_dispatch_total",
-                   "Routed (token, expert) pairs by path: hot, soft_hit, streamed, cpu", ["path"])
+                   "Routed (token, expert) pairs by path: hot, soft_hit, streamed, staged, cpu", ["path"])
 STEP_SECONDS = Histogram("tierserve_worker_step_seconds", "Wall time of one model step",
                          buckets=(1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0))
 SOFT_HIT_RATE = Gauge("tierserve_worker_soft_tier_hit_rate", "Cold expert lookups found in a VRAM slot")

@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from shared.protocol import HealthReply
 
-PATHS = ("hot", "soft_hit", "streamed", "cpu")  # how a routed (token, expert) pair was computed
+PATHS = ("hot", "soft_hit", "streamed", "staged", "cpu")  # how a routed (token, expert) pair was computed
 DISPATCH = "tierserve_worker_expert_dispatch_total"
 SOFT_HIT_RATE = "tierserve_worker_soft_tier_hit_rate"
 STREAMED_BYTES = "tierserve_worker_streamed_bytes"
@@ -67,7 +67,7 @@ def tier_delta(before: TierSnapshot, after: TierSnapshot, seconds: float) -> dic
         "pairs": pairs,
         "share": {p: (n / total if total else 0.0) for p, n in pairs.items()},
         "vram_hit_rate": (pairs["hot"] + pairs["soft_hit"]) / total if total else 0.0,
-        "cold_share": (pairs["streamed"] + pairs["cpu"]) / total if total else 0.0,
+        "cold_share": (pairs["streamed"] + pairs["staged"] + pairs["cpu"]) / total if total else 0.0,
         "soft_tier_hit_rate": after.soft_hit_rate,
         "streamed_bytes": streamed,
         "streamed_gb_s": streamed / seconds / 1e9 if seconds > 0 else 0.0,

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import bench_sweep
+from shared.bench_metrics import PATHS
 
 
 def _num(value: float | None, digits: int = 1) -> str:
@@ -58,8 +59,9 @@ def markdown(results: dict[str, Any]) -> str:
           _num(ratios.get(f"prefill_{p['prompt_tokens']}"), 2)] for p in results["prefill"]])
     lines += ["## Expert tiers (gpu_worker metrics, change over each phase)", ""]
     lines += _table(
-        ["phase", "hot", "soft hit", "streamed", "cpu", "VRAM hit rate", "soft tier hit rate", "streamed GB/s"],
-        [[phase, *(_pct(t["share"][p]) for p in ("hot", "soft_hit", "streamed", "cpu")), _pct(t["vram_hit_rate"]),
+        ["phase", "hot", "soft hit", "streamed", "staged", "cpu", "VRAM hit rate", "soft tier hit rate",
+         "streamed GB/s"],
+        [[phase, *(_pct(t["share"][p]) for p in PATHS), _pct(t["vram_hit_rate"]),
           _pct(t["soft_tier_hit_rate"]), _num(t["streamed_gb_s"], 3)] for phase, t in results["tiers"].items()])
     d = limits["decode"]
     lines += ["## Physical limit (this machine, measured)", ""]

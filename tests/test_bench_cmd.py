@@ -59,14 +59,15 @@ def test_tier_counters_account_for_every_token_the_bench_sent(bench_run):
     forwarded = sum(d["requests"] * (d["prompt_tokens"] - 1) + d["completion_tokens"] for d in r["decode"])
     assert sum(decode["pairs"].values()) == forwarded * LAYERS * TOP_K
     assert sum(prefill["pairs"].values()) == sum(p["prompt_tokens"] for p in r["prefill"]) * LAYERS * TOP_K
-    # --cold-path stream into 4 slots: streamed into; in a phase where the slots' policy keeps its residents every
-    # cold expert is a soft hit or computed by the host, so streaming is only certain over the whole run
-    assert decode["pairs"]["streamed"] + prefill["pairs"]["streamed"] > 0
+    # --cold-path stream into 4 slots (and the default staging slots): every cold pair is a soft hit, streamed into
+    # a slot or staged for the step, never computed by the host; which one depends on the slots' policy
     for phase in (decode, prefill):
+        pairs = phase["pairs"]
         assert sum(phase["share"].values()) == pytest.approx(1.0)
-        assert phase["pairs"]["hot"] > 0 and phase["pairs"]["soft_hit"] + phase["pairs"]["streamed"] > 0
+        assert pairs["hot"] > 0 and pairs["soft_hit"] + pairs["streamed"] + pairs["staged"] > 0 and pairs["cpu"] == 0
         assert phase["vram_hit_rate"] == pytest.approx(phase["share"]["hot"] + phase["share"]["soft_hit"])
-        assert (phase["streamed_bytes"] > 0) == (phase["streamed_gb_s"] > 0) == (phase["pairs"]["streamed"] > 0)
+        copied = pairs["streamed"] + pairs["staged"] > 0
+        assert (phase["streamed_bytes"] > 0) == (phase["streamed_gb_s"] > 0) == copied
         assert 0 < phase["soft_tier_hit_rate"] < 1
 
 
@@ -115,10 +116,10 @@ def worker_metrics_page(hot: int, streamed: int, hit_rate: float, streamed_bytes
 
 def test_tier_counters_from_a_metrics_page_and_their_change():
     before = parse_tiers(worker_metrics_page(hot=10, streamed=0, hit_rate=0.0, streamed_bytes=0))
-    assert before.pairs == {"hot": 10, "soft_hit": 0, "streamed": 0, "cpu": 0}  # paths never taken read 0
+    assert before.pairs == {"hot": 10, "soft_hit": 0, "streamed": 0, "staged": 0, "cpu": 0}  # never taken: 0
     after = parse_tiers(worker_metrics_page(hot=40, streamed=10, hit_rate=0.25, streamed_bytes=4e9))
     d = tier_delta(before, after, seconds=2.0)
-    assert d["pairs"] == {"hot": 30, "soft_hit": 0, "streamed": 10, "cpu": 0}
+    assert d["pairs"] == {"hot": 30, "soft_hit": 0, "streamed": 10, "staged": 0, "cpu": 0}
     assert d["share"]["hot"] == 0.75 and d["vram_hit_rate"] == 0.75 and d["cold_share"] == 0.25
     assert d["streamed_gb_s"] == 2.0 and d["soft_tier_hit_rate"] == 0.25
     assert set(d["share"]) == set(PATHS)
