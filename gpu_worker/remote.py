@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 
 import torch
 import zmq
@@ -24,6 +25,7 @@ from shared.mailbox import Mailbox, MailboxError, mailbox_path
 from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
 
 RECHECK_S = 0.05
+KEEP_ALIVE_S = 0.25  # a wait on a host is cut into slices this long, with the worker's keep-alive between them
 log = logging.getLogger(__name__)
 
 
@@ -43,6 +45,8 @@ class RemoteExperts:
         # (mailbox, request sequence number, device of the rows sent); None: sent over ZeroMQ
         self._in_flight: list[tuple[Mailbox, int, torch.device] | None] = [None] * len(endpoints)
         self.step = 0
+        # run while waiting on a host: the worker's heartbeat must not stop because a host is slow to answer
+        self.keep_alive: Callable[[], None] = lambda: None
 
     def _connect(self, endpoint: str) -> zmq.Socket:
         sock = self.ctx.socket(zmq.DEALER)
@@ -122,9 +126,7 @@ class RemoteExperts:
             if in_flight is None:
                 return self._receive_message(host, layer)
             mailbox, seq, device = in_flight
-            if not mailbox.wait_answer(seq, self.timeout_s):
-                self.reset(host)
-                raise ExpertHostError(host, "timeout", f"no answer within {self.timeout_s:.1f} s")
+            self._wait(host, time.monotonic() + self.timeout_s, lambda s: mailbox.wait_answer(seq, s))
             answer = mailbox.answer()
             if answer.failure is not None:
                 raise ExpertHostError(host, *answer.failure)
@@ -135,10 +137,7 @@ class RemoteExperts:
         sock = self.sockets[host]
         deadline = time.monotonic() + self.timeout_s
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not sock.poll(int(remaining * 1000) + 1):
-                self.reset(host)
-                raise ExpertHostError(host, "timeout", f"no answer within {self.timeout_s:.1f} s")
+            self._wait(host, deadline, lambda s: bool(sock.poll(int(s * 1000) + 1)))
             try:
                 msg = decode(sock.recv_multipart(copy=False))
             except ProtocolError as e:
@@ -149,6 +148,18 @@ class RemoteExperts:
                 raise ExpertHostError(host, msg.code, msg.message)
             if isinstance(msg, ExpertResult):
                 return msg.output, msg.compute_s
+
+    def _wait(self, host: int, deadline: float, ready: Callable[[float], bool]) -> None:
+        """Until `ready(seconds)` (waiting at most that long) says the answer is there, in slices of KEEP_ALIVE_S
+        with the keep-alive between; past the deadline the host is reset and the wait fails."""
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.reset(host)
+                raise ExpertHostError(host, "timeout", f"no answer within {self.timeout_s:.1f} s")
+            if ready(min(remaining, KEEP_ALIVE_S)):
+                return
+            self.keep_alive()
 
     def reset(self, host: int) -> None:
         """Drop whatever is queued to or from a host that stopped answering; reconnect fresh and look for its

@@ -211,6 +211,8 @@ def serve(config: Config) -> int:
             return 0
         engine.apply(placement)
         engine.keep_alive = lambda: control.heartbeat_if_due(engine.placement_version, engine.load())
+        if remote is not None:
+            remote.keep_alive = engine.keep_alive
         log.info("placement v%d: %d hot experts (%.1f MB)", placement.version, placement.count_hot(),
                  engine.hot.nbytes / 1e6)
         while True:

@@ -15,7 +15,7 @@ import pytest
 import torch
 import zmq
 
-from gpu_worker.remote import ExpertHostError, RemoteExperts
+from gpu_worker.remote import KEEP_ALIVE_S, ExpertHostError, RemoteExperts
 from shared.client import Client
 from shared.config import Config
 from shared.gguf_file import GGUFModel
@@ -271,14 +271,34 @@ def test_a_host_that_dies_is_detected_by_timeout_and_its_successor_is_found(remo
     remote.begin_step()
     remote.send(0, 2, [1], [1], torch.ones(1, 16))
     host.kill()  # SIGKILL: its mailbox stays behind, as a crashed host's would
+    kept_alive: list[float] = []
+    remote.keep_alive = lambda: kept_alive.append(time.monotonic())
     start = time.monotonic()
     with pytest.raises(ExpertHostError, match="no answer within 0.5 s") as timeout:
         remote.receive(0, 2)
     assert timeout.value.code == "timeout"
     assert 0.5 <= time.monotonic() - start < 2
+    # the worker's heartbeat went on while it waited: at least every KEEP_ALIVE_S (and some slack)
+    beats = [start, *kept_alive]
+    assert len(kept_alive) >= 1 and max(b - a for a, b in zip(beats, beats[1:], strict=False)) < KEEP_ALIVE_S + 0.2
     successor = Host(path)  # replaces the dead host's mailbox, as a restarted host does
     remote_round_trip(remote, 3)
     stop_host(remote.mailboxes[0], successor)
+
+
+def test_the_keep_alive_runs_while_a_host_is_awaited_over_zeromq(tmp_path):
+    """No host and no mailbox at all: the work goes as a message nobody answers."""
+    ctx = zmq.Context()
+    remote = RemoteExperts(ctx, [f"ipc://{tmp_path}/nobody.sock"], timeout_s=0.6)
+    kept_alive: list[float] = []
+    remote.keep_alive = lambda: kept_alive.append(time.monotonic())
+    remote.begin_step()
+    remote.send(0, 0, [1], [1], torch.ones(1, 16))
+    with pytest.raises(ExpertHostError, match="no answer within 0.6 s"):
+        remote.receive(0, 0)
+    assert len(kept_alive) >= 2
+    remote.close()
+    ctx.term()
 
 
 # --- the whole system -------------------------------------------------------------------------------------
