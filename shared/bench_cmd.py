@@ -121,13 +121,14 @@ def model_facts(model: GGUFModel) -> dict[str, Any]:
 
 
 def system_options(args: argparse.Namespace) -> list[str]:
+    """`tierserve up` options: the bench's own, then any it does not know (e.g. --prefill-chunk 2048)."""
     options = []
     for flag, value in (("--gpu-expert-budget", args.expert_budget), ("--hot-experts", args.hot_experts),
                         ("--expert-hosts", args.expert_hosts), ("--soft-slots", args.soft_slots),
                         ("--cold-path", args.cold_path)):
         if value is not None:
             options += [flag, str(value)]
-    return options
+    return options + args.passed_on
 
 
 async def measure_system(endpoint: str, run_settings: dict[str, Any], base: list[int]) -> dict[str, Any]:
@@ -305,7 +306,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     cli = parser()
-    args = cli.parse_args(argv)
+    args, passed_on = cli.parse_known_args(argv)
+    args.passed_on = passed_on  # options for `tierserve up`
+    if passed_on and args.endpoint:
+        cli.error(f"{' '.join(passed_on)}: options for the system it starts, but --endpoint measures a running one")
     if args.budget_sweep and args.endpoint:
         cli.error("--budget-sweep starts the system once per budget, so it cannot measure the one at --endpoint")
     out = Path(args.out or Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))

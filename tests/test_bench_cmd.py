@@ -20,11 +20,13 @@ LAYERS, TOP_K = 4, 2  # the tiny preset
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """One quick run: 2 hot experts per layer, one expert host, 4 soft slots streamed into."""
+    """One quick run: 2 hot experts per layer, one expert host, 4 soft slots streamed into, and a setting the
+    bench does not know itself, passed on to the system."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "out"
     code = tierserve(["bench", "--preset", "tiny", "--quick", "--cache-dir", str(tmp / "models"), "--out", str(out),
-                      "--hot-experts", "2", "--expert-hosts", "1", "--soft-slots", "4", "--cold-path", "stream"])
+                      "--hot-experts", "2", "--expert-hosts", "1", "--soft-slots", "4", "--cold-path", "stream",
+                      "--prefill-chunk", "64"])
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -33,6 +35,7 @@ def bench_run(tmp_path_factory):
 def test_decode_figures_at_each_concurrency(bench_run):
     _, r = bench_run
     assert r["settings"]["quick"] and r["system"]["started_by_bench"]
+    assert r["system"]["options"][-2:] == ["--prefill-chunk", "64"]
     assert [d["concurrency"] for d in r["decode"]] == [1, 4, 16]
     for d in r["decode"]:
         assert d["requests"] == d["concurrency"]
@@ -153,3 +156,8 @@ def test_prompt_lengths_and_tokens_can_be_set_on_a_quick_run():
     s = settings(True, 40960, [512, 4096], 32)
     assert (s["prompt_lengths"], s["max_tokens"], s["prefill_repeats"], s["waves"]) == ([512, 4096], 32, 1, 1)
     assert settings(False, 1024, [512, 4096])["prompt_lengths"] == [512, 1023]  # one token must still fit
+
+
+def test_system_options_cannot_go_to_a_running_system():
+    with pytest.raises(SystemExit):
+        tierserve(["bench", "--model", "m.gguf", "--endpoint", "tcp://127.0.0.1:1", "--prefill-chunk", "64"])
