@@ -9,6 +9,8 @@
 # bench/README.md); the default models are qwen3-30b-a3b in q4_0 with a 4 GB expert budget, then q8_0 with 8 GB.
 # Each model is deleted after its run: the two with their expert caches would not fit a 64 GB disk together.
 # SWEEP=10,25,50,100 adds the VRAM budget sweep (the system started once per budget: minutes per point on 30B).
+# On a 64 GB disk a q8_0 model (32 GB) and its expert cache (32 GB) do not fit together: MODELS=/dev/shm/models
+# keeps both in RAM (tmpfs), which the expert hosts then map without a second copy.
 set -euo pipefail
 LLAMA_SRC=${1:?llama.cpp source directory}
 OUT=${2:?output directory}
