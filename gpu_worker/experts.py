@@ -130,21 +130,22 @@ class MoEDispatch:
             return {}, set()
         tier = self.pool.tier
         slots, staged = {}, set()
-        for e in cold:  # pinned as found, so streaming this layer's misses cannot evict them
-            if (layer, e) in tier:
-                slots[e] = tier.lookup((layer, e))
-                tier.pin((layer, e))
-        self.on_dispatch("soft_hit", sum(cold[e] for e in slots))
-        misses = [(e, int(self.owners[layer][e]), n) for e, n in cold.items() if e not in slots]
-        for e in self.planner.to_stream(misses) if self.planner else []:
-            slot = self.pool.stream(layer, e)
-            if slot is not None:
-                slots[e] = slot
-                tier.pin((layer, e))
-                self.on_dispatch("streamed", cold[e])
-            elif self.pool.staging_slots:
-                staged.add(e)
-                self.on_dispatch("staged", cold[e])
+        with section("soft"):
+            for e in cold:  # pinned as found, so streaming this layer's misses cannot evict them
+                if (layer, e) in tier:
+                    slots[e] = tier.lookup((layer, e))
+                    tier.pin((layer, e))
+            self.on_dispatch("soft_hit", sum(cold[e] for e in slots))
+            misses = [(e, int(self.owners[layer][e]), n) for e, n in cold.items() if e not in slots]
+            for e in self.planner.to_stream(misses) if self.planner else []:
+                slot = self.pool.stream(layer, e)
+                if slot is not None:
+                    slots[e] = slot
+                    tier.pin((layer, e))
+                    self.on_dispatch("streamed", cold[e])
+                elif self.pool.staging_slots:
+                    staged.add(e)
+                    self.on_dispatch("staged", cold[e])
         return slots, staged
 
     def _plan(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict[str | int, _PathGroups], dict[int, int]]:
