@@ -17,7 +17,7 @@ from gpu_worker.step_profile import section
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.profile_table import LAYER
-from shared.reference import expert_ffn, rope, rope_table, route
+from shared.reference import expert_ffn, qk_norm, rope, rope_table, route
 
 # (layer, normed hidden (N, H), routing weights (N, k), expert ids (N, k)) -> routed experts' sum (N, H)
 MoEFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -78,15 +78,11 @@ class Trunk:
         if c.attn_bias:
             qkv = qkv + w[b + "attn_qkv.bias"]
         q, k, v = qkv.split([c.q_dim, c.kv_dim, c.kv_dim], dim=-1)
-        if c.qk_norm == "full":
-            q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
-            k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
+        q, k = qk_norm(c, w, i, q, k, "full", rms_norm)
         t = x.shape[0]
         q = q.reshape(t, c.n_heads, c.head_dim)
         k = k.reshape(t, c.n_kv_heads, c.head_dim)
-        if c.qk_norm == "head":
-            q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
-            k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
+        q, k = qk_norm(c, w, i, q, k, "head", rms_norm)
         qk = rope(torch.cat([q, k], dim=1), cos, sin, c.rope_style)
         return qk[:, : c.n_heads], qk[:, c.n_heads :], v.reshape(t, c.n_kv_heads, c.head_dim)
 

@@ -25,6 +25,19 @@ def find_llama_bench(build_dir: str | os.PathLike[str]) -> Path:
     raise FileNotFoundError(f"no llama-bench in {build_dir} (looked in bin/ and the directory itself)")
 
 
+def options_help(binary: Path) -> str:
+    """What this llama-bench says of its options (their spelling changed between builds)."""
+    return subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60).stdout
+
+
+def run(argv: list[str], timeout_s: float) -> list[dict[str, Any]]:
+    """One llama-bench run's records; a failed run is an error naming its command line."""
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0:
+        raise RuntimeError(f"llama-bench failed ({done.returncode}): {' '.join(argv)}\n{done.stderr[-2000:]}")
+    return parse_results(done.stdout)
+
+
 def load_mode_args(help_text: str) -> list[str]:
     """Mapped and loaded (mmap on, off) in the spelling this llama-bench knows: newer builds replaced
     `-mmp 1,0` with `-lm mmap,none`."""
@@ -99,16 +112,13 @@ def run_llama_bench(build_dir: str, model: str, prompt_lengths: list[int], gen_t
                     n_layers: int, layer_expert_bytes: int, expert_budget: int, quick: bool,
                     timeout_s: float = 3600.0) -> dict[str, Any]:
     binary = find_llama_bench(build_dir)
-    help_text = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60).stdout
+    options = options_help(binary)
     records: list[dict[str, Any]] = []
     runs = []
     for placement in placements(n_layers, layer_expert_bytes, expert_budget):
-        for argv in commands(binary, model, help_text, prompt_lengths, gen_tokens, thread_sweep(cores, quick),
+        for argv in commands(binary, model, options, prompt_lengths, gen_tokens, thread_sweep(cores, quick),
                              placement, 1 if quick else 3):
-            done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-            if done.returncode != 0:
-                raise RuntimeError(f"llama-bench failed ({done.returncode}): {' '.join(argv)}\n{done.stderr[-2000:]}")
-            records += parse_results(done.stdout)
+            records += run(argv, timeout_s)
             runs.append(" ".join(argv))
     return {"binary": str(binary), "commands": runs, "records": records, "best": best(records)}
 

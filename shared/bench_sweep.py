@@ -7,7 +7,6 @@ as stored in the GGUF for llama.cpp's layers of experts, so each system gets the
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -61,19 +60,14 @@ def run_llama(build_dir: str, model: str, percents: list[float], gguf_expert_byt
     """llama-bench once for decode and once for prefill over every budget's `--n-cpu-moe` (a list it sweeps
     itself), all layers on the GPU, the model loaded rather than mapped (its faster setting on the H100)."""
     binary = bench_llama.find_llama_bench(build_dir)
-    help_text = subprocess.run([str(binary), "--help"], capture_output=True, text=True, timeout=60).stdout
     n_cpu = {pct: bench_llama.cpu_moe_layers(n_layers, int(gguf_expert_bytes / n_layers),
                                              int(gguf_expert_bytes * pct / 100)) for pct in percents}
     common = [str(binary), "-m", model, "-ngl", "99", "-ncmoe", ",".join(map(str, sorted(set(n_cpu.values())))),
-              *bench_llama.loaded_args(help_text), "-t", str(threads), "-r", "1", "-o", "json"]
-    records = []
-    for argv in ([*common, "-p", "0", "-n", str(gen_tokens)],
-                 [*common, "-n", "0", "-p", str(prompt_tokens), "-b", str(max(prompt_tokens, 512)),
-                  "-ub", str(max(prompt_tokens, 512))]):
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
-        if done.returncode != 0:
-            raise RuntimeError(f"llama-bench failed ({done.returncode}): {' '.join(argv)}\n{done.stderr[-2000:]}")
-        records += bench_llama.parse_results(done.stdout)
+              *bench_llama.loaded_args(bench_llama.options_help(binary)), "-t", str(threads), "-r", "1", "-o", "json"]
+    batch = str(max(prompt_tokens, 512))
+    records = [r for argv in ([*common, "-p", "0", "-n", str(gen_tokens)],
+                              [*common, "-n", "0", "-p", str(prompt_tokens), "-b", batch, "-ub", batch])
+               for r in bench_llama.run(argv, timeout_s)]
     return [{"percent": pct, "n_cpu_moe": n, **by_cpu_moe(records, n)} for pct, n in n_cpu.items()]
 
 

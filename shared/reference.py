@@ -66,6 +66,17 @@ def route(logits: torch.Tensor, k: int, renormalize: bool) -> tuple[torch.Tensor
     return weights, ids
 
 
+def qk_norm(c: ModelConfig, w: dict[str, torch.Tensor], i: int, q: torch.Tensor, k: torch.Tensor, where: str,
+            norm: Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor] = rms_norm
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer i's QK-norm of q and k if the architecture applies it `where`: 'full' (over the whole projection,
+    before it is split into heads) or 'head' (per head); otherwise q and k as they are."""
+    if c.qk_norm != where:
+        return q, k
+    b = f"blk.{i}."
+    return norm(q, w[b + "attn_q_norm.weight"], c.norm_eps), norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
+
+
 def attention_inputs(c: ModelConfig, w: dict[str, torch.Tensor], i: int, x: torch.Tensor,
                      positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Layer i's queries (T, heads, d), keys and values (T, kv heads, d): projections, biases,
@@ -74,16 +85,12 @@ def attention_inputs(c: ModelConfig, w: dict[str, torch.Tensor], i: int, x: torc
     q, k, v = (x @ w[b + f"attn_{n}.weight"].T for n in "qkv")
     if c.attn_bias:
         q, k, v = q + w[b + "attn_q.bias"], k + w[b + "attn_k.bias"], v + w[b + "attn_v.bias"]
-    if c.qk_norm == "full":
-        q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
-        k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
+    q, k = qk_norm(c, w, i, q, k, "full")
     t = x.shape[0]
     q = q.view(t, c.n_heads, c.head_dim)
     k = k.view(t, c.n_kv_heads, c.head_dim)
     v = v.view(t, c.n_kv_heads, c.head_dim)
-    if c.qk_norm == "head":
-        q = rms_norm(q, w[b + "attn_q_norm.weight"], c.norm_eps)
-        k = rms_norm(k, w[b + "attn_k_norm.weight"], c.norm_eps)
+    q, k = qk_norm(c, w, i, q, k, "head")
     cos, sin = rope_angles(c, positions)
     return rope(q, cos, sin, c.rope_style), rope(k, cos, sin, c.rope_style), v
 
