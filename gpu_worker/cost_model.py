@@ -36,6 +36,12 @@ class CostConstants:
     round_trip_s: float  # one GPU -> host -> GPU crossing per layer
     gpu_flops: float  # expert compute on the GPU, flop/s
 
+    def describe(self) -> str:
+        cpu = ", ".join(f"{dtype} {bw / 1e9:.1f} GB/s" for dtype, bw in self.cpu_read_bw.items())
+        return (f"PCIe {self.pcie_bw / 1e9:.1f} GB/s, CPU experts read at {cpu} and computed at "
+                f"{self.cpu_flops / 1e12:.2f} Tflop/s, round trip {self.round_trip_s * 1e6:.0f} us, "
+                f"GPU experts {self.gpu_flops / 1e12:.0f} Tflop/s")
+
 
 # An H100 80 GB on PCIe Gen5 x16 with a 16-core Xeon (AVX512, AMX) and 128 GB: an example and the tests'
 # machine. Serving uses the constants of the machine at hand, measured there and kept fresh by LiveConstants.

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from gpu_worker.decode_graphs import DecodeGraphs, StaticBatch
 from gpu_worker.step_profile import section
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS
@@ -53,7 +54,10 @@ class Chunk:
 
 
 class Trunk:
-    def __init__(self, model: GGUFModel, device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int):
+    def __init__(self, model: GGUFModel, device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int,
+                 decode_graphs: bool | None = None):
+        """decode_graphs: run decode steps' attention and router from captured CUDA graphs (default: on a GPU);
+        on a CPU, True runs the same bucketed static buffers eagerly (gpu_worker/decode_graphs.py)."""
         self.cfg = cfg = model.config
         self.device, self.dtype, self.block_size = device, dtype, block_size
         expert_names = {f"blk.{i}.{kind}.weight" for i in range(cfg.n_layers) for kind in EXPERT_TENSOR_KINDS}
@@ -65,9 +69,14 @@ class Trunk:
                 parts = [self.w.pop(f"blk.{i}.attn_{n}.{kind}") for n in "qkv"]
                 self.w[f"blk.{i}.attn_qkv.{kind}"] = torch.cat(parts)
         self.rope_cos, self.rope_sin = rope_table(cfg.head_dim, cfg.rope_base, cfg.context_length, device)
-        # K and V of every layer: (layers, 2, blocks * block_size slots, kv heads, head dim)
-        self.kv = torch.zeros(cfg.n_layers, 2, num_blocks * block_size, cfg.n_kv_heads, cfg.head_dim,
-                              device=device, dtype=dtype)
+        # K and V of every layer: (layers, 2, blocks * block_size slots and a spare one, kv heads, head dim);
+        # the spare slot is where a decode graph's padding rows write.
+        spare = num_blocks * block_size
+        self.kv = torch.zeros(cfg.n_layers, 2, spare + 1, cfg.n_kv_heads, cfg.head_dim, device=device, dtype=dtype)
+        if decode_graphs is None:
+            decode_graphs = device.type == "cuda"
+        self.graphs = DecodeGraphs(self._front, cfg.hidden, self.rope_cos, self.rope_sin, spare, dtype,
+                                   capture=device.type == "cuda") if decode_graphs else None
 
     def _attention_inputs(self, i: int, x: torch.Tensor, cos: torch.Tensor,
                           sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,14 +109,40 @@ class Trunk:
             return att.reshape(x.shape[0], c.q_dim) @ self.w[f"blk.{i}.attn_output.weight"].T
         outs = []
         for (offset, m), slots, visible in zip(batch.spans, batch.context_slots, batch.masks, strict=True):
-            keys = self.kv[i, 0, slots].transpose(0, 1)  # (kv heads, context, head dim)
-            values = self.kv[i, 1, slots].transpose(0, 1)
-            query = q[offset : offset + m].transpose(0, 1)
+            # (1, heads, tokens, head dim): SDPA's fused kernels (flash, memory-efficient) take only 4-d inputs;
+            # 3-d ones fall back to the math kernel, which writes out every score of a long prompt
+            keys = self.kv[i, 0, slots].transpose(0, 1)[None]
+            values = self.kv[i, 1, slots].transpose(0, 1)[None]
+            query = q[offset : offset + m].transpose(0, 1)[None]
             att = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible,
                                                  is_causal=visible is None and m > 1, enable_gqa=True)
-            outs.append(att.transpose(0, 1))
+            outs.append(att[0].transpose(0, 1))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.reshape(x.shape[0], c.q_dim) @ self.w[f"blk.{i}.attn_output.weight"].T
+
+    def _context_slots(self, ch: Chunk) -> torch.Tensor:
+        """The KV slots of every position of the chunk's sequence up to its last token, in order."""
+        seen = torch.arange(ch.start + len(ch.token_ids))
+        table = torch.tensor(ch.block_table, dtype=torch.long)
+        return table[seen // self.block_size] * self.block_size + seen % self.block_size
+
+    def _attention_block(self, i: int, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                         batch: _BatchSlots) -> torch.Tensor:
+        return x + self._attention(i, rms_norm(x, self.w[f"blk.{i}.attn_norm.weight"], self.cfg.norm_eps), cos, sin,
+                                   batch)
+
+    def _router(self, i: int, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(normed rows for the MoE, routing weights, expert ids)."""
+        c, w = self.cfg, self.w
+        h = rms_norm(x, w[f"blk.{i}.ffn_norm.weight"], c.norm_eps)
+        weights, expert_ids = route(h @ w[f"blk.{i}.ffn_gate_inp.weight"].T, c.n_experts_used, bool(c.norm_topk_prob))
+        return h, weights, expert_ids
+
+    def _front(self, i: int, x: torch.Tensor, static: StaticBatch) -> tuple[torch.Tensor, ...]:
+        """Layer i's attention and router over a decode graph's static buffers (what a graph captures)."""
+        batch = _BatchSlots(static.positions, static.new_slots, [], [], [], (static.slots, static.visible))
+        x = self._attention_block(i, x, static.cos, static.sin, batch)
+        return (x, *self._router(i, x))
 
     def _batch_slots(self, chunks: Sequence[Chunk]) -> _BatchSlots:
         """Every index the step's layers share, built on the host and copied over once."""
@@ -115,9 +150,8 @@ class Trunk:
         offset = 0
         for ch in chunks:
             m, end = len(ch.token_ids), ch.start + len(ch.token_ids)
-            table = torch.tensor(ch.block_table, dtype=torch.long)
             seen = torch.arange(end)
-            slots = table[seen // self.block_size] * self.block_size + seen % self.block_size
+            slots = self._context_slots(ch)
             positions.append(seen[ch.start :])
             new_slots.append(slots[ch.start :])
             context.append(slots)
@@ -145,22 +179,30 @@ class Trunk:
     def forward(self, chunks: Sequence[Chunk], moe: MoEFn) -> torch.Tensor:
         """Run the chunks as one batch; returns logits (len(chunks), vocab) at each chunk's last token."""
         c, w = self.cfg, self.w
+        n = len(chunks)
+        static = None
         with section("prepare"):
             ids = torch.tensor([t for ch in chunks for t in ch.token_ids], dtype=torch.long).to(self.device)
-            batch = self._batch_slots(chunks)
-            cos = self.rope_cos[batch.positions][:, None, :]
-            sin = self.rope_sin[batch.positions][:, None, :]
             x = w["token_embd.weight"][ids]
+            if self.graphs is not None and len(ids) == n:
+                contexts = [self._context_slots(ch) for ch in chunks]
+                if self.graphs.fits(n, max(len(s) for s in contexts)):
+                    static = self.graphs.prepare(x, [ch.start for ch in chunks], contexts)
+            if static is None:
+                batch = self._batch_slots(chunks)
+                cos = self.rope_cos[batch.positions][:, None, :]
+                sin = self.rope_sin[batch.positions][:, None, :]
         for i in range(c.n_layers):
             b = f"blk.{i}."
             with section(LAYER):
-                with section("attention"):
-                    h = rms_norm(x, w[b + "attn_norm.weight"], c.norm_eps)
-                    x = x + self._attention(i, h, cos, sin, batch)
-                with section("router"):
-                    h = rms_norm(x, w[b + "ffn_norm.weight"], c.norm_eps)
-                    weights, expert_ids = route(h @ w[b + "ffn_gate_inp.weight"].T, c.n_experts_used,
-                                                bool(c.norm_topk_prob))
+                if static is not None:
+                    with section("attention"):  # the router is in the same graph
+                        x, h, weights, expert_ids = (t[:n] for t in self.graphs.run(i, static))  # type: ignore[union-attr]
+                else:
+                    with section("attention"):
+                        x = self._attention_block(i, x, cos, sin, batch)
+                    with section("router"):
+                        h, weights, expert_ids = self._router(i, x)
                 with section("moe"):
                     out = moe(i, h, weights, expert_ids)
                 if c.shared_expert_ffn:
@@ -168,7 +210,10 @@ class Trunk:
                         shared = expert_ffn(h, w[b + "ffn_gate_shexp.weight"], w[b + "ffn_up_shexp.weight"],
                                             w[b + "ffn_down_shexp.weight"])
                         out = out + torch.sigmoid(h @ w[b + "ffn_gate_inp_shexp.weight"])[:, None] * shared
-                x = x + out
+                if static is not None:  # the next layer's graph reads its rows from the static input
+                    x = torch.add(x, out, out=static.x[:n])
+                else:
+                    x = x + out
         with section("lm_head"):
             last = torch.tensor([len(ch.token_ids) for ch in chunks], device=self.device).cumsum(0) - 1
             return (rms_norm(x[last], w["output_norm.weight"], c.norm_eps) @ w["output.weight"].T).float()

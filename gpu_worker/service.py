@@ -78,7 +78,8 @@ class Engine:
         self.device = pick_device(config)
         dtype = pick_dtype(config, self.device)
         num_blocks = max(1, config.kv_cache_tokens // config.kv_block_size)
-        self.trunk = Trunk(model, self.device, dtype, num_blocks, config.kv_block_size)
+        self.trunk = Trunk(model, self.device, dtype, num_blocks, config.kv_block_size,
+                           decode_graphs=config.cuda_graphs and self.device.type == "cuda")
         self.scheduler = Scheduler(KVBlockAllocator(num_blocks, config.kv_block_size),
                                    max_batch_tokens=config.max_batch_tokens, max_running=config.max_running,
                                    prefill_chunk=config.prefill_chunk, max_context=model.config.context_length)
@@ -204,6 +205,9 @@ def serve(config: Config) -> int:
             log.error("cannot start: %s", e)
             return 1
         log.info("model %s on %s, metrics on :%d", config.model, engine.device, metrics_port)
+        if engine.planner is not None:
+            log.info("cold path %s; cost model at start-up: %s", config.cold_path,
+                     engine.planner.live.current.describe())
         if engine.profile.on:
             log.info("profiling decode steps in windows of %d (tierserve stats shows the last)", config.profile_steps)
         placement = control.wait_for_placement(stop)

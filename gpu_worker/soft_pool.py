@@ -19,7 +19,7 @@ import torch
 from gpu_worker.expert_cache import SoftTier, make_policy
 from gpu_worker.grouped import experts_grouped
 from shared.expert_cache import ExpertLayout
-from shared.expert_math import grouped_ffn
+from shared.expert_math import ExpertWeights, grouped_ffn
 from shared.expert_source import ExpertSource
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_name
 
@@ -71,6 +71,7 @@ class SoftPool:
         self.grouped = device.type == "cuda" and (dtype == torch.bfloat16 or self.quantized)
         self.registered = device.type == "cuda" and register_for_dma(dma_sources)
         self.bytes_streamed = 0
+        self._views: dict[ExpertLayout, ExpertWeights] = {}
 
     @property
     def nbytes(self) -> int:
@@ -119,17 +120,22 @@ class SoftPool:
             torch.cuda.synchronize()
         return moved / max(time.perf_counter() - start, 1e-9)
 
-    def _regions(self, layer: int) -> tuple[torch.Tensor, ExpertLayout]:
+    def _slot_views(self, layer: int) -> tuple[ExpertWeights, ExpertLayout]:
+        """Every slot's matrices as `layer`'s layout reads them; made once per layout (a decode step asks per
+        layer and pass, and making the views costs more than the kernels they feed)."""
         layout = self.source.layout(layer)
-        return self.regions[:, : layout.region_nbytes], layout
+        views = self._views.get(layout)
+        if views is None:
+            views = self._views[layout] = layout.views(self.regions[:, : layout.region_nbytes])
+        return views, layout
 
     def compute(self, layer: int, x: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """Rows of x grouped by slot (ascending slot ids) through the experts of `layer` in those slots."""
         if self.quantized:
-            regions, layout = self._regions(layer)
+            views, layout = self._slot_views(layer)
             if self.grouped:
-                return experts_grouped(x, layout.views(regions), slots, counts)
-            return grouped_ffn(x, slots, counts, lambda s: layout.views(regions[s]))
+                return experts_grouped(x, views, slots, counts)
+            return grouped_ffn(x, slots, counts, lambda s: layout.views(self.regions[s, : layout.region_nbytes]))
         if self.grouped:
             return experts_grouped(x, (self.gate_up, self.down), slots, counts)
         f = self.source.model.config.expert_ffn

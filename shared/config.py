@@ -69,8 +69,10 @@ class Config:
     dtype: str = "auto"  # trunk and hot experts: auto (float32 on the CPU, bfloat16 on a GPU) | float32 | bfloat16
     kv_cache_tokens: int = 16384
     kv_block_size: int = 16
-    max_batch_tokens: int = 512
-    prefill_chunk: int = 256
+    # A long prompt's chunk costs about one pass of the cold experts it uses over PCIe, whatever its length, so
+    # prefill wants long chunks; a decode step waits for the prefill chunk batched with it.
+    max_batch_tokens: int = 4096
+    prefill_chunk: int = 4096
     max_running: int = 32
     max_waiting: int = 256  # requests queued beyond this are refused as overloaded
     max_request_bytes: int = 1 << 20
@@ -95,6 +97,9 @@ class Config:
     # window's per-section times are in its heartbeat load, so `tierserve stats` shows them. On a GPU it slows
     # every step.
     profile_steps: int = 0
+    # On a GPU, decode steps run each layer's attention and router as one CUDA graph replay (captured the first
+    # time a batch and context size needs it) instead of launching their kernels one by one.
+    cuda_graphs: bool = True
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

@@ -17,6 +17,7 @@ import fcntl
 import glob
 import hashlib
 import json
+import math
 import mmap
 import multiprocessing
 import os
@@ -76,7 +77,7 @@ class TensorSlot:
 
     @property
     def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+        return math.prod(self.shape) * self.dtype.itemsize
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,142 @@
+"""A decode step's attention and router as one CUDA graph replay per layer.
+
+A decode step is bound by kernel launches, not by bytes: each layer's attention and router are a few dozen
+small kernels, launched from Python between two crossings of the MoE layer. Captured once per layer and
+shape, they are one replay each. Shapes are bucketed so a few graphs serve every step: the batch is padded
+to a power of two sequences, every context to a power of two slots, masked. Padding rows read and write
+only the spare KV slot past the cache's last block, so they touch no sequence's cache.
+
+Graphs are captured the first time a step needs them (a layer at a time, while that step runs, so the
+capture's warm-up computes the step's real values). Without capture (on a CPU) the same static buffers are
+run eagerly, which is how the padding and masking are tested without a GPU.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+# (layer, input rows, batch slots) -> (rows after attention, normed rows for the MoE, routing weights, expert ids)
+FrontFn = Callable[[int, torch.Tensor, "StaticBatch"], tuple[torch.Tensor, ...]]
+
+MIN_CONTEXT = 64
+# Steps whose padded batch x context is larger run eagerly: each layer gathers every padded slot's K and V
+# (and the attention widens them to every query head), and a graph keeps its largest intermediates reserved.
+MAX_PADDED_SLOTS = 32768
+
+
+def bucket(n: int, floor: int = 1) -> int:
+    """The power of two at or above n (at least floor)."""
+    return max(floor, 1 << (n - 1).bit_length())
+
+
+@dataclass
+class StaticBatch:
+    """One bucket's fixed buffers: the layer input rows and the step's indices (filled before each step), and
+    what a layer's graph leaves for the MoE."""
+
+    x: torch.Tensor  # (B, hidden): the layer's input rows
+    positions: torch.Tensor  # (B,)
+    new_slots: torch.Tensor  # (B,) KV slot each row's token is written to
+    slots: torch.Tensor  # (B, C) each row's context slots, padded
+    visible: torch.Tensor  # (B, 1, 1, C) which of them are real
+    cos: torch.Tensor  # (B, 1, rope dims)
+    sin: torch.Tensor
+    out: list[torch.Tensor] = field(default_factory=list)  # the front's results, once the first layer ran
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+
+
+class DecodeGraphs:
+    """Static buffers and graphs per (batch bucket, context bucket), for steps where every sequence decodes
+    one token. `spare_slot` is a KV slot no sequence owns."""
+
+    def __init__(self, front: FrontFn, hidden: int, rope_cos: torch.Tensor, rope_sin: torch.Tensor,
+                 spare_slot: int, dtype: torch.dtype, capture: bool) -> None:
+        self.front, self.hidden, self.dtype, self.capture = front, hidden, dtype, capture
+        self.rope_cos, self.rope_sin, self.spare_slot = rope_cos, rope_sin, spare_slot
+        self.device = rope_cos.device
+        self.batches: dict[tuple[int, int], StaticBatch] = {}
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        self.stream = torch.cuda.Stream(self.device) if capture else None
+
+    def fits(self, n_seqs: int, longest_context: int) -> bool:
+        return bucket(n_seqs) * bucket(longest_context, MIN_CONTEXT) <= MAX_PADDED_SLOTS
+
+    def prepare(self, x: torch.Tensor, positions: Sequence[int], contexts: Sequence[torch.Tensor]) -> StaticBatch:
+        """The bucket for these rows (one per sequence: its new token's position and its context's KV slots,
+        the new one last) with their indices and input rows copied in, in one host-to-device copy."""
+        n = len(contexts)
+        c = bucket(max(len(s) for s in contexts), MIN_CONTEXT)
+        b = bucket(n)
+        batch = self.batches.get((b, c))
+        if batch is None:
+            batch = self.batches[(b, c)] = self._allocate(b, c)
+        slots = torch.full((b, c), self.spare_slot, dtype=torch.long)
+        lengths = torch.ones(b, dtype=torch.long)  # a padding row sees the spare slot, so its softmax is defined
+        new_slots = torch.full((b,), self.spare_slot, dtype=torch.long)
+        pos = torch.zeros(b, dtype=torch.long)
+        for row, context in enumerate(contexts):
+            slots[row, : len(context)] = context
+            lengths[row] = len(context)
+            new_slots[row] = context[-1]
+            pos[row] = positions[row]
+        host = torch.cat([pos, new_slots, slots.flatten(), lengths])
+        device = host.to(self.device, non_blocking=True)
+        pos_d, new_d, slots_d, lengths_d = device.split([b, b, b * c, b])
+        batch.positions.copy_(pos_d)
+        batch.new_slots.copy_(new_d)
+        batch.slots.copy_(slots_d.view(b, c))
+        torch.lt(torch.arange(c, device=self.device)[None, :], lengths_d[:, None], out=batch.visible.view(b, c))
+        torch.index_select(self.rope_cos, 0, batch.positions, out=batch.cos.view(b, -1))
+        torch.index_select(self.rope_sin, 0, batch.positions, out=batch.sin.view(b, -1))
+        batch.x.zero_()
+        batch.x[:n] = x
+        return batch
+
+    def _allocate(self, b: int, c: int) -> StaticBatch:
+        d, long = self.device, torch.long
+        rope = self.rope_cos.shape[-1]
+        return StaticBatch(
+            x=torch.zeros(b, self.hidden, device=d, dtype=self.dtype),
+            positions=torch.zeros(b, device=d, dtype=long), new_slots=torch.zeros(b, device=d, dtype=long),
+            slots=torch.zeros(b, c, device=d, dtype=long), visible=torch.zeros(b, 1, 1, c, device=d, dtype=torch.bool),
+            cos=torch.zeros(b, 1, rope, device=d, dtype=self.rope_cos.dtype),
+            sin=torch.zeros(b, 1, rope, device=d, dtype=self.rope_sin.dtype))
+
+    def run(self, layer: int, batch: StaticBatch) -> list[torch.Tensor]:
+        """Layer `layer`'s front on the batch's rows: the buffers it leaves its results in (all bucket rows)."""
+        if not self.capture:
+            results = self.front(layer, batch.x, batch)
+            if not batch.out:
+                batch.out = [torch.empty_like(r) for r in results]
+            for dst, src in zip(batch.out, results, strict=True):
+                dst.copy_(src)
+            return batch.out
+        graph = batch.graphs.get(layer)
+        if graph is None:
+            graph = batch.graphs[layer] = self._capture(layer, batch)
+        graph.replay()
+        return batch.out
+
+    def _capture(self, layer: int, batch: StaticBatch) -> torch.cuda.CUDAGraph:
+        # The warm-up (which capturing on a side stream needs first) computes this step's real values: the step's
+        # K and V written twice are the same values. Captured without torch.cuda.graph's context manager, which
+        # empties the allocator's caches for every graph: mid-serving, that would cost every later step its
+        # cached blocks.
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            warm = self.front(layer, batch.x, batch)
+            if not batch.out:
+                batch.out = [torch.empty_like(r) for r in warm]
+            graph = torch.cuda.CUDAGraph()
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            try:
+                for dst, src in zip(batch.out, self.front(layer, batch.x, batch), strict=True):
+                    dst.copy_(src)
+            finally:
+                graph.capture_end()
+        current.wait_stream(self.stream)
+        return graph
