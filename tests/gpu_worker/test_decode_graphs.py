@@ -15,7 +15,28 @@ from shared.make_model import make_model
 from shared.placement import round_robin_placement
 from shared.reference import ReferenceModel
 
-CPU = torch.device("cpu")
+BLOCKS_PER_SEQUENCE, BLOCK_SIZE = 5, 16
+
+
+def decode_together(model: GGUFModel, device: torch.device, graphs: bool, sequences: list[list[int]],
+                    steps: int) -> tuple[torch.Tensor, Trunk]:
+    """Every expert hot; each sequence's prompt (all but its last `steps` tokens) alone, then `steps` decode
+    steps of all of them together. Logits (sequences, steps + 1, vocab) on the CPU, and the trunk."""
+    cfg = model.config
+    placement = round_robin_placement(cfg, cfg.n_experts, 0)
+    hot = HotExperts(ExpertSource(model, None), device, torch.float32)
+    hot.apply(placement)
+    moe = MoEDispatch(placement, hot, None)
+    trunk = Trunk(model, device, torch.float32, num_blocks=64, block_size=BLOCK_SIZE, decode_graphs=graphs)
+    tables = [list(range(BLOCKS_PER_SEQUENCE * s, BLOCKS_PER_SEQUENCE * (s + 1))) for s in range(len(sequences))]
+    out = [[trunk.forward([Chunk(seq[:-steps], 0, table)], moe)[0]]
+           for seq, table in zip(sequences, tables, strict=True)]
+    for back in range(steps, 0, -1):
+        chunks = [Chunk(seq[len(seq) - back : len(seq) - back + 1], len(seq) - back, table)
+                  for seq, table in zip(sequences, tables, strict=True)]
+        for s, row in enumerate(trunk.forward(chunks, moe)):
+            out[s].append(row)
+    return torch.stack([torch.stack(rows) for rows in out]).cpu(), trunk
 
 
 def test_bucket_is_the_power_of_two_at_or_above():
@@ -27,33 +48,15 @@ def test_padded_static_decode_gives_every_sequence_the_oracles_logits(tmp_path):
     path = tmp_path / "tiny.gguf"
     make_model(path, preset="tiny", dtype="f32", seed=11)
     model = GGUFModel(path)
-    cfg = model.config
-    placement = round_robin_placement(cfg, cfg.n_experts, 0)
-    hot = HotExperts(ExpertSource(model, None), CPU, torch.float32)
-    hot.apply(placement)
-    moe = MoEDispatch(placement, hot, None)
-    trunk = Trunk(model, CPU, torch.float32, num_blocks=32, block_size=4, decode_graphs=True)
-    assert trunk.graphs is not None
+    # three sequences (a batch bucket of 4: one padding row) with prompts of 5, 9 and 62 tokens; the last one's
+    # context grows past the smallest context bucket while decoding
+    sequences = [[(7 * i + 3 * s) % (model.config.vocab_size - 4) + 3 for i in range(n + 4)]
+                 for s, n in enumerate((5, 9, 62))]
+    got, trunk = decode_together(model, torch.device("cpu"), True, sequences, 4)
+    assert trunk.graphs is not None and set(trunk.graphs.batches) == {(4, 64), (4, 128)}
     assert trunk.graphs.fits(1, 32768) and not trunk.graphs.fits(3, 16385)  # larger steps run eagerly
-    # three sequences (a batch bucket of 4: one padding row), prompts of 5, 9 and 62 tokens (the last one's
-    # context grows past the smallest context bucket while decoding)
-    sequences = [[(7 * i + 3 * s) % (cfg.vocab_size - 4) + 3 for i in range(n + 4)] for s, n in enumerate((5, 9, 62))]
-    tables, free = [], iter(range(32))
-    for seq in sequences:
-        tables.append([next(free) for _ in range(-(-len(seq) // 4))])
-    spare = trunk.kv[:, :, -1].clone()
-    prompts = [trunk.forward([Chunk(seq[:-4], 0, table)], moe) for seq, table in zip(sequences, tables, strict=True)]
-    assert torch.equal(trunk.kv[:, :, -1], spare), "a prefill chunk writes no spare slot"
-    steps = []
-    for back in range(4, 0, -1):
-        chunks = [Chunk(seq[-back : len(seq) - back + 1], len(seq) - back, table)
-                  for seq, table in zip(sequences, tables, strict=True)]
-        steps.append(trunk.forward(chunks, moe))
-    assert set(trunk.graphs.batches) == {(4, 64), (4, 128)}
     oracle = ReferenceModel(model)
     for s, seq in enumerate(sequences):
-        got = torch.stack([prompts[s][0]] + [step[s] for step in steps])
-        want = oracle.forward(seq)[-5:]
-        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
-    assert torch.equal(trunk.kv[:, :, : -1][:, :, 24 * 4 :], torch.zeros_like(trunk.kv[:, :, 24 * 4 : -1])), \
-        "nothing is written past the sequences' blocks but the spare slot"
+        assert torch.allclose(got[s], oracle.forward(seq)[-5:], atol=1e-4, rtol=1e-4)
+    used = len(sequences) * BLOCKS_PER_SEQUENCE * BLOCK_SIZE
+    assert not trunk.kv[:, :, used:-1].any(), "nothing is written past the sequences' blocks but the spare slot"
