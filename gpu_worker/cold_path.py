@@ -81,6 +81,9 @@ class ColdPlanner:
                            for e, host, n in cold], self.live.current)
         return plan.stream
 
-    def observe_host(self, experts: int, tokens: int, compute_s: float, round_trip_s: float) -> None:
+    def observe_host(self, experts: int, tokens: int, compute_s: float, round_trip_s: float | None) -> None:
+        """A host computed `experts` for `tokens` in `compute_s`; `round_trip_s` from sending to its answer, or
+        None when that is not known."""
         self.live.observe_cpu(self.dtype, experts * self.expert_bytes, tokens * self.flops_per_token, compute_s)
-        self.live.observe_round_trip(max(round_trip_s - compute_s, 0.0))
+        if round_trip_s is not None:
+            self.live.observe_round_trip(max(round_trip_s - compute_s, 0.0))

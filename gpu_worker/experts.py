@@ -214,9 +214,13 @@ class MoEDispatch:
             with section("staged"):
                 ys += self._staged(layer, h, tokens, groups["staged"])
         for host, g, sent_at in sent:
+            # An answer already there came back some time before now: the crossing it took is not known then,
+            # only bounded by the GPU work launched meanwhile, which the cost model must not take for crossing.
+            waited = not self.remote.answered(host)  # type: ignore[union-attr]
             y, compute_s = self.remote.receive(host, layer)  # type: ignore[union-attr]
             if self.planner is not None:
-                self.planner.observe_host(len(g.keys), g.end - g.start, compute_s, time.perf_counter() - sent_at)
+                self.planner.observe_host(len(g.keys), g.end - g.start, compute_s,
+                                          time.perf_counter() - sent_at if waited else None)
             ys.append(y.to(h.device, h.dtype))
         y = ys[0] if len(ys) == 1 else torch.cat(ys)
         return torch.zeros_like(h).index_add_(0, tokens, y * weights.flatten()[pairs][:, None])

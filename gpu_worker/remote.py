@@ -117,6 +117,14 @@ class RemoteExperts:
             log.warning("expert host %d: cannot page-lock the mailbox (CUDA driver error %d); activations are "
                         "staged through pageable memory", host, err)
 
+    def answered(self, host: int) -> bool:
+        """Whether the host's answer to the work in flight is already there (without waiting for it)."""
+        in_flight = self._in_flight[host]
+        if in_flight is None:
+            return bool(self.sockets[host].poll(0))
+        mailbox, seq, _ = in_flight
+        return mailbox.wait_answer(seq, 0.0)
+
     def receive(self, host: int, layer: int) -> tuple[torch.Tensor, float]:
         """The host's output for this step's layer, on the device the rows came from, and the compute seconds it
         reports. Output of a CPU worker that came through the mailbox is a view of it: use it before the next

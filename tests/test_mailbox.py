@@ -244,6 +244,9 @@ def remote_round_trip(remote: RemoteExperts, layer: int) -> None:
     h = torch.randn(6, 16).round()
     tokens = torch.tensor([5, 0, 0, 3])
     remote.send(0, layer, [1, 4], [3, 1], h, tokens)
+    deadline = time.monotonic() + 10
+    while not remote.answered(0):  # seen without waiting, once the host has answered
+        assert time.monotonic() < deadline, "the host never answered"
     output, compute_s = remote.receive(0, layer)
     assert torch.equal(output, expected(h[tokens], layer, [1, 4], [3, 1]))
     assert compute_s == float(remote.step)
@@ -271,6 +274,7 @@ def test_a_host_that_dies_is_detected_by_timeout_and_its_successor_is_found(remo
     remote.begin_step()
     remote.send(0, 2, [1], [1], torch.ones(1, 16))
     host.kill()  # SIGKILL: its mailbox stays behind, as a crashed host's would
+    assert not remote.answered(0)
     kept_alive: list[float] = []
     remote.keep_alive = lambda: kept_alive.append(time.monotonic())
     start = time.monotonic()
@@ -294,6 +298,7 @@ def test_the_keep_alive_runs_while_a_host_is_awaited_over_zeromq(tmp_path):
     remote.keep_alive = lambda: kept_alive.append(time.monotonic())
     remote.begin_step()
     remote.send(0, 0, [1], [1], torch.ones(1, 16))
+    assert not remote.answered(0)
     with pytest.raises(ExpertHostError, match="no answer within 0.6 s"):
         remote.receive(0, 0)
     assert len(kept_alive) >= 2
