@@ -25,9 +25,10 @@ from shared.quant import quantized_ffn
 COLD_PATHS = ("auto", "cpu", "stream")
 
 
-def measure_cpu_expert(source: ExpertSource, dtype: torch.dtype) -> tuple[float, float]:
+def measure_cpu_expert(source: ExpertSource, dtype: torch.dtype, threads: int) -> tuple[float, float]:
     """(weight bytes/s at one token, flop/s at 64 tokens) of this machine's CPU on one served expert,
-    computed the way an expert host computes it, from activations of the worker's dtype."""
+    computed the way an expert host computes it (with its number of threads), from activations of the
+    worker's dtype."""
     weights = source.weights(0, 0)
     nbytes = source.expert_nbytes(0)
     flops = expert_flops_per_token(source.model.config)
@@ -40,7 +41,12 @@ def measure_cpu_expert(source: ExpertSource, dtype: torch.dtype) -> tuple[float,
             quantized_ffn(x, *weights)
         return (time.perf_counter() - start) / 4
 
-    return nbytes / seconds(1), 64 * flops / seconds(64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return nbytes / seconds(1), 64 * flops / seconds(64)
+    finally:
+        torch.set_num_threads(before)
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
@@ -61,13 +67,13 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 class ColdPlanner:
     def __init__(self, source: ExpertSource, mode: str, stream_bw: float, gpu_flops: float,
-                 activation_dtype: torch.dtype) -> None:
+                 activation_dtype: torch.dtype, host_threads: int) -> None:
         if mode not in COLD_PATHS:
             raise ValueError(f"cold_path must be one of {', '.join(COLD_PATHS)}, not {mode!r}")
         self.mode = mode
         self.dtype, self.expert_bytes = expert_format(source, 0)
         self.flops_per_token = expert_flops_per_token(source.model.config)
-        cpu_bw, cpu_flops = measure_cpu_expert(source, activation_dtype)
+        cpu_bw, cpu_flops = measure_cpu_expert(source, activation_dtype, host_threads)
         self.live = LiveConstants(CostConstants(pcie_bw=stream_bw, cpu_read_bw={self.dtype: cpu_bw},
                                                 cpu_flops=cpu_flops, round_trip_s=100e-6, gpu_flops=gpu_flops))
 

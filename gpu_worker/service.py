@@ -27,7 +27,7 @@ from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
 from shared.placement import Placement
-from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process
+from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process, worker_device
 from shared.protocol import (
     EngineCancel,
     EngineError,
@@ -58,12 +58,6 @@ STREAMED_BYTES = Gauge("tierserve_worker_streamed_bytes", "Expert bytes streamed
 HOT_BYTES = Gauge("tierserve_worker_hot_expert_bytes", "Bytes of expert weights held by the worker")
 
 
-def pick_device(config: Config) -> torch.device:
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda")
-    return torch.device("cpu")
-
-
 def pick_dtype(config: Config, device: torch.device) -> torch.dtype:
     if config.dtype == "auto":
         return torch.float32 if device.type == "cpu" else torch.bfloat16
@@ -75,7 +69,7 @@ class Engine:
 
     def __init__(self, config: Config, model: GGUFModel, remote: RemoteExperts | None) -> None:
         self.config, self.model, self.remote = config, model, remote
-        self.device = pick_device(config)
+        self.device = worker_device(config)
         dtype = pick_dtype(config, self.device)
         num_blocks = max(1, config.kv_cache_tokens // config.kv_block_size)
         self.trunk = Trunk(model, self.device, dtype, num_blocks, config.kv_block_size,
@@ -89,7 +83,8 @@ class Engine:
         self.pool = SoftPool(self.experts, self.device, dtype, config.soft_slots, config.soft_policy,
                              config.soft_staging) if config.soft_slots > 0 else None
         self.planner = ColdPlanner(self.experts, config.cold_path, self.pool.measure_bandwidth(),
-                                   measure_matmul_flops(self.device, dtype), dtype) if self.pool else None
+                                   measure_matmul_flops(self.device, dtype), dtype,
+                                   config.threads_for("expert_host", self.device.type == "cuda")) if self.pool else None
         if self.device.type == "cuda":
             quantized = {self.experts.layout(layer) for layer in range(model.config.n_layers)
                          if self.experts.format(layer) != "float"}  # e.g. int4 layers and Q6_K-down int8 ones

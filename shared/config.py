@@ -51,6 +51,9 @@ def default_run_dir() -> str:
     return str(Path(base) / f"tierserve-{os.getuid()}")
 
 
+WORKER_GPU_THREADS = 2  # torch threads of a worker that computes on a GPU: its CPU work is Python and copies
+
+
 @dataclass
 class Config:
     model: str = ""
@@ -139,16 +142,21 @@ class Config:
     def expert_host_endpoint(self, host: int) -> str:
         return self.ipc(f"expert-host-{host}")
 
-    def threads_for(self, role: str) -> int:
+    def threads_for(self, role: str, worker_on_gpu: bool = False) -> int:
         """torch threads of a process of this role ("expert_host", "gpu_worker", "coordinator"): `threads` if
         set; else the coordinator (tokenizing, sockets) takes one core and the worker and every expert host share
-        the rest evenly, so together they never ask for more threads than there are cores."""
+        the rest, so together they never ask for more threads than there are cores. A worker that computes on a
+        GPU needs few: it keeps WORKER_GPU_THREADS and the expert hosts, whose CPU kernels are bound by how many
+        cores read their weights, share the others evenly; a worker on the CPU gets a host's share."""
         if role == "coordinator":
             return self.threads or 1
-        share = max(1, ((os.cpu_count() or 1) - 1) // (1 + self.expert_hosts))
+        rest = (os.cpu_count() or 1) - 1
+        worker = min(WORKER_GPU_THREADS, max(1, rest - self.expert_hosts)) if worker_on_gpu and self.expert_hosts \
+            else None
+        share = max(1, (rest - worker) // self.expert_hosts) if worker else max(1, rest // (1 + self.expert_hosts))
         if role == "expert_host":
             return self.host_threads or self.threads or share
-        return self.threads or share
+        return self.threads or worker or share
 
     def host_memory_for(self, host: int) -> str:
         """The memory kind expert host `host` keeps its experts in."""

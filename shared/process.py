@@ -19,11 +19,18 @@ from shared.placement import Placement
 from shared.protocol import Heartbeat, ProtocolError, Welcome, decode, encode
 
 
+def worker_device(config: Config) -> torch.device:
+    """Where the gpu_worker computes: what every process of the machine can tell alike (the threads depend on it)."""
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def setup_process(member_id: str, role: str, config: Config) -> logging.Logger:
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s {member_id}[%(process)d] %(levelname)s %(message)s")
     os.makedirs(config.run_dir, mode=0o700, exist_ok=True)  # whichever process starts first makes it
-    torch.set_num_threads(config.threads_for(role))
+    torch.set_num_threads(config.threads_for(role, role != "coordinator" and worker_device(config).type == "cuda"))
     return logging.getLogger(member_id)
 
 

@@ -3,6 +3,8 @@ memory kind and the floor, and the layout of copied layers."""
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 
@@ -101,13 +103,18 @@ def test_expert_regions_are_whole_pages_and_matrices_start_on_cache_lines():
 
 
 def test_default_threads_never_ask_for_more_than_the_cores(monkeypatch):
-    for cores, hosts in ((2, 1), (16, 1), (16, 2), (64, 4), (1, 3)):
+    for cores, hosts, gpu in itertools.product((2, 3, 16, 64, 1), (0, 1, 2, 4), (False, True)):
         monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
         config = Config(expert_hosts=hosts)
-        total = config.threads_for("coordinator") + config.threads_for("gpu_worker") \
-            + hosts * config.threads_for("expert_host")
-        assert total <= max(cores, 2 + hosts), (cores, hosts, total)  # one thread each at the least
+        total = config.threads_for("coordinator") + config.threads_for("gpu_worker", gpu) \
+            + hosts * config.threads_for("expert_host", gpu)
+        assert total <= max(cores, 2 + hosts), (cores, hosts, gpu, total)  # one thread each at the least
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     assert Config(expert_hosts=1).threads_for("expert_host") == 7
+    # a worker on a GPU keeps two threads; the host's CPU kernels get the rest
+    assert Config(expert_hosts=1).threads_for("gpu_worker", True) == 2
+    assert Config(expert_hosts=1).threads_for("expert_host", True) == 13
+    assert Config(expert_hosts=2).threads_for("expert_host", True) == 6
+    assert Config(expert_hosts=0).threads_for("gpu_worker", True) == 15  # no host: every core but one, as on a CPU
     assert Config(expert_hosts=1, host_threads=12).threads_for("expert_host") == 12
     assert Config(expert_hosts=1, threads=3).threads_for("gpu_worker") == 3
