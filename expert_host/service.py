@@ -42,9 +42,15 @@ IDLE_SLEEP_S = 1e-3
 PREFETCH_ROWS = 256
 
 
+# The default mailbox holds a whole batch's rows up to this many bytes each way (the worker page-locks both):
+# a decode batch's rows are a few MB; a long prompt's cold rows beyond it go over ZeroMQ.
+MAILBOX_DEFAULT_MAX_BYTES = 64 << 20
+
+
 def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging.Logger) -> Mailbox | None:
     """This host's mailbox for the worker when the data plane to it is shared memory, sized for a whole batch's
-    rows (max_batch_tokens x top-k) in the widest dtype; a mailbox a killed predecessor left is removed."""
+    rows (max_batch_tokens x top-k) in the widest dtype, up to MAILBOX_DEFAULT_MAX_BYTES unless mailbox_bytes
+    says otherwise; a mailbox a killed predecessor left is removed."""
     path = mailbox_path(config.expert_host_endpoint(host_index))
     remove_mailbox(path)
     if not config.shm_data_plane(host_index):
@@ -53,7 +59,8 @@ def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging
         log.warning("shared-memory mailboxes need x86-64 store ordering; activations go over ZeroMQ")
         return None
     cfg = model.config
-    capacity = config.mailbox_bytes or config.max_batch_tokens * cfg.n_experts_used * cfg.hidden * 4
+    capacity = config.mailbox_bytes or min(config.max_batch_tokens * cfg.n_experts_used * cfg.hidden * 4,
+                                           MAILBOX_DEFAULT_MAX_BYTES)
     return Mailbox.create(path, capacity, cfg.n_experts)
 
 

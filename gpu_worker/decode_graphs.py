@@ -13,10 +13,16 @@ run eagerly, which is how the padding and masking are tested without a GPU.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
+
+log = logging.getLogger(__name__)
 
 # (layer, input rows, batch slots) -> (rows after attention, normed rows for the MoE, routing weights, expert ids)
 FrontFn = Callable[[int, torch.Tensor, "StaticBatch"], tuple[torch.Tensor, ...]]
@@ -73,15 +79,14 @@ class DecodeGraphs:
         batch = self.batches.get((b, c))
         if batch is None:
             batch = self.batches[(b, c)] = self._allocate(b, c)
-        slots = torch.full((b, c), self.spare_slot, dtype=torch.long)
-        lengths = torch.ones(b, dtype=torch.long)  # a padding row sees the spare slot, so its softmax is defined
-        new_slots = torch.full((b,), self.spare_slot, dtype=torch.long)
-        pos = torch.zeros(b, dtype=torch.long)
-        for row, context in enumerate(contexts):
-            slots[row, : len(context)] = context
-            lengths[row] = len(context)
-            new_slots[row] = context[-1]
-            pos[row] = positions[row]
+        spare, padding = self.spare_slot, b - n
+        longest = max(len(s) for s in contexts)
+        slots = F.pad(pad_sequence(list(contexts), batch_first=True, padding_value=spare),
+                      (0, c - longest, 0, padding), value=spare)
+        # a padding row writes and sees only the spare slot, so its softmax is defined and touches no sequence
+        lengths = torch.tensor([len(s) for s in contexts] + [1] * padding)
+        new_slots = torch.tensor([int(s[-1]) for s in contexts] + [spare] * padding)
+        pos = torch.tensor(list(positions) + [0] * padding)
         host = torch.cat([pos, new_slots, slots.flatten(), lengths])
         device = host.to(self.device, non_blocking=True)
         pos_d, new_d, slots_d, lengths_d = device.split([b, b, b * c, b])
@@ -116,7 +121,12 @@ class DecodeGraphs:
             return batch.out
         graph = batch.graphs.get(layer)
         if graph is None:
-            graph = batch.graphs[layer] = self._capture(layer, batch)
+            try:
+                graph = batch.graphs[layer] = self._capture(layer, batch)
+            except RuntimeError as e:  # e.g. a kernel this torch cannot capture: decode runs eagerly from now on
+                log.warning("CUDA graph capture failed (%s); decode steps run without graphs", e)
+                self.capture = False
+                return self.run(layer, batch)
         graph.replay()
         return batch.out
 
@@ -136,7 +146,10 @@ class DecodeGraphs:
             try:
                 for dst, src in zip(batch.out, self.front(layer, batch.x, batch), strict=True):
                     dst.copy_(src)
-            finally:
-                graph.capture_end()
+            except BaseException:
+                with contextlib.suppress(RuntimeError):  # the capture's own error is the one to report
+                    graph.capture_end()
+                raise
+            graph.capture_end()
         current.wait_stream(self.stream)
         return graph

@@ -109,13 +109,17 @@ class Trunk:
             return att.reshape(x.shape[0], c.q_dim) @ self.w[f"blk.{i}.attn_output.weight"].T
         outs = []
         for (offset, m), slots, visible in zip(batch.spans, batch.context_slots, batch.masks, strict=True):
-            # (1, heads, tokens, head dim): SDPA's fused kernels (flash, memory-efficient) take only 4-d inputs;
-            # 3-d ones fall back to the math kernel, which writes out every score of a long prompt
+            # SDPA's fused kernels, which never write out the scores of a long prompt, take only 4-d inputs
+            # (1, heads, tokens, head dim); and the one that takes a mask (memory-efficient) does not group
+            # query heads, so a masked chunk gets every query head its own copy of its K and V.
             keys = self.kv[i, 0, slots].transpose(0, 1)[None]
             values = self.kv[i, 1, slots].transpose(0, 1)[None]
             query = q[offset : offset + m].transpose(0, 1)[None]
+            if visible is not None and c.n_heads != c.n_kv_heads:
+                group = c.n_heads // c.n_kv_heads
+                keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
             att = F.scaled_dot_product_attention(query, keys, values, attn_mask=visible,
-                                                 is_causal=visible is None and m > 1, enable_gqa=True)
+                                                 is_causal=visible is None and m > 1, enable_gqa=visible is None)
             outs.append(att[0].transpose(0, 1))
         out = outs[0] if len(outs) == 1 else torch.cat(outs)
         return out.reshape(x.shape[0], c.q_dim) @ self.w[f"blk.{i}.attn_output.weight"].T

@@ -83,7 +83,7 @@ class Config:
     heartbeat_timeout_s: float = 3.0
     expert_timeout_s: float = 10.0
     data_plane: str = "auto"  # worker <-> hosts: auto (shared memory to hosts on ipc endpoints) | zmq | shm
-    mailbox_bytes: int = 0  # payload bytes each way per mailbox; 0: max_batch_tokens x top-k rows of fp32
+    mailbox_bytes: int = 0  # payload bytes each way per mailbox; 0: max_batch_tokens x top-k rows of fp32, <= 64 MiB
     drain_timeout_s: float = 30.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400  # coordinator; gpu_worker +1, expert host i +2+i; 0 picks free ports
@@ -147,7 +147,8 @@ class Config:
         set; else the coordinator (tokenizing, sockets) takes one core and the worker and every expert host share
         the rest, so together they never ask for more threads than there are cores. A worker that computes on a
         GPU needs few: it keeps WORKER_GPU_THREADS and the expert hosts, whose CPU kernels are bound by how many
-        cores read their weights, share the others evenly; a worker on the CPU gets a host's share."""
+        cores read their weights, share the others evenly; a worker on the CPU, or with no expert host, shares
+        them with the hosts as one of them."""
         if role == "coordinator":
             return self.threads or 1
         rest = (os.cpu_count() or 1) - 1
