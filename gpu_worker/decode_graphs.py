@@ -73,14 +73,12 @@ class DecodeGraphs:
     def prepare(self, x: torch.Tensor, positions: Sequence[int], contexts: Sequence[torch.Tensor]) -> StaticBatch:
         """The bucket for these rows (one per sequence: its new token's position and its context's KV slots,
         the new one last) with their indices and input rows copied in, in one host-to-device copy."""
-        n = len(contexts)
-        c = bucket(max(len(s) for s in contexts), MIN_CONTEXT)
-        b = bucket(n)
+        n, longest = len(contexts), max(len(s) for s in contexts)
+        b, c = bucket(n), bucket(longest, MIN_CONTEXT)
         batch = self.batches.get((b, c))
         if batch is None:
             batch = self.batches[(b, c)] = self._allocate(b, c)
         spare, padding = self.spare_slot, b - n
-        longest = max(len(s) for s in contexts)
         slots = F.pad(pad_sequence(list(contexts), batch_first=True, padding_value=spare),
                       (0, c - longest, 0, padding), value=spare)
         # a padding row writes and sees only the spare slot, so its softmax is defined and touches no sequence
@@ -113,11 +111,7 @@ class DecodeGraphs:
     def run(self, layer: int, batch: StaticBatch) -> list[torch.Tensor]:
         """Layer `layer`'s front on the batch's rows: the buffers it leaves its results in (all bucket rows)."""
         if not self.capture:
-            results = self.front(layer, batch.x, batch)
-            if not batch.out:
-                batch.out = [torch.empty_like(r) for r in results]
-            for dst, src in zip(batch.out, results, strict=True):
-                dst.copy_(src)
+            self._store(batch, self.front(layer, batch.x, batch))
             return batch.out
         graph = batch.graphs.get(layer)
         if graph is None:
@@ -130,6 +124,14 @@ class DecodeGraphs:
         graph.replay()
         return batch.out
 
+    @staticmethod
+    def _store(batch: StaticBatch, results: tuple[torch.Tensor, ...]) -> None:
+        """Copy a front's results into the batch's output buffers (made from the first results)."""
+        if not batch.out:
+            batch.out = [torch.empty_like(r) for r in results]
+        for dst, src in zip(batch.out, results, strict=True):
+            dst.copy_(src)
+
     def _capture(self, layer: int, batch: StaticBatch) -> torch.cuda.CUDAGraph:
         # The warm-up (which capturing on a side stream needs first) computes this step's real values: the step's
         # K and V written twice are the same values. Captured without torch.cuda.graph's context manager, which
@@ -138,14 +140,11 @@ class DecodeGraphs:
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
-            warm = self.front(layer, batch.x, batch)
-            if not batch.out:
-                batch.out = [torch.empty_like(r) for r in warm]
+            self._store(batch, self.front(layer, batch.x, batch))
             graph = torch.cuda.CUDAGraph()
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
-                for dst, src in zip(batch.out, self.front(layer, batch.x, batch), strict=True):
-                    dst.copy_(src)
+                self._store(batch, self.front(layer, batch.x, batch))
             except BaseException:
                 with contextlib.suppress(RuntimeError):  # the capture's own error is the one to report
                     graph.capture_end()
