@@ -24,15 +24,14 @@ import errno
 import mmap
 import os
 import re
-from dataclasses import dataclass
 from itertools import count
-from pathlib import Path
 
 import torch
 
 from shared.config import HOST_MEMORY_KINDS, parse_bytes_or_percent
 from shared.device_caps import HOST_DMA, DeviceCaps
 from shared.expert_source import ExpertSource
+from shared.memory_use import MemInfo
 from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
 from shared.pages import advise
 
@@ -46,25 +45,6 @@ class HostMemoryError(ValueError):
 
 
 # ---- measured free memory and the sizing rule
-
-
-@dataclass(frozen=True)
-class MemInfo:
-    total: int
-    available: int
-
-
-def parse_meminfo(text: str) -> MemInfo:
-    """MemTotal and MemAvailable (bytes) out of /proc/meminfo's text."""
-    values = {m.group(1): int(m.group(2)) * 1024 for m in re.finditer(r"^(\w+):\s+(\d+) kB$", text, re.M)}
-    try:
-        return MemInfo(values["MemTotal"], values["MemAvailable"])
-    except KeyError as e:
-        raise ValueError(f"/proc/meminfo has no {e.args[0]} line") from None
-
-
-def read_meminfo(path: str = "/proc/meminfo") -> MemInfo:
-    return parse_meminfo(Path(path).read_text())
 
 
 def shm_free_bytes(directory: str = SHM_DIR) -> int:

@@ -37,6 +37,7 @@ from shared.expert_cache import expert_layouts
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
 from shared.make_model import ARCHS, DTYPES, PRESETS, make_model
+from shared.memory_use import UsedMemoryPeak
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelConfig, ModelError, expert_tensor_name
 from shared.tokenizer import Tokenizer
 
@@ -212,25 +213,34 @@ def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     print("bench: measuring this machine's memory, PCIe and compute", file=sys.stderr, flush=True)
     machine = measure_machine(args.quick)
     options = system_options(args)
+    results: dict[str, Any] = {"version": 1, "started": started.isoformat(timespec="seconds"),
+                               "settings": run_settings, "model": facts, "machine": machine_info(machine)}
+    if args.sweep_only:
+        results["system"] = {"options": options}
+        results["sweep"] = sweep(args, results, str(path), options, base)
+        return results
+    host_memory = None
     if args.endpoint:
         measured = run(measure_system(args.endpoint, run_settings, base))
         endpoint = args.endpoint
     else:
         print(f"bench: starting tierserve on {path} {' '.join(options)}", file=sys.stderr, flush=True)
+        used = UsedMemoryPeak()
         with RunningSystem(str(path), *options, ready_timeout_s=args.ready_timeout) as system:
             endpoint = system.endpoint
             measured = run(measure_system(endpoint, run_settings, base))
+            processes = system.memory()
+        host_memory = {"used_peak_above_start": used.stop(), "processes": processes}
     placement = measured["placement"]
     hot_per_layer = placement["hot_experts"] / model.config.n_layers
-    results: dict[str, Any] = {
-        "version": 1, "started": started.isoformat(timespec="seconds"), "settings": run_settings, "model": facts,
+    results.update({
         "system": {"endpoint": endpoint, "started_by_bench": not args.endpoint, "options": options,
-                   "hot_experts_per_layer": hot_per_layer, "expert_hosts": len(placement["hosts"])},
-        "machine": machine_info(machine),
+                   "hot_experts_per_layer": hot_per_layer, "expert_hosts": len(placement["hosts"]),
+                   "host_memory": host_memory},
         "decode": measured["decode"], "latency": {k: v for k, v in measured["decode"][0].items() if "_ms_" in k},
         "prefill": measured["prefill"], "tiers": measured["tiers"],
         "limits": limits(facts, model.config, machine, hot_per_layer, measured),
-    }
+    })
     write_results(results, out)
     if args.profile_steps:
         print(f"bench: profiling decode steps (windows of {args.profile_steps})", file=sys.stderr, flush=True)
@@ -300,6 +310,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--budget-sweep", type=_float_list, metavar="P,P",
                    help="then measure decode and prefill again at each of these VRAM budgets, in percent of the "
                         "experts' bytes (e.g. 10,25,50,100), llama.cpp too when given")
+    p.add_argument("--sweep-only", action="store_true",
+                   help="measure the budget sweep alone, without the figures at --expert-budget first")
     p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for the system to start")
     return p
 
@@ -310,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
     args.passed_on = passed_on  # options for `tierserve up`
     if passed_on and args.endpoint:
         cli.error(f"{' '.join(passed_on)}: options for the system it starts, but --endpoint measures a running one")
+    if args.sweep_only and not args.budget_sweep:
+        cli.error("--sweep-only needs --budget-sweep")
     if args.budget_sweep and args.endpoint:
         cli.error("--budget-sweep starts the system once per budget, so it cannot measure the one at --endpoint")
     out = Path(args.out or Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))

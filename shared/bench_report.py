@@ -32,16 +32,27 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    model, system, machine, limits = results["model"], results["system"], results["machine"], results["limits"]
-    ratios = (results.get("llama_cpp") or {}).get("ratios", {})
+    model, system, machine = results["model"], results["system"], results["machine"]
+    placement = "" if "decode" not in results else (f" · {system['hot_experts_per_layer']:g} hot experts per layer · "
+                                                    f"{system['expert_hosts']} expert hosts")
     lines = [f"# tierserve bench: {model['name']}", "",
              f"{results['started']} · {machine['device']} · {model['n_layers']} layers × {model['n_experts']} "
              f"experts (top-{model['n_experts_used']}), {model['bytes_per_expert'] / 1e6:.2f} MB per expert "
              f"({model['expert_type']}; served as {model['served_format']}, "
-             f"{model['served_bytes_per_expert'] / 1e6:.2f} MB) · "
-             f"{system['hot_experts_per_layer']:g} hot experts per layer · "
-             f"{system['expert_hosts']} expert hosts" + (" · quick run" if results["settings"]["quick"] else ""), "",
-             "## Decode", ""]
+             f"{model['served_bytes_per_expert'] / 1e6:.2f} MB)" + placement
+             + (" · quick run" if results["settings"]["quick"] else ""), ""]
+    if "decode" in results:
+        lines += measured_tables(results)
+    if "sweep" in results:
+        lines += sweep_table(results["sweep"])
+    return "\n".join(lines)
+
+
+def measured_tables(results: dict[str, Any]) -> list[str]:
+    """Decode, prefill, tiers, host memory, the physical limit and llama.cpp at the bench's own budget."""
+    model, system, machine, limits = results["model"], results["system"], results["machine"], results["limits"]
+    ratios = (results.get("llama_cpp") or {}).get("ratios", {})
+    lines = ["## Decode", ""]
     lines += _table(
         ["concurrency", "aggregate tok/s", "per request tok/s", "TTFT p50 / p99 ms", "ITL p50 / p99 ms",
          "vs llama.cpp best"],
@@ -63,6 +74,8 @@ def markdown(results: dict[str, Any]) -> str:
          "streamed GB/s"],
         [[phase, *(_pct(t["share"][p]) for p in PATHS), _pct(t["vram_hit_rate"]),
           _pct(t["soft_tier_hit_rate"]), _num(t["streamed_gb_s"], 3)] for phase, t in results["tiers"].items()])
+    if system.get("host_memory"):
+        lines += host_memory_table(system["host_memory"], model)
     d = limits["decode"]
     lines += ["## Physical limit (this machine, measured)", ""]
     lines += _table(["figure", "value"], [
@@ -82,9 +95,20 @@ def markdown(results: dict[str, Any]) -> str:
     lines += ["## llama.cpp", "", llama.get("skipped") or
               "\n".join(f"- best {key}: {r['tok_s']:,.1f} tok/s ({r['placement']}, {r['load_mode']}, "
                         f"{r['threads']} threads, ubatch {r['n_ubatch']})" for key, r in llama["best"].items()), ""]
-    if "sweep" in results:
-        lines += sweep_table(results["sweep"])
-    return "\n".join(lines)
+    return lines
+
+
+def host_memory_table(memory: dict[str, Any], model: dict[str, Any]) -> list[str]:
+    rows = [[f"{p['role']} ({p['pid']})", _scaled(p["peak_rss"], 1e9, "GB", 2), _scaled(p["rssanon"], 1e9, "GB", 2),
+             _scaled(p["rssfile"], 1e9, "GB", 2), _scaled(p["rssshmem"], 1e9, "GB", 2)] for p in memory["processes"]]
+    expert_bytes = model["bytes_per_expert"] * model["n_experts"] * model["n_layers"]
+    return ["## Host memory", "",
+            f"Model file {model['file_bytes'] / 1e9:,.2f} GB, of which experts {expert_bytes / 1e9:,.2f} GB. "
+            f"Machine's used memory at its peak while the system ran, above its level before it started: "
+            f"{memory['used_peak_above_start'] / 1e9:,.2f} GB (a model file in tmpfs was counted before). "
+            f"Per process (peak resident set; resident at the end by kind, where a page of a file that several "
+            f"processes map counts in each):", "",
+            *_table(["process", "peak RSS", "anonymous", "file", "shared memory"], rows)]
 
 
 def sweep_table(sweep: dict[str, Any]) -> list[str]:
@@ -101,12 +125,19 @@ def sweep_table(sweep: dict[str, Any]) -> list[str]:
 
 
 def plots(results: dict[str, Any], out: Path) -> list[str]:
-    """decode.png and prefill.png (measured against the bound and llama.cpp); [] without matplotlib."""
+    """decode.png and prefill.png (measured against the bound and llama.cpp), sweep.png; [] without matplotlib."""
     try:
         import matplotlib
     except ImportError:
         return []
     matplotlib.use("Agg")
+    written = _measured_plots(results, out) if "decode" in results else []
+    if "sweep" in results:
+        written += bench_sweep.plot(results["sweep"], out, results["model"]["name"])
+    return written
+
+
+def _measured_plots(results: dict[str, Any], out: Path) -> list[str]:
     import matplotlib.pyplot as plt
     import matplotlib.ticker
 
@@ -142,8 +173,6 @@ def plots(results: dict[str, Any], out: Path) -> list[str]:
     fig.savefig(out / "prefill.png", dpi=120)
     plt.close("all")
     written.append("prefill.png")
-    if "sweep" in results:
-        written += bench_sweep.plot(results["sweep"], out, results["model"]["name"])
     return written
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from shared.client import Client
 from shared.config import Config, add_config_arguments, config_from_args
+from shared.memory_use import descendants, process_memory
 from shared.process import EPHEMERAL_MARKER
 
 _PR_SET_PDEATHSIG = 1
@@ -179,6 +180,10 @@ class RunningSystem:
         if not self.endpoint:
             code = self.process.wait()
             raise RuntimeError(f"tierserve up exited with {code} before it was ready")
+
+    def memory(self) -> list[dict[str, int | str]]:
+        """Peak and current resident set of `tierserve up` and every process under it."""
+        return process_memory([self.process.pid, *descendants(self.process.pid)])
 
     def stop(self, timeout_s: float = 60.0) -> int:
         if self.process.poll() is None:

@@ -105,6 +105,18 @@ def test_outputs_on_disk(bench_run):
     assert plots == ({"decode.png", "prefill.png"} if importlib.util.find_spec("matplotlib") else set())
 
 
+@pytest.mark.slow
+def test_host_memory_of_every_process_the_bench_started(bench_run):
+    out, r = bench_run
+    memory = r["system"]["host_memory"]
+    roles = [p["role"] for p in memory["processes"]]
+    assert {"shared.cli", "coordinator", "gpu_worker", "expert_host"} <= set(roles)
+    for p in memory["processes"]:
+        assert p["peak_rss"] >= p["rssanon"] > 0
+    assert memory["used_peak_above_start"] > 0  # three Python processes with torch loaded, at least
+    assert "## Host memory" in (out / "results.md").read_text()
+
+
 def worker_metrics_page(hot: int, streamed: int, hit_rate: float, streamed_bytes: float) -> str:
     """A /metrics page with the gpu_worker's tier metrics, written by prometheus_client as the worker does."""
     registry = CollectorRegistry()

@@ -43,9 +43,11 @@ def test_llama_sweep_runs_each_budget_s_cpu_moe_in_one_call_per_figure(tmp_path)
 
 @pytest.mark.slow
 def test_bench_sweeps_the_budget_on_the_tiny_model(tmp_path):
+    """--sweep-only: the sweep without the figures at the bench's own budget first."""
     out = tmp_path / "out"
     code = tierserve(["bench", "--preset", "tiny", "--quick", "--cache-dir", str(tmp_path / "models"),
-                      "--out", str(out), "--hot-experts", "2", "--expert-hosts", "1", "--budget-sweep", "25,100"])
+                      "--out", str(out), "--hot-experts", "2", "--expert-hosts", "1", "--budget-sweep", "25,100",
+                      "--sweep-only"])
     assert code == 0
     r = json.loads((out / "results.json").read_text())
     points = r["sweep"]["tierserve"]
@@ -55,8 +57,16 @@ def test_bench_sweeps_the_budget_on_the_tiny_model(tmp_path):
     assert [p["hot_experts_per_layer"] for p in points] == [EXPERTS / 4, EXPERTS]
     assert all(p["decode_tok_s"] > 0 and p["prefill_tok_s"] > 0 for p in points)
     assert r["sweep"]["llama_cpp"] is None
-    assert "## VRAM budget sweep" in (out / "results.md").read_text()
-    assert (out / "sweep.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+    assert "decode" not in r and "limits" not in r
+    md = (out / "results.md").read_text()
+    assert "## VRAM budget sweep" in md and "## Decode" not in md
+    plots = {p.name for p in out.glob("*.png")}
+    assert plots == ({"sweep.png"} if importlib.util.find_spec("matplotlib") else set())
+
+
+def test_sweep_only_needs_a_sweep():
+    with pytest.raises(SystemExit):
+        tierserve(["bench", "--preset", "tiny", "--sweep-only"])
 
 
 def test_a_sweep_cannot_measure_a_running_system():

@@ -1,0 +1,99 @@
+"""Host memory as the kernel reports it: free memory from /proc/meminfo (what expert hosts size their pools
+from), each process's peak resident set, and the machine's used memory sampled while a system runs (what
+the benchmark reports against the model's size)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+_KB_LINE = re.compile(r"^(\w+):\s+(\d+) kB$", re.M)
+
+
+@dataclass(frozen=True)
+class MemInfo:
+    total: int
+    available: int
+
+    @property
+    def used(self) -> int:
+        """What the machine cannot give back without swapping: tmpfs files (a model in /dev/shm) count."""
+        return self.total - self.available
+
+
+def parse_meminfo(text: str) -> MemInfo:
+    """MemTotal and MemAvailable (bytes) out of /proc/meminfo's text."""
+    values = {m.group(1): int(m.group(2)) * 1024 for m in _KB_LINE.finditer(text)}
+    try:
+        return MemInfo(values["MemTotal"], values["MemAvailable"])
+    except KeyError as e:
+        raise ValueError(f"/proc/meminfo has no {e.args[0]} line") from None
+
+
+def read_meminfo(path: str = "/proc/meminfo") -> MemInfo:
+    return parse_meminfo(Path(path).read_text())
+
+
+def parse_status(text: str) -> dict[str, int]:
+    """/proc/PID/status's memory lines (VmHWM: the peak resident set; RssAnon, RssFile, RssShmem: what is
+    resident now, by kind of page), in bytes."""
+    return {m.group(1): int(m.group(2)) * 1024 for m in _KB_LINE.finditer(text)}
+
+
+def descendants(root: int, proc: Path = Path("/proc")) -> list[int]:
+    """Every live process under `root` (children, grandchildren, ...), from each process's parent pid."""
+    parents: dict[int, list[int]] = {}
+    for stat in proc.glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:  # gone since the listing
+            continue
+        ppid = int(text[text.rindex(")") + 2:].split()[1])  # the name in parentheses may hold spaces
+        parents.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [root]
+    while todo:
+        for child in sorted(parents.get(todo.pop(), [])):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def process_memory(pids: list[int], proc: Path = Path("/proc")) -> list[dict[str, int | str]]:
+    """Per process: its role (the module it runs, from its command line), peak and current resident set."""
+    out = []
+    for pid in pids:
+        try:
+            status = parse_status((proc / str(pid) / "status").read_text())
+            argv = (proc / str(pid) / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        role = argv[argv.index("-m") + 1] if "-m" in argv[:-1] else Path(argv[0]).name
+        out.append({"pid": pid, "role": role, "peak_rss": status.get("VmHWM", 0),
+                    **{k.lower(): status.get(k, 0) for k in ("RssAnon", "RssFile", "RssShmem")}})
+    return out
+
+
+class UsedMemoryPeak:
+    """Samples the machine's used memory in a thread from when it starts until `stop()`: the peak above the
+    level at start is what a system started meanwhile took, every copy and cache of its own counted once,
+    whatever process holds it (the sum of processes' resident sets counts a shared page in each)."""
+
+    def __init__(self, interval_s: float = 0.25) -> None:
+        self.interval_s = interval_s
+        self.baseline = self.peak = read_meminfo().used
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, name="used-memory", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._done.wait(self.interval_s):
+            self.peak = max(self.peak, read_meminfo().used)
+
+    def stop(self) -> int:
+        """Bytes of the peak above the baseline."""
+        self._done.set()
+        self._thread.join()
+        self.peak = max(self.peak, read_meminfo().used)
+        return self.peak - self.baseline
