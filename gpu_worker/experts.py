@@ -61,8 +61,10 @@ class HotExperts:
             self.source.fill_region(layer, e, region)
         return layout.views(regions)
 
-    def apply(self, placement: Placement) -> None:
+    def apply(self, placement: Placement, after_layer: Callable[[], None] = lambda: None) -> None:
+        """Load each layer's hot set; `after_layer` runs between layers (a full pool takes seconds to load)."""
         for layer in range(placement.n_layers):
+            after_layer()
             ids = placement.hot(layer)
             if self.ids.get(layer) == ids:
                 continue

@@ -92,15 +92,16 @@ class Engine:
                 warm_up_quantized(layout, model.config.n_experts, self.device)
         self.moe: MoEDispatch | None = None
         self.placement_version = 0
-        # Called before each layer's experts: a step whose cold experts come off a disk (the first prompt on a
-        # cold page cache) can run for many heartbeat timeouts, and the worker must not be declared dead then.
+        # Called before each layer's experts and between layers of a new hot set: a step whose cold experts come
+        # off a disk (the first prompt on a cold page cache), or 16 GB of hot experts loaded for a placement, can
+        # take many heartbeat timeouts, and the worker must not be declared dead then.
         self.keep_alive: Callable[[], None] = lambda: None
         # Code the step calls marks its sections with step_profile.section, the MoE dispatch's included.
         self.profile = StepProfile(config.profile_steps,
                                    torch.cuda.synchronize if self.device.type == "cuda" else None)
 
     def apply(self, placement: Placement) -> None:
-        self.hot.apply(placement)
+        self.hot.apply(placement, self.keep_alive)
         self.moe = MoEDispatch(placement, self.hot, self.remote, self.pool, self.planner,
                                lambda path, n: DISPATCH.labels(path).inc(n))
         self.placement_version = placement.version
@@ -208,10 +209,10 @@ def serve(config: Config) -> int:
         placement = control.wait_for_placement(stop)
         if placement is None:
             return 0
-        engine.apply(placement)
         engine.keep_alive = lambda: control.heartbeat_if_due(engine.placement_version, engine.load())
         if remote is not None:
             remote.keep_alive = engine.keep_alive
+        engine.apply(placement)
         log.info("placement v%d: %d hot experts (%.1f MB)", placement.version, placement.count_hot(),
                  engine.hot.nbytes / 1e6)
         while True:

@@ -1,5 +1,6 @@
 """The worker's liveness inside a step: a step can outlast the heartbeat timeout (a first prompt whose cold
-experts come off a disk), so the engine calls its keep-alive before every layer's experts."""
+experts come off a disk), so the engine calls its keep-alive before every layer's experts, and so does loading
+a new hot set."""
 
 from __future__ import annotations
 
@@ -27,3 +28,16 @@ def test_every_layer_of_every_step_keeps_the_worker_alive(tmp_path):
         steps += 1
         assert len(calls) == steps * cfg.n_layers
     assert steps == 3
+
+
+def test_loading_a_new_hot_set_keeps_the_worker_alive_between_layers(tmp_path):
+    """16 GB of hot experts take seconds to load; the coordinator declared the worker lost meanwhile."""
+    path = tmp_path / "tiny.gguf"
+    make_model(path, preset="tiny", dtype="f32", seed=3)
+    model = GGUFModel(path)
+    cfg = model.config
+    engine = Engine(Config(model=str(path), device="cpu", expert_hosts=0), model, None)
+    loaded: list[int] = []
+    engine.keep_alive = lambda: loaded.append(len(engine.hot.ids))
+    engine.apply(round_robin_placement(cfg, cfg.n_experts, 0))
+    assert loaded == list(range(cfg.n_layers))  # once before each layer's experts, with the layers before it done
