@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -33,21 +34,26 @@ def options_help(binary: Path) -> str:
 def run(argv: list[str], timeout_s: float) -> list[dict[str, Any]]:
     """One llama-bench run's records; a failed run is an error naming its command line."""
     done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode < 0:
+        name = signal.Signals(-done.returncode).name
+        why = " (the kernel's out-of-memory killer, most likely)" if done.returncode == -signal.SIGKILL else ""
+        raise RuntimeError(f"llama-bench was killed by {name}{why}: {' '.join(argv)}\n{done.stderr[-2000:]}")
     if done.returncode != 0:
         raise RuntimeError(f"llama-bench failed ({done.returncode}): {' '.join(argv)}\n{done.stderr[-2000:]}")
     return parse_results(done.stdout)
 
 
-def load_mode_args(help_text: str) -> list[str]:
-    """Mapped and loaded (mmap on, off) in the spelling this llama-bench knows: newer builds replaced
-    `-mmp 1,0` with `-lm mmap,none`."""
-    return ["-lm", "mmap,none"] if "--load-mode" in help_text else ["-mmp", "1,0"]
+def load_modes(help_text: str) -> list[list[str]]:
+    """Mapped, then loaded (mmap on, off), in the spelling this llama-bench knows: newer builds replaced
+    `-mmp 1|0` with `-lm mmap|none`. Each is its own run: loading needs a second copy of the model in RAM,
+    which a machine that fits the mapped run may not have."""
+    return [["-lm", "mmap"], ["-lm", "none"]] if "--load-mode" in help_text else [["-mmp", "1"], ["-mmp", "0"]]
 
 
 def loaded_args(help_text: str) -> list[str]:
     """The model loaded into memory rather than mapped, which let llama.cpp repack the CPU's experts and was
     its faster setting for decode and prefill on the H100 machine."""
-    return ["-lm", "none"] if "--load-mode" in help_text else ["-mmp", "0"]
+    return load_modes(help_text)[1]
 
 
 def thread_sweep(cores: int, quick: bool) -> list[int]:
@@ -70,10 +76,10 @@ def placements(n_layers: int, layer_expert_bytes: int, expert_budget: int) -> li
     return out
 
 
-def commands(binary: Path, model: str, help_text: str, prompt_lengths: list[int], gen_tokens: int,
+def commands(binary: Path, model: str, load_mode: list[str], prompt_lengths: list[int], gen_tokens: int,
              threads: list[int], placement: list[str], repetitions: int) -> list[list[str]]:
     """One llama-bench run for decode and one for prefill (it runs the product of every list given)."""
-    common = [str(binary), "-m", model, "-ngl", "99", *placement, *load_mode_args(help_text),
+    common = [str(binary), "-m", model, "-ngl", "99", *placement, *load_mode,
               "-t", ",".join(map(str, threads)), "-r", str(repetitions), "-o", "json"]
     batch = str(max(max(prompt_lengths), *UBATCHES))
     return [[*common, "-p", "0", "-n", str(gen_tokens)],
@@ -111,16 +117,24 @@ def best(records: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 def run_llama_bench(build_dir: str, model: str, prompt_lengths: list[int], gen_tokens: int, cores: int,
                     n_layers: int, layer_expert_bytes: int, expert_budget: int, quick: bool,
                     timeout_s: float = 3600.0) -> dict[str, Any]:
+    """Every placement, load mode and figure; a run that fails is reported and the others go on (loading the
+    model can run out of RAM where mapping it does not), and only if every run fails is that an error."""
     binary = find_llama_bench(build_dir)
     options = options_help(binary)
     records: list[dict[str, Any]] = []
-    runs = []
+    runs, failed = [], []
     for placement in placements(n_layers, layer_expert_bytes, expert_budget):
-        for argv in commands(binary, model, options, prompt_lengths, gen_tokens, thread_sweep(cores, quick),
-                             placement, 1 if quick else 3):
-            records += run(argv, timeout_s)
-            runs.append(" ".join(argv))
-    return {"binary": str(binary), "commands": runs, "records": records, "best": best(records)}
+        for load_mode in load_modes(options):
+            for argv in commands(binary, model, load_mode, prompt_lengths, gen_tokens, thread_sweep(cores, quick),
+                                 placement, 1 if quick else 3):
+                runs.append(" ".join(argv))
+                try:
+                    records += run(argv, timeout_s)
+                except (RuntimeError, subprocess.TimeoutExpired) as e:
+                    failed.append(str(e).splitlines()[0])
+    if not records:
+        raise RuntimeError("every llama-bench run failed:\n" + "\n".join(failed))
+    return {"binary": str(binary), "commands": runs, "records": records, "best": best(records), "failed": failed}
 
 
 def ratios(tierserve: dict[str, float | None], llama_best: dict[str, dict[str, Any]]) -> dict[str, float | None]:

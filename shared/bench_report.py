@@ -93,8 +93,9 @@ def measured_tables(results: dict[str, Any]) -> list[str]:
     ])
     llama = results.get("llama_cpp") or {"skipped": "llama.cpp not measured yet"}
     lines += ["## llama.cpp", "", llama.get("skipped") or
-              "\n".join(f"- best {key}: {r['tok_s']:,.1f} tok/s ({r['placement']}, {r['load_mode']}, "
-                        f"{r['threads']} threads, ubatch {r['n_ubatch']})" for key, r in llama["best"].items()), ""]
+              "\n".join([*(f"- best {key}: {r['tok_s']:,.1f} tok/s ({r['placement']}, {r['load_mode']}, "
+                            f"{r['threads']} threads, ubatch {r['n_ubatch']})" for key, r in llama["best"].items()),
+                          *(f"- failed: {why}" for why in llama.get("failed", []))]), ""]
     return lines
 
 

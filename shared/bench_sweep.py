@@ -58,16 +58,25 @@ def run_tierserve(model: str, options: list[str], percents: list[float], served_
 def run_llama(build_dir: str, model: str, percents: list[float], gguf_expert_bytes: float, n_layers: int,
               gen_tokens: int, prompt_tokens: int, threads: int, timeout_s: float = 3600.0) -> list[dict[str, Any]]:
     """llama-bench once for decode and once for prefill over every budget's `--n-cpu-moe` (a list it sweeps
-    itself), all layers on the GPU, the model loaded rather than mapped (its faster setting on the H100)."""
+    itself), all layers on the GPU, the model loaded rather than mapped (its faster setting on the H100), or
+    mapped where loading fails (a second copy of the model in RAM may not fit)."""
     binary = bench_llama.find_llama_bench(build_dir)
     n_cpu = {pct: bench_llama.cpu_moe_layers(n_layers, int(gguf_expert_bytes / n_layers),
                                              int(gguf_expert_bytes * pct / 100)) for pct in percents}
-    common = [str(binary), "-m", model, "-ngl", "99", "-ncmoe", ",".join(map(str, sorted(set(n_cpu.values())))),
-              *bench_llama.loaded_args(bench_llama.options_help(binary)), "-t", str(threads), "-r", "1", "-o", "json"]
+    mapped, loaded = bench_llama.load_modes(bench_llama.options_help(binary))
     batch = str(max(prompt_tokens, 512))
-    records = [r for argv in ([*common, "-p", "0", "-n", str(gen_tokens)],
-                              [*common, "-n", "0", "-p", str(prompt_tokens), "-b", batch, "-ub", batch])
-               for r in bench_llama.run(argv, timeout_s)]
+    figures = [["-p", "0", "-n", str(gen_tokens)], ["-n", "0", "-p", str(prompt_tokens), "-b", batch, "-ub", batch]]
+    cpu_moe = ",".join(map(str, sorted(set(n_cpu.values()))))
+    records = []
+    for figure in figures:
+        for load_mode in (loaded, mapped):
+            argv = [str(binary), "-m", model, "-ngl", "99", "-ncmoe", cpu_moe, *load_mode, "-t", str(threads),
+                    "-r", "1", "-o", "json", *figure]
+            try:
+                records += bench_llama.run(argv, timeout_s)
+                break
+            except RuntimeError as e:
+                print(f"bench: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
     return [{"percent": pct, "n_cpu_moe": n, **by_cpu_moe(records, n)} for pct, n in n_cpu.items()]
 
 

@@ -14,7 +14,7 @@ from shared.bench_llama import (
     commands,
     cpu_moe_layers,
     find_llama_bench,
-    load_mode_args,
+    load_modes,
     loaded_args,
     parse_results,
     placements,
@@ -77,13 +77,13 @@ def test_cpu_moe_layers_match_the_vram_budget():
 
 
 def test_command_lines():
-    assert load_mode_args("  -lm, --load-mode <auto|none|mmap|mlock|mmap+mlock|dio>") == ["-lm", "mmap,none"]
-    assert load_mode_args("  -mmp, --mmap <0|1>") == ["-mmp", "1,0"]
+    assert load_modes("  -lm, --load-mode <auto|none|mmap|mlock|mmap+mlock|dio>") == [["-lm", "mmap"], ["-lm", "none"]]
+    assert load_modes("  -mmp, --mmap <0|1>") == [["-mmp", "1"], ["-mmp", "0"]]
     assert thread_sweep(16, quick=False) == [4, 8, 15, 16]
     assert thread_sweep(16, quick=True) == [16]
-    decode, prefill = commands(Path("/b/llama-bench"), "m.gguf", "--load-mode", [512, 4096], 128, [8, 16],
+    decode, prefill = commands(Path("/b/llama-bench"), "m.gguf", ["-lm", "none"], [512, 4096], 128, [8, 16],
                                ["-ot", "exps=CPU"], 3)
-    common = ["/b/llama-bench", "-m", "m.gguf", "-ngl", "99", "-ot", "exps=CPU", "-lm", "mmap,none", "-t", "8,16",
+    common = ["/b/llama-bench", "-m", "m.gguf", "-ngl", "99", "-ot", "exps=CPU", "-lm", "none", "-t", "8,16",
               "-r", "3", "-o", "json"]
     assert decode == [*common, "-p", "0", "-n", "128"]
     assert prefill == [*common, "-n", "0", "-p", "512,4096", "-b", "4096", "-ub", "512,4096"]
@@ -92,7 +92,8 @@ def test_command_lines():
 def fake_llama_bench(directory: Path) -> Path:
     """A stand-in for llama-bench (no llama.cpp here): it answers --help like a new build and prints one
     record per prompt length or one decode record, as `-o json` does, for each `-ncmoe` value given (faster
-    with fewer layers of experts on the CPU), and fails on a model it cannot load; it logs its arguments."""
+    with fewer layers of experts on the CPU), fails on a model it cannot load and is killed as by the kernel's
+    out-of-memory killer when it loads (not maps) a model too big for RAM; it logs its arguments."""
     path = directory / "bin" / "llama-bench"
     path.parent.mkdir(parents=True)
     path.write_text(f"""#!{sys.executable}
@@ -106,6 +107,9 @@ if args == ["--help"]:
     sys.exit(0)
 if value("-m") == "missing.gguf":
     sys.exit("error: failed to load model")
+if value("-m") == "big.gguf" and value("-lm") == "none":
+    import os, signal
+    os.kill(os.getpid(), signal.SIGKILL)
 prompts = [int(p) for p in value("-p").split(",")]
 records = [dict(n_prompt=p, n_gen=0, avg_ts=1000.0 + p) for p in prompts if p] or [
     dict(n_prompt=0, n_gen=int(value("-n")), avg_ts=50.0)]
@@ -123,17 +127,27 @@ def test_run_llama_bench_runs_each_placement_and_gathers_the_best(tmp_path):
     out = run_llama_bench(str(tmp_path), "m.gguf", [64, 256], 8, cores=2, n_layers=4, layer_expert_bytes=100,
                           expert_budget=250, quick=True)
     calls = (tmp_path / "calls.log").read_text().splitlines()
-    assert calls[0] == "--help" and len(calls) == 5  # decode and prefill for -ot exps=CPU and --n-cpu-moe 2
-    assert "--n-cpu-moe 2" in calls[3] and "-lm mmap,none" in calls[1]
+    assert calls[0] == "--help" and len(calls) == 9  # decode and prefill, mapped and loaded, for 2 placements
+    assert "-ot exps=CPU -lm mmap" in calls[1] and "-ot exps=CPU -lm none" in calls[3]
+    assert "--n-cpu-moe 2" in calls[5]
     assert out["best"]["decode"]["tok_s"] == 50.0 and out["best"]["prefill_256"]["tok_s"] == 1256.0
-    assert len(out["records"]) == 6 and len(out["commands"]) == 4
+    assert len(out["records"]) == 12 and len(out["commands"]) == 8 and out["failed"] == []
+
+
+def test_a_llama_bench_run_killed_for_memory_is_reported_and_the_others_go_on(tmp_path):
+    fake_llama_bench(tmp_path)
+    out = run_llama_bench(str(tmp_path), "big.gguf", [64], 8, cores=2, n_layers=4, layer_expert_bytes=100,
+                          expert_budget=0, quick=True)
+    assert {r["load_mode"] for r in out["records"]} == {"mmap"} and out["best"]["decode"]["tok_s"] == 50.0
+    assert len(out["failed"]) == 2
+    assert all("killed by SIGKILL (the kernel's out-of-memory killer" in f and "-lm none" in f for f in out["failed"])
 
 
 def test_missing_or_failing_llama_bench_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match="no llama-bench"):
         find_llama_bench(tmp_path)
     fake_llama_bench(tmp_path)
-    with pytest.raises(RuntimeError, match="llama-bench failed"):
+    with pytest.raises(RuntimeError, match="every llama-bench run failed:\n.*llama-bench failed"):
         run_llama_bench(str(tmp_path), "missing.gguf", [64], 8, 2, 4, 100, 0, quick=True)
 
 

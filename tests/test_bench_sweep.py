@@ -41,6 +41,14 @@ def test_llama_sweep_runs_each_budget_s_cpu_moe_in_one_call_per_figure(tmp_path)
     assert [p["llama_prefill_tok_s"] for p in points] == [1060.0, 1062.0, 1064.0]
 
 
+def test_llama_sweep_maps_the_model_where_loading_it_runs_out_of_memory(tmp_path):
+    fake_llama_bench(tmp_path)
+    points = run_llama(str(tmp_path), "big.gguf", [50], 400, LAYERS, gen_tokens=8, prompt_tokens=64, threads=2)
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert ["-lm none" in c for c in calls[1:]] == [True, False, True, False]
+    assert points == [{"percent": 50, "n_cpu_moe": 2, "llama_decode_tok_s": 48.0, "llama_prefill_tok_s": 1062.0}]
+
+
 @pytest.mark.slow
 def test_bench_sweeps_the_budget_on_the_tiny_model(tmp_path):
     """--sweep-only: the sweep without the figures at the bench's own budget first."""
