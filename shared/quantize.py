@@ -14,6 +14,7 @@ All-zero bytes are the value 0 in every type here, so callers zero a row by assi
 from __future__ import annotations
 
 import numpy as np
+import torch
 from gguf import GGMLQuantizationType, quants
 from gguf.constants import GGML_QUANT_SIZES
 
@@ -43,11 +44,13 @@ def random_matrix(
 ) -> np.ndarray:
     """A (rows, cols) matrix of zero-mean random values with standard deviation `std`, stored as `qtype`."""
     if qtype in (Q.F32, Q.F16, Q.BF16):
-        values = rng.standard_normal((rows, cols), dtype=np.float32)
-        values *= np.float32(std)
+        # torch's sampler is ~3x numpy's and, with the conversion below, runs without the GIL, so make-model's
+        # threads work in parallel (a 61 GB bf16 model took 192 s with numpy's, 319 MB/s on 16 cores)
+        values = torch.randn((rows, cols), generator=torch.Generator().manual_seed(int(rng.integers(2**63))))
+        values *= std
         if zero_first_column:
             values[:, 0] = 0.0
-        return quantize_rows(values, qtype)
+        return quantize_rows(values.numpy(), qtype)
     block, size = GGML_QUANT_SIZES[qtype]
     n = rows * (cols // block) * size
     blocks = rng.bit_generator.random_raw(-(-n // 8)).view(np.uint8)[:n].reshape(rows, cols // block, size)
@@ -72,6 +75,8 @@ def quantize_rows(values: np.ndarray, qtype: GGMLQuantizationType) -> np.ndarray
     values = np.ascontiguousarray(values, dtype=np.float32)
     if qtype == Q.Q4_K:
         return _quantize_q4_k(values).reshape(values.shape[0], -1)
+    if qtype == Q.BF16:  # the same round-to-nearest-even as gguf's, at twice its speed and without the GIL
+        return torch.from_numpy(values).to(torch.bfloat16).view(torch.uint8).numpy()
     return np.ascontiguousarray(quants.quantize(values, qtype)).view(np.uint8)
 
 

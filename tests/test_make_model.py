@@ -161,6 +161,13 @@ def test_random_blocks_have_the_requested_spread_and_structure(qtype):
     assert np.array_equal(after[:, 256:], values[:, 256:])  # only the first block was touched
 
 
+def test_bf16_rows_are_stored_as_gguf_rounds_them():
+    """quantize_rows converts through torch for speed; its bytes must be gguf's, extremes and signed zeros too."""
+    x = (np.random.default_rng(0).standard_normal((64, 256)) * np.logspace(-40, 38, 256)).astype(np.float32)
+    x[0, :4] = [np.inf, -np.inf, 0.0, -0.0]
+    assert np.array_equal(quantize_rows(x, Q.BF16), np.ascontiguousarray(quants.quantize(x, Q.BF16)).view(np.uint8))
+
+
 def test_q4_k_quantizer_round_trips_through_gguf_dequantize():
     x = np.random.default_rng(0).standard_normal((16, 512)).astype(np.float32)
     y = quants.dequantize(quantize_rows(x, Q.Q4_K), Q.Q4_K)
