@@ -3,10 +3,11 @@
 # the GPU tests, then llama-bench built with nothing else running, then per model: generate, convert the
 # experts, and `tierserve bench` against llama.cpp.
 #
-#   bench/gpu_machine_run.sh LLAMA_CPP_SOURCE OUT_DIR [PRESET_DTYPE:BUDGET ...]
+#   bench/gpu_machine_run.sh LLAMA_CPP_SOURCE OUT_DIR [DTYPE:BUDGET[:ROUTING_SKEW] ...]
 #
 # LLAMA_CPP_SOURCE is llama.cpp's source tree (e.g. vendor/llama.cpp of the llama-cpp-python sdist, see
-# bench/README.md); the default models are qwen3-30b-a3b in q4_0 with a 4 GB expert budget, then q8_0 with 8 GB.
+# bench/README.md); the default models are qwen3-30b-a3b in q4_0 with a 4 GB expert budget, then q8_0 with 8 GB,
+# both at routing skew 1.0 (e.g. bf16:16GB:0 for bf16 experts, a 16 GB budget and uniform routing).
 # Each model is deleted after its run: the two with their expert caches would not fit a 64 GB disk together.
 # SWEEP=10,25,50,100 adds the VRAM budget sweep (the system started once per budget: minutes per point on 30B).
 # On a 64 GB disk a q8_0 model (32 GB) and its expert cache (32 GB) do not fit together: MODELS=/dev/shm/models
@@ -34,15 +35,15 @@ cmake --build "$BUILD" --target llama-bench -j "$(nproc)" >> "$OUT/llama_build.l
 stamp "llama-bench built"
 
 for run in "${RUNS[@]}"; do
-  dtype=${run%%:*}
-  budget=${run##*:}
+  IFS=: read -r dtype budget skew <<< "$run"
+  skew=${skew:-1.0}
   model="$MODELS/qwen3-30b-a3b-$dtype.gguf"
-  $TS make-model "$model" --preset qwen3-30b-a3b --dtype "$dtype" --routing-skew 1.0 --seed 0
+  $TS make-model "$model" --preset qwen3-30b-a3b --dtype "$dtype" --routing-skew "$skew" --seed 0
   $TS convert-experts "$model"
   stamp "$dtype model and expert cache ready"
   $TS bench --model "$model" --expert-budget "$budget" --expert-hosts 1 --soft-slots 64 --cold-path auto \
-    --profile-steps 8 ${SWEEP:+--budget-sweep "$SWEEP"} --llama-cpp "$BUILD" --out "$OUT/$dtype" \
-    > "$OUT/$dtype.log" 2>&1 || true
+    --profile-steps 8 ${SWEEP:+--budget-sweep "$SWEEP"} --llama-cpp "$BUILD" --out "$OUT/$dtype-skew$skew" \
+    > "$OUT/$dtype-skew$skew.log" 2>&1 || true
   stamp "$dtype bench done"
   rm -f "$MODELS"/qwen3-30b-a3b-"$dtype".*
 done
