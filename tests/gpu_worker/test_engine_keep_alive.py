@@ -12,12 +12,15 @@ from shared.make_model import make_model
 from shared.placement import round_robin_placement
 
 
-def test_every_layer_of_every_step_keeps_the_worker_alive(tmp_path):
+def tiny_engine(tmp_path) -> Engine:
     path = tmp_path / "tiny.gguf"
     make_model(path, preset="tiny", dtype="f32", seed=3)
-    model = GGUFModel(path)
-    cfg = model.config
-    engine = Engine(Config(model=str(path), device="cpu", expert_hosts=0), model, None)
+    return Engine(Config(model=str(path), device="cpu", expert_hosts=0), GGUFModel(path), None)
+
+
+def test_every_layer_of_every_step_keeps_the_worker_alive(tmp_path):
+    engine = tiny_engine(tmp_path)
+    cfg = engine.model.config
     engine.apply(round_robin_placement(cfg, cfg.n_experts, 0))
     calls: list[int] = []
     engine.keep_alive = lambda: calls.append(len(calls))
@@ -32,11 +35,8 @@ def test_every_layer_of_every_step_keeps_the_worker_alive(tmp_path):
 
 def test_loading_a_new_hot_set_keeps_the_worker_alive_between_layers(tmp_path):
     """16 GB of hot experts take seconds to load; the coordinator declared the worker lost meanwhile."""
-    path = tmp_path / "tiny.gguf"
-    make_model(path, preset="tiny", dtype="f32", seed=3)
-    model = GGUFModel(path)
-    cfg = model.config
-    engine = Engine(Config(model=str(path), device="cpu", expert_hosts=0), model, None)
+    engine = tiny_engine(tmp_path)
+    cfg = engine.model.config
     loaded: list[int] = []
     engine.keep_alive = lambda: loaded.append(len(engine.hot.ids))
     engine.apply(round_robin_placement(cfg, cfg.n_experts, 0))
