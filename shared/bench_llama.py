@@ -50,12 +50,6 @@ def load_modes(help_text: str) -> list[list[str]]:
     return [["-lm", "mmap"], ["-lm", "none"]] if "--load-mode" in help_text else [["-mmp", "1"], ["-mmp", "0"]]
 
 
-def loaded_args(help_text: str) -> list[str]:
-    """The model loaded into memory rather than mapped, which let llama.cpp repack the CPU's experts and was
-    its faster setting for decode and prefill on the H100 machine."""
-    return load_modes(help_text)[1]
-
-
 def thread_sweep(cores: int, quick: bool) -> list[int]:
     if quick:
         return [cores]

@@ -15,7 +15,6 @@ from shared.bench_llama import (
     cpu_moe_layers,
     find_llama_bench,
     load_modes,
-    loaded_args,
     parse_results,
     placements,
     ratios,
@@ -149,8 +148,3 @@ def test_missing_or_failing_llama_bench_is_a_clear_error(tmp_path):
     fake_llama_bench(tmp_path)
     with pytest.raises(RuntimeError, match="every llama-bench run failed:\n.*llama-bench failed"):
         run_llama_bench(str(tmp_path), "missing.gguf", [64], 8, 2, 4, 100, 0, quick=True)
-
-
-def test_loaded_args_in_either_spelling():
-    assert loaded_args("  -lm, --load-mode <auto|none|mmap>") == ["-lm", "none"]
-    assert loaded_args("  -mmp, --mmap <0|1>") == ["-mmp", "0"]
