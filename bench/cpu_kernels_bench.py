@@ -20,6 +20,7 @@ import os
 import platform
 import textwrap
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,6 +33,7 @@ from shared.quant import matrix_tensors, quantized_ffn
 
 FORMATS = {"int8": "int8", "int4": "int4", "bf16": "float"}  # label -> serving format
 ROWS = (1, 4, 16, 64)
+MATRICES, EXPERTS = "one expert's matrices", "whole experts"  # what a case's threads share out
 FLOOR_SIZE = 64  # experts of (64, 64) matrices: their FFN time is Python, dispatch and thread start-up
 
 
@@ -72,15 +74,21 @@ def served_experts(fmt: str, settings: Settings, seed: int = 0) -> tuple[ExpertL
     return layout, [layout.views(buf[e]) for e in range(settings.experts)]
 
 
-def seconds_per_expert(x: torch.Tensor, experts: list[ExpertWeights], warm_up: bool = False) -> float:
+def seconds_per_expert(x: torch.Tensor, experts: list[ExpertWeights], warm_up: bool = False,
+                       pool: ThreadPoolExecutor | None = None) -> float:
     """Seconds of one quantized_ffn per expert, over one pass through all of them (after an untimed one if
-    `warm_up`: first-call setup, oneDNN primitives and thread pools)."""
+    `warm_up`: first-call setup, oneDNN primitives and thread pools); with `pool`, its threads take whole
+    experts at once (the kernels release the GIL) instead of one expert after another."""
+    def one_pass() -> None:
+        if pool is None:
+            for weights in experts:
+                quantized_ffn(x, *weights)
+        else:
+            list(pool.map(lambda weights: quantized_ffn(x, *weights), experts))
     if warm_up:
-        for weights in experts:
-            quantized_ffn(x, *weights)
+        one_pass()
     start = time.perf_counter()
-    for weights in experts:
-        quantized_ffn(x, *weights)
+    one_pass()
     return (time.perf_counter() - start) / len(experts)
 
 
@@ -89,6 +97,7 @@ class Result:
     label: str
     rows: int
     threads: int
+    split: str  # what the threads share out: one expert's matrices (torch's threads) or whole experts
     seconds: float  # per expert FFN
     weight_bytes: int  # per expert
     read_bandwidth: float  # bytes/s, same threads
@@ -100,7 +109,7 @@ class Result:
 
     def cells(self) -> tuple[str, ...]:
         share = 100 * self.bytes_per_second / self.read_bandwidth
-        return (self.label, str(self.rows), str(self.threads), figure(self.seconds * 1e6),
+        return (self.label, str(self.rows), str(self.threads), self.split, figure(self.seconds * 1e6),
                 figure(self.rows / self.seconds), figure(self.bytes_per_second / 1e9),
                 figure(self.read_bandwidth / 1e9), f"{figure(share)}%", figure(self.floor_seconds * 1e6))
 
@@ -110,8 +119,8 @@ def figure(value: float) -> str:
     return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
 
 
-HEAD = ("format", "rows", "threads", "us per expert FFN", "rows/s", "GB/s of weight bytes", "read bandwidth GB/s",
-        "% of read bandwidth", f"call floor us ({FLOOR_SIZE}x{FLOOR_SIZE} experts)")
+HEAD = ("format", "rows", "threads", "threads share", "us per expert FFN", "rows/s", "GB/s of weight bytes",
+        "read bandwidth GB/s", "% of read bandwidth", f"call floor us ({FLOOR_SIZE}x{FLOOR_SIZE} experts)")
 
 
 def measure(settings: Settings, threads: list[int]) -> list[Result]:
@@ -125,31 +134,38 @@ def measure(settings: Settings, threads: list[int]) -> list[Result]:
     inputs = {rows: torch.randn(rows, settings.hidden).to(torch.bfloat16) for rows in ROWS}
     tiny_row = torch.randn(1, FLOOR_SIZE).to(torch.bfloat16)
     bandwidth: dict[int, float] = {}
-    best: dict[tuple[str, int, int], float] = {}
+    best: dict[tuple[str, int, int, str], float] = {}
     floor: dict[tuple[str, int], float] = {}
     before = torch.get_num_threads()
     try:
         for sweep in range(settings.sweeps):
             for n in threads:
                 bandwidth[n] = max(bandwidth.get(n, 0.0), cpu_read_bandwidth(settings.bandwidth_bytes, threads=n))
-                torch.set_num_threads(n)
                 for label, (_, experts) in served.items():
+                    torch.set_num_threads(n)
                     seconds = seconds_per_expert(tiny_row, served_tiny[label], warm_up=sweep == 0)
                     floor[label, n] = min(floor.get((label, n), float("inf")), seconds)
                     for rows, x in inputs.items():
-                        seconds = seconds_per_expert(x, experts, warm_up=sweep == 0)
-                        best[label, rows, n] = min(best.get((label, rows, n), float("inf")), seconds)
+                        torch.set_num_threads(n)
+                        cases = {MATRICES: seconds_per_expert(x, experts, warm_up=sweep == 0)}
+                        if n > 1:
+                            torch.set_num_threads(1)
+                            with ThreadPoolExecutor(n) as pool:
+                                cases[EXPERTS] = seconds_per_expert(x, experts, warm_up=sweep == 0, pool=pool)
+                        for split, seconds in cases.items():
+                            key = (label, rows, n, split)
+                            best[key] = min(best.get(key, float("inf")), seconds)
             print(f"sweep {sweep + 1} of {settings.sweeps} done", flush=True)
     finally:
         torch.set_num_threads(before)
-    return [Result(label, rows, n, seconds, served[label][0].expert_nbytes, bandwidth[n], floor[label, n])
-            for (label, rows, n), seconds in best.items()]
+    return [Result(label, rows, n, split, seconds, served[label][0].expert_nbytes, bandwidth[n], floor[label, n])
+            for (label, rows, n, split), seconds in best.items()]
 
 
 def markdown_table(results: list[Result]) -> str:
     """Rows grouped by format and rows per expert, threads ascending, so scaling reads down a group."""
     order = {label: i for i, label in enumerate(FORMATS)}
-    ordered = sorted(results, key=lambda r: (order[r.label], r.rows, r.threads))
+    ordered = sorted(results, key=lambda r: (order[r.label], r.rows, r.split, r.threads))
     lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
     return "\n".join(lines + ["| " + " | ".join(r.cells()) + " |" for r in ordered])
 
@@ -176,7 +192,9 @@ def report(results: list[Result], settings: Settings, command: str) -> str:
         f"`cpu_read_bandwidth` (torch summing a {settings.bandwidth_bytes >> 20} MiB float32 buffer) with the same "
         "thread count, the best of its measurements in the same run. The call floor is the same FFN call on one row "
         f"through ({FLOOR_SIZE}, {FLOOR_SIZE}) experts that stay in cache: Python, dispatch and thread start-up, "
-        "which every expert FFN pays whatever its size.")
+        "which every expert FFN pays whatever its size. Threads share out either one expert's matrices (torch's "
+        "threads, experts one after another, as the expert hosts compute now) or whole experts (one torch thread "
+        "each, a pool taking the experts, whose kernels release the GIL).")
     return "\n".join([f"Command: `{command}` on {machine_name()}.", "", textwrap.fill(method, width=115), "",
                       markdown_table(results), ""])
 

@@ -1,5 +1,6 @@
 """The CPU-kernel benchmark end to end: `python -m bench.cpu_kernels_bench --quick` writes a table with a row of
-positive figures for every format, rows per expert and thread count."""
+positive figures for every format, rows per expert and thread count, and with more than one thread for each way
+of sharing the work out."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.cpu_kernels_bench import FORMATS, HEAD, ROWS, thread_counts
+from bench.cpu_kernels_bench import EXPERTS, FORMATS, HEAD, MATRICES, ROWS, thread_counts
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,10 +29,11 @@ def test_quick_run_writes_every_row_with_positive_figures(tmp_path):
     assert lines[0] == "| " + " | ".join(HEAD) + " |"
     rows = {}
     for line in lines[1:]:
-        label, n_rows, threads, *figures = (cell.strip() for cell in line.strip("|").split("|"))
-        rows[label, int(n_rows), int(threads)] = figures
-    expected = {(label, n, t) for label in FORMATS for n in ROWS for t in thread_counts(os.cpu_count() or 1)}
+        label, n_rows, threads, split, *figures = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[label, int(n_rows), int(threads), split] = figures
+    expected = {(label, n, t, split) for label in FORMATS for n in ROWS for t in thread_counts(os.cpu_count() or 1)
+                for split in ([MATRICES, EXPERTS] if t > 1 else [MATRICES])}
     assert set(rows) == expected
     for figures in rows.values():
-        assert len(figures) == len(HEAD) - 3
+        assert len(figures) == len(HEAD) - 4
         assert all(float(cell.rstrip("%")) > 0 for cell in figures), figures
