@@ -29,6 +29,7 @@ import torch
 from shared.bench_measure import cpu_read_bandwidth
 from shared.expert_cache import ExpertLayout
 from shared.expert_math import ExpertWeights
+from shared.process import torch_threads
 from shared.quant import matrix_tensors, quantized_ffn
 
 FORMATS = {"int8": "int8", "int4": "int4", "bf16": "float"}  # label -> serving format
@@ -136,28 +137,23 @@ def measure(settings: Settings, threads: list[int]) -> list[Result]:
     bandwidth: dict[int, float] = {}
     best: dict[tuple[str, int, int, str], float] = {}
     floor: dict[tuple[str, int], float] = {}
-    before = torch.get_num_threads()
-    try:
-        for sweep in range(settings.sweeps):
-            for n in threads:
-                bandwidth[n] = max(bandwidth.get(n, 0.0), cpu_read_bandwidth(settings.bandwidth_bytes, threads=n))
-                for label, (_, experts) in served.items():
-                    torch.set_num_threads(n)
+    for sweep in range(settings.sweeps):
+        for n in threads:
+            bandwidth[n] = max(bandwidth.get(n, 0.0), cpu_read_bandwidth(settings.bandwidth_bytes, threads=n))
+            for label, (_, experts) in served.items():
+                with torch_threads(n):
                     seconds = seconds_per_expert(tiny_row, served_tiny[label], warm_up=sweep == 0)
-                    floor[label, n] = min(floor.get((label, n), float("inf")), seconds)
-                    for rows, x in inputs.items():
-                        torch.set_num_threads(n)
+                floor[label, n] = min(floor.get((label, n), float("inf")), seconds)
+                for rows, x in inputs.items():
+                    with torch_threads(n):
                         cases = {MATRICES: seconds_per_expert(x, experts, warm_up=sweep == 0)}
-                        if n > 1:
-                            torch.set_num_threads(1)
-                            with ThreadPoolExecutor(n) as pool:
-                                cases[EXPERTS] = seconds_per_expert(x, experts, warm_up=sweep == 0, pool=pool)
-                        for split, seconds in cases.items():
-                            key = (label, rows, n, split)
-                            best[key] = min(best.get(key, float("inf")), seconds)
-            print(f"sweep {sweep + 1} of {settings.sweeps} done", flush=True)
-    finally:
-        torch.set_num_threads(before)
+                    if n > 1:
+                        with torch_threads(1), ThreadPoolExecutor(n) as pool:
+                            cases[EXPERTS] = seconds_per_expert(x, experts, warm_up=sweep == 0, pool=pool)
+                    for split, seconds in cases.items():
+                        key = (label, rows, n, split)
+                        best[key] = min(best.get(key, float("inf")), seconds)
+        print(f"sweep {sweep + 1} of {settings.sweeps} done", flush=True)
     return [Result(label, rows, n, split, seconds, served[label][0].expert_nbytes, bandwidth[n], floor[label, n])
             for (label, rows, n, split), seconds in best.items()]
 

@@ -20,6 +20,7 @@ from gpu_worker.cost_model import (
     plan_layer,
 )
 from shared.expert_source import ExpertSource
+from shared.process import torch_threads
 from shared.quant import quantized_ffn
 
 COLD_PATHS = ("auto", "cpu", "stream")
@@ -41,12 +42,8 @@ def measure_cpu_expert(source: ExpertSource, dtype: torch.dtype, threads: int) -
             quantized_ffn(x, *weights)
         return (time.perf_counter() - start) / 4
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         return nbytes / seconds(1), 64 * flops / seconds(64)
-    finally:
-        torch.set_num_threads(before)
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:

@@ -6,6 +6,7 @@ not what it did while something else ran.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
@@ -13,6 +14,7 @@ from collections.abc import Callable
 import torch
 
 from shared.bench_limits import Machine
+from shared.process import torch_threads
 
 
 def _best_seconds(run: Callable[[], None], rounds: int, sync: bool = False) -> float:
@@ -32,13 +34,9 @@ def _best_seconds(run: Callable[[], None], rounds: int, sync: bool = False) -> f
 def cpu_read_bandwidth(nbytes: int = 2 << 30, threads: int | None = None, rounds: int = 3) -> float:
     """Bytes/s of summing a float32 buffer far larger than the caches with `threads` torch threads
     (default: every core), as the expert hosts' CPU kernels read weights."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads or os.cpu_count() or 1)
-    try:
+    with torch_threads(threads or os.cpu_count() or 1):
         buffer = torch.ones(nbytes // 4, dtype=torch.float32)  # written once, so every page is resident
         return buffer.numel() * 4 / _best_seconds(buffer.sum, rounds)
-    finally:
-        torch.set_num_threads(before)
 
 
 def pinned_h2d_bandwidth(nbytes: int = 256 << 20, rounds: int = 5) -> float | None:
@@ -59,15 +57,10 @@ def gpu_memory_bandwidth(nbytes: int = 1 << 30, rounds: int = 5) -> float:
 
 def matmul_flops(device: torch.device, dtype: torch.dtype, n: int, rounds: int = 5) -> float:
     """Flop/s of an n x n x n matrix product, on every core when the device is the CPU."""
-    before = torch.get_num_threads()
-    if device.type == "cpu":
-        torch.set_num_threads(os.cpu_count() or 1)
-    try:
+    with torch_threads(os.cpu_count() or 1) if device.type == "cpu" else contextlib.nullcontext():
         a = torch.randn(n, n, device=device).to(dtype)
         b = torch.randn(n, n, device=device).to(dtype)
         return 2 * n**3 / _best_seconds(lambda: a @ b, rounds, sync=device.type == "cuda")
-    finally:
-        torch.set_num_threads(before)
 
 
 def measure_machine(quick: bool = False) -> Machine:

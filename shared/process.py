@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import time
+from collections.abc import Iterator
 
 import torch
 import zmq
@@ -17,6 +18,18 @@ from shared.gguf_file import GGUFModel
 from shared.model_config import ModelError
 from shared.placement import Placement
 from shared.protocol import Heartbeat, ProtocolError, Welcome, decode, encode
+
+
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """torch's intra-op threads set to `n` for the block (a measurement made with some process's count), then
+    back to what they were."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def worker_device(config: Config) -> torch.device:
