@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from gpu_worker.cold_path import ColdPlanner
-from gpu_worker.grouped import experts_grouped
+from gpu_worker.grouped import all_experts_grouped, experts_grouped
 from gpu_worker.remote import RemoteExperts
 from gpu_worker.soft_pool import SoftPool
 from gpu_worker.step_profile import section
@@ -91,6 +91,16 @@ class HotExperts:
         held += [m for w in self.weights.values() for m in w if isinstance(m, torch.Tensor)]
         return sum(t.numel() * t.element_size() for m in held for t in matrix_tensors(m))
 
+    def covers(self, layer: int) -> bool:
+        """Whether the layer's stack holds every expert of the layer (in expert order, as placements list them)."""
+        return layer in self.stacks and len(self.ids[layer]) == self.source.model.config.n_experts
+
+    def compute_all(self, layer: int, x: torch.Tensor, counts: torch.Tensor, rows_at_most: int,
+                    used_at_most: int) -> torch.Tensor | None:
+        """A covered layer's experts over x's rows sorted by expert, `counts` per expert on the device; None
+        where this needs the counts on the host (gpu_worker.grouped.all_experts_grouped)."""
+        return all_experts_grouped(x, self.stacks[layer], counts, rows_at_most, used_at_most)
+
     def compute(self, layer: int, x: torch.Tensor, experts: list[int], counts: list[int]) -> torch.Tensor:
         """Rows of x grouped by expert (ascending ids, as group_by_expert sorts them) through their experts."""
         if layer not in self.stacks:
@@ -116,7 +126,8 @@ class MoEDispatch:
     (copied into a staging slot for this step only) or cpu.
 
     A layer's routing comes to the host once (one wait on the device per layer); the pairs are grouped there by
-    path and expert and their order goes back in one copy, so a decode step launches few small kernels."""
+    path and expert and their order goes back in one copy, so a decode step launches few small kernels. A layer
+    whose experts are all hot skips that: its pairs are grouped on the device and nothing waits for them."""
 
     def __init__(self, placement: Placement, hot: HotExperts, remote: RemoteExperts | None,
                  pool: SoftPool | None = None, planner: ColdPlanner | None = None,
@@ -187,7 +198,25 @@ class MoEDispatch:
             start += sum(counts)
         return out
 
+    def _all_hot(self, layer: int, h: torch.Tensor, weights: torch.Tensor,
+                 expert_ids: torch.Tensor) -> torch.Tensor | None:
+        tokens, k = expert_ids.shape
+        flat = expert_ids.flatten()
+        pairs = torch.argsort(flat, stable=True)
+        token_of = pairs // k
+        counts = torch.bincount(flat, minlength=len(self.owners[layer]))
+        with section("hot"):
+            y = self.hot.compute_all(layer, h[token_of], counts, rows_at_most=tokens, used_at_most=tokens * k)
+        if y is None:
+            return None
+        self.on_dispatch("hot", tokens * k)
+        return _combined(h, token_of, y, weights.flatten()[pairs])
+
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        if self.hot.covers(layer):
+            out = self._all_hot(layer, h, weights, expert_ids)
+            if out is not None:
+                return out
         k = expert_ids.shape[1]
         pair_order, groups, slots = self._plan(layer, expert_ids.flatten().cpu().numpy())
         pairs = torch.from_numpy(pair_order).to(h.device, non_blocking=True)
@@ -224,5 +253,9 @@ class MoEDispatch:
                 self.planner.observe_host(len(g.keys), g.end - g.start, compute_s,
                                           time.perf_counter() - sent_at if waited else None)
             ys.append(y.to(h.device, h.dtype))
-        y = ys[0] if len(ys) == 1 else torch.cat(ys)
-        return torch.zeros_like(h).index_add_(0, tokens, y * weights.flatten()[pairs][:, None])
+        return _combined(h, tokens, ys[0] if len(ys) == 1 else torch.cat(ys), weights.flatten()[pairs])
+
+
+def _combined(h: torch.Tensor, tokens: torch.Tensor, y: torch.Tensor, pair_weights: torch.Tensor) -> torch.Tensor:
+    """Each token's expert outputs (rows of y, one per pair, token of pair i is tokens[i]) weighted and summed."""
+    return torch.zeros_like(h).index_add_(0, tokens, y * pair_weights[:, None])

@@ -18,7 +18,10 @@ def swiglu_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, g
     """
     per_group = torch.zeros(gate_up.shape[0], dtype=torch.int32)
     per_group[groups] = torch.tensor(counts, dtype=torch.int32)
-    offs = per_group.cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True)
+    return _swiglu_offsets(x, gate_up, down, per_group.cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True))
+
+
+def _swiglu_offsets(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     h = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs)
     gate, up = h.chunk(2, dim=-1)
     return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
@@ -33,6 +36,21 @@ def experts_grouped(x: torch.Tensor, stack: ExpertWeights | tuple[torch.Tensor, 
     from gpu_worker.quant_kernels import quant_swiglu_grouped  # Triton comes only with CUDA builds of torch
 
     return quant_swiglu_grouped(x.to(torch.bfloat16), *stack, groups, counts).to(x.dtype)
+
+
+def all_experts_grouped(x: torch.Tensor, stack: ExpertWeights | tuple[torch.Tensor, torch.Tensor],
+                        counts: torch.Tensor, rows_at_most: int, used_at_most: int) -> torch.Tensor | None:
+    """experts_grouped over a stack of every expert of a layer, in expert order, from x's rows sorted by expert
+    and `counts` (rows per expert) on the device, so nothing waits on the device. None where the host must
+    know the counts: quantized stacks with more rows per expert (at most `rows_at_most`) than their decode
+    kernels take."""
+    if len(stack) == 2:
+        return _swiglu_offsets(x, *stack, counts.cumsum(0, dtype=torch.int32))
+    from gpu_worker.quant_kernels import DECODE_MAX_ROWS, quant_swiglu_all_experts
+
+    if rows_at_most > DECODE_MAX_ROWS:
+        return None
+    return quant_swiglu_all_experts(x.to(torch.bfloat16), *stack, counts, used_at_most).to(x.dtype)
 
 
 def warm_up_quantized(layout: ExpertLayout, n_experts: int, device: torch.device) -> None:

@@ -91,13 +91,15 @@ def _int4_tile(p_ptr, sz_ptr, N, K, block, k0, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _rows_of(meta_ptr, n_used, i, BLOCK_M: tl.constexpr):
-    """Expert index and row span of used group i; meta holds the used experts, then n_used + 1 row offsets."""
+def _rows_of(meta_ptr, n_used, i, K, BLOCK_M: tl.constexpr):
+    """Expert index and row span of group i, and how far along K to go: 0 for a group with no rows, whose
+    program then reads no weights (a plan from device-side counts lists every expert of the stack); meta holds
+    the groups' experts, then n_used + 1 row offsets."""
     expert = tl.load(meta_ptr + i).to(tl.int64)
     start = tl.load(meta_ptr + n_used + i)
     end = tl.load(meta_ptr + n_used + i + 1)
     rows = start + tl.arange(0, BLOCK_M)
-    return expert, rows, rows < end
+    return expert, rows, rows < end, tl.where(end > start, K, 0)
 
 
 @triton.jit
@@ -125,14 +127,14 @@ def _int8_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
                         BLOCK_K: tl.constexpr):
     """out[rows] = x[rows] @ W1.T, or silu(x[rows] @ W1.T) * (x[rows] @ W2.T) with SWIGLU, for one
     expert's rows (program axis 1) and BLOCK_N output columns (axis 0)."""
-    expert, rows, row_mask = _rows_of(meta_ptr, n_used, tl.program_id(1), BLOCK_M)
+    expert, rows, row_mask, k_end = _rows_of(meta_ptr, n_used, tl.program_id(1), K, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
     q1_ptr += expert * q1_gs
     q2_ptr += expert * q2_gs
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_end, BLOCK_K):
         x = _x_tile(x_ptr, x_stride, rows, row_mask, K, k0, BLOCK_K)
         acc1 = tl.dot(x, _int8_tile(q1_ptr, K, n, n_mask, k0, BLOCK_K), acc1)
         if SWIGLU:
@@ -175,26 +177,30 @@ def _int4_pair_codes(pairs):
 
 
 @triton.jit
-def _dequantized(codes, sz):
-    """bf16 W = (q - 8) * s + z from codes 128 + q and the (s, z) pairs at sz, in one rounding."""
-    s, z = tl.split(tl.load(sz))
-    return tl.fma(codes.to(_OPERAND) - 136, s.to(_OPERAND)[None, :], z.to(_OPERAND)[None, :])
+def _int4_group_scaled(acc, codes, x, x_sum, sz):
+    """acc + x @ W.T for one group of 32 columns, with W = (q - 8) s + z: the product runs on the raw codes
+    128 + q, and per output column s times it plus (z - 136 s) times the sum of x's columns make W of it.
+    The weights then take no arithmetic (dequantizing them cost more instructions than int4 decode could
+    afford); float32 accumulation keeps the subtracted 136 s sum(x) to a few 1e-6 of the result."""
+    s, z = tl.split(tl.load(sz).to(tl.float32))
+    partial = tl.dot(x, codes.to(_OPERAND))
+    return acc + partial * s[None, :] + x_sum[:, None] * (z - 136 * s)[None, :]
 
 
 @triton.jit
-def _int4_group_dot(a0, a1, a2, a3, x, p_ptr, sz_ptr, N, K, block, k):
+def _int4_group_dot(a0, a1, a2, a3, x, x_sum, p_ptr, sz_ptr, N, K, block, k):
     """a0..a3 (M, 16), rows 2p, 2p + 1, 32 + 2p, 33 + 2p of the 64-row tile `block`, += x (M, 32 columns
-    from k) @ W.T, for the 32 columns of one (scale, zero) group. A k past the end reads the last group
-    again, against x's zero-masked columns."""
+    from k) @ W.T, for the 32 columns of one (scale, zero) group; x_sum (M,) is x summed over them. A k past
+    the end reads the last group again, against x's zero-masked columns."""
     p = tl.arange(0, 16)
     k = tl.minimum(k, K - 32)
     pairs_ptr = p_ptr.to(tl.pointer_type(tl.uint16)) + block * K * 16
     c0, c1, c2, c3 = _int4_pair_codes(tl.load(pairs_ptr + (k + tl.arange(0, 32))[:, None] * 16 + p[None, :]))
     sz = sz_ptr + ((k // 32) * N + block * _ROW_TILE + 2 * p[:, None]) * 2 + tl.arange(0, 2)[None, :]
-    a0 = tl.dot(x, _dequantized(c0, sz), a0)
-    a1 = tl.dot(x, _dequantized(c1, sz + 2), a1)  # (s, z) of the next row
-    a2 = tl.dot(x, _dequantized(c2, sz + 64), a2)  # 32 rows on
-    a3 = tl.dot(x, _dequantized(c3, sz + 66), a3)
+    a0 = _int4_group_scaled(a0, c0, x, x_sum, sz)
+    a1 = _int4_group_scaled(a1, c1, x, x_sum, sz + 2)  # (s, z) of the next row
+    a2 = _int4_group_scaled(a2, c2, x, x_sum, sz + 64)  # 32 rows on
+    a3 = _int4_group_scaled(a3, c3, x, x_sum, sz + 66)
     return a0, a1, a2, a3
 
 
@@ -213,14 +219,16 @@ def _int4_store(out, row_mask, a0, a1, a2, a3):
     ({"BLOCK_K": 128}, 2, 3),
     ({"BLOCK_K": 256}, 2, 3),
     ({"BLOCK_K": 128}, 4, 3),
+    ({"BLOCK_K": 256}, 4, 3),
+    ({"BLOCK_K": 512}, 2, 2),
 ]), **_TUNING)
 @triton.jit(do_not_specialize=["n_used", "size_class"])
 def _int4_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
                         p1_ptr, sz1_ptr, p2_ptr, sz2_ptr, p1_gs, sz1_gs, p2_gs, sz2_gs, N, K, size_class,
                         SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """As _int8_decode_kernel, one 64-row tile of the int4 layout per program (axis 0), dequantized to
-    bf16 in registers one (scale, zero) group of 32 columns at a time."""
-    expert, rows, row_mask = _rows_of(meta_ptr, n_used, tl.program_id(1), BLOCK_M)
+    """As _int8_decode_kernel, one 64-row tile of the int4 layout per program (axis 0), one (scale, zero) group
+    of 32 columns at a time."""
+    expert, rows, row_mask, k_end = _rows_of(meta_ptr, n_used, tl.program_id(1), K, BLOCK_M)
     block = tl.program_id(0)
     p1_ptr += expert * p1_gs
     sz1_ptr += expert * sz1_gs
@@ -234,12 +242,14 @@ def _int4_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
     b1 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     b2 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     b3 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, k_end, BLOCK_K):
         for g in tl.static_range(BLOCK_K // 32):
             x = _x_tile(x_ptr, x_stride, rows, row_mask, K, k0 + g * 32, 32)
-            a0, a1, a2, a3 = _int4_group_dot(a0, a1, a2, a3, x, p1_ptr, sz1_ptr, N, K, block, k0 + g * 32)
+            x_sum = tl.sum(x.to(tl.float32), axis=1)
+            a0, a1, a2, a3 = _int4_group_dot(a0, a1, a2, a3, x, x_sum, p1_ptr, sz1_ptr, N, K, block, k0 + g * 32)
             if SWIGLU:
-                b0, b1, b2, b3 = _int4_group_dot(b0, b1, b2, b3, x, p2_ptr, sz2_ptr, N, K, block, k0 + g * 32)
+                b0, b1, b2, b3 = _int4_group_dot(b0, b1, b2, b3, x, x_sum, p2_ptr, sz2_ptr, N, K, block,
+                                                 k0 + g * 32)
     if SWIGLU:
         a0 = a0 * tl.sigmoid(a0) * b0
         a1 = a1 * tl.sigmoid(a1) * b1
@@ -292,14 +302,12 @@ _DEQUANT_INT4_BLOCK_K = 256  # 64 rows x 256 columns: 8 KB read, 32 KB written p
 
 
 class GroupPlan(NamedTuple):
-    """Where each used expert's rows lie, on the device; experts with no rows are left out."""
+    """Where each group's rows lie, on the device: the used experts (plan_groups), or every expert of a stack
+    with counts the host never reads (plan_all_experts), empty ones included."""
 
     meta: torch.Tensor  # int32: the n_used expert indices, then n_used + 1 row offsets
-    counts: list[int]  # rows per used expert
-
-    @property
-    def n_used(self) -> int:
-        return len(self.counts)
+    n_used: int
+    size_class: int  # tuning bucket: how many of the groups have rows, or at most have
 
     @property
     def ends(self) -> torch.Tensor:
@@ -312,7 +320,17 @@ def plan_groups(groups: list[int], counts: list[int], device: torch.device) -> G
     used = [(g, c) for g, c in zip(groups, counts, strict=True) if c > 0]
     used_counts = [c for _, c in used]
     host = torch.tensor([g for g, _ in used] + list(accumulate(used_counts, initial=0)), dtype=torch.int32)
-    return GroupPlan(host.to(device, non_blocking=True), used_counts)
+    return GroupPlan(host.to(device, non_blocking=True), len(used), _size_class(len(used)))
+
+
+def plan_all_experts(counts: torch.Tensor, used_at_most: int) -> GroupPlan:
+    """A plan over every expert of a stack from rows per expert on the device (x sorted by expert), made
+    without waiting on the device; `used_at_most` experts have rows (what the launches are tuned for)."""
+    experts = counts.shape[0]
+    meta = torch.zeros(2 * experts + 1, dtype=torch.int32, device=counts.device)
+    meta[:experts] = torch.arange(experts, dtype=torch.int32, device=counts.device)
+    torch.cumsum(counts, 0, dtype=torch.int32, out=meta[experts + 1:])
+    return GroupPlan(meta, experts, _size_class(min(used_at_most, experts)))
 
 
 def _shape(w: QuantMatrix) -> tuple[int, int]:
@@ -345,7 +363,7 @@ def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan
     assert x.stride(1) == 1 and out.stride(1) == 1
     swiglu = w2 is not None
     w2 = w2 if swiglu else w1
-    common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=_size_class(plan.n_used))
+    common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class)
     args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
     if isinstance(w1, Int8Matrix):
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.n_used)  # noqa: E731
@@ -386,7 +404,7 @@ def grouped_linear(x: torch.Tensor, w: QuantMatrix, groups: list[int], counts: l
     out = x.new_empty((x.shape[0], n))
     if plan.n_used == 0:
         return out
-    if max(plan.counts) <= DECODE_MAX_ROWS:
+    if max(counts) <= DECODE_MAX_ROWS:
         return decode_linear(x, w, None, plan, out)
     dense = dequantize_used(w, plan, x.new_empty((plan.n_used, n, k)))
     return torch._grouped_mm(x, dense.transpose(-2, -1), offs=plan.ends)
@@ -403,9 +421,7 @@ def quant_swiglu_grouped(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, do
     if not any(counts):
         return x.new_empty((x.shape[0], h))
     if max(counts) <= DECODE_MAX_ROWS:
-        plan = plan_groups(groups, counts, x.device)
-        act = decode_linear(x, gate, up, plan, x.new_empty((x.shape[0], f)))
-        return decode_linear(act, down, None, plan, x.new_empty((x.shape[0], h)))
+        return _decode_swiglu(x, gate, up, down, plan_groups(groups, counts, x.device))
     used = [(g, c) for g, c in zip(groups, counts, strict=True) if c > 0]
     out = x.new_empty((x.shape[0], h))
     start = 0
@@ -417,6 +433,21 @@ def quant_swiglu_grouped(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, do
     return out
 
 
+def quant_swiglu_all_experts(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
+                             counts: torch.Tensor, used_at_most: int) -> torch.Tensor:
+    """quant_swiglu_grouped over every expert of the stacks, with x's rows sorted by expert and `counts` (rows
+    per expert, each at most DECODE_MAX_ROWS) on the device: nothing waits on the device, so a decode step's
+    layers whose experts are all in VRAM queue their work without a round trip to the host."""
+    return _decode_swiglu(x.contiguous(), gate, up, down, plan_all_experts(counts, used_at_most))
+
+
+def _decode_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
+                   plan: GroupPlan) -> torch.Tensor:
+    f, h = _shape(gate)
+    act = decode_linear(x, gate, up, plan, x.new_empty((x.shape[0], f)))
+    return decode_linear(act, down, None, plan, x.new_empty((x.shape[0], h)))
+
+
 def _prefill_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
                     groups: list[int], counts: list[int]) -> torch.Tensor:
     f, h = _shape(gate)
@@ -425,4 +456,4 @@ def _prefill_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: Q
     dequantize_used(gate, plan, gate_up[:, :f])
     dequantize_used(up, plan, gate_up[:, f:])
     dense_down = dequantize_used(down, plan, x.new_empty((plan.n_used, h, f)))
-    return swiglu_grouped(x, gate_up, dense_down, list(range(plan.n_used)), plan.counts)
+    return swiglu_grouped(x, gate_up, dense_down, list(range(plan.n_used)), counts)
