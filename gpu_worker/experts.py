@@ -204,7 +204,9 @@ class MoEDispatch:
         flat = expert_ids.flatten()
         pairs = torch.argsort(flat, stable=True)
         token_of = pairs // k
-        counts = torch.bincount(flat, minlength=len(self.owners[layer]))
+        # not bincount: on CUDA it reads the largest id back to size its output, a wait on the device
+        counts = torch.zeros(len(self.owners[layer]), dtype=torch.int64, device=flat.device)
+        counts.index_add_(0, flat, torch.ones_like(flat))
         with section("hot"):
             y = self.hot.compute_all(layer, h[token_of], counts, rows_at_most=tokens, used_at_most=tokens * k)
         if y is None:

@@ -18,8 +18,9 @@ from shared.expert_source import ExpertSource
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
 from shared.make_model import make_model
+from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.placement import round_robin_placement
-from shared.reference import ReferenceModel
+from shared.reference import ReferenceModel, expert_ffn, route
 
 pytestmark = [
     pytest.mark.gpu,
@@ -55,6 +56,34 @@ def test_bf16_trunk_with_grouped_hot_experts_matches_the_oracle(small):
     relative = ((got - want).norm() / want.norm()).item()
     print(f"bf16 relative logit error {relative:.2e}")
     assert relative < 5e-2
+
+
+def test_all_hot_layer_runs_without_waiting_on_the_device(small):
+    """A layer whose experts are all in VRAM groups its routed pairs on the device: a decode-sized MoE call makes
+    no device-to-host wait (torch's sync debug mode raises on one) and matches each expert computed alone."""
+    model = GGUFModel(small[0])
+    cfg = model.config
+    placement = round_robin_placement(cfg, cfg.n_experts, 0)
+    hot = HotExperts(ExpertSource(model, None), CUDA, torch.bfloat16)
+    hot.apply(placement)
+    moe = MoEDispatch(placement, hot, None)
+    generator = torch.Generator(CUDA).manual_seed(5)
+    h = torch.randn(3, cfg.hidden, device=CUDA, generator=generator).to(torch.bfloat16)
+    weights, expert_ids = route(torch.randn(3, cfg.n_experts, device=CUDA, generator=generator), cfg.n_experts_used,
+                                True)
+    moe(1, h, weights.to(torch.bfloat16), expert_ids)  # first calls may set up libraries, which can wait
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        got = moe(1, h, weights.to(torch.bfloat16), expert_ids)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    want = torch.zeros(h.shape, device=CUDA)
+    for token, k in [(t, j) for t in range(3) for j in range(cfg.n_experts_used)]:
+        e = int(expert_ids[token, k])
+        w = [model.expert(1, kind, e).to(CUDA, torch.float32) for kind in EXPERT_TENSOR_KINDS]
+        want[token] += weights[token, k] * expert_ffn(h[token].float(), *w)
+    assert ((got.float() - want).norm(dim=1) / want.norm(dim=1)).max() < 2e-2
 
 
 STREAM = ("--soft-slots", "24", "--cold-path", "stream")

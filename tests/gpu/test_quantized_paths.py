@@ -111,12 +111,21 @@ class CheckedMoE:
     """The worker's MoE function; each call is also computed in fp32 from the same hidden states and routing on
     the dequantized served weights, recording (most rows any expert got, worst row's relative error)."""
 
-    def __init__(self, moe: MoEFn, dense: list[ExpertWeights]) -> None:
-        self.moe, self.dense = moe, dense
+    def __init__(self, moe: MoEFn, dense: list[ExpertWeights], decode_waits: bool = True) -> None:
+        self.moe, self.dense, self.decode_waits = moe, dense, decode_waits
         self.calls: list[tuple[int, float]] = []
 
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        out = self.moe(layer, h, weights, expert_ids)
+        from gpu_worker.quant_kernels import DECODE_MAX_ROWS
+
+        if self.decode_waits or h.shape[0] > DECODE_MAX_ROWS:
+            out = self.moe(layer, h, weights, expert_ids)
+        else:  # a decode step of an all-hot layer: any wait on the device raises
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                out = self.moe(layer, h, weights, expert_ids)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
         want = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
         for e in expert_ids.unique().tolist():
             token, k = (expert_ids == e).nonzero(as_tuple=True)
@@ -152,7 +161,8 @@ def test_bf16_worker_with_quantized_experts_matches_the_oracle(served, keep_aliv
     engine = Engine(config, GGUFModel(s.path), remote=None)  # every cold expert is streamed: no host is needed
     keep_alive.append(engine)
     engine.apply(round_robin_placement(cfg, hot, 0 if hot == cfg.n_experts else 1))
-    moe = CheckedMoE(engine.moe, [tuple(m.to(DEVICE) for m in layer) for layer in s.dense])
+    moe = CheckedMoE(engine.moe, [tuple(m.to(DEVICE) for m in layer) for layer in s.dense],
+                     decode_waits=hot < cfg.n_experts)
     got = run_engine(engine, moe, s.sequences)
 
     decode = [err for rows, err in moe.calls if rows <= DECODE_MAX_ROWS]
