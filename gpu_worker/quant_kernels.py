@@ -177,30 +177,26 @@ def _int4_pair_codes(pairs):
 
 
 @triton.jit
-def _int4_group_scaled(acc, codes, x, x_sum, sz):
-    """acc + x @ W.T for one group of 32 columns, with W = (q - 8) s + z: the product runs on the raw codes
-    128 + q, and per output column s times it plus (z - 136 s) times the sum of x's columns make W of it.
-    The weights then take no arithmetic (dequantizing them cost more instructions than int4 decode could
-    afford); float32 accumulation keeps the subtracted 136 s sum(x) to a few 1e-6 of the result."""
-    s, z = tl.split(tl.load(sz).to(tl.float32))
-    partial = tl.dot(x, codes.to(_OPERAND))
-    return acc + partial * s[None, :] + x_sum[:, None] * (z - 136 * s)[None, :]
+def _dequantized(codes, sz):
+    """bf16 W = (q - 8) * s + z from codes 128 + q and the (s, z) pairs at sz, in one rounding."""
+    s, z = tl.split(tl.load(sz))
+    return tl.fma(codes.to(_OPERAND) - 136, s.to(_OPERAND)[None, :], z.to(_OPERAND)[None, :])
 
 
 @triton.jit
-def _int4_group_dot(a0, a1, a2, a3, x, x_sum, p_ptr, sz_ptr, N, K, block, k):
+def _int4_group_dot(a0, a1, a2, a3, x, p_ptr, sz_ptr, N, K, block, k):
     """a0..a3 (M, 16), rows 2p, 2p + 1, 32 + 2p, 33 + 2p of the 64-row tile `block`, += x (M, 32 columns
-    from k) @ W.T, for the 32 columns of one (scale, zero) group; x_sum (M,) is x summed over them. A k past
-    the end reads the last group again, against x's zero-masked columns."""
+    from k) @ W.T, for the 32 columns of one (scale, zero) group. A k past the end reads the last group
+    again, against x's zero-masked columns."""
     p = tl.arange(0, 16)
     k = tl.minimum(k, K - 32)
     pairs_ptr = p_ptr.to(tl.pointer_type(tl.uint16)) + block * K * 16
     c0, c1, c2, c3 = _int4_pair_codes(tl.load(pairs_ptr + (k + tl.arange(0, 32))[:, None] * 16 + p[None, :]))
     sz = sz_ptr + ((k // 32) * N + block * _ROW_TILE + 2 * p[:, None]) * 2 + tl.arange(0, 2)[None, :]
-    a0 = _int4_group_scaled(a0, c0, x, x_sum, sz)
-    a1 = _int4_group_scaled(a1, c1, x, x_sum, sz + 2)  # (s, z) of the next row
-    a2 = _int4_group_scaled(a2, c2, x, x_sum, sz + 64)  # 32 rows on
-    a3 = _int4_group_scaled(a3, c3, x, x_sum, sz + 66)
+    a0 = tl.dot(x, _dequantized(c0, sz), a0)
+    a1 = tl.dot(x, _dequantized(c1, sz + 2), a1)  # (s, z) of the next row
+    a2 = tl.dot(x, _dequantized(c2, sz + 64), a2)  # 32 rows on
+    a3 = tl.dot(x, _dequantized(c3, sz + 66), a3)
     return a0, a1, a2, a3
 
 
@@ -219,15 +215,13 @@ def _int4_store(out, row_mask, a0, a1, a2, a3):
     ({"BLOCK_K": 128}, 2, 3),
     ({"BLOCK_K": 256}, 2, 3),
     ({"BLOCK_K": 128}, 4, 3),
-    ({"BLOCK_K": 256}, 4, 3),
-    ({"BLOCK_K": 512}, 2, 2),
 ]), **_TUNING)
 @triton.jit(do_not_specialize=["n_used", "size_class"])
 def _int4_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
                         p1_ptr, sz1_ptr, p2_ptr, sz2_ptr, p1_gs, sz1_gs, p2_gs, sz2_gs, N, K, size_class,
                         SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """As _int8_decode_kernel, one 64-row tile of the int4 layout per program (axis 0), one (scale, zero) group
-    of 32 columns at a time."""
+    """As _int8_decode_kernel, one 64-row tile of the int4 layout per program (axis 0), dequantized to
+    bf16 in registers one (scale, zero) group of 32 columns at a time."""
     expert, rows, row_mask, k_end = _rows_of(meta_ptr, n_used, tl.program_id(1), K, BLOCK_M)
     block = tl.program_id(0)
     p1_ptr += expert * p1_gs
@@ -245,11 +239,9 @@ def _int4_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
     for k0 in range(0, k_end, BLOCK_K):
         for g in tl.static_range(BLOCK_K // 32):
             x = _x_tile(x_ptr, x_stride, rows, row_mask, K, k0 + g * 32, 32)
-            x_sum = tl.sum(x.to(tl.float32), axis=1)
-            a0, a1, a2, a3 = _int4_group_dot(a0, a1, a2, a3, x, x_sum, p1_ptr, sz1_ptr, N, K, block, k0 + g * 32)
+            a0, a1, a2, a3 = _int4_group_dot(a0, a1, a2, a3, x, p1_ptr, sz1_ptr, N, K, block, k0 + g * 32)
             if SWIGLU:
-                b0, b1, b2, b3 = _int4_group_dot(b0, b1, b2, b3, x, x_sum, p2_ptr, sz2_ptr, N, K, block,
-                                                 k0 + g * 32)
+                b0, b1, b2, b3 = _int4_group_dot(b0, b1, b2, b3, x, p2_ptr, sz2_ptr, N, K, block, k0 + g * 32)
     if SWIGLU:
         a0 = a0 * tl.sigmoid(a0) * b0
         a1 = a1 * tl.sigmoid(a1) * b1
