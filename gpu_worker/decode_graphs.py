@@ -1,10 +1,15 @@
-"""A decode step's attention and router as one CUDA graph replay per layer.
+"""A decode step's attention and router as one CUDA graph replay per layer (with the layer's experts too where
+they are all in VRAM).
 
 A decode step is bound by kernel launches, not by bytes: each layer's attention and router are a few dozen
 small kernels, launched from Python between two crossings of the MoE layer. Captured once per layer and
 shape, they are one replay each. Shapes are bucketed so a few graphs serve every step: the batch is padded
 to a power of two sequences, every context to a power of two slots, masked. Padding rows read and write
 only the spare KV slot past the cache's last block, so they touch no sequence's cache.
+
+A layer whose routed experts are all hot is captured whole instead (attention, router, experts and the residual
+add, the next layer's input written into the static rows), so it crosses no Python between layers at all; those
+graphs read the hot experts' stacks where they lie, so a new placement drops them (drop_whole_layers).
 
 Graphs are captured the first time a step needs them (a layer at a time, while that step runs, so the
 capture's warm-up computes the step's real values). Without capture (on a CPU) the same static buffers are
@@ -51,7 +56,8 @@ class StaticBatch:
     cos: torch.Tensor  # (B, 1, rope dims)
     sin: torch.Tensor
     out: list[torch.Tensor] = field(default_factory=list)  # the front's results, once the first layer ran
-    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # per layer: its front
+    whole_graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # per layer: all of it
 
 
 class DecodeGraphs:
@@ -110,19 +116,28 @@ class DecodeGraphs:
 
     def run(self, layer: int, batch: StaticBatch) -> list[torch.Tensor]:
         """Layer `layer`'s front on the batch's rows: the buffers it leaves its results in (all bucket rows)."""
-        if not self.capture:
-            self._store(batch, self.front(layer, batch.x, batch))
-            return batch.out
-        graph = batch.graphs.get(layer)
-        if graph is None:
-            try:
-                graph = batch.graphs[layer] = self._capture(layer, batch)
-            except RuntimeError as e:  # e.g. a kernel this torch cannot capture: decode runs eagerly from now on
-                log.warning("CUDA graph capture failed (%s); decode steps run without graphs", e)
-                self.capture = False
-                return self.run(layer, batch)
-        graph.replay()
+        self._run(batch.graphs, layer, lambda: self._store(batch, self.front(layer, batch.x, batch)))
         return batch.out
+
+    def run_whole(self, layer: int, batch: StaticBatch, body: Callable[[], None]) -> None:
+        """The whole of layer `layer`: `body` reads the batch's rows and leaves the next layer's in them."""
+        self._run(batch.whole_graphs, layer, body)
+
+    def drop_whole_layers(self) -> None:
+        for batch in self.batches.values():
+            batch.whole_graphs.clear()
+
+    def _run(self, graphs: dict[int, torch.cuda.CUDAGraph], layer: int, body: Callable[[], None]) -> None:
+        if not self.capture:
+            body()
+            return
+        graph = graphs.get(layer)
+        if graph is not None:
+            graph.replay()
+            return
+        graph = self._capture(body)  # its warm-up ran this step's layer
+        if graph is not None:
+            graphs[layer] = graph
 
     @staticmethod
     def _store(batch: StaticBatch, results: tuple[torch.Tensor, ...]) -> None:
@@ -132,23 +147,24 @@ class DecodeGraphs:
         for dst, src in zip(batch.out, results, strict=True):
             dst.copy_(src)
 
-    def _capture(self, layer: int, batch: StaticBatch) -> torch.cuda.CUDAGraph:
-        # The warm-up (which capturing on a side stream needs first) computes this step's real values: the step's
-        # K and V written twice are the same values. Captured without torch.cuda.graph's context manager, which
-        # empties the allocator's caches for every graph: mid-serving, that would cost every later step its
-        # cached blocks.
+    def _capture(self, body: Callable[[], None]) -> torch.cuda.CUDAGraph | None:
+        # The warm-up (which capturing on a side stream needs first) computes this step's real values, and the
+        # capture only records, so the step does not replay what it just captured: a whole layer's body updates
+        # its input rows in place. Captured without torch.cuda.graph's context manager, which empties the
+        # allocator's caches for every graph: mid-serving, that would cost every later step its cached blocks.
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
-            self._store(batch, self.front(layer, batch.x, batch))
-            graph = torch.cuda.CUDAGraph()
+            body()
+            graph: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
             graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
-                self._store(batch, self.front(layer, batch.x, batch))
-            except BaseException:
+                body()
+                graph.capture_end()
+            except RuntimeError as e:  # e.g. a kernel this torch cannot capture: decode runs eagerly from now on
                 with contextlib.suppress(RuntimeError):  # the capture's own error is the one to report
                     graph.capture_end()
-                raise
-            graph.capture_end()
+                log.warning("CUDA graph capture failed (%s); decode steps run without graphs", e)
+                self.capture, graph = False, None
         current.wait_stream(self.stream)
         return graph

@@ -6,6 +6,7 @@ work, then the hosts' results are gathered, so the two overlap.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 
 from gpu_worker.cold_path import ColdPlanner
-from gpu_worker.grouped import all_experts_grouped, experts_grouped
+from gpu_worker.grouped import all_experts_grouped, experts_grouped, takes_device_counts
 from gpu_worker.remote import RemoteExperts
 from gpu_worker.soft_pool import SoftPool
 from gpu_worker.step_profile import section
@@ -23,6 +24,9 @@ from shared.expert_source import ExpertSource
 from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.placement import GPU, Placement
 from shared.quant import matrix_tensors
+
+# (normed hidden (N, H), routing weights (N, k), expert ids (N, k)) -> routed experts' sum (N, H), for one layer
+DeviceMoE = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 class HotExperts:
@@ -91,15 +95,15 @@ class HotExperts:
         held += [m for w in self.weights.values() for m in w if isinstance(m, torch.Tensor)]
         return sum(t.numel() * t.element_size() for m in held for t in matrix_tensors(m))
 
-    def covers(self, layer: int) -> bool:
-        """Whether the layer's stack holds every expert of the layer (in expert order, as placements list them)."""
-        return layer in self.stacks and len(self.ids[layer]) == self.source.model.config.n_experts
+    def on_device(self, layer: int, rows_at_most: int) -> bool:
+        """Whether the layer's stack holds every expert of the layer (in expert order, as placements list them)
+        and takes up to `rows_at_most` rows per expert from counts on the device (compute_all)."""
+        return (layer in self.stacks and len(self.ids[layer]) == self.source.model.config.n_experts
+                and takes_device_counts(self.stacks[layer], rows_at_most))
 
-    def compute_all(self, layer: int, x: torch.Tensor, counts: torch.Tensor, rows_at_most: int,
-                    used_at_most: int) -> torch.Tensor | None:
-        """A covered layer's experts over x's rows sorted by expert, `counts` per expert on the device; None
-        where this needs the counts on the host (gpu_worker.grouped.all_experts_grouped)."""
-        return all_experts_grouped(x, self.stacks[layer], counts, rows_at_most, used_at_most)
+    def compute_all(self, layer: int, x: torch.Tensor, counts: torch.Tensor, used_at_most: int) -> torch.Tensor:
+        """An on_device layer's experts over x's rows sorted by expert, with `counts` per expert on the device."""
+        return all_experts_grouped(x, self.stacks[layer], counts, used_at_most)
 
     def compute(self, layer: int, x: torch.Tensor, experts: list[int], counts: list[int]) -> torch.Tensor:
         """Rows of x grouped by expert (ascending ids, as group_by_expert sorts them) through their experts."""
@@ -127,12 +131,18 @@ class MoEDispatch:
 
     A layer's routing comes to the host once (one wait on the device per layer); the pairs are grouped there by
     path and expert and their order goes back in one copy, so a decode step launches few small kernels. A layer
-    whose experts are all hot skips that: its pairs are grouped on the device and nothing waits for them."""
+    whose experts are all hot skips that: its pairs are grouped on the device and nothing waits for them, so a
+    decode step may capture it in a CUDA graph with the layer's attention (on_device).
+
+    `before_layer` runs before each layer's cold work (the worker's heartbeat: cold experts can take long)."""
 
     def __init__(self, placement: Placement, hot: HotExperts, remote: RemoteExperts | None,
                  pool: SoftPool | None = None, planner: ColdPlanner | None = None,
-                 on_dispatch: Callable[[str, int], None] = lambda path, n: None) -> None:
+                 on_dispatch: Callable[[str, int], None] = lambda path, n: None,
+                 before_layer: Callable[[], None] = lambda: None) -> None:
         self.hot, self.remote, self.pool, self.planner, self.on_dispatch = hot, remote, pool, planner, on_dispatch
+        self.before_layer = before_layer
+        self.top_k = hot.source.model.config.n_experts_used
         self.owners = [np.asarray(layer, dtype=np.int64) for layer in placement.owner]
 
     def _soft_slots(self, layer: int, cold: dict[int, int]) -> tuple[dict[int, int], set[int]]:
@@ -198,8 +208,15 @@ class MoEDispatch:
             start += sum(counts)
         return out
 
-    def _all_hot(self, layer: int, h: torch.Tensor, weights: torch.Tensor,
-                 expert_ids: torch.Tensor) -> torch.Tensor | None:
+    def on_device(self, layer: int, rows: int, padded_rows: int) -> DeviceMoE | None:
+        """The layer's MoE for `padded_rows` rows (of which `rows` are real: their pairs are counted now) as a
+        function that never waits on the device, where the layer's experts are all hot; else None."""
+        if not self.hot.on_device(layer, padded_rows):
+            return None
+        self.on_dispatch("hot", rows * self.top_k)
+        return functools.partial(self._all_hot, layer)
+
+    def _all_hot(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
         tokens, k = expert_ids.shape
         flat = expert_ids.flatten()
         pairs = torch.argsort(flat, stable=True)
@@ -207,18 +224,15 @@ class MoEDispatch:
         # not bincount: on CUDA it reads the largest id back to size its output, a wait on the device
         counts = torch.zeros(len(self.owners[layer]), dtype=torch.int64, device=flat.device)
         counts.index_add_(0, flat, torch.ones_like(flat))
-        with section("hot"):
-            y = self.hot.compute_all(layer, h[token_of], counts, rows_at_most=tokens, used_at_most=tokens * k)
-        if y is None:
-            return None
-        self.on_dispatch("hot", tokens * k)
+        # no profile section here: a decode graph may be capturing this, and a section waits on the device
+        y = self.hot.compute_all(layer, h[token_of], counts, used_at_most=tokens * k)
         return _combined(h, token_of, y, weights.flatten()[pairs])
 
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        if self.hot.covers(layer):
-            out = self._all_hot(layer, h, weights, expert_ids)
-            if out is not None:
-                return out
+        on_device = self.on_device(layer, h.shape[0], h.shape[0])
+        if on_device is not None:
+            return on_device(h, weights, expert_ids)
+        self.before_layer()
         k = expert_ids.shape[1]
         pair_order, groups, slots = self._plan(layer, expert_ids.flatten().cpu().numpy())
         pairs = torch.from_numpy(pair_order).to(h.device, non_blocking=True)

@@ -38,18 +38,24 @@ def experts_grouped(x: torch.Tensor, stack: ExpertWeights | tuple[torch.Tensor, 
     return quant_swiglu_grouped(x.to(torch.bfloat16), *stack, groups, counts).to(x.dtype)
 
 
+def takes_device_counts(stack: ExpertWeights | tuple[torch.Tensor, torch.Tensor], rows_at_most: int) -> bool:
+    """Whether all_experts_grouped can run this stack for up to `rows_at_most` rows per expert: bf16 always,
+    quantized stacks within their decode kernels' rows (above, prefill needs the counts on the host)."""
+    if len(stack) == 2:
+        return True
+    from gpu_worker.quant_kernels import DECODE_MAX_ROWS
+
+    return rows_at_most <= DECODE_MAX_ROWS
+
+
 def all_experts_grouped(x: torch.Tensor, stack: ExpertWeights | tuple[torch.Tensor, torch.Tensor],
-                        counts: torch.Tensor, rows_at_most: int, used_at_most: int) -> torch.Tensor | None:
+                        counts: torch.Tensor, used_at_most: int) -> torch.Tensor:
     """experts_grouped over a stack of every expert of a layer, in expert order, from x's rows sorted by expert
-    and `counts` (rows per expert) on the device, so nothing waits on the device. None where the host must
-    know the counts: quantized stacks with more rows per expert (at most `rows_at_most`) than their decode
-    kernels take."""
+    and `counts` (rows per expert) on the device, so nothing waits on the device (see takes_device_counts)."""
     if len(stack) == 2:
         return _swiglu_offsets(x, *stack, counts.cumsum(0, dtype=torch.int32))
-    from gpu_worker.quant_kernels import DECODE_MAX_ROWS, quant_swiglu_all_experts
+    from gpu_worker.quant_kernels import quant_swiglu_all_experts
 
-    if rows_at_most > DECODE_MAX_ROWS:
-        return None
     return quant_swiglu_all_experts(x.to(torch.bfloat16), *stack, counts, used_at_most).to(x.dtype)
 
 

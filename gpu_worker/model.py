@@ -7,6 +7,7 @@ shared expert, and the lm head.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,9 @@ from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.profile_table import LAYER
 from shared.reference import expert_ffn, qk_norm, rope, rope_table, route
 
-# (layer, normed hidden (N, H), routing weights (N, k), expert ids (N, k)) -> routed experts' sum (N, H)
+# (layer, normed hidden (N, H), routing weights (N, k), expert ids (N, k)) -> routed experts' sum (N, H). An MoE
+# function may also offer on_device(layer, rows, padded_rows) (gpu_worker.experts.MoEDispatch): for a layer it can
+# compute without waiting on the device, a function of the last three arguments, which a decode graph may capture.
 MoEFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -179,6 +182,21 @@ class Trunk:
         positions_d, new_slots_d, *context_d = device.split([offset, offset, *lengths])
         return _BatchSlots(positions_d, new_slots_d, context_d, spans, masks)
 
+    def _with_shared_expert(self, i: int, h: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """The routed experts' sum plus the gated shared expert (models that have one)."""
+        b, w = f"blk.{i}.", self.w
+        shared = expert_ffn(h, w[b + "ffn_gate_shexp.weight"], w[b + "ffn_up_shexp.weight"],
+                            w[b + "ffn_down_shexp.weight"])
+        return routed + torch.sigmoid(h @ w[b + "ffn_gate_inp_shexp.weight"])[:, None] * shared
+
+    def _whole_layer(self, i: int, static: StaticBatch, moe: Callable[..., torch.Tensor]) -> None:
+        """Layer i over every row of a decode graph's static batch, its output written over its input rows."""
+        x, h, weights, expert_ids = self._front(i, static.x, static)
+        out = moe(h, weights, expert_ids)
+        if self.cfg.shared_expert_ffn:
+            out = self._with_shared_expert(i, h, out)
+        torch.add(x, out, out=static.x)
+
     @torch.inference_mode()
     def forward(self, chunks: Sequence[Chunk], moe: MoEFn) -> torch.Tensor:
         """Run the chunks as one batch; returns logits (len(chunks), vocab) at each chunk's last token."""
@@ -196,9 +214,15 @@ class Trunk:
                 batch = self._batch_slots(chunks)
                 cos = self.rope_cos[batch.positions][:, None, :]
                 sin = self.rope_sin[batch.positions][:, None, :]
+        on_device = getattr(moe, "on_device", None) if static is not None else None
         for i in range(c.n_layers):
-            b = f"blk.{i}."
             with section(LAYER):
+                whole = on_device(i, n, static.x.shape[0]) if on_device is not None else None
+                if whole is not None:
+                    with section("attention"):  # the router and the experts are in the same graph
+                        self.graphs.run_whole(i, static, functools.partial(self._whole_layer, i, static, whole))  # type: ignore[union-attr]
+                    x = static.x[:n]
+                    continue
                 if static is not None:
                     with section("attention"):  # the router is in the same graph
                         x, h, weights, expert_ids = (t[:n] for t in self.graphs.run(i, static))  # type: ignore[union-attr]
@@ -211,9 +235,7 @@ class Trunk:
                     out = moe(i, h, weights, expert_ids)
                 if c.shared_expert_ffn:
                     with section("shared_expert"):
-                        shared = expert_ffn(h, w[b + "ffn_gate_shexp.weight"], w[b + "ffn_up_shexp.weight"],
-                                            w[b + "ffn_down_shexp.weight"])
-                        out = out + torch.sigmoid(h @ w[b + "ffn_gate_inp_shexp.weight"])[:, None] * shared
+                        out = self._with_shared_expert(i, h, out)
                 if static is not None:  # the next layer's graph reads its rows from the static input
                     x = torch.add(x, out, out=static.x[:n])
                 else:

@@ -103,7 +103,9 @@ class Engine:
     def apply(self, placement: Placement) -> None:
         self.hot.apply(placement, self.keep_alive)
         self.moe = MoEDispatch(placement, self.hot, self.remote, self.pool, self.planner,
-                               lambda path, n: DISPATCH.labels(path).inc(n))
+                               lambda path, n: DISPATCH.labels(path).inc(n), lambda: self.keep_alive())
+        if self.trunk.graphs is not None:
+            self.trunk.graphs.drop_whole_layers()  # they captured the hot stacks this placement replaced
         self.placement_version = placement.version
         HOT_BYTES.set(self.hot.nbytes)
 
@@ -120,7 +122,7 @@ class Engine:
             if self.remote is not None:
                 self.remote.begin_step()
             chunks = [Chunk(c.token_ids, c.start, c.seq.block_table) for c in batch.chunks]
-            logits = self.trunk.forward(chunks, self._moe_keeping_alive)
+            logits = self.trunk.forward(chunks, self.moe)
             with section("sampling"):
                 sampling = [(i, c.seq) for i, c in enumerate(batch.chunks) if c.samples]
                 results = self.sampler.sample(logits[[i for i, _ in sampling]], [s for _, s in sampling]) \
@@ -136,11 +138,6 @@ class Engine:
             STEP_SECONDS.observe(time.perf_counter() - start)
             self.update_gauges()
         return sampled, finished
-
-    def _moe_keeping_alive(self, layer: int, h: torch.Tensor, weights: torch.Tensor,
-                           expert_ids: torch.Tensor) -> torch.Tensor:
-        self.keep_alive()
-        return self.moe(layer, h, weights, expert_ids)
 
     def fail_all_running(self) -> list[Sequence]:
         """After a lost expert host: the running batch's state is unusable, end every admitted request."""

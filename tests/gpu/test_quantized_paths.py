@@ -179,6 +179,24 @@ def test_bf16_worker_with_quantized_experts_matches_the_oracle(served, keep_aliv
         assert tier.hits > 0 and tier.evictions > 0, "slots must be both reused and refilled"
 
 
+@pytest.mark.parametrize("dtype", list(FORMATS))
+def test_all_hot_quantized_decode_in_whole_layer_graphs_matches_the_oracle(served, keep_alive, dtype):
+    """Every expert hot: decode steps capture whole layers (the int8 / int4 decode kernels from counts on the
+    device, inside the graph); logits within the same tolerance as the layer-by-layer path."""
+    s = served(dtype)
+    cfg = s.source.model.config
+    engine = Engine(Config(model=str(s.path), device=DEVICE.type, dtype="bfloat16"), GGUFModel(s.path), remote=None)
+    keep_alive.append(engine)
+    engine.apply(round_robin_placement(cfg, cfg.n_experts, 0))
+    got = run_engine(engine, engine.moe, s.sequences)
+    graphs = engine.trunk.graphs
+    assert graphs is not None and graphs.capture
+    assert any(len(b.whole_graphs) == cfg.n_layers for b in graphs.batches.values())
+    relative = ((got - s.logits).norm() / s.logits.norm()).item()
+    print(f"{dtype} all hot, whole-layer graphs: relative logit error {relative:.2e}")
+    assert relative < LOGIT_TOLERANCE
+
+
 @pytest.mark.parametrize("placement", list(SYSTEM_PLACEMENTS))
 def test_bf16_system_with_q4_0_experts_logprobs_match_the_oracle(served, placement):
     s = served("q4_0")

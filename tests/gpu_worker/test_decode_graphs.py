@@ -19,15 +19,15 @@ BLOCKS_PER_SEQUENCE, BLOCK_SIZE = 5, 16
 
 
 def decode_together(model: GGUFModel, device: torch.device, graphs: bool, sequences: list[list[int]],
-                    steps: int) -> tuple[torch.Tensor, Trunk]:
+                    steps: int, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, Trunk]:
     """Every expert hot; each sequence's prompt (all but its last `steps` tokens) alone, then `steps` decode
     steps of all of them together. Logits (sequences, steps + 1, vocab) on the CPU, and the trunk."""
     cfg = model.config
     placement = round_robin_placement(cfg, cfg.n_experts, 0)
-    hot = HotExperts(ExpertSource(model, None), device, torch.float32)
+    hot = HotExperts(ExpertSource(model, None), device, dtype)
     hot.apply(placement)
     moe = MoEDispatch(placement, hot, None)
-    trunk = Trunk(model, device, torch.float32, num_blocks=64, block_size=BLOCK_SIZE, decode_graphs=graphs)
+    trunk = Trunk(model, device, dtype, num_blocks=64, block_size=BLOCK_SIZE, decode_graphs=graphs)
     tables = [list(range(BLOCKS_PER_SEQUENCE * s, BLOCKS_PER_SEQUENCE * (s + 1))) for s in range(len(sequences))]
     out = [[trunk.forward([Chunk(seq[:-steps], 0, table)], moe)[0]]
            for seq, table in zip(sequences, tables, strict=True)]
