@@ -116,10 +116,12 @@ def sweep_table(sweep: dict[str, Any]) -> list[str]:
     llama = {p["percent"]: p for p in sweep.get("llama_cpp") or []}
     lines = ["## VRAM budget sweep (decode: one stream; prefill: the shortest prompt)", ""]
     return lines + _table(
-        ["budget (% of experts)", "budget GB", "hot experts per layer", "decode tok/s", "prefill tok/s",
+        ["budget (% of experts)", "budget GB", "hot experts per layer", "decode tok/s",
+         f"decode pairs by path ({' / '.join(PATHS)})", "decode VRAM hit rate", "prefill tok/s",
          "llama.cpp --n-cpu-moe", "llama.cpp decode tok/s", "llama.cpp prefill tok/s"],
         [[f"{p['percent']:g}", _scaled(p["budget_bytes"], 1e9, "", 2).strip(), f"{p['hot_experts_per_layer']:g}",
-          _num(p["decode_tok_s"]), _num(p["prefill_tok_s"]),
+          _num(p["decode_tok_s"]), " / ".join(_pct(p["decode_paths"][path]) for path in PATHS),
+          _pct(p["decode_vram_hit_rate"]), _num(p["prefill_tok_s"]),
           str(llama[p["percent"]]["n_cpu_moe"]) if p["percent"] in llama else "n/a",
           _num(llama.get(p["percent"], {}).get("llama_decode_tok_s")),
           _num(llama.get(p["percent"], {}).get("llama_prefill_tok_s"))] for p in sweep["tierserve"]])

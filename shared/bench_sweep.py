@@ -13,6 +13,7 @@ from typing import Any
 
 from shared import bench_llama
 from shared.bench_load import TIMEOUT_S, decode_run, prefill_run
+from shared.bench_metrics import scrape_tiers, tier_delta, worker_metrics_url
 from shared.client import AsyncClient, run
 from shared.launcher import RunningSystem
 
@@ -34,11 +35,15 @@ def sweep_options(options: list[str], budget: int) -> list[str]:
 async def _measure(endpoint: str, base: list[int], run_settings: dict[str, Any]) -> dict[str, Any]:
     s = run_settings
     async with AsyncClient(endpoint, timeout_s=TIMEOUT_S) as client:
+        metrics_url = worker_metrics_url(await client.health(), endpoint)
         placement = (await client.stats()).stats["placement"]
         await decode_run(endpoint, 1, 1, 4, base, s["decode_prompt_tokens"])  # warm-up
+        before = scrape_tiers(metrics_url)
         decode = await decode_run(endpoint, 1, 1, s["max_tokens"], base, s["decode_prompt_tokens"])
+        tiers = tier_delta(before, scrape_tiers(metrics_url), decode["wall_s"])
         prefill = await prefill_run(client, base, min(s["prompt_lengths"]), 1)
     return {"hot_experts": placement["hot_experts"], "decode_tok_s": decode["per_request_tok_s"],
+            "decode_paths": tiers["share"], "decode_vram_hit_rate": tiers["vram_hit_rate"],
             "prefill_tokens": prefill["prompt_tokens"], "prefill_tok_s": prefill["tok_s"]}
 
 

@@ -64,6 +64,10 @@ def test_bench_sweeps_the_budget_on_the_tiny_model(tmp_path):
     assert [p["budget_bytes"] for p in points] == [int(served / 4), int(served)]
     assert [p["hot_experts_per_layer"] for p in points] == [EXPERTS / 4, EXPERTS]
     assert all(p["decode_tok_s"] > 0 and p["prefill_tok_s"] > 0 for p in points)
+    # the decode's pairs by path: at 25% some go to the host, at 100% every one is hot
+    assert all(abs(sum(p["decode_paths"].values()) - 1) < 1e-9 for p in points)
+    assert points[0]["decode_paths"]["cpu"] > 0 and points[0]["decode_vram_hit_rate"] < 1
+    assert points[1]["decode_paths"]["hot"] == 1 and points[1]["decode_vram_hit_rate"] == 1
     assert r["sweep"]["llama_cpp"] is None
     assert "decode" not in r and "limits" not in r
     md = (out / "results.md").read_text()
