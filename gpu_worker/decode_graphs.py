@@ -55,7 +55,7 @@ class StaticBatch:
     visible: torch.Tensor  # (B, 1, 1, C) which of them are real
     cos: torch.Tensor  # (B, 1, rope dims)
     sin: torch.Tensor
-    out: list[torch.Tensor] = field(default_factory=list)  # the front's results, once the first layer ran
+    out: list[torch.Tensor] = field(default_factory=list)  # the front's results, once a front ran (not whole layers)
     graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # per layer: its front
     whole_graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # per layer: all of it
 
@@ -161,9 +161,14 @@ class DecodeGraphs:
             try:
                 body()
                 graph.capture_end()
-            except RuntimeError as e:  # e.g. a kernel this torch cannot capture: decode runs eagerly from now on
-                with contextlib.suppress(RuntimeError):  # the capture's own error is the one to report
+            except BaseException as e:
+                # Any error (a KeyboardInterrupt too) must end the capture, or the stream stays in capture mode
+                # and every later launch on it fails; the capture's own error is the one to report.
+                with contextlib.suppress(RuntimeError):
                     graph.capture_end()
+                if not isinstance(e, RuntimeError):
+                    raise
+                # e.g. a kernel this torch cannot capture: decode runs eagerly from now on
                 log.warning("CUDA graph capture failed (%s); decode steps run without graphs", e)
                 self.capture, graph = False, None
         current.wait_stream(self.stream)

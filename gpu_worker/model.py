@@ -59,8 +59,9 @@ class Chunk:
 class Trunk:
     def __init__(self, model: GGUFModel, device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int,
                  decode_graphs: bool | None = None):
-        """decode_graphs: run decode steps' attention and router from captured CUDA graphs (default: on a GPU);
-        on a CPU, True runs the same bucketed static buffers eagerly (gpu_worker/decode_graphs.py)."""
+        """decode_graphs: run decode steps' attention and router from captured CUDA graphs, and whole layers whose
+        experts are all hot (default: on a GPU); on a CPU, True runs the same bucketed static buffers eagerly
+        (gpu_worker/decode_graphs.py)."""
         self.cfg = cfg = model.config
         self.device, self.dtype, self.block_size = device, dtype, block_size
         expert_names = {f"blk.{i}.{kind}.weight" for i in range(cfg.n_layers) for kind in EXPERT_TENSOR_KINDS}

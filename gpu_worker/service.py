@@ -92,7 +92,8 @@ class Engine:
                 warm_up_quantized(layout, model.config.n_experts, self.device)
         self.moe: MoEDispatch | None = None
         self.placement_version = 0
-        # Called before each layer's experts and between layers of a new hot set: a step whose cold experts come
+        # Called before each layer with cold work (a layer whose experts are all hot on the GPU is done in
+        # microseconds and skips it) and between layers of a new hot set: a step whose cold experts come
         # off a disk (the first prompt on a cold page cache), or 16 GB of hot experts loaded for a placement, can
         # take many heartbeat timeouts, and the worker must not be declared dead then.
         self.keep_alive: Callable[[], None] = lambda: None

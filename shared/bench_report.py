@@ -68,7 +68,8 @@ def measured_tables(results: dict[str, Any]) -> list[str]:
           f"{_num(bounds[p['prompt_tokens']]['bound_tok_s'])} ({bounds[p['prompt_tokens']]['limited_by']})",
           _pct(limits["efficiency"].get(f"prefill_{p['prompt_tokens']}")),
           _num(ratios.get(f"prefill_{p['prompt_tokens']}"), 2)] for p in results["prefill"]])
-    lines += ["## Expert tiers (gpu_worker metrics, change over each phase)", ""]
+    lines += ["## Expert tiers (gpu_worker metrics, change over each phase; the decode phase's pairs include its "
+              "requests' short prompts)", ""]
     lines += _table(
         ["phase", "hot", "soft hit", "streamed", "staged", "cpu", "VRAM hit rate", "soft tier hit rate",
          "streamed GB/s"],
@@ -112,16 +113,22 @@ def host_memory_table(memory: dict[str, Any], model: dict[str, Any]) -> list[str
             *_table(["process", "peak RSS", "anonymous", "file", "shared memory"], rows)]
 
 
+def _paths(shares: dict[str, float] | None) -> str:
+    """Shares by path; a result saved before the sweep recorded them has none."""
+    return " / ".join(_pct(shares[path]) for path in PATHS) if shares else "n/a"
+
+
 def sweep_table(sweep: dict[str, Any]) -> list[str]:
     llama = {p["percent"]: p for p in sweep.get("llama_cpp") or []}
     lines = ["## VRAM budget sweep (decode: one stream; prefill: the shortest prompt)", ""]
     return lines + _table(
         ["budget (% of experts)", "budget GB", "hot experts per layer", "decode tok/s",
-         f"decode pairs by path ({' / '.join(PATHS)})", "decode VRAM hit rate", "prefill tok/s",
+         f"decode run's pairs by path, prompt included ({' / '.join(PATHS)})", "decode run's VRAM hit rate",
+         "prefill tok/s",
          "llama.cpp --n-cpu-moe", "llama.cpp decode tok/s", "llama.cpp prefill tok/s"],
         [[f"{p['percent']:g}", _scaled(p["budget_bytes"], 1e9, "", 2).strip(), f"{p['hot_experts_per_layer']:g}",
-          _num(p["decode_tok_s"]), " / ".join(_pct(p["decode_paths"][path]) for path in PATHS),
-          _pct(p["decode_vram_hit_rate"]), _num(p["prefill_tok_s"]),
+          _num(p["decode_tok_s"]), _paths(p.get("decode_paths")), _pct(p.get("decode_vram_hit_rate")),
+          _num(p["prefill_tok_s"]),
           str(llama[p["percent"]]["n_cpu_moe"]) if p["percent"] in llama else "n/a",
           _num(llama.get(p["percent"], {}).get("llama_decode_tok_s")),
           _num(llama.get(p["percent"], {}).get("llama_prefill_tok_s"))] for p in sweep["tierserve"]])

@@ -9,6 +9,8 @@ import json
 import pytest
 
 from shared.bench_llama import parse_results
+from shared.bench_metrics import PATHS
+from shared.bench_report import sweep_table
 from shared.bench_sweep import by_cpu_moe, run_llama, sweep_options
 from shared.cli import main as tierserve
 from tests.test_bench_llama import fake_llama_bench, record
@@ -84,3 +86,14 @@ def test_sweep_only_needs_a_sweep():
 def test_a_sweep_cannot_measure_a_running_system():
     with pytest.raises(SystemExit):
         tierserve(["bench", "--model", "m.gguf", "--endpoint", "tcp://127.0.0.1:1", "--budget-sweep", "50"])
+
+
+def test_a_sweep_saved_before_paths_were_recorded_still_makes_its_table():
+    """bench/results holds sweeps from before the paths column; the report shows n/a there, not a KeyError."""
+    old = {"percent": 25, "budget_bytes": 4e9, "hot_experts_per_layer": 32, "decode_tok_s": 18.0,
+           "prefill_tokens": 512, "prefill_tok_s": 900.0}
+    new = {**old, "percent": 100, "decode_paths": {p: 0.0 for p in PATHS} | {"hot": 1.0}, "decode_vram_hit_rate": 1.0}
+    rows = [line for line in sweep_table({"tierserve": [old, new], "llama_cpp": None}) if line.startswith("| 25")
+            or line.startswith("| 100")]
+    assert "n/a" in rows[0].split("|")[5] and "n/a" in rows[0].split("|")[6]
+    assert "100.0%" in rows[1].split("|")[5] and rows[1].split("|")[6].strip() == "100.0%"
