@@ -13,6 +13,7 @@ import argparse
 import ctypes
 import dataclasses
 import os
+import random
 import shutil
 import signal
 import socket
@@ -34,10 +35,28 @@ def _die_with_parent() -> None:
     ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def _ephemeral_ports() -> range:
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        low, high = 32768, 60999  # Linux's default
+    return range(low, high + 1)
+
+
 def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port free now, from below the ephemeral range: a port the kernel picked for a bind to port 0 and
+    then got back is the next one it hands out, so a sibling's metrics server (port 0) took the coordinator's
+    client port between this pick and the coordinator's bind."""
+    ephemeral = _ephemeral_ports()
+    candidates = [p for p in range(10_000, 30_000) if p not in ephemeral] or list(range(1024, 65536))
+    for port in random.sample(candidates, min(200, len(candidates))):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise OSError("no free TCP port found for the client endpoint; set client_endpoint to a free port")
 
 
 @dataclasses.dataclass

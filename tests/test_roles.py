@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,3 +88,13 @@ def test_any_start_order_and_restarts_rejoin(tmp_path):
     assert all(code == 0 for code in codes.values()), codes
     leftovers = [p for p in os.listdir(run_dir) if p.endswith(".sock")] if Path(run_dir).exists() else []
     assert leftovers == []
+
+
+def test_the_client_port_is_not_one_a_sibling_binding_port_0_can_be_given():
+    """A sibling's metrics server binds port 0 while the coordinator starts; the kernel's next port-0 pick
+    must not be the client port just checked free and released."""
+    low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    port = free_tcp_port()
+    assert not low <= port <= high
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", port))  # and it is free
