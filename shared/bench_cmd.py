@@ -9,7 +9,7 @@ Starts the system (or uses the one at --endpoint), measures decode at concurrenc
 512- and 4096-token prompts, time to first token and inter-token latency, reads the gpu_worker's tier counters,
 measures the machine's links and compute, and writes results.json, results.md and plots under --out. With
 --profile-steps N it then starts the system once more, its worker profiling decode steps in windows of N, and
-adds where one decode step's time goes (results.json "decode_profile", and printed).
+adds where one decode step's time goes (results.json "decode_profile", and results.md).
 See bench/README.md for what each figure means.
 """
 
@@ -334,8 +334,6 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     written = write_results(results, out)
     print(markdown(results))
-    if "decode_profile" in results:
-        print(f"## Decode step profile (concurrency 1)\n\n{results['decode_profile']['table']}\n")
     if not any(name.endswith(".png") for name in written):
         print("bench: matplotlib is not installed: no plots", file=sys.stderr)
     print(f"bench: wrote {', '.join(written)} under {out}", file=sys.stderr)

@@ -43,6 +43,8 @@ def markdown(results: dict[str, Any]) -> str:
              + (" · quick run" if results["settings"]["quick"] else ""), ""]
     if "decode" in results:
         lines += measured_tables(results)
+    if "decode_profile" in results:
+        lines += ["## Decode step profile (concurrency 1)", "", "```", results["decode_profile"]["table"], "```", ""]
     if "sweep" in results:
         lines += sweep_table(results["sweep"])
     return "\n".join(lines)

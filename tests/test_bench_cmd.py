@@ -20,13 +20,13 @@ LAYERS, TOP_K = 4, 2  # the tiny preset
 
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
-    """One quick run: 2 hot experts per layer, one expert host, 4 soft slots streamed into, and a setting the
-    bench does not know itself, passed on to the system."""
+    """One quick run: 2 hot experts per layer, one expert host, 4 soft slots streamed into, a decode-step profile,
+    and a setting the bench does not know itself, passed on to the system."""
     tmp = tmp_path_factory.mktemp("bench")
     out = tmp / "out"
     code = tierserve(["bench", "--preset", "tiny", "--quick", "--cache-dir", str(tmp / "models"), "--out", str(out),
                       "--hot-experts", "2", "--expert-hosts", "1", "--soft-slots", "4", "--cold-path", "stream",
-                      "--prefill-chunk", "64"])
+                      "--profile-steps", "4", "--prefill-chunk", "64"])
     assert code == 0
     return out, json.loads((out / "results.json").read_text())
 
@@ -98,8 +98,10 @@ def test_physical_limits_and_efficiency(bench_run):
 def test_outputs_on_disk(bench_run):
     out, r = bench_run
     md = (out / "results.md").read_text()
-    for heading in ("## Decode", "## Prefill", "## Expert tiers", "## Physical limit", "## llama.cpp"):
+    for heading in ("## Decode", "## Prefill", "## Expert tiers", "## Physical limit", "## llama.cpp",
+                    "## Decode step profile"):
         assert heading in md
+    assert r["decode_profile"]["table"] in md and "moe" in r["decode_profile"]["table"]
     assert "no --llama-cpp" in md and "skipped" in r["llama_cpp"]
     plots = {p.name for p in out.glob("*.png")}
     assert plots == ({"decode.png", "prefill.png"} if importlib.util.find_spec("matplotlib") else set())
