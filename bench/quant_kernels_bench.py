@@ -123,8 +123,24 @@ def bench_decode(table: Table, fmt: str, stack: str, gate: QuantMatrix, up: Quan
         table.add(f"{fmt} down decode, {stack}", f"{shape}, ({HIDDEN}, {FFN})", down_s, expert_bytes([down], sets[0]))
         both = gate_up_s + down_s
         bf16_s = graph_time(bf16_decode_calls(*bf16, sets, rows, x))
-        table.add(f"{fmt} expert FFN decode (2 launches), {stack}", shape, both,
+        table.add(f"{fmt} expert FFN decode (gate+up, down), {stack}", shape, both,
                   expert_bytes([gate, up, down], sets[0]), ratio=both / bf16_s)
+        if fmt == "int4":
+            bench_unsplit(table, stack, shape, sets, plans, (x, gate, up, act), (act, down, None, out))
+
+
+def bench_unsplit(table: Table, stack: str, shape: str, sets: list[list[int]], plans: list[qk.GroupPlan],
+                  *launches: tuple) -> None:
+    """The int4 launches that cut K among programs, timed again with one program walking all of K (how they ran
+    before the cut), for the gain in the same run."""
+    for x, w1, w2, out in launches:
+        n, k = out.shape[1], x.shape[1]
+        if qk._int4_k_split(n, k, plans[0].size_class, x.device) == k:
+            continue
+        seconds = graph_time([partial(qk.decode_linear, x, w1, w2, p, out, k_split=k) for p in plans])
+        label = "gate+up+SwiGLU" if w2 is not None else "down"
+        table.add(f"int4 {label} decode, all of K per program, {stack}", f"{shape}, ({n}, {k})", seconds,
+                  expert_bytes([w1] if w2 is None else [w1, w2], sets[0]))
 
 
 def bench_prefill(table: Table, fmt: str, stack: str, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
@@ -212,7 +228,8 @@ def main() -> None:
     tuned = []
     for kernel in (qk._int8_decode_kernel, qk._int4_decode_kernel):
         for key, config in kernel.cache.items():
-            tuned.append(f"- {kernel.base_fn.__name__} (N, K, SwiGLU, size class) = {key[:4]}: {config}")
+            named = ", ".join(f"{name} {value}" for name, value in zip(kernel.keys, key, strict=False))
+            tuned.append(f"- {kernel.base_fn.__name__} ({named}): {config}")
     text = "\n".join([
         f"Command: `python -m bench.quant_kernels_bench` on {device}.",
         "",

@@ -5,7 +5,8 @@ expert regions, where stride(0) is the region size), and rows of x are grouped b
 gpu_worker.grouped. Two regimes:
 - decode (at most DECODE_MAX_ROWS rows per expert): one launch per matrix over all experts, each
   program dequantizing a tile of rows in registers and multiplying it into that expert's rows, so
-  every quantized byte is read once; gate and up run in the same program with the SwiGLU fused.
+  every quantized byte is read once; gate and up run in the same program with the SwiGLU fused. An int4
+  launch over too few experts to fill the GPU cuts K among programs and adds the cuts in a second launch.
 - prefill: the experts in use are dequantized into a bf16 scratch and torch's grouped GEMM takes
   over, whose arithmetic then dominates the extra pass over the weights.
 
@@ -202,10 +203,21 @@ def _int4_group_dot(a0, a1, a2, a3, x, p_ptr, sz_ptr, N, K, block, k):
 
 @triton.jit
 def _int4_store(out, row_mask, a0, a1, a2, a3):
-    tl.store(out, a0.to(tl.bfloat16), mask=row_mask[:, None])
-    tl.store(out + 1, a1.to(tl.bfloat16), mask=row_mask[:, None])
-    tl.store(out + 32, a2.to(tl.bfloat16), mask=row_mask[:, None])
-    tl.store(out + 33, a3.to(tl.bfloat16), mask=row_mask[:, None])
+    """Rows 2p, 2p + 1, 32 + 2p and 33 + 2p of a tile, in out's element type (bf16, or float32 partial sums)."""
+    a0 = a0.to(out.dtype.element_ty)
+    a1 = a1.to(out.dtype.element_ty)
+    a2 = a2.to(out.dtype.element_ty)
+    a3 = a3.to(out.dtype.element_ty)
+    tl.store(out, a0, mask=row_mask[:, None])
+    tl.store(out + 1, a1, mask=row_mask[:, None])
+    tl.store(out + 32, a2, mask=row_mask[:, None])
+    tl.store(out + 33, a3, mask=row_mask[:, None])
+
+
+def _block_k_divides_split(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """Keep K tiles that end where a split of K ends (a wider one reads the next split's weights for nothing)."""
+    fitting = [c for c in configs if named_args["k_split"] % c.kwargs["BLOCK_K"] == 0]
+    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
 
 
 @triton.autotune(configs=_configs([  # one warp per tile: more warps replicate the dequantization (kept for few experts)
@@ -215,15 +227,21 @@ def _int4_store(out, row_mask, a0, a1, a2, a3):
     ({"BLOCK_K": 128}, 2, 3),
     ({"BLOCK_K": 256}, 2, 3),
     ({"BLOCK_K": 128}, 4, 3),
-]), **_TUNING)
+]), **{**_TUNING, "key": [*_TUNING["key"], "k_split"],
+       "prune_configs_by": {"early_config_prune": _block_k_divides_split}})
 @triton.jit(do_not_specialize=["n_used", "size_class"])
 def _int4_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
-                        p1_ptr, sz1_ptr, p2_ptr, sz2_ptr, p1_gs, sz1_gs, p2_gs, sz2_gs, N, K, size_class,
-                        SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                        p1_ptr, sz1_ptr, p2_ptr, sz2_ptr, p1_gs, sz1_gs, p2_gs, sz2_gs, N, K, size_class, k_split,
+                        split_stride, SWIGLU: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
     """As _int8_decode_kernel, one 64-row tile of the int4 layout per program (axis 0), dequantized to
-    bf16 in registers one (scale, zero) group of 32 columns at a time."""
+    bf16 in registers one (scale, zero) group of 32 columns at a time, over the k_split columns of split
+    program_id(2). With PARTIAL, each split stores its float32 sums (gate's, then up's split_stride further)
+    for _split_sum_kernel, which adds the splits and applies the SwiGLU."""
     expert, rows, row_mask, k_end = _rows_of(meta_ptr, n_used, tl.program_id(1), K, BLOCK_M)
     block = tl.program_id(0)
+    k_start = tl.program_id(2) * k_split
+    k_stop = tl.minimum(k_start + k_split, k_end)
     p1_ptr += expert * p1_gs
     sz1_ptr += expert * sz1_gs
     p2_ptr += expert * p2_gs
@@ -236,19 +254,44 @@ def _int4_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
     b1 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     b2 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
     b3 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
+    for k0 in range(k_start, k_stop, BLOCK_K):
         for g in tl.static_range(BLOCK_K // 32):
-            x = _x_tile(x_ptr, x_stride, rows, row_mask, K, k0 + g * 32, 32)
+            # x's columns past the split are zero, so weights read past it add nothing
+            x = _x_tile(x_ptr, x_stride, rows, row_mask, k_stop, k0 + g * 32, 32)
             a0, a1, a2, a3 = _int4_group_dot(a0, a1, a2, a3, x, p1_ptr, sz1_ptr, N, K, block, k0 + g * 32)
             if SWIGLU:
                 b0, b1, b2, b3 = _int4_group_dot(b0, b1, b2, b3, x, p2_ptr, sz2_ptr, N, K, block, k0 + g * 32)
-    if SWIGLU:
-        a0 = a0 * tl.sigmoid(a0) * b0
-        a1 = a1 * tl.sigmoid(a1) * b1
-        a2 = a2 * tl.sigmoid(a2) * b2
-        a3 = a3 * tl.sigmoid(a3) * b3
     out = out_ptr + rows[:, None] * out_stride + block * _ROW_TILE + 2 * tl.arange(0, 16)[None, :]
-    _int4_store(out, row_mask, a0, a1, a2, a3)
+    if PARTIAL:
+        out += tl.program_id(2) * split_stride
+        _int4_store(out, row_mask, a0, a1, a2, a3)
+        if SWIGLU:
+            _int4_store(out + tl.num_programs(2) * split_stride, row_mask, b0, b1, b2, b3)
+    else:
+        if SWIGLU:
+            a0 = a0 * tl.sigmoid(a0) * b0
+            a1 = a1 * tl.sigmoid(a1) * b1
+            a2 = a2 * tl.sigmoid(a2) * b2
+            a3 = a3 * tl.sigmoid(a3) * b3
+        _int4_store(out, row_mask, a0, a1, a2, a3)
+
+
+@triton.jit
+def _split_sum_kernel(partial_ptr, out_ptr, out_stride, P, N, splits, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
+    """out[row] = the sum of the splits' partial rows, or silu(gate's sum) * up's sum with SWIGLU; partial is
+    (2 if SWIGLU else 1, splits, P, N) float32."""
+    row = tl.program_id(1)
+    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = n < N
+    a = tl.zeros((BLOCK,), dtype=tl.float32)
+    b = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(splits):
+        a += tl.load(partial_ptr + (s * P + row) * N + n, mask=mask, other=0)
+        if SWIGLU:
+            b += tl.load(partial_ptr + ((splits + s) * P + row) * N + n, mask=mask, other=0)
+    if SWIGLU:
+        a = a * tl.sigmoid(a) * b
+    tl.store(out_ptr + row * out_stride + n, a.to(tl.bfloat16), mask=mask)
 
 
 # ---------------------------------------------------------------- prefill: dequantize into a bf16 scratch
@@ -347,9 +390,10 @@ def _size_class(n_used: int) -> int:
 
 
 def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan: GroupPlan,
-                  out: torch.Tensor) -> torch.Tensor:
-    """out = x @ W1.T per expert, or silu(x @ W1.T) * (x @ W2.T) when w2 is given; one launch, every
-    plan count <= DECODE_MAX_ROWS. x (P, K) and out (P, N) bf16 with unit column stride."""
+                  out: torch.Tensor, k_split: int | None = None) -> torch.Tensor:
+    """out = x @ W1.T per expert, or silu(x @ W1.T) * (x @ W2.T) when w2 is given; one launch (int4 with few
+    experts: a second one adding the splits of K), every plan count <= DECODE_MAX_ROWS. x (P, K) and out (P, N)
+    bf16 with unit column stride. `k_split` (int4, a multiple of 32) overrides the columns per program."""
     n, k = _shape(w1)
     assert w2 is None or (type(w2) is type(w1) and _shape(w2) == (n, k)), "gate and up must match"
     assert x.stride(1) == 1 and out.stride(1) == 1
@@ -362,11 +406,51 @@ def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan
         _int8_decode_kernel[grid](*args, w1.q, w1.scale, w2.q, w2.scale, w1.q.stride(0), w1.scale.stride(0),
                                   w2.q.stride(0), w2.scale.stride(0), n, k, **common)
     else:
-        grid = (n // INT4_ROW_TILE, plan.n_used)
-        _int4_decode_kernel[grid](*args, w1.packed, w1.scale_zero, w2.packed, w2.scale_zero, w1.packed.stride(0),
-                                  w1.scale_zero.stride(0), w2.packed.stride(0), w2.scale_zero.stride(0), n, k,
-                                  **common)
+        _int4_decode(x, w1, w2, swiglu, plan, out, k_split or _int4_k_split(n, k, plan.size_class, x.device))
     return out
+
+
+def _int4_decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, plan: GroupPlan,
+                 out: torch.Tensor, k_split: int) -> None:
+    n, k = _shape(w1)
+    splits = triton.cdiv(k, k_split)
+    grid = (n // INT4_ROW_TILE, plan.n_used, splits)
+    weights = (w1.packed, w1.scale_zero, w2.packed, w2.scale_zero, w1.packed.stride(0), w1.scale_zero.stride(0),
+               w2.packed.stride(0), w2.scale_zero.stride(0), n, k, plan.size_class, k_split)
+    if splits == 1:
+        _int4_decode_kernel[grid](x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used, *weights, 0,
+                                  SWIGLU=swiglu, PARTIAL=False, BLOCK_M=DECODE_MAX_ROWS)
+        return
+    p = x.shape[0]
+    partial = torch.empty((2 if swiglu else 1, splits, p, n), dtype=torch.float32, device=x.device)
+    _int4_decode_kernel[grid](x, x.stride(0), partial, n, plan.meta, plan.n_used, *weights, p * n,
+                              SWIGLU=swiglu, PARTIAL=True, BLOCK_M=DECODE_MAX_ROWS)
+    block = 256
+    _split_sum_kernel[(triton.cdiv(n, block), p)](partial, out, out.stride(0), p, n, splits, SWIGLU=swiglu,
+                                                   BLOCK=block)
+
+
+_PROGRAMS_PER_SM = 4  # programs per SM a launch with K cut aims for
+_SPLIT_GRAIN = 64  # columns: a split ends where the narrowest K tile does
+
+
+def _int4_k_split(n: int, k: int, size_class: int, device: torch.device) -> int:
+    """Columns of K per program: all of K when the launch has a program for every SM, else K cut into enough
+    splits for _PROGRAMS_PER_SM per SM. One token's 8 experts' gate/up are 96 tiles on 132 SMs: cut, they took
+    25 us instead of 36 on the H200; their down (256 tiles) took 13.5 us cut against 11.7 whole, the second
+    launch costing more than the cut gained (bench/quant_kernels.md)."""
+    programs = n // INT4_ROW_TILE * size_class
+    sms = _multiprocessors(device)
+    if programs >= sms:
+        return k
+    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, programs)
+    return min(k, triton.cdiv(triton.cdiv(k, wanted), _SPLIT_GRAIN) * _SPLIT_GRAIN)
+
+
+def _multiprocessors(device: torch.device) -> int:
+    """The device's SM count; 1 under Triton's interpreter (CPU tensors), which has none to fill (its tests pick
+    their splits of K themselves)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def dequantize_used(w: QuantMatrix, plan: GroupPlan, out: torch.Tensor) -> torch.Tensor:

@@ -37,7 +37,10 @@ async def _measure(endpoint: str, base: list[int], run_settings: dict[str, Any])
     async with AsyncClient(endpoint, timeout_s=TIMEOUT_S) as client:
         metrics_url = worker_metrics_url(await client.health(), endpoint)
         placement = (await client.stats()).stats["placement"]
-        await decode_run(endpoint, 1, 1, 4, base, s["decode_prompt_tokens"])  # warm-up
+        # warm-up of both phases, as the bench's own run does: a system's first prompt pays one-time set-up
+        # (kernel tuning, allocator growth) that the prompt measured here would otherwise carry
+        await decode_run(endpoint, 1, 1, 4, base, s["decode_prompt_tokens"])
+        await prefill_run(client, base, min(s["prompt_lengths"]), 1)
         before = scrape_tiers(metrics_url)
         decode = await decode_run(endpoint, 1, 1, s["max_tokens"], base, s["decode_prompt_tokens"])
         tiers = tier_delta(before, scrape_tiers(metrics_url), decode["wall_s"])

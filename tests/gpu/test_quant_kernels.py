@@ -142,3 +142,20 @@ def test_no_rows(qk):
     (w,) = random_regions("int4", 2, [SMALL], DEVICE, seed=0)
     y = qk.grouped_linear(torch.empty(0, SMALL[1], dtype=torch.bfloat16, device=DEVICE), w, [0, 1], [0, 0])
     assert y.shape == (0, SMALL[0])
+
+
+@pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
+def test_int4_decode_split_along_k_matches_the_reference(qk, swiglu):
+    """Few experts' int4 decode cuts K among programs and adds the splits after: any cut (one that ends inside
+    a K tile included) gives the reference's rows."""
+    f, h = MID
+    w1, w2 = random_regions("int4", 4, [(f, h), (f, h)], DEVICE, seed=21)
+    groups, counts = [0, 2, 3], [1, 16, 2]
+    x = rows(counts, h, seed=22)
+    plan = qk.plan_groups(groups, counts, DEVICE)
+    want = reference_linear(x, w1, groups, counts)
+    if swiglu:
+        want = torch.nn.functional.silu(want) * reference_linear(x, w2, groups, counts)
+    for k_split in (32, 96, 256, h):
+        y = qk.decode_linear(x, w1, w2 if swiglu else None, plan, x.new_empty((x.shape[0], f)), k_split=k_split)
+        assert worst_row_error(y, want) < TOLERANCE, k_split
