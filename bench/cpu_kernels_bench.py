@@ -11,6 +11,10 @@ weight bytes an expert is stored as (codes and scales); the % is of `cpu_read_ba
 count, measured in the same run. Both are the best of a few sweeps through every case: what the machine can
 do, not what it did while something else ran. A last column gives each format's call floor: the same call on
 experts small enough that their weights take no time.
+
+A second table times a layer's grouped work for int8 and int4: 8 experts at 1 row each (decode at batch 1 with
+top-8 routing) and at 4 rows, through shared.native_kernels' one call for all of them, next to torch's kernels
+one expert after another (quantized_ffn per expert, the path grouped_ffn took before).
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import torch
 from shared.bench_measure import cpu_read_bandwidth
 from shared.expert_cache import ExpertLayout
 from shared.expert_math import ExpertWeights
+from shared.native_kernels import grouped_swiglu, load_library
 from shared.process import torch_threads
 from shared.quant import matrix_tensors, quantized_ffn
 
@@ -36,6 +41,10 @@ FORMATS = {"int8": "int8", "int4": "int4", "bf16": "float"}  # label -> serving 
 ROWS = (1, 4, 16, 64)
 MATRICES, EXPERTS = "one expert's matrices", "whole experts"  # what a case's threads share out
 FLOOR_SIZE = 64  # experts of (64, 64) matrices: their FFN time is Python, dispatch and thread start-up
+GROUPED_FORMATS = ("int8", "int4")  # those the native kernel computes
+GROUPED_EXPERTS = 8  # experts per layer call: top-8 routing
+GROUPED_ROWS = (1, 4)
+NATIVE, PER_EXPERT = "native, one call", "torch, per expert"
 
 
 @dataclass(frozen=True)
@@ -115,6 +124,48 @@ class Result:
                 figure(self.read_bandwidth / 1e9), f"{figure(share)}%", figure(self.floor_seconds * 1e6))
 
 
+def seconds_per_layer(x: torch.Tensor, experts: list[ExpertWeights], path: str, warm_up: bool = False) -> float:
+    """Seconds of one layer's grouped work, GROUPED_EXPERTS experts of x.shape[0] rows each, over one pass through
+    `experts` in groups of that many: one native call per group, or torch's quantized_ffn per expert."""
+    grouped = x.repeat(GROUPED_EXPERTS, 1)
+    counts = [x.shape[0]] * GROUPED_EXPERTS
+    groups = [experts[i : i + GROUPED_EXPERTS] for i in range(0, len(experts), GROUPED_EXPERTS)]
+
+    def one_pass() -> None:
+        for group in groups:
+            if path == NATIVE:
+                if grouped_swiglu(grouped, group, counts) is None:
+                    raise RuntimeError("the native kernel declined the benchmark's experts")
+            else:
+                for weights in group:
+                    quantized_ffn(x, *weights)
+    if warm_up:
+        one_pass()
+    start = time.perf_counter()
+    one_pass()
+    return (time.perf_counter() - start) / len(groups)
+
+
+@dataclass(frozen=True)
+class GroupedResult:
+    label: str
+    rows: int  # per expert
+    threads: int
+    path: str  # native (one call for the layer's experts) or torch (one quantized_ffn per expert)
+    seconds: float  # per layer call of GROUPED_EXPERTS experts
+    weight_bytes: int  # per expert
+    read_bandwidth: float  # bytes/s, same threads
+
+    @property
+    def bytes_per_second(self) -> float:
+        return GROUPED_EXPERTS * self.weight_bytes / self.seconds
+
+    def cells(self) -> tuple[str, ...]:
+        share = 100 * self.bytes_per_second / self.read_bandwidth
+        return (self.label, str(self.rows), str(self.threads), self.path, figure(self.seconds * 1e6),
+                figure(self.bytes_per_second / 1e9), figure(self.read_bandwidth / 1e9), f"{figure(share)}%")
+
+
 def figure(value: float) -> str:
     """Three significant digits, or whole numbers from 100 up: a slow case still reads as a positive number."""
     return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
@@ -122,13 +173,16 @@ def figure(value: float) -> str:
 
 HEAD = ("format", "rows", "threads", "threads share", "us per expert FFN", "rows/s", "GB/s of weight bytes",
         "read bandwidth GB/s", "% of read bandwidth", f"call floor us ({FLOOR_SIZE}x{FLOOR_SIZE} experts)")
+GROUPED_HEAD = ("format", "rows per expert", "threads", "path", f"us per layer ({GROUPED_EXPERTS} experts)",
+                "GB/s of weight bytes", "read bandwidth GB/s", "% of read bandwidth")
 
 
-def measure(settings: Settings, threads: list[int]) -> list[Result]:
+def measure(settings: Settings, threads: list[int]) -> tuple[list[Result], list[GroupedResult]]:
     """Every (format, rows, threads) case timed once per sweep, `settings.sweeps` sweeps, the best of each case
     kept (and the best read bandwidth per thread count): spreading a case's passes over the run keeps a burst of
     other work on the machine from spoiling all of them. Also each format's call floor per thread count: one row
-    through experts small enough that the weights take no time."""
+    through experts small enough that the weights take no time; and the grouped cases (no native ones when the
+    kernel cannot be built here)."""
     served = {label: served_experts(fmt, settings) for label, fmt in FORMATS.items()}
     tiny = replace(settings, ffn=FLOOR_SIZE, hidden=FLOOR_SIZE)
     served_tiny = {label: served_experts(fmt, tiny)[1] for label, fmt in FORMATS.items()}
@@ -137,6 +191,8 @@ def measure(settings: Settings, threads: list[int]) -> list[Result]:
     bandwidth: dict[int, float] = {}
     best: dict[tuple[str, int, int, str], float] = {}
     floor: dict[tuple[str, int], float] = {}
+    grouped: dict[tuple[str, int, int, str], float] = {}
+    paths = [NATIVE, PER_EXPERT] if load_library() is not None else [PER_EXPERT]
     for sweep in range(settings.sweeps):
         for n in threads:
             bandwidth[n] = max(bandwidth.get(n, 0.0), cpu_read_bandwidth(settings.bandwidth_bytes, threads=n))
@@ -153,9 +209,18 @@ def measure(settings: Settings, threads: list[int]) -> list[Result]:
                     for split, seconds in cases.items():
                         key = (label, rows, n, split)
                         best[key] = min(best.get(key, float("inf")), seconds)
+            for label in GROUPED_FORMATS:
+                for rows in GROUPED_ROWS:
+                    for path in paths:
+                        with torch_threads(n):
+                            seconds = seconds_per_layer(inputs[rows], served[label][1], path, warm_up=sweep == 0)
+                        key = (label, rows, n, path)
+                        grouped[key] = min(grouped.get(key, float("inf")), seconds)
         print(f"sweep {sweep + 1} of {settings.sweeps} done", flush=True)
-    return [Result(label, rows, n, split, seconds, served[label][0].expert_nbytes, bandwidth[n], floor[label, n])
-            for (label, rows, n, split), seconds in best.items()]
+    results = [Result(label, rows, n, split, seconds, served[label][0].expert_nbytes, bandwidth[n], floor[label, n])
+               for (label, rows, n, split), seconds in best.items()]
+    return results, [GroupedResult(label, rows, n, path, seconds, served[label][0].expert_nbytes, bandwidth[n])
+                     for (label, rows, n, path), seconds in grouped.items()]
 
 
 def markdown_table(results: list[Result]) -> str:
@@ -163,6 +228,14 @@ def markdown_table(results: list[Result]) -> str:
     order = {label: i for i, label in enumerate(FORMATS)}
     ordered = sorted(results, key=lambda r: (order[r.label], r.rows, r.split, r.threads))
     lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    return "\n".join(lines + ["| " + " | ".join(r.cells()) + " |" for r in ordered])
+
+
+def grouped_table(results: list[GroupedResult]) -> str:
+    """Grouped by format and rows per expert, the two paths next to each other for each thread count."""
+    order = {label: i for i, label in enumerate(GROUPED_FORMATS)}
+    ordered = sorted(results, key=lambda r: (order[r.label], r.rows, r.threads, r.path != NATIVE))
+    lines = ["| " + " | ".join(GROUPED_HEAD) + " |", "|" + "---|" * len(GROUPED_HEAD)]
     return "\n".join(lines + ["| " + " | ".join(r.cells()) + " |" for r in ordered])
 
 
@@ -178,7 +251,7 @@ def machine_name() -> str:
             f"({torch.backends.cpu.get_cpu_capability()} kernels)")
 
 
-def report(results: list[Result], settings: Settings, command: str) -> str:
+def report(results: list[Result], grouped: list[GroupedResult], settings: Settings, command: str) -> str:
     f, h = settings.ffn, settings.hidden
     method = (
         f"One expert FFN (gate ({f}, {h}), up ({f}, {h}), down ({h}, {f}), SwiGLU) through shared.quant.quantized_ffn "
@@ -189,10 +262,18 @@ def report(results: list[Result], settings: Settings, command: str) -> str:
         "thread count, the best of its measurements in the same run. The call floor is the same FFN call on one row "
         f"through ({FLOOR_SIZE}, {FLOOR_SIZE}) experts that stay in cache: Python, dispatch and thread start-up, "
         "which every expert FFN pays whatever its size. Threads share out either one expert's matrices (torch's "
-        "threads, experts one after another, as the expert hosts compute now) or whole experts (one torch thread "
-        "each, a pool taking the experts, whose kernels release the GIL).")
+        "threads, experts one after another, as the expert hosts did before the native kernel) or whole experts "
+        "(one torch thread each, a pool taking the experts, whose kernels release the GIL).")
+    grouped_method = (
+        f"A layer's grouped work: {GROUPED_EXPERTS} experts of the same shape at 1 and 4 rows each (bf16 "
+        f"activations), the {settings.experts} experts taken {GROUPED_EXPERTS} at a time so the weights come from "
+        "RAM; one shared.native_kernels.grouped_swiglu call per layer (its Python side included), or "
+        "shared.quant.quantized_ffn once per expert. GB/s counts the layer's stored bytes; read bandwidth as above."
+        + ("" if any(r.path == NATIVE for r in grouped) else
+           " The native kernel could not be built on this machine, so only torch's path is listed."))
     return "\n".join([f"Command: `{command}` on {machine_name()}.", "", textwrap.fill(method, width=115), "",
-                      markdown_table(results), ""])
+                      markdown_table(results), "", "## A layer's experts in one call", "",
+                      textwrap.fill(grouped_method, width=115), "", grouped_table(grouped), ""])
 
 
 def main() -> None:
@@ -203,9 +284,9 @@ def main() -> None:
                              "every figure comes out, in seconds")
     args = parser.parse_args()
     settings = QUICK if args.quick else FULL
-    results = measure(settings, thread_counts(os.cpu_count() or 1))
+    results, grouped = measure(settings, thread_counts(os.cpu_count() or 1))
     command = "python -m bench.cpu_kernels_bench" + (" --quick" if args.quick else "")
-    text = report(results, settings, command)
+    text = report(results, grouped, settings, command)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -19,6 +19,7 @@ from shared.gguf_file import GGUFModel
 from shared.mailbox import ORDERED_STORES, Backoff, Mailbox, mailbox_path, remove_mailbox
 from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
+from shared.native_kernels import load_library
 from shared.placement import expert_host_id
 from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process
 from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
@@ -76,6 +77,8 @@ def serve(config: Config, host_index: int) -> int:
     except (HostMemoryError, ModelError, OSError) as e:
         log.error("cannot start: %s", e)
         return 1
+    if any(store.source.format(layer) != "float" for layer in range(model.config.n_layers)):
+        load_library()  # the native kernel's build (once per machine) before the first work item, not during it
     metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("expert_host", host_index))
     ctx = zmq.Context()
     data = ctx.socket(zmq.ROUTER)

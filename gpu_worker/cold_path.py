@@ -19,31 +19,38 @@ from gpu_worker.cost_model import (
     expert_format,
     plan_layer,
 )
+from shared.expert_math import ExpertWeights, grouped_ffn
 from shared.expert_source import ExpertSource
 from shared.process import torch_threads
-from shared.quant import quantized_ffn
 
 COLD_PATHS = ("auto", "cpu", "stream")
 
 
 def measure_cpu_expert(source: ExpertSource, dtype: torch.dtype, threads: int) -> tuple[float, float]:
-    """(weight bytes/s at one token, flop/s at 64 tokens) of this machine's CPU on one served expert,
-    computed the way an expert host computes it (with its number of threads), from activations of the
-    worker's dtype."""
-    weights = source.weights(0, 0)
-    nbytes = source.expert_nbytes(0)
-    flops = expert_flops_per_token(source.model.config)
+    """(weight bytes/s at one token, flop/s at 64 tokens) of this machine's CPU on served experts, computed the
+    way an expert host computes them (grouped_ffn, with its number of threads), from activations of the
+    worker's dtype: one token's top-k experts of layer 0 in one call (at one row each the hosts' native kernel
+    takes a layer's experts at once, so timing one expert alone would count its call overhead k times), and
+    64 tokens through one expert."""
+    cfg = source.model.config
+    one_token = list(range(min(cfg.n_experts_used, cfg.n_experts)))
+    flops = expert_flops_per_token(cfg)
 
-    def seconds(tokens: int) -> float:
-        x = torch.randn(tokens, source.model.config.hidden, dtype=dtype)
-        quantized_ffn(x, *weights)
+    def weights_of(expert: int) -> ExpertWeights:
+        return source.weights(0, expert)
+
+    def seconds(experts: list[int], rows: int) -> float:
+        x = torch.randn(rows * len(experts), cfg.hidden, dtype=dtype)
+        counts = [rows] * len(experts)
+        grouped_ffn(x, experts, counts, weights_of)
         start = time.perf_counter()
         for _ in range(4):
-            quantized_ffn(x, *weights)
+            grouped_ffn(x, experts, counts, weights_of)
         return (time.perf_counter() - start) / 4
 
     with torch_threads(threads):
-        return nbytes / seconds(1), 64 * flops / seconds(64)
+        return (len(one_token) * source.expert_nbytes(0) / seconds(one_token, 1),
+                64 * flops / seconds([0], 64))
 
 
 def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:

@@ -10,6 +10,8 @@ them); every kernel then reads those bytes directly:
   bf16 rounding of s and z). The GPU decodes the same bytes.
 
 Float matrices stay plain tensors, so `Matrix` is any of the three and `linear` computes x @ W.T for each.
+A layer's int8 / int4 experts at a few rows each are computed instead by shared.native_kernels, one native
+call over all of them that reads the same layouts (expert_math.grouped_ffn picks it).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class Int4Matrix(NamedTuple):
 
 
 Matrix = torch.Tensor | Int8Matrix | Int4Matrix
+ExpertWeights = tuple[Matrix, Matrix, Matrix]  # an expert: gate (F, H), up (F, H), down (H, F)
 
 
 def matrix_tensors(m: Matrix) -> list[torch.Tensor]:

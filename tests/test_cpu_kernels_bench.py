@@ -1,6 +1,6 @@
 """The CPU-kernel benchmark end to end: `python -m bench.cpu_kernels_bench --quick` writes a table with a row of
 positive figures for every format, rows per expert and thread count, and with more than one thread for each way
-of sharing the work out."""
+of sharing the work out; and a second one with a row for each grouped case on both paths."""
 
 from __future__ import annotations
 
@@ -9,7 +9,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-from bench.cpu_kernels_bench import EXPERTS, FORMATS, HEAD, MATRICES, ROWS, thread_counts
+from bench.cpu_kernels_bench import (
+    EXPERTS,
+    FORMATS,
+    GROUPED_FORMATS,
+    GROUPED_HEAD,
+    GROUPED_ROWS,
+    HEAD,
+    MATRICES,
+    NATIVE,
+    PER_EXPERT,
+    ROWS,
+    thread_counts,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,14 +38,25 @@ def test_quick_run_writes_every_row_with_positive_figures(tmp_path):
     subprocess.run([sys.executable, "-m", "bench.cpu_kernels_bench", "--quick", "--out", str(out)], cwd=REPO,
                    check=True, capture_output=True, timeout=300)
     lines = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    second = lines.index("| " + " | ".join(GROUPED_HEAD) + " |")
     assert lines[0] == "| " + " | ".join(HEAD) + " |"
-    rows = {}
-    for line in lines[1:]:
-        label, n_rows, threads, split, *figures = (cell.strip() for cell in line.strip("|").split("|"))
-        rows[label, int(n_rows), int(threads), split] = figures
-    expected = {(label, n, t, split) for label in FORMATS for n in ROWS for t in thread_counts(os.cpu_count() or 1)
+    threads = thread_counts(os.cpu_count() or 1)
+    expected = {(label, n, t, split) for label in FORMATS for n in ROWS for t in threads
                 for split in ([MATRICES, EXPERTS] if t > 1 else [MATRICES])}
-    assert set(rows) == expected
-    for figures in rows.values():
-        assert len(figures) == len(HEAD) - 4
+    assert rows_of(lines[1:second], len(HEAD)) == expected
+    expected = {(label, n, t, path) for label in GROUPED_FORMATS for n in GROUPED_ROWS for t in threads
+                for path in (NATIVE, PER_EXPERT)}
+    assert rows_of(lines[second + 1:], len(GROUPED_HEAD)) == expected
+
+
+def rows_of(lines: list[str], columns: int) -> set[tuple[str, int, int, str]]:
+    """The (label, rows, threads, split or path) of each table row, once each, after checking that its figures
+    are all there and positive."""
+    rows = set()
+    for line in lines:
+        label, n_rows, threads, split, *figures = (cell.strip() for cell in line.strip("|").split("|"))
+        assert (label, int(n_rows), int(threads), split) not in rows
+        rows.add((label, int(n_rows), int(threads), split))
+        assert len(figures) == columns - 4
         assert all(float(cell.rstrip("%")) > 0 for cell in figures), figures
+    return rows

@@ -1,0 +1,273 @@
+/* A layer's SwiGLU experts over int8 / int4 weights in one OpenMP parallel region.
+ *
+ * torch computes one small matrix product per call, and at a few rows per expert each call's Python, dispatch
+ * and thread start-up cost about as much as reading the weights (bench/cpu_kernels.md). Here every expert of
+ * the call is one set of tasks of one parallel region: phase 1 takes (expert, 64 rows of F) tasks,
+ * h = silu(gate x) * (up x); phase 2 takes (expert, 64 rows of H) tasks, out = down h. Each task reads its
+ * weight tile once for all of its expert's rows (fp32 accumulation).
+ *
+ * The rounding follows torch's kernels as shared.quant.linear calls them: activations in bf16, the gate and up
+ * products rounded to bf16, h rounded to bf16 (down's input), the output in bf16. What is left between the two
+ * paths is the order of the fp32 sums, so a placement that takes this path gives the same numbers as one that
+ * takes torch's up to that order.
+ *
+ * Layouts (shared/quant.py):
+ *   int8: q (N, K) int8, scale (N,) bf16;                 W[n, k] = q[n, k] * scale[n]
+ *   int4: packed (N, K/2) uint8, scale_zero (K/32, N, 2) bf16, torch's CPU int4pack layout: the byte of
+ *         (n, k) is (n / 64) * (K * 32) + k * 32 + n % 32, low nibble for n % 64 < 32, high otherwise;
+ *         W[n, k] = (q - 8) * s + z with (s, z) = scale_zero[k / 32, n].
+ *
+ * Written for gcc -O3 -march=native -ffast-math, without intrinsics: GCC vector types (16 floats) for the
+ * accumulators, lowered to whatever vector registers the CPU has, and the activation rows in small blocks
+ * whose accumulators stay in registers while a weight row (int8) or a column pair's bytes (int4) sit in L1.
+ * (__builtin_shuffle is GCC's: another compiler fails the build, and the caller falls back to torch.)
+ */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define TILE 64       /* weight rows per task; torch's int4 layout interleaves rows in tiles of 64 */
+#define GROUP 32      /* int4 values sharing one (scale, zero) */
+#define ROW_BLOCK 4   /* int8 activation rows per pass over a weight row: 4 x 4 accumulator vectors */
+/* Software prefetch this far ahead of the reads: the hardware's alone left both kernels waiting on memory
+ * (a third slower from RAM than from cache, one thread, at one row) */
+#define INT8_PREFETCH_ROWS 2
+#define INT4_PREFETCH 4096  /* bytes: 128 columns of a tile */
+#define MAX_ROWS 64   /* rows per expert: the per-task accumulators live on the stack */
+
+enum { FMT_INT8 = 0, FMT_INT4 = 1 };
+enum { OK = 0, ERR_FORMAT = 1, ERR_SHAPE = 2, ERR_ROWS = 3, ERR_MEMORY = 4 };
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint16_t float_to_bf16(float f) {  /* round to nearest even, as torch converts */
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static inline float round_bf16(float f) { return bf16_to_float(float_to_bf16(f)); }
+
+/* Accumulators are GCC vectors of 16 floats, which the compiler lowers to whatever the CPU has (one AVX-512
+ * register, two AVX2 ones): unlike arrays indexed in loops they stay in registers. (Written as plain loops over
+ * float arrays, every accumulator lived in memory, a store and a load per FMA: int4 ran at a quarter of the
+ * speed and int8 slowed with every activation row.) */
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef uint32_t u32x16 __attribute__((vector_size(64)));
+
+static inline f32x16 load_f32(const float *p) {
+    f32x16 v;
+    memcpy(&v, p, sizeof v);  /* an unaligned load */
+    return v;
+}
+
+static inline float hsum(f32x16 v) {
+    float s = 0.f;
+    for (int i = 0; i < 16; i++) s += v[i];
+    return s;
+}
+
+/* y[r][n - n0] = scale[n] * sum_k q[n, k] x[r, k] for the rows n of one tile and `rb` rows of x (ldx apart):
+ * inlined with rb a constant, so that exactly rb x 4 accumulators exist. Four per row: independent FMA chains
+ * that hide the FMA's latency. */
+static inline __attribute__((always_inline)) void int8_block(const int8_t *q, const uint16_t *scale, int64_t K,
+                                                             int64_t n0, int64_t n1, const float *x, int64_t ldx,
+                                                             float (*y)[TILE], const int rb) {
+    for (int64_t n = n0; n < n1; n++) {
+        const int8_t *row = q + n * K;
+        f32x16 acc[ROW_BLOCK][4] = {{{0}}};
+        int64_t k = 0;
+        for (; k + 64 <= K; k += 64) {
+            __builtin_prefetch(row + INT8_PREFETCH_ROWS * K + k);
+            float w[64];  /* widened by a plain loop, which gcc vectorizes well (unlike __builtin_convertvector) */
+            for (int j = 0; j < 64; j++) w[j] = (float)row[k + j];
+            for (int r = 0; r < rb; r++)
+                for (int u = 0; u < 4; u++) acc[r][u] += load_f32(w + 16 * u) * load_f32(x + r * ldx + k + 16 * u);
+        }
+        const float s = bf16_to_float(scale[n]);
+        for (int r = 0; r < rb; r++) {
+            float sum = hsum(acc[r][0] + acc[r][1] + acc[r][2] + acc[r][3]);
+            for (int64_t kk = k; kk < K; kk++) sum += (float)row[kk] * x[r * ldx + kk];
+            y[r][n - n0] = sum * s;
+        }
+    }
+}
+
+/* int4 codes go into float lanes without widening instructions: 64 bytes (two columns k, k + 1) read as sixteen
+ * 32-bit lanes put bytes 4i .. 4i + 3 of a column in lane i (i < 8, column k; i >= 8, column k + 1), so the
+ * nibble at bit 8m of lane i is the code of row 4i + m and the one at bit 8m + 4 that of row 32 + 4i + m. A
+ * shuffle of the 16 values q - 8 by the lanes shifted right turns one nibble of every lane into its value: GCC
+ * takes shuffle indices modulo 16, the low 4 bits, which is what AVX-512's vpermps reads, so it is a shift and
+ * one permute per 16 weights. Eight such vectors hold the two columns' 128 weights, in rows permuted that way
+ * and split over the two halves; the accumulators stay in that order until a tile is done. (Widening bytes to
+ * floats by plain loops made gcc 12 code at under half this speed; masking and converting ran about as fast on
+ * a Zen 4 core, with a third more instructions.) */
+#define LANE_ROWS(m) m, 4 + m, 8 + m, 12 + m, 16 + m, 20 + m, 24 + m, 28 + m
+#define PICK_ROWS(a, b, m) __builtin_shuffle(a, b, (u32x16){LANE_ROWS(m), LANE_ROWS(m)})
+#define INT4_ROW_BLOCK 3  /* 3 x 8 accumulators, x and the vector being decoded fit in 32 registers */
+
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+
+static inline f32x16 bits_f32(u32x16 v) {
+    f32x16 f;
+    memcpy(&f, &v, sizeof f);
+    return f;
+}
+
+/* One 64-row tile of an int4 matrix against `rb` rows of x: per group of 32 columns, sum (q - 8) x[k] into the
+ * row accumulators, then apply s and add z * sum(x). */
+static inline __attribute__((always_inline)) void int4_block(const uint8_t *packed, const uint16_t *scale_zero,
+                                                             int64_t N, int64_t K, int64_t tile, const float *x,
+                                                             int64_t ldx, float (*y)[TILE], const int rb) {
+    const uint8_t *base = packed + tile * K * 32;
+    const f32x16 values = {-8, -7, -6, -5, -4, -3, -2, -1, 0, 1, 2, 3, 4, 5, 6, 7};  /* q - 8 for q = 0 .. 15 */
+    const f32x16 lower_half = {1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0};
+    /* vector v holds the nibbles at bit shift[v]: rows 4i + v for v < 4, 32 + 4i + (v - 4) after */
+    const int shift[8] = {0, 8, 16, 24, 4, 12, 20, 28};
+    f32x16 out[INT4_ROW_BLOCK][8] = {{{0}}};
+    for (int64_t g = 0; g < K / GROUP; g++) {
+        f32x16 acc[INT4_ROW_BLOCK][8] = {{{0}}};
+        for (int k = 0; k < GROUP; k += 2) {
+            u32x16 lanes;
+            __builtin_prefetch(base + (g * GROUP + k) * 32 + INT4_PREFETCH);
+            memcpy(&lanes, base + (g * GROUP + k) * 32, sizeof lanes);
+            f32x16 xk[INT4_ROW_BLOCK];
+            for (int r = 0; r < rb; r++) {
+                const float a = x[r * ldx + g * GROUP + k], b = x[r * ldx + g * GROUP + k + 1];
+                xk[r] = (f32x16){a, a, a, a, a, a, a, a, b, b, b, b, b, b, b, b};
+            }
+            for (int v = 0; v < 8; v++) {
+                const f32x16 w = __builtin_shuffle(values, (i32x16)(lanes >> shift[v]));
+                for (int r = 0; r < rb; r++) acc[r][v] += w * xk[r];
+            }
+        }
+        /* the tile's 64 (s, z) bf16 pairs as 32-bit lanes, s in the low half (bf16 -> fp32 is a shift), picked
+         * into the accumulators' row order; z only in the lower halves, which are added to the upper ones at
+         * the end */
+        const uint16_t *sz = scale_zero + (g * N + tile * TILE) * 2;
+        u32x16 pairs[4];
+        memcpy(pairs, sz, sizeof pairs);
+        const u32x16 picked[8] = {PICK_ROWS(pairs[0], pairs[1], 0), PICK_ROWS(pairs[0], pairs[1], 1),
+                                  PICK_ROWS(pairs[0], pairs[1], 2), PICK_ROWS(pairs[0], pairs[1], 3),
+                                  PICK_ROWS(pairs[2], pairs[3], 0), PICK_ROWS(pairs[2], pairs[3], 1),
+                                  PICK_ROWS(pairs[2], pairs[3], 2), PICK_ROWS(pairs[2], pairs[3], 3)};
+        for (int r = 0; r < rb; r++) {
+            float sx = 0.f;
+            for (int k = 0; k < GROUP; k++) sx += x[r * ldx + g * GROUP + k];
+            for (int v = 0; v < 8; v++)
+                out[r][v] += bits_f32(picked[v] << 16) * acc[r][v] +
+                             bits_f32(picked[v] & 0xffff0000u) * lower_half * sx;
+        }
+    }
+    for (int r = 0; r < rb; r++)
+        for (int m = 0; m < 4; m++)
+            for (int i = 0; i < 8; i++) {
+                y[r][4 * i + m] = out[r][m][i] + out[r][m][8 + i];
+                y[r][32 + 4 * i + m] = out[r][4 + m][i] + out[r][4 + m][8 + i];
+            }
+}
+
+/* y[r][j] = (W x_r)[tile * 64 + j] for the tile's rows that exist and all `rows` rows of x. */
+static void tile_product(int fmt, const void *values, const uint16_t *scales, int64_t N, int64_t K, int64_t tile,
+                         const float *x, int64_t rows, float (*y)[TILE]) {
+    const int64_t block = fmt == FMT_INT8 ? ROW_BLOCK : INT4_ROW_BLOCK;
+    for (int64_t r0 = 0; r0 < rows; r0 += block) {
+        const int64_t rb = rows - r0 < block ? rows - r0 : block;
+        const float *xr = x + r0 * K;
+        float (*yr)[TILE] = y + r0;
+        if (fmt == FMT_INT8) {
+            const int64_t n0 = tile * TILE, n1 = n0 + TILE < N ? n0 + TILE : N;
+            switch (rb) {  /* constant rb per call: the accumulators of exactly rb rows */
+            case 1: int8_block(values, scales, K, n0, n1, xr, K, yr, 1); break;
+            case 2: int8_block(values, scales, K, n0, n1, xr, K, yr, 2); break;
+            case 3: int8_block(values, scales, K, n0, n1, xr, K, yr, 3); break;
+            default: int8_block(values, scales, K, n0, n1, xr, K, yr, 4); break;
+            }
+        } else {
+            switch (rb) {
+            case 1: int4_block(values, scales, N, K, tile, xr, K, yr, 1); break;
+            case 2: int4_block(values, scales, N, K, tile, xr, K, yr, 2); break;
+            default: int4_block(values, scales, N, K, tile, xr, K, yr, 3); break;
+            }
+        }
+    }
+}
+
+static inline float silu(float v) { return v / (1.f + expf(-v)); }
+
+/* Shapes the layouts allow, checked here too so that a caller's mistake is an error code, not a stray read. */
+static int check_shapes(int fmt, int64_t hidden, int64_t ffn) {
+    if (hidden <= 0 || ffn <= 0) return ERR_SHAPE;
+    if (fmt == FMT_INT8) return OK;
+    if (fmt != FMT_INT4) return ERR_FORMAT;
+    /* gate and up are (ffn, hidden), down (hidden, ffn): 64-row tiles, 32-column groups */
+    if (ffn % TILE || hidden % TILE || ffn % GROUP || hidden % GROUP) return ERR_SHAPE;
+    return OK;
+}
+
+/* The grouped SwiGLU: experts e = 0 .. n_experts - 1 take counts[e] consecutive rows of x (rows, hidden),
+ * rows = sum(counts). ptrs holds 6 addresses per expert: gate values, gate scales, up values, up scales,
+ * down values, down scales (int8: q, scale; int4: packed, scale_zero). h is (rows, ffn) fp32 scratch, out
+ * (rows, hidden) bf16. x must hold bf16 values (fp32 storage). Returns 0, or an error code, having computed
+ * nothing. */
+int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, const uint64_t *ptrs,
+                             int64_t hidden, int64_t ffn, const float *x, float *h, uint16_t *out,
+                             int num_threads) {
+    int status = check_shapes(fmt, hidden, ffn);
+    if (status != OK) return status;
+    if (n_experts < 0) return ERR_SHAPE;
+    for (int64_t e = 0; e < n_experts; e++)
+        if (counts[e] < 0 || counts[e] > MAX_ROWS) return ERR_ROWS;
+    int64_t *starts = malloc((size_t)(n_experts + 1) * sizeof *starts);
+    if (!starts) return ERR_MEMORY;
+    starts[0] = 0;
+    for (int64_t e = 0; e < n_experts; e++) starts[e + 1] = starts[e] + counts[e];
+
+    const int64_t ffn_tiles = (ffn + TILE - 1) / TILE, hidden_tiles = (hidden + TILE - 1) / TILE;
+    /* one region for both phases: one fork and join per call; the barrier between the loops orders h */
+#pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
+    {
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_experts * ffn_tiles; task++) {
+            const int64_t e = task / ffn_tiles, tile = task % ffn_tiles, rows = counts[e];
+            if (rows == 0) continue;
+            const uint64_t *p = ptrs + 6 * e;
+            float gate[MAX_ROWS][TILE], up[MAX_ROWS][TILE];
+            const float *xe = x + starts[e] * hidden;
+            tile_product(fmt, (const void *)p[0], (const uint16_t *)p[1], ffn, hidden, tile, xe, rows, gate);
+            tile_product(fmt, (const void *)p[2], (const uint16_t *)p[3], ffn, hidden, tile, xe, rows, up);
+            const int64_t n0 = tile * TILE, width = ffn - n0 < TILE ? ffn - n0 : TILE;
+            for (int64_t r = 0; r < rows; r++) {
+                float *hr = h + (starts[e] + r) * ffn + n0;
+                for (int64_t j = 0; j < width; j++)
+                    hr[j] = round_bf16(silu(round_bf16(gate[r][j])) * round_bf16(up[r][j]));
+            }
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < n_experts * hidden_tiles; task++) {
+            const int64_t e = task / hidden_tiles, tile = task % hidden_tiles, rows = counts[e];
+            if (rows == 0) continue;
+            const uint64_t *p = ptrs + 6 * e;
+            float y[MAX_ROWS][TILE];
+            tile_product(fmt, (const void *)p[4], (const uint16_t *)p[5], hidden, ffn, tile,
+                         h + starts[e] * ffn, rows, y);
+            const int64_t n0 = tile * TILE, width = hidden - n0 < TILE ? hidden - n0 : TILE;
+            for (int64_t r = 0; r < rows; r++) {
+                uint16_t *orow = out + (starts[e] + r) * hidden + n0;
+                for (int64_t j = 0; j < width; j++) orow[j] = float_to_bf16(y[r][j]);
+            }
+        }
+    }
+    free(starts);
+    return OK;
+}
+

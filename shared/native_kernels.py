@@ -1,0 +1,198 @@
+"""The expert hosts' native CPU kernel: a whole grouped SwiGLU over int8 / int4 experts in one OpenMP parallel
+region (shared/native/grouped_ffn.c), built on first use with the system C compiler and called through ctypes.
+
+torch has no grouped int8 / int4 CPU product, and at a few rows per expert its per-matrix calls spend as long on
+Python, dispatch and thread start-up as on reading the weights (bench/cpu_kernels.md). The library is compiled
+once per source, flags, compiler and CPU into a cache directory; without a compiler, or if the build fails, one
+warning says why and every caller falls back to torch's kernels.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from array import array
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from shared.quant import INT4_GROUP, INT4_ROW_TILE, INT8_DEQUANTIZE_ROWS, ExpertWeights, Int4Matrix, Int8Matrix
+
+SOURCE = Path(__file__).with_name("native") / "grouped_ffn.c"
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c11", "-shared", "-fPIC")
+LIBS = ("-lm",)  # after the source: expf, vectorized through libmvec
+FORMAT_CODES = {Int8Matrix: 0, Int4Matrix: 1}  # the C side's FMT_INT8 / FMT_INT4
+ERRORS = {1: "unknown format", 2: "shapes the layout does not allow", 3: "too many rows for one expert",
+          4: "out of memory"}
+
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_library: ctypes.CDLL | None = None
+_loaded = False  # whether loading was tried (it is tried once per process)
+
+
+class BuildError(RuntimeError):
+    """Why the native library cannot be built here."""
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: one file per source, flags, compiler and CPU."""
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "tierserve" / "native"
+
+
+def _cpu_flags() -> str:
+    """The instruction sets -march=native compiles for: a library built on another CPU is another file."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return ""
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "")
+
+
+def build_library(directory: Path | None = None) -> Path:
+    """The compiled library, built now unless this source, flags, compiler and CPU already have one. The build
+    writes a private temporary file and renames it into place, so processes starting together can all build and
+    none loads a half-written file. Raises BuildError."""
+    compiler = os.environ.get("CC") or "cc"
+    if shutil.which(compiler) is None:
+        raise BuildError(f"no C compiler ({compiler!r} is not on PATH)")
+    try:
+        version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"{compiler} --version failed: {e}") from e
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *LIBS, compiler, version, _cpu_flags()]).encode())
+    directory = directory or cache_dir()
+    target = directory / f"grouped_ffn-{key.hexdigest()[:20]}.so"
+    if target.exists():
+        return target
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".grouped_ffn-", suffix=".so.tmp")
+        os.close(fd)
+    except OSError as e:
+        raise BuildError(f"cannot write the library to {directory}: {e}") from e
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            raise BuildError(f"{compiler} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+        os.chmod(tmp, 0o755)  # mkstemp's 0600 would survive the linker's write
+        os.replace(tmp, target)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise BuildError(f"{compiler} failed: {e}") from e
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def openmp_runtimes() -> list[str]:
+    """The OpenMP runtime libraries mapped into this process (Linux; empty elsewhere)."""
+    try:
+        maps = Path("/proc/self/maps").read_text().splitlines()
+    except OSError:
+        return []
+    paths = {line.split()[-1] for line in maps if line.count(" ") >= 5 and "/" in line}
+    return sorted(p for p in paths if os.path.basename(p).startswith(("libgomp", "libiomp", "libomp")))
+
+
+def load_library() -> ctypes.CDLL | None:
+    """The library, built and loaded on the first call of the process; None (after one warning) if it cannot be."""
+    global _library, _loaded
+    with _lock:
+        if not _loaded:
+            _loaded = True
+            try:
+                # torch is imported, so its OpenMP runtime is loaded: where that is a libgomp.so.1 (pip's torch
+                # ships one), the library's libgomp.so.1 resolves to it, one thread pool for torch's ops and
+                # this kernel instead of two competing for the cores
+                lib = ctypes.CDLL(str(build_library()))
+            except (BuildError, OSError) as e:
+                log.warning("native grouped int8/int4 kernel unavailable, experts use torch's per-expert kernels: "
+                            "%s", e)
+            else:
+                runtimes = openmp_runtimes()
+                if len(runtimes) > 1:
+                    log.warning("two OpenMP runtimes in this process (%s): torch's threads and the native kernel's "
+                                "are separate pools, whose idle spinning slows the other's work",
+                                ", ".join(runtimes))
+                lib.tierserve_grouped_swiglu.restype = ctypes.c_int
+                lib.tierserve_grouped_swiglu.argtypes = [
+                    ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                _library = lib
+        return _library
+
+
+def _layout(kind: type, n: int, k: int) -> tuple[tuple[torch.dtype, tuple[int, ...]], ...]:
+    """(dtype, shape) of each tensor of an (N, K) = (n, k) matrix of type `kind`."""
+    if kind is Int8Matrix:
+        return (torch.int8, (n, k)), (torch.bfloat16, (n,))
+    return (torch.uint8, (n, k // 2)), (torch.bfloat16, (k // INT4_GROUP, n, 2))
+
+
+def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: int) -> list[int] | None:
+    """Each expert's gate, up and down tensors' addresses in the order the kernel reads them; None when a matrix
+    is not of type `kind` or a tensor is not a contiguous CPU tensor. ValueError when a tensor's dtype or shape
+    is not its layout's: the kernel reads them through bare pointers. (Whole-list comprehensions, not a loop
+    with checks: at a few rows per expert this is part of every layer's time.)"""
+    if any(len(matrices) != 3 for matrices in weights):
+        raise ValueError(f"an expert is {[len(m) for m in weights]} matrices, expected gate, up and down")
+    if not all(type(m) is kind for matrices in weights for m in matrices):
+        return None
+    tensors = [t for matrices in weights for m in matrices for t in m]
+    if not all(t.is_cpu and t.is_contiguous() for t in tensors):
+        return None
+    layout = [*_layout(kind, ffn, hidden), *_layout(kind, ffn, hidden), *_layout(kind, hidden, ffn)] * len(weights)
+    if [t.dtype for t in tensors] != [d for d, _ in layout] or [t.shape for t in tensors] != [s for _, s in layout]:
+        i, (t, (dtype, shape)) = next((i, pair) for i, pair in enumerate(zip(tensors, layout, strict=True))
+                                      if (pair[0].dtype, pair[0].shape) != pair[1])
+        name = ("gate", "up", "down")[i // 2 % 3]
+        raise ValueError(f"expert {i // 6} {name}: expected a {dtype} {shape} tensor of a {kind.__name__}, got "
+                         f"{t.dtype} {tuple(t.shape)} (gate and up ({ffn}, {hidden}), down ({hidden}, {ffn}))")
+    return [t.data_ptr() for t in tensors]
+
+
+def grouped_swiglu(x: torch.Tensor, weights: Sequence[ExpertWeights], counts: Sequence[int]) -> torch.Tensor | None:
+    """Rows of `x` grouped by expert (counts[i] rows for the expert of weights[i]) through their SwiGLU experts in
+    one native call on torch's number of threads, as x's dtype; None where the kernel does not apply and the
+    caller's torch path should run: x not on the CPU, float weights, formats mixed, tensors not contiguous, an
+    expert with INT8_DEQUANTIZE_ROWS rows or more (those batches are GEMMs, where torch does well), or no library.
+    Raises ValueError for shapes that do not fit together."""
+    if not x.is_cpu or not counts or max(counts) >= INT8_DEQUANTIZE_ROWS:
+        return None
+    kind = type(weights[0][0]) if weights and weights[0] else None
+    if kind not in FORMAT_CODES:
+        return None
+    if x.dim() != 2:
+        raise ValueError(f"x has shape {tuple(x.shape)}, expected (rows, hidden)")
+    rows, hidden = x.shape
+    if len(counts) != len(weights) or min(counts) < 0 or sum(counts) != rows:
+        raise ValueError(f"counts {list(counts)} do not describe {rows} rows for {len(weights)} experts")
+    ffn = weights[0][0][0].shape[0]
+    if kind is Int4Matrix and (ffn % INT4_ROW_TILE or hidden % INT4_ROW_TILE):
+        raise ValueError(f"int4 experts need ffn and hidden multiples of {INT4_ROW_TILE}, got {ffn} and {hidden}")
+    ptrs = _pointers(weights, kind, ffn, hidden)
+    if ptrs is None:
+        return None
+    lib = load_library()
+    if lib is None:
+        return None
+    xf = x.to(torch.bfloat16).float().contiguous()  # bf16 activations, as torch's int8 / int4 kernels take them
+    h = torch.empty(rows, ffn, dtype=torch.float32)
+    out = torch.empty(rows, hidden, dtype=torch.bfloat16)
+    counts_a, ptrs_a = array("q", counts), array("Q", ptrs)  # alive until the call returns
+    status = lib.tierserve_grouped_swiglu(FORMAT_CODES[kind], len(counts_a), counts_a.buffer_info()[0],
+                                          ptrs_a.buffer_info()[0], hidden, ffn, xf.data_ptr(), h.data_ptr(),
+                                          out.data_ptr(), torch.get_num_threads())
+    if status:
+        raise ValueError(f"native grouped SwiGLU refused its input: {ERRORS.get(status, status)}")
+    return out.to(x.dtype)

@@ -1,0 +1,142 @@
+"""The native grouped SwiGLU (shared/native/grouped_ffn.c through shared.native_kernels), compiled for real: its
+results against the float computation on the decoded weights and against torch's per-expert kernels, when
+grouped_ffn takes it, what it refuses, and how its build fails."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from shared import native_kernels
+from shared.expert_math import grouped_ffn
+from shared.native_kernels import BuildError, build_library, grouped_swiglu, load_library, openmp_runtimes
+from shared.process import torch_threads
+from shared.quant import INT8_DEQUANTIZE_ROWS, Int8Matrix, quantized_ffn
+from tests.quant_stacks import expert_of, random_regions, reference_swiglu
+
+# Against fp32 on the decoded weights: the kernel rounds x, the gate and up products, h and the output to bf16,
+# each a relative error of at most 2^-9 per value; through two products of random-signed terms they add up to a
+# few 1e-3 of the largest output (measured 3-5e-3), so 2e-2 has a margin of four, while a wrong nibble, scale,
+# row or expert is an error of the order of the output itself.
+REFERENCE_TOLERANCE = 2e-2
+# Against torch's kernels on the same weights: the same roundings, only the fp32 sums in another order, so where
+# they differ a bf16 rounding went the other way: at most one bf16 step of an output (2^-7 of the largest one),
+# plus as much again for the steps of h that feed it (measured up to 3e-3 of the largest output).
+TORCH_TOLERANCE = 2.0**-6
+
+# (format, ffn, hidden): int8 takes any rows and columns (96 and 80 are neither whole 64-row tiles nor whole
+# 64-column steps of the kernel); int4 needs both multiples of 64
+SHAPES = [("int8", 128, 256), ("int8", 96, 80), ("int4", 128, 256), ("int4", 192, 64)]
+COUNTS = [1, 15, 4, 0, 7, 2]  # rows per expert: every count of the native path's range, and an empty group
+
+
+def experts(fmt: str, ffn: int, hidden: int, n: int, seed: int = 0) -> list[tuple]:
+    """`n` random experts of one format, each a view of its region of a shared buffer, as the expert cache
+    serves them."""
+    gate, up, down = random_regions(fmt, n, [(ffn, hidden), (ffn, hidden), (hidden, ffn)], torch.device("cpu"),
+                                    seed=seed)
+    return [(expert_of(gate, e), expert_of(up, e), expert_of(down, e)) for e in range(n)]
+
+
+def reference(x: torch.Tensor, weights: list[tuple], counts: list[int]) -> torch.Tensor:
+    stacks = [type(weights[0][i])(*(torch.stack([w[i][j] for w in weights]) for j in range(2))) for i in range(3)]
+    return reference_swiglu(x, *stacks, list(range(len(weights))), counts)
+
+
+@pytest.mark.parametrize("fmt, ffn, hidden", SHAPES)
+def test_matches_the_decoded_weights_and_torchs_kernels(fmt, ffn, hidden):
+    weights = experts(fmt, ffn, hidden, len(COUNTS))
+    x = torch.randn(sum(COUNTS), hidden, generator=torch.Generator().manual_seed(1))
+    got = grouped_swiglu(x, weights, COUNTS)
+    assert got is not None and got.dtype == x.dtype and got.shape == x.shape
+    ref = reference(x, weights, COUNTS)
+    scale = float(ref.abs().max())
+    assert float((got - ref).abs().max()) <= REFERENCE_TOLERANCE * scale
+    starts = torch.tensor([0, *COUNTS]).cumsum(0).tolist()
+    by_torch = torch.cat([quantized_ffn(x[a:b], *w) for a, b, w in zip(starts[:-1], starts[1:], weights, strict=True)])
+    assert float((got - by_torch).abs().max()) <= TORCH_TOLERANCE * scale
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_ffn_takes_the_native_path_below_the_gemm_threshold(dtype):
+    weights = experts("int8", 128, 256, 3, seed=2)
+    x = torch.randn(9, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
+    native = grouped_swiglu(x, weights, [2, 3, 4])
+    assert native is not None
+    assert torch.equal(grouped_ffn(x, [0, 1, 2], [2, 3, 4], weights.__getitem__), native)
+
+
+def test_batches_of_gemm_size_and_float_weights_stay_on_torchs_path():
+    weights = experts("int4", 64, 128, 2, seed=4)
+    x = torch.randn(INT8_DEQUANTIZE_ROWS + 1, 128)
+    counts = [INT8_DEQUANTIZE_ROWS, 1]
+    assert grouped_swiglu(x, weights, counts) is None
+    loop = torch.cat([quantized_ffn(x[:INT8_DEQUANTIZE_ROWS], *weights[0]), quantized_ffn(x[-1:], *weights[1])])
+    assert torch.equal(grouped_ffn(x, [0, 1], counts, weights.__getitem__), loop)
+    floats = [tuple(torch.randn(shape) for shape in ((64, 128), (64, 128), (128, 64)))]
+    assert grouped_swiglu(x[:2], floats, [2]) is None
+
+
+def test_mixed_formats_and_strided_tensors_are_left_to_torch():
+    int8, int4 = experts("int8", 64, 128, 1)[0], experts("int4", 64, 128, 1)[0]
+    x = torch.randn(2, 128)
+    assert grouped_swiglu(x, [int8, int4], [1, 1]) is None
+    gate = int8[0]
+    strided = Int8Matrix(gate.q.t().contiguous().t(), gate.scale)  # same values, column-major
+    assert grouped_swiglu(x[:1], [(strided, *int8[1:])], [1]) is None
+
+
+def test_shapes_that_do_not_fit_raise_value_error():
+    weights = experts("int8", 64, 128, 2)
+    x = torch.randn(3, 128)
+    with pytest.raises(ValueError, match="counts"):
+        grouped_swiglu(x, weights, [1, 1])  # 2 rows counted, 3 given
+    with pytest.raises(ValueError, match="x has shape"):
+        grouped_swiglu(x[0], weights, [1, 2])
+    with pytest.raises(ValueError, match="expert 1 down"):
+        grouped_swiglu(x, [weights[0], (*weights[1][:2], experts("int8", 64, 64, 1)[0][2])], [1, 2])
+    with pytest.raises(ValueError, match="expert 0 gate"):
+        grouped_swiglu(torch.randn(3, 64), weights, [1, 2])  # hidden 64 against (64, 128) matrices
+    with pytest.raises(ValueError, match="multiples of 64"):
+        grouped_swiglu(torch.randn(1, 96), experts("int4", 64, 96, 1), [1])
+
+
+def test_same_bits_on_any_number_of_threads_and_alternating_with_torchs_threads():
+    """Each output is one task's sum in a fixed order, so threads change no bit. torch's parallel ops in between
+    share its OpenMP runtime (one pool of threads: pip's torch ships the libgomp.so.1 the library links)."""
+    weights = experts("int4", 128, 256, 4, seed=5)
+    x = torch.randn(8, 256)
+    counts = [1, 3, 2, 2]
+    with torch_threads(1):
+        one = grouped_swiglu(x, weights, counts)
+    big = torch.randn(512, 512)
+    with torch_threads(2):
+        for _ in range(20):
+            assert torch.equal(grouped_swiglu(x, weights, counts), one)
+            big = torch.tanh(big @ big)  # torch's own parallel region between the kernel's
+    assert len(openmp_runtimes()) == 1
+
+
+def test_build_is_reused_and_atomic(tmp_path):
+    path = build_library(tmp_path)
+    stamp = path.stat().st_mtime_ns
+    assert build_library(tmp_path) == path and path.stat().st_mtime_ns == stamp
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+
+
+def test_without_a_compiler_one_warning_and_torchs_kernels(monkeypatch, caplog):
+    monkeypatch.setenv("CC", "no-such-compiler-tierserve")
+    with pytest.raises(BuildError, match="no-such-compiler-tierserve"):
+        build_library()
+    monkeypatch.setattr(native_kernels, "_library", None)
+    monkeypatch.setattr(native_kernels, "_loaded", False)
+    weights = experts("int8", 64, 128, 1)
+    x = torch.randn(1, 128)
+    with caplog.at_level(logging.WARNING, logger="shared.native_kernels"):
+        assert load_library() is None
+        assert grouped_swiglu(x, weights, [1]) is None
+        assert torch.equal(grouped_ffn(x, [0], [1], weights.__getitem__), quantized_ffn(x, *weights[0]))
+    assert [r.getMessage() for r in caplog.records if "no-such-compiler" in r.getMessage()] != []
+    assert len(caplog.records) == 1
