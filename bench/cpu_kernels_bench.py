@@ -177,12 +177,13 @@ GROUPED_HEAD = ("format", "rows per expert", "threads", "path", f"us per layer (
                 "GB/s of weight bytes", "read bandwidth GB/s", "% of read bandwidth")
 
 
-def measure(settings: Settings, threads: list[int]) -> tuple[list[Result], list[GroupedResult]]:
+def measure(settings: Settings, threads: list[int], per_expert: bool = True
+            ) -> tuple[list[Result], list[GroupedResult]]:
     """Every (format, rows, threads) case timed once per sweep, `settings.sweeps` sweeps, the best of each case
     kept (and the best read bandwidth per thread count): spreading a case's passes over the run keeps a burst of
     other work on the machine from spoiling all of them. Also each format's call floor per thread count: one row
     through experts small enough that the weights take no time; and the grouped cases (no native ones when the
-    kernel cannot be built here)."""
+    kernel cannot be built here). Without `per_expert`, only the grouped cases."""
     served = {label: served_experts(fmt, settings) for label, fmt in FORMATS.items()}
     tiny = replace(settings, ffn=FLOOR_SIZE, hidden=FLOOR_SIZE)
     served_tiny = {label: served_experts(fmt, tiny)[1] for label, fmt in FORMATS.items()}
@@ -196,7 +197,7 @@ def measure(settings: Settings, threads: list[int]) -> tuple[list[Result], list[
     for sweep in range(settings.sweeps):
         for n in threads:
             bandwidth[n] = max(bandwidth.get(n, 0.0), cpu_read_bandwidth(settings.bandwidth_bytes, threads=n))
-            for label, (_, experts) in served.items():
+            for label, (_, experts) in (served.items() if per_expert else ()):
                 with torch_threads(n):
                     seconds = seconds_per_expert(tiny_row, served_tiny[label], warm_up=sweep == 0)
                 floor[label, n] = min(floor.get((label, n), float("inf")), seconds)
@@ -271,9 +272,9 @@ def report(results: list[Result], grouped: list[GroupedResult], settings: Settin
         "shared.quant.quantized_ffn once per expert. GB/s counts the layer's stored bytes; read bandwidth as above."
         + ("" if any(r.path == NATIVE for r in grouped) else
            " The native kernel could not be built on this machine, so only torch's path is listed."))
-    return "\n".join([f"Command: `{command}` on {machine_name()}.", "", textwrap.fill(method, width=115), "",
-                      markdown_table(results), "", "## A layer's experts in one call", "",
-                      textwrap.fill(grouped_method, width=115), "", grouped_table(grouped), ""])
+    per_expert = [textwrap.fill(method, width=115), "", markdown_table(results), ""] if results else []
+    return "\n".join([f"Command: `{command}` on {machine_name()}.", "", *per_expert, "## A layer's experts in one call",
+                      "", textwrap.fill(grouped_method, width=115), "", grouped_table(grouped), ""])
 
 
 def main() -> None:
@@ -282,10 +283,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"({QUICK.ffn}, {QUICK.hidden}) experts, {QUICK.experts} of them, one pass: a check that "
                              "every figure comes out, in seconds")
+    parser.add_argument("--grouped-only", action="store_true",
+                        help="only a layer's experts in one call (native against torch per expert): minutes less")
     args = parser.parse_args()
     settings = QUICK if args.quick else FULL
-    results, grouped = measure(settings, thread_counts(os.cpu_count() or 1))
-    command = "python -m bench.cpu_kernels_bench" + (" --quick" if args.quick else "")
+    results, grouped = measure(settings, thread_counts(os.cpu_count() or 1), per_expert=not args.grouped_only)
+    command = " ".join(["python -m bench.cpu_kernels_bench", *(["--quick"] if args.quick else []),
+                        *(["--grouped-only"] if args.grouped_only else [])])
     text = report(results, grouped, settings, command)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)

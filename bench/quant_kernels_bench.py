@@ -135,7 +135,7 @@ def bench_unsplit(table: Table, stack: str, shape: str, sets: list[list[int]], p
     before the cut), for the gain in the same run."""
     for x, w1, w2, out in launches:
         n, k = out.shape[1], x.shape[1]
-        if qk._int4_k_split(n, k, plans[0].size_class, x.device) == k:
+        if qk._int4_k_split(n, k, plans[0].n_used, x.device) == k:
             continue
         seconds = graph_time([partial(qk.decode_linear, x, w1, w2, p, out, k_split=k) for p in plans])
         label = "gate+up+SwiGLU" if w2 is not None else "down"

@@ -406,7 +406,7 @@ def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan
         _int8_decode_kernel[grid](*args, w1.q, w1.scale, w2.q, w2.scale, w1.q.stride(0), w1.scale.stride(0),
                                   w2.q.stride(0), w2.scale.stride(0), n, k, **common)
     else:
-        _int4_decode(x, w1, w2, swiglu, plan, out, k_split or _int4_k_split(n, k, plan.size_class, x.device))
+        _int4_decode(x, w1, w2, swiglu, plan, out, k_split or _int4_k_split(n, k, plan.n_used, x.device))
     return out
 
 
@@ -434,12 +434,14 @@ _PROGRAMS_PER_SM = 4  # programs per SM a launch with K cut aims for
 _SPLIT_GRAIN = 64  # columns: a split ends where the narrowest K tile does
 
 
-def _int4_k_split(n: int, k: int, size_class: int, device: torch.device) -> int:
+def _int4_k_split(n: int, k: int, groups: int, device: torch.device) -> int:
     """Columns of K per program: all of K when the launch has a program for every SM, else K cut into enough
     splits for _PROGRAMS_PER_SM per SM. One token's 8 experts' gate/up are 96 tiles on 132 SMs: cut, they took
     25 us instead of 36 on the H200; their down (256 tiles) took 13.5 us cut against 11.7 whole, the second
-    launch costing more than the cut gained (bench/quant_kernels.md)."""
-    programs = n // INT4_ROW_TILE * size_class
+    launch costing more than the cut gained (bench/quant_kernels.md). `groups` counts the groups launched, empty
+    ones too: a plan over every expert of a stack (plan_all_experts) launches mostly empty programs, and cutting
+    K would multiply those as well, so such launches stay whole."""
+    programs = n // INT4_ROW_TILE * groups
     sms = _multiprocessors(device)
     if programs >= sms:
         return k

@@ -49,6 +49,18 @@ def test_quick_run_writes_every_row_with_positive_figures(tmp_path):
     assert rows_of(lines[second + 1:], len(GROUPED_HEAD)) == expected
 
 
+def test_grouped_only_run_writes_only_the_grouped_table(tmp_path):
+    out = tmp_path / "cpu_kernels.md"
+    subprocess.run([sys.executable, "-m", "bench.cpu_kernels_bench", "--quick", "--grouped-only", "--out", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=300)
+    lines = [line for line in out.read_text().splitlines() if line.startswith("| ")]
+    assert lines[0] == "| " + " | ".join(GROUPED_HEAD) + " |"
+    threads = thread_counts(os.cpu_count() or 1)
+    assert rows_of(lines[1:], len(GROUPED_HEAD)) == {(label, n, t, path) for label in GROUPED_FORMATS
+                                                     for n in GROUPED_ROWS for t in threads
+                                                     for path in (NATIVE, PER_EXPERT)}
+
+
 def rows_of(lines: list[str], columns: int) -> set[tuple[str, int, int, str]]:
     """The (label, rows, threads, split or path) of each table row, once each, after checking that its figures
     are all there and positive."""
