@@ -43,7 +43,10 @@ class BuildError(RuntimeError):
 
 
 def cache_dir() -> Path:
-    """Where built libraries are kept: one file per source, flags, compiler and CPU."""
+    """Where built libraries are kept: one file per source, flags, compiler and CPU. Under systemd the services'
+    CacheDirectory (deploy/), else the user's cache."""
+    if os.environ.get("CACHE_DIRECTORY"):
+        return Path(os.environ["CACHE_DIRECTORY"].split(":")[0]) / "native"
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "tierserve" / "native"
 

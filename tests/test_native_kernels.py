@@ -126,6 +126,14 @@ def test_build_is_reused_and_atomic(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
 
 
+def test_the_build_goes_to_systemds_cache_directory_when_a_service_has_one(monkeypatch, tmp_path):
+    monkeypatch.setenv("CACHE_DIRECTORY", f"{tmp_path}:/elsewhere")
+    assert native_kernels.cache_dir() == tmp_path / "native"
+    monkeypatch.delenv("CACHE_DIRECTORY")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert native_kernels.cache_dir() == tmp_path / "tierserve" / "native"
+
+
 def test_without_a_compiler_one_warning_and_torchs_kernels(monkeypatch, caplog):
     monkeypatch.setenv("CC", "no-such-compiler-tierserve")
     with pytest.raises(BuildError, match="no-such-compiler-tierserve"):
