@@ -7,6 +7,7 @@ work, then the hosts' results are gathered, so the two overlap.
 from __future__ import annotations
 
 import functools
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -172,29 +173,13 @@ class MoEDispatch:
         return slots, staged
 
     def _plan(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict[str | int, _PathGroups], dict[int, int]]:
-        """The layer's pair order (pair indices: hot pairs by expert, soft ones by slot, staged ones by expert,
-        then each host's by expert), each path's groups in it, and the soft slots in use."""
-        order = np.argsort(ids, kind="stable")
-        experts, first, counts = np.unique(ids[order], return_index=True, return_counts=True)
-        owner = self.owners[layer][experts]
-        cold = {int(e): int(n) for e, n, o in zip(experts, counts, owner, strict=True) if o != GPU}
-        slots, staged = self._soft_slots(layer, cold)
-        path_of = [GPU if o == GPU else "soft" if int(e) in slots else "staged" if int(e) in staged else int(o)
-                   for e, o in zip(experts, owner, strict=True)]
-        spans, groups, start = [], {}, 0
-        hosts = sorted({p for p in path_of if isinstance(p, int) and p != GPU})
-        for path in [GPU, "soft", "staged", *hosts]:
-            members = [j for j, p in enumerate(path_of) if p == path]
-            if path == "soft":
-                members.sort(key=lambda j: slots[int(experts[j])])
-            if not members:
-                continue
-            keys = [slots[int(experts[j])] if path == "soft" else int(experts[j]) for j in members]
-            n = [int(counts[j]) for j in members]
-            spans += [order[first[j] : first[j] + counts[j]] for j in members]
-            groups[path] = _PathGroups(keys, n, start, start + sum(n))
-            start += sum(n)
-        return np.concatenate(spans), groups, slots
+        """The layer's pair order and each path's groups in it (plan_pairs), and the soft slots in use."""
+        owner = self.owners[layer]
+        counts = np.bincount(ids, minlength=len(owner))
+        cold = np.flatnonzero((counts > 0) & (owner != GPU))
+        slots, staged = self._soft_slots(layer, dict(zip(cold.tolist(), counts[cold].tolist(), strict=True)))
+        pair_order, groups = plan_pairs(ids, owner, slots, staged)
+        return pair_order, groups, slots
 
     def _staged(self, layer: int, h: torch.Tensor, tokens: torch.Tensor, g: _PathGroups) -> list[torch.Tensor]:
         """The staged experts' rows, in passes of as many experts as there are staging slots."""
@@ -270,6 +255,41 @@ class MoEDispatch:
                                           time.perf_counter() - sent_at if waited else None)
             ys.append(y.to(h.device, h.dtype))
         return _combined(h, tokens, ys[0] if len(ys) == 1 else torch.cat(ys), weights.flatten()[pairs])
+
+
+_HOT, _SOFT, _STAGED, _FIRST_HOST = 0, 1, 2, 3  # paths in the order a layer's pairs take them
+
+
+def plan_pairs(ids: np.ndarray, owner: np.ndarray, slots: dict[int, int], staged: set[int]
+               ) -> tuple[np.ndarray, dict[str | int, _PathGroups]]:
+    """A layer's (token, expert) pairs (`ids`, flattened (token, k) expert ids) ordered by path, then key: hot
+    pairs by expert, soft ones by slot (`slots`: expert -> slot), `staged` ones by expert, then each host's
+    (`owner[expert]`, GPU for hot) by expert, a pair's own order kept within its expert; and each path's groups
+    in that order. Vectorized: a decode step plans every layer, at up to 128 experts of pairs each."""
+    per_expert = np.bincount(ids, minlength=len(owner))  # not np.unique: it takes several times as long
+    experts = np.flatnonzero(per_expert)
+    counts = per_expert[experts]
+    owners = owner[experts]
+    rank = np.where(owners == GPU, _HOT, _FIRST_HOST + owners)
+    key = experts.copy()
+    if slots:
+        at = np.searchsorted(experts, list(slots))
+        rank[at], key[at] = _SOFT, list(slots.values())
+    if staged:
+        rank[np.searchsorted(experts, list(staged))] = _STAGED
+    by_path = np.lexsort((key, rank))  # the experts in the pairs' new order
+    position = np.empty_like(per_expert)
+    position[experts[by_path]] = np.arange(len(by_path))
+    pair_order = np.argsort(position[ids], kind="stable")
+    ranks, keys, sizes = rank[by_path], key[by_path].tolist(), counts[by_path].tolist()
+    ends = np.cumsum(counts[by_path]).tolist()
+    cuts = [0, *(np.flatnonzero(np.diff(ranks)) + 1).tolist(), len(ranks)] if len(ranks) else []
+    groups: dict[str | int, _PathGroups] = {}
+    for a, b in itertools.pairwise(cuts):
+        r = int(ranks[a])
+        path = GPU if r == _HOT else "soft" if r == _SOFT else "staged" if r == _STAGED else r - _FIRST_HOST
+        groups[path] = _PathGroups(keys[a:b], sizes[a:b], ends[a - 1] if a else 0, ends[b - 1])
+    return pair_order, groups
 
 
 def _combined(h: torch.Tensor, tokens: torch.Tensor, y: torch.Tensor, pair_weights: torch.Tensor) -> torch.Tensor:
