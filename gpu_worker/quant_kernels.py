@@ -15,6 +15,7 @@ Import this module only on the CUDA path: it needs triton, which CUDA builds of 
 
 from __future__ import annotations
 
+import functools
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -393,15 +394,16 @@ def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan
                   out: torch.Tensor, k_split: int | None = None) -> torch.Tensor:
     """out = x @ W1.T per expert, or silu(x @ W1.T) * (x @ W2.T) when w2 is given; one launch (int4 with few
     experts: a second one adding the splits of K), every plan count <= DECODE_MAX_ROWS. x (P, K) and out (P, N)
-    bf16 with unit column stride. `k_split` (int4, a multiple of 32) overrides the columns per program."""
+    bf16 with unit column stride, every row of x in the plan's groups (the split's sum writes all P rows).
+    `k_split` (int4, a multiple of 32) overrides the columns per program."""
     n, k = _shape(w1)
     assert w2 is None or (type(w2) is type(w1) and _shape(w2) == (n, k)), "gate and up must match"
     assert x.stride(1) == 1 and out.stride(1) == 1
     swiglu = w2 is not None
     w2 = w2 if swiglu else w1
-    common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class)
-    args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
     if isinstance(w1, Int8Matrix):
+        common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class)
+        args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.n_used)  # noqa: E731
         _int8_decode_kernel[grid](*args, w1.q, w1.scale, w2.q, w2.scale, w1.q.stride(0), w1.scale.stride(0),
                                   w2.q.stride(0), w2.scale.stride(0), n, k, **common)
@@ -413,6 +415,7 @@ def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan
 def _int4_decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, plan: GroupPlan,
                  out: torch.Tensor, k_split: int) -> None:
     n, k = _shape(w1)
+    assert k_split > 0 and k_split % 32 == 0, "a split of K ends where a (scale, zero) group does"
     splits = triton.cdiv(k, k_split)
     grid = (n // INT4_ROW_TILE, plan.n_used, splits)
     weights = (w1.packed, w1.scale_zero, w2.packed, w2.scale_zero, w1.packed.stride(0), w1.scale_zero.stride(0),
@@ -443,12 +446,13 @@ def _int4_k_split(n: int, k: int, groups: int, device: torch.device) -> int:
     K would multiply those as well, so such launches stay whole."""
     programs = n // INT4_ROW_TILE * groups
     sms = _multiprocessors(device)
-    if programs >= sms:
+    if programs == 0 or programs >= sms:
         return k
     wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, programs)
     return min(k, triton.cdiv(triton.cdiv(k, wanted), _SPLIT_GRAIN) * _SPLIT_GRAIN)
 
 
+@functools.cache
 def _multiprocessors(device: torch.device) -> int:
     """The device's SM count; 1 under Triton's interpreter (CPU tensors), which has none to fill (its tests pick
     their splits of K themselves)."""

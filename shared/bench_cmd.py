@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from shared import bench_limits, bench_llama, bench_sweep
-from shared.bench_load import TEXT, TIMEOUT_S, decode_run, prefill_run, prompt_ids
+from shared.bench_load import TEXT, TIMEOUT_S, WARM_UP_VARIANT, decode_run, prefill_run, prompt_ids
 from shared.bench_measure import measure_machine
 from shared.bench_metrics import scrape_tiers, tier_delta, worker_metrics_url
 from shared.bench_profile import CANDIDATE_PROMPTS, profile_system
@@ -139,7 +139,7 @@ async def measure_system(endpoint: str, run_settings: dict[str, Any], base: list
         metrics_url = worker_metrics_url(await client.health(), endpoint)
         placement = (await client.stats()).stats["placement"]
         await decode_run(endpoint, 1, 1, 4, base, s["decode_prompt_tokens"])  # warm-up: first steps pay set-up
-        await prefill_run(client, base, max(s["prompt_lengths"]), 1)
+        await prefill_run(client, base, max(s["prompt_lengths"]), 1, variant=WARM_UP_VARIANT)
         phases = {}
         before, start = scrape_tiers(metrics_url), time.perf_counter()
         bar = Progress(sum(c * s["waves"] for c in s["concurrency"]), "decode")

@@ -108,12 +108,16 @@ async def decode_run(endpoint: str, concurrency: int, waves: int, max_tokens: in
             **latency(requests)}
 
 
+WARM_UP_VARIANT = 2000  # prompt variants a warm-up sends: not the measured ones, whose experts it would leave in VRAM
+
+
 async def prefill_run(client: AsyncClient, base: list[int], length: int, repeats: int,
-                      done: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Prompt tokens over time to first token, median of `repeats` prompts of exactly `length` tokens."""
+                      done: Callable[[], None] = lambda: None, variant: int = 1000) -> dict[str, Any]:
+    """Prompt tokens over time to first token, median of `repeats` prompts of exactly `length` tokens (prompt
+    variants `variant`, `variant` + 1, ...)."""
     ttfts = []
     for i in range(repeats):
-        timed = await timed_request(client, token_ids=prompt_ids(base, length, 1000 + i), max_tokens=1,
+        timed = await timed_request(client, token_ids=prompt_ids(base, length, variant + i), max_tokens=1,
                                     temperature=0.0)
         ttfts.append(timed.ttft_s)
         done()

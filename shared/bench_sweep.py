@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from shared import bench_llama
-from shared.bench_load import TIMEOUT_S, decode_run, prefill_run
+from shared.bench_load import TIMEOUT_S, WARM_UP_VARIANT, decode_run, prefill_run
 from shared.bench_metrics import scrape_tiers, tier_delta, worker_metrics_url
 from shared.client import AsyncClient, run
 from shared.launcher import RunningSystem
@@ -40,7 +40,7 @@ async def _measure(endpoint: str, base: list[int], run_settings: dict[str, Any])
         # warm-up of both phases, as the bench's own run does: a system's first prompt pays one-time set-up
         # (kernel tuning, allocator growth) that the prompt measured here would otherwise carry
         await decode_run(endpoint, 1, 1, 4, base, s["decode_prompt_tokens"])
-        await prefill_run(client, base, min(s["prompt_lengths"]), 1)
+        await prefill_run(client, base, min(s["prompt_lengths"]), 1, variant=WARM_UP_VARIANT)
         before = scrape_tiers(metrics_url)
         decode = await decode_run(endpoint, 1, 1, s["max_tokens"], base, s["decode_prompt_tokens"])
         tiers = tier_delta(before, scrape_tiers(metrics_url), decode["wall_s"])

@@ -118,7 +118,7 @@ def load_library() -> ctypes.CDLL | None:
                 # ships one), the library's libgomp.so.1 resolves to it, one thread pool for torch's ops and
                 # this kernel instead of two competing for the cores
                 lib = ctypes.CDLL(str(build_library()))
-            except (BuildError, OSError) as e:
+            except Exception as e:  # whatever stops the build or the load, torch's kernels still serve
                 log.warning("native grouped int8/int4 kernel unavailable, experts use torch's per-expert kernels: "
                             "%s", e)
             else:
@@ -130,7 +130,7 @@ def load_library() -> ctypes.CDLL | None:
                 lib.tierserve_grouped_swiglu.restype = ctypes.c_int
                 lib.tierserve_grouped_swiglu.argtypes = [
                     ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
                 _library = lib
         return _library
 
@@ -195,7 +195,7 @@ def grouped_swiglu(x: torch.Tensor, weights: Sequence[ExpertWeights], counts: Se
     counts_a, ptrs_a = array("q", counts), array("Q", ptrs)  # alive until the call returns
     status = lib.tierserve_grouped_swiglu(FORMAT_CODES[kind], len(counts_a), counts_a.buffer_info()[0],
                                           ptrs_a.buffer_info()[0], hidden, ffn, xf.data_ptr(), h.data_ptr(),
-                                          out.data_ptr(), torch.get_num_threads())
+                                          out.data_ptr(), torch.get_num_threads(), x.dtype == torch.bfloat16)
     if status:
         raise ValueError(f"native grouped SwiGLU refused its input: {ERRORS.get(status, status)}")
     return out.to(x.dtype)

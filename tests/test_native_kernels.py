@@ -5,6 +5,7 @@ grouped_ffn takes it, what it refuses, and how its build fails."""
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import pytest
 import torch
@@ -25,6 +26,7 @@ REFERENCE_TOLERANCE = 2e-2
 # they differ a bf16 rounding went the other way: at most one bf16 step of an output (2^-7 of the largest one),
 # plus as much again for the steps of h that feed it (measured up to 3e-3 of the largest output).
 TORCH_TOLERANCE = 2.0**-6
+DIFFERING_SHARE = 0.05
 
 # (format, ffn, hidden): int8 takes any rows and columns (96 and 80 are neither whole 64-row tiles nor whole
 # 64-column steps of the kernel); int4 needs both multiples of 64
@@ -45,26 +47,35 @@ def reference(x: torch.Tensor, weights: list[tuple], counts: list[int]) -> torch
     return reference_swiglu(x, *stacks, list(range(len(weights))), counts)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("fmt, ffn, hidden", SHAPES)
-def test_matches_the_decoded_weights_and_torchs_kernels(fmt, ffn, hidden):
+def test_matches_the_decoded_weights_and_torchs_kernels(fmt, ffn, hidden, dtype):
+    """In both activation dtypes: bf16 ones also round silu(gate) on torch's path (a GPU worker sends bf16)."""
     weights = experts(fmt, ffn, hidden, len(COUNTS))
-    x = torch.randn(sum(COUNTS), hidden, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(sum(COUNTS), hidden, generator=torch.Generator().manual_seed(1)).to(dtype)
     got = grouped_swiglu(x, weights, COUNTS)
     assert got is not None and got.dtype == x.dtype and got.shape == x.shape
-    ref = reference(x, weights, COUNTS)
+    ref = reference(x.float(), weights, COUNTS)
     scale = float(ref.abs().max())
-    assert float((got - ref).abs().max()) <= REFERENCE_TOLERANCE * scale
+    assert float((got.float() - ref).abs().max()) <= REFERENCE_TOLERANCE * scale
     starts = torch.tensor([0, *COUNTS]).cumsum(0).tolist()
     by_torch = torch.cat([quantized_ffn(x[a:b], *w) for a, b, w in zip(starts[:-1], starts[1:], weights, strict=True)])
-    assert float((got - by_torch).abs().max()) <= TORCH_TOLERANCE * scale
+    assert float((got.float() - by_torch.float()).abs().max()) <= TORCH_TOLERANCE * scale
+    # and few outputs differ at all: measured up to 2.3%, where the sums' order flips a rounding; rounding h
+    # otherwise than torch (silu(gate) left unrounded with bf16 activations) makes about a fifth of them differ
+    assert float((got != by_torch).float().mean()) <= DIFFERING_SHARE
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_ffn_takes_the_native_path_below_the_gemm_threshold(dtype):
+def test_grouped_ffn_takes_the_native_path_below_the_gemm_threshold(dtype, monkeypatch):
     weights = experts("int8", 128, 256, 3, seed=2)
     x = torch.randn(9, 256, generator=torch.Generator().manual_seed(3)).to(dtype)
     native = grouped_swiglu(x, weights, [2, 3, 4])
     assert native is not None
+
+    def per_expert(*args: object) -> None:
+        raise AssertionError("grouped_ffn took torch's per-expert path")
+    monkeypatch.setattr("shared.expert_math.quantized_ffn", per_expert)  # the two paths may give the same bits
     assert torch.equal(grouped_ffn(x, [0, 1, 2], [2, 3, 4], weights.__getitem__), native)
 
 
@@ -116,7 +127,8 @@ def test_same_bits_on_any_number_of_threads_and_alternating_with_torchs_threads(
         for _ in range(20):
             assert torch.equal(grouped_swiglu(x, weights, counts), one)
             big = torch.tanh(big @ big)  # torch's own parallel region between the kernel's
-    assert len(openmp_runtimes()) == 1
+    if (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists():  # else torch's runtime has another name
+        assert len(openmp_runtimes()) == 1
 
 
 def test_build_is_reused_and_atomic(tmp_path):

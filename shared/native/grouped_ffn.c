@@ -6,10 +6,11 @@
  * h = silu(gate x) * (up x); phase 2 takes (expert, 64 rows of H) tasks, out = down h. Each task reads its
  * weight tile once for all of its expert's rows (fp32 accumulation).
  *
- * The rounding follows torch's kernels as shared.quant.linear calls them: activations in bf16, the gate and up
- * products rounded to bf16, h rounded to bf16 (down's input), the output in bf16. What is left between the two
- * paths is the order of the fp32 sums, so a placement that takes this path gives the same numbers as one that
- * takes torch's up to that order.
+ * The rounding follows torch's kernels as shared.quant.quantized_ffn calls them: activations in bf16, the gate
+ * and up products rounded to bf16, h rounded to bf16 (down's input; with bf16 activations, silu(gate) is
+ * rounded too, as torch computes it in the activations' dtype), the output in bf16. What is left between the
+ * two paths is the order of the fp32 sums, so a placement that takes this path gives the same numbers as one
+ * that takes torch's up to that order.
  *
  * Layouts (shared/quant.py):
  *   int8: q (N, K) int8, scale (N,) bf16;                 W[n, k] = q[n, k] * scale[n]
@@ -35,7 +36,7 @@
  * (a third slower from RAM than from cache, one thread, at one row) */
 #define INT8_PREFETCH_ROWS 2
 #define INT4_PREFETCH 4096  /* bytes: 128 columns of a tile */
-#define MAX_ROWS 64   /* rows per expert: the per-task accumulators live on the stack */
+#define MAX_ROWS 16   /* rows per expert (the caller sends fewer): the per-task products live on the stack */
 
 enum { FMT_INT8 = 0, FMT_INT4 = 1 };
 enum { OK = 0, ERR_FORMAT = 1, ERR_SHAPE = 2, ERR_ROWS = 3, ERR_MEMORY = 4 };
@@ -217,11 +218,11 @@ static int check_shapes(int fmt, int64_t hidden, int64_t ffn) {
 /* The grouped SwiGLU: experts e = 0 .. n_experts - 1 take counts[e] consecutive rows of x (rows, hidden),
  * rows = sum(counts). ptrs holds 6 addresses per expert: gate values, gate scales, up values, up scales,
  * down values, down scales (int8: q, scale; int4: packed, scale_zero). h is (rows, ffn) fp32 scratch, out
- * (rows, hidden) bf16. x must hold bf16 values (fp32 storage). Returns 0, or an error code, having computed
- * nothing. */
+ * (rows, hidden) bf16. x must hold bf16 values (fp32 storage); bf16_activations rounds silu(gate) to bf16 as
+ * torch does for bf16 activations. Returns 0, or an error code, having computed nothing. */
 int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, const uint64_t *ptrs,
                              int64_t hidden, int64_t ffn, const float *x, float *h, uint16_t *out,
-                             int num_threads) {
+                             int num_threads, int bf16_activations) {
     int status = check_shapes(fmt, hidden, ffn);
     if (status != OK) return status;
     if (n_experts < 0) return ERR_SHAPE;
@@ -248,8 +249,10 @@ int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, 
             const int64_t n0 = tile * TILE, width = ffn - n0 < TILE ? ffn - n0 : TILE;
             for (int64_t r = 0; r < rows; r++) {
                 float *hr = h + (starts[e] + r) * ffn + n0;
-                for (int64_t j = 0; j < width; j++)
-                    hr[j] = round_bf16(silu(round_bf16(gate[r][j])) * round_bf16(up[r][j]));
+                for (int64_t j = 0; j < width; j++) {
+                    const float g = silu(round_bf16(gate[r][j]));
+                    hr[j] = round_bf16((bf16_activations ? round_bf16(g) : g) * round_bf16(up[r][j]));
+                }
             }
         }
 #pragma omp for schedule(dynamic, 1)
