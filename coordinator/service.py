@@ -196,9 +196,14 @@ class Coordinator:
     def dispatch(self) -> None:
         """Let waiting requests into the engine while it has room and the system is ready."""
         if self.ready:
-            for stream in self.table.start_next(self.config.max_running):
+            started = self.table.start_next(self.config.max_running)
+            for i, stream in enumerate(started):
                 if not self.send_engine(stream.engine_request()):
-                    self.fail(stream, "unavailable", "the gpu worker is not connected")
+                    # The worker heartbeats, but its engine connection is not there (yet): right after this
+                    # coordinator restarts, the control socket may reconnect first. The requests wait for it
+                    # (a tick retries), and fail with the rest if the worker is lost.
+                    self.table.requeue(started[i:])
+                    break
         RUNNING.set(self.table.num_running)
         WAITING.set(self.table.num_waiting)
 

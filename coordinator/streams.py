@@ -160,6 +160,12 @@ class StreamTable:
             started.append(self.streams[internal_id])
         return started
 
+    def requeue(self, streams: list[RequestStream]) -> None:
+        """Started streams that did not reach the engine, back at the head of the queue in their order."""
+        for stream in reversed(streams):
+            self.running.discard(stream.internal_id)
+            self.waiting.appendleft(stream.internal_id)
+
     def remove(self, stream: RequestStream) -> None:
         del self.streams[stream.internal_id]
         del self._by_client[(stream.client, stream.request_id)]

@@ -18,7 +18,7 @@ import zmq
 from shared.client import Client, ServerError
 from shared.config import Config
 from shared.launcher import free_tcp_port
-from shared.protocol import ErrorEvent, Heartbeat, Welcome, decode, encode
+from shared.protocol import EngineGenerate, ErrorEvent, Heartbeat, Welcome, decode, encode
 
 MAX_REQUEST_BYTES = 65536
 
@@ -144,11 +144,11 @@ def test_a_joining_worker_is_welcomed_makes_the_system_ready_and_is_lost_when_si
         worker = next(m for m in health.members if m["member_id"] == "gpu-worker")
         assert (worker["pid"], worker["metrics_port"], worker["alive"], worker["placement_version"]) == (
             4242, 1234, True, 1)
-        # Ready, but nothing is connected to the engine socket: the request is refused, not lost.
+        # Ready, but nothing is connected to the engine socket: the request waits for the engine connection,
+        # and fails, not lost, once the silent worker is taken for gone.
         with pytest.raises(ServerError) as info:
             coordinator.client.complete(prompt="hello", max_tokens=2)
-        assert info.value.code == "unavailable" and "not connected" in info.value.message
-        time.sleep(1.5)  # no heartbeat for longer than the timeout
+        assert info.value.code == "unavailable" and "stopped responding" in info.value.message
         health = coordinator.client.health()
         assert health.status == "starting"
         assert not next(m for m in health.members if m["member_id"] == "gpu-worker")["alive"]
@@ -158,6 +158,41 @@ def test_a_joining_worker_is_welcomed_makes_the_system_ready_and_is_lost_when_si
     log = coordinator.log.read_text()
     for line in ("gpu-worker joined", "ready: placement v1", "gpu-worker lost", "draining", "stopped"):
         assert line in log, line
+
+
+def test_a_request_waits_for_the_engine_connection_of_a_live_worker(tiny_model, tmp_path):
+    """A worker's heartbeats can reach a restarted coordinator before its engine socket reconnects: a request
+    sent then goes to the engine once that connection is there, instead of failing."""
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
+    ctx = zmq.Context.instance()
+    member, engine = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    for socket in (member, engine):
+        socket.setsockopt(zmq.ROUTING_ID, b"gpu-worker")
+        socket.setsockopt(zmq.LINGER, 0)
+        socket.setsockopt(zmq.RCVTIMEO, 5000)
+    member.connect(coordinator.config.control_endpoint)
+    try:
+        hb = Heartbeat(member_id="gpu-worker", role="gpu_worker", pid=4242, metrics_port=1234, placement_version=0)
+        member.send_multipart(encode(hb))
+        assert isinstance(decode(member.recv_multipart()), Welcome)
+        hb.placement_version = 1
+        member.send_multipart(encode(hb))
+        deadline = time.monotonic() + 5
+        while coordinator.client.health().status != "ready" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        stream = coordinator.client.generate(request_id="late", prompt="hello", max_tokens=2)
+        for _ in range(10):  # heartbeats for a second, the engine socket not yet connected
+            member.send_multipart(encode(hb))
+            time.sleep(0.1)
+        engine.connect(coordinator.config.engine_endpoint)
+        member.send_multipart(encode(hb))
+        request = decode(engine.recv_multipart())
+        assert isinstance(request, EngineGenerate) and request.max_tokens == 2
+        stream.close()
+    finally:
+        member.close()
+        engine.close()
+        assert coordinator.stop() == 0
 
 
 def test_sigterm_exits_zero_and_leaves_no_socket_files(tiny_model, tmp_path):

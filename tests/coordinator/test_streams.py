@@ -140,6 +140,18 @@ def test_table_queues_in_order_and_lets_max_running_into_the_engine(tokenizer):
     assert table.is_running(streams[4]) and len(table) == 3
 
 
+def test_streams_the_engine_could_not_take_wait_again_first_in_their_order(tokenizer):
+    table = StreamTable("q")
+    streams = [RequestStream(table.next_id(), b"c", Generate(request_id=f"r{i}", prompt="p"), [1],
+                             tokenizer.detokenizer(), [], 0.0) for i in range(4)]
+    for s in streams:
+        table.add(s)
+    started = table.start_next(3)
+    table.requeue(started[1:])  # the first reached the engine, the send of the second failed
+    assert (table.num_running, table.num_waiting) == (1, 3) and table.is_running(streams[0])
+    assert table.start_next(4) == streams[1:]
+
+
 def test_same_request_id_from_two_clients_are_two_requests(tokenizer):
     table = StreamTable("x")
     a = RequestStream(table.next_id(), b"A", Generate(request_id="r", prompt="p"), [1], tokenizer.detokenizer(), [], 0)
