@@ -120,25 +120,37 @@ def test_bad_frames_each_get_an_error_event_and_the_server_goes_on(coordinator, 
     assert coordinator.client.health().status == "starting"
 
 
+def worker_socket() -> zmq.Socket:
+    """A DEALER with the gpu worker's identity, as the worker's control and engine sockets are."""
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.ROUTING_ID, b"gpu-worker")
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 5000)
+    return socket
+
+
+def join_as_worker(coordinator: Coordinator, member: zmq.Socket) -> tuple[Heartbeat, Welcome]:
+    """Heartbeat as a joining worker, take the welcome, heartbeat at its placement and wait until ready."""
+    member.connect(coordinator.config.control_endpoint)
+    hb = Heartbeat(member_id="gpu-worker", role="gpu_worker", pid=4242, metrics_port=1234, placement_version=0)
+    member.send_multipart(encode(hb))
+    welcome = decode(member.recv_multipart())
+    assert isinstance(welcome, Welcome)
+    hb.placement_version = welcome.placement["version"]
+    member.send_multipart(encode(hb))
+    deadline = time.monotonic() + 5
+    while coordinator.client.health().status != "ready" and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return hb, welcome
+
+
 def test_a_joining_worker_is_welcomed_makes_the_system_ready_and_is_lost_when_silent(tiny_model, tmp_path):
     coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
-    member = zmq.Context.instance().socket(zmq.DEALER)
-    member.setsockopt(zmq.ROUTING_ID, b"gpu-worker")
-    member.setsockopt(zmq.LINGER, 0)
-    member.setsockopt(zmq.RCVTIMEO, 5000)
-    member.connect(coordinator.config.control_endpoint)
+    member = worker_socket()
     try:
-        hb = Heartbeat(member_id="gpu-worker", role="gpu_worker", pid=4242, metrics_port=1234, placement_version=0)
-        member.send_multipart(encode(hb))
-        welcome = decode(member.recv_multipart())
-        assert isinstance(welcome, Welcome)
+        _, welcome = join_as_worker(coordinator, member)
         assert welcome.placement["version"] == 1 and welcome.placement["hosts"] == []
         assert welcome.placement["owner"] == [[-1] * 8] * 4  # every expert on the worker
-        hb.placement_version = 1
-        member.send_multipart(encode(hb))
-        deadline = time.monotonic() + 5
-        while coordinator.client.health().status != "ready" and time.monotonic() < deadline:
-            time.sleep(0.05)
         health = coordinator.client.health()
         assert health.status == "ready"
         worker = next(m for m in health.members if m["member_id"] == "gpu-worker")
@@ -164,22 +176,9 @@ def test_a_request_waits_for_the_engine_connection_of_a_live_worker(tiny_model, 
     """A worker's heartbeats can reach a restarted coordinator before its engine socket reconnects: a request
     sent then goes to the engine once that connection is there, instead of failing."""
     coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
-    ctx = zmq.Context.instance()
-    member, engine = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
-    for socket in (member, engine):
-        socket.setsockopt(zmq.ROUTING_ID, b"gpu-worker")
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.RCVTIMEO, 5000)
-    member.connect(coordinator.config.control_endpoint)
+    member, engine = worker_socket(), worker_socket()
     try:
-        hb = Heartbeat(member_id="gpu-worker", role="gpu_worker", pid=4242, metrics_port=1234, placement_version=0)
-        member.send_multipart(encode(hb))
-        assert isinstance(decode(member.recv_multipart()), Welcome)
-        hb.placement_version = 1
-        member.send_multipart(encode(hb))
-        deadline = time.monotonic() + 5
-        while coordinator.client.health().status != "ready" and time.monotonic() < deadline:
-            time.sleep(0.05)
+        hb, _ = join_as_worker(coordinator, member)
         stream = coordinator.client.generate(request_id="late", prompt="hello", max_tokens=2)
         for _ in range(10):  # heartbeats for a second, the engine socket not yet connected
             member.send_multipart(encode(hb))
