@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gpu_worker.cold_path import ColdPlanner
-from gpu_worker.grouped import all_experts_grouped, experts_grouped, queued_copy, takes_device_counts
+from gpu_worker.grouped import all_experts_grouped, experts_grouped, takes_device_counts
 from gpu_worker.remote import RemoteExperts
 from gpu_worker.soft_pool import SoftPool
 from gpu_worker.step_profile import section
@@ -220,7 +220,7 @@ class MoEDispatch:
         self.before_layer()
         k = expert_ids.shape[1]
         pair_order, groups, slots = self._plan(layer, expert_ids.flatten().cpu().numpy())
-        pairs = queued_copy(torch.from_numpy(pair_order), h.device)
+        pairs = torch.from_numpy(pair_order).to(h.device, non_blocking=True)
         tokens = pairs // k
         ys = []
         sent = []

@@ -9,18 +9,6 @@ from shared.expert_cache import ExpertLayout
 from shared.expert_math import ExpertWeights
 
 
-def queued_copy(host: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small CPU tensor (a launch's plan) on `device`, the host not waiting for the device. From pageable memory
-    CUDA first waits for all the work queued on the stream (the runtime API's "API synchronization behavior"), so
-    each layer's hot, soft and staged launches would wait for the ones before them instead of being queued behind
-    them; from pinned memory the copy is queued. torch's caching host allocator keeps the pinned block until the
-    copy is done. During a graph capture (no caller copies a plan then) it is the plain copy, as before: a pinned
-    block captured in a graph would be handed out again while the graph still reads it."""
-    if device.type != "cuda" or torch.cuda.is_current_stream_capturing():
-        return host.to(device, non_blocking=True)
-    return host.pin_memory().to(device, non_blocking=True)
-
-
 def swiglu_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, groups: list[int],
                    counts: list[int]) -> torch.Tensor:
     """x rows grouped by `groups` (ascending indices into the stacks), counts[i] rows for groups[i].
@@ -30,7 +18,7 @@ def swiglu_grouped(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, g
     """
     per_group = torch.zeros(gate_up.shape[0], dtype=torch.int32)
     per_group[groups] = torch.tensor(counts, dtype=torch.int32)
-    return _swiglu_offsets(x, gate_up, down, queued_copy(per_group.cumsum(0, dtype=torch.int32), x.device))
+    return _swiglu_offsets(x, gate_up, down, per_group.cumsum(0, dtype=torch.int32).to(x.device, non_blocking=True))
 
 
 def _swiglu_offsets(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:

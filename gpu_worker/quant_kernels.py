@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
-from gpu_worker.grouped import queued_copy, swiglu_grouped
+from gpu_worker.grouped import swiglu_grouped
 from shared.quant import INT4_ROW_TILE, Int4Matrix, Int8Matrix
 
 QuantMatrix = Int8Matrix | Int4Matrix
@@ -356,7 +356,7 @@ def plan_groups(groups: list[int], counts: list[int], device: torch.device) -> G
     used = [(g, c) for g, c in zip(groups, counts, strict=True) if c > 0]
     used_counts = [c for _, c in used]
     host = torch.tensor([g for g, _ in used] + list(accumulate(used_counts, initial=0)), dtype=torch.int32)
-    return GroupPlan(queued_copy(host, device), len(used), _size_class(len(used)))
+    return GroupPlan(host.to(device, non_blocking=True), len(used), _size_class(len(used)))
 
 
 def plan_all_experts(counts: torch.Tensor, used_at_most: int) -> GroupPlan:
