@@ -24,6 +24,7 @@ import os
 import platform
 import textwrap
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -95,11 +96,16 @@ def seconds_per_expert(x: torch.Tensor, experts: list[ExpertWeights], warm_up: b
                 quantized_ffn(x, *weights)
         else:
             list(pool.map(lambda weights: quantized_ffn(x, *weights), experts))
+    return pass_seconds(one_pass, warm_up) / len(experts)
+
+
+def pass_seconds(one_pass: Callable[[], None], warm_up: bool) -> float:
+    """Seconds of one call of `one_pass`, after an untimed one if `warm_up`."""
     if warm_up:
         one_pass()
     start = time.perf_counter()
     one_pass()
-    return (time.perf_counter() - start) / len(experts)
+    return time.perf_counter() - start
 
 
 @dataclass(frozen=True)
@@ -139,11 +145,7 @@ def seconds_per_layer(x: torch.Tensor, experts: list[ExpertWeights], path: str, 
             else:
                 for weights in group:
                     quantized_ffn(x, *weights)
-    if warm_up:
-        one_pass()
-    start = time.perf_counter()
-    one_pass()
-    return (time.perf_counter() - start) / len(groups)
+    return pass_seconds(one_pass, warm_up) / len(groups)
 
 
 @dataclass(frozen=True)
@@ -227,16 +229,17 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True
 def markdown_table(results: list[Result]) -> str:
     """Rows grouped by format and rows per expert, threads ascending, so scaling reads down a group."""
     order = {label: i for i, label in enumerate(FORMATS)}
-    ordered = sorted(results, key=lambda r: (order[r.label], r.rows, r.split, r.threads))
-    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    return "\n".join(lines + ["| " + " | ".join(r.cells()) + " |" for r in ordered])
+    return table(HEAD, sorted(results, key=lambda r: (order[r.label], r.rows, r.split, r.threads)))
 
 
 def grouped_table(results: list[GroupedResult]) -> str:
     """Grouped by format and rows per expert, the two paths next to each other for each thread count."""
     order = {label: i for i, label in enumerate(GROUPED_FORMATS)}
-    ordered = sorted(results, key=lambda r: (order[r.label], r.rows, r.threads, r.path != NATIVE))
-    lines = ["| " + " | ".join(GROUPED_HEAD) + " |", "|" + "---|" * len(GROUPED_HEAD)]
+    return table(GROUPED_HEAD, sorted(results, key=lambda r: (order[r.label], r.rows, r.threads, r.path != NATIVE)))
+
+
+def table(head: tuple[str, ...], ordered: list[Result] | list[GroupedResult]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     return "\n".join(lines + ["| " + " | ".join(r.cells()) + " |" for r in ordered])
 
 

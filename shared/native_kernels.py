@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from shared.quant import INT4_GROUP, INT4_ROW_TILE, INT8_DEQUANTIZE_ROWS, ExpertWeights, Int4Matrix, Int8Matrix
+from shared.quant import INT4_ROW_TILE, INT8_DEQUANTIZE_ROWS, ExpertWeights, Int4Matrix, Int8Matrix, tensor_specs
 
 SOURCE = Path(__file__).with_name("native") / "grouped_ffn.c"
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c11", "-shared", "-fPIC")
@@ -135,13 +135,6 @@ def load_library() -> ctypes.CDLL | None:
         return _library
 
 
-def _layout(kind: type, n: int, k: int) -> tuple[tuple[torch.dtype, tuple[int, ...]], ...]:
-    """(dtype, shape) of each tensor of an (N, K) = (n, k) matrix of type `kind`."""
-    if kind is Int8Matrix:
-        return (torch.int8, (n, k)), (torch.bfloat16, (n,))
-    return (torch.uint8, (n, k // 2)), (torch.bfloat16, (k // INT4_GROUP, n, 2))
-
-
 def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: int) -> list[int] | None:
     """Each expert's gate, up and down tensors' addresses in the order the kernel reads them; None when a matrix
     is not of type `kind` or a tensor is not a contiguous CPU tensor. ValueError when a tensor's dtype or shape
@@ -154,7 +147,9 @@ def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: in
     tensors = [t for matrices in weights for m in matrices for t in m]
     if not all(t.is_cpu and t.is_contiguous() for t in tensors):
         return None
-    layout = [*_layout(kind, ffn, hidden), *_layout(kind, ffn, hidden), *_layout(kind, hidden, ffn)] * len(weights)
+    fmt = "int8" if kind is Int8Matrix else "int4"
+    layout = [*tensor_specs(fmt, (ffn, hidden)), *tensor_specs(fmt, (ffn, hidden)),
+              *tensor_specs(fmt, (hidden, ffn))] * len(weights)
     if [t.dtype for t in tensors] != [d for d, _ in layout] or [t.shape for t in tensors] != [s for _, s in layout]:
         i, (t, (dtype, shape)) = next((i, pair) for i, pair in enumerate(zip(tensors, layout, strict=True))
                                       if (pair[0].dtype, pair[0].shape) != pair[1])
