@@ -55,10 +55,11 @@ class Settings:
     experts: int  # experts rotated over, so that their weights outgrow the caches
     sweeps: int  # passes through every case, each timing one pass over the experts (the best counts)
     bandwidth_bytes: int  # buffer cpu_read_bandwidth sums
+    outgrow_cache: bool = True  # rotate over enough experts to outgrow the last-level cache (rotated_experts)
 
 
 FULL = Settings(ffn=768, hidden=2048, experts=64, sweeps=5, bandwidth_bytes=2 << 30)  # Qwen3-30B-A3B experts
-QUICK = Settings(ffn=128, hidden=256, experts=8, sweeps=1, bandwidth_bytes=64 << 20)
+QUICK = Settings(ffn=128, hidden=256, experts=8, sweeps=1, bandwidth_bytes=64 << 20, outgrow_cache=False)
 
 
 def thread_counts(cores: int) -> list[int]:
@@ -69,20 +70,43 @@ def thread_counts(cores: int) -> list[int]:
     return counts + [cores] if cores > 1 else counts
 
 
+def last_level_cache_bytes() -> int:
+    """The CPU's largest cache (Linux sysfs; 0 where unknown): the GPU machine's Xeon has 300 MiB of L3."""
+    sizes = [0]
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            size = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+        sizes.append(int(size[:-1]) * units[size[-1]] if size[-1] in units else int(size))
+    return max(sizes)
+
+
+def rotated_experts(region_nbytes: int, settings: Settings) -> int:
+    """settings.experts, or with settings.outgrow_cache at least as many as make twice the last-level cache (so a
+    pass reads them from RAM), in whole layers of GROUPED_EXPERTS."""
+    if not settings.outgrow_cache:
+        return settings.experts
+    wanted = max(settings.experts, -(-2 * last_level_cache_bytes() // region_nbytes))
+    return -(-wanted // GROUPED_EXPERTS) * GROUPED_EXPERTS
+
+
 def served_experts(fmt: str, settings: Settings, seed: int = 0) -> tuple[ExpertLayout, list[ExpertWeights]]:
-    """`settings.experts` experts of one layout, each a view of its region of one uint8 buffer: random codes,
+    """rotated_experts experts of one layout, each a view of its region of one uint8 buffer: random codes,
     scales (and int4 zeros) of the magnitudes GGUF experts have, bf16 values of std 0.02 for the float path."""
     f, h = settings.ffn, settings.hidden
     layout = ExpertLayout.build(fmt, [((f, h), torch.bfloat16), ((f, h), torch.bfloat16), ((h, f), torch.bfloat16)])
     generator = torch.Generator().manual_seed(seed)
-    buf = torch.randint(0, 256, (settings.experts, layout.region_nbytes), dtype=torch.uint8, generator=generator)
+    experts = rotated_experts(layout.region_nbytes, settings)
+    buf = torch.randint(0, 256, (experts, layout.region_nbytes), dtype=torch.uint8, generator=generator)
     for matrix in layout.views(buf):  # matrices with a leading expert dimension
         values, *scales = matrix_tensors(matrix)
         if fmt == "float":
             values.copy_(torch.randn(values.shape, generator=generator) * 0.02)
         for t in scales:  # random bytes would make NaNs and huge scales
             t.copy_(0.005 + 0.01 * torch.rand(t.shape, generator=generator))
-    return layout, [layout.views(buf[e]) for e in range(settings.experts)]
+    return layout, [layout.views(buf[e]) for e in range(experts)]
 
 
 def seconds_per_expert(x: torch.Tensor, experts: list[ExpertWeights], warm_up: bool = False,
@@ -187,7 +211,7 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True
     through experts small enough that the weights take no time; and the grouped cases (no native ones when the
     kernel cannot be built here). Without `per_expert`, only the grouped cases."""
     served = {label: served_experts(fmt, settings) for label, fmt in FORMATS.items()}
-    tiny = replace(settings, ffn=FLOOR_SIZE, hidden=FLOOR_SIZE)
+    tiny = replace(settings, ffn=FLOOR_SIZE, hidden=FLOOR_SIZE, outgrow_cache=False)
     served_tiny = {label: served_experts(fmt, tiny)[1] for label, fmt in FORMATS.items()}
     inputs = {rows: torch.randn(rows, settings.hidden).to(torch.bfloat16) for rows in ROWS}
     tiny_row = torch.randn(1, FLOOR_SIZE).to(torch.bfloat16)
@@ -257,11 +281,13 @@ def machine_name() -> str:
 
 def report(results: list[Result], grouped: list[GroupedResult], settings: Settings, command: str) -> str:
     f, h = settings.ffn, settings.hidden
+    rotation = (f"at least {settings.experts} experts and enough to fill twice the {last_level_cache_bytes() >> 20} "
+                "MiB last-level cache" if settings.outgrow_cache else f"{settings.experts} experts")
     method = (
         f"One expert FFN (gate ({f}, {h}), up ({f}, {h}), down ({h}, {f}), SwiGLU) through shared.quant.quantized_ffn "
-        f"on bf16 activations, rotating over {settings.experts} experts in the expert cache's region layout so the "
-        f"weights come from RAM; the best of {settings.sweeps} passes, one per sweep through every case. GB/s counts "
-        "the bytes an expert is stored as (codes + scales; bf16 values for the float path); read bandwidth is "
+        f"on bf16 activations, rotating over {rotation} in the expert cache's region layout, so the weights come "
+        f"from RAM; the best of {settings.sweeps} passes, one per sweep through every case. GB/s "
+        "counts the bytes an expert is stored as (codes + scales; bf16 values for the float path); read bandwidth is "
         f"`cpu_read_bandwidth` (torch summing a {settings.bandwidth_bytes >> 20} MiB float32 buffer) with the same "
         "thread count, the best of its measurements in the same run. The call floor is the same FFN call on one row "
         f"through ({FLOOR_SIZE}, {FLOOR_SIZE}) experts that stay in cache: Python, dispatch and thread start-up, "
@@ -270,7 +296,7 @@ def report(results: list[Result], grouped: list[GroupedResult], settings: Settin
         "(one torch thread each, a pool taking the experts, whose kernels release the GIL).")
     grouped_method = (
         f"A layer's grouped work: {GROUPED_EXPERTS} experts of the same shape at 1 and 4 rows each (bf16 "
-        f"activations), the {settings.experts} experts taken {GROUPED_EXPERTS} at a time so the weights come from "
+        f"activations), the same experts taken {GROUPED_EXPERTS} at a time so the weights come from "
         "RAM; one shared.native_kernels.grouped_swiglu call per layer (its Python side included), or "
         "shared.quant.quantized_ffn once per expert. GB/s counts the layer's stored bytes; read bandwidth as above."
         + ("" if any(r.path == NATIVE for r in grouped) else
