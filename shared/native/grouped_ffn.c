@@ -129,7 +129,6 @@ static inline __attribute__((always_inline)) void int8_block(const int8_t *q, co
  * a Zen 4 core, with a third more instructions.) */
 #define LANE_ROWS(m) m, 4 + m, 8 + m, 12 + m, 16 + m, 20 + m, 24 + m, 28 + m
 #define PICK_ROWS(a, b, m) __builtin_shuffle(a, b, (u32x16){LANE_ROWS(m), LANE_ROWS(m)})
-#define INT4_ROW_BLOCK 3  /* 3 x 8 accumulators, x and the vector being decoded fit in 32 registers */
 
 static inline f32x16 bits_f32(u32x16 v) {
     f32x16 f;
@@ -139,6 +138,7 @@ static inline f32x16 bits_f32(u32x16 v) {
 
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
+#define INT4_ROW_BLOCK 4  /* 4 x 4 accumulators, x and the 4 decoded vectors fit in 32 registers */
 
 /* One 64-row tile of an int4 matrix against `rb` rows of x, on CPUs with AVX512-BF16 (the GPU machine's Xeon, Zen 4):
  * codes become bf16 128 + q by bit operations and vdpbf16ps multiplies 32 of them into 16 float sums per
@@ -203,8 +203,10 @@ static inline __attribute__((always_inline)) void int4_block(const uint8_t *pack
             for (int j = 0; j < 16; j++) y[r][(v / 2) * 32 + 2 * j + v % 2] = out[r][v][j];
 }
 #else
-/* One 64-row tile of an int4 matrix against `rb` rows of x (CPUs without AVX512-BF16): per group of 32 columns, sum (q - 8) x[k] into the
- * row accumulators, then apply s and add z * sum(x). */
+#define INT4_ROW_BLOCK 3  /* 3 x 8 accumulators, x and the vector being decoded fit in 32 registers */
+
+/* One 64-row tile of an int4 matrix against `rb` rows of x (CPUs without AVX512-BF16): per group of 32 columns,
+ * sum (q - 8) x[k] into the row accumulators, then apply s and add z * sum(x). */
 static inline __attribute__((always_inline)) void int4_block(const uint8_t *packed, const uint16_t *scale_zero,
                                                              int64_t N, int64_t K, int64_t tile, const float *x,
                                                              int64_t ldx, float (*y)[TILE], const int rb) {
@@ -278,7 +280,8 @@ static void tile_product(int fmt, const void *values, const uint16_t *scales, in
             switch (rb) {
             case 1: int4_block(values, scales, N, K, tile, xr, K, yr, 1); break;
             case 2: int4_block(values, scales, N, K, tile, xr, K, yr, 2); break;
-            default: int4_block(values, scales, N, K, tile, xr, K, yr, 3); break;
+            case 3: int4_block(values, scales, N, K, tile, xr, K, yr, 3); break;
+            default: int4_block(values, scales, N, K, tile, xr, K, yr, INT4_ROW_BLOCK); break;
             }
         }
     }
