@@ -175,10 +175,10 @@ class MoEDispatch:
     def _plan(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict[str | int, _PathGroups], dict[int, int]]:
         """The layer's pair order and each path's groups in it (plan_pairs), and the soft slots in use."""
         owner = self.owners[layer]
-        counts = np.bincount(ids, minlength=len(owner))
-        cold = np.flatnonzero((counts > 0) & (owner != GPU))
-        slots, staged = self._soft_slots(layer, dict(zip(cold.tolist(), counts[cold].tolist(), strict=True)))
-        pair_order, groups = plan_pairs(ids, owner, slots, staged)
+        per_expert = np.bincount(ids, minlength=len(owner))  # not np.unique: it takes several times as long
+        cold = np.flatnonzero((per_expert > 0) & (owner != GPU))
+        slots, staged = self._soft_slots(layer, dict(zip(cold.tolist(), per_expert[cold].tolist(), strict=True)))
+        pair_order, groups = plan_pairs(ids, per_expert, owner, slots, staged)
         return pair_order, groups, slots
 
     def _staged(self, layer: int, h: torch.Tensor, tokens: torch.Tensor, g: _PathGroups) -> list[torch.Tensor]:
@@ -260,13 +260,13 @@ class MoEDispatch:
 _HOT, _SOFT, _STAGED, _FIRST_HOST = 0, 1, 2, 3  # paths in the order a layer's pairs take them
 
 
-def plan_pairs(ids: np.ndarray, owner: np.ndarray, slots: dict[int, int], staged: set[int]
+def plan_pairs(ids: np.ndarray, per_expert: np.ndarray, owner: np.ndarray, slots: dict[int, int], staged: set[int]
                ) -> tuple[np.ndarray, dict[str | int, _PathGroups]]:
-    """A layer's (token, expert) pairs (`ids`, flattened (token, k) expert ids) ordered by path, then key: hot
-    pairs by expert, soft ones by slot (`slots`: expert -> slot), `staged` ones by expert, then each host's
-    (`owner[expert]`, GPU for hot) by expert, a pair's own order kept within its expert; and each path's groups
-    in that order. Vectorized: a decode step plans every layer, at up to 128 experts of pairs each."""
-    per_expert = np.bincount(ids, minlength=len(owner))  # not np.unique: it takes several times as long
+    """A layer's (token, expert) pairs (`ids`, flattened (token, k) expert ids, counted per expert of the layer in
+    `per_expert`, np.bincount's) ordered by path, then key: hot pairs by expert, soft ones by slot (`slots`: expert
+    -> slot), `staged` ones by expert, then each host's (`owner[expert]`, GPU for hot) by expert, a pair's own
+    order kept within its expert; and each path's groups in that order. Vectorized: a decode step plans every
+    layer, at up to 128 experts of pairs each."""
     experts = np.flatnonzero(per_expert)
     counts = per_expert[experts]
     owners = owner[experts]

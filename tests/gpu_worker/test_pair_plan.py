@@ -32,7 +32,7 @@ def test_pairs_in_path_then_key_order_with_each_groups_span():
 
 
 def check_plan(ids: np.ndarray, owner: np.ndarray, slots: dict[int, int], staged: set[int]) -> None:
-    order, groups = plan_pairs(ids, owner, slots, staged)
+    order, groups = plan_pairs(ids, np.bincount(ids, minlength=len(owner)), owner, slots, staged)
     assert sorted(order.tolist()) == list(range(len(ids)))  # every pair once
 
     def path_of(e: int) -> str | int:
