@@ -210,9 +210,10 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True
     other work on the machine from spoiling all of them. Also each format's call floor per thread count: one row
     through experts small enough that the weights take no time; and the grouped cases (no native ones when the
     kernel cannot be built here). Without `per_expert`, only the grouped cases."""
-    served = {label: served_experts(fmt, settings) for label, fmt in FORMATS.items()}
+    labels = FORMATS if per_expert else GROUPED_FORMATS  # grouped only: no bf16 or floor experts to make
+    served = {label: served_experts(FORMATS[label], settings) for label in labels}
     tiny = replace(settings, ffn=FLOOR_SIZE, hidden=FLOOR_SIZE, outgrow_cache=False)
-    served_tiny = {label: served_experts(fmt, tiny)[1] for label, fmt in FORMATS.items()}
+    served_tiny = {label: served_experts(FORMATS[label], tiny)[1] for label in labels if per_expert}
     inputs = {rows: torch.randn(rows, settings.hidden).to(torch.bfloat16) for rows in ROWS}
     tiny_row = torch.randn(1, FLOOR_SIZE).to(torch.bfloat16)
     bandwidth: dict[int, float] = {}
