@@ -37,6 +37,10 @@
  * (a third slower from RAM than from cache, one thread, at one row) */
 #define INT8_PREFETCH_ROWS 2
 #define INT4_PREFETCH 4096  /* bytes: 128 columns of a tile */
+/* groups: a tile's (s, z) pairs of one group are 256 bytes, N * 4 bytes after the previous group's, too far apart
+ * for the hardware prefetchers, so without software prefetch each group waited on a miss. On a Zen 4 core, 8 int4
+ * experts at one row took 877-954 us instead of 1,210 on 1 thread, 732-763 instead of 983 on 2. */
+#define INT4_SCALES_AHEAD 4
 #define MAX_ROWS 16   /* rows per expert (the caller sends fewer): the per-task products live on the stack */
 
 enum { FMT_INT8 = 0, FMT_INT4 = 1 };
@@ -136,6 +140,13 @@ static inline f32x16 bits_f32(u32x16 v) {
     return f;
 }
 
+/* The (s, z) pairs of group g of a tile's rows into the cache, if the matrix has that group. */
+static inline void prefetch_scales(const uint16_t *scale_zero, int64_t N, int64_t K, int64_t tile, int64_t g) {
+    if (g >= K / GROUP) return;
+    const char *p = (const char *)(scale_zero + (g * N + tile * TILE) * 2);
+    for (int line = 0; line < TILE * 4; line += 64) __builtin_prefetch(p + line);
+}
+
 #if defined(__AVX512BF16__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #define INT4_ROW_BLOCK 4  /* 4 x 4 accumulators, x and the 4 decoded vectors fit in 32 registers */
@@ -166,7 +177,9 @@ static inline __attribute__((always_inline)) void int4_block(const uint8_t *pack
             xp[r][c] = (lo >> 16) | (hi & 0xffff0000u);
         }
     f32x16 out[INT4_ROW_BLOCK][4] = {{{0}}};
+    for (int64_t g = 0; g < INT4_SCALES_AHEAD; g++) prefetch_scales(scale_zero, N, K, tile, g);
     for (int64_t g = 0; g < K / GROUP; g++) {
+        prefetch_scales(scale_zero, N, K, tile, g + INT4_SCALES_AHEAD);
         f32x16 acc[INT4_ROW_BLOCK][4] = {{{0}}};
         for (int k = 0; k < GROUP; k += 2) {
             const uint8_t *bytes = base + (g * GROUP + k) * 32;
@@ -218,7 +231,9 @@ static inline __attribute__((always_inline)) void int4_block(const uint8_t *pack
     /* vector v holds the nibbles at bit shift[v]: rows 4i + v for v < 4, 32 + 4i + (v - 4) after */
     const int shift[8] = {0, 8, 16, 24, 4, 12, 20, 28};
     f32x16 out[INT4_ROW_BLOCK][8] = {{{0}}};
+    for (int64_t g = 0; g < INT4_SCALES_AHEAD; g++) prefetch_scales(scale_zero, N, K, tile, g);
     for (int64_t g = 0; g < K / GROUP; g++) {
+        prefetch_scales(scale_zero, N, K, tile, g + INT4_SCALES_AHEAD);
         f32x16 acc[INT4_ROW_BLOCK][8] = {{{0}}};
         for (int k = 0; k < GROUP; k += 2) {
             u32x16 lanes;
