@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from gpu_worker import int4_mma
 from gpu_worker import quant_kernels as qk
 from gpu_worker.grouped import swiglu_grouped
 from tests.quant_stacks import QuantMatrix, random_regions
@@ -126,20 +127,22 @@ def bench_decode(table: Table, fmt: str, stack: str, gate: QuantMatrix, up: Quan
         table.add(f"{fmt} expert FFN decode (gate+up, down), {stack}", shape, both,
                   expert_bytes([gate, up, down], sets[0]), ratio=both / bf16_s)
         if fmt == "int4":
-            bench_unsplit(table, stack, shape, sets, plans, (x, gate, up, act), (act, down, None, out))
+            bench_uncut(table, stack, shape, sets, plans, (x, gate, up, act), (act, down, None, out))
 
 
-def bench_unsplit(table: Table, stack: str, shape: str, sets: list[list[int]], plans: list[qk.GroupPlan],
-                  *launches: tuple) -> None:
-    """The int4 launches that cut K among programs, timed again with one program walking all of K (how they ran
-    before the cut), for the gain in the same run."""
+def bench_uncut(table: Table, stack: str, shape: str, sets: list[list[int]], plans: list[qk.GroupPlan],
+                *launches: tuple) -> None:
+    """The int4 launches whose blocks cut K among several warps, timed again with one warp walking all of K,
+    for the gain in the same run."""
     for x, w1, w2, out in launches:
         n, k = out.shape[1], x.shape[1]
-        if qk._int4_k_split(n, k, plans[0].n_used, x.device) == k:
+        plan = plans[0]
+        x_tiles = 1 if plan.rows_at_most <= 8 else 2
+        if int4_mma.k_warps_for(n, k, plan.used_at_most, w2 is not None, x_tiles, x.device) == 1:
             continue
-        seconds = graph_time([partial(qk.decode_linear, x, w1, w2, p, out, k_split=k) for p in plans])
+        seconds = graph_time([partial(qk.decode_linear, x, w1, w2, p, out, k_warps=1) for p in plans])
         label = "gate+up+SwiGLU" if w2 is not None else "down"
-        table.add(f"int4 {label} decode, all of K per program, {stack}", f"{shape}, ({n}, {k})", seconds,
+        table.add(f"int4 {label} decode, one warp per tile, {stack}", f"{shape}, ({n}, {k})", seconds,
                   expert_bytes([w1] if w2 is None else [w1, w2], sets[0]))
 
 
@@ -225,11 +228,11 @@ def main() -> None:
                 bench_crossover(table, fmt, gate, up, down)
             del gate, up, down
 
+    kernel = qk._int8_decode_kernel  # int4 decode is not tuned: its one CUDA kernel sizes blocks itself
     tuned = []
-    for kernel in (qk._int8_decode_kernel, qk._int4_decode_kernel):
-        for key, config in kernel.cache.items():
-            named = ", ".join(f"{name} {value}" for name, value in zip(kernel.keys, key, strict=False))
-            tuned.append(f"- {kernel.base_fn.__name__} ({named}): {config}")
+    for key, config in kernel.cache.items():
+        named = ", ".join(f"{name} {value}" for name, value in zip(kernel.keys, key, strict=False))
+        tuned.append(f"- {kernel.base_fn.__name__} ({named}): {config}")
     text = "\n".join([
         f"Command: `python -m bench.quant_kernels_bench` on {device}.",
         "",
@@ -243,7 +246,7 @@ def main() -> None:
         "",
         table.markdown(),
         "",
-        "Tuned decode configurations:",
+        "Tuned int8 decode configurations:",
         *tuned,
         "",
     ])

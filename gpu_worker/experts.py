@@ -102,9 +102,10 @@ class HotExperts:
         return (layer in self.stacks and len(self.ids[layer]) == self.source.model.config.n_experts
                 and takes_device_counts(self.stacks[layer], rows_at_most))
 
-    def compute_all(self, layer: int, x: torch.Tensor, counts: torch.Tensor, used_at_most: int) -> torch.Tensor:
+    def compute_all(self, layer: int, x: torch.Tensor, counts: torch.Tensor, used_at_most: int,
+                    rows_at_most: int) -> torch.Tensor:
         """An on_device layer's experts over x's rows sorted by expert, with `counts` per expert on the device."""
-        return all_experts_grouped(x, self.stacks[layer], counts, used_at_most)
+        return all_experts_grouped(x, self.stacks[layer], counts, used_at_most, rows_at_most)
 
     def compute(self, layer: int, x: torch.Tensor, experts: list[int], counts: list[int]) -> torch.Tensor:
         """Rows of x grouped by expert (ascending ids, as group_by_expert sorts them) through their experts."""
@@ -210,7 +211,7 @@ class MoEDispatch:
         counts = torch.zeros(len(self.owners[layer]), dtype=torch.int64, device=flat.device)
         counts.index_add_(0, flat, torch.ones_like(flat))
         # no profile section here: a decode graph may be capturing this, and a section waits on the device
-        y = self.hot.compute_all(layer, h[token_of], counts, used_at_most=tokens * k)
+        y = self.hot.compute_all(layer, h[token_of], counts, used_at_most=tokens * k, rows_at_most=tokens)
         return _combined(h, token_of, y, weights.flatten()[pairs])
 
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:

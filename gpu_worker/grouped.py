@@ -49,24 +49,26 @@ def takes_device_counts(stack: ExpertWeights | tuple[torch.Tensor, torch.Tensor]
 
 
 def all_experts_grouped(x: torch.Tensor, stack: ExpertWeights | tuple[torch.Tensor, torch.Tensor],
-                        counts: torch.Tensor, used_at_most: int) -> torch.Tensor:
+                        counts: torch.Tensor, used_at_most: int, rows_at_most: int) -> torch.Tensor:
     """experts_grouped over a stack of every expert of a layer, in expert order, from x's rows sorted by expert
-    and `counts` (rows per expert) on the device, so nothing waits on the device (see takes_device_counts)."""
+    and `counts` (rows per expert, at most rows_at_most) on the device, so nothing waits on the device (see
+    takes_device_counts); used_at_most experts have rows."""
     if len(stack) == 2:
         return _swiglu_offsets(x, *stack, counts.cumsum(0, dtype=torch.int32))
     from gpu_worker.quant_kernels import quant_swiglu_all_experts
 
-    return quant_swiglu_all_experts(x.to(torch.bfloat16), *stack, counts, used_at_most).to(x.dtype)
+    return quant_swiglu_all_experts(x.to(torch.bfloat16), *stack, counts, used_at_most, rows_at_most).to(x.dtype)
 
 
 def warm_up_quantized(layout: ExpertLayout, n_experts: int, device: torch.device) -> None:
-    """Run the int8 / int4 kernels once for every launch size they are tuned for (few, some and many
-    experts at decode, and the prefill path), on zero weights. Triton tunes a kernel on its first call for
-    a shape, which takes seconds: done while serving, it would stall the first requests and the heartbeats."""
+    """Run the int8 / int4 kernels once for every launch size they are tuned or compiled for (few, some and
+    many experts at decode, one and two 8-row tiles of x, and the prefill path), on zero weights. Triton tunes
+    a kernel on its first call for a shape and NVRTC compiles int4 decode, which takes seconds: done while
+    serving, it would stall the first requests and the heartbeats."""
     regions = torch.zeros(n_experts, layout.region_nbytes, dtype=torch.uint8, device=device)
     stack = layout.views(regions)
     hidden = stack[0].shape[-1]
-    for n_used, rows in ((1, 1), (min(16, n_experts), 1), (n_experts, 1), (min(8, n_experts), 32)):
+    for n_used, rows in ((1, 1), (min(16, n_experts), 1), (n_experts, 1), (1, 16), (min(8, n_experts), 32)):
         x = torch.zeros(n_used * rows, hidden, dtype=torch.bfloat16, device=device)
         experts_grouped(x, stack, list(range(n_used)), [rows] * n_used)
     torch.cuda.synchronize(device)

@@ -5,17 +5,17 @@ expert regions, where stride(0) is the region size), and rows of x are grouped b
 gpu_worker.grouped. Two regimes:
 - decode (at most DECODE_MAX_ROWS rows per expert): one launch per matrix over all experts, each
   program dequantizing a tile of rows in registers and multiplying it into that expert's rows, so
-  every quantized byte is read once; gate and up run in the same program with the SwiGLU fused. An int4
-  launch over too few experts to fill the GPU cuts K among programs and adds the cuts in a second launch.
+  every quantized byte is read once; gate and up run in the same launch with the SwiGLU fused. int8 is a
+  Triton kernel; int4 a CUDA kernel (gpu_worker.int4_mma), whose inner loop Triton could not express.
 - prefill: the experts in use are dequantized into a bf16 scratch and torch's grouped GEMM takes
   over, whose arithmetic then dominates the extra pass over the weights.
 
-Import this module only on the CUDA path: it needs triton, which CUDA builds of torch bring along.
+Import this module only on the CUDA path: it needs triton, which CUDA builds of torch bring along, and int4
+decode needs cupy.
 """
 
 from __future__ import annotations
 
-import functools
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 from triton import knobs
 
+from gpu_worker import int4_mma
 from gpu_worker.grouped import swiglu_grouped
 from shared.quant import INT4_ROW_TILE, Int4Matrix, Int8Matrix
 
@@ -34,18 +35,16 @@ DECODE_MAX_ROWS = 16  # rows per expert the decode kernels take (one tensor-core
 # waiting on the host), 1,438 in passes of 64 and 1,391 in one pass, against 886 for bf16 (H200).
 PREFILL_EXPERTS_PER_PASS = 64
 # The int4 layout interleaves rows in tiles of 64: a tile's column k is 32 bytes, rows j (low nibbles) and
-# 32 + j (high nibbles); the kernels also use that every (scale, zero) pair covers 32 columns.
+# 32 + j (high nibbles); the kernel also uses that every (scale, zero) pair covers 32 columns.
 _ROW_TILE = tl.constexpr(INT4_ROW_TILE)
-_INTERPRETED = tl.constexpr(knobs.runtime.interpret)  # Triton's interpreter, as the CPU tests run the kernels
-# Operand type of the tensor-core products and of int4 dequantization. The interpreter keeps bf16 as raw 16-bit
-# integers and multiplies those, so there the operands are float32.
+# Operand type of the tensor-core products. The interpreter (as the CPU tests run the kernels) keeps bf16 as raw
+# 16-bit integers and multiplies those, so there the operands are float32.
 _OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
 
 
 def _configs(options: list[tuple]) -> list[triton.Config]:
-    """(kwargs, warps, stages[, register cap per thread]) each."""
-    configs = [triton.Config(kwargs, num_warps=warps, num_stages=stages, maxnreg=cap[0] if cap else None)
-               for kwargs, warps, stages, *cap in options]
+    """(kwargs, warps, stages) each."""
+    configs = [triton.Config(kwargs, num_warps=warps, num_stages=stages) for kwargs, warps, stages in options]
     return configs[:1] if knobs.runtime.interpret else configs  # one config: the interpreter has nothing to time
 
 
@@ -154,156 +153,6 @@ def _int8_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
              mask=row_mask[:, None] & n_mask[None, :])
 
 
-_PAIR_CODES_PTX = tl.constexpr("""{
-    .reg .b32 t;
-    lop3.b32 $0, $4, 0x000F000F, 0x43004300, 0xEA;
-    shr.b32 t, $4, 8;
-    lop3.b32 $1, t, 0x000F000F, 0x43004300, 0xEA;
-    shr.b32 t, $4, 4;
-    lop3.b32 $2, t, 0x000F000F, 0x43004300, 0xEA;
-    shr.b32 t, $4, 12;
-    lop3.b32 $3, t, 0x000F000F, 0x43004300, 0xEA;
-}""")  # two uint16 in, four bf16 pairs out: (x & 0xF) | 0x4300 per 16-bit lane, after shifts of 0, 8, 4, 12
-
-
-@triton.jit
-def _biased(nibbles):
-    return (nibbles | 0x4300).to(tl.bfloat16, bitcast=True)
-
-
-@triton.jit
-def _int4_pair_codes(pairs):
-    """uint16 pairs of bytes (rows 2p and 2p + 1 of a 64-row tile, one column) -> the codes of rows 2p, 2p + 1
-    (low nibbles), 32 + 2p and 33 + 2p (high nibbles) as bf16 128 + q, whose bits are 0x4300 | q: bit
-    operations only, one instruction or two per two codes (what the compiler makes of nibble arithmetic on
-    narrow integers costs several times that, and int4 decode is bound by instructions, not bytes)."""
-    if _INTERPRETED:  # the interpreter runs no PTX: the same bits from tensor operations
-        return _biased(pairs & 15), _biased((pairs >> 8) & 15), _biased((pairs >> 4) & 15), _biased(pairs >> 12)
-    return tl.inline_asm_elementwise(_PAIR_CODES_PTX, "=r,=r,=r,=r,r", [pairs], is_pure=True, pack=2,
-                                     dtype=(tl.bfloat16, tl.bfloat16, tl.bfloat16, tl.bfloat16))
-
-
-@triton.jit
-def _dequantized(codes, sz):
-    """bf16 W = (q - 8) * s + z from codes 128 + q and the (s, z) pairs at sz, in one rounding."""
-    s, z = tl.split(tl.load(sz))
-    return tl.fma(codes.to(_OPERAND) - 136, s.to(_OPERAND)[None, :], z.to(_OPERAND)[None, :])
-
-
-@triton.jit
-def _int4_group_dot(a0, a1, a2, a3, x, p_ptr, sz_ptr, N, K, block, k):
-    """a0..a3 (M, 16), rows 2p, 2p + 1, 32 + 2p, 33 + 2p of the 64-row tile `block`, += x (M, 32 columns
-    from k) @ W.T, for the 32 columns of one (scale, zero) group. A k past the end reads the last group
-    again, against x's zero-masked columns."""
-    p = tl.arange(0, 16)
-    k = tl.minimum(k, K - 32)
-    pairs_ptr = p_ptr.to(tl.pointer_type(tl.uint16)) + block * K * 16
-    c0, c1, c2, c3 = _int4_pair_codes(tl.load(pairs_ptr + (k + tl.arange(0, 32))[:, None] * 16 + p[None, :]))
-    sz = sz_ptr + ((k // 32) * N + block * _ROW_TILE + 2 * p[:, None]) * 2 + tl.arange(0, 2)[None, :]
-    a0 = tl.dot(x, _dequantized(c0, sz), a0)
-    a1 = tl.dot(x, _dequantized(c1, sz + 2), a1)  # (s, z) of the next row
-    a2 = tl.dot(x, _dequantized(c2, sz + 64), a2)  # 32 rows on
-    a3 = tl.dot(x, _dequantized(c3, sz + 66), a3)
-    return a0, a1, a2, a3
-
-
-@triton.jit
-def _int4_store(out, row_mask, a0, a1, a2, a3):
-    """Rows 2p, 2p + 1, 32 + 2p and 33 + 2p of a tile, in out's element type (bf16, or float32 partial sums)."""
-    a0 = a0.to(out.dtype.element_ty)
-    a1 = a1.to(out.dtype.element_ty)
-    a2 = a2.to(out.dtype.element_ty)
-    a3 = a3.to(out.dtype.element_ty)
-    tl.store(out, a0, mask=row_mask[:, None])
-    tl.store(out + 1, a1, mask=row_mask[:, None])
-    tl.store(out + 32, a2, mask=row_mask[:, None])
-    tl.store(out + 33, a3, mask=row_mask[:, None])
-
-
-def _block_k_divides_split(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Keep K tiles that end where a split of K ends (a wider one reads the next split's weights for nothing)."""
-    fitting = [c for c in configs if named_args["k_split"] % c.kwargs["BLOCK_K"] == 0]
-    return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
-
-
-@triton.autotune(configs=_configs([  # one warp per tile: more warps replicate the dequantization (kept for few experts)
-    ({"BLOCK_K": 128}, 1, 3),
-    ({"BLOCK_K": 256}, 1, 3),
-    ({"BLOCK_K": 64}, 1, 4),
-    ({"BLOCK_K": 128}, 2, 3),
-    ({"BLOCK_K": 256}, 2, 3),
-    ({"BLOCK_K": 128}, 4, 3),
-    # 96 registers (down spills none; ptxas, sm_90): more warps per SM to hide each warp's chain of dependent
-    # instructions. Tuning took it for 128 experts' down (66.0 -> 64.3 us on the H200); caps of 128 on gate+up
-    # were never taken.
-    ({"BLOCK_K": 64}, 1, 4, 96),
-]), **{**_TUNING, "key": [*_TUNING["key"], "k_split"],
-       "prune_configs_by": {"early_config_prune": _block_k_divides_split}})
-@triton.jit(do_not_specialize=["n_used", "size_class"])
-def _int4_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
-                        p1_ptr, sz1_ptr, p2_ptr, sz2_ptr, p1_gs, sz1_gs, p2_gs, sz2_gs, N, K, size_class, k_split,
-                        split_stride, SWIGLU: tl.constexpr, PARTIAL: tl.constexpr, BLOCK_M: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """As _int8_decode_kernel, one 64-row tile of the int4 layout per program (axis 0), dequantized to
-    bf16 in registers one (scale, zero) group of 32 columns at a time, over the k_split columns of split
-    program_id(2). With PARTIAL, each split stores its float32 sums (gate's, then up's split_stride further)
-    for _split_sum_kernel, which adds the splits and applies the SwiGLU."""
-    expert, rows, row_mask, k_end = _rows_of(meta_ptr, n_used, tl.program_id(1), K, BLOCK_M)
-    block = tl.program_id(0)
-    k_start = tl.program_id(2) * k_split
-    k_stop = tl.minimum(k_start + k_split, k_end)
-    p1_ptr += expert * p1_gs
-    sz1_ptr += expert * sz1_gs
-    p2_ptr += expert * p2_gs
-    sz2_ptr += expert * sz2_gs
-    a0 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    a1 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    a2 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    a3 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    b0 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    b1 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    b2 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    b3 = tl.zeros((BLOCK_M, 16), dtype=tl.float32)
-    for k0 in range(k_start, k_stop, BLOCK_K):
-        for g in tl.static_range(BLOCK_K // 32):
-            # x's columns past the split are zero, so weights read past it add nothing
-            x = _x_tile(x_ptr, x_stride, rows, row_mask, k_stop, k0 + g * 32, 32)
-            a0, a1, a2, a3 = _int4_group_dot(a0, a1, a2, a3, x, p1_ptr, sz1_ptr, N, K, block, k0 + g * 32)
-            if SWIGLU:
-                b0, b1, b2, b3 = _int4_group_dot(b0, b1, b2, b3, x, p2_ptr, sz2_ptr, N, K, block, k0 + g * 32)
-    out = out_ptr + rows[:, None] * out_stride + block * _ROW_TILE + 2 * tl.arange(0, 16)[None, :]
-    if PARTIAL:
-        out += tl.program_id(2) * split_stride
-        _int4_store(out, row_mask, a0, a1, a2, a3)
-        if SWIGLU:
-            _int4_store(out + tl.num_programs(2) * split_stride, row_mask, b0, b1, b2, b3)
-    else:
-        if SWIGLU:
-            a0 = a0 * tl.sigmoid(a0) * b0
-            a1 = a1 * tl.sigmoid(a1) * b1
-            a2 = a2 * tl.sigmoid(a2) * b2
-            a3 = a3 * tl.sigmoid(a3) * b3
-        _int4_store(out, row_mask, a0, a1, a2, a3)
-
-
-@triton.jit
-def _split_sum_kernel(partial_ptr, out_ptr, out_stride, P, N, splits, SWIGLU: tl.constexpr, BLOCK: tl.constexpr):
-    """out[row] = the sum of the splits' partial rows, or silu(gate's sum) * up's sum with SWIGLU; partial is
-    (2 if SWIGLU else 1, splits, P, N) float32."""
-    row = tl.program_id(1)
-    n = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    mask = n < N
-    a = tl.zeros((BLOCK,), dtype=tl.float32)
-    b = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(splits):
-        a += tl.load(partial_ptr + (s * P + row) * N + n, mask=mask, other=0)
-        if SWIGLU:
-            b += tl.load(partial_ptr + ((splits + s) * P + row) * N + n, mask=mask, other=0)
-    if SWIGLU:
-        a = a * tl.sigmoid(a) * b
-    tl.store(out_ptr + row * out_stride + n, a.to(tl.bfloat16), mask=mask)
-
-
 # ---------------------------------------------------------------- prefill: dequantize into a bf16 scratch
 
 
@@ -352,7 +201,14 @@ class GroupPlan(NamedTuple):
 
     meta: torch.Tensor  # int32: the n_used expert indices, then n_used + 1 row offsets
     n_used: int
-    size_class: int  # tuning bucket: how many of the groups have rows, or at most have
+    used_at_most: int  # how many of the groups have rows, or at most have
+    rows_at_most: int  # rows in any one group, or at most
+
+    @property
+    def size_class(self) -> int:
+        """Tuning bucket for the number of experts in a launch: few experts want narrower tiles, for more
+        programs."""
+        return 8 if self.used_at_most <= 8 else 32 if self.used_at_most <= 32 else 128
 
     @property
     def ends(self) -> torch.Tensor:
@@ -365,17 +221,18 @@ def plan_groups(groups: list[int], counts: list[int], device: torch.device) -> G
     used = [(g, c) for g, c in zip(groups, counts, strict=True) if c > 0]
     used_counts = [c for _, c in used]
     host = torch.tensor([g for g, _ in used] + list(accumulate(used_counts, initial=0)), dtype=torch.int32)
-    return GroupPlan(host.to(device, non_blocking=True), len(used), _size_class(len(used)))
+    return GroupPlan(host.to(device, non_blocking=True), len(used), len(used), max(used_counts, default=0))
 
 
-def plan_all_experts(counts: torch.Tensor, used_at_most: int) -> GroupPlan:
+def plan_all_experts(counts: torch.Tensor, used_at_most: int, rows_at_most: int) -> GroupPlan:
     """A plan over every expert of a stack from rows per expert on the device (x sorted by expert), made
-    without waiting on the device; `used_at_most` experts have rows (what the launches are tuned for)."""
+    without waiting on the device; `used_at_most` experts have rows (what the launches are tuned for), none
+    more than `rows_at_most`."""
     experts = counts.shape[0]
     meta = torch.zeros(2 * experts + 1, dtype=torch.int32, device=counts.device)
     meta[:experts] = torch.arange(experts, dtype=torch.int32, device=counts.device)
     torch.cumsum(counts, 0, dtype=torch.int32, out=meta[experts + 1:])
-    return GroupPlan(meta, experts, _size_class(min(used_at_most, experts)))
+    return GroupPlan(meta, experts, min(used_at_most, experts), rows_at_most)
 
 
 def _shape(w: QuantMatrix) -> tuple[int, int]:
@@ -394,17 +251,11 @@ def _shape(w: QuantMatrix) -> tuple[int, int]:
     return n, k
 
 
-def _size_class(n_used: int) -> int:
-    """Tuning bucket for the number of experts in a launch: few experts want narrower tiles, for more programs."""
-    return 8 if n_used <= 8 else 32 if n_used <= 32 else 128
-
-
 def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan: GroupPlan,
-                  out: torch.Tensor, k_split: int | None = None) -> torch.Tensor:
-    """out = x @ W1.T per expert, or silu(x @ W1.T) * (x @ W2.T) when w2 is given; one launch (int4 with few
-    experts: a second one adding the splits of K), every plan count <= DECODE_MAX_ROWS. x (P, K) and out (P, N)
-    bf16 with unit column stride, every row of x in the plan's groups (the split's sum writes all P rows).
-    `k_split` (int4, a multiple of 32) overrides the columns per program."""
+                  out: torch.Tensor, k_warps: int | None = None) -> torch.Tensor:
+    """out = x @ W1.T per expert, or silu(x @ W1.T) * (x @ W2.T) when w2 is given; one launch, every plan count
+    <= DECODE_MAX_ROWS. x (P, K) and out (P, N) bf16 with unit column stride. `k_warps` (int4) overrides how
+    many warps cut K for each tile of rows (gpu_worker.int4_mma.k_warps_for)."""
     n, k = _shape(w1)
     assert w2 is None or (type(w2) is type(w1) and _shape(w2) == (n, k)), "gate and up must match"
     assert x.stride(1) == 1 and out.stride(1) == 1
@@ -417,55 +268,9 @@ def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan
         _int8_decode_kernel[grid](*args, w1.q, w1.scale, w2.q, w2.scale, w1.q.stride(0), w1.scale.stride(0),
                                   w2.q.stride(0), w2.scale.stride(0), n, k, **common)
     else:
-        _int4_decode(x, w1, w2, swiglu, plan, out, k_split or _int4_k_split(n, k, plan.n_used, x.device))
+        int4_mma.decode(x, w1, w2, swiglu, plan.meta, plan.n_used, plan.used_at_most, plan.rows_at_most, out,
+                        k_warps)
     return out
-
-
-def _int4_decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, plan: GroupPlan,
-                 out: torch.Tensor, k_split: int) -> None:
-    n, k = _shape(w1)
-    assert k_split > 0 and k_split % 32 == 0, "a split of K ends where a (scale, zero) group does"
-    splits = triton.cdiv(k, k_split)
-    grid = (n // INT4_ROW_TILE, plan.n_used, splits)
-    weights = (w1.packed, w1.scale_zero, w2.packed, w2.scale_zero, w1.packed.stride(0), w1.scale_zero.stride(0),
-               w2.packed.stride(0), w2.scale_zero.stride(0), n, k, plan.size_class, k_split)
-    if splits == 1:
-        _int4_decode_kernel[grid](x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used, *weights, 0,
-                                  SWIGLU=swiglu, PARTIAL=False, BLOCK_M=DECODE_MAX_ROWS)
-        return
-    p = x.shape[0]
-    partial = torch.empty((2 if swiglu else 1, splits, p, n), dtype=torch.float32, device=x.device)
-    _int4_decode_kernel[grid](x, x.stride(0), partial, n, plan.meta, plan.n_used, *weights, p * n,
-                              SWIGLU=swiglu, PARTIAL=True, BLOCK_M=DECODE_MAX_ROWS)
-    block = 256
-    _split_sum_kernel[(triton.cdiv(n, block), p)](partial, out, out.stride(0), p, n, splits, SWIGLU=swiglu,
-                                                   BLOCK=block)
-
-
-_PROGRAMS_PER_SM = 4  # programs per SM a launch with K cut aims for
-_SPLIT_GRAIN = 64  # columns: a split ends where the narrowest K tile does
-
-
-def _int4_k_split(n: int, k: int, groups: int, device: torch.device) -> int:
-    """Columns of K per program: all of K when the launch has a program for every SM, else K cut into enough
-    splits for _PROGRAMS_PER_SM per SM. One token's 8 experts' gate/up are 96 tiles on 132 SMs: cut, they took
-    25 us instead of 36 on the H200; their down (256 tiles) took 13.5 us cut against 11.7 whole, the second
-    launch costing more than the cut gained (bench/quant_kernels.md). `groups` counts the groups launched, empty
-    ones too: a plan over every expert of a stack (plan_all_experts) launches mostly empty programs, and cutting
-    K would multiply those as well, so such launches stay whole."""
-    programs = n // INT4_ROW_TILE * groups
-    sms = _multiprocessors(device)
-    if programs == 0 or programs >= sms:
-        return k
-    wanted = triton.cdiv(_PROGRAMS_PER_SM * sms, programs)
-    return min(k, triton.cdiv(triton.cdiv(k, wanted), _SPLIT_GRAIN) * _SPLIT_GRAIN)
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    """The device's SM count; 1 under Triton's interpreter (CPU tensors), which has none to fill (its tests pick
-    their splits of K themselves)."""
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 def dequantize_used(w: QuantMatrix, plan: GroupPlan, out: torch.Tensor) -> torch.Tensor:
@@ -525,11 +330,12 @@ def quant_swiglu_grouped(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, do
 
 
 def quant_swiglu_all_experts(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
-                             counts: torch.Tensor, used_at_most: int) -> torch.Tensor:
+                             counts: torch.Tensor, used_at_most: int, rows_at_most: int) -> torch.Tensor:
     """quant_swiglu_grouped over every expert of the stacks, with x's rows sorted by expert and `counts` (rows
-    per expert, each at most DECODE_MAX_ROWS) on the device: nothing waits on the device, so a decode step's
-    layers whose experts are all in VRAM queue their work without a round trip to the host."""
-    return _decode_swiglu(x.contiguous(), gate, up, down, plan_all_experts(counts, used_at_most))
+    per expert, each at most rows_at_most <= DECODE_MAX_ROWS) on the device: nothing waits on the device, so a
+    decode step's layers whose experts are all in VRAM queue their work without a round trip to the host."""
+    assert rows_at_most <= DECODE_MAX_ROWS
+    return _decode_swiglu(x.contiguous(), gate, up, down, plan_all_experts(counts, used_at_most, rows_at_most))
 
 
 def _decode_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,

@@ -35,7 +35,7 @@ def test_all_experts_from_device_counts_match_each_expert_alone():
     gate_up, down = stack(0)
     counts = [2, 0, 0, 5, 1, 0]  # empty experts at the start, the middle and the end
     x = torch.randn(sum(counts), HIDDEN, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
-    got = all_experts_grouped(x, (gate_up, down), torch.tensor(counts), used_at_most=3)
+    got = all_experts_grouped(x, (gate_up, down), torch.tensor(counts), used_at_most=3, rows_at_most=5)
     want = one_by_one(x, gate_up, down, counts)
     assert got.shape == want.shape
     assert ((got.float() - want).norm(dim=1) / want.norm(dim=1)).max() < 2e-2
@@ -47,5 +47,5 @@ def test_all_experts_agree_with_the_host_planned_launch():
     x = torch.randn(sum(counts), HIDDEN, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     used = [e for e, n in enumerate(counts) if n]
     planned = swiglu_grouped(x, gate_up, down, used, [counts[e] for e in used])
-    on_device = all_experts_grouped(x, (gate_up, down), torch.tensor(counts), used_at_most=4)
+    on_device = all_experts_grouped(x, (gate_up, down), torch.tensor(counts), used_at_most=4, rows_at_most=3)
     assert torch.equal(planned, on_device)

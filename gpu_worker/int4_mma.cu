@@ -1,0 +1,221 @@
+// int4 expert decode on tensor cores, launched by gpu_worker/int4_mma.py: out[rows of each expert] = x[rows] @ W.T,
+// or silu(x @ W1.T) * (x @ W2.T).
+//
+// The int4 layout (shared/quant.py) keeps a 64-row tile's column k in 32 bytes, the low nibble of byte j for row
+// j and the high one for row 32 + j, with a (scale, zero) bf16 pair per row and group of 32 columns. The mma's A
+// operand wants two columns of one row in each register, so a lane loads the four 32-bit words of its row quad
+// (rows 4g..4g+3 and 32+4g..35+4g) at columns 2t, 2t+1, 2t+8, 2t+9 of a 16-column step, and one byte permute
+// puts two columns' bytes side by side: one lop3 then makes a register of two bf16 codes 128 + q. The mma runs
+// on the codes, which bf16 holds exactly, and each group's sums are scaled once in float32:
+//     sum_k x_k W_k = s * sum_k x_k (q_k - 8) + z * sum_k x_k
+// where sum_k x_k comes from one more mma against ones, and the code mmas start from -136 times it. No weight is
+// rounded to bf16, as dequantizing would.
+//
+// One block per (64-row tile, expert); its warps cut K into k_warps ranges per matrix (gate and up in separate
+// warps under SWIGLU) and add their sums in shared memory. Each warp keeps DEPTH groups of loads in flight.
+
+typedef unsigned int u32;
+typedef unsigned short u16;
+
+__device__ __forceinline__ u32 byte_perm(u32 a, u32 b, u32 selector) {
+    u32 r;
+    asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
+    return r;
+}
+
+// Nibbles at bits 0-3 and 16-19 -> two bf16 128 + q: (v & 0x000F000F) | 0x43004300.
+__device__ __forceinline__ u32 codes(u32 v) {
+    u32 r;
+    asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(r) : "r"(v));
+    return r;
+}
+
+__device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+                 "{%0,%1,%2,%3};"
+                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+                 : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float bf16_low(u32 pair) { return __uint_as_float(pair << 16); }
+__device__ __forceinline__ float bf16_high(u32 pair) { return __uint_as_float(pair & 0xFFFF0000u); }
+
+__device__ __forceinline__ u16 to_bf16(float v) {
+    u16 r;
+    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(r) : "f"(v));
+    return r;
+}
+
+// What one lane reads for one group of 32 columns.
+template <int NT>
+struct Group {
+    u32 w[2][4];     // weight words: [16-column step][columns 2t, 2t+1, 2t+8, 2t+9]
+    uint4 sz_low;    // (s, z) of rows 4g..4g+3
+    uint4 sz_high;   // (s, z) of rows 32+4g..35+4g
+    u32 x[2][NT][2]; // B fragments: [step][8-row tile of x][columns 2t, 2t+1 | 2t+8, 2t+9]
+};
+
+// The next group's loads. w, sz and x already point at this lane's words of it (w: column 2t, rows 4g..;
+// sz: rows 4g..; x: columns 2t.. of x rows nt * 8 + g, or of the group's first row, masked to zero, past its
+// last), and move on by one group.
+template <int NT>
+__device__ __forceinline__ void load_group(Group<NT>& f, const u32*& w, const uint4*& sz, long long sz_step,
+                                           const u16* (&x)[NT], const u32 (&x_mask)[NT]) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        f.w[s][0] = __ldg(w + 128 * s);
+        f.w[s][1] = __ldg(w + 128 * s + 8);
+        f.w[s][2] = __ldg(w + 128 * s + 64);
+        f.w[s][3] = __ldg(w + 128 * s + 72);
+    }
+    f.sz_low = __ldg(sz);
+    f.sz_high = __ldg(sz + 8);
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int s = 0; s < 2; ++s) {
+            f.x[s][nt][0] = __ldg((const u32*)(x[nt] + 16 * s)) & x_mask[nt];
+            f.x[s][nt][1] = __ldg((const u32*)(x[nt] + 16 * s + 8)) & x_mask[nt];
+        }
+        x[nt] += 32;
+    }
+    w += 32 * 8;
+    sz += sz_step;
+}
+
+// acc[i][nt] += this group's contribution for rows 4g+i (c0, c1) and 32+4g+i (c2, c3), x rows nt*8 + 2t (+1).
+template <int NT>
+__device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT>& f) {
+    const u32 ones = 0x3F803F80u;  // bf16 (1, 1)
+    float sums[NT][4], dots[4][NT][4];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) sums[nt][e] = 0.f;
+#pragma unroll
+        for (int s = 0; s < 2; ++s) mma(sums[nt], ones, ones, ones, ones, f.x[s][nt][0], f.x[s][nt][1]);
+        // the dots start at -136 sum_k x_k, so that they end at sum_k x_k (q_k - 8)
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) dots[i][nt][e] = -136.f * sums[nt][e];
+    }
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        // bytes 0-1 (rows 4g, 4g+1) or 2-3 (4g+2, 4g+3) of two columns' words, side by side per 16-bit half
+        u32 near[2] = {byte_perm(f.w[s][0], f.w[s][1], 0x5410), byte_perm(f.w[s][0], f.w[s][1], 0x7632)};
+        u32 far[2] = {byte_perm(f.w[s][2], f.w[s][3], 0x5410), byte_perm(f.w[s][2], f.w[s][3], 0x7632)};
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const int shift = (i & 1) * 8;
+            u32 a = near[i >> 1] >> shift, b = far[i >> 1] >> shift;
+            u32 a0 = codes(a), a1 = codes(a >> 4), a2 = codes(b), a3 = codes(b >> 4);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) mma(dots[i][nt], a0, a1, a2, a3, f.x[s][nt][0], f.x[s][nt][1]);
+        }
+    }
+    const u32 low[4] = {f.sz_low.x, f.sz_low.y, f.sz_low.z, f.sz_low.w};
+    const u32 high[4] = {f.sz_high.x, f.sz_high.y, f.sz_high.z, f.sz_high.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        float s_low = bf16_low(low[i]), z_low = bf16_high(low[i]);
+        float s_high = bf16_low(high[i]), z_high = bf16_high(high[i]);
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            acc[i][nt][0] = fmaf(s_low, dots[i][nt][0], fmaf(z_low, sums[nt][0], acc[i][nt][0]));
+            acc[i][nt][1] = fmaf(s_low, dots[i][nt][1], fmaf(z_low, sums[nt][1], acc[i][nt][1]));
+            acc[i][nt][2] = fmaf(s_high, dots[i][nt][2], fmaf(z_high, sums[nt][2], acc[i][nt][2]));
+            acc[i][nt][3] = fmaf(s_high, dots[i][nt][3], fmaf(z_high, sums[nt][3], acc[i][nt][3]));
+        }
+    }
+}
+
+// Grid (N / 64 tiles, groups of the plan); block 32 * k_warps * (SWIGLU ? 2 : 1) threads, at most 16 / NT warps
+// (128 registers a thread for one tile of x, 255 for two). meta holds the plan's n_used expert indices, then
+// n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert.
+template <int NT, bool SWIGLU, int DEPTH>
+__global__ void __launch_bounds__(512 / NT) int4_decode(
+    const u16* __restrict__ x, long long x_stride, u16* __restrict__ out, long long out_stride,
+    const int* __restrict__ meta, int n_used,
+    const unsigned char* __restrict__ p1, const u16* __restrict__ sz1,
+    const unsigned char* __restrict__ p2, const u16* __restrict__ sz2,
+    long long p1_gs, long long sz1_gs, long long p2_gs, long long sz2_gs, int n, int k, int k_warps) {
+    constexpr int E = 16 * NT;  // accumulators per lane
+    extern __shared__ float partial[];  // [warp][E][32 lanes]
+
+    const int tile = blockIdx.x, item = blockIdx.y;
+    const long long expert = meta[item];
+    const int first = meta[n_used + item], rows = meta[n_used + item + 1] - first;
+    if (rows == 0) return;  // a plan over every expert of a stack lists empty ones: nothing to read
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const bool second = SWIGLU && warp >= k_warps;
+    const int kw = warp % k_warps;
+
+    const unsigned char* packed = second ? p2 + expert * p2_gs : p1 + expert * p1_gs;
+    const u16* scales = second ? sz2 + expert * sz2_gs : sz1 + expert * sz1_gs;
+    const int groups = k / 32;
+    const int begin = kw * groups / k_warps, end = (kw + 1) * groups / k_warps;
+    // u32 words of the tile: column c at c * 8; uint4 of (s, z): 4 rows each, n / 4 per group
+    const u32* w = (const u32*)(packed + (long long)tile * k * 32) + begin * 32 * 8 + 2 * t * 8 + g;
+    const long long sz_step = n / 4;
+    const uint4* sz = (const uint4*)(scales + tile * 64 * 2) + begin * sz_step + g;
+    const u16* xs[NT];
+    u32 x_mask[NT];
+#pragma unroll
+    for (int nt = 0; nt < NT; ++nt) {
+        const bool valid = nt * 8 + g < rows;
+        x_mask[nt] = valid ? ~0u : 0u;
+        xs[nt] = x + (first + (valid ? nt * 8 + g : 0)) * x_stride + begin * 32 + 2 * t;
+    }
+
+    float acc[4][NT][4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][nt][e] = 0.f;
+
+    Group<NT> buf[DEPTH];
+#pragma unroll
+    for (int d = 0; d < DEPTH; ++d)
+        if (begin + d < end) load_group(buf[d], w, sz, sz_step, xs, x_mask);
+    for (int group = begin; group < end; group += DEPTH) {
+#pragma unroll
+        for (int d = 0; d < DEPTH; ++d) {
+            if (group + d < end) {
+                add_group(acc, buf[d]);
+                if (group + d + DEPTH < end)
+                    load_group(buf[d], w, sz, sz_step, xs, x_mask);
+            }
+        }
+    }
+
+    float* mine = partial + warp * E * 32 + lane;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) mine[((i * NT + nt) * 4 + e) * 32] = acc[i][nt][e];
+    __syncthreads();
+    if (warp != 0) return;
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int at = ((i * NT + nt) * 4 + e) * 32 + lane;
+                float y = 0.f;
+                for (int w = 0; w < k_warps; ++w) y += partial[w * E * 32 + at];
+                if (SWIGLU) {
+                    float up = 0.f;
+                    for (int w = k_warps; w < 2 * k_warps; ++w) up += partial[w * E * 32 + at];
+                    y = y / (1.f + __expf(-y)) * up;
+                }
+                const int row = nt * 8 + 2 * t + (e & 1);
+                const int col = tile * 64 + (e < 2 ? 4 * g + i : 32 + 4 * g + i);
+                if (row < rows) out[(first + row) * out_stride + col] = to_bf16(y);
+            }
+}

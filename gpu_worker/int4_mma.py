@@ -1,0 +1,94 @@
+"""int4 decode on tensor cores: the CUDA kernel of int4_mma.cu, which cupy compiles with NVRTC on first use.
+
+Triton could not express the kernel's inner loop: the int4 layout keeps two rows of one column in a byte, the
+tensor cores want two columns of one row in a register, and Triton re-paired the nibbles through extra
+permutes and shared memory (2.8 instructions per weight at 174 registers, 15-46% of HBM on the H200). Here a
+lane loads exactly the words of its own mma fragments and one byte permute pairs them (bench/quant_kernels.md).
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from shared.quant import INT4_ROW_TILE, Int4Matrix
+
+_SOURCE = Path(__file__).with_suffix(".cu")
+_DEPTH = 2  # groups of 32 columns each warp keeps in flight
+_WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
+_SHARED_BYTES = 48 << 10  # per block without opting in to more
+_BLOCK_WARPS = 16  # per tile of x at most: the kernel's launch bounds
+_ACCUMULATOR_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
+
+
+@functools.cache
+def _kernel(x_tiles: int, swiglu: bool):
+    try:
+        import cupy
+    except ImportError as e:
+        raise ImportError("int4 experts on a GPU need cupy (pip install 'tierserve[gpu]')") from e
+    name = f"int4_decode<{x_tiles}, {'true' if swiglu else 'false'}, {_DEPTH}>"
+    module = cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17",), name_expressions=[name])
+    return module.get_function(name)
+
+
+@functools.cache
+def _stream(pointer: int):
+    """cupy's handle on a torch stream, made once per stream."""
+    import cupy
+
+    with warnings.catch_warnings():  # cupy 14 deprecates ExternalStream, which still takes the raw pointer torch gives
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return cupy.cuda.ExternalStream(pointer)
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def k_warps_for(n: int, k: int, used: int, swiglu: bool, x_tiles: int, device: torch.device) -> int:
+    """Warps that cut K per matrix in each block: the fewest, in a power of two, that give every SM
+    _WARPS_PER_SM warps (one token's 8 experts' gate/up are 96 blocks on 132 SMs: 8 warps each), each warp with
+    at least two groups of 32 columns, within the kernel's launch bounds. Blocks of a power of two warps pack
+    the SMs (17 warps of 120 registers fit: blocks of 12 left 5 idle). On the H200 this rule picks the fastest
+    of 1, 2, 4 and 8 warps in every case of bench/quant_kernels.md but 128 experts' gate/up (112 us against 106
+    with 2); aiming at 16 warps per SM was slower with few experts (16 experts: 54 us against 35)."""
+    matrices = 2 if swiglu else 1
+    blocks = n // INT4_ROW_TILE * max(1, used)
+    k_warps = 1
+    while (blocks * matrices * k_warps < _WARPS_PER_SM * _multiprocessors(device)
+           and 2 * k_warps * matrices * x_tiles <= _BLOCK_WARPS and 2 * k_warps <= k // 32 // 2):
+        k_warps *= 2
+    return k_warps
+
+
+def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: torch.Tensor, n_used: int,
+           used_at_most: int, rows_at_most: int, out: torch.Tensor, k_warps: int | None = None) -> None:
+    """out[rows] = x[rows] @ W1.T per group, or silu(x @ W1.T) * (x @ W2.T) with swiglu. meta as GroupPlan's:
+    n_used expert indices, then n_used + 1 row offsets; used_at_most groups have rows, none more than
+    rows_at_most (<= 16). The caller checks shapes (quant_kernels._shape)."""
+    _, n, half_k = w1.packed.shape
+    k = 2 * half_k
+    if n_used == 0:
+        return
+    x_tiles = 1 if rows_at_most <= 8 else 2
+    k_warps = k_warps or k_warps_for(n, k, min(used_at_most, n_used), swiglu, x_tiles, x.device)
+    warps = k_warps * (2 if swiglu else 1)
+    assert warps * x_tiles <= min(_SHARED_BYTES // _ACCUMULATOR_BYTES, _BLOCK_WARPS), "too many warps for a block"
+    for w in (w1, w2):
+        assert w.scale_zero.data_ptr() % 16 == 0 and w.scale_zero.stride(0) % 8 == 0, \
+            "(scale, zero) pairs are read 16 bytes at a time"
+    assert x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0, "x is read two columns at a time"
+    pointers = [np.uint64(t.data_ptr()) for t in (x, out, meta, w1.packed, w1.scale_zero, w2.packed, w2.scale_zero)]
+    x_ptr, out_ptr, meta_ptr, p1, sz1, p2, sz2 = pointers
+    strides = [np.int64(t.stride(0)) for t in (w1.packed, w1.scale_zero, w2.packed, w2.scale_zero)]
+    args = (x_ptr, np.int64(x.stride(0)), out_ptr, np.int64(out.stride(0)), meta_ptr, np.int32(n_used),
+            p1, sz1, p2, sz2, *strides, np.int32(n), np.int32(k), np.int32(k_warps))
+    with _stream(torch.cuda.current_stream(x.device).cuda_stream):
+        _kernel(x_tiles, swiglu)((n // INT4_ROW_TILE, n_used), (32 * warps,), args,
+                                 shared_mem=warps * _ACCUMULATOR_BYTES * x_tiles)
