@@ -12,7 +12,7 @@
 // rounded to bf16, as dequantizing would.
 //
 // One block per (64-row tile, expert); its warps cut K into k_warps ranges per matrix (gate and up in separate
-// warps under SWIGLU) and add their sums in shared memory. Each warp keeps DEPTH groups of loads in flight.
+// warps under SWIGLU) and add their sums in shared memory.
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -46,7 +46,7 @@ __device__ __forceinline__ u16 to_bf16(float v) {
     return r;
 }
 
-// What one lane reads for one group of 32 columns.
+// What one lane takes of one group of 32 columns.
 template <int NT>
 struct Group {
     u32 w[2][4];     // weight words: [16-column step][columns 2t, 2t+1, 2t+8, 2t+9]
@@ -55,37 +55,64 @@ struct Group {
     u32 x[2][NT][2]; // B fragments: [step][8-row tile of x][columns 2t, 2t+1 | 2t+8, 2t+9]
 };
 
-// The next group's loads. w, sz and x already point at this lane's words of it (w: column 2t, rows 4g..;
-// sz: rows 4g..; x: columns 2t.. of x rows nt * 8 + g, or of the group's first row, masked to zero, past its
-// last), and move on by one group.
+// A group's bytes in shared memory: the tile's 32 columns of 32 bytes, then its 64 (s, z) pairs. Column c sits at
+// slot c ^ ((c >> 2) & 1), so that the four columns 2t + v one load instruction reads fall in different banks.
+constexpr int COLUMNS_BYTES = 32 * 32, STAGE_BYTES = COLUMNS_BYTES + 64 * 4;
+
+__device__ __forceinline__ int column_slot(int c) { return c ^ ((c >> 2) & 1); }
+
+__device__ __forceinline__ void copy_async(unsigned char* shared, const unsigned char* global) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
+                 :: "r"((u32)__cvta_generic_to_shared(shared)), "l"(global));
+}
+
+// One warp copies a group into a stage: 64 chunks of 16 bytes of columns, 16 of (s, z) pairs. A lane copies column
+// chunks lane and lane + 32, to the stage offsets to0 and to1 (column_slot's places), and pairs chunk lane.
+__device__ __forceinline__ void copy_group(unsigned char* stage, const unsigned char* columns,
+                                           const unsigned char* scales, int lane, int to0, int to1) {
+    copy_async(stage + to0, columns + lane * 16);
+    copy_async(stage + to1, columns + (lane + 32) * 16);
+    if (lane < 16) copy_async(stage + COLUMNS_BYTES + lane * 16, scales + lane * 16);
+    asm volatile("cp.async.commit_group;");
+}
+
+// The words of a stage at this lane's slots (from `words`: slot 2t, rows 4g..): slots 2t, 2t + 1, 2t + 8, 2t + 9
+// of each step, which hold columns 2t + (v ^ 1) (v = 0, 1, 8, 9) where column_slot swaps neighbours (t = 2, 3):
+// add_group pairs those by a byte permute that takes them the other way round.
 template <int NT>
-__device__ __forceinline__ void load_group(Group<NT>& f, const u32*& w, const uint4*& sz, long long sz_step,
-                                           const u16* (&x)[NT], const u32 (&x_mask)[NT]) {
+__device__ __forceinline__ void read_group(Group<NT>& f, const unsigned char* words, const unsigned char* pairs) {
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-        f.w[s][0] = __ldg(w + 128 * s);
-        f.w[s][1] = __ldg(w + 128 * s + 8);
-        f.w[s][2] = __ldg(w + 128 * s + 64);
-        f.w[s][3] = __ldg(w + 128 * s + 72);
+        f.w[s][0] = *(const u32*)(words + (16 * s) * 32);
+        f.w[s][1] = *(const u32*)(words + (16 * s + 1) * 32);
+        f.w[s][2] = *(const u32*)(words + (16 * s + 8) * 32);
+        f.w[s][3] = *(const u32*)(words + (16 * s + 9) * 32);
     }
-    f.sz_low = __ldg(sz);
-    f.sz_high = __ldg(sz + 8);
+    f.sz_low = *(const uint4*)pairs;
+    f.sz_high = *(const uint4*)(pairs + 128);
+}
+
+// x's B fragments of the group at x[nt] (this lane's: columns 2t.. of x rows nt * 8 + g, or of the group's first
+// row, masked to zero, past its last), and x[nt] on to the next group.
+template <int NT>
+__device__ __forceinline__ void load_x(u32 (&f)[2][NT][2], const u16* (&x)[NT], const u32 (&mask)[NT]) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
-            f.x[s][nt][0] = __ldg((const u32*)(x[nt] + 16 * s)) & x_mask[nt];
-            f.x[s][nt][1] = __ldg((const u32*)(x[nt] + 16 * s + 8)) & x_mask[nt];
+            f[s][nt][0] = __ldg((const u32*)(x[nt] + 16 * s)) & mask[nt];
+            f[s][nt][1] = __ldg((const u32*)(x[nt] + 16 * s + 8)) & mask[nt];
         }
         x[nt] += 32;
     }
-    w += 32 * 8;
-    sz += sz_step;
 }
 
 // acc[i][nt] += this group's contribution for rows 4g+i (c0, c1) and 32+4g+i (c2, c3), x rows nt*8 + 2t (+1).
+// low_bytes / high_bytes: the byte permutes that put bytes 0-1 / 2-3 of two columns' words side by side, column
+// 2t (+ 8) in the low half of each 16-bit pair.
 template <int NT>
-__device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT>& f) {
+__device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT>& f, u32 low_bytes,
+                                          u32 high_bytes) {
     const u32 ones = 0x3F803F80u;  // bf16 (1, 1)
     float sums[NT][4], dots[4][NT][4];
 #pragma unroll
@@ -103,8 +130,8 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
         // bytes 0-1 (rows 4g, 4g+1) or 2-3 (4g+2, 4g+3) of two columns' words, side by side per 16-bit half
-        u32 near[2] = {byte_perm(f.w[s][0], f.w[s][1], 0x5410), byte_perm(f.w[s][0], f.w[s][1], 0x7632)};
-        u32 far[2] = {byte_perm(f.w[s][2], f.w[s][3], 0x5410), byte_perm(f.w[s][2], f.w[s][3], 0x7632)};
+        u32 near[2] = {byte_perm(f.w[s][0], f.w[s][1], low_bytes), byte_perm(f.w[s][0], f.w[s][1], high_bytes)};
+        u32 far[2] = {byte_perm(f.w[s][2], f.w[s][3], low_bytes), byte_perm(f.w[s][2], f.w[s][3], high_bytes)};
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             const int shift = (i & 1) * 8;
@@ -131,9 +158,11 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
 }
 
 // Grid (N / 64 tiles, groups of the plan); block 32 * k_warps * (SWIGLU ? 2 : 1) threads, at most 16 / NT warps
-// (128 registers a thread for one tile of x, 255 for two). meta holds the plan's n_used expert indices, then
-// n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert.
-template <int NT, bool SWIGLU, int DEPTH>
+// (128 registers a thread for one tile of x, 255 for two); shared memory warps * (64 * NT + STAGES * STAGE_BYTES)
+// bytes. meta holds the plan's n_used expert indices, then n_used + 1 row offsets into x and out. Strides in
+// elements; *_gs: per expert. Each warp copies its groups of weights into a ring of STAGES stages in shared memory,
+// STAGES - 1 ahead of the one it computes: loads in flight that take no registers.
+template <int NT, bool SWIGLU, int STAGES>
 __global__ void __launch_bounds__(512 / NT) int4_decode(
     const u16* __restrict__ x, long long x_stride, u16* __restrict__ out, long long out_stride,
     const int* __restrict__ meta, int n_used,
@@ -141,7 +170,8 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     const unsigned char* __restrict__ p2, const u16* __restrict__ sz2,
     long long p1_gs, long long sz1_gs, long long p2_gs, long long sz2_gs, int n, int k, int k_warps) {
     constexpr int E = 16 * NT;  // accumulators per lane
-    extern __shared__ float partial[];  // [warp][E][32 lanes]
+    extern __shared__ __align__(16) unsigned char shared[];
+    float* partial = (float*)shared;  // [warp][E][32 lanes], the warps' sums
 
     const int tile = blockIdx.x, item = blockIdx.y;
     const long long expert = meta[item];
@@ -150,15 +180,15 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bool second = SWIGLU && warp >= k_warps;
     const int kw = warp % k_warps;
+    unsigned char* ring = shared + (blockDim.x >> 5) * E * 32 * 4 + warp * STAGES * STAGE_BYTES;
 
     const unsigned char* packed = second ? p2 + expert * p2_gs : p1 + expert * p1_gs;
     const u16* scales = second ? sz2 + expert * sz2_gs : sz1 + expert * sz1_gs;
     const int groups = k / 32;
     const int begin = kw * groups / k_warps, end = (kw + 1) * groups / k_warps;
-    // u32 words of the tile: column c at c * 8; uint4 of (s, z): 4 rows each, n / 4 per group
-    const u32* w = (const u32*)(packed + (long long)tile * k * 32) + begin * 32 * 8 + 2 * t * 8 + g;
-    const long long sz_step = n / 4;
-    const uint4* sz = (const uint4*)(scales + tile * 64 * 2) + begin * sz_step + g;
+    // the next group to copy: its 1 KB of columns, and its (s, z) pairs, n * 4 bytes after the previous group's
+    const unsigned char* columns = packed + ((long long)tile * k + begin * 32) * 32;
+    const unsigned char* pairs = (const unsigned char*)(scales + tile * 64 * 2) + (long long)begin * n * 4;
     const u16* xs[NT];
     u32 x_mask[NT];
 #pragma unroll
@@ -176,19 +206,55 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][nt][e] = 0.f;
 
-    Group<NT> buf[DEPTH];
+    // where this lane's copies land in a stage, and where it reads its words and (s, z) pairs
+    const int to0 = column_slot(lane >> 1) * 32 + (lane & 1) * 16;
+    const int to1 = column_slot(16 + (lane >> 1)) * 32 + (lane & 1) * 16;
+    // slot 2t + v holds column 2t + v, or 2t + (v ^ 1) where column_slot swaps neighbours
+    const bool swapped = (t >> 1) & 1;
+    const u32 low_bytes = swapped ? 0x1054 : 0x5410, high_bytes = swapped ? 0x3276 : 0x7632;
+    const int words = 2 * t * 32 + 4 * g, pairs_at = COLUMNS_BYTES + 16 * g;
+
+    // one commit per stage copied or skipped, so that waiting for all but the STAGES - 1 latest is this group's
+    unsigned char* const last = ring + (STAGES - 1) * STAGE_BYTES;
+    unsigned char* fill = ring;
 #pragma unroll
-    for (int d = 0; d < DEPTH; ++d)
-        if (begin + d < end) load_group(buf[d], w, sz, sz_step, xs, x_mask);
-    for (int group = begin; group < end; group += DEPTH) {
-#pragma unroll
-        for (int d = 0; d < DEPTH; ++d) {
-            if (group + d < end) {
-                add_group(acc, buf[d]);
-                if (group + d + DEPTH < end)
-                    load_group(buf[d], w, sz, sz_step, xs, x_mask);
-            }
+    for (int d = 0; d < STAGES - 1; ++d) {
+        if (begin + d < end) {
+            copy_group(fill, columns, pairs, lane, to0, to1);
+            columns += COLUMNS_BYTES;
+            pairs += n * 4;
+        } else {
+            asm volatile("cp.async.commit_group;");
         }
+        fill += STAGE_BYTES;
+    }
+    Group<NT> f;
+    u32 next_x[2][NT][2];
+    if (begin < end) load_x(next_x, xs, x_mask);
+    unsigned char* read = ring;
+    for (int group = begin; group < end; ++group) {
+        if (group + STAGES - 1 < end) {  // into the stage read one group ago
+            copy_group(fill, columns, pairs, lane, to0, to1);
+            columns += COLUMNS_BYTES;
+            pairs += n * 4;
+        } else {
+            asm volatile("cp.async.commit_group;");
+        }
+        fill = read;
+#pragma unroll
+        for (int s = 0; s < 2; ++s)
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                f.x[s][nt][0] = next_x[s][nt][0];
+                f.x[s][nt][1] = next_x[s][nt][1];
+            }
+        if (group + 1 < end) load_x(next_x, xs, x_mask);
+        asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1));
+        __syncwarp();  // the other lanes' copies of this stage have landed too
+        read_group(f, read + words, read + pairs_at);
+        add_group(acc, f, low_bytes, high_bytes);
+        __syncwarp();  // every lane has read this stage before the next iteration refills it
+        read = read == last ? ring : read + STAGE_BYTES;
     }
 
     float* mine = partial + warp * E * 32 + lane;

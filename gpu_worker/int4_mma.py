@@ -3,7 +3,8 @@
 Triton could not express the kernel's inner loop: the int4 layout keeps two rows of one column in a byte, the
 tensor cores want two columns of one row in a register, and Triton re-paired the nibbles through extra
 permutes and shared memory (2.8 instructions per weight at 174 registers, 15-46% of HBM on the H200). Here a
-lane loads exactly the words of its own mma fragments and one byte permute pairs them (bench/quant_kernels.md).
+lane copies its groups of weights into shared memory ahead (cp.async), then reads exactly the words of its own
+mma fragments, and one byte permute pairs them (bench/quant_kernels.md).
 """
 
 from __future__ import annotations
@@ -18,22 +19,30 @@ import torch
 from shared.quant import INT4_ROW_TILE, Int4Matrix
 
 _SOURCE = Path(__file__).with_suffix(".cu")
-_DEPTH = 2  # groups of 32 columns each warp keeps in flight
+# groups of 32 columns in each warp's ring in shared memory, STAGES - 1 copies in flight: 4 and 6 took the same
+# time on the H200 (6 was 1% slower)
+STAGES = 4
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
-_SHARED_BYTES = 48 << 10  # per block without opting in to more
 _BLOCK_WARPS = 16  # per tile of x at most: the kernel's launch bounds
-_ACCUMULATOR_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
+_STAGE_BYTES = 32 * 32 + 64 * 4  # a group of a 64-row tile: its columns, its (scale, zero) pairs
+_SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
 
 
 @functools.cache
-def _kernel(x_tiles: int, swiglu: bool):
+def _kernel(x_tiles: int, swiglu: bool, device: torch.device):
     try:
         import cupy
     except ImportError as e:
         raise ImportError("int4 experts on a GPU need cupy (pip install 'tierserve[gpu]')") from e
-    name = f"int4_decode<{x_tiles}, {'true' if swiglu else 'false'}, {_DEPTH}>"
+    name = f"int4_decode<{x_tiles}, {'true' if swiglu else 'false'}, {STAGES}>"
     module = cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17",), name_expressions=[name])
-    return module.get_function(name)
+    kernel = module.get_function(name)
+    kernel.max_dynamic_shared_size_bytes = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+    return kernel
+
+
+def _shared_bytes(warps: int, x_tiles: int) -> int:
+    return warps * (x_tiles * _SUMS_BYTES + STAGES * _STAGE_BYTES)
 
 
 @functools.cache
@@ -54,10 +63,11 @@ def _multiprocessors(device: torch.device) -> int:
 def k_warps_for(n: int, k: int, used: int, swiglu: bool, x_tiles: int, device: torch.device) -> int:
     """Warps that cut K per matrix in each block: the fewest, in a power of two, that give every SM
     _WARPS_PER_SM warps (one token's 8 experts' gate/up are 96 blocks on 132 SMs: 8 warps each), each warp with
-    at least two groups of 32 columns, within the kernel's launch bounds. Blocks of a power of two warps pack
-    the SMs (17 warps of 120 registers fit: blocks of 12 left 5 idle). On the H200 this rule picks the fastest
-    of 1, 2, 4 and 8 warps in every case of bench/quant_kernels.md but 128 experts' gate/up (112 us against 106
-    with 2); aiming at 16 warps per SM was slower with few experts (16 experts: 54 us against 35)."""
+    at least two groups of 32 columns, within the kernel's launch bounds. Blocks of a power of two warps pack the
+    SMs. On the H200, for this kernel before it copied into shared memory, the rule picked the fastest of 1, 2, 4
+    and 8 warps in every case of bench/quant_kernels.md but one (within 5%), where aiming at 16 warps per SM was
+    slower with few experts (16 experts: 54 us against 35); since, it was timed against one warp only (the same
+    from 64 experts up, 2.2x faster for 8)."""
     matrices = 2 if swiglu else 1
     blocks = n // INT4_ROW_TILE * max(1, used)
     k_warps = 1
@@ -79,16 +89,17 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
     x_tiles = 1 if rows_at_most <= 8 else 2
     k_warps = k_warps or k_warps_for(n, k, min(used_at_most, n_used), swiglu, x_tiles, x.device)
     warps = k_warps * (2 if swiglu else 1)
-    assert warps * x_tiles <= min(_SHARED_BYTES // _ACCUMULATOR_BYTES, _BLOCK_WARPS), "too many warps for a block"
+    assert warps * x_tiles <= _BLOCK_WARPS, "too many warps for a block"
     for w in (w1, w2):
+        assert w.packed.data_ptr() % 16 == 0 and w.packed.stride(0) % 16 == 0, "columns are copied 16 bytes at a time"
         assert w.scale_zero.data_ptr() % 16 == 0 and w.scale_zero.stride(0) % 8 == 0, \
-            "(scale, zero) pairs are read 16 bytes at a time"
+            "(scale, zero) pairs are copied 16 bytes at a time"
     assert x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0, "x is read two columns at a time"
     pointers = [np.uint64(t.data_ptr()) for t in (x, out, meta, w1.packed, w1.scale_zero, w2.packed, w2.scale_zero)]
     x_ptr, out_ptr, meta_ptr, p1, sz1, p2, sz2 = pointers
     strides = [np.int64(t.stride(0)) for t in (w1.packed, w1.scale_zero, w2.packed, w2.scale_zero)]
     args = (x_ptr, np.int64(x.stride(0)), out_ptr, np.int64(out.stride(0)), meta_ptr, np.int32(n_used),
             p1, sz1, p2, sz2, *strides, np.int32(n), np.int32(k), np.int32(k_warps))
+    kernel = _kernel(x_tiles, swiglu, x.device)
     with _stream(torch.cuda.current_stream(x.device).cuda_stream):
-        _kernel(x_tiles, swiglu)((n // INT4_ROW_TILE, n_used), (32 * warps,), args,
-                                 shared_mem=warps * _ACCUMULATOR_BYTES * x_tiles)
+        kernel((n // INT4_ROW_TILE, n_used), (32 * warps,), args, shared_mem=_shared_bytes(warps, x_tiles))
