@@ -137,8 +137,7 @@ def bench_uncut(table: Table, stack: str, shape: str, sets: list[list[int]], pla
     for x, w1, w2, out in launches:
         n, k = out.shape[1], x.shape[1]
         plan = plans[0]
-        x_tiles = 1 if plan.rows_at_most <= 8 else 2
-        if int4_mma.k_warps_for(n, k, plan.used_at_most, w2 is not None, x_tiles, x.device) == 1:
+        if int4_mma.k_warps_for(n, k, plan.used_at_most, w2 is not None, plan.rows_at_most, x.device) == 1:
             continue
         seconds = graph_time([partial(qk.decode_linear, x, w1, w2, p, out, k_warps=1) for p in plans])
         label = "gate+up+SwiGLU" if w2 is not None else "down"

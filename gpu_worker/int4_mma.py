@@ -60,7 +60,12 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def k_warps_for(n: int, k: int, used: int, swiglu: bool, x_tiles: int, device: torch.device) -> int:
+def _x_tiles(rows_at_most: int) -> int:
+    """8-row tiles of x the kernel takes for up to rows_at_most rows per group."""
+    return 1 if rows_at_most <= 8 else 2
+
+
+def k_warps_for(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, device: torch.device) -> int:
     """Warps that cut K per matrix in each block: the fewest, in a power of two, that give every SM
     _WARPS_PER_SM warps (one token's 8 experts' gate/up are 96 blocks on 132 SMs: 8 warps each), each warp with
     at least two groups of 32 columns, within the kernel's launch bounds. Blocks of a power of two warps pack the
@@ -68,7 +73,7 @@ def k_warps_for(n: int, k: int, used: int, swiglu: bool, x_tiles: int, device: t
     and 8 warps in every case of bench/quant_kernels.md but one (within 5%), where aiming at 16 warps per SM was
     slower with few experts (16 experts: 54 us against 35); since, it was timed against one warp only (the same
     from 64 experts up, 2.2x faster for 8)."""
-    matrices = 2 if swiglu else 1
+    matrices, x_tiles = 2 if swiglu else 1, _x_tiles(rows_at_most)
     blocks = n // INT4_ROW_TILE * max(1, used)
     k_warps = 1
     while (blocks * matrices * k_warps < _WARPS_PER_SM * _multiprocessors(device)
@@ -86,8 +91,8 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
     k = 2 * half_k
     if n_used == 0:
         return
-    x_tiles = 1 if rows_at_most <= 8 else 2
-    k_warps = k_warps or k_warps_for(n, k, min(used_at_most, n_used), swiglu, x_tiles, x.device)
+    x_tiles = _x_tiles(rows_at_most)
+    k_warps = k_warps or k_warps_for(n, k, min(used_at_most, n_used), swiglu, rows_at_most, x.device)
     warps = k_warps * (2 if swiglu else 1)
     assert warps * x_tiles <= _BLOCK_WARPS, "too many warps for a block"
     for w in (w1, w2):
