@@ -4,6 +4,7 @@ grouped_ffn takes it, what it refuses, and how its build fails."""
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 
@@ -160,3 +161,17 @@ def test_without_a_compiler_one_warning_and_torchs_kernels(monkeypatch, caplog):
         assert torch.equal(grouped_ffn(x, [0], [1], weights.__getitem__), quantized_ffn(x, *weights[0]))
     assert [r.getMessage() for r in caplog.records if "no-such-compiler" in r.getMessage()] != []
     assert len(caplog.records) == 1
+
+
+def test_an_experts_checked_pointers_go_with_its_tensors():
+    """The checks' cache keeps no tensor alive and forgets an expert once its tensors die, so a new tensor that
+    takes a dead one's id is checked again."""
+    weights = experts("int4", 64, 128, 2, seed=5)
+    x = torch.randn(2, 128)
+    before = len(native_kernels._checked)
+    first = grouped_swiglu(x, weights, [1, 1])
+    assert len(native_kernels._checked) == before + 2
+    assert torch.equal(grouped_swiglu(x, weights, [1, 1]), first)  # the second call takes the checked pointers
+    del weights
+    gc.collect()
+    assert len(native_kernels._checked) == before
