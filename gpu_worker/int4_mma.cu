@@ -158,10 +158,9 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
     }
 }
 
-// Grid (N / 64 tiles, groups of the plan); block 32 * k_warps * (SWIGLU ? 2 : 1) threads, at most 16 / NT warps
-// (128 registers a thread for one tile of x, 255 for two); shared memory warps * (64 * NT + STAGES * STAGE_BYTES)
-// bytes. meta holds the plan's n_used expert indices, then n_used + 1 row offsets into x and out. Strides in
-// elements; *_gs: per expert. Each warp copies its groups of weights into a ring of STAGES stages in shared memory,
+// Grid (N / 64 tiles, groups of the plan); block 32 * k_warps * (SWIGLU ? 2 : 1) threads, at most 16 / NT warps;
+// shared memory warps * (2048 * NT + STAGES * STAGE_BYTES) bytes. meta holds the plan's n_used expert indices,
+// then n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert. Each warp copies its groups of weights into a ring of STAGES stages in shared memory,
 // STAGES - 1 ahead of the one it computes: loads in flight that take no registers.
 template <int NT, bool SWIGLU, int STAGES>
 __global__ void __launch_bounds__(512 / NT) int4_decode(
@@ -266,23 +265,29 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
 #pragma unroll
             for (int e = 0; e < 4; ++e) mine[((i * NT + nt) * 4 + e) * 32] = acc[i][nt][e];
     __syncthreads();
-    if (warp != 0) return;
+    // the warps share the block's sums out by quads of accumulators (i, nt) of each lane, four loads in flight at
+    // a time: with warp 0 adding every sum alone, 8 experts' gate/up (16 warps a block) spent longer on that than
+    // on their last groups; an unrolled loop over every accumulator instead (warps skipping the others') was as
+    // slow there, its code too long for the warps to share their instruction cache
+    for (int quad = warp; quad < 4 * NT; quad += blockDim.x >> 5) {
+        const int i = quad / NT, nt = quad % NT;
+        const float* sums = partial + quad * 4 * 32 + lane;
+        float y[4] = {0.f, 0.f, 0.f, 0.f}, up[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll 1
+        for (int w = 0; w < k_warps; ++w)
 #pragma unroll
-    for (int i = 0; i < 4; ++i)
+            for (int e = 0; e < 4; ++e) y[e] += sums[w * E * 32 + e * 32];
+        if (SWIGLU)
+#pragma unroll 1
+            for (int w = k_warps; w < 2 * k_warps; ++w)
 #pragma unroll
-        for (int nt = 0; nt < NT; ++nt)
+                for (int e = 0; e < 4; ++e) up[e] += sums[w * E * 32 + e * 32];
 #pragma unroll
-            for (int e = 0; e < 4; ++e) {
-                const int at = ((i * NT + nt) * 4 + e) * 32 + lane;
-                float y = 0.f;
-                for (int w = 0; w < k_warps; ++w) y += partial[w * E * 32 + at];
-                if (SWIGLU) {
-                    float up = 0.f;
-                    for (int w = k_warps; w < 2 * k_warps; ++w) up += partial[w * E * 32 + at];
-                    y = y / (1.f + __expf(-y)) * up;
-                }
-                const int row = nt * 8 + 2 * t + (e & 1);
-                const int col = tile * 64 + (e < 2 ? 4 * g + i : 32 + 4 * g + i);
-                if (row < rows) out[(first + row) * out_stride + col] = to_bf16(y);
-            }
+        for (int e = 0; e < 4; ++e) {
+            const float v = SWIGLU ? y[e] / (1.f + __expf(-y[e])) * up[e] : y[e];
+            const int row = nt * 8 + 2 * t + (e & 1);
+            const int col = tile * 64 + (e < 2 ? 4 * g + i : 32 + 4 * g + i);
+            if (row < rows) out[(first + row) * out_stride + col] = to_bf16(v);
+        }
+    }
 }
