@@ -160,8 +160,9 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
 
 // Grid (N / 64 tiles, groups of the plan); block 32 * k_warps * (SWIGLU ? 2 : 1) threads, at most 16 / NT warps;
 // shared memory warps * (2048 * NT + STAGES * STAGE_BYTES) bytes. meta holds the plan's n_used expert indices,
-// then n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert. Each warp copies its groups of weights into a ring of STAGES stages in shared memory,
-// STAGES - 1 ahead of the one it computes: loads in flight that take no registers.
+// then n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert. Each warp copies its groups
+// of weights into a ring of STAGES stages in shared memory, STAGES - 1 ahead of the one it computes: loads in
+// flight that take no registers.
 template <int NT, bool SWIGLU, int STAGES>
 __global__ void __launch_bounds__(512 / NT) int4_decode(
     const u16* __restrict__ x, long long x_stride, u16* __restrict__ out, long long out_stride,
