@@ -23,7 +23,7 @@ _SOURCE = Path(__file__).with_suffix(".cu")
 # time on the H200 (6 was 1% slower)
 STAGES = 4
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
-_BLOCK_WARPS = 16  # warps a block takes per tile of x at most
+_BLOCK_WARPS = 16  # warps x tiles of x in a block at most: the kernel's launch bounds (512 / tiles threads)
 _STAGE_BYTES = 32 * 32 + 64 * 4  # a group of a 64-row tile: its columns, its (scale, zero) pairs
 _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
 

@@ -143,44 +143,35 @@ def load_library() -> ctypes.CDLL | None:
 _checked: dict[tuple, tuple[int, ...]] = {}
 
 
-def _expert_pointers(matrices: ExpertWeights, kind: type, ffn: int, hidden: int, index: int) -> tuple[int, ...] | None:
-    """An expert's gate, up and down tensors' addresses in the order the kernel reads them; None when a matrix
-    is not of type `kind` or a tensor is not a contiguous CPU tensor. ValueError when the expert is not three
-    matrices or a tensor's dtype or shape is not its layout's: the kernel reads them through bare pointers."""
-    if len(matrices) != 3:
-        raise ValueError(f"expert {index} is {len(matrices)} matrices, expected gate, up and down")
-    gate, up, down = matrices
-    if not (type(gate) is kind and type(up) is kind and type(down) is kind):
+def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: int) -> list[int] | None:
+    """Each expert's gate, up and down tensors' addresses in the order the kernel reads them; None when a matrix
+    is not of type `kind` or a tensor is not a contiguous CPU tensor. ValueError when an expert is not three
+    matrices or a tensor's dtype or shape is not its layout's: the kernel reads them through bare pointers.
+    Experts checked before (_checked) are not checked again."""
+    if any(len(matrices) != 3 for matrices in weights):
+        raise ValueError(f"an expert is {[len(m) for m in weights]} matrices, expected gate, up and down")
+    if not all(type(m) is kind for matrices in weights for m in matrices):
         return None
-    tensors = (*gate, *up, *down)
-    key = (kind, ffn, hidden, *map(id, tensors))
-    pointers = _checked.get(key)
-    if pointers is not None:
-        return pointers
-    if not all(t.is_cpu and t.is_contiguous() for t in tensors):
+    experts = [(*gate, *up, *down) for gate, up, down in weights]
+    keys = [(kind, ffn, hidden, *map(id, tensors)) for tensors in experts]
+    unchecked = [(i, tensors, key) for i, (tensors, key) in enumerate(zip(experts, keys, strict=True))
+                 if key not in _checked]
+    if not all(t.is_cpu and t.is_contiguous() for _, tensors, _ in unchecked for t in tensors):
         return None
     fmt = "int8" if kind is Int8Matrix else "int4"
     layout = [*tensor_specs(fmt, (ffn, hidden)), *tensor_specs(fmt, (ffn, hidden)), *tensor_specs(fmt, (hidden, ffn))]
-    for i, (t, (dtype, shape)) in enumerate(zip(tensors, layout, strict=True)):
-        if t.dtype != dtype or t.shape != shape:
-            name = ("gate", "up", "down")[i // 2]
-            raise ValueError(f"expert {index} {name}: expected a {dtype} {shape} tensor of a {kind.__name__}, got "
-                             f"{t.dtype} {tuple(t.shape)} (gate and up ({ffn}, {hidden}), down ({hidden}, {ffn}))")
-    pointers = _checked[key] = tuple(t.data_ptr() for t in tensors)
-    for t in tensors:
-        weakref.finalize(t, _checked.pop, key, None)
-    return pointers
-
-
-def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: int) -> list[int] | None:
-    """Every expert's pointers (_expert_pointers), expert after expert; None if any expert's is None."""
-    pointers = []
-    for index, matrices in enumerate(weights):
-        mine = _expert_pointers(matrices, kind, ffn, hidden, index)
-        if mine is None:
-            return None
-        pointers.extend(mine)
-    return pointers
+    for index, tensors, _ in unchecked:
+        for i, (t, (dtype, shape)) in enumerate(zip(tensors, layout, strict=True)):
+            if t.dtype != dtype or t.shape != shape:
+                name = ("gate", "up", "down")[i // 2]
+                raise ValueError(f"expert {index} {name}: expected a {dtype} {shape} tensor of a {kind.__name__}, "
+                                 f"got {t.dtype} {tuple(t.shape)} (gate and up ({ffn}, {hidden}), down ({hidden}, "
+                                 f"{ffn}))")
+    for _, tensors, key in unchecked:
+        _checked[key] = tuple(t.data_ptr() for t in tensors)
+        for t in tensors:
+            weakref.finalize(t, _checked.pop, key, None)
+    return [pointer for key in keys for pointer in _checked[key]]
 
 
 def grouped_swiglu(x: torch.Tensor, weights: Sequence[ExpertWeights], counts: Sequence[int]) -> torch.Tensor | None:
