@@ -5,8 +5,8 @@
 // j and the high one for row 32 + j, with a (scale, zero) bf16 pair per row and group of 32 columns. The mma's A
 // operand wants two columns of one row in each register, so a lane reads the four 32-bit words of its row quad
 // (rows 4g..4g+3 and 32+4g..35+4g) at columns 2t, 2t+1, 2t+8, 2t+9 of a 16-column step from its warp's copy of
-// the group in shared memory (cp.async, a few groups ahead), and one byte permute
-// puts two columns' bytes side by side: one lop3 then makes a register of two bf16 codes 128 + q. The mma runs
+// the group in shared memory (cp.async, a few groups ahead), and one byte permute puts two columns' bytes side
+// by side: one lop3 then makes a register of two bf16 codes 128 + q. The mma runs
 // on the codes, which bf16 holds exactly, and each group's sums are scaled once in float32:
 //     sum_k x_k W_k = s * sum_k x_k (q_k - 8) + z * sum_k x_k
 // where sum_k x_k comes from one more mma against ones, and the code mmas start from -136 times it. No weight is
