@@ -15,6 +15,10 @@ experts small enough that their weights take no time.
 A second table times a layer's grouped work for int8 and int4: 8 experts at 1 row each (decode at batch 1 with
 top-8 routing) and at 4 rows, through shared.native_kernels' one call for all of them, next to torch's kernels
 one expert after another (quantized_ffn per expert, the path grouped_ffn took before).
+
+With n threads, every measurement (the read bandwidth too) runs with the threads bound to the first n cores
+this process may use, as an expert host binds its threads (shared.native_kernels.pin_threads); --no-pin leaves
+them unbound.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import torch
 from shared.bench_measure import cpu_read_bandwidth
 from shared.expert_cache import ExpertLayout
 from shared.expert_math import ExpertWeights
-from shared.native_kernels import grouped_swiglu, load_library
+from shared.native_kernels import grouped_swiglu, load_library, pin_threads
 from shared.process import torch_threads
 from shared.quant import matrix_tensors, quantized_ffn
 
@@ -203,13 +207,14 @@ GROUPED_HEAD = ("format", "rows per expert", "threads", "path", f"us per layer (
                 "GB/s of weight bytes", "read bandwidth GB/s", "% of read bandwidth")
 
 
-def measure(settings: Settings, threads: list[int], per_expert: bool = True
+def measure(settings: Settings, threads: list[int], per_expert: bool = True, pin: bool = True
             ) -> tuple[list[Result], list[GroupedResult]]:
     """Every (format, rows, threads) case timed once per sweep, `settings.sweeps` sweeps, the best of each case
     kept (and the best read bandwidth per thread count): spreading a case's passes over the run keeps a burst of
     other work on the machine from spoiling all of them. Also each format's call floor per thread count: one row
     through experts small enough that the weights take no time; and the grouped cases (no native ones when the
-    kernel cannot be built here). Without `per_expert`, only the grouped cases."""
+    kernel cannot be built here). Without `per_expert`, only the grouped cases. With `pin`, n threads are bound to
+    the first n cores."""
     labels = FORMATS if per_expert else GROUPED_FORMATS  # grouped only: no bf16 or floor experts to make
     served = {label: served_experts(FORMATS[label], settings) for label in labels}
     tiny = replace(settings, ffn=FLOOR_SIZE, hidden=FLOOR_SIZE, outgrow_cache=False)
@@ -221,8 +226,12 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True
     floor: dict[tuple[str, int], float] = {}
     grouped: dict[tuple[str, int, int, str], float] = {}
     paths = [NATIVE, PER_EXPERT] if load_library() is not None else [PER_EXPERT]
+    cores = sorted(os.sched_getaffinity(0))  # before binding this thread to one of them
     for sweep in range(settings.sweeps):
         for n in threads:
+            if pin:
+                with torch_threads(n):
+                    pin_threads(cores[:n])
             bandwidth[n] = max(bandwidth.get(n, 0.0), cpu_read_bandwidth(settings.bandwidth_bytes, threads=n))
             for label, (_, experts) in (served.items() if per_expert else ()):
                 with torch_threads(n):
@@ -232,7 +241,9 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True
                     with torch_threads(n):
                         cases = {MATRICES: seconds_per_expert(x, experts, warm_up=sweep == 0)}
                     if n > 1:
-                        with torch_threads(1), ThreadPoolExecutor(n) as pool:
+                        # the pool's threads would inherit this thread's one core
+                        with torch_threads(1), ThreadPoolExecutor(n, initializer=os.sched_setaffinity,
+                                                                  initargs=(0, cores[:n] if pin else cores)) as pool:
                             cases[EXPERTS] = seconds_per_expert(x, experts, warm_up=sweep == 0, pool=pool)
                     for split, seconds in cases.items():
                         key = (label, rows, n, split)
@@ -280,7 +291,7 @@ def machine_name() -> str:
             f"({torch.backends.cpu.get_cpu_capability()} kernels)")
 
 
-def report(results: list[Result], grouped: list[GroupedResult], settings: Settings, command: str) -> str:
+def report(results: list[Result], grouped: list[GroupedResult], settings: Settings, command: str, pin: bool) -> str:
     f, h = settings.ffn, settings.hidden
     rotation = (f"at least {settings.experts} experts and enough to fill twice the {last_level_cache_bytes() >> 20} "
                 "MiB last-level cache" if settings.outgrow_cache else f"{settings.experts} experts")
@@ -303,8 +314,11 @@ def report(results: list[Result], grouped: list[GroupedResult], settings: Settin
         + ("" if any(r.path == NATIVE for r in grouped) else
            " The native kernel could not be built on this machine, so only torch's path is listed."))
     per_expert = [textwrap.fill(method, width=115), "", markdown_table(results), ""] if results else []
-    return "\n".join([f"Command: `{command}` on {machine_name()}.", "", *per_expert, "## A layer's experts in one call",
-                      "", textwrap.fill(grouped_method, width=115), "", grouped_table(grouped), ""])
+    threads = ("n threads are bound to the first n cores, one each, as an expert host binds its threads." if pin else
+               "Threads are not bound to cores (--no-pin).")
+    return "\n".join([f"Command: `{command}` on {machine_name()}. {threads}", "", *per_expert,
+                      "## A layer's experts in one call", "", textwrap.fill(grouped_method, width=115), "",
+                      grouped_table(grouped), ""])
 
 
 def main() -> None:
@@ -315,12 +329,14 @@ def main() -> None:
                              "every figure comes out, in seconds")
     parser.add_argument("--grouped-only", action="store_true",
                         help="only a layer's experts in one call (native against torch per expert): minutes less")
+    parser.add_argument("--no-pin", action="store_true", help="leave the threads unbound (they float over the cores)")
     args = parser.parse_args()
     settings = QUICK if args.quick else FULL
-    results, grouped = measure(settings, thread_counts(os.cpu_count() or 1), per_expert=not args.grouped_only)
+    results, grouped = measure(settings, thread_counts(os.cpu_count() or 1), per_expert=not args.grouped_only,
+                               pin=not args.no_pin)
     command = " ".join(["python -m bench.cpu_kernels_bench", *(["--quick"] if args.quick else []),
-                        *(["--grouped-only"] if args.grouped_only else [])])
-    text = report(results, grouped, settings, command)
+                        *(["--grouped-only"] if args.grouped_only else []), *(["--no-pin"] if args.no_pin else [])])
+    text = report(results, grouped, settings, command, pin=not args.no_pin)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

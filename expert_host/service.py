@@ -19,7 +19,7 @@ from shared.gguf_file import GGUFModel
 from shared.mailbox import ORDERED_STORES, Backoff, Mailbox, mailbox_path, remove_mailbox
 from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
-from shared.native_kernels import load_library
+from shared.native_kernels import load_library, pin_threads
 from shared.placement import expert_host_id
 from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process
 from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
@@ -87,6 +87,13 @@ def serve(config: Config, host_index: int) -> int:
     data.bind(endpoint)
     control = ControlLink(ctx, config, member_id, "expert_host", metrics_port)
     mailbox = open_mailbox(config, host_index, model, log)
+    # after the sockets: the threads of zmq and of the metrics server would inherit this thread's one core
+    cores = config.host_cores(host_index, torch.get_num_threads())
+    if cores and pin_threads(cores):
+        log.info("%d threads bound to cores %s", len(cores), ",".join(map(str, cores)))
+    elif cores:
+        log.warning("threads not bound to cores %s: they run wherever the system puts them",
+                    ",".join(map(str, cores)))
     log.info("serving %s on %s%s, metrics on :%d", config.model, endpoint,
              f" and {mailbox.path}" if mailbox else "", metrics_port)
     queue: collections.deque[list] = collections.deque()

@@ -93,6 +93,8 @@ class Config:
     host_memory: str = "mapped"
     host_memory_floor: str = "2GiB"  # RAM an expert host leaves free: a size or a percentage of MemTotal
     host_threads: int = 0  # torch threads of each expert host; 0: `threads` if set, else an even share of the cores
+    # Each expert host binds its threads one per core, on cores no other host takes (host_cores).
+    pin_host_threads: bool = True
     # Where block-quantized experts, converted once into their serving format, are cached: "" is next to the
     # model if that directory is writable, else $XDG_CACHE_HOME/tierserve/experts.
     expert_cache_dir: str = ""
@@ -158,6 +160,17 @@ class Config:
         if role == "expert_host":
             return self.host_threads or self.threads or share
         return self.threads or worker or share
+
+    def host_cores(self, host: int, threads: int) -> list[int]:
+        """The cores expert host `host` binds its `threads` threads to: with every host taking as many, the last
+        expert_hosts x threads of the cores this process may run on, host 0's first, so that the hosts share
+        none and leave the first ones to the coordinator and worker (which float). Empty (nothing bound) with
+        pin_host_threads off or more hosts' threads than cores."""
+        cores = sorted(os.sched_getaffinity(0))
+        spare = len(cores) - self.expert_hosts * threads
+        if not self.pin_host_threads or threads < 1 or not 0 <= host < self.expert_hosts or spare < 0:
+            return []
+        return cores[spare + host * threads:spare + (host + 1) * threads]
 
     def host_memory_for(self, host: int) -> str:
         """The memory kind expert host `host` keeps its experts in."""

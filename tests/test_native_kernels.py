@@ -5,7 +5,11 @@ grouped_ffn takes it, what it refuses, and how its build fails."""
 from __future__ import annotations
 
 import gc
+import json
 import logging
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -130,6 +134,29 @@ def test_same_bits_on_any_number_of_threads_and_alternating_with_torchs_threads(
             big = torch.tanh(big @ big)  # torch's own parallel region between the kernel's
     if (Path(torch.__file__).parent / "lib" / "libgomp.so.1").exists():  # else torch's runtime has another name
         assert len(openmp_runtimes()) == 1
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two threads on two cores of their own need two cores")
+def test_bound_threads_stay_on_their_cores_through_torchs_work():
+    """In a process of its own (binding this one would hold the rest of the tests to two cores): the calling
+    thread on the first core, the other thread of torch's pool, started before, on the second."""
+    script = """
+import json, os, torch
+from shared.native_kernels import pin_threads
+cores = sorted(os.sched_getaffinity(0))[-2:][::-1]
+torch.set_num_threads(2)
+torch.ones(1 << 22).sum()
+bound = pin_threads(cores)
+torch.ones(1 << 24).sum()
+masks = [sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")]
+print(json.dumps({"cores": cores, "bound": bound, "main": sorted(os.sched_getaffinity(0)), "masks": masks}))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout)
+    first, second = seen["cores"]
+    assert seen["bound"] and seen["main"] == [first] and [second] in seen["masks"], seen
 
 
 def test_build_is_reused_and_atomic(tmp_path):

@@ -4,7 +4,8 @@
  * and thread start-up cost about as much as reading the weights (bench/cpu_kernels.md). Here every expert of
  * the call is one set of tasks of one parallel region: phase 1 takes (expert, 64 rows of F) tasks,
  * h = silu(gate x) * (up x); phase 2 takes (expert, 64 rows of H) tasks, out = down h. Each task reads its
- * weight tile once for all of its expert's rows (fp32 accumulation).
+ * weight tile once for all of its expert's rows (fp32 accumulation). tierserve_pin_threads binds the region's
+ * threads to cores of their own.
  *
  * The rounding follows torch's kernels as shared.quant.quantized_ffn calls them: activations in bf16, the gate
  * and up products rounded to bf16, h rounded to bf16 (down's input; with bf16 activations, silu(gate) is
@@ -25,7 +26,10 @@
  * build, and the caller falls back to torch.)
  */
 
+#define _GNU_SOURCE /* sched_setaffinity */
 #include <math.h>
+#include <omp.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -390,3 +394,20 @@ int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, 
     return OK;
 }
 
+/* Binds the OpenMP threads of teams of n to cores, team thread i (the calling thread is 0) to cores[i], as
+ * OMP_PROC_BIND=close with one place per core would; the runtime reads those only when it loads, before an expert
+ * host knows its cores. Later teams of n threads, torch's included where it shares this runtime, are the same
+ * threads in the same order. On a 16-core Xeon, 8 threads left unbound took 13-15% longer over 8 experts at one
+ * row than 8 bound so to cores 0-7. Returns how many threads were not bound. */
+int tierserve_pin_threads(const int *cores, int n) {
+    if (n < 1) return 0;
+    int bound = 0;
+#pragma omp parallel num_threads(n) reduction(+ : bound)
+    {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cores[omp_get_thread_num()], &set);
+        bound += sched_setaffinity(0, sizeof set, &set) == 0;
+    }
+    return n - bound;
+}
