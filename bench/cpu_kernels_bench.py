@@ -230,8 +230,7 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True, pin
     for sweep in range(settings.sweeps):
         for n in threads:
             if pin:
-                with torch_threads(n):
-                    pin_threads(cores[:n])
+                pin_threads(cores[:n])
             bandwidth[n] = max(bandwidth.get(n, 0.0), cpu_read_bandwidth(settings.bandwidth_bytes, threads=n))
             for label, (_, experts) in (served.items() if per_expert else ()):
                 with torch_threads(n):
