@@ -16,9 +16,8 @@ A second table times a layer's grouped work for int8 and int4: 8 experts at 1 ro
 top-8 routing) and at 4 rows, through shared.native_kernels' one call for all of them, next to torch's kernels
 one expert after another (quantized_ffn per expert, the path grouped_ffn took before).
 
-With n threads, every measurement (the read bandwidth too) runs with the threads bound to the first n cores
-this process may use, as an expert host binds its threads (shared.native_kernels.pin_threads); --no-pin leaves
-them unbound.
+With --pin, n threads (for every measurement, the read bandwidth too) are bound to the first n cores this
+process may use, as an expert host binds its threads with pin_host_threads (shared.native_kernels.pin_threads).
 """
 
 from __future__ import annotations
@@ -207,7 +206,7 @@ GROUPED_HEAD = ("format", "rows per expert", "threads", "path", f"us per layer (
                 "GB/s of weight bytes", "read bandwidth GB/s", "% of read bandwidth")
 
 
-def measure(settings: Settings, threads: list[int], per_expert: bool = True, pin: bool = True
+def measure(settings: Settings, threads: list[int], per_expert: bool = True, pin: bool = False
             ) -> tuple[list[Result], list[GroupedResult]]:
     """Every (format, rows, threads) case timed once per sweep, `settings.sweeps` sweeps, the best of each case
     kept (and the best read bandwidth per thread count): spreading a case's passes over the run keeps a burst of
@@ -313,8 +312,8 @@ def report(results: list[Result], grouped: list[GroupedResult], settings: Settin
         + ("" if any(r.path == NATIVE for r in grouped) else
            " The native kernel could not be built on this machine, so only torch's path is listed."))
     per_expert = [textwrap.fill(method, width=115), "", markdown_table(results), ""] if results else []
-    threads = ("n threads are bound to the first n cores, one each, as an expert host binds its threads." if pin else
-               "Threads are not bound to cores (--no-pin).")
+    threads = ("n threads are bound to the first n cores, one each, as pin_host_threads binds a host's (--pin)."
+               if pin else "Threads are not bound to cores.")
     return "\n".join([f"Command: `{command}` on {machine_name()}. {threads}", "", *per_expert,
                       "## A layer's experts in one call", "", textwrap.fill(grouped_method, width=115), "",
                       grouped_table(grouped), ""])
@@ -328,14 +327,14 @@ def main() -> None:
                              "every figure comes out, in seconds")
     parser.add_argument("--grouped-only", action="store_true",
                         help="only a layer's experts in one call (native against torch per expert): minutes less")
-    parser.add_argument("--no-pin", action="store_true", help="leave the threads unbound (they float over the cores)")
+    parser.add_argument("--pin", action="store_true", help="bind n threads to the first n cores, one each")
     args = parser.parse_args()
     settings = QUICK if args.quick else FULL
     results, grouped = measure(settings, thread_counts(os.cpu_count() or 1), per_expert=not args.grouped_only,
-                               pin=not args.no_pin)
+                               pin=args.pin)
     command = " ".join(["python -m bench.cpu_kernels_bench", *(["--quick"] if args.quick else []),
-                        *(["--grouped-only"] if args.grouped_only else []), *(["--no-pin"] if args.no_pin else [])])
-    text = report(results, grouped, settings, command, pin=not args.no_pin)
+                        *(["--grouped-only"] if args.grouped_only else []), *(["--pin"] if args.pin else [])])
+    text = report(results, grouped, settings, command, pin=args.pin)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(text)

@@ -44,7 +44,8 @@ def test_any_start_order_and_restarts_rejoin(tmp_path):
     expected = ReferenceModel(GGUFModel(model)).greedy(PROMPT, 6)
     run_dir = tmp_path / "run"
     config = Config(model=str(model), run_dir=str(run_dir), client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}",
-                    expert_hosts=2, hot_experts=2, metrics_port=0, expert_timeout_s=3.0, heartbeat_timeout_s=2.0)
+                    expert_hosts=2, hot_experts=2, metrics_port=0, expert_timeout_s=3.0, heartbeat_timeout_s=2.0,
+                    pin_host_threads=True)
     config_path = tmp_path / "tierserve.toml"
     config_path.write_text(config.to_toml())
     base = [sys.executable, "-m", "shared.cli"]

@@ -397,8 +397,7 @@ int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, 
 /* Binds the OpenMP threads of teams of n to cores, team thread i (the calling thread is 0) to cores[i], as
  * OMP_PROC_BIND=close with one place per core would; the runtime reads those only when it loads, before an expert
  * host knows its cores. Later teams of n threads, torch's included where it shares this runtime, are the same
- * threads in the same order. On a 16-core Xeon, 8 threads left unbound took 13-15% longer over 8 experts at one
- * row than 8 bound so to cores 0-7. Returns how many threads were not bound. */
+ * threads in the same order. Returns how many threads were not bound. */
 int tierserve_pin_threads(const int *cores, int n) {
     if (n < 1) return 0;
     int bound = 0;

@@ -92,13 +92,14 @@ def test_write_combined_needs_a_gpu_that_dmas_from_host_memory():
 
 def test_each_host_binds_its_threads_to_cores_of_its_own(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
-    assert Config(expert_hosts=1).host_cores(0, 13) == list(range(3, 16))  # 0-2 left to the coordinator and worker
-    assert [Config(expert_hosts=2).host_cores(host, 6) for host in (0, 1)] == [list(range(4, 10)), list(range(10, 16))]
-    assert Config(expert_hosts=2).host_cores(0, 9) == []  # 18 threads on 16 cores: none bound
-    assert Config(expert_hosts=2).host_cores(2, 6) == []  # no such host
-    assert Config(expert_hosts=2, pin_host_threads=False).host_cores(0, 6) == []
+    one, two = Config(expert_hosts=1, pin_host_threads=True), Config(expert_hosts=2, pin_host_threads=True)
+    assert one.host_cores(0, 13) == list(range(3, 16))  # 0-2 left to the coordinator and worker
+    assert [two.host_cores(host, 6) for host in (0, 1)] == [list(range(4, 10)), list(range(10, 16))]
+    assert two.host_cores(0, 9) == []  # 18 threads on 16 cores: none bound
+    assert two.host_cores(2, 6) == []  # no such host
+    assert Config(expert_hosts=2).host_cores(0, 6) == []  # binding is off unless asked for
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {6, 0, 4, 2})  # a cpuset or taskset's cores
-    assert Config(expert_hosts=1).host_cores(0, 3) == [2, 4, 6]
+    assert one.host_cores(0, 3) == [2, 4, 6]
 
 
 def test_expert_regions_are_whole_pages_and_matrices_start_on_cache_lines():
