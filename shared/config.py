@@ -94,8 +94,9 @@ class Config:
     host_memory_floor: str = "2GiB"  # RAM an expert host leaves free: a size or a percentage of MemTotal
     host_threads: int = 0  # torch threads of each expert host; 0: `threads` if set, else an even share of the cores
     # Each expert host binds its threads one per core, on cores no other host takes (host_cores). Off: on the
-    # H200 machine's 16-core VM, 8 threads bound to cores 0-7 were 13-15% faster than unbound in one run and 4-7%
-    # slower in another (bench/cpu_kernels.md), its vCPUs' cores and siblings not told to the guest.
+    # H200 machine's 16-core VM, whose vCPU layout the guest is not told, 8 bound threads were 13-15% faster than
+    # unbound in one run and 4-7% slower in another, and end to end the binding changed nothing that the order of
+    # two runs did not (bench/cpu_kernels.md).
     pin_host_threads: bool = False
     # Where block-quantized experts, converted once into their serving format, are cached: "" is next to the
     # model if that directory is writable, else $XDG_CACHE_HOME/tierserve/experts.
