@@ -16,8 +16,9 @@ A second table times a layer's grouped work for int8 and int4: 8 experts at 1 ro
 top-8 routing) and at 4 rows, through shared.native_kernels' one call for all of them, next to torch's kernels
 one expert after another (quantized_ffn per expert, the path grouped_ffn took before).
 
-With --pin, n threads (for every measurement, the read bandwidth too) are bound to the first n cores this
-process may use, as an expert host binds its threads with pin_host_threads (shared.native_kernels.pin_threads).
+With --pin, n threads (for every measurement, the read bandwidth too) are bound to the first n logical CPUs
+this process may use, one each, by shared.native_kernels.pin_threads, as an expert host binds its threads to its
+own (the last ones) with pin_host_threads.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True, pin
     other work on the machine from spoiling all of them. Also each format's call floor per thread count: one row
     through experts small enough that the weights take no time; and the grouped cases (no native ones when the
     kernel cannot be built here). Without `per_expert`, only the grouped cases. With `pin`, n threads are bound to
-    the first n cores."""
+    the first n logical CPUs."""
     labels = FORMATS if per_expert else GROUPED_FORMATS  # grouped only: no bf16 or floor experts to make
     served = {label: served_experts(FORMATS[label], settings) for label in labels}
     tiny = replace(settings, ffn=FLOOR_SIZE, hidden=FLOOR_SIZE, outgrow_cache=False)
@@ -225,11 +226,11 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True, pin
     floor: dict[tuple[str, int], float] = {}
     grouped: dict[tuple[str, int, int, str], float] = {}
     paths = [NATIVE, PER_EXPERT] if load_library() is not None else [PER_EXPERT]
-    cores = sorted(os.sched_getaffinity(0))  # before binding this thread to one of them
+    cores = sorted(os.sched_getaffinity(0))  # before binding changes this thread's
     for sweep in range(settings.sweeps):
         for n in threads:
-            if pin:
-                pin_threads(cores[:n])
+            if pin and not pin_threads(cores[:n]):
+                raise SystemExit(f"--pin: could not bind {n} threads to CPUs {cores[:n]} (no native library?)")
             bandwidth[n] = max(bandwidth.get(n, 0.0), cpu_read_bandwidth(settings.bandwidth_bytes, threads=n))
             for label, (_, experts) in (served.items() if per_expert else ()):
                 with torch_threads(n):
@@ -239,9 +240,7 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True, pin
                     with torch_threads(n):
                         cases = {MATRICES: seconds_per_expert(x, experts, warm_up=sweep == 0)}
                     if n > 1:
-                        # the pool's threads would inherit this thread's one core
-                        with torch_threads(1), ThreadPoolExecutor(n, initializer=os.sched_setaffinity,
-                                                                  initargs=(0, cores[:n] if pin else cores)) as pool:
+                        with torch_threads(1), ThreadPoolExecutor(n) as pool:
                             cases[EXPERTS] = seconds_per_expert(x, experts, warm_up=sweep == 0, pool=pool)
                     for split, seconds in cases.items():
                         key = (label, rows, n, split)
@@ -312,8 +311,8 @@ def report(results: list[Result], grouped: list[GroupedResult], settings: Settin
         + ("" if any(r.path == NATIVE for r in grouped) else
            " The native kernel could not be built on this machine, so only torch's path is listed."))
     per_expert = [textwrap.fill(method, width=115), "", markdown_table(results), ""] if results else []
-    threads = ("n threads are bound to the first n cores, one each, as pin_host_threads binds a host's (--pin)."
-               if pin else "Threads are not bound to cores.")
+    threads = ("n threads are bound to the first n logical CPUs, one each (--pin)." if pin else
+               "Threads are not bound to CPUs.")
     return "\n".join([f"Command: `{command}` on {machine_name()}. {threads}", "", *per_expert,
                       "## A layer's experts in one call", "", textwrap.fill(grouped_method, width=115), "",
                       grouped_table(grouped), ""])
@@ -330,7 +329,7 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true", help="bind n threads to the first n cores, one each")
     args = parser.parse_args()
     settings = QUICK if args.quick else FULL
-    results, grouped = measure(settings, thread_counts(os.cpu_count() or 1), per_expert=not args.grouped_only,
+    results, grouped = measure(settings, thread_counts(len(os.sched_getaffinity(0))), per_expert=not args.grouped_only,
                                pin=args.pin)
     command = " ".join(["python -m bench.cpu_kernels_bench", *(["--quick"] if args.quick else []),
                         *(["--grouped-only"] if args.grouped_only else []), *(["--pin"] if args.pin else [])])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import collections
 import logging
+import os
 import time
 
 import torch
@@ -65,6 +66,20 @@ def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging
     return Mailbox.create(path, capacity, cfg.n_experts)
 
 
+def bind_threads(config: Config, host_index: int, log: logging.Logger) -> None:
+    """pin_host_threads: this host's threads one per logical CPU of its own (Config.host_cores)."""
+    threads = torch.get_num_threads()
+    cores = config.host_cores(host_index, threads)
+    if not cores:
+        log.warning("threads not bound: %d hosts x %d threads outnumber the %d CPUs this process may use",
+                    config.expert_hosts, threads, len(os.sched_getaffinity(0)))
+    elif pin_threads(cores):
+        log.info("%d threads bound to CPUs %s", len(cores), ",".join(map(str, cores)))
+    else:
+        log.warning("threads not all bound to CPUs %s (no native library, or a CPU refused): those not bound run on "
+                    "any of them", ",".join(map(str, cores)))
+
+
 def serve(config: Config, host_index: int) -> int:
     member_id = expert_host_id(host_index)
     log = setup_process(member_id, "expert_host", config)
@@ -87,13 +102,8 @@ def serve(config: Config, host_index: int) -> int:
     data.bind(endpoint)
     control = ControlLink(ctx, config, member_id, "expert_host", metrics_port)
     mailbox = open_mailbox(config, host_index, model, log)
-    # after the sockets: the threads of zmq and of the metrics server would inherit this thread's one core
-    cores = config.host_cores(host_index, torch.get_num_threads())
-    if cores and pin_threads(cores):
-        log.info("%d threads bound to cores %s", len(cores), ",".join(map(str, cores)))
-    elif cores:
-        log.warning("threads not bound to cores %s: they run wherever the system puts them",
-                    ",".join(map(str, cores)))
+    if config.pin_host_threads:
+        bind_threads(config, host_index, log)
     log.info("serving %s on %s%s, metrics on :%d", config.model, endpoint,
              f" and {mailbox.path}" if mailbox else "", metrics_port)
     queue: collections.deque[list] = collections.deque()

@@ -20,7 +20,7 @@ from shared.quant import INT4_ROW_TILE, Int4Matrix
 
 _SOURCE = Path(__file__).with_suffix(".cu")
 # groups of 32 columns in each warp's ring in shared memory, STAGES - 1 copies in flight: 6 was 1-9% slower than
-# 4 on the H200 (bench/quant_kernels.md)
+# 4 on the H200, 8 3-15% (bench/quant_kernels.md)
 STAGES = 4
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
 _BLOCK_WARPS = 16  # warps x tiles of x in a block at most: the kernel's launch bounds (512 / tiles threads)

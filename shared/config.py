@@ -93,10 +93,11 @@ class Config:
     host_memory: str = "mapped"
     host_memory_floor: str = "2GiB"  # RAM an expert host leaves free: a size or a percentage of MemTotal
     host_threads: int = 0  # torch threads of each expert host; 0: `threads` if set, else an even share of the cores
-    # Each expert host binds its threads one per core, on cores no other host takes (host_cores). Off: on the
-    # H200 machine's 16-core VM, whose vCPU layout the guest is not told, 8 bound threads were 13-15% faster than
-    # unbound in one run and 4-7% slower in another, and end to end the binding changed nothing that the order of
-    # two runs did not (bench/cpu_kernels.md).
+    # Each expert host binds its threads one per logical CPU, on CPUs no other host takes (host_cores). Off: on the
+    # H200 machine's 16-vCPU VM, whose core layout the guest is not told, 8 threads bound in order by the OpenMP
+    # runtime (OMP_PROC_BIND=close) were 13-15% faster than unbound in one run, 8 bound so by this setting's
+    # mechanism 4-7% slower in another, and end to end it changed nothing that the order of two runs did not
+    # (bench/cpu_kernels.md).
     pin_host_threads: bool = False
     # Where block-quantized experts, converted once into their serving format, are cached: "" is next to the
     # model if that directory is writable, else $XDG_CACHE_HOME/tierserve/experts.
@@ -165,10 +166,10 @@ class Config:
         return self.threads or worker or share
 
     def host_cores(self, host: int, threads: int) -> list[int]:
-        """The cores expert host `host` binds its `threads` threads to: with every host taking as many, the last
-        expert_hosts x threads of the cores this process may run on, host 0's first, so that the hosts share
-        none and leave the first ones to the coordinator and worker (which float). Empty (nothing bound) with
-        pin_host_threads off or more hosts' threads than cores."""
+        """The logical CPUs expert host `host` binds its `threads` threads to: with every host taking as many, the
+        last expert_hosts x threads of the CPUs this process may run on, host 0's first, so that the hosts share
+        none and leave the first ones to the coordinator and worker (which float). Hyperthreads of one core count
+        as two CPUs. Empty (nothing bound) with pin_host_threads off or more hosts' threads than CPUs."""
         cores = sorted(os.sched_getaffinity(0))
         spare = len(cores) - self.expert_hosts * threads
         if not self.pin_host_threads or threads < 1 or not 0 <= host < self.expert_hosts or spare < 0:

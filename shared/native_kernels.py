@@ -28,8 +28,8 @@ from shared.quant import INT4_ROW_TILE, INT8_DEQUANTIZE_ROWS, ExpertWeights, Int
 
 SOURCE = Path(__file__).with_name("native") / "grouped_ffn.c"
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c11", "-shared", "-fPIC")
-CPU_SETSIZE = 1024  # cores glibc's cpu_set_t holds: pin_threads binds none beyond
 LIBS = ("-lm",)  # after the source: expf, vectorized through libmvec
+CPU_SETSIZE = 1024  # CPUs glibc's cpu_set_t holds: pin_threads binds none beyond
 FORMAT_CODES = {Int8Matrix: 0, Int4Matrix: 1}  # the C side's FMT_INT8 / FMT_INT4
 ERRORS = {1: "unknown format", 2: "shapes the layout does not allow", 3: "too many rows for one expert",
           4: "out of memory"}
@@ -140,9 +140,10 @@ def load_library() -> ctypes.CDLL | None:
 
 
 def pin_threads(cores: Sequence[int]) -> bool:
-    """Binds this process's OpenMP threads (torch's too, where the runtimes are one) to `cores`: in teams of
-    len(cores) threads, thread i to cores[i], the calling thread being 0. Threads it starts later inherit its one
-    core. False (nothing bound, or not every thread) where the library is unavailable or a core cannot be used."""
+    """Binds this process's OpenMP threads (torch's too, where the runtimes are one) to the logical CPUs `cores`:
+    in teams of len(cores) threads, thread i > 0 to cores[i] alone, and the calling thread to all of them, which
+    the threads it starts later inherit. False (not every thread bound) where the library is unavailable or a CPU
+    cannot be used."""
     lib = load_library()
     if lib is None or not cores or not all(0 <= core < CPU_SETSIZE for core in cores):
         return False

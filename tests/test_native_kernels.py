@@ -136,27 +136,34 @@ def test_same_bits_on_any_number_of_threads_and_alternating_with_torchs_threads(
         assert len(openmp_runtimes()) == 1
 
 
-@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two threads on two cores of their own need two cores")
-def test_bound_threads_stay_on_their_cores_through_torchs_work():
-    """In a process of its own (binding this one would hold the rest of the tests to two cores): the calling
-    thread on the first core, the other thread of torch's pool, started before, on the second."""
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two threads on two CPUs of their own need two CPUs")
+def test_binding_takes_torchs_threads_and_keeps_later_ones_on_the_cpus():
+    """In a process of its own (binding this one would hold the rest of the tests to two CPUs): torch's second
+    thread, started before, is bound to the second CPU alone and the calling thread to both; threads started
+    after (a team of three) run on the two CPUs, not on the calling thread's first one."""
     script = """
 import json, os, torch
 from shared.native_kernels import pin_threads
 cores = sorted(os.sched_getaffinity(0))[-2:][::-1]
+tasks = lambda: set(os.listdir("/proc/self/task"))
 torch.set_num_threads(2)
 torch.ones(1 << 22).sum()
+before = tasks()
 bound = pin_threads(cores)
+masks = {tid: sorted(os.sched_getaffinity(int(tid))) for tid in tasks()}
+torch.set_num_threads(3)
 torch.ones(1 << 24).sum()
-masks = [sorted(os.sched_getaffinity(int(tid))) for tid in os.listdir("/proc/self/task")]
-print(json.dumps({"cores": cores, "bound": bound, "main": sorted(os.sched_getaffinity(0)), "masks": masks}))
+later = [sorted(os.sched_getaffinity(int(tid))) for tid in tasks() - set(masks)]
+print(json.dumps({"cores": cores, "bound": bound, "main": masks[str(os.getpid())], "new": sorted(set(masks) - before),
+                  "started_before_on_second": [tid for tid in before if masks[tid] == [cores[1]]], "later": later}))
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
-    first, second = seen["cores"]
-    assert seen["bound"] and seen["main"] == [first] and [second] in seen["masks"], seen
+    assert seen["bound"] and seen["new"] == [] and seen["started_before_on_second"], seen
+    assert seen["main"] == sorted(seen["cores"]), seen
+    assert seen["later"] and all(mask == sorted(seen["cores"]) for mask in seen["later"]), seen
 
 
 def test_build_is_reused_and_atomic(tmp_path):

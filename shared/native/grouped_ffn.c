@@ -394,18 +394,23 @@ int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, 
     return OK;
 }
 
-/* Binds the OpenMP threads of teams of n to cores, team thread i (the calling thread is 0) to cores[i], as
- * OMP_PROC_BIND=close with one place per core would; the runtime reads those only when it loads, before an expert
- * host knows its cores. Later teams of n threads, torch's included where it shares this runtime, are the same
- * threads in the same order. Returns how many threads were not bound. */
+/* Binds the OpenMP threads of a team of n: team thread i > 0 to cores[i] alone, and the calling thread (0) to all n,
+ * so that whatever threads it starts later (the runtime's included: a smaller team in between ends the pool's
+ * extra threads, and the next full team starts new ones) stay on the n cores instead of piling onto one. Later
+ * teams of n threads, torch's too where it shares this runtime, are the pool's threads in order. Returns how many
+ * threads were not bound. */
 int tierserve_pin_threads(const int *cores, int n) {
     if (n < 1) return 0;
     int bound = 0;
 #pragma omp parallel num_threads(n) reduction(+ : bound)
     {
+        const int i = omp_get_thread_num();
         cpu_set_t set;
         CPU_ZERO(&set);
-        CPU_SET(cores[omp_get_thread_num()], &set);
+        if (i == 0)
+            for (int j = 0; j < n; j++) CPU_SET(cores[j], &set);
+        else
+            CPU_SET(cores[i], &set);
         bound += sched_setaffinity(0, sizeof set, &set) == 0;
     }
     return n - bound;
