@@ -326,7 +326,7 @@ def main() -> None:
                              "every figure comes out, in seconds")
     parser.add_argument("--grouped-only", action="store_true",
                         help="only a layer's experts in one call (native against torch per expert): minutes less")
-    parser.add_argument("--pin", action="store_true", help="bind n threads to the first n cores, one each")
+    parser.add_argument("--pin", action="store_true", help="bind n threads to the first n logical CPUs, one each")
     args = parser.parse_args()
     settings = QUICK if args.quick else FULL
     results, grouped = measure(settings, thread_counts(len(os.sched_getaffinity(0))), per_expert=not args.grouped_only,

@@ -5,7 +5,7 @@
  * the call is one set of tasks of one parallel region: phase 1 takes (expert, 64 rows of F) tasks,
  * h = silu(gate x) * (up x); phase 2 takes (expert, 64 rows of H) tasks, out = down h. Each task reads its
  * weight tile once for all of its expert's rows (fp32 accumulation). tierserve_pin_threads binds the region's
- * threads to cores of their own.
+ * threads to given logical CPUs.
  *
  * The rounding follows torch's kernels as shared.quant.quantized_ffn calls them: activations in bf16, the gate
  * and up products rounded to bf16, h rounded to bf16 (down's input; with bf16 activations, silu(gate) is
