@@ -5,8 +5,8 @@
 // j and the high one for row 32 + j, with a (scale, zero) bf16 pair per row and group of 32 columns. The mma's A
 // operand wants two columns of one row in each register, so a lane reads the four 32-bit words of its row quad
 // (rows 4g..4g+3 and 32+4g..35+4g) at columns 2t, 2t+1, 2t+8, 2t+9 of a 16-column step from its warp's copy of
-// the group in shared memory (cp.async, a few groups ahead), and one byte permute puts two columns' bytes side
-// by side: one lop3 then makes a register of two bf16 codes 128 + q. The mma runs
+// the group in shared memory (cp.async, a few groups ahead, x's rows with it), and one byte permute puts two
+// columns' bytes side by side: one lop3 then makes a register of two bf16 codes 128 + q. The mma runs
 // on the codes, which bf16 holds exactly, and each group's sums are scaled once in float32:
 //     sum_k x_k W_k = s * sum_k x_k (q_k - 8) + z * sum_k x_k
 // where sum_k x_k comes from one more mma against ones, and the code mmas start from -136 times it. No weight is
@@ -58,7 +58,12 @@ struct Group {
 
 // A group's bytes in shared memory: the tile's 32 columns of 32 bytes, then its 64 (s, z) pairs. Column c sits at
 // slot c ^ ((c >> 2) & 1), so that the four columns 2t + v one load instruction reads fall in different banks.
-constexpr int COLUMNS_BYTES = 32 * 32, STAGE_BYTES = COLUMNS_BYTES + 64 * 4;
+constexpr int COLUMNS_BYTES = 32 * 32, PAIRS_BYTES = 64 * 4;
+// x's 32 columns of the group, 64 bytes a row, at 80-byte strides: the 8 rows g a B-fragment load reads fall in
+// different banks (20 words apart)
+constexpr int X_ROW_BYTES = 80;
+template <int NT>
+__host__ __device__ constexpr int stage_bytes() { return COLUMNS_BYTES + PAIRS_BYTES + NT * 8 * X_ROW_BYTES; }
 
 __device__ __forceinline__ int column_slot(int c) { return c ^ ((c >> 2) & 1); }
 
@@ -67,13 +72,27 @@ __device__ __forceinline__ void copy_async(unsigned char* shared, const unsigned
                  :: "r"((u32)__cvta_generic_to_shared(shared)), "l"(global));
 }
 
-// One warp copies a group into a stage: 64 chunks of 16 bytes of columns, 16 of (s, z) pairs. A lane copies column
-// chunks lane and lane + 32, to the stage offsets to0 and to1 (column_slot's places), and pairs chunk lane.
+__device__ __forceinline__ void copy_zfill(unsigned char* shared, const void* global, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
+                 :: "r"((u32)__cvta_generic_to_shared(shared)), "l"(global), "r"(valid ? 16 : 0));
+}
+
+// One warp copies a group into a stage: 64 chunks of 16 bytes of columns, 16 of (s, z) pairs, 4 of each x row. A
+// lane copies column chunks lane and lane + 32, to the stage offsets to0 and to1 (column_slot's places), pairs
+// chunk lane, and x chunks lane + 32 j: row (lane >> 2) + 8 j, its 16-byte part lane % 4. Rows past the group's
+// last are zero-filled, no bytes read. (Read by plain loads one group ahead into registers, x held up the warps as
+// the weights had before they were copied; copied with them, the kernel came 7-35% faster: bench/quant_kernels.md.)
+template <int NT>
 __device__ __forceinline__ void copy_group(unsigned char* stage, const unsigned char* columns,
-                                           const unsigned char* scales, int lane, int to0, int to1) {
+                                           const unsigned char* scales, const u16* const (&x_rows)[NT],
+                                           const bool (&x_valid)[NT], int group, int lane, int to0, int to1) {
     copy_async(stage + to0, columns + lane * 16);
     copy_async(stage + to1, columns + (lane + 32) * 16);
     if (lane < 16) copy_async(stage + COLUMNS_BYTES + lane * 16, scales + lane * 16);
+#pragma unroll
+    for (int j = 0; j < NT; ++j)
+        copy_zfill(stage + COLUMNS_BYTES + PAIRS_BYTES + ((lane >> 2) + 8 * j) * X_ROW_BYTES + (lane & 3) * 16,
+                   x_rows[j] + group * 32 + (lane & 3) * 8, x_valid[j]);
     asm volatile("cp.async.commit_group;");
 }
 
@@ -93,19 +112,17 @@ __device__ __forceinline__ void read_group(Group<NT>& f, const unsigned char* wo
     f.sz_high = *(const uint4*)(pairs + 128);
 }
 
-// x's B fragments of the group at x[nt] (this lane's: columns 2t.. of x rows nt * 8 + g, or of the group's first
-// row, masked to zero, past its last), and x[nt] on to the next group.
+// x's B fragments of a stage: columns 2t, 2t+1 (+ 8) of each step, rows nt * 8 + g
 template <int NT>
-__device__ __forceinline__ void load_x(u32 (&f)[2][NT][2], const u16* (&x)[NT], const u32 (&mask)[NT]) {
+__device__ __forceinline__ void read_x(u32 (&f)[2][NT][2], const unsigned char* stage, int g, int t) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
+    for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
         for (int s = 0; s < 2; ++s) {
-            f[s][nt][0] = __ldg((const u32*)(x[nt] + 16 * s)) & mask[nt];
-            f[s][nt][1] = __ldg((const u32*)(x[nt] + 16 * s + 8)) & mask[nt];
+            const unsigned char* row = stage + COLUMNS_BYTES + PAIRS_BYTES + (nt * 8 + g) * X_ROW_BYTES;
+            f[s][nt][0] = *(const u32*)(row + (16 * s + 2 * t) * 2);
+            f[s][nt][1] = *(const u32*)(row + (16 * s + 2 * t + 8) * 2);
         }
-        x[nt] += 32;
-    }
 }
 
 // acc[i][nt] += this group's contribution for rows 4g+i (c0, c1) and 32+4g+i (c2, c3), x rows nt*8 + 2t (+1).
@@ -159,10 +176,10 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
 }
 
 // Grid (N / 64 tiles, groups of the plan); block 32 * k_warps * (SWIGLU ? 2 : 1) threads, at most 16 / NT warps;
-// shared memory warps * (2048 * NT + STAGES * STAGE_BYTES) bytes. meta holds the plan's n_used expert indices,
+// shared memory warps * (2048 * NT + STAGES * stage_bytes<NT>()) bytes. meta holds the plan's n_used expert indices,
 // then n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert. Each warp copies its groups
 // of weights into a ring of STAGES stages in shared memory, STAGES - 1 ahead of the one it computes: loads in
-// flight that take no registers.
+// flight that take no registers. x's rows must be 16-byte aligned (x and x_stride).
 template <int NT, bool SWIGLU, int STAGES>
 __global__ void __launch_bounds__(512 / NT) int4_decode(
     const u16* __restrict__ x, long long x_stride, u16* __restrict__ out, long long out_stride,
@@ -181,6 +198,7 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bool second = SWIGLU && warp >= k_warps;
     const int kw = warp % k_warps;
+    constexpr int STAGE_BYTES = stage_bytes<NT>();
     unsigned char* ring = shared + (blockDim.x >> 5) * E * 32 * 4 + warp * STAGES * STAGE_BYTES;
 
     const unsigned char* packed = second ? p2 + expert * p2_gs : p1 + expert * p1_gs;
@@ -190,13 +208,14 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     // the next group to copy: its 1 KB of columns, and its (s, z) pairs, n * 4 bytes after the previous group's
     const unsigned char* columns = packed + ((long long)tile * k + begin * 32) * 32;
     const unsigned char* pairs = (const unsigned char*)(scales + tile * 64 * 2) + (long long)begin * n * 4;
-    const u16* xs[NT];
-    u32 x_mask[NT];
+    // the x rows this lane copies: (lane >> 2) + 8 j of the group's rows
+    const u16* x_rows[NT];
+    bool x_valid[NT];
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-        const bool valid = nt * 8 + g < rows;
-        x_mask[nt] = valid ? ~0u : 0u;
-        xs[nt] = x + (first + (valid ? nt * 8 + g : 0)) * x_stride + begin * 32 + 2 * t;
+    for (int j = 0; j < NT; ++j) {
+        const int row = (lane >> 2) + 8 * j;
+        x_valid[j] = row < rows;
+        x_rows[j] = x + (first + (x_valid[j] ? row : 0)) * x_stride;
     }
 
     float acc[4][NT][4];
@@ -221,7 +240,7 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
 #pragma unroll
     for (int d = 0; d < STAGES - 1; ++d) {
         if (begin + d < end) {
-            copy_group(fill, columns, pairs, lane, to0, to1);
+            copy_group<NT>(fill, columns, pairs, x_rows, x_valid, begin + d, lane, to0, to1);
             columns += COLUMNS_BYTES;
             pairs += n * 4;
         } else {
@@ -230,29 +249,20 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
         fill += STAGE_BYTES;
     }
     Group<NT> f;
-    u32 next_x[2][NT][2];
-    if (begin < end) load_x(next_x, xs, x_mask);
     unsigned char* read = ring;
     for (int group = begin; group < end; ++group) {
         if (group + STAGES - 1 < end) {  // into the stage read one group ago
-            copy_group(fill, columns, pairs, lane, to0, to1);
+            copy_group<NT>(fill, columns, pairs, x_rows, x_valid, group + STAGES - 1, lane, to0, to1);
             columns += COLUMNS_BYTES;
             pairs += n * 4;
         } else {
             asm volatile("cp.async.commit_group;");
         }
         fill = read;
-#pragma unroll
-        for (int s = 0; s < 2; ++s)
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) {
-                f.x[s][nt][0] = next_x[s][nt][0];
-                f.x[s][nt][1] = next_x[s][nt][1];
-            }
-        if (group + 1 < end) load_x(next_x, xs, x_mask);
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1));
         __syncwarp();  // the other lanes' copies of this stage have landed too
         read_group(f, read + words, read + pairs_at);
+        read_x(f.x, read, g, t);
         add_group(acc, f, low_bytes, high_bytes);
         __syncwarp();  // every lane has read this stage before the next iteration refills it
         read = read == last ? ring : read + STAGE_BYTES;

@@ -24,7 +24,6 @@ _SOURCE = Path(__file__).with_suffix(".cu")
 STAGES = 4
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
 _BLOCK_WARPS = 16  # warps x tiles of x in a block at most: the kernel's launch bounds (512 / tiles threads)
-_STAGE_BYTES = 32 * 32 + 64 * 4  # a group of a 64-row tile: its columns, its (scale, zero) pairs
 _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
 
 
@@ -41,8 +40,13 @@ def _kernel(x_tiles: int, swiglu: bool, device: torch.device):
     return kernel
 
 
+def _stage_bytes(x_tiles: int) -> int:
+    """A group of a 64-row tile: its columns, its (scale, zero) pairs, and x's 8-row tiles at 80-byte rows."""
+    return 32 * 32 + 64 * 4 + x_tiles * 8 * 80
+
+
 def _shared_bytes(warps: int, x_tiles: int) -> int:
-    return warps * (x_tiles * _SUMS_BYTES + STAGES * _STAGE_BYTES)
+    return warps * (x_tiles * _SUMS_BYTES + STAGES * _stage_bytes(x_tiles))
 
 
 @functools.cache
@@ -99,7 +103,8 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
         assert w.packed.data_ptr() % 16 == 0 and w.packed.stride(0) % 16 == 0, "columns are copied 16 bytes at a time"
         assert w.scale_zero.data_ptr() % 16 == 0 and w.scale_zero.stride(0) % 8 == 0, \
             "(scale, zero) pairs are copied 16 bytes at a time"
-    assert x.data_ptr() % 4 == 0 and x.stride(0) % 2 == 0, "x is read two columns at a time"
+    if x.data_ptr() % 16 or x.stride(0) % 8:  # x's rows are copied 16 bytes at a time
+        x = x.clone(memory_format=torch.contiguous_format)
     pointers = [np.uint64(t.data_ptr()) for t in (x, out, meta, w1.packed, w1.scale_zero, w2.packed, w2.scale_zero)]
     x_ptr, out_ptr, meta_ptr, p1, sz1, p2, sz2 = pointers
     strides = [np.int64(t.stride(0)) for t in (w1.packed, w1.scale_zero, w2.packed, w2.scale_zero)]

@@ -131,8 +131,8 @@ def load_library() -> ctypes.CDLL | None:
                                 ", ".join(runtimes))
                 lib.tierserve_grouped_swiglu.restype = ctypes.c_int
                 lib.tierserve_grouped_swiglu.argtypes = [
-                    ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                    ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
                 lib.tierserve_pin_threads.restype = ctypes.c_int
                 lib.tierserve_pin_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
                 _library = lib
@@ -151,42 +151,54 @@ def pin_threads(cores: Sequence[int]) -> bool:
     return lib.tierserve_pin_threads(numbers.buffer_info()[0], len(numbers)) == 0
 
 
-# Each expert's six pointers once its tensors passed the checks, keyed by the kernel's format, the shapes and the
-# tensors' identities: at a few rows per expert the checks (48 tensors' types, dtypes, shapes and flags: 33 us on
-# a Zen 4 core for 8 experts) cost a tenth of a layer on 16 threads. A served expert's tensors are fixed views,
-# so they pass once; an entry leaves when one of its tensors dies, before Python can reuse the tensor's id.
-_checked: dict[tuple, tuple[int, ...]] = {}
+# Each expert's six pointers (native-endian uint64 bytes) once its tensors passed the checks, keyed by the kernel's
+# format, the shapes and the tensors' identities: at a few rows per expert the checks (48 tensors' types, dtypes,
+# shapes and flags: 33 us on a Zen 4 core for 8 experts) cost a tenth of a layer on 16 threads. A served expert's
+# tensors are fixed views, so they pass once; an entry leaves when one of its tensors dies, before Python can
+# reuse the tensor's id.
+_checked: dict[tuple, bytes] = {}
 
 
-def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: int) -> list[int] | None:
+def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: int) -> bytes | None:
     """Each expert's gate, up and down tensors' addresses in the order the kernel reads them; None when a matrix
     is not of type `kind` or a tensor is not a contiguous CPU tensor. ValueError when an expert is not three
     matrices or a tensor's dtype or shape is not its layout's: the kernel reads them through bare pointers.
     Experts checked before (_checked) are not checked again."""
-    if any(len(matrices) != 3 for matrices in weights):
-        raise ValueError(f"an expert is {[len(m) for m in weights]} matrices, expected gate, up and down")
-    if not all(type(m) is kind for matrices in weights for m in matrices):
-        return None
-    experts = [(*gate, *up, *down) for gate, up, down in weights]
-    keys = [(kind, ffn, hidden, *map(id, tensors)) for tensors in experts]
-    unchecked = [(i, tensors, key) for i, (tensors, key) in enumerate(zip(experts, keys, strict=True))
-                 if key not in _checked]
-    if not all(t.is_cpu and t.is_contiguous() for _, tensors, _ in unchecked for t in tensors):
+    found = []
+    for matrices in weights:
+        if len(matrices) != 3:
+            raise ValueError(f"an expert is {[len(m) for m in weights]} matrices, expected gate, up and down")
+        tensors = (*matrices[0], *matrices[1], *matrices[2])
+        key = (kind, ffn, hidden, *map(id, tensors))
+        pointers = _checked.get(key)
+        if pointers is None:
+            if not all(type(m) is kind for m in matrices):
+                return None
+            pointers = _check(tensors, key, kind, ffn, hidden, len(found))
+            if pointers is None:
+                return None
+        found.append(pointers)
+    return b"".join(found)
+
+
+def _check(tensors: tuple[torch.Tensor, ...], key: tuple, kind: type, ffn: int, hidden: int,
+           index: int) -> bytes | None:
+    """The six tensors' addresses once they are contiguous CPU tensors of the layout's dtypes and shapes (None if
+    not on the CPU or not contiguous), remembered in _checked until one of them dies."""
+    if not all(t.is_cpu and t.is_contiguous() for t in tensors):
         return None
     fmt = "int8" if kind is Int8Matrix else "int4"
     layout = [*tensor_specs(fmt, (ffn, hidden)), *tensor_specs(fmt, (ffn, hidden)), *tensor_specs(fmt, (hidden, ffn))]
-    for index, tensors, _ in unchecked:
-        for i, (t, (dtype, shape)) in enumerate(zip(tensors, layout, strict=True)):
-            if t.dtype != dtype or t.shape != shape:
-                name = ("gate", "up", "down")[i // 2]
-                raise ValueError(f"expert {index} {name}: expected a {dtype} {shape} tensor of a {kind.__name__}, "
-                                 f"got {t.dtype} {tuple(t.shape)} (gate and up ({ffn}, {hidden}), down ({hidden}, "
-                                 f"{ffn}))")
-    for _, tensors, key in unchecked:
-        _checked[key] = tuple(t.data_ptr() for t in tensors)
-        for t in tensors:
-            weakref.finalize(t, _checked.pop, key, None)
-    return [pointer for key in keys for pointer in _checked[key]]
+    for i, (t, (dtype, shape)) in enumerate(zip(tensors, layout, strict=True)):
+        if t.dtype != dtype or t.shape != shape:
+            name = ("gate", "up", "down")[i // 2]
+            raise ValueError(f"expert {index} {name}: expected a {dtype} {shape} tensor of a {kind.__name__}, "
+                             f"got {t.dtype} {tuple(t.shape)} (gate and up ({ffn}, {hidden}), down ({hidden}, "
+                             f"{ffn}))")
+    pointers = _checked[key] = array("Q", [t.data_ptr() for t in tensors]).tobytes()
+    for t in tensors:
+        weakref.finalize(t, _checked.pop, key, None)
+    return pointers
 
 
 def grouped_swiglu(x: torch.Tensor, weights: Sequence[ExpertWeights], counts: Sequence[int]) -> torch.Tensor | None:
@@ -214,13 +226,12 @@ def grouped_swiglu(x: torch.Tensor, weights: Sequence[ExpertWeights], counts: Se
     lib = load_library()
     if lib is None:
         return None
-    xf = x.to(torch.bfloat16).float().contiguous()  # bf16 activations, as torch's int8 / int4 kernels take them
-    h = torch.empty(rows, ffn, dtype=torch.float32)
+    bf16 = x.dtype == torch.bfloat16
+    xb = x if bf16 and x.is_contiguous() else x.to(torch.bfloat16).contiguous()  # torch's int8 / int4 kernels take bf16
     out = torch.empty(rows, hidden, dtype=torch.bfloat16)
-    counts_a, ptrs_a = array("q", counts), array("Q", ptrs)  # alive until the call returns
-    status = lib.tierserve_grouped_swiglu(FORMAT_CODES[kind], len(counts_a), counts_a.buffer_info()[0],
-                                          ptrs_a.buffer_info()[0], hidden, ffn, xf.data_ptr(), h.data_ptr(),
-                                          out.data_ptr(), torch.get_num_threads(), x.dtype == torch.bfloat16)
+    counts_a = array("q", counts)  # alive until the call returns
+    status = lib.tierserve_grouped_swiglu(FORMAT_CODES[kind], len(counts_a), counts_a.buffer_info()[0], ptrs,
+                                          hidden, ffn, xb.data_ptr(), out.data_ptr(), torch.get_num_threads(), bf16)
     if status:
         raise ValueError(f"native grouped SwiGLU refused its input: {ERRORS.get(status, status)}")
-    return out.to(x.dtype)
+    return out if bf16 else out.to(x.dtype)

@@ -322,11 +322,13 @@ static int check_shapes(int fmt, int64_t hidden, int64_t ffn) {
 
 /* The grouped SwiGLU: experts e = 0 .. n_experts - 1 take counts[e] consecutive rows of x (rows, hidden),
  * rows = sum(counts). ptrs holds 6 addresses per expert: gate values, gate scales, up values, up scales,
- * down values, down scales (int8: q, scale; int4: packed, scale_zero). h is (rows, ffn) fp32 scratch, out
- * (rows, hidden) bf16. x must hold bf16 values (fp32 storage); bf16_activations rounds silu(gate) to bf16 as
- * torch does for bf16 activations. Returns 0, or an error code, having computed nothing. */
+ * down values, down scales (int8: q, scale; int4: packed, scale_zero). x and out are (rows, hidden) bf16;
+ * bf16_activations rounds silu(gate) to bf16 as torch does for bf16 activations. Returns 0, or an error code,
+ * having computed nothing. The fp32 copy of x and h (rows, ffn) are the call's scratch, made here rather than by
+ * the caller: with the caches swept by the weights, each torch call costs microseconds, and the caller's steps
+ * around the parallel region took a fifth of a call on 8 threads (bench/cpu_kernels.md). */
 int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, const uint64_t *ptrs,
-                             int64_t hidden, int64_t ffn, const float *x, float *h, uint16_t *out,
+                             int64_t hidden, int64_t ffn, const uint16_t *x_bf16, uint16_t *out,
                              int num_threads, int bf16_activations) {
     int status = check_shapes(fmt, hidden, ffn);
     if (status != OK) return status;
@@ -337,24 +339,24 @@ int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, 
     if (!starts) return ERR_MEMORY;
     starts[0] = 0;
     for (int64_t e = 0; e < n_experts; e++) starts[e + 1] = starts[e] + counts[e];
+    const int64_t total_rows = starts[n_experts];
+    float *x = malloc((size_t)(total_rows * (hidden + ffn)) * sizeof *x + 1);
+    if (!x) {
+        free(starts);
+        return ERR_MEMORY;
+    }
+    float *h = x + total_rows * hidden;
     /* int8 reads its activations in int8_position order: x is copied so, and phase 1 writes h so */
     const int int8 = fmt == FMT_INT8;
-    float *x_int8 = NULL;
-    if (int8) {
-        x_int8 = malloc((size_t)(starts[n_experts] * hidden) * sizeof *x_int8 + 1);
-        if (!x_int8) {
-            free(starts);
-            return ERR_MEMORY;
-        }
-        for (int64_t r = 0; r < starts[n_experts]; r++)
-            for (int64_t k = 0; k < hidden; k++) x_int8[r * hidden + int8_position(k, hidden)] = x[r * hidden + k];
-        x = x_int8;
-    }
 
     const int64_t ffn_tiles = (ffn + TILE - 1) / TILE, hidden_tiles = (hidden + TILE - 1) / TILE;
     /* one region for both phases: one fork and join per call; the barrier between the loops orders h */
 #pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
     {
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < total_rows; r++)
+            for (int64_t k = 0; k < hidden; k++)
+                x[r * hidden + (int8 ? int8_position(k, hidden) : k)] = bf16_to_float(x_bf16[r * hidden + k]);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < n_experts * ffn_tiles; task++) {
             const int64_t e = task / ffn_tiles, tile = task % ffn_tiles, rows = counts[e];
@@ -389,7 +391,7 @@ int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, 
             }
         }
     }
-    free(x_int8);
+    free(x);
     free(starts);
     return OK;
 }

@@ -177,3 +177,24 @@ def test_int4_decode_cut_along_k_matches_the_reference(qk, swiglu, counts):
     for k_warps in (1, 3, 4):  # 4: the most two tiles of x allow gate and up
         y = qk.decode_linear(x, w1, w2 if swiglu else None, plan, x.new_empty((x.shape[0], f)), k_warps=k_warps)
         assert worst_row_error(y, want) < TOLERANCE, k_warps
+
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_decode_takes_rows_that_are_not_16_byte_aligned(qk, fmt):
+    """int4 decode copies x 16 bytes at a time: rows at any offset and stride (here 4 bytes in, 8 bytes apart
+    past their ends) give the same output as the same rows packed."""
+    counts = FEW_ROWS_COUNTS
+    needs_int4_decode(fmt, counts)
+    n, k = MID
+    (w,) = random_regions(fmt, 4, [(n, k)], DEVICE, seed=31)
+    groups = [0, 1, 2, 3]
+    x = rows(counts, k, seed=32)
+    wide = torch.zeros(x.shape[0], k + 4, dtype=x.dtype, device=DEVICE)
+    wide[:, 2 : 2 + k] = x
+    offset = wide[:, 2 : 2 + k]
+    assert offset.data_ptr() % 16 and offset.stride(0) % 8
+    plan = qk.plan_groups(groups, counts, DEVICE)
+    packed = qk.decode_linear(x, w, None, plan, x.new_empty((x.shape[0], n)))
+    assert torch.equal(qk.decode_linear(offset, w, None, plan, x.new_empty((x.shape[0], n))), packed)
+    assert worst_row_error(packed, reference_linear(x, w, groups, counts)) < TOLERANCE
