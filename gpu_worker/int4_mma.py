@@ -64,24 +64,39 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+@functools.cache
+def _shared_limit(device: torch.device) -> int:
+    """Shared memory one block may have on this GPU: 227 KB on Hopper, 99 KB on Ada's and Blackwell's desktop
+    parts, where a 16-warp block's rings do not fit."""
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
 def _x_tiles(rows_at_most: int) -> int:
     """8-row tiles of x the kernel takes for up to rows_at_most rows per group."""
     return 1 if rows_at_most <= 8 else 2
 
 
 def k_warps_for(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, device: torch.device) -> int:
+    """Warps that cut K per matrix in each block on `device` (plan_k_warps)."""
+    return plan_k_warps(n, k, used, swiglu, rows_at_most, _multiprocessors(device), _shared_limit(device))
+
+
+def plan_k_warps(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, multiprocessors: int,
+                 shared_limit: int) -> int:
     """Warps that cut K per matrix in each block: the fewest, in a power of two, that give every SM
     _WARPS_PER_SM warps (one token's 8 experts' gate/up are 96 blocks on 132 SMs: 8 warps each), each warp with
-    at least two groups of 32 columns, within the kernel's launch bounds. Blocks of a power of two warps pack the
-    SMs. On the H200, for this kernel before it copied into shared memory, the rule picked the fastest of 1, 2, 4
-    and 8 warps in every case of bench/quant_kernels.md but one (within 5%), where aiming at 16 warps per SM was
-    slower with few experts (16 experts: 54 us against 35); since, it was timed against one warp only (the same
-    from 64 experts up, 2.2x faster for 8)."""
+    at least two groups of 32 columns, within the kernel's launch bounds and the block's shared memory
+    (shared_limit bytes). Blocks of a power of two warps pack the SMs. On the H200, for this kernel before it
+    copied into shared memory, the rule picked the fastest of 1, 2, 4 and 8 warps in every case of
+    bench/quant_kernels.md but one (within 5%), where aiming at 16 warps per SM was slower with few experts (16
+    experts: 54 us against 35); since, it was timed against one warp only (the same from 64 experts up, 2.2x
+    faster for 8)."""
     matrices, x_tiles = 2 if swiglu else 1, _x_tiles(rows_at_most)
     blocks = n // INT4_ROW_TILE * max(1, used)
     k_warps = 1
-    while (blocks * matrices * k_warps < _WARPS_PER_SM * _multiprocessors(device)
-           and 2 * k_warps * matrices * x_tiles <= _BLOCK_WARPS and 2 * k_warps <= k // 32 // 2):
+    while (blocks * matrices * k_warps < _WARPS_PER_SM * multiprocessors
+           and 2 * k_warps * matrices * x_tiles <= _BLOCK_WARPS and 2 * k_warps <= k // 32 // 2
+           and _shared_bytes(2 * k_warps * matrices, x_tiles) <= shared_limit):
         k_warps *= 2
     return k_warps
 

@@ -1,0 +1,30 @@
+"""How many warps cut K in the int4 decode kernel's blocks (gpu_worker.int4_mma.plan_k_warps): pure arithmetic on
+the GPU's SM count and shared memory, so it runs without a GPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from gpu_worker.int4_mma import _shared_bytes, _x_tiles, plan_k_warps
+
+H200 = (132, 227 * 1024)  # SMs, shared memory a block may opt into
+RTX_4090 = (128, 99 * 1024)
+
+
+@pytest.mark.parametrize("used, rows", [(8, 1), (16, 1), (8, 12), (64, 16), (128, 1)])
+@pytest.mark.parametrize("swiglu", [True, False])
+@pytest.mark.parametrize("gpu", [H200, RTX_4090], ids=["h200", "rtx4090"])
+def test_blocks_fit_the_gpus_shared_memory(used, rows, swiglu, gpu):
+    n, k = (768, 2048) if swiglu else (2048, 768)
+    k_warps = plan_k_warps(n, k, used, swiglu, rows, *gpu)
+    warps = k_warps * (2 if swiglu else 1)
+    assert k_warps >= 1 and k_warps & (k_warps - 1) == 0
+    assert _shared_bytes(warps, _x_tiles(rows)) <= gpu[1]
+
+
+def test_one_tokens_experts_take_the_most_warps_the_gpu_holds():
+    """8 experts' gate and up: 96 blocks, too few for the SMs, so each block takes as many warps as fit: 16 on the
+    H200 (the launch bounds), 8 where a block gets 99 KB of shared memory (16 warps' rings need 152 KB)."""
+    assert plan_k_warps(768, 2048, 8, True, 1, *H200) == 8
+    assert plan_k_warps(768, 2048, 8, True, 1, *RTX_4090) == 4
+    assert plan_k_warps(768, 2048, 128, True, 1, *H200) == 1  # 1,536 blocks fill the SMs with one warp each
