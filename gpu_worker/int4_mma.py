@@ -114,6 +114,8 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
     k_warps = k_warps or k_warps_for(n, k, min(used_at_most, n_used), swiglu, rows_at_most, x.device)
     warps = k_warps * (2 if swiglu else 1)
     assert warps * x_tiles <= _BLOCK_WARPS, "too many warps for a block"
+    assert _shared_bytes(warps, x_tiles) <= _shared_limit(x.device), \
+        f"{warps} warps' rings need more shared memory than a block gets on this GPU"
     for w in (w1, w2):
         assert w.packed.data_ptr() % 16 == 0 and w.packed.stride(0) % 16 == 0, "columns are copied 16 bytes at a time"
         assert w.scale_zero.data_ptr() % 16 == 0 and w.scale_zero.stride(0) % 8 == 0, \

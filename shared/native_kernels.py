@@ -168,12 +168,13 @@ def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: in
     for matrices in weights:
         if len(matrices) != 3:
             raise ValueError(f"an expert is {[len(m) for m in weights]} matrices, expected gate, up and down")
-        tensors = (*matrices[0], *matrices[1], *matrices[2])
+        gate, up, down = matrices
+        if type(gate) is not kind or type(up) is not kind or type(down) is not kind:
+            return None
+        tensors = (*gate, *up, *down)
         key = (kind, ffn, hidden, *map(id, tensors))
         pointers = _checked.get(key)
         if pointers is None:
-            if not all(type(m) is kind for m in matrices):
-                return None
             pointers = _check(tensors, key, kind, ffn, hidden, len(found))
             if pointers is None:
                 return None

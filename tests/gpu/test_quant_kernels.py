@@ -19,6 +19,7 @@ import os
 import pytest
 import torch
 
+from gpu_worker import int4_mma
 from tests.quant_stacks import random_regions, reference_linear, reference_swiglu, worst_row_error
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -174,27 +175,30 @@ def test_int4_decode_cut_along_k_matches_the_reference(qk, swiglu, counts):
     want = reference_linear(x, w1, groups, counts)
     if swiglu:
         want = torch.nn.functional.silu(want) * reference_linear(x, w2, groups, counts)
-    for k_warps in (1, 3, 4):  # 4: the most two tiles of x allow gate and up
+    for k_warps in (1, 3, 4):  # 4: the most two tiles of x allow gate and up (where shared memory holds them)
+        warps = k_warps * (2 if swiglu else 1)
+        if int4_mma._shared_bytes(warps, int4_mma._x_tiles(max(counts))) > int4_mma._shared_limit(DEVICE):
+            continue
         y = qk.decode_linear(x, w1, w2 if swiglu else None, plan, x.new_empty((x.shape[0], f)), k_warps=k_warps)
         assert worst_row_error(y, want) < TOLERANCE, k_warps
 
 
-
-@pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_decode_takes_rows_that_are_not_16_byte_aligned(qk, fmt):
-    """int4 decode copies x 16 bytes at a time: rows at any offset and stride (here 4 bytes in, 8 bytes apart
-    past their ends) give the same output as the same rows packed."""
-    counts = FEW_ROWS_COUNTS
-    needs_int4_decode(fmt, counts)
+@pytest.mark.parametrize("misaligned", ["start", "stride"])
+def test_int4_decode_takes_rows_that_are_not_16_byte_aligned(qk, misaligned):
+    """int4 decode copies x 16 bytes at a time: rows that start off a 16-byte boundary, or lie a stride apart
+    that is not a multiple of 16 bytes, give the same output as the same rows packed (two tiles of x)."""
+    counts = DECODE_COUNTS
+    needs_int4_decode("int4", counts)
     n, k = MID
-    (w,) = random_regions(fmt, 4, [(n, k)], DEVICE, seed=31)
+    (w,) = random_regions("int4", 4, [(n, k)], DEVICE, seed=31)
     groups = [0, 1, 2, 3]
     x = rows(counts, k, seed=32)
-    wide = torch.zeros(x.shape[0], k + 4, dtype=x.dtype, device=DEVICE)
-    wide[:, 2 : 2 + k] = x
-    offset = wide[:, 2 : 2 + k]
-    assert offset.data_ptr() % 16 and offset.stride(0) % 8
+    first, width = (2, k + 8) if misaligned == "start" else (0, k + 4)  # 4 bytes in / 1,032 bytes apart
+    wide = torch.zeros(x.shape[0], width, dtype=x.dtype, device=DEVICE)
+    wide[:, first : first + k] = x
+    view = wide[:, first : first + k]
+    assert (view.data_ptr() % 16 != 0, view.stride(0) % 8 != 0) == (misaligned == "start", misaligned == "stride")
     plan = qk.plan_groups(groups, counts, DEVICE)
     packed = qk.decode_linear(x, w, None, plan, x.new_empty((x.shape[0], n)))
-    assert torch.equal(qk.decode_linear(offset, w, None, plan, x.new_empty((x.shape[0], n))), packed)
+    assert torch.equal(qk.decode_linear(view, w, None, plan, x.new_empty((x.shape[0], n))), packed)
     assert worst_row_error(packed, reference_linear(x, w, groups, counts)) < TOLERANCE
