@@ -159,33 +159,20 @@ def pin_threads(cores: Sequence[int]) -> bool:
 _checked: dict[tuple, bytes] = {}
 
 
-def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: int) -> bytes | None:
-    """Each expert's gate, up and down tensors' addresses in the order the kernel reads them; None when a matrix
-    is not of type `kind` or a tensor is not a contiguous CPU tensor. ValueError when an expert is not three
-    matrices or a tensor's dtype or shape is not its layout's: the kernel reads them through bare pointers.
-    Experts checked before (_checked) are not checked again."""
-    found = []
-    for matrices in weights:
-        if len(matrices) != 3:
-            raise ValueError(f"an expert is {[len(m) for m in weights]} matrices, expected gate, up and down")
-        gate, up, down = matrices
-        if type(gate) is not kind or type(up) is not kind or type(down) is not kind:
-            return None
-        tensors = (*gate, *up, *down)
-        key = (kind, ffn, hidden, *map(id, tensors))
-        pointers = _checked.get(key)
-        if pointers is None:
-            pointers = _check(tensors, key, kind, ffn, hidden, len(found))
-            if pointers is None:
-                return None
-        found.append(pointers)
-    return b"".join(found)
-
-
-def _check(tensors: tuple[torch.Tensor, ...], key: tuple, kind: type, ffn: int, hidden: int,
-           index: int) -> bytes | None:
-    """The six tensors' addresses once they are contiguous CPU tensors of the layout's dtypes and shapes (None if
-    not on the CPU or not contiguous), remembered in _checked until one of them dies."""
+def _expert_pointers(matrices: ExpertWeights, kind: type, ffn: int, hidden: int, index: int) -> bytes | None:
+    """An expert's gate, up and down tensors' addresses in the order the kernel reads them; None when a matrix
+    is not of type `kind` or a tensor is not a contiguous CPU tensor. ValueError when the expert is not three
+    matrices or a tensor's dtype or shape is not its layout's: the kernel reads them through bare pointers."""
+    if len(matrices) != 3:
+        raise ValueError(f"expert {index} is {len(matrices)} matrices, expected gate, up and down")
+    gate, up, down = matrices
+    if not (type(gate) is kind and type(up) is kind and type(down) is kind):
+        return None
+    tensors = (*gate, *up, *down)
+    key = (kind, ffn, hidden, *map(id, tensors))
+    pointers = _checked.get(key)
+    if pointers is not None:
+        return pointers
     if not all(t.is_cpu and t.is_contiguous() for t in tensors):
         return None
     fmt = "int8" if kind is Int8Matrix else "int4"
@@ -193,13 +180,23 @@ def _check(tensors: tuple[torch.Tensor, ...], key: tuple, kind: type, ffn: int, 
     for i, (t, (dtype, shape)) in enumerate(zip(tensors, layout, strict=True)):
         if t.dtype != dtype or t.shape != shape:
             name = ("gate", "up", "down")[i // 2]
-            raise ValueError(f"expert {index} {name}: expected a {dtype} {shape} tensor of a {kind.__name__}, "
-                             f"got {t.dtype} {tuple(t.shape)} (gate and up ({ffn}, {hidden}), down ({hidden}, "
-                             f"{ffn}))")
+            raise ValueError(f"expert {index} {name}: expected a {dtype} {shape} tensor of a {kind.__name__}, got "
+                             f"{t.dtype} {tuple(t.shape)} (gate and up ({ffn}, {hidden}), down ({hidden}, {ffn}))")
     pointers = _checked[key] = array("Q", [t.data_ptr() for t in tensors]).tobytes()
     for t in tensors:
         weakref.finalize(t, _checked.pop, key, None)
     return pointers
+
+
+def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: int) -> bytes | None:
+    """Every expert's pointers (_expert_pointers), expert after expert; None if any expert's is None."""
+    pointers = []
+    for index, matrices in enumerate(weights):
+        mine = _expert_pointers(matrices, kind, ffn, hidden, index)
+        if mine is None:
+            return None
+        pointers.append(mine)
+    return b"".join(pointers)
 
 
 def grouped_swiglu(x: torch.Tensor, weights: Sequence[ExpertWeights], counts: Sequence[int]) -> torch.Tensor | None:
