@@ -4,7 +4,8 @@ Qwen3-30B-A3B expert shape, against the memory-read bandwidth measured in the sa
     python -m bench.cpu_kernels_bench [--out bench/cpu_kernels.md] [--quick]
 
 For each format (int8, int4, and bf16 for the float path), rows per expert (1, 4, 16, 64) and torch thread
-count (1, 2, 4, ... up to every core), one full expert FFN (gate, up, SwiGLU, down) is timed on bf16
+count (1, 2, 4, ... up to every core, and the counts an expert host takes by default beside a worker on a GPU),
+one full expert FFN (gate, up, SwiGLU, down) is timed on bf16
 activations, rotating over 64 experts laid out as the expert cache serves them (ExpertLayout regions of one
 uint8 buffer, ~300 MB in int8) so that the weights come from RAM, not from the caches. GB/s counts the
 weight bytes an expert is stored as (codes and scales); the % is of `cpu_read_bandwidth` with the same thread
@@ -28,7 +29,7 @@ import os
 import platform
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -36,6 +37,7 @@ from pathlib import Path
 import torch
 
 from shared.bench_measure import cpu_read_bandwidth
+from shared.config import Config
 from shared.expert_cache import ExpertLayout
 from shared.expert_math import ExpertWeights
 from shared.native_kernels import grouped_swiglu, load_library, pin_threads
@@ -66,12 +68,20 @@ FULL = Settings(ffn=768, hidden=2048, experts=64, sweeps=5, bandwidth_bytes=2 <<
 QUICK = Settings(ffn=128, hidden=256, experts=8, sweeps=1, bandwidth_bytes=64 << 20, outgrow_cache=False)
 
 
-def thread_counts(cores: int) -> list[int]:
-    """1, 2, 4, ... below `cores`, then `cores` itself."""
+def thread_counts(cores: int, also: Sequence[int] = ()) -> list[int]:
+    """1, 2, 4, ... below `cores`, then `cores` itself, with the counts in `also` up to `cores`, in order."""
     counts = [1]
     while counts[-1] * 2 < cores:
         counts.append(counts[-1] * 2)
-    return counts + [cores] if cores > 1 else counts
+    return sorted({*counts, cores, *(n for n in also if 1 <= n <= cores)})
+
+
+def host_thread_counts() -> list[int]:
+    """The threads an expert host takes by default beside a worker on a GPU (Config.threads_for), as the only
+    host and as one of the default number of hosts: 13 and 6 on the GPU machine's 16 cores."""
+    default = Config()
+    return sorted({replace(default, expert_hosts=hosts).threads_for("expert_host", worker_on_gpu=True)
+                   for hosts in (1, default.expert_hosts)})
 
 
 def last_level_cache_bytes() -> int:
@@ -329,8 +339,8 @@ def main() -> None:
     parser.add_argument("--pin", action="store_true", help="bind n threads to the first n logical CPUs, one each")
     args = parser.parse_args()
     settings = QUICK if args.quick else FULL
-    results, grouped = measure(settings, thread_counts(len(os.sched_getaffinity(0))), per_expert=not args.grouped_only,
-                               pin=args.pin)
+    threads = thread_counts(len(os.sched_getaffinity(0)), host_thread_counts())
+    results, grouped = measure(settings, threads, per_expert=not args.grouped_only, pin=args.pin)
     command = " ".join(["python -m bench.cpu_kernels_bench", *(["--quick"] if args.quick else []),
                         *(["--grouped-only"] if args.grouped_only else []), *(["--pin"] if args.pin else [])])
     text = report(results, grouped, settings, command, pin=args.pin)

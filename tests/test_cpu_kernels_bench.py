@@ -20,6 +20,7 @@ from bench.cpu_kernels_bench import (
     NATIVE,
     PER_EXPERT,
     ROWS,
+    host_thread_counts,
     thread_counts,
 )
 
@@ -33,6 +34,12 @@ def test_thread_counts_double_up_to_every_core():
     assert thread_counts(12) == [1, 2, 4, 8, 12]
 
 
+def test_thread_counts_add_the_hosts_defaults_that_fit():
+    assert thread_counts(16, [13, 6]) == [1, 2, 4, 6, 8, 13, 16]
+    assert thread_counts(2, [1, 3]) == [1, 2]
+    assert all(1 <= n <= (os.cpu_count() or 1) for n in host_thread_counts())
+
+
 def test_quick_run_writes_every_row_with_positive_figures(tmp_path):
     out = tmp_path / "cpu_kernels.md"
     subprocess.run([sys.executable, "-m", "bench.cpu_kernels_bench", "--quick", "--out", str(out)], cwd=REPO,
@@ -40,7 +47,7 @@ def test_quick_run_writes_every_row_with_positive_figures(tmp_path):
     lines = [line for line in out.read_text().splitlines() if line.startswith("| ")]
     second = lines.index("| " + " | ".join(GROUPED_HEAD) + " |")
     assert lines[0] == "| " + " | ".join(HEAD) + " |"
-    threads = thread_counts(os.cpu_count() or 1)
+    threads = thread_counts(os.cpu_count() or 1, host_thread_counts())
     expected = {(label, n, t, split) for label in FORMATS for n in ROWS for t in threads
                 for split in ([MATRICES, EXPERTS] if t > 1 else [MATRICES])}
     assert rows_of(lines[1:second], len(HEAD)) == expected
@@ -55,7 +62,7 @@ def test_grouped_only_run_writes_only_the_grouped_table(tmp_path):
                    cwd=REPO, check=True, capture_output=True, timeout=300)
     lines = [line for line in out.read_text().splitlines() if line.startswith("| ")]
     assert lines[0] == "| " + " | ".join(GROUPED_HEAD) + " |"
-    threads = thread_counts(os.cpu_count() or 1)
+    threads = thread_counts(os.cpu_count() or 1, host_thread_counts())
     assert rows_of(lines[1:], len(GROUPED_HEAD)) == {(label, n, t, path) for label in GROUPED_FORMATS
                                                      for n in GROUPED_ROWS for t in threads
                                                      for path in (NATIVE, PER_EXPERT)}
