@@ -110,7 +110,8 @@ def served_experts(fmt: str, settings: Settings, seed: int = 0) -> tuple[ExpertL
     """rotated_experts experts of one layout, each a view of its region of one uint8 buffer: random codes,
     scales (and int4 zeros) of the magnitudes GGUF experts have, bf16 values of std 0.02 for the float path."""
     f, h = settings.ffn, settings.hidden
-    layout = ExpertLayout.build(fmt, [((f, h), torch.bfloat16), ((f, h), torch.bfloat16), ((h, f), torch.bfloat16)])
+    layout = ExpertLayout.build((fmt,) * 3,
+                                [((f, h), torch.bfloat16), ((f, h), torch.bfloat16), ((h, f), torch.bfloat16)])
     generator = torch.Generator().manual_seed(seed)
     experts = rotated_experts(layout.region_nbytes, settings)
     buf = torch.randint(0, 256, (experts, layout.region_nbytes), dtype=torch.uint8, generator=generator)

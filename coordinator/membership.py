@@ -26,7 +26,7 @@ def startup_placement(model: GGUFModel, config: Config) -> Placement:
     cfg = model.config
     hot = config.hot_experts
     if hot < 0:
-        # a quantized hot expert is its cache region in VRAM; layers may differ (int4, and int8 where a Q6_K down)
+        # a quantized hot expert is its cache region in VRAM; layers may differ (int4, and int4+int8 where down is Q6_K)
         sizes = [layout.region_nbytes if layout.format != "float" else model.expert_nbytes(layer)
                  for layer, layout in enumerate(expert_layouts(model))]
         hot = hot_experts_for_budget(cfg, config.gpu_expert_budget, -(-sum(sizes) // len(sizes)))

@@ -74,25 +74,30 @@ class ColdPlanner:
         if mode not in COLD_PATHS:
             raise ValueError(f"cold_path must be one of {', '.join(COLD_PATHS)}, not {mode!r}")
         self.mode = mode
-        self.dtype, self.expert_bytes = expert_format(source, 0)
+        # one key for the CPU's rate: layers of one model differ at most in their matrices' formats (a Q4_K_M
+        # file's int4 layers and int4-gate-and-up, int8-down ones), which the native kernel reads at the same
+        # share of the memory's bandwidth (bench/cpu_kernels.md); their sizes do differ
+        self.dtype = expert_format(source, 0)[0]
+        self.expert_bytes = [source.expert_nbytes(layer) for layer in range(source.model.config.n_layers)]
         self.flops_per_token = expert_flops_per_token(source.model.config)
         cpu_bw, cpu_flops = measure_cpu_expert(source, activation_dtype, host_threads)
         self.live = LiveConstants(CostConstants(pcie_bw=stream_bw, cpu_read_bw={self.dtype: cpu_bw},
                                                 cpu_flops=cpu_flops, round_trip_s=100e-6, gpu_flops=gpu_flops))
 
-    def to_stream(self, cold: list[tuple[int, int, int]]) -> list[int]:
-        """Experts to stream among (expert, owning host, tokens) of one layer."""
+    def to_stream(self, layer: int, cold: list[tuple[int, int, int]]) -> list[int]:
+        """Experts to stream among (expert, owning host, tokens) of the layer."""
         if self.mode == "cpu" or not cold:
             return []
         if self.mode == "stream":
             return [e for e, _, _ in cold]
-        plan = plan_layer([ColdExpert(e, host, n, self.expert_bytes, self.dtype, self.flops_per_token)
+        plan = plan_layer([ColdExpert(e, host, n, self.expert_bytes[layer], self.dtype, self.flops_per_token)
                            for e, host, n in cold], self.live.current)
         return plan.stream
 
-    def observe_host(self, experts: int, tokens: int, compute_s: float, round_trip_s: float | None) -> None:
-        """A host computed `experts` for `tokens` in `compute_s`; `round_trip_s` from sending to its answer, or
-        None when that is not known."""
-        self.live.observe_cpu(self.dtype, experts * self.expert_bytes, tokens * self.flops_per_token, compute_s)
+    def observe_host(self, layer: int, experts: int, tokens: int, compute_s: float, round_trip_s: float | None
+                     ) -> None:
+        """A host computed `experts` of the layer for `tokens` in `compute_s`; `round_trip_s` from sending to its
+        answer, or None when that is not known."""
+        self.live.observe_cpu(self.dtype, experts * self.expert_bytes[layer], tokens * self.flops_per_token, compute_s)
         if round_trip_s is not None:
             self.live.observe_round_trip(max(round_trip_s - compute_s, 0.0))

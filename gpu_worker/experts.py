@@ -162,7 +162,7 @@ class MoEDispatch:
                     tier.pin((layer, e))
             self.on_dispatch("soft_hit", sum(cold[e] for e in slots))
             misses = [(e, int(self.owners[layer][e]), n) for e, n in cold.items() if e not in slots]
-            for e in self.planner.to_stream(misses) if self.planner else []:
+            for e in self.planner.to_stream(layer, misses) if self.planner else []:
                 slot = self.pool.stream(layer, e)
                 if slot is not None:
                     slots[e] = slot
@@ -252,7 +252,7 @@ class MoEDispatch:
             waited = not self.remote.answered(host)  # type: ignore[union-attr]
             y, compute_s = self.remote.receive(host, layer)  # type: ignore[union-attr]
             if self.planner is not None:
-                self.planner.observe_host(len(g.keys), g.end - g.start, compute_s,
+                self.planner.observe_host(layer, len(g.keys), g.end - g.start, compute_s,
                                           time.perf_counter() - sent_at if waited else None)
             ys.append(y.to(h.device, h.dtype))
         return _combined(h, tokens, ys[0] if len(ys) == 1 else torch.cat(ys), weights.flatten()[pairs])

@@ -87,7 +87,7 @@ class Engine:
                                    config.threads_for("expert_host", self.device.type == "cuda")) if self.pool else None
         if self.device.type == "cuda":
             quantized = {self.experts.layout(layer) for layer in range(model.config.n_layers)
-                         if self.experts.format(layer) != "float"}  # e.g. int4 layers and Q6_K-down int8 ones
+                         if self.experts.format(layer) != "float"}  # e.g. int4 layers and int4+int8 ones (Q6_K down)
             for layout in quantized:
                 warm_up_quantized(layout, model.config.n_experts, self.device)
         self.moe: MoEDispatch | None = None

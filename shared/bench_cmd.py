@@ -110,9 +110,10 @@ def model_facts(model: GGUFModel) -> dict[str, Any]:
     cfg = model.config
     expert_bytes = sum(model.nbytes(expert_tensor_name(layer, kind))
                        for layer in range(cfg.n_layers) for kind in EXPERT_TENSOR_KINDS)
-    types = dict.fromkeys(model.qtype(expert_tensor_name(0, kind)).name for kind in EXPERT_TENSOR_KINDS)
+    types = dict.fromkeys(model.qtype(expert_tensor_name(layer, kind)).name
+                          for layer in range(cfg.n_layers) for kind in EXPERT_TENSOR_KINDS)
     served = expert_layouts(model)
-    return {"served_format": served[0].format,
+    return {"served_format": ", ".join(dict.fromkeys(layout.format for layout in served)),
             "served_bytes_per_expert": sum(layout.expert_nbytes for layout in served) / cfg.n_layers,
             "path": str(model.path), "name": model.metadata.get("general.name", model.path.stem), "arch": cfg.arch,
             "n_layers": cfg.n_layers, "n_experts": cfg.n_experts, "n_experts_used": cfg.n_experts_used,

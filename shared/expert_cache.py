@@ -42,7 +42,7 @@ from shared.quant import (
     INT8_K_MULTIPLE,
     convert_matrix,
     from_tensors,
-    layer_format,
+    layer_formats,
     matrix_tensors,
     serving_format,
     tensor_specs,
@@ -51,7 +51,7 @@ from shared.quant import (
 PAGE = 4096  # regions start and end on page boundaries: mappable, DMA-able and freeable one by one
 ALIGN = 64  # every tensor of a region starts on a cache line
 MAGIC = b"TSEXPRTS"
-VERSION = 1
+VERSION = 2  # 2: a format per matrix
 _PREFIX = struct.Struct("<8sIQ")  # magic, version, length of the JSON header that follows
 HASH_CHUNK = 64 << 20
 BYTES_PER_WORKER = 512 << 20  # by default one conversion process per this much of the cache, one per core at most
@@ -84,23 +84,29 @@ class TensorSlot:
 class ExpertLayout:
     """Where an expert's gate, up and down matrices lie in its region; the same for every expert of a layer."""
 
-    format: str  # float | int8 | int4
+    formats: tuple[str, ...]  # gate, up, down: each float | int8 | int4
     matrices: tuple[tuple[TensorSlot, ...], ...]  # gate, up, down: each its stored tensors in order
     region_nbytes: int  # whole pages
 
     @classmethod
-    def build(cls, fmt: str, matrices: Sequence[tuple[tuple[int, int], torch.dtype]]) -> ExpertLayout:
-        """The layout of (shape (N, K), float dtype) gate, up and down matrices served in format `fmt`
+    def build(cls, formats: Sequence[str], matrices: Sequence[tuple[tuple[int, int], torch.dtype]]) -> ExpertLayout:
+        """The layout of (shape (N, K), float dtype) gate, up and down matrices served in `formats`
         (the float dtype matters only for 'float')."""
         offset, placed = 0, []
-        for shape, float_dtype in matrices:
+        for fmt, (shape, float_dtype) in zip(formats, matrices, strict=True):
             slots = []
             for dtype, tensor_shape in tensor_specs(fmt, shape, float_dtype):
                 offset = _round_up(offset, ALIGN)
                 slots.append(TensorSlot(dtype, tensor_shape, offset))
                 offset += slots[-1].nbytes
             placed.append(tuple(slots))
-        return cls(fmt, tuple(placed), _round_up(offset, PAGE))
+        return cls(tuple(formats), tuple(placed), _round_up(offset, PAGE))
+
+    @property
+    def format(self) -> str:
+        """The layer's formats as one name: 'float', 'int8' or 'int4' when its matrices share one, else the
+        distinct ones joined by '+' in gate, up, down order ('int4+int8' for int4 gate and up, int8 down)."""
+        return "+".join(dict.fromkeys(self.formats))
 
     @property
     def expert_nbytes(self) -> int:
@@ -115,9 +121,9 @@ class ExpertLayout:
                              f"got {buf.dtype} {tuple(buf.shape)}")
         lead = tuple(buf.shape[:-1])
         return tuple(  # type: ignore[return-value]
-            from_tensors(self.format, [buf[..., s.offset : s.offset + s.nbytes].view(s.dtype).view(*lead, *s.shape)
-                                       for s in slots])
-            for slots in self.matrices
+            from_tensors(fmt, [buf[..., s.offset : s.offset + s.nbytes].view(s.dtype).view(*lead, *s.shape)
+                               for s in slots])
+            for fmt, slots in zip(self.formats, self.matrices, strict=True)
         )
 
     def fill(self, buf: torch.Tensor, weights: ExpertWeights) -> None:
@@ -127,7 +133,7 @@ class ExpertLayout:
                 d.copy_(s)
 
     def to_json(self) -> dict[str, Any]:
-        return {"format": self.format, "region_nbytes": self.region_nbytes,
+        return {"formats": list(self.formats), "region_nbytes": self.region_nbytes,
                 "matrices": [[{"dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape),
                                "offset": s.offset} for s in slots] for slots in self.matrices]}
 
@@ -135,22 +141,23 @@ class ExpertLayout:
     def from_json(cls, data: dict[str, Any]) -> ExpertLayout:
         matrices = tuple(tuple(TensorSlot(getattr(torch, s["dtype"]), tuple(s["shape"]), s["offset"]) for s in slots)
                          for slots in data["matrices"])
-        return cls(data["format"], matrices, data["region_nbytes"])
+        return cls(tuple(data["formats"]), matrices, data["region_nbytes"])
 
 
 def expert_layouts(model: GGUFModel) -> list[ExpertLayout]:
-    """Each layer's layout as served: float for float tensors (views of the model file), else int4 / int8."""
+    """Each layer's layout as served: float for float tensors (views of the model file), else int4 / int8 per
+    matrix (`layer_formats`)."""
     shapes = tensor_shapes(model.config)
     layouts = []
     for layer in range(model.config.n_layers):
         names = [expert_tensor_name(layer, kind) for kind in EXPERT_TENSOR_KINDS]
-        fmt = layer_format([serving_format(model.qtype(name), shapes[name][1:]) for name in names])
-        for name in names:
+        formats = layer_formats([serving_format(model.qtype(name), shapes[name][1:]) for name in names])
+        for fmt, name in zip(formats, names, strict=True):
             if fmt == "int8" and shapes[name][-1] % INT8_K_MULTIPLE:
                 raise ModelError(f"{model.path}: tensor {name} would be served as int8, whose CPU kernel needs rows "
                                  f"of a multiple of {INT8_K_MULTIPLE} values, not {shapes[name][-1]}")
         matrices = [(shapes[name][1:], ZERO_COPY_TYPES.get(model.qtype(name), torch.float32)) for name in names]
-        layouts.append(ExpertLayout.build(fmt, matrices))
+        layouts.append(ExpertLayout.build(formats, matrices))
     return layouts
 
 
@@ -474,8 +481,8 @@ def _convert_layer(model: GGUFModel, fd: int, layer: int, layout: ExpertLayout, 
         # One sequential copy of the stored bytes first: parsing blocks straight off the map touches every page
         # out of order, which reads a cold file several times slower than the kernel's readahead does.
         weights = tuple(convert_matrix(np.array(model.expert_bytes(layer, kind, e)), model.qtype(name),
-                                       shapes[name][1:], layout.format)
-                        for kind, name in zip(EXPERT_TENSOR_KINDS, names, strict=True))
+                                       shapes[name][1:], fmt)
+                        for kind, name, fmt in zip(EXPERT_TENSOR_KINDS, names, layout.formats, strict=True))
         layout.fill(region, weights)  # type: ignore[arg-type]
         os.pwrite(fd, region.numpy(), offset + e * layout.region_nbytes)
     return model.config.n_experts * layout.region_nbytes

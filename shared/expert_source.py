@@ -31,7 +31,7 @@ class ExpertSource:
             raise ValueError(f"{cache.path} does not hold the experts of {model.path} in their current layout")
 
     def format(self, layer: int) -> str:
-        """float | int8 | int4"""
+        """float | int8 | int4, or the matrices' distinct formats joined by '+' (`ExpertLayout.format`)"""
         return self._layouts[layer].format
 
     def layout(self, layer: int) -> ExpertLayout:

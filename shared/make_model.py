@@ -42,7 +42,12 @@ DTYPES = {
     "q8_0": (Q.Q8_0, LlamaFileType.MOSTLY_Q8_0),
     "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
     "q4_k": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
+    "q4_k_m": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
 }
+# llama.cpp's Q4_K_M stores the down projections of about half the layers (use_more_bits) as Q6_K: layers of
+# 4-bit gate and up beside 6-bit down, the mix a server must keep apart. Here the routed experts' down
+# projections get it; the rest of the trunk stays Q4_K.
+MORE_BITS = {"q4_k_m": Q.Q6_K}
 
 # `step`: the fraction of the residual's rms each attention / MoE sub-layer adds (see weights_gen).
 # `shared_expert_ffn` is used only when the architecture is qwen2moe (default 4 x expert_ffn).
@@ -95,12 +100,20 @@ def preset_config(preset: str, arch: str | None = None) -> tuple[ModelConfig, fl
     return cfg, step
 
 
-def storage_type(name: str, shape: tuple[int, ...], qtype: GGMLQuantizationType) -> GGMLQuantizationType:
+def more_bits(layer: int, n_layers: int) -> bool:
+    """llama.cpp's use_more_bits: the first and last eighth of the layers and every third layer between."""
+    return layer < n_layers // 8 or layer >= 7 * n_layers // 8 or (layer - n_layers // 8) % 3 == 2
+
+
+def storage_type(name: str, shape: tuple[int, ...], dtype: str, n_layers: int) -> GGMLQuantizationType:
     """Norms, biases and routers stay F32 as in llama.cpp's files; a matrix whose rows do not split
-    into `qtype`'s blocks falls back to Q4_0 (from Q4_K), else F16."""
+    into the dtype's blocks falls back to Q4_0 (from Q4_K), else F16."""
     if len(shape) == 1 or ".ffn_gate_inp." in name:
         return Q.F32
-    candidates = (qtype, Q.Q4_0, Q.F16) if qtype == Q.Q4_K else (qtype, Q.F16)
+    qtype = DTYPES[dtype][0]
+    if dtype in MORE_BITS and name.endswith(".ffn_down_exps.weight") and more_bits(int(name.split(".")[1]), n_layers):
+        qtype = MORE_BITS[dtype]
+    candidates = (qtype, Q.Q4_0, Q.F16) if qtype in (Q.Q4_K, Q.Q6_K) else (qtype, Q.F16)
     return next(c for c in candidates if shape[-1] % GGML_QUANT_SIZES[c][0] == 0)
 
 
@@ -119,7 +132,7 @@ def make_model(
     if seed < 0 or routing_skew < 0:
         raise ModelError("seed and routing skew must not be negative")
     cfg, step = preset_config(preset, arch)
-    qtype, file_type = DTYPES[dtype]
+    file_type = DTYPES[dtype][1]
     metadata = tokenizer_metadata(cfg.arch, cfg.vocab_size)
     metadata.update({
         "general.name": f"tierserve synthetic {preset} ({arch or PRESETS[preset]['arch']}, {dtype}, seed {seed}, "
@@ -129,7 +142,8 @@ def make_model(
     })
     start = time.monotonic()
     writer = GGUFModelWriter(path, cfg, metadata)
-    tensors = [(name, shape, storage_type(name, shape, qtype)) for name, shape in tensor_shapes(cfg).items()]
+    tensors = [(name, shape, storage_type(name, shape, dtype, cfg.n_layers))
+               for name, shape in tensor_shapes(cfg).items()]
     total = sum(writer.add_tensor(name, shape, q) for name, shape, q in tensors)
     _check_disk(Path(path), total + _DISK_MARGIN)
     gen = WeightGenerator(cfg, seed, routing_skew, step, padding_start(cfg.arch, cfg.vocab_size))

@@ -24,13 +24,22 @@ from pathlib import Path
 
 import torch
 
-from shared.quant import INT4_ROW_TILE, INT8_DEQUANTIZE_ROWS, ExpertWeights, Int4Matrix, Int8Matrix, tensor_specs
+from shared.quant import (
+    INT4_GROUP,
+    INT4_ROW_TILE,
+    INT8_DEQUANTIZE_ROWS,
+    ExpertWeights,
+    Int4Matrix,
+    Int8Matrix,
+    tensor_specs,
+)
 
 SOURCE = Path(__file__).with_name("native") / "grouped_ffn.c"
 FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c11", "-shared", "-fPIC")
 LIBS = ("-lm",)  # after the source: expf, vectorized through libmvec
 CPU_SETSIZE = 1024  # CPUs glibc's cpu_set_t holds: pin_threads binds none beyond
 FORMAT_CODES = {Int8Matrix: 0, Int4Matrix: 1}  # the C side's FMT_INT8 / FMT_INT4
+FORMAT_NAMES = {Int8Matrix: "int8", Int4Matrix: "int4"}
 ERRORS = {1: "unknown format", 2: "shapes the layout does not allow", 3: "too many rows for one expert",
           4: "out of memory"}
 
@@ -131,8 +140,8 @@ def load_library() -> ctypes.CDLL | None:
                                 ", ".join(runtimes))
                 lib.tierserve_grouped_swiglu.restype = ctypes.c_int
                 lib.tierserve_grouped_swiglu.argtypes = [
-                    ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64,
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                    ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64,
+                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
                 lib.tierserve_pin_threads.restype = ctypes.c_int
                 lib.tierserve_pin_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
                 _library = lib
@@ -152,34 +161,38 @@ def pin_threads(cores: Sequence[int]) -> bool:
 
 
 # Each expert's six pointers (native-endian uint64 bytes) once its tensors passed the checks, keyed by the kernel's
-# format, the shapes and the tensors' identities: at a few rows per expert the checks (48 tensors' types, dtypes,
+# formats, the shapes and the tensors' identities: at a few rows per expert the checks (48 tensors' types, dtypes,
 # shapes and flags: 33 us on a Zen 4 core for 8 experts) cost a tenth of a layer on 16 threads. A served expert's
 # tensors are fixed views, so they pass once; an entry leaves when one of its tensors dies, before Python can
 # reuse the tensor's id.
 _checked: dict[tuple, bytes] = {}
 
 
-def _expert_pointers(matrices: ExpertWeights, kind: type, ffn: int, hidden: int, index: int) -> bytes | None:
-    """An expert's gate, up and down tensors' addresses in the order the kernel reads them; None when a matrix
-    is not of type `kind` or a tensor is not a contiguous CPU tensor. ValueError when the expert is not three
-    matrices or a tensor's dtype or shape is not its layout's: the kernel reads them through bare pointers."""
+def _expert_pointers(matrices: ExpertWeights, kinds: tuple[type, type], ffn: int, hidden: int, index: int
+                     ) -> bytes | None:
+    """An expert's gate, up and down tensors' addresses in the order the kernel reads them; None when gate or up
+    is not of type kinds[0], down not of type kinds[1], or a tensor is not a contiguous CPU tensor. ValueError
+    when the expert is not three matrices or a tensor's dtype or shape is not its layout's: the kernel reads them
+    through bare pointers."""
     if len(matrices) != 3:
         raise ValueError(f"expert {index} is {len(matrices)} matrices, expected gate, up and down")
     gate, up, down = matrices
-    if not (type(gate) is kind and type(up) is kind and type(down) is kind):
+    if not (type(gate) is kinds[0] and type(up) is kinds[0] and type(down) is kinds[1]):
         return None
     tensors = (*gate, *up, *down)
-    key = (kind, ffn, hidden, *map(id, tensors))
+    key = (*kinds, ffn, hidden, *map(id, tensors))
     pointers = _checked.get(key)
     if pointers is not None:
         return pointers
     if not all(t.is_cpu and t.is_contiguous() for t in tensors):
         return None
-    fmt = "int8" if kind is Int8Matrix else "int4"
-    layout = [*tensor_specs(fmt, (ffn, hidden)), *tensor_specs(fmt, (ffn, hidden)), *tensor_specs(fmt, (hidden, ffn))]
+    fmt_in, fmt_out = (FORMAT_NAMES[kind] for kind in kinds)
+    layout = [*tensor_specs(fmt_in, (ffn, hidden)), *tensor_specs(fmt_in, (ffn, hidden)),
+              *tensor_specs(fmt_out, (hidden, ffn))]
     for i, (t, (dtype, shape)) in enumerate(zip(tensors, layout, strict=True)):
         if t.dtype != dtype or t.shape != shape:
             name = ("gate", "up", "down")[i // 2]
+            kind = kinds[i // 4]
             raise ValueError(f"expert {index} {name}: expected a {dtype} {shape} tensor of a {kind.__name__}, got "
                              f"{t.dtype} {tuple(t.shape)} (gate and up ({ffn}, {hidden}), down ({hidden}, {ffn}))")
     pointers = _checked[key] = array("Q", [t.data_ptr() for t in tensors]).tobytes()
@@ -188,11 +201,11 @@ def _expert_pointers(matrices: ExpertWeights, kind: type, ffn: int, hidden: int,
     return pointers
 
 
-def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: int) -> bytes | None:
+def _pointers(weights: Sequence[ExpertWeights], kinds: tuple[type, type], ffn: int, hidden: int) -> bytes | None:
     """Every expert's pointers (_expert_pointers), expert after expert; None if any expert's is None."""
     pointers = []
     for index, matrices in enumerate(weights):
-        mine = _expert_pointers(matrices, kind, ffn, hidden, index)
+        mine = _expert_pointers(matrices, kinds, ffn, hidden, index)
         if mine is None:
             return None
         pointers.append(mine)
@@ -202,13 +215,14 @@ def _pointers(weights: Sequence[ExpertWeights], kind: type, ffn: int, hidden: in
 def grouped_swiglu(x: torch.Tensor, weights: Sequence[ExpertWeights], counts: Sequence[int]) -> torch.Tensor | None:
     """Rows of `x` grouped by expert (counts[i] rows for the expert of weights[i]) through their SwiGLU experts in
     one native call on torch's number of threads, as x's dtype; None where the kernel does not apply and the
-    caller's torch path should run: x not on the CPU, float weights, formats mixed, tensors not contiguous, an
-    expert with INT8_DEQUANTIZE_ROWS rows or more (those batches are GEMMs, where torch does well), or no library.
-    Raises ValueError for shapes that do not fit together."""
+    caller's torch path should run: x not on the CPU, float weights, gate and up in different formats, experts
+    in different formats, tensors not contiguous, an expert with INT8_DEQUANTIZE_ROWS rows or more (those batches
+    are GEMMs, where torch does well), or no library. Down may differ from gate and up (int4 gate and up with int8
+    down, as Q4_K_M layers are served). Raises ValueError for shapes that do not fit together."""
     if not x.is_cpu or not counts or max(counts) >= INT8_DEQUANTIZE_ROWS:
         return None
-    kind = type(weights[0][0]) if weights and weights[0] else None
-    if kind not in FORMAT_CODES:
+    kinds = (type(weights[0][0]), type(weights[0][2])) if weights and len(weights[0]) == 3 else None
+    if kinds is None or not all(kind in FORMAT_CODES for kind in kinds):
         return None
     if x.dim() != 2:
         raise ValueError(f"x has shape {tuple(x.shape)}, expected (rows, hidden)")
@@ -216,9 +230,13 @@ def grouped_swiglu(x: torch.Tensor, weights: Sequence[ExpertWeights], counts: Se
     if len(counts) != len(weights) or min(counts) < 0 or sum(counts) != rows:
         raise ValueError(f"counts {list(counts)} do not describe {rows} rows for {len(weights)} experts")
     ffn = weights[0][0][0].shape[0]
-    if kind is Int4Matrix and (ffn % INT4_ROW_TILE or hidden % INT4_ROW_TILE):
-        raise ValueError(f"int4 experts need ffn and hidden multiples of {INT4_ROW_TILE}, got {ffn} and {hidden}")
-    ptrs = _pointers(weights, kind, ffn, hidden)
+    if kinds[0] is Int4Matrix and (ffn % INT4_ROW_TILE or hidden % INT4_GROUP):
+        raise ValueError(f"int4 gate and up need ffn a multiple of {INT4_ROW_TILE} and hidden of {INT4_GROUP}, "
+                         f"got {ffn} and {hidden}")
+    if kinds[1] is Int4Matrix and (hidden % INT4_ROW_TILE or ffn % INT4_GROUP):
+        raise ValueError(f"int4 down needs hidden a multiple of {INT4_ROW_TILE} and ffn of {INT4_GROUP}, "
+                         f"got {hidden} and {ffn}")
+    ptrs = _pointers(weights, kinds, ffn, hidden)
     if ptrs is None:
         return None
     lib = load_library()
@@ -228,8 +246,9 @@ def grouped_swiglu(x: torch.Tensor, weights: Sequence[ExpertWeights], counts: Se
     xb = x if bf16 and x.is_contiguous() else x.to(torch.bfloat16).contiguous()  # torch's int8 / int4 kernels take bf16
     out = torch.empty(rows, hidden, dtype=torch.bfloat16)
     counts_a = array("q", counts)  # alive until the call returns
-    status = lib.tierserve_grouped_swiglu(FORMAT_CODES[kind], len(counts_a), counts_a.buffer_info()[0], ptrs,
-                                          hidden, ffn, xb.data_ptr(), out.data_ptr(), torch.get_num_threads(), bf16)
+    status = lib.tierserve_grouped_swiglu(FORMAT_CODES[kinds[0]], FORMAT_CODES[kinds[1]], len(counts_a),
+                                          counts_a.buffer_info()[0], ptrs, hidden, ffn, xb.data_ptr(),
+                                          out.data_ptr(), torch.get_num_threads(), bf16)
     if status:
         raise ValueError(f"native grouped SwiGLU refused its input: {ERRORS.get(status, status)}")
     return out if bf16 else out.to(x.dtype)

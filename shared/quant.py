@@ -16,6 +16,7 @@ call over all of them that reads the same layouts (expert_math.grouped_ffn picks
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -161,9 +162,14 @@ def serving_format(qtype: GGMLQuantizationType, shape: tuple[int, int]) -> str:
     return "int8"
 
 
-def layer_format(formats: list[str]) -> str:
-    """One format for a layer's gate, up and down: theirs when they agree, else int8 (which takes any type)."""
-    return formats[0] if len(set(formats)) == 1 else "int8"
+def layer_formats(formats: Sequence[str]) -> tuple[str, ...]:
+    """The formats a layer's gate, up and down are served in, from each one's `serving_format`: all float when
+    all are float (views of the model file), else each quantized one in its own format and a float one among
+    them as int8 (the layer's regions then all live in the expert cache). A Q4_K_M layer with Q6_K down experts
+    stays int4 gate and up beside int8 down, not int8 throughout."""
+    if all(fmt == "float" for fmt in formats):
+        return tuple(formats)
+    return tuple("int8" if fmt == "float" else fmt for fmt in formats)
 
 
 # ---- conversion from GGUF storage

@@ -56,7 +56,7 @@ def models(tmp_path_factory):
 @pytest.mark.parametrize("fmt", ["int4", "int8", "float"])
 def test_layout_views_of_a_region_and_of_a_stack(fmt):
     shapes = [((128, 64), torch.bfloat16), ((128, 64), torch.bfloat16), ((64, 128), torch.bfloat16)]
-    layout = ExpertLayout.build(fmt, shapes)
+    layout = ExpertLayout.build((fmt,) * 3, shapes)
     assert layout.region_nbytes % 4096 == 0
     for slots in layout.matrices:
         assert all(slot.offset % 64 == 0 for slot in slots)
@@ -83,7 +83,7 @@ def test_layout_views_of_a_region_and_of_a_stack(fmt):
 
 
 def test_layout_views_on_any_device():
-    layout = ExpertLayout.build("int4", [((64, 256), torch.float32)] * 3)
+    layout = ExpertLayout.build(("int4",) * 3, [((64, 256), torch.float32)] * 3)
     gate, _, _ = layout.views(torch.empty(5, layout.region_nbytes, dtype=torch.uint8, device="meta"))
     assert isinstance(gate, Int4Matrix) and gate.packed.device.type == "meta"
     assert gate.packed.shape == (5, 64, 128) and gate.scale_zero.shape == (5, 8, 64, 2)
@@ -251,18 +251,26 @@ def test_region_bytes_fill_a_region_that_reads_as_the_served_expert(models, tmp_
         assert isinstance(source.weights(1, 7)[0], Int8Matrix)
 
 
-def test_layers_in_different_formats(tmp_path):
+def test_layers_and_matrices_in_different_formats(tmp_path):
     """Layer 0 stored as F32 (served from the model file), layer 1 as Q4_K (int4 from the cache), layer 2 as Q8_0
-    (int8): the cache holds only the quantized layers."""
-    model = write_quantized(tmp_path / "mixed.gguf", {0: Q.F32, 1: Q.Q4_K, 2: Q.Q8_0})
+    (int8), layer 3 as Q4_K_M files mix them (Q4_0 gate and up, Q8_0 down: int4 beside int8), layer 4 with an F32
+    gate among Q4_0 (int8, so the whole region is in the cache): the cache holds only the quantized layers, each
+    matrix at its own format's size."""
+    model = write_quantized(tmp_path / "mixed.gguf", {0: Q.F32, 1: Q.Q4_K, 2: Q.Q8_0, 3: (Q.Q4_0, Q.Q4_0, Q.Q8_0),
+                                                      4: (Q.F32, Q.Q4_0, Q.Q4_0)})
     cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
     source = ExpertSource(model, cache)
-    assert [source.format(layer) for layer in range(3)] == ["float", "int4", "int8"]
-    regions = sum(source.layout(layer).region_nbytes for layer in (1, 2)) * model.config.n_experts
+    assert [source.format(layer) for layer in range(5)] == ["float", "int4", "int8", "int4+int8", "int8+int4"]
+    assert source.layout(3).formats == ("int4", "int4", "int8") and source.layout(4).formats == ("int8", "int4", "int4")
+    n = model.config.expert_ffn * model.config.hidden
+    int4, int8 = n // 2 + n // 32 * 4, n + model.config.hidden * 2  # codes and (scale, zero) per 32 / scale per row
+    assert source.expert_nbytes(3) == 2 * int4 + int8 < source.expert_nbytes(2)
+    assert type(source.weights(3, 0)[0]) is Int4Matrix and type(source.weights(3, 0)[2]) is Int8Matrix
+    regions = sum(source.layout(layer).region_nbytes for layer in (1, 2, 3, 4)) * model.config.n_experts
     assert regions < cache.nbytes <= regions + 2 * 4096  # plus the header's page(s)
     with pytest.raises(KeyError, match="float"):
         cache.region(0, 0)
-    for layer in range(3):
+    for layer in range(5):
         for kind, m in zip(EXPERT_TENSOR_KINDS, source.weights(layer, 1), strict=True):
             reference = model.expert(layer, kind, 1)
             assert (dequantize_matrix(m) - reference).abs().max() <= 0.01 * reference.abs().max()

@@ -45,7 +45,7 @@ def test_every_arch_and_dtype_opens_with_the_preset_config_and_runs_in_the_oracl
     assert model.metadata["general.quantization_version"] == 2
     assert len(model.metadata["tokenizer.ggml.tokens"]) == cfg.vocab_size
     # tiny rows (64, 32 values) are too short for Q4_K's 256-value blocks: those fall back to Q4_0.
-    matrix_type = Q.Q4_0 if dtype == "q4_k" else DTYPES[dtype][0]
+    matrix_type = Q.Q4_0 if dtype in ("q4_k", "q4_k_m") else DTYPES[dtype][0]
     for name, shape in tensor_shapes(cfg).items():
         expected = Q.F32 if len(shape) == 1 or ".ffn_gate_inp." in name else matrix_type
         assert model.qtype(name) == expected, name
@@ -58,6 +58,19 @@ def test_k_quant_rows_of_256_are_stored_as_q4_k_and_run(tmp_path):
     make_model(tmp_path / "s.gguf", None, "small", "q4_k")
     model = GGUFModel(tmp_path / "s.gguf")
     assert {model.qtype(n) for n in ("token_embd.weight", "blk.0.ffn_down_exps.weight", "output.weight")} == {Q.Q4_K}
+    assert torch.isfinite(ReferenceModel(model).forward(list(range(10)))).all()
+
+
+def test_q4_k_m_stores_the_down_experts_of_llama_cpps_more_bits_layers_as_q6_k(tmp_path):
+    """llama.cpp's use_more_bits over 4 layers: layer 2 ((2 - 0) % 3 == 2) and layer 3 (the last eighth, rounded);
+    their Q6_K values have the spread of the Q4_K ones beside them."""
+    make_model(tmp_path / "s.gguf", None, "small", "q4_k_m")
+    model = GGUFModel(tmp_path / "s.gguf")
+    assert model.metadata["general.file_type"] == int(DTYPES["q4_k_m"][1])
+    assert [model.qtype(f"blk.{i}.ffn_down_exps.weight") for i in range(4)] == [Q.Q4_K, Q.Q4_K, Q.Q6_K, Q.Q6_K]
+    assert {model.qtype(f"blk.{i}.ffn_{kind}_exps.weight") for i in range(4) for kind in ("gate", "up")} == {Q.Q4_K}
+    q4, q6 = (float(model.expert(layer, "ffn_down_exps", 3).std()) for layer in (1, 2))
+    assert 0.9 < q6 / q4 < 1.1
     assert torch.isfinite(ReferenceModel(model).forward(list(range(10)))).all()
 
 

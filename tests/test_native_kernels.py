@@ -34,16 +34,23 @@ TORCH_TOLERANCE = 2.0**-6
 DIFFERING_SHARE = 0.05
 
 # (format, ffn, hidden): int8 takes any rows and columns (96 and 80 are neither whole 64-row tiles nor whole
-# 64-column steps of the kernel); int4 needs both multiples of 64
-SHAPES = [("int8", 128, 256), ("int8", 96, 80), ("int4", 128, 256), ("int4", 192, 64)]
+# 64-column steps of the kernel); int4 needs both multiples of 64. "a+b": gate and up in a, down in b (Q4_K_M's
+# int4 beside int8), where int4 needs only its own rows in 64-row tiles and its columns in groups of 32.
+SHAPES = [("int8", 128, 256), ("int8", 96, 80), ("int4", 128, 256), ("int4", 192, 64), ("int4+int8", 128, 96),
+          ("int8+int4", 96, 128)]
 COUNTS = [1, 15, 4, 0, 7, 2]  # rows per expert: every count of the native path's range, and an empty group
 
 
 def experts(fmt: str, ffn: int, hidden: int, n: int, seed: int = 0) -> list[tuple]:
-    """`n` random experts of one format, each a view of its region of a shared buffer, as the expert cache
-    serves them."""
-    gate, up, down = random_regions(fmt, n, [(ffn, hidden), (ffn, hidden), (hidden, ffn)], torch.device("cpu"),
-                                    seed=seed)
+    """`n` random experts in format `fmt` (or gate and up in one, down in another: "int4+int8"), each matrix a
+    view of its expert's region of a shared buffer, as the expert cache serves them."""
+    fmt_in, _, fmt_out = fmt.partition("+")
+    cpu = torch.device("cpu")
+    if not fmt_out:
+        gate, up, down = random_regions(fmt, n, [(ffn, hidden), (ffn, hidden), (hidden, ffn)], cpu, seed=seed)
+    else:
+        gate, up = random_regions(fmt_in, n, [(ffn, hidden), (ffn, hidden)], cpu, seed=seed)
+        (down,) = random_regions(fmt_out, n, [(hidden, ffn)], cpu, seed=seed + 1)
     return [(expert_of(gate, e), expert_of(up, e), expert_of(down, e)) for e in range(n)]
 
 
@@ -95,10 +102,11 @@ def test_batches_of_gemm_size_and_float_weights_stay_on_torchs_path():
     assert grouped_swiglu(x[:2], floats, [2]) is None
 
 
-def test_mixed_formats_and_strided_tensors_are_left_to_torch():
+def test_experts_or_gates_and_ups_in_different_formats_and_strided_tensors_are_left_to_torch():
     int8, int4 = experts("int8", 64, 128, 1)[0], experts("int4", 64, 128, 1)[0]
     x = torch.randn(2, 128)
     assert grouped_swiglu(x, [int8, int4], [1, 1]) is None
+    assert grouped_swiglu(x[:1], [(int4[0], int8[1], int4[2])], [1]) is None  # gate and up read x in one order
     gate = int8[0]
     strided = Int8Matrix(gate.q.t().contiguous().t(), gate.scale)  # same values, column-major
     assert grouped_swiglu(x[:1], [(strided, *int8[1:])], [1]) is None
@@ -115,8 +123,10 @@ def test_shapes_that_do_not_fit_raise_value_error():
         grouped_swiglu(x, [weights[0], (*weights[1][:2], experts("int8", 64, 64, 1)[0][2])], [1, 2])
     with pytest.raises(ValueError, match="expert 0 gate"):
         grouped_swiglu(torch.randn(3, 64), weights, [1, 2])  # hidden 64 against (64, 128) matrices
-    with pytest.raises(ValueError, match="multiples of 64"):
+    with pytest.raises(ValueError, match="int4 down needs hidden a multiple of 64"):
         grouped_swiglu(torch.randn(1, 96), experts("int4", 64, 96, 1), [1])
+    with pytest.raises(ValueError, match="int4 gate and up need ffn a multiple of 64"):
+        grouped_swiglu(torch.randn(1, 128), experts("int4+int8", 96, 128, 1), [1])
 
 
 def test_same_bits_on_any_number_of_threads_and_alternating_with_torchs_threads():

@@ -23,7 +23,7 @@ from shared.quant import (
     int4_from_blocks,
     int8_from_blocks,
     int8_from_float,
-    layer_format,
+    layer_formats,
     linear,
     pack_int4,
     quantized_ffn,
@@ -42,20 +42,23 @@ def wide_config(n_layers: int = 2) -> ModelConfig:
                        context_length=128)
 
 
-def write_quantized(path, qtypes: dict[int, Q], seed: int = 0) -> GGUFModel:
-    """A model whose layer i's experts are stored as qtypes[i], from Gaussian values with per-row offsets (so Q4_K
-    blocks get non-zero mins, unlike make_model's zero-mean ones); everything else F32."""
+def write_quantized(path, qtypes: dict[int, Q | tuple[Q, Q, Q]], seed: int = 0) -> GGUFModel:
+    """A model whose layer i's experts are stored as qtypes[i] (one type, or gate's, up's and down's), from
+    Gaussian values with per-row offsets (so Q4_K blocks get non-zero mins, unlike make_model's zero-mean ones);
+    everything else F32."""
     cfg = wide_config(len(qtypes))
     rng = np.random.default_rng(seed)
     tensors, stored = {}, {}
     for name, shape in tensor_shapes(cfg).items():
         values = (rng.standard_normal(shape) * 0.05).astype(np.float32)
         layer = int(name.split(".")[1]) if name.startswith("blk.") else -1
-        if name.endswith("_exps.weight") and qtypes[layer] != Q.F32:
+        kinds = qtypes[layer] if isinstance(qtypes.get(layer), tuple) else (qtypes.get(layer),) * 3
+        qtype = next((q for kind, q in zip(EXPERT_TENSOR_KINDS, kinds, strict=True) if f".{kind}." in name), Q.F32)
+        if qtype != Q.F32:
             values += rng.uniform(-0.05, 0.05, size=shape[:-1] + (1,)).astype(np.float32)
             rows = values.reshape(-1, shape[-1])
-            tensors[name] = quantize_rows(rows, qtypes[layer]).reshape(*shape[:-1], -1)
-            stored[name] = qtypes[layer]
+            tensors[name] = quantize_rows(rows, qtype).reshape(*shape[:-1], -1)
+            stored[name] = qtype
         else:
             tensors[name] = values
     write_model(path, cfg, tensors, qtypes=stored)
@@ -72,7 +75,7 @@ def wide_models(tmp_path_factory):
 def small_models(tmp_path_factory):
     d = tmp_path_factory.mktemp("small")
     paths = {}
-    for dtype in ("q8_0", "q4_0", "q4_k"):
+    for dtype in ("q8_0", "q4_0", "q4_k", "q4_k_m"):
         make_model(d / f"small-{dtype}.gguf", preset="small", dtype=dtype, seed=3)
         paths[dtype] = GGUFModel(d / f"small-{dtype}.gguf")
     return paths
@@ -97,9 +100,10 @@ def test_serving_format_rule():
     assert serving_format(Q.Q8_0, (128, 64)) == "int8"
     assert serving_format(Q.Q6_K, (128, 256)) == "int8"
     assert serving_format(Q.Q5_K, (128, 256)) == "int8"
-    assert layer_format(["int4", "int4", "int4"]) == "int4"
-    assert layer_format(["int4", "int8", "int4"]) == "int8"
-    assert layer_format(["float", "int4", "int4"]) == "int8"
+    assert layer_formats(["int4", "int4", "int4"]) == ("int4", "int4", "int4")
+    assert layer_formats(["int4", "int4", "int8"]) == ("int4", "int4", "int8")  # a Q4_K_M layer with Q6_K down
+    assert layer_formats(["float", "float", "float"]) == ("float", "float", "float")
+    assert layer_formats(["float", "int4", "int4"]) == ("int8", "int4", "int4")  # all of a layer in the cache
 
 
 def test_int4_decoding_follows_the_spec_layout_of_torchs_packing():
@@ -204,16 +208,17 @@ def log_likelihood(logits: torch.Tensor, tokens: list[int]) -> float:
     return float(logits[:-1].log_softmax(-1).gather(1, torch.tensor(tokens[1:])[:, None]).mean())
 
 
-@pytest.mark.parametrize("dtype, max_logit_error", [("q8_0", 0.05), ("q4_0", 0.01), ("q4_k", 0.01)])
+@pytest.mark.parametrize("dtype, max_logit_error", [("q8_0", 0.05), ("q4_0", 0.01), ("q4_k", 0.01), ("q4_k_m", 0.02)])
 def test_forward_with_quantized_experts_stays_close_to_the_oracle(small_models, tmp_path, dtype, max_logit_error):
     """The oracle's forward on the GGUF-dequantized weights against the same forward whose routed experts run
     quantized_ffn on the served format (bf16 activations into torch's int8 / int4 kernels), over a fixed 64-token
     sequence of the small preset. Bounds: mean log-likelihood difference < 0.01 nats; at positions whose top-k
     routing is the same in every layer, max |logit difference| < 1% of max |logit| for int4 (every 4-bit code
     kept; measured 0.3-0.6%) and < 5% for int8 (Q8_0's per-block codes requantized per row, which adds up to
-    half a step per weight; measured 2.9%); routing differs at no more than 4 of the 64 positions (near-ties of
-    the router flip under any perturbation: bf16 activations with the float weights flip some too, and there
-    a logit moves by up to ~15% of the largest)."""
+    half a step per weight; measured 2.9%), < 2% for q4_k_m (int4 gate and up; down int4 in half the layers and
+    Q6_K requantized per row to int8 in the others; measured 0.4%); routing differs at no more than 4 of the 64
+    positions (near-ties of the router flip under any perturbation: bf16 activations with the float weights flip
+    some too, and there a logit moves by up to ~15% of the largest)."""
     model = small_models[dtype]
     cache = ensure_expert_cache(model, tmp_path, workers=1, progress=lambda *a: None)
     source = ExpertSource(model, cache)
@@ -228,7 +233,8 @@ def test_forward_with_quantized_experts_stays_close_to_the_oracle(small_models, 
                         for a, b in zip(expected_routing, routing, strict=True)]).all(0)
     error = (got - expected).abs().max(1).values / expected.abs().max()
     nats = abs(log_likelihood(got, tokens) - log_likelihood(expected, tokens))
-    print(f"{dtype} as {source.format(0)}: max |logit diff| / max |logit| = {float(error[same].max()):.2e} at "
+    formats = ", ".join(dict.fromkeys(map(source.format, range(model.config.n_layers))))
+    print(f"{dtype} as {formats}: max |logit diff| / max |logit| = {float(error[same].max()):.2e} at "
           f"{int(same.sum())} positions routed alike, {float(error.max()):.2e} at all; mean log-likelihood "
           f"difference {nats:.2e} nats")
     assert nats < 0.01

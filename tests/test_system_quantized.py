@@ -1,6 +1,7 @@
 """The whole system serving block-quantized GGUF files: experts converted once into the expert cache file,
-mapped by every process, and computed in their served format (int4 from Q4_0, int8 from Q8_0) on whichever
-path the placement gives them, against the oracle whose routed experts run the same quantized kernels."""
+mapped by every process, and computed in their served format (int4 from Q4_0, int8 from Q8_0, int4 gate and up
+beside int8 down from Q4_K_M's Q6_K-down layers) on whichever path the placement gives them, against the oracle
+whose routed experts run the same quantized kernels."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ PLACEMENTS = {
     "half-hot": (2, 16, ()),
     "streamed": (1, 0, ("--soft-slots", "16", "--cold-path", "stream")),
 }
-FORMATS = {"q4_0": "int4", "q8_0": "int8"}
+FORMATS = {"q4_0": "int4", "q8_0": "int8", "q4_k_m": "int4+int8"}  # q4_k_m: its last layer's format
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +38,7 @@ def served(tmp_path_factory) -> dict[str, tuple[Path, list[list[int]]]]:
         make_model(path, preset="small", dtype=dtype, seed=5)
         model = GGUFModel(path)
         source = open_expert_source(model, Config())
-        assert source.format(0) == fmt
+        assert source.format(model.config.n_layers - 1) == fmt
         oracle = ReferenceModel(model, lambda layer, e, x, s=source: quantized_ffn(x, *s.weights(layer, e)))
         out[dtype] = path, [oracle.greedy(p, MAX_TOKENS) for p in PROMPTS]
     return out

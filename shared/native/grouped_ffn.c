@@ -310,27 +310,28 @@ static void tile_product(int fmt, const void *values, const uint16_t *scales, in
 
 static inline float silu(float v) { return v / (1.f + expf(-v)); }
 
-/* Shapes the layouts allow, checked here too so that a caller's mistake is an error code, not a stray read. */
-static int check_shapes(int fmt, int64_t hidden, int64_t ffn) {
-    if (hidden <= 0 || ffn <= 0) return ERR_SHAPE;
+/* Shapes an (N, K) matrix's layout allows, checked here too so that a caller's mistake is an error code, not a
+ * stray read. */
+static int check_shape(int fmt, int64_t n, int64_t k) {
+    if (n <= 0 || k <= 0) return ERR_SHAPE;
     if (fmt == FMT_INT8) return OK;
     if (fmt != FMT_INT4) return ERR_FORMAT;
-    /* gate and up are (ffn, hidden), down (hidden, ffn): 64-row tiles, 32-column groups */
-    if (ffn % TILE || hidden % TILE || ffn % GROUP || hidden % GROUP) return ERR_SHAPE;
-    return OK;
+    return n % TILE || k % GROUP ? ERR_SHAPE : OK; /* 64-row tiles, 32-column groups */
 }
 
 /* The grouped SwiGLU: experts e = 0 .. n_experts - 1 take counts[e] consecutive rows of x (rows, hidden),
- * rows = sum(counts). ptrs holds 6 addresses per expert: gate values, gate scales, up values, up scales,
+ * rows = sum(counts). Gate and up are in format fmt_in, down in fmt_out (a Q4_K_M layer: int4 gate and up,
+ * int8 down). ptrs holds 6 addresses per expert: gate values, gate scales, up values, up scales,
  * down values, down scales (int8: q, scale; int4: packed, scale_zero). x and out are (rows, hidden) bf16;
  * bf16_activations rounds silu(gate) to bf16 as torch does for bf16 activations. Returns 0, or an error code,
  * having computed nothing. The fp32 copy of x and h (rows, ffn) are the call's scratch, made here rather than by
  * the caller: with the caches swept by the weights, each torch call costs microseconds, and the caller's steps
  * around the parallel region took a fifth of a call on 8 threads (bench/cpu_kernels.md). */
-int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, const uint64_t *ptrs,
-                             int64_t hidden, int64_t ffn, const uint16_t *x_bf16, uint16_t *out,
-                             int num_threads, int bf16_activations) {
-    int status = check_shapes(fmt, hidden, ffn);
+int tierserve_grouped_swiglu(int fmt_in, int fmt_out, int64_t n_experts, const int64_t *counts,
+                             const uint64_t *ptrs, int64_t hidden, int64_t ffn, const uint16_t *x_bf16,
+                             uint16_t *out, int num_threads, int bf16_activations) {
+    int status = check_shape(fmt_in, ffn, hidden);
+    if (status == OK) status = check_shape(fmt_out, hidden, ffn);
     if (status != OK) return status;
     if (n_experts < 0) return ERR_SHAPE;
     for (int64_t e = 0; e < n_experts; e++)
@@ -346,8 +347,9 @@ int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, 
         return ERR_MEMORY;
     }
     float *h = x + total_rows * hidden;
-    /* int8 reads its activations in int8_position order: x is copied so, and phase 1 writes h so */
-    const int int8 = fmt == FMT_INT8;
+    /* int8 reads its activations in int8_position order: x is copied so for int8 gate and up, and phase 1 writes
+     * h so for int8 down */
+    const int int8_in = fmt_in == FMT_INT8, int8_out = fmt_out == FMT_INT8;
 
     const int64_t ffn_tiles = (ffn + TILE - 1) / TILE, hidden_tiles = (hidden + TILE - 1) / TILE;
     /* one region for both phases: one fork and join per call; the barrier between the loops orders h. The task
@@ -360,7 +362,7 @@ int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, 
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < total_rows; r++)
             for (int64_t k = 0; k < hidden; k++)
-                x[r * hidden + (int8 ? int8_position(k, hidden) : k)] = bf16_to_float(x_bf16[r * hidden + k]);
+                x[r * hidden + (int8_in ? int8_position(k, hidden) : k)] = bf16_to_float(x_bf16[r * hidden + k]);
 #pragma omp for schedule(guided)
         for (int64_t task = 0; task < n_experts * ffn_tiles; task++) {
             const int64_t e = task / ffn_tiles, tile = task % ffn_tiles, rows = counts[e];
@@ -368,14 +370,14 @@ int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, 
             const uint64_t *p = ptrs + 6 * e;
             float gate[MAX_ROWS][TILE], up[MAX_ROWS][TILE];
             const float *xe = x + starts[e] * hidden;
-            tile_product(fmt, (const void *)p[0], (const uint16_t *)p[1], ffn, hidden, tile, xe, rows, gate);
-            tile_product(fmt, (const void *)p[2], (const uint16_t *)p[3], ffn, hidden, tile, xe, rows, up);
+            tile_product(fmt_in, (const void *)p[0], (const uint16_t *)p[1], ffn, hidden, tile, xe, rows, gate);
+            tile_product(fmt_in, (const void *)p[2], (const uint16_t *)p[3], ffn, hidden, tile, xe, rows, up);
             const int64_t n0 = tile * TILE, width = ffn - n0 < TILE ? ffn - n0 : TILE;
             for (int64_t r = 0; r < rows; r++) {
                 float *hr = h + (starts[e] + r) * ffn + n0;
                 for (int64_t j = 0; j < width; j++) {
                     const float g = silu(round_bf16(gate[r][j]));
-                    hr[int8 ? int8_position(n0 + j, ffn) - n0 : j] =
+                    hr[int8_out ? int8_position(n0 + j, ffn) - n0 : j] =
                         round_bf16((bf16_activations ? round_bf16(g) : g) * round_bf16(up[r][j]));
                 }
             }
@@ -386,7 +388,7 @@ int tierserve_grouped_swiglu(int fmt, int64_t n_experts, const int64_t *counts, 
             if (rows == 0) continue;
             const uint64_t *p = ptrs + 6 * e;
             float y[MAX_ROWS][TILE];
-            tile_product(fmt, (const void *)p[4], (const uint16_t *)p[5], hidden, ffn, tile,
+            tile_product(fmt_out, (const void *)p[4], (const uint16_t *)p[5], hidden, ffn, tile,
                          h + starts[e] * ffn, rows, y);
             const int64_t n0 = tile * TILE, width = hidden - n0 < TILE ? hidden - n0 : TILE;
             for (int64_t r = 0; r < rows; r++) {

@@ -103,7 +103,8 @@ def test_each_host_binds_its_threads_to_cores_of_its_own(monkeypatch):
 
 
 def test_expert_regions_are_whole_pages_and_matrices_start_on_cache_lines():
-    layout = ExpertLayout.build("float", [((7, 5), torch.bfloat16), ((7, 5), torch.bfloat16), ((5, 7), torch.float32)])
+    layout = ExpertLayout.build(("float",) * 3,
+                                [((7, 5), torch.bfloat16), ((7, 5), torch.bfloat16), ((5, 7), torch.float32)])
     assert [slots[0].offset for slots in layout.matrices] == [0, 128, 256]  # 70-byte bf16 and 140-byte fp32
     assert layout.region_nbytes == PAGE
 

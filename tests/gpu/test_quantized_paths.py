@@ -47,7 +47,7 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
 ]
 DEVICE = torch.device("cuda")
-FORMATS = {"q4_0": "int4", "q8_0": "int8"}
+FORMATS = {"q4_0": "int4", "q8_0": "int8", "q4_k_m": "int4+int8"}  # q4_k_m: its last layer's format
 # Three sequences prefilled together (192 tokens x top-4 over 32 experts: some expert gets more rows than the decode
 # kernels take), then decoded together one token each per step (at most 3 rows per expert).
 SEQUENCES, PROMPT_LEN, DECODE_STEPS = 3, 64, 12
@@ -85,7 +85,7 @@ def build(directory: Path, dtype: str) -> Served:
     make_model(path, preset="small", dtype=dtype, seed=7, routing_skew=1.0)
     model = GGUFModel(path)
     source = open_expert_source(model, Config())  # builds the expert cache next to the model, for the systems too
-    assert source.format(0) == FORMATS[dtype]
+    assert source.format(model.config.n_layers - 1) == FORMATS[dtype]
     dense = [dequantized(source, layer) for layer in range(model.config.n_layers)]
     oracle = ReferenceModel(model, lambda layer, e, x: expert_ffn(x, *(m[e] for m in dense[layer])))
     generator = torch.Generator().manual_seed(3)
