@@ -34,7 +34,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 def markdown(results: dict[str, Any]) -> str:
     model, system, machine = results["model"], results["system"], results["machine"]
     placement = "" if "decode" not in results else (f" · {system['hot_experts_per_layer']:g} hot experts per layer · "
-                                                    f"{system['expert_hosts']} expert hosts")
+                                                    f"{system['expert_hosts']} expert host"
+                                                    f"{'' if system['expert_hosts'] == 1 else 's'}")
     lines = [f"# tierserve bench: {model['name']}", "",
              f"{results['started']} · {machine['device']} · {model['n_layers']} layers × {model['n_experts']} "
              f"experts (top-{model['n_experts_used']}), {model['bytes_per_expert'] / 1e6:.2f} MB per expert "
