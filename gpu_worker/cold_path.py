@@ -74,9 +74,10 @@ class ColdPlanner:
         if mode not in COLD_PATHS:
             raise ValueError(f"cold_path must be one of {', '.join(COLD_PATHS)}, not {mode!r}")
         self.mode = mode
-        # one key for the CPU's rate: layers of one model differ at most in their matrices' formats (a Q4_K_M
-        # file's int4 layers and int4-gate-and-up, int8-down ones), which the native kernel reads at the same
-        # share of the memory's bandwidth (bench/cpu_kernels.md); their sizes do differ
+        # one key for the CPU's rate, layer 0's, measured on layer 0's experts: a Q4_K_M file's int4 layers and
+        # int4+int8 ones the native kernel reads at about the same share of the memory's bandwidth
+        # (bench/cpu_kernels.md); a model mixing float and quantized layers gets the rate of layer 0's kind for
+        # all. The sizes are each layer's own.
         self.dtype = expert_format(source, 0)[0]
         self.expert_bytes = [source.expert_nbytes(layer) for layer in range(source.model.config.n_layers)]
         self.flops_per_token = expert_flops_per_token(source.model.config)

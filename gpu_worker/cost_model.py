@@ -97,9 +97,10 @@ def expert_flops_per_token(cfg: ModelConfig) -> float:
 
 
 def expert_format(source: ExpertSource, layer: int) -> tuple[str, int]:
-    """(dtype key, bytes of one expert) of a layer's experts as served. The key is the serving format (int8,
-    int4) of quantized experts; for float ones the GGML type name, or the names joined by '+' in gate, up,
-    down order when they differ, because the CPU kernel's speed is that of the expert as served."""
+    """(dtype key, bytes of one expert) of a layer's experts as served. The key is the serving format of
+    quantized experts (int8, int4, or int4+int8 where down's differs: ExpertLayout.format); for float ones the
+    GGML type name, or the names joined by '+' in gate, up, down order when they differ, because the CPU
+    kernel's speed is that of the expert as served."""
     layout = source.layout(layer)
     if layout.format != "float":
         return layout.format, layout.expert_nbytes

@@ -107,7 +107,7 @@ def more_bits(layer: int, n_layers: int) -> bool:
 
 def storage_type(name: str, shape: tuple[int, ...], dtype: str, n_layers: int) -> GGMLQuantizationType:
     """Norms, biases and routers stay F32 as in llama.cpp's files; a matrix whose rows do not split
-    into the dtype's blocks falls back to Q4_0 (from Q4_K), else F16."""
+    into the dtype's blocks falls back to Q4_0 (from Q4_K or Q6_K: the tiny preset's 32-value rows), else F16."""
     if len(shape) == 1 or ".ffn_gate_inp." in name:
         return Q.F32
     qtype = DTYPES[dtype][0]

@@ -221,7 +221,7 @@ def grouped_swiglu(x: torch.Tensor, weights: Sequence[ExpertWeights], counts: Se
     down, as Q4_K_M layers are served). Raises ValueError for shapes that do not fit together."""
     if not x.is_cpu or not counts or max(counts) >= INT8_DEQUANTIZE_ROWS:
         return None
-    kinds = (type(weights[0][0]), type(weights[0][2])) if weights and len(weights[0]) == 3 else None
+    kinds = (type(weights[0][0]), type(weights[0][-1])) if weights and weights[0] else None  # _pointers checks 3
     if kinds is None or not all(kind in FORMAT_CODES for kind in kinds):
         return None
     if x.dim() != 2:

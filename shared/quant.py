@@ -165,11 +165,15 @@ def serving_format(qtype: GGMLQuantizationType, shape: tuple[int, int]) -> str:
 def layer_formats(formats: Sequence[str]) -> tuple[str, ...]:
     """The formats a layer's gate, up and down are served in, from each one's `serving_format`: all float when
     all are float (views of the model file), else each quantized one in its own format and a float one among
-    them as int8 (the layer's regions then all live in the expert cache). A Q4_K_M layer with Q6_K down experts
-    stays int4 gate and up beside int8 down, not int8 throughout."""
+    them as int8 (the layer's regions then all live in the expert cache), with gate and up in one format (int8
+    where theirs differ), since the kernels read x once for both. A Q4_K_M layer with Q6_K down experts stays
+    int4 gate and up beside int8 down, not int8 throughout."""
     if all(fmt == "float" for fmt in formats):
         return tuple(formats)
-    return tuple("int8" if fmt == "float" else fmt for fmt in formats)
+    gate, up, down = ("int8" if fmt == "float" else fmt for fmt in formats)
+    if gate != up:
+        gate = up = "int8"
+    return gate, up, down
 
 
 # ---- conversion from GGUF storage

@@ -2,7 +2,7 @@
 
 Drawing Gaussian floats and quantizing them runs at ~100 M values/s on one core, far too slow for a
 17 GB model, so quantized random matrices are made as blocks directly: random bits (SFC64 raw output,
-GB/s) give the 4- or 8-bit codes and every block gets the same magnitude of scale, chosen so the values
+GB/s) give the 4-, 6- or 8-bit codes and every block gets the same magnitude of scale, chosen so the values
 have the requested standard deviation. The values are uniform over the codes rather than Gaussian.
 The scale's sign bit is left random: codes 0..15 around 8 (or -128..127) have a mean of -0.5 code,
 which would otherwise add the same small offset to every weight of a matrix.
@@ -70,6 +70,8 @@ def random_matrix(
         sc = rng.integers(1, 8, size=blocks.shape[:2] + (8,), dtype=np.uint8)
         blocks[..., 4:16] = _pack_q4_k_scales(sc, sc * np.uint8(8))
     if zero_first_column:
+        if qtype not in _ZERO_FIRST:
+            raise ValueError(f"a first column of zeros is not made for {qtype.name} blocks")
         byte, keep, code = _ZERO_FIRST[qtype]
         blocks[:, 0, byte] = (blocks[:, 0, byte] & keep) | code
     return blocks.reshape(rows, -1)

@@ -254,14 +254,14 @@ def test_region_bytes_fill_a_region_that_reads_as_the_served_expert(models, tmp_
 def test_layers_and_matrices_in_different_formats(tmp_path):
     """Layer 0 stored as F32 (served from the model file), layer 1 as Q4_K (int4 from the cache), layer 2 as Q8_0
     (int8), layer 3 as Q4_K_M files mix them (Q4_0 gate and up, Q8_0 down: int4 beside int8), layer 4 with an F32
-    gate among Q4_0 (int8, so the whole region is in the cache): the cache holds only the quantized layers, each
-    matrix at its own format's size."""
+    gate beside Q4_0 up and down (gate and up int8, in one format as the kernels read them, so the whole region is
+    in the cache): the cache holds only the quantized layers, each matrix at its own format's size."""
     model = write_quantized(tmp_path / "mixed.gguf", {0: Q.F32, 1: Q.Q4_K, 2: Q.Q8_0, 3: (Q.Q4_0, Q.Q4_0, Q.Q8_0),
                                                       4: (Q.F32, Q.Q4_0, Q.Q4_0)})
     cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
     source = ExpertSource(model, cache)
     assert [source.format(layer) for layer in range(5)] == ["float", "int4", "int8", "int4+int8", "int8+int4"]
-    assert source.layout(3).formats == ("int4", "int4", "int8") and source.layout(4).formats == ("int8", "int4", "int4")
+    assert source.layout(3).formats == ("int4", "int4", "int8") and source.layout(4).formats == ("int8", "int8", "int4")
     n = model.config.expert_ffn * model.config.hidden
     int4, int8 = n // 2 + n // 32 * 4, n + model.config.hidden * 2  # codes and (scale, zero) per 32 / scale per row
     assert source.expert_nbytes(3) == 2 * int4 + int8 < source.expert_nbytes(2)

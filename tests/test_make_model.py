@@ -174,6 +174,18 @@ def test_random_blocks_have_the_requested_spread_and_structure(qtype):
     assert np.array_equal(after[:, 256:], values[:, 256:])  # only the first block was touched
 
 
+def test_random_q6_k_blocks_have_the_requested_spread_and_their_sub_block_scales():
+    """Q6_K (the down experts of q4_k_m files): d where gguf reads it, sixteen scales of their own per block."""
+    stored = random_matrix(np.random.Generator(np.random.SFC64(0)), 256, 512, Q.Q6_K, 0.25)
+    values = quants.dequantize(stored, Q.Q6_K).reshape(256, 512)
+    assert values.std() == pytest.approx(0.25, rel=0.03)
+    assert abs(values.mean()) < 0.01
+    spread = values.reshape(-1, 16, 16).std(axis=-1)
+    assert (spread.max(axis=1) / spread.min(axis=1)).mean() > 3
+    with pytest.raises(ValueError, match="Q6_K"):
+        random_matrix(np.random.default_rng(0), 4, 256, Q.Q6_K, 0.25, zero_first_column=True)
+
+
 def test_bf16_rows_are_stored_as_gguf_rounds_them():
     """quantize_rows converts through torch for speed; its bytes must be gguf's, extremes and signed zeros too."""
     x = (np.random.default_rng(0).standard_normal((64, 256)) * np.logspace(-40, 38, 256)).astype(np.float32)

@@ -119,6 +119,8 @@ def test_shapes_that_do_not_fit_raise_value_error():
         grouped_swiglu(x, weights, [1, 1])  # 2 rows counted, 3 given
     with pytest.raises(ValueError, match="x has shape"):
         grouped_swiglu(x[0], weights, [1, 2])
+    with pytest.raises(ValueError, match="expert 0 is 2 matrices"):
+        grouped_swiglu(x, [weights[0][:2], weights[1]], [1, 2])
     with pytest.raises(ValueError, match="expert 1 down"):
         grouped_swiglu(x, [weights[0], (*weights[1][:2], experts("int8", 64, 64, 1)[0][2])], [1, 2])
     with pytest.raises(ValueError, match="expert 0 gate"):

@@ -103,7 +103,9 @@ def test_serving_format_rule():
     assert layer_formats(["int4", "int4", "int4"]) == ("int4", "int4", "int4")
     assert layer_formats(["int4", "int4", "int8"]) == ("int4", "int4", "int8")  # a Q4_K_M layer with Q6_K down
     assert layer_formats(["float", "float", "float"]) == ("float", "float", "float")
-    assert layer_formats(["float", "int4", "int4"]) == ("int8", "int4", "int4")  # all of a layer in the cache
+    assert layer_formats(["float", "float", "int4"]) == ("int8", "int8", "int4")  # all of a layer in the cache
+    assert layer_formats(["float", "int4", "int4"]) == ("int8", "int8", "int4")  # gate and up in one format
+    assert layer_formats(["int4", "int8", "int8"]) == ("int8", "int8", "int8")
 
 
 def test_int4_decoding_follows_the_spec_layout_of_torchs_packing():
