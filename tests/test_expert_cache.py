@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import struct
 
 import numpy as np
 import pytest
@@ -145,7 +146,7 @@ def test_config_cache_dir_is_where_the_cache_goes(models, tmp_path):
     source.close()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "bad magic", "other model", "empty"])
+@pytest.mark.parametrize("damage", ["truncated", "bad magic", "other model", "empty", "older version"])
 def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
     model = GGUFModel(models["q4_k"])
     good = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
@@ -155,6 +156,8 @@ def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
         path.write_bytes(original[:-4096])
     elif damage == "bad magic":
         path.write_bytes(b"X" + original[1:])
+    elif damage == "older version":  # version 1 had one format per layer
+        path.write_bytes(original[:8] + struct.pack("<I", 1) + original[12:])
     elif damage == "other model":  # a valid cache of another model under this one's name
         other = ensure_expert_cache(GGUFModel(models["q4_0"]), tmp_path / "other", workers=1, progress=quiet)
         path.write_bytes(other.path.read_bytes())
@@ -165,7 +168,8 @@ def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
     cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
     assert cache.built and cache.path == path and path.read_bytes() == original
     reasons = {"truncated": "bytes, its header says", "bad magic": "bad magic number",
-               "other model": "another model", "empty": "shorter than its header"}
+               "other model": "another model", "empty": "shorter than its header",
+               "older version": "format version 1, this is version 2"}
     assert reasons[damage] in capsys.readouterr().err
     cache.close()
 
