@@ -48,7 +48,8 @@ FORMATS = {"int8": "int8", "int4": "int4", "bf16": "float"}  # label -> serving 
 ROWS = (1, 4, 16, 64)
 MATRICES, EXPERTS = "one expert's matrices", "whole experts"  # what a case's threads share out
 FLOOR_SIZE = 64  # experts of (64, 64) matrices: their FFN time is Python, dispatch and thread start-up
-GROUPED_FORMATS = ("int8", "int4")  # those the native kernel computes
+# those the native kernel computes; int4+int8: gate and up int4, down int8, as Q4_K_M's Q6_K-down layers are served
+GROUPED_FORMATS = ("int8", "int4", "int4+int8")
 GROUPED_EXPERTS = 8  # experts per layer call: top-8 routing
 GROUPED_ROWS = (1, 4)
 NATIVE, PER_EXPERT = "native, one call", "torch, per expert"
@@ -107,10 +108,12 @@ def rotated_experts(region_nbytes: int, settings: Settings) -> int:
 
 
 def served_experts(fmt: str, settings: Settings, seed: int = 0) -> tuple[ExpertLayout, list[ExpertWeights]]:
-    """rotated_experts experts of one layout, each a view of its region of one uint8 buffer: random codes,
-    scales (and int4 zeros) of the magnitudes GGUF experts have, bf16 values of std 0.02 for the float path."""
+    """rotated_experts experts of one layout (`fmt`, or "a+b": gate and up in a, down in b), each a view of its
+    region of one uint8 buffer: random codes, scales (and int4 zeros) of the magnitudes GGUF experts have, bf16
+    values of std 0.02 for the float path."""
     f, h = settings.ffn, settings.hidden
-    layout = ExpertLayout.build((fmt,) * 3,
+    fmt_in, _, fmt_out = fmt.partition("+")
+    layout = ExpertLayout.build((fmt_in, fmt_in, fmt_out or fmt_in),
                                 [((f, h), torch.bfloat16), ((f, h), torch.bfloat16), ((h, f), torch.bfloat16)])
     generator = torch.Generator().manual_seed(seed)
     experts = rotated_experts(layout.region_nbytes, settings)
@@ -226,10 +229,11 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True, pin
     through experts small enough that the weights take no time; and the grouped cases (no native ones when the
     kernel cannot be built here). Without `per_expert`, only the grouped cases. With `pin`, n threads are bound to
     the first n logical CPUs."""
-    labels = FORMATS if per_expert else GROUPED_FORMATS  # grouped only: no bf16 or floor experts to make
-    served = {label: served_experts(FORMATS[label], settings) for label in labels}
+    per_expert_labels = list(FORMATS) if per_expert else []  # grouped only: no bf16 or floor experts to make
+    labels = dict.fromkeys([*per_expert_labels, *GROUPED_FORMATS])
+    served = {label: served_experts(FORMATS.get(label, label), settings) for label in labels}
     tiny = replace(settings, ffn=FLOOR_SIZE, hidden=FLOOR_SIZE, outgrow_cache=False)
-    served_tiny = {label: served_experts(FORMATS[label], tiny)[1] for label in labels if per_expert}
+    served_tiny = {label: served_experts(FORMATS[label], tiny)[1] for label in per_expert_labels}
     inputs = {rows: torch.randn(rows, settings.hidden).to(torch.bfloat16) for rows in ROWS}
     tiny_row = torch.randn(1, FLOOR_SIZE).to(torch.bfloat16)
     bandwidth: dict[int, float] = {}
@@ -243,7 +247,8 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True, pin
             if pin and not pin_threads(cores[:n]):
                 raise SystemExit(f"--pin: could not bind {n} threads to CPUs {cores[:n]} (no native library?)")
             bandwidth[n] = max(bandwidth.get(n, 0.0), cpu_read_bandwidth(settings.bandwidth_bytes, threads=n))
-            for label, (_, experts) in (served.items() if per_expert else ()):
+            for label in per_expert_labels:
+                experts = served[label][1]
                 with torch_threads(n):
                     seconds = seconds_per_expert(tiny_row, served_tiny[label], warm_up=sweep == 0)
                 floor[label, n] = min(floor.get((label, n), float("inf")), seconds)
