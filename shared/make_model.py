@@ -43,11 +43,16 @@ DTYPES = {
     "q4_0": (Q.Q4_0, LlamaFileType.MOSTLY_Q4_0),
     "q4_k": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_S),
     "q4_k_m": (Q.Q4_K, LlamaFileType.MOSTLY_Q4_K_M),
+    "q5_k": (Q.Q4_K, LlamaFileType.MOSTLY_Q5_K_S),
 }
+# The routed experts' type where it is not the trunk's: the generator makes Q5_K blocks, but not the edits of a
+# first column the trunk's embedding and output need, so a q5_k file's trunk is Q4_K.
+EXPERT_TYPES = {"q5_k": Q.Q5_K}
 # llama.cpp's Q4_K_M stores the down projections of about half the layers (use_more_bits) as Q6_K: layers of
 # 4-bit gate and up beside 6-bit down, the mix a server must keep apart. Here the routed experts' down
 # projections get it; the rest of the trunk stays Q4_K.
 MORE_BITS = {"q4_k_m": Q.Q6_K}
+
 
 # `step`: the fraction of the residual's rms each attention / MoE sub-layer adds (see weights_gen).
 # `shared_expert_ffn` is used only when the architecture is qwen2moe (default 4 x expert_ffn).
@@ -107,13 +112,15 @@ def more_bits(layer: int, n_layers: int) -> bool:
 
 def storage_type(name: str, shape: tuple[int, ...], dtype: str, n_layers: int) -> GGMLQuantizationType:
     """Norms, biases and routers stay F32 as in llama.cpp's files; a matrix whose rows do not split
-    into the dtype's blocks falls back to Q4_0 (from Q4_K or Q6_K: the tiny preset's 32-value rows), else F16."""
+    into the dtype's blocks falls back to Q4_0 (from the K-quants: the tiny preset's 32-value rows), else F16."""
     if len(shape) == 1 or ".ffn_gate_inp." in name:
         return Q.F32
     qtype = DTYPES[dtype][0]
-    if dtype in MORE_BITS and name.endswith(".ffn_down_exps.weight") and more_bits(int(name.split(".")[1]), n_layers):
-        qtype = MORE_BITS[dtype]
-    candidates = (qtype, Q.Q4_0, Q.F16) if qtype in (Q.Q4_K, Q.Q6_K) else (qtype, Q.F16)
+    if name.endswith("_exps.weight"):
+        qtype = EXPERT_TYPES.get(dtype, qtype)
+        if dtype in MORE_BITS and ".ffn_down_exps." in name and more_bits(int(name.split(".")[1]), n_layers):
+            qtype = MORE_BITS[dtype]
+    candidates = (qtype, Q.Q4_0, Q.F16) if qtype in (Q.Q4_K, Q.Q5_K, Q.Q6_K) else (qtype, Q.F16)
     return next(c for c in candidates if shape[-1] % GGML_QUANT_SIZES[c][0] == 0)
 
 

@@ -29,12 +29,18 @@ _Q8_RMS = float(np.sqrt(np.mean(np.arange(-128, 128, dtype=np.float64) ** 2)))
 # min packing, high bits included, is exercised. Scales uniform in 1..7 have a mean square of 20.
 _Q4_K_SC_RMS = float(np.sqrt(np.mean(np.arange(1, 8) ** 2)))
 
+# Q5_K blocks made here: as Q4_K's, with 5-bit codes 0..31 around 16, so the min is 16 * sc: 8 * sc with dmin = 2 d
+# (mins are 6-bit, at most 63).
+_Q5_RMS = float(np.sqrt(np.mean((np.arange(32) - 16.0) ** 2)))
+
 # Q6_K blocks made here: 6-bit codes 0..63 around 32 and sixteen int8 sub-block scales in 1..7, d last.
 _Q6_RMS = float(np.sqrt(np.mean((np.arange(64) - 32.0) ** 2)))
 _Q6_K_D = 208  # byte offset of d in the 210-byte block (ql 128, qh 64, scales 16)
 
-# Where element 0 of a block's codes sits and the code that makes it 0: (byte, bits kept, code).
-_ZERO_FIRST = {Q.Q4_0: (2, 0xF0, 8), Q.Q8_0: (2, 0x00, 0), Q.Q4_K: (16, 0xF0, 8)}
+# Where element 0 of a block's code sits and the bits that make it 0: (byte, bits kept, bits set) for each byte
+# holding part of it (Q5_K: the low nibble in qs, the fifth bit in qh).
+_ZERO_FIRST = {Q.Q4_0: ((2, 0xF0, 8),), Q.Q8_0: ((2, 0x00, 0),), Q.Q4_K: ((16, 0xF0, 8),),
+               Q.Q5_K: ((48, 0xF0, 0), (16, 0xFE, 1))}
 
 
 def row_nbytes(cols: int, qtype: GGMLQuantizationType) -> int:
@@ -56,24 +62,27 @@ def random_matrix(
     block, size = GGML_QUANT_SIZES[qtype]
     n = rows * (cols // block) * size
     blocks = rng.bit_generator.random_raw(-(-n // 8)).view(np.uint8)[:n].reshape(rows, cols // block, size)
-    code_rms = {Q.Q8_0: _Q8_RMS, Q.Q4_0: _Q4_RMS, Q.Q4_K: _Q4_RMS * _Q4_K_SC_RMS, Q.Q6_K: _Q6_RMS * _Q4_K_SC_RMS}
-    scale = np.float16(std / code_rms[qtype]).view(np.uint16)
+    code_rms = {Q.Q8_0: _Q8_RMS, Q.Q4_0: _Q4_RMS, Q.Q4_K: _Q4_RMS * _Q4_K_SC_RMS, Q.Q5_K: _Q5_RMS * _Q4_K_SC_RMS,
+                Q.Q6_K: _Q6_RMS * _Q4_K_SC_RMS}
+    d = np.float16(std / code_rms[qtype])
+    scale = d.view(np.uint16)
     lo, hi = np.uint8(scale & 0xFF), np.uint8(scale >> 8)
     d_at = _Q6_K_D if qtype == Q.Q6_K else 0
     blocks[..., d_at] = lo
     blocks[..., d_at + 1] = (blocks[..., d_at + 1] & 0x80) | hi
     if qtype == Q.Q6_K:
         blocks[..., 192:208] = rng.integers(1, 8, size=blocks.shape[:2] + (16,), dtype=np.uint8)
-    if qtype == Q.Q4_K:
-        blocks[..., 2] = lo
-        blocks[..., 3] = (blocks[..., 1] & 0x80) | hi  # dmin takes d's sign so min and scale agree
+    if qtype in (Q.Q4_K, Q.Q5_K):
+        dmin = (d if qtype == Q.Q4_K else np.float16(2 * d)).view(np.uint16)
+        blocks[..., 2] = np.uint8(dmin & 0xFF)
+        blocks[..., 3] = (blocks[..., 1] & 0x80) | np.uint8(dmin >> 8)  # dmin takes d's sign: min and scale agree
         sc = rng.integers(1, 8, size=blocks.shape[:2] + (8,), dtype=np.uint8)
         blocks[..., 4:16] = _pack_q4_k_scales(sc, sc * np.uint8(8))
     if zero_first_column:
         if qtype not in _ZERO_FIRST:
             raise ValueError(f"a first column of zeros is not made for {qtype.name} blocks")
-        byte, keep, code = _ZERO_FIRST[qtype]
-        blocks[:, 0, byte] = (blocks[:, 0, byte] & keep) | code
+        for byte, keep, code in _ZERO_FIRST[qtype]:
+            blocks[:, 0, byte] = (blocks[:, 0, byte] & keep) | code
     return blocks.reshape(rows, -1)
 
 

@@ -45,7 +45,7 @@ def test_every_arch_and_dtype_opens_with_the_preset_config_and_runs_in_the_oracl
     assert model.metadata["general.quantization_version"] == 2
     assert len(model.metadata["tokenizer.ggml.tokens"]) == cfg.vocab_size
     # tiny rows (64, 32 values) are too short for Q4_K's 256-value blocks: those fall back to Q4_0.
-    matrix_type = Q.Q4_0 if dtype in ("q4_k", "q4_k_m") else DTYPES[dtype][0]
+    matrix_type = Q.Q4_0 if dtype in ("q4_k", "q4_k_m", "q5_k") else DTYPES[dtype][0]
     for name, shape in tensor_shapes(cfg).items():
         expected = Q.F32 if len(shape) == 1 or ".ffn_gate_inp." in name else matrix_type
         assert model.qtype(name) == expected, name
@@ -71,6 +71,15 @@ def test_q4_k_m_stores_the_down_experts_of_llama_cpps_more_bits_layers_as_q6_k(t
     assert {model.qtype(f"blk.{i}.ffn_{kind}_exps.weight") for i in range(4) for kind in ("gate", "up")} == {Q.Q4_K}
     q4, q6 = (float(model.expert(layer, "ffn_down_exps", 3).std()) for layer in (1, 2))
     assert 0.9 < q6 / q4 < 1.1
+    assert torch.isfinite(ReferenceModel(model).forward(list(range(10)))).all()
+
+
+def test_q5_k_stores_the_routed_experts_as_q5_k_and_the_trunk_as_q4_k(tmp_path):
+    make_model(tmp_path / "s.gguf", None, "small", "q5_k")
+    model = GGUFModel(tmp_path / "s.gguf")
+    assert {model.qtype(f"blk.{i}.ffn_{kind}_exps.weight") for i in range(4) for kind in ("gate", "up", "down")} \
+        == {Q.Q5_K}
+    assert {model.qtype(n) for n in ("token_embd.weight", "blk.0.attn_q.weight", "output.weight")} == {Q.Q4_K}
     assert torch.isfinite(ReferenceModel(model).forward(list(range(10)))).all()
 
 
@@ -174,16 +183,23 @@ def test_random_blocks_have_the_requested_spread_and_structure(qtype):
     assert np.array_equal(after[:, 256:], values[:, 256:])  # only the first block was touched
 
 
-def test_random_q6_k_blocks_have_the_requested_spread_and_their_sub_block_scales():
-    """Q6_K (the down experts of q4_k_m files): d where gguf reads it, sixteen scales of their own per block."""
-    stored = random_matrix(np.random.Generator(np.random.SFC64(0)), 256, 512, Q.Q6_K, 0.25)
-    values = quants.dequantize(stored, Q.Q6_K).reshape(256, 512)
+@pytest.mark.parametrize("qtype, sub_block", [(Q.Q5_K, 32), (Q.Q6_K, 16)])
+def test_random_q5_k_and_q6_k_blocks_have_the_requested_spread_and_their_sub_block_scales(qtype, sub_block):
+    """Q5_K (q5_k experts) and Q6_K (the down experts of q4_k_m files): d (and Q5_K's dmin) where gguf reads
+    them, every sub-block a scale of its own, zero mean; Q5_K's first column zeroed where asked (gate and up
+    experts), Q6_K's refused (only down experts, which need none, are Q6_K)."""
+    zero_first = qtype == Q.Q5_K
+    stored = random_matrix(np.random.Generator(np.random.SFC64(0)), 256, 512, qtype, 0.25, zero_first)
+    values = quants.dequantize(stored, qtype).reshape(256, 512)
     assert values.std() == pytest.approx(0.25, rel=0.03)
     assert abs(values.mean()) < 0.01
-    spread = values.reshape(-1, 16, 16).std(axis=-1)
+    spread = values.reshape(-1, 256 // sub_block, sub_block).std(axis=-1)
     assert (spread.max(axis=1) / spread.min(axis=1)).mean() > 3
-    with pytest.raises(ValueError, match="Q6_K"):
-        random_matrix(np.random.default_rng(0), 4, 256, Q.Q6_K, 0.25, zero_first_column=True)
+    if zero_first:
+        assert not values[:, 0].any() and values[:, 1].any()
+    else:
+        with pytest.raises(ValueError, match=qtype.name):
+            random_matrix(np.random.default_rng(0), 4, 256, qtype, 0.25, zero_first_column=True)
 
 
 def test_bf16_rows_are_stored_as_gguf_rounds_them():
