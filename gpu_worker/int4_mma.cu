@@ -127,54 +127,29 @@ __device__ __forceinline__ void read_x(u32 (&f)[2][NT][2], const unsigned char* 
         }
 }
 
-// acc[i][nt] += this group's contribution for rows 4g+i (c0, c1) and 32+4g+i (c2, c3), x rows nt*8 + 2t (+1).
-// low_bytes / high_bytes: the byte permutes that put bytes 0-1 / 2-3 of two columns' words side by side, column
-// 2t (+ 8) in the low half of each 16-bit pair.
-template <int NT>
-__device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT>& f, u32 low_bytes,
-                                          u32 high_bytes) {
-    const u32 ones = 0x3F803F80u;  // bf16 (1, 1)
-    float sums[NT][4], dots[4][NT][4];
-#pragma unroll
-    for (int nt = 0; nt < NT; ++nt) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) sums[nt][e] = 0.f;
-#pragma unroll
-        for (int s = 0; s < 2; ++s) mma(sums[nt], ones, ones, ones, ones, f.x[s][nt][0], f.x[s][nt][1]);
-        // the dots start at -136 sum_k x_k, so that they end at sum_k x_k (q_k - 8)
-#pragma unroll
-        for (int i = 0; i < 4; ++i)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) dots[i][nt][e] = -136.f * sums[nt][e];
-    }
-#pragma unroll
-    for (int s = 0; s < 2; ++s) {
-        // bytes 0-1 (rows 4g, 4g+1) or 2-3 (4g+2, 4g+3) of two columns' words, side by side per 16-bit half
-        u32 near[2] = {byte_perm(f.w[s][0], f.w[s][1], low_bytes), byte_perm(f.w[s][0], f.w[s][1], high_bytes)};
-        u32 far[2] = {byte_perm(f.w[s][2], f.w[s][3], low_bytes), byte_perm(f.w[s][2], f.w[s][3], high_bytes)};
-#pragma unroll
-        for (int i = 0; i < 4; ++i) {
-            const int shift = (i & 1) * 8;
-            u32 a = near[i >> 1] >> shift, b = far[i >> 1] >> shift;
-            u32 a0 = codes(a), a1 = codes(a >> 4), a2 = codes(b), a3 = codes(b >> 4);
-#pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mma(dots[i][nt], a0, a1, a2, a3, f.x[s][nt][0], f.x[s][nt][1]);
-        }
-    }
-    const u32 low[4] = {f.sz_low.x, f.sz_low.y, f.sz_low.z, f.sz_low.w};
-    const u32 high[4] = {f.sz_high.x, f.sz_high.y, f.sz_high.z, f.sz_high.w};
-#pragma unroll
-    for (int i = 0; i < 4; ++i) {
-        float s_low = bf16_low(low[i]), z_low = bf16_high(low[i]);
-        float s_high = bf16_low(high[i]), z_high = bf16_high(high[i]);
-#pragma unroll
-        for (int nt = 0; nt < NT; ++nt) {
-            acc[i][nt][0] = fmaf(s_low, dots[i][nt][0], fmaf(z_low, sums[nt][0], acc[i][nt][0]));
-            acc[i][nt][1] = fmaf(s_low, dots[i][nt][1], fmaf(z_low, sums[nt][1], acc[i][nt][1]));
-            acc[i][nt][2] = fmaf(s_high, dots[i][nt][2], fmaf(z_high, sums[nt][2], acc[i][nt][2]));
-            acc[i][nt][3] = fmaf(s_high, dots[i][nt][3], fmaf(z_high, sums[nt][3], acc[i][nt][3]));
-        }
-    }
+// The A fragment of rows 4g+i and 32+4g+i in a 16-column step: the codes 128 + q of rows 4g+i (a[0], a[2]: the
+// low nibbles) and 32+4g+i (a[1], a[3]: the high ones), two columns each, each register as `scale(codes, high)`
+// gives it (high: of row 32+4g+i). near / far: the step's words of columns 2t, 2t+1 / 2t+8, 2t+9 byte-permuted by
+// pair_bytes.
+template <class Scale>
+__device__ __forceinline__ void row_codes(u32 (&a)[4], const u32 (&near)[2], const u32 (&far)[2], int i,
+                                          Scale scale) {
+    const int shift = (i & 1) * 8;
+    const u32 x = near[i >> 1] >> shift, y = far[i >> 1] >> shift;
+    a[0] = scale(codes(x), false);
+    a[1] = scale(codes(x >> 4), true);
+    a[2] = scale(codes(y), false);
+    a[3] = scale(codes(y >> 4), true);
+}
+
+// Bytes 0-1 (rows 4g, 4g+1) or 2-3 (4g+2, 4g+3) of two columns' words (w: columns 2t, 2t+1, 2t+8, 2t+9), side by
+// side per 16-bit half, by the byte permutes low_bytes / high_bytes (column 2t (+ 8) in the low half)
+__device__ __forceinline__ void pair_bytes(u32 (&near)[2], u32 (&far)[2], const u32 (&w)[4], u32 low_bytes,
+                                           u32 high_bytes) {
+    near[0] = byte_perm(w[0], w[1], low_bytes);
+    near[1] = byte_perm(w[0], w[1], high_bytes);
+    far[0] = byte_perm(w[2], w[3], low_bytes);
+    far[1] = byte_perm(w[2], w[3], high_bytes);
 }
 
 // bf16x2 a * b + c, each half rounded once
@@ -190,27 +165,64 @@ __device__ __forceinline__ u32 weights(u32 code_pair, u32 s2, u32 z2) {
     return fma_bf16x2(fma_bf16x2(code_pair, ones, minus_136), s2, z2);
 }
 
-// add_group with the weights scaled before the mma: acc[i][nt] accumulates the products of bf16 weights, as a
-// dequantized matrix would give, and no float32 scaling follows each group (fewer instructions a weight).
-template <int NT>
-__device__ __forceinline__ void add_group_scaled(float (&acc)[4][NT][4], const Group<NT>& f, u32 low_bytes,
-                                                 u32 high_bytes) {
+// acc[i][nt] += this group's contribution for rows 4g+i (c0, c1) and 32+4g+i (c2, c3), x rows nt*8 + 2t (+1).
+// low_bytes / high_bytes: pair_bytes' permutes. SCALED: the codes are scaled into bf16 weights before the mma,
+// which accumulates them into acc, as a dequantized matrix would give, with no float32 scaling after each group
+// (fewer instructions a weight); else the mmas run on the exact codes and each group's sums are scaled in float32.
+template <int NT, bool SCALED>
+__device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT>& f, u32 low_bytes,
+                                          u32 high_bytes) {
     const u32 low[4] = {f.sz_low.x, f.sz_low.y, f.sz_low.z, f.sz_low.w};
     const u32 high[4] = {f.sz_high.x, f.sz_high.y, f.sz_high.z, f.sz_high.w};
+    float sums[NT][4], dots[4][NT][4];
+    if constexpr (!SCALED) {
+        const u32 ones = 0x3F803F80u;  // bf16 (1, 1)
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) sums[nt][e] = 0.f;
+#pragma unroll
+            for (int s = 0; s < 2; ++s) mma(sums[nt], ones, ones, ones, ones, f.x[s][nt][0], f.x[s][nt][1]);
+            // the dots start at -136 sum_k x_k, so that they end at sum_k x_k (q_k - 8)
+#pragma unroll
+            for (int i = 0; i < 4; ++i)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) dots[i][nt][e] = -136.f * sums[nt][e];
+        }
+    }
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-        u32 near[2] = {byte_perm(f.w[s][0], f.w[s][1], low_bytes), byte_perm(f.w[s][0], f.w[s][1], high_bytes)};
-        u32 far[2] = {byte_perm(f.w[s][2], f.w[s][3], low_bytes), byte_perm(f.w[s][2], f.w[s][3], high_bytes)};
+        u32 near[2], far[2];
+        pair_bytes(near, far, f.w[s], low_bytes, high_bytes);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            const int shift = (i & 1) * 8;
+            // (s, s) and (z, z) of rows 4g+i and 32+4g+i, for SCALED
             const u32 s_low = byte_perm(low[i], low[i], 0x1010), z_low = byte_perm(low[i], low[i], 0x3232);
             const u32 s_high = byte_perm(high[i], high[i], 0x1010), z_high = byte_perm(high[i], high[i], 0x3232);
-            u32 a = near[i >> 1] >> shift, b = far[i >> 1] >> shift;
-            u32 a0 = weights(codes(a), s_low, z_low), a1 = weights(codes(a >> 4), s_high, z_high);
-            u32 a2 = weights(codes(b), s_low, z_low), a3 = weights(codes(b >> 4), s_high, z_high);
+            u32 a[4];
+            row_codes(a, near, far, i, [&](u32 code_pair, bool high_row) {
+                if constexpr (SCALED)
+                    return high_row ? weights(code_pair, s_high, z_high) : weights(code_pair, s_low, z_low);
+                else
+                    return code_pair;
+            });
 #pragma unroll
-            for (int nt = 0; nt < NT; ++nt) mma(acc[i][nt], a0, a1, a2, a3, f.x[s][nt][0], f.x[s][nt][1]);
+            for (int nt = 0; nt < NT; ++nt)
+                mma(SCALED ? acc[i][nt] : dots[i][nt], a[0], a[1], a[2], a[3], f.x[s][nt][0], f.x[s][nt][1]);
+        }
+    }
+    if constexpr (!SCALED) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            float s_low = bf16_low(low[i]), z_low = bf16_high(low[i]);
+            float s_high = bf16_low(high[i]), z_high = bf16_high(high[i]);
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                acc[i][nt][0] = fmaf(s_low, dots[i][nt][0], fmaf(z_low, sums[nt][0], acc[i][nt][0]));
+                acc[i][nt][1] = fmaf(s_low, dots[i][nt][1], fmaf(z_low, sums[nt][1], acc[i][nt][1]));
+                acc[i][nt][2] = fmaf(s_high, dots[i][nt][2], fmaf(z_high, sums[nt][2], acc[i][nt][2]));
+                acc[i][nt][3] = fmaf(s_high, dots[i][nt][3], fmaf(z_high, sums[nt][3], acc[i][nt][3]));
+            }
         }
     }
 }
@@ -305,8 +317,7 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
         read_x(f.x, read, g, t);
         // two tiles of x (9-16 rows): the weights scaled before the mma, 3-8% faster there on the H200; one tile
         // keeps them exact, 4% faster than scaled at 128 experts (bench/quant_kernels.md)
-        if constexpr (NT >= 2) add_group_scaled(acc, f, low_bytes, high_bytes);
-        else add_group(acc, f, low_bytes, high_bytes);
+        add_group<NT, NT >= 2>(acc, f, low_bytes, high_bytes);
         __syncwarp();  // every lane has read this stage before the next iteration refills it
         read = read == last ? ring : read + STAGE_BYTES;
     }
