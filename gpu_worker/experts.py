@@ -182,16 +182,42 @@ class MoEDispatch:
         pair_order, groups = plan_pairs(ids, per_expert, owner, slots, staged)
         return pair_order, groups, slots
 
-    def _staged(self, layer: int, h: torch.Tensor, tokens: torch.Tensor, g: _PathGroups) -> list[torch.Tensor]:
-        """The staged experts' rows, in passes of as many experts as there are staging slots."""
+    def _first_pass(self, layer: int, staged: _PathGroups | None) -> list[int]:
+        """Start copying the layer's staged experts into the staging slots, as many as there are slots; the slots
+        they fill. Queued before the hot and soft experts are launched, so PCIe moves them meanwhile."""
+        if staged is None:
+            return []
+        assert self.pool is not None
+        with section("staged"):
+            return self.pool.stage(layer, staged.keys[: len(self.pool.staging_slots)])
+
+    def _in_slots(self, layer: int, h: torch.Tensor, tokens: torch.Tensor, soft: _PathGroups | None,
+                  staged: _PathGroups | None, first_pass: list[int], resident: dict[int, int]) -> list[torch.Tensor]:
+        """The rows of the experts in VRAM slots: the soft tier's (`resident`: expert -> slot, unpinned once
+        launched) with the staged experts' first pass in one launch, the staged ones' slots coming after the
+        tier's as their pairs do; then the staged experts' further passes, each filling the staging slots
+        again. A step of one stream has one pass at most: a layer's cold experts take one launch."""
         pool = self.pool
+        keys = (soft.keys if soft else []) + first_pass
+        if not keys:
+            return []
         assert pool is not None
-        width, out, start = len(pool.staging_slots), [], g.start
-        for i in range(0, len(g.keys), width):
-            counts = g.counts[i : i + width]
-            slots = pool.stage(layer, g.keys[i : i + width])
-            out.append(pool.compute(layer, h[tokens[start : start + sum(counts)]], slots, counts))
-            start += sum(counts)
+        counts = (soft.counts if soft else []) + (staged.counts[: len(first_pass)] if staged else [])
+        start = soft.start if soft else staged.start  # type: ignore[union-attr]
+        end = start + sum(counts)
+        with section("soft"):
+            out = [pool.compute(layer, h[tokens[start:end]], keys, counts)]
+            for e in resident:
+                pool.tier.unpin((layer, e))
+        if staged is None:
+            return out
+        width = len(pool.staging_slots)
+        with section("staged"):
+            for i in range(len(first_pass), len(staged.keys), width):
+                counts = staged.counts[i : i + width]
+                slots = pool.stage(layer, staged.keys[i : i + width])
+                out.append(pool.compute(layer, h[tokens[end : end + sum(counts)]], slots, counts))
+                end += sum(counts)
         return out
 
     def on_device(self, layer: int, rows: int, padded_rows: int) -> DeviceMoE | None:
@@ -223,7 +249,6 @@ class MoEDispatch:
         pair_order, groups, slots = self._plan(layer, expert_ids.flatten().cpu().numpy())
         pairs = torch.from_numpy(pair_order).to(h.device, non_blocking=True)
         tokens = pairs // k
-        ys = []
         sent = []
         for host, g in groups.items():
             if not isinstance(host, int) or host == GPU:
@@ -232,20 +257,15 @@ class MoEDispatch:
             self.remote.send(host, layer, g.keys, g.counts, h, tokens[g.start : g.end])
             self.on_dispatch("cpu", g.end - g.start)
             sent.append((host, g, time.perf_counter()))
+        # after the sends: a send to a host waits for the device, which must not wait for these copies
+        first_pass = self._first_pass(layer, groups.get("staged"))
+        ys = []
         if GPU in groups:
             g = groups[GPU]
             self.on_dispatch("hot", g.end - g.start)
             with section("hot"):
                 ys.append(self.hot.compute(layer, h[tokens[g.start : g.end]], g.keys, g.counts))
-        if "soft" in groups:
-            g = groups["soft"]
-            with section("soft"):
-                ys.append(self.pool.compute(layer, h[tokens[g.start : g.end]], g.keys, g.counts))  # type: ignore[union-attr]
-                for e in slots:
-                    self.pool.tier.unpin((layer, e))  # type: ignore[union-attr]
-        if "staged" in groups:
-            with section("staged"):
-                ys += self._staged(layer, h, tokens, groups["staged"])
+        ys += self._in_slots(layer, h, tokens, groups.get("soft"), groups.get("staged"), first_pass, slots)
         for host, g, sent_at in sent:
             # An answer already there came back some time before now: the crossing it took is not known then,
             # only bounded by the GPU work launched meanwhile, which the cost model must not take for crossing.

@@ -81,6 +81,7 @@ def k_warps_for(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, devi
     return plan_k_warps(n, k, used, swiglu, rows_at_most, _multiprocessors(device), _shared_limit(device))
 
 
+@functools.cache  # every launch asks: a decode step makes a few a layer
 def plan_k_warps(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, multiprocessors: int,
                  shared_limit: int) -> int:
     """Warps that cut K per matrix in each block: the fewest, in a power of two, that give every SM

@@ -23,6 +23,7 @@ class ExpertSource:
     def __init__(self, model: GGUFModel, cache: ExpertCache | None) -> None:
         self.model, self.cache = model, cache
         self._layouts = expert_layouts(model)
+        self._cached_regions: dict[int, torch.Tensor] = {}  # layer -> its regions in the cache, made on first use
         quantized = [layer for layer, layout in enumerate(self._layouts) if layout.format != "float"]
         if quantized and cache is None:
             raise ValueError(f"{model.path}: layers {quantized} have quantized experts, which are served from an "
@@ -40,23 +41,34 @@ class ExpertSource:
     def weights(self, layer: int, expert: int) -> ExpertWeights:
         """(gate, up, down) as served, zero-copy: float tensors over the model file's pages, or Int8Matrix /
         Int4Matrix over the cache file's."""
-        if self.cache is None or self.format(layer) == "float":
+        if not self._in_cache(layer):
             return tuple(self.model.expert_view(layer, kind, expert)  # type: ignore[return-value]
                          for kind in EXPERT_TENSOR_KINDS)
-        return self.cache.weights(layer, expert)
+        return self.cache.weights(layer, expert)  # type: ignore[union-attr]
 
     def region_bytes(self, layer: int, expert: int) -> list[tuple[int, np.ndarray]]:
         """What to copy where to fill this expert's region: (offset in the region, uint8 bytes) pairs, zero-copy.
         One pair for a cached expert (its whole region), one per matrix for a float one."""
-        layout = self._layouts[layer]
-        if self.cache is None or layout.format == "float":
+        if not self._in_cache(layer):
             return [(slots[0].offset, self.model.expert_bytes(layer, kind, expert).reshape(-1).view(np.uint8))
-                    for kind, slots in zip(EXPERT_TENSOR_KINDS, layout.matrices, strict=True)]
-        return [(0, self.cache.region(layer, expert))]
+                    for kind, slots in zip(EXPERT_TENSOR_KINDS, self._layouts[layer].matrices, strict=True)]
+        return [(0, self.cache.region(layer, expert))]  # type: ignore[union-attr]
+
+    def _in_cache(self, layer: int) -> bool:
+        return self.cache is not None and self._layouts[layer].format != "float"
 
     def fill_region(self, layer: int, expert: int, region: torch.Tensor, non_blocking: bool = False) -> int:
         """Copy the expert's served bytes into a region of its layer's layout (a page-locked arena's, a VRAM
         slot's); the bytes copied. non_blocking: a DMA from registered pages into VRAM that the caller orders."""
+        if self._in_cache(layer):
+            # one tensor over the layer's regions, made once: a decode step fills several experts a layer, and
+            # wrapping each region anew (region_bytes, then read_only_tensor) took longer than queueing its copy
+            regions = self._cached_regions.get(layer)
+            if regions is None:
+                regions = self._cached_regions[layer] = read_only_tensor(self.cache.regions(layer))  # type: ignore[union-attr]
+            data = regions[expert]
+            region[: data.numel()].copy_(data, non_blocking=non_blocking)
+            return data.numel()
         copied = 0
         for offset, data in self.region_bytes(layer, expert):
             region[offset : offset + data.nbytes].copy_(read_only_tensor(data), non_blocking=non_blocking)
@@ -68,6 +80,7 @@ class ExpertSource:
         return self._layouts[layer].expert_nbytes
 
     def close(self) -> None:
+        self._cached_regions.clear()  # views of the cache's map: the map is unmapped once none is left
         if self.cache is not None:
             self.cache.close()
 
