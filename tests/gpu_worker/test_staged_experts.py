@@ -41,3 +41,39 @@ def test_refused_experts_are_computed_from_the_staging_slots_in_passes(tmp_path)
     assert any(repeats), "some layer must take several passes"
     assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
+
+
+def test_staged_experts_that_fit_the_staging_slots_are_computed_with_the_soft_tier_in_one_launch(tmp_path):
+    """One stream's cold experts in VRAM slots cost one launch a layer: the staged ones are copied first and
+    computed with the soft tier's residents."""
+    path = tmp_path / "tiny.gguf"
+    make_model(path, preset="tiny", dtype="f32", seed=5)
+    model = GGUFModel(path)
+    cfg = model.config
+    config = Config(model=str(path), device="cpu", soft_slots=2, soft_policy="decayed-lfu",
+                    soft_staging=cfg.n_experts, cold_path="stream")
+    engine = Engine(config, model, remote=None)
+    engine.apply(round_robin_placement(cfg, 1, 1))
+    launches: list[tuple[int, list[int]]] = []
+    compute = engine.pool.compute
+    engine.pool.compute = lambda layer, x, slots, counts: launches.append((layer, slots)) or compute(
+        layer, x, slots, counts)
+    tokens = list(range(3, 19))
+    table = list(range(4))
+    got, per_step = [], []
+    for p in range(len(tokens)):
+        launches.clear()
+        got.append(engine.trunk.forward([Chunk(tokens[p : p + 1], p, table)], engine.moe))
+        per_step.append(list(launches))
+    want = ReferenceModel(model).forward(tokens)
+    staging = set(engine.pool.staging_slots)
+    for launched in per_step:
+        layers = [layer for layer, _ in launched]
+        assert len(layers) == len(set(layers)), "a layer's slots took more than one launch"
+    mixed = [slots for launched in per_step for _, slots in launched
+             if staging & set(slots) and set(slots) - staging]
+    assert mixed, "no launch took soft-tier and staging slots together"
+    assert all(slots == sorted(slots) for slots in mixed)
+    got = torch.cat(got)
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
