@@ -184,7 +184,8 @@ class MoEDispatch:
 
     def _first_pass(self, layer: int, staged: _PathGroups | None) -> list[int]:
         """Start copying the layer's staged experts into the staging slots, as many as there are slots; the slots
-        they fill. Queued before the hot and soft experts are launched, so PCIe moves them meanwhile."""
+        they fill. Queued before the hot and soft experts are launched, so PCIe moves them while the host launches
+        the rest (on one stream, those launches then run after the copies)."""
         if staged is None:
             return []
         assert self.pool is not None
