@@ -78,7 +78,7 @@ class ColdPlanner:
         # int4+int8 ones the native kernel reads at about the same share of the memory's bandwidth
         # (bench/cpu_kernels.md); a model mixing float and quantized layers gets the rate of layer 0's kind for
         # all. The sizes are each layer's own.
-        self.dtype = expert_format(source, 0)[0]
+        self.dtype = expert_format(source, 0)
         self.expert_bytes = [source.expert_nbytes(layer) for layer in range(source.model.config.n_layers)]
         self.flops_per_token = expert_flops_per_token(source.model.config)
         cpu_bw, cpu_flops = measure_cpu_expert(source, activation_dtype, host_threads)

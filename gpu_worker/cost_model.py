@@ -96,17 +96,17 @@ def expert_flops_per_token(cfg: ModelConfig) -> float:
     return 2.0 * cfg.expert_params
 
 
-def expert_format(source: ExpertSource, layer: int) -> tuple[str, int]:
-    """(dtype key, bytes of one expert) of a layer's experts as served. The key is the serving format of
-    quantized experts (int8, int4, or int4+int8 where down's differs: ExpertLayout.format); for float ones the
-    GGML type name, or the names joined by '+' in gate, up, down order when they differ, because the CPU
-    kernel's speed is that of the expert as served."""
+def expert_format(source: ExpertSource, layer: int) -> str:
+    """The dtype key of a layer's experts as served (their size: `source.expert_nbytes(layer)`): the serving
+    format of quantized experts (int8, int4, or int4+int8 where down's differs: ExpertLayout.format); for float
+    ones the GGML type name, or the names joined by '+' in gate, up, down order when they differ, because the
+    CPU kernel's speed is that of the expert as served."""
     layout = source.layout(layer)
     if layout.format != "float":
-        return layout.format, layout.expert_nbytes
+        return layout.format
     names = [expert_tensor_name(layer, kind) for kind in EXPERT_TENSOR_KINDS]
     types = dict.fromkeys(source.model.qtype(name).name for name in names)
-    return "+".join(types), layout.expert_nbytes
+    return "+".join(types)
 
 
 @dataclass

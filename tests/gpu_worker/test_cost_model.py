@@ -302,8 +302,8 @@ def test_expert_format_reads_the_served_format_and_size_of_one_expert(tmp_path):
     model = GGUFModel(tmp_path / "m.gguf")
     source = open_expert_source(model, Config(expert_cache_dir=str(tmp_path)))
     per_matrix = cfg.hidden * cfg.expert_ffn
-    assert expert_format(source, 0) == ("F32", 3 * per_matrix * 4)
+    assert (expert_format(source, 0), source.expert_nbytes(0)) == ("F32", 3 * per_matrix * 4)
     # a layer with a quantized matrix is served in int8 (a byte per weight, a bf16 scale per row)
     rows = 2 * cfg.expert_ffn + cfg.hidden
-    assert expert_format(source, 1) == ("int8", 3 * per_matrix + 2 * rows)
+    assert (expert_format(source, 1), source.expert_nbytes(1)) == ("int8", 3 * per_matrix + 2 * rows)
     assert expert_flops_per_token(cfg) == 2 * 3 * per_matrix
