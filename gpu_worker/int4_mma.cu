@@ -4,9 +4,11 @@
 // The int4 layout (shared/quant.py) keeps a 64-row tile's column k in 32 bytes, the low nibble of byte j for row
 // j and the high one for row 32 + j, with a (scale, zero) bf16 pair per row and group of 32 columns. The mma's A
 // operand wants two columns of one row in each register, so a lane reads the four 32-bit words of its row quad
-// (rows 4g..4g+3 and 32+4g..35+4g) at columns 2t, 2t+1, 2t+8, 2t+9 of a 16-column step from its warp's copy of
-// the group in shared memory (cp.async, a few groups ahead, x's rows with it), and one byte permute puts two
-// columns' bytes side by side: one lop3 then makes a register of two bf16 codes 128 + q. The mma runs
+// (rows 4g..4g+3 and 32+4g..35+4g) at four neighbouring columns of a 16-column step from its warp's copy of the
+// group in shared memory (cp.async, a few groups ahead, x's rows with it), and one byte permute puts two
+// columns' bytes side by side: one lop3 then makes a register of two bf16 codes 128 + q. The mma's k order
+// within a step is free as long as A and B agree, so lane t's pairs k = 2t, 2t+1 and 2t+8, 2t+9 of step s are
+// columns 8t+4s, +1 and 8t+4s+2, +3: x's four B words of a row in both steps are then one 16-byte load. The mma runs
 // on the codes, which bf16 holds exactly, and each group's sums are scaled once in float32:
 //     sum_k x_k W_k = s * sum_k x_k (q_k - 8) + z * sum_k x_k
 // where sum_k x_k comes from one more mma against ones, and the code mmas start from -136 times it. No weight is
@@ -52,22 +54,22 @@ __device__ __forceinline__ u16 to_bf16(float v) {
 // What one lane takes of one group of 32 columns.
 template <int NT>
 struct Group {
-    u32 w[2][4];     // weight words: [16-column step][columns 2t, 2t+1, 2t+8, 2t+9]
+    u32 w[2][4];     // weight words: [16-column step s][columns 8t+4s .. 8t+4s+3]
     uint4 sz_low;    // (s, z) of rows 4g..4g+3
     uint4 sz_high;   // (s, z) of rows 32+4g..35+4g
-    u32 x[2][NT][2]; // B fragments: [step][8-row tile of x][columns 2t, 2t+1 | 2t+8, 2t+9]
+    u32 x[2][NT][2]; // B fragments: [step s][8-row tile of x][columns 8t+4s, +1 | 8t+4s+2, +3]
 };
 
-// A group's bytes in shared memory: the tile's 32 columns of 32 bytes, then its 64 (s, z) pairs. Column c sits at
-// slot c ^ ((c >> 2) & 1), so that the four columns 2t + v one load instruction reads fall in different banks.
-constexpr int COLUMNS_BYTES = 32 * 32, PAIRS_BYTES = 64 * 4;
-// x's 32 columns of the group, 64 bytes a row, at 80-byte strides: the 8 rows g a B-fragment load reads fall in
-// different banks (20 words apart)
-constexpr int X_ROW_BYTES = 80;
+// A group's bytes in shared memory: the tile's 32 columns of 32 bytes in four blocks of 8 columns, each block
+// 32 bytes after the last, then its 64 (s, z) pairs, then x's 8-row tiles (the group's 32 columns of a row, 64
+// bytes). The padding puts lane t's column 8t + v in banks 8 (t + v) .. + 7 (mod 32), so that the four lanes t
+// reading one word each at the same v hit different banks, at offsets a load takes as constants.
+constexpr int GROUP_BYTES = 32 * 32, BLOCK_STRIDE = 8 * 32 + 32, PAIRS_BYTES = 64 * 4, X_ROW_BYTES = 64;
+constexpr int COLUMNS_BYTES = 4 * BLOCK_STRIDE;
 template <int NT>
 __host__ __device__ constexpr int stage_bytes() { return COLUMNS_BYTES + PAIRS_BYTES + NT * 8 * X_ROW_BYTES; }
 
-__device__ __forceinline__ int column_slot(int c) { return c ^ ((c >> 2) & 1); }
+__device__ __forceinline__ int column_at(int c) { return (c >> 3) * BLOCK_STRIDE + (c & 7) * 32; }
 
 __device__ __forceinline__ void copy_async(unsigned char* shared, const unsigned char* global) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
@@ -80,56 +82,54 @@ __device__ __forceinline__ void copy_zfill(unsigned char* shared, const void* gl
 }
 
 // One warp copies a group into a stage: 64 chunks of 16 bytes of columns, 16 of (s, z) pairs, 4 of each x row. A
-// lane copies column chunks lane and lane + 32, to the stage offsets to0 and to1 (column_slot's places), pairs
-// chunk lane, and x chunks lane + 32 j: row (lane >> 2) + 8 j, its 16-byte part lane % 4. Rows past the group's
+// lane copies column chunks lane and lane + 32, to the stage offsets to0 and to1 (column_at's places), pairs
+// chunk lane, and x chunks lane + 32 j: row (lane >> 2) + 8 j, its 16-byte part lane % 4, from x_at[j]. Rows past the group's
 // last are zero-filled, no bytes read. (Read by plain loads one group ahead into registers, x held up the warps as
 // the weights had before they were copied; copied with them, the kernel came 7-35% faster: bench/quant_kernels.md.)
 template <int NT>
 __device__ __forceinline__ void copy_group(unsigned char* stage, const unsigned char* columns,
-                                           const unsigned char* scales, const u16* const (&x_rows)[NT],
-                                           const bool (&x_valid)[NT], int group, int lane, int to0, int to1) {
+                                           const unsigned char* scales, const u16* const (&x_at)[NT],
+                                           const bool (&x_valid)[NT], int lane, int to0, int to1) {
     copy_async(stage + to0, columns + lane * 16);
     copy_async(stage + to1, columns + (lane + 32) * 16);
     if (lane < 16) copy_async(stage + COLUMNS_BYTES + lane * 16, scales + lane * 16);
 #pragma unroll
     for (int j = 0; j < NT; ++j)
         copy_zfill(stage + COLUMNS_BYTES + PAIRS_BYTES + ((lane >> 2) + 8 * j) * X_ROW_BYTES + (lane & 3) * 16,
-                   x_rows[j] + group * 32 + (lane & 3) * 8, x_valid[j]);
+                   x_at[j], x_valid[j]);
     asm volatile("cp.async.commit_group;");
 }
 
-// The words of a stage at this lane's slots (from `words`: slot 2t, rows 4g..): slots 2t, 2t + 1, 2t + 8, 2t + 9
-// of each step, which hold columns 2t + (v ^ 1) (v = 0, 1, 8, 9) where column_slot swaps neighbours (t = 2, 3):
-// add_group pairs those by a byte permute that takes them the other way round.
+// The words of a stage for this lane (from `words`: column 8t, rows 4g..): columns 8t + 4s .. 8t + 4s + 3 of each
+// step s, and the (s, z) pairs of its rows
 template <int NT>
 __device__ __forceinline__ void read_group(Group<NT>& f, const unsigned char* words, const unsigned char* pairs) {
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
-        f.w[s][0] = *(const u32*)(words + (16 * s) * 32);
-        f.w[s][1] = *(const u32*)(words + (16 * s + 1) * 32);
-        f.w[s][2] = *(const u32*)(words + (16 * s + 8) * 32);
-        f.w[s][3] = *(const u32*)(words + (16 * s + 9) * 32);
+#pragma unroll
+        for (int v = 0; v < 4; ++v) f.w[s][v] = *(const u32*)(words + (4 * s + v) * 32);
     }
     f.sz_low = *(const uint4*)pairs;
     f.sz_high = *(const uint4*)(pairs + 128);
 }
 
-// x's B fragments of a stage: columns 2t, 2t+1 (+ 8) of each step, rows nt * 8 + g
+// x's B fragments of a stage, rows nt * 8 + g: columns 8t .. 8t + 7, one load a row (8 lanes, two rows, a
+// 128-byte line: no bank conflict)
 template <int NT>
 __device__ __forceinline__ void read_x(u32 (&f)[2][NT][2], const unsigned char* stage, int g, int t) {
 #pragma unroll
-    for (int nt = 0; nt < NT; ++nt)
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            const unsigned char* row = stage + COLUMNS_BYTES + PAIRS_BYTES + (nt * 8 + g) * X_ROW_BYTES;
-            f[s][nt][0] = *(const u32*)(row + (16 * s + 2 * t) * 2);
-            f[s][nt][1] = *(const u32*)(row + (16 * s + 2 * t + 8) * 2);
-        }
+    for (int nt = 0; nt < NT; ++nt) {
+        const uint4 v = *(const uint4*)(stage + COLUMNS_BYTES + PAIRS_BYTES + (nt * 8 + g) * X_ROW_BYTES + 16 * t);
+        f[0][nt][0] = v.x;
+        f[0][nt][1] = v.y;
+        f[1][nt][0] = v.z;
+        f[1][nt][1] = v.w;
+    }
 }
 
 // The A fragment of rows 4g+i and 32+4g+i in a 16-column step: the codes 128 + q of rows 4g+i (a[0], a[2]: the
 // low nibbles) and 32+4g+i (a[1], a[3]: the high ones), two columns each, each register as `scale(codes, high)`
-// gives it (high: of row 32+4g+i). near / far: the step's words of columns 2t, 2t+1 / 2t+8, 2t+9 byte-permuted by
+// gives it (high: of row 32+4g+i). near / far: the step's first and last two columns' words byte-permuted by
 // pair_bytes.
 template <class Scale>
 __device__ __forceinline__ void row_codes(u32 (&a)[4], const u32 (&near)[2], const u32 (&far)[2], int i,
@@ -142,10 +142,10 @@ __device__ __forceinline__ void row_codes(u32 (&a)[4], const u32 (&near)[2], con
     a[3] = scale(codes(y >> 4), true);
 }
 
-// Bytes 0-1 (rows 4g, 4g+1) or 2-3 (4g+2, 4g+3) of two columns' words (w: columns 2t, 2t+1, 2t+8, 2t+9), side by
-// side per 16-bit half, by the byte permutes low_bytes / high_bytes (column 2t (+ 8) in the low half)
-__device__ __forceinline__ void pair_bytes(u32 (&near)[2], u32 (&far)[2], const u32 (&w)[4], u32 low_bytes,
-                                           u32 high_bytes) {
+// Bytes 0-1 (rows 4g, 4g+1) or 2-3 (4g+2, 4g+3) of two columns' words (w: four neighbouring columns), side by
+// side per 16-bit half, the first column of each pair in the low half
+__device__ __forceinline__ void pair_bytes(u32 (&near)[2], u32 (&far)[2], const u32 (&w)[4]) {
+    const u32 low_bytes = 0x5410, high_bytes = 0x7632;
     near[0] = byte_perm(w[0], w[1], low_bytes);
     near[1] = byte_perm(w[0], w[1], high_bytes);
     far[0] = byte_perm(w[2], w[3], low_bytes);
@@ -181,12 +181,11 @@ __device__ __forceinline__ u32 weights(u32 code_pair, u32 s2, u32 z2) {
 }
 
 // acc[i][nt] += this group's contribution for rows 4g+i (c0, c1) and 32+4g+i (c2, c3), x rows nt*8 + 2t (+1).
-// low_bytes / high_bytes: pair_bytes' permutes. SCALED: the codes are scaled into bf16 weights before the mma,
-// which accumulates them into acc, as a dequantized matrix would give, with no float32 scaling after each group
-// (fewer instructions a weight); else the mmas run on the exact codes and each group's sums are scaled in float32.
+// SCALED: the codes are scaled into bf16 weights before the mma, which accumulates them into acc, as a dequantized
+// matrix would give, with no float32 scaling after each group (fewer instructions a weight); else the mmas run on
+// the exact codes and each group's sums are scaled in float32.
 template <int NT, bool SCALED>
-__device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT>& f, u32 low_bytes,
-                                          u32 high_bytes) {
+__device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT>& f) {
     const u32 low[4] = {f.sz_low.x, f.sz_low.y, f.sz_low.z, f.sz_low.w};
     const u32 high[4] = {f.sz_high.x, f.sz_high.y, f.sz_high.z, f.sz_high.w};
     float sums[NT][4], dots[4][NT][4];
@@ -208,7 +207,7 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
 #pragma unroll
     for (int s = 0; s < 2; ++s) {
         u32 near[2], far[2];
-        pair_bytes(near, far, f.w[s], low_bytes, high_bytes);
+        pair_bytes(near, far, f.w[s]);
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
             // (s, s) and (z, z) of rows 4g+i and 32+4g+i, for SCALED
@@ -275,14 +274,15 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     // the next group to copy: its 1 KB of columns, and its (s, z) pairs, n * 4 bytes after the previous group's
     const unsigned char* columns = packed + ((long long)tile * k + begin * 32) * 32;
     const unsigned char* pairs = (const unsigned char*)(scales + tile * 64 * 2) + (long long)begin * n * 4;
-    // the x rows this lane copies: (lane >> 2) + 8 j of the group's rows
-    const u16* x_rows[NT];
+    // the next 8 columns of x this lane copies, of rows (lane >> 2) + 8 j: pointers that step on, where computed from
+    // the row each group they took 10 more instructions a group
+    const u16* x_at[NT];
     bool x_valid[NT];
 #pragma unroll
     for (int j = 0; j < NT; ++j) {
         const int row = (lane >> 2) + 8 * j;
         x_valid[j] = row < rows;
-        x_rows[j] = x + (first + (x_valid[j] ? row : 0)) * x_stride;
+        x_at[j] = x + (first + (x_valid[j] ? row : 0)) * x_stride + begin * 32 + (lane & 3) * 8;
     }
 
     float acc[4][NT][4];
@@ -294,47 +294,55 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
             for (int e = 0; e < 4; ++e) acc[i][nt][e] = 0.f;
 
     // where this lane's copies land in a stage, and where it reads its words and (s, z) pairs
-    const int to0 = column_slot(lane >> 1) * 32 + (lane & 1) * 16;
-    const int to1 = column_slot(16 + (lane >> 1)) * 32 + (lane & 1) * 16;
-    // slot 2t + v holds column 2t + v, or 2t + (v ^ 1) where column_slot swaps neighbours
-    const bool swapped = (t >> 1) & 1;
-    const u32 low_bytes = swapped ? 0x1054 : 0x5410, high_bytes = swapped ? 0x3276 : 0x7632;
-    const int words = 2 * t * 32 + 4 * g, pairs_at = COLUMNS_BYTES + 16 * g;
+    const int to0 = column_at(lane >> 1) + (lane & 1) * 16, to1 = column_at(16 + (lane >> 1)) + (lane & 1) * 16;
+    const int words = column_at(8 * t) + 4 * g, pairs_at = COLUMNS_BYTES + 16 * g;
 
-    // one commit per stage copied or skipped, so that waiting for all but the STAGES - 1 latest is this group's
-    unsigned char* const last = ring + (STAGES - 1) * STAGE_BYTES;
-    unsigned char* fill = ring;
+    // copies `group` into `stage` where there is one: one commit either way, so that waiting for all but the
+    // STAGES - 1 latest is the group about to be read
+    const auto copy_next = [&](int group, unsigned char* stage) {
+        if (group < end) {
+            copy_group<NT>(stage, columns, pairs, x_at, x_valid, lane, to0, to1);
+            columns += GROUP_BYTES;
+            pairs += n * 4;
 #pragma unroll
-    for (int d = 0; d < STAGES - 1; ++d) {
-        if (begin + d < end) {
-            copy_group<NT>(fill, columns, pairs, x_rows, x_valid, begin + d, lane, to0, to1);
-            columns += COLUMNS_BYTES;
-            pairs += n * 4;
+            for (int j = 0; j < NT; ++j) x_at[j] += 32;
         } else {
             asm volatile("cp.async.commit_group;");
         }
-        fill += STAGE_BYTES;
-    }
+    };
+#pragma unroll
+    for (int d = 0; d < STAGES - 1; ++d) copy_next(begin + d, ring + d * STAGE_BYTES);
     Group<NT> f;
-    unsigned char* read = ring;
-    for (int group = begin; group < end; ++group) {
-        if (group + STAGES - 1 < end) {  // into the stage read one group ago
-            copy_group<NT>(fill, columns, pairs, x_rows, x_valid, group + STAGES - 1, lane, to0, to1);
-            columns += COLUMNS_BYTES;
-            pairs += n * 4;
-        } else {
-            asm volatile("cp.async.commit_group;");
-        }
-        fill = read;
+    // the copy STAGES - 1 groups ahead into `fill`, the stage read one group ago, then `read`'s group
+    const auto step = [&](int group, unsigned char* read, unsigned char* fill) {
+        copy_next(group + STAGES - 1, fill);
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1));
         __syncwarp();  // the other lanes' copies of this stage have landed too
         read_group(f, read + words, read + pairs_at);
         read_x(f.x, read, g, t);
         // two tiles of x (9-16 rows): the weights scaled before the mma, 3-8% faster there on the H200; one tile
         // keeps them exact, 4% faster than scaled at 128 experts (bench/quant_kernels.md)
-        add_group<NT, NT >= 2>(acc, f, low_bytes, high_bytes);
+        add_group<NT, NT >= 2>(acc, f);
         __syncwarp();  // every lane has read this stage before the next iteration refills it
-        read = read == last ? ring : read + STAGE_BYTES;
+    };
+    if constexpr (NT >= 2) {
+        // rounds of STAGES groups, unrolled so that each stage's address is a constant: 1-3% faster at two tiles of
+        // x; one tile took more registers and was 1-4% slower (bench/quant_kernels.md)
+        for (int round = begin; round < end; round += STAGES) {
+#pragma unroll
+            for (int s = 0; s < STAGES; ++s) {
+                if (round + s >= end) break;
+                step(round + s, ring + s * STAGE_BYTES, ring + (s + STAGES - 1) % STAGES * STAGE_BYTES);
+            }
+        }
+    } else {
+        unsigned char* read = ring;
+        unsigned char* fill = ring + (STAGES - 1) * STAGE_BYTES;
+        for (int group = begin; group < end; ++group) {
+            step(group, read, fill);
+            fill = read;
+            read = read == ring + (STAGES - 1) * STAGE_BYTES ? ring : read + STAGE_BYTES;
+        }
     }
 
     float* mine = partial + warp * E * 32 + lane;

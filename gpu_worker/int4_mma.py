@@ -41,8 +41,9 @@ def _kernel(x_tiles: int, swiglu: bool, device: torch.device):
 
 
 def _stage_bytes(x_tiles: int) -> int:
-    """A group of a 64-row tile: its columns, its (scale, zero) pairs, and x's 8-row tiles at 80-byte rows."""
-    return 32 * 32 + 64 * 4 + x_tiles * 8 * 80
+    """A group of a 64-row tile: its columns (32 bytes of padding after each 8), its (scale, zero) pairs, and x's
+    8-row tiles of 64-byte rows: int4_mma.cu's stage_bytes."""
+    return 4 * (8 * 32 + 32) + 64 * 4 + x_tiles * 8 * 64
 
 
 def _shared_bytes(warps: int, x_tiles: int) -> int:
