@@ -28,7 +28,7 @@ from gpu_worker.grouped import swiglu_grouped
 from tests.quant_stacks import QuantMatrix, random_regions
 
 FFN, HIDDEN, EXPERTS = 768, 2048, 128  # Qwen3-30B-A3B: gate/up (768, 2048), down (2048, 768), 128 experts
-DECODE_CASES = [(8, 1), (64, 2), (128, 1), (64, 16)]  # (experts used, rows each)
+DECODE_CASES = [(8, 1), (16, 1), (32, 4), (64, 2), (128, 1), (64, 9), (64, 16), (128, 16)]  # (experts used, rows each)
 PREFILL_TOKENS, TOP_K = 4096, 8
 
 
@@ -196,7 +196,7 @@ def bench_crossover(table: Table, fmt: str, gate: QuantMatrix, up: QuantMatrix, 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/quant_kernels.md"))
+    parser.add_argument("--out", type=Path, help="also write the table to this file (quant_kernels.md is kept by hand)")
     parser.add_argument("--formats", nargs="+", choices=["int8", "int4"], default=["int8", "int4"])
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -249,7 +249,8 @@ def main() -> None:
         *tuned,
         "",
     ])
-    args.out.write_text(text)
+    if args.out:
+        args.out.write_text(text)
     print(text)
 
 
