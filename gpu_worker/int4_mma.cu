@@ -71,32 +71,35 @@ __host__ __device__ constexpr int stage_bytes() { return COLUMNS_BYTES + PAIRS_B
 
 __device__ __forceinline__ int column_at(int c) { return (c >> 3) * BLOCK_STRIDE + (c & 7) * 32; }
 
-__device__ __forceinline__ void copy_async(unsigned char* shared, const unsigned char* global) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;"
-                 :: "r"((u32)__cvta_generic_to_shared(shared)), "l"(global));
+__device__ __forceinline__ void copy_async(u32 shared, const void* global) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(shared), "l"(global));
 }
 
-__device__ __forceinline__ void copy_zfill(unsigned char* shared, const void* global, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;"
-                 :: "r"((u32)__cvta_generic_to_shared(shared)), "l"(global), "r"(valid ? 16 : 0));
+__device__ __forceinline__ void copy_zfill(u32 shared, const void* global, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(shared), "l"(global), "r"(valid ? 16 : 0));
 }
+
+// Where this lane's copies land in the ring's first stage, as shared-space addresses: made once, so that a copy
+// adds only its stage's offset
+struct CopyTo {
+    u32 column0, column1, pairs, x;
+};
 
 // One warp copies a group into a stage: 64 chunks of 16 bytes of columns, 16 of (s, z) pairs, 4 of each x row. A
-// lane copies column chunks lane and lane + 32, to the stage offsets to0 and to1 (column_at's places), pairs
-// chunk lane, and x chunks lane + 32 j: row (lane >> 2) + 8 j, its 16-byte part lane % 4, from x_at[j]. Rows past the group's
-// last are zero-filled, no bytes read. (Read by plain loads one group ahead into registers, x held up the warps as
-// the weights had before they were copied; copied with them, the kernel came 7-35% faster: bench/quant_kernels.md.)
+// lane copies column chunks lane and lane + 32 (from `columns`, at this lane's chunk) to column_at's places,
+// pairs chunk lane, and x chunks lane + 32 j: row (lane >> 2) + 8 j, its 16-byte part lane % 4, from x_at[j]. Rows
+// past the group's last are zero-filled, no bytes read. (Read by plain loads one group ahead into registers, x
+// held up the warps as the weights had before they were copied; copied with them, the kernel came 7-35% faster:
+// bench/quant_kernels.md.)
 template <int NT>
-__device__ __forceinline__ void copy_group(unsigned char* stage, const unsigned char* columns,
-                                           const unsigned char* scales, const u16* const (&x_at)[NT],
-                                           const bool (&x_valid)[NT], int lane, int to0, int to1) {
-    copy_async(stage + to0, columns + lane * 16);
-    copy_async(stage + to1, columns + (lane + 32) * 16);
-    if (lane < 16) copy_async(stage + COLUMNS_BYTES + lane * 16, scales + lane * 16);
+__device__ __forceinline__ void copy_group(u32 stage, const CopyTo& to, const unsigned char* columns,
+                                           const unsigned char* pairs, const u16* const (&x_at)[NT],
+                                           const bool (&x_valid)[NT], int lane) {
+    copy_async(to.column0 + stage, columns);
+    copy_async(to.column1 + stage, columns + 32 * 16);
+    if (lane < 16) copy_async(to.pairs + stage, pairs);
 #pragma unroll
-    for (int j = 0; j < NT; ++j)
-        copy_zfill(stage + COLUMNS_BYTES + PAIRS_BYTES + ((lane >> 2) + 8 * j) * X_ROW_BYTES + (lane & 3) * 16,
-                   x_at[j], x_valid[j]);
+    for (int j = 0; j < NT; ++j) copy_zfill(to.x + stage + 8 * j * X_ROW_BYTES, x_at[j], x_valid[j]);
     asm volatile("cp.async.commit_group;");
 }
 
@@ -271,9 +274,10 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     const u16* scales = second ? sz2 + expert * sz2_gs : sz1 + expert * sz1_gs;
     const int groups = k / 32;
     const int begin = kw * groups / k_warps, end = (kw + 1) * groups / k_warps;
-    // the next group to copy: its 1 KB of columns, and its (s, z) pairs, n * 4 bytes after the previous group's
-    const unsigned char* columns = packed + ((long long)tile * k + begin * 32) * 32;
-    const unsigned char* pairs = (const unsigned char*)(scales + tile * 64 * 2) + (long long)begin * n * 4;
+    // this lane's chunk of the next group to copy: of its 1 KB of columns, and of its (s, z) pairs, n * 4 bytes
+    // after the previous group's
+    const unsigned char* columns = packed + ((long long)tile * k + begin * 32) * 32 + lane * 16;
+    const unsigned char* pairs = (const unsigned char*)(scales + tile * 64 * 2) + (long long)begin * n * 4 + lane * 16;
     // the next 8 columns of x this lane copies, of rows (lane >> 2) + 8 j: pointers that step on, where computed from
     // the row each group they took 10 more instructions a group
     const u16* x_at[NT];
@@ -294,14 +298,17 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
             for (int e = 0; e < 4; ++e) acc[i][nt][e] = 0.f;
 
     // where this lane's copies land in a stage, and where it reads its words and (s, z) pairs
-    const int to0 = column_at(lane >> 1) + (lane & 1) * 16, to1 = column_at(16 + (lane >> 1)) + (lane & 1) * 16;
+    const u32 ring_at = (u32)__cvta_generic_to_shared(ring);
+    const CopyTo to = {ring_at + column_at(lane >> 1) + (lane & 1) * 16,
+                       ring_at + column_at(16 + (lane >> 1)) + (lane & 1) * 16, ring_at + COLUMNS_BYTES + lane * 16,
+                       ring_at + COLUMNS_BYTES + PAIRS_BYTES + (lane >> 2) * X_ROW_BYTES + (lane & 3) * 16};
     const int words = column_at(8 * t) + 4 * g, pairs_at = COLUMNS_BYTES + 16 * g;
 
-    // copies `group` into `stage` where there is one: one commit either way, so that waiting for all but the
-    // STAGES - 1 latest is the group about to be read
-    const auto copy_next = [&](int group, unsigned char* stage) {
-        if (group < end) {
-            copy_group<NT>(stage, columns, pairs, x_at, x_valid, lane, to0, to1);
+    // copies `group` into ring stage `stage` where there is one (`in_range`: the caller knows there is): one
+    // commit either way, so that waiting for all but the STAGES - 1 latest is the group about to be read
+    const auto copy_next = [&](int group, int stage, bool in_range) {
+        if (in_range || group < end) {
+            copy_group<NT>(stage * STAGE_BYTES, to, columns, pairs, x_at, x_valid, lane);
             columns += GROUP_BYTES;
             pairs += n * 4;
 #pragma unroll
@@ -311,11 +318,12 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
         }
     };
 #pragma unroll
-    for (int d = 0; d < STAGES - 1; ++d) copy_next(begin + d, ring + d * STAGE_BYTES);
+    for (int d = 0; d < STAGES - 1; ++d) copy_next(begin + d, d, false);
     Group<NT> f;
-    // the copy STAGES - 1 groups ahead into `fill`, the stage read one group ago, then `read`'s group
-    const auto step = [&](int group, unsigned char* read, unsigned char* fill) {
-        copy_next(group + STAGES - 1, fill);
+    // the copy STAGES - 1 groups ahead into stage `fill`, the one read one group ago, then stage `read`'s group
+    const auto step = [&](int group, int read_stage, int fill, bool copy_in_range) {
+        copy_next(group + STAGES - 1, fill, copy_in_range);
+        const unsigned char* read = ring + read_stage * STAGE_BYTES;
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1));
         __syncwarp();  // the other lanes' copies of this stage have landed too
         read_group(f, read + words, read + pairs_at);
@@ -326,22 +334,21 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
         __syncwarp();  // every lane has read this stage before the next iteration refills it
     };
     if constexpr (NT >= 2) {
-        // rounds of STAGES groups, unrolled so that each stage's address is a constant: 1-3% faster at two tiles of
-        // x; one tile took more registers and was 1-4% slower (bench/quant_kernels.md)
-        for (int round = begin; round < end; round += STAGES) {
+        // rounds of STAGES groups, unrolled so that each stage's offset is a constant, and without a check while
+        // every copy of the round is of the warp's groups; then the last ones one at a time. 4-9% faster at two tiles
+        // of x; at one tile, unrolled, the loop took more registers and was 1-4% slower (bench/quant_kernels.md)
+        int group = begin;
+        for (; group + 2 * STAGES - 2 < end; group += STAGES)
 #pragma unroll
-            for (int s = 0; s < STAGES; ++s) {
-                if (round + s >= end) break;
-                step(round + s, ring + s * STAGE_BYTES, ring + (s + STAGES - 1) % STAGES * STAGE_BYTES);
-            }
-        }
+            for (int s = 0; s < STAGES; ++s) step(group + s, s, (s + STAGES - 1) % STAGES, true);
+        for (; group < end; ++group)
+            step(group, (group - begin) % STAGES, (group - begin + STAGES - 1) % STAGES, false);
     } else {
-        unsigned char* read = ring;
-        unsigned char* fill = ring + (STAGES - 1) * STAGE_BYTES;
+        int read = 0, fill = STAGES - 1;
         for (int group = begin; group < end; ++group) {
-            step(group, read, fill);
+            step(group, read, fill, false);
             fill = read;
-            read = read == ring + (STAGES - 1) * STAGE_BYTES ? ring : read + STAGE_BYTES;
+            read = read == STAGES - 1 ? 0 : read + 1;
         }
     }
 
