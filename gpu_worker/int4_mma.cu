@@ -274,12 +274,12 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     const u16* scales = second ? sz2 + expert * sz2_gs : sz1 + expert * sz1_gs;
     const int groups = k / 32;
     const int begin = kw * groups / k_warps, end = (kw + 1) * groups / k_warps;
-    // this lane's chunk of the next group to copy: of its 1 KB of columns, and of its (s, z) pairs, n * 4 bytes
-    // after the previous group's
+    // this lane's chunk of the next group to copy: of its 1 KB of columns, and of its (s, z) pairs (lanes 0-15),
+    // n * 4 bytes after the previous group's
     const unsigned char* columns = packed + ((long long)tile * k + begin * 32) * 32 + lane * 16;
     const unsigned char* pairs = (const unsigned char*)(scales + tile * 64 * 2) + (long long)begin * n * 4 + lane * 16;
-    // the next 8 columns of x this lane copies, of rows (lane >> 2) + 8 j: pointers that step on, where computed from
-    // the row each group they took 10 more instructions a group
+    // the next 8 columns of x this lane copies, of rows (lane >> 2) + 8 j: pointers that step on by a group (made
+    // from the row at each copy, they took 10 more instructions a group)
     const u16* x_at[NT];
     bool x_valid[NT];
 #pragma unroll
@@ -335,7 +335,7 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     };
     if constexpr (NT >= 2) {
         // rounds of STAGES groups, unrolled so that each stage's offset is a constant, and without a check while
-        // every copy of the round is of the warp's groups; then the last ones one at a time. 4-9% faster at two tiles
+        // every copy of the round is of the warp's groups; then the last ones one at a time. 4-7% faster at two tiles
         // of x; at one tile, unrolled, the loop took more registers and was 1-4% slower (bench/quant_kernels.md)
         int group = begin;
         for (; group + 2 * STAGES - 2 < end; group += STAGES)
