@@ -1,7 +1,7 @@
 """The expert hosts' CPU kernels (shared.quant.quantized_ffn, torch's int8 / int4 / bf16 CPU kernels) on the
 Qwen3-30B-A3B expert shape, against the memory-read bandwidth measured in the same run with the same threads.
 
-    python -m bench.cpu_kernels_bench [--out bench/cpu_kernels.md] [--quick]
+    python -m bench.cpu_kernels_bench [--out FILE] [--quick]
 
 For each format (int8, int4, and bf16 for the float path), rows per expert (1, 4, 16, 64) and torch thread
 count (1, 2, 4, ... up to every core, and the counts an expert host takes by default beside a worker on a GPU),
@@ -336,7 +336,7 @@ def report(results: list[Result], grouped: list[GroupedResult], settings: Settin
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("bench/cpu_kernels.md"))
+    parser.add_argument("--out", type=Path, help="also write the report to this file (cpu_kernels.md is kept by hand)")
     parser.add_argument("--quick", action="store_true",
                         help=f"({QUICK.ffn}, {QUICK.hidden}) experts, {QUICK.experts} of them, one pass: a check that "
                              "every figure comes out, in seconds")
@@ -350,8 +350,9 @@ def main() -> None:
     command = " ".join(["python -m bench.cpu_kernels_bench", *(["--quick"] if args.quick else []),
                         *(["--grouped-only"] if args.grouped_only else []), *(["--pin"] if args.pin else [])])
     text = report(results, grouped, settings, command, pin=args.pin)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
     print(text)
 
 
