@@ -248,8 +248,8 @@ class MoEDispatch:
         self.before_layer()
         k = expert_ids.shape[1]
         pair_order, groups, slots = self._plan(layer, expert_ids.flatten().cpu().numpy())
-        pairs = torch.from_numpy(pair_order).to(h.device, non_blocking=True)
-        tokens = pairs // k
+        # the pairs and their tokens in one copy (a step of one stream spends its time on the host, per call)
+        pairs, tokens = torch.from_numpy(np.stack([pair_order, pair_order // k])).to(h.device, non_blocking=True)
         sent = []
         for host, g in groups.items():
             if not isinstance(host, int) or host == GPU:

@@ -5,15 +5,18 @@ tensor cores want two columns of one row in a register, and Triton re-paired the
 permutes and shared memory (2.8 instructions per weight at 174 registers, 15-46% of HBM on the H200). Here a
 lane copies its groups of weights into shared memory ahead (cp.async), then reads exactly the words of its own
 mma fragments, and one byte permute pairs them (bench/quant_kernels.md).
+
+Launches go through the driver's cuLaunchKernel (ctypes) on torch's current stream: cupy's kernel call, with its
+stream context, took about 25 us of host time a launch, and a decode step of one stream makes four a layer.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
-import warnings
+import threading
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from shared.quant import INT4_ROW_TILE, Int4Matrix
@@ -29,15 +32,51 @@ _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
 
 @functools.cache
 def _kernel(x_tiles: int, swiglu: bool, device: torch.device):
+    """The compiled kernel as cupy's Function, which keeps its module loaded: its ptr is the CUfunction."""
     try:
         import cupy
     except ImportError as e:
         raise ImportError("int4 experts on a GPU need cupy (pip install 'tierserve[gpu]')") from e
     name = f"int4_decode<{x_tiles}, {'true' if swiglu else 'false'}, {STAGES}>"
-    module = cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17",), name_expressions=[name])
-    kernel = module.get_function(name)
-    kernel.max_dynamic_shared_size_bytes = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-    return kernel
+    with cupy.cuda.Device(device.index):
+        module = cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17",), name_expressions=[name])
+        kernel = module.get_function(name)
+        kernel.max_dynamic_shared_size_bytes = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        return kernel.kernel
+
+
+class _Args(ctypes.Structure):
+    """int4_decode's parameters, in order."""
+
+    _fields_ = [
+        ("x", ctypes.c_void_p), ("x_stride", ctypes.c_int64), ("out", ctypes.c_void_p), ("out_stride", ctypes.c_int64),
+        ("meta", ctypes.c_void_p), ("n_used", ctypes.c_int32), ("p1", ctypes.c_void_p), ("sz1", ctypes.c_void_p),
+        ("p2", ctypes.c_void_p), ("sz2", ctypes.c_void_p), ("p1_gs", ctypes.c_int64), ("sz1_gs", ctypes.c_int64),
+        ("p2_gs", ctypes.c_int64), ("sz2_gs", ctypes.c_int64), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
+        ("k_warps", ctypes.c_int32)]
+
+
+class _ArgBlock(threading.local):
+    """This thread's parameter block and the array of its fields' addresses that cuLaunchKernel reads: the driver
+    copies the values at launch, so one block serves every launch of a thread."""
+
+    def __init__(self) -> None:
+        self.args = _Args()
+        base = ctypes.addressof(self.args)
+        self.params = (ctypes.c_void_p * len(_Args._fields_))(
+            *[base + getattr(_Args, name).offset for name, _ in _Args._fields_])
+
+
+_arg_block = _ArgBlock()
+
+
+@functools.cache
+def _launch_kernel():
+    launch = ctypes.CDLL("libcuda.so.1").cuLaunchKernel
+    launch.argtypes = [ctypes.c_void_p, *[ctypes.c_uint] * 7, ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                       ctypes.c_void_p]
+    launch.restype = ctypes.c_int
+    return launch
 
 
 def _stage_bytes(x_tiles: int) -> int:
@@ -48,16 +87,6 @@ def _stage_bytes(x_tiles: int) -> int:
 
 def _shared_bytes(warps: int, x_tiles: int) -> int:
     return warps * (x_tiles * _SUMS_BYTES + STAGES * _stage_bytes(x_tiles))
-
-
-@functools.cache
-def _stream(pointer: int):
-    """cupy's handle on a torch stream, made once per stream."""
-    import cupy
-
-    with warnings.catch_warnings():  # cupy 14 deprecates ExternalStream, which still takes the raw pointer torch gives
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return cupy.cuda.ExternalStream(pointer)
 
 
 @functools.cache
@@ -82,7 +111,6 @@ def k_warps_for(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, devi
     return plan_k_warps(n, k, used, swiglu, rows_at_most, _multiprocessors(device), _shared_limit(device))
 
 
-@functools.cache  # every launch asks: a decode step makes a few a layer
 def plan_k_warps(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, multiprocessors: int,
                  shared_limit: int) -> int:
     """Warps that cut K per matrix in each block: the fewest, in a power of two, that give every SM
@@ -112,23 +140,38 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
     k = 2 * half_k
     if n_used == 0:
         return
-    x_tiles = _x_tiles(rows_at_most)
-    k_warps = k_warps or k_warps_for(n, k, min(used_at_most, n_used), swiglu, rows_at_most, x.device)
-    warps = k_warps * (2 if swiglu else 1)
-    assert warps * x_tiles <= _BLOCK_WARPS, "too many warps for a block"
-    assert _shared_bytes(warps, x_tiles) <= _shared_limit(x.device), \
-        f"{warps} warps' rings need more shared memory than a block gets on this GPU"
-    for w in (w1, w2):
-        assert w.packed.data_ptr() % 16 == 0 and w.packed.stride(0) % 16 == 0, "columns are copied 16 bytes at a time"
-        assert w.scale_zero.data_ptr() % 16 == 0 and w.scale_zero.stride(0) % 8 == 0, \
-            "(scale, zero) pairs are copied 16 bytes at a time"
+    device = x.device
+    x_tiles, threads, shared_bytes, k_warps = _launch_shape(
+        n, k, min(used_at_most, n_used), swiglu, rows_at_most, k_warps, device)
+    p1, sz1, p2, sz2 = w1.packed, w1.scale_zero, w2.packed, w2.scale_zero
+    # columns and (scale, zero) pairs are copied 16 bytes at a time
+    assert not (p1.data_ptr() | p2.data_ptr() | p1.stride(0) | p2.stride(0)) % 16, "int4 columns: 16-byte aligned"
+    assert not (sz1.data_ptr() | sz2.data_ptr() | 2 * sz1.stride(0) | 2 * sz2.stride(0)) % 16, \
+        "int4 (scale, zero) pairs: 16-byte aligned"
     if x.data_ptr() % 16 or x.stride(0) % 8:  # x's rows are copied 16 bytes at a time
         x = x.clone(memory_format=torch.contiguous_format)
-    pointers = [np.uint64(t.data_ptr()) for t in (x, out, meta, w1.packed, w1.scale_zero, w2.packed, w2.scale_zero)]
-    x_ptr, out_ptr, meta_ptr, p1, sz1, p2, sz2 = pointers
-    strides = [np.int64(t.stride(0)) for t in (w1.packed, w1.scale_zero, w2.packed, w2.scale_zero)]
-    args = (x_ptr, np.int64(x.stride(0)), out_ptr, np.int64(out.stride(0)), meta_ptr, np.int32(n_used),
-            p1, sz1, p2, sz2, *strides, np.int32(n), np.int32(k), np.int32(k_warps))
-    kernel = _kernel(x_tiles, swiglu, x.device)
-    with _stream(torch.cuda.current_stream(x.device).cuda_stream):
-        kernel((n // INT4_ROW_TILE, n_used), (32 * warps,), args, shared_mem=_shared_bytes(warps, x_tiles))
+    block = _arg_block
+    a = block.args
+    a.x, a.x_stride, a.out, a.out_stride, a.meta, a.n_used = \
+        x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), meta.data_ptr(), n_used
+    a.p1, a.sz1, a.p2, a.sz2 = p1.data_ptr(), sz1.data_ptr(), p2.data_ptr(), sz2.data_ptr()
+    a.p1_gs, a.sz1_gs, a.p2_gs, a.sz2_gs = p1.stride(0), sz1.stride(0), p2.stride(0), sz2.stride(0)
+    a.n, a.k, a.k_warps = n, k, k_warps
+    result = _launch_kernel()(_kernel(x_tiles, swiglu, device).ptr, n // INT4_ROW_TILE, n_used, 1, threads, 1, 1,
+                              shared_bytes, torch._C._cuda_getCurrentRawStream(device.index), block.params, None)
+    if result != 0:
+        raise RuntimeError(f"cuLaunchKernel failed for the int4 decode kernel: CUresult {result}")
+
+
+@functools.cache  # every launch asks: a decode step makes a few a layer
+def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_warps: int | None,
+                  device: torch.device) -> tuple[int, int, int, int]:
+    """(8-row tiles of x, threads a block, its shared bytes, warps cutting K) of a launch."""
+    x_tiles = _x_tiles(rows_at_most)
+    k_warps = k_warps or k_warps_for(n, k, used, swiglu, rows_at_most, device)
+    warps = k_warps * (2 if swiglu else 1)
+    assert warps * x_tiles <= _BLOCK_WARPS, "too many warps for a block"
+    shared_bytes = _shared_bytes(warps, x_tiles)
+    assert shared_bytes <= _shared_limit(device), \
+        f"{warps} warps' rings need more shared memory than a block gets on this GPU"
+    return x_tiles, 32 * warps, shared_bytes, k_warps

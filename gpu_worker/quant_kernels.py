@@ -258,6 +258,13 @@ def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan
     many warps cut K for each tile of rows (gpu_worker.int4_mma.k_warps_for)."""
     n, k = _shape(w1)
     assert w2 is None or (type(w2) is type(w1) and _shape(w2) == (n, k)), "gate and up must match"
+    return _launch_decode(x, w1, w2, n, k, plan, out, k_warps)
+
+
+def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: int, k: int, plan: GroupPlan,
+                   out: torch.Tensor, k_warps: int | None = None) -> torch.Tensor:
+    """decode_linear after its shape checks, (n, k) W1's: a step of one stream launches four a layer, and each
+    check takes longer than the launch's other host work."""
     assert x.stride(1) == 1 and out.stride(1) == 1
     swiglu = w2 is not None
     w2 = w2 if swiglu else w1
@@ -312,19 +319,19 @@ def quant_swiglu_grouped(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, do
 
     Prefill dequantizes PREFILL_EXPERTS_PER_PASS experts at a time into a bf16 scratch, so the scratch stays
     the size of that many experts (~0.6 GB at Qwen3-30B-A3B's shapes), not of every expert a long prompt uses."""
-    f, h = _shape(gate)
+    f, h = _ffn_shape(gate, up, down)
     x = x.contiguous()
     if not any(counts):
         return x.new_empty((x.shape[0], h))
     if max(counts) <= DECODE_MAX_ROWS:
-        return _decode_swiglu(x, gate, up, down, plan_groups(groups, counts, x.device))
+        return _decode_swiglu(x, gate, up, down, f, h, plan_groups(groups, counts, x.device))
     used = [(g, c) for g, c in zip(groups, counts, strict=True) if c > 0]
     out = x.new_empty((x.shape[0], h))
     start = 0
     for i in range(0, len(used), PREFILL_EXPERTS_PER_PASS):
         part_groups, part_counts = zip(*used[i : i + PREFILL_EXPERTS_PER_PASS], strict=True)
         end = start + sum(part_counts)
-        out[start:end] = _prefill_swiglu(x[start:end], gate, up, down, list(part_groups), list(part_counts))
+        out[start:end] = _prefill_swiglu(x[start:end], gate, up, down, f, h, list(part_groups), list(part_counts))
         start = end
     return out
 
@@ -335,19 +342,25 @@ def quant_swiglu_all_experts(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix
     per expert, each at most rows_at_most <= DECODE_MAX_ROWS) on the device: nothing waits on the device, so a
     decode step's layers whose experts are all in VRAM queue their work without a round trip to the host."""
     assert rows_at_most <= DECODE_MAX_ROWS
-    return _decode_swiglu(x.contiguous(), gate, up, down, plan_all_experts(counts, used_at_most, rows_at_most))
+    f, h = _ffn_shape(gate, up, down)
+    return _decode_swiglu(x.contiguous(), gate, up, down, f, h, plan_all_experts(counts, used_at_most, rows_at_most))
 
 
-def _decode_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
+def _ffn_shape(gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix) -> tuple[int, int]:
+    """(F, H) of an expert FFN's stacks, checked: gate and up (F, H) of one format, down (H, F) of any."""
+    f, h = _shape(gate)
+    assert type(up) is type(gate) and _shape(up) == (f, h) and _shape(down) == (h, f), "gate, up and down must match"
+    return f, h
+
+
+def _decode_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix, f: int, h: int,
                    plan: GroupPlan) -> torch.Tensor:
-    f, h = _shape(gate)
-    act = decode_linear(x, gate, up, plan, x.new_empty((x.shape[0], f)))
-    return decode_linear(act, down, None, plan, x.new_empty((x.shape[0], h)))
+    act = _launch_decode(x, gate, up, f, h, plan, x.new_empty((x.shape[0], f)))
+    return _launch_decode(act, down, None, h, f, plan, x.new_empty((x.shape[0], h)))
 
 
-def _prefill_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
+def _prefill_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix, f: int, h: int,
                     groups: list[int], counts: list[int]) -> torch.Tensor:
-    f, h = _shape(gate)
     plan = plan_groups(groups, counts, x.device)
     gate_up = x.new_empty((plan.n_used, 2 * f, h))
     dequantize_used(gate, plan, gate_up[:, :f])
