@@ -46,14 +46,6 @@ class ExpertSource:
                          for kind in EXPERT_TENSOR_KINDS)
         return self.cache.weights(layer, expert)  # type: ignore[union-attr]
 
-    def region_bytes(self, layer: int, expert: int) -> list[tuple[int, np.ndarray]]:
-        """What to copy where to fill this expert's region: (offset in the region, uint8 bytes) pairs, zero-copy.
-        One pair for a cached expert (its whole region), one per matrix for a float one."""
-        if not self._in_cache(layer):
-            return [(slots[0].offset, self.model.expert_bytes(layer, kind, expert).reshape(-1).view(np.uint8))
-                    for kind, slots in zip(EXPERT_TENSOR_KINDS, self._layouts[layer].matrices, strict=True)]
-        return [(0, self.cache.region(layer, expert))]  # type: ignore[union-attr]
-
     def _in_cache(self, layer: int) -> bool:
         return self.cache is not None and self._layouts[layer].format != "float"
 
@@ -62,16 +54,18 @@ class ExpertSource:
         slot's); the bytes copied. non_blocking: a DMA from registered pages into VRAM that the caller orders."""
         if self._in_cache(layer):
             # one tensor over the layer's regions, made once: a decode step fills several experts a layer, and
-            # wrapping each region anew (region_bytes, then read_only_tensor) took longer than queueing its copy
+            # wrapping each region anew took longer than queueing its copy
             regions = self._cached_regions.get(layer)
             if regions is None:
                 regions = self._cached_regions[layer] = read_only_tensor(self.cache.regions(layer))  # type: ignore[union-attr]
             data = regions[expert]
             region[: data.numel()].copy_(data, non_blocking=non_blocking)
             return data.numel()
-        copied = 0
-        for offset, data in self.region_bytes(layer, expert):
-            region[offset : offset + data.nbytes].copy_(read_only_tensor(data), non_blocking=non_blocking)
+        copied = 0  # a float expert: one copy per matrix, straight from the model file
+        for kind, slots in zip(EXPERT_TENSOR_KINDS, self._layouts[layer].matrices, strict=True):
+            data = self.model.expert_bytes(layer, kind, expert).reshape(-1).view(np.uint8)
+            region[slots[0].offset : slots[0].offset + data.nbytes].copy_(read_only_tensor(data),
+                                                                          non_blocking=non_blocking)
             copied += data.nbytes
         return copied
 

@@ -235,24 +235,24 @@ def test_cached_experts_are_zero_copy_views_of_the_cache_file(models, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", ["q8_0", "f32"])
-def test_region_bytes_fill_a_region_that_reads_as_the_served_expert(models, tmp_path, dtype):
-    """What pinned arenas and VRAM slots do: copy region_bytes into a region, read it through the layout."""
+def test_fill_region_fills_a_region_that_reads_as_the_served_expert(models, tmp_path, dtype):
+    """What pinned arenas and VRAM slots do: fill a region with an expert, read it through the layout."""
     model = GGUFModel(models[dtype])
     source = ExpertSource(model, ensure_expert_cache(model, tmp_path, workers=1, progress=quiet))
     layout = source.layout(1)
-    region = np.zeros(layout.region_nbytes, dtype=np.uint8)
-    for offset, data in source.region_bytes(1, 7):
-        region[offset : offset + data.nbytes] = data
-    for got, served in zip(layout.views(torch.from_numpy(region)), source.weights(1, 7), strict=True):
+    region = torch.zeros(layout.region_nbytes, dtype=torch.uint8)
+    copied = source.fill_region(1, 7, region)
+    for got, served in zip(layout.views(region), source.weights(1, 7), strict=True):
         assert type(got) is type(served)
         assert all(torch.equal(a, b) for a, b in zip(matrix_tensors(got), matrix_tensors(served), strict=True))
     if dtype == "f32":
         assert source.cache is None and layout.format == "float"
-        assert len(source.region_bytes(1, 7)) == 3  # one matrix at a time, straight from the model file
+        assert copied == layout.expert_nbytes  # one matrix at a time, straight from the model file
         gate = source.weights(1, 7)[0]
         assert gate.data_ptr() == model.expert_bytes(1, "ffn_gate_exps", 7).ctypes.data
     else:
         assert isinstance(source.weights(1, 7)[0], Int8Matrix)
+        assert copied == layout.region_nbytes  # the cache's region, padding and all, in one copy
 
 
 def test_layers_and_matrices_in_different_formats(tmp_path):
