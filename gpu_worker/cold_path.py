@@ -84,6 +84,12 @@ class ColdPlanner:
         cpu_bw, cpu_flops = measure_cpu_expert(source, activation_dtype, host_threads)
         self.live = LiveConstants(CostConstants(pcie_bw=stream_bw, cpu_read_bw={self.dtype: cpu_bw},
                                                 cpu_flops=cpu_flops, round_trip_s=100e-6, gpu_flops=gpu_flops))
+        self.constants = self.live.current
+
+    def begin_step(self) -> None:
+        """Take the constants the step's layers plan with: refreshed once a step, not after every layer's
+        observations, where the refit (a small least-squares solve) was a fifth of a layer's planning."""
+        self.constants = self.live.current
 
     def to_stream(self, layer: int, cold: list[tuple[int, int, int]]) -> list[int]:
         """Experts to stream among (expert, owning host, tokens) of the layer."""
@@ -92,7 +98,7 @@ class ColdPlanner:
         if self.mode == "stream":
             return [e for e, _, _ in cold]
         plan = plan_layer([ColdExpert(e, host, n, self.expert_bytes[layer], self.dtype, self.flops_per_token)
-                           for e, host, n in cold], self.live.current)
+                           for e, host, n in cold], self.constants)
         return plan.stream
 
     def observe_host(self, layer: int, experts: int, tokens: int, compute_s: float, round_trip_s: float | None

@@ -122,6 +122,8 @@ class Engine:
             start = time.perf_counter()
             if self.remote is not None:
                 self.remote.begin_step()
+            if self.planner is not None:
+                self.planner.begin_step()
             chunks = [Chunk(c.token_ids, c.start, c.seq.block_table) for c in batch.chunks]
             logits = self.trunk.forward(chunks, self.moe)
             with section("sampling"):

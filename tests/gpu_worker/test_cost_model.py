@@ -9,9 +9,11 @@ import random
 
 import numpy as np
 import pytest
+import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
+from gpu_worker.cold_path import ColdPlanner
 from gpu_worker.cost_model import (
     H100_MACHINE,
     ColdExpert,
@@ -24,10 +26,10 @@ from gpu_worker.cost_model import (
     single_link_plans,
 )
 from shared.config import Config
-from shared.expert_source import open_expert_source
+from shared.expert_source import ExpertSource, open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.gguf_write import write_model
-from shared.make_model import preset_config
+from shared.make_model import make_model, preset_config
 from shared.model_config import ModelConfig, tensor_shapes
 
 QWEN3_30B, _ = preset_config("qwen3-30b-a3b")
@@ -307,3 +309,21 @@ def test_expert_format_reads_the_served_format_and_size_of_one_expert(tmp_path):
     rows = 2 * cfg.expert_ffn + cfg.hidden
     assert (expert_format(source, 1), source.expert_nbytes(1)) == ("int8", 3 * per_matrix + 2 * rows)
     assert expert_flops_per_token(cfg) == 2 * 3 * per_matrix
+
+
+def test_the_planner_plans_a_step_with_the_constants_it_began_with(tmp_path):
+    """Hosts report after every layer; the refit they call for is taken at the next step, not within one."""
+    path = tmp_path / "tiny.gguf"
+    make_model(path, preset="tiny", dtype="f32", seed=3)
+    source = ExpertSource(GGUFModel(path), None)
+    planner = ColdPlanner(source, "auto", stream_bw=2e9, gpu_flops=1e15, activation_dtype=torch.float32,
+                          host_threads=1)
+    # a link that moves these experts in a fraction of the start-up round trip (100 us), so every one goes over it,
+    # until the hosts are seen to answer at once with nothing to cross
+    cold = [(e, 0, 1) for e in range(4)]
+    assert planner.to_stream(0, cold) == [0, 1, 2, 3]
+    for _ in range(200):  # hosts that compute a layer in no time and cross instantly
+        planner.observe_host(0, 4, 4, 1e-12, 1e-12)
+    assert planner.to_stream(0, cold) == [0, 1, 2, 3], "the step's plan keeps the constants it began with"
+    planner.begin_step()
+    assert len(planner.to_stream(0, cold)) < 4
