@@ -18,7 +18,7 @@ from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -54,8 +54,7 @@ H100_MACHINE = CostConstants(
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ColdExpert:
+class ColdExpert(NamedTuple):  # made for every miss of every layer: 0.3 us each, a frozen dataclass 0.9
     expert: int
     host: int  # owning expert host
     tokens: int  # tokens of the batch routed to it in this layer

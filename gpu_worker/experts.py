@@ -162,15 +162,19 @@ class MoEDispatch:
                     tier.pin((layer, e))
             self.on_dispatch("soft_hit", sum(cold[e] for e in slots))
             misses = [(e, int(self.owners[layer][e]), n) for e, n in cold.items() if e not in slots]
+            streamed = 0
             for e in self.planner.to_stream(layer, misses) if self.planner else []:
                 slot = self.pool.stream(layer, e)
                 if slot is not None:
                     slots[e] = slot
                     tier.pin((layer, e))
-                    self.on_dispatch("streamed", cold[e])
+                    streamed += cold[e]
                 elif self.pool.staging_slots:
                     staged.add(e)
-                    self.on_dispatch("staged", cold[e])
+            if streamed:
+                self.on_dispatch("streamed", streamed)
+            if staged:
+                self.on_dispatch("staged", sum(cold[e] for e in staged))
         return slots, staged
 
     def _plan(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict[str | int, _PathGroups], dict[int, int]]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import time
 from collections.abc import Callable
@@ -56,6 +57,8 @@ STEP_SECONDS = Histogram("tierserve_worker_step_seconds", "Wall time of one mode
 SOFT_HIT_RATE = Gauge("tierserve_worker_soft_tier_hit_rate", "Cold expert lookups found in a VRAM slot")
 STREAMED_BYTES = Gauge("tierserve_worker_streamed_bytes", "Expert bytes streamed into VRAM slots since start")
 HOT_BYTES = Gauge("tierserve_worker_hot_expert_bytes", "Bytes of expert weights held by the worker")
+# a path's counter, looked up once: a decode step counts every layer's paths, and labels() takes microseconds
+_dispatched = functools.cache(DISPATCH.labels)
 
 
 def pick_dtype(config: Config, device: torch.device) -> torch.dtype:
@@ -104,7 +107,7 @@ class Engine:
     def apply(self, placement: Placement) -> None:
         self.hot.apply(placement, self.keep_alive)
         self.moe = MoEDispatch(placement, self.hot, self.remote, self.pool, self.planner,
-                               lambda path, n: DISPATCH.labels(path).inc(n), lambda: self.keep_alive())
+                               lambda path, n: _dispatched(path).inc(n), lambda: self.keep_alive())
         if self.trunk.graphs is not None:
             self.trunk.graphs.drop_whole_layers()  # they captured the hot stacks this placement replaced
         self.placement_version = placement.version
