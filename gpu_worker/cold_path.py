@@ -88,11 +88,12 @@ class ColdPlanner:
 
     def begin_step(self) -> None:
         """Take the constants the step's layers plan with: refreshed once a step, not after every layer's
-        observations, where the refit (a small least-squares solve) was a fifth of a layer's planning."""
+        observations, where the refit (a small least-squares solve) was a fifth of a layer's planning. Without
+        it the planner keeps planning with the constants it started with."""
         self.constants = self.live.current
 
     def to_stream(self, layer: int, cold: list[tuple[int, int, int]]) -> list[int]:
-        """Experts to stream among (expert, owning host, tokens) of the layer."""
+        """Experts to stream among (expert, owning host, tokens) of the layer, by the step's constants."""
         if self.mode == "cpu" or not cold:
             return []
         if self.mode == "stream":

@@ -247,7 +247,7 @@ def test_fill_region_fills_a_region_that_reads_as_the_served_expert(models, tmp_
         assert all(torch.equal(a, b) for a, b in zip(matrix_tensors(got), matrix_tensors(served), strict=True))
     if dtype == "f32":
         assert source.cache is None and layout.format == "float"
-        assert copied == layout.expert_nbytes  # one matrix at a time, straight from the model file
+        assert copied == layout.expert_nbytes  # the matrices' bytes, without the region's padding
         gate = source.weights(1, 7)[0]
         assert gate.data_ptr() == model.expert_bytes(1, "ffn_gate_exps", 7).ctypes.data
     else:
