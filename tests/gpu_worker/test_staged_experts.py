@@ -36,6 +36,7 @@ def test_refused_experts_are_computed_from_the_staging_slots_in_passes(tmp_path)
                     [engine.trunk.forward([Chunk(tokens[p : p + 1], p, table)], engine.moe) for p in range(12, 20)])
     want = ReferenceModel(model).forward(tokens)[11:]
     assert paths["staged"] > paths.get("soft_hit", 0) > 0 and paths["streamed"] > 0 and "cpu" not in paths
+    assert sum(paths.values()) == len(tokens) * cfg.n_experts_used * cfg.n_layers, "every routed pair counted once"
     assert engine.pool.tier.refusals > 0
     repeats = [a == b for a, b in zip(staged_layers, staged_layers[1:], strict=False)]
     assert any(repeats), "some layer must take several passes"
