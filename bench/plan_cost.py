@@ -20,11 +20,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from gpu_worker.cold_path import ColdPlanner
 from gpu_worker.cost_model import H100_MACHINE, LiveConstants, expert_flops_per_token
 from gpu_worker.service import Engine
 from shared.config import Config
+from shared.expert_cache import ExpertLayout
 from shared.gguf_file import GGUFModel
 from shared.gguf_write import write_model
 from shared.make_model import PRESETS, preset_config
@@ -33,7 +35,6 @@ from shared.placement import GPU, round_robin_placement
 from shared.weights_gen import zipf_shares
 
 WARM_UP_STEPS = 50
-INT4_BITS = 5  # a served int4 weight with its group's bf16 scale and zero point (32 weights a group)
 
 
 def routing_shape_model(path: Path, preset: str) -> tuple[ModelConfig, ModelConfig]:
@@ -52,7 +53,10 @@ def plan_as_on_the_gpu_machine(planner: ColdPlanner, preset_cfg: ModelConfig) ->
     """The H100 machine's constants (int8's CPU rate for the experts' format) and the preset's int4 expert size."""
     int8_rate = H100_MACHINE.cpu_read_bw["int8"]
     planner.live = LiveConstants(dataclasses.replace(H100_MACHINE, cpu_read_bw={planner.dtype: int8_rate}))
-    planner.expert_bytes = [preset_cfg.expert_params * INT4_BITS // 8] * preset_cfg.n_layers
+    f, h = preset_cfg.expert_ffn, preset_cfg.hidden
+    int4 = ExpertLayout.build(("int4",) * 3, [((f, h), torch.bfloat16), ((f, h), torch.bfloat16),
+                                              ((h, f), torch.bfloat16)])
+    planner.expert_bytes = [int4.expert_nbytes] * preset_cfg.n_layers
     planner.flops_per_token = expert_flops_per_token(preset_cfg)
     planner.begin_step()
 

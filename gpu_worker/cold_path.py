@@ -84,7 +84,7 @@ class ColdPlanner:
         cpu_bw, cpu_flops = measure_cpu_expert(source, activation_dtype, host_threads)
         self.live = LiveConstants(CostConstants(pcie_bw=stream_bw, cpu_read_bw={self.dtype: cpu_bw},
                                                 cpu_flops=cpu_flops, round_trip_s=100e-6, gpu_flops=gpu_flops))
-        self.constants = self.live.current
+        self.begin_step()
 
     def begin_step(self) -> None:
         """Take the constants the step's layers plan with: refreshed once a step, not after every layer's
