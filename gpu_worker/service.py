@@ -57,6 +57,14 @@ STEP_SECONDS = Histogram("tierserve_worker_step_seconds", "Wall time of one mode
 SOFT_HIT_RATE = Gauge("tierserve_worker_soft_tier_hit_rate", "Cold expert lookups found in a VRAM slot")
 STREAMED_BYTES = Gauge("tierserve_worker_streamed_bytes", "Expert bytes streamed into VRAM slots since start")
 HOT_BYTES = Gauge("tierserve_worker_hot_expert_bytes", "Bytes of expert weights held by the worker")
+# The cold planner's constants as the last step planned with them (measured at start-up, the CPU's and the round
+# trip refitted from the hosts' timings): why it split the cold experts between PCIe and the hosts' CPUs as it did.
+COST_PCIE = Gauge("tierserve_worker_cost_pcie_bytes_per_second", "Cold planner: PCIe bandwidth it plans with")
+COST_CPU_READ = Gauge("tierserve_worker_cost_cpu_read_bytes_per_second",
+                      "Cold planner: expert bytes a host's CPU reads per second, by served format", ["format"])
+COST_CPU_FLOPS = Gauge("tierserve_worker_cost_cpu_flops", "Cold planner: a host's CPU expert compute, flop/s")
+COST_ROUND_TRIP = Gauge("tierserve_worker_cost_round_trip_seconds",
+                        "Cold planner: one crossing to a host and back, beyond its compute")
 # a path's counter, looked up once: a decode step counts every layer's paths, and labels() takes microseconds
 _dispatched = functools.cache(DISPATCH.labels)
 
@@ -161,6 +169,13 @@ class Engine:
         if self.pool is not None:
             SOFT_HIT_RATE.set(self.pool.tier.hit_rate)
             STREAMED_BYTES.set(self.pool.bytes_streamed)
+        if self.planner is not None:
+            cost = self.planner.constants
+            COST_PCIE.set(cost.pcie_bw)
+            for fmt, rate in cost.cpu_read_bw.items():
+                COST_CPU_READ.labels(fmt).set(rate)
+            COST_CPU_FLOPS.set(cost.cpu_flops)
+            COST_ROUND_TRIP.set(cost.round_trip_s)
 
     def load(self) -> dict:
         """What the heartbeat reports, and the coordinator's stats show: with profiling on, the last window."""

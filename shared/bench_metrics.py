@@ -19,6 +19,11 @@ PATHS = ("hot", "soft_hit", "streamed", "staged", "cpu")  # how a routed (token,
 DISPATCH = "tierserve_worker_expert_dispatch_total"
 SOFT_HIT_RATE = "tierserve_worker_soft_tier_hit_rate"
 STREAMED_BYTES = "tierserve_worker_streamed_bytes"
+# the cold planner's constants (gpu_worker/service.py's COST_* gauges): metric -> key in TierSnapshot.cost
+COST = {"tierserve_worker_cost_pcie_bytes_per_second": "pcie_bw",
+        "tierserve_worker_cost_cpu_read_bytes_per_second": "cpu_read_bw",
+        "tierserve_worker_cost_cpu_flops": "cpu_flops",
+        "tierserve_worker_cost_round_trip_seconds": "round_trip_s"}
 
 
 def worker_metrics_url(health: HealthReply, client_endpoint: str) -> str:
@@ -37,19 +42,26 @@ class TierSnapshot:
     pairs: dict[str, float]  # routed pairs by path since the worker started
     soft_hit_rate: float  # of the soft tier since start (0 without soft slots)
     streamed_bytes: float  # since start
+    # the cold planner's constants now (empty without soft slots): cpu_read_bw by served format, the others a number
+    cost: dict[str, Any]
 
 
 def parse_tiers(text: str) -> TierSnapshot:
     """The tier counters out of a /metrics page (a path never taken has no sample yet: 0)."""
     pairs = dict.fromkeys(PATHS, 0.0)
     values: dict[str, float] = {}
+    cost: dict[str, Any] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == DISPATCH and sample.labels.get("path") in pairs:
                 pairs[sample.labels["path"]] = sample.value
             elif sample.name in (SOFT_HIT_RATE, STREAMED_BYTES):
                 values[sample.name] = sample.value
-    return TierSnapshot(pairs, values.get(SOFT_HIT_RATE, 0.0), values.get(STREAMED_BYTES, 0.0))
+            elif sample.name in COST and "format" in sample.labels:
+                cost.setdefault(COST[sample.name], {})[sample.labels["format"]] = sample.value
+            elif sample.name in COST:
+                cost[COST[sample.name]] = sample.value
+    return TierSnapshot(pairs, values.get(SOFT_HIT_RATE, 0.0), values.get(STREAMED_BYTES, 0.0), cost)
 
 
 def scrape_tiers(url: str, timeout_s: float = 10.0) -> TierSnapshot:
@@ -59,7 +71,8 @@ def scrape_tiers(url: str, timeout_s: float = 10.0) -> TierSnapshot:
 
 def tier_delta(before: TierSnapshot, after: TierSnapshot, seconds: float) -> dict[str, Any]:
     """What a phase of `seconds` did: pairs by path and their shares, the share served from VRAM (hot pool
-    plus soft-tier hits), the soft tier's hit rate at the end, and the streaming rate achieved."""
+    plus soft-tier hits), the soft tier's hit rate at the end, the streaming rate achieved, and the cold
+    planner's constants at the end."""
     pairs = {p: after.pairs[p] - before.pairs[p] for p in PATHS}
     total = sum(pairs.values())
     streamed = after.streamed_bytes - before.streamed_bytes
@@ -72,4 +85,5 @@ def tier_delta(before: TierSnapshot, after: TierSnapshot, seconds: float) -> dic
         "streamed_bytes": streamed,
         "streamed_gb_s": streamed / seconds / 1e9 if seconds > 0 else 0.0,
         "seconds": seconds,
+        "cost_model": after.cost,
     }

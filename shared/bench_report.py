@@ -51,6 +51,19 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def cost_model_table(tiers: dict[str, dict[str, Any]]) -> list[str]:
+    """The cold planner's constants at the end of each phase, where the worker plans (it has soft slots)."""
+    rows = [[phase, _scaled(c["pcie_bw"], 1e9, "GB/s"),
+             ", ".join(f"{fmt} {bw / 1e9:.1f} GB/s" for fmt, bw in c.get("cpu_read_bw", {}).items()),
+             _scaled(c["cpu_flops"], 1e12, "Tflop/s", 2), _scaled(c["round_trip_s"], 1e-6, "us", 0)]
+            for phase, t in tiers.items() if (c := t.get("cost_model"))]
+    if not rows:
+        return []
+    return ["## Cold planner (its constants at the end of each phase: measured at start-up, the CPU's and the "
+            "round trip refitted from the hosts' timings)", "",
+            *_table(["phase", "PCIe", "CPU reads experts at", "CPU compute", "round trip to a host"], rows)]
+
+
 def measured_tables(results: dict[str, Any]) -> list[str]:
     """Decode, prefill, tiers, host memory, the physical limit and llama.cpp at the bench's own budget."""
     model, system, machine, limits = results["model"], results["system"], results["machine"], results["limits"]
@@ -78,6 +91,7 @@ def measured_tables(results: dict[str, Any]) -> list[str]:
          "streamed GB/s"],
         [[phase, *(_pct(t["share"][p]) for p in PATHS), _pct(t["vram_hit_rate"]),
           _pct(t["soft_tier_hit_rate"]), _num(t["streamed_gb_s"], 3)] for phase, t in results["tiers"].items()])
+    lines += cost_model_table(results["tiers"])
     if system.get("host_memory"):
         lines += host_memory_table(system["host_memory"], model)
     d = limits["decode"]

@@ -72,6 +72,10 @@ def test_tier_counters_account_for_every_token_the_bench_sent(bench_run):
         copied = pairs["streamed"] + pairs["staged"] > 0
         assert (phase["streamed_bytes"] > 0) == (phase["streamed_gb_s"] > 0) == copied
         assert 0 < phase["soft_tier_hit_rate"] < 1
+        # the cold planner's constants (the worker has soft slots, so it plans): the tiny model's f32 experts
+        cost = phase["cost_model"]
+        assert list(cost["cpu_read_bw"]) == ["F32"] and cost["cpu_read_bw"]["F32"] > 0
+        assert cost["pcie_bw"] > 0 and cost["cpu_flops"] > 0 and cost["round_trip_s"] > 0
 
 
 @pytest.mark.slow
@@ -98,8 +102,8 @@ def test_physical_limits_and_efficiency(bench_run):
 def test_outputs_on_disk(bench_run):
     out, r = bench_run
     md = (out / "results.md").read_text()
-    for heading in ("## Decode", "## Prefill", "## Expert tiers", "## Physical limit", "## llama.cpp",
-                    "## Decode step profile"):
+    for heading in ("## Decode", "## Prefill", "## Expert tiers", "## Cold planner", "## Physical limit",
+                    "## llama.cpp", "## Decode step profile"):
         assert heading in md
     assert r["decode_profile"]["table"] in md and "moe" in r["decode_profile"]["table"]
     assert "no --llama-cpp" in md and "skipped" in r["llama_cpp"]
@@ -128,6 +132,12 @@ def worker_metrics_page(hot: int, streamed: int, hit_rate: float, streamed_bytes
     Gauge("tierserve_worker_soft_tier_hit_rate", "hit rate", registry=registry).set(hit_rate)
     Gauge("tierserve_worker_streamed_bytes", "bytes", registry=registry).set(streamed_bytes)
     Gauge("tierserve_worker_hot_expert_bytes", "other metric", registry=registry).set(7)
+    Gauge("tierserve_worker_cost_pcie_bytes_per_second", "pcie", registry=registry).set(50e9)
+    read = Gauge("tierserve_worker_cost_cpu_read_bytes_per_second", "read", ["format"], registry=registry)
+    read.labels("int4").set(60e9)
+    read.labels("int4+int8").set(40e9 + hot)
+    Gauge("tierserve_worker_cost_cpu_flops", "flops", registry=registry).set(2e12)
+    Gauge("tierserve_worker_cost_round_trip_seconds", "rtt", registry=registry).set(25e-6)
     return generate_latest(registry).decode()
 
 
@@ -140,6 +150,9 @@ def test_tier_counters_from_a_metrics_page_and_their_change():
     assert d["share"]["hot"] == 0.75 and d["vram_hit_rate"] == 0.75 and d["cold_share"] == 0.25
     assert d["streamed_gb_s"] == 2.0 and d["soft_tier_hit_rate"] == 0.25
     assert set(d["share"]) == set(PATHS)
+    # the planner's constants as they are at the phase's end
+    assert d["cost_model"] == {"pcie_bw": 50e9, "cpu_read_bw": {"int4": 60e9, "int4+int8": 40e9 + 40},
+                               "cpu_flops": 2e12, "round_trip_s": 25e-6}
     idle = tier_delta(after, after, 1.0)
     assert idle["vram_hit_rate"] == 0.0 and idle["streamed_gb_s"] == 0.0
 
