@@ -265,7 +265,9 @@ class LiveConstants:
         theta = np.ones(len(self._x))
         if self._cpu_w > 0.0:
             ridge = self.prior * np.eye(len(self._x))
-            theta = np.linalg.solve(self._xx / self._cpu_w + ridge, self._x / self._cpu_w + self.prior)
+            # least squares, not solve: items far faster than the references (x far above 1) drown the pull in
+            # rounding, and identical ones then leave the system singular, which must not fail a step
+            theta = np.linalg.lstsq(self._xx / self._cpu_w + ridge, self._x / self._cpu_w + self.prior, rcond=None)[0]
             # Noise can push a barely-seen term to zero or below; no rate is taken as 100x its reference.
             theta = np.maximum(theta, 0.01)
         return CostConstants(

@@ -279,6 +279,20 @@ def test_a_term_lost_in_the_noise_stays_a_positive_rate():
     assert all(bw > 0 for bw in got.cpu_read_bw.values())
 
 
+def test_identical_items_far_faster_than_the_references_still_fit():
+    """Hosts that answer one kind of item in next to no time (their rates millions of times the references'):
+    the moments are singular up to rounding, and the pull towards the start-up values must still settle them
+    into fast, finite rates rather than fail the worker's step."""
+    # start-up rates with which np.linalg.solve found the system exactly singular (a tiny model's f32 experts)
+    start = dataclasses.replace(H100_MACHINE, cpu_read_bw={"F32": 5e9}, cpu_flops=1e10)
+    live = LiveConstants(start)
+    for _ in range(200):
+        live.observe_cpu("F32", 4 * 24576, 4 * 12288.0, 1e-12)
+    got = live.current
+    assert start.cpu_read_bw["F32"] < got.cpu_read_bw["F32"] < float("inf")
+    assert 0 < got.cpu_flops < float("inf")
+
+
 def test_live_constants_refuse_impossible_timings():
     live = LiveConstants(H100_MACHINE)
     with pytest.raises(ValueError):
