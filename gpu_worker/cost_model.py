@@ -9,7 +9,7 @@ crossing, so it is not part of a cold plan. Times are modelled as
     t_cpu(e) = bytes / cpu_read_bw[dtype] + tokens * flops_per_token / cpu_flops   (+ one round trip per host)
     t_dma(e) = bytes / pcie_bw + tokens * flops_per_token / gpu_flops
 
-with constants measured at start-up and refreshed from live timings (`LiveConstants`).
+with constants measured at start-up, the hosts' refreshed from live timings (`LiveConstants`).
 """
 
 from __future__ import annotations
@@ -191,11 +191,11 @@ def single_link_plans(cold: Sequence[ColdExpert], constants: CostConstants) -> t
 
 
 class LiveConstants:
-    """Cost constants that follow the machine: start-up values refreshed from observed timings.
+    """Cost constants that follow the machine: start-up values, the hosts' refreshed from observed timings
+    (the PCIe link's and the GPU's stay as measured at start-up: nothing else shares them).
 
     Each refreshed constant weighs recent observations more (an exponentially weighted moving
-    average with weight `alpha` for the newest). PCIe bandwidth is the ratio of the averaged bytes
-    and seconds of DMA copies; the round trip is the averaged crossing time. A CPU work item
+    average with weight `alpha` for the newest). The round trip is the averaged crossing time. A CPU work item
     (bytes of weights read, flops, seconds of compute on the host) mixes read and compute time, so
     the per-dtype read rates and the compute rate are fitted together by least squares on the
     averaged moments, each observation weighted by its relative error. Decode items alone (all with
@@ -212,7 +212,6 @@ class LiveConstants:
         self._ref_bw = dict(start.cpu_read_bw)
         n = len(self._dtypes) + 1  # one unknown per dtype, then the compute rate
         self._xx, self._x, self._cpu_w = np.zeros((n, n)), np.zeros(n), 0.0
-        self._dma_bytes = self._dma_s = 0.0
         self._rtt_s = self._rtt_w = 0.0
         self._current: CostConstants | None = start
 
@@ -239,14 +238,6 @@ class LiveConstants:
         self._x = keep * self._x + self.alpha * x
         self._cpu_w = keep * self._cpu_w + self.alpha
 
-    def observe_dma(self, nbytes: int, seconds: float) -> None:
-        """`nbytes` of weights copied from a host into a GPU slot in `seconds`."""
-        if seconds <= 0.0:
-            raise ValueError(f"a DMA copy cannot take {seconds} s")
-        keep = self._keep()
-        self._dma_bytes = keep * self._dma_bytes + self.alpha * nbytes
-        self._dma_s = keep * self._dma_s + self.alpha * seconds
-
     def observe_round_trip(self, seconds: float) -> None:
         """One GPU -> host -> GPU crossing's time beyond the host's compute."""
         keep = self._keep()
@@ -271,7 +262,7 @@ class LiveConstants:
             # Noise can push a barely-seen term to zero or below; no rate is taken as 100x its reference.
             theta = np.maximum(theta, 0.01)
         return CostConstants(
-            pcie_bw=self._dma_bytes / self._dma_s if self._dma_s > 0.0 else s.pcie_bw,
+            pcie_bw=s.pcie_bw,
             cpu_read_bw={d: self._ref_bw[d] / float(theta[i]) for i, d in enumerate(self._dtypes)},
             cpu_flops=s.cpu_flops / float(theta[-1]),
             round_trip_s=self._rtt_s / self._rtt_w if self._rtt_w > 0.0 else s.round_trip_s,

@@ -203,8 +203,9 @@ def test_the_plan_is_within_one_expert_per_host_of_the_optimum():
 # --- constants that follow the machine
 
 
-TRUE = CostConstants(pcie_bw=31e9, cpu_read_bw={"BF16": 19e9, "int8": 52e9, "int4": 88e9}, cpu_flops=1.5e12,
-                     round_trip_s=45e-6, gpu_flops=H100_MACHINE.gpu_flops)
+# the PCIe link's and the GPU's constants stay as measured at start-up
+TRUE = CostConstants(pcie_bw=H100_MACHINE.pcie_bw, cpu_read_bw={"BF16": 19e9, "int8": 52e9, "int4": 88e9},
+                     cpu_flops=1.5e12, round_trip_s=45e-6, gpu_flops=H100_MACHINE.gpu_flops)
 
 
 def cpu_time(c: CostConstants, dtype: str, nbytes: int, flops: float) -> float:
@@ -221,8 +222,6 @@ def feed(live: LiveConstants, truth: CostConstants, rng: random.Random, n: int, 
         flops = sum(rng.choice(tokens) for _ in range(n_experts)) * FLOPS
         jitter = 1 + rng.uniform(-noise, noise)
         live.observe_cpu(dtype, nbytes, flops, cpu_time(truth, dtype, nbytes, flops) * jitter)
-        copy = rng.randint(2, 20) << 20
-        live.observe_dma(copy, copy / truth.pcie_bw * (1 + rng.uniform(-noise, noise)))
         live.observe_round_trip(truth.round_trip_s * (1 + rng.uniform(-noise, noise)))
 
 
@@ -238,21 +237,24 @@ def assert_close(got: CostConstants, want: CostConstants, rel: float) -> None:
 def test_live_constants_start_from_the_start_up_values():
     live = LiveConstants(H100_MACHINE)
     assert live.current == H100_MACHINE
-    live.observe_dma(8 << 20, (8 << 20) / 20e9)
-    assert live.current.pcie_bw == pytest.approx(20e9)
+    live.observe_round_trip(30e-6)
+    assert live.current.round_trip_s == pytest.approx(30e-6)
     assert live.current.cpu_read_bw == H100_MACHINE.cpu_read_bw and live.current.cpu_flops == H100_MACHINE.cpu_flops
+    assert live.current.pcie_bw == H100_MACHINE.pcie_bw  # the link's start-up measurement stands
 
 
 def test_live_constants_converge_to_the_machine_and_follow_it_when_it_changes():
     rng = random.Random(11)
     live = LiveConstants(H100_MACHINE)
     feed(live, TRUE, rng, 600, tokens=(1, 1, 2, 3, 16, 128))
-    assert_close(live.current, TRUE, rel=0.05)  # int4 was never measured at start-up: learnt from the stream
-    # The CPU gets busy with something else and a link slows down: the constants move with them.
-    slower = dataclasses.replace(TRUE, pcie_bw=20e9, cpu_read_bw={d: bw / 2 for d, bw in TRUE.cpu_read_bw.items()},
+    # The averages weigh the last ~20 items (alpha 0.05) of 5% noise: over 40 seeds the worst constant was within
+    # 8% of the truth, 12 of them beyond 5%.
+    assert_close(live.current, TRUE, rel=0.1)  # int4 was never measured at start-up: learnt from the stream
+    # The CPU gets busy with something else and the crossings slow down: the constants move with them.
+    slower = dataclasses.replace(TRUE, cpu_read_bw={d: bw / 2 for d, bw in TRUE.cpu_read_bw.items()},
                                  round_trip_s=80e-6)
     feed(live, slower, rng, 300, tokens=(1, 1, 2, 3, 16, 128))
-    assert_close(live.current, slower, rel=0.05)
+    assert_close(live.current, slower, rel=0.1)
 
 
 def test_decode_only_timings_predict_decode_work_even_though_reading_and_computing_are_not_separable():
@@ -297,8 +299,6 @@ def test_live_constants_refuse_impossible_timings():
     live = LiveConstants(H100_MACHINE)
     with pytest.raises(ValueError):
         live.observe_cpu("BF16", 1 << 20, FLOPS, 0.0)
-    with pytest.raises(ValueError):
-        live.observe_dma(1 << 20, -1.0)
 
 
 # --- inputs from a real file
