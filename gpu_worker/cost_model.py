@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from bisect import bisect_right
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import accumulate
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -261,10 +261,9 @@ class LiveConstants:
             theta = np.linalg.lstsq(self._xx / self._cpu_w + ridge, self._x / self._cpu_w + self.prior, rcond=None)[0]
             # Noise can push a barely-seen term to zero or below; no rate is taken as 100x its reference.
             theta = np.maximum(theta, 0.01)
-        return CostConstants(
-            pcie_bw=s.pcie_bw,
+        return replace(  # the PCIe link's and the GPU's constants stay the start-up ones
+            s,
             cpu_read_bw={d: self._ref_bw[d] / float(theta[i]) for i, d in enumerate(self._dtypes)},
             cpu_flops=s.cpu_flops / float(theta[-1]),
             round_trip_s=self._rtt_s / self._rtt_w if self._rtt_w > 0.0 else s.round_trip_s,
-            gpu_flops=s.gpu_flops,
         )
