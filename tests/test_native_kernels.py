@@ -19,7 +19,7 @@ from shared import native_kernels
 from shared.expert_math import grouped_ffn
 from shared.native_kernels import BuildError, build_library, grouped_swiglu, load_library, openmp_runtimes
 from shared.process import torch_threads
-from shared.quant import INT8_DEQUANTIZE_ROWS, Int8Matrix, quantized_ffn
+from shared.quant import INT8_DEQUANTIZE_ROWS, Int8Matrix, dequantize_matrix, quantized_ffn
 from tests.quant_stacks import expert_of, random_regions, reference_swiglu
 
 # Against fp32 on the decoded weights: the kernel rounds x, the gate and up products, h and the output to bf16,
@@ -129,6 +129,20 @@ def test_shapes_that_do_not_fit_raise_value_error():
         grouped_swiglu(torch.randn(1, 96), experts("int4", 64, 96, 1), [1])
     with pytest.raises(ValueError, match="int4 gate and up need ffn a multiple of 64"):
         grouped_swiglu(torch.randn(1, 128), experts("int4+int8", 96, 128, 1), [1])
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_gates_far_below_zero_give_silus_zero_not_nan(fmt):
+    """Large activations put some gate products below -88, where exp(-gate) overflows: silu is -0 there, as on
+    torch's path, not the NaN an unclamped exponent gives under -ffast-math."""
+    weights = experts(fmt, 128, 256, 1, seed=9)
+    x = 40 * torch.randn(8, 256, generator=torch.Generator().manual_seed(10))
+    assert float((x @ dequantize_matrix(weights[0][0]).float().t()).min()) < -88, "the case this test is about"
+    got = grouped_swiglu(x, weights, [8])
+    by_torch = quantized_ffn(x, *weights[0])
+    assert got is not None and bool(torch.isfinite(got).all())
+    scale = float(by_torch.float().abs().max())
+    assert float((got.float() - by_torch.float()).abs().max()) <= TORCH_TOLERANCE * scale
 
 
 def test_same_bits_on_any_number_of_threads_and_alternating_with_torchs_threads():

@@ -308,7 +308,9 @@ static void tile_product(int fmt, const void *values, const uint16_t *scales, in
     }
 }
 
-static inline float silu(float v) { return v / (1.f + expf(-v)); }
+/* expf's argument held below its overflow: under -ffast-math, v / inf is computed as v * (1 / inf) with a reciprocal
+ * approximation that gives NaN for gates below about -88, where silu is -0 */
+static inline float silu(float v) { return v / (1.f + expf(fminf(-v, 88.f))); }
 
 /* Shapes an (N, K) matrix's layout allows, checked here too so that a caller's mistake is an error code, not a
  * stray read. */
