@@ -10,6 +10,7 @@ Which expert keeps a slot is the SoftTier policy's business.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 
@@ -21,22 +22,27 @@ from gpu_worker.grouped import experts_grouped
 from shared.expert_cache import ExpertLayout
 from shared.expert_math import ExpertWeights, grouped_ffn
 from shared.expert_source import ExpertSource
+from shared.mailbox import cuda_driver
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_name
 
 log = logging.getLogger(__name__)
-_CUDA_HOST_REGISTER_READ_ONLY = 8
+_CU_MEMHOSTREGISTER_READ_ONLY = 0x08
+_CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED = 712
 
 
 def register_for_dma(views: list[np.ndarray]) -> bool:
-    """Page-lock the span of the file map these views lie in for the GPU (read-only registration)."""
+    """Page-lock the span of the file map these views lie in for the GPU (read-only registration). Already
+    registered (another pool of this process on the same map) counts as registered."""
     start = min(v.ctypes.data for v in views)
     end = max(v.ctypes.data + v.nbytes for v in views)
     page = 4096
     start -= start % page
-    cudart = torch.cuda.cudart()
-    err = cudart.cudaHostRegister(start, end - start, _CUDA_HOST_REGISTER_READ_ONLY)
-    if int(err) != 0:
-        log.warning("cannot register the expert file map for DMA (%s); streaming from pageable memory", err)
+    # the driver's call (cuda_driver says why): torch.cuda.cudart()'s refusal failed the next copy on the H200
+    err = cuda_driver().cuMemHostRegister_v2(ctypes.c_void_p(start), ctypes.c_size_t(end - start),
+                                             ctypes.c_uint(_CU_MEMHOSTREGISTER_READ_ONLY))
+    if err not in (0, _CUDA_ERROR_HOST_MEMORY_ALREADY_REGISTERED):
+        log.warning("cannot register the expert file map for DMA (CUDA driver error %d); streaming from pageable "
+                    "memory", err)
         return False
     return True
 
