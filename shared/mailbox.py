@@ -79,7 +79,7 @@ FIRST_SLEEP_S = 20e-6
 
 
 @functools.cache
-def _cuda_driver() -> ctypes.CDLL:
+def cuda_driver() -> ctypes.CDLL:
     # The driver API rather than torch.cuda.cudart(): a refused registration there stays behind as the runtime's
     # last error, for torch's next kernel launch to raise.
     return ctypes.CDLL("libcuda.so.1")
@@ -213,7 +213,7 @@ class Mailbox:
     def register_for_dma(self) -> int:
         """Page-lock both payload areas for the current CUDA device, so device copies into and out of them are
         DMAs; returns the CUDA driver's result (0: registered). `dma` says how it went (None: never tried)."""
-        err = _cuda_driver().cuMemHostRegister_v2(ctypes.c_void_p(self._areas[0].data_ptr()),
+        err = cuda_driver().cuMemHostRegister_v2(ctypes.c_void_p(self._areas[0].data_ptr()),
                                                   ctypes.c_size_t(2 * self.capacity), ctypes.c_uint(0))
         self.dma = err == 0
         return err
@@ -223,7 +223,7 @@ class Mailbox:
         mailbox waits for the device first: a copy out of the response area may still be queued."""
         if self.dma:
             torch.cuda.synchronize()
-            _cuda_driver().cuMemHostUnregister(ctypes.c_void_p(self._areas[0].data_ptr()))
+            cuda_driver().cuMemHostUnregister(ctypes.c_void_p(self._areas[0].data_ptr()))
             self.dma = None
         self._request_seq.release()
         self._response_seq.release()
