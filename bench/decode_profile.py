@@ -30,10 +30,11 @@ from shared.tokenizer import Tokenizer
 PROMPT_TOKENS = 16
 SECTIONS = """\
 - *schedule*: the scheduler picking the step's tokens; *prepare*: token ids, positions, KV slots, embeddings.
-- *layer*, once per layer: *attention* (norm, projections, RoPE, KV write, attention, output projection),
-  *router* (norm, gate, top-k), *moe* (the routed experts: inside it *cold_send* / *cold_wait* are the
-  crossings to the expert hosts, sent before and gathered after the worker's own experts; *hot* is the
-  worker's hot experts; with soft slots, *soft* is the soft tier's planning (which experts are resident, which
+- *layer*, once per layer: *attention* (norm, projections, RoPE, KV write, attention, output projection;
+  in a decode graph, the router and the hot experts too), *router* (norm, gate, top-k), *moe* (the routed
+  experts: inside it *cold_send* / *cold_wait* are the crossings to the expert hosts, sent before and gathered
+  after the worker's own experts; *hot* is the worker's hot experts where the host launches them (outside
+  decode graphs); with soft slots, *soft* is the soft tier's planning (which experts are resident, which
   to stream) and the one launch over the experts in VRAM slots, the staged ones' first pass included, and
   *staged* queueing the staged experts' copies into the staging slots and any further passes; the rest of
   *moe* is the dispatch's grouping), *shared_expert* where the model has one.

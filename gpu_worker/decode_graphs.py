@@ -1,5 +1,5 @@
-"""A decode step's attention and router as one CUDA graph replay per layer (with the layer's experts too where
-they are all in VRAM).
+"""A decode step's attention and router as one CUDA graph replay per layer, with the layer's hot experts too
+(all of the layer where its experts are all in VRAM).
 
 A decode step is bound by kernel launches, not by bytes: each layer's attention and router are a few dozen
 small kernels, launched from Python between two crossings of the MoE layer. Captured once per layer and
@@ -7,9 +7,10 @@ shape, they are one replay each. Shapes are bucketed so a few graphs serve every
 to a power of two sequences, every context to a power of two slots, masked. Padding rows read and write
 only the spare KV slot past the cache's last block, so they touch no sequence's cache.
 
-A layer whose routed experts are all hot is captured whole instead (attention, router, experts and the residual
-add, the next layer's input written into the static rows), so it crosses no Python between layers at all; those
-graphs read the hot experts' stacks where they lie, so a new placement drops them (drop_whole_layers).
+The hot experts' share of a layer's MoE is in its graph (it needs no host), so the host plans and launches only
+the cold experts. A layer whose routed experts are all hot is captured whole instead (attention, router, experts
+and the residual add, the next layer's input written into the static rows), so it crosses no Python between
+layers at all. Graphs read the hot experts' stacks where they lie, so a new placement drops them (drop_all).
 
 Graphs are captured the first time a step needs them (a layer at a time, while that step runs, so the
 capture's warm-up computes the step's real values). Without capture (on a CPU) the same static buffers are
@@ -29,8 +30,12 @@ from torch.nn.utils.rnn import pad_sequence
 
 log = logging.getLogger(__name__)
 
-# (layer, input rows, batch slots) -> (rows after attention, normed rows for the MoE, routing weights, expert ids)
-FrontFn = Callable[[int, torch.Tensor, "StaticBatch"], tuple[torch.Tensor, ...]]
+# (normed rows for the MoE (N, H), routing weights (N, k), expert ids (N, k)) -> the hot experts' share of one
+# layer's MoE (N, H): their routed pairs' weighted sum
+HotShare = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (layer, input rows, batch slots, the layer's HotShare or None) -> (rows after attention, normed rows for the MoE,
+# routing weights, expert ids, and the hot share where one was given)
+FrontFn = Callable[[int, torch.Tensor, "StaticBatch", HotShare | None], tuple[torch.Tensor, ...]]
 
 MIN_CONTEXT = 64
 # Steps whose padded batch x context is larger run eagerly: each layer gathers every padded slot's K and V
@@ -55,8 +60,8 @@ class StaticBatch:
     visible: torch.Tensor  # (B, 1, 1, C) which of them are real
     cos: torch.Tensor  # (B, 1, rope dims)
     sin: torch.Tensor
-    out: list[torch.Tensor] = field(default_factory=list)  # the front's results, once a front ran (not whole layers)
-    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # per layer: its front
+    out: list[torch.Tensor] = field(default_factory=list)  # the fronts' results, once fronts ran (not whole layers)
+    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # per layer: its front (and hot share)
     whole_graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # per layer: all of it
 
 
@@ -114,17 +119,19 @@ class DecodeGraphs:
             cos=torch.zeros(b, 1, rope, device=d, dtype=self.rope_cos.dtype),
             sin=torch.zeros(b, 1, rope, device=d, dtype=self.rope_sin.dtype))
 
-    def run(self, layer: int, batch: StaticBatch) -> list[torch.Tensor]:
-        """Layer `layer`'s front on the batch's rows: the buffers it leaves its results in (all bucket rows)."""
-        self._run(batch.graphs, layer, lambda: self._store(batch, self.front(layer, batch.x, batch)))
-        return batch.out
+    def run(self, layer: int, batch: StaticBatch, hot: HotShare | None = None) -> list[torch.Tensor]:
+        """Layer `layer`'s front on the batch's rows, with its hot share where `hot` computes one (within one
+        placement a layer has one or never): the buffers it leaves its results in (all bucket rows)."""
+        self._run(batch.graphs, layer, lambda: self._store(batch, self.front(layer, batch.x, batch, hot)))
+        return batch.out[: 4 if hot is None else 5]
 
     def run_whole(self, layer: int, batch: StaticBatch, body: Callable[[], None]) -> None:
         """The whole of layer `layer`: `body` reads the batch's rows and leaves the next layer's in them."""
         self._run(batch.whole_graphs, layer, body)
 
-    def drop_whole_layers(self) -> None:
+    def drop_all(self) -> None:
         for batch in self.batches.values():
+            batch.graphs.clear()
             batch.whole_graphs.clear()
 
     def _run(self, graphs: dict[int, torch.cuda.CUDAGraph], layer: int, body: Callable[[], None]) -> None:
@@ -141,10 +148,9 @@ class DecodeGraphs:
 
     @staticmethod
     def _store(batch: StaticBatch, results: tuple[torch.Tensor, ...]) -> None:
-        """Copy a front's results into the batch's output buffers (made from the first results)."""
-        if not batch.out:
-            batch.out = [torch.empty_like(r) for r in results]
-        for dst, src in zip(batch.out, results, strict=True):
+        """Copy a front's results into the batch's output buffers (made from the first results that have them)."""
+        batch.out += [torch.empty_like(r) for r in results[len(batch.out) :]]
+        for dst, src in zip(batch.out, results, strict=False):  # a front without a hot share leaves its buffer
             dst.copy_(src)
 
     def _capture(self, body: Callable[[], None]) -> torch.cuda.CUDAGraph | None:

@@ -11,11 +11,13 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from gpu_worker.cold_path import ColdPlanner
+from gpu_worker.decode_graphs import HotShare
 from gpu_worker.grouped import all_experts_grouped, experts_grouped, takes_device_counts
 from gpu_worker.remote import RemoteExperts
 from gpu_worker.soft_pool import SoftPool
@@ -26,17 +28,22 @@ from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.placement import GPU, Placement
 from shared.quant import matrix_tensors
 
-# (normed hidden (N, H), routing weights (N, k), expert ids (N, k)) -> routed experts' sum (N, H), for one layer
-DeviceMoE = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+class DevicePart(NamedTuple):
+    """What of a layer's MoE the device computes without waiting on the host: the hot experts' share."""
+
+    moe: HotShare  # the routed pairs' weighted sum over the hot experts (zero rows where none is hot)
+    whole: bool  # every expert of the layer is hot: the share is the layer's whole MoE
 
 
 class HotExperts:
     """The experts the placement keeps on the worker.
 
-    On a GPU each layer's hot experts are stacked so one grouped launch computes all of them: float experts
-    as bf16 stacks for torch._grouped_mm, quantized ones as a stack of their cache regions (the served bytes,
-    copied as they are) for the int8 / int4 kernels. On a CPU they are kept one by one: float ones in the
-    worker's dtype, quantized ones as views of the expert cache file, computed as an expert host does.
+    Each layer's hot experts are stacked so one grouped launch computes all of them where a grouped kernel
+    takes them: float experts in bf16 for torch._grouped_mm (on a GPU or a CPU), quantized ones on a GPU as a
+    stack of their cache regions (the served bytes, copied as they are) for the int8 / int4 kernels. Otherwise
+    they are kept one by one: float ones in the worker's dtype, quantized ones as views of the expert cache
+    file, computed as an expert host does.
     """
 
     def __init__(self, source: ExpertSource, device: torch.device, dtype: torch.dtype) -> None:
@@ -44,12 +51,16 @@ class HotExperts:
         self.ids: dict[int, list[int]] = {}
         self.stack_index: dict[int, dict[int, int]] = {}  # layer -> expert -> its place in the layer's stack
         self.weights: dict[tuple[int, int], ExpertWeights] = {}  # CPU: per expert
-        self.stacks: dict[int, ExpertWeights] = {}  # GPU: per layer, (gate_up, down) or quantized (gate, up, down)
+        self.stacks: dict[int, ExpertWeights] = {}  # per layer, (gate_up, down) or quantized (gate, up, down)
+        # per stacked layer, on the device: each expert's place in the stack, len(stack) for one not in it
+        self.places: dict[int, torch.Tensor] = {}
 
     def _grouped(self, layer: int) -> bool:
-        """Whether the layer's experts are stacked for grouped kernels: on a GPU, bf16 for torch._grouped_mm
-        or quantized for the int8 / int4 kernels."""
-        return self.device.type == "cuda" and (self.dtype == torch.bfloat16 or self.source.format(layer) != "float")
+        """Whether the layer's experts are stacked for grouped kernels: bf16 for torch._grouped_mm, or
+        quantized for the int8 / int4 kernels on a GPU."""
+        if self.source.format(layer) == "float":
+            return self.dtype == torch.bfloat16
+        return self.device.type == "cuda"
 
     def _float(self, layer: int, e: int) -> ExpertWeights:
         model = self.source.model
@@ -78,10 +89,14 @@ class HotExperts:
             for key in [k for k in self.weights if k[0] == layer]:
                 del self.weights[key]
             self.stacks.pop(layer, None)
+            self.places.pop(layer, None)
             if not ids:
                 continue
             if self._grouped(layer):
                 self.stacks[layer] = self._stack(layer, ids)
+                places = torch.full((self.source.model.config.n_experts,), len(ids), dtype=torch.int64)
+                places[ids] = torch.arange(len(ids))
+                self.places[layer] = places.to(self.device)
             elif self.source.format(layer) == "float":
                 for e in ids:
                     self.weights[(layer, e)] = self._float(layer, e)
@@ -97,14 +112,17 @@ class HotExperts:
         return sum(t.numel() * t.element_size() for m in held for t in matrix_tensors(m))
 
     def on_device(self, layer: int, rows_at_most: int) -> bool:
-        """Whether the layer's stack holds every expert of the layer (in expert order, as placements list them)
-        and takes up to `rows_at_most` rows per expert from counts on the device (compute_all)."""
-        return (layer in self.stacks and len(self.ids[layer]) == self.source.model.config.n_experts
-                and takes_device_counts(self.stacks[layer], rows_at_most))
+        """Whether the layer has a stack that takes up to `rows_at_most` rows per expert from counts on the
+        device (compute_all)."""
+        return layer in self.stacks and takes_device_counts(self.stacks[layer], rows_at_most)
+
+    def all_hot(self, layer: int) -> bool:
+        return len(self.ids.get(layer, ())) == self.source.model.config.n_experts
 
     def compute_all(self, layer: int, x: torch.Tensor, counts: torch.Tensor, used_at_most: int,
                     rows_at_most: int) -> torch.Tensor:
-        """An on_device layer's experts over x's rows sorted by expert, with `counts` per expert on the device."""
+        """An on_device layer's stack over x's first rows, sorted by their place in the stack, with `counts` per
+        place on the device; the rows after the counted ones come out undefined."""
         return all_experts_grouped(x, self.stacks[layer], counts, used_at_most, rows_at_most)
 
     def compute(self, layer: int, x: torch.Tensor, experts: list[int], counts: list[int]) -> torch.Tensor:
@@ -132,9 +150,10 @@ class MoEDispatch:
     (copied into a staging slot for this step only) or cpu.
 
     A layer's routing comes to the host once (one wait on the device per layer); the pairs are grouped there by
-    path and expert and their order goes back in one copy, so a decode step launches few small kernels. A layer
-    whose experts are all hot skips that: its pairs are grouped on the device and nothing waits for them, so a
-    decode step may capture it in a CUDA graph with the layer's attention (on_device).
+    path and expert and their order goes back in one copy, so a decode step launches few small kernels. The hot
+    experts' share needs no host: their pairs are grouped on the device and nothing waits for them, so a decode
+    step may capture it in a CUDA graph with the layer's attention (on_device), and a layer whose experts are
+    all hot skips the host altogether.
 
     `before_layer` runs before each layer's cold work (the worker's heartbeat: cold experts can take long)."""
 
@@ -225,30 +244,40 @@ class MoEDispatch:
                 end += sum(counts)
         return out
 
-    def on_device(self, layer: int, rows: int, padded_rows: int) -> DeviceMoE | None:
-        """The layer's MoE for `padded_rows` rows (of which `rows` are real: their pairs are counted now) as a
-        function that never waits on the device, where the layer's experts are all hot; else None."""
+    def on_device(self, layer: int, rows: int, padded_rows: int) -> DevicePart | None:
+        """The hot experts' share of the layer's MoE for `padded_rows` rows (of which `rows` are real) as a function
+        that never waits on the device, where the layer has hot experts stacked for it; else None. Where they are
+        all the layer's experts, their pairs are counted now: the host never sees the layer's routing."""
         if not self.hot.on_device(layer, padded_rows):
             return None
-        self.on_dispatch("hot", rows * self.top_k)
-        return functools.partial(self._all_hot, layer)
+        whole = self.hot.all_hot(layer)
+        if whole:
+            self.on_dispatch("hot", rows * self.top_k)
+        return DevicePart(functools.partial(self._hot_share, layer), whole)
 
-    def _all_hot(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def _hot_share(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
+                   ) -> torch.Tensor:
         tokens, k = expert_ids.shape
-        flat = expert_ids.flatten()
-        pairs = torch.argsort(flat, stable=True)
+        n_hot = len(self.hot.ids[layer])
+        place = self.hot.places[layer][expert_ids.flatten()]
+        pairs = torch.argsort(place, stable=True)  # the cold experts' pairs (place n_hot) last
         token_of = pairs // k
         # not bincount: on CUDA it reads the largest id back to size its output, a wait on the device
-        counts = torch.zeros(len(self.owners[layer]), dtype=torch.int64, device=flat.device)
-        counts.index_add_(0, flat, torch.ones_like(flat))
+        counts = torch.zeros(n_hot + 1, dtype=torch.int64, device=place.device)
+        counts.index_add_(0, place, torch.ones_like(place))
         # no profile section here: a decode graph may be capturing this, and a section waits on the device
-        y = self.hot.compute_all(layer, h[token_of], counts, used_at_most=tokens * k, rows_at_most=tokens)
-        return _combined(h, token_of, y, weights.flatten()[pairs])
+        y = self.hot.compute_all(layer, h[token_of], counts[:n_hot], used_at_most=tokens * k, rows_at_most=tokens)
+        if n_hot < len(self.owners[layer]):
+            y = torch.where((place[pairs] < n_hot)[:, None], y, 0)  # the cold pairs' rows are undefined
+        return _combined(token_of, y, weights.flatten()[pairs], torch.zeros_like(h))
 
-    def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        on_device = self.on_device(layer, h.shape[0], h.shape[0])
-        if on_device is not None:
-            return on_device(h, weights, expert_ids)
+    def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                 hot: torch.Tensor | None = None) -> torch.Tensor:
+        """`hot`: the hot experts' share, already computed (on_device's function, in a decode graph's front)."""
+        if hot is None:
+            part = self.on_device(layer, h.shape[0], h.shape[0])
+            if part is not None and part.whole:
+                return part.moe(h, weights, expert_ids)
         self.before_layer()
         k = expert_ids.shape[1]
         pair_order, groups, slots = self._plan(layer, expert_ids.flatten().cpu().numpy())
@@ -268,8 +297,9 @@ class MoEDispatch:
         if GPU in groups:
             g = groups[GPU]
             self.on_dispatch("hot", g.end - g.start)
-            with section("hot"):
-                ys.append(self.hot.compute(layer, h[tokens[g.start : g.end]], g.keys, g.counts))
+            if hot is None:
+                with section("hot"):
+                    ys.append(self.hot.compute(layer, h[tokens[g.start : g.end]], g.keys, g.counts))
         ys += self._in_slots(layer, h, tokens, groups.get("soft"), groups.get("staged"), first_pass, slots)
         for host, g, sent_at in sent:
             # An answer already there came back some time before now: the crossing it took is not known then,
@@ -280,7 +310,12 @@ class MoEDispatch:
                 self.planner.observe_host(layer, len(g.keys), g.end - g.start, compute_s,
                                           time.perf_counter() - sent_at if waited else None)
             ys.append(y.to(h.device, h.dtype))
-        return _combined(h, tokens, ys[0] if len(ys) == 1 else torch.cat(ys), weights.flatten()[pairs])
+        if not ys:
+            return hot  # type: ignore[return-value]  # every pair went to a hot expert
+        # the pairs of ys, in order: every pair but the hot ones where those were computed already (they come first)
+        done = groups[GPU].end if hot is not None and GPU in groups else 0
+        return _combined(tokens[done:], ys[0] if len(ys) == 1 else torch.cat(ys), weights.flatten()[pairs[done:]],
+                         torch.zeros_like(h) if hot is None else hot)
 
 
 _HOT, _SOFT, _STAGED, _FIRST_HOST = 0, 1, 2, 3  # paths in the order a layer's pairs take them
@@ -318,6 +353,7 @@ def plan_pairs(ids: np.ndarray, per_expert: np.ndarray, owner: np.ndarray, slots
     return pair_order, groups
 
 
-def _combined(h: torch.Tensor, tokens: torch.Tensor, y: torch.Tensor, pair_weights: torch.Tensor) -> torch.Tensor:
-    """Each token's expert outputs (rows of y, one per pair, token of pair i is tokens[i]) weighted and summed."""
-    return torch.zeros_like(h).index_add_(0, tokens, y * pair_weights[:, None])
+def _combined(tokens: torch.Tensor, y: torch.Tensor, pair_weights: torch.Tensor, into: torch.Tensor) -> torch.Tensor:
+    """Each token's expert outputs (rows of y, one per pair, token of pair i is tokens[i]) weighted and added to
+    its row of `into`, in place (a decode graph's buffer of the hot share, read before its next replay)."""
+    return into.index_add_(0, tokens, y * pair_weights[:, None])

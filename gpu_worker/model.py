@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from gpu_worker.decode_graphs import DecodeGraphs, StaticBatch
+from gpu_worker.decode_graphs import DecodeGraphs, HotShare, StaticBatch
 from gpu_worker.step_profile import section
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS
@@ -22,9 +22,11 @@ from shared.profile_table import LAYER
 from shared.reference import expert_ffn, qk_norm, rope, rope_table, route
 
 # (layer, normed hidden (N, H), routing weights (N, k), expert ids (N, k)) -> routed experts' sum (N, H). An MoE
-# function may also offer on_device(layer, rows, padded_rows) (gpu_worker.experts.MoEDispatch): for a layer it can
-# compute without waiting on the device, a function of the last three arguments, which a decode graph may capture.
-MoEFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# function may also offer on_device(layer, rows, padded_rows) (gpu_worker.experts.MoEDispatch): for a layer, the
+# share it computes without waiting on the device (`.moe`, a function of the last three arguments, which a decode
+# graph may capture) and whether that is all of it (`.whole`); it then takes that share's result as a fifth
+# argument.
+MoEFn = Callable[..., torch.Tensor]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -146,11 +148,14 @@ class Trunk:
         weights, expert_ids = route(h @ w[f"blk.{i}.ffn_gate_inp.weight"].T, c.n_experts_used, bool(c.norm_topk_prob))
         return h, weights, expert_ids
 
-    def _front(self, i: int, x: torch.Tensor, static: StaticBatch) -> tuple[torch.Tensor, ...]:
-        """Layer i's attention and router over a decode graph's static buffers (what a graph captures)."""
+    def _front(self, i: int, x: torch.Tensor, static: StaticBatch, hot: HotShare | None = None
+               ) -> tuple[torch.Tensor, ...]:
+        """Layer i's attention and router over a decode graph's static buffers (what a graph captures), and the
+        share of its MoE that `hot` computes from the router's results."""
         batch = _BatchSlots(static.positions, static.new_slots, [], [], [], (static.slots, static.visible))
         x = self._attention_block(i, x, static.cos, static.sin, batch)
-        return (x, *self._router(i, x))
+        routed = self._router(i, x)
+        return (x, *routed) if hot is None else (x, *routed, hot(*routed))
 
     def _batch_slots(self, chunks: Sequence[Chunk]) -> _BatchSlots:
         """Every index the step's layers share, built on the host and copied over once."""
@@ -218,22 +223,24 @@ class Trunk:
         on_device = getattr(moe, "on_device", None) if static is not None else None
         for i in range(c.n_layers):
             with section(LAYER):
-                whole = on_device(i, n, static.x.shape[0]) if on_device is not None else None
-                if whole is not None:
+                part = on_device(i, n, static.x.shape[0]) if on_device is not None else None
+                if part is not None and part.whole:
                     with section("attention"):  # the router and the experts are in the same graph
-                        self.graphs.run_whole(i, static, functools.partial(self._whole_layer, i, static, whole))  # type: ignore[union-attr]
+                        self.graphs.run_whole(i, static, functools.partial(self._whole_layer, i, static, part.moe))  # type: ignore[union-attr]
                     x = static.x[:n]
                     continue
+                hot = []
                 if static is not None:
-                    with section("attention"):  # the router is in the same graph
-                        x, h, weights, expert_ids = (t[:n] for t in self.graphs.run(i, static))  # type: ignore[union-attr]
+                    with section("attention"):  # the router and the hot experts' share are in the same graph
+                        x, h, weights, expert_ids, *hot = (t[:n] for t in self.graphs.run(  # type: ignore[union-attr]
+                            i, static, part.moe if part is not None else None))
                 else:
                     with section("attention"):
                         x = self._attention_block(i, x, cos, sin, batch)
                     with section("router"):
                         h, weights, expert_ids = self._router(i, x)
                 with section("moe"):
-                    out = moe(i, h, weights, expert_ids)
+                    out = moe(i, h, weights, expert_ids, *hot)
                 if c.shared_expert_ffn:
                     with section("shared_expert"):
                         out = self._with_shared_expert(i, h, out)

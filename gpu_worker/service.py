@@ -103,7 +103,7 @@ class Engine:
                 warm_up_quantized(layout, model.config.n_experts, self.device)
         self.moe: MoEDispatch | None = None
         self.placement_version = 0
-        # Called before each layer with cold work (a layer whose experts are all hot on the GPU is done in
+        # Called before each layer with cold work (a layer whose experts are all hot in stacks is done in
         # microseconds and skips it) and between layers of a new hot set: a step whose cold experts come
         # off a disk (the first prompt on a cold page cache), or 16 GB of hot experts loaded for a placement, can
         # take many heartbeat timeouts, and the worker must not be declared dead then.
@@ -117,7 +117,7 @@ class Engine:
         self.moe = MoEDispatch(placement, self.hot, self.remote, self.pool, self.planner,
                                lambda path, n: _dispatched(path).inc(n), lambda: self.keep_alive())
         if self.trunk.graphs is not None:
-            self.trunk.graphs.drop_whole_layers()  # they captured the hot stacks this placement replaced
+            self.trunk.graphs.drop_all()  # they captured the hot stacks this placement replaced
         self.placement_version = placement.version
         HOT_BYTES.set(self.hot.nbytes)
 

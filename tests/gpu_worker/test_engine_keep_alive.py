@@ -1,6 +1,7 @@
 """The worker's liveness inside a step: a step can outlast the heartbeat timeout (a first prompt whose cold
-experts come off a disk), so the engine calls its keep-alive before every layer with cold work (on a CPU, that is
-every layer: only a GPU computes an all-hot layer without the host), and so does loading a new hot set."""
+experts come off a disk), so the engine calls its keep-alive before every layer with cold work (in float32 on a
+CPU, that is every layer: an all-hot layer skips the host only where its experts are stacked, in bf16 or on a
+GPU), and so does loading a new hot set."""
 
 from __future__ import annotations
 

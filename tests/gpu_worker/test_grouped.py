@@ -1,7 +1,7 @@
 """The hot experts' grouped SwiGLU from counts on the device, against each expert computed on its own.
 
-torch._grouped_mm runs on the CPU too, so the bf16 form of an all-hot layer (gpu_worker.experts.MoEDispatch
-skips the host round trip for it) is checked here; its quantized form is in tests/gpu/test_quant_kernels.py.
+torch._grouped_mm runs on the CPU too, so the bf16 form of a layer's hot share (gpu_worker.experts.MoEDispatch
+computes it without the host) is checked here; its quantized form is in tests/gpu/test_quant_kernels.py.
 """
 
 from __future__ import annotations
