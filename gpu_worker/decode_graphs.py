@@ -10,7 +10,8 @@ only the spare KV slot past the cache's last block, so they touch no sequence's 
 The hot experts' share of a layer's MoE is in its graph (it needs no host), so the host plans and launches only
 the cold experts. A layer whose routed experts are all hot is captured whole instead (attention, router, experts
 and the residual add, the next layer's input written into the static rows), so it crosses no Python between
-layers at all. Graphs read the hot experts' stacks where they lie, so a new placement drops them (drop_all).
+layers at all. Graphs read the hot experts' stacks where they lie, so a new hot set drops its layer's
+(drop_layers).
 
 Graphs are captured the first time a step needs them (a layer at a time, while that step runs, so the
 capture's warm-up computes the step's real values). Without capture (on a CPU) the same static buffers are
@@ -23,12 +24,14 @@ import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
 from torch.nn.utils.rnn import pad_sequence
 
 log = logging.getLogger(__name__)
+K = TypeVar("K")  # what a layer's graphs are found by
 
 # (normed rows for the MoE (N, H), routing weights (N, k), expert ids (N, k)) -> the hot experts' share of one
 # layer's MoE (N, H): their routed pairs' weighted sum
@@ -61,7 +64,8 @@ class StaticBatch:
     cos: torch.Tensor  # (B, 1, rope dims)
     sin: torch.Tensor
     out: list[torch.Tensor] = field(default_factory=list)  # the fronts' results, once fronts ran (not whole layers)
-    graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # per layer: its front (and hot share)
+    # per (layer, whether with its hot share): its front
+    graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = field(default_factory=dict)
     whole_graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # per layer: all of it
 
 
@@ -120,31 +124,35 @@ class DecodeGraphs:
             sin=torch.zeros(b, 1, rope, device=d, dtype=self.rope_sin.dtype))
 
     def run(self, layer: int, batch: StaticBatch, hot: HotShare | None = None) -> list[torch.Tensor]:
-        """Layer `layer`'s front on the batch's rows, with its hot share where `hot` computes one (within one
-        placement a layer has one or never): the buffers it leaves its results in (all bucket rows)."""
-        self._run(batch.graphs, layer, lambda: self._store(batch, self.front(layer, batch.x, batch, hot)))
+        """Layer `layer`'s front on the batch's rows, with its hot share where `hot` computes one: the buffers it
+        leaves its results in (all bucket rows)."""
+        self._run(batch.graphs, (layer, hot is not None),
+                  lambda: self._store(batch, self.front(layer, batch.x, batch, hot)))
         return batch.out[: 4 if hot is None else 5]
 
     def run_whole(self, layer: int, batch: StaticBatch, body: Callable[[], None]) -> None:
         """The whole of layer `layer`: `body` reads the batch's rows and leaves the next layer's in them."""
         self._run(batch.whole_graphs, layer, body)
 
-    def drop_all(self) -> None:
+    def drop_layers(self, layers: list[int]) -> None:
+        """Forget these layers' graphs (their hot experts changed)."""
         for batch in self.batches.values():
-            batch.graphs.clear()
-            batch.whole_graphs.clear()
+            for layer in layers:
+                batch.whole_graphs.pop(layer, None)
+                for with_hot in (False, True):
+                    batch.graphs.pop((layer, with_hot), None)
 
-    def _run(self, graphs: dict[int, torch.cuda.CUDAGraph], layer: int, body: Callable[[], None]) -> None:
+    def _run(self, graphs: dict[K, torch.cuda.CUDAGraph], key: K, body: Callable[[], None]) -> None:
         if not self.capture:
             body()
             return
-        graph = graphs.get(layer)
+        graph = graphs.get(key)
         if graph is not None:
             graph.replay()
             return
         graph = self._capture(body)  # its warm-up ran this step's layer
         if graph is not None:
-            graphs[layer] = graph
+            graphs[key] = graph
 
     @staticmethod
     def _store(batch: StaticBatch, results: tuple[torch.Tensor, ...]) -> None:

@@ -1,7 +1,9 @@
 """Routed experts for one MoE layer: hot ones computed on the worker, cold ones sent to their hosts.
 
-Cold work for every host is sent first, the hot experts are computed while the hosts
-work, then the hosts' results are gathered, so the two overlap.
+Cold work for every host is sent first, the hot experts are computed while the hosts work, then the hosts'
+results are gathered, so the two overlap. In a decode graph the hot experts' share is computed before the
+routing reaches the host instead (with the layer's attention and router, in one replay), which spares the
+host their launches but puts their GPU time before the sends.
 """
 
 from __future__ import annotations
@@ -11,13 +13,12 @@ import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 import torch
 
 from gpu_worker.cold_path import ColdPlanner
-from gpu_worker.decode_graphs import HotShare
 from gpu_worker.grouped import all_experts_grouped, experts_grouped, takes_device_counts
 from gpu_worker.remote import RemoteExperts
 from gpu_worker.soft_pool import SoftPool
@@ -27,6 +28,9 @@ from shared.expert_source import ExpertSource
 from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.placement import GPU, Placement
 from shared.quant import matrix_tensors
+
+if TYPE_CHECKING:
+    from gpu_worker.decode_graphs import HotShare
 
 
 class DevicePart(NamedTuple):
@@ -50,7 +54,7 @@ class HotExperts:
         self.source, self.device, self.dtype = source, device, dtype
         self.ids: dict[int, list[int]] = {}
         self.stack_index: dict[int, dict[int, int]] = {}  # layer -> expert -> its place in the layer's stack
-        self.weights: dict[tuple[int, int], ExpertWeights] = {}  # CPU: per expert
+        self.weights: dict[tuple[int, int], ExpertWeights] = {}  # per expert, where not stacked
         self.stacks: dict[int, ExpertWeights] = {}  # per layer, (gate_up, down) or quantized (gate, up, down)
         # per stacked layer, on the device: each expert's place in the stack, len(stack) for one not in it
         self.places: dict[int, torch.Tensor] = {}
@@ -77,13 +81,16 @@ class HotExperts:
             self.source.fill_region(layer, e, region)
         return layout.views(regions)
 
-    def apply(self, placement: Placement, after_layer: Callable[[], None] = lambda: None) -> None:
-        """Load each layer's hot set; `after_layer` runs between layers (a full pool takes seconds to load)."""
+    def apply(self, placement: Placement, after_layer: Callable[[], None] = lambda: None) -> list[int]:
+        """Load each layer's hot set; the layers whose set changed. `after_layer` runs between layers (a full pool
+        takes seconds to load)."""
+        changed = []
         for layer in range(placement.n_layers):
             after_layer()
             ids = placement.hot(layer)
             if self.ids.get(layer) == ids:
                 continue
+            changed.append(layer)
             self.ids[layer] = ids
             self.stack_index[layer] = {e: i for i, e in enumerate(ids)}
             for key in [k for k in self.weights if k[0] == layer]:
@@ -103,6 +110,7 @@ class HotExperts:
             else:
                 for e in ids:
                     self.weights[(layer, e)] = self.source.weights(layer, e)
+        return changed
 
     @property
     def nbytes(self) -> int:
@@ -267,16 +275,16 @@ class MoEDispatch:
         counts.index_add_(0, place, torch.ones_like(place))
         # no profile section here: a decode graph may be capturing this, and a section waits on the device
         y = self.hot.compute_all(layer, h[token_of], counts[:n_hot], used_at_most=tokens * k, rows_at_most=tokens)
-        if n_hot < len(self.owners[layer]):
+        if not self.hot.all_hot(layer):
             y = torch.where((place[pairs] < n_hot)[:, None], y, 0)  # the cold pairs' rows are undefined
         return _combined(token_of, y, weights.flatten()[pairs], torch.zeros_like(h))
 
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                  hot: torch.Tensor | None = None) -> torch.Tensor:
         """`hot`: the hot experts' share, already computed (on_device's function, in a decode graph's front)."""
-        if hot is None:
+        if hot is None and self.hot.all_hot(layer):
             part = self.on_device(layer, h.shape[0], h.shape[0])
-            if part is not None and part.whole:
+            if part is not None:
                 return part.moe(h, weights, expert_ids)
         self.before_layer()
         k = expert_ids.shape[1]
@@ -310,8 +318,8 @@ class MoEDispatch:
                 self.planner.observe_host(layer, len(g.keys), g.end - g.start, compute_s,
                                           time.perf_counter() - sent_at if waited else None)
             ys.append(y.to(h.device, h.dtype))
-        if not ys:
-            return hot  # type: ignore[return-value]  # every pair went to a hot expert
+        if hot is not None and not ys:
+            return hot  # every pair went to a hot expert
         # the pairs of ys, in order: every pair but the hot ones where those were computed already (they come first)
         done = groups[GPU].end if hot is not None and GPU in groups else 0
         return _combined(tokens[done:], ys[0] if len(ys) == 1 else torch.cat(ys), weights.flatten()[pairs[done:]],

@@ -50,9 +50,9 @@ def takes_device_counts(stack: ExpertWeights | tuple[torch.Tensor, torch.Tensor]
 
 def all_experts_grouped(x: torch.Tensor, stack: ExpertWeights | tuple[torch.Tensor, torch.Tensor],
                         counts: torch.Tensor, used_at_most: int, rows_at_most: int) -> torch.Tensor:
-    """experts_grouped over a stack of every expert of a layer, in expert order, from x's rows sorted by expert
-    and `counts` (rows per expert, at most rows_at_most) on the device, so nothing waits on the device (see
-    takes_device_counts); used_at_most experts have rows."""
+    """experts_grouped over every expert of a stack, from x's first rows sorted by their place in the stack and
+    `counts` (rows per place, at most rows_at_most) on the device, so nothing waits on the device (see
+    takes_device_counts); used_at_most experts have rows. Rows of x after the counted ones come out undefined."""
     if len(stack) == 2:
         return _swiglu_offsets(x, *stack, counts.cumsum(0, dtype=torch.int32))
     from gpu_worker.quant_kernels import quant_swiglu_all_experts

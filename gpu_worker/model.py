@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -21,12 +22,16 @@ from shared.model_config import EXPERT_TENSOR_KINDS
 from shared.profile_table import LAYER
 from shared.reference import expert_ffn, qk_norm, rope, rope_table, route
 
-# (layer, normed hidden (N, H), routing weights (N, k), expert ids (N, k)) -> routed experts' sum (N, H). An MoE
-# function may also offer on_device(layer, rows, padded_rows) (gpu_worker.experts.MoEDispatch): for a layer, the
-# share it computes without waiting on the device (`.moe`, a function of the last three arguments, which a decode
-# graph may capture) and whether that is all of it (`.whole`); it then takes that share's result as a fifth
-# argument.
-MoEFn = Callable[..., torch.Tensor]
+
+class MoEFn(Protocol):
+    """(layer, normed hidden (N, H), routing weights (N, k), expert ids (N, k)) -> routed experts' sum (N, H).
+
+    It may also offer on_device(layer, rows, padded_rows) (gpu_worker.experts.MoEDispatch): for a layer, the share
+    it computes without waiting on the device (`.moe`, a function of the next three arguments, which a decode graph
+    may capture) and whether that is all of it (`.whole`); the share's result then comes as `hot`."""
+
+    def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                 hot: torch.Tensor | None = None) -> torch.Tensor: ...
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -338,9 +338,10 @@ def quant_swiglu_grouped(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, do
 
 def quant_swiglu_all_experts(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
                              counts: torch.Tensor, used_at_most: int, rows_at_most: int) -> torch.Tensor:
-    """quant_swiglu_grouped over every expert of the stacks, with x's rows sorted by expert and `counts` (rows
-    per expert, each at most rows_at_most <= DECODE_MAX_ROWS) on the device: nothing waits on the device, so a
-    decode step's layers whose experts are all in VRAM queue their work without a round trip to the host."""
+    """quant_swiglu_grouped over every expert of the stacks, with x's first rows sorted by expert and `counts`
+    (rows per expert, each at most rows_at_most <= DECODE_MAX_ROWS) on the device (rows after those are left
+    unwritten): nothing waits on the device, so a decode step queues its hot experts' work without a round trip
+    to the host."""
     assert rows_at_most <= DECODE_MAX_ROWS
     f, h = _ffn_shape(gate, up, down)
     return _decode_swiglu(x.contiguous(), gate, up, down, f, h, plan_all_experts(counts, used_at_most, rows_at_most))

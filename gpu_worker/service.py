@@ -113,11 +113,11 @@ class Engine:
                                    torch.cuda.synchronize if self.device.type == "cuda" else None)
 
     def apply(self, placement: Placement) -> None:
-        self.hot.apply(placement, self.keep_alive)
+        changed = self.hot.apply(placement, self.keep_alive)
         self.moe = MoEDispatch(placement, self.hot, self.remote, self.pool, self.planner,
                                lambda path, n: _dispatched(path).inc(n), lambda: self.keep_alive())
         if self.trunk.graphs is not None:
-            self.trunk.graphs.drop_all()  # they captured the hot stacks this placement replaced
+            self.trunk.graphs.drop_layers(changed)  # they captured the hot stacks this placement replaced
         self.placement_version = placement.version
         HOT_BYTES.set(self.hot.nbytes)
 

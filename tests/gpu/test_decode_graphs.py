@@ -1,7 +1,7 @@
 """Decode steps through captured CUDA graphs: several sequences of different lengths decoding together give
 each sequence the oracle's logits (fp32) and the same logits as the eager path, and the graphs are reused. In
 bf16 with every expert hot, whole layers are captured (experts included), and their logits are within 2e-2
-(relative L2) of the eager path's."""
+(relative L2) of the eager path's; with some hot, each layer's front graph computes their share."""
 
 from __future__ import annotations
 
@@ -10,8 +10,10 @@ import torch
 
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
+from shared.placement import GPU, Placement, round_robin_placement
 from shared.reference import ReferenceModel
 from tests.gpu_worker.test_decode_graphs import decode_together
+from tests.gpu_worker.test_hot_share import BF16_LOGIT_TOLERANCE, SEQUENCES, bf16_engine, decode
 
 pytestmark = [
     pytest.mark.gpu,
@@ -51,3 +53,32 @@ def test_whole_layer_graphs_of_all_hot_layers_match_the_eager_path_and_the_oracl
     # so its bf16 rounding: 1.1e-2 measured on the H200 after 8 steps. The eager all-hot path itself is checked
     # against the oracle in test_gpu_paths (the bf16 trunk's run goes through it).
     assert ((got - eager).norm() / eager.norm()).item() < 2e-2
+
+
+def test_graphs_with_the_hot_share_match_the_eager_path_and_the_oracle(tmp_path):
+    """A quarter of the experts hot, the rest streamed: each layer's front graph computes its hot share, the host
+    only the cold experts. A new hot set for some layers drops their graphs and keeps the others'."""
+    path = tmp_path / "small.gguf"
+    make_model(path, preset="small", dtype="f32", seed=7, routing_skew=1.0)
+    model = GGUFModel(path)
+    engine = bf16_engine(model, 8, graphs=True, device="cuda")
+    planned_hot: list[int] = []
+    compute = engine.hot.compute
+    engine.hot.compute = lambda layer, *args: planned_hot.append(layer) or compute(layer, *args)
+    got = decode(engine, SEQUENCES, 6)
+    eager = decode(bf16_engine(model, 8, graphs=False, device="cuda"), SEQUENCES, 6)
+    graphs = engine.trunk.graphs
+    assert graphs is not None and graphs.capture
+    layers = model.config.n_layers
+    assert all(set(b.graphs) == {(i, True) for i in range(layers)} for b in graphs.batches.values())
+    assert len(planned_hot) <= len(SEQUENCES) * layers, "the host launched hot experts for the prompts only"
+    assert ((got - eager).norm() / eager.norm()).item() < 2e-2
+    oracle = ReferenceModel(model)
+    for s, seq in enumerate(SEQUENCES):
+        want = oracle.forward(seq)[-7:]
+        assert ((got[s] - want).norm() / want.norm()).item() < BF16_LOGIT_TOLERANCE
+    placement = round_robin_placement(model.config, 8, 1)
+    owner = list(placement.owner)
+    owner[1] = tuple(GPU if 8 <= e < 16 else 0 for e in range(model.config.n_experts))
+    engine.apply(Placement(placement.version + 1, placement.hosts, tuple(owner)))
+    assert all(set(b.graphs) == {(i, True) for i in range(layers) if i != 1} for b in graphs.batches.values())

@@ -114,16 +114,26 @@ class CheckedMoE:
     def __init__(self, moe: MoEFn, dense: list[ExpertWeights], decode_waits: bool = True) -> None:
         self.moe, self.dense, self.decode_waits = moe, dense, decode_waits
         self.calls: list[tuple[int, float]] = []
+        self.hot_shares = 0  # calls whose hot share a decode graph's front computed
 
-    def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+    def on_device(self, layer: int, rows: int, padded_rows: int) -> object:
+        """The worker's hot share for layers with cold experts too (a decode graph's front computes it), so the
+        share's result comes through __call__ and is checked with the rest; whole layers stay with __call__."""
+        part = self.moe.on_device(layer, rows, padded_rows)  # type: ignore[attr-defined]
+        return part if part is not None and not part.whole else None
+
+    def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                 hot: torch.Tensor | None = None) -> torch.Tensor:
         from gpu_worker.quant_kernels import DECODE_MAX_ROWS
 
+        if hot is not None:
+            self.hot_shares += 1
         if self.decode_waits or h.shape[0] > DECODE_MAX_ROWS:
-            out = self.moe(layer, h, weights, expert_ids)
+            out = self.moe(layer, h, weights, expert_ids, hot)
         else:  # a decode step of an all-hot layer: any wait on the device raises
             torch.cuda.set_sync_debug_mode("error")
             try:
-                out = self.moe(layer, h, weights, expert_ids)
+                out = self.moe(layer, h, weights, expert_ids, hot)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         want = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
@@ -173,6 +183,8 @@ def test_bf16_worker_with_quantized_experts_matches_the_oracle(served, keep_aliv
           f"relative logit error {relative:.2e}")
     assert max(decode + prefill) < MOE_TOLERANCE
     assert relative < LOGIT_TOLERANCE
+    # with cold experts beside the hot ones, decode graphs compute the hot share (kernels from device counts)
+    assert (moe.hot_shares > 0) == (0 < hot < cfg.n_experts)
     if slots:
         tier = engine.pool.tier
         print(f"soft tier: {tier.hits} hits, {tier.misses} misses, {tier.evictions} evictions")

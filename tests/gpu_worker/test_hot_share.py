@@ -1,7 +1,7 @@
 """The hot experts' share of a layer's MoE, computed in the decode front (attention, router, hot experts: one
 CUDA graph on a GPU, its static buffers run eagerly here) while the host plans only the cold experts; and the
 whole-layer path of layers whose experts are all hot. bf16 stacks the hot experts for torch._grouped_mm, which
-runs on a CPU too, so these are the GPU's code paths."""
+runs on a CPU too, so these are the GPU's code paths (captured: tests/gpu/test_decode_graphs.py)."""
 
 from __future__ import annotations
 
@@ -30,9 +30,9 @@ def model(tmp_path_factory) -> GGUFModel:
     return GGUFModel(path)
 
 
-def bf16_engine(model: GGUFModel, hot: int, graphs: bool) -> Engine:
-    """A bf16 CPU worker with `hot` experts per layer and every cold expert streamed into soft slots (no host)."""
-    config = Config(model=str(model.path), device="cpu", dtype="bfloat16", soft_slots=4, soft_policy="lru",
+def bf16_engine(model: GGUFModel, hot: int, graphs: bool, device: str = "cpu") -> Engine:
+    """A bf16 worker with `hot` experts per layer and every cold expert streamed into soft slots (no host)."""
+    config = Config(model=str(model.path), device=device, dtype="bfloat16", soft_slots=4, soft_policy="lru",
                     soft_staging=model.config.n_experts, cold_path="stream", kv_block_size=BLOCK_SIZE)
     engine = Engine(config, model, remote=None)
     engine.trunk = Trunk(model, engine.device, torch.bfloat16, num_blocks=64, block_size=BLOCK_SIZE,
