@@ -75,7 +75,7 @@ def test_graphs_with_the_hot_share_match_the_eager_path_and_the_oracle(tmp_path)
     assert ((got - eager).norm() / eager.norm()).item() < 2e-2
     oracle = ReferenceModel(model)
     for s, seq in enumerate(SEQUENCES):
-        want = oracle.forward(seq)[-7:]
+        want = oracle.forward(seq)[-7:].to(got.device)  # the oracle computes on the CPU
         assert ((got[s] - want).norm() / want.norm()).item() < BF16_LOGIT_TOLERANCE
     placement = round_robin_placement(model.config, 8, 1)
     owner = list(placement.owner)
