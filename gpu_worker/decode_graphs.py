@@ -11,7 +11,8 @@ The hot experts' share of a layer's MoE is in its graph (it needs no host), so t
 the cold experts. A layer whose routed experts are all hot is captured whole instead (attention, router, experts
 and the residual add, the next layer's input written into the static rows), so it crosses no Python between
 layers at all. Graphs read the hot experts' stacks where they lie, so a new hot set drops its layer's
-(drop_layers).
+(drop_layers). The MoE may keep graphs of its own device work in the batch too (run_moe): its slot experts' share,
+from indices the host copies into buffers the MoE keeps, which a new MoE drops (drop_moe).
 
 Graphs are captured the first time a step needs them (a layer at a time, while that step runs, so the
 capture's warm-up computes the step's real values). Without capture (on a CPU) the same static buffers are
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -39,6 +40,9 @@ HotShare = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # (layer, input rows, batch slots, the layer's HotShare or None) -> (rows after attention, normed rows for the MoE,
 # routing weights, expert ids, and the hot share where one was given)
 FrontFn = Callable[[int, torch.Tensor, "StaticBatch", HotShare | None], tuple[torch.Tensor, ...]]
+# (key, body) -> None: runs `body`, which reads and writes only buffers that stay where they are, as the step's
+# static batch's graph for `key` (captured the first time)
+MoEGraph = Callable[[Hashable, Callable[[], None]], None]
 
 MIN_CONTEXT = 64
 # Steps whose padded batch x context is larger run eagerly: each layer gathers every padded slot's K and V
@@ -67,6 +71,7 @@ class StaticBatch:
     # per (layer, whether with its hot share): its front
     graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = field(default_factory=dict)
     whole_graphs: dict[int, torch.cuda.CUDAGraph] = field(default_factory=dict)  # per layer: all of it
+    moe_graphs: dict[Hashable, torch.cuda.CUDAGraph] = field(default_factory=dict)  # the MoE's own (run_moe)
 
 
 class DecodeGraphs:
@@ -133,6 +138,15 @@ class DecodeGraphs:
     def run_whole(self, layer: int, batch: StaticBatch, body: Callable[[], None]) -> None:
         """The whole of layer `layer`: `body` reads the batch's rows and leaves the next layer's in them."""
         self._run(batch.whole_graphs, layer, body)
+
+    def run_moe(self, batch: StaticBatch, key: Hashable, body: Callable[[], None]) -> None:
+        """A graph of the MoE's device work in a decode step (see MoEGraph)."""
+        self._run(batch.moe_graphs, key, body)
+
+    def drop_moe(self) -> None:
+        """Forget the MoE's graphs (they read buffers of an MoE that was replaced)."""
+        for batch in self.batches.values():
+            batch.moe_graphs.clear()
 
     def drop_layers(self, layers: list[int]) -> None:
         """Forget these layers' graphs (their hot experts changed)."""

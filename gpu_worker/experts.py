@@ -30,7 +30,7 @@ from shared.placement import GPU, Placement
 from shared.quant import matrix_tensors
 
 if TYPE_CHECKING:
-    from gpu_worker.decode_graphs import HotShare
+    from gpu_worker.decode_graphs import HotShare, MoEGraph
 
 
 class DevicePart(NamedTuple):
@@ -161,7 +161,8 @@ class MoEDispatch:
     path and expert and their order goes back in one copy, so a decode step launches few small kernels. The hot
     experts' share needs no host: their pairs are grouped on the device and nothing waits for them, so a decode
     step may capture it in a CUDA graph with the layer's attention (on_device), and a layer whose experts are
-    all hot skips the host altogether.
+    all hot skips the host altogether. In a decode step the experts in VRAM slots are one graph too, replayed
+    once the host has copied their pairs and the slots' counts over (_slot_share).
 
     `before_layer` runs before each layer's cold work (the worker's heartbeat: cold experts can take long)."""
 
@@ -173,6 +174,8 @@ class MoEDispatch:
         self.before_layer = before_layer
         self.top_k = hot.source.model.config.n_experts_used
         self.owners = [np.asarray(layer, dtype=np.int64) for layer in placement.owner]
+        # per decode batch's rows: _slot_index's indices and _slot_share's result, where a decode graph reads them
+        self._slot_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _soft_slots(self, layer: int, cold: dict[int, int]) -> tuple[dict[int, int], set[int]]:
         """Slots of this layer's cold experts (expert -> pairs) computed on the GPU this step: resident ones,
@@ -280,8 +283,10 @@ class MoEDispatch:
         return _combined(token_of, y, weights.flatten()[pairs], torch.zeros_like(h))
 
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                 hot: torch.Tensor | None = None) -> torch.Tensor:
-        """`hot`: the hot experts' share, already computed (on_device's function, in a decode graph's front)."""
+                 hot: torch.Tensor | None = None, graph: MoEGraph | None = None) -> torch.Tensor:
+        """`hot`: the hot experts' share, already computed (on_device's function, in a decode graph's front).
+        `graph`: h, weights and hot lie in a decode step's static buffers, and the experts in VRAM slots may be
+        computed as a graph of that step's (_slot_share)."""
         if hot is None and self.hot.all_hot(layer):
             part = self.on_device(layer, h.shape[0], h.shape[0])
             if part is not None:
@@ -289,8 +294,14 @@ class MoEDispatch:
         self.before_layer()
         k = expert_ids.shape[1]
         pair_order, groups, slots = self._plan(layer, expert_ids.flatten().cpu().numpy())
-        # the pairs and their tokens in one copy (a step of one stream spends its time on the host, per call)
-        pairs, tokens = torch.from_numpy(np.stack([pair_order, pair_order // k])).to(h.device, non_blocking=True)
+        soft, staged = groups.get("soft"), groups.get("staged")
+        index = None
+        if graph is not None and (soft or staged) and (hot is not None or GPU not in groups):
+            index = self._slot_index(layer, h, pair_order, k, soft, staged)
+        if index is not None:
+            pairs, tokens = index[-2 * len(pair_order) :].view(2, -1)
+        else:  # the pairs and their tokens in one copy (a step of one stream spends its time on the host, per call)
+            pairs, tokens = torch.from_numpy(np.stack([pair_order, pair_order // k])).to(h.device, non_blocking=True)
         sent = []
         for host, g in groups.items():
             if not isinstance(host, int) or host == GPU:
@@ -300,15 +311,24 @@ class MoEDispatch:
             self.on_dispatch("cpu", g.end - g.start)
             sent.append((host, g, time.perf_counter()))
         # after the sends: a send to a host waits for the device, which must not wait for these copies
-        first_pass = self._first_pass(layer, groups.get("staged"))
+        first_pass = self._first_pass(layer, staged)
         ys = []
+        # the pairs ys will hold come after `done`: the hot ones come first, where the front computed them
+        done = groups[GPU].end if hot is not None and GPU in groups else 0
         if GPU in groups:
             g = groups[GPU]
             self.on_dispatch("hot", g.end - g.start)
             if hot is None:
                 with section("hot"):
                     ys.append(self.hot.compute(layer, h[tokens[g.start : g.end]], g.keys, g.counts))
-        ys += self._in_slots(layer, h, tokens, groups.get("soft"), groups.get("staged"), first_pass, slots)
+        if index is not None:
+            with section("soft"):
+                hot = self._slot_share(layer, h, weights, hot, index, graph)  # type: ignore[arg-type]
+                for e in slots:
+                    self.pool.tier.unpin((layer, e))  # type: ignore[union-attr]
+            done = (staged or soft).end  # type: ignore[union-attr]
+        else:
+            ys += self._in_slots(layer, h, tokens, soft, staged, first_pass, slots)
         for host, g, sent_at in sent:
             # An answer already there came back some time before now: the crossing it took is not known then,
             # only bounded by the GPU work launched meanwhile, which the cost model must not take for crossing.
@@ -319,11 +339,66 @@ class MoEDispatch:
                                           time.perf_counter() - sent_at if waited else None)
             ys.append(y.to(h.device, h.dtype))
         if hot is not None and not ys:
-            return hot  # every pair went to a hot expert
-        # the pairs of ys, in order: every pair but the hot ones where those were computed already (they come first)
-        done = groups[GPU].end if hot is not None and GPU in groups else 0
+            return hot  # every pair is in it
         return _combined(tokens[done:], ys[0] if len(ys) == 1 else torch.cat(ys), weights.flatten()[pairs[done:]],
                          torch.zeros_like(h) if hot is None else hot)
+
+    def _slot_index(self, layer: int, h: torch.Tensor, pair_order: np.ndarray, k: int, soft: _PathGroups | None,
+                    staged: _PathGroups | None) -> torch.Tensor | None:
+        """Where the layer's experts in VRAM slots (the soft tier's and one pass of staged ones) can be computed
+        from counts on the device, the step's indices in one copy to a buffer that stays put, for _slot_share:
+        the slots' pairs and their tokens, both padded to every pair's length, the rows of each slot, then every
+        pair and its token; else None."""
+        pool = self.pool
+        assert pool is not None
+        n_pairs, rows = len(pair_order), h.shape[0]
+        if (staged and len(staged.keys) > len(pool.staging_slots)) or not pool.on_device(layer, rows):
+            return None
+        buffers = self._slot_buffers.get(rows)
+        if buffers is None:
+            buffers = self._slot_buffers[rows] = (
+                torch.zeros(4 * n_pairs + pool.n_slots, dtype=torch.int64, device=h.device),
+                torch.empty_like(h))
+        start = soft.start if soft else staged.start  # type: ignore[union-attr]
+        end = staged.end if staged else soft.end  # type: ignore[union-attr]
+        host = np.zeros(4 * n_pairs + pool.n_slots, dtype=np.int64)
+        host[: end - start] = pair_order[start:end]
+        host[n_pairs : n_pairs + end - start] = pair_order[start:end] // k
+        # staged experts fill the staging slots in order (SoftPool.stage), after the tier's slots their pairs follow
+        keys = (soft.keys if soft else []) + (pool.staging_slots[: len(staged.keys)] if staged else [])
+        host[2 * n_pairs + np.asarray(keys)] = (soft.counts if soft else []) + (staged.counts if staged else [])
+        host[2 * n_pairs + pool.n_slots : 3 * n_pairs + pool.n_slots] = pair_order
+        host[3 * n_pairs + pool.n_slots :] = pair_order // k
+        index = buffers[0]
+        index.copy_(torch.from_numpy(host), non_blocking=True)
+        return index
+
+    def _slot_share(self, layer: int, h: torch.Tensor, weights: torch.Tensor, hot: torch.Tensor | None,
+                    index: torch.Tensor, graph: MoEGraph) -> torch.Tensor:
+        """The slots' pairs (as _slot_index laid them out) through their experts, weighted and added to the hot
+        share (or to zeros), as the step's graph for the layer's layout and the batch's rows, so every layer of a
+        layout replays one graph: the host copies one index over and replays, where launching the slots' experts
+        itself took it ~100 us a layer (bench/README.md). The result is left in a buffer the MoE keeps, which the
+        trunk reads before the next layer's."""
+        pool = self.pool
+        assert pool is not None
+        rows, k = weights.shape
+        n_pairs, n_slots = rows * k, pool.n_slots
+        out = self._slot_buffers[rows][1]
+
+        def body() -> None:
+            pairs, tokens, counts = index[:n_pairs], index[n_pairs : 2 * n_pairs], index[2 * n_pairs :][:n_slots]
+            y = pool.compute_all(layer, h[tokens], counts, min(n_pairs, n_slots), rows)
+            counted = torch.arange(n_pairs, device=y.device) < counts.sum()  # the padding's rows are undefined
+            y = torch.where(counted[:, None], y, 0)
+            if hot is None:
+                out.zero_()
+            else:
+                out.copy_(hot)
+            _combined(tokens, y, weights.flatten()[pairs], out)
+
+        graph((self.hot.source.layout(layer), rows, hot is not None), body)
+        return out
 
 
 _HOT, _SOFT, _STAGED, _FIRST_HOST = 0, 1, 2, 3  # paths in the order a layer's pairs take them

@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from gpu_worker.decode_graphs import DecodeGraphs, HotShare, StaticBatch
+from gpu_worker.decode_graphs import DecodeGraphs, HotShare, MoEGraph, StaticBatch
 from gpu_worker.step_profile import section
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS
@@ -28,10 +28,12 @@ class MoEFn(Protocol):
 
     It may also offer on_device(layer, rows, padded_rows) (gpu_worker.experts.MoEDispatch): for a layer, the share
     it computes without waiting on the device (`.moe`, a function of the next three arguments, which a decode graph
-    may capture) and whether that is all of it (`.whole`); the share's result then comes as `hot`."""
+    may capture) and whether that is all of it (`.whole`); the share's result then comes as `hot`. In a decode
+    step whose rows lie in a graph's static buffers, `graph` runs the MoE's own device work as a graph of the
+    step's (decode_graphs.MoEGraph)."""
 
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                 hot: torch.Tensor | None = None) -> torch.Tensor: ...
+                 hot: torch.Tensor | None = None, graph: MoEGraph | None = None) -> torch.Tensor: ...
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -226,6 +228,7 @@ class Trunk:
                 cos = self.rope_cos[batch.positions][:, None, :]
                 sin = self.rope_sin[batch.positions][:, None, :]
         on_device = getattr(moe, "on_device", None) if static is not None else None
+        graph = functools.partial(self.graphs.run_moe, static) if static is not None else None  # type: ignore[union-attr]
         for i in range(c.n_layers):
             with section(LAYER):
                 part = on_device(i, n, static.x.shape[0]) if on_device is not None else None
@@ -234,18 +237,19 @@ class Trunk:
                         self.graphs.run_whole(i, static, functools.partial(self._whole_layer, i, static, part.moe))  # type: ignore[union-attr]
                     x = static.x[:n]
                     continue
-                hot = []
+                hot = None
                 if static is not None:
                     with section("attention"):  # the router and the hot experts' share are in the same graph
-                        x, h, weights, expert_ids, *hot = (t[:n] for t in self.graphs.run(  # type: ignore[union-attr]
+                        x, h, weights, expert_ids, *share = (t[:n] for t in self.graphs.run(  # type: ignore[union-attr]
                             i, static, part.moe if part is not None else None))
+                    hot = share[0] if share else None
                 else:
                     with section("attention"):
                         x = self._attention_block(i, x, cos, sin, batch)
                     with section("router"):
                         h, weights, expert_ids = self._router(i, x)
                 with section("moe"):
-                    out = moe(i, h, weights, expert_ids, *hot)
+                    out = moe(i, h, weights, expert_ids, hot, graph)
                 if c.shared_expert_ffn:
                     with section("shared_expert"):
                         out = self._with_shared_expert(i, h, out)

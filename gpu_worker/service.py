@@ -118,6 +118,7 @@ class Engine:
                                lambda path, n: _dispatched(path).inc(n), lambda: self.keep_alive())
         if self.trunk.graphs is not None:
             self.trunk.graphs.drop_layers(changed)  # they captured the hot stacks this placement replaced
+            self.trunk.graphs.drop_moe()  # they read the replaced MoE's buffers
         self.placement_version = placement.version
         HOT_BYTES.set(self.hot.nbytes)
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from gpu_worker.expert_cache import SoftTier, make_policy
-from gpu_worker.grouped import experts_grouped
+from gpu_worker.grouped import all_experts_grouped, experts_grouped, takes_device_counts
 from shared.expert_cache import ExpertLayout
 from shared.expert_math import ExpertWeights, grouped_ffn
 from shared.expert_source import ExpertSource
@@ -59,6 +59,7 @@ class SoftPool:
         self.tier = SoftTier(n_slots, make_policy(policy, cfg.n_layers * cfg.n_experts))
         self.staging_slots = list(range(n_slots, n_slots + staging))
         n_slots += staging
+        self.n_slots = n_slots  # the tier's and the staging slots
         layouts = [source.layout(layer) for layer in range(cfg.n_layers)]
         self.quantized = layouts[0].format != "float"
         if any((layout.format != "float") != self.quantized for layout in layouts):
@@ -74,7 +75,8 @@ class SoftPool:
             self.down = torch.empty(n_slots, h, f, device=device, dtype=dtype)
             dma_sources = [source.model.raw(expert_tensor_name(layer, kind))
                            for layer in range(cfg.n_layers) for kind in EXPERT_TENSOR_KINDS]
-        self.grouped = device.type == "cuda" and (dtype == torch.bfloat16 or self.quantized)
+        # grouped kernels: the int8 / int4 ones on a GPU, torch._grouped_mm for bf16 (on a CPU too)
+        self.grouped = device.type == "cuda" if self.quantized else dtype == torch.bfloat16
         self.registered = device.type == "cuda" and register_for_dma(dma_sources)
         self.bytes_streamed = 0
         self._views: dict[ExpertLayout, ExpertWeights] = {}
@@ -135,6 +137,21 @@ class SoftPool:
             views = self._views[layout] = layout.views(self.regions[:, : layout.region_nbytes])
         return views, layout
 
+    def _stack(self, layer: int) -> ExpertWeights | tuple[torch.Tensor, torch.Tensor]:
+        """Every slot, as a grouped kernel reads the stack of `layer`'s experts."""
+        return self._slot_views(layer)[0] if self.quantized else (self.gate_up, self.down)
+
+    def on_device(self, layer: int, rows_at_most: int) -> bool:
+        """Whether compute_all takes `layer`'s slots for up to `rows_at_most` rows per slot."""
+        return self.grouped and takes_device_counts(self._stack(layer), rows_at_most)
+
+    def compute_all(self, layer: int, x: torch.Tensor, counts: torch.Tensor, used_at_most: int,
+                    rows_at_most: int) -> torch.Tensor:
+        """x's first rows, sorted by slot, through `layer`'s experts in every slot, with `counts` (rows per slot,
+        at most rows_at_most, used_at_most slots with rows) on the device: nothing waits on the device, so a decode
+        graph may capture it. Rows of x after the counted ones come out undefined."""
+        return all_experts_grouped(x, self._stack(layer), counts, used_at_most, rows_at_most)
+
     def compute(self, layer: int, x: torch.Tensor, slots: list[int], counts: list[int]) -> torch.Tensor:
         """Rows of x grouped by slot (ascending slot ids) through the experts of `layer` in those slots."""
         if self.quantized:
@@ -143,6 +160,6 @@ class SoftPool:
                 return experts_grouped(x, views, slots, counts)
             return grouped_ffn(x, slots, counts, lambda s: layout.views(self.regions[s, : layout.region_nbytes]))
         if self.grouped:
-            return experts_grouped(x, (self.gate_up, self.down), slots, counts)
+            return experts_grouped(x, self._stack(layer), slots, counts)
         f = self.source.model.config.expert_ffn
         return grouped_ffn(x, slots, counts, lambda s: (self.gate_up[s, :f], self.gate_up[s, f:], self.down[s]))

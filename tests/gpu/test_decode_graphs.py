@@ -56,8 +56,9 @@ def test_whole_layer_graphs_of_all_hot_layers_match_the_eager_path_and_the_oracl
 
 
 def test_graphs_with_the_hot_share_match_the_eager_path_and_the_oracle(tmp_path):
-    """A quarter of the experts hot, the rest streamed: each layer's front graph computes its hot share, the host
-    only the cold experts. A new hot set for some layers drops their graphs and keeps the others'."""
+    """A quarter of the experts hot, the rest streamed: each layer's front graph computes its hot share, and a graph
+    of the slots computes the streamed and staged experts from the counts the host copies over. A new hot set for
+    some layers drops their graphs and keeps the others', and drops the slots' (they read the old MoE's buffers)."""
     path = tmp_path / "small.gguf"
     make_model(path, preset="small", dtype="f32", seed=7, routing_skew=1.0)
     model = GGUFModel(path)
@@ -72,6 +73,9 @@ def test_graphs_with_the_hot_share_match_the_eager_path_and_the_oracle(tmp_path)
     layers = model.config.n_layers
     assert all(set(b.graphs) == {(i, True) for i in range(layers)} for b in graphs.batches.values())
     assert len(planned_hot) <= len(SEQUENCES) * layers, "the host launched hot experts for the prompts only"
+    # the slots' experts: one graph a batch (every layer has the same layout), the host's launches for the prompts
+    layout = engine.experts.layout(0)
+    assert all(set(b.moe_graphs) == {(layout, len(SEQUENCES), True)} for b in graphs.batches.values())
     assert ((got - eager).norm() / eager.norm()).item() < 2e-2
     oracle = ReferenceModel(model)
     for s, seq in enumerate(SEQUENCES):
@@ -82,3 +86,4 @@ def test_graphs_with_the_hot_share_match_the_eager_path_and_the_oracle(tmp_path)
     owner[1] = tuple(GPU if 8 <= e < 16 else 0 for e in range(model.config.n_experts))
     engine.apply(Placement(placement.version + 1, placement.hosts, tuple(owner)))
     assert all(set(b.graphs) == {(i, True) for i in range(layers) if i != 1} for b in graphs.batches.values())
+    assert not any(b.moe_graphs for b in graphs.batches.values())

@@ -62,6 +62,10 @@ SYSTEM_PLACEMENTS = {
     "half-hot-one-host": (("--expert-hosts", "1", "--hot-experts", "16"), ("hot", "cpu")),
     "streamed": (("--expert-hosts", "1", "--hot-experts", "0", "--soft-slots", "24", "--cold-path", "stream"),
                  ("streamed", "soft_hit")),
+    # the experts the policy refuses a slot stay on the host (no staging slots): hot share, slots and host in a
+    # layer of one decode step
+    "hot-slots-host": (("--expert-hosts", "1", "--hot-experts", "8", "--soft-slots", "4", "--soft-staging", "0",
+                        "--soft-policy", "decayed-lfu", "--cold-path", "stream"), ("hot", "streamed", "cpu")),
 }
 
 
@@ -123,17 +127,17 @@ class CheckedMoE:
         return part if part is not None and not part.whole else None
 
     def __call__(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                 hot: torch.Tensor | None = None) -> torch.Tensor:
+                 hot: torch.Tensor | None = None, graph: object = None) -> torch.Tensor:
         from gpu_worker.quant_kernels import DECODE_MAX_ROWS
 
         if hot is not None:
             self.hot_shares += 1
         if self.decode_waits or h.shape[0] > DECODE_MAX_ROWS:
-            out = self.moe(layer, h, weights, expert_ids, hot)
+            out = self.moe(layer, h, weights, expert_ids, hot, graph)
         else:  # a decode step of an all-hot layer: any wait on the device raises
             torch.cuda.set_sync_debug_mode("error")
             try:
-                out = self.moe(layer, h, weights, expert_ids, hot)
+                out = self.moe(layer, h, weights, expert_ids, hot, graph)
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         want = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
@@ -183,8 +187,10 @@ def test_bf16_worker_with_quantized_experts_matches_the_oracle(served, keep_aliv
           f"relative logit error {relative:.2e}")
     assert max(decode + prefill) < MOE_TOLERANCE
     assert relative < LOGIT_TOLERANCE
-    # with cold experts beside the hot ones, decode graphs compute the hot share (kernels from device counts)
+    # with cold experts beside the hot ones, decode graphs compute the hot share (kernels from device counts), and
+    # the slots' experts in graphs of their own
     assert (moe.hot_shares > 0) == (0 < hot < cfg.n_experts)
+    assert any(b.moe_graphs for b in engine.trunk.graphs.batches.values()) == (slots > 0)
     if slots:
         tier = engine.pool.tier
         print(f"soft tier: {tier.hits} hits, {tier.misses} misses, {tier.evictions} evictions")
