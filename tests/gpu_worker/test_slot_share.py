@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gpu_worker.decode_graphs import DecodeGraphs
 from gpu_worker.service import Engine
 from shared.config import Config
 from shared.gguf_file import GGUFModel
@@ -55,6 +56,27 @@ def test_decode_computes_the_slots_from_device_counts_and_matches_the_oracle(mod
     for s, seq in enumerate(SEQUENCES):
         want = oracle.forward(seq)[-steps - 1 :]
         assert ((got[s] - want).norm() / want.norm()).item() < BF16_LOGIT_TOLERANCE
+
+
+def test_decode_with_each_graph_body_replayed_as_captured_matches_the_eager_path(model, monkeypatch):
+    """A CUDA graph replays what its first run recorded: here the first body run for each key stands in for every
+    later run of that key (fronts, whole layers and the slots' graphs), so a key that misses something its body
+    depends on, or a buffer that moves between steps, gives wrong logits on a CPU too."""
+    recorded: dict[tuple, object] = {}
+
+    def replay(self, graphs, key, body):
+        body = recorded.setdefault((id(graphs), key), body)
+        body()
+
+    monkeypatch.setattr(DecodeGraphs, "_run", replay)
+    for hot in (0, 8):
+        recorded.clear()
+        engine = bf16_engine(model, hot, graphs=True)
+        calls = count_slot_launches(engine)
+        got = decode(engine, SEQUENCES, 6)
+        assert calls["device_counts"] > 0
+        eager = decode(bf16_engine(model, hot, graphs=False), SEQUENCES, 6)
+        assert ((got - eager).norm() / eager.norm()).item() < 2e-2
 
 
 def layer_moe_want(model: GGUFModel, layer: int, h: torch.Tensor, weights: torch.Tensor,
