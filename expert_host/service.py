@@ -8,6 +8,7 @@ import logging
 import os
 import time
 
+import numpy as np
 import torch
 import zmq
 from prometheus_client import Counter, Gauge, Histogram
@@ -29,6 +30,8 @@ WORK = Counter("tierserve_expert_host_work_total", "Work items (one layer's expe
 ROWS = Counter("tierserve_expert_host_rows_total", "Token rows computed")
 MAILBOX_WORK = Counter("tierserve_expert_host_mailbox_work_total",
                        "Work items that came through the shared-memory mailbox rather than ZeroMQ")
+LANE_WORK = Counter("tierserve_expert_host_lane_work_total",
+                    "Work items the worker's device posted through the mailbox's lane (a decode step's layer)")
 LATENCY = Histogram("tierserve_expert_host_compute_seconds", "Compute time of one work item",
                     buckets=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0))
 QUEUE = Gauge("tierserve_expert_host_queue_depth", "Work items received and not yet computed")
@@ -63,7 +66,7 @@ def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging
     cfg = model.config
     capacity = config.mailbox_bytes or min(config.max_batch_tokens * cfg.n_experts_used * cfg.hidden * 4,
                                            MAILBOX_DEFAULT_MAX_BYTES)
-    return Mailbox.create(path, capacity, cfg.n_experts)
+    return Mailbox.create(path, capacity, cfg.n_experts, n_layers=cfg.n_layers)
 
 
 def bind_threads(config: Config, host_index: int, log: logging.Logger) -> None:
@@ -124,8 +127,12 @@ def serve(config: Config, host_index: int) -> int:
                          store.nbytes / 1e6)
                 control.heartbeat_if_due(store.placement_version)
             if mailbox is not None:
-                if backoff.wait(mailbox.pending, time.monotonic() + SOCKETS_EVERY_S):
-                    answer_mailbox(store, mailbox)
+                if backoff.wait(lambda: mailbox.pending() or mailbox.lane_pending(),
+                                time.monotonic() + SOCKETS_EVERY_S):
+                    if mailbox.lane_pending():
+                        answer_lane(store, mailbox)
+                    if mailbox.pending():
+                        answer_mailbox(store, mailbox)
                     backoff.reset()
                 if not queue and not data.poll(0):
                     continue
@@ -191,6 +198,32 @@ def answer_mailbox(store: ExpertStore, mailbox: Mailbox) -> None:
         return
     mailbox.reply(output, seconds)
     MAILBOX_WORK.inc()
+
+
+def answer_lane(store: ExpertStore, mailbox: Mailbox) -> None:
+    """Answer the lane's pending request: the routed pairs of the experts the owner table gives this host,
+    computed from the rows where the device wrote them, and each row's weighted sum written for it to read."""
+    try:
+        request = mailbox.lane_take()
+        experts, counts, pairs = store.routed_work(request.layer, request.ids.numpy(), request.owned.numpy())
+        rows, k = request.ids.shape
+        out = request.out[:rows]
+        if experts:
+            tokens = pairs // k
+            output, _ = compute(store, request.layer, experts, counts, request.hidden[torch.from_numpy(tokens)])
+            # weighting and summing each row's pairs in one product: (rows, pairs) routing weights by the outputs
+            combine = np.zeros((rows, len(pairs)), dtype=np.float32)
+            combine[tokens, np.arange(len(pairs))] = request.weights.numpy().ravel()[pairs]
+            out.copy_(torch.mm(torch.from_numpy(combine), output.float()))  # CPUs without bf16 products: fp32
+        else:
+            out.zero_()
+    except ValueError as e:  # shapes the lane cannot hold, ids out of range, or experts this host does not hold
+        WORK.labels("error").inc()
+        mailbox.lane_fail("bad_work", str(e))
+        return
+    request.out[rows:] = 0  # the padding's rows: the device adds every row
+    mailbox.lane_reply(len(pairs))
+    LANE_WORK.inc()
 
 
 def main(argv: list[str] | None = None) -> int:

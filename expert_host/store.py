@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 
+import numpy as np
 import torch
 
 from expert_host import memory
@@ -137,6 +139,21 @@ class ExpertStore:
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for w in self.weights.values() for m in w for t in matrix_tensors(m))
+
+    def routed_work(self, layer: int, ids: np.ndarray, owned: np.ndarray) -> tuple[list[int], list[int], np.ndarray]:
+        """A layer's routing (ids: (rows, k) expert ids) as a work item of the experts `owned` marks (a bool per
+        expert): (experts ascending, rows for each, each of those rows' (token, k) pair index, grouped by expert).
+        numpy, not torch: a decode step's few pairs cost microseconds per torch call. ValueError for ids out of
+        range."""
+        flat = ids.ravel()
+        if flat.size and not 0 <= flat.min() <= flat.max() < owned.shape[0]:
+            raise ValueError(f"layer {layer}: expert ids out of range 0..{owned.shape[0] - 1}")
+        mine = np.flatnonzero(owned[flat])
+        pairs = mine[np.argsort(flat[mine], kind="stable")]
+        routed = flat[pairs]
+        starts = np.flatnonzero(np.concatenate(([True], routed[1:] != routed[:-1]))).tolist() if routed.size else []
+        counts = [end - start for start, end in itertools.pairwise([*starts, routed.size])]
+        return routed[starts].tolist(), counts, pairs
 
     def compute(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
         """Validate a work item against what this host holds, then run it; ValueError names what is wrong."""

@@ -30,6 +30,7 @@ from shared.placement import GPU, Placement
 from shared.quant import matrix_tensors
 
 if TYPE_CHECKING:
+    from gpu_worker.crossing import DeviceCrossings
     from gpu_worker.decode_graphs import HotShare, MoEGraph
 
 
@@ -169,11 +170,17 @@ class MoEDispatch:
     def __init__(self, placement: Placement, hot: HotExperts, remote: RemoteExperts | None,
                  pool: SoftPool | None = None, planner: ColdPlanner | None = None,
                  on_dispatch: Callable[[str, int], None] = lambda path, n: None,
-                 before_layer: Callable[[], None] = lambda: None) -> None:
+                 before_layer: Callable[[], None] = lambda: None, crossings: DeviceCrossings | None = None) -> None:
         self.hot, self.remote, self.pool, self.planner, self.on_dispatch = hot, remote, pool, planner, on_dispatch
         self.before_layer = before_layer
         self.top_k = hot.source.model.config.n_experts_used
         self.owners = [np.asarray(layer, dtype=np.int64) for layer in placement.owner]
+        self.crossings = crossings
+        # per layer: the hosts that own its cold experts, the lanes a layer that crosses from the device posts to
+        self.hosts_of = [sorted(set(owner.tolist()) - {GPU}) for owner in self.owners]
+        self.crossed = 0  # pairs of this step's layers that crossed from the device (end_step counts them)
+        if crossings is not None:
+            crossings.set_owners(torch.from_numpy(np.stack(self.owners)))
         # per decode batch's rows: _slot_index's indices and _slot_share's result, where a decode graph reads them
         self._slot_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -258,13 +265,55 @@ class MoEDispatch:
     def on_device(self, layer: int, rows: int, padded_rows: int) -> DevicePart | None:
         """The hot experts' share of the layer's MoE for `padded_rows` rows (of which `rows` are real) as a function
         that never waits on the device, where the layer has hot experts stacked for it; else None. Where they are
-        all the layer's experts, their pairs are counted now: the host never sees the layer's routing."""
-        if not self.hot.on_device(layer, padded_rows):
+        all the layer's experts, their pairs are counted now: the host never sees the layer's routing. Where the
+        layer's cold experts cross to their hosts from the device (_crosses), the function is the whole MoE."""
+        hot_share = self.hot.on_device(layer, padded_rows)
+        if self._crosses(layer, rows, padded_rows, hot_share):
+            self.crossed += rows * self.top_k
+            return DevicePart(functools.partial(self._crossing_layer, layer, hot_share), True)
+        if not hot_share:
             return None
         whole = self.hot.all_hot(layer)
         if whole:
             self.on_dispatch("hot", rows * self.top_k)
         return DevicePart(functools.partial(self._hot_share, layer), whole)
+
+    def _crosses(self, layer: int, rows: int, padded_rows: int, hot_share: bool) -> bool:
+        """Whether the layer's cold experts cross to their hosts from the device in this decode step: crossings
+        on, the layer's hot experts (if any) computed on the device too, and every host's lane ready."""
+        hosts = self.hosts_of[layer]
+        if self.crossings is None or not hosts or not (hot_share or not self.hot.ids.get(layer)):
+            return False
+        cfg = self.hot.source.model.config
+        return self.crossings.open(hosts, rows, padded_rows, self.top_k, cfg.hidden, self.hot.dtype)
+
+    def _crossing_layer(self, layer: int, hot_share: bool, h: torch.Tensor, weights: torch.Tensor,
+                        expert_ids: torch.Tensor) -> torch.Tensor:
+        """The whole of a crossing layer's MoE: its hosts' share (their lanes) and the hot experts' share."""
+        assert self.crossings is not None
+        cold = self.crossings.exchange(layer, self.hosts_of[layer], h, weights, expert_ids)
+        return cold + self._hot_share(layer, h, weights, expert_ids) if hot_share else cold
+
+    def begin_step(self) -> None:
+        """Before a step's forward: nothing has crossed yet (a step that failed left its count behind)."""
+        self.crossed = 0
+        if self.crossings is not None:
+            self.crossings.begin_step()
+
+    def end_step(self) -> None:
+        """After a step's forward: where layers crossed from the device, wait for it to finish the step (the
+        hosts answer the lanes meanwhile) and count their pairs: the hosts' as cpu, the rest as hot."""
+        crossed, self.crossed = self.crossed, 0
+        if not crossed:
+            return
+        assert self.crossings is not None
+        if self.crossings.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            self.crossings.wait(done)
+        cold = self.crossings.end_step()
+        self.on_dispatch("cpu", cold)
+        self.on_dispatch("hot", crossed - cold)
 
     def _hot_share(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
                    ) -> torch.Tensor:

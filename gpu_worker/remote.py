@@ -82,6 +82,16 @@ class RemoteExperts:
                 log.warning("expert host %d: %s; activations go over ZeroMQ", host, e)
         return self.mailboxes[host]
 
+    def lane_mailbox(self, host: int, device: torch.device) -> Mailbox | None:
+        """The host's mailbox for its lane (gpu_worker/crossing.py), page-locked and mapped for a GPU `device`
+        first; None where there is none, or it cannot be mapped."""
+        mailbox = self._mailbox(host)
+        if mailbox is None or device.type == "cpu":
+            return mailbox
+        if mailbox.dma is None:
+            self._register(host, mailbox)
+        return mailbox if mailbox.dma else None
+
     def begin_step(self) -> None:
         self.step += 1
 
@@ -134,7 +144,7 @@ class RemoteExperts:
             if in_flight is None:
                 return self._receive_message(host, layer)
             mailbox, seq, device = in_flight
-            self._wait(host, time.monotonic() + self.timeout_s, lambda s: mailbox.wait_answer(seq, s))
+            self.wait_for(host, time.monotonic() + self.timeout_s, lambda s: mailbox.wait_answer(seq, s))
             answer = mailbox.answer()
             if answer.failure is not None:
                 raise ExpertHostError(host, *answer.failure)
@@ -145,7 +155,7 @@ class RemoteExperts:
         sock = self.sockets[host]
         deadline = time.monotonic() + self.timeout_s
         while True:
-            self._wait(host, deadline, lambda s: bool(sock.poll(int(s * 1000) + 1)))
+            self.wait_for(host, deadline, lambda s: bool(sock.poll(int(s * 1000) + 1)))
             try:
                 msg = decode(sock.recv_multipart(copy=False))
             except ProtocolError as e:
@@ -157,7 +167,7 @@ class RemoteExperts:
             if isinstance(msg, ExpertResult):
                 return msg.output, msg.compute_s
 
-    def _wait(self, host: int, deadline: float, ready: Callable[[float], bool]) -> None:
+    def wait_for(self, host: int, deadline: float, ready: Callable[[float], bool]) -> None:
         """Until `ready(seconds)` (waiting at most that long) says the answer is there, in slices of KEEP_ALIVE_S
         with the keep-alive between; past the deadline the host is reset and the wait fails."""
         while True:

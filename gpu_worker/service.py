@@ -13,6 +13,7 @@ import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
 from gpu_worker.cold_path import ColdPlanner, measure_matmul_flops
+from gpu_worker.crossing import DeviceCrossings
 from gpu_worker.experts import HotExperts, MoEDispatch
 from gpu_worker.grouped import warm_up_quantized
 from gpu_worker.kv_blocks import KVBlockAllocator
@@ -83,8 +84,15 @@ class Engine:
         self.device = worker_device(config)
         dtype = pick_dtype(config, self.device)
         num_blocks = max(1, config.kv_cache_tokens // config.kv_block_size)
+        cuda = self.device.type == "cuda"
+        # crossings from the device need a decode step's static rows; a CPU worker runs them without capture
+        self.crossings = DeviceCrossings(remote, self.device, config.expert_timeout_s) \
+            if config.decode_crossings and remote is not None and (config.cuda_graphs or not cuda) else None
         self.trunk = Trunk(model, self.device, dtype, num_blocks, config.kv_block_size,
-                           decode_graphs=config.cuda_graphs and self.device.type == "cuda")
+                           decode_graphs=(config.cuda_graphs and cuda) or self.crossings is not None)
+        if self.crossings is not None:
+            layers = list(range(model.config.n_layers))
+            self.crossings.on_change = lambda: self.trunk.graphs.drop_layers(layers)  # type: ignore[union-attr]
         self.scheduler = Scheduler(KVBlockAllocator(num_blocks, config.kv_block_size),
                                    max_batch_tokens=config.max_batch_tokens, max_running=config.max_running,
                                    prefill_chunk=config.prefill_chunk, max_context=model.config.context_length)
@@ -115,7 +123,9 @@ class Engine:
     def apply(self, placement: Placement) -> None:
         changed = self.hot.apply(placement, self.keep_alive)
         self.moe = MoEDispatch(placement, self.hot, self.remote, self.pool, self.planner,
-                               lambda path, n: _dispatched(path).inc(n), lambda: self.keep_alive())
+                               lambda path, n: _dispatched(path).inc(n), lambda: self.keep_alive(), self.crossings)
+        if self.crossings is not None:  # a crossing layer's graph posts to the hosts this placement gave it
+            changed = list(range(placement.n_layers))
         if self.trunk.graphs is not None:
             self.trunk.graphs.drop_layers(changed)  # they captured the hot stacks this placement replaced
             self.trunk.graphs.drop_moe()  # they read the replaced MoE's buffers
@@ -137,7 +147,9 @@ class Engine:
             if self.planner is not None:
                 self.planner.begin_step()
             chunks = [Chunk(c.token_ids, c.start, c.seq.block_table) for c in batch.chunks]
+            self.moe.begin_step()
             logits = self.trunk.forward(chunks, self.moe)
+            self.moe.end_step()
             with section("sampling"):
                 sampling = [(i, c.seq) for i, c in enumerate(batch.chunks) if c.samples]
                 results = self.sampler.sample(logits[[i for i, _ in sampling]], [s for _, s in sampling]) \

@@ -109,6 +109,11 @@ class Config:
     # On a GPU, decode steps run each layer's attention and router as one CUDA graph replay (captured the first
     # time a batch and context size needs it) instead of launching their kernels one by one.
     cuda_graphs: bool = True
+    # Decode steps cross to the expert hosts from the device itself, through their shared-memory mailboxes'
+    # lanes: each layer's cold experts all go to their hosts' CPUs (none is streamed), and a layer is one graph
+    # replay with no Python between layers (gpu_worker/crossing.py). Needs hosts on this machine with mailboxes;
+    # layers it cannot serve so take the usual path. On a CPU worker the same exchange runs without graphs.
+    decode_crossings: bool = False
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

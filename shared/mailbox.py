@@ -4,15 +4,19 @@ The host creates the mailbox (a file in /dev/shm) and answers it; the worker att
 rows straight into the request area, publishes it, and waits for the answer in the response area. No
 sockets: a round trip is a few microseconds where a ZeroMQ one costs tens.
 
-Layout (byte offsets; every field naturally aligned, the two sequence numbers on cache lines of their own):
+Layout (byte offsets; every field naturally aligned, the sequence numbers and flags on cache lines of their own):
 
-    0       magic, capacity (u64: bytes of each payload area), max_experts (u32)
+    0       magic, capacity (u64: bytes of each payload area), max_experts, n_layers (u32 each)
     64      request sequence number (u32), stored by the worker after the request
     128     response sequence number (u32), stored by the host after the answer
     192     request: step (i64), layer, n_experts, rows, cols, dtype code (i32 each)
     224     response: status, rows, cols, dtype code, code length, message length (i32 each), compute_s (f64)
-    256     failure code and message (TEXT_BYTES of utf-8)
+    256     lane request flag (u32): layer + 1 of the lane's posted request, 0 once the host took it
+    320     lane response flag (u32): layer + 1 of the request the host answered, 0 once the worker read it
+    384     lane: rows, padded rows, top-k, cols, dtype code, status (i32 each), pairs computed in all (i64)
+    448     failure code and message (TEXT_BYTES of utf-8)
     ...     expert ids (i32 x max_experts), counts (i32 x max_experts)
+    ...     the lane's owner table: one byte per (layer, expert), 1 where this host computes the expert
     page    request payload (capacity bytes), then response payload (capacity bytes)
 
 Sequence numbers are compared for equality only and wrap modulo 2**32. One request is outstanding at a time;
@@ -26,9 +30,18 @@ makes stores visible to other cores in program order and never reorders a load w
 non-temporal copies end with sfence). Python has no fences, so elsewhere the mailbox is not used
 (ORDERED_STORES) and the data plane stays on ZeroMQ.
 
-A worker on a CUDA device page-locks both payload areas (`register_for_dma`), so the GPU copies activations
+A worker on a CUDA device page-locks the whole mailbox (`register_for_dma`), so the GPU copies activations
 straight into the request area and results straight out of the response area, where copies to and from
 pageable memory are staged by the driver through a bounce buffer of its own.
+
+The lane is the exchange a decode step makes without the worker's Python: the device itself copies a layer's
+rows, expert ids and routing weights into the request area (ids, then weights, then rows 64-byte aligned; the
+answer at the start of the response area) and raises the request flag; the host computes the pairs routed to the
+experts the owner table gives it, writes each row's weighted sum and raises the response flag, which the device
+waits on (gpu_worker/crossing.py). The flags hold layer + 1, values that repeat from step to step, because a
+captured CUDA graph writes the same value on every replay: the host clears the request flag when it takes a
+request and the worker clears the response flag once it has the answer, so a flag set means a new one. The
+worker writes the lane's shapes and the owner table with ordinary stores while no lane request is in flight.
 """
 
 from __future__ import annotations
@@ -51,22 +64,31 @@ import torch
 
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
 
-MAGIC = b"TSMBOX01"
+MAGIC = b"TSMBOX02"
 SEQ_MASK = 0xFFFFFFFF
 TEXT_BYTES = 1024
 PAGE = mmap.PAGESIZE
 DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _DTYPE_OF = {code: dtype for dtype, code in DTYPES.items()}
 
-_HEADER = struct.Struct("<8sQI")
+_HEADER = struct.Struct("<8sQII")
 _REQUEST_SEQ, _RESPONSE_SEQ = 64, 128
 _REQUEST = struct.Struct("<qiiiii")  # step, layer, n_experts, rows, cols, dtype
 _REQUEST_AT = 192
 _RESPONSE = struct.Struct("<iiiiiid")  # status, rows, cols, dtype, code length, message length, compute_s
 _RESPONSE_AT = 224
-_TEXT_AT = 256
+_LANE_REQUEST, _LANE_RESPONSE = 256, 320
+_LANE = struct.Struct("<iiiiii")  # rows, padded rows, top-k, cols, dtype, status
+_LANE_AT = 384
+_LANE_STATUS_AT = _LANE_AT + 20
+_LANE_PAIRS_AT = _LANE_AT + _LANE.size  # i64, 8-byte aligned
+_TEXT_AT = 448
 _IDS_AT = _TEXT_AT + TEXT_BYTES
 _OK, _FAILED = 0, 1
+_CU_MEMHOSTREGISTER_DEVICEMAP = 0x02
+# a response flag every wait accepts (the device compares flags as (int32)(flag - value) >= 0): what the worker writes
+# to drain a stream stuck on a host that will not answer
+LANE_POISON = 1 << 30
 
 # Waiting: poll for SPIN_S after the last exchange, then sleep in steps doubling from FIRST_SLEEP_S, so a waiter
 # with nothing coming stops burning a core. The spin has to outlast the gap between one layer's crossing and the
@@ -83,6 +105,14 @@ def cuda_driver() -> ctypes.CDLL:
     # The driver API rather than torch.cuda.cudart(): a refused registration there stays behind as the runtime's
     # last error, for torch's next kernel launch to raise.
     return ctypes.CDLL("libcuda.so.1")
+
+
+def _owners_at(max_experts: int) -> int:
+    return _IDS_AT + 8 * max_experts
+
+
+def _payload_at(max_experts: int, n_layers: int) -> int:
+    return -(-(_owners_at(max_experts) + n_layers * max_experts) // PAGE) * PAGE
 
 
 class MailboxError(ValueError):
@@ -146,6 +176,33 @@ class Answer:
     failure: tuple[str, str] | None = None
 
 
+@dataclass
+class LaneAreas:
+    """The lane's payload as the device fills and reads it, for `padded` rows: views of the mailbox."""
+
+    ids: torch.Tensor  # (padded, k) int32: each row's routed experts
+    weights: torch.Tensor  # (padded, k) float32: their routing weights
+    hidden: torch.Tensor  # (padded, cols): the rows
+    out: torch.Tensor  # (padded, cols): each row's weighted sum over the pairs the host computed
+
+
+@dataclass
+class LaneRequest:
+    """A lane request as the host reads it: the real rows' views, valid until it answers."""
+
+    layer: int
+    ids: torch.Tensor
+    weights: torch.Tensor
+    hidden: torch.Tensor
+    out: torch.Tensor  # every padded row: the host writes the padding's rows too (zeros)
+    owned: torch.Tensor  # (max_experts,) bool: the experts of the layer this host computes
+
+
+def _lane_rows_at(padded: int, k: int) -> int:
+    """Offset of the lane's rows in the request area: after the ids and weights, 64-byte aligned."""
+    return -(-(8 * padded * k) // 64) * 64
+
+
 class Mailbox:
     """One side of a mailbox; `create` is the host's, `attach` the worker's."""
 
@@ -154,36 +211,43 @@ class Mailbox:
         stat = os.fstat(fd)
         self.identity = (stat.st_dev, stat.st_ino)
         self._map = mmap.mmap(fd, stat.st_size)
-        magic, self.capacity, self.max_experts = _HEADER.unpack_from(self._map, 0)
-        if magic != MAGIC or stat.st_size < self._payload_at() + 2 * self.capacity:
+        magic, self.capacity, self.max_experts, self.n_layers = _HEADER.unpack_from(self._map, 0)
+        if magic != MAGIC or stat.st_size < _payload_at(self.max_experts, self.n_layers) + 2 * self.capacity:
             self._map.close()
             raise MailboxError(f"{path} is not a tierserve mailbox")
+        self.size = stat.st_size
         self._request_seq = memoryview(self._map)[_REQUEST_SEQ : _REQUEST_SEQ + 4].cast("I")
         self._response_seq = memoryview(self._map)[_RESPONSE_SEQ : _RESPONSE_SEQ + 4].cast("I")
+        self._lane_request = memoryview(self._map)[_LANE_REQUEST : _LANE_REQUEST + 4].cast("I")
+        self._lane_response = memoryview(self._map)[_LANE_RESPONSE : _LANE_RESPONSE + 4].cast("I")
+        self._lane_taken = 0  # the host's: the flag value of the lane request it took
         with warnings.catch_warnings():  # the map is writable; torch warns about any buffer it cannot prove so
             warnings.simplefilter("ignore", UserWarning)
             self._areas = [torch.frombuffer(self._map, dtype=torch.uint8, count=self.capacity,
-                                            offset=self._payload_at() + i * self.capacity) for i in (0, 1)]
+                                            offset=_payload_at(self.max_experts, self.n_layers) + i * self.capacity)
+                           for i in (0, 1)]
+            # where the mailbox starts in this process: the lane's flags and areas are at fixed offsets from it
+            self.address = self._areas[0].data_ptr() - _payload_at(self.max_experts, self.n_layers)
+            self._owners = torch.frombuffer(self._map, dtype=torch.bool, count=self.n_layers * self.max_experts,
+                                            offset=_owners_at(self.max_experts)).view(self.n_layers,
+                                                                                      self.max_experts)
         self._typed: dict[tuple[int, torch.dtype, int], torch.Tensor] = {}
         self._seq = self._request_seq[0]  # the worker's last request; the host's last taken request
-        self.dma: bool | None = None  # payload areas page-locked for the GPU; None: not tried
-
-    def _payload_at(self) -> int:
-        return -(-(_IDS_AT + 8 * self.max_experts) // PAGE) * PAGE
+        self.dma: bool | None = None  # the mailbox page-locked and mapped for the GPU; None: not tried
 
     @classmethod
-    def create(cls, path: str, capacity: int, max_experts: int, first_seq: int = 0) -> Mailbox:
+    def create(cls, path: str, capacity: int, max_experts: int, first_seq: int = 0, n_layers: int = 1) -> Mailbox:
         """A fresh mailbox at `path`, replacing whatever is there (a crashed predecessor's). It is made ready
         under a temporary name, host side included, and renamed into place: a worker may post the moment the
-        name appears, and that request must already count as pending."""
+        name appears, and that request must already count as pending. `n_layers`: the lane's owner table's."""
         capacity = -(-capacity // PAGE) * PAGE
-        payload_at = -(-(_IDS_AT + 8 * max_experts) // PAGE) * PAGE
+        payload_at = _payload_at(max_experts, n_layers)
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             os.ftruncate(fd, payload_at + 2 * capacity)  # tmpfs is sparse: pages appear when first written
             with mmap.mmap(fd, payload_at) as header:
-                _HEADER.pack_into(header, 0, MAGIC, capacity, max_experts)
+                _HEADER.pack_into(header, 0, MAGIC, capacity, max_experts, n_layers)
                 struct.pack_into("<I", header, _REQUEST_SEQ, first_seq & SEQ_MASK)
                 struct.pack_into("<I", header, _RESPONSE_SEQ, first_seq & SEQ_MASK)
             mailbox = cls(path, fd)
@@ -211,10 +275,11 @@ class Mailbox:
             raise
 
     def register_for_dma(self) -> int:
-        """Page-lock both payload areas for the current CUDA device, so device copies into and out of them are
-        DMAs; returns the CUDA driver's result (0: registered). `dma` says how it went (None: never tried)."""
-        err = cuda_driver().cuMemHostRegister_v2(ctypes.c_void_p(self._areas[0].data_ptr()),
-                                                  ctypes.c_size_t(2 * self.capacity), ctypes.c_uint(0))
+        """Page-lock the mailbox for the current CUDA device and map it into the device's address space, so
+        device copies into and out of its areas are DMAs and the device can raise and wait on the lane's flags;
+        returns the CUDA driver's result (0: registered). `dma` says how it went (None: never tried)."""
+        err = cuda_driver().cuMemHostRegister_v2(ctypes.c_void_p(self.address), ctypes.c_size_t(self.size),
+                                                  ctypes.c_uint(_CU_MEMHOSTREGISTER_DEVICEMAP))
         self.dma = err == 0
         return err
 
@@ -223,11 +288,11 @@ class Mailbox:
         mailbox waits for the device first: a copy out of the response area may still be queued."""
         if self.dma:
             torch.cuda.synchronize()
-            cuda_driver().cuMemHostUnregister(ctypes.c_void_p(self._areas[0].data_ptr()))
+            cuda_driver().cuMemHostUnregister(ctypes.c_void_p(self.address))
             self.dma = None
-        self._request_seq.release()
-        self._response_seq.release()
-        self._areas, self._typed = [], {}
+        for view in (self._request_seq, self._response_seq, self._lane_request, self._lane_response):
+            view.release()
+        self._areas, self._typed, self._owners = [], {}, None  # type: ignore[assignment]
         with contextlib.suppress(BufferError):  # views still held by a caller keep the map until they go
             self._map.close()
         os.close(self._fd)
@@ -266,11 +331,9 @@ class Mailbox:
 
     def answer(self) -> Answer:
         """The answer to the last request (once `wait_answer` returned True)."""
-        status, rows, cols, dtype, code_len, msg_len, compute_s = _RESPONSE.unpack_from(self._map, _RESPONSE_AT)
+        status, rows, cols, dtype, _, _, compute_s = _RESPONSE.unpack_from(self._map, _RESPONSE_AT)
         if status != _OK:
-            code = self._map[_TEXT_AT : _TEXT_AT + code_len].decode()
-            message = self._map[_TEXT_AT + code_len : _TEXT_AT + code_len + msg_len].decode("utf-8", "replace")
-            return Answer(None, compute_s, (code, message))
+            return Answer(None, compute_s, self._failure())
         return Answer(self._rows(1, _DTYPE_OF[dtype], rows, cols), compute_s)
 
     # --- host side --------------------------------------------------------------------------------------
@@ -304,8 +367,103 @@ class Mailbox:
 
     def fail(self, code: str, message: str) -> None:
         """Answer the taken request with a failure."""
+        self._write_failure(code, message)
+        self._response_seq[0] = self._seq
+
+    def _write_failure(self, code: str, message: str) -> None:
         code_bytes = code.encode("ascii", "replace")[: TEXT_BYTES // 4]
         msg_bytes = message.encode()[: TEXT_BYTES - len(code_bytes)]
         self._map[_TEXT_AT : _TEXT_AT + len(code_bytes) + len(msg_bytes)] = code_bytes + msg_bytes
         _RESPONSE.pack_into(self._map, _RESPONSE_AT, _FAILED, 0, 0, 0, len(code_bytes), len(msg_bytes), 0.0)
-        self._response_seq[0] = self._seq
+
+    def _failure(self) -> tuple[str, str]:
+        """The (code, message) of the last failure written."""
+        *_, code_len, msg_len, _ = _RESPONSE.unpack_from(self._map, _RESPONSE_AT)
+        code = self._map[_TEXT_AT : _TEXT_AT + code_len].decode()
+        return code, self._map[_TEXT_AT + code_len : _TEXT_AT + code_len + msg_len].decode("utf-8", "replace")
+
+    # --- the lane ---------------------------------------------------------------------------------------
+
+    def _lane_areas(self, padded: int, k: int, cols: int, dtype: torch.dtype) -> LaneAreas:
+        request, response = self._areas
+        pairs = padded * k
+        at = _lane_rows_at(padded, k)
+        return LaneAreas(request[: 4 * pairs].view(torch.int32).view(padded, k),
+                         request[4 * pairs : 8 * pairs].view(torch.float32).view(padded, k),
+                         request[at : at + padded * cols * dtype.itemsize].view(dtype).view(padded, cols),
+                         response[: padded * cols * dtype.itemsize].view(dtype).view(padded, cols))
+
+    def lane_fits(self, padded: int, k: int, cols: int, dtype: torch.dtype) -> bool:
+        return dtype in DTYPES and _lane_rows_at(padded, k) + padded * cols * dtype.itemsize <= self.capacity
+
+    @property
+    def lane_flags(self) -> tuple[int, int]:
+        """Addresses of the lane's request and response flags in this process."""
+        return self.address + _LANE_REQUEST, self.address + _LANE_RESPONSE
+
+    # worker side
+
+    def lane_open(self, rows: int, padded: int, k: int, cols: int, dtype: torch.dtype) -> LaneAreas:
+        """Set the lane's shapes for the requests that follow (none may be in flight; check `lane_fits`):
+        `padded` rows of `cols` in `dtype` with `k` routed experts each, of which the first `rows` are real.
+        Returns the areas the device fills and reads."""
+        _LANE.pack_into(self._map, _LANE_AT, rows, padded, k, cols, DTYPES[dtype], _OK)
+        return self._lane_areas(padded, k, cols, dtype)
+
+    def set_owners(self, owners: torch.Tensor) -> None:
+        """The owner table: (n_layers, max_experts) bool, True where this host computes the expert."""
+        self._owners.copy_(owners)
+
+    def lane_post(self, layer: int) -> None:
+        """Raise the request flag for `layer` (what the device does; the areas must be filled first)."""
+        self._lane_request[0] = layer + 1
+
+    def lane_answered(self, layer: int) -> bool:
+        return self._lane_response[0] >= layer + 1
+
+    def lane_clear(self) -> None:
+        """Clear the response flag once the answer is read (what the device does after its wait)."""
+        self._lane_response[0] = 0
+
+    def lane_poison(self) -> None:
+        """Satisfy any wait on the response flag: drains a device stream stuck on a host that will not answer."""
+        self._lane_response[0] = LANE_POISON
+
+    def lane_outcome(self) -> tuple[int, tuple[str, str] | None]:
+        """(pairs the host computed through the lane since it made the mailbox, (code, message) of a failed
+        request since the last lane_open or None)."""
+        *_, status = _LANE.unpack_from(self._map, _LANE_AT)
+        (pairs,) = struct.unpack_from("<q", self._map, _LANE_PAIRS_AT)
+        return pairs, self._failure() if status != _OK else None
+
+    # host side
+
+    def lane_pending(self) -> bool:
+        return self._lane_request[0] != 0
+
+    def lane_take(self) -> LaneRequest:
+        """The pending lane request, taken (its flag cleared). MailboxError when the lane's shapes do not fit
+        this mailbox (answer that with `lane_fail`)."""
+        flag = self._lane_taken = self._lane_request[0]
+        self._lane_request[0] = 0
+        rows, padded, k, cols, code, _ = _LANE.unpack_from(self._map, _LANE_AT)
+        dtype = _DTYPE_OF.get(code)
+        if not 1 <= flag <= self.n_layers or dtype is None or not 0 <= rows <= padded or k <= 0 or cols <= 0 or \
+                not self.lane_fits(padded, k, cols, dtype):
+            raise MailboxError(f"lane request for layer {flag - 1}: {rows} of {padded} rows x {cols} of dtype code "
+                               f"{code} with {k} experts each do not fit this mailbox")
+        areas = self._lane_areas(padded, k, cols, dtype)
+        return LaneRequest(flag - 1, areas.ids[:rows], areas.weights[:rows], areas.hidden[:rows], areas.out,
+                           self._owners[flag - 1])
+
+    def lane_reply(self, pairs: int) -> None:
+        """Answer the taken lane request (its rows written into its `out`), having computed `pairs` pairs."""
+        (total,) = struct.unpack_from("<q", self._map, _LANE_PAIRS_AT)
+        struct.pack_into("<q", self._map, _LANE_PAIRS_AT, total + pairs)
+        self._lane_response[0] = self._lane_taken  # last: publishes the answer
+
+    def lane_fail(self, code: str, message: str) -> None:
+        """Answer the taken lane request with a failure (the device goes on; the worker reads it afterwards)."""
+        self._write_failure(code, message)
+        struct.pack_into("<i", self._map, _LANE_STATUS_AT, _FAILED)
+        self._lane_response[0] = self._lane_taken

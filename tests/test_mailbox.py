@@ -214,6 +214,49 @@ def test_a_request_that_lies_about_its_size_is_answered_with_a_failure(shm_path)
     mailbox.close()
 
 
+def test_the_lane_carries_a_layer_its_answer_and_a_failure(shm_path):
+    """Both sides of the lane in one process (the host's side runs in expert hosts, tests/test_decode_crossings.py):
+    shapes and the owner table set by the worker, the flags' meaning, a failure reported afterwards, and poison
+    that satisfies every wait."""
+    host = Mailbox.create(shm_path, CAPACITY, MAX_EXPERTS, n_layers=3)
+    worker = Mailbox.attach(shm_path)
+    owners = torch.zeros(3, MAX_EXPERTS, dtype=torch.bool)
+    owners[2, [1, 4]] = True
+    worker.set_owners(owners)
+    assert worker.lane_fits(4, 2, 16, torch.float32) and not worker.lane_fits(CAPACITY // 64, 2, 16, torch.float32)
+    areas = worker.lane_open(rows=3, padded=4, k=2, cols=16, dtype=torch.float32)
+    areas.ids.copy_(torch.tensor([[1, 2], [4, 1], [0, 3], [9, 9]]))
+    areas.weights.copy_(torch.rand(4, 2))
+    areas.hidden.copy_(torch.randn(4, 16))
+    assert not host.lane_pending()
+    worker.lane_post(2)
+    assert host.lane_pending() and not worker.lane_answered(2)
+    request = host.lane_take()
+    assert not host.lane_pending(), "taking a request clears its flag"
+    assert request.layer == 2 and request.owned.tolist() == owners[2].tolist()
+    assert torch.equal(request.ids, areas.ids[:3]) and torch.equal(request.weights, areas.weights[:3])
+    assert torch.equal(request.hidden, areas.hidden[:3]) and request.out.shape == (4, 16)
+    request.out.copy_(torch.arange(64.0).view(4, 16))
+    host.lane_reply(3)
+    assert worker.lane_answered(2) and not worker.lane_answered(3)
+    assert torch.equal(areas.out, torch.arange(64.0).view(4, 16)) and worker.lane_outcome() == (3, None)
+    worker.lane_clear()
+    assert not worker.lane_answered(0)
+
+    worker.lane_open(rows=3, padded=2, k=2, cols=16, dtype=torch.float32)  # more real rows than rows
+    worker.lane_post(0)
+    with pytest.raises(MailboxError, match="do not fit"):
+        host.lane_take()
+    host.lane_fail("bad_work", "no such rows")
+    assert worker.lane_answered(0) and worker.lane_outcome() == (3, ("bad_work", "no such rows"))
+    worker.lane_clear()
+    worker.lane_poison()
+    assert all(worker.lane_answered(layer) for layer in range(3))
+    worker.close()
+    host.close()
+    os.unlink(shm_path)
+
+
 def test_a_file_that_is_not_a_mailbox_is_refused(shm_path):
     with open(shm_path, "wb") as f:
         f.write(b"\0" * 8192)

@@ -1,0 +1,114 @@
+"""The worker's side of the mailbox lanes (gpu_worker/crossing.py) against a forked host that answers each lane
+request with its rows times (layer + 1): the exchange's result, the owner table and pair counts the host sees,
+a step that failed, and a host that stops answering. On a CPU the worker's thread makes the exchange; the same
+helpers run it captured in a CUDA graph on a GPU (tests/gpu/test_device_crossings.py)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+import uuid
+
+import pytest
+import torch
+import zmq
+
+from gpu_worker.crossing import DeviceCrossings
+from gpu_worker.remote import ExpertHostError, RemoteExperts
+from shared.mailbox import Backoff, Mailbox, mailbox_path
+
+FORK = multiprocessing.get_context("fork")
+LAYERS, EXPERTS, K, COLS = 4, 8, 2, 64
+
+
+def serve_lanes(path: str, answers: int) -> None:
+    """Answer `answers` lane requests (rows times layer + 1, the pairs it owns counted), then stall."""
+    mailbox = Mailbox.create(path, 1 << 20, EXPERTS, n_layers=LAYERS)
+    backoff = Backoff(max_sleep_s=1e-3)
+    try:
+        for _ in range(answers):
+            if not backoff.wait(mailbox.lane_pending, time.monotonic() + 30):
+                return
+            backoff.reset()
+            request = mailbox.lane_take()
+            rows = request.hidden.shape[0]
+            request.out[:rows] = request.hidden * (request.layer + 1)
+            request.out[rows:] = 0
+            mailbox.lane_reply(int(request.owned[request.ids.long()].sum()))
+        time.sleep(60)
+    finally:
+        mailbox.close()
+        os.unlink(path)
+
+
+class Host:
+    def __init__(self, answers: int) -> None:
+        self.endpoint = f"ipc:///tmp/tierserve-lane-test-{uuid.uuid4().hex}.sock"
+        self.process = FORK.Process(target=serve_lanes, args=(mailbox_path(self.endpoint), answers), daemon=True)
+        self.process.start()
+        deadline = time.monotonic() + 30
+        while not os.path.exists(mailbox_path(self.endpoint)):
+            assert time.monotonic() < deadline, "the host made no mailbox"
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.process.kill()
+        self.process.join()
+        if os.path.exists(mailbox_path(self.endpoint)):
+            os.unlink(mailbox_path(self.endpoint))
+
+
+def crossings_to(host: Host, device: torch.device, timeout_s: float = 10.0) -> tuple[DeviceCrossings, RemoteExperts]:
+    remote = RemoteExperts(zmq.Context.instance(), [host.endpoint], timeout_s)
+    crossings = DeviceCrossings(remote, device, timeout_s)
+    owners = torch.full((LAYERS, EXPERTS), -1, dtype=torch.int64)
+    owners[:, ::2] = 0  # the host computes the even experts
+    crossings.set_owners(owners)
+    return crossings, remote
+
+
+def routed(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weights, ids) of `rows` rows, each routed to one even and one odd expert."""
+    ids = torch.tensor([[2 * (r % 4), 2 * (r % 4) + 1] for r in range(rows)], device=device)
+    return torch.full((rows, K), 0.5, device=device), ids
+
+
+@pytest.fixture
+def host():
+    hosts: list[Host] = []
+    yield lambda answers=1000: hosts.append(Host(answers)) or hosts[-1]
+    for h in hosts:
+        h.stop()
+
+
+def test_each_layer_gets_the_hosts_answer_and_its_pairs_are_counted(host):
+    crossings, remote = crossings_to(host(), torch.device("cpu"))
+    changes: list[int] = []
+    crossings.on_change = lambda: changes.append(1)
+    weights, ids = routed(4, torch.device("cpu"))
+    h = torch.randn(4, COLS)
+    crossings.begin_step()
+    for layer in range(LAYERS):
+        assert crossings.open([0], 3, 4, K, COLS, torch.float32)
+        assert torch.equal(crossings.exchange(layer, [0], h, weights, ids)[:3], h[:3] * (layer + 1))
+    # the host saw the owner table: one even expert per real row
+    assert crossings.end_step() == 3 * LAYERS
+    assert not changes
+    remote.close()
+
+
+def test_a_host_that_stops_answering_fails_the_step_and_its_lane_is_not_used_again(host):
+    crossings, remote = crossings_to(host(answers=2), torch.device("cpu"), timeout_s=0.5)
+    weights, ids = routed(2, torch.device("cpu"))
+    h = torch.randn(2, COLS)
+    crossings.begin_step()
+    assert crossings.open([0], 2, 2, K, COLS, torch.float32)
+    crossings.exchange(0, [0], h, weights, ids)
+    crossings.exchange(1, [0], h, weights, ids)
+    with pytest.raises(ExpertHostError, match="no answer within"):
+        crossings.exchange(2, [0], h, weights, ids)
+    assert not crossings.open([0], 2, 2, K, COLS, torch.float32), "a broken lane is not used again"
+    crossings.set_owners(crossings.owners)  # a new placement: lanes are tried again
+    assert crossings.open([0], 2, 2, K, COLS, torch.float32)
+    remote.close()

@@ -1,0 +1,149 @@
+"""Decode steps whose layers cross to the expert hosts through their mailboxes' lanes (`decode_crossings`): the
+worker's side posts a layer's rows, expert ids and routing weights and waits for each host's weighted sum, with
+no per-layer work on the worker's host. On a GPU the device does it inside whole-layer CUDA graphs
+(tests/gpu/test_decode_crossings.py); a CPU worker makes the same exchange from its thread, which these tests run
+through the whole system: real processes, real shared memory."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from shared.client import Client, ServerError
+from shared.gguf_file import GGUFModel
+from shared.launcher import RunningSystem
+from shared.make_model import make_model
+from shared.reference import ReferenceModel
+
+PROMPTS = [[1, 2, 3], list(range(40, 57)), [7]]
+MAX_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict[str, tuple[Path, ReferenceModel]]:
+    out = tmp_path_factory.mktemp("models")
+    models = {}
+    for arch in ("qwen3moe", "qwen2moe"):  # qwen2moe: a shared expert beside the routed ones
+        path = out / f"{arch}.gguf"
+        make_model(path, arch=arch, preset="tiny", dtype="f32", seed=1)
+        models[arch] = path, ReferenceModel(GGUFModel(path))
+    return models
+
+
+def metrics(client: Client) -> dict[str, str]:
+    pages = {}
+    for member in client.health().members:
+        with urllib.request.urlopen(f"http://127.0.0.1:{member['metrics_port']}/metrics", timeout=5) as r:
+            pages[member["member_id"]] = r.read().decode()
+    return pages
+
+
+def value(page: str, name: str) -> float:
+    return sum(float(line.rsplit(" ", 1)[1]) for line in page.splitlines() if line.startswith(name))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
+def test_greedy_tokens_through_the_lanes_equal_the_oracle_alone_and_batched(tiny, arch):
+    check_greedy_tokens(*tiny[arch], "--device", "cpu")
+
+
+def check_greedy_tokens(path: Path, oracle: ReferenceModel, *device: str) -> None:
+    """Every expert on two hosts, fp32: each decode step's layers cross through both hosts' lanes (the prompts
+    go through the usual exchange); three requests at once decode in a padded batch of four rows."""
+    expected = [oracle.greedy(p, MAX_TOKENS) for p in PROMPTS]
+    options = ("--expert-hosts", "2", "--hot-experts", "0", "--decode-crossings", "true", *device)
+    with RunningSystem(str(path), *options) as system, Client(system.endpoint) as client:
+        before = metrics(client)
+        alone = [client.complete(token_ids=p, max_tokens=MAX_TOKENS).token_ids for p in PROMPTS]
+
+        def run(prompt: list[int]) -> list[int]:
+            with Client(system.endpoint) as c:
+                return c.complete(token_ids=prompt, max_tokens=MAX_TOKENS).token_ids
+
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            batched = list(pool.map(run, PROMPTS))
+        after = metrics(client)
+    assert alone == expected and batched == expected
+    cfg = oracle.cfg
+    for host in ("expert-host-0", "expert-host-1"):
+        # each decode step's layer is one lane item a host
+        lane = value(after[host], "tierserve_expert_host_lane_work_total") - value(
+            before[host], "tierserve_expert_host_lane_work_total")
+        assert lane >= (MAX_TOKENS - 1) * cfg.n_layers
+    # every routed pair counted once, on the cpu path: prompts through the mailbox, decode steps through the lanes
+    forwarded = 2 * sum(len(p) + MAX_TOKENS - 1 for p in PROMPTS)
+    name = 'tierserve_worker_expert_dispatch_total{path="cpu"}'
+    assert value(after["gpu-worker"], name) - value(before["gpu-worker"], name) == \
+        forwarded * cfg.n_layers * cfg.n_experts_used
+    assert value(after["gpu-worker"], 'tierserve_worker_expert_dispatch_total{path="hot"}') == 0
+
+
+@pytest.mark.slow
+def test_hot_experts_on_the_worker_and_cold_ones_through_the_lanes(tiny):
+    check_hot_and_crossing(*tiny["qwen3moe"], 4, "--device", "cpu")
+
+
+def check_hot_and_crossing(path: Path, oracle: ReferenceModel, hot: int, *device: str) -> None:
+    """A bf16 worker with `hot` experts per layer: each decode step's layer computes its hot share on the worker
+    (grouped from counts on the device) and adds the hosts' lane answers; log-probabilities within bf16's reach
+    of the fp32 oracle's, and the pairs split between the paths as routed."""
+    prompt = PROMPTS[1]
+    with RunningSystem(str(path), "--expert-hosts", "2", "--hot-experts", str(hot), "--dtype", "bfloat16",
+                       "--decode-crossings", "true", *device) as system, Client(system.endpoint) as client:
+        before = metrics(client)
+        result = client.complete(token_ids=prompt, max_tokens=MAX_TOKENS, logprobs=1)
+        after = metrics(client)
+    reference = oracle.forward(prompt + result.token_ids).log_softmax(-1)
+    want = [reference[len(prompt) - 1 + i, t].item() for i, t in enumerate(result.token_ids)]
+    assert max(abs(a - b) for a, b in zip(result.logprobs, want, strict=True)) < 0.15
+    for host in ("expert-host-0", "expert-host-1"):
+        assert value(after[host], "tierserve_expert_host_lane_work_total") > value(
+            before[host], "tierserve_expert_host_lane_work_total")
+    cfg = oracle.cfg
+    pairs = {path: value(after["gpu-worker"], f'tierserve_worker_expert_dispatch_total{{path="{path}"}}')
+             - value(before["gpu-worker"], f'tierserve_worker_expert_dispatch_total{{path="{path}"}}')
+             for path in ("hot", "cpu")}
+    assert (pairs["hot"] > 0) == (hot > 0) and pairs["cpu"] > 0
+    assert pairs["hot"] + pairs["cpu"] == (len(prompt) + MAX_TOKENS - 1) * cfg.n_layers * cfg.n_experts_used
+
+
+@pytest.mark.slow
+def test_a_host_killed_while_steps_cross_fails_the_requests_in_flight_and_its_successor_serves(tiny):
+    check_a_host_killed(*tiny["qwen3moe"], "--device", "cpu")
+
+
+def check_a_host_killed(path: Path, oracle: ReferenceModel, *device: str) -> None:
+    """The worker waits on a lane no longer answered (on a GPU, the device does, and the worker answers it with
+    poison to drain the stream): past the expert timeout the step fails, the requests in flight end with an
+    error, and once the launcher's new host is up its new mailbox's lane serves again."""
+    options = ("--expert-hosts", "2", "--hot-experts", "0", "--decode-crossings", "true", "--expert-timeout-s", "1",
+               *device)
+    with RunningSystem(str(path), *options) as system, Client(system.endpoint) as client:
+        host = next(m for m in client.health().members if m["member_id"] == "expert-host-0")
+        stream = client.generate(token_ids=PROMPTS[0], max_tokens=400)
+        next(stream)
+        os.kill(host["pid"], signal.SIGKILL)
+        with pytest.raises(ServerError) as info:
+            list(stream)
+        assert info.value.code == "expert_host_unavailable"
+        deadline = time.monotonic() + 60
+        while True:
+            members = {m["member_id"]: m for m in client.health().members}
+            restarted = members.get("expert-host-0", {}).get("pid") not in (None, host["pid"])
+            if restarted and client.health().status == "ready":
+                before = metrics(client)["expert-host-0"]
+                got = client.complete(token_ids=PROMPTS[1], max_tokens=MAX_TOKENS).token_ids
+                if got == oracle.greedy(PROMPTS[1], MAX_TOKENS):
+                    break
+            assert time.monotonic() < deadline, "the restarted host never served"
+            time.sleep(0.2)
+        after = metrics(client)["expert-host-0"]
+        assert value(after, "tierserve_expert_host_lane_work_total") > value(before,
+                                                                              "tierserve_expert_host_lane_work_total")
