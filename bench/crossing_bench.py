@@ -5,8 +5,9 @@
    and the shared-memory mailbox (rows copied into the request area, posted, answered into the response area).
    The other end answers with the rows it got, so only the crossing is timed.
 2. Decode tokens/s of the tiny model through the whole system (`tierserve up`: coordinator, gpu_worker, two
-   expert hosts holding every expert), one client, greedy, with data_plane zmq and shm, and with every expert
-   on the worker (no crossing) for reference.
+   expert hosts holding every expert), one client, greedy, with data_plane zmq and shm, shm with decode steps
+   crossing through the mailboxes' lanes from the device (decode_crossings), and with every expert on the worker
+   (no crossing) for reference.
 
     python -m bench.crossing_bench [--iters 5000] [--runs 3] [--out bench/crossing_bench.md]
 """
@@ -149,6 +150,8 @@ def decode_table(runs: int) -> list[str]:
     configs = {
         "zmq": ("--expert-hosts", "2", "--hot-experts", "0", "--data-plane", "zmq"),
         "shm": ("--expert-hosts", "2", "--hot-experts", "0", "--data-plane", "shm"),
+        "shm, decode crossing from the device (lanes)": ("--expert-hosts", "2", "--hot-experts", "0",
+                                                         "--data-plane", "shm", "--decode-crossings", "true"),
         "no crossing (every expert on the worker)": ("--expert-hosts", "0", "--hot-experts", "8"),
     }
     rates: dict[str, list[float]] = {name: [] for name in configs}
@@ -169,7 +172,8 @@ def decode_table(runs: int) -> list[str]:
                         assert tokens.setdefault(name, result.token_ids) == result.token_ids
                         rates[name].append(result.timings["decode_tok_s"])
                 print(name, [f"{r:.0f}" for r in rates[name]], f"load {os.getloadavg()[0]:.1f}", flush=True)
-    assert tokens["zmq"] == tokens["shm"], "the data plane changed the tokens"
+    assert tokens["zmq"] == tokens["shm"] == tokens["shm, decode crossing from the device (lanes)"], \
+        "the data plane changed the tokens"
     lines = ["| data plane | decode tok/s, median | min | max |", "|---|---|---|---|"]
     for name, got in rates.items():
         lines.append(f"| {name} | {statistics.median(got):.1f} | {min(got):.1f} | {max(got):.1f} |")
