@@ -5,7 +5,8 @@ and no Python between layers (DESIGN.md's decode target; its §8 measured 18 us 
 On a GPU the mailbox is page-locked and mapped into the device's address space: the stream copies the layer's
 rows, expert ids and routing weights into the request area, raises the request flag (cuStreamWriteValue32),
 holds until the host raises the response flag (cuStreamWaitValue32), copies the answer out and clears the flag,
-all stream operations a graph captures. On a CPU the worker's thread makes the same stores and waits.
+all stream operations a graph captures. On a CPU the worker's thread makes the same stores and waits. A layer
+posts, queues its own experts' work, then collects, so the two overlap.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ class _Lane:
 
 class DeviceCrossings:
     """The lanes of a RemoteExperts' hosts. A step opens them for its rows (`open`), each layer that crosses
-    queues its `exchange`, and `end_step` (once the device is done: `wait`) reads what the hosts computed."""
+    posts its rows and collects the answers, and `end_step` (once the device is done: `wait`) reads what the
+    hosts computed."""
 
     def __init__(self, remote: RemoteExperts, device: torch.device, timeout_s: float) -> None:
         self.remote, self.device, self.timeout_s = remote, device, timeout_s
@@ -127,37 +129,19 @@ class DeviceCrossings:
         _check(_stream_ops()[4](ctypes.byref(pointer), ctypes.c_void_p(address), 0), "cuMemHostGetDevicePointer")
         return pointer.value
 
-    def exchange(self, layer: int, hosts: list[int], h: torch.Tensor, weights: torch.Tensor,
-                 expert_ids: torch.Tensor) -> torch.Tensor:
-        """The hosts' share of the layer over every padded row: each host's weighted sum over the pairs routed to
-        its experts, added up. On a GPU it is queued (capturable); on a CPU it is done now."""
-        if self.device.type == "cuda":
-            return self._queue(layer, hosts, h, weights, expert_ids)
-        for host in hosts:
-            lane = self.lanes[host]
-            lane.areas.ids.copy_(expert_ids)
-            lane.areas.weights.copy_(weights)
-            lane.areas.hidden.copy_(h)
-            lane.mailbox.lane_post(layer)
-        total = torch.zeros_like(h)
-        for host in hosts:
-            mailbox = self.lanes[host].mailbox
-
-            def answered(seconds: float, mailbox: Mailbox = mailbox) -> bool:
-                return Backoff(FIRST_SLEEP_S).wait(lambda: mailbox.lane_answered(layer), time.monotonic() + seconds)
-
-            try:
-                self.remote.wait_for(host, time.monotonic() + self.timeout_s, answered)
-            except ExpertHostError:
-                self.broken.add(host)
-                raise
-            total += self.lanes[host].areas.out
-            mailbox.lane_clear()
-        return total
-
-    def _queue(self, layer: int, hosts: list[int], h: torch.Tensor, weights: torch.Tensor,
-               expert_ids: torch.Tensor) -> torch.Tensor:
-        write, wait, dtoh, htod, _ = _stream_ops()
+    def post(self, layer: int, hosts: list[int], h: torch.Tensor, weights: torch.Tensor,
+             expert_ids: torch.Tensor) -> None:
+        """Hand every padded row of the layer to the hosts: rows, expert ids and routing weights into each lane,
+        then its request flag. On a GPU it is queued (capturable), so work queued after it overlaps the hosts'."""
+        if self.device.type == "cpu":
+            for host in hosts:
+                lane = self.lanes[host]
+                lane.areas.ids.copy_(expert_ids)
+                lane.areas.weights.copy_(weights)
+                lane.areas.hidden.copy_(h)
+                lane.mailbox.lane_post(layer)
+            return
+        write, _, dtoh, _, _ = _stream_ops()
         stream = ctypes.c_void_p(torch.cuda.current_stream(h.device).cuda_stream)
         sources = (expert_ids.to(torch.int32).contiguous(), weights.float().contiguous(), h.contiguous())
         for host in hosts:
@@ -166,11 +150,33 @@ class DeviceCrossings:
                 _check(dtoh(ctypes.c_void_p(area.data_ptr()), source.data_ptr(), source.nbytes, stream),
                        "cuMemcpyDtoHAsync")
             _check(write(stream, lane.request_flag, layer + 1, 0), "cuStreamWriteValue32")
-        total = torch.zeros_like(h)
+
+    def collect(self, layer: int, hosts: list[int], like: torch.Tensor) -> torch.Tensor:
+        """The hosts' share of the layer `post` handed them (each host's weighted sum over the pairs routed to its
+        experts, added up), shaped like `like`; on a GPU queued behind a wait on each host's answer flag."""
+        total = torch.zeros_like(like)
+        if self.device.type == "cpu":
+            for host in hosts:
+                mailbox = self.lanes[host].mailbox
+
+                def answered(seconds: float, mailbox: Mailbox = mailbox) -> bool:
+                    return Backoff(FIRST_SLEEP_S).wait(lambda: mailbox.lane_answered(layer),
+                                                       time.monotonic() + seconds)
+
+                try:
+                    self.remote.wait_for(host, time.monotonic() + self.timeout_s, answered)
+                except ExpertHostError:
+                    self.broken.add(host)
+                    raise
+                total += self.lanes[host].areas.out
+                mailbox.lane_clear()
+            return total
+        write, wait, _, htod, _ = _stream_ops()
+        stream = ctypes.c_void_p(torch.cuda.current_stream(like.device).cuda_stream)
         for host in hosts:
             lane = self.lanes[host]
             _check(wait(stream, lane.response_flag, layer + 1, _WAIT_GEQ), "cuStreamWaitValue32")
-            answer = torch.empty_like(h)
+            answer = torch.empty_like(like)
             _check(htod(answer.data_ptr(), ctypes.c_void_p(lane.areas.out.data_ptr()), answer.nbytes, stream),
                    "cuMemcpyHtoDAsync")
             _check(write(stream, lane.response_flag, 0, 0), "cuStreamWriteValue32")

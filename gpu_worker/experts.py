@@ -291,8 +291,11 @@ class MoEDispatch:
                         expert_ids: torch.Tensor) -> torch.Tensor:
         """The whole of a crossing layer's MoE: its hosts' share (their lanes) and the hot experts' share."""
         assert self.crossings is not None
-        cold = self.crossings.exchange(layer, self.hosts_of[layer], h, weights, expert_ids)
-        return cold + self._hot_share(layer, h, weights, expert_ids) if hot_share else cold
+        hosts = self.hosts_of[layer]
+        self.crossings.post(layer, hosts, h, weights, expert_ids)
+        hot = self._hot_share(layer, h, weights, expert_ids) if hot_share else None  # while the hosts compute
+        cold = self.crossings.collect(layer, hosts, h)
+        return cold if hot is None else cold + hot
 
     def begin_step(self) -> None:
         """Before a step's forward: nothing has crossed yet (a step that failed left its count behind)."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from gpu_worker.remote import ExpertHostError
-from tests.gpu_worker.test_device_crossings import COLS, LAYERS, K, crossings_to, host, routed
+from tests.gpu_worker.test_device_crossings import COLS, LAYERS, K, crossings_to, exchange, host, routed
 
 pytestmark = [
     pytest.mark.gpu,
@@ -24,7 +24,7 @@ def captured_step(crossings, h, weights, ids) -> tuple[torch.cuda.CUDAGraph, tor
     out = torch.empty(LAYERS, *h.shape, device=CUDA)
 
     def body() -> None:
-        out.copy_(torch.stack([crossings.exchange(layer, [0], h, weights, ids) for layer in range(LAYERS)]))
+        out.copy_(torch.stack([exchange(crossings, layer, h, weights, ids) for layer in range(LAYERS)]))
 
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())

@@ -68,6 +68,13 @@ def crossings_to(host: Host, device: torch.device, timeout_s: float = 10.0) -> t
     return crossings, remote
 
 
+def exchange(crossings: DeviceCrossings, layer: int, h: torch.Tensor, weights: torch.Tensor,
+             ids: torch.Tensor) -> torch.Tensor:
+    """One layer's crossing to host 0, as a crossing layer makes it."""
+    crossings.post(layer, [0], h, weights, ids)
+    return crossings.collect(layer, [0], h)
+
+
 def routed(rows: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(weights, ids) of `rows` rows, each routed to one even and one odd expert."""
     ids = torch.tensor([[2 * (r % 4), 2 * (r % 4) + 1] for r in range(rows)], device=device)
@@ -91,7 +98,7 @@ def test_each_layer_gets_the_hosts_answer_and_its_pairs_are_counted(host):
     crossings.begin_step()
     for layer in range(LAYERS):
         assert crossings.open([0], 3, 4, K, COLS, torch.float32)
-        assert torch.equal(crossings.exchange(layer, [0], h, weights, ids)[:3], h[:3] * (layer + 1))
+        assert torch.equal(exchange(crossings, layer, h, weights, ids)[:3], h[:3] * (layer + 1))
     # the host saw the owner table: one even expert per real row
     assert crossings.end_step() == 3 * LAYERS
     assert not changes
@@ -104,10 +111,10 @@ def test_a_host_that_stops_answering_fails_the_step_and_its_lane_is_not_used_aga
     h = torch.randn(2, COLS)
     crossings.begin_step()
     assert crossings.open([0], 2, 2, K, COLS, torch.float32)
-    crossings.exchange(0, [0], h, weights, ids)
-    crossings.exchange(1, [0], h, weights, ids)
+    exchange(crossings, 0, h, weights, ids)
+    exchange(crossings, 1, h, weights, ids)
     with pytest.raises(ExpertHostError, match="no answer within"):
-        crossings.exchange(2, [0], h, weights, ids)
+        exchange(crossings, 2, h, weights, ids)
     assert not crossings.open([0], 2, 2, K, COLS, torch.float32), "a broken lane is not used again"
     crossings.set_owners(crossings.owners)  # a new placement: lanes are tried again
     assert crossings.open([0], 2, 2, K, COLS, torch.float32)
