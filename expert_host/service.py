@@ -221,6 +221,11 @@ def answer_lane(store: ExpertStore, mailbox: Mailbox) -> None:
         WORK.labels("error").inc()
         mailbox.lane_fail("bad_work", str(e))
         return
+    except Exception as e:  # the device waits on this answer: a failure is one too (the worker reports it)
+        WORK.labels("error").inc()
+        logging.getLogger("expert_host").exception("lane request failed")
+        mailbox.lane_fail("internal", repr(e))
+        return
     request.out[rows:] = 0  # the padding's rows: the device adds every row
     mailbox.lane_reply(len(pairs))
     LANE_WORK.inc()

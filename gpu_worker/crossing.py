@@ -7,6 +7,10 @@ rows, expert ids and routing weights into the request area, raises the request f
 holds until the host raises the response flag (cuStreamWaitValue32), copies the answer out and clears the flag,
 all stream operations a graph captures. On a CPU the worker's thread makes the same stores and waits. A layer
 posts, queues its own experts' work, then collects, so the two overlap.
+
+A failed exchange starts a new generation of every lane (their flag values change, so graphs that captured the
+old ones go: on_change); a host that stalled is left out until STALLED_RETRY_S have passed or its mailbox is
+replaced.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from shared.mailbox import FIRST_SLEEP_S, Backoff, LaneAreas, Mailbox, cuda_driv
 
 log = logging.getLogger(__name__)
 _WAIT_GEQ = 0x0  # CU_STREAM_WAIT_VALUE_GEQ: until (int32)(*flag - value) >= 0
+STALLED_RETRY_S = 30.0
 
 
 @functools.cache
@@ -54,74 +59,92 @@ def _check(result: int, what: str) -> None:
 
 @dataclass
 class _Lane:
-    """One host's lane as this step uses it."""
+    """One host's lane as the worker uses it."""
 
     mailbox: Mailbox
     areas: LaneAreas
     request_flag: int  # device addresses of the flags (on a CPU unused)
     response_flag: int
-    pairs_seen: int  # the host's running count of lane pairs at the last end_step
+    generation: int  # of the flag values this lane's requests carry
+    pairs_seen: int  # the host's running count of lane pairs at the step's start
+
+    def value(self, layer: int) -> int:
+        return self.mailbox.lane_value(self.generation, layer)
 
 
 class DeviceCrossings:
-    """The lanes of a RemoteExperts' hosts. A step opens them for its rows (`open`), each layer that crosses
-    posts its rows and collects the answers, and `end_step` (once the device is done: `wait`) reads what the
-    hosts computed."""
+    """The lanes of a RemoteExperts' hosts. A step begins (`begin_step`), opens them for its rows (`open`), each
+    layer that crosses posts its rows and collects the answers, and the step ends with `end_step` once the device
+    is done (`wait`), or with `abandon` where it raised."""
 
     def __init__(self, remote: RemoteExperts, device: torch.device, timeout_s: float) -> None:
         self.remote, self.device, self.timeout_s = remote, device, timeout_s
         self.lanes: dict[int, _Lane] = {}
+        self.retired: list[_Lane] = []  # lanes of replaced mailboxes, until the step that may use them ends
         self.owners: torch.Tensor | None = None  # (n_layers, n_experts) owning host (-1: the worker), for tables
-        self.broken: set[int] = set()  # hosts whose lane failed: not used again until their mailbox is replaced
+        self.stalled: dict[int, float] = {}  # host -> when its lane may be tried again
+        self.supported = True  # the device's stream memory operations work (found on the first lane)
+        self.posted: set[int] = set()  # hosts posted to this step
         self._shape: tuple | None = None
-        self._tables: dict[int, tuple[int, int]] = {}  # host -> (mailbox identity, owners version) written
+        self._tables: dict[int, tuple[tuple[int, int], int]] = {}  # host -> (mailbox identity, owners version)
         self._owners_version = 0
-        self.on_change: Callable[[], None] = lambda: None  # graphs that captured a replaced mailbox must go
+        self.on_change: Callable[[], None] = lambda: None  # graphs that captured lanes' addresses or values go
 
     def set_owners(self, owners: torch.Tensor) -> None:
         """A new placement's owner of each (layer, expert): the hosts' tables are rewritten at the next open."""
         self.owners = owners
         self._owners_version += 1
-        self.broken.clear()
 
     def open(self, hosts: list[int], rows: int, padded: int, k: int, cols: int, dtype: torch.dtype) -> bool:
         """Make the lanes of `hosts` ready for a decode step of `padded` rows (`rows` real): whether every one is
-        (attached, mapped for the device, large enough, not broken). Called for each layer of a step: the lanes
-        are set once for the step's shapes; a host's replaced mailbox calls on_change first."""
+        (attached, mapped for the device, large enough, not stalled). Called for each crossing layer of a step:
+        the lanes are set once for the step's shapes."""
+        if not self.supported:
+            return False
+        self._drop_replaced()
         shape = (rows, padded, k, cols, dtype)
+        if shape != self._shape:
+            for host, lane in list(self.lanes.items()):  # every lane follows the step's shapes
+                if lane.mailbox.lane_fits(padded, k, cols, dtype):
+                    lane.areas = lane.mailbox.lane_open(*shape)
+                else:
+                    del self.lanes[host]
+            self._shape = shape
         ready = True
         for host in hosts:
-            mailbox = self.remote.lane_mailbox(host, self.device)
-            lane = self.lanes.get(host)
-            if lane is not None and (mailbox is None or mailbox.identity != lane.mailbox.identity):
-                del self.lanes[host]
-                self.broken.discard(host)
-                self.on_change()
-                lane = None
-            if mailbox is None or host in self.broken or not mailbox.lane_fits(padded, k, cols, dtype):
+            if time.monotonic() < self.stalled.get(host, 0.0):
                 ready = False
                 continue
-            if lane is None or shape != self._shape:
-                self._open_lane(host, mailbox, shape)
-            if self._tables.get(host) != (mailbox.identity, self._owners_version):
+            lane = self.lanes.get(host)
+            if lane is None:
+                mailbox = self.remote.lane_mailbox(host, self.device)
+                if mailbox is None or not mailbox.lane_fits(padded, k, cols, dtype) or not self._new_lane(host,
+                                                                                                          mailbox):
+                    ready = False
+                    continue
+                lane = self.lanes[host]
+            if self._tables.get(host) != (lane.mailbox.identity, self._owners_version):
                 assert self.owners is not None, "set_owners comes with the placement"
-                mailbox.set_owners(self.owners == host)
-                self._tables[host] = (mailbox.identity, self._owners_version)
-        if ready and shape != self._shape:
-            for host, lane in self.lanes.items():  # lanes of hosts this call did not name follow the step too
-                if host not in hosts:
-                    self._open_lane(host, lane.mailbox, shape)
-            self._shape = shape
+                lane.mailbox.set_owners(self.owners == host)
+                self._tables[host] = (lane.mailbox.identity, self._owners_version)
         return ready
 
-    def _open_lane(self, host: int, mailbox: Mailbox, shape: tuple) -> None:
-        areas = mailbox.lane_open(*shape)
+    def _new_lane(self, host: int, mailbox: Mailbox) -> bool:
+        """Open a lane to a host's (new) mailbox; False where the device cannot drive one."""
+        areas = mailbox.lane_open(*self._shape)  # type: ignore[misc]
         request, response = mailbox.lane_flags
         if self.device.type == "cuda":
-            request, response = (self._device_pointer(address) for address in (request, response))
-        old = self.lanes.get(host)
-        pairs = old.pairs_seen if old is not None and old.mailbox is mailbox else mailbox.lane_outcome()[0]
-        self.lanes[host] = _Lane(mailbox, areas, request, response, pairs)
+            try:
+                request, response = (self._device_pointer(address) for address in (request, response))
+                self._probe(response)
+            except (AttributeError, RuntimeError) as e:
+                log.warning("decode steps cannot cross from the device (%s); they take the host's path", e)
+                self.supported = False
+                return False
+        self.lanes[host] = _Lane(mailbox, areas, request, response, mailbox.lane_begin_generation(),
+                                 mailbox.lane_outcome()[0])
+        self.on_change()
+        return True
 
     @staticmethod
     def _device_pointer(address: int) -> int:
@@ -129,17 +152,42 @@ class DeviceCrossings:
         _check(_stream_ops()[4](ctypes.byref(pointer), ctypes.c_void_p(address), 0), "cuMemHostGetDevicePointer")
         return pointer.value
 
+    def _probe(self, flag: int) -> None:
+        """A stream memory operation on a lane's flag, now: some drivers have them off."""
+        stream = torch.cuda.current_stream(self.device)
+        _check(_stream_ops()[0](ctypes.c_void_p(stream.cuda_stream), flag, 0, 0), "cuStreamWriteValue32")
+        stream.synchronize()
+
+    def _drop_replaced(self) -> None:
+        """Retire lanes whose mailbox the RemoteExperts let go of (its host's file was replaced or removed, as any
+        exchange may find): queued work may still wait on them until the step ends."""
+        for host, lane in list(self.lanes.items()):
+            if self.remote.mailboxes[host] is not lane.mailbox:
+                self.retired.append(self.lanes.pop(host))
+                self.stalled.pop(host, None)
+                self.on_change()
+
+    def begin_step(self) -> None:
+        """Before a step: what the hosts computed through their lanes until now is not this step's, and the
+        lanes of mailboxes replaced meanwhile go (the data plane closes them between steps)."""
+        self.posted.clear()
+        self.retired.clear()
+        self._drop_replaced()
+        for lane in self.lanes.values():
+            lane.pairs_seen = lane.mailbox.lane_outcome()[0]
+
     def post(self, layer: int, hosts: list[int], h: torch.Tensor, weights: torch.Tensor,
              expert_ids: torch.Tensor) -> None:
         """Hand every padded row of the layer to the hosts: rows, expert ids and routing weights into each lane,
         then its request flag. On a GPU it is queued (capturable), so work queued after it overlaps the hosts'."""
+        self.posted.update(hosts)
         if self.device.type == "cpu":
             for host in hosts:
                 lane = self.lanes[host]
                 lane.areas.ids.copy_(expert_ids)
                 lane.areas.weights.copy_(weights)
                 lane.areas.hidden.copy_(h)
-                lane.mailbox.lane_post(layer)
+                lane.mailbox.lane_post(lane.value(layer))
             return
         write, _, dtoh, _, _ = _stream_ops()
         stream = ctypes.c_void_p(torch.cuda.current_stream(h.device).cuda_stream)
@@ -147,9 +195,10 @@ class DeviceCrossings:
         for host in hosts:
             lane = self.lanes[host]
             for source, area in zip(sources, (lane.areas.ids, lane.areas.weights, lane.areas.hidden), strict=True):
+                assert source.dtype == area.dtype and source.shape == area.shape, "the lane is open for other rows"
                 _check(dtoh(ctypes.c_void_p(area.data_ptr()), source.data_ptr(), source.nbytes, stream),
                        "cuMemcpyDtoHAsync")
-            _check(write(stream, lane.request_flag, layer + 1, 0), "cuStreamWriteValue32")
+            _check(write(stream, lane.request_flag, lane.value(layer), 0), "cuStreamWriteValue32")
 
     def collect(self, layer: int, hosts: list[int], like: torch.Tensor) -> torch.Tensor:
         """The hosts' share of the layer `post` handed them (each host's weighted sum over the pairs routed to its
@@ -157,25 +206,25 @@ class DeviceCrossings:
         total = torch.zeros_like(like)
         if self.device.type == "cpu":
             for host in hosts:
-                mailbox = self.lanes[host].mailbox
+                lane = self.lanes[host]
 
-                def answered(seconds: float, mailbox: Mailbox = mailbox) -> bool:
-                    return Backoff(FIRST_SLEEP_S).wait(lambda: mailbox.lane_answered(layer),
+                def answered(seconds: float, lane: _Lane = lane) -> bool:
+                    return Backoff(FIRST_SLEEP_S).wait(lambda: lane.mailbox.lane_answered(lane.value(layer)),
                                                        time.monotonic() + seconds)
 
                 try:
                     self.remote.wait_for(host, time.monotonic() + self.timeout_s, answered)
                 except ExpertHostError:
-                    self.broken.add(host)
+                    self._failed([host])
                     raise
-                total += self.lanes[host].areas.out
-                mailbox.lane_clear()
+                total += lane.areas.out
+                lane.mailbox.lane_clear()
             return total
         write, wait, _, htod, _ = _stream_ops()
         stream = ctypes.c_void_p(torch.cuda.current_stream(like.device).cuda_stream)
         for host in hosts:
             lane = self.lanes[host]
-            _check(wait(stream, lane.response_flag, layer + 1, _WAIT_GEQ), "cuStreamWaitValue32")
+            _check(wait(stream, lane.response_flag, lane.value(layer), _WAIT_GEQ), "cuStreamWaitValue32")
             answer = torch.empty_like(like)
             _check(htod(answer.data_ptr(), ctypes.c_void_p(lane.areas.out.data_ptr()), answer.nbytes, stream),
                    "cuMemcpyHtoDAsync")
@@ -183,54 +232,71 @@ class DeviceCrossings:
             total += answer
         return total
 
-    def wait(self, done: torch.cuda.Event) -> None:
-        """Until the device has run the step (`done` recorded after it), with the worker's keep-alive; past the
-        timeout every lane is answered with poison so the stream drains, and the step fails."""
-        self._drop_replaced()
-        deadline = time.monotonic() + self.timeout_s
-        backoff = Backoff(FIRST_SLEEP_S)
-        while not backoff.wait(done.query, min(deadline, time.monotonic() + KEEP_ALIVE_S)):
-            if time.monotonic() < deadline:
-                self.remote.keep_alive()
-                continue
-            # which host stopped answering is not known here: none of the lanes is used again until the next
-            # placement (the coordinator's answer to a lost host) or a host's new mailbox
-            while not done.query():
-                for lane in self.lanes.values():
-                    lane.mailbox.lane_poison()
-                time.sleep(1e-4)
-            for lane in self.lanes.values():
-                lane.mailbox.lane_clear()
-            self.broken.update(self.lanes)
-            raise ExpertHostError(min(self.lanes), "timeout", f"no lane answer within {self.timeout_s:.1f} s")
-
-    def begin_step(self) -> None:
-        """Before a step: what the hosts computed through their lanes until now (a failed step's answers among it)
-        is not this step's."""
-        self._drop_replaced()
+    def _failed(self, stalled: list[int]) -> None:
+        """After a failed exchange: the stalled hosts are left out for a while, and every lane begins a new
+        generation, so answers to what this step posted can never be taken for a later request's."""
+        for host in stalled:
+            self.stalled[host] = time.monotonic() + STALLED_RETRY_S
         for lane in self.lanes.values():
-            lane.pairs_seen = lane.mailbox.lane_outcome()[0]
+            lane.generation = lane.mailbox.lane_begin_generation()
+        self.on_change()
 
-    def _drop_replaced(self) -> None:
-        """Forget lanes whose mailbox the RemoteExperts let go of (its host's file was replaced or removed, found
-        by any exchange), before anything reads a mailbox that is closed."""
-        for host, lane in list(self.lanes.items()):
-            if self.remote.mailboxes[host] is not lane.mailbox:
-                del self.lanes[host]
-                self.broken.discard(host)
-                self.on_change()
+    def _progress(self) -> int:
+        return sum(lane.mailbox.lane_outcome()[0] for lane in self.lanes.values())
+
+    def wait(self, done: torch.cuda.Event) -> None:
+        """Until the device has run the step (`done` recorded after it), with the worker's keep-alive. While no
+        host answers anything for the expert timeout, the lanes are answered with poison so the stream drains,
+        and the step fails."""
+        backoff = Backoff(FIRST_SLEEP_S)
+        progress, deadline = self._progress(), time.monotonic() + self.timeout_s
+        while not backoff.wait(done.query, min(deadline, time.monotonic() + KEEP_ALIVE_S)):
+            self.remote.keep_alive()
+            if self._progress() != progress:
+                progress, deadline = self._progress(), time.monotonic() + self.timeout_s
+            if time.monotonic() < deadline:
+                continue
+            stalled = [host for host, lane in self.lanes.items() if lane.mailbox.lane_stalled(lane.generation)]
+            while not done.query():  # retired lanes too: a replaced host's old mailbox may hold the stream
+                for lane in [*self.retired, *self.lanes.values()]:
+                    lane.mailbox.lane_poison(lane.generation)
+                time.sleep(1e-4)
+            self._failed(stalled)
+            raise ExpertHostError(stalled[0] if stalled else min(self.posted, default=-1), "timeout",
+                                  f"no lane answer within {self.timeout_s:.1f} s")
+
+    def settle(self) -> None:
+        """Wait for what the step queued so far (before anything else in it waits on the device)."""
+        if self.device.type == "cuda" and self.posted:
+            done = torch.cuda.Event()
+            done.record()
+            self.wait(done)
+
+    def abandon(self) -> None:
+        """A step that raised: drain what it queued (poison past the timeout), begin new generations."""
+        try:
+            self.settle()
+        except ExpertHostError as e:
+            log.warning("abandoned step: %s", e)
+        else:
+            self._failed([])
+        self.retired.clear()
 
     def end_step(self) -> int:
-        """Pairs the hosts computed through their lanes since the last end_step (the device done with the step);
-        ExpertHostError where a host failed a lane request (its lane is not used again)."""
+        """Pairs the hosts posted to computed through their lanes this step (the device done with it);
+        ExpertHostError where a host failed a lane request."""
+        self.settle()
+        self.retired.clear()
         self._drop_replaced()
-        pairs = 0
-        for host, lane in self.lanes.items():
+        pairs, failed = 0, None
+        for host in sorted(self.posted & set(self.lanes)):
+            lane = self.lanes[host]
             total, failure = lane.mailbox.lane_outcome()
             pairs += total - lane.pairs_seen
-            lane.pairs_seen = total
-            if failure is not None:
-                self.broken.add(host)
-                self._shape = None  # the next open resets the lanes' status
-                raise ExpertHostError(host, *failure)
+            if failure is not None and failed is None:
+                failed = host, failure
+        if failed is not None:
+            self._failed([])
+            self._shape = None  # reopening the lanes resets their status
+            raise ExpertHostError(failed[0], *failed[1])
         return pairs

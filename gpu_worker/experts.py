@@ -298,7 +298,7 @@ class MoEDispatch:
         return cold if hot is None else cold + hot
 
     def begin_step(self) -> None:
-        """Before a step's forward: nothing has crossed yet (a step that failed left its count behind)."""
+        """Before a step's forward: nothing has crossed yet."""
         self.crossed = 0
         if self.crossings is not None:
             self.crossings.begin_step()
@@ -310,13 +310,16 @@ class MoEDispatch:
         if not crossed:
             return
         assert self.crossings is not None
-        if self.crossings.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-            self.crossings.wait(done)
-        cold = self.crossings.end_step()
+        # an answer to a request an earlier, failed step abandoned may land in this step's count: at most crossed
+        cold = min(self.crossings.end_step(), crossed)
         self.on_dispatch("cpu", cold)
         self.on_dispatch("hot", crossed - cold)
+
+    def abandon_step(self) -> None:
+        """After a step's forward raised: drain what its crossing layers queued on the device."""
+        self.crossed = 0
+        if self.crossings is not None:
+            self.crossings.abandon()
 
     def _hot_share(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
                    ) -> torch.Tensor:
@@ -344,6 +347,8 @@ class MoEDispatch:
             if part is not None:
                 return part.moe(h, weights, expert_ids)
         self.before_layer()
+        if self.crossed:  # crossing layers queued before this one: the device waits on hosts that may be gone
+            self.crossings.settle()  # type: ignore[union-attr]
         k = expert_ids.shape[1]
         pair_order, groups, slots = self._plan(layer, expert_ids.flatten().cpu().numpy())
         soft, staged = groups.get("soft"), groups.get("staged")

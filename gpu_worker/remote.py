@@ -40,6 +40,7 @@ class RemoteExperts:
         self.ctx, self.endpoints, self.timeout_s = ctx, endpoints, timeout_s
         self.sockets = [self._connect(e) for e in endpoints]
         self.mailboxes: list[Mailbox | None] = [None] * len(endpoints)
+        self.retired: list[Mailbox] = []  # replaced mailboxes, closed by close_retired
         self._seen: list[tuple[int, int] | None] = [None] * len(endpoints)  # file identity last looked at
         self._recheck_at = [0.0] * len(endpoints)
         # (mailbox, request sequence number, device of the rows sent); None: sent over ZeroMQ
@@ -68,8 +69,8 @@ class RemoteExperts:
         if identity == self._seen[host]:
             return self.mailboxes[host]
         self._seen[host] = identity
-        if self.mailboxes[host] is not None:
-            self.mailboxes[host].close()
+        if self.mailboxes[host] is not None:  # closed once the step is done: the device may still use its memory
+            self.retired.append(self.mailboxes[host])  # type: ignore[arg-type]
             self.mailboxes[host] = None
         if identity is not None:
             try:
@@ -187,9 +188,16 @@ class RemoteExperts:
         self.sockets[host] = self._connect(self.endpoints[host])
         self._recheck_at[host] = 0.0
 
+    def close_retired(self) -> None:
+        """Close the mailboxes of hosts that were replaced, between steps (the device done with their memory)."""
+        for mailbox in self.retired:
+            mailbox.close()
+        self.retired = []
+
     def close(self) -> None:
         for sock in self.sockets:
             sock.close(linger=0)
         for mailbox in self.mailboxes:
             if mailbox is not None:
                 mailbox.close()
+        self.close_retired()

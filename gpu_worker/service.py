@@ -148,7 +148,11 @@ class Engine:
                 self.planner.begin_step()
             chunks = [Chunk(c.token_ids, c.start, c.seq.block_table) for c in batch.chunks]
             self.moe.begin_step()
-            logits = self.trunk.forward(chunks, self.moe)
+            try:
+                logits = self.trunk.forward(chunks, self.moe)
+            except BaseException:
+                self.moe.abandon_step()
+                raise
             self.moe.end_step()
             with section("sampling"):
                 sampling = [(i, c.seq) for i, c in enumerate(batch.chunks) if c.samples]
@@ -159,6 +163,8 @@ class Engine:
                 finished = self.scheduler.postprocess(batch, {seq.request_id: r.token_id for seq, r in sampled})
                 for seq in finished:
                     self.sampler.forget(seq.request_id)
+            if self.remote is not None:
+                self.remote.close_retired()  # the device is done with the step
             STEPS.inc()
             BATCH_TOKENS.observe(batch.num_tokens)
             BATCH_SEQS.set(len(batch.chunks))

@@ -11,10 +11,12 @@ Layout (byte offsets; every field naturally aligned, the sequence numbers and fl
     128     response sequence number (u32), stored by the host after the answer
     192     request: step (i64), layer, n_experts, rows, cols, dtype code (i32 each)
     224     response: status, rows, cols, dtype code, code length, message length (i32 each), compute_s (f64)
-    256     lane request flag (u32): layer + 1 of the lane's posted request, 0 once the host took it
-    320     lane response flag (u32): layer + 1 of the request the host answered, 0 once the worker read it
-    384     lane: rows, padded rows, top-k, cols, dtype code, status (i32 each), pairs computed in all (i64)
-    448     failure code and message (TEXT_BYTES of utf-8)
+    256     lane request flag (u32): the value of the lane's posted request, 0 once the host took it
+    320     lane response flag (u32): the value of the request the host answered, 0 once the worker read it
+    384     lane: rows, padded rows, top-k, cols, dtype code (i32 each; the worker's), then the host's: status,
+            failure code and message lengths (i32 each), pairs computed in all (i64 at 416), the value of the
+            request it took last (u32 at 424); the worker's generation (u32 at 428)
+    448     failure code and message (TEXT_BYTES of utf-8), then the lane's (TEXT_BYTES)
     ...     expert ids (i32 x max_experts), counts (i32 x max_experts)
     ...     the lane's owner table: one byte per (layer, expert), 1 where this host computes the expert
     page    request payload (capacity bytes), then response payload (capacity bytes)
@@ -38,9 +40,13 @@ The lane is the exchange a decode step makes without the worker's Python: the de
 rows, expert ids and routing weights into the request area (ids, then weights, then rows 64-byte aligned; the
 answer at the start of the response area) and raises the request flag; the host computes the pairs routed to the
 experts the owner table gives it, writes each row's weighted sum and raises the response flag, which the device
-waits on (gpu_worker/crossing.py). The flags hold layer + 1, values that repeat from step to step, because a
-captured CUDA graph writes the same value on every replay: the host clears the request flag when it takes a
-request and the worker clears the response flag once it has the answer, so a flag set means a new one. The
+waits on (gpu_worker/crossing.py). A request's value is generation x (n_layers + 1) + layer + 1 (`lane_value`):
+a captured CUDA graph writes the same values on every replay, so they repeat from step to step; the host clears
+the request flag when it takes a request and answers with its value, and the device clears the response flag
+once it has the answer. A worker begins a new generation (counted in the mailbox, so a worker that restarts
+continues it) for a new lane and after a failed exchange: an answer to an abandoned request then carries a
+smaller value than any it waits for (values compare as the device does, (int32)(flag - value) >= 0), and the
+poison that drains a stream stuck on a host satisfies every wait of one generation and none of the next. The
 worker writes the lane's shapes and the owner table with ordinary stores while no lane request is in flight.
 """
 
@@ -78,17 +84,18 @@ _REQUEST_AT = 192
 _RESPONSE = struct.Struct("<iiiiiid")  # status, rows, cols, dtype, code length, message length, compute_s
 _RESPONSE_AT = 224
 _LANE_REQUEST, _LANE_RESPONSE = 256, 320
-_LANE = struct.Struct("<iiiiii")  # rows, padded rows, top-k, cols, dtype, status
+_LANE = struct.Struct("<iiiii")  # rows, padded rows, top-k, cols, dtype (the worker's)
 _LANE_AT = 384
-_LANE_STATUS_AT = _LANE_AT + 20
-_LANE_PAIRS_AT = _LANE_AT + _LANE.size  # i64, 8-byte aligned
+_LANE_FAILURE = struct.Struct("<iii")  # status, code length, message length (the host's)
+_LANE_FAILURE_AT = 404
+_LANE_PAIRS_AT = 416  # i64: pairs computed through the lane in all (the host's)
+_LANE_TAKEN_AT = 424  # u32: the value of the request the host took last (the host's)
+_LANE_GENERATION_AT = 428  # u32: the last generation a worker began (the worker's)
 _TEXT_AT = 448
-_IDS_AT = _TEXT_AT + TEXT_BYTES
+_LANE_TEXT_AT = _TEXT_AT + TEXT_BYTES
+_IDS_AT = _LANE_TEXT_AT + TEXT_BYTES
 _OK, _FAILED = 0, 1
 _CU_MEMHOSTREGISTER_DEVICEMAP = 0x02
-# a response flag every wait accepts (the device compares flags as (int32)(flag - value) >= 0): what the worker writes
-# to drain a stream stuck on a host that will not answer
-LANE_POISON = 1 << 30
 
 # Waiting: poll for SPIN_S after the last exchange, then sleep in steps doubling from FIRST_SLEEP_S, so a waiter
 # with nothing coming stops burning a core. The spin has to outlast the gap between one layer's crossing and the
@@ -331,9 +338,11 @@ class Mailbox:
 
     def answer(self) -> Answer:
         """The answer to the last request (once `wait_answer` returned True)."""
-        status, rows, cols, dtype, _, _, compute_s = _RESPONSE.unpack_from(self._map, _RESPONSE_AT)
+        status, rows, cols, dtype, code_len, msg_len, compute_s = _RESPONSE.unpack_from(self._map, _RESPONSE_AT)
         if status != _OK:
-            return Answer(None, compute_s, self._failure())
+            code = self._map[_TEXT_AT : _TEXT_AT + code_len].decode()
+            message = self._map[_TEXT_AT + code_len : _TEXT_AT + code_len + msg_len].decode("utf-8", "replace")
+            return Answer(None, compute_s, (code, message))
         return Answer(self._rows(1, _DTYPE_OF[dtype], rows, cols), compute_s)
 
     # --- host side --------------------------------------------------------------------------------------
@@ -367,20 +376,11 @@ class Mailbox:
 
     def fail(self, code: str, message: str) -> None:
         """Answer the taken request with a failure."""
-        self._write_failure(code, message)
-        self._response_seq[0] = self._seq
-
-    def _write_failure(self, code: str, message: str) -> None:
         code_bytes = code.encode("ascii", "replace")[: TEXT_BYTES // 4]
         msg_bytes = message.encode()[: TEXT_BYTES - len(code_bytes)]
         self._map[_TEXT_AT : _TEXT_AT + len(code_bytes) + len(msg_bytes)] = code_bytes + msg_bytes
         _RESPONSE.pack_into(self._map, _RESPONSE_AT, _FAILED, 0, 0, 0, len(code_bytes), len(msg_bytes), 0.0)
-
-    def _failure(self) -> tuple[str, str]:
-        """The (code, message) of the last failure written."""
-        *_, code_len, msg_len, _ = _RESPONSE.unpack_from(self._map, _RESPONSE_AT)
-        code = self._map[_TEXT_AT : _TEXT_AT + code_len].decode()
-        return code, self._map[_TEXT_AT + code_len : _TEXT_AT + code_len + msg_len].decode("utf-8", "replace")
+        self._response_seq[0] = self._seq
 
     # --- the lane ---------------------------------------------------------------------------------------
 
@@ -401,40 +401,69 @@ class Mailbox:
         """Addresses of the lane's request and response flags in this process."""
         return self.address + _LANE_REQUEST, self.address + _LANE_RESPONSE
 
+    def lane_value(self, generation: int, layer: int) -> int:
+        """The flag value of `layer`'s request in `generation`."""
+        return (generation * (self.n_layers + 1) + layer + 1) & SEQ_MASK
+
+    def _u32(self, at: int) -> int:
+        return struct.unpack_from("<I", self._map, at)[0]
+
     # worker side
+
+    def lane_begin_generation(self) -> int:
+        """A generation none of this mailbox's earlier workers used (no request of it is in flight)."""
+        generation = (self._u32(_LANE_GENERATION_AT) + 1) & SEQ_MASK
+        struct.pack_into("<I", self._map, _LANE_GENERATION_AT, generation)
+        return generation
 
     def lane_open(self, rows: int, padded: int, k: int, cols: int, dtype: torch.dtype) -> LaneAreas:
         """Set the lane's shapes for the requests that follow (none may be in flight; check `lane_fits`):
         `padded` rows of `cols` in `dtype` with `k` routed experts each, of which the first `rows` are real.
         Returns the areas the device fills and reads."""
-        _LANE.pack_into(self._map, _LANE_AT, rows, padded, k, cols, DTYPES[dtype], _OK)
+        _LANE.pack_into(self._map, _LANE_AT, rows, padded, k, cols, DTYPES[dtype])
+        _LANE_FAILURE.pack_into(self._map, _LANE_FAILURE_AT, _OK, 0, 0)
         return self._lane_areas(padded, k, cols, dtype)
 
     def set_owners(self, owners: torch.Tensor) -> None:
         """The owner table: (n_layers, max_experts) bool, True where this host computes the expert."""
         self._owners.copy_(owners)
 
-    def lane_post(self, layer: int) -> None:
-        """Raise the request flag for `layer` (what the device does; the areas must be filled first)."""
-        self._lane_request[0] = layer + 1
+    def lane_post(self, value: int) -> None:
+        """Raise the request flag (what the device does; the areas must be filled first)."""
+        self._lane_request[0] = value
 
-    def lane_answered(self, layer: int) -> bool:
-        return self._lane_response[0] >= layer + 1
+    def lane_answered(self, value: int) -> bool:
+        """Whether the response flag is at or past `value`, compared as the device compares."""
+        return (self._lane_response[0] - value) & SEQ_MASK < 1 << 31
 
     def lane_clear(self) -> None:
         """Clear the response flag once the answer is read (what the device does after its wait)."""
         self._lane_response[0] = 0
 
-    def lane_poison(self) -> None:
-        """Satisfy any wait on the response flag: drains a device stream stuck on a host that will not answer."""
-        self._lane_response[0] = LANE_POISON
+    def lane_poison(self, generation: int) -> None:
+        """Satisfy every wait of `generation`'s requests: drains a device stream stuck on a host."""
+        self._lane_response[0] = self.lane_value(generation + 1, -1)  # above its values, below the next one's
+
+    def lane_stalled(self, generation: int) -> bool:
+        """Whether a request of `generation` waits on this host: posted and not taken, or taken and unanswered."""
+        request, taken, response = self._lane_request[0], self._u32(_LANE_TAKEN_AT), self._lane_response[0]
+        first, last = self.lane_value(generation, 0), self.lane_value(generation, self.n_layers - 1)
+
+        def of_generation(value: int) -> bool:
+            return (value - first) & SEQ_MASK <= (last - first) & SEQ_MASK
+
+        return (request != 0 and of_generation(request)) or (of_generation(taken) and response != taken)
 
     def lane_outcome(self) -> tuple[int, tuple[str, str] | None]:
         """(pairs the host computed through the lane since it made the mailbox, (code, message) of a failed
         request since the last lane_open or None)."""
-        *_, status = _LANE.unpack_from(self._map, _LANE_AT)
+        status, code_len, msg_len = _LANE_FAILURE.unpack_from(self._map, _LANE_FAILURE_AT)
         (pairs,) = struct.unpack_from("<q", self._map, _LANE_PAIRS_AT)
-        return pairs, self._failure() if status != _OK else None
+        if status == _OK:
+            return pairs, None
+        code = self._map[_LANE_TEXT_AT : _LANE_TEXT_AT + code_len].decode()
+        text = self._map[_LANE_TEXT_AT + code_len : _LANE_TEXT_AT + code_len + msg_len].decode("utf-8", "replace")
+        return pairs, (code, text)
 
     # host side
 
@@ -442,19 +471,21 @@ class Mailbox:
         return self._lane_request[0] != 0
 
     def lane_take(self) -> LaneRequest:
-        """The pending lane request, taken (its flag cleared). MailboxError when the lane's shapes do not fit
-        this mailbox (answer that with `lane_fail`)."""
-        flag = self._lane_taken = self._lane_request[0]
+        """The pending lane request, taken (its flag cleared). MailboxError when its value or the lane's shapes
+        do not fit this mailbox (answer that with `lane_fail`)."""
+        value = self._lane_taken = self._lane_request[0]
         self._lane_request[0] = 0
-        rows, padded, k, cols, code, _ = _LANE.unpack_from(self._map, _LANE_AT)
+        struct.pack_into("<I", self._map, _LANE_TAKEN_AT, value)
+        layer = (value - 1) % (self.n_layers + 1)
+        rows, padded, k, cols, code = _LANE.unpack_from(self._map, _LANE_AT)
         dtype = _DTYPE_OF.get(code)
-        if not 1 <= flag <= self.n_layers or dtype is None or not 0 <= rows <= padded or k <= 0 or cols <= 0 or \
+        if layer >= self.n_layers or dtype is None or not 0 <= rows <= padded or k <= 0 or cols <= 0 or \
                 not self.lane_fits(padded, k, cols, dtype):
-            raise MailboxError(f"lane request for layer {flag - 1}: {rows} of {padded} rows x {cols} of dtype code "
-                               f"{code} with {k} experts each do not fit this mailbox")
+            raise MailboxError(f"lane request {value} (layer {layer} of {self.n_layers}): {rows} of {padded} rows x "
+                               f"{cols} of dtype code {code} with {k} experts each do not fit this mailbox")
         areas = self._lane_areas(padded, k, cols, dtype)
-        return LaneRequest(flag - 1, areas.ids[:rows], areas.weights[:rows], areas.hidden[:rows], areas.out,
-                           self._owners[flag - 1])
+        return LaneRequest(layer, areas.ids[:rows], areas.weights[:rows], areas.hidden[:rows], areas.out,
+                           self._owners[layer])
 
     def lane_reply(self, pairs: int) -> None:
         """Answer the taken lane request (its rows written into its `out`), having computed `pairs` pairs."""
@@ -464,6 +495,8 @@ class Mailbox:
 
     def lane_fail(self, code: str, message: str) -> None:
         """Answer the taken lane request with a failure (the device goes on; the worker reads it afterwards)."""
-        self._write_failure(code, message)
-        struct.pack_into("<i", self._map, _LANE_STATUS_AT, _FAILED)
+        code_bytes = code.encode("ascii", "replace")[: TEXT_BYTES // 4]
+        msg_bytes = message.encode()[: TEXT_BYTES - len(code_bytes)]
+        self._map[_LANE_TEXT_AT : _LANE_TEXT_AT + len(code_bytes) + len(msg_bytes)] = code_bytes + msg_bytes
+        _LANE_FAILURE.pack_into(self._map, _LANE_FAILURE_AT, _FAILED, len(code_bytes), len(msg_bytes))
         self._lane_response[0] = self._lane_taken

@@ -229,8 +229,9 @@ def test_the_lane_carries_a_layer_its_answer_and_a_failure(shm_path):
     areas.weights.copy_(torch.rand(4, 2))
     areas.hidden.copy_(torch.randn(4, 16))
     assert not host.lane_pending()
-    worker.lane_post(2)
-    assert host.lane_pending() and not worker.lane_answered(2)
+    generation = worker.lane_begin_generation()
+    worker.lane_post(worker.lane_value(generation, 2))
+    assert host.lane_pending() and not worker.lane_answered(worker.lane_value(generation, 2))
     request = host.lane_take()
     assert not host.lane_pending(), "taking a request clears its flag"
     assert request.layer == 2 and request.owned.tolist() == owners[2].tolist()
@@ -238,20 +239,27 @@ def test_the_lane_carries_a_layer_its_answer_and_a_failure(shm_path):
     assert torch.equal(request.hidden, areas.hidden[:3]) and request.out.shape == (4, 16)
     request.out.copy_(torch.arange(64.0).view(4, 16))
     host.lane_reply(3)
-    assert worker.lane_answered(2) and not worker.lane_answered(3)
+    assert worker.lane_answered(worker.lane_value(generation, 2))
+    assert not worker.lane_answered(worker.lane_value(generation + 1, 0)), "a later generation's wait goes on"
     assert torch.equal(areas.out, torch.arange(64.0).view(4, 16)) and worker.lane_outcome() == (3, None)
     worker.lane_clear()
-    assert not worker.lane_answered(0)
+    assert not worker.lane_answered(worker.lane_value(generation, 0))
 
     worker.lane_open(rows=3, padded=2, k=2, cols=16, dtype=torch.float32)  # more real rows than rows
-    worker.lane_post(0)
+    worker.lane_post(worker.lane_value(generation, 0))
+    assert worker.lane_stalled(generation), "posted, not taken"
     with pytest.raises(MailboxError, match="do not fit"):
         host.lane_take()
+    assert worker.lane_stalled(generation), "taken, not answered"
     host.lane_fail("bad_work", "no such rows")
-    assert worker.lane_answered(0) and worker.lane_outcome() == (3, ("bad_work", "no such rows"))
+    assert not worker.lane_stalled(generation)
+    assert worker.lane_answered(worker.lane_value(generation, 0))
+    assert worker.lane_outcome() == (3, ("bad_work", "no such rows"))
     worker.lane_clear()
-    worker.lane_poison()
-    assert all(worker.lane_answered(layer) for layer in range(3))
+    worker.lane_poison(generation)  # every wait of this generation ends, none of the next
+    assert all(worker.lane_answered(worker.lane_value(generation, layer)) for layer in range(3))
+    assert worker.lane_begin_generation() == generation + 1
+    assert not worker.lane_answered(worker.lane_value(generation + 1, 0))
     worker.close()
     host.close()
     os.unlink(shm_path)
