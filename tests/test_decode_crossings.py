@@ -22,6 +22,7 @@ from shared.make_model import make_model
 from shared.reference import ReferenceModel
 
 PROMPTS = [[1, 2, 3], list(range(40, 57)), [7]]
+ARCHS = ["qwen3moe", "qwen2moe", "mixtral", "olmoe"]  # qwen2moe: a shared expert beside the routed ones
 MAX_TOKENS = 8
 
 
@@ -29,7 +30,7 @@ MAX_TOKENS = 8
 def tiny(tmp_path_factory) -> dict[str, tuple[Path, ReferenceModel]]:
     out = tmp_path_factory.mktemp("models")
     models = {}
-    for arch in ("qwen3moe", "qwen2moe"):  # qwen2moe: a shared expert beside the routed ones
+    for arch in ARCHS:
         path = out / f"{arch}.gguf"
         make_model(path, arch=arch, preset="tiny", dtype="f32", seed=1)
         models[arch] = path, ReferenceModel(GGUFModel(path))
@@ -49,7 +50,7 @@ def value(page: str, name: str) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["qwen3moe", "qwen2moe"])
+@pytest.mark.parametrize("arch", ARCHS)
 def test_greedy_tokens_through_the_lanes_equal_the_oracle_alone_and_batched(tiny, arch):
     check_greedy_tokens(*tiny[arch], "--device", "cpu")
 
