@@ -40,7 +40,7 @@ from shared.bench_measure import cpu_read_bandwidth
 from shared.config import Config
 from shared.expert_cache import ExpertLayout
 from shared.expert_math import ExpertWeights
-from shared.native_kernels import grouped_swiglu, load_library, pin_threads
+from shared.native_kernels import grouped_swiglu, lane_swiglu, layer_table, load_library, pin_threads
 from shared.process import torch_threads
 from shared.quant import matrix_tensors, quantized_ffn
 
@@ -52,7 +52,7 @@ FLOOR_SIZE = 64  # experts of (64, 64) matrices: their FFN time is Python, dispa
 GROUPED_FORMATS = ("int8", "int4", "int4+int8")
 GROUPED_EXPERTS = 8  # experts per layer call: top-8 routing
 GROUPED_ROWS = (1, 4)
-NATIVE, PER_EXPERT = "native, one call", "torch, per expert"
+NATIVE, PER_EXPERT, LANE = "native, one call", "torch, per expert", "lane request"
 
 
 @dataclass(frozen=True)
@@ -174,19 +174,29 @@ class Result:
 
 def seconds_per_layer(x: torch.Tensor, experts: list[ExpertWeights], path: str, warm_up: bool = False) -> float:
     """Seconds of one layer's grouped work, GROUPED_EXPERTS experts of x.shape[0] rows each, over one pass through
-    `experts` in groups of that many: one native call per group, or torch's quantized_ffn per expert."""
+    `experts` in groups of that many: one native call per group, torch's quantized_ffn per expert, or a lane
+    request per group (each row of x routed to the group's experts, each row's weighted sum answered)."""
     grouped = x.repeat(GROUPED_EXPERTS, 1)
     counts = [x.shape[0]] * GROUPED_EXPERTS
     groups = [experts[i : i + GROUPED_EXPERTS] for i in range(0, len(experts), GROUPED_EXPERTS)]
+    hidden, ffn = x.shape[1], experts[0][0][0].shape[0]
+    tables = [layer_table(dict(enumerate(group)), GROUPED_EXPERTS, hidden, ffn) for group in groups]
+    ids = torch.arange(GROUPED_EXPERTS, dtype=torch.int32).repeat(x.shape[0], 1)
+    route, owned = torch.full(ids.shape, 1 / GROUPED_EXPERTS), torch.ones(GROUPED_EXPERTS, dtype=torch.bool)
+    out = torch.empty_like(x)
 
     def one_pass() -> None:
-        for group in groups:
+        for group, table in zip(groups, tables, strict=True):
             if path == NATIVE:
-                if grouped_swiglu(grouped, group, counts) is None:
-                    raise RuntimeError("the native kernel declined the benchmark's experts")
+                declined = grouped_swiglu(grouped, group, counts) is None
+            elif path == LANE:
+                declined = table is None or lane_swiglu(table, ids, route, owned, x, out) is None
             else:
+                declined = False
                 for weights in group:
                     quantized_ffn(x, *weights)
+            if declined:
+                raise RuntimeError("the native kernel declined the benchmark's experts")
     return pass_seconds(one_pass, warm_up) / len(groups)
 
 
@@ -195,7 +205,7 @@ class GroupedResult:
     label: str
     rows: int  # per expert
     threads: int
-    path: str  # native (one call for the layer's experts) or torch (one quantized_ffn per expert)
+    path: str  # native (one call for the layer's experts), lane (a lane request's answer) or torch (per expert)
     seconds: float  # per layer call of GROUPED_EXPERTS experts
     weight_bytes: int  # per expert
     read_bandwidth: float  # bytes/s, same threads
@@ -240,7 +250,7 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True, pin
     best: dict[tuple[str, int, int, str], float] = {}
     floor: dict[tuple[str, int], float] = {}
     grouped: dict[tuple[str, int, int, str], float] = {}
-    paths = [NATIVE, PER_EXPERT] if load_library() is not None else [PER_EXPERT]
+    paths = [NATIVE, LANE, PER_EXPERT] if load_library() is not None else [PER_EXPERT]
     cores = sorted(os.sched_getaffinity(0))  # before binding changes this thread's
     for sweep in range(settings.sweeps):
         for n in threads:
@@ -284,7 +294,8 @@ def markdown_table(results: list[Result]) -> str:
 def grouped_table(results: list[GroupedResult]) -> str:
     """Grouped by format and rows per expert, the two paths next to each other for each thread count."""
     order = {label: i for i, label in enumerate(GROUPED_FORMATS)}
-    return table(GROUPED_HEAD, sorted(results, key=lambda r: (order[r.label], r.rows, r.threads, r.path != NATIVE)))
+    paths = [NATIVE, LANE, PER_EXPERT]
+    return table(GROUPED_HEAD, sorted(results, key=lambda r: (order[r.label], r.rows, r.threads, paths.index(r.path))))
 
 
 def table(head: tuple[str, ...], ordered: list[Result] | list[GroupedResult]) -> str:
@@ -322,7 +333,9 @@ def report(results: list[Result], grouped: list[GroupedResult], settings: Settin
     grouped_method = (
         f"A layer's grouped work: {GROUPED_EXPERTS} experts of the same shape at 1 and 4 rows each (bf16 "
         f"activations), the same experts taken {GROUPED_EXPERTS} at a time so the weights come from "
-        "RAM; one shared.native_kernels.grouped_swiglu call per layer (its Python side included), or "
+        "RAM; one shared.native_kernels.grouped_swiglu call per layer (its Python side included), one "
+        "lane_swiglu call per layer (an expert host's answer to a decode step's lane request: the rows routed to "
+        "the layer's experts, their grouping and each row's weighted sum in the call), or "
         "shared.quant.quantized_ffn once per expert. GB/s counts the layer's stored bytes; read bandwidth as above."
         + ("" if any(r.path == NATIVE for r in grouped) else
            " The native kernel could not be built on this machine, so only torch's path is listed."))

@@ -8,7 +8,6 @@ import logging
 import os
 import time
 
-import numpy as np
 import torch
 import zmq
 from prometheus_client import Counter, Gauge, Histogram
@@ -164,10 +163,15 @@ def compute(store: ExpertStore, layer: int, experts: list[int], counts: list[int
     seconds = time.perf_counter() - start
     if hidden.shape[0] >= PREFETCH_ROWS:
         store.prefetch_next_layer(layer)
+    count_work(seconds, output.shape[0])
+    return output, seconds
+
+
+def count_work(seconds: float, rows: int) -> None:
+    """A work item done: `rows` routed rows in `seconds`."""
     LATENCY.observe(seconds)
     WORK.labels("ok").inc()
-    ROWS.inc(output.shape[0])
-    return output, seconds
+    ROWS.inc(rows)
 
 
 def handle(store: ExpertStore, frames: list) -> list:
@@ -205,18 +209,9 @@ def answer_lane(store: ExpertStore, mailbox: Mailbox) -> None:
     computed from the rows where the device wrote them, and each row's weighted sum written for it to read."""
     try:
         request = mailbox.lane_take()
-        experts, counts, pairs = store.routed_work(request.layer, request.ids.numpy(), request.owned.numpy())
-        rows, k = request.ids.shape
-        out = request.out[:rows]
-        if experts:
-            tokens = pairs // k
-            output, _ = compute(store, request.layer, experts, counts, request.hidden[torch.from_numpy(tokens)])
-            # weighting and summing each row's pairs in one product: (rows, pairs) routing weights by the outputs
-            combine = np.zeros((rows, len(pairs)), dtype=np.float32)
-            combine[tokens, np.arange(len(pairs))] = request.weights.numpy().ravel()[pairs]
-            out.copy_(torch.mm(torch.from_numpy(combine), output.float()))  # CPUs without bf16 products: fp32
-        else:
-            out.zero_()
+        start = time.perf_counter()
+        pairs = store.answer_lane(request)
+        count_work(time.perf_counter() - start, pairs)
     except ValueError as e:  # shapes the lane cannot hold, ids out of range, or experts this host does not hold
         WORK.labels("error").inc()
         mailbox.lane_fail("bad_work", str(e))
@@ -226,8 +221,7 @@ def answer_lane(store: ExpertStore, mailbox: Mailbox) -> None:
         logging.getLogger("expert_host").exception("lane request failed")
         mailbox.lane_fail("internal", repr(e))
         return
-    request.out[rows:] = 0  # the padding's rows: the device adds every row
-    mailbox.lane_reply(len(pairs))
+    mailbox.lane_reply(pairs)
     LANE_WORK.inc()
 
 

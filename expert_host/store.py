@@ -13,7 +13,9 @@ from shared.config import Config
 from shared.device_caps import DeviceCaps, read_device_caps
 from shared.expert_math import ExpertWeights, grouped_ffn
 from shared.expert_source import ExpertSource
+from shared.mailbox import LaneRequest
 from shared.memory_use import read_meminfo
+from shared.native_kernels import LayerTable, lane_swiglu, layer_table
 from shared.placement import Placement
 from shared.quant import matrix_tensors
 
@@ -34,6 +36,7 @@ class ExpertStore:
         self.weights: dict[tuple[int, int], ExpertWeights] = {}
         self.placement_version = 0
         self._arena: memory.Arena | None = None
+        self._lane_tables: dict[int, LayerTable | None] = {}  # layer -> its held experts' addresses, made on use
 
     @classmethod
     def from_config(cls, source: ExpertSource, host_index: int, config: Config) -> ExpertStore:
@@ -45,6 +48,7 @@ class ExpertStore:
     def apply(self, placement: Placement) -> None:
         """Hold exactly the experts the placement gives this host, never two copies of them at once."""
         wanted = {layer: placement.on_host(layer, self.host_index) for layer in range(placement.n_layers)}
+        self._lane_tables = {}  # their addresses go with the experts
         if self.kind == "mapped":
             self._apply_mapped(wanted)
         else:
@@ -114,6 +118,7 @@ class ExpertStore:
     def close(self) -> None:
         """Let go of every expert and free the memory they were copied into."""
         self.weights = {}
+        self._lane_tables = {}
         self.placement_version = 0
         self._close_arena()
 
@@ -154,6 +159,40 @@ class ExpertStore:
         starts = np.flatnonzero(np.concatenate(([True], routed[1:] != routed[:-1]))).tolist() if routed.size else []
         counts = [end - start for start, end in itertools.pairwise([*starts, routed.size])]
         return routed[starts].tolist(), counts, pairs
+
+    def answer_lane(self, request: LaneRequest) -> int:
+        """Compute a lane request into its `out`: each real row's weighted sum over its pairs with the experts the
+        request's owner table gives this host, zeros in the padding's rows. Returns the pairs computed; ValueError
+        names what is wrong with the request. Quantized experts in one native call (lane_swiglu), others grouped
+        here and summed in one fp32 product."""
+        table = self._lane_table(request.layer)
+        if table is not None:
+            pairs = lane_swiglu(table, request.ids, request.weights, request.owned, request.hidden, request.out)
+            if pairs is not None:
+                return pairs
+        experts, counts, pairs = self.routed_work(request.layer, request.ids.numpy(), request.owned.numpy())
+        rows, k = request.ids.shape
+        out = request.out[:rows]
+        if experts:
+            tokens = pairs // k
+            output = self.compute(request.layer, experts, counts, request.hidden[torch.from_numpy(tokens)])
+            # weighting and summing each row's pairs in one product: (rows, pairs) routing weights by the outputs
+            combine = np.zeros((rows, len(pairs)), dtype=np.float32)
+            combine[tokens, np.arange(len(pairs))] = request.weights.numpy().ravel()[pairs]
+            out.copy_(torch.mm(torch.from_numpy(combine), output.float()))  # CPUs without bf16 products: fp32
+        else:
+            out.zero_()
+        request.out[rows:] = 0  # the padding's rows: the device adds every row
+        return len(pairs)
+
+    def _lane_table(self, layer: int) -> LayerTable | None:
+        if layer not in self._lane_tables:
+            cfg = self.model.config
+            held = {e: w for (held_layer, e), w in self.weights.items() if held_layer == layer}
+            # write-combined experts are never computed here (compute says why)
+            self._lane_tables[layer] = None if self.kind == "write-combined" else \
+                layer_table(held, cfg.n_experts, cfg.hidden, cfg.expert_ffn)
+        return self._lane_tables[layer]
 
     def compute(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
         """Validate a work item against what this host holds, then run it; ValueError names what is wrong."""

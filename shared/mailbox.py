@@ -239,6 +239,9 @@ class Mailbox:
                                             offset=_owners_at(self.max_experts)).view(self.n_layers,
                                                                                       self.max_experts)
         self._typed: dict[tuple[int, torch.dtype, int], torch.Tensor] = {}
+        # the host's: each layer's lane request views for the lane's shapes (their header), made once, not per layer
+        self._lane_requests: dict[int, LaneRequest] = {}
+        self._lane_header: tuple[int, ...] = ()
         self._seq = self._request_seq[0]  # the worker's last request; the host's last taken request
         self.dma: bool | None = None  # the mailbox page-locked and mapped for the GPU; None: not tried
 
@@ -300,6 +303,7 @@ class Mailbox:
         for view in (self._request_seq, self._response_seq, self._lane_request, self._lane_response):
             view.release()
         self._areas, self._typed, self._owners = [], {}, None  # type: ignore[assignment]
+        self._lane_requests = {}
         with contextlib.suppress(BufferError):  # views still held by a caller keep the map until they go
             self._map.close()
         os.close(self._fd)
@@ -477,15 +481,21 @@ class Mailbox:
         self._lane_request[0] = 0
         struct.pack_into("<I", self._map, _LANE_TAKEN_AT, value)
         layer = (value - 1) % (self.n_layers + 1)
-        rows, padded, k, cols, code = _LANE.unpack_from(self._map, _LANE_AT)
-        dtype = _DTYPE_OF.get(code)
-        if layer >= self.n_layers or dtype is None or not 0 <= rows <= padded or k <= 0 or cols <= 0 or \
-                not self.lane_fits(padded, k, cols, dtype):
-            raise MailboxError(f"lane request {value} (layer {layer} of {self.n_layers}): {rows} of {padded} rows x "
-                               f"{cols} of dtype code {code} with {k} experts each do not fit this mailbox")
-        areas = self._lane_areas(padded, k, cols, dtype)
-        return LaneRequest(layer, areas.ids[:rows], areas.weights[:rows], areas.hidden[:rows], areas.out,
-                           self._owners[layer])
+        header = _LANE.unpack_from(self._map, _LANE_AT)
+        if header != self._lane_header:
+            self._lane_requests, self._lane_header = {}, header
+        request = self._lane_requests.get(layer)
+        if request is None:
+            rows, padded, k, cols, code = header
+            dtype = _DTYPE_OF.get(code)
+            if layer >= self.n_layers or dtype is None or not 0 <= rows <= padded or k <= 0 or cols <= 0 or \
+                    not self.lane_fits(padded, k, cols, dtype):
+                raise MailboxError(f"lane request {value} (layer {layer} of {self.n_layers}): {rows} of {padded} rows "
+                                   f"x {cols} of dtype code {code} with {k} experts each do not fit this mailbox")
+            areas = self._lane_areas(padded, k, cols, dtype)
+            request = self._lane_requests[layer] = LaneRequest(layer, areas.ids[:rows], areas.weights[:rows],
+                                                               areas.hidden[:rows], areas.out, self._owners[layer])
+        return request
 
     def lane_reply(self, pairs: int) -> None:
         """Answer the taken lane request (its rows written into its `out`), having computed `pairs` pairs."""

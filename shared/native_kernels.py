@@ -19,7 +19,8 @@ import tempfile
 import threading
 import weakref
 from array import array
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -142,6 +143,11 @@ def load_library() -> ctypes.CDLL | None:
                 lib.tierserve_grouped_swiglu.argtypes = [
                     ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64,
                     ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+                lib.tierserve_lane_swiglu.restype = ctypes.c_int64
+                lib.tierserve_lane_swiglu.argtypes = [
+                    ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64,
+                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
                 lib.tierserve_pin_threads.restype = ctypes.c_int
                 lib.tierserve_pin_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
                 _library = lib
@@ -252,3 +258,63 @@ def grouped_swiglu(x: torch.Tensor, weights: Sequence[ExpertWeights], counts: Se
     if status:
         raise ValueError(f"native grouped SwiGLU refused its input: {ERRORS.get(status, status)}")
     return out if bf16 else out.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class LayerTable:
+    """A layer's experts as the lane kernel looks them up by id: their formats and each expert's six addresses
+    (zeros for the experts this host does not hold), valid while the tensors they were taken from live."""
+
+    kinds: tuple[type, type]
+    pointers: bytes
+    n_experts: int
+    hidden: int
+    ffn: int
+
+
+def layer_table(weights: Mapping[int, ExpertWeights], n_experts: int, hidden: int, ffn: int) -> LayerTable | None:
+    """The table of a layer's held experts (`weights` by id); None where the native kernel does not take them:
+    none held, float weights, experts in different formats, shapes its int4 tiles do not fit, or tensors that are
+    not contiguous. Raises ValueError for an expert whose tensors are not its layout's."""
+    if not weights:
+        return None
+    first = next(iter(weights.values()))
+    kinds = (type(first[0]), type(first[-1]))
+    if not all(kind in FORMAT_CODES for kind in kinds) or \
+            (kinds[0] is Int4Matrix and (ffn % INT4_ROW_TILE or hidden % INT4_GROUP)) or \
+            (kinds[1] is Int4Matrix and (hidden % INT4_ROW_TILE or ffn % INT4_GROUP)):
+        return None
+    table = bytearray(6 * 8 * n_experts)
+    for e, matrices in weights.items():
+        if not 0 <= e < n_experts:
+            raise ValueError(f"expert {e} is not one of the layer's {n_experts}")
+        pointers = _expert_pointers(matrices, kinds, ffn, hidden, e)
+        if pointers is None:
+            return None
+        table[48 * e : 48 * (e + 1)] = pointers
+    return LayerTable(kinds, bytes(table), n_experts, hidden, ffn)
+
+
+def lane_swiglu(table: LayerTable, ids: torch.Tensor, weights: torch.Tensor, owned: torch.Tensor, x: torch.Tensor,
+                out: torch.Tensor) -> int | None:
+    """A lane request's whole answer in one native call (shared/native/grouped_ffn.c): the rows of x (rows,
+    hidden), each routed to the experts of its row of ids with its row of weights (rows, k), through the experts
+    `owned` marks (a bool per expert id), each row's weighted sum written to out (padded, hidden), zeros below the
+    real rows. Returns the pairs computed; None, having written nothing, where the kernel does not answer it: x
+    neither fp32 nor bf16, an expert with INT8_DEQUANTIZE_ROWS pairs or more, an id out of range, an owned
+    expert not in the table, or no library. The grouped path then computes it or names what is wrong."""
+    rows, k = ids.shape
+    if x.dtype not in (torch.float32, torch.bfloat16) or out.dtype != x.dtype or ids.dtype != torch.int32 or \
+            weights.dtype != torch.float32 or owned.dtype != torch.bool or owned.shape != (table.n_experts,) or \
+            x.shape != (rows, table.hidden) or out.dim() != 2 or out.shape[0] < rows or out.shape[1] != table.hidden \
+            or weights.shape != ids.shape or \
+            not all(t.is_cpu and t.is_contiguous() for t in (ids, weights, owned, x, out)):
+        return None
+    lib = load_library()
+    if lib is None:
+        return None
+    pairs = lib.tierserve_lane_swiglu(FORMAT_CODES[table.kinds[0]], FORMAT_CODES[table.kinds[1]], rows, out.shape[0],
+                                      k, ids.data_ptr(), weights.data_ptr(), owned.data_ptr(), table.pointers,
+                                      table.n_experts, table.hidden, table.ffn, x.data_ptr(), out.data_ptr(),
+                                      x.dtype == torch.bfloat16, INT8_DEQUANTIZE_ROWS - 1, torch.get_num_threads())
+    return pairs if pairs >= 0 else None

@@ -1,6 +1,6 @@
 """The CPU-kernel benchmark end to end: `python -m bench.cpu_kernels_bench --quick` writes a table with a row of
 positive figures for every format, rows per expert and thread count, and with more than one thread for each way
-of sharing the work out; and a second one with a row for each grouped case on both paths."""
+of sharing the work out; and a second one with a row for each grouped case on each path."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from bench.cpu_kernels_bench import (
     GROUPED_HEAD,
     GROUPED_ROWS,
     HEAD,
+    LANE,
     MATRICES,
     NATIVE,
     PER_EXPERT,
@@ -52,7 +53,7 @@ def test_quick_run_writes_every_row_with_positive_figures(tmp_path):
                 for split in ([MATRICES, EXPERTS] if t > 1 else [MATRICES])}
     assert rows_of(lines[1:second], len(HEAD)) == expected
     expected = {(label, n, t, path) for label in GROUPED_FORMATS for n in GROUPED_ROWS for t in threads
-                for path in (NATIVE, PER_EXPERT)}
+                for path in (NATIVE, LANE, PER_EXPERT)}
     assert rows_of(lines[second + 1:], len(GROUPED_HEAD)) == expected
 
 
@@ -65,7 +66,7 @@ def test_grouped_only_run_writes_only_the_grouped_table(tmp_path):
     threads = thread_counts(os.cpu_count() or 1, host_thread_counts())
     assert rows_of(lines[1:], len(GROUPED_HEAD)) == {(label, n, t, path) for label in GROUPED_FORMATS
                                                      for n in GROUPED_ROWS for t in threads
-                                                     for path in (NATIVE, PER_EXPERT)}
+                                                     for path in (NATIVE, LANE, PER_EXPERT)}
 
 
 def rows_of(lines: list[str], columns: int) -> set[tuple[str, int, int, str]]:

@@ -143,6 +143,75 @@ def test_gates_far_below_zero_give_silus_zero_not_nan(fmt):
     assert got is not None and bool(torch.isfinite(got).all())
     scale = float(by_torch.float().abs().max())
     assert float((got.float() - by_torch.float()).abs().max()) <= TORCH_TOLERANCE * scale
+# A lane request: 3 real rows of 5, 3 experts each among 6; experts 0-2, 4 and 5 held here, 3 not; 0, 1, 2 and 5
+# owned (4 is held but another host's in this request). Pair order within an expert is the rows' order.
+LANE_IDS = [[0, 5, 4], [2, 0, 3], [5, 1, 0]]
+LANE_HELD = [0, 1, 2, 4, 5]
+LANE_OWNED = [0, 1, 2, 5]
+
+
+def lane_request(fmt: str, ffn: int, hidden: int, dtype: torch.dtype, ids: list[list[int]] = LANE_IDS,
+                 padded: int = 5) -> tuple:
+    weights = experts(fmt, ffn, hidden, 6, seed=7)
+    table = native_kernels.layer_table({e: weights[e] for e in LANE_HELD}, 6, hidden, ffn)
+    generator = torch.Generator().manual_seed(8)
+    x = torch.randn(len(ids), hidden, generator=generator).to(dtype)
+    route = torch.rand(len(ids), len(ids[0]), generator=generator)
+    owned = torch.zeros(6, dtype=torch.bool)
+    owned[LANE_OWNED] = True
+    out = torch.full((padded, hidden), 7.0, dtype=dtype)  # nothing the kernel writes
+    return weights, table, torch.tensor(ids, dtype=torch.int32), route, owned, x, out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("fmt, ffn, hidden", SHAPES)
+def test_a_lane_request_in_one_call_is_the_weighted_sum_of_the_grouped_calls_outputs(fmt, ffn, hidden, dtype):
+    weights, table, ids, route, owned, x, out = lane_request(fmt, ffn, hidden, dtype)
+    assert table is not None
+    pairs = native_kernels.lane_swiglu(table, ids, route, owned, x, out)
+    assert pairs == sum(e in LANE_OWNED for row in LANE_IDS for e in row) == 7
+    # the grouped call on the same groups (an expert's rows in the rows' order: int4 sums a block of rows at once)
+    pairs_of = {e: [(r, j) for r, row in enumerate(LANE_IDS) for j, f in enumerate(row) if f == e] for e in LANE_OWNED}
+    slots = [pair for e in LANE_OWNED for pair in pairs_of[e]]
+    outputs = grouped_swiglu(x[[r for r, _ in slots]], [weights[e] for e in LANE_OWNED],
+                             [len(pairs_of[e]) for e in LANE_OWNED]).float()
+    want = torch.zeros(len(LANE_IDS), hidden)
+    for (r, j), output in zip(slots, outputs, strict=True):
+        want[r] += route[r, j] * output
+    got = out.float()
+    # the same bf16 outputs summed in another order: fp32 rounding, then bf16's where the lane is bf16
+    tolerance = (2.0**-7 if dtype == torch.bfloat16 else 1e-5) * float(want.abs().max())
+    assert float((got[: len(LANE_IDS)] - want).abs().max()) <= tolerance
+    assert not got[len(LANE_IDS) :].any(), "the padding's rows are zeros"
+
+
+def test_a_lane_request_the_kernel_does_not_take_is_left_unwritten():
+    """An id out of range, an owned expert not held, an expert with a GEMM's rows or activations in fp16: None
+    and nothing written, so the grouped path computes it or names what is wrong."""
+    for ids in ([[0, 6, 1]], [[0, 3, 1]]):
+        weights, table, ids_t, route, owned, x, out = lane_request("int8", 128, 256, torch.float32, ids, padded=2)
+        if ids[0][1] == 3:
+            owned[3] = True
+        before = out.clone()
+        assert native_kernels.lane_swiglu(table, ids_t, route, owned, x, out) is None
+        assert torch.equal(out, before)
+    gemm = [[0, 1]] * INT8_DEQUANTIZE_ROWS
+    weights, table, ids_t, route, owned, x, out = lane_request("int4", 128, 256, torch.float32, gemm, padded=16)
+    assert native_kernels.lane_swiglu(table, ids_t, route, owned, x, out) is None
+    assert native_kernels.lane_swiglu(table, ids_t[:-1], route[:-1], owned, x[:-1], out) == 2 * 15
+    half = lane_request("int8", 128, 256, torch.float16, padded=3)
+    assert native_kernels.lane_swiglu(*half[1:]) is None
+
+
+def test_a_layer_table_takes_only_what_the_kernel_computes():
+    assert native_kernels.layer_table({}, 6, 256, 128) is None
+    floats = {0: tuple(torch.randn(shape) for shape in ((64, 128), (64, 128), (128, 64)))}
+    assert native_kernels.layer_table(floats, 6, 128, 64) is None
+    assert native_kernels.layer_table({0: experts("int4+int8", 96, 128, 1)[0]}, 6, 128, 96) is None  # int4 tiles
+    table = native_kernels.layer_table({5: experts("int8", 64, 128, 1)[0]}, 6, 128, 64)
+    assert table is not None and table.pointers[: 5 * 48] == bytes(5 * 48) and any(table.pointers[5 * 48 :])
+    with pytest.raises(ValueError, match="expert 6 is not one of the layer's 6"):
+        native_kernels.layer_table({6: experts("int8", 64, 128, 1)[0]}, 6, 128, 64)
 
 
 def test_same_bits_on_any_number_of_threads_and_alternating_with_torchs_threads():

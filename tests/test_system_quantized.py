@@ -17,6 +17,7 @@ from shared.launcher import RunningSystem
 from shared.make_model import make_model
 from shared.quant import quantized_ffn
 from shared.reference import ReferenceModel
+from tests.test_decode_crossings import metrics, value
 
 PROMPTS = [[1, 2, 3], list(range(40, 57))]
 MAX_TOKENS = 8
@@ -25,6 +26,7 @@ PLACEMENTS = {
     "one-host": (1, 0, ()),
     "half-hot": (2, 16, ()),
     "streamed": (1, 0, ("--soft-slots", "16", "--cold-path", "stream")),
+    "lanes": (2, 0, ("--decode-crossings", "true")),  # decode steps' pairs in one native call a host and layer
 }
 FORMATS = {"q4_0": "int4", "q8_0": "int8", "q4_k_m": "int4+int8"}  # q4_k_m: its last layer's format
 
@@ -55,3 +57,7 @@ def test_quantized_experts_serve_the_oracles_tokens(served, dtype, placement):
             for prompt, want in zip(PROMPTS, expected, strict=True):
                 got = client.complete(token_ids=prompt, max_tokens=MAX_TOKENS).token_ids
                 assert got == want, f"{dtype} {placement} prompt {prompt}"
+            if placement == "lanes":  # every decode step's layer crossed through a lane
+                lane_items = sum(value(page, "tierserve_expert_host_lane_work_total")
+                                 for member, page in metrics(client).items() if member.startswith("expert-host"))
+                assert lane_items >= len(PROMPTS) * (MAX_TOKENS - 1) * GGUFModel(path).config.n_layers

@@ -48,7 +48,7 @@
 #define MAX_ROWS 16   /* rows per expert (the caller sends fewer): the per-task products live on the stack */
 
 enum { FMT_INT8 = 0, FMT_INT4 = 1 };
-enum { OK = 0, ERR_FORMAT = 1, ERR_SHAPE = 2, ERR_ROWS = 3, ERR_MEMORY = 4 };
+enum { OK = 0, ERR_FORMAT = 1, ERR_SHAPE = 2, ERR_ROWS = 3, ERR_MEMORY = 4, ERR_ID = 5, ERR_HELD = 6 };
 
 static inline float bf16_to_float(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -321,10 +321,67 @@ static int check_shape(int fmt, int64_t n, int64_t k) {
     return n % TILE || k % GROUP ? ERR_SHAPE : OK; /* 64-row tiles, 32-column groups */
 }
 
+/* One grouped SwiGLU's operands: group g takes counts[g] rows of x from row starts[g], through the expert whose
+ * 6 addresses are ptrs[6 g ..] (gate values, gate scales, up values, up scales, down values, down scales; int8: q,
+ * scale; int4: packed, scale_zero). x is fp32 in int8_position order for int8 gate and up; h (rows, ffn) is
+ * scratch; out (rows, hidden) bf16. */
+struct swiglu {
+    int fmt_in, fmt_out, bf16_activations;
+    int64_t n_groups, hidden, ffn;
+    const int64_t *counts, *starts;
+    const uint64_t *ptrs;
+    const float *x;
+    float *h;
+    uint16_t *out;
+};
+
+/* Both phases as orphaned worksharing loops, run by every thread of the caller's parallel region: one fork and
+ * join per call; the barrier between the loops orders h. The task loops are guided: a matrix's tiles lie one
+ * after another in memory, so a thread's first chunks are long runs its prefetchers keep ahead of, and the last
+ * tasks go out one by one to even out the threads' ends (on the GPU machine's Xeon, 8 experts at one row, int4 on
+ * 8 threads: median 370 us against 405 handing out single tiles; bench/cpu_kernels.md) */
+static void swiglu_phases(const struct swiglu *s) {
+    const int64_t hidden = s->hidden, ffn = s->ffn;
+    const int int8_out = s->fmt_out == FMT_INT8;
+    const int64_t ffn_tiles = (ffn + TILE - 1) / TILE, hidden_tiles = (hidden + TILE - 1) / TILE;
+#pragma omp for schedule(guided)
+    for (int64_t task = 0; task < s->n_groups * ffn_tiles; task++) {
+        const int64_t e = task / ffn_tiles, tile = task % ffn_tiles, rows = s->counts[e];
+        if (rows == 0) continue;
+        const uint64_t *p = s->ptrs + 6 * e;
+        float gate[MAX_ROWS][TILE], up[MAX_ROWS][TILE];
+        const float *xe = s->x + s->starts[e] * hidden;
+        tile_product(s->fmt_in, (const void *)p[0], (const uint16_t *)p[1], ffn, hidden, tile, xe, rows, gate);
+        tile_product(s->fmt_in, (const void *)p[2], (const uint16_t *)p[3], ffn, hidden, tile, xe, rows, up);
+        const int64_t n0 = tile * TILE, width = ffn - n0 < TILE ? ffn - n0 : TILE;
+        for (int64_t r = 0; r < rows; r++) {
+            float *hr = s->h + (s->starts[e] + r) * ffn + n0;
+            for (int64_t j = 0; j < width; j++) {
+                const float g = silu(round_bf16(gate[r][j]));
+                hr[int8_out ? int8_position(n0 + j, ffn) - n0 : j] =
+                    round_bf16((s->bf16_activations ? round_bf16(g) : g) * round_bf16(up[r][j]));
+            }
+        }
+    }
+#pragma omp for schedule(guided)
+    for (int64_t task = 0; task < s->n_groups * hidden_tiles; task++) {
+        const int64_t e = task / hidden_tiles, tile = task % hidden_tiles, rows = s->counts[e];
+        if (rows == 0) continue;
+        const uint64_t *p = s->ptrs + 6 * e;
+        float y[MAX_ROWS][TILE];
+        tile_product(s->fmt_out, (const void *)p[4], (const uint16_t *)p[5], hidden, ffn, tile,
+                     s->h + s->starts[e] * ffn, rows, y);
+        const int64_t n0 = tile * TILE, width = hidden - n0 < TILE ? hidden - n0 : TILE;
+        for (int64_t r = 0; r < rows; r++) {
+            uint16_t *orow = s->out + (s->starts[e] + r) * hidden + n0;
+            for (int64_t j = 0; j < width; j++) orow[j] = float_to_bf16(y[r][j]);
+        }
+    }
+}
+
 /* The grouped SwiGLU: experts e = 0 .. n_experts - 1 take counts[e] consecutive rows of x (rows, hidden),
  * rows = sum(counts). Gate and up are in format fmt_in, down in fmt_out (a Q4_K_M layer: int4 gate and up,
- * int8 down). ptrs holds 6 addresses per expert: gate values, gate scales, up values, up scales,
- * down values, down scales (int8: q, scale; int4: packed, scale_zero). x and out are (rows, hidden) bf16;
+ * int8 down). ptrs holds 6 addresses per expert (struct swiglu). x and out are (rows, hidden) bf16;
  * bf16_activations rounds silu(gate) to bf16 as torch does for bf16 activations. Returns 0, or an error code,
  * having computed nothing. The fp32 copy of x and h (rows, ffn) are the call's scratch, made here rather than by
  * the caller: with the caches swept by the weights, each torch call costs microseconds, and the caller's steps
@@ -348,60 +405,119 @@ int tierserve_grouped_swiglu(int fmt_in, int fmt_out, int64_t n_experts, const i
         free(starts);
         return ERR_MEMORY;
     }
-    float *h = x + total_rows * hidden;
     /* int8 reads its activations in int8_position order: x is copied so for int8 gate and up, and phase 1 writes
      * h so for int8 down */
-    const int int8_in = fmt_in == FMT_INT8, int8_out = fmt_out == FMT_INT8;
-
-    const int64_t ffn_tiles = (ffn + TILE - 1) / TILE, hidden_tiles = (hidden + TILE - 1) / TILE;
-    /* one region for both phases: one fork and join per call; the barrier between the loops orders h. The task
-     * loops are guided: a matrix's tiles lie one after another in memory, so a thread's first chunks are long runs
-     * its prefetchers keep ahead of, and the last tasks go out one by one to even out the threads' ends (on the
-     * GPU machine's Xeon, 8 experts at one row, int4 on 8 threads: median 370 us against 405 handing out single
-     * tiles; bench/cpu_kernels.md) */
+    const int int8_in = fmt_in == FMT_INT8;
+    const struct swiglu s = {fmt_in, fmt_out, bf16_activations, n_experts, hidden, ffn, counts, starts, ptrs,
+                             x, x + total_rows * hidden, out};
 #pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
     {
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < total_rows; r++)
             for (int64_t k = 0; k < hidden; k++)
                 x[r * hidden + (int8_in ? int8_position(k, hidden) : k)] = bf16_to_float(x_bf16[r * hidden + k]);
-#pragma omp for schedule(guided)
-        for (int64_t task = 0; task < n_experts * ffn_tiles; task++) {
-            const int64_t e = task / ffn_tiles, tile = task % ffn_tiles, rows = counts[e];
-            if (rows == 0) continue;
-            const uint64_t *p = ptrs + 6 * e;
-            float gate[MAX_ROWS][TILE], up[MAX_ROWS][TILE];
-            const float *xe = x + starts[e] * hidden;
-            tile_product(fmt_in, (const void *)p[0], (const uint16_t *)p[1], ffn, hidden, tile, xe, rows, gate);
-            tile_product(fmt_in, (const void *)p[2], (const uint16_t *)p[3], ffn, hidden, tile, xe, rows, up);
-            const int64_t n0 = tile * TILE, width = ffn - n0 < TILE ? ffn - n0 : TILE;
-            for (int64_t r = 0; r < rows; r++) {
-                float *hr = h + (starts[e] + r) * ffn + n0;
-                for (int64_t j = 0; j < width; j++) {
-                    const float g = silu(round_bf16(gate[r][j]));
-                    hr[int8_out ? int8_position(n0 + j, ffn) - n0 : j] =
-                        round_bf16((bf16_activations ? round_bf16(g) : g) * round_bf16(up[r][j]));
-                }
-            }
-        }
-#pragma omp for schedule(guided)
-        for (int64_t task = 0; task < n_experts * hidden_tiles; task++) {
-            const int64_t e = task / hidden_tiles, tile = task % hidden_tiles, rows = counts[e];
-            if (rows == 0) continue;
-            const uint64_t *p = ptrs + 6 * e;
-            float y[MAX_ROWS][TILE];
-            tile_product(fmt_out, (const void *)p[4], (const uint16_t *)p[5], hidden, ffn, tile,
-                         h + starts[e] * ffn, rows, y);
-            const int64_t n0 = tile * TILE, width = hidden - n0 < TILE ? hidden - n0 : TILE;
-            for (int64_t r = 0; r < rows; r++) {
-                uint16_t *orow = out + (starts[e] + r) * hidden + n0;
-                for (int64_t j = 0; j < width; j++) orow[j] = float_to_bf16(y[r][j]);
-            }
-        }
+        swiglu_phases(&s);
     }
     free(x);
     free(starts);
     return OK;
+}
+
+/* A mailbox lane's request answered whole (expert_host's answer_lane): `rows` rows of x (fp32, or bf16 where
+ * x_bf16) each routed to k experts (ids and weights, (rows, k)), of which this host computes those `owned` marks
+ * (one byte per expert of the layer; table: each expert's 6 addresses, zeros where it is not held). out (padded,
+ * hidden, x's dtype) gets each row's sum over its owned pairs of weight * expert output, in fp32 from the outputs
+ * rounded to bf16 as the grouped call's are, and zeros in the padding's rows. In C rather than numpy and torch:
+ * a decode step's grouping, gathering and weighted sum were a hundred-odd microseconds of calls a layer, a third
+ * of the experts' own time at one row on 16 threads. Returns the pairs computed, or minus an error code, having
+ * written nothing: ERR_ID (an id outside 0 .. n_experts - 1), ERR_HELD (an owned expert not held), ERR_ROWS (an
+ * expert with more than max_rows pairs: a batch for the caller's GEMM path). */
+int64_t tierserve_lane_swiglu(int fmt_in, int fmt_out, int64_t rows, int64_t padded, int64_t k,
+                              const int32_t *ids, const float *weights, const uint8_t *owned,
+                              const uint64_t *table, int64_t n_experts, int64_t hidden, int64_t ffn,
+                              const void *x_in, void *out, int x_bf16, int64_t max_rows, int num_threads) {
+    int status = check_shape(fmt_in, ffn, hidden);
+    if (status == OK) status = check_shape(fmt_out, hidden, ffn);
+    if (status != OK) return -status;
+    if (rows < 0 || padded < rows || k <= 0 || n_experts <= 0) return -ERR_SHAPE;
+    if (max_rows > MAX_ROWS) max_rows = MAX_ROWS;
+    const int64_t n_pairs = rows * k;
+    /* index arrays in one block: per expert its pairs, then the next free slot of its group; per group its rows,
+     * start and addresses; per pair its slot (-1: not owned); per slot its pair */
+    int64_t *count = calloc((size_t)(10 * n_experts + 2 * n_pairs), sizeof *count);
+    if (!count) return -ERR_MEMORY;
+    int64_t *next = count + n_experts, *group_counts = next + n_experts, *group_starts = group_counts + n_experts;
+    uint64_t *ptrs = (uint64_t *)(group_starts + n_experts);
+    int64_t *slot_of = (int64_t *)(ptrs + 6 * n_experts), *pair_of = slot_of + n_pairs;
+    status = OK;
+    for (int64_t p = 0; p < n_pairs && status == OK; p++) {
+        const int64_t e = ids[p];
+        if (e < 0 || e >= n_experts) status = ERR_ID;
+        else if (owned[e] && !table[6 * e]) status = ERR_HELD;
+        else if (owned[e] && ++count[e] > max_rows) status = ERR_ROWS;
+    }
+    int64_t n_slots = 0, n_groups = 0;
+    for (int64_t e = 0; e < n_experts && status == OK; e++) {
+        next[e] = n_slots;
+        if (!count[e]) continue;
+        group_counts[n_groups] = count[e];
+        group_starts[n_groups] = n_slots;
+        memcpy(ptrs + 6 * n_groups, table + 6 * e, 6 * sizeof *ptrs);
+        n_groups++;
+        n_slots += count[e];
+    }
+    /* scratch: the slots' fp32 rows, h, and their bf16 outputs */
+    float *x = status == OK ? malloc((size_t)(n_slots * (hidden + ffn)) * sizeof *x +
+                                     (size_t)(n_slots * hidden) * sizeof(uint16_t) + 1)
+                            : NULL;
+    if (!x) {
+        free(count);
+        return -(status == OK ? ERR_MEMORY : status);
+    }
+    for (int64_t p = 0; p < n_pairs; p++) {  /* in pair order within each expert, as the Python path groups */
+        const int64_t e = ids[p];
+        slot_of[p] = owned[e] ? next[e]++ : -1;
+        if (slot_of[p] >= 0) pair_of[slot_of[p]] = p;
+    }
+    float *h = x + n_slots * hidden;
+    uint16_t *y = (uint16_t *)(h + n_slots * ffn);
+    const int int8_in = fmt_in == FMT_INT8;
+    const struct swiglu s = {fmt_in, fmt_out, x_bf16, n_groups, hidden, ffn, group_counts, group_starts, ptrs,
+                             x, h, y};
+    const int64_t hidden_tiles = (hidden + TILE - 1) / TILE;
+#pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
+    {
+        /* each slot's row, through bf16 as the grouped call takes its activations */
+#pragma omp for schedule(static)
+        for (int64_t slot = 0; slot < n_slots; slot++) {
+            const int64_t r = pair_of[slot] / k;
+            for (int64_t c = 0; c < hidden; c++) {
+                const float v = x_bf16 ? bf16_to_float(((const uint16_t *)x_in)[r * hidden + c])
+                                       : round_bf16(((const float *)x_in)[r * hidden + c]);
+                x[slot * hidden + (int8_in ? int8_position(c, hidden) : c)] = v;
+            }
+        }
+        swiglu_phases(&s);
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < padded * hidden_tiles; task++) {
+            const int64_t r = task / hidden_tiles, c0 = task % hidden_tiles * TILE;
+            const int64_t c1 = c0 + TILE < hidden ? c0 + TILE : hidden;
+            float sum[TILE] = {0};
+            for (int64_t j = 0; r < rows && j < k; j++) {
+                const int64_t slot = slot_of[r * k + j];
+                if (slot < 0) continue;
+                const float w = weights[r * k + j];
+                for (int64_t c = c0; c < c1; c++) sum[c - c0] += w * bf16_to_float(y[slot * hidden + c]);
+            }
+            for (int64_t c = c0; c < c1; c++) {
+                if (x_bf16) ((uint16_t *)out)[r * hidden + c] = float_to_bf16(sum[c - c0]);
+                else ((float *)out)[r * hidden + c] = sum[c - c0];
+            }
+        }
+    }
+    free(x);
+    free(count);
+    return n_slots;
 }
 
 /* Binds the OpenMP threads of a team of n: team thread i > 0 to cores[i] alone, and the calling thread (0) to all n,
