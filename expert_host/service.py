@@ -211,7 +211,10 @@ def answer_lane(store: ExpertStore, mailbox: Mailbox) -> None:
         request = mailbox.lane_take()
         start = time.perf_counter()
         pairs = store.answer_lane(request)
-        count_work(time.perf_counter() - start, pairs)
+        if pairs:  # as over ZeroMQ and the mailbox, work items are the requests with work in them
+            count_work(time.perf_counter() - start, pairs)
+        if pairs >= PREFETCH_ROWS:
+            store.prefetch_next_layer(request.layer)
     except ValueError as e:  # shapes the lane cannot hold, ids out of range, or experts this host does not hold
         WORK.labels("error").inc()
         mailbox.lane_fail("bad_work", str(e))

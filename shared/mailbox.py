@@ -239,7 +239,7 @@ class Mailbox:
                                             offset=_owners_at(self.max_experts)).view(self.n_layers,
                                                                                       self.max_experts)
         self._typed: dict[tuple[int, torch.dtype, int], torch.Tensor] = {}
-        # the host's: each layer's lane request views for the lane's shapes (their header), made once, not per layer
+        # the host's: each layer's lane request views, made once per layer and lane header, not once per request
         self._lane_requests: dict[int, LaneRequest] = {}
         self._lane_header: tuple[int, ...] = ()
         self._seq = self._request_seq[0]  # the worker's last request; the host's last taken request

@@ -303,6 +303,8 @@ def lane_swiglu(table: LayerTable, ids: torch.Tensor, weights: torch.Tensor, own
     real rows. Returns the pairs computed; None, having written nothing, where the kernel does not answer it: x
     neither fp32 nor bf16, an expert with INT8_DEQUANTIZE_ROWS pairs or more, an id out of range, an owned
     expert not in the table, or no library. The grouped path then computes it or names what is wrong."""
+    if ids.dim() != 2:
+        return None
     rows, k = ids.shape
     if x.dtype not in (torch.float32, torch.bfloat16) or out.dtype != x.dtype or ids.dtype != torch.int32 or \
             weights.dtype != torch.float32 or owned.dtype != torch.bool or owned.shape != (table.n_experts,) or \

@@ -449,12 +449,19 @@ int64_t tierserve_lane_swiglu(int fmt_in, int fmt_out, int64_t rows, int64_t pad
     int64_t *next = count + n_experts, *group_counts = next + n_experts, *group_starts = group_counts + n_experts;
     uint64_t *ptrs = (uint64_t *)(group_starts + n_experts);
     int64_t *slot_of = (int64_t *)(ptrs + 6 * n_experts), *pair_of = slot_of + n_pairs;
+    /* ids and owned are the mailbox's, which the worker may write while a request it gave up on is computed:
+     * each is read once, here, and slot_of keeps the pair's expert (-1: not owned) for the passes below, so a
+     * concurrent write makes wrong numbers at worst, never an index out of these blocks */
     status = OK;
     for (int64_t p = 0; p < n_pairs && status == OK; p++) {
         const int64_t e = ids[p];
-        if (e < 0 || e >= n_experts) status = ERR_ID;
-        else if (owned[e] && !table[6 * e]) status = ERR_HELD;
-        else if (owned[e] && ++count[e] > max_rows) status = ERR_ROWS;
+        if (e < 0 || e >= n_experts) {
+            status = ERR_ID;
+            break;
+        }
+        slot_of[p] = owned[e] ? e : -1;
+        if (slot_of[p] >= 0 && !table[6 * e]) status = ERR_HELD;
+        else if (slot_of[p] >= 0 && ++count[e] > max_rows) status = ERR_ROWS;
     }
     int64_t n_slots = 0, n_groups = 0;
     for (int64_t e = 0; e < n_experts && status == OK; e++) {
@@ -475,9 +482,9 @@ int64_t tierserve_lane_swiglu(int fmt_in, int fmt_out, int64_t rows, int64_t pad
         return -(status == OK ? ERR_MEMORY : status);
     }
     for (int64_t p = 0; p < n_pairs; p++) {  /* in pair order within each expert, as the Python path groups */
-        const int64_t e = ids[p];
-        slot_of[p] = owned[e] ? next[e]++ : -1;
-        if (slot_of[p] >= 0) pair_of[slot_of[p]] = p;
+        if (slot_of[p] < 0) continue;
+        slot_of[p] = next[slot_of[p]]++;
+        pair_of[slot_of[p]] = p;
     }
     float *h = x + n_slots * hidden;
     uint16_t *y = (uint16_t *)(h + n_slots * ffn);
