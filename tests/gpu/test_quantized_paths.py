@@ -66,6 +66,8 @@ SYSTEM_PLACEMENTS = {
     # layer of one decode step
     "hot-slots-host": (("--expert-hosts", "1", "--hot-experts", "8", "--soft-slots", "4", "--soft-staging", "0",
                         "--soft-policy", "decayed-lfu", "--cold-path", "stream"), ("hot", "streamed", "cpu")),
+    # decode steps cross from the device through two hosts' lanes, each answered in one native call from bf16 rows
+    "hot-lanes": (("--expert-hosts", "2", "--hot-experts", "8", "--decode-crossings", "true"), ("hot", "cpu")),
 }
 
 
