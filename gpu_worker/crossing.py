@@ -84,7 +84,8 @@ class DeviceCrossings:
         self.owners: torch.Tensor | None = None  # (n_layers, n_experts) owning host (-1: the worker), for tables
         self.stalled: dict[int, float] = {}  # host -> when its lane may be tried again
         self.supported = True  # the device's stream memory operations work (found on the first lane)
-        self.posted: set[int] = set()  # hosts posted to this step
+        # hosts this step's layers cross to: opened for it, since a replayed graph posts without calling post
+        self.posted: set[int] = set()
         self._shape: tuple | None = None
         self._tables: dict[int, tuple[tuple[int, int], int]] = {}  # host -> (mailbox identity, owners version)
         self._owners_version = 0
@@ -127,6 +128,8 @@ class DeviceCrossings:
                 assert self.owners is not None, "set_owners comes with the placement"
                 lane.mailbox.set_owners(self.owners == host)
                 self._tables[host] = (lane.mailbox.identity, self._owners_version)
+        if ready:
+            self.posted.update(hosts)
         return ready
 
     def _new_lane(self, host: int, mailbox: Mailbox) -> bool:

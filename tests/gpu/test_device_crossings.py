@@ -38,8 +38,11 @@ def captured_step(crossings, h, weights, ids) -> tuple[torch.cuda.CUDAGraph, tor
     return graph, out
 
 
-def run(crossings, graph: torch.cuda.CUDAGraph) -> int:
+def run(crossings, graph: torch.cuda.CUDAGraph, rows: int, padded: int) -> int:
+    """A step as the worker makes one: its layers open the lanes (which is how the step knows whom the replay
+    posts to), the graph replays, the device is waited on and the pairs counted."""
     crossings.begin_step()
+    assert crossings.open([0], rows, padded, K, COLS, torch.float32)
     graph.replay()
     done = torch.cuda.Event()
     done.record()
@@ -57,7 +60,7 @@ def test_a_graph_of_lane_exchanges_replays_with_new_rows(host):
     torch.cuda.synchronize()
     for _ in range(3):
         h.copy_(torch.randn(4, COLS, device=CUDA))
-        assert run(crossings, graph) == 3 * LAYERS  # one even expert a real row, every layer
+        assert run(crossings, graph, 3, 4) == 3 * LAYERS  # one even expert a real row, every layer
         for layer in range(LAYERS):
             assert torch.equal(out[layer, :3], h[:3] * (layer + 1))
             assert not out[layer, 3:].any()  # the padding row
@@ -72,9 +75,9 @@ def test_a_host_that_stops_answering_is_drained_with_poison(host):
     assert crossings.open([0], 2, 2, K, COLS, torch.float32)
     graph, _ = captured_step(crossings, h, weights, ids)  # warm-up answered: LAYERS requests
     torch.cuda.synchronize()
-    assert run(crossings, graph) == 2 * LAYERS
+    assert run(crossings, graph, 2, 2) == 2 * LAYERS
     with pytest.raises(ExpertHostError, match="no lane answer"):
-        run(crossings, graph)  # the host answers one layer, then stalls
+        run(crossings, graph, 2, 2)  # the host answers one layer, then stalls
     torch.cuda.synchronize()  # the stream ran on
     assert not crossings.open([0], 2, 2, K, COLS, torch.float32), "the lane is not used again"
     remote.close()
