@@ -71,10 +71,12 @@ def test_the_registration_follows_a_restarted_host(remote):
     host.kill()
     with pytest.raises(ExpertHostError, match="no answer"):
         remote.receive(0, 2)
-    successor = Host(path)  # a new mailbox file: the old one is closed (unregistered), the new one registered
+    successor = Host(path)  # a new mailbox file, registered; the old one unregistered once the step is over
     output, want = exchange(remote, 3, torch.float32)
     assert torch.equal(output.cpu(), want)
-    assert remote.mailboxes[0] is not first and first.dma is None and remote.mailboxes[0].dma is True
+    assert remote.mailboxes[0] is not first and first.dma is True, "closed between steps, not while one runs"
+    remote.close_retired()
+    assert first.dma is None and remote.mailboxes[0].dma is True
     assert (torch.ones(4, device=CUDA) * 2).sum().item() == 8  # kernels still launch after the unregistration
     stop_host(remote.mailboxes[0], successor)
 
