@@ -258,5 +258,8 @@ class Trunk:
                 else:
                     x = x + out
         with section("lm_head"):
-            last = torch.tensor([len(ch.token_ids) for ch in chunks], device=self.device).cumsum(0) - 1
-            return (rms_norm(x[last], w["output_norm.weight"], c.norm_eps) @ w["output.weight"].T).float()
+            if len(ids) > n:  # not when each chunk is one token: the copy would wait for the device, and a decode
+                # step's device may wait on a dead host's lane until the worker answers it with poison (crossing)
+                last = torch.tensor([len(ch.token_ids) for ch in chunks], device=self.device).cumsum(0) - 1
+                x = x[last]
+            return (rms_norm(x, w["output_norm.weight"], c.norm_eps) @ w["output.weight"].T).float()
