@@ -84,7 +84,9 @@ class DecodeGraphs:
         self.rope_cos, self.rope_sin, self.spare_slot = rope_cos, rope_sin, spare_slot
         self.device = rope_cos.device
         self.batches: dict[tuple[int, int], StaticBatch] = {}
-        self.pool = torch.cuda.graph_pool_handle() if capture else None
+        # a pool object, not graph_pool_handle's id: the id's pool goes once its last graph does (a failed lane
+        # exchange drops every whole layer's), and capturing into it again trips an assert inside torch
+        self.pool = torch.cuda.MemPool() if capture else None
         self.stream = torch.cuda.Stream(self.device) if capture else None
 
     def fits(self, n_seqs: int, longest_context: int) -> bool:
@@ -185,7 +187,7 @@ class DecodeGraphs:
         with torch.cuda.stream(self.stream):
             body()
             graph: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
+            graph.capture_begin(pool=self.pool.id, capture_error_mode="thread_local")
             try:
                 body()
                 graph.capture_end()
