@@ -84,9 +84,7 @@ class DecodeGraphs:
         self.rope_cos, self.rope_sin, self.spare_slot = rope_cos, rope_sin, spare_slot
         self.device = rope_cos.device
         self.batches: dict[tuple[int, int], StaticBatch] = {}
-        # a pool object, not graph_pool_handle's id: the id's pool goes once its last graph does (a failed lane
-        # exchange drops every whole layer's), and capturing into it again trips an assert inside torch
-        self.pool = torch.cuda.MemPool() if capture else None
+        self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.stream = torch.cuda.Stream(self.device) if capture else None
 
     def fits(self, n_seqs: int, longest_context: int) -> bool:
@@ -149,6 +147,7 @@ class DecodeGraphs:
         """Forget the MoE's graphs (they read buffers of an MoE that was replaced)."""
         for batch in self.batches.values():
             batch.moe_graphs.clear()
+        self._new_pool()
 
     def drop_layers(self, layers: list[int]) -> None:
         """Forget these layers' graphs (their hot experts changed)."""
@@ -157,6 +156,15 @@ class DecodeGraphs:
                 batch.whole_graphs.pop(layer, None)
                 for with_hot in (False, True):
                     batch.graphs.pop((layer, with_hot), None)
+        self._new_pool()
+
+    def _new_pool(self) -> None:
+        """Later graphs capture into a new pool: torch's allocators (the device's and the pinned host one) release
+        a pool once its last graph goes, and a capture into the same id then trips their internal asserts (on the
+        H200, after a failed lane exchange dropped every whole layer's graph, every later step failed; a
+        MemPool held by the worker kept the device's pool but not the host's). The graphs kept keep theirs."""
+        if self.capture:
+            self.pool = torch.cuda.graph_pool_handle()
 
     def _run(self, graphs: dict[K, torch.cuda.CUDAGraph], key: K, body: Callable[[], None]) -> None:
         if not self.capture:
@@ -187,7 +195,7 @@ class DecodeGraphs:
         with torch.cuda.stream(self.stream):
             body()
             graph: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
-            graph.capture_begin(pool=self.pool.id, capture_error_mode="thread_local")
+            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
                 body()
                 graph.capture_end()
