@@ -215,6 +215,8 @@ def _toml_string(value: str) -> str:
 
 
 _HINTS = typing.get_type_hints(Config)
+_BOOL_WORDS = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False,
+               "off": False}
 _FIELDS = {f.name for f in dataclasses.fields(Config)}
 
 
@@ -224,13 +226,14 @@ def _coerce(name: str, value: Any) -> Any:
         return parse_bytes(value)
     try:
         if hint is bool:
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
+            if isinstance(value, bool):
+                return value
+            # anything else is an error: a mistyped "ture" read as false would silently turn a feature off
+            return _BOOL_WORDS[str(value).lower()]
         if hint is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
         return hint(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, KeyError):
         raise ValueError(f"config {name}: {value!r} is not a valid {hint.__name__}") from None
 
 
@@ -239,7 +242,10 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
     values: dict[str, Any] = {}
     if path:
         with open(path, "rb") as f:
-            data = tomllib.load(f)
+            try:
+                data = tomllib.load(f)
+            except tomllib.TOMLDecodeError as e:
+                raise ValueError(f"{path}: not valid TOML: {e}") from None
         unknown = sorted(set(data) - _FIELDS)
         if unknown:
             raise ValueError(f"{path}: unknown config key(s): {', '.join(unknown)}")
@@ -260,4 +266,8 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    return load_config(args.config, **{name: getattr(args, name, None) for name in _FIELDS})
+    """The configuration a command's --config and flags give; a bad file or value exits with its message alone."""
+    try:
+        return load_config(args.config, **{name: getattr(args, name, None) for name in _FIELDS})
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"tierserve: {e}") from None

@@ -1,0 +1,43 @@
+"""The one configuration object: a TOML file, flags over it, and a clear error for anything it cannot use."""
+
+import subprocess
+import sys
+
+import pytest
+
+from shared.config import load_config
+
+
+def test_flags_override_the_file_and_values_take_their_fields_types(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('model = "m.gguf"\nexpert_hosts = 2\ncuda_graphs = false\ngpu_expert_budget = "4GB"\n')
+    config = load_config(path, expert_hosts="3", cuda_graphs="on", decode_crossings=None)
+    assert (config.model, config.expert_hosts, config.cuda_graphs) == ("m.gguf", 3, True)
+    assert config.gpu_expert_budget == 4 * 1000**3
+    assert config.decode_crossings is False  # None leaves the default
+    assert load_config(path, cuda_graphs="0").cuda_graphs is False
+
+
+@pytest.mark.parametrize("word", ["ture", "2", "enabled", ""])
+def test_a_word_that_is_not_a_boolean_is_an_error_not_false(word):
+    with pytest.raises(ValueError, match=f"cuda_graphs: '{word}' is not a valid bool"):
+        load_config(None, cuda_graphs=word)
+
+
+def test_unknown_keys_and_bad_toml_name_the_file(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text('model = "m.gguf"\nexpert_host = 2\n')
+    with pytest.raises(ValueError, match=r"c\.toml: unknown config key\(s\): expert_host"):
+        load_config(path)
+    path.write_text("model = \n")
+    with pytest.raises(ValueError, match=r"c\.toml: not valid TOML"):
+        load_config(path)
+    with pytest.raises(ValueError, match="unknown config key 'modle'"):
+        load_config(None, modle="m.gguf")
+
+
+def test_tierserve_up_exits_with_the_message_alone(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--decode-crossings", "ture"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert run.stderr.strip() == "tierserve: config decode_crossings: 'ture' is not a valid bool"
