@@ -195,8 +195,9 @@ class DecodeGraphs:
         with torch.cuda.stream(self.stream):
             body()
             graph: torch.cuda.CUDAGraph | None = torch.cuda.CUDAGraph()
-            graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
             try:
+                # capture_begin inside: it can fail in an allocator after the stream began capturing
+                graph.capture_begin(pool=self.pool, capture_error_mode="thread_local")
                 body()
                 graph.capture_end()
             except BaseException as e:
@@ -206,7 +207,8 @@ class DecodeGraphs:
                     graph.capture_end()
                 if not isinstance(e, RuntimeError):
                     raise
-                # e.g. a kernel this torch cannot capture: decode runs eagerly from now on
+                # e.g. a kernel this torch cannot capture, or an allocator's assert: the step has its values
+                # from the warm-up, and decode runs eagerly from now on rather than failing every step
                 log.warning("CUDA graph capture failed (%s); decode steps run without graphs", e)
                 self.capture, graph = False, None
         current.wait_stream(self.stream)
