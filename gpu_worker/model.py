@@ -233,7 +233,7 @@ class Trunk:
             with section(LAYER):
                 part = on_device(i, n, static.x.shape[0]) if on_device is not None else None
                 if part is not None and part.whole:
-                    with section("attention"):  # the router and the experts are in the same graph
+                    with section("whole_layer"):  # one graph: attention, router, experts and crossings
                         self.graphs.run_whole(i, static, functools.partial(self._whole_layer, i, static, part.moe))  # type: ignore[union-attr]
                     x = static.x[:n]
                     continue

@@ -86,8 +86,9 @@ class Engine:
         num_blocks = max(1, config.kv_cache_tokens // config.kv_block_size)
         cuda = self.device.type == "cuda"
         # crossings from the device need a decode step's static rows; a CPU worker runs them without capture
+        crossing = config.decode_crossings and config.cold_path != "stream" and remote is not None
         self.crossings = DeviceCrossings(remote, self.device, config.expert_timeout_s) \
-            if config.decode_crossings and remote is not None and (config.cuda_graphs or not cuda) else None
+            if crossing and (config.cuda_graphs or not cuda) else None
         self.trunk = Trunk(model, self.device, dtype, num_blocks, config.kv_block_size,
                            decode_graphs=(config.cuda_graphs and cuda) or self.crossings is not None)
         if self.crossings is not None:

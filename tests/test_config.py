@@ -14,7 +14,7 @@ def test_flags_override_the_file_and_values_take_their_fields_types(tmp_path):
     config = load_config(path, expert_hosts="3", cuda_graphs="on", decode_crossings=None)
     assert (config.model, config.expert_hosts, config.cuda_graphs) == ("m.gguf", 3, True)
     assert config.gpu_expert_budget == 4 * 1000**3
-    assert config.decode_crossings is False  # None leaves the default
+    assert config.decode_crossings is True  # None leaves the default
     assert load_config(path, cuda_graphs="0").cuda_graphs is False
 
 

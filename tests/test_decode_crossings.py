@@ -87,6 +87,20 @@ def check_greedy_tokens(path: Path, oracle: ReferenceModel, *device: str) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("options, crossing", [((), True), (("--cold-path", "stream"), False),
+                                               (("--decode-crossings", "off"), False)],
+                         ids=["default", "cold-path-stream", "off"])
+def test_decode_steps_cross_by_default_unless_cold_experts_are_streamed_or_crossings_are_off(tiny, options, crossing):
+    path, oracle = tiny["qwen3moe"]
+    prompt = PROMPTS[0]
+    with RunningSystem(str(path), "--expert-hosts", "1", "--hot-experts", "0", "--device", "cpu",
+                       *options) as system, Client(system.endpoint) as client:
+        assert client.complete(token_ids=prompt, max_tokens=MAX_TOKENS).token_ids == oracle.greedy(prompt, MAX_TOKENS)
+        lanes = value(metrics(client)["expert-host-0"], "tierserve_expert_host_lane_work_total")
+    assert (lanes >= (MAX_TOKENS - 1) * oracle.cfg.n_layers) if crossing else lanes == 0
+
+
+@pytest.mark.slow
 def test_hot_experts_on_the_worker_and_cold_ones_through_the_lanes(tiny):
     check_hot_and_crossing(*tiny["qwen3moe"], 4, "--device", "cpu")
 

@@ -375,8 +375,10 @@ def test_system_gives_the_oracles_tokens_and_leaves_no_shared_memory(tmp_path, d
     make_model(model, arch="qwen3moe", preset="tiny", dtype="f32", seed=3)
     oracle = ReferenceModel(GGUFModel(model))
     prompts = [[1, 2, 3], list(range(40, 57))]
+    # decode steps through the mailboxes' per-layer messages, not their lanes (tests/test_decode_crossings.py)
     with RunningSystem(str(model), "--expert-hosts", "2", "--hot-experts", "0", "--data-plane", data_plane,
-                       "--mailbox-bytes", "4096") as system, Client(system.endpoint) as client:
+                       "--mailbox-bytes", "4096", "--decode-crossings", "false") as system, \
+            Client(system.endpoint) as client:
         run = Config(run_dir=client.stats().stats["run_dir"])  # other runs on this machine have mailboxes too
         mailboxes = [mailbox_path(run.expert_host_endpoint(i)) for i in range(2)]
         present = [os.path.exists(path) for path in mailboxes]

@@ -26,10 +26,11 @@ def small(tmp_path_factory):
 
 
 def test_a_gpu_workers_decode_profile_accounts_for_its_steps(small):
-    """8 of 32 experts per layer on the GPU, the rest on two expert hosts; two requests decoding together."""
+    """8 of 32 experts per layer on the GPU, the rest on two expert hosts; two requests decoding together. Without
+    decode crossings: with them a layer is one graph replay, and its crossings to the hosts are inside it."""
     prompts = [prompt_ids(list(range(3, 4000, 7)), 16, v) for v in range(32)]
-    result = profile_system(str(small), ["--device", "cuda", "--expert-hosts", "2", "--hot-experts", "8"], 8, 2,
-                            prompts, 600.0)
+    result = profile_system(str(small), ["--device", "cuda", "--expert-hosts", "2", "--hot-experts", "8",
+                                         "--decode-crossings", "false"], 8, 2, prompts, 600.0)
     print(result["table"])
     w = ProfileWindow.from_dict(result["window"])
     n_layers = GGUFModel(small).config.n_layers

@@ -92,9 +92,11 @@ PROMPTS = [[1, 2, 3], [7, 8, 9, 10, 11]]
 
 
 def served_tokens(model, data_plane: str, *options: str) -> list[list[int]]:
-    """Every expert on two expert hosts: each layer of each token crosses to them."""
+    """Every expert on two expert hosts: each layer of each token crosses to them, in the mailboxes' per-layer
+    messages (their lanes are tests/gpu/test_decode_crossings.py's)."""
     with RunningSystem(str(model), "--device", "cuda", "--expert-hosts", "2", "--hot-experts", "0",
-                       "--data-plane", data_plane, *options) as system, Client(system.endpoint) as client:
+                       "--data-plane", data_plane, "--decode-crossings", "false", *options) as system, \
+            Client(system.endpoint) as client:
         return [client.complete(token_ids=prompt, max_tokens=16).token_ids for prompt in PROMPTS]
 
 
