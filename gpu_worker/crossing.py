@@ -62,7 +62,7 @@ class _Lane:
     """One host's lane as the worker uses it."""
 
     mailbox: Mailbox
-    areas: LaneAreas
+    areas: LaneAreas | None  # None while the step's shapes do not fit the mailbox
     request_flag: int  # device addresses of the flags (on a CPU unused)
     response_flag: int
     generation: int  # of the flag values this lane's requests carry
@@ -71,14 +71,21 @@ class _Lane:
     def value(self, layer: int) -> int:
         return self.mailbox.lane_value(self.generation, layer)
 
+    @property
+    def open_areas(self) -> LaneAreas:
+        assert self.areas is not None, "a layer crosses only through lanes open for its step's shapes"
+        return self.areas
+
 
 class DeviceCrossings:
     """The lanes of a RemoteExperts' hosts. A step begins (`begin_step`), opens them for its rows (`open`), each
     layer that crosses posts its rows and collects the answers, and the step ends with `end_step` once the device
     is done (`wait`), or with `abandon` where it raised."""
 
-    def __init__(self, remote: RemoteExperts, device: torch.device, timeout_s: float) -> None:
+    def __init__(self, remote: RemoteExperts, device: torch.device, timeout_s: float,
+                 hosts: frozenset[int] | None = None) -> None:
         self.remote, self.device, self.timeout_s = remote, device, timeout_s
+        self.lane_hosts = hosts  # those that may have a lane (None: all); a layer with another's experts won't cross
         self.lanes: dict[int, _Lane] = {}
         self.retired: list[_Lane] = []  # lanes of replaced mailboxes, until the step that may use them ends
         self.owners: torch.Tensor | None = None  # (n_layers, n_experts) owning host (-1: the worker), for tables
@@ -102,21 +109,24 @@ class DeviceCrossings:
         the lanes are set once for the step's shapes."""
         if not self.supported:
             return False
-        self._drop_replaced()
+        self._drop_replaced(retire=True)
         shape = (rows, padded, k, cols, dtype)
         if shape != self._shape:
-            for host, lane in list(self.lanes.items()):  # every lane follows the step's shapes
-                if lane.mailbox.lane_fits(padded, k, cols, dtype):
-                    lane.areas = lane.mailbox.lane_open(*shape)
-                else:
-                    del self.lanes[host]
+            # every lane follows the step's shapes; one they do not fit is kept (a new lane would drop every graph)
+            for lane in self.lanes.values():
+                fits = lane.mailbox.lane_fits(padded, k, cols, dtype)
+                lane.areas = lane.mailbox.lane_open(*shape) if fits else None
             self._shape = shape
         ready = True
         for host in hosts:
-            if time.monotonic() < self.stalled.get(host, 0.0):
+            if time.monotonic() < self.stalled.get(host, 0.0) or (self.lane_hosts is not None and
+                                                                   host not in self.lane_hosts):
                 ready = False
                 continue
             lane = self.lanes.get(host)
+            if lane is not None and lane.areas is None:
+                ready = False
+                continue
             if lane is None:
                 mailbox = self.remote.lane_mailbox(host, self.device)
                 if mailbox is None or not mailbox.lane_fits(padded, k, cols, dtype) or not self._new_lane(host,
@@ -162,12 +172,15 @@ class DeviceCrossings:
         _check(_stream_ops()[0](ctypes.c_void_p(stream.cuda_stream), flag, 0, 0), "cuStreamWriteValue32")
         stream.synchronize()
 
-    def _drop_replaced(self) -> None:
-        """Retire lanes whose mailbox the RemoteExperts let go of (its host's file was replaced or removed, as any
-        exchange may find): queued work may still wait on them until the step ends."""
+    def _drop_replaced(self, retire: bool) -> None:
+        """Drop lanes whose mailbox the RemoteExperts let go of (its host's file was replaced or removed, as any
+        exchange may find). Mid-step they are retired: queued work may still wait on them until the step ends.
+        Between steps nothing does, and the data plane may have closed their mailboxes already."""
         for host, lane in list(self.lanes.items()):
             if self.remote.mailboxes[host] is not lane.mailbox:
-                self.retired.append(self.lanes.pop(host))
+                dropped = self.lanes.pop(host)
+                if retire:
+                    self.retired.append(dropped)
                 self.stalled.pop(host, None)
                 self.on_change()
 
@@ -176,7 +189,7 @@ class DeviceCrossings:
         lanes of mailboxes replaced meanwhile go (the data plane closes them between steps)."""
         self.posted.clear()
         self.retired.clear()
-        self._drop_replaced()
+        self._drop_replaced(retire=False)
         for lane in self.lanes.values():
             lane.pairs_seen = lane.mailbox.lane_outcome()[0]
 
@@ -188,9 +201,10 @@ class DeviceCrossings:
         if self.device.type == "cpu":
             for host in hosts:
                 lane = self.lanes[host]
-                lane.areas.ids.copy_(expert_ids)
-                lane.areas.weights.copy_(weights)
-                lane.areas.hidden.copy_(h)
+                areas = lane.open_areas
+                areas.ids.copy_(expert_ids)
+                areas.weights.copy_(weights)
+                areas.hidden.copy_(h)
                 lane.mailbox.lane_post(lane.value(layer))
             return
         write, _, dtoh, _, _ = _stream_ops()
@@ -198,7 +212,8 @@ class DeviceCrossings:
         sources = (expert_ids.to(torch.int32).contiguous(), weights.float().contiguous(), h.contiguous())
         for host in hosts:
             lane = self.lanes[host]
-            for source, area in zip(sources, (lane.areas.ids, lane.areas.weights, lane.areas.hidden), strict=True):
+            areas = lane.open_areas
+            for source, area in zip(sources, (areas.ids, areas.weights, areas.hidden), strict=True):
                 assert source.dtype == area.dtype and source.shape == area.shape, "the lane is open for other rows"
                 _check(dtoh(ctypes.c_void_p(area.data_ptr()), source.data_ptr(), source.nbytes, stream),
                        "cuMemcpyDtoHAsync")
@@ -221,7 +236,7 @@ class DeviceCrossings:
                 except ExpertHostError:
                     self._failed([host])
                     raise
-                total += lane.areas.out
+                total += lane.open_areas.out
                 lane.mailbox.lane_clear()
             return total
         write, wait, _, htod, _ = _stream_ops()
@@ -230,7 +245,7 @@ class DeviceCrossings:
             lane = self.lanes[host]
             _check(wait(stream, lane.response_flag, lane.value(layer), _WAIT_GEQ), "cuStreamWaitValue32")
             answer = torch.empty_like(like)
-            _check(htod(answer.data_ptr(), ctypes.c_void_p(lane.areas.out.data_ptr()), answer.nbytes, stream),
+            _check(htod(answer.data_ptr(), ctypes.c_void_p(lane.open_areas.out.data_ptr()), answer.nbytes, stream),
                    "cuMemcpyHtoDAsync")
             _check(write(stream, lane.response_flag, 0, 0), "cuStreamWriteValue32")
             total += answer
@@ -243,6 +258,7 @@ class DeviceCrossings:
             self.stalled[host] = time.monotonic() + STALLED_RETRY_S
         for lane in self.lanes.values():
             lane.generation = lane.mailbox.lane_begin_generation()
+        self._shape = None  # reopening the lanes resets a failure status a late answer may still leave
         self.on_change()
 
     def _progress(self) -> int:
@@ -291,7 +307,7 @@ class DeviceCrossings:
         ExpertHostError where a host failed a lane request."""
         self.settle()
         self.retired.clear()
-        self._drop_replaced()
+        self._drop_replaced(retire=False)
         pairs, failed = 0, None
         for host in sorted(self.posted & set(self.lanes)):
             lane = self.lanes[host]
@@ -301,6 +317,5 @@ class DeviceCrossings:
                 failed = host, failure
         if failed is not None:
             self._failed([])
-            self._shape = None  # reopening the lanes resets their status
             raise ExpertHostError(failed[0], *failed[1])
         return pairs

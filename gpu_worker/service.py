@@ -85,9 +85,12 @@ class Engine:
         dtype = pick_dtype(config, self.device)
         num_blocks = max(1, config.kv_cache_tokens // config.kv_block_size)
         cuda = self.device.type == "cuda"
-        # crossings from the device need a decode step's static rows; a CPU worker runs them without capture
-        crossing = config.decode_crossings and config.cold_path != "stream" and remote is not None
-        self.crossings = DeviceCrossings(remote, self.device, config.expert_timeout_s) \
+        # crossings from the device need a decode step's static rows; a CPU worker runs them without capture. A
+        # lane needs a mailbox (a host on this machine), and a host whose memory is write-combined computes nothing.
+        lane_hosts = frozenset(h for h in range(config.expert_hosts)
+                               if config.shm_data_plane(h) and config.host_memory_for(h) != "write-combined")
+        crossing = config.decode_crossings and config.cold_path != "stream" and remote is not None and lane_hosts
+        self.crossings = DeviceCrossings(remote, self.device, config.expert_timeout_s, lane_hosts) \
             if crossing and (config.cuda_graphs or not cuda) else None
         self.trunk = Trunk(model, self.device, dtype, num_blocks, config.kv_block_size,
                            decode_graphs=(config.cuda_graphs and cuda) or self.crossings is not None)
@@ -118,8 +121,13 @@ class Engine:
         # take many heartbeat timeouts, and the worker must not be declared dead then.
         self.keep_alive: Callable[[], None] = lambda: None
         # Code the step calls marks its sections with step_profile.section, the MoE dispatch's included.
-        self.profile = StepProfile(config.profile_steps,
-                                   torch.cuda.synchronize if self.device.type == "cuda" else None)
+        self.profile = StepProfile(config.profile_steps, self._sync_device if self.device.type == "cuda" else None)
+
+    def _sync_device(self) -> None:
+        # a crossing layer's device may wait on a host that died: settle answers it with poison past the timeout
+        if self.crossings is not None:
+            self.crossings.settle()
+        torch.cuda.synchronize(self.device)
 
     def apply(self, placement: Placement) -> None:
         changed = self.hot.apply(placement, self.keep_alive)

@@ -150,3 +150,54 @@ def test_answers_left_behind_by_a_failed_step_are_never_taken_for_a_later_one(ho
     for layer in (0, 1):
         assert torch.equal(exchange(crossings, layer, fresh, weights, ids, hosts=[1]), fresh * (layer + 1))
     remote.close()
+
+
+def test_a_lane_too_small_for_a_steps_rows_is_kept_for_the_steps_that_fit(host):
+    """A step of more rows than the mailbox holds takes the usual path; the lane stays, so the next small step
+    crosses without a new lane (which would drop every layer's graphs)."""
+    crossings, remote = crossings_to(host(), torch.device("cpu"))
+    changes: list[int] = []
+    crossings.on_change = lambda: changes.append(1)
+    weights, ids = routed(2, torch.device("cpu"))
+    h = torch.randn(2, COLS)
+    for rows in (2, 4096, 2):
+        crossings.begin_step()
+        fits = crossings.open([0], rows, rows, K, COLS, torch.float32)
+        assert fits == (rows == 2)
+        if fits:
+            assert torch.equal(exchange(crossings, 1, h, weights, ids), 2 * h)
+        crossings.end_step()
+    assert changes == [1]
+    remote.close()
+
+
+def test_a_mailbox_replaced_and_closed_between_steps_is_dropped_and_its_successor_crosses(host, monkeypatch):
+    monkeypatch.setattr("gpu_worker.remote.RECHECK_S", 0.0)
+    first = host()
+    crossings, remote = crossings_to(first, torch.device("cpu"))
+    weights, ids = routed(2, torch.device("cpu"))
+    h = torch.randn(2, COLS)
+    crossings.begin_step()
+    assert crossings.open([0], 2, 2, K, COLS, torch.float32)
+    exchange(crossings, 0, h, weights, ids)
+    crossings.end_step()
+    first.process.kill()
+    first.process.join()
+    os.unlink(mailbox_path(first.endpoint))
+    successor = FORK.Process(target=serve_lanes, args=(mailbox_path(first.endpoint), 1000), daemon=True)
+    successor.start()
+    try:
+        deadline = time.monotonic() + 30
+        while remote.lane_mailbox(0, torch.device("cpu")) is None or not remote.retired:
+            assert time.monotonic() < deadline, "the successor's mailbox was not found"
+            time.sleep(0.01)
+        remote.close_retired()  # a step that did not cross: the data plane closes the old mailbox
+        crossings.begin_step()
+        assert not crossings.retired, "a closed mailbox is nothing a failed step could poison"
+        assert crossings.open([0], 2, 2, K, COLS, torch.float32)
+        assert torch.equal(exchange(crossings, 3, h, weights, ids), 4 * h)
+        assert crossings.end_step() == 2
+    finally:
+        successor.kill()
+        successor.join()
+        remote.close()
