@@ -156,7 +156,7 @@ class DeviceCrossings:
                 self.supported = False
                 return False
         self.lanes[host] = _Lane(mailbox, areas, request, response, mailbox.lane_begin_generation(),
-                                 mailbox.lane_outcome()[0])
+                                 mailbox.lane_pairs())
         self.on_change()
         return True
 
@@ -191,7 +191,7 @@ class DeviceCrossings:
         self.retired.clear()
         self._drop_replaced(retire=False)
         for lane in self.lanes.values():
-            lane.pairs_seen = lane.mailbox.lane_outcome()[0]
+            lane.pairs_seen = lane.mailbox.lane_pairs()
 
     def post(self, layer: int, hosts: list[int], h: torch.Tensor, weights: torch.Tensor,
              expert_ids: torch.Tensor) -> None:
@@ -262,7 +262,7 @@ class DeviceCrossings:
         self.on_change()
 
     def _progress(self) -> int:
-        return sum(lane.mailbox.lane_outcome()[0] for lane in self.lanes.values())
+        return sum(lane.mailbox.lane_pairs() for lane in self.lanes.values())
 
     def wait(self, done: torch.cuda.Event) -> None:
         """Until the device has run the step (`done` recorded after it), with the worker's keep-alive. While no
@@ -311,8 +311,8 @@ class DeviceCrossings:
         pairs, failed = 0, None
         for host in sorted(self.posted & set(self.lanes)):
             lane = self.lanes[host]
-            total, failure = lane.mailbox.lane_outcome()
-            pairs += total - lane.pairs_seen
+            pairs += lane.mailbox.lane_pairs() - lane.pairs_seen
+            failure = lane.mailbox.lane_failure(lane.generation)
             if failure is not None and failed is None:
                 failed = host, failure
         if failed is not None:

@@ -91,6 +91,7 @@ _LANE_FAILURE_AT = 404
 _LANE_PAIRS_AT = 416  # i64: pairs computed through the lane in all (the host's)
 _LANE_TAKEN_AT = 424  # u32: the value of the request the host took last (the host's)
 _LANE_GENERATION_AT = 428  # u32: the last generation a worker began (the worker's)
+_LANE_FAILED_AT = 432  # u32: the value of the request the failure answered (the host's)
 _TEXT_AT = 448
 _LANE_TEXT_AT = _TEXT_AT + TEXT_BYTES
 _IDS_AT = _LANE_TEXT_AT + TEXT_BYTES
@@ -448,26 +449,29 @@ class Mailbox:
         """Satisfy every wait of `generation`'s requests: drains a device stream stuck on a host."""
         self._lane_response[0] = self.lane_value(generation + 1, -1)  # above its values, below the next one's
 
+    def _of_generation(self, value: int, generation: int) -> bool:
+        first, last = self.lane_value(generation, 0), self.lane_value(generation, self.n_layers - 1)
+        return (value - first) & SEQ_MASK <= (last - first) & SEQ_MASK
+
     def lane_stalled(self, generation: int) -> bool:
         """Whether a request of `generation` waits on this host: posted and not taken, or taken and unanswered."""
         request, taken, response = self._lane_request[0], self._u32(_LANE_TAKEN_AT), self._lane_response[0]
-        first, last = self.lane_value(generation, 0), self.lane_value(generation, self.n_layers - 1)
+        return (request != 0 and self._of_generation(request, generation)) or \
+            (self._of_generation(taken, generation) and response != taken)
 
-        def of_generation(value: int) -> bool:
-            return (value - first) & SEQ_MASK <= (last - first) & SEQ_MASK
+    def lane_pairs(self) -> int:
+        """Pairs the host computed through the lane since it made the mailbox."""
+        return struct.unpack_from("<q", self._map, _LANE_PAIRS_AT)[0]
 
-        return (request != 0 and of_generation(request)) or (of_generation(taken) and response != taken)
-
-    def lane_outcome(self) -> tuple[int, tuple[str, str] | None]:
-        """(pairs the host computed through the lane since it made the mailbox, (code, message) of a failed
-        request since the last lane_open or None)."""
+    def lane_failure(self, generation: int) -> tuple[str, str] | None:
+        """(code, message) of a request of `generation` that failed since the last lane_open, or None: a late
+        failure of an earlier generation's request (one a failed step abandoned) is not this one's."""
         status, code_len, msg_len = _LANE_FAILURE.unpack_from(self._map, _LANE_FAILURE_AT)
-        (pairs,) = struct.unpack_from("<q", self._map, _LANE_PAIRS_AT)
-        if status == _OK:
-            return pairs, None
+        if status == _OK or not self._of_generation(self._u32(_LANE_FAILED_AT), generation):
+            return None
         code = self._map[_LANE_TEXT_AT : _LANE_TEXT_AT + code_len].decode()
         text = self._map[_LANE_TEXT_AT + code_len : _LANE_TEXT_AT + code_len + msg_len].decode("utf-8", "replace")
-        return pairs, (code, text)
+        return code, text
 
     # host side
 
@@ -508,5 +512,6 @@ class Mailbox:
         code_bytes = code.encode("ascii", "replace")[: TEXT_BYTES // 4]
         msg_bytes = message.encode()[: TEXT_BYTES - len(code_bytes)]
         self._map[_LANE_TEXT_AT : _LANE_TEXT_AT + len(code_bytes) + len(msg_bytes)] = code_bytes + msg_bytes
+        struct.pack_into("<I", self._map, _LANE_FAILED_AT, self._lane_taken)
         _LANE_FAILURE.pack_into(self._map, _LANE_FAILURE_AT, _FAILED, len(code_bytes), len(msg_bytes))
         self._lane_response[0] = self._lane_taken

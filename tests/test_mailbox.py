@@ -241,7 +241,8 @@ def test_the_lane_carries_a_layer_its_answer_and_a_failure(shm_path):
     host.lane_reply(3)
     assert worker.lane_answered(worker.lane_value(generation, 2))
     assert not worker.lane_answered(worker.lane_value(generation + 1, 0)), "a later generation's wait goes on"
-    assert torch.equal(areas.out, torch.arange(64.0).view(4, 16)) and worker.lane_outcome() == (3, None)
+    assert torch.equal(areas.out, torch.arange(64.0).view(4, 16))
+    assert worker.lane_pairs() == 3 and worker.lane_failure(generation) is None
     worker.lane_clear()
     assert not worker.lane_answered(worker.lane_value(generation, 0))
 
@@ -254,7 +255,8 @@ def test_the_lane_carries_a_layer_its_answer_and_a_failure(shm_path):
     host.lane_fail("bad_work", "no such rows")
     assert not worker.lane_stalled(generation)
     assert worker.lane_answered(worker.lane_value(generation, 0))
-    assert worker.lane_outcome() == (3, ("bad_work", "no such rows"))
+    assert worker.lane_pairs() == 3 and worker.lane_failure(generation) == ("bad_work", "no such rows")
+    assert worker.lane_failure(generation + 1) is None, "a failure of an earlier generation's request is not its"
     worker.lane_clear()
     worker.lane_poison(generation)  # every wait of this generation ends, none of the next
     assert all(worker.lane_answered(worker.lane_value(generation, layer)) for layer in range(3))
