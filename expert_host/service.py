@@ -25,6 +25,7 @@ from shared.placement import expert_host_id
 from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process
 from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
 
+_log = logging.getLogger("expert_host")  # for work items, outside serve's own logger
 WORK = Counter("tierserve_expert_host_work_total", "Work items (one layer's experts for one batch)", ["outcome"])
 ROWS = Counter("tierserve_expert_host_rows_total", "Token rows computed")
 MAILBOX_WORK = Counter("tierserve_expert_host_mailbox_work_total",
@@ -188,6 +189,10 @@ def handle(store: ExpertStore, frames: list) -> list:
     except ValueError as e:
         WORK.labels("error").inc()
         return encode(ExpertFailure(step=msg.step, layer=msg.layer, code="bad_work", message=str(e)))
+    except Exception as e:  # one work item's failure must not take the host, and the experts it serves, down
+        WORK.labels("error").inc()
+        _log.exception("work item failed")
+        return encode(ExpertFailure(step=msg.step, layer=msg.layer, code="internal", message=repr(e)))
     return encode(ExpertResult(step=msg.step, layer=msg.layer, output=output, compute_s=seconds))
 
 
@@ -199,6 +204,11 @@ def answer_mailbox(store: ExpertStore, mailbox: Mailbox) -> None:
     except ValueError as e:  # a request that does not describe its payload, or work the store refuses
         WORK.labels("error").inc()
         mailbox.fail("bad_work", str(e))
+        return
+    except Exception as e:  # the worker waits on this answer: a failure is one too
+        WORK.labels("error").inc()
+        _log.exception("mailbox request failed")
+        mailbox.fail("internal", repr(e))
         return
     mailbox.reply(output, seconds)
     MAILBOX_WORK.inc()
@@ -221,7 +231,7 @@ def answer_lane(store: ExpertStore, mailbox: Mailbox) -> None:
         return
     except Exception as e:  # the device waits on this answer: a failure is one too (the worker reports it)
         WORK.labels("error").inc()
-        logging.getLogger("expert_host").exception("lane request failed")
+        _log.exception("lane request failed")
         mailbox.lane_fail("internal", repr(e))
         return
     mailbox.lane_reply(pairs)

@@ -199,11 +199,12 @@ class ExpertStore:
         if self.kind == "write-combined":
             raise ValueError("this host keeps its experts in write-combined memory, which the CPU reads uncached: "
                              "they are streamed to the GPU, never computed here")
+        hidden_size = self.model.config.hidden
+        if hidden.dim() != 2 or hidden.shape[1] != hidden_size or not hidden.dtype.is_floating_point:
+            raise ValueError(f"hidden is {hidden.dtype} of shape {tuple(hidden.shape)}, expected floats of shape "
+                             f"(rows, {hidden_size})")
         if len(experts) != len(counts) or sum(counts) != hidden.shape[0] or any(n <= 0 for n in counts):
             raise ValueError(f"counts {counts} do not describe {hidden.shape[0]} rows for {len(experts)} experts")
-        hidden_size = self.model.config.hidden
-        if hidden.dim() != 2 or hidden.shape[1] != hidden_size:
-            raise ValueError(f"hidden has shape {tuple(hidden.shape)}, expected (rows, {hidden_size})")
         missing = [e for e in experts if not self.owns(layer, e)]
         if missing:
             raise ValueError(f"layer {layer}: experts {missing} are not held by this host")

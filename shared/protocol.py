@@ -274,6 +274,8 @@ def _tensor_from(spec: Any, frames: list[Any], where: str) -> torch.Tensor:
     index, dtype_name, shape = spec.get("__tensor__"), spec.get("dtype"), spec.get("shape")
     if dtype_name not in _TORCH_DTYPES or not isinstance(index, int) or not isinstance(shape, list):
         raise ProtocolError("bad_field", f"{where}: malformed tensor header")
+    if not all(type(d) is int and d >= 0 for d in shape):  # bool is an int, but no size
+        raise ProtocolError("bad_field", f"{where}: tensor shape {shape} is not a list of sizes >= 0")
     if not 0 <= index < len(frames) - 1:
         raise ProtocolError("bad_field", f"{where}: tensor frame {index} is missing")
     buf = frames[1 + index]

@@ -1,0 +1,66 @@
+"""A real expert host answers malformed work with an error naming the problem and goes on serving: no message a
+worker (or anything else on its socket) sends may take it, and the experts it holds, down."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from shared.config import Config
+from shared.protocol import ExpertFailure, ExpertWork, decode, encode
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def work(shape: list, dtype: str = "f4", payload: bytes = bytes(256)) -> list[bytes]:
+    header = {"v": 1, "kind": "expert_work", "step": 3, "layer": 0, "expert_ids": [0], "counts": [1],
+              "hidden": {"__tensor__": 0, "dtype": dtype, "shape": shape}}
+    return [msgpack.packb(header), payload]
+
+
+@pytest.fixture
+def host(expert_models, tmp_path):
+    config = Config(model=str(expert_models["f32"]), run_dir=str(tmp_path), metrics_port=0)
+    process = subprocess.Popen([sys.executable, "-m", "expert_host", "--model", config.model, "--run-dir",
+                                config.run_dir, "--metrics-port", "0", "--host-id", "0"], cwd=ROOT)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVTIMEO, 60_000)
+    sock.connect(config.expert_host_endpoint(0))
+
+    def ask(frames: list[bytes]):
+        sock.send_multipart(frames)
+        return decode(sock.recv_multipart())
+
+    yield ask, process
+    process.terminate()
+    process.wait(timeout=30)
+    sock.close(linger=0)
+    ctx.term()
+
+
+@pytest.mark.parametrize("frames, code, text", [
+    (work([-1, -64]), "bad_field", r"shape \[-1, -64\] is not a list of sizes"),
+    (work([1.5, 64]), "bad_field", "is not a list of sizes"),
+    (work(["a", 64]), "bad_field", "is not a list of sizes"),
+    (work([True, 64]), "bad_field", "is not a list of sizes"),
+    (work([64], "i4"), "bad_work", "expected floats of shape"),
+    (work([], "f4", bytes(4)), "bad_work", "expected floats of shape"),
+    (work([1, 64]), "bad_work", r"experts \[0\] are not held by this host"),
+])
+def test_malformed_work_is_answered_with_an_error_and_the_host_serves_on(host, frames, code, text):
+    ask, process = host
+    failure = ask(frames)
+    assert isinstance(failure, ExpertFailure) and failure.code == code
+    assert re.search(text, failure.message), failure.message
+    # still serving: a well-formed item for experts it does not hold (no placement yet) is refused by name
+    again = ask(encode(ExpertWork(step=4, layer=0, expert_ids=[0], counts=[1], hidden=torch.zeros(1, 64))))
+    assert isinstance(again, ExpertFailure) and again.step == 4 and "not held" in again.message
+    assert process.poll() is None
