@@ -9,6 +9,10 @@ import torch
 
 from gpu_worker.scheduler import Sequence
 
+# Below this a temperature is greedy: logits / 1e-40 overflow float32 into NaN probabilities, and at 1e-5 a logit
+# gap of 1e-3 is already a factor e^100.
+GREEDY_BELOW = 1e-5
+
 
 @dataclass(frozen=True)
 class SampleResult:
@@ -32,7 +36,7 @@ class Sampler:
         logits = logits.float()
         logprobs = torch.log_softmax(logits, dim=-1)
         tokens = logits.argmax(dim=-1)
-        rows = [i for i, seq in enumerate(seqs) if seq.params.temperature > 0]
+        rows = [i for i, seq in enumerate(seqs) if seq.params.temperature >= GREEDY_BELOW]
         if rows:
             tokens[rows] = self._draw(logits[rows], [seqs[i] for i in rows])
         chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()

@@ -49,6 +49,18 @@ def test_top_k_one_is_greedy_at_any_temperature():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_vanishing_temperature_is_greedy_and_leaves_the_rest_of_the_batch_alone(device):
+    """1e-40 is a valid temperature (finite, > 0) whose division overflowed float32 into NaN probabilities, and
+    multinomial's error failed every sequence in the batch."""
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(2)).to(device)
+    seqs = [make_seq("tiny", temperature=1e-40), make_seq("small", temperature=1e-6, seed=1),
+            make_seq("warm", temperature=0.8, seed=1)]
+    results = Sampler().sample(logits, seqs)
+    assert [r.token_id for r in results[:2]] == logits[:2].argmax(dim=-1).tolist()
+    assert 0 <= results[2].token_id < 50 and math.isfinite(results[2].logprob)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_top_p_keeps_the_smallest_nucleus(device):
     # cumulative 0.5, 0.8, 0.95, 1.0: top_p 0.7 keeps the first two, renormalised to 0.625 / 0.375
     tokens = draw_many([0.5, 0.3, 0.15, 0.05], 4000, device, temperature=1.0, top_p=0.7)
