@@ -67,7 +67,10 @@ class Child:
     restarts: int = 0
 
     def start(self) -> None:
-        self.process = subprocess.Popen(self.argv, preexec_fn=_die_with_parent)
+        # a session of its own: a terminal's Ctrl-C (SIGINT to the whole process group) reaches the launcher
+        # alone, which stops the children in order; signalled together, the coordinator took the launcher's
+        # SIGTERM as a second signal and cancelled what it was draining, and the hosts left at once
+        self.process = subprocess.Popen(self.argv, preexec_fn=_die_with_parent, start_new_session=True)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -189,8 +192,8 @@ class RunningSystem:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "shared.cli", "up", "--model", model, "--client-endpoint", "tcp://127.0.0.1:0",
              "--metrics-port", "0", "--ready-timeout", str(ready_timeout_s), *options],
-            stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent,
-        )
+            stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent, start_new_session=True,
+        )  # its own process group, as in a terminal
         self.endpoint = ""
         for line in self.process.stdout:
             if "client endpoint" in line:

@@ -1,5 +1,5 @@
 """The deployment files stay in step with the code: the example config loads, and every metric the
-Grafana dashboard queries is one a tierserve process exports."""
+Grafana dashboard queries is one a tierserve process exports, and the units stop the roles in drain order."""
 
 from __future__ import annotations
 
@@ -25,3 +25,15 @@ def test_dashboard_queries_only_exported_metrics():
     code = "".join((ROOT / path).read_text() for path in SOURCES)
     missing = sorted(name for name in queried if f'"{name}' not in code)
     assert queried and not missing, missing
+
+
+def test_units_stop_the_coordinator_first_then_the_worker_then_the_hosts():
+    """systemd stops units in the reverse of their start order: each role starts before the one that sends it work,
+    so the coordinator drains its requests while the worker and the expert hosts still serve them."""
+    def ordered_before(unit: str) -> set[str]:
+        text = (ROOT / "deploy" / unit).read_text()
+        return {name for line in re.findall(r"^Before=(.*)$", text, re.M) for name in line.split()}
+
+    assert "tierserve-gpu-worker.service" in ordered_before("tierserve-expert-host@.service")
+    assert "tierserve-coordinator.service" in ordered_before("tierserve-gpu-worker.service")
+    assert not ordered_before("tierserve-coordinator.service")
