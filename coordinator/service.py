@@ -22,7 +22,7 @@ import zmq
 import zmq.asyncio
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-from coordinator.admission import Admission, Limits, Rejected, check_state, parse_request
+from coordinator.admission import Admission, Limits, Rejected, check_state, parse_request, recover_request_id
 from coordinator.membership import WORKER_ID, Membership, startup_placement
 from coordinator.streams import RequestStream, StreamTable
 from shared.client import run
@@ -156,6 +156,11 @@ class Coordinator:
         except Rejected as r:
             REQUESTS.labels("rejected").inc()
             self.send_client(client, ErrorEvent(request_id=r.request_id, code=r.code, message=r.message))
+        except Exception as e:  # a bug a message trips: its sender still gets an answer, and the server goes on
+            log.exception("error handling a client message")
+            REQUESTS.labels("rejected").inc()
+            self.send_client(client, ErrorEvent(request_id=recover_request_id(frames), code="internal_error",
+                                                message=repr(e)))
 
     def admit(self, client: bytes, msg: Generate, now: float) -> None:
         check_state(msg, draining=self.draining, missing=self.membership.missing(),

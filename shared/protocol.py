@@ -363,6 +363,9 @@ def decode(frames: list[Any]) -> Message:
     hints = _HINTS.get(cls)
     if hints is None:
         hints = _HINTS[cls] = typing.get_type_hints(cls)
+    names = [key for key in header if not isinstance(key, str)]
+    if names:
+        raise ProtocolError("bad_field", f"{kind}: field names must be strings, not {names[0]!r}")
     known = {f.name for f in dataclasses.fields(cls)}
     extra = sorted(set(header) - known - {"v", "kind"})
     if extra:

@@ -63,6 +63,9 @@ def assert_still_serving(system) -> None:
         ([generate_frame(request_id="a", prompt=42)], "bad_field", "prompt"),
         ([generate_frame(request_id="a", prompt="hi", max_tokens="many")], "bad_field", "max_tokens"),
         ([generate_frame(request_id="a", token_ids=[1, "two"])], "bad_field", "token_ids"),
+        # a bytes key beside str ones: sorting the unknown names raised TypeError, and no answer came
+        ([msgpack.packb({"v": 1, "kind": "generate", "request_id": "a", b"x": 1, "y": 2})], "bad_field",
+         "field names must be strings"),
     ],
 )
 def test_malformed_messages(system, raw, frames, code, text):

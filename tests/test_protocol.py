@@ -60,6 +60,8 @@ def _frames(header: dict) -> list[bytes]:
          r"generate.token_ids\[1\] must be int"),
         (_frames({"v": 1, "kind": "generate", "request_id": "a", "colour": "red"}), "bad_field",
          r"unknown field\(s\) colour"),
+        ([msgpack.packb({"v": 1, "kind": "generate", "request_id": "a", b"x": 1})], "bad_field",
+         "field names must be strings, not b'x'"),
         (_frames({"v": 1, "kind": "expert_work", "step": 0, "layer": 0, "expert_ids": [], "counts": [],
                   "hidden": {"__tensor__": 0, "dtype": "f4", "shape": [2, 2]}}), "bad_field", "frame 0 is missing"),
     ],
