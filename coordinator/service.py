@@ -67,6 +67,7 @@ WAITING = Gauge("tierserve_waiting_requests", "Admitted requests waiting for a p
 
 TICK_S = 0.1  # how often liveness, readiness and the drain are looked at
 FLUSH_S = 0.05  # before closing with linger 0: time for the last events to leave
+OVERSIZED_FRAME_FACTOR = 16  # frames up to this many times max_request_bytes get a too_large answer
 WORKER = WORKER_ID.encode()
 log = logging.getLogger("coordinator")
 
@@ -87,17 +88,22 @@ class Coordinator:
         self.started = time.monotonic()
         self.done = asyncio.Event()  # set when the drain is over
         self.ctx = zmq.asyncio.Context()
-        self.client = self._router(config.client_endpoint, zmq.ROUTER_MANDATORY, hwm=100_000)
-        self.engine = self._router(config.engine_endpoint, zmq.ROUTER_MANDATORY, zmq.ROUTER_HANDOVER, hwm=100_000)
-        self.control = self._router(config.control_endpoint, zmq.ROUTER_HANDOVER, hwm=1_000)
-        # A client whose machine vanished without closing its connection is found by ZMTP heartbeats.
-        self.client.setsockopt(zmq.HEARTBEAT_IVL, 2_000)
-        self.client.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6_000)
+        self.client = self._router(config.client_endpoint, {
+            zmq.ROUTER_MANDATORY: 1,
+            # a client whose machine vanished without closing its connection is found by ZMTP heartbeats
+            zmq.HEARTBEAT_IVL: 2_000, zmq.HEARTBEAT_TIMEOUT: 6_000,
+            # a frame this far past max_request_bytes is not read at all: ZeroMQ drops its connection rather than
+            # hold it whole in memory to refuse it (two 800 MB requests took the coordinator to 1.9 GB)
+            zmq.MAXMSGSIZE: OVERSIZED_FRAME_FACTOR * config.max_request_bytes}, hwm=100_000)
+        self.engine = self._router(config.engine_endpoint, {zmq.ROUTER_MANDATORY: 1, zmq.ROUTER_HANDOVER: 1},
+                                   hwm=100_000)
+        self.control = self._router(config.control_endpoint, {zmq.ROUTER_HANDOVER: 1}, hwm=1_000)
 
-    def _router(self, endpoint: str, *options: int, hwm: int) -> zmq.asyncio.Socket:
+    def _router(self, endpoint: str, options: dict[int, int], hwm: int) -> zmq.asyncio.Socket:
+        """A bound ROUTER socket; options are set before the bind, since its connections take the listener's."""
         socket = self.ctx.socket(zmq.ROUTER)
-        for option in options:
-            socket.setsockopt(option, 1)
+        for option, value in options.items():
+            socket.setsockopt(option, value)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, hwm)
         socket.setsockopt(zmq.RCVHWM, hwm)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 import urllib.request
 import uuid
+from pathlib import Path
 
 import msgpack
 import pytest
@@ -103,6 +104,23 @@ def test_oversized_message(system, raw):
     raw.send_multipart([generate_frame(request_id="big", prompt="x" * (2 << 20))])
     event = receive(raw)
     assert isinstance(event, ErrorEvent) and event.code == "too_large"
+    assert_still_serving(system)
+
+
+def _peak_rss(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) * 1024
+
+
+def test_a_frame_far_past_the_limit_is_not_held_in_memory(system, raw):
+    """64 MiB, 64 times max_request_bytes: the connection is dropped as the frame arrives, unanswered, so the
+    coordinator's peak resident set does not grow by the frame."""
+    with Client(system.endpoint) as client:
+        pid = next(m["pid"] for m in client.health().members if m["role"] == "coordinator")
+    before = _peak_rss(pid)
+    raw.send_multipart([generate_frame(request_id="huge", prompt="x" * (64 << 20))])
+    assert not raw.poll(3_000), "a frame over the cap is dropped, not answered"
+    assert _peak_rss(pid) - before < 32 << 20
     assert_still_serving(system)
 
 
