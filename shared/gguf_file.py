@@ -59,13 +59,19 @@ class GGUFModel:
             raise ModelError(f"{self.path}: GGUF file is truncated or corrupt ({e})") from e
         except (IndexError, OverflowError, UnicodeDecodeError, KeyError) as e:
             raise ModelError(f"{self.path}: GGUF file is truncated or corrupt ({type(e).__name__}: {e})") from e
-        self.metadata: dict[str, Any] = {
-            name: field.contents() for name, field in self._reader.fields.items() if not name.startswith("GGUF.")
-        }
+        try:  # the reader decodes the metadata's strings and arrays only when asked
+            self.metadata: dict[str, Any] = {
+                name: field.contents() for name, field in self._reader.fields.items() if not name.startswith("GGUF.")
+            }
+        except (IndexError, OverflowError, UnicodeDecodeError, ValueError) as e:
+            raise ModelError(f"{self.path}: GGUF metadata is corrupt ({type(e).__name__}: {e})") from e
         self._tensors = {t.name: t for t in self._reader.tensors}
-        self.config: ModelConfig = config_from_metadata(
-            self.metadata, {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self._tensors.items()}
-        )
+        try:
+            self.config: ModelConfig = config_from_metadata(
+                self.metadata, {n: tuple(int(d) for d in reversed(t.shape)) for n, t in self._tensors.items()}
+            )
+        except ModelError as e:
+            raise ModelError(f"{self.path}: {e}") from None
         self._expected_shapes = tensor_shapes(self.config)
         self._validate()
 

@@ -51,6 +51,13 @@ class ModelConfig:
             raise ModelError(f"unknown architecture {self.arch!r}; supported: {', '.join(ARCHITECTURES)}")
         if self.norm_topk_prob is None:
             object.__setattr__(self, "norm_topk_prob", _NORM_TOPK_DEFAULT[self.arch])
+        sizes = ("n_layers", "hidden", "n_heads", "n_kv_heads", "head_dim", "n_experts", "expert_ffn", "vocab_size",
+                 "context_length")
+        for name in sizes:
+            if getattr(self, name) < 1:
+                raise ModelError(f"{name} must be at least 1, not {getattr(self, name)}")
+        if self.shared_expert_ffn < 0:
+            raise ModelError(f"shared_expert_ffn must be >= 0, not {self.shared_expert_ffn}")
         if self.n_heads % self.n_kv_heads:
             raise ModelError(f"{self.n_heads} attention heads is not a multiple of {self.n_kv_heads} KV heads")
         if not 0 < self.n_experts_used <= self.n_experts:
@@ -140,34 +147,49 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
     def opt(key: str, default: Any) -> Any:
         return md.get(f"{p}.{key}", default)
 
-    hidden = int(need("embedding_length"))
-    n_heads = int(need("attention.head_count"))
-    n_experts = int(opt("expert_count", 0))
+    def integer(key: str, default: int | None = None) -> int:
+        value = need(key) if default is None else opt(key, default)
+        if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+            raise ModelError(f"metadata key {p}.{key} is {value!r}, not an integer")
+        return int(value)
+
+    def number(key: str, default: float | None = None) -> float:
+        value = need(key) if default is None else opt(key, default)
+        if not isinstance(value, (int, float, np.integer, np.floating)) or isinstance(value, bool) or \
+                not np.isfinite(value):
+            raise ModelError(f"metadata key {p}.{key} is {value!r}, not a finite number")
+        return _shortest_float(value)
+
+    hidden = integer("embedding_length")
+    n_heads = integer("attention.head_count")
+    n_experts = integer("expert_count", 0)
     if n_experts == 0:
         raise ModelError(f"{arch} model has no experts ({p}.expert_count missing or 0): tierserve serves MoE models")
     if "token_embd.weight" not in tensor_shapes:
         raise ModelError("tensor token_embd.weight is missing")
     if arch == "llama":
-        expert_ffn = int(need("feed_forward_length"))
+        expert_ffn = integer("feed_forward_length")
     else:
-        expert_ffn = int(opt("expert_feed_forward_length", 0)) or int(need("feed_forward_length"))
-    head_dim = int(opt("attention.key_length", 0)) or hidden // n_heads
+        expert_ffn = integer("expert_feed_forward_length", 0) or integer("feed_forward_length")
+    if n_heads < 1:
+        raise ModelError(f"metadata key {p}.attention.head_count is {n_heads}: a model needs attention heads")
+    head_dim = integer("attention.key_length", 0) or hidden // n_heads
     norm_topk = opt("expert_weights_norm", None)
     return ModelConfig(
         arch=arch,
-        n_layers=int(need("block_count")),
+        n_layers=integer("block_count"),
         hidden=hidden,
         n_heads=n_heads,
-        n_kv_heads=int(opt("attention.head_count_kv", n_heads)),
+        n_kv_heads=integer("attention.head_count_kv", n_heads),
         head_dim=head_dim,
-        rope_base=_shortest_float(opt("rope.freq_base", 10000.0)),
-        norm_eps=_shortest_float(need("attention.layer_norm_rms_epsilon")),
+        rope_base=number("rope.freq_base", 10000.0),
+        norm_eps=number("attention.layer_norm_rms_epsilon"),
         n_experts=n_experts,
-        n_experts_used=int(need("expert_used_count")),
+        n_experts_used=integer("expert_used_count"),
         expert_ffn=expert_ffn,
         vocab_size=int(tensor_shapes["token_embd.weight"][0]),
-        context_length=int(opt("context_length", 4096)),
-        shared_expert_ffn=int(opt("expert_shared_feed_forward_length", 0)),
+        context_length=integer("context_length", 4096),
+        shared_expert_ffn=integer("expert_shared_feed_forward_length", 0),
         norm_topk_prob=None if norm_topk is None else bool(norm_topk),
     )
 

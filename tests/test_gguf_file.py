@@ -150,6 +150,32 @@ def test_missing_metadata_key(tmp_path):
         GGUFModel(path)
 
 
+@pytest.mark.parametrize("key, value, text", [
+    ("qwen3moe.block_count", "x", r"qwen3moe\.block_count is 'x', not an integer"),
+    ("qwen3moe.embedding_length", [1, 2], r"qwen3moe\.embedding_length is \[1, 2\], not an integer"),
+    ("qwen3moe.attention.head_count", 0, "head_count is 0: a model needs attention heads"),
+    ("qwen3moe.attention.head_count_kv", 0, "n_kv_heads must be at least 1, not 0"),
+    ("qwen3moe.context_length", 0, "context_length must be at least 1, not 0"),
+    ("qwen3moe.attention.layer_norm_rms_epsilon", "tiny", r"layer_norm_rms_epsilon is 'tiny', not a finite number"),
+])
+def test_metadata_of_the_wrong_type_or_range_is_named(tmp_path, key, value, text):
+    """Values the config is built from: a division by zero or a bare TypeError deep inside was all a user saw."""
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg), {key: value})
+    with pytest.raises(ModelError, match=f"bad.gguf: .*{text}"):
+        GGUFModel(path)
+
+
+def test_metadata_strings_that_are_not_utf8_are_a_corrupt_file(tmp_path):
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg), {"general.name": "tierserve-test"})
+    data = path.read_bytes()
+    at = data.index(b"tierserve-test")
+    path.write_bytes(data[:at] + b"\xff\xfe" + data[at + 2 :])
+    with pytest.raises(ModelError, match="GGUF metadata is corrupt"):
+        GGUFModel(path)
+
+
 def test_wrong_shape(tmp_path):
     cfg = tiny_config()
     tensors = random_tensors(cfg)
