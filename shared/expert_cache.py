@@ -230,6 +230,8 @@ def _read_header(data: bytes | mmap.mmap, size: int) -> tuple[dict[str, Any], in
         data_nbytes = header["data_nbytes"]
     except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
         raise CacheError(f"has a corrupt header ({type(e).__name__}: {e})") from None
+    if type(data_nbytes) is not int or data_nbytes < 0:
+        raise CacheError(f"has a corrupt header (data_nbytes {data_nbytes!r})")
     offset = _data_offset(_PREFIX.size + length)
     if size != offset + data_nbytes:
         raise CacheError(f"is {size} bytes, its header says {offset + data_nbytes}")

@@ -3,6 +3,7 @@ rebuilds of bad files, and experts served zero-copy in every format."""
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import struct
@@ -14,7 +15,7 @@ from gguf import GGMLQuantizationType as Q
 
 from shared.cli import main as tierserve
 from shared.config import Config
-from shared.expert_cache import ExpertLayout, content_hash, ensure_expert_cache, expert_layouts
+from shared.expert_cache import _PREFIX, ExpertLayout, content_hash, ensure_expert_cache, expert_layouts
 from shared.expert_source import ExpertSource, open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
@@ -146,7 +147,8 @@ def test_config_cache_dir_is_where_the_cache_goes(models, tmp_path):
     source.close()
 
 
-@pytest.mark.parametrize("damage", ["truncated", "bad magic", "other model", "empty", "older version"])
+@pytest.mark.parametrize("damage", ["truncated", "bad magic", "other model", "empty", "older version",
+                                    "size not a number"])
 def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
     model = GGUFModel(models["q4_k"])
     good = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
@@ -158,6 +160,12 @@ def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
         path.write_bytes(b"X" + original[1:])
     elif damage == "older version":  # version 1 had one format per layer
         path.write_bytes(original[:8] + struct.pack("<I", 1) + original[12:])
+    elif damage == "size not a number":  # compared with the file's size, "12" raised a bare TypeError
+        magic, version, length = _PREFIX.unpack(original[: _PREFIX.size])
+        header = json.loads(original[_PREFIX.size : _PREFIX.size + length])
+        header["data_nbytes"] = str(header["data_nbytes"])
+        text = json.dumps(header).encode()
+        path.write_bytes(_PREFIX.pack(magic, version, len(text)) + text + original[_PREFIX.size + length :])
     elif damage == "other model":  # a valid cache of another model under this one's name
         other = ensure_expert_cache(GGUFModel(models["q4_0"]), tmp_path / "other", workers=1, progress=quiet)
         path.write_bytes(other.path.read_bytes())
@@ -169,7 +177,7 @@ def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
     assert cache.built and cache.path == path and path.read_bytes() == original
     reasons = {"truncated": "bytes, its header says", "bad magic": "bad magic number",
                "other model": "another model", "empty": "shorter than its header",
-               "older version": "format version 1, this is version 2"}
+               "older version": "format version 1, this is version 2", "size not a number": "data_nbytes '"}
     assert reasons[damage] in capsys.readouterr().err
     cache.close()
 
