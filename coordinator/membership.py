@@ -14,7 +14,7 @@ from typing import Any
 from shared.config import Config
 from shared.expert_cache import expert_layouts
 from shared.gguf_file import GGUFModel
-from shared.placement import Placement, hot_experts_for_budget, round_robin_placement
+from shared.placement import Placement, hot_experts_for_budget, round_robin_placement, versioned
 from shared.protocol import Heartbeat
 
 WORKER_ID = "gpu-worker"
@@ -30,7 +30,7 @@ def startup_placement(model: GGUFModel, config: Config) -> Placement:
         sizes = [layout.region_nbytes if layout.format != "float" else model.expert_nbytes(layer)
                  for layer, layout in enumerate(expert_layouts(model))]
         hot = hot_experts_for_budget(cfg, config.gpu_expert_budget, -(-sum(sizes) // len(sizes)))
-    return round_robin_placement(cfg, hot, config.expert_hosts)
+    return versioned(round_robin_placement(cfg, hot, config.expert_hosts), model.identity)
 
 
 @dataclass
@@ -40,6 +40,7 @@ class Member:
     pid: int
     metrics_port: int
     placement_version: int
+    model: str  # the identity of the model file it serves
     last_seen: float
     load: dict[str, Any] = field(default_factory=dict)
     alive: bool = True
@@ -53,9 +54,10 @@ class HeartbeatOutcome:
 
 
 class Membership:
-    def __init__(self, placement: Placement, timeout_s: float) -> None:
+    def __init__(self, placement: Placement, timeout_s: float, model: str) -> None:
         self.placement = placement
         self.timeout_s = timeout_s
+        self.model = model  # the identity of the coordinator's model file, which every member must serve
         self.members: dict[str, Member] = {}
 
     def heartbeat(self, hb: Heartbeat, now: float) -> HeartbeatOutcome:
@@ -63,7 +65,7 @@ class Membership:
         restarted = old is not None and old.alive and old.pid != hb.pid
         joined = old is None or not old.alive or restarted
         self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.pid, hb.metrics_port, hb.placement_version,
-                                            now, dict(hb.load))
+                                            hb.model, now, dict(hb.load))
         return HeartbeatOutcome(welcome=hb.placement_version != self.placement.version, joined=joined,
                                 restarted=restarted)
 
@@ -92,6 +94,8 @@ class Membership:
                 out.append(f"{member_id} has not joined")
             elif not m.alive:
                 out.append(f"{member_id} is not responding")
+            elif m.model != self.model:  # e.g. the config's model changed and only the coordinator was restarted
+                out.append(f"{member_id} serves another model file, {m.model}, not {self.model}: restart it")
             elif m.placement_version != self.placement.version:
                 out.append(f"{member_id} is applying placement v{self.placement.version}")
         return out

@@ -77,7 +77,7 @@ class Coordinator:
         self.config = config
         self.tokenizer = Tokenizer.from_metadata(model.metadata)
         self.placement = startup_placement(model, config)
-        self.membership = Membership(self.placement, config.heartbeat_timeout_s)
+        self.membership = Membership(self.placement, config.heartbeat_timeout_s, model.identity)
         self.admission = Admission(self.tokenizer, Limits(model.config.context_length, config.kv_cache_tokens))
         self.table = StreamTable(secrets.token_hex(4))
         self.stop_token_ids = sorted(self.tokenizer.eos_token_ids)

@@ -103,7 +103,7 @@ def serve(config: Config, host_index: int) -> int:
     data.setsockopt(zmq.LINGER, 0)
     endpoint = config.expert_host_endpoint(host_index)
     data.bind(endpoint)
-    control = ControlLink(ctx, config, member_id, "expert_host", metrics_port)
+    control = ControlLink(ctx, config, member_id, "expert_host", metrics_port, model.identity)
     mailbox = open_mailbox(config, host_index, model, log)
     if config.pin_host_threads:
         bind_threads(config, host_index, log)

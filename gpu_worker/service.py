@@ -233,7 +233,7 @@ def serve(config: Config) -> int:
     engine_socket.setsockopt(zmq.ROUTING_ID, MEMBER_ID.encode())
     engine_socket.setsockopt(zmq.LINGER, 0)
     engine_socket.connect(config.engine_endpoint)
-    control = ControlLink(ctx, config, MEMBER_ID, "gpu_worker", metrics_port)
+    control = ControlLink(ctx, config, MEMBER_ID, "gpu_worker", metrics_port, model.identity)
     remote = RemoteExperts(ctx, [config.expert_host_endpoint(i) for i in range(config.expert_hosts)],
                            config.expert_timeout_s) if config.expert_hosts else None
 

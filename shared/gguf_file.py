@@ -39,6 +39,13 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(np.asarray(data), qtype))
 
 
+def file_identity(path: str | os.PathLike[str]) -> str:
+    """Which file a path names now: the same string in every process that opens the same file, another one once
+    the path names another file or the file changes."""
+    stat = os.stat(path)
+    return f"{os.path.realpath(path)} ({stat.st_size} bytes, modified {stat.st_mtime_ns} ns)"
+
+
 class GGUFModel:
     """A GGUF file held open read-only through the `gguf` package's memory map.
 
@@ -51,6 +58,7 @@ class GGUFModel:
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such model file")
         self.file_size = self.path.stat().st_size
+        self.identity = file_identity(self.path)
         try:
             self._reader = GGUFReader(self.path, "r")
         except ValueError as e:

@@ -7,7 +7,8 @@ not the map.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+from dataclasses import dataclass, replace
 from typing import Any
 
 from shared.model_config import ModelConfig
@@ -52,6 +53,14 @@ class Placement:
 def hot_experts_for_budget(cfg: ModelConfig, budget_bytes: int, bytes_per_expert: int) -> int:
     """How many experts per layer fit in a byte budget (the same number in every layer)."""
     return max(0, min(cfg.n_experts, budget_bytes // max(1, bytes_per_expert * cfg.n_layers)))
+
+
+def versioned(placement: Placement, model: str) -> Placement:
+    """The placement with a version made from what it says and the model it is of (1 .. 2^31 - 1): a coordinator
+    restarted with another placement or model welcomes every member again, one restarted with the same does not
+    make them load it again."""
+    text = repr((model, placement.hosts, placement.owner)).encode()
+    return replace(placement, version=int.from_bytes(hashlib.blake2b(text, digest_size=4).digest()) % (2**31 - 1) + 1)
 
 
 def round_robin_placement(cfg: ModelConfig, hot_per_layer: int, n_hosts: int, version: int = 1) -> Placement:

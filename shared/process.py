@@ -71,8 +71,10 @@ class StopFlag:
 class ControlLink:
     """A DEALER to the coordinator's control socket, named by member id."""
 
-    def __init__(self, ctx: zmq.Context, config: Config, member_id: str, role: str, metrics_port: int) -> None:
+    def __init__(self, ctx: zmq.Context, config: Config, member_id: str, role: str, metrics_port: int,
+                 model: str) -> None:
         self.config, self.member_id, self.role, self.metrics_port = config, member_id, role, metrics_port
+        self.model = model  # the identity of the model file this process serves
         self.socket = ctx.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.ROUTING_ID, member_id.encode())
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -86,7 +88,7 @@ class ControlLink:
             return
         self._next_beat = now + self.config.heartbeat_interval_s
         msg = Heartbeat(member_id=self.member_id, role=self.role, pid=os.getpid(), metrics_port=self.metrics_port,
-                        placement_version=placement_version, load=load or {})
+                        placement_version=placement_version, model=self.model, load=load or {})
         try:
             self.socket.send_multipart(encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:

@@ -49,7 +49,7 @@ def rejected(frames: list) -> Rejected:
         (header(kind="generate", request_id="r6", messages=["hi"]), "bad_field", "messages[0] must be a map", "r6"),
         (header(kind="generate", request_id="r7", colour="red"), "bad_field", "unknown field(s) colour", "r7"),
         (header(kind="generate", request_id=12), "bad_field", "request_id must be str", None),
-        (encode(Heartbeat(member_id="x", role="gpu_worker", pid=1, metrics_port=0, placement_version=0)),
+        (encode(Heartbeat(member_id="x", role="gpu_worker", pid=1, metrics_port=0, placement_version=0, model="m")),
          "unexpected_kind", "'heartbeat' is not a client request", None),
         (header(kind="generate", request_id="big", prompt="x" * MAX_BYTES), "too_large", f"limit of {MAX_BYTES}",
          "big"),

@@ -15,15 +15,18 @@ CFG = ModelConfig(arch="qwen3moe", n_layers=2, hidden=8, n_heads=2, n_kv_heads=1
                   n_experts_used=2, expert_ffn=4, vocab_size=16, context_length=32, rope_base=1e4, norm_eps=1e-6)
 
 
-def beat(member_id: str, version: int, pid: int = 100, load: dict | None = None) -> Heartbeat:
+MODEL = "/models/m.gguf (1000 bytes, modified 1 ns)"
+
+
+def beat(member_id: str, version: int, pid: int = 100, load: dict | None = None, model: str = MODEL) -> Heartbeat:
     role = "gpu_worker" if member_id == "gpu-worker" else "expert_host"
     return Heartbeat(member_id=member_id, role=role, pid=pid, metrics_port=9000, placement_version=version,
-                     load=load or {})
+                     model=model, load=load or {})
 
 
 @pytest.fixture
 def members() -> Membership:
-    return Membership(round_robin_placement(CFG, hot_per_layer=2, n_hosts=2, version=3), timeout_s=2.0)
+    return Membership(round_robin_placement(CFG, hot_per_layer=2, n_hosts=2, version=3), timeout_s=2.0, model=MODEL)
 
 
 def test_a_new_or_restarted_process_is_welcomed_until_it_reports_the_placement(members):
@@ -63,7 +66,7 @@ def test_ready_needs_the_worker_and_every_host_in_use_alive_with_the_current_pla
 
 
 def test_hosts_the_placement_does_not_use_are_not_needed():
-    members = Membership(round_robin_placement(CFG, hot_per_layer=4, n_hosts=2), timeout_s=1.0)
+    members = Membership(round_robin_placement(CFG, hot_per_layer=4, n_hosts=2), timeout_s=1.0, model=MODEL)
     assert members.required() == ["gpu-worker"]
     members.heartbeat(beat("gpu-worker", 1), now=0.0)
     assert members.ready()
@@ -85,9 +88,29 @@ def test_startup_placement_takes_hot_experts_or_fills_the_budget(tiny_model):
     assert one == 3 * cfg.hidden * cfg.expert_ffn * 4  # gate, up and down of one expert in f32
     fixed = startup_placement(model, Config(model=str(tiny_model), hot_experts=3, expert_hosts=2))
     assert [len(fixed.hot(layer)) for layer in range(cfg.n_layers)] == [3] * cfg.n_layers
-    assert fixed.hosts_in_use() == [0, 1] and fixed.version == 1
+    assert fixed.hosts_in_use() == [0, 1] and 1 <= fixed.version < 2**31
+    again = startup_placement(model, Config(model=str(tiny_model), hot_experts=3, expert_hosts=2))
+    assert again.version == fixed.version, "a coordinator restarted as it was does not make members load it again"
     budget = 2 * one * cfg.n_layers + one  # room for 2 per layer, not 3
     by_budget = startup_placement(model, Config(model=str(tiny_model), gpu_expert_budget=budget, expert_hosts=1))
     assert by_budget.count_hot() == 2 * cfg.n_layers
     everything = startup_placement(model, Config(model=str(tiny_model), gpu_expert_budget=10**12, expert_hosts=0))
     assert everything.count_hot() == cfg.n_experts * cfg.n_layers and everything.hosts_in_use() == []
+
+
+def test_a_restarted_coordinator_with_another_placement_welcomes_members_again(tiny_model):
+    """Its version comes from what it says: members still holding the last start's are sent the new one."""
+    model = GGUFModel(tiny_model)
+    old = startup_placement(model, Config(model=str(tiny_model), hot_experts=3, expert_hosts=2))
+    new = startup_placement(model, Config(model=str(tiny_model), hot_experts=4, expert_hosts=2))
+    assert new.version != old.version
+    members = Membership(new, timeout_s=2.0, model=model.identity)
+    assert members.heartbeat(beat("gpu-worker", old.version, model=model.identity), now=0.0).welcome
+
+
+def test_a_member_serving_another_model_file_keeps_the_system_from_being_ready(members):
+    members.heartbeat(beat("gpu-worker", 3), now=0.0)
+    members.heartbeat(beat("expert-host-0", 3), now=0.0)
+    members.heartbeat(beat("expert-host-1", 3, model="/models/old.gguf (9 bytes, modified 2 ns)"), now=0.0)
+    assert members.missing() == [f"expert-host-1 serves another model file, /models/old.gguf (9 bytes, modified 2 ns), "
+                                 f"not {MODEL}: restart it"]

@@ -17,6 +17,7 @@ import zmq
 
 from shared.client import Client, ServerError
 from shared.config import Config
+from shared.gguf_file import GGUFModel
 from shared.launcher import free_tcp_port
 from shared.protocol import EngineGenerate, ErrorEvent, Heartbeat, Welcome, decode, encode
 
@@ -75,7 +76,7 @@ def test_health_is_starting_and_lists_the_coordinator_with_its_metrics(coordinat
     assert health.status == "starting"
     assert [m["member_id"] for m in health.members] == ["coordinator"]
     me = health.members[0]
-    assert me["pid"] == coordinator.process.pid and me["alive"] and me["placement_version"] == 1
+    assert me["pid"] == coordinator.process.pid and me["alive"] and me["placement_version"] >= 1
     with urllib.request.urlopen(f"http://127.0.0.1:{me['metrics_port']}/metrics", timeout=5) as r:
         text = r.read().decode()
     for name in ("tierserve_requests_total", "tierserve_generated_tokens_total", "tierserve_prompt_tokens_total",
@@ -93,7 +94,9 @@ def test_generate_without_a_worker_is_unavailable(coordinator):
     stats = coordinator.client.stats().stats
     assert stats["requests"]["rejected"] == before + 1
     assert (stats["status"], stats["running"], stats["waiting"]) == ("starting", 0, 0)
-    assert stats["placement"] == {"version": 1, "hot_experts": 0, "hosts": ["expert-host-0", "expert-host-1"]}
+    placement = stats["placement"]
+    assert (placement["hot_experts"], placement["hosts"]) == (0, ["expert-host-0", "expert-host-1"])
+    assert placement["version"] == coordinator.client.health().members[0]["placement_version"]
 
 
 @pytest.mark.parametrize(
@@ -132,7 +135,8 @@ def worker_socket() -> zmq.Socket:
 def join_as_worker(coordinator: Coordinator, member: zmq.Socket) -> tuple[Heartbeat, Welcome]:
     """Heartbeat as a joining worker, take the welcome, heartbeat at its placement and wait until ready."""
     member.connect(coordinator.config.control_endpoint)
-    hb = Heartbeat(member_id="gpu-worker", role="gpu_worker", pid=4242, metrics_port=1234, placement_version=0)
+    hb = Heartbeat(member_id="gpu-worker", role="gpu_worker", pid=4242, metrics_port=1234, placement_version=0,
+                   model=GGUFModel(coordinator.config.model).identity)
     member.send_multipart(encode(hb))
     welcome = decode(member.recv_multipart())
     assert isinstance(welcome, Welcome)
@@ -149,13 +153,14 @@ def test_a_joining_worker_is_welcomed_makes_the_system_ready_and_is_lost_when_si
     member = worker_socket()
     try:
         _, welcome = join_as_worker(coordinator, member)
-        assert welcome.placement["version"] == 1 and welcome.placement["hosts"] == []
+        version = welcome.placement["version"]
+        assert welcome.placement["hosts"] == []
         assert welcome.placement["owner"] == [[-1] * 8] * 4  # every expert on the worker
         health = coordinator.client.health()
         assert health.status == "ready"
         worker = next(m for m in health.members if m["member_id"] == "gpu-worker")
         assert (worker["pid"], worker["metrics_port"], worker["alive"], worker["placement_version"]) == (
-            4242, 1234, True, 1)
+            4242, 1234, True, version)
         # Ready, but nothing is connected to the engine socket: the request waits for the engine connection,
         # and fails, not lost, once the silent worker is taken for gone.
         with pytest.raises(ServerError) as info:
@@ -168,7 +173,7 @@ def test_a_joining_worker_is_welcomed_makes_the_system_ready_and_is_lost_when_si
         member.close()
         assert coordinator.stop() == 0
     log = coordinator.log.read_text()
-    for line in ("gpu-worker joined", "ready: placement v1", "gpu-worker lost", "draining", "stopped"):
+    for line in ("gpu-worker joined", f"ready: placement v{version}", "gpu-worker lost", "draining", "stopped"):
         assert line in log, line
 
 
