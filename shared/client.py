@@ -13,6 +13,7 @@ per-request inboxes as they arrive, whichever request the caller happens to be w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
@@ -246,6 +247,18 @@ class Stream:
             self.client._inbox.finish(self.request_id)
             self.client.cancel(self.request_id)
 
+    def __enter__(self) -> Stream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # dropped unfinished (a loop left by break): cancel, as closing an abandoned generator would; the request
+        # would otherwise run to its end on the server, and its events pile up in the client's inbox
+        with contextlib.suppress(Exception):  # the client may be closed already
+            self.close()
+
 
 class AsyncClient:
     """The asyncio client: the same calls, awaited; `generate` returns an async iterator of events.
@@ -349,6 +362,18 @@ class AsyncStream:
             self.done = True
             self.client._inbox.finish(self.request_id)
             await self.client.cancel(self.request_id)
+
+    async def __aenter__(self) -> AsyncStream:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    def __del__(self) -> None:
+        # dropped unfinished: nothing can be awaited here, but its events stop piling up in the inbox (`async with`
+        # the stream cancels the request too)
+        if not self.done:
+            self.client._inbox.finish(self.request_id)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

@@ -124,14 +124,29 @@ def test_a_frame_far_past_the_limit_is_not_held_in_memory(system, raw):
     assert_still_serving(system)
 
 
-def _worker_gauge(system, name: str) -> float:
+def _worker_gauge(system, name: str, member: str = "gpu-worker") -> float:
     with Client(system.endpoint) as client:
-        port = next(m["metrics_port"] for m in client.health().members if m["member_id"] == "gpu-worker")
+        port = next(m["metrics_port"] for m in client.health().members if m["member_id"] == member)
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
             if line.startswith(name + " "):
                 return float(line.split()[1])
     raise AssertionError(f"{name} not exported")
+
+
+def test_a_stream_the_client_stops_reading_is_cancelled(system):
+    """A loop over generate() left with break: the dropped stream cancels its request, which would otherwise run
+    to its end on the server while its place and KV blocks waited for it."""
+    cancelled = 'tierserve_requests_total{outcome="cancelled"}'
+    before = _worker_gauge(system, cancelled, "coordinator")
+    with Client(system.endpoint) as client:
+        for _ in client.generate(prompt="a long story", max_tokens=400):
+            break
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and _worker_gauge(system, "tierserve_worker_running_requests") > 0:
+            time.sleep(0.05)
+    assert _worker_gauge(system, cancelled, "coordinator") == before + 1
+    assert_still_serving(system)
 
 
 def test_client_disconnecting_mid_stream_cancels_and_frees_kv(system):
