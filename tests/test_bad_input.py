@@ -12,7 +12,7 @@ import msgpack
 import pytest
 import zmq
 
-from shared.client import Client
+from shared.client import AsyncClient, Client, run
 from shared.launcher import RunningSystem
 from shared.make_model import make_model
 from shared.protocol import ErrorEvent, Message, decode
@@ -147,6 +147,23 @@ def test_a_stream_the_client_stops_reading_is_cancelled(system):
             time.sleep(0.05)
     assert _worker_gauge(system, cancelled, "coordinator") == before + 1
     assert_still_serving(system)
+
+
+def test_an_async_stream_left_inside_its_async_with_is_cancelled(system):
+    cancelled = 'tierserve_requests_total{outcome="cancelled"}'
+    before = _worker_gauge(system, cancelled, "coordinator")
+
+    async def first_token_only() -> None:
+        async with AsyncClient(system.endpoint) as client:
+            async with await client.generate(prompt="a long story", max_tokens=400) as stream:
+                async for _ in stream:
+                    break
+
+    run(first_token_only())
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and _worker_gauge(system, cancelled, "coordinator") == before:
+        time.sleep(0.05)
+    assert _worker_gauge(system, cancelled, "coordinator") == before + 1
 
 
 def test_client_disconnecting_mid_stream_cancels_and_frees_kv(system):
