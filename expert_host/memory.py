@@ -34,6 +34,7 @@ from shared.expert_source import ExpertSource
 from shared.memory_use import MemInfo
 from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
 from shared.pages import advise
+from shared.process import pid_alive
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "tierserve-experts-"
@@ -225,23 +226,13 @@ def remove_stale_segments(directory: str = SHM_DIR) -> list[str]:
     pattern = re.compile(rf"^{re.escape(SEGMENT_PREFIX)}{os.getuid()}-(\d+)-\d+$")
     for name in os.listdir(directory):
         m = pattern.match(name)
-        if m and not _alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             try:
                 os.unlink(os.path.join(directory, name))
                 removed.append(name)
             except FileNotFoundError:
                 pass  # another host cleaned it first
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # a live process of another user took the pid over
-    return True
 
 
 # ---- page advice over the model file's and the expert cache file's maps

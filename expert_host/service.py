@@ -17,7 +17,7 @@ from expert_host.store import ExpertStore
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
-from shared.mailbox import ORDERED_STORES, Backoff, Mailbox, mailbox_path, remove_mailbox
+from shared.mailbox import ORDERED_STORES, Backoff, Mailbox, mailbox_path, remove_mailbox, remove_stale_mailboxes
 from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
 from shared.native_kernels import load_library, pin_threads
@@ -58,6 +58,8 @@ def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging
     says otherwise; a mailbox a killed predecessor left is removed."""
     path = mailbox_path(config.expert_host_endpoint(host_index))
     remove_mailbox(path)
+    for stale in remove_stale_mailboxes():
+        log.info("removed %s: its host is gone", stale)
     if not config.shm_data_plane(host_index):
         return None
     if not ORDERED_STORES:

@@ -68,6 +68,8 @@ from dataclasses import dataclass
 
 import torch
 
+from shared.process import pid_alive
+
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
 
 MAGIC = b"TSMBOX02"
@@ -78,6 +80,7 @@ DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _DTYPE_OF = {code: dtype for dtype, code in DTYPES.items()}
 
 _HEADER = struct.Struct("<8sQII")
+_OWNER_AT = 24  # u32: the pid of the host that made the mailbox
 _REQUEST_SEQ, _RESPONSE_SEQ = 64, 128
 _REQUEST = struct.Struct("<qiiiii")  # step, layer, n_experts, rows, cols, dtype
 _REQUEST_AT = 192
@@ -127,15 +130,52 @@ class MailboxError(ValueError):
     """Not a mailbox, a mailbox in use by another worker, or a request that does not describe its payload."""
 
 
+MAILBOX_PREFIX = "/dev/shm/tierserve-mailbox-"
+
+
 def mailbox_path(endpoint: str) -> str:
     """Where the host behind a data endpoint keeps its worker's mailbox; ipc endpoints live in the run dir,
     so the name is private to one run and a restarted host finds (and replaces) its predecessor's."""
-    return f"/dev/shm/tierserve-mailbox-{hashlib.sha256(endpoint.encode()).hexdigest()[:20]}"
+    return f"{MAILBOX_PREFIX}{hashlib.sha256(endpoint.encode()).hexdigest()[:20]}"
 
 
 def remove_mailbox(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
+
+
+def remove_stale_mailboxes() -> list[str]:
+    """Remove the mailboxes (and half-made ones) of hosts that are gone: a host killed outright cannot remove its
+    own, and a later system on another run directory has other names. The paths removed."""
+    removed = []
+    directory, prefix = os.path.split(MAILBOX_PREFIX)
+    for name in os.listdir(directory):
+        if not name.startswith(prefix):
+            continue
+        path = os.path.join(directory, name)
+        owner = _tmp_owner(name) if name.endswith(".tmp") else _owner(path)
+        if owner is not None and not pid_alive(owner):
+            remove_mailbox(path)
+            removed.append(path)
+    return removed
+
+
+def _tmp_owner(name: str) -> int | None:
+    pid = name.rsplit(".", 2)[-2]
+    return int(pid) if pid.isdigit() else None
+
+
+def _owner(path: str) -> int | None:
+    """The pid in a mailbox's header; None where it is not one this user can read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_OWNER_AT + 4)
+    except OSError:
+        return None
+    if len(head) < _OWNER_AT + 4 or head[:8] != MAGIC:
+        return None
+    return struct.unpack_from("<I", head, _OWNER_AT)[0]
+
 
 
 class Backoff:
@@ -259,6 +299,7 @@ class Mailbox:
             os.ftruncate(fd, payload_at + 2 * capacity)  # tmpfs is sparse: pages appear when first written
             with mmap.mmap(fd, payload_at) as header:
                 _HEADER.pack_into(header, 0, MAGIC, capacity, max_experts, n_layers)
+                struct.pack_into("<I", header, _OWNER_AT, os.getpid())
                 struct.pack_into("<I", header, _REQUEST_SEQ, first_seq & SEQ_MASK)
                 struct.pack_into("<I", header, _RESPONSE_SEQ, first_seq & SEQ_MASK)
             mailbox = cls(path, fd)

@@ -56,6 +56,17 @@ def open_model(config: Config, log: logging.Logger) -> GGUFModel | None:
         return None
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (a live process of another user that took the pid over counts)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return True
+
+
 class StopFlag:
     """Set by SIGTERM or SIGINT: the process drains, then exits."""
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 import uuid
@@ -20,7 +22,15 @@ from shared.client import Client
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
-from shared.mailbox import SEQ_MASK, Backoff, Mailbox, MailboxError, mailbox_path
+from shared.mailbox import (
+    MAILBOX_PREFIX,
+    SEQ_MASK,
+    Backoff,
+    Mailbox,
+    MailboxError,
+    mailbox_path,
+    remove_stale_mailboxes,
+)
 from shared.make_model import make_model
 from shared.reference import ReferenceModel
 
@@ -357,6 +367,32 @@ def test_the_keep_alive_runs_while_a_host_is_awaited_over_zeromq(tmp_path):
     assert len(kept_alive) >= 2
     remote.close()
     ctx.term()
+
+
+def test_mailboxes_of_hosts_that_are_gone_are_removed_and_live_ones_kept():
+    """A host killed outright leaves its mailbox, under a name no later system on another run directory uses: the
+    next host to start removes it (and a half-made one), going by the pid in its header."""
+    tag = uuid.uuid4().hex[:12]
+    dead, live = f"{MAILBOX_PREFIX}test-dead-{tag}", f"{MAILBOX_PREFIX}test-live-{tag}"
+    host = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shared.mailbox import Mailbox\n"
+                             "Mailbox.create(sys.argv[1], 4096, 8)\nprint(flush=True)\ntime.sleep(60)", dead],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE)
+    host.stdout.readline()
+    host.kill()
+    host.wait()
+    half_made = f"{live}.{host.pid}.tmp"
+    Path(half_made).write_bytes(b"")
+    mine = Mailbox.create(live, 4096, 8)
+    try:
+        removed = remove_stale_mailboxes()
+        assert dead in removed and half_made in removed and live not in removed
+        assert not os.path.exists(dead) and not os.path.exists(half_made) and os.path.exists(live)
+    finally:
+        mine.close()
+        for path in (dead, live, half_made):
+            if os.path.exists(path):
+                os.unlink(path)
+        host.stdout.close()
 
 
 # --- the whole system -------------------------------------------------------------------------------------
