@@ -145,12 +145,21 @@ def serve(config: Config, host_index: int) -> int:
             QUEUE.set(len(queue))
             frames = queue.popleft()
             data.send_multipart([frames[0], *handle(store, frames[1:])], copy=False)
+        # stopping: what was asked before the signal is answered, so the worker's step does not wait out its timeout
+        if mailbox is not None and mailbox.lane_pending():
+            answer_lane(store, mailbox)
+        if mailbox is not None and mailbox.pending():
+            answer_mailbox(store, mailbox)
+        while data.poll(0):
+            queue.append(data.recv_multipart(copy=False))
+        for frames in queue:
+            data.send_multipart([frames[0], *handle(store, frames[1:])], copy=False)
     finally:
         store.close()
         if mailbox is not None:
             mailbox.close()
             remove_mailbox(mailbox.path)
-        data.close(linger=0)
+        data.close(linger=1000)  # time for the drain's answers to leave
         control.socket.close(linger=0)
         ctx.term()
         leave_run_dir(config, endpoint)

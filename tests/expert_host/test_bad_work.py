@@ -1,9 +1,11 @@
 """A real expert host answers malformed work with an error naming the problem and goes on serving: no message a
-worker (or anything else on its socket) sends may take it, and the experts it holds, down."""
+worker (or anything else on its socket) sends may take it, and the experts it holds, down. Stopped by SIGTERM, it
+answers what it was asked before the signal."""
 
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -39,7 +41,7 @@ def host(expert_models, tmp_path):
         sock.send_multipart(frames)
         return decode(sock.recv_multipart())
 
-    yield ask, process
+    yield ask, process, sock
     process.terminate()
     process.wait(timeout=30)
     sock.close(linger=0)
@@ -56,7 +58,7 @@ def host(expert_models, tmp_path):
     (work([1, 64]), "bad_work", r"experts \[0\] are not held by this host"),
 ])
 def test_malformed_work_is_answered_with_an_error_and_the_host_serves_on(host, frames, code, text):
-    ask, process = host
+    ask, process, _ = host
     failure = ask(frames)
     assert isinstance(failure, ExpertFailure) and failure.code == code
     assert re.search(text, failure.message), failure.message
@@ -64,3 +66,16 @@ def test_malformed_work_is_answered_with_an_error_and_the_host_serves_on(host, f
     again = ask(encode(ExpertWork(step=4, layer=0, expert_ids=[0], counts=[1], hidden=torch.zeros(1, 64))))
     assert isinstance(again, ExpertFailure) and again.step == 4 and "not held" in again.message
     assert process.poll() is None
+
+
+def test_sigterm_answers_the_work_already_sent(host):
+    ask, process, sock = host
+    ask(work([1, 64]))  # joined: its socket is connected and serving
+    items = 300
+    rows = torch.zeros(1, 64)
+    for step in range(items):
+        sock.send_multipart(encode(ExpertWork(step=step, layer=0, expert_ids=[0], counts=[1], hidden=rows)))
+    process.send_signal(signal.SIGTERM)
+    answered = {decode(sock.recv_multipart()).step for _ in range(items)}
+    assert answered == set(range(items))
+    assert process.wait(timeout=30) == 0
