@@ -14,7 +14,7 @@ from shared.device_caps import DeviceCaps, read_device_caps
 from shared.expert_math import ExpertWeights, grouped_ffn
 from shared.expert_source import ExpertSource
 from shared.mailbox import LaneRequest
-from shared.memory_use import read_meminfo
+from shared.memory_use import host_memory
 from shared.native_kernels import LayerTable, lane_swiglu, layer_table
 from shared.placement import Placement
 from shared.quant import matrix_tensors
@@ -104,7 +104,7 @@ class ExpertStore:
         self._arena = new
 
     def _check_fit(self, need: int, n_experts: int, freed: int) -> None:
-        mem = read_meminfo()
+        mem = host_memory()
         largest = max(self.source.layout(layer).region_nbytes for layer in range(self.model.config.n_layers))
         shm_free = memory.shm_free_bytes() if self.kind == "pinned" else None
         memory.check_fit(self.kind, need, n_experts, largest, mem, memory.safety_floor(self.floor, mem), shm_free,

@@ -36,6 +36,47 @@ def read_meminfo(path: str = "/proc/meminfo") -> MemInfo:
     return parse_meminfo(Path(path).read_text())
 
 
+# (directory under the cgroup root, limit file, usage file, memory.stat's reclaimable page cache line)
+_CGROUP_V2 = ("", "memory.max", "memory.current", "inactive_file")
+_CGROUP_V1 = ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+_NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
+
+
+def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
+    """(limit, working set: usage less reclaimable page cache) of this process's memory cgroup, v2 or v1; None
+    where it has no limit or none can be read."""
+    for line in Path(proc_cgroup).read_text().splitlines():
+        hierarchy, controllers, path = line.split(":", 2)
+        if hierarchy == "0" and not controllers:
+            under, limit_file, usage_file, inactive_line = _CGROUP_V2
+        elif "memory" in controllers.split(","):
+            under, limit_file, usage_file, inactive_line = _CGROUP_V1
+        else:
+            continue
+        directory = Path(root, under, path.lstrip("/"))
+        try:
+            limit_text = (directory / limit_file).read_text().strip()
+            usage = int((directory / usage_file).read_text())
+            stat = dict(entry.split() for entry in (directory / "memory.stat").read_text().splitlines())
+        except (OSError, ValueError):
+            continue  # this hierarchy does not hold the memory controller
+        if limit_text == "max" or int(limit_text) >= _NO_LIMIT:
+            continue
+        return int(limit_text), usage - int(stat.get(inactive_line, 0))
+    return None
+
+
+def host_memory() -> MemInfo:
+    """What this process may take: the machine's memory, capped by its memory cgroup's limit where it has one
+    (a container, or a systemd unit's MemoryMax), which /proc/meminfo does not show."""
+    mem = read_meminfo()
+    cgroup = cgroup_memory()
+    if cgroup is None:
+        return mem
+    limit, working_set = cgroup
+    return MemInfo(min(mem.total, limit), max(0, min(mem.available, limit - working_set)))
+
+
 def parse_status(text: str) -> dict[str, int]:
     """/proc/PID/status's memory lines (VmHWM: the peak resident set; RssAnon, RssFile, RssShmem: what is
     resident now, by kind of page), in bytes."""

@@ -9,7 +9,7 @@ import time
 
 import numpy as np
 
-from shared.memory_use import UsedMemoryPeak, descendants, parse_status, process_memory
+from shared.memory_use import UsedMemoryPeak, cgroup_memory, descendants, parse_status, process_memory
 
 STATUS = """Name:\tpython3
 VmPeak:\t 2000000 kB
@@ -53,3 +53,36 @@ def test_used_memory_peak_sees_an_allocation_freed_before_it_stops():
     time.sleep(0.3)
     del buffer
     assert peak.stop() >= 128 << 20  # half of it: other processes on the machine move the level too
+
+
+def _cgroup(tmp_path, proc_line: str, files: dict[str, str]) -> tuple[str, str]:
+    tmp_path.mkdir(parents=True)
+    proc = tmp_path / "cgroup"
+    proc.write_text(proc_line + "\n")
+    for name, text in files.items():
+        path = tmp_path / "root" / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return str(proc), str(tmp_path / "root")
+
+
+def test_a_memory_cgroups_limit_caps_what_a_process_may_take(tmp_path):
+    """A container or a unit's MemoryMax is invisible in /proc/meminfo: v2's memory.max, v1's limit_in_bytes;
+    the working set leaves out page cache the kernel can reclaim."""
+    v2 = _cgroup(tmp_path / "v2", "0::/system.slice/tierserve.service", {
+        "system.slice/tierserve.service/memory.max": "8589934592\n",
+        "system.slice/tierserve.service/memory.current": "3000000000\n",
+        "system.slice/tierserve.service/memory.stat": "anon 2000000000\ninactive_file 1000000000\n"})
+    assert cgroup_memory(*v2) == (8589934592, 2000000000)
+    v1 = _cgroup(tmp_path / "v1", "12:pids:/\n4:memory:/docker/abc\n0::/", {
+        "memory/docker/abc/memory.limit_in_bytes": "4294967296\n",
+        "memory/docker/abc/memory.usage_in_bytes": "1500000000\n",
+        "memory/docker/abc/memory.stat": "cache 600000000\ntotal_inactive_file 500000000\n"})
+    assert cgroup_memory(*v1) == (4294967296, 1000000000)
+    unlimited = _cgroup(tmp_path / "none", "0::/user.slice", {
+        "user.slice/memory.max": "max\n", "user.slice/memory.current": "1\n", "user.slice/memory.stat": ""})
+    assert cgroup_memory(*unlimited) is None
+    v1_unlimited = _cgroup(tmp_path / "v1none", "4:memory:/", {
+        "memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "1\n",
+        "memory/memory.stat": ""})
+    assert cgroup_memory(*v1_unlimited) is None
