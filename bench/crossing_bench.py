@@ -148,8 +148,8 @@ def decode_table(runs: int) -> list[str]:
     """Rounds alternate the configurations (each a fresh system, a warm-up request, then REQUESTS timed ones),
     so load from outside the benchmark lands on all of them alike."""
     configs = {
-        "zmq": ("--expert-hosts", "2", "--hot-experts", "0", "--data-plane", "zmq"),
-        "shm": ("--expert-hosts", "2", "--hot-experts", "0", "--data-plane", "shm"),
+        "zmq": ("--expert-hosts", "2", "--hot-experts", "0", "--data-plane", "zmq", "--decode-crossings", "false"),
+        "shm": ("--expert-hosts", "2", "--hot-experts", "0", "--data-plane", "shm", "--decode-crossings", "false"),
         "shm, decode crossing from the device (lanes)": ("--expert-hosts", "2", "--hot-experts", "0",
                                                          "--data-plane", "shm", "--decode-crossings", "true"),
         "no crossing (every expert on the worker)": ("--expert-hosts", "0", "--hot-experts", "8"),

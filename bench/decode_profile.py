@@ -40,6 +40,8 @@ SECTIONS = """\
   *moe* is the dispatch's grouping), *shared_expert* where the model has one.
 - *lm_head*: final norm and output projection; *sampling*: the sampler, logits to token ids on the host;
   *postprocess*: the scheduler's bookkeeping.
+- *whole_layer* in place of *attention*, *router* and *moe*: a layer run as one graph replay, attention,
+  router and experts, with decode crossings its crossings to the expert hosts too (none of its parts are timed).
 - *other* under the step: the engine's Python between those sections (metrics, gauges)."""
 
 

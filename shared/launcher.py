@@ -154,6 +154,7 @@ def up(config: Config, ready_timeout_s: float = 300.0) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_signal)  # its terminal closed: the children, in sessions of their own, are not told
     for kid in kids:
         kid.start()
     status = 0

@@ -87,7 +87,7 @@ def test_all_hot_layer_runs_without_waiting_on_the_device(small):
 
 
 STREAM = ("--soft-slots", "24", "--cold-path", "stream")
-AUTO = ("--soft-slots", "24", "--cold-path", "auto")
+AUTO = ("--soft-slots", "24", "--cold-path", "auto", "--decode-crossings", "false")  # the cost model's decode split
 
 
 @pytest.mark.parametrize("options", [(), STREAM, AUTO], ids=["cpu-cold", "streamed", "cost-model"])

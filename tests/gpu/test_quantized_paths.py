@@ -59,7 +59,9 @@ ENGINE_PLACEMENTS = {"all-hot": (32, 0), "all-streamed": (0, 48), "half-hot-half
 # (options, the dispatch paths the worker's metrics must show taken); streamed experts the soft tier's policy
 # refuses a slot go through the staging slots.
 SYSTEM_PLACEMENTS = {
-    "half-hot-one-host": (("--expert-hosts", "1", "--hot-experts", "16"), ("hot", "cpu")),
+    # decode's per-layer crossings (the lanes are hot-lanes')
+    "half-hot-one-host": (("--expert-hosts", "1", "--hot-experts", "16", "--decode-crossings", "false"),
+                          ("hot", "cpu")),
     "streamed": (("--expert-hosts", "1", "--hot-experts", "0", "--soft-slots", "24", "--cold-path", "stream"),
                  ("streamed", "soft_hit")),
     # the experts the policy refuses a slot stay on the host (no staging slots): hot share, slots and host in a
