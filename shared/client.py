@@ -255,9 +255,13 @@ class Stream:
 
     def __del__(self) -> None:
         # dropped unfinished (a loop left by break): cancel, as closing an abandoned generator would; the request
-        # would otherwise run to its end on the server, and its events pile up in the client's inbox
-        with contextlib.suppress(Exception):  # the client may be closed already
-            self.close()
+        # would otherwise run to its end on the server, and its events pile up in the client's inbox. Without
+        # blocking: the collector may run this anywhere, and the client may be closed already.
+        if not self.done:
+            self.done = True
+            self.client._inbox.finish(self.request_id)
+            with contextlib.suppress(zmq.ZMQError):
+                self.client._socket.send_multipart(encode(Cancel(request_id=self.request_id)), flags=zmq.NOBLOCK)
 
 
 class AsyncClient:
