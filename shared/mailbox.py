@@ -150,13 +150,17 @@ def remove_stale_mailboxes() -> list[str]:
     removed = []
     directory, prefix = os.path.split(MAILBOX_PREFIX)
     for name in os.listdir(directory):
-        if not name.startswith(prefix):
-            continue
         path = os.path.join(directory, name)
-        owner = _tmp_owner(name) if name.endswith(".tmp") else _owner(path)
-        if owner is not None and not pid_alive(owner):
-            remove_mailbox(path)
-            removed.append(path)
+        try:
+            if not name.startswith(prefix) or os.stat(path).st_uid != os.getuid():
+                continue  # another user's are theirs to remove (/dev/shm is sticky)
+            owner = _tmp_owner(name) if name.endswith(".tmp") else _owner(path)
+            # 0: made before mailboxes carried their host's pid
+            if owner is not None and (owner == 0 or not pid_alive(owner)):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: it is not this host's to fail on
     return removed
 
 
