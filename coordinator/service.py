@@ -164,9 +164,13 @@ class Coordinator:
             self.send_client(client, ErrorEvent(request_id=r.request_id, code=r.code, message=r.message))
         except Exception as e:  # a bug a message trips: its sender still gets an answer, and the server goes on
             log.exception("error handling a client message")
-            REQUESTS.labels("rejected").inc()
-            self.send_client(client, ErrorEvent(request_id=recover_request_id(frames), code="internal_error",
-                                                message=repr(e)))
+            request_id = recover_request_id(frames)
+            stream = self.table.find(client, request_id) if request_id is not None else None
+            if stream is not None:  # admitted before the fault: ended, or it runs on and its id stays taken
+                self.fail(stream, "internal_error", repr(e))
+            else:
+                REQUESTS.labels("rejected").inc()
+                self.send_client(client, ErrorEvent(request_id=request_id, code="internal_error", message=repr(e)))
 
     def admit(self, client: bytes, msg: Generate, now: float) -> None:
         check_state(msg, draining=self.draining, missing=self.membership.missing(),
