@@ -95,7 +95,8 @@ class Membership:
             elif not m.alive:
                 out.append(f"{member_id} is not responding")
             elif m.model != self.model:  # e.g. the config's model changed and only the coordinator was restarted
-                out.append(f"{member_id} serves another model file, {m.model}, not {self.model}: restart it")
+                out.append(f"{member_id} serves another model ({m.model}) than the coordinator ({self.model}): "
+                           "restart whichever is on the old file")
             elif m.placement_version != self.placement.version:
                 out.append(f"{member_id} is applying placement v{self.placement.version}")
         return out
@@ -106,7 +107,7 @@ class Membership:
     def snapshot(self, now: float) -> list[dict[str, Any]]:
         return [
             {"member_id": m.member_id, "role": m.role, "pid": m.pid, "metrics_port": m.metrics_port,
-             "alive": m.alive, "placement_version": m.placement_version, "last_seen_s": round(now - m.last_seen, 3),
-             "load": m.load}
+             "alive": m.alive, "placement_version": m.placement_version, "model": m.model,
+             "last_seen_s": round(now - m.last_seen, 3), "load": m.load}
             for m in sorted(self.members.values(), key=lambda m: m.member_id)
         ]

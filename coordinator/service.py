@@ -352,7 +352,8 @@ class Coordinator:
 
     def members(self, now: float) -> list[dict]:
         me = {"member_id": "coordinator", "role": "coordinator", "pid": os.getpid(), "metrics_port": self.metrics_port,
-              "alive": True, "placement_version": self.placement.version, "last_seen_s": 0.0,
+              "alive": True, "placement_version": self.placement.version, "model": self.membership.model,
+              "last_seen_s": 0.0,
               "load": {"running": self.table.num_running, "waiting": self.table.num_waiting}}
         return [me, *self.membership.snapshot(now)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -39,11 +40,20 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
     return torch.from_numpy(quants.dequantize(np.asarray(data), qtype))
 
 
+IDENTITY_SPAN = 1 << 20
+
+
 def file_identity(path: str | os.PathLike[str]) -> str:
-    """Which file a path names now: the same string in every process that opens the same file, another one once
-    the path names another file or the file changes."""
-    stat = os.stat(path)
-    return f"{os.path.realpath(path)} ({stat.st_size} bytes, modified {stat.st_mtime_ns} ns)"
+    """A model file by its content, cheaply: its size and a hash of its first and last MiB (the header and the
+    tensor index, and the last tensor's bytes). The same in every process that reads the same model, whatever
+    path, link or copy it comes through, and another for another model."""
+    size = os.stat(path).st_size
+    digest = hashlib.blake2b(digest_size=8)
+    with open(path, "rb") as f:
+        digest.update(f.read(IDENTITY_SPAN))
+        f.seek(max(0, size - IDENTITY_SPAN))
+        digest.update(f.read(IDENTITY_SPAN))
+    return f"{size} bytes, {digest.hexdigest()}"
 
 
 class GGUFModel:

@@ -195,7 +195,7 @@ class Heartbeat(Message):
     pid: int
     metrics_port: int
     placement_version: int  # the placement this process has fully applied
-    model: str  # the model file it serves (gguf_file.file_identity): a member of another model is not ready
+    model: str  # the model it serves (gguf_file.file_identity): a member of another model is not ready
     load: dict = field(default_factory=dict)
 
 

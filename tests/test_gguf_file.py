@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 from gguf import quants
 
-from shared.gguf_file import GGUFModel, dequantize
+from shared.gguf_file import GGUFModel, dequantize, file_identity
 from shared.gguf_write import write_model
 from shared.model_config import ModelConfig, ModelError, tensor_shapes
 
@@ -247,3 +249,18 @@ def test_float_experts_are_zero_copy_views_of_the_file(tmp_path):
         assert view.data_ptr() == model.expert_bytes(layer, "ffn_gate_exps", 6).ctypes.data
         assert torch.equal(view.float(), model.expert(layer, "ffn_gate_exps", 6))
     assert model.expert_view(1, "ffn_gate_exps", 6).dtype == torch.bfloat16
+
+
+def test_a_model_is_known_by_its_content_not_its_path_or_modification_time(tmp_path):
+    cfg = tiny_config()
+    path = tmp_path / "m.gguf"
+    write_model(path, cfg, random_tensors(cfg))
+    copy = tmp_path / "copy.gguf"
+    copy.write_bytes(path.read_bytes())
+    link = tmp_path / "link.gguf"
+    link.symlink_to(path)
+    os.utime(copy, (1, 1))
+    assert file_identity(path) == file_identity(copy) == file_identity(link) == GGUFModel(link).identity
+    other = tmp_path / "other.gguf"
+    write_model(other, cfg, random_tensors(cfg, seed=1))
+    assert file_identity(other) != file_identity(path)

@@ -15,7 +15,7 @@ CFG = ModelConfig(arch="qwen3moe", n_layers=2, hidden=8, n_heads=2, n_kv_heads=1
                   n_experts_used=2, expert_ffn=4, vocab_size=16, context_length=32, rope_base=1e4, norm_eps=1e-6)
 
 
-MODEL = "/models/m.gguf (1000 bytes, modified 1 ns)"
+MODEL = "1000 bytes, 0123456789abcdef"
 
 
 def beat(member_id: str, version: int, pid: int = 100, load: dict | None = None, model: str = MODEL) -> Heartbeat:
@@ -78,7 +78,8 @@ def test_snapshot_lists_each_member_for_health(members):
     snap = members.snapshot(now=11.0)
     assert [m["member_id"] for m in snap] == ["expert-host-1", "gpu-worker"]
     assert snap[0] == {"member_id": "expert-host-1", "role": "expert_host", "pid": 7, "metrics_port": 9000,
-                       "alive": True, "placement_version": 3, "last_seen_s": 1.0, "load": {"queue": 2}}
+                       "alive": True, "placement_version": 3, "model": MODEL, "last_seen_s": 1.0,
+                       "load": {"queue": 2}}
 
 
 def test_startup_placement_takes_hot_experts_or_fills_the_budget(tiny_model):
@@ -111,6 +112,6 @@ def test_a_restarted_coordinator_with_another_placement_welcomes_members_again(t
 def test_a_member_serving_another_model_file_keeps_the_system_from_being_ready(members):
     members.heartbeat(beat("gpu-worker", 3), now=0.0)
     members.heartbeat(beat("expert-host-0", 3), now=0.0)
-    members.heartbeat(beat("expert-host-1", 3, model="/models/old.gguf (9 bytes, modified 2 ns)"), now=0.0)
-    assert members.missing() == [f"expert-host-1 serves another model file, /models/old.gguf (9 bytes, modified 2 ns), "
-                                 f"not {MODEL}: restart it"]
+    members.heartbeat(beat("expert-host-1", 3, model="9 bytes, fedcba9876543210"), now=0.0)
+    assert members.missing() == [f"expert-host-1 serves another model (9 bytes, fedcba9876543210) than the "
+                                 f"coordinator ({MODEL}): restart whichever is on the old file"]
