@@ -43,8 +43,8 @@ _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
 
 
 def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
-    """(limit, working set: usage less reclaimable page cache) of this process's memory cgroup, v2 or v1; None
-    where it has no limit or none can be read."""
+    """(limit, working set: usage less reclaimable page cache) of this process's memory cgroup, v2 or v1, the
+    limit the lowest of its own and its ancestors'; None where there is none or none can be read."""
     for line in Path(proc_cgroup).read_text().splitlines():
         hierarchy, controllers, path = line.split(":", 2)
         if hierarchy == "0" and not controllers:
@@ -53,17 +53,27 @@ def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/c
             under, limit_file, usage_file, inactive_line = _CGROUP_V1
         else:
             continue
-        directory = Path(root, under, path.lstrip("/"))
+        base = Path(root, under)
+        own = base / path.lstrip("/")
+        # deepest first; a container without its own cgroup namespace sees the host's path, which its mount of
+        # the hierarchy does not have: its cgroup is then the mount's root
+        found = [d for d in (own, *own.parents) if d.is_relative_to(base) and (d / limit_file).is_file()]
         try:
-            limit_text = (directory / limit_file).read_text().strip()
-            usage = int((directory / usage_file).read_text())
-            stat = dict(entry.split() for entry in (directory / "memory.stat").read_text().splitlines())
+            limits = [_limit((d / limit_file).read_text()) for d in found]
+            usage = int((found[0] / usage_file).read_text()) if found else 0
+            stat = dict(entry.split() for entry in (found[0] / "memory.stat").read_text().splitlines()) if found \
+                else {}
         except (OSError, ValueError):
-            continue  # this hierarchy does not hold the memory controller
-        if limit_text == "max" or int(limit_text) >= _NO_LIMIT:
-            continue
-        return int(limit_text), usage - int(stat.get(inactive_line, 0))
+            continue  # not a memory hierarchy this process can read
+        limit = min(limits, default=_NO_LIMIT)
+        if limit < _NO_LIMIT:
+            return limit, usage - int(stat.get(inactive_line, 0))
     return None
+
+
+def _limit(text: str) -> int:
+    text = text.strip()
+    return _NO_LIMIT if text == "max" else min(int(text), _NO_LIMIT)
 
 
 def host_memory() -> MemInfo:

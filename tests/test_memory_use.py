@@ -86,3 +86,15 @@ def test_a_memory_cgroups_limit_caps_what_a_process_may_take(tmp_path):
         "memory/memory.limit_in_bytes": "9223372036854771712\n", "memory/memory.usage_in_bytes": "1\n",
         "memory/memory.stat": ""})
     assert cgroup_memory(*v1_unlimited) is None
+    # Docker on v1 without a cgroup namespace: /proc names the host's path, the container's mount is its own cgroup
+    docker = _cgroup(tmp_path / "docker", "4:memory:/docker/0123abcd", {
+        "memory/memory.limit_in_bytes": "2147483648\n", "memory/memory.usage_in_bytes": "700000000\n",
+        "memory/memory.stat": "total_inactive_file 200000000\n"})
+    assert cgroup_memory(*docker) == (2147483648, 500000000)
+    # a limit on a parent slice holds for every unit under it
+    parent = _cgroup(tmp_path / "parent", "0::/tierserve.slice/host.service", {
+        "tierserve.slice/memory.max": "6000000000\n",
+        "tierserve.slice/host.service/memory.max": "max\n",
+        "tierserve.slice/host.service/memory.current": "1000\n",
+        "tierserve.slice/host.service/memory.stat": "inactive_file 0\n"})
+    assert cgroup_memory(*parent) == (6000000000, 1000)
