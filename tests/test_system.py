@@ -185,30 +185,22 @@ def test_killing_up_leaves_no_process_shared_memory_or_socket_behind(models):
         assert not Path(run_dir).exists()
 
 
+STOP_SIGNALS = {
+    "sigterm": lambda process: process.send_signal(signal.SIGTERM),
+    # a terminal's Ctrl-C signals `tierserve up`'s whole process group, not the launcher alone
+    "ctrl-c-in-a-terminal": lambda process: os.killpg(process.pid, signal.SIGINT),
+}
+
+
 @pytest.mark.slow
-def test_sigterm_drains_in_flight_requests(models, oracles):
+@pytest.mark.parametrize("stop", list(STOP_SIGNALS))
+def test_a_stop_drains_in_flight_requests(models, oracles, stop):
     system = start(models["mixtral"], 1, 4)
     prompt = [3, 1, 4, 1, 5]
     with Client(system.endpoint) as client:
         events = client.generate(token_ids=prompt, max_tokens=24)
         first = next(events)
-        system.process.send_signal(signal.SIGTERM)
-        rest = list(events)
-    assert system.process.wait(60) == 0
-    tokens = [first.token_id] + [e.token_id for e in rest if e.KIND == "token"]
-    assert tokens == oracles["mixtral"].greedy(prompt, 24)
-    assert rest[-1].KIND == "final" and rest[-1].finish_reason == "length"
-
-
-@pytest.mark.slow
-def test_ctrl_c_in_a_terminal_drains_in_flight_requests_too(models, oracles):
-    """A terminal's Ctrl-C signals `tierserve up`'s whole process group, not the launcher alone."""
-    system = start(models["mixtral"], 1, 4)
-    prompt = [3, 1, 4, 1, 5]
-    with Client(system.endpoint) as client:
-        events = client.generate(token_ids=prompt, max_tokens=24)
-        first = next(events)
-        os.killpg(system.process.pid, signal.SIGINT)
+        STOP_SIGNALS[stop](system.process)
         rest = list(events)
     assert system.process.wait(60) == 0
     tokens = [first.token_id] + [e.token_id for e in rest if e.KIND == "token"]
