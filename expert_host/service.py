@@ -131,10 +131,7 @@ def serve(config: Config, host_index: int) -> int:
             if mailbox is not None:
                 if backoff.wait(lambda: mailbox.pending() or mailbox.lane_pending(),
                                 time.monotonic() + SOCKETS_EVERY_S):
-                    if mailbox.lane_pending():
-                        answer_lane(store, mailbox)
-                    if mailbox.pending():
-                        answer_mailbox(store, mailbox)
+                    answer_pending(store, mailbox)
                     backoff.reset()
                 if not queue and not data.poll(0):
                     continue
@@ -146,10 +143,8 @@ def serve(config: Config, host_index: int) -> int:
             frames = queue.popleft()
             data.send_multipart([frames[0], *handle(store, frames[1:])], copy=False)
         # stopping: what was asked before the signal is answered, so the worker's step does not wait out its timeout
-        if mailbox is not None and mailbox.lane_pending():
-            answer_lane(store, mailbox)
-        if mailbox is not None and mailbox.pending():
-            answer_mailbox(store, mailbox)
+        if mailbox is not None:
+            answer_pending(store, mailbox)
         while data.poll(0):
             queue.append(data.recv_multipart(copy=False))
         for frames in queue:
@@ -205,6 +200,14 @@ def handle(store: ExpertStore, frames: list) -> list:
         _log.exception("work item failed")
         return encode(ExpertFailure(step=msg.step, layer=msg.layer, code="internal", message=repr(e)))
     return encode(ExpertResult(step=msg.step, layer=msg.layer, output=output, compute_s=seconds))
+
+
+def answer_pending(store: ExpertStore, mailbox: Mailbox) -> None:
+    """The mailbox's pending requests answered: its lane's, then its per-layer message's."""
+    if mailbox.lane_pending():
+        answer_lane(store, mailbox)
+    if mailbox.pending():
+        answer_mailbox(store, mailbox)
 
 
 def answer_mailbox(store: ExpertStore, mailbox: Mailbox) -> None:

@@ -181,7 +181,6 @@ def _owner(path: str) -> int | None:
     return struct.unpack_from("<I", head, _OWNER_AT)[0]
 
 
-
 class Backoff:
     """Poll (yielding the core) for SPIN_S after `reset`, then sleep in steps doubling up to `max_sleep_s`."""
 
