@@ -62,11 +62,16 @@ TTFT = Histogram("tierserve_time_to_first_token_seconds", "From a request's arri
                  buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0))
 ITL = Histogram("tierserve_inter_token_latency_seconds", "Between two tokens of one request",
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
+RESUMED = Counter("tierserve_requests_resumed_total",
+                  "Requests the gpu worker held when it was lost, continued from their streamed tokens")
 RUNNING = Gauge("tierserve_running_requests", "Requests in the engine")
 WAITING = Gauge("tierserve_waiting_requests", "Admitted requests waiting for a place in the engine")
 
 TICK_S = 0.1  # how often liveness, readiness and the drain are looked at
 FLUSH_S = 0.05  # before closing with linger 0: time for the last events to leave
+# A request that was running when the gpu worker was lost, and is running again when it is lost again, fails:
+# it may be what takes the worker down.
+MAX_RESUMES = 1
 OVERSIZED_FRAME_FACTOR = 16  # frames up to this many times max_request_bytes get a too_large answer
 WORKER = WORKER_ID.encode()
 log = logging.getLogger("coordinator")
@@ -82,6 +87,8 @@ class Coordinator:
         self.table = StreamTable(secrets.token_hex(4))
         self.stop_token_ids = sorted(self.tokenizer.eos_token_ids)
         self.ready = False
+        self.worker_lost_at: float | None = None  # the requests in flight wait for a successor from then
+        self.worker_lost_reason = ""
         self.draining = False
         self.drain_deadline = 0.0
         self.metrics_port = 0
@@ -306,7 +313,8 @@ class Coordinator:
             log.info("%s joined (pid %d, metrics :%d, placement v%d)", msg.member_id, msg.pid, msg.metrics_port,
                      msg.placement_version)
         if outcome.restarted and msg.member_id == WORKER_ID:
-            self.fail_all("the gpu worker restarted")
+            self.update_ready()
+            self.worker_lost("the gpu worker restarted", time.monotonic())
         if outcome.welcome:
             # Without ROUTER_MANDATORY a welcome that cannot go out is dropped; the next heartbeat asks again.
             self.control.send_multipart([identity, *encode(Welcome(placement=self.placement.to_dict()))],
@@ -323,12 +331,39 @@ class Coordinator:
                 log.warning("not ready: %s", "; ".join(self.membership.missing()))
         self.dispatch()
 
+    def worker_lost(self, reason: str, now: float) -> None:
+        """The worker is gone with the KV cache of every request it held. Those requests wait for its successor
+        (resume_timeout_s) and continue there from the tokens they have streamed, as do the requests that were
+        still waiting here."""
+        if self.config.resume_timeout_s <= 0:
+            self.fail_all(reason)
+            return
+        for stream in self.table.running_streams():
+            if stream.resumes >= MAX_RESUMES:
+                self.fail(stream, "unavailable", f"{reason}, the second time while this request ran", in_engine=False)
+        resumed = self.table.resume_running()
+        RESUMED.inc(len(resumed))
+        if self.table:
+            log.warning("%s: %d requests it held resume when it is back, %d more wait for it", reason, len(resumed),
+                        self.table.num_waiting - len(resumed))
+        if self.worker_lost_at is None:
+            self.worker_lost_at, self.worker_lost_reason = now, reason
+        self.dispatch()
+
     def tick(self, now: float) -> None:
         for member in self.membership.expire(now):
             log.warning("%s lost (no heartbeat for %.1f s)", member.member_id, self.config.heartbeat_timeout_s)
             if member.member_id == WORKER_ID:
-                self.fail_all("the gpu worker stopped responding")
+                self.update_ready()
+                self.worker_lost("the gpu worker stopped responding", now)
         self.update_ready()
+        if self.worker_lost_at is not None:
+            if self.ready or not self.table:
+                self.worker_lost_at = None
+            elif now - self.worker_lost_at >= self.config.resume_timeout_s:
+                self.worker_lost_at = None
+                self.fail_all(f"{self.worker_lost_reason}, and the system was not ready again within "
+                              f"{self.config.resume_timeout_s:g} s")
         if self.draining and (not self.table or now >= self.drain_deadline):
             for stream in list(self.table.streams.values()):
                 self.end(stream, "cancelled", stream.final("cancelled", now))
@@ -366,6 +401,7 @@ class Coordinator:
             "uptime_s": round(now - self.started, 3),
             "running": self.table.num_running, "waiting": self.table.num_waiting,
             "requests": {o: count("tierserve_requests_total", outcome=o) for o in OUTCOMES},
+            "resumed": count("tierserve_requests_resumed_total"),
             "prompt_tokens": count("tierserve_prompt_tokens_total"),
             "generated_tokens": count("tierserve_generated_tokens_total"),
             "placement": {"version": self.placement.version, "hot_experts": self.placement.count_hot(),

@@ -65,7 +65,8 @@ class RequestStream:
         self.arrived = arrived
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
-        self.n_tokens = 0
+        self.token_ids: list[int] = []  # generated so far: a request resumed on another worker continues from them
+        self.resumes = 0
         self.finish_reason: str | None = None
 
     @property
@@ -76,17 +77,24 @@ class RequestStream:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @property
+    def n_tokens(self) -> int:
+        return len(self.token_ids)
+
     def engine_request(self) -> EngineGenerate:
+        """What the engine runs: the prompt, or, for a request resumed after its worker was lost, the prompt and
+        the tokens already streamed, to generate the rest from."""
         r = self.request
-        return EngineGenerate(request_id=self.internal_id, prompt_token_ids=self.prompt_ids, max_tokens=r.max_tokens,
-                              temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, seed=r.seed,
-                              logprobs=r.logprobs, stop_token_ids=sorted(self.stop_token_ids))
+        return EngineGenerate(request_id=self.internal_id, prompt_token_ids=self.prompt_ids + self.token_ids,
+                              max_tokens=r.max_tokens - self.n_tokens, temperature=r.temperature, top_p=r.top_p,
+                              top_k=r.top_k, seed=r.seed, logprobs=r.logprobs,
+                              stop_token_ids=sorted(self.stop_token_ids), output_offset=self.n_tokens)
 
     def on_token(self, token: EngineToken, now: float) -> list[Message]:
         """The TokenEvent of one generated token, followed by the FinalEvent when it is the last one: the
         engine says so, or the text completed a stop string (the engine must then be told to cancel)."""
         index = self.n_tokens
-        self.n_tokens += 1
+        self.token_ids.append(token.token_id)
         if self.first_token_at is None:
             self.first_token_at = now
         self.last_token_at = now
@@ -165,6 +173,24 @@ class StreamTable:
         for stream in reversed(streams):
             self.running.discard(stream.internal_id)
             self.waiting.appendleft(stream.internal_id)
+
+    def resume_running(self) -> list[RequestStream]:
+        """The streams the engine held, back at the head of the queue in their order, each under a new engine id:
+        an engine that was only slow, not gone, may still send tokens under the old one, which are then unknown
+        here and cancelled."""
+        streams = sorted((self.streams[i] for i in self.running), key=lambda s: s.arrived)
+        for stream in streams:
+            del self.streams[stream.internal_id]
+            stream.internal_id = self.next_id()
+            stream.resumes += 1
+            self.streams[stream.internal_id] = stream
+            self._by_client[(stream.client, stream.request_id)] = stream.internal_id
+        self.running.clear()
+        self.waiting.extendleft(s.internal_id for s in reversed(streams))
+        return streams
+
+    def running_streams(self) -> list[RequestStream]:
+        return [self.streams[i] for i in self.running]
 
     def remove(self, stream: RequestStream) -> None:
         del self.streams[stream.internal_id]

@@ -1,8 +1,10 @@
-"""Next-token choice from a step's logits: greedy, or temperature / top-k / top-p sampling with one random
-generator per request, so a seeded request draws the same tokens whatever else shares its batches."""
+"""Next-token choice from a step's logits: greedy, or temperature / top-k / top-p sampling. A seeded request's
+draw of each token is seeded by the request's seed and the token's place, so it draws the same tokens whatever
+else shares its batches, and when it is resumed on a restarted worker."""
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 import torch
@@ -23,10 +25,8 @@ class SampleResult:
 
 class Sampler:
     def __init__(self) -> None:
-        self._generators: dict[str, torch.Generator] = {}
-
-    def forget(self, request_id: str) -> None:
-        self._generators.pop(request_id, None)
+        self._seeded: dict[torch.device, torch.Generator] = {}
+        self._unseeded: dict[torch.device, torch.Generator] = {}
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[SampleResult]:
@@ -64,12 +64,19 @@ class Sampler:
         return order.gather(1, picks[:, None])[:, 0]
 
     def _generator(self, seq: Sequence, device: torch.device) -> torch.Generator:
-        generator = self._generators.get(seq.request_id)
+        seed = seq.params.seed
+        generators = self._unseeded if seed is None else self._seeded
+        generator = generators.get(device)
         if generator is None:
-            generator = torch.Generator(device=device)
-            if seq.params.seed is None:
-                generator.seed()
-            else:
-                generator.manual_seed(seq.params.seed)
-            self._generators[seq.request_id] = generator
+            generator = generators[device] = torch.Generator(device=device)
+            generator.seed()
+        if seed is not None:
+            generator.manual_seed(draw_seed(seed, seq.params.output_offset + len(seq.output_token_ids)))
         return generator
+
+def draw_seed(seed: int, position: int) -> int:
+    """The seed of a request's draw of its position-th token. A draw that depends on nothing but the request's
+    seed and the token's place is the same alone or in any batch, and on a worker that resumes the request from
+    the tokens it had streamed."""
+    digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little")

@@ -26,6 +26,7 @@ class SamplingParams:
     seed: int | None = None
     logprobs: int = 0  # how many top alternatives to return with each token
     stop_token_ids: frozenset[int] = frozenset()
+    output_offset: int = 0  # tokens of the prompt that are the request's own output, streamed before a resume
 
 
 class SequenceStatus(StrEnum):

@@ -170,8 +170,6 @@ class Engine:
             with section("postprocess"):
                 sampled = [(seq, r) for (_, seq), r in zip(sampling, results, strict=True)]
                 finished = self.scheduler.postprocess(batch, {seq.request_id: r.token_id for seq, r in sampled})
-                for seq in finished:
-                    self.sampler.forget(seq.request_id)
             if self.remote is not None:
                 self.remote.close_retired()  # the device is done with the step
             STEPS.inc()
@@ -186,7 +184,6 @@ class Engine:
         failed = [seq for seq in list(self.scheduler.running)]
         for seq in failed:
             self.scheduler.cancel(seq.request_id, reason="error")
-            self.sampler.forget(seq.request_id)
         self.update_gauges()
         return failed
 
@@ -217,7 +214,7 @@ class Engine:
 def to_sequence(msg: EngineGenerate) -> Sequence:
     params = SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
                             top_k=msg.top_k, seed=msg.seed, logprobs=msg.logprobs,
-                            stop_token_ids=frozenset(msg.stop_token_ids))
+                            stop_token_ids=frozenset(msg.stop_token_ids), output_offset=msg.output_offset)
     return Sequence(msg.request_id, list(msg.prompt_token_ids), params)
 
 
@@ -323,7 +320,6 @@ def handle_engine_message(engine: Engine, frames: list, send: Callable[[Message]
     elif isinstance(msg, EngineCancel):
         seq = engine.scheduler.cancel(msg.request_id)
         if seq is not None:
-            engine.sampler.forget(msg.request_id)
             engine.update_gauges()
             send(EngineFinished(request_id=msg.request_id, finish_reason="cancelled"))
     else:

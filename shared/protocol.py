@@ -143,6 +143,9 @@ class EngineGenerate(Message):
     seed: int | None
     logprobs: int
     stop_token_ids: list[int]
+    # The last output_offset prompt tokens are the request's own, streamed before its worker was lost: its seeded
+    # draws go on from there.
+    output_offset: int = 0
 
 
 @dataclass

@@ -19,7 +19,17 @@ from shared.client import Client, ServerError
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import free_tcp_port
-from shared.protocol import EngineGenerate, ErrorEvent, Heartbeat, Welcome, decode, encode
+from shared.protocol import (
+    EngineCancel,
+    EngineGenerate,
+    EngineToken,
+    ErrorEvent,
+    FinalEvent,
+    Heartbeat,
+    Welcome,
+    decode,
+    encode,
+)
 
 MAX_REQUEST_BYTES = 65536
 
@@ -149,7 +159,7 @@ def join_as_worker(coordinator: Coordinator, member: zmq.Socket) -> tuple[Heartb
 
 
 def test_a_joining_worker_is_welcomed_makes_the_system_ready_and_is_lost_when_silent(tiny_model, tmp_path):
-    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8, resume_timeout_s=1.0)
     member = worker_socket()
     try:
         _, welcome = join_as_worker(coordinator, member)
@@ -162,10 +172,12 @@ def test_a_joining_worker_is_welcomed_makes_the_system_ready_and_is_lost_when_si
         assert (worker["pid"], worker["metrics_port"], worker["alive"], worker["placement_version"]) == (
             4242, 1234, True, version)
         # Ready, but nothing is connected to the engine socket: the request waits for the engine connection,
-        # and fails, not lost, once the silent worker is taken for gone.
+        # then for a successor of the silent worker once it is taken for gone, and fails, not lost, when none
+        # comes within resume_timeout_s.
         with pytest.raises(ServerError) as info:
             coordinator.client.complete(prompt="hello", max_tokens=2)
-        assert info.value.code == "unavailable" and "stopped responding" in info.value.message
+        assert info.value.code == "unavailable"
+        assert "stopped responding, and the system was not ready again within 1 s" in info.value.message
         health = coordinator.client.health()
         assert health.status == "starting"
         assert not next(m for m in health.members if m["member_id"] == "gpu-worker")["alive"]
@@ -197,6 +209,70 @@ def test_a_request_waits_for_the_engine_connection_of_a_live_worker(tiny_model, 
         member.close()
         engine.close()
         assert coordinator.stop() == 0
+
+
+def restart_as_worker(coordinator: Coordinator, member: zmq.Socket, hb: Heartbeat, pid: int) -> None:
+    """Heartbeat as a new worker process under the same identity, take the welcome and wait until ready."""
+    hb.pid, hb.placement_version = pid, 0
+    member.send_multipart(encode(hb))
+    welcome = decode(member.recv_multipart())
+    assert isinstance(welcome, Welcome)
+    hb.placement_version = welcome.placement["version"]
+    member.send_multipart(encode(hb))
+    deadline = time.monotonic() + 5
+    while coordinator.client.health().status != "ready":
+        assert time.monotonic() < deadline, "the restarted worker did not make the system ready"
+        time.sleep(0.05)
+
+
+def token(request_id: str, token_id: int, finish_reason: str | None = None) -> list:
+    return encode(EngineToken(request_id=request_id, token_id=token_id, logprob=-1.0, top_logprobs=[],
+                              finish_reason=finish_reason))
+
+
+def test_requests_the_worker_held_resume_on_its_successor_from_their_streamed_tokens(tiny_model, tmp_path):
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8, resume_timeout_s=10.0)
+    member, engine = worker_socket(), worker_socket()
+    try:
+        hb, _ = join_as_worker(coordinator, member)
+        engine.connect(coordinator.config.engine_endpoint)
+        member.send_multipart(encode(hb))
+        stream = coordinator.client.generate(request_id="r", token_ids=[5, 6], max_tokens=5, temperature=0.5, seed=3)
+        first = decode(engine.recv_multipart())
+        assert isinstance(first, EngineGenerate) and first.prompt_token_ids == [5, 6]
+        for t in (7, 8):
+            engine.send_multipart(token(first.request_id, t))
+        assert [next(stream).token_id for _ in range(2)] == [7, 8]
+
+        restart_as_worker(coordinator, member, hb, pid=4343)  # the worker died with the request's KV cache
+        again = decode(engine.recv_multipart())
+        assert isinstance(again, EngineGenerate) and again.request_id != first.request_id
+        assert (again.prompt_token_ids, again.max_tokens, again.output_offset, again.seed, again.temperature) == (
+            [5, 6, 7, 8], 3, 2, 3, 0.5)
+        engine.send_multipart(token(first.request_id, 99))  # late, from a process taken for gone: not streamed
+        assert decode(engine.recv_multipart()) == EngineCancel(request_id=first.request_id)
+        for t, end in ((9, None), (10, None), (11, "length")):
+            engine.send_multipart(token(again.request_id, t, end))
+        rest = list(stream)
+        assert [e.index for e in rest[:-1]] == [2, 3, 4] and [e.token_id for e in rest[:-1]] == [9, 10, 11]
+        assert isinstance(rest[-1], FinalEvent) and (rest[-1].completion_tokens, rest[-1].prompt_tokens) == (5, 2)
+
+        # A request running when the worker is lost a second time may be what takes it down: it fails.
+        stream = coordinator.client.generate(request_id="s", token_ids=[5], max_tokens=4)
+        decode(engine.recv_multipart())
+        restart_as_worker(coordinator, member, hb, pid=4444)
+        decode(engine.recv_multipart())
+        restart_as_worker(coordinator, member, hb, pid=4545)
+        with pytest.raises(ServerError) as info:
+            list(stream)
+        assert info.value.code == "unavailable" and "the second time while this request ran" in info.value.message
+        stats = coordinator.client.stats().stats
+        assert stats["requests"]["completed"] == 1 and stats["requests"]["error"] == 1
+    finally:
+        member.close()
+        engine.close()
+        assert coordinator.stop() == 0
+    assert "requests it held resume when it is back" in coordinator.log.read_text()
 
 
 def test_sigterm_exits_zero_and_leaves_no_socket_files(tiny_model, tmp_path):

@@ -115,7 +115,30 @@ def test_engine_request_carries_the_sampling_and_the_stop_tokens(tokenizer):
     s = RequestStream("c0-7", b"client", request, [4, 5], tokenizer.detokenizer(), {509, 511}, 0.0)
     e = s.engine_request()
     assert (e.request_id, e.prompt_token_ids, e.max_tokens, e.temperature, e.top_p, e.top_k, e.seed, e.logprobs,
-            e.stop_token_ids) == ("c0-7", [4, 5], 9, 0.7, 0.9, 5, 3, 2, [509, 511])
+            e.stop_token_ids, e.output_offset) == ("c0-7", [4, 5], 9, 0.7, 0.9, 5, 3, 2, [509, 511], 0)
+
+
+def test_a_resumed_request_continues_from_its_streamed_tokens_under_a_new_engine_id(tokenizer):
+    table = StreamTable("w")
+    streams = [RequestStream(table.next_id(), b"c", Generate(request_id=f"r{i}", prompt="p", max_tokens=10), [4, 5],
+                             tokenizer.detokenizer(), [], float(i)) for i in range(4)]
+    for s in streams:
+        table.add(s)
+    assert table.start_next(3) == streams[:3]
+    feed(streams[1], [7, 8, 9], last=None)
+    old_ids = [s.internal_id for s in streams[:3]]
+    assert table.resume_running() == streams[:3]
+    assert (table.num_running, table.num_waiting) == (0, 4)
+    assert [s.resumes for s in streams] == [1, 1, 1, 0]
+    assert all(s.internal_id != old and table.get(old) is None for s, old in zip(streams[:3], old_ids, strict=True))
+    assert table.find(b"c", "r1") is streams[1] and table.get(streams[1].internal_id) is streams[1]
+    assert table.start_next(4) == streams  # the resumed first, in their order, then the one that waited
+    e = streams[1].engine_request()
+    assert (e.request_id, e.prompt_token_ids, e.max_tokens, e.output_offset) == (
+        streams[1].internal_id, [4, 5, 7, 8, 9], 7, 3)
+    assert streams[1].prompt_ids == [4, 5]  # usage counts the client's prompt, not the tokens resumed from
+    events = feed(streams[1], [10], last="length")
+    assert events[0].index == 3 and events[-1].completion_tokens == 4
 
 
 def test_table_queues_in_order_and_lets_max_running_into_the_engine(tokenizer):

@@ -92,38 +92,46 @@ def test_seeded_request_draws_the_same_tokens_alone_or_in_any_batch(device):
     mine = torch.randn(steps, 64, generator=gen)
     params = dict(temperature=0.9, top_p=0.95, top_k=40, seed=1234)
 
-    alone = Sampler()
-    solo = [alone.sample(mine[t : t + 1].to(device), [make_seq("me", **params)])[0].token_id for t in range(steps)]
+    me = make_seq("me", **params)
+    solo = []
+    for t in range(steps):
+        solo.append(Sampler().sample(mine[t : t + 1].to(device), [me])[0].token_id)
+        me.output_token_ids.append(solo[-1])
 
     batched = Sampler()
     others = [make_seq("greedy"), make_seq("unseeded", temperature=1.0), make_seq("other", temperature=1.3, seed=7)]
+    me = make_seq("me", **params)
     together = []
     for t in range(steps):
         # a different crowd, in a different order, around the same request every step
         crowd = others[: t % 4]
         at = t % (len(crowd) + 1)
-        seqs = crowd[:at] + [make_seq("me", **params)] + crowd[at:]
+        seqs = crowd[:at] + [me] + crowd[at:]
         logits = torch.randn(len(seqs), 64, generator=gen)
         logits[at] = mine[t]
         together.append(batched.sample(logits.to(device), seqs)[at].token_id)
+        me.output_token_ids.append(together[-1])
     assert together == solo
     assert len(set(solo)) > 1  # the check means something only if the draws vary
 
 
-def test_different_seeds_differ_and_forget_restarts_the_stream():
-    sampler = Sampler()
-    logits = torch.zeros(30, 1000)  # uniform: two streams agreeing by chance is out of the question
+def test_a_seeded_request_resumed_from_its_streamed_tokens_draws_what_it_would_have():
+    logits = torch.zeros(1, 1000)  # uniform: streams agreeing by chance is out of the question
 
-    def stream(request_id: str, seed: int | None) -> list[int]:
-        return [sampler.sample(logits[t : t + 1], [make_seq(request_id, temperature=1.0, seed=seed)])[0].token_id
-                for t in range(30)]
+    def stream(seq: Sequence, n: int) -> list[int]:
+        sampler = Sampler()
+        for _ in range(n):
+            seq.output_token_ids.append(sampler.sample(logits, [seq])[0].token_id)
+        return seq.output_token_ids
 
-    first = stream("a", 1)
-    assert stream("b", 2) != first
-    assert stream("a", 1) != first  # the same request's generator carries on
-    sampler.forget("a")
-    assert stream("a", 1) == first
-    assert stream("u", None) != stream("v", None)
+    whole = stream(make_seq("a", temperature=1.0, seed=1), 30)
+    assert len(set(whole)) > 20
+    # the resumed request's prompt ends with the 12 tokens it had streamed; it draws the other 18
+    resumed = Sequence("b", [1, *whole[:12]], SamplingParams(max_tokens=18, temperature=1.0, seed=1,
+                                                              output_offset=12))
+    assert stream(resumed, 18) == whole[12:]
+    assert stream(make_seq("c", temperature=1.0, seed=2), 30) != whole
+    assert stream(make_seq("u", temperature=1.0), 30) != stream(make_seq("v", temperature=1.0), 30)
 
 
 @pytest.mark.parametrize("device", DEVICES)
