@@ -63,15 +63,15 @@ TTFT = Histogram("tierserve_time_to_first_token_seconds", "From a request's arri
 ITL = Histogram("tierserve_inter_token_latency_seconds", "Between two tokens of one request",
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 RESUMED = Counter("tierserve_requests_resumed_total",
-                  "Requests the gpu worker held when it was lost, continued from their streamed tokens")
+                  "Requests continued from their streamed tokens after the gpu worker or an expert host was lost")
 RUNNING = Gauge("tierserve_running_requests", "Requests in the engine")
 WAITING = Gauge("tierserve_waiting_requests", "Admitted requests waiting for a place in the engine")
 
 TICK_S = 0.1  # how often liveness, readiness and the drain are looked at
 FLUSH_S = 0.05  # before closing with linger 0: time for the last events to leave
-# A request that was running when the gpu worker was lost, and is running again when it is lost again, fails:
-# it may be what takes the worker down.
-MAX_RESUMES = 1
+# How often a request is resumed after the loss of the gpu worker or an expert host that it was running on: one
+# running at a further loss may be what takes the process down, and fails.
+MAX_RESUMES = 2
 OVERSIZED_FRAME_FACTOR = 16  # frames up to this many times max_request_bytes get a too_large answer
 WORKER = WORKER_ID.encode()
 log = logging.getLogger("coordinator")
@@ -87,8 +87,9 @@ class Coordinator:
         self.table = StreamTable(secrets.token_hex(4))
         self.stop_token_ids = sorted(self.tokenizer.eos_token_ids)
         self.ready = False
-        self.worker_lost_at: float | None = None  # the requests in flight wait for a successor from then
-        self.worker_lost_reason = ""
+        self.lost_at: float | None = None  # a process was lost with requests in flight: they wait from then
+        self.lost_reason = ""
+        self.dispatch_after = 0.0
         self.draining = False
         self.drain_deadline = 0.0
         self.metrics_port = 0
@@ -217,7 +218,7 @@ class Coordinator:
 
     def dispatch(self) -> None:
         """Let waiting requests into the engine while it has room and the system is ready."""
-        if self.ready:
+        if self.ready and time.monotonic() >= self.dispatch_after:
             started = self.table.start_next(self.config.max_running)
             for i, stream in enumerate(started):
                 if not self.send_engine(stream.engine_request()):
@@ -259,6 +260,8 @@ class Coordinator:
         now = time.monotonic()
         if isinstance(msg, EngineToken):
             self.on_token(stream, msg, now)
+        elif isinstance(msg, EngineError) and msg.code == "expert_host_unavailable":
+            self.host_lost(stream, msg.message, now)
         elif isinstance(msg, EngineError):
             self.fail(stream, msg.code, msg.message, in_engine=False)
         else:
@@ -332,23 +335,41 @@ class Coordinator:
         self.dispatch()
 
     def worker_lost(self, reason: str, now: float) -> None:
-        """The worker is gone with the KV cache of every request it held. Those requests wait for its successor
-        (resume_timeout_s) and continue there from the tokens they have streamed, as do the requests that were
-        still waiting here."""
+        """The worker is gone with the KV cache of every request it held: they, and the requests still waiting
+        here, wait for its successor."""
         if self.config.resume_timeout_s <= 0:
             self.fail_all(reason)
             return
-        for stream in self.table.running_streams():
-            if stream.resumes >= MAX_RESUMES:
-                self.fail(stream, "unavailable", f"{reason}, the second time while this request ran", in_engine=False)
-        resumed = self.table.resume_running()
-        RESUMED.inc(len(resumed))
+        resumed = self.resume(self.table.running_streams(), "unavailable", reason, now)
         if self.table:
-            log.warning("%s: %d requests it held resume when it is back, %d more wait for it", reason, len(resumed),
-                        self.table.num_waiting - len(resumed))
-        if self.worker_lost_at is None:
-            self.worker_lost_at, self.worker_lost_reason = now, reason
+            log.warning("%s: %d requests it held resume when it is back, %d more wait for it", reason, resumed,
+                        self.table.num_waiting - resumed)
+            self.lost_at, self.lost_reason = self.lost_at or now, reason
+
+    def host_lost(self, stream: RequestStream, reason: str, now: float) -> None:
+        """The worker ended the request because an expert host stopped answering. Nothing is sent to the worker
+        until the host has had the time to be found missing by its heartbeats, so that requests wait for the
+        host's successor rather than going straight back to the same failure."""
+        self.dispatch_after = now + self.config.heartbeat_timeout_s + self.config.heartbeat_interval_s
+        if self.resume([stream], "expert_host_unavailable", reason, now):
+            self.lost_at, self.lost_reason = self.lost_at or now, reason
+
+    def resume(self, streams: list[RequestStream], code: str, reason: str, now: float) -> int:
+        """Streams whose state in the engine is lost continue from their streamed tokens once the system is ready
+        again, within resume_timeout_s; with resuming off, or resumed MAX_RESUMES times already, they fail."""
+        kept = []
+        for stream in streams:
+            if self.config.resume_timeout_s <= 0:
+                self.fail(stream, code, reason, in_engine=False)
+            elif stream.resumes >= MAX_RESUMES:
+                self.fail(stream, code, f"{reason}; the request was resumed {MAX_RESUMES} times already",
+                          in_engine=False)
+            else:
+                kept.append(stream)
+        self.table.resume(kept)
+        RESUMED.inc(len(kept))
         self.dispatch()
+        return len(kept)
 
     def tick(self, now: float) -> None:
         for member in self.membership.expire(now):
@@ -357,12 +378,12 @@ class Coordinator:
                 self.update_ready()
                 self.worker_lost("the gpu worker stopped responding", now)
         self.update_ready()
-        if self.worker_lost_at is not None:
-            if self.ready or not self.table:
-                self.worker_lost_at = None
-            elif now - self.worker_lost_at >= self.config.resume_timeout_s:
-                self.worker_lost_at = None
-                self.fail_all(f"{self.worker_lost_reason}, and the system was not ready again within "
+        if self.lost_at is not None:
+            if (self.ready and now >= self.dispatch_after) or not self.table:
+                self.lost_at = None
+            elif now - self.lost_at >= self.config.resume_timeout_s:
+                self.lost_at = None
+                self.fail_all(f"{self.lost_reason}, and the system was not ready again within "
                               f"{self.config.resume_timeout_s:g} s")
         if self.draining and (not self.table or now >= self.drain_deadline):
             for stream in list(self.table.streams.values()):

@@ -174,20 +174,19 @@ class StreamTable:
             self.running.discard(stream.internal_id)
             self.waiting.appendleft(stream.internal_id)
 
-    def resume_running(self) -> list[RequestStream]:
-        """The streams the engine held, back at the head of the queue in their order, each under a new engine id:
-        an engine that was only slow, not gone, may still send tokens under the old one, which are then unknown
-        here and cancelled."""
-        streams = sorted((self.streams[i] for i in self.running), key=lambda s: s.arrived)
+    def resume(self, streams: list[RequestStream]) -> None:
+        """Running streams whose engine state is lost, back in the queue in arrival order (ahead of the requests
+        that came after them), each under a new engine id: an engine that was only slow, not gone, may still
+        send tokens under the old one, which are then unknown here and cancelled."""
         for stream in streams:
+            self.running.discard(stream.internal_id)
             del self.streams[stream.internal_id]
             stream.internal_id = self.next_id()
             stream.resumes += 1
             self.streams[stream.internal_id] = stream
             self._by_client[(stream.client, stream.request_id)] = stream.internal_id
-        self.running.clear()
-        self.waiting.extendleft(s.internal_id for s in reversed(streams))
-        return streams
+            self.waiting.append(stream.internal_id)
+        self.waiting = deque(sorted(self.waiting, key=lambda i: self.streams[i].arrived))
 
     def running_streams(self) -> list[RequestStream]:
         return [self.streams[i] for i in self.running]

@@ -42,6 +42,8 @@ HELD_BYTES = Gauge("tierserve_expert_host_expert_bytes", "Bytes of expert weight
 # costs microseconds the mailbox path should not pay), and an idle host sleeps at most IDLE_SLEEP_S at a time.
 SOCKETS_EVERY_S = 1e-3
 IDLE_SLEEP_S = 1e-3
+DRAIN_QUIET_S = 0.1
+DRAIN_MAX_S = 2.0
 # A work item of this many rows is a prompt being prefilled (a decode batch's rows are its sequences times
 # top-k spread over the hosts): after it, the next layer's mapped experts are read in ahead of their use.
 PREFETCH_ROWS = 256
@@ -142,13 +144,7 @@ def serve(config: Config, host_index: int) -> int:
             QUEUE.set(len(queue))
             frames = queue.popleft()
             data.send_multipart([frames[0], *handle(store, frames[1:])], copy=False)
-        # stopping: what was asked before the signal is answered, so the worker's step does not wait out its timeout
-        if mailbox is not None:
-            answer_pending(store, mailbox)
-        while data.poll(0):
-            queue.append(data.recv_multipart(copy=False))
-        for frames in queue:
-            data.send_multipart([frames[0], *handle(store, frames[1:])], copy=False)
+        drain(store, data, queue, mailbox)
     finally:
         store.close()
         if mailbox is not None:
@@ -160,6 +156,32 @@ def serve(config: Config, host_index: int) -> int:
         leave_run_dir(config, endpoint)
         log.info("stopped")
     return 0
+
+
+def drain(store: ExpertStore, data: zmq.Socket, queue: collections.deque[list], mailbox: Mailbox | None) -> None:
+    """Stopping: what was asked before the signal is answered, so that the worker's step does not wait out its
+    timeout. Messages the signal overtook may still be on their way through ZeroMQ: the host answers until its
+    socket and mailbox have been quiet for DRAIN_QUIET_S, for at most DRAIN_MAX_S."""
+    quiet_since = time.monotonic()
+    deadline = quiet_since + DRAIN_MAX_S
+    while True:
+        answered = bool(queue)
+        if mailbox is not None and (mailbox.pending() or mailbox.lane_pending()):
+            answer_pending(store, mailbox)
+            answered = True
+        while data.poll(0):
+            queue.append(data.recv_multipart(copy=False))
+            answered = True
+        while queue:
+            frames = queue.popleft()
+            data.send_multipart([frames[0], *handle(store, frames[1:])], copy=False)
+        now = time.monotonic()
+        if answered:
+            quiet_since = now
+        if now >= deadline or now - quiet_since >= DRAIN_QUIET_S:
+            return
+        if not answered:
+            time.sleep(IDLE_SLEEP_S)
 
 
 def compute(store: ExpertStore, layer: int, experts: list[int], counts: list[int],

@@ -85,8 +85,8 @@ class Config:
     data_plane: str = "auto"  # worker <-> hosts: auto (shared memory to hosts on ipc endpoints) | zmq | shm
     mailbox_bytes: int = 0  # payload bytes each way per mailbox; 0: max_batch_tokens x top-k rows of fp32, <= 64 MiB
     drain_timeout_s: float = 30.0
-    # Requests in flight when the gpu worker is lost wait this long for its successor and continue there from the
-    # tokens they have streamed (a request at most once); 0: they fail when it is lost.
+    # Requests in flight when the gpu worker or an expert host is lost wait this long for its successor and then
+    # continue from the tokens they have streamed (a request at most twice); 0: they fail when it is lost.
     resume_timeout_s: float = 60.0
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400  # coordinator; gpu_worker +1, expert host i +2+i; 0 picks free ports

@@ -127,12 +127,13 @@ def test_a_resumed_request_continues_from_its_streamed_tokens_under_a_new_engine
     assert table.start_next(3) == streams[:3]
     feed(streams[1], [7, 8, 9], last=None)
     old_ids = [s.internal_id for s in streams[:3]]
-    assert table.resume_running() == streams[:3]
+    table.resume([streams[2], streams[0]])  # in the order the engine's errors come
+    table.resume([streams[1]])
     assert (table.num_running, table.num_waiting) == (0, 4)
     assert [s.resumes for s in streams] == [1, 1, 1, 0]
     assert all(s.internal_id != old and table.get(old) is None for s, old in zip(streams[:3], old_ids, strict=True))
     assert table.find(b"c", "r1") is streams[1] and table.get(streams[1].internal_id) is streams[1]
-    assert table.start_next(4) == streams  # the resumed first, in their order, then the one that waited
+    assert table.start_next(4) == streams  # in arrival order: the resumed first, then the one that waited
     e = streams[1].engine_request()
     assert (e.request_id, e.prompt_token_ids, e.max_tokens, e.output_offset) == (
         streams[1].internal_id, [4, 5, 7, 8, 9], 7, 3)

@@ -72,9 +72,9 @@ def test_sigterm_answers_the_work_already_sent(host):
     ask, process, sock = host
     ask(work([1, 64]))  # joined: its socket is connected and serving
     items = 300
-    rows = torch.zeros(1, 64)
+    rows = torch.zeros(256, 64)  # 20 MB in all: some of it still on its way through ZeroMQ at the signal
     for step in range(items):
-        sock.send_multipart(encode(ExpertWork(step=step, layer=0, expert_ids=[0], counts=[1], hidden=rows)))
+        sock.send_multipart(encode(ExpertWork(step=step, layer=0, expert_ids=[0], counts=[256], hidden=rows)))
     process.send_signal(signal.SIGTERM)
     answered = {decode(sock.recv_multipart()).step for _ in range(items)}
     assert answered == set(range(items))
