@@ -7,6 +7,10 @@
 - write-combined: cudaHostAlloc(WRITECOMBINED) buffers, one per layer: DMA at link speed, but CPU reads
   are uncached and several times slower, so only for experts that are streamed, never computed here.
 
+Hosts of one user starting together take their copied memory one at a time (`host_memory_lock`): each
+measures what is free only once the one before it has taken its pages, so together they cannot over-commit
+RAM that each of them alone would have seen free.
+
 Pinned and write-combined memory is laid out layer by layer (each layer a page-aligned run of the experts'
 page-aligned regions, as shared.expert_cache lays them out), so a migration can fill one layer and free the old
 copy of that layer before it moves on.
@@ -19,11 +23,15 @@ segment created on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
+import fcntl
+import logging
 import mmap
 import os
 import re
+from collections.abc import Iterator
 from itertools import count
 
 import torch
@@ -40,6 +48,7 @@ SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "tierserve-experts-"
 _CUDA_HOST_ALLOC_WRITE_COMBINED = 4
 _segment_numbers = count()
+log = logging.getLogger(__name__)
 
 class HostMemoryError(ValueError):
     """This host cannot hold its experts in the memory kind asked for; the message says what would work."""
@@ -78,6 +87,26 @@ def check_fit(kind: str, need: int, n_experts: int, largest_expert: int, mem: Me
     fit = max(0, budget) // max(1, largest_expert)
     raise HostMemoryError(f"placement needs {_size(need)} of {kind} memory for {n_experts:,} experts; {limit}: "
                           f"at most {fit:,} experts fit, or use host_memory = mapped")
+
+
+@contextlib.contextmanager
+def host_memory_lock() -> Iterator[None]:
+    """Held from a host's fit check until its new arena is filled: another host of this user that measured free
+    memory meanwhile would count pages this one is about to take. An flock, not a pid file, so the kernel lets
+    go of it when its process ends, however it ends; one file per user, so hosts of different users never wait
+    for each other."""
+    path = os.path.join(SHM_DIR, f"tierserve-host-memory-{os.getuid()}.lock")
+    # no symlink followed: SHM_DIR is writable by every user
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another expert host is filling its memory: waiting for it before measuring what is free")
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # the lock goes with the file's last descriptor
 
 
 def _size(n: int) -> str:

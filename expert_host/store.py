@@ -64,17 +64,24 @@ class ExpertStore:
             self.weights[(layer, e)] = self.source.weights(layer, e)
 
     def _migrate(self, wanted: dict[int, list[int]]) -> None:
-        """Fill a new arena layer by layer, one region per expert: each expert comes from the old arena if held
-        there (pinned), else from its file, whose pages are then dropped; the old arena's layer is freed
-        before the next one."""
+        """Check the fit and fill a new arena under the host memory lock, so another host measures free memory
+        only once this one's pages are taken."""
         sizes = {layer: len(experts) * self.source.layout(layer).region_nbytes for layer, experts in wanted.items()}
         need = sum(sizes.values())
-        old = self._arena
-        self._check_fit(need, sum(len(experts) for experts in wanted.values()), old.nbytes if old else 0)
         if need == 0:
             self.close()
             return
-        new = memory.make_arena(self.kind, [sizes[layer] for layer in sorted(sizes)], self.caps)
+        old = self._arena
+        with memory.host_memory_lock():
+            self._check_fit(need, sum(len(experts) for experts in wanted.values()), old.nbytes if old else 0)
+            new = memory.make_arena(self.kind, [sizes[layer] for layer in sorted(sizes)], self.caps)
+            self._fill(new, old, wanted)
+        self._close_arena()
+        self._arena = new
+
+    def _fill(self, new: memory.Arena, old: memory.Arena | None, wanted: dict[int, list[int]]) -> None:
+        """Layer by layer, one region per expert: each expert comes from the old arena if held there (pinned),
+        else from its file, whose pages are then dropped; the old arena's layer is freed before the next one."""
         old_weights, self.weights = self.weights, {}
         try:
             for layer in sorted(wanted):
@@ -100,8 +107,6 @@ class ExpertStore:
             new.close()
             self.close()  # half moved: hold nothing rather than an unknown part of either placement
             raise
-        self._close_arena()
-        self._arena = new
 
     def _check_fit(self, need: int, n_experts: int, freed: int) -> None:
         mem = host_memory()

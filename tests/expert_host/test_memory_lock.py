@@ -1,0 +1,78 @@
+"""Hosts starting together take their copied memory one at a time: a host measures free memory only once
+another that holds the host memory lock has filled its arena, and a host that fails lets go of the lock."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import threading
+from concurrent.futures import Future
+from pathlib import Path
+
+import pytest
+
+from expert_host.memory import HostMemoryError
+from expert_host.store import ExpertStore
+from shared.config import Config
+from shared.expert_source import open_expert_source
+from shared.gguf_file import GGUFModel
+from shared.placement import Placement, round_robin_placement
+
+ROOT = Path(__file__).resolve().parents[2]
+HOLDER = """
+import sys
+from expert_host.memory import host_memory_lock
+
+with host_memory_lock():
+    print("held", flush=True)
+    sys.stdin.readline()  # until the test closes the pipe
+"""
+
+
+def apply_in_thread(store: ExpertStore, placement: Placement) -> Future:
+    """store.apply(placement) in a daemon thread, so one left waiting on the lock cannot hold up the tests' end."""
+    applied: Future = Future()
+
+    def run() -> None:
+        try:
+            store.apply(placement)
+            applied.set_result(None)
+        except BaseException as e:
+            applied.set_exception(e)
+
+    threading.Thread(target=run, daemon=True).start()
+    return applied
+
+
+def test_a_host_fills_its_arena_only_after_the_host_holding_the_lock_is_done(expert_models, caplog):
+    model = GGUFModel(expert_models["f32"])
+    store = ExpertStore(open_expert_source(model, Config()), 0, "pinned")
+    try:
+        with subprocess.Popen([sys.executable, "-c", HOLDER], cwd=ROOT, stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True) as holder:
+            assert holder.stdout.readline() == "held\n"
+            with caplog.at_level(logging.INFO, logger="expert_host.memory"):
+                applied = apply_in_thread(store, round_robin_placement(model.config, 0, 1))
+                with pytest.raises(TimeoutError):
+                    applied.result(timeout=0.5)
+                assert store.placement_version == 0
+                holder.stdin.close()  # the holder lets go of the lock and exits
+                applied.result(timeout=10)
+        assert len(store.weights) == model.config.n_layers * model.config.n_experts
+        assert "waiting for it before measuring what is free" in caplog.text
+    finally:
+        store.close()
+
+
+def test_a_refused_placement_lets_go_of_the_lock(expert_models):
+    model = GGUFModel(expert_models["f32"])
+    source = open_expert_source(model, Config())
+    placement = round_robin_placement(model.config, 0, 1)
+    with pytest.raises(HostMemoryError):
+        ExpertStore(source, 0, "pinned", floor="100%").apply(placement)  # refused with the lock held
+    store = ExpertStore(source, 0, "pinned")
+    try:
+        apply_in_thread(store, placement).result(timeout=10)
+    finally:
+        store.close()
