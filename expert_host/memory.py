@@ -96,8 +96,12 @@ def host_memory_lock() -> Iterator[None]:
     go of it when its process ends, however it ends; one file per user, so hosts of different users never wait
     for each other."""
     path = os.path.join(SHM_DIR, f"tierserve-host-memory-{os.getuid()}.lock")
-    # no symlink followed: SHM_DIR is writable by every user
-    fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:  # no symlink followed: SHM_DIR is writable by every user
+        fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as e:  # e.g. another user's file under this name: a start is not refused for the lock's sake
+        log.warning("cannot open %s (%s): measuring free memory without waiting for other hosts", path, e.strerror)
+        yield
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
