@@ -42,7 +42,7 @@ from shared.expert_source import ExpertSource
 from shared.memory_use import MemInfo
 from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
 from shared.pages import advise
-from shared.process import pid_alive
+from shared.process import remove_files_of_dead_processes
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "tierserve-experts-"
@@ -254,18 +254,15 @@ def make_arena(kind: str, layer_sizes: list[int], caps: DeviceCaps | None) -> Ar
 
 
 def remove_stale_segments(directory: str = SHM_DIR) -> list[str]:
-    """Remove this user's segments whose process is gone; the names removed."""
-    removed = []
-    pattern = re.compile(rf"^{re.escape(SEGMENT_PREFIX)}{os.getuid()}-(\d+)-\d+$")
-    for name in os.listdir(directory):
-        m = pattern.match(name)
-        if m and not pid_alive(int(m.group(1))):
-            try:
-                os.unlink(os.path.join(directory, name))
-                removed.append(name)
-            except FileNotFoundError:
-                pass  # another host cleaned it first
-    return removed
+    """Remove this user's segments whose process is gone; the paths removed."""
+    prefix = f"{SEGMENT_PREFIX}{os.getuid()}-"
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)-\d+$")
+
+    def owner(path: str) -> int | None:
+        m = pattern.match(os.path.basename(path))
+        return int(m.group(1)) if m else None
+
+    return remove_files_of_dead_processes(directory, prefix, owner)
 
 
 # ---- page advice over the model file's and the expert cache file's maps

@@ -68,7 +68,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.process import pid_alive
+from shared.process import remove_files_of_dead_processes
 
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -145,32 +145,21 @@ def remove_mailbox(path: str) -> None:
 
 
 def remove_stale_mailboxes() -> list[str]:
-    """Remove the mailboxes (and half-made ones) of hosts that are gone: a host killed outright cannot remove its
-    own, and a later system on another run directory has other names. The paths removed."""
-    removed = []
+    """Remove the mailboxes (and half-made ones) of hosts that are gone: a later system on another run directory
+    has other names. The paths removed."""
     directory, prefix = os.path.split(MAILBOX_PREFIX)
-    for name in os.listdir(directory):
-        path = os.path.join(directory, name)
-        try:
-            if not name.startswith(prefix) or os.stat(path).st_uid != os.getuid():
-                continue  # another user's are theirs to remove (/dev/shm is sticky)
-            owner = _tmp_owner(name) if name.endswith(".tmp") else _owner(path)
-            # 0: made before mailboxes carried their host's pid
-            if owner is not None and (owner == 0 or not pid_alive(owner)):
-                os.unlink(path)
-                removed.append(path)
-        except OSError:
-            continue  # gone meanwhile, or not ours to remove: it is not this host's to fail on
-    return removed
+    return remove_files_of_dead_processes(directory, prefix,
+                                          lambda path: _tmp_owner(path) if path.endswith(".tmp") else _owner(path))
 
 
-def _tmp_owner(name: str) -> int | None:
-    pid = name.rsplit(".", 2)[-2]
+def _tmp_owner(path: str) -> int | None:
+    pid = path.rsplit(".", 2)[-2]
     return int(pid) if pid.isdigit() else None
 
 
 def _owner(path: str) -> int | None:
-    """The pid in a mailbox's header; None where it is not one this user can read."""
+    """The pid in a mailbox's header (0: made before mailboxes carried their host's pid); None where it is not one
+    this user can read."""
     try:
         with open(path, "rb") as f:
             head = f.read(_OWNER_AT + 4)

@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 import zmq
@@ -65,6 +65,27 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         pass
     return True
+
+
+def remove_files_of_dead_processes(directory: str, prefix: str, owner_of: Callable[[str], int | None]) -> list[str]:
+    """Remove this user's files in `directory` whose names begin with `prefix` and whose process is gone: a
+    process killed outright cannot remove its own. `owner_of(path)` is the pid of the process a file belongs to,
+    0 for one that names none (it cannot be alive), or None to keep the file. The paths removed."""
+    removed = []
+    for name in os.listdir(directory):
+        if not name.startswith(prefix):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            if os.stat(path).st_uid != os.getuid():
+                continue  # another user's are theirs to remove (/dev/shm is sticky)
+            owner = owner_of(path)
+            if owner is not None and (owner == 0 or not pid_alive(owner)):
+                os.unlink(path)
+                removed.append(path)
+        except OSError:
+            continue  # gone meanwhile (another process cleaned it first), or not ours to remove
+    return removed
 
 
 class StopFlag:
