@@ -49,10 +49,12 @@ def test_descendants_and_their_memory():
 
 def test_used_memory_peak_sees_an_allocation_freed_before_it_stops():
     peak = UsedMemoryPeak(interval_s=0.02)
-    buffer = np.ones(256 << 20, dtype=np.uint8)  # written, so every page is resident
+    buffer = np.ones(1 << 30, dtype=np.uint8)  # written, so every page is resident
     time.sleep(0.3)
     del buffer
-    assert peak.stop() >= 128 << 20  # half of it: other processes on the machine move the level too
+    # half of it: the machine's level moves with other processes too (a test before may still be freeing its own),
+    # by up to a few hundred MB here
+    assert peak.stop() >= 512 << 20
 
 
 def _cgroup(tmp_path, proc_line: str, files: dict[str, str]) -> tuple[str, str]:
