@@ -63,7 +63,8 @@ TTFT = Histogram("tierserve_time_to_first_token_seconds", "From a request's arri
 ITL = Histogram("tierserve_inter_token_latency_seconds", "Between two tokens of one request",
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 RESUMED = Counter("tierserve_requests_resumed_total",
-                  "Requests continued from their streamed tokens after the gpu worker or an expert host was lost")
+                  "Times requests were continued from their streamed tokens after the gpu worker or an expert host "
+                  "was lost (a request resumed twice counts twice)")
 RUNNING = Gauge("tierserve_running_requests", "Requests in the engine")
 WAITING = Gauge("tierserve_waiting_requests", "Admitted requests waiting for a place in the engine")
 
@@ -151,7 +152,10 @@ class Coordinator:
     async def _ticks(self) -> None:
         while True:
             await asyncio.sleep(TICK_S)
-            self.tick(time.monotonic())
+            try:
+                self.tick(time.monotonic())
+            except Exception:  # a bug must not stop liveness, the resume timeout and the drain for good
+                log.exception("error in a tick")
 
     # --- client API ------------------------------------------------------------------------------------
 
@@ -230,12 +234,13 @@ class Coordinator:
         RUNNING.set(self.table.num_running)
         WAITING.set(self.table.num_waiting)
 
-    def send_engine(self, msg: Message) -> bool:
+    def send_engine(self, msg: Message, quiet: bool = False) -> bool:
         try:
             self.engine.send_multipart([WORKER, *encode(msg)], flags=zmq.NOBLOCK, copy=False).result()
             return True
         except zmq.ZMQError as e:
-            log.warning("cannot reach the gpu worker: %s", e.strerror)
+            if not quiet:
+                log.warning("cannot reach the gpu worker: %s", e.strerror)
             return False
 
     def on_engine(self, identity: bytes, frames: list) -> None:
@@ -260,8 +265,8 @@ class Coordinator:
         now = time.monotonic()
         if isinstance(msg, EngineToken):
             self.on_token(stream, msg, now)
-        elif isinstance(msg, EngineError) and msg.code == "expert_host_unavailable":
-            self.host_lost(stream, msg.message, now)
+        elif isinstance(msg, EngineError) and msg.code in ("expert_host_unavailable", "shutting_down"):
+            self.ended_by_engine(stream, msg, now)
         elif isinstance(msg, EngineError):
             self.fail(stream, msg.code, msg.message, in_engine=False)
         else:
@@ -282,6 +287,8 @@ class Coordinator:
 
     def end(self, stream: RequestStream, reason: str, final: Message | None = None, in_engine: bool = True) -> None:
         """Forget a stream, telling the engine to drop it if it may still hold it, and its client why."""
+        if self.table.get(stream.internal_id) is not stream:  # already ended, e.g. by client_gone meanwhile
+            return
         if in_engine and self.table.is_running(stream):
             self.send_engine(EngineCancel(request_id=stream.internal_id))
         self.table.remove(stream)
@@ -293,12 +300,12 @@ class Coordinator:
     def fail(self, stream: RequestStream, code: str, message: str, in_engine: bool = True) -> None:
         self.end(stream, "error", ErrorEvent(request_id=stream.request_id, code=code, message=message), in_engine)
 
-    def fail_all(self, message: str) -> None:
+    def fail_all(self, message: str, in_engine: bool = False) -> None:
         streams = list(self.table.streams.values())
         if streams:
             log.warning("%s: failing %d requests", message, len(streams))
         for stream in streams:
-            self.fail(stream, "unavailable", message, in_engine=False)
+            self.fail(stream, "unavailable", message, in_engine=in_engine)
 
     # --- control plane ---------------------------------------------------------------------------------
 
@@ -340,36 +347,49 @@ class Coordinator:
         if self.config.resume_timeout_s <= 0:
             self.fail_all(reason)
             return
-        resumed = self.resume(self.table.running_streams(), "unavailable", reason, now)
+        running = self.table.running_streams()
+        for stream in running:  # a worker that was only slow, not gone, would run them on for nobody
+            self.send_engine(EngineCancel(request_id=stream.internal_id), quiet=True)
+        resumed = self.resume(running, "unavailable", reason)
         if self.table:
             log.warning("%s: %d requests it held resume when it is back, %d more wait for it", reason, resumed,
                         self.table.num_waiting - resumed)
-            self.lost_at, self.lost_reason = self.lost_at or now, reason
+            self.waiting_since(now, reason)
 
-    def host_lost(self, stream: RequestStream, reason: str, now: float) -> None:
-        """The worker ended the request because an expert host stopped answering. Nothing is sent to the worker
-        until the host has had the time to be found missing by its heartbeats, so that requests wait for the
-        host's successor rather than going straight back to the same failure."""
+    def ended_by_engine(self, stream: RequestStream, error: EngineError, now: float) -> None:
+        """The worker ended the request because an expert host stopped answering, or refused it because it is
+        stopping (to be restarted, or the coordinator would be stopping first). Nothing is sent to the worker
+        until the process has had the time to be found missing by its heartbeats, so that requests wait for its
+        successor rather than going straight back to the same failure. A refusal does not count as a resume:
+        the request had not run."""
+        if self.config.resume_timeout_s <= 0:
+            self.fail(stream, error.code, error.message, in_engine=False)
+            return
         self.dispatch_after = now + self.config.heartbeat_timeout_s + self.config.heartbeat_interval_s
-        if self.resume([stream], "expert_host_unavailable", reason, now):
-            self.lost_at, self.lost_reason = self.lost_at or now, reason
+        if self.resume([stream], error.code, error.message, counted=error.code != "shutting_down"):
+            self.waiting_since(now, error.message)
 
-    def resume(self, streams: list[RequestStream], code: str, reason: str, now: float) -> int:
+    def resume(self, streams: list[RequestStream], code: str, reason: str, counted: bool = True) -> int:
         """Streams whose state in the engine is lost continue from their streamed tokens once the system is ready
-        again, within resume_timeout_s; with resuming off, or resumed MAX_RESUMES times already, they fail."""
+        again; one resumed MAX_RESUMES times already fails instead."""
         kept = []
         for stream in streams:
-            if self.config.resume_timeout_s <= 0:
-                self.fail(stream, code, reason, in_engine=False)
-            elif stream.resumes >= MAX_RESUMES:
+            if counted and stream.resumes >= MAX_RESUMES:
                 self.fail(stream, code, f"{reason}; the request was resumed {MAX_RESUMES} times already",
                           in_engine=False)
             else:
                 kept.append(stream)
-        self.table.resume(kept)
-        RESUMED.inc(len(kept))
+        # a failure's send may have found a client gone, and client_gone ended that client's other streams
+        kept = [s for s in kept if self.table.get(s.internal_id) is s]
+        self.table.resume(kept, counted)
+        RESUMED.inc(len(kept) if counted else 0)
         self.dispatch()
         return len(kept)
+
+    def waiting_since(self, now: float, reason: str) -> None:
+        """Requests wait for a lost process's successor from the first loss on, for up to resume_timeout_s."""
+        if self.lost_at is None:
+            self.lost_at, self.lost_reason = now, reason
 
     def tick(self, now: float) -> None:
         for member in self.membership.expire(now):
@@ -381,10 +401,12 @@ class Coordinator:
         if self.lost_at is not None:
             if (self.ready and now >= self.dispatch_after) or not self.table:
                 self.lost_at = None
-            elif now - self.lost_at >= self.config.resume_timeout_s:
+            elif not self.ready and (self.draining or now - self.lost_at >= self.config.resume_timeout_s):
+                why = "the server is shutting down" if self.draining else \
+                    f"the system was not ready again within {self.config.resume_timeout_s:g} s"
                 self.lost_at = None
-                self.fail_all(f"{self.lost_reason}, and the system was not ready again within "
-                              f"{self.config.resume_timeout_s:g} s")
+                # a live worker may still hold running requests, e.g. queued behind the step a lost host failed
+                self.fail_all(f"{self.lost_reason}, and {why}", in_engine=self.membership.is_alive(WORKER_ID))
         if self.draining and (not self.table or now >= self.drain_deadline):
             for stream in list(self.table.streams.values()):
                 self.end(stream, "cancelled", stream.final("cancelled", now))

@@ -174,15 +174,17 @@ class StreamTable:
             self.running.discard(stream.internal_id)
             self.waiting.appendleft(stream.internal_id)
 
-    def resume(self, streams: list[RequestStream]) -> None:
+    def resume(self, streams: list[RequestStream], counted: bool = True) -> None:
         """Running streams whose engine state is lost, back in the queue in arrival order (ahead of the requests
         that came after them), each under a new engine id: an engine that was only slow, not gone, may still
-        send tokens under the old one, which are then unknown here and cancelled."""
+        send tokens under the old one, which are then unknown here and cancelled. `counted`: a resume counts
+        towards the request's limit (not so a refusal before it ran)."""
         for stream in streams:
             self.running.discard(stream.internal_id)
             del self.streams[stream.internal_id]
             stream.internal_id = self.next_id()
-            stream.resumes += 1
+            if counted:
+                stream.resumes += 1
             self.streams[stream.internal_id] = stream
             self._by_client[(stream.client, stream.request_id)] = stream.internal_id
             self.waiting.append(stream.internal_id)

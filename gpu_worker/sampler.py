@@ -69,7 +69,8 @@ class Sampler:
         generator = generators.get(device)
         if generator is None:
             generator = generators[device] = torch.Generator(device=device)
-            generator.seed()
+            if seed is None:
+                generator.seed()
         if seed is not None:
             generator.manual_seed(draw_seed(seed, seq.params.output_offset + len(seq.output_token_ids)))
         return generator

@@ -246,6 +246,8 @@ def test_requests_the_worker_held_resume_on_its_successor_from_their_streamed_to
         assert [next(stream).token_id for _ in range(2)] == [7, 8]
 
         restart_as_worker(coordinator, member, hb, pid=4343)  # the worker died with the request's KV cache
+        # the old id is cancelled (a worker only slow would run it on), then the request goes again under a new one
+        assert decode(engine.recv_multipart()) == EngineCancel(request_id=first.request_id)
         again = decode(engine.recv_multipart())
         assert isinstance(again, EngineGenerate) and again.request_id != first.request_id
         assert (again.prompt_token_ids, again.max_tokens, again.output_offset, again.seed, again.temperature) == (
@@ -260,9 +262,13 @@ def test_requests_the_worker_held_resume_on_its_successor_from_their_streamed_to
 
         # A request running at every loss of the worker may be what takes it down: resumed twice, it then fails.
         stream = coordinator.client.generate(request_id="s", token_ids=[5], max_tokens=4)
+        sent = decode(engine.recv_multipart())
         for pid in (4444, 4545, 4646):
-            decode(engine.recv_multipart())
             restart_as_worker(coordinator, member, hb, pid=pid)
+            assert decode(engine.recv_multipart()) == EngineCancel(request_id=sent.request_id)
+            if pid != 4646:
+                sent = decode(engine.recv_multipart())
+                assert isinstance(sent, EngineGenerate)
         with pytest.raises(ServerError) as info:
             list(stream)
         assert info.value.code == "unavailable" and "resumed 2 times already" in info.value.message
