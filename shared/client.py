@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from shared.protocol import (
     Cancel,
@@ -127,6 +128,15 @@ class _Inbox:
     def forget(self, key: tuple) -> None:
         self.boxes.pop(key, None)
 
+    def lost(self, endpoint: str) -> None:
+        """The connection dropped: the server has forgotten every request in flight on it (a restarted server
+        does not know them), so each one's stream ends with an error after the events already here."""
+        for request_id in self.open:
+            self.boxes[("request", request_id)].append(ErrorEvent(
+                request_id=request_id, code="connection_lost",
+                message=f"the connection to {endpoint} dropped (the server stopped, restarted or closed it): "
+                        "the request is gone"))
+
     def finish(self, request_id: str) -> None:
         self.open.discard(request_id)
         self.boxes.pop(("request", request_id), None)
@@ -144,13 +154,20 @@ def _checked(msg: Message, request_id: str | None = None) -> Message:
     return msg
 
 
-def _new_socket(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+def _new_socket(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket]:
+    """The DEALER, and its monitor's socket, which tells of a dropped connection: the DEALER itself would
+    reconnect without a word, and the streams in flight would wait out their timeout for events that never
+    come."""
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, 10_000)
     socket.setsockopt(zmq.RCVHWM, 100_000)
+    # a server whose machine vanished without closing the connection is found by ZMTP heartbeats
+    socket.setsockopt(zmq.HEARTBEAT_IVL, 2_000)
+    socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6_000)
+    monitor = socket.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     socket.connect(endpoint)
-    return socket
+    return socket, monitor
 
 
 class Client:
@@ -158,13 +175,17 @@ class Client:
 
     def __init__(self, endpoint: str, timeout_s: float = 60.0) -> None:
         self.endpoint, self.timeout_s = endpoint, timeout_s
-        self._socket = _new_socket(zmq.Context.instance(), endpoint)
+        self._socket, self._monitor = _new_socket(zmq.Context.instance(), endpoint)
         self._socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
+        self._poller = zmq.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._inbox = _Inbox()
 
     def generate(self, request_id: str | None = None, **options: Any) -> Stream:
         """Send a request now; iterate the returned stream for its TokenEvents and then its FinalEvent."""
         msg = generate_request(request_id, **options)
+        self._take_arrived()  # a drop noticed now ends the requests sent before it, not this one
         self._inbox.open.add(msg.request_id)
         self._send(msg)
         return Stream(self, msg.request_id)
@@ -185,7 +206,7 @@ class Client:
 
     def _ask(self, msg: Message, reply_kind: str) -> Any:
         key = ("reply", reply_kind)
-        self._drain()
+        self._take_arrived()
         self._inbox.forget(key)  # a late answer to an earlier call that timed out
         self._send(msg)
         return _checked(self._next(key))
@@ -196,27 +217,44 @@ class Client:
         except zmq.Again:
             raise TimeoutError(f"could not send to {self.endpoint} within {self.timeout_s} s") from None
 
-    def _drain(self) -> None:
+    def _take_arrived(self) -> None:
+        """Into the inbox: what has come, then the news of a drop (after the events the server sent before it)."""
+        dropped = False
+        while self._monitor.poll(0):
+            dropped = _disconnected(self._monitor.recv_multipart()) or dropped
         while self._socket.poll(0):
             self._inbox.put(self._socket.recv_multipart())
+        if dropped:
+            self._inbox.lost(self.endpoint)
 
     def _next(self, key: tuple) -> Message:
         deadline = time.monotonic() + self.timeout_s
         while (msg := self._inbox.take(key)) is None:
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._socket.poll(remaining * 1000):
+            if remaining <= 0 or not self._poller.poll(remaining * 1000):
                 raise TimeoutError(f"no answer from {self.endpoint} within {self.timeout_s} s")
-            self._inbox.put(self._socket.recv_multipart())
+            self._take_arrived()
         return msg
 
     def close(self) -> None:
-        self._socket.close(linger=0)
+        _close(self._socket, self._monitor)
 
     def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _disconnected(frames: list) -> bool:
+    return parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED
+
+
+def _close(socket: zmq.Socket, monitor: zmq.Socket) -> None:
+    if not socket.closed:
+        socket.disable_monitor()
+    monitor.close(linger=0)
+    socket.close(linger=0)
 
 
 class Stream:
@@ -272,7 +310,10 @@ class AsyncClient:
 
     def __init__(self, endpoint: str, timeout_s: float = 60.0) -> None:
         self.endpoint, self.timeout_s = endpoint, timeout_s
-        self._socket = _new_socket(zmq.asyncio.Context.instance(), endpoint)
+        self._socket, self._monitor = _new_socket(zmq.asyncio.Context.instance(), endpoint)
+        self._poller = zmq.asyncio.Poller()
+        self._poller.register(self._socket, zmq.POLLIN)
+        self._poller.register(self._monitor, zmq.POLLIN)
         self._inbox = _Inbox()
         self._reading = False
         self._arrived = asyncio.Condition()
@@ -280,6 +321,7 @@ class AsyncClient:
     async def generate(self, request_id: str | None = None, **options: Any) -> AsyncStream:
         """Send a request now; `async for` over the returned stream for its events."""
         msg = generate_request(request_id, **options)
+        await self._take_arrived()  # a drop noticed now ends the requests sent before it, not this one
         self._inbox.open.add(msg.request_id)
         await self._send(msg)
         return AsyncStream(self, msg.request_id)
@@ -320,7 +362,8 @@ class AsyncClient:
                         continue
                     self._reading = True
                     try:
-                        self._inbox.put(await self._socket.recv_multipart())
+                        await self._poller.poll()
+                        await self._take_arrived()
                     finally:
                         self._reading = False
                         async with self._arrived:
@@ -329,8 +372,18 @@ class AsyncClient:
         except TimeoutError:
             raise TimeoutError(f"no answer from {self.endpoint} within {self.timeout_s} s") from None
 
+    async def _take_arrived(self) -> None:
+        """Into the inbox: what has come, then the news of a drop (after the events the server sent before it)."""
+        dropped = False
+        while await self._monitor.poll(0):
+            dropped = _disconnected(await self._monitor.recv_multipart()) or dropped
+        while await self._socket.poll(0):
+            self._inbox.put(await self._socket.recv_multipart())
+        if dropped:
+            self._inbox.lost(self.endpoint)
+
     def close(self) -> None:
-        self._socket.close(linger=0)
+        _close(self._socket, self._monitor)
 
     async def __aenter__(self) -> AsyncClient:
         return self

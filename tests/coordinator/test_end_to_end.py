@@ -1,6 +1,6 @@
 """The coordinator's contract with clients and the engine, through the whole system (`tierserve up`): queueing in
-order with a bounded queue, cancellation, duplicate ids, and a worker that dies mid-stream, checked against the
-oracle's tokens.
+order with a bounded queue, cancellation, duplicate ids, and a worker or coordinator that dies mid-stream, checked
+against the oracle's tokens.
 (Bad input, clients that vanish mid-stream and bursts of requests are in tests/test_bad_input.py.)"""
 
 from __future__ import annotations
@@ -132,6 +132,26 @@ def test_requests_in_flight_when_the_worker_dies_continue_on_its_successor_as_if
     assert greedy_ids == oracle.greedy(PROMPT, 200)
     assert seeded_ids == client.complete(token_ids=PROMPT, max_tokens=200, **sampled).token_ids
     assert len(set(seeded_ids)) > 10
+
+
+def test_a_coordinator_killed_mid_stream_ends_its_streams_and_the_same_client_goes_on_with_its_successor(
+        client, oracle):
+    """The client's connection drops with the coordinator: its stream in flight ends with connection_lost instead of
+    waiting out its timeout, and the client, reconnected to the launcher's new coordinator, is served again (the
+    drop it noticed does not end the requests sent after it)."""
+    coordinator = next(m for m in client.health().members if m["member_id"] == "coordinator")
+    stream = client.generate(token_ids=PROMPT, max_tokens=400)
+    next(stream)
+    os.kill(coordinator["pid"], signal.SIGKILL)
+    with pytest.raises(ServerError) as info:
+        list(stream)
+    assert info.value.code == "connection_lost"
+    deadline = time.monotonic() + 60
+    while client.health().status != "ready":
+        assert time.monotonic() < deadline, "the restarted coordinator never made the system ready"
+        time.sleep(0.2)
+    assert client.complete(token_ids=PROMPT, max_tokens=6).token_ids == oracle.greedy(PROMPT, 6)
+    wait_until_idle(client)  # the old coordinator's request, unknown to the new one, was cancelled in the engine
 
 
 def test_a_drain_that_runs_out_of_time_cancels_what_is_left_and_exits_cleanly(tiny_model):

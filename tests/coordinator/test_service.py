@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import signal
 import stat
@@ -9,13 +11,14 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import msgpack
 import pytest
 import zmq
 
-from shared.client import Client, ServerError
+from shared.client import AsyncClient, Client, ServerError, run
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import free_tcp_port
@@ -148,15 +151,21 @@ def join_as_worker(coordinator: Coordinator, member: zmq.Socket) -> tuple[Heartb
     member.connect(coordinator.config.control_endpoint)
     hb = Heartbeat(member_id="gpu-worker", role="gpu_worker", pid=4242, metrics_port=1234, placement_version=0,
                    model=GGUFModel(coordinator.config.model).identity)
+    return hb, welcomed(coordinator, member, hb)
+
+
+def welcomed(coordinator: Coordinator, member: zmq.Socket, hb: Heartbeat) -> Welcome:
+    """Heartbeat without a placement, take the welcome, heartbeat at its placement and wait until ready."""
     member.send_multipart(encode(hb))
     welcome = decode(member.recv_multipart())
     assert isinstance(welcome, Welcome)
     hb.placement_version = welcome.placement["version"]
     member.send_multipart(encode(hb))
     deadline = time.monotonic() + 5
-    while coordinator.client.health().status != "ready" and time.monotonic() < deadline:
+    while coordinator.client.health().status != "ready":
+        assert time.monotonic() < deadline, "the worker did not make the system ready"
         time.sleep(0.05)
-    return hb, welcome
+    return welcome
 
 
 def test_a_joining_worker_is_welcomed_makes_the_system_ready_and_is_lost_when_silent(tiny_model, tmp_path):
@@ -215,15 +224,22 @@ def test_a_request_waits_for_the_engine_connection_of_a_live_worker(tiny_model, 
 def restart_as_worker(coordinator: Coordinator, member: zmq.Socket, hb: Heartbeat, pid: int) -> None:
     """Heartbeat as a new worker process under the same identity, take the welcome and wait until ready."""
     hb.pid, hb.placement_version = pid, 0
-    member.send_multipart(encode(hb))
-    welcome = decode(member.recv_multipart())
-    assert isinstance(welcome, Welcome)
-    hb.placement_version = welcome.placement["version"]
-    member.send_multipart(encode(hb))
-    deadline = time.monotonic() + 5
-    while coordinator.client.health().status != "ready":
-        assert time.monotonic() < deadline, "the restarted worker did not make the system ready"
-        time.sleep(0.05)
+    welcomed(coordinator, member, hb)
+
+
+@contextlib.contextmanager
+def joined_worker(coordinator: Coordinator) -> Iterator[tuple[zmq.Socket, zmq.Socket, Heartbeat]]:
+    """A worker's control and engine sockets, joined and connected; the coordinator is stopped at the end."""
+    member, engine = worker_socket(), worker_socket()
+    try:
+        hb, _ = join_as_worker(coordinator, member)
+        engine.connect(coordinator.config.engine_endpoint)
+        member.send_multipart(encode(hb))
+        yield member, engine, hb
+    finally:
+        member.close()
+        engine.close()
+        coordinator.stop()
 
 
 def token(request_id: str, token_id: int, finish_reason: str | None = None) -> list:
@@ -233,11 +249,7 @@ def token(request_id: str, token_id: int, finish_reason: str | None = None) -> l
 
 def test_requests_the_worker_held_resume_on_its_successor_from_their_streamed_tokens(tiny_model, tmp_path):
     coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8, resume_timeout_s=10.0)
-    member, engine = worker_socket(), worker_socket()
-    try:
-        hb, _ = join_as_worker(coordinator, member)
-        engine.connect(coordinator.config.engine_endpoint)
-        member.send_multipart(encode(hb))
+    with joined_worker(coordinator) as (member, engine, hb):
         stream = coordinator.client.generate(request_id="r", token_ids=[5, 6], max_tokens=5, temperature=0.5, seed=3)
         first = decode(engine.recv_multipart())
         assert isinstance(first, EngineGenerate) and first.prompt_token_ids == [5, 6]
@@ -274,21 +286,14 @@ def test_requests_the_worker_held_resume_on_its_successor_from_their_streamed_to
         assert info.value.code == "unavailable" and "resumed 2 times already" in info.value.message
         stats = coordinator.client.stats().stats
         assert stats["requests"]["completed"] == 1 and stats["requests"]["error"] == 1
-    finally:
-        member.close()
-        engine.close()
-        assert coordinator.stop() == 0
+    assert coordinator.process.returncode == 0
     assert "requests it held resume when it is back" in coordinator.log.read_text()
 
 
 def test_a_request_ended_by_a_lost_expert_host_resumes_after_the_host_had_time_to_be_found_missing(tiny_model,
                                                                                                       tmp_path):
     coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
-    member, engine = worker_socket(), worker_socket()
-    try:
-        hb, _ = join_as_worker(coordinator, member)
-        engine.connect(coordinator.config.engine_endpoint)
-        member.send_multipart(encode(hb))
+    with joined_worker(coordinator) as (member, engine, hb):
         stream = coordinator.client.generate(request_id="h", token_ids=[5, 6], max_tokens=3)
         first = decode(engine.recv_multipart())
         engine.send_multipart(token(first.request_id, 7))
@@ -308,10 +313,41 @@ def test_a_request_ended_by_a_lost_expert_host_resumes_after_the_host_had_time_t
         engine.send_multipart(token(again.request_id, 9, "length"))
         events = list(stream)
         assert [e.token_id for e in events[:-1]] == [8, 9] and events[-1].completion_tokens == 3
-    finally:
-        member.close()
-        engine.close()
-        assert coordinator.stop() == 0
+    assert coordinator.process.returncode == 0
+
+
+@pytest.mark.parametrize("kind", ["blocking", "asyncio"])
+def test_a_stream_in_flight_when_the_server_goes_ends_with_connection_lost(tiny_model, tmp_path, kind):
+    """The client's socket would reconnect without a word, and its streams wait out their timeout (5 s here) for
+    events a restarted server will never send: they end at once, after the events that came before."""
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
+    with joined_worker(coordinator) as (member, engine, hb):
+
+        def serve_one_token_and_die() -> None:
+            sent = decode(engine.recv_multipart())
+            engine.send_multipart(token(sent.request_id, 7))
+            time.sleep(0.3)  # the token reaches the client first
+            coordinator.process.kill()
+
+        if kind == "blocking":
+            with Client(coordinator.config.client_endpoint, timeout_s=5.0) as client:
+                stream = client.generate(token_ids=[5], max_tokens=4)
+                serve_one_token_and_die()
+                assert next(stream).token_id == 7
+                with pytest.raises(ServerError) as info:
+                    next(stream)
+        else:
+            async def read() -> ServerError:
+                async with AsyncClient(coordinator.config.client_endpoint, timeout_s=5.0) as client:
+                    stream = await client.generate(token_ids=[5], max_tokens=4)
+                    await asyncio.to_thread(serve_one_token_and_die)
+                    assert (await anext(stream)).token_id == 7
+                    with pytest.raises(ServerError) as caught:
+                        await anext(stream)
+                    return caught
+
+            info = run(read())
+        assert info.value.code == "connection_lost" and coordinator.config.client_endpoint in info.value.message
 
 
 def test_sigterm_exits_zero_and_leaves_no_socket_files(tiny_model, tmp_path):
