@@ -99,7 +99,13 @@ def host_memory_lock() -> Iterator[None]:
     try:  # no symlink followed: SHM_DIR is writable by every user
         fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as e:  # e.g. another user's file under this name: a start is not refused for the lock's sake
-        log.warning("cannot open %s (%s): measuring free memory without waiting for other hosts", path, e.strerror)
+        fd, why = -1, e.strerror
+    else:
+        if os.fstat(fd).st_uid != os.getuid():  # readable, but another user's, who could hold it for ever
+            os.close(fd)
+            fd, why = -1, "another user's file"
+    if fd < 0:  # outside the except clause: an error in the caller's block is not chained to this one
+        log.warning("cannot open %s (%s): measuring free memory without waiting for other hosts", path, why)
         yield
         return
     try:

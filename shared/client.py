@@ -161,7 +161,10 @@ def _new_socket(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, 10_000)
-    socket.setsockopt(zmq.RCVHWM, 100_000)
+    # no receive limit: a socket at its limit stops reading its connection, and libzmq 4.3 then aborts the whole
+    # process (zeromq/libzmq#3596) when the heartbeats below time out or meet a reset; what comes is taken into
+    # the (unbounded) inbox at the next call anyway
+    socket.setsockopt(zmq.RCVHWM, 0)
     # a server whose machine vanished without closing the connection is found by ZMTP heartbeats
     socket.setsockopt(zmq.HEARTBEAT_IVL, 2_000)
     socket.setsockopt(zmq.HEARTBEAT_TIMEOUT, 6_000)
@@ -250,6 +253,13 @@ def _disconnected(frames: list) -> bool:
     return parse_monitor_message(frames)["event"] == zmq.EVENT_DISCONNECTED
 
 
+async def _received(socket: zmq.asyncio.Socket) -> list | None:
+    try:
+        return await socket.recv_multipart(flags=zmq.NOBLOCK)
+    except zmq.Again:
+        return None
+
+
 def _close(socket: zmq.Socket, monitor: zmq.Socket) -> None:
     if not socket.closed:
         socket.disable_monitor()
@@ -317,6 +327,7 @@ class AsyncClient:
         self._inbox = _Inbox()
         self._reading = False
         self._arrived = asyncio.Condition()
+        self._taken = asyncio.Event()  # set by a coroutine that took messages while another one was reading
 
     async def generate(self, request_id: str | None = None, **options: Any) -> AsyncStream:
         """Send a request now; `async for` over the returned stream for its events."""
@@ -361,8 +372,9 @@ class AsyncClient:
                             await self._arrived.wait_for(lambda: not self._reading)
                         continue
                     self._reading = True
+                    self._taken.clear()
                     try:
-                        await self._poller.poll()
+                        await self._wait_for_news()
                         await self._take_arrived()
                     finally:
                         self._reading = False
@@ -372,15 +384,30 @@ class AsyncClient:
         except TimeoutError:
             raise TimeoutError(f"no answer from {self.endpoint} within {self.timeout_s} s") from None
 
+    async def _wait_for_news(self) -> None:
+        """Until either socket has something, or another coroutine (generate) took messages into the inbox."""
+        poll = asyncio.ensure_future(self._poller.poll())
+        taken = asyncio.ensure_future(self._taken.wait())
+        try:
+            await asyncio.wait((poll, taken), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            poll.cancel()
+            taken.cancel()
+
     async def _take_arrived(self) -> None:
-        """Into the inbox: what has come, then the news of a drop (after the events the server sent before it)."""
-        dropped = False
-        while await self._monitor.poll(0):
-            dropped = _disconnected(await self._monitor.recv_multipart()) or dropped
-        while await self._socket.poll(0):
-            self._inbox.put(await self._socket.recv_multipart())
+        """Into the inbox: what has come, then the news of a drop (after the events the server sent before it).
+        Never waits: a blocking receive would queue behind the reader's poll, take its wake-up, and then wait
+        for the next message itself (for ever, after a drop)."""
+        dropped, took = False, False
+        while (frames := await _received(self._monitor)) is not None:
+            dropped = _disconnected(frames) or dropped
+        while (frames := await _received(self._socket)) is not None:
+            self._inbox.put(frames)
+            took = True
         if dropped:
             self._inbox.lost(self.endpoint)
+        if took or dropped:
+            self._taken.set()  # the reader, if another coroutine is one, looks at the inbox again
 
     def close(self) -> None:
         _close(self._socket, self._monitor)

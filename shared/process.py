@@ -57,10 +57,14 @@ def open_model(config: Config, log: logging.Logger) -> GGUFModel | None:
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (a live process of another user that took the pid over counts)."""
+    """Whether a process with this pid exists (a live process of another user that took the pid over counts).
+    Not a pid at all (0 or less would signal a process group; a huge number, read from a corrupt file, overflows
+    the call) is no process."""
+    if pid <= 0:
+        return False
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         pass

@@ -371,7 +371,8 @@ def test_the_keep_alive_runs_while_a_host_is_awaited_over_zeromq(tmp_path):
 
 def test_mailboxes_of_hosts_that_are_gone_are_removed_and_live_ones_kept():
     """A host killed outright leaves its mailbox, under a name no later system on another run directory uses: the
-    next host to start removes it (and a half-made one), going by the pid in its header."""
+    next host to start removes it (and a half-made one, and one whose name holds no possible pid), going by the pid
+    in its header."""
     tag = uuid.uuid4().hex[:12]
     dead, live = f"{MAILBOX_PREFIX}test-dead-{tag}", f"{MAILBOX_PREFIX}test-live-{tag}"
     host = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shared.mailbox import Mailbox\n"
@@ -381,15 +382,17 @@ def test_mailboxes_of_hosts_that_are_gone_are_removed_and_live_ones_kept():
     host.kill()
     host.wait()
     half_made = f"{live}.{host.pid}.tmp"
-    Path(half_made).write_bytes(b"")
+    bogus = f"{live}.{1 << 40}.tmp"  # no pid at all: it overflowed the liveness check, which failed the sweep
+    for path in (half_made, bogus):
+        Path(path).write_bytes(b"")
     mine = Mailbox.create(live, 4096, 8)
     try:
         removed = remove_stale_mailboxes()
-        assert dead in removed and half_made in removed and live not in removed
+        assert dead in removed and half_made in removed and bogus in removed and live not in removed
         assert not os.path.exists(dead) and not os.path.exists(half_made) and os.path.exists(live)
     finally:
         mine.close()
-        for path in (dead, live, half_made):
+        for path in (dead, live, half_made, bogus):
             if os.path.exists(path):
                 os.unlink(path)
         host.stdout.close()

@@ -76,3 +76,40 @@ def test_a_refused_placement_lets_go_of_the_lock(expert_models):
         apply_in_thread(store, placement).result(timeout=10)
     finally:
         store.close()
+
+
+def test_another_users_lock_file_is_not_waited_on(tmp_path, monkeypatch, caplog):
+    """/dev/shm is writable by every user: a file under this user's lock name that another user made (and holds
+    locked) must not stop this user's hosts from starting. Made here by chown, so as root only."""
+    import fcntl
+    import os
+
+    from expert_host import memory
+
+    if os.getuid() != 0:
+        pytest.skip("making a file of another user needs root")
+    monkeypatch.setattr(memory, "SHM_DIR", str(tmp_path))
+    path = tmp_path / f"tierserve-host-memory-{os.getuid()}.lock"
+    path.touch(mode=0o644)
+    os.chown(path, 4242, 4242)
+    with open(path) as theirs:
+        fcntl.flock(theirs, fcntl.LOCK_EX)  # another OFD: it conflicts with host_memory_lock's as another process's
+        entered: Future = Future()
+
+        def enter() -> None:
+            with memory.host_memory_lock():
+                entered.set_result(None)
+
+        threading.Thread(target=enter, daemon=True).start()
+        with caplog.at_level(logging.WARNING, logger="expert_host.memory"):
+            entered.result(timeout=2)
+    assert "another user's file" in caplog.text
+
+
+def test_an_error_in_the_block_is_not_chained_to_an_unopenable_lock_file(tmp_path, monkeypatch):
+    from expert_host import memory
+
+    monkeypatch.setattr(memory, "SHM_DIR", str(tmp_path / "missing"))
+    with pytest.raises(HostMemoryError) as info, memory.host_memory_lock():
+        raise HostMemoryError("does not fit")
+    assert info.value.__context__ is None

@@ -1,0 +1,90 @@
+"""Races of the Python clients against a stand-in server (a bare ROUTER): no model, no coordinator."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from shared.client import AsyncClient
+from shared.protocol import FinalEvent, encode
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def final(request_id: str) -> list:
+    return encode(FinalEvent(request_id=request_id, finish_reason="length", prompt_tokens=1, completion_tokens=1,
+                             ttft_s=0.0, decode_tok_s=0.0, total_s=0.0))
+
+
+def test_generate_while_another_coroutine_reads_never_waits_for_a_later_message():
+    """Two generates look at the socket while a third coroutine waits in the poller and a message sits unread:
+    a blocking receive in generate queued behind the reader's poll, took its wake-up, and then waited for the
+    next message, which this server never sends (a dropped connection never does either). On asyncio's own loop
+    (uvloop runs the callbacks in another order)."""
+
+    async def main() -> None:
+        server = zmq.Context.instance().socket(zmq.ROUTER)
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        client = AsyncClient(f"tcp://127.0.0.1:{port}", timeout_s=5.0)
+        try:
+            stream = await client.generate(request_id="a", token_ids=[1], max_tokens=1)
+            identity, *_ = server.recv_multipart()
+            reader = asyncio.create_task(anext(stream))
+            await asyncio.sleep(0.1)  # the reader waits in the poller
+            server.send_multipart([identity, *final("a")])
+            time.sleep(0.2)  # the final event is in the client's socket, and the loop has not looked yet
+            await asyncio.wait_for(asyncio.gather(client.generate(request_id="b", token_ids=[1], max_tokens=1),
+                                                  client.generate(request_id="c", token_ids=[1], max_tokens=1)), 3)
+            assert (await asyncio.wait_for(reader, 3)).KIND == "final"
+        finally:
+            client.close()
+            server.close(linger=0)
+
+    asyncio.run(main())
+
+
+
+SLOW_READER = """
+import sys, time
+import zmq
+from shared.client import Client
+from shared.protocol import FinalEvent, TokenEvent, encode
+
+n, close = 150_000, sys.argv[1] == "close"
+ctx = zmq.Context()
+server = ctx.socket(zmq.ROUTER)
+server.setsockopt(zmq.SNDHWM, 0)
+port = server.bind_to_random_port("tcp://127.0.0.1")
+with Client(f"tcp://127.0.0.1:{port}", timeout_s=10.0) as client:
+    stream = client.generate(request_id="a", token_ids=[1], max_tokens=n)
+    identity, *_ = server.recv_multipart()
+    for i in range(n):
+        server.send_multipart([identity, *encode(TokenEvent(request_id="a", index=i, token_id=i, text="x"))])
+    server.send_multipart([identity, *encode(FinalEvent(request_id="a", finish_reason="length", prompt_tokens=1,
+                                                        completion_tokens=n, ttft_s=0, decode_tok_s=0, total_s=0))])
+    if close:
+        server.close(linger=-1)
+    time.sleep(float(sys.argv[2]))  # the client reads nothing; its heartbeats go on
+    events = list(stream)
+    print(len(events), events[-1].KIND)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("how", "sleep_s"), [("alive", 9.0), ("close", 3.0)])
+def test_a_client_that_reads_late_gets_every_event_and_does_not_abort(how, sleep_s):
+    """More events than a receive limit would hold wait while the client does not read (a slow consumer, a busy
+    event loop). With the limit, the socket stopped reading its connection, and once the client's own heartbeat
+    timed out (the server alive: no pong can be read) or met the reset of a server that had closed after sending
+    everything, libzmq aborted the process (Assertion failed: _input_stopped / !_io_error), or the events still
+    in the kernel were lost to connection_lost. In a child process, since the failure is an abort."""
+    done = subprocess.run([sys.executable, "-c", SLOW_READER, how, str(sleep_s)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["150001", "final"]
