@@ -352,7 +352,8 @@ class AsyncClient:
 
     async def _ask(self, msg: Message, reply_kind: str) -> Any:
         key = ("reply", reply_kind)
-        self._inbox.forget(key)
+        await self._take_arrived()
+        self._inbox.forget(key)  # a late answer to an earlier call that timed out
         await self._send(msg)
         return _checked(await self._next(key))
 

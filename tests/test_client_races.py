@@ -5,14 +5,15 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 import zmq
 
-from shared.client import AsyncClient
-from shared.protocol import FinalEvent, encode
+from shared.client import AsyncClient, Client
+from shared.protocol import FinalEvent, HealthReply, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +89,41 @@ def test_a_client_that_reads_late_gets_every_event_and_does_not_abort(how, sleep
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["150001", "final"]
+
+
+@pytest.mark.parametrize("kind", ["blocking", "asyncio"])
+def test_a_late_answer_to_a_call_that_timed_out_is_not_taken_for_the_next_ones(kind):
+    server = zmq.Context.instance().socket(zmq.ROUTER)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+
+    def answer_late_then_on_time() -> None:
+        identity, *_ = server.recv_multipart()  # the first health call, left to time out
+        server.send_multipart([identity, *encode(HealthReply(status="late"))])
+        time.sleep(0.2)  # in the client's socket before its next call
+        identity, *_ = server.recv_multipart()
+        server.send_multipart([identity, *encode(HealthReply(status="ready"))])
+
+    try:
+        if kind == "blocking":
+            with Client(f"tcp://127.0.0.1:{port}", timeout_s=0.5) as client:
+                with pytest.raises(TimeoutError):
+                    client.health()
+                answering = threading.Thread(target=answer_late_then_on_time)
+                answering.start()
+                time.sleep(0.5)
+                assert client.health().status == "ready"
+                answering.join()
+        else:
+            async def main() -> str:
+                async with AsyncClient(f"tcp://127.0.0.1:{port}", timeout_s=0.5) as client:
+                    with pytest.raises(TimeoutError):
+                        await client.health()
+                    answering = asyncio.create_task(asyncio.to_thread(answer_late_then_on_time))
+                    await asyncio.sleep(0.5)
+                    status = (await client.health()).status
+                    await answering
+                    return status
+
+            assert asyncio.run(main()) == "ready"
+    finally:
+        server.close(linger=0)
