@@ -75,6 +75,7 @@ class Sampler:
             generator.manual_seed(draw_seed(seed, seq.params.output_offset + len(seq.output_token_ids)))
         return generator
 
+
 def draw_seed(seed: int, position: int) -> int:
     """The seed of a request's draw of its position-th token. A draw that depends on nothing but the request's
     seed and the token's place is the same alone or in any batch, and on a worker that resumes the request from
