@@ -17,7 +17,7 @@ import contextlib
 import dataclasses
 import time
 import uuid
-from collections import defaultdict, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -106,6 +106,7 @@ class _Inbox:
     def __init__(self) -> None:
         self.boxes: defaultdict[tuple, deque[Message]] = defaultdict(deque)
         self.open: set[str] = set()
+        self.asked: Counter[tuple] = Counter()  # the reply keys of health and stats calls waiting for an answer
 
     def put(self, frames: list) -> None:
         msg = decode(frames)
@@ -130,12 +131,15 @@ class _Inbox:
 
     def lost(self, endpoint: str) -> None:
         """The connection dropped: the server has forgotten every request in flight on it (a restarted server
-        does not know them), so each one's stream ends with an error after the events already here."""
+        does not know them), so each one's stream ends with an error after the events already here, and each
+        call waiting for a reply gets the error instead."""
+        message = f"the connection to {endpoint} dropped (the server stopped, restarted or closed it): "
         for request_id in self.open:
             self.boxes[("request", request_id)].append(ErrorEvent(
-                request_id=request_id, code="connection_lost",
-                message=f"the connection to {endpoint} dropped (the server stopped, restarted or closed it): "
-                        "the request is gone"))
+                request_id=request_id, code="connection_lost", message=message + "the request is gone"))
+        for key in +self.asked:
+            self.boxes[key].extend(ErrorEvent(request_id=None, code="connection_lost", message=message + "ask again")
+                                   for _ in range(self.asked[key]))
 
     def finish(self, request_id: str) -> None:
         self.open.discard(request_id)
@@ -211,8 +215,12 @@ class Client:
         key = ("reply", reply_kind)
         self._take_arrived()
         self._inbox.forget(key)  # a late answer to an earlier call that timed out
-        self._send(msg)
-        return _checked(self._next(key))
+        self._inbox.asked[key] += 1
+        try:
+            self._send(msg)
+            return _checked(self._next(key))
+        finally:
+            self._inbox.asked[key] -= 1
 
     def _send(self, msg: Message) -> None:
         try:
@@ -354,8 +362,12 @@ class AsyncClient:
         key = ("reply", reply_kind)
         await self._take_arrived()
         self._inbox.forget(key)  # a late answer to an earlier call that timed out
-        await self._send(msg)
-        return _checked(await self._next(key))
+        self._inbox.asked[key] += 1
+        try:
+            await self._send(msg)
+            return _checked(await self._next(key))
+        finally:
+            self._inbox.asked[key] -= 1
 
     async def _send(self, msg: Message) -> None:
         try:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from shared.client import AsyncClient, Client
+from shared.client import AsyncClient, Client, ServerError
 from shared.protocol import FinalEvent, HealthReply, encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,3 +127,33 @@ def test_a_late_answer_to_a_call_that_timed_out_is_not_taken_for_the_next_ones(k
             assert asyncio.run(main()) == "ready"
     finally:
         server.close(linger=0)
+
+
+@pytest.mark.parametrize("kind", ["blocking", "asyncio"])
+def test_a_health_call_in_flight_when_the_connection_drops_ends_with_connection_lost(kind):
+    """Like a stream's, a health or stats call waiting when the server goes ends at once instead of waiting out
+    its timeout (10 s here) for an answer that will never come."""
+    server = zmq.Context.instance().socket(zmq.ROUTER)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+
+    def close_after_the_call_arrives() -> None:
+        server.recv_multipart()
+        server.close(linger=0)
+
+    closing = threading.Thread(target=close_after_the_call_arrives)
+    closing.start()
+    start = time.monotonic()
+    if kind == "blocking":
+        with Client(f"tcp://127.0.0.1:{port}", timeout_s=10.0) as client, pytest.raises(ServerError) as info:
+            client.health()
+    else:
+        async def main() -> pytest.ExceptionInfo[ServerError]:
+            async with AsyncClient(f"tcp://127.0.0.1:{port}", timeout_s=10.0) as client:
+                with pytest.raises(ServerError) as caught:
+                    await client.stats()
+                return caught
+
+        info = asyncio.run(main())
+    closing.join()
+    assert info.value.code == "connection_lost" and f"127.0.0.1:{port}" in info.value.message
+    assert time.monotonic() - start < 5.0
