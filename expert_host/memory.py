@@ -31,7 +31,8 @@ import logging
 import mmap
 import os
 import re
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from itertools import count
 
 import torch
@@ -46,6 +47,7 @@ from shared.process import remove_files_of_dead_processes
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "tierserve-experts-"
+LOCK_POLL_S = 0.1
 _CUDA_HOST_ALLOC_WRITE_COMBINED = 4
 _segment_numbers = count()
 log = logging.getLogger(__name__)
@@ -90,11 +92,12 @@ def check_fit(kind: str, need: int, n_experts: int, largest_expert: int, mem: Me
 
 
 @contextlib.contextmanager
-def host_memory_lock() -> Iterator[None]:
+def host_memory_lock(waiting: Callable[[], None] = lambda: None) -> Iterator[None]:
     """Held from a host's fit check until its new arena is filled: another host of this user that measured free
     memory meanwhile would count pages this one is about to take. An flock, not a pid file, so the kernel lets
     go of it when its process ends, however it ends; one file per user, so hosts of different users never wait
-    for each other."""
+    for each other. While another host holds it, `waiting` is called every LOCK_POLL_S (the host's heartbeat:
+    a fill can outlast the coordinator's heartbeat timeout)."""
     path = os.path.join(SHM_DIR, f"tierserve-host-memory-{os.getuid()}.lock")
     try:  # no symlink followed: SHM_DIR is writable by every user
         fd = os.open(path, os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -113,10 +116,20 @@ def host_memory_lock() -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             log.info("another expert host is filling its memory: waiting for it before measuring what is free")
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            while not _try_lock(fd):
+                waiting()
+                time.sleep(LOCK_POLL_S)
         yield
     finally:
         os.close(fd)  # the lock goes with the file's last descriptor
+
+
+def _try_lock(fd: int) -> bool:
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _size(n: int) -> str:

@@ -111,6 +111,7 @@ def serve(config: Config, host_index: int) -> int:
     mailbox = open_mailbox(config, host_index, model, log)
     if config.pin_host_threads:
         bind_threads(config, host_index, log)
+    store.keep_alive = lambda: control.heartbeat_if_due(store.placement_version, {"experts": len(store.weights)})
     log.info("serving %s on %s%s, metrics on :%d", config.model, endpoint,
              f" and {mailbox.path}" if mailbox else "", metrics_port)
     queue: collections.deque[list] = collections.deque()

@@ -37,6 +37,9 @@ class ExpertStore:
         self.placement_version = 0
         self._arena: memory.Arena | None = None
         self._lane_tables: dict[int, LayerTable | None] = {}  # layer -> its held experts' addresses, made on use
+        # called while a placement waits for the memory lock and between the regions it copies: the host's
+        # heartbeat, since both can outlast the coordinator's heartbeat timeout
+        self.keep_alive: Callable[[], None] = lambda: None
 
     @classmethod
     def from_config(cls, source: ExpertSource, host_index: int, config: Config) -> ExpertStore:
@@ -72,7 +75,7 @@ class ExpertStore:
             self.close()
             return
         old = self._arena
-        with memory.host_memory_lock():
+        with memory.host_memory_lock(self.keep_alive):
             self._check_fit(need, sum(len(experts) for experts in wanted.values()), old.nbytes if old else 0)
             new = memory.make_arena(self.kind, [sizes[layer] for layer in sorted(sizes)], self.caps)
             self._fill(new, old, wanted)
@@ -89,6 +92,7 @@ class ExpertStore:
                 regions = new.region(layer).view(len(wanted[layer]), layout.region_nbytes)
                 from_file = []
                 for region, e in zip(regions, wanted[layer], strict=True):
+                    self.keep_alive()
                     held = old_weights.pop((layer, e), None)
                     if held is None or self.kind == "write-combined":  # uncached CPU reads: the file is faster
                         self.source.fill_region(layer, e, region)

@@ -3,10 +3,12 @@ another that holds the host memory lock has filled its arena, and a host that fa
 
 from __future__ import annotations
 
+import itertools
 import logging
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from shared.config import Config
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.placement import Placement, round_robin_placement
+from shared.protocol import Heartbeat, Welcome, decode, encode
 
 ROOT = Path(__file__).resolve().parents[2]
 HOLDER = """
@@ -48,6 +51,8 @@ def apply_in_thread(store: ExpertStore, placement: Placement) -> Future:
 def test_a_host_fills_its_arena_only_after_the_host_holding_the_lock_is_done(expert_models, caplog):
     model = GGUFModel(expert_models["f32"])
     store = ExpertStore(open_expert_source(model, Config()), 0, "pinned")
+    calls: list[float] = []
+    store.keep_alive = lambda: calls.append(time.monotonic())
     try:
         with subprocess.Popen([sys.executable, "-c", HOLDER], cwd=ROOT, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, text=True) as holder:
@@ -57,12 +62,56 @@ def test_a_host_fills_its_arena_only_after_the_host_holding_the_lock_is_done(exp
                 with pytest.raises(TimeoutError):
                     applied.result(timeout=0.5)
                 assert store.placement_version == 0
+                waited = len(calls)
                 holder.stdin.close()  # the holder lets go of the lock and exits
                 applied.result(timeout=10)
         assert len(store.weights) == model.config.n_layers * model.config.n_experts
+        assert waited >= 3, "the host's heartbeat was not kept up while it waited for the lock"
+        assert len(calls) >= waited + len(store.weights), "nor between the regions it copied"
         assert "waiting for it before measuring what is free" in caplog.text
     finally:
         store.close()
+
+
+def test_a_host_waiting_for_the_lock_keeps_sending_heartbeats(expert_models, tmp_path):
+    """A real host given a pinned placement while another holds the lock beats on through the wait (longer than
+    the coordinator's heartbeat timeout here), instead of being taken for dead, and then reports the placement.
+    The test's ROUTER stands in for the coordinator's control socket."""
+    import zmq
+
+    config = Config(model=str(expert_models["f32"]), run_dir=str(tmp_path), heartbeat_interval_s=0.2,
+                    heartbeat_timeout_s=1.0)
+    placement = round_robin_placement(GGUFModel(config.model).config, 0, 1, version=7)
+    ctx = zmq.Context()
+    control = ctx.socket(zmq.ROUTER)
+    control.setsockopt(zmq.LINGER, 0)
+    control.setsockopt(zmq.RCVTIMEO, 60_000)
+    control.bind(config.control_endpoint)
+    with subprocess.Popen([sys.executable, "-c", HOLDER], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as holder:
+        assert holder.stdout.readline() == "held\n"
+        host = subprocess.Popen([sys.executable, "-m", "expert_host", "--model", config.model, "--run-dir",
+                                 config.run_dir, "--metrics-port", "0", "--host-id", "0", "--host-memory", "pinned",
+                                 "--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"], cwd=ROOT)
+        try:
+            identity, *frames = control.recv_multipart()
+            assert isinstance(decode(frames), Heartbeat)
+            control.send_multipart([identity, *encode(Welcome(placement=placement.to_dict()))])
+            beats = []
+            waiting_until = time.monotonic() + 3 * config.heartbeat_timeout_s
+            while time.monotonic() < waiting_until:
+                _, *frames = control.recv_multipart()
+                beats.append(time.monotonic())
+                assert decode(frames).placement_version != placement.version, "filled while the lock was held"
+            assert max(b - a for a, b in itertools.pairwise(beats)) < config.heartbeat_timeout_s / 2
+            holder.stdin.close()  # the other host is done: this one fills its arena and says so
+            while decode(control.recv_multipart()[1:]).placement_version != placement.version:
+                pass
+        finally:
+            host.terminate()
+            assert host.wait(timeout=30) == 0
+            control.close()
+            ctx.term()
 
 
 def test_a_refused_placement_lets_go_of_the_lock(expert_models):
