@@ -13,6 +13,12 @@ from coordinator.admission import (
     parse_request,
     recover_request_id,
 )
+from coordinator.service import Coordinator
+from gpu_worker.scheduler import SamplingParams, Sequence
+from gpu_worker.service import Engine
+from shared.config import Config
+from shared.gguf_file import GGUFModel
+from shared.launcher import free_tcp_port
 from shared.protocol import Cancel, Generate, Health, Heartbeat, encode
 
 MAX_BYTES = 4096
@@ -155,3 +161,29 @@ def test_the_server_state_refuses_requests_it_cannot_take(state, code, words):
 def test_a_server_with_room_takes_the_request():
     check_state(Generate(request_id="req", prompt="a"), draining=False, missing=[], duplicate=False, waiting=7,
                 max_waiting=8)
+
+
+def test_the_kv_limit_is_the_cache_the_worker_has_when_kv_cache_tokens_is_not_whole_blocks(tiny_model, tmp_path):
+    """The worker's cache is whole blocks: with kv_cache_tokens = 100 in blocks of 16 it holds 96 tokens. A request
+    of 97 to 100 tokens was admitted, then refused by the worker: an error after the request had been taken."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    config = Config(model=str(tiny_model), run_dir=str(run_dir), client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}",
+                    metrics_port=0, device="cpu", expert_hosts=0, hot_experts=8, kv_cache_tokens=100,
+                    kv_block_size=16)
+    model = GGUFModel(config.model)
+    worker = Engine(config, model, None).scheduler
+    coordinator = Coordinator(config, model)
+    try:
+        for n in (96, 97, 100):
+            request = Generate(request_id="r", token_ids=[1] * (n - 10), max_tokens=10)
+            fits = worker.fits_ever(Sequence("r", [1] * (n - 10), SamplingParams(max_tokens=10)))
+            try:
+                coordinator.admission.prompt_ids(request)
+                admitted = True
+            except Rejected as r:
+                assert r.code == "context_exceeded"
+                admitted = False
+            assert admitted == fits == (n <= 96), n
+    finally:
+        coordinator.close()
