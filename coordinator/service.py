@@ -84,9 +84,7 @@ class Coordinator:
         self.tokenizer = Tokenizer.from_metadata(model.metadata)
         self.placement = startup_placement(model, config)
         self.membership = Membership(self.placement, config.heartbeat_timeout_s, model.identity)
-        # the worker's cache is whole blocks: kv_cache_tokens rounded down to a block (one block at the least)
-        blocks = max(1, config.kv_cache_tokens // config.kv_block_size)
-        kv_tokens = min(config.kv_cache_tokens, blocks * config.kv_block_size)
+        kv_tokens = min(config.kv_cache_tokens, config.kv_cache_blocks * config.kv_block_size)  # what the worker has
         self.admission = Admission(self.tokenizer, Limits(model.config.context_length, kv_tokens))
         self.table = StreamTable(secrets.token_hex(4))
         self.stop_token_ids = sorted(self.tokenizer.eos_token_ids)

@@ -83,7 +83,7 @@ class Engine:
         self.config, self.model, self.remote = config, model, remote
         self.device = worker_device(config)
         dtype = pick_dtype(config, self.device)
-        num_blocks = max(1, config.kv_cache_tokens // config.kv_block_size)
+        num_blocks = config.kv_cache_blocks
         cuda = self.device.type == "cuda"
         # crossings from the device need a decode step's static rows; a CPU worker runs them without capture. A
         # lane needs a mailbox (a host on this machine), and a host whose memory is write-combined computes nothing.

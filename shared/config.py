@@ -155,6 +155,11 @@ class Config:
     def engine_endpoint(self) -> str:
         return self.ipc("engine")
 
+    @property
+    def kv_cache_blocks(self) -> int:
+        """The worker's KV cache in whole blocks: kv_cache_tokens rounded down, one block at the least."""
+        return max(1, self.kv_cache_tokens // self.kv_block_size)
+
     def expert_host_endpoint(self, host: int) -> str:
         return self.ipc(f"expert-host-{host}")
 
