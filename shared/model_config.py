@@ -167,6 +167,12 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
         raise ModelError(f"{arch} model has no experts ({p}.expert_count missing or 0): tierserve serves MoE models")
     if "token_embd.weight" not in tensor_shapes:
         raise ModelError("tensor token_embd.weight is missing")
+    vocab_size = int(tensor_shapes["token_embd.weight"][0])
+    tokens = md.get("tokenizer.ggml.tokens")
+    if tokens is not None and len(tokens) != vocab_size:
+        # as llama.cpp refuses it: an id past the embedding cannot be read, a logit past the tokens not decoded
+        raise ModelError(f"the tokenizer has {len(tokens)} tokens (tokenizer.ggml.tokens) but token_embd.weight "
+                         f"has {vocab_size} rows: a model's tokens and embeddings are one vocabulary")
     if arch == "llama":
         expert_ffn = integer("feed_forward_length")
     else:
@@ -187,7 +193,7 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
         n_experts=n_experts,
         n_experts_used=integer("expert_used_count"),
         expert_ffn=expert_ffn,
-        vocab_size=int(tensor_shapes["token_embd.weight"][0]),
+        vocab_size=vocab_size,
         context_length=integer("context_length", 4096),
         shared_expert_ffn=integer("expert_shared_feed_forward_length", 0),
         norm_topk_prob=None if norm_topk is None else bool(norm_topk),

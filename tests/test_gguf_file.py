@@ -168,6 +168,18 @@ def test_metadata_of_the_wrong_type_or_range_is_named(tmp_path, key, value, text
         GGUFModel(path)
 
 
+@pytest.mark.parametrize("extra", [-1, 1])
+def test_a_tokenizer_that_is_not_the_embeddings_vocabulary_is_named(tmp_path, extra):
+    """More tokens than embedding rows: a valid-looking prompt id would index past the table; fewer: a sampled id
+    could not be decoded, and its stream would never end."""
+    cfg = tiny_config()
+    tokens = [f"t{i}" for i in range(cfg.vocab_size + extra)]
+    path = _write(tmp_path, cfg, random_tensors(cfg), {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": tokens})
+    with pytest.raises(ModelError, match=f"the tokenizer has {len(tokens)} tokens .* token_embd.weight has "
+                                         f"{cfg.vocab_size} rows"):
+        GGUFModel(path)
+
+
 def test_metadata_strings_that_are_not_utf8_are_a_corrupt_file(tmp_path):
     cfg = tiny_config()
     path = _write(tmp_path, cfg, random_tensors(cfg), {"general.name": "tierserve-test"})
