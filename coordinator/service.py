@@ -264,14 +264,18 @@ class Coordinator:
                 self.send_engine(EngineCancel(request_id=msg.request_id))
             return
         now = time.monotonic()
-        if isinstance(msg, EngineToken):
-            self.on_token(stream, msg, now)
-        elif isinstance(msg, EngineError) and msg.code in ("expert_host_unavailable", "shutting_down"):
-            self.ended_by_engine(stream, msg, now)
-        elif isinstance(msg, EngineError):
-            self.fail(stream, msg.code, msg.message, in_engine=False)
-        else:
-            self.end(stream, msg.finish_reason, stream.final(msg.finish_reason, now), in_engine=False)
+        try:
+            if isinstance(msg, EngineToken):
+                self.on_token(stream, msg, now)
+            elif isinstance(msg, EngineError) and msg.code in ("expert_host_unavailable", "shutting_down"):
+                self.ended_by_engine(stream, msg, now)
+            elif isinstance(msg, EngineError):
+                self.fail(stream, msg.code, msg.message, in_engine=False)
+            else:
+                self.end(stream, msg.finish_reason, stream.final(msg.finish_reason, now), in_engine=False)
+        except Exception as e:  # a bug this message trips: its client is told, rather than left waiting for ever
+            log.exception("error handling %s for request %s", msg.KIND, stream.request_id)
+            self.fail(stream, "internal_error", repr(e))
 
     def on_token(self, stream: RequestStream, token: EngineToken, now: float) -> None:
         previous = stream.last_token_at

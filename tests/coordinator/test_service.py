@@ -247,6 +247,25 @@ def token(request_id: str, token_id: int, finish_reason: str | None = None) -> l
                               finish_reason=finish_reason))
 
 
+def test_an_engine_message_that_trips_a_bug_ends_its_request_with_internal_error(tiny_model, tmp_path):
+    """A token the coordinator cannot decode (an id past the vocabulary) raised out of its handler, which logged it
+    and went on: the request's client was left waiting for ever. Now it is told, and the server serves on."""
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
+    with joined_worker(coordinator) as (member, engine, hb):
+        stream = coordinator.client.generate(request_id="bad", token_ids=[5], max_tokens=4)
+        sent = decode(engine.recv_multipart())
+        engine.send_multipart(token(sent.request_id, 10**6))
+        with pytest.raises(ServerError) as info:
+            next(stream)
+        assert info.value.code == "internal_error" and "outside the vocabulary" in info.value.message
+        cancel = decode(engine.recv_multipart())  # the worker is told to drop it
+        assert isinstance(cancel, EngineCancel) and cancel.request_id == sent.request_id
+        stream = coordinator.client.generate(request_id="good", token_ids=[5], max_tokens=1)
+        sent = decode(engine.recv_multipart())
+        engine.send_multipart(token(sent.request_id, 7, "length"))
+        assert [e.KIND for e in stream] == ["token", "final"]
+
+
 def test_requests_the_worker_held_resume_on_its_successor_from_their_streamed_tokens(tiny_model, tmp_path):
     coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8, resume_timeout_s=10.0)
     with joined_worker(coordinator) as (member, engine, hb):
