@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import logging
 import os
 import re
 import tempfile
@@ -18,6 +19,8 @@ from typing import Any
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
 HOST_MEMORY_KINDS = ("mapped", "pinned", "write-combined")
+COLD_PATHS = ("auto", "cpu", "stream")
+SOFT_POLICIES = ("decayed-lfu", "lru")
 
 
 def parse_bytes(text: str | int) -> int:
@@ -138,6 +141,13 @@ class Config:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, not {self.dtype!r}")
         if self.data_plane not in ("auto", "zmq", "shm"):
             raise ValueError(f"data_plane must be auto, zmq or shm, not {self.data_plane!r}")
+        if self.cold_path not in COLD_PATHS:
+            raise ValueError(f"cold_path must be one of {', '.join(COLD_PATHS)}, not {self.cold_path!r}")
+        if self.soft_policy not in SOFT_POLICIES:
+            raise ValueError(f"soft_policy must be one of {', '.join(SOFT_POLICIES)}, not {self.soft_policy!r}")
+        if self.log_level.upper() not in logging.getLevelNamesMapping():
+            raise ValueError(f"log_level must be one of DEBUG, INFO, WARNING, ERROR or CRITICAL, "
+                             f"not {self.log_level!r}")
         for kind in self.host_memory.split(","):
             if kind.strip() not in HOST_MEMORY_KINDS:
                 raise ValueError(f"host_memory must be one of {', '.join(HOST_MEMORY_KINDS)} (or a comma-separated "

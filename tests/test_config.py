@@ -41,3 +41,12 @@ def test_tierserve_up_exits_with_the_message_alone(tmp_path):
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 1
     assert run.stderr.strip() == "tierserve: config decode_crossings: 'ture' is not a valid bool"
+
+
+@pytest.mark.parametrize(("key", "value"), [("cold_path", "gpu"), ("soft_policy", "lfu"), ("log_level", "verbose")])
+def test_a_value_no_process_can_use_is_refused_at_load(key, value):
+    """Each once passed the load and stopped a role at start-up with a traceback (cold_path and soft_policy the
+    gpu worker's, and only with soft slots; log_level every process's)."""
+    with pytest.raises(ValueError, match=f"{key} must be one of .*, not '{value}'"):
+        load_config(None, **{key: value})
+    assert load_config(None, cold_path="stream", soft_policy="lru", log_level="debug").log_level == "debug"
