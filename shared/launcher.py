@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from shared.client import Client
@@ -100,10 +101,12 @@ def children_for(config: Config, config_path: Path) -> list[Child]:
     return kids
 
 
-def wait_ready(config: Config, kids: list[Child], timeout_s: float) -> bool:
+def wait_ready(config: Config, kids: list[Child], timeout_s: float, stopping: Callable[[], bool]) -> bool:
+    """Whether the system answered ready; False once a child exits, `stopping()` (a stop signal came) or the
+    timeout passes."""
     deadline = time.monotonic() + timeout_s
     with Client(config.client_endpoint, timeout_s=1.0) as client:
-        while time.monotonic() < deadline:
+        while time.monotonic() < deadline and not stopping():
             for kid in kids:
                 if not kid.alive():
                     print(f"tierserve: {kid.name} exited with {kid.process.returncode} during start-up",
@@ -115,7 +118,8 @@ def wait_ready(config: Config, kids: list[Child], timeout_s: float) -> bool:
             except TimeoutError:
                 pass
             time.sleep(0.2)
-    print(f"tierserve: not ready after {timeout_s:.0f} s", file=sys.stderr)
+    if not stopping():
+        print(f"tierserve: not ready after {timeout_s:.0f} s", file=sys.stderr)
     return False
 
 
@@ -159,8 +163,8 @@ def up(config: Config, ready_timeout_s: float = 300.0) -> int:
         kid.start()
     status = 0
     try:
-        if not wait_ready(config, kids, ready_timeout_s):
-            return 1
+        if not wait_ready(config, kids, ready_timeout_s, lambda: stopping):
+            return 0 if stopping else 1
         print(f"tierserve ready: client endpoint {config.client_endpoint}", flush=True)
         while not stopping:
             time.sleep(0.2)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -19,6 +21,7 @@ from shared.client import Client
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
 from shared.make_model import make_model
+from shared.memory_use import descendants
 from shared.reference import ReferenceModel
 
 ARCHS = ["qwen3moe", "qwen2moe", "mixtral", "olmoe"]
@@ -206,3 +209,19 @@ def test_a_stop_drains_in_flight_requests(models, oracles, stop):
     tokens = [first.token_id] + [e.token_id for e in rest if e.KIND == "token"]
     assert tokens == oracles["mixtral"].greedy(prompt, 24)
     assert rest[-1].KIND == "final" and rest[-1].finish_reason == "length"
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_start_up_stops_every_process_without_waiting_for_ready(models):
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "up", "--model", str(models["qwen3moe"]), "--expert-hosts", "2",
+         "--client-endpoint", "tcp://127.0.0.1:0", "--metrics-port", "0", "--ready-timeout", "120"],
+        stdout=subprocess.PIPE, text=True, start_new_session=True)
+    while not descendants(process.pid):  # its children are starting: they take seconds to import and load
+        time.sleep(0.01)
+    kids = set(descendants(process.pid))
+    process.send_signal(signal.SIGINT)
+    out, _ = process.communicate(timeout=60)
+    assert "ready" not in out  # the launcher waited for the system to be ready, then stopped it
+    assert process.returncode == 0
+    assert not kids & _tierserve_pids()
