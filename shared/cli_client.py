@@ -41,7 +41,10 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    endpoint = args.endpoint or load_config(args.config).client_endpoint
+    try:
+        endpoint = args.endpoint or load_config(args.config).client_endpoint
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"tierserve: {e}") from None
     return Client(endpoint, timeout_s=args.timeout)
 
 

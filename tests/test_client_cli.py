@@ -169,3 +169,14 @@ def test_the_installed_command_reads_the_endpoint_from_the_config(system, tmp_pa
 def test_commands_without_a_server_time_out_clearly(capsys):
     assert tierserve(["stats", "--endpoint", "tcp://127.0.0.1:9", "--timeout", "0.3"]) == 1
     assert "no answer from tcp://127.0.0.1:9 within 0.3 s" in capsys.readouterr().err
+
+
+def test_a_config_file_it_cannot_read_is_a_message_not_a_traceback(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('client_endpont = "tcp://127.0.0.1:9"\n')
+    for path, message in ((bad, f"tierserve: {bad}: unknown config key(s): client_endpont"),
+                          (tmp_path / "missing.toml", "No such file or directory")):
+        done = subprocess.run([sys.executable, "-m", "shared.cli", "health", "--config", str(path)],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1
+        assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
