@@ -28,12 +28,16 @@ def parse_bytes(text: str | int) -> int:
     if isinstance(text, int):
         return text
     m = _SIZE.match(str(text))
-    if not m:
+    try:
+        number = float(m.group(1)) if m else None
+    except ValueError:  # "1.5.3GB"
+        number = None
+    if number is None:
         raise ValueError(f"not a size: {text!r} (examples: 16GB, 512MiB, 1000000)")
-    number, unit, suffix = m.groups()
+    _, unit, suffix = m.groups()
     power = "kmgt".index(unit.lower()) + 1 if unit else 0
     base = 1024 if suffix and suffix.lower() == "ib" else 1000
-    return int(float(number) * base**power)
+    return int(number * base**power)
 
 
 def parse_bytes_or_percent(text: str | int) -> tuple[int, float]:
@@ -152,7 +156,10 @@ class Config:
             if kind.strip() not in HOST_MEMORY_KINDS:
                 raise ValueError(f"host_memory must be one of {', '.join(HOST_MEMORY_KINDS)} (or a comma-separated "
                                  f"list of them, one per expert host), not {self.host_memory!r}")
-        parse_bytes_or_percent(self.host_memory_floor)
+        try:
+            parse_bytes_or_percent(self.host_memory_floor)
+        except ValueError as e:
+            raise ValueError(f"host_memory_floor: {e}") from None
 
     def ipc(self, name: str) -> str:
         return f"ipc://{self.run_dir}/{name}.sock"
@@ -243,7 +250,10 @@ _FIELDS = {f.name for f in dataclasses.fields(Config)}
 def _coerce(name: str, value: Any) -> Any:
     hint = _HINTS[name]
     if name in ("gpu_expert_budget", "max_request_bytes", "mailbox_bytes") and isinstance(value, str):
-        return parse_bytes(value)
+        try:
+            return parse_bytes(value)
+        except ValueError as e:
+            raise ValueError(f"config {name}: {e}") from None
     try:
         if hint is bool:
             if isinstance(value, bool):

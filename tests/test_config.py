@@ -50,3 +50,10 @@ def test_a_value_no_process_can_use_is_refused_at_load(key, value):
     with pytest.raises(ValueError, match=f"{key} must be one of .*, not '{value}'"):
         load_config(None, **{key: value})
     assert load_config(None, cold_path="stream", soft_policy="lru", log_level="debug").log_level == "debug"
+
+
+@pytest.mark.parametrize(("key", "value"), [("gpu_expert_budget", "1.5.3GB"), ("mailbox_bytes", "lots"),
+                                            ("host_memory_floor", "2..5GiB")])
+def test_a_size_it_cannot_read_names_its_key(key, value):
+    with pytest.raises(ValueError, match=rf"{key}: not a size: '{value}' \(examples"):
+        load_config(None, **{key: value})
