@@ -139,6 +139,10 @@ class Config:
             raise ValueError("profile_steps must be >= 0")
         if self.soft_staging < 0:
             raise ValueError("soft_staging must be >= 0")
+        if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
+            raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be above heartbeat_interval_s "
+                             f"({self.heartbeat_interval_s}), which must be above 0: a member is lost when no "
+                             f"heartbeat came for heartbeat_timeout_s")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

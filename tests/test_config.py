@@ -57,3 +57,12 @@ def test_a_value_no_process_can_use_is_refused_at_load(key, value):
 def test_a_size_it_cannot_read_names_its_key(key, value):
     with pytest.raises(ValueError, match=rf"{key}: not a size: '{value}' \(examples"):
         load_config(None, **{key: value})
+
+
+@pytest.mark.parametrize(("interval", "timeout"), [(1.0, 0.5), (1.0, 1.0), (0.0, 3.0)])
+def test_a_heartbeat_timeout_not_above_the_interval_is_refused(interval, timeout):
+    """Accepted, it had the coordinator take every member for lost between two of its heartbeats, and back at the
+    next, for as long as the system ran."""
+    with pytest.raises(ValueError, match="heartbeat_timeout_s .* must be above heartbeat_interval_s"):
+        load_config(None, heartbeat_interval_s=interval, heartbeat_timeout_s=timeout)
+    assert load_config(None, heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0).heartbeat_timeout_s == 1.0
