@@ -30,12 +30,12 @@ import torch
 from gpu_worker.expert_cache import (
     DEFAULT_POLICY,
     HALF_LIFE_PER_EXPERT,
-    POLICIES,
     DecayedLFUPolicy,
     EvictionPolicy,
     SoftTier,
     make_policy,
 )
+from shared.config import SOFT_POLICIES
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model, preset_config
 from shared.reference import ReferenceModel
@@ -111,7 +111,7 @@ def half_life_name(half_life: float) -> str:
 def named_policies(n_keys: int, half_lives: list[float]) -> dict[str, Callable[[], EvictionPolicy]]:
     """The policies of `make_policy`, then decayed LFU at other half-lives."""
     made: dict[str, Callable[[], EvictionPolicy]] = {}
-    for name in POLICIES:
+    for name in SOFT_POLICIES:
         label = name + (f", {half_life_name(HALF_LIFE_PER_EXPERT)}" if name == "decayed-lfu" else "")
         made[label + (" (default)" if name == DEFAULT_POLICY else "")] = lambda name=name: make_policy(name, n_keys)
     for h in half_lives:
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     slots = [max(cfg.n_experts_used, round(f * n_keys)) for f in args.fractions]
     columns = [f"{100 * f:g}% ({n} slots)" for f, n in zip(args.fractions, slots, strict=True)]
     policies = named_policies(n_keys, args.half_lives)
-    made_by_name = dict(list(policies.items())[:len(POLICIES)])  # without the other half-lives
+    made_by_name = dict(list(policies.items())[:len(SOFT_POLICIES)])  # without the other half-lives
     no_hard = [set() for _ in range(cfg.n_layers)]
     per_layer = round(args.hard * cfg.n_experts)
 

@@ -19,11 +19,10 @@ from gpu_worker.cost_model import (
     expert_format,
     plan_layer,
 )
+from shared.config import COLD_PATHS
 from shared.expert_math import grouped_ffn
 from shared.expert_source import ExpertSource
 from shared.process import torch_threads
-
-COLD_PATHS = ("auto", "cpu", "stream")
 
 
 def measure_cpu_expert(source: ExpertSource, dtype: torch.dtype, threads: int) -> tuple[float, float]:

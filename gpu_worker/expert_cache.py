@@ -29,9 +29,10 @@ from abc import ABC, abstractmethod
 from collections import OrderedDict
 from typing import NamedTuple
 
+from shared.config import SOFT_POLICIES
+
 Key = tuple[int, int]  # (layer, expert)
 
-POLICIES = ("lru", "decayed-lfu")
 DEFAULT_POLICY = "decayed-lfu"
 # In accesses per expert of the model (layers x experts): long enough to rank experts as well as
 # counting forever does on steady routing, short enough to follow a moved hot set within a few
@@ -139,12 +140,12 @@ class DecayedLFUPolicy(EvictionPolicy):
 
 
 def make_policy(name: str, n_experts: int) -> EvictionPolicy:
-    """Policy `name` (one of POLICIES) for a model with `n_experts` routed experts over all its layers."""
+    """Policy `name` (one of SOFT_POLICIES) for a model with `n_experts` routed experts over all its layers."""
     if name == "lru":
         return LRUPolicy()
     if name == "decayed-lfu":
         return DecayedLFUPolicy(HALF_LIFE_PER_EXPERT * n_experts)
-    raise ValueError(f"unknown soft-tier policy {name!r}; choose from {', '.join(POLICIES)}")
+    raise ValueError(f"unknown soft-tier policy {name!r}; choose from {', '.join(SOFT_POLICIES)}")
 
 
 class Admission(NamedTuple):

@@ -11,7 +11,6 @@ import torch
 
 from gpu_worker.expert_cache import (
     DEFAULT_POLICY,
-    POLICIES,
     Admission,
     DecayedLFUPolicy,
     Key,
@@ -19,6 +18,7 @@ from gpu_worker.expert_cache import (
     SoftTier,
     make_policy,
 )
+from shared.config import SOFT_POLICIES
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
 from shared.reference import ReferenceModel
@@ -69,7 +69,7 @@ def test_unpinned_expert_returns_as_most_recent():
     assert tier.admit(c) == Admission(1, b)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", SOFT_POLICIES)
 def test_pinned_experts_are_never_evicted(policy):
     tier = SoftTier(2, make_policy(policy, 16))
     a, b, c = (0, 1), (0, 2), (1, 1)
@@ -91,7 +91,7 @@ def test_pinned_experts_are_never_evicted(policy):
         tier.pin(b)
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", SOFT_POLICIES)
 def test_admitting_a_resident_expert_is_a_caller_bug(policy):
     tier = SoftTier(2, make_policy(policy, 16))
     tier.admit((3, 3))
@@ -126,7 +126,7 @@ def test_frequency_policy_refuses_one_offs_but_admits_an_expert_that_keeps_comin
     assert new in tier and old not in tier and tries > 2
 
 
-@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("policy", SOFT_POLICIES)
 def test_capacity_and_slots_stay_consistent_under_random_use(policy):
     rng = random.Random(0)
     tier = SoftTier(5, make_policy(policy, 24))
@@ -176,7 +176,7 @@ def test_frequency_heap_stays_small_under_many_hits():
 
 
 def test_unknown_policy_and_bad_sizes_are_refused():
-    assert DEFAULT_POLICY in POLICIES
+    assert DEFAULT_POLICY in SOFT_POLICIES
     with pytest.raises(ValueError):
         make_policy("fifo", 16)
     with pytest.raises(ValueError):
@@ -199,8 +199,8 @@ def test_default_policy_beats_or_ties_the_other_on_skewed_routing(fraction):
     n_layers, n_experts = 4, 32
     steps = zipf_steps(1000, n_layers, n_experts, 4, 1.0, seed=1)
     n_slots = max(4, round(fraction * n_layers * n_experts))
-    rates = {name: replay(SoftTier(n_slots, make_policy(name, n_layers * n_experts)), steps) for name in POLICIES}
-    other = next(name for name in POLICIES if name != DEFAULT_POLICY)
+    rates = {name: replay(SoftTier(n_slots, make_policy(name, n_layers * n_experts)), steps) for name in SOFT_POLICIES}
+    other = next(name for name in SOFT_POLICIES if name != DEFAULT_POLICY)
     assert rates[DEFAULT_POLICY] >= rates[other], rates
 
 
@@ -213,6 +213,6 @@ def test_default_policy_wins_on_the_oracle_routing_of_a_skewed_model(tmp_path):
     model.forward(tokens.tolist(), routing)
     steps = torch.stack(routing, dim=1).tolist()  # (tokens, layers, k): one decode step per token
     n_keys = model.cfg.n_layers * model.cfg.n_experts
-    rates = {name: replay(SoftTier(n_keys // 4, make_policy(name, n_keys)), steps) for name in POLICIES}
-    other = next(name for name in POLICIES if name != DEFAULT_POLICY)
+    rates = {name: replay(SoftTier(n_keys // 4, make_policy(name, n_keys)), steps) for name in SOFT_POLICIES}
+    other = next(name for name in SOFT_POLICIES if name != DEFAULT_POLICY)
     assert rates[DEFAULT_POLICY] > rates[other] + 0.05, rates
