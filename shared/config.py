@@ -61,6 +61,16 @@ def default_run_dir() -> str:
 WORKER_GPU_THREADS = 2  # torch threads of a worker that computes on a GPU: its CPU work is Python and copies
 
 
+# The least value of each numeric setting: below it a process would fail later (a zero block size divides by zero,
+# a negative thread count is refused by torch) or behave as no setting means
+_LOWEST: dict[str, float] = {
+    "expert_hosts": 0, "hot_experts": -1, "gpu_expert_budget": 0, "soft_slots": 0, "soft_staging": 0,
+    "kv_cache_tokens": 1, "kv_block_size": 1, "max_batch_tokens": 1, "prefill_chunk": 1, "max_running": 1,
+    "max_waiting": 0, "max_request_bytes": 1, "expert_timeout_s": 1e-3, "mailbox_bytes": 0, "drain_timeout_s": 0,
+    "resume_timeout_s": 0, "metrics_port": 0, "threads": 0, "host_threads": 0, "profile_steps": 0,
+}
+
+
 @dataclass
 class Config:
     model: str = ""
@@ -131,14 +141,11 @@ class Config:
     def __post_init__(self) -> None:
         if not self.run_dir:
             self.run_dir = default_run_dir()
-        if self.expert_hosts < 0:
-            raise ValueError("expert_hosts must be >= 0")
-        if self.host_threads < 0:
-            raise ValueError("host_threads must be >= 0")
-        if self.profile_steps < 0:
-            raise ValueError("profile_steps must be >= 0")
-        if self.soft_staging < 0:
-            raise ValueError("soft_staging must be >= 0")
+        for key, low in _LOWEST.items():
+            if getattr(self, key) < low:
+                raise ValueError(f"{key} must be >= {low}, not {getattr(self, key)}")
+        if self.metrics_port > 65535:
+            raise ValueError(f"metrics_port must be a TCP port (<= 65535), not {self.metrics_port}")
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be above heartbeat_interval_s "
                              f"({self.heartbeat_interval_s}), which must be above 0: a member is lost when no "

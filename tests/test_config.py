@@ -52,6 +52,21 @@ def test_a_value_no_process_can_use_is_refused_at_load(key, value):
     assert load_config(None, cold_path="stream", soft_policy="lru", log_level="debug").log_level == "debug"
 
 
+@pytest.mark.parametrize(("key", "value", "text"), [
+    ("kv_block_size", 0, "kv_block_size must be >= 1, not 0"),
+    ("max_running", 0, "max_running must be >= 1, not 0"),
+    ("prefill_chunk", -4, "prefill_chunk must be >= 1, not -4"),
+    ("threads", -1, "threads must be >= 0, not -1"),
+    ("hot_experts", -2, "hot_experts must be >= -1, not -2"),
+    ("resume_timeout_s", -1.0, r"resume_timeout_s must be >= 0, not -1\.0"),
+    ("metrics_port", 70000, r"metrics_port must be a TCP port \(<= 65535\), not 70000"),
+])
+def test_a_number_out_of_its_range_is_refused_at_load_naming_its_key(key, value, text):
+    """A zero block size divided by zero in the worker; others failed a role later, or acted as no setting says."""
+    with pytest.raises(ValueError, match=text):
+        load_config(None, **{key: value})
+
+
 @pytest.mark.parametrize(("key", "value"), [("gpu_expert_budget", "1.5.3GB"), ("mailbox_bytes", "lots"),
                                             ("host_memory_floor", "2..5GiB")])
 def test_a_size_it_cannot_read_names_its_key(key, value):
