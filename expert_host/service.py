@@ -280,4 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host-id", type=int, default=0, help="index of this expert host (0..expert_hosts-1)")
     add_config_arguments(parser)
     args = parser.parse_args(argv)
-    return serve(config_from_args(args), args.host_id)
+    config = config_from_args(args)
+    if not 0 <= args.host_id < config.expert_hosts:
+        parser.error(f"--host-id {args.host_id} must be >= 0 and below expert_hosts ({config.expert_hosts})")
+    return serve(config, args.host_id)

@@ -271,8 +271,10 @@ def _coerce(name: str, value: Any) -> Any:
                 return value
             # anything else is an error: a mistyped "ture" read as false would silently turn a feature off
             return _BOOL_WORDS[str(value).lower()]
-        if hint is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError
+        if hint is int and (isinstance(value, bool) or isinstance(value, float) and not value.is_integer()):
+            raise ValueError  # true is no count of anything, and 2.5 no whole one
+        if hint is str and not isinstance(value, str):
+            raise ValueError  # model = 5 is a mistake, not a file named "5"
         return hint(value)
     except (TypeError, ValueError, KeyError):
         raise ValueError(f"config {name}: {value!r} is not a valid {hint.__name__}") from None

@@ -67,6 +67,16 @@ def test_a_number_out_of_its_range_is_refused_at_load_naming_its_key(key, value,
         load_config(None, **{key: value})
 
 
+@pytest.mark.parametrize(("key", "value"), [("expert_hosts", "true"), ("kv_cache_tokens", "2.5"), ("model", "5"),
+                                            ("client_endpoint", '["tcp://a:1"]')])
+def test_a_toml_value_of_the_wrong_type_is_refused(tmp_path, key, value):
+    """true was taken as 1 host and 5 as a model file named "5"."""
+    path = tmp_path / "c.toml"
+    path.write_text(f"{key} = {value}\n")
+    with pytest.raises(ValueError, match=f"config {key}: .* is not a valid"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(("key", "value"), [("gpu_expert_budget", "1.5.3GB"), ("mailbox_bytes", "lots"),
                                             ("host_memory_floor", "2..5GiB")])
 def test_a_size_it_cannot_read_names_its_key(key, value):

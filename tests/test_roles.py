@@ -105,3 +105,12 @@ def test_the_client_port_is_not_one_a_sibling_binding_port_0_can_be_given():
     assert not low <= port <= high
     with socket.socket() as s:
         s.bind(("127.0.0.1", port))  # and it is free
+
+
+@pytest.mark.parametrize("host_id", ["2", "-1"])
+def test_an_expert_host_id_outside_the_configured_hosts_is_refused(host_id):
+    """A host that is no host of the placement would start, join and never be given an expert."""
+    run = subprocess.run([sys.executable, "-m", "expert_host", "--host-id", host_id, "--expert-hosts", "2",
+                          "--model", "unused.gguf"], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert f"--host-id {host_id} must be >= 0 and below expert_hosts (2)" in run.stderr
