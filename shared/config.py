@@ -249,7 +249,10 @@ class Config:
 
 
 def _toml_string(value: str) -> str:
-    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """A TOML basic string: quotes and backslashes escaped, and control characters, which TOML does not allow
+    raw (a path holding a newline)."""
+    return '"' + "".join(f"\\{c}" if c in '"\\' else f"\\u{ord(c):04x}" if ord(c) < 0x20 or ord(c) == 0x7F else c
+                         for c in value) + '"'
 
 
 _HINTS = typing.get_type_hints(Config)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from shared.config import load_config
+from shared.config import Config, load_config
 
 
 def test_flags_override_the_file_and_values_take_their_fields_types(tmp_path):
@@ -91,3 +91,12 @@ def test_a_heartbeat_timeout_not_above_the_interval_is_refused(interval, timeout
     with pytest.raises(ValueError, match="heartbeat_timeout_s .* must be above heartbeat_interval_s"):
         load_config(None, heartbeat_interval_s=interval, heartbeat_timeout_s=timeout)
     assert load_config(None, heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0).heartbeat_timeout_s == 1.0
+
+
+def test_to_toml_reads_back_as_the_same_config_whatever_its_strings_hold(tmp_path):
+    """The launcher hands its children the config as this file: a path with a newline, a tab, quotes or a
+    backslash wrote a file no child could read."""
+    config = Config(model='/tmp/a "b"\\c\nd\te\x7f/é.gguf', run_dir=str(tmp_path), log_level="debug")
+    path = tmp_path / "c.toml"
+    path.write_text(config.to_toml())
+    assert load_config(path) == config
