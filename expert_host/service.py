@@ -17,7 +17,15 @@ from expert_host.store import ExpertStore
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
-from shared.mailbox import ORDERED_STORES, Backoff, Mailbox, mailbox_path, remove_mailbox, remove_stale_mailboxes
+from shared.mailbox import (
+    ORDERED_STORES,
+    Backoff,
+    Mailbox,
+    MailboxError,
+    mailbox_path,
+    remove_mailbox,
+    remove_stale_mailboxes,
+)
 from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
 from shared.native_kernels import load_library, pin_threads
@@ -70,7 +78,11 @@ def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging
     cfg = model.config
     capacity = config.mailbox_bytes or min(config.max_batch_tokens * cfg.n_experts_used * cfg.hidden * 4,
                                            MAILBOX_DEFAULT_MAX_BYTES)
-    return Mailbox.create(path, capacity, cfg.n_experts, n_layers=cfg.n_layers)
+    try:
+        return Mailbox.create(path, capacity, cfg.n_experts, n_layers=cfg.n_layers)
+    except MailboxError as e:
+        log.warning("%s; activations go over ZeroMQ", e)
+        return None
 
 
 def bind_threads(config: Config, host_index: int, log: logging.Logger) -> None:

@@ -54,6 +54,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import fcntl
 import functools
 import hashlib
@@ -288,7 +289,13 @@ class Mailbox:
         tmp = f"{path}.{os.getpid()}.tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, payload_at + 2 * capacity)  # tmpfs is sparse: pages appear when first written
+            try:  # every page allocated now: a full tmpfs is an error here, not a SIGBUS in whichever side writes
+                os.posix_fallocate(fd, 0, payload_at + 2 * capacity)
+            except OSError as e:
+                if e.errno != errno.ENOSPC:
+                    raise
+                raise MailboxError(f"{os.path.dirname(path) or '.'} has no room for a mailbox of "
+                                   f"{payload_at + 2 * capacity} bytes") from None
             with mmap.mmap(fd, payload_at) as header:
                 _HEADER.pack_into(header, 0, MAGIC, capacity, max_experts, n_layers)
                 struct.pack_into("<I", header, _OWNER_AT, os.getpid())

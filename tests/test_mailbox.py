@@ -287,6 +287,41 @@ def test_a_file_that_is_not_a_mailbox_is_refused(shm_path):
         os.unlink(shm_path)
 
 
+
+# Run inside a user and mount namespace of its own, over a 1 MiB tmpfs: a 4 MiB mailbox does not fit in it.
+_SMALL_TMPFS_CHILD = """
+import os, sys, torch
+from shared.mailbox import Mailbox, MailboxError
+directory = sys.argv[1]
+try:
+    host = Mailbox.create(os.path.join(directory, "big"), 4 << 20, 8)
+except MailboxError as e:
+    print("refused:", e, flush=True)
+else:  # the worker fills its request area: past the tmpfs's size, a page fault it cannot back
+    Mailbox.attach(host.path).request_rows(1024, 1024, torch.float32).fill_(1.0)
+    print("created", flush=True)
+print("left:", sorted(os.listdir(directory)), flush=True)
+small = Mailbox.create(os.path.join(directory, "small"), 64 << 10, 8)
+Mailbox.attach(small.path).request_rows(64, 256, torch.float32).fill_(1.0)
+print("small ok", flush=True)
+"""
+
+
+def test_a_mailbox_its_tmpfs_has_no_room_for_is_refused_when_made_not_a_sigbus_later(tmp_path):
+    mount = tmp_path / "shm"
+    mount.mkdir()
+    probe = subprocess.run(["unshare", "-rm", "mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+                           capture_output=True)
+    if probe.returncode != 0:
+        pytest.skip("no user namespaces to mount a small tmpfs in")
+    script = 'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" -c "$3" "$1"'
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(mount), sys.executable, _SMALL_TMPFS_CHILD],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, (done.returncode, done.stdout, done.stderr)
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("refused:") and "has no room for a mailbox of" in lines[0]
+    assert lines[1:] == ["left: []", "small ok"]
+
 # --- the worker's RemoteExperts over a mailbox ----------------------------------------------------------------
 
 
