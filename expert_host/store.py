@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import itertools
 from collections.abc import Callable
 
@@ -84,10 +85,16 @@ class ExpertStore:
 
     def _fill(self, new: memory.Arena, old: memory.Arena | None, wanted: dict[int, list[int]]) -> None:
         """Layer by layer, one region per expert: each expert comes from the old arena if held there (pinned),
-        else from its file, whose pages are then dropped; the old arena's layer is freed before the next one."""
+        else from its file, whose pages are then dropped; the old arena's layer is freed before the next one.
+        Layers that shrink go first, so the memory they give back is free before layers that grow take theirs."""
         old_weights, self.weights = self.weights, {}
+        held = collections.Counter(layer for layer, _ in old_weights)
+
+        def growth(layer: int) -> tuple[int, int]:
+            return (len(wanted[layer]) - held[layer]) * self.source.layout(layer).region_nbytes, layer
+
         try:
-            for layer in sorted(wanted):
+            for layer in sorted(wanted, key=growth):
                 layout = self.source.layout(layer)
                 regions = new.region(layer).view(len(wanted[layer]), layout.region_nbytes)
                 from_file = []

@@ -16,7 +16,7 @@ from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
 from shared.model_config import EXPERT_TENSOR_KINDS
-from shared.placement import round_robin_placement
+from shared.placement import Placement, round_robin_placement
 from tests.expert_host.conftest import memory_status
 from tests.expert_host.test_store import resident
 
@@ -68,6 +68,30 @@ def test_peak_rss_is_one_copy_plus_one_layer(small_model):
     finally:
         store.close()
 
+
+
+def test_experts_moving_to_other_layers_peak_at_one_copy_plus_one_layer(small_model):
+    """A placement that moves the host's experts from the last layers to the first: the layers it gives up are
+    freed before the ones it takes are filled, not after them (two copies at the peak)."""
+    cfg = small_model.config
+    half = cfg.n_layers // 2
+
+    def owning(layers: range, version: int) -> Placement:
+        owner = tuple(tuple(0 if layer in layers else 1 for _ in range(cfg.n_experts)) for layer in range(cfg.n_layers))
+        return Placement(version, ("expert-host-0", "expert-host-1"), owner)
+
+    store = ExpertStore(open_expert_source(small_model, Config()), 0, "pinned")
+    try:
+        store.apply(owning(range(half, cfg.n_layers), 1))
+        owned = store.nbytes
+        layer = owned // (cfg.n_layers - half)
+        start = reset_peak()
+        store.apply(owning(range(half), 2))
+        status = memory_status()
+        assert store.nbytes == owned and {key[0] for key in store.weights} == set(range(half))
+        assert status["VmHWM"] - start <= layer + SLACK
+    finally:
+        store.close()
 
 def test_mapped_float_experts_cost_no_process_memory_until_touched(small_model):
     store = ExpertStore(open_expert_source(small_model, Config()), 0)
