@@ -287,6 +287,7 @@ class Mailbox:
         capacity = -(-capacity // PAGE) * PAGE
         payload_at = _payload_at(max_experts, n_layers)
         tmp = f"{path}.{os.getpid()}.tmp"
+        remove_mailbox(tmp)  # a predecessor that died here under this pid (a container's restart); no one else's
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             try:  # every page allocated now: a full tmpfs is an error here, not a SIGBUS in whichever side writes

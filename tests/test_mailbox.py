@@ -29,6 +29,7 @@ from shared.mailbox import (
     Mailbox,
     MailboxError,
     mailbox_path,
+    remove_mailbox,
     remove_stale_mailboxes,
 )
 from shared.make_model import make_model
@@ -194,6 +195,18 @@ def test_a_request_posted_the_moment_the_mailbox_appears_is_answered(shm_path):
     round_trip(mailbox, 1, 0, torch.ones(2, 8), [4], [2])  # posted while the host is still stalled
     stop_host(mailbox, host)
     mailbox.close()
+
+
+def test_a_half_made_mailbox_left_under_this_pid_does_not_stop_the_next_one(shm_path):
+    """A host that died while making its mailbox leaves `<path>.<pid>.tmp`; a successor given the same pid (a
+    container restarted) found the name taken and could not start. No other process can own that name."""
+    Path(f"{shm_path}.{os.getpid()}.tmp").write_bytes(b"half made")
+    mailbox = Mailbox.create(shm_path, CAPACITY, MAX_EXPERTS)
+    try:
+        assert os.path.exists(shm_path) and not os.path.exists(f"{shm_path}.{os.getpid()}.tmp")
+    finally:
+        mailbox.close()
+        remove_mailbox(shm_path)
 
 
 def test_what_does_not_fit_is_refused_and_a_second_worker_is_kept_out(shm_path):
