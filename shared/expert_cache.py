@@ -383,6 +383,8 @@ def _remembered_hash(path: Path, dirs: list[Path]) -> str:
     with open(memo.with_name(memo_name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         digest = remembered()  # hashed by another process while this one waited
+        for stale in memo.parent.glob(f"{glob.escape(memo_name)}.tmp*"):  # left by a writer killed holding the lock
+            stale.unlink(missing_ok=True)
         if digest is None:
             digest = content_hash(path)
             tmp = memo.with_name(f"{memo_name}.tmp{os.getpid()}")

@@ -299,8 +299,11 @@ def test_the_content_hash_is_remembered_while_the_model_file_is_unchanged(models
     identity, digest = memo.read_text().split()
     assert digest == content_hash(path)
     os.utime(path, ns=(0, 0))  # same bytes, another mtime: hashed again, same cache reused
+    killed_writer = tmp_path / "m.source-hash.tmp4242"  # what a process killed while writing the memo leaves
+    killed_writer.write_text("half")
     again = ensure_expert_cache(GGUFModel(path), workers=1, progress=quiet)
     assert not again.built and memo.read_text().split() == [identity.rsplit(":", 1)[0] + ":0", digest]
+    assert not killed_writer.exists()
     again.close()
 
 
