@@ -328,13 +328,14 @@ def _check_type(value: Any, hint: Any, where: str) -> None:
         if not isinstance(value, dict):
             raise ProtocolError("bad_field", f"{where} must be a map, got {type(value).__name__}")
         return
-    if hint is Any or hint is list and isinstance(value, list):
+    if hint is Any:
         return
     ok = {
         int: isinstance(value, int) and not isinstance(value, bool),
         float: isinstance(value, (int, float)) and not isinstance(value, bool),
         str: isinstance(value, str),
         bool: isinstance(value, bool),
+        list: isinstance(value, list),
     }.get(hint)
     if ok is None:
         raise TypeError(f"protocol field type {hint} is not supported")

@@ -64,6 +64,11 @@ def _frames(header: dict) -> list[bytes]:
          "field names must be strings, not b'x'"),
         (_frames({"v": 1, "kind": "expert_work", "step": 0, "layer": 0, "expert_ids": [], "counts": [],
                   "hidden": {"__tensor__": 0, "dtype": "f4", "shape": [2, 2]}}), "bad_field", "frame 0 is missing"),
+        # an item of a list of lists that is no list raised TypeError
+        (_frames({"v": 1, "kind": "token", "request_id": "a", "index": 0, "token_id": 1, "text": "",
+                  "top_logprobs": [5]}), "bad_field", r"token.top_logprobs\[0\] must be list, got int"),
+        (_frames({"v": 1, "kind": "engine_token", "request_id": "a", "token_id": 1, "logprob": 0.0,
+                  "top_logprobs": ["x"]}), "bad_field", r"engine_token.top_logprobs\[0\] must be list, got str"),
     ],
 )
 def test_bad_input_names_the_problem(frames, code, text):

@@ -59,6 +59,8 @@ def rejected(frames: list) -> Rejected:
          "unexpected_kind", "'heartbeat' is not a client request", None),
         (header(kind="generate", request_id="big", prompt="x" * MAX_BYTES), "too_large", f"limit of {MAX_BYTES}",
          "big"),
+        (header(kind="engine_token", request_id="r8", token_id=1, logprob=0.0, top_logprobs=[5]), "bad_field",
+         "engine_token.top_logprobs[0] must be list", "r8"),
     ],
 )
 def test_unreadable_requests_are_refused_naming_the_problem(frames, code, words, request_id):
