@@ -13,6 +13,7 @@ raises ProtocolError with a code and a message naming the problem.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 import warnings
@@ -20,7 +21,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Union
 
 import msgpack
-import numpy as np
 import torch
 
 PROTOCOL_VERSION = 1
@@ -285,13 +285,16 @@ def _tensor_from(spec: Any, frames: list[Any], where: str) -> torch.Tensor:
     buf = frames[1 + index]
     buf = buf.buffer if hasattr(buf, "buffer") else buf
     dtype = _TORCH_DTYPES[dtype_name]
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)  # exact: numpy's int64 product wrapped round for huge sizes
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if len(memoryview(buf)) != n * itemsize:
         got = len(memoryview(buf))
         raise ProtocolError("bad_field", f"{where}: tensor frame has {got} bytes, shape needs {n * itemsize}")
     if n == 0:
-        return torch.empty(shape, dtype=dtype)
+        try:
+            return torch.empty(shape, dtype=dtype)
+        except (RuntimeError, TypeError) as e:  # sizes past what torch can count, beside a 0
+            raise ProtocolError("bad_field", f"{where}: tensor shape {shape} is too large") from e
     with warnings.catch_warnings():  # frames are read-only; receivers never write into them
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(buf, dtype=dtype).view(shape)

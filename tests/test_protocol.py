@@ -83,6 +83,21 @@ def test_tensor_size_must_match_shape():
         decode([frames[0], b"\x00" * 8])
 
 
+@pytest.mark.parametrize("shape, payload, text", [
+    ([2**32, 2**32], b"", "shape needs 73786976294838206464"),  # numpy's int64 product wrapped round to 0
+    ([2**63, 2], b"", "shape needs 73786976294838206464"),
+    ([2**64 - 1, 1], bytes(8), "shape needs 73786976294838206460"),
+    ([2**40, 2**40, 0], b"", "is too large"),
+    ([2**64 - 1, 0], b"", "is too large"),
+])
+def test_huge_tensor_shapes_are_refused(shape, payload, text):
+    header = {"v": 1, "kind": "expert_work", "step": 0, "layer": 0, "expert_ids": [], "counts": [],
+              "hidden": {"__tensor__": 0, "dtype": "f4", "shape": shape}}
+    with pytest.raises(ProtocolError, match=text) as info:
+        decode([msgpack.packb(header), payload])
+    assert info.value.code == "bad_field"
+
+
 def test_float_fields_accept_ints_and_optional_fields_accept_none():
     msg = decode(_frames({"v": 1, "kind": "generate", "request_id": "a", "temperature": 1, "seed": None}))
     assert msg.temperature == 1 and msg.seed is None

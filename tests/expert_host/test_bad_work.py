@@ -53,6 +53,8 @@ def host(expert_models, tmp_path):
     (work([1.5, 64]), "bad_field", "is not a list of sizes"),
     (work(["a", 64]), "bad_field", "is not a list of sizes"),
     (work([True, 64]), "bad_field", "is not a list of sizes"),
+    (work([2**32, 2**32], payload=b""), "bad_field", "shape needs 73786976294838206464"),
+    (work([2**40, 2**40, 0], payload=b""), "bad_field", "is too large"),
     (work([64], "i4"), "bad_work", "expected floats of shape"),
     (work([], "f4", bytes(4)), "bad_work", "expected floats of shape"),
     (work([1, 64]), "bad_work", r"experts \[0\] are not held by this host"),
