@@ -126,6 +126,12 @@ class _Inbox:
             return self.boxes[_ORPHAN_ERROR].popleft()
         return None
 
+    def claim(self, request_id: str) -> None:
+        """Open a request's inbox; an id in flight here is refused, since its events could not be told apart."""
+        if request_id in self.open:
+            raise ValueError(f"request_id {request_id!r} is already in flight on this client")
+        self.open.add(request_id)
+
     def forget(self, key: tuple) -> None:
         self.boxes.pop(key, None)
 
@@ -193,7 +199,7 @@ class Client:
         """Send a request now; iterate the returned stream for its TokenEvents and then its FinalEvent."""
         msg = generate_request(request_id, **options)
         self._take_arrived()  # a drop noticed now ends the requests sent before it, not this one
-        self._inbox.open.add(msg.request_id)
+        self._inbox.claim(msg.request_id)
         self._send(msg)
         return Stream(self, msg.request_id)
 
@@ -341,7 +347,7 @@ class AsyncClient:
         """Send a request now; `async for` over the returned stream for its events."""
         msg = generate_request(request_id, **options)
         await self._take_arrived()  # a drop noticed now ends the requests sent before it, not this one
-        self._inbox.open.add(msg.request_id)
+        self._inbox.claim(msg.request_id)
         await self._send(msg)
         return AsyncStream(self, msg.request_id)
 

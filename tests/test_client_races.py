@@ -157,3 +157,37 @@ def test_a_health_call_in_flight_when_the_connection_drops_ends_with_connection_
     closing.join()
     assert info.value.code == "connection_lost" and f"127.0.0.1:{port}" in info.value.message
     assert time.monotonic() - start < 5.0
+
+
+@pytest.mark.parametrize("kind", ["blocking", "asyncio"])
+def test_a_request_id_already_in_flight_on_the_client_is_refused_before_it_is_sent(kind):
+    """Events carry only the request id: a second stream under an id in flight would take the first one's events,
+    and the server's duplicate_request error would end the first stream while the second waited for ever."""
+    server = zmq.Context.instance().socket(zmq.ROUTER)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    endpoint = f"tcp://127.0.0.1:{port}"
+    try:
+        if kind == "blocking":
+            with Client(endpoint, timeout_s=5.0) as client:
+                stream = client.generate(request_id="a", token_ids=[1], max_tokens=1)
+                with pytest.raises(ValueError, match="'a' is already in flight"):
+                    client.generate(request_id="a", token_ids=[1], max_tokens=1)
+                identity, *_ = server.recv_multipart()
+                assert not server.poll(200)  # the refused request was not sent
+                server.send_multipart([identity, *final("a")])
+                assert [e.KIND for e in stream] == ["final"]
+                client.generate(request_id="a", token_ids=[1], max_tokens=1).close()  # ended: the id is free again
+        else:
+            async def main() -> list[str]:
+                async with AsyncClient(endpoint, timeout_s=5.0) as client:
+                    stream = await client.generate(request_id="a", token_ids=[1], max_tokens=1)
+                    with pytest.raises(ValueError, match="'a' is already in flight"):
+                        await client.generate(request_id="a", token_ids=[1], max_tokens=1)
+                    identity, *_ = server.recv_multipart()
+                    assert not server.poll(200)
+                    server.send_multipart([identity, *final("a")])
+                    return [e.KIND async for e in stream]
+
+            assert asyncio.run(main()) == ["final"]
+    finally:
+        server.close(linger=0)
