@@ -15,7 +15,7 @@ import zmq
 from shared.client import Client, ServerError
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
-from shared.protocol import FinalEvent, Generate, decode, encode
+from shared.protocol import Cancel, FinalEvent, Generate, decode, encode
 from shared.reference import ReferenceModel
 
 MAX_RUNNING, MAX_WAITING = 4, 100
@@ -106,12 +106,30 @@ def test_cancel_ends_running_and_waiting_requests(client, oracle):
     assert stats["requests"]["cancelled"] >= MAX_RUNNING + 1
 
 
-def test_a_duplicate_request_id_is_refused_while_the_first_is_in_flight(client):
+def test_a_duplicate_request_id_is_refused_while_the_first_is_in_flight(system, client):
+    """By the server, to a raw socket (the Python clients refuse it before sending), and the first goes on."""
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.RCVTIMEO, 30_000)
+    socket.connect(system.endpoint)
+    try:
+        socket.send_multipart(encode(Generate(request_id="same", token_ids=PROMPT, max_tokens=200)))
+        assert decode(socket.recv_multipart()).KIND == "token"
+        socket.send_multipart(encode(Generate(request_id="same", token_ids=PROMPT, max_tokens=2)))
+        while (event := decode(socket.recv_multipart())).KIND == "token":
+            pass
+        assert (event.KIND, event.code, event.request_id) == ("error", "duplicate_request", "same")
+        socket.send_multipart(encode(Cancel(request_id="same")))
+        while (event := decode(socket.recv_multipart())).KIND == "token":
+            pass
+        assert (event.KIND, event.finish_reason) == ("final", "cancelled")
+    finally:
+        socket.close()
     first = client.generate(request_id="same", token_ids=PROMPT, max_tokens=200)
     next(first)
-    with pytest.raises(ServerError) as info:
-        client.complete(request_id="same", token_ids=PROMPT, max_tokens=2)
-    assert info.value.code == "duplicate_request"
+    with pytest.raises(ValueError, match="already in flight"):
+        client.generate(request_id="same", token_ids=PROMPT, max_tokens=2)
+    assert next(first).KIND == "token"
     first.close()
     wait_until_idle(client)
 
