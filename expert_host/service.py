@@ -15,6 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from expert_host.memory import HostMemoryError
 from expert_host.store import ExpertStore
 from shared.config import Config, add_config_arguments, config_from_args
+from shared.expert_cache import CacheError
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.mailbox import (
@@ -135,7 +136,7 @@ def serve(config: Config, host_index: int) -> int:
             if placement is not None and placement.version != store.placement_version:
                 try:
                     store.apply(placement)
-                except HostMemoryError as e:  # the placement cannot be held here: say what fits and stop
+                except (HostMemoryError, CacheError) as e:  # it cannot be held here: say why and stop
                     log.error("cannot hold placement v%d: %s", placement.version, e)
                     return 1
                 HELD.set(len(store.weights))

@@ -2,11 +2,11 @@
 
 Every expert is one page-aligned region of the file (gate, up and down one after another, each matrix its
 quantized tensor then its scales, every tensor on a 64-byte boundary), in (layer, expert) order, after a
-header naming the model's content hash and every layer's `ExpertLayout`. Every process maps the file and
-reads experts as zero-copy views; a region copied anywhere (pinned RAM, a VRAM slot) reads the same way
-through `ExpertLayout.views`.
+header naming the model's content hash and every layer's `ExpertLayout`; after the regions, each one's SHA-256
+digest, in the same order. Every process maps the file and reads experts as zero-copy views; a region copied
+anywhere (pinned RAM, a VRAM slot) reads the same way through `ExpertLayout.views`.
 
-    tierserve convert-experts MODEL.gguf [--cache-dir DIR] [--workers N]
+    tierserve convert-experts MODEL.gguf [--cache-dir DIR] [--workers N] [--verify]
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ from shared.quant import (
 PAGE = 4096  # regions start and end on page boundaries: mappable, DMA-able and freeable one by one
 ALIGN = 64  # every tensor of a region starts on a cache line
 MAGIC = b"TSEXPRTS"
-VERSION = 2  # 2: a format per matrix
+VERSION = 3  # 2: a format per matrix; 3: a digest per region
+DIGEST_NBYTES = 32  # SHA-256: with the SHA extensions of current x86 CPUs it hashes ~1.4 GB/s per core
 _PREFIX = struct.Struct("<8sIQ")  # magic, version, length of the JSON header that follows
 HASH_CHUNK = 64 << 20
 BYTES_PER_WORKER = 512 << 20  # by default one conversion process per this much of the cache, one per core at most
@@ -199,9 +200,11 @@ def _header(model: GGUFModel, layouts: list[ExpertLayout], source_hash: str) -> 
         offsets.append(None if layout.format == "float" else offset)
         if layout.format != "float":
             offset += n_experts * layout.region_nbytes
+    n_regions = n_experts * sum(layout.format != "float" for layout in layouts)
     header = {"source": model.path.name, "source_hash": source_hash, "n_layers": len(layouts),
               "n_experts": n_experts, "formats": [layout.format for layout in layouts],
-              "layouts": [layout.to_json() for layout in layouts], "layer_offsets": offsets, "data_nbytes": offset}
+              "layouts": [layout.to_json() for layout in layouts], "layer_offsets": offsets, "data_nbytes": offset,
+              "digests_nbytes": n_regions * DIGEST_NBYTES}
     return json.loads(json.dumps(header))
 
 
@@ -227,14 +230,15 @@ def _read_header(data: bytes | mmap.mmap, size: int) -> tuple[dict[str, Any], in
         raise CacheError("is truncated in its header")
     try:
         header = json.loads(bytes(data[_PREFIX.size : _PREFIX.size + length]))
-        data_nbytes = header["data_nbytes"]
+        sizes = {key: header[key] for key in ("data_nbytes", "digests_nbytes")}
     except (UnicodeDecodeError, json.JSONDecodeError, TypeError, KeyError) as e:
         raise CacheError(f"has a corrupt header ({type(e).__name__}: {e})") from None
-    if type(data_nbytes) is not int or data_nbytes < 0:
-        raise CacheError(f"has a corrupt header (data_nbytes {data_nbytes!r})")
+    for key, value in sizes.items():
+        if type(value) is not int or value < 0:
+            raise CacheError(f"has a corrupt header ({key} {value!r})")
     offset = _data_offset(_PREFIX.size + length)
-    if size != offset + data_nbytes:
-        raise CacheError(f"is {size} bytes, its header says {offset + data_nbytes}")
+    if size != offset + sum(sizes.values()):
+        raise CacheError(f"is {size} bytes, its header says {offset + sum(sizes.values())}")
     return header, offset
 
 
@@ -271,6 +275,9 @@ class ExpertCache:
         self._offsets: list[int | None] = header["layer_offsets"]
         self._bytes = np.frombuffer(self._mmap, dtype=np.uint8)
         self._data = self._bytes[data_offset:]
+        self._digests = self._data[header["data_nbytes"] :].reshape(-1, DIGEST_NBYTES)
+        # each cached layer's first row of digests
+        self._first_digest = _first_digests(self._offsets, self.n_experts)
 
     @property
     def nbytes(self) -> int:
@@ -297,15 +304,38 @@ class ExpertCache:
     def weights(self, layer: int, expert: int) -> ExpertWeights:
         return self._layouts[layer].views(read_only_tensor(self.region(layer, expert)))
 
+    def damaged(self, layer: int, experts: Sequence[int], threads: int = 1) -> list[int]:
+        """Those of the layer's experts whose region no longer has the digest it was written with (read again
+        from the page cache or the disk: a flipped bit there would be served), hashed on `threads` threads."""
+        regions = self.regions(layer)
+        first = self._first_digest[layer]
+
+        def intact(expert: int) -> bool:
+            return hashlib.sha256(regions[expert]).digest() == self._digests[first + expert].tobytes()
+
+        with ThreadPoolExecutor(max(1, threads)) as pool:  # hashlib lets go of the GIL while it hashes
+            return [e for e, ok in zip(experts, pool.map(intact, experts), strict=True) if not ok]
+
+    def verify(self, threads: int = 1) -> list[tuple[int, int]]:
+        """(layer, expert) of every damaged region in the file."""
+        return [(layer, e) for layer in self._first_digest
+                for e in self.damaged(layer, range(self.n_experts), threads)]
+
     def close(self) -> None:
         """Unmap the file once no view of it is left (views still alive keep it mapped)."""
         if not hasattr(self, "_bytes"):
             return
-        del self._bytes, self._data
+        del self._bytes, self._data, self._digests
         try:
             self._mmap.close()
         except BufferError:
             pass
+
+
+def _first_digests(layer_offsets: Sequence[int | None], n_experts: int) -> dict[int, int]:
+    """Cached layer -> the index of its first expert's digest: the cached layers' experts in order."""
+    cached = [layer for layer, offset in enumerate(layer_offsets) if offset is not None]
+    return {layer: k * n_experts for k, layer in enumerate(cached)}
 
 
 # ---- building it
@@ -345,6 +375,14 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
             stale.unlink(missing_ok=True)
         _build(model, target, header, layouts, workers, progress or _PrintProgress())
     return ExpertCache(target, built=True)
+
+
+def discard(path: Path) -> None:
+    """Remove a damaged cache file under its build lock, so that the next `ensure_expert_cache` builds it anew
+    (processes that map it keep their map until they close it)."""
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        path.unlink(missing_ok=True)
 
 
 def _problem(path: Path, header: dict[str, Any]) -> str | None:
@@ -410,13 +448,15 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
     """Write the file under a temporary name, layer by layer in parallel, then rename it into place."""
     encoded = _encode_header(header)
     data_offset = _data_offset(len(encoded))
-    nbytes = data_offset + header["data_nbytes"]
+    nbytes = data_offset + header["data_nbytes"] + header["digests_nbytes"]
     free = shutil.disk_usage(path.parent).free
     if free < nbytes:
         raise OSError(f"not enough disk space for the expert cache {path}: it needs {nbytes / 1e9:.2f} GB, "
                       f"{free / 1e9:.2f} GB free")
-    jobs = [(layer, layouts[layer], data_offset + offset) for layer, offset in enumerate(header["layer_offsets"])
-            if offset is not None]
+    digests_offset = data_offset + header["data_nbytes"]
+    first_digest = _first_digests(header["layer_offsets"], model.config.n_experts)
+    jobs = [(layer, layouts[layer], data_offset + offset, digests_offset + first_digest[layer] * DIGEST_NBYTES)
+            for layer, offset in enumerate(header["layer_offsets"]) if offset is not None]
     if workers is None:  # pool processes take a second or two to start: small caches convert faster here
         workers = min(os.cpu_count() or 1, -(-header["data_nbytes"] // BYTES_PER_WORKER))
     workers = max(1, min(workers, len(jobs)))
@@ -476,11 +516,14 @@ def _drop_converted_pages(model: GGUFModel, layouts: list[ExpertLayout]) -> None
         os.close(fd)
 
 
-def _convert_layer(model: GGUFModel, fd: int, layer: int, layout: ExpertLayout, offset: int) -> int:
-    """Convert one layer's experts and write their regions at `offset`; returns the bytes written."""
+def _convert_layer(model: GGUFModel, fd: int, layer: int, layout: ExpertLayout, offset: int,
+                   digests_offset: int) -> int:
+    """Convert one layer's experts and write their regions at `offset` and their digests at `digests_offset`;
+    returns the bytes of regions written."""
     shapes = tensor_shapes(model.config)
     names = [expert_tensor_name(layer, kind) for kind in EXPERT_TENSOR_KINDS]
     region = torch.zeros(layout.region_nbytes, dtype=torch.uint8)
+    digests = []
     for e in range(model.config.n_experts):
         # One sequential copy of the stored bytes first: parsing blocks straight off the map touches every page
         # out of order, which reads a cold file several times slower than the kernel's readahead does.
@@ -489,6 +532,8 @@ def _convert_layer(model: GGUFModel, fd: int, layer: int, layout: ExpertLayout, 
                         for kind, name, fmt in zip(EXPERT_TENSOR_KINDS, names, layout.formats, strict=True))
         layout.fill(region, weights)  # type: ignore[arg-type]
         os.pwrite(fd, region.numpy(), offset + e * layout.region_nbytes)
+        digests.append(hashlib.sha256(region.numpy()).digest())
+    os.pwrite(fd, b"".join(digests), digests_offset)
     return model.config.n_experts * layout.region_nbytes
 
 
@@ -501,9 +546,9 @@ def _worker_init(model_path: str, out_path: str) -> None:
     _worker = (GGUFModel(model_path), os.open(out_path, os.O_WRONLY))
 
 
-def _worker_convert(layer: int, layout: ExpertLayout, offset: int) -> int:
+def _worker_convert(layer: int, layout: ExpertLayout, offset: int, digests_offset: int) -> int:
     assert _worker is not None, "pool process not initialised"
-    return _convert_layer(*_worker, layer, layout, offset)
+    return _convert_layer(*_worker, layer, layout, offset, digests_offset)
 
 
 class _PrintProgress:
@@ -529,9 +574,23 @@ def main(argv: list[str] | None = None) -> int:
                                             "$XDG_CACHE_HOME/tierserve/experts)")
     parser.add_argument("--workers", type=int, help="conversion processes (default: one per core, fewer for "
                                                     "small models)")
+    parser.add_argument("--verify", action="store_true", help="check every expert of an existing cache against "
+                                                              "its digest, and rebuild the file if one differs")
     args = parser.parse_args(argv)
     try:
-        cache = ensure_expert_cache(GGUFModel(args.model), args.cache_dir, args.workers)
+        model = GGUFModel(args.model)
+        cache = ensure_expert_cache(model, args.cache_dir, args.workers)
+        if cache is not None and args.verify and not cache.built:
+            damaged = cache.verify(threads=os.cpu_count() or 1)
+            if damaged:
+                shown = ", ".join(f"layer {layer} expert {e}" for layer, e in damaged[:8])
+                print(f"{cache.path}: {len(damaged)} experts do not match their digests ({shown}"
+                      f"{', ...' if len(damaged) > 8 else ''}): rebuilding it", file=sys.stderr)
+                cache.close()
+                discard(cache.path)
+                cache = ensure_expert_cache(model, args.cache_dir, args.workers)
+            else:
+                print(f"{cache.path}: every expert matches its digest")
     except (ModelError, OSError) as e:
         print(f"tierserve convert-experts: error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ModelError) else 1

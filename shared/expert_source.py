@@ -69,6 +69,13 @@ class ExpertSource:
             copied += data.nbytes
         return copied
 
+    def damaged(self, layer: int, experts: list[int], threads: int = 1) -> list[int]:
+        """Those of the layer's `experts` whose bytes in the cache file no longer match their digest (none for a
+        float layer: GGUF keeps no digest of the model file's tensors)."""
+        if not self._in_cache(layer):
+            return []
+        return self.cache.damaged(layer, experts, threads)  # type: ignore[union-attr]
+
     def expert_nbytes(self, layer: int) -> int:
         """Bytes of one expert as served (its tensors; its region is `layout(layer).region_nbytes`)."""
         return self._layouts[layer].expert_nbytes

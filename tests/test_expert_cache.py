@@ -177,7 +177,7 @@ def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
     assert cache.built and cache.path == path and path.read_bytes() == original
     reasons = {"truncated": "bytes, its header says", "bad magic": "bad magic number",
                "other model": "another model", "empty": "shorter than its header",
-               "older version": "format version 1, this is version 2", "size not a number": "data_nbytes '"}
+               "older version": "format version 1, this is version 3", "size not a number": "data_nbytes '"}
     assert reasons[damage] in capsys.readouterr().err
     cache.close()
 
@@ -322,3 +322,33 @@ def test_a_build_leaves_the_converted_experts_out_of_the_page_cache(models, tmp_
     cache = ensure_expert_cache(model, workers=1, progress=quiet)
     cache.close()
     assert resident(experts) < 0.1
+
+
+def flip_a_byte(cache_path: os.PathLike, offset: int) -> None:
+    with open(cache_path, "r+b") as f:
+        f.seek(offset)
+        byte = f.read(1)
+        f.seek(offset)
+        f.write(bytes([byte[0] ^ 0x10]))
+
+
+def test_a_damaged_expert_is_found_by_its_digest_and_verify_rebuilds_the_file(models, tmp_path, capsys):
+    """A bit flipped on the disk or in the page cache would be served for as long as the file is used: each
+    region's digest, written with it, names the expert, and `convert-experts --verify` builds the file anew."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(models["q4_0"].read_bytes())
+    cache = ensure_expert_cache(GGUFModel(path), workers=1, progress=quiet)
+    assert cache.verify(threads=2) == []
+    flip_a_byte(cache.path, cache.file_offset(2, 5) + 100)
+    assert cache.verify(threads=2) == [(2, 5)]
+    assert cache.damaged(2, [4, 5, 6]) == [5]
+    cache.close()
+
+    assert tierserve(["convert-experts", str(path), "--verify", "--workers", "1"]) == 0
+    out, err = capsys.readouterr()
+    assert "1 experts do not match their digests (layer 2 expert 5): rebuilding it" in err
+    rebuilt = ensure_expert_cache(GGUFModel(path), workers=1, progress=quiet)
+    assert rebuilt.verify() == []
+    rebuilt.close()
+    assert tierserve(["convert-experts", str(path), "--verify"]) == 0
+    assert "every expert matches its digest" in capsys.readouterr().out

@@ -16,6 +16,7 @@ from expert_host.memory import HostMemoryError
 from expert_host.service import PREFETCH_ROWS, compute
 from expert_host.store import ExpertStore
 from shared.config import Config
+from shared.expert_cache import CacheError
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
@@ -174,3 +175,28 @@ def resident(tensors) -> float:
         pages += n
         in_cache += sum(v & 1 for v in vec)
     return in_cache / pages
+
+
+def test_a_host_copying_a_damaged_expert_refuses_the_placement_naming_it(expert_models, tmp_path):
+    """Copied experts are served from memory for as long as the host runs: one whose bytes in the cache file no
+    longer match their digest is refused, named, instead of being served wrong. Mapped experts are the file's
+    own pages (`convert-experts --verify` checks them)."""
+    model = GGUFModel(expert_models["q8_0"])
+    config = Config(expert_cache_dir=str(tmp_path))
+    source = open_expert_source(model, config)
+    cache_path, offset = source.cache.path, source.cache.file_offset(1, 3)
+    source.close()
+    with open(cache_path, "r+b") as f:
+        f.seek(offset + 64)
+        f.write(b"\xff\xee")
+    placement = round_robin_placement(model.config, 0, 1)
+    store = ExpertStore(open_expert_source(model, config), 0, "pinned")
+    try:
+        with pytest.raises(CacheError, match=r"layer 1 experts \[3\] do not match their digests, the file is damaged"):
+            store.apply(placement)
+        assert store.weights == {} and store.placement_version == 0
+    finally:
+        store.close()
+    mapped = ExpertStore(open_expert_source(model, config), 0, "mapped")
+    mapped.apply(placement)
+    mapped.close()
