@@ -12,7 +12,6 @@ import torch
 from expert_host import memory
 from shared.config import Config
 from shared.device_caps import DeviceCaps, read_device_caps
-from shared.expert_cache import CacheError
 from shared.expert_math import ExpertWeights, grouped_ffn
 from shared.expert_source import ExpertSource
 from shared.mailbox import LaneRequest
@@ -109,7 +108,7 @@ class ExpertStore:
                         layout.fill(region, held)
                     self.weights[(layer, e)] = layout.views(region)
                 if from_file:
-                    self._check_digests(layer, from_file)
+                    self.source.check_digests(layer, from_file, torch.get_num_threads())
                     memory.drop_file_pages(self.source, layer, from_file)
                 for key in [key for key in old_weights if key[0] == layer]:
                     del old_weights[key]
@@ -120,15 +119,6 @@ class ExpertStore:
             new.close()
             self.close()  # half moved: hold nothing rather than an unknown part of either placement
             raise
-
-    def _check_digests(self, layer: int, experts: list[int]) -> None:
-        """Copies are served for as long as the host runs: the cache file's bytes they came from must be those
-        it was written with (read from its pages again while they are still in the page cache)."""
-        damaged = self.source.damaged(layer, experts, torch.get_num_threads())
-        if damaged:
-            path = self.source.cache.path if self.source.cache is not None else None
-            raise CacheError(f"{path}: layer {layer} experts {damaged} do not match their digests, the file is "
-                             f"damaged; rebuild it with `tierserve convert-experts --verify {self.model.path}`")
 
     def _check_fit(self, need: int, n_experts: int, freed: int) -> None:
         mem = host_memory()

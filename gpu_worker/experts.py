@@ -80,6 +80,7 @@ class HotExperts:
         regions = torch.zeros(len(ids), layout.region_nbytes, dtype=torch.uint8, device=self.device)
         for region, e in zip(regions, ids, strict=True):
             self.source.fill_region(layer, e, region)
+        self.source.check_digests(layer, ids, torch.get_num_threads())
         return layout.views(regions)
 
     def apply(self, placement: Placement, after_layer: Callable[[], None] = lambda: None) -> list[int]:

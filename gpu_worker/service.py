@@ -24,6 +24,7 @@ from gpu_worker.scheduler import SamplingParams, Scheduler, Sequence
 from gpu_worker.soft_pool import SoftPool
 from gpu_worker.step_profile import StepProfile, section
 from shared.config import Config, add_config_arguments, config_from_args
+from shared.expert_cache import CacheError
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
@@ -255,14 +256,16 @@ def serve(config: Config) -> int:
         engine.keep_alive = lambda: control.heartbeat_if_due(engine.placement_version, engine.load())
         if remote is not None:
             remote.keep_alive = engine.keep_alive
-        engine.apply(placement)
+        if not hold(engine, placement, log):
+            return 1
         log.info("placement v%d: %d hot experts (%.1f MB)", placement.version, placement.count_hot(),
                  engine.hot.nbytes / 1e6)
         while True:
             control.heartbeat_if_due(engine.placement_version, engine.load())
             placement = control.read_placement()
             if placement is not None and placement.version != engine.placement_version:
-                engine.apply(placement)
+                if not hold(engine, placement, log):
+                    return 1
                 log.info("placement v%d applied", placement.version)
             busy = engine.scheduler.has_work()
             if stop.stopping and not busy:
@@ -297,6 +300,16 @@ def serve(config: Config) -> int:
         leave_run_dir(config)
         log.info("stopped")
     return 0
+
+
+def hold(engine: Engine, placement: Placement, log: logging.Logger) -> bool:
+    """Apply the placement; False, said in the log, when its experts cannot be held (a damaged expert cache)."""
+    try:
+        engine.apply(placement)
+    except CacheError as e:
+        log.error("cannot hold placement v%d: %s", placement.version, e)
+        return False
+    return True
 
 
 def handle_engine_message(engine: Engine, frames: list, send: Callable[[Message], None], stop: StopFlag,

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from shared.config import Config
-from shared.expert_cache import ExpertCache, ExpertLayout, ensure_expert_cache, expert_layouts
+from shared.expert_cache import CacheError, ExpertCache, ExpertLayout, ensure_expert_cache, expert_layouts
 from shared.expert_math import ExpertWeights
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS
@@ -69,12 +69,18 @@ class ExpertSource:
             copied += data.nbytes
         return copied
 
-    def damaged(self, layer: int, experts: list[int], threads: int = 1) -> list[int]:
-        """Those of the layer's `experts` whose bytes in the cache file no longer match their digest (none for a
-        float layer: GGUF keeps no digest of the model file's tensors)."""
-        if not self._in_cache(layer):
-            return []
-        return self.cache.damaged(layer, experts, threads)  # type: ignore[union-attr]
+    def check_digests(self, layer: int, experts: list[int], threads: int = 1) -> None:
+        """Raise CacheError, naming them, if any of the layer's `experts` no longer has its digest in the cache
+        file: for a process that copies them (pinned memory, VRAM) and serves the copies for as long as it runs.
+        Read again from the file's pages, still in the page cache after the copy. A float layer has nothing to
+        check: GGUF keeps no digest of the model file's tensors."""
+        cache = self.cache
+        if cache is None or not self._in_cache(layer):
+            return
+        damaged = cache.damaged(layer, experts, threads)
+        if damaged:
+            raise CacheError(f"{cache.path}: layer {layer} experts {damaged} do not match their digests, the file "
+                             f"is damaged; rebuild it with `tierserve convert-experts --verify {self.model.path}`")
 
     def expert_nbytes(self, layer: int) -> int:
         """Bytes of one expert as served (its tensors; its region is `layout(layer).region_nbytes`)."""

@@ -112,3 +112,24 @@ def test_bf16_system_logprobs_match_the_oracle(small, hosts, hot, options):
     worst = max(abs(a - b) for a, b in zip(result.logprobs, want, strict=True))
     print(f"hosts={hosts} hot={hot} {' '.join(options)}: worst logprob gap {worst:.3f} nats")
     assert worst < 0.15
+
+
+def test_hot_experts_copied_into_vram_are_checked_against_their_digests(tmp_path):
+    """The worker serves its VRAM copies for as long as it runs: a damaged expert in the cache file is refused,
+    named, when it is stacked, instead of being served wrong."""
+    from shared.config import Config
+    from shared.expert_cache import CacheError
+    from shared.expert_source import open_expert_source
+
+    path = tmp_path / "q.gguf"
+    make_model(path, preset="tiny", dtype="q4_0", seed=2)
+    model = GGUFModel(path)
+    source = open_expert_source(model, Config(expert_cache_dir=str(tmp_path)))
+    offset = source.cache.file_offset(1, 2)
+    with open(source.cache.path, "r+b") as f:
+        f.seek(offset + 64)
+        f.write(b"\xff\xee")
+    hot = HotExperts(source, CUDA, torch.bfloat16)
+    with pytest.raises(CacheError, match=r"layer 1 experts \[2\] do not match their digests"):
+        hot.apply(round_robin_placement(model.config, model.config.n_experts, 0))
+    source.close()
