@@ -158,6 +158,7 @@ def serve(config: Config, host_index: int) -> int:
             QUEUE.set(len(queue))
             frames = queue.popleft()
             data.send_multipart([frames[0], *handle(store, frames[1:])], copy=False)
+            QUEUE.set(len(queue))
         drain(store, data, queue, mailbox)
     finally:
         store.close()
