@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from shared.config import Config
-from shared.expert_cache import expert_layouts
+from shared.expert_cache import hot_expert_nbytes
 from shared.gguf_file import GGUFModel
 from shared.placement import Placement, hot_experts_for_budget, round_robin_placement, versioned
 from shared.protocol import Heartbeat
@@ -26,10 +26,7 @@ def startup_placement(model: GGUFModel, config: Config) -> Placement:
     cfg = model.config
     hot = config.hot_experts
     if hot < 0:
-        # a quantized hot expert is its cache region in VRAM; layers may differ (int4, and int4+int8 where down is Q6_K)
-        sizes = [layout.region_nbytes if layout.format != "float" else model.expert_nbytes(layer)
-                 for layer, layout in enumerate(expert_layouts(model))]
-        hot = hot_experts_for_budget(cfg, config.gpu_expert_budget, -(-sum(sizes) // len(sizes)))
+        hot = hot_experts_for_budget(cfg, config.gpu_expert_budget, hot_expert_nbytes(model))
     return versioned(round_robin_placement(cfg, hot, config.expert_hosts), model.identity)
 
 

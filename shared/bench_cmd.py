@@ -33,7 +33,7 @@ from shared.bench_profile import CANDIDATE_PROMPTS, profile_system
 from shared.bench_report import markdown, write_results
 from shared.client import AsyncClient, ServerError, run
 from shared.config import parse_bytes
-from shared.expert_cache import expert_layouts
+from shared.expert_cache import expert_layouts, hot_expert_nbytes
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
 from shared.make_model import ARCHS, DTYPES, PRESETS, make_model
@@ -115,6 +115,7 @@ def model_facts(model: GGUFModel) -> dict[str, Any]:
     served = expert_layouts(model)
     return {"served_format": ", ".join(dict.fromkeys(layout.format for layout in served)),
             "served_bytes_per_expert": sum(layout.expert_nbytes for layout in served) / cfg.n_layers,
+            "hot_bytes_per_expert": hot_expert_nbytes(model),  # what the budget for hot experts is counted in
             "path": str(model.path), "name": model.metadata.get("general.name", model.path.stem), "arch": cfg.arch,
             "n_layers": cfg.n_layers, "n_experts": cfg.n_experts, "n_experts_used": cfg.n_experts_used,
             "hidden": cfg.hidden, "expert_ffn": cfg.expert_ffn, "context_length": cfg.context_length,
@@ -260,7 +261,7 @@ def sweep(args: argparse.Namespace, results: dict[str, Any], path: str, options:
           base: list[int]) -> dict[str, Any]:
     model, s = results["model"], results["settings"]
     experts = model["n_layers"] * model["n_experts"]
-    points = bench_sweep.run_tierserve(path, options, args.budget_sweep, model["served_bytes_per_expert"] * experts,
+    points = bench_sweep.run_tierserve(path, options, args.budget_sweep, model["hot_bytes_per_expert"] * experts,
                                        model["n_layers"], s, base, args.ready_timeout)
     if not args.llama_cpp:
         return {"tierserve": points, "llama_cpp": None}

@@ -78,6 +78,19 @@ def test_bench_sweeps_the_budget_on_the_tiny_model(tmp_path):
     assert plots == ({"sweep.png"} if importlib.util.find_spec("matplotlib") else set())
 
 
+@pytest.mark.slow
+def test_a_budget_of_every_expert_s_bytes_holds_every_expert_of_a_quantized_model(tmp_path):
+    """A quantized hot expert is its cache region (whole pages), larger than its tensors: 100% is every expert."""
+    out = tmp_path / "out"
+    code = tierserve(["bench", "--preset", "tiny", "--dtype", "q4_0", "--quick", "--cache-dir",
+                      str(tmp_path / "models"), "--out", str(out), "--expert-hosts", "1", "--budget-sweep", "100",
+                      "--sweep-only"])
+    assert code == 0
+    point, = json.loads((out / "results.json").read_text())["sweep"]["tierserve"]
+    assert point["hot_experts_per_layer"] == EXPERTS
+    assert point["decode_paths"]["hot"] == 1 and point["decode_vram_hit_rate"] == 1
+
+
 def test_sweep_only_needs_a_sweep():
     with pytest.raises(SystemExit):
         tierserve(["bench", "--preset", "tiny", "--sweep-only"])
