@@ -173,7 +173,8 @@ class Coordinator:
             elif isinstance(msg, Stats):
                 self.send_client(client, StatsReply(stats=self.stats(now)))
         except Rejected as r:
-            REQUESTS.labels("rejected").inc()
+            if r.code != "unknown_request":  # a cancel that came too late: its request was counted when it ended
+                REQUESTS.labels("rejected").inc()
             self.send_client(client, ErrorEvent(request_id=r.request_id, code=r.code, message=r.message))
         except Exception as e:  # a bug a message trips: its sender still gets an answer, and the server goes on
             log.exception("error handling a client message")

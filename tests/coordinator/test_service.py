@@ -23,13 +23,16 @@ from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import free_tcp_port
 from shared.protocol import (
+    Cancel,
     EngineCancel,
     EngineError,
     EngineGenerate,
     EngineToken,
     ErrorEvent,
     FinalEvent,
+    Generate,
     Heartbeat,
+    TokenEvent,
     Welcome,
     decode,
     encode,
@@ -333,6 +336,30 @@ def test_a_request_ended_by_a_lost_expert_host_resumes_after_the_host_had_time_t
         events = list(stream)
         assert [e.token_id for e in events[:-1]] == [8, 9] and events[-1].completion_tokens == 3
     assert coordinator.process.returncode == 0
+
+
+def test_a_cancel_that_comes_after_its_request_ended_counts_the_request_once(tiny_model, tmp_path):
+    """A client that stops reading a stream cancels it; when the request has just ended on the server, the cancel
+    is answered unknown_request, and the request stays counted once, as completed, not as rejected too."""
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
+    with joined_worker(coordinator) as (member, engine, hb):
+        client = zmq.Context.instance().socket(zmq.DEALER)
+        client.setsockopt(zmq.LINGER, 0)
+        client.setsockopt(zmq.RCVTIMEO, 5000)
+        client.connect(coordinator.config.client_endpoint)
+        try:
+            client.send_multipart(encode(Generate(request_id="done", token_ids=[5], max_tokens=1)))
+            sent = decode(engine.recv_multipart())
+            engine.send_multipart(token(sent.request_id, 7, "length"))
+            assert isinstance(decode(client.recv_multipart()), TokenEvent)
+            assert isinstance(decode(client.recv_multipart()), FinalEvent)
+            client.send_multipart(encode(Cancel(request_id="done")))
+            reply = decode(client.recv_multipart())
+            assert isinstance(reply, ErrorEvent) and reply.code == "unknown_request"
+        finally:
+            client.close()
+        requests = coordinator.client.stats().stats["requests"]
+        assert requests == {"completed": 1, "cancelled": 0, "error": 0, "rejected": 0}
 
 
 @pytest.mark.parametrize("kind", ["blocking", "asyncio"])
