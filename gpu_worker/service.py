@@ -303,7 +303,14 @@ def serve(config: Config) -> int:
 
 
 def hold(engine: Engine, placement: Placement, log: logging.Logger) -> bool:
-    """Apply the placement; False, said in the log, when its experts cannot be held (a damaged expert cache)."""
+    """Apply the placement; False, said in the log, when its experts cannot be held: a damaged expert cache, or
+    hosts this worker has no socket to (a coordinator started with more expert_hosts than this worker)."""
+    beyond = [h for h in placement.hosts_in_use() if h >= engine.config.expert_hosts]
+    if beyond:
+        log.error("cannot hold placement v%d: it gives experts to expert host %d, and this worker was started with "
+                  "expert_hosts = %d; start every role with the same configuration", placement.version, beyond[0],
+                  engine.config.expert_hosts)
+        return False
     try:
         engine.apply(placement)
     except CacheError as e:
