@@ -59,7 +59,10 @@ class Membership:
 
     def heartbeat(self, hb: Heartbeat, now: float) -> HeartbeatOutcome:
         old = self.members.get(hb.member_id)
-        restarted = old is not None and old.alive and old.pid != hb.pid
+        # a new process: another pid, or the same pid (a container's restart) with nothing applied where the
+        # process before had applied a placement (a process never goes back to 0)
+        restarted = old is not None and old.alive and (
+            old.pid != hb.pid or hb.placement_version == 0 != old.placement_version)
         joined = old is None or not old.alive or restarted
         self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.pid, hb.metrics_port, hb.placement_version,
                                             hb.model, now, dict(hb.load))

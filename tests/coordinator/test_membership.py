@@ -40,6 +40,15 @@ def test_a_new_or_restarted_process_is_welcomed_until_it_reports_the_placement(m
     assert (restarted.welcome, restarted.joined, restarted.restarted) == (True, True, True)
 
 
+def test_a_process_restarted_under_the_same_pid_is_known_by_the_placement_it_lost(members):
+    """In a container a role restarts as the same pid (1, or its init's child): it reports placement 0 again."""
+    members.heartbeat(beat("gpu-worker", 0, pid=1), now=0.0)
+    assert not members.heartbeat(beat("gpu-worker", 0, pid=1), now=0.5).restarted  # still applying
+    members.heartbeat(beat("gpu-worker", 3, pid=1), now=1.0)
+    again = members.heartbeat(beat("gpu-worker", 0, pid=1), now=1.5)
+    assert (again.welcome, again.joined, again.restarted) == (True, True, True)
+
+
 def test_members_not_heard_from_within_the_timeout_are_lost_once(members):
     members.heartbeat(beat("gpu-worker", 3), now=0.0)
     members.heartbeat(beat("expert-host-0", 3), now=1.0)
