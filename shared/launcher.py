@@ -10,6 +10,7 @@ SIGTERM if this process dies (PR_SET_PDEATHSIG), so even `kill -9` leaves no orp
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import dataclasses
 import os
@@ -212,11 +213,17 @@ class RunningSystem:
         """Peak and current resident set of `tierserve up` and every process under it."""
         return process_memory([self.process.pid, *descendants(self.process.pid)])
 
-    def stop(self, timeout_s: float = 60.0) -> int:
+    def stop(self, timeout_s: float = 120.0) -> int:
+        """SIGTERM, then its exit status; past `timeout_s` (its three groups' drains may take up to
+        drain_timeout_s + 5 each) its whole process group is killed rather than left running."""
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
         try:
             return self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait()
         finally:
             self.process.stdout.close()
 

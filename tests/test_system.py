@@ -188,6 +188,20 @@ def test_killing_up_leaves_no_process_shared_memory_or_socket_behind(models):
         assert not Path(run_dir).exists()
 
 
+@pytest.mark.slow
+def test_a_stop_that_outlasts_its_timeout_kills_up_and_every_process_under_it(models):
+    """RunningSystem.stop raised TimeoutExpired out of the benchmark or demo that called it, in place of their own
+    error, and left `tierserve up` running."""
+    system = start(models["qwen3moe"], 1, 2)
+    with Client(system.endpoint) as client:
+        pids = {m["pid"] for m in client.health().members}
+    assert system.stop(timeout_s=0.0) == -signal.SIGKILL
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and pids & _tierserve_pids():
+        time.sleep(0.2)
+    assert not pids & _tierserve_pids()
+
+
 STOP_SIGNALS = {
     "sigterm": lambda process: process.send_signal(signal.SIGTERM),
     # a terminal's Ctrl-C signals `tierserve up`'s whole process group, not the launcher alone
