@@ -189,6 +189,8 @@ class DeviceCrossings:
         lanes of mailboxes replaced meanwhile go (the data plane closes them between steps)."""
         self.posted.clear()
         self.retired.clear()
+        for host in self.lanes:  # a host restarted since its lane opened (a new mailbox): its lane goes with the old
+            self.remote.lane_mailbox(host, self.device)
         self._drop_replaced(retire=False)
         for lane in self.lanes.values():
             lane.pairs_seen = lane.mailbox.lane_pairs()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import signal
+import time
 import urllib.request
 from pathlib import Path
 
@@ -159,3 +160,31 @@ def check_a_host_killed(path: Path, oracle: ReferenceModel, *device: str) -> Non
         after = metrics(client)["expert-host-0"]
         assert value(after, "tierserve_expert_host_lane_work_total") > value(before,
                                                                               "tierserve_expert_host_lane_work_total")
+
+
+@pytest.mark.slow
+def test_a_host_restarted_while_idle_is_followed_by_a_step_that_crosses_first(tiny):
+    """Lanes open from an earlier request; the host is killed with nothing in flight and its successor serves.
+    A one-token prompt's first step already crosses: it goes through the successor's lane at once, not through
+    the dead host's old one (which would wait out the expert timeout, fail the step and resume the request)."""
+    path, oracle = tiny["qwen3moe"]
+    options = ("--expert-hosts", "2", "--hot-experts", "0", "--decode-crossings", "true", "--expert-timeout-s", "3",
+               "--device", "cpu")
+    with RunningSystem(str(path), *options) as system, Client(system.endpoint, timeout_s=60) as client:
+        assert client.complete(token_ids=PROMPTS[0], max_tokens=MAX_TOKENS).token_ids == oracle.greedy(PROMPTS[0],
+                                                                                                     MAX_TOKENS)
+        host = next(m for m in client.health().members if m["member_id"] == "expert-host-0")
+        os.kill(host["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, "no successor"
+            health = client.health()
+            successor = next((m for m in health.members if m["member_id"] == "expert-host-0"), None)
+            if health.status == "ready" and successor is not None and successor["pid"] != host["pid"]:
+                break
+            time.sleep(0.1)
+        start = time.monotonic()
+        assert client.complete(token_ids=PROMPTS[2], max_tokens=MAX_TOKENS).token_ids == oracle.greedy(PROMPTS[2],
+                                                                                                     MAX_TOKENS)
+        assert client.stats().stats["resumed"] == 0
+        assert time.monotonic() - start < 3
