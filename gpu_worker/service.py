@@ -91,7 +91,8 @@ class Engine:
         lane_hosts = frozenset(h for h in range(config.expert_hosts)
                                if config.shm_data_plane(h) and config.host_memory_for(h) != "write-combined")
         crossing = config.decode_crossings and config.cold_path != "stream" and remote is not None and lane_hosts
-        self.crossings = DeviceCrossings(remote, self.device, config.expert_timeout_s, lane_hosts) \
+        self.crossings = DeviceCrossings(remote, self.device, config.expert_timeout_s, lane_hosts,
+                                         config.decode_crossings_max_rows) \
             if crossing and (config.cuda_graphs or not cuda) else None
         self.trunk = Trunk(model, self.device, dtype, num_blocks, config.kv_block_size,
                            decode_graphs=(config.cuda_graphs and cuda) or self.crossings is not None)

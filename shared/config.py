@@ -67,7 +67,8 @@ _LOWEST: dict[str, float] = {
     "expert_hosts": 0, "hot_experts": -1, "gpu_expert_budget": 0, "soft_slots": 0, "soft_staging": 0,
     "kv_cache_tokens": 1, "kv_block_size": 1, "max_batch_tokens": 1, "prefill_chunk": 1, "max_running": 1,
     "max_waiting": 0, "max_request_bytes": 1, "expert_timeout_s": 1e-3, "mailbox_bytes": 0, "drain_timeout_s": 0,
-    "resume_timeout_s": 0, "metrics_port": 0, "threads": 0, "host_threads": 0, "profile_steps": 0,
+    "resume_timeout_s": 0, "decode_crossings_max_rows": 1, "metrics_port": 0, "threads": 0, "host_threads": 0,
+    "profile_steps": 0,
 }
 
 
@@ -136,6 +137,10 @@ class Config:
     # cold_path = "stream", which asks for the cold experts in VRAM. On by default: one q4_0 Qwen3-30B-A3B stream on
     # an H200 decoded 2.5-2.9x faster with it (bench/README.md).
     decode_crossings: bool = True
+    # Decode steps of more rows than this take the usual path: every cold expert a batch routes to is computed on
+    # the hosts' CPUs when it crosses, where the usual path streams some over PCIe. On the H200 with the q4_0
+    # Qwen3-30B-A3B preset, crossing steps gained 1.6-1.7x at 1 and 4 concurrent streams and lost 2.6x at 16.
+    decode_crossings_max_rows: int = 4
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

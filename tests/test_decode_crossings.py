@@ -101,6 +101,30 @@ def test_decode_steps_cross_by_default_unless_cold_experts_are_streamed_or_cross
 
 
 @pytest.mark.slow
+def test_a_decode_step_of_more_rows_than_the_limit_takes_the_usual_path(tiny):
+    """With `decode_crossings_max_rows` 2, a request alone crosses every decode step; three at once decode in
+    steps of three rows through the usual exchange: fewer lane items than steps x layers, the oracle's tokens."""
+    path, oracle = tiny["qwen3moe"]
+    expected = [oracle.greedy(p, MAX_TOKENS) for p in PROMPTS]
+    steps_alone = (MAX_TOKENS - 1) * oracle.cfg.n_layers
+    with RunningSystem(str(path), "--expert-hosts", "1", "--hot-experts", "0", "--device", "cpu",
+                       "--decode-crossings-max-rows", "2") as system, Client(system.endpoint) as client:
+        lanes = [value(metrics(client)["expert-host-0"], "tierserve_expert_host_lane_work_total")]
+        assert client.complete(token_ids=PROMPTS[0], max_tokens=MAX_TOKENS).token_ids == expected[0]
+        lanes.append(value(metrics(client)["expert-host-0"], "tierserve_expert_host_lane_work_total"))
+
+        def run(prompt: list[int]) -> list[int]:
+            with Client(system.endpoint) as c:
+                return c.complete(token_ids=prompt, max_tokens=MAX_TOKENS).token_ids
+
+        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+            assert list(pool.map(run, PROMPTS)) == expected
+        lanes.append(value(metrics(client)["expert-host-0"], "tierserve_expert_host_lane_work_total"))
+    assert lanes[1] - lanes[0] >= steps_alone
+    assert lanes[2] - lanes[1] < steps_alone  # crossing, the batch would make one lane item a step and layer
+
+
+@pytest.mark.slow
 def test_hot_experts_on_the_worker_and_cold_ones_through_the_lanes(tiny):
     check_hot_and_crossing(*tiny["qwen3moe"], 4, "--device", "cpu")
 
