@@ -135,7 +135,7 @@ class Config:
     # replay with no Python between layers (gpu_worker/crossing.py). Needs hosts on this machine with mailboxes;
     # layers it cannot serve so take the usual path. On a CPU worker the same exchange runs without graphs. Not with
     # cold_path = "stream", which asks for the cold experts in VRAM. On by default: one q4_0 Qwen3-30B-A3B stream on
-    # an H200 decoded 2.5-2.9x faster with it (bench/README.md).
+    # an H200 decoded 1.6-2.9x faster with it (bench/README.md).
     decode_crossings: bool = True
     # Decode steps of more rows than this take the usual path: every cold expert a batch routes to is computed on
     # the hosts' CPUs when it crosses, where the usual path streams some over PCIe. On the H200 with the q4_0
