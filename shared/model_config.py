@@ -180,6 +180,15 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
     if n_heads < 1:
         raise ModelError(f"metadata key {p}.attention.head_count is {n_heads}: a model needs attention heads")
     head_dim = integer("attention.key_length", 0) or hidden // n_heads
+    # llama.cpp scales RoPE's angles and rotates only rope.dimension_count dimensions where a file says so; the
+    # forward rotates every dimension of a head by the unscaled angles
+    scaling = opt("rope.scaling.type", "none")
+    if scaling != "none" and opt("rope.scaling.factor", 0.0) not in (0.0, 1.0):
+        raise ModelError(f"rope scaling {scaling!r} ({p}.rope.scaling.type) is not supported")
+    rope_dims = integer("rope.dimension_count", head_dim)
+    if rope_dims != head_dim:
+        raise ModelError(f"{p}.rope.dimension_count: RoPE rotates {rope_dims} of each head's {head_dim} dimensions; "
+                         "only rotating all of them is supported")
     norm_topk = opt("expert_weights_norm", None)
     return ModelConfig(
         arch=arch,

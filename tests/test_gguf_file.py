@@ -168,6 +168,26 @@ def test_metadata_of_the_wrong_type_or_range_is_named(tmp_path, key, value, text
         GGUFModel(path)
 
 
+@pytest.mark.parametrize("metadata, text", [
+    ({"qwen3moe.rope.scaling.type": "yarn", "qwen3moe.rope.scaling.factor": 4.0}, "rope scaling 'yarn'"),
+    ({"qwen3moe.rope.scaling.type": "linear", "qwen3moe.rope.scaling.factor": 2.0}, "rope scaling 'linear'"),
+    ({"qwen3moe.rope.dimension_count": 8}, "rotates 8 of each head's 16 dimensions"),
+])
+def test_rope_the_forward_does_not_compute_is_named(tmp_path, metadata, text):
+    """llama.cpp scales RoPE's angles (YaRN, linear) or rotates part of each head where the file says so; the
+    forward rotates every dimension by the unscaled angles, so such a file would be served with other logits."""
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg), metadata)
+    with pytest.raises(ModelError, match=text):
+        GGUFModel(path)
+
+
+def test_rope_scaling_that_changes_nothing_is_accepted(tmp_path):
+    cfg = tiny_config()
+    metadata = {"qwen3moe.rope.scaling.type": "none", "qwen3moe.rope.dimension_count": cfg.head_dim}
+    assert GGUFModel(_write(tmp_path, cfg, random_tensors(cfg), metadata)).config == cfg
+
+
 @pytest.mark.parametrize("extra", [-1, 1])
 def test_a_tokenizer_that_is_not_the_embeddings_vocabulary_is_named(tmp_path, extra):
     """More tokens than embedding rows: a valid-looking prompt id would index past the table; fewer: a sampled id
