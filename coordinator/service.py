@@ -187,9 +187,11 @@ class Coordinator:
                 self.send_client(client, ErrorEvent(request_id=request_id, code="internal_error", message=repr(e)))
 
     def admit(self, client: bytes, msg: Generate, now: float) -> None:
+        # a request the engine has room for now does not wait: only those that would queue count against max_waiting
+        room = self.config.max_running - self.table.num_running if self.ready and now >= self.dispatch_after else 0
         check_state(msg, draining=self.draining, missing=self.membership.missing(),
                     duplicate=self.table.find(client, msg.request_id) is not None,
-                    waiting=self.table.num_waiting, max_waiting=self.config.max_waiting)
+                    waiting=self.table.num_waiting - room, max_waiting=self.config.max_waiting)
         prompt_ids = self.admission.prompt_ids(msg)
         self.table.add(RequestStream(self.table.next_id(), client, msg, prompt_ids, self.tokenizer.detokenizer(),
                                      self.stop_token_ids, now))

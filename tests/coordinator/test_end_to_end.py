@@ -182,3 +182,18 @@ def test_a_drain_that_runs_out_of_time_cancels_what_is_left_and_exits_cleanly(ti
     # Left alone it would end with "length" after 400 tokens (~0.8 s here); the drain gave up after 0.1 s.
     assert rest[-1].finish_reason == "cancelled" and 1 < rest[-1].completion_tokens < 400
     assert system.stop() == 0
+
+
+def test_with_max_waiting_0_requests_that_find_room_in_the_engine_run_and_only_the_rest_are_refused(tiny_model, oracle):
+    """No queue: a request the engine has room for runs at once; only one that would have to wait is refused."""
+    with RunningSystem(str(tiny_model), "--expert-hosts", "0", "--hot-experts", "8", "--max-running", "1",
+                       "--max-waiting", "0") as system, Client(system.endpoint, timeout_s=30) as client:
+        assert client.complete(token_ids=PROMPT, max_tokens=4).token_ids == oracle.greedy(PROMPT, 4)
+        running = client.generate(token_ids=PROMPT, max_tokens=400)
+        next(running)
+        with pytest.raises(ServerError) as info:
+            client.complete(token_ids=PROMPT, max_tokens=4)
+        assert info.value.code == "overloaded"
+        running.close()
+        stats = wait_until_idle(client)
+        assert stats["requests"] == {"completed": 1, "cancelled": 1, "error": 0, "rejected": 1}
