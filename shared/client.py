@@ -13,7 +13,6 @@ per-request inboxes as they arrive, whichever request the caller happens to be w
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import time
 import uuid
@@ -106,6 +105,9 @@ class _Inbox:
     def __init__(self) -> None:
         self.boxes: defaultdict[tuple, deque[Message]] = defaultdict(deque)
         self.open: set[str] = set()
+        # closed by their reader while the server may still hold them, until their last event comes: by id, whether
+        # a Cancel was sent (its answer is then the last event: a "cancelled" final, or unknown_request if it ended)
+        self.closing: dict[str, bool] = {}
         self.asked: Counter[tuple] = Counter()  # the reply keys of health and stats calls waiting for an answer
 
     def put(self, frames: list) -> None:
@@ -113,6 +115,10 @@ class _Inbox:
         if isinstance(msg, (TokenEvent, FinalEvent, ErrorEvent)) and msg.request_id is not None:
             if msg.request_id in self.open:
                 self.boxes[("request", msg.request_id)].append(msg)
+            elif msg.request_id in self.closing and not isinstance(msg, TokenEvent) and (
+                    not self.closing[msg.request_id] or getattr(msg, "finish_reason", None) == "cancelled"
+                    or getattr(msg, "code", None) == "unknown_request"):
+                del self.closing[msg.request_id]
         elif isinstance(msg, ErrorEvent):
             self.boxes[_ORPHAN_ERROR].append(msg)
         else:
@@ -128,7 +134,7 @@ class _Inbox:
 
     def claim(self, request_id: str) -> None:
         """Open a request's inbox; an id in flight here is refused, since its events could not be told apart."""
-        if request_id in self.open:
+        if request_id in self.open or request_id in self.closing:
             raise ValueError(f"request_id {request_id!r} is already in flight on this client")
         self.open.add(request_id)
 
@@ -140,6 +146,7 @@ class _Inbox:
         does not know them), so each one's stream ends with an error after the events already here, and each
         call waiting for a reply gets the error instead."""
         message = f"the connection to {endpoint} dropped (the server stopped, restarted or closed it): "
+        self.closing.clear()
         for request_id in self.open:
             self.boxes[("request", request_id)].append(ErrorEvent(
                 request_id=request_id, code="connection_lost", message=message + "the request is gone"))
@@ -150,6 +157,11 @@ class _Inbox:
     def finish(self, request_id: str) -> None:
         self.open.discard(request_id)
         self.boxes.pop(("request", request_id), None)
+
+    def abandon(self, request_id: str, cancelled: bool) -> None:
+        """Its reader stopped before its end: its id stays taken until the server's last event for it."""
+        self.finish(request_id)
+        self.closing[request_id] = cancelled
 
     def settle(self, request_id: str, msg: Message) -> Event:
         """A request's next event for its reader: the last one closes the request, an error raises."""
@@ -306,7 +318,7 @@ class Stream:
         """Stop reading this stream; a request still running is cancelled."""
         if not self.done:
             self.done = True
-            self.client._inbox.finish(self.request_id)
+            self.client._inbox.abandon(self.request_id, cancelled=True)
             self.client.cancel(self.request_id)
 
     def __enter__(self) -> Stream:
@@ -321,9 +333,11 @@ class Stream:
         # blocking: the collector may run this anywhere, and the client may be closed already.
         if not self.done:
             self.done = True
-            self.client._inbox.finish(self.request_id)
-            with contextlib.suppress(zmq.ZMQError):
+            try:
                 self.client._socket.send_multipart(encode(Cancel(request_id=self.request_id)), flags=zmq.NOBLOCK)
+                self.client._inbox.abandon(self.request_id, cancelled=True)
+            except zmq.ZMQError:
+                self.client._inbox.abandon(self.request_id, cancelled=False)
 
 
 class AsyncClient:
@@ -463,7 +477,7 @@ class AsyncStream:
         """Stop reading this stream; a request still running is cancelled."""
         if not self.done:
             self.done = True
-            self.client._inbox.finish(self.request_id)
+            self.client._inbox.abandon(self.request_id, cancelled=True)
             await self.client.cancel(self.request_id)
 
     async def __aenter__(self) -> AsyncStream:
@@ -476,7 +490,7 @@ class AsyncStream:
         # dropped unfinished: nothing can be awaited here, but its events stop piling up in the inbox (`async with`
         # the stream cancels the request too)
         if not self.done:
-            self.client._inbox.finish(self.request_id)
+            self.client._inbox.abandon(self.request_id, cancelled=False)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

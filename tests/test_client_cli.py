@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -112,6 +113,47 @@ def test_async_client_runs_requests_concurrently_and_cancels(system, oracle):
     assert a.token_ids == oracle.greedy([7, 8], 5) and b.token_ids == oracle.greedy([9], 7)
     assert health.status == "ready"
     assert first.token_id == a.token_ids[0] and rest[-1].finish_reason == "cancelled"
+
+
+def test_an_id_reused_after_its_stream_was_closed_never_gets_the_closed_requests_events(system, oracle):
+    """close() cancels, but the server holds the request until the cancel arrives: its "cancelled" final was taken
+    for the end of the next request under the same id, and that request's own events for the one after it."""
+    expected = oracle.greedy([7, 8], 5)
+
+    def reuse(generate_and_close, complete) -> None:
+        for _ in range(5):
+            generate_and_close()
+            while True:
+                try:
+                    result = complete()
+                    break
+                except ValueError:  # its cancel is not answered yet: the id is still in flight
+                    time.sleep(0.01)
+            assert (result.finish_reason, result.token_ids) == ("length", expected)
+
+    with Client(system.endpoint, timeout_s=30) as client:
+        def generate_and_close() -> None:
+            stream = client.generate(request_id="same", token_ids=[7, 8], max_tokens=100)
+            next(stream)
+            stream.close()
+
+        reuse(generate_and_close, lambda: client.complete(request_id="same", token_ids=[7, 8], max_tokens=5))
+
+    async def main() -> None:
+        async with AsyncClient(system.endpoint, timeout_s=30) as client:
+            for _ in range(5):
+                stream = await client.generate(request_id="same", token_ids=[7, 8], max_tokens=100)
+                await anext(stream)
+                await stream.close()
+                while True:
+                    try:
+                        result = await client.complete(request_id="same", token_ids=[7, 8], max_tokens=5)
+                        break
+                    except ValueError:
+                        await asyncio.sleep(0.01)
+                assert (result.finish_reason, result.token_ids) == ("length", expected)
+
+    run(main())
 
 
 def test_generate_command_streams_text_and_prints_json(system, oracle, tokenizer, capsys):
