@@ -159,9 +159,12 @@ class _Inbox:
         self.boxes.pop(("request", request_id), None)
 
     def abandon(self, request_id: str, cancelled: bool) -> None:
-        """Its reader stopped before its end: its id stays taken until the server's last event for it."""
+        """Its reader stopped before its end: its id stays taken until the server's last event for it (the answer
+        to its cancel, or its end if that is not here already)."""
+        ended = any(not isinstance(m, TokenEvent) for m in self.boxes.get(("request", request_id), ()))
         self.finish(request_id)
-        self.closing[request_id] = cancelled
+        if cancelled or not ended:
+            self.closing[request_id] = cancelled
 
     def settle(self, request_id: str, msg: Message) -> Event:
         """A request's next event for its reader: the last one closes the request, an error raises."""

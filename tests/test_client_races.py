@@ -191,3 +191,26 @@ def test_a_request_id_already_in_flight_on_the_client_is_refused_before_it_is_se
             assert asyncio.run(main()) == ["final"]
     finally:
         server.close(linger=0)
+
+
+def test_an_async_stream_dropped_after_its_end_arrived_leaves_its_id_free():
+    """A stream dropped unread sends no cancel; its id is kept until its end comes, and an end already in the
+    inbox is that end: kept for it, the id stayed taken for the client's life."""
+
+    async def main() -> None:
+        server = zmq.Context.instance().socket(zmq.ROUTER)
+        port = server.bind_to_random_port("tcp://127.0.0.1")
+        client = AsyncClient(f"tcp://127.0.0.1:{port}", timeout_s=5.0)
+        try:
+            stream = await client.generate(request_id="a", token_ids=[1], max_tokens=1)
+            identity, *_ = server.recv_multipart()
+            server.send_multipart([identity, *final("a")])
+            time.sleep(0.2)
+            await client.generate(request_id="b", token_ids=[1], max_tokens=1)  # takes a's end into the inbox
+            del stream
+            await client.generate(request_id="a", token_ids=[1], max_tokens=1)
+        finally:
+            client.close()
+            server.close(linger=0)
+
+    asyncio.run(main())
