@@ -7,7 +7,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Coroutine
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -29,25 +31,34 @@ def test_generate_while_another_coroutine_reads_never_waits_for_a_later_message(
     next message, which this server never sends (a dropped connection never does either). On asyncio's own loop
     (uvloop runs the callbacks in another order)."""
 
-    async def main() -> None:
+    async def main(server: zmq.Socket, client: AsyncClient) -> None:
+        stream = await client.generate(request_id="a", token_ids=[1], max_tokens=1)
+        identity, *_ = server.recv_multipart()
+        reader = asyncio.create_task(anext(stream))
+        await asyncio.sleep(0.1)  # the reader waits in the poller
+        server.send_multipart([identity, *final("a")])
+        time.sleep(0.2)  # the final event is in the client's socket, and the loop has not looked yet
+        await asyncio.wait_for(asyncio.gather(client.generate(request_id="b", token_ids=[1], max_tokens=1),
+                                              client.generate(request_id="c", token_ids=[1], max_tokens=1)), 3)
+        assert (await asyncio.wait_for(reader, 3)).KIND == "final"
+
+    against_a_bare_router(main)
+
+
+def against_a_bare_router(main: Callable[[zmq.Socket, AsyncClient], Coroutine[Any, Any, None]]) -> None:
+    """main(server, client) on asyncio's own loop, the server a bare ROUTER the client is connected to."""
+
+    async def run() -> None:
         server = zmq.Context.instance().socket(zmq.ROUTER)
         port = server.bind_to_random_port("tcp://127.0.0.1")
         client = AsyncClient(f"tcp://127.0.0.1:{port}", timeout_s=5.0)
         try:
-            stream = await client.generate(request_id="a", token_ids=[1], max_tokens=1)
-            identity, *_ = server.recv_multipart()
-            reader = asyncio.create_task(anext(stream))
-            await asyncio.sleep(0.1)  # the reader waits in the poller
-            server.send_multipart([identity, *final("a")])
-            time.sleep(0.2)  # the final event is in the client's socket, and the loop has not looked yet
-            await asyncio.wait_for(asyncio.gather(client.generate(request_id="b", token_ids=[1], max_tokens=1),
-                                                  client.generate(request_id="c", token_ids=[1], max_tokens=1)), 3)
-            assert (await asyncio.wait_for(reader, 3)).KIND == "final"
+            await main(server, client)
         finally:
             client.close()
             server.close(linger=0)
 
-    asyncio.run(main())
+    asyncio.run(run())
 
 
 
@@ -197,20 +208,13 @@ def test_an_async_stream_dropped_after_its_end_arrived_leaves_its_id_free():
     """A stream dropped unread sends no cancel; its id is kept until its end comes, and an end already in the
     inbox is that end: kept for it, the id stayed taken for the client's life."""
 
-    async def main() -> None:
-        server = zmq.Context.instance().socket(zmq.ROUTER)
-        port = server.bind_to_random_port("tcp://127.0.0.1")
-        client = AsyncClient(f"tcp://127.0.0.1:{port}", timeout_s=5.0)
-        try:
-            stream = await client.generate(request_id="a", token_ids=[1], max_tokens=1)
-            identity, *_ = server.recv_multipart()
-            server.send_multipart([identity, *final("a")])
-            time.sleep(0.2)
-            await client.generate(request_id="b", token_ids=[1], max_tokens=1)  # takes a's end into the inbox
-            del stream
-            await client.generate(request_id="a", token_ids=[1], max_tokens=1)
-        finally:
-            client.close()
-            server.close(linger=0)
+    async def main(server: zmq.Socket, client: AsyncClient) -> None:
+        stream = await client.generate(request_id="a", token_ids=[1], max_tokens=1)
+        identity, *_ = server.recv_multipart()
+        server.send_multipart([identity, *final("a")])
+        time.sleep(0.2)
+        await client.generate(request_id="b", token_ids=[1], max_tokens=1)  # takes a's end into the inbox
+        del stream
+        await client.generate(request_id="a", token_ids=[1], max_tokens=1)
 
-    asyncio.run(main())
+    against_a_bare_router(main)
