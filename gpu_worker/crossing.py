@@ -83,9 +83,10 @@ class DeviceCrossings:
     is done (`wait`), or with `abandon` where it raised."""
 
     def __init__(self, remote: RemoteExperts, device: torch.device, timeout_s: float,
-                 hosts: frozenset[int] | None = None, max_rows: int = 4) -> None:
+                 hosts: frozenset[int] | None = None, max_rows: int | None = None) -> None:
         self.remote, self.device, self.timeout_s = remote, device, timeout_s
-        self.max_rows = max_rows  # a decode step of more rows takes the usual path (Config.decode_crossings_max_rows)
+        # a decode step of more rows takes the usual path (Config.decode_crossings_max_rows); None: any
+        self.max_rows = max_rows
         self.lane_hosts = hosts  # those that may have a lane (None: all); a layer with another's experts won't cross
         self.lanes: dict[int, _Lane] = {}
         self.retired: list[_Lane] = []  # lanes of replaced mailboxes, until the step that may use them ends
@@ -108,7 +109,7 @@ class DeviceCrossings:
         """Make the lanes of `hosts` ready for a decode step of `padded` rows (`rows` real): whether every one is
         (attached, mapped for the device, large enough, not stalled). Called for each crossing layer of a step:
         the lanes are set once for the step's shapes."""
-        if not self.supported or rows > self.max_rows:
+        if not self.supported or (self.max_rows is not None and rows > self.max_rows):
             return False
         self._drop_replaced(retire=True)
         shape = (rows, padded, k, cols, dtype)
