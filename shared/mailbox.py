@@ -251,6 +251,8 @@ class Mailbox:
         self.path, self._fd = path, fd
         stat = os.fstat(fd)
         self.identity = (stat.st_dev, stat.st_ino)
+        if stat.st_size < _HEADER.size:  # nothing to map or to read a header from
+            raise MailboxError(f"{path} is not a tierserve mailbox")
         self._map = mmap.mmap(fd, stat.st_size)
         magic, self.capacity, self.max_experts, self.n_layers = _HEADER.unpack_from(self._map, 0)
         if magic != MAGIC or stat.st_size < _payload_at(self.max_experts, self.n_layers) + 2 * self.capacity:

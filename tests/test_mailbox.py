@@ -290,9 +290,12 @@ def test_the_lane_carries_a_layer_its_answer_and_a_failure(shm_path):
     os.unlink(shm_path)
 
 
-def test_a_file_that_is_not_a_mailbox_is_refused(shm_path):
+@pytest.mark.parametrize("nbytes", [8192, 10, 0], ids=["zeros", "shorter than a header", "empty"])
+def test_a_file_that_is_not_a_mailbox_is_refused(shm_path, nbytes):
+    """Shorter than a header, it raised ValueError (mmap of an empty file) or struct.error, which the worker,
+    expecting MailboxError, did not catch."""
     with open(shm_path, "wb") as f:
-        f.write(b"\0" * 8192)
+        f.write(b"\0" * nbytes)
     try:
         with pytest.raises(MailboxError, match="not a tierserve mailbox"):
             Mailbox.attach(shm_path)
