@@ -13,11 +13,12 @@ per-request inboxes as they arrive, whichever request the caller happens to be w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import time
 import uuid
 from collections import Counter, defaultdict, deque
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -141,6 +142,16 @@ class _Inbox:
     def forget(self, key: tuple) -> None:
         self.boxes.pop(key, None)
 
+    @contextlib.contextmanager
+    def asking(self, key: tuple) -> Iterator[None]:
+        """While a health or stats call waits for its reply under `key` (a drop then answers it with an error)."""
+        self.forget(key)  # a late answer to an earlier call that timed out
+        self.asked[key] += 1
+        try:
+            yield
+        finally:
+            self.asked[key] -= 1
+
     def lost(self, endpoint: str) -> None:
         """The connection dropped: the server has forgotten every request in flight on it (a restarted server
         does not know them), so each one's stream ends with an error after the events already here, and each
@@ -235,13 +246,9 @@ class Client:
     def _ask(self, msg: Message, reply_kind: str) -> Any:
         key = ("reply", reply_kind)
         self._take_arrived()
-        self._inbox.forget(key)  # a late answer to an earlier call that timed out
-        self._inbox.asked[key] += 1
-        try:
+        with self._inbox.asking(key):
             self._send(msg)
             return _checked(self._next(key))
-        finally:
-            self._inbox.asked[key] -= 1
 
     def _send(self, msg: Message) -> None:
         try:
@@ -384,13 +391,9 @@ class AsyncClient:
     async def _ask(self, msg: Message, reply_kind: str) -> Any:
         key = ("reply", reply_kind)
         await self._take_arrived()
-        self._inbox.forget(key)  # a late answer to an earlier call that timed out
-        self._inbox.asked[key] += 1
-        try:
+        with self._inbox.asking(key):
             await self._send(msg)
             return _checked(await self._next(key))
-        finally:
-            self._inbox.asked[key] -= 1
 
     async def _send(self, msg: Message) -> None:
         try:
