@@ -112,9 +112,7 @@ def host_memory_lock(waiting: Callable[[], None] = lambda: None) -> Iterator[Non
         yield
         return
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if not _try_lock(fd):
             log.info("another expert host is filling its memory: waiting for it before measuring what is free")
             while not _try_lock(fd):
                 waiting()
