@@ -36,8 +36,12 @@ from shared.quant import (
 )
 
 SOURCE = Path(__file__).with_name("native") / "grouped_ffn.c"
-FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c11", "-shared", "-fPIC")
-LIBS = ("-lm",)  # after the source: expf, vectorized through libmvec
+FLAGS = ("-O3", "-march=native", "-ffast-math", "-fopenmp", "-std=c11", "-fPIC")
+# Linked in a step of its own, without -ffast-math: given it, the driver links crtfastmath.o, whose constructor sets
+# flush-to-zero and denormals-are-zero for the loading thread and every thread started after, so all of the
+# process's float arithmetic (torch's, numpy's) would lose its subnormals
+LINK_FLAGS = ("-shared", "-fopenmp")
+LIBS = ("-lm",)  # after the object: expf, vectorized through libmvec
 CPU_SETSIZE = 1024  # CPUs glibc's cpu_set_t holds: pin_threads binds none beyond
 FORMAT_CODES = {Int8Matrix: 0, Int4Matrix: 1}  # the C side's FMT_INT8 / FMT_INT4
 FORMAT_NAMES = {Int8Matrix: "int8", Int4Matrix: "int4"}
@@ -83,7 +87,8 @@ def build_library(directory: Path | None = None) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise BuildError(f"{compiler} --version failed: {e}") from e
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *LIBS, compiler, version, _cpu_flags()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *LINK_FLAGS, *LIBS, compiler, version,
+                                    _cpu_flags()]).encode())
     directory = directory or cache_dir()
     target = directory / f"grouped_ffn-{key.hexdigest()[:20]}.so"
     if target.exists():
@@ -94,18 +99,20 @@ def build_library(directory: Path | None = None) -> Path:
         os.close(fd)
     except OSError as e:
         raise BuildError(f"cannot write the library to {directory}: {e}") from e
+    obj = f"{tmp}.o"
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp, *LIBS], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
-            raise BuildError(f"{compiler} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
+        for command in ([*FLAGS, "-c", str(SOURCE), "-o", obj], [*LINK_FLAGS, obj, "-o", tmp, *LIBS]):
+            done = subprocess.run([compiler, *command], capture_output=True, text=True, timeout=300)
+            if done.returncode != 0:
+                raise BuildError(f"{compiler} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
         os.chmod(tmp, 0o755)  # mkstemp's 0600 would survive the linker's write
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as e:
         raise BuildError(f"{compiler} failed: {e}") from e
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in (obj, tmp):
+            if os.path.exists(path):
+                os.unlink(path)
     return target
 
 

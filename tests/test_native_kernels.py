@@ -261,6 +261,27 @@ print(json.dumps({"cores": cores, "bound": bound, "main": masks[str(os.getpid())
     assert seen["later"] and all(mask == sorted(seen["cores"]) for mask in seen["later"]), seen
 
 
+def test_loading_the_library_leaves_the_processs_floating_point_mode_alone():
+    """A library linked with -ffast-math's start-up code would set flush-to-zero and denormals-are-zero for the
+    thread that loads it and every thread started after: torch's and numpy's arithmetic everywhere in the process
+    would turn subnormal floats into zeros. In a process of its own, since that mode cannot be undone here."""
+    script = """
+import threading, torch
+from shared.native_kernels import load_library
+assert load_library() is not None
+tiny = torch.tensor([1e-39])
+seen = [float(tiny * 1.0)]
+thread = threading.Thread(target=lambda: seen.append(float(tiny * 1.0)))
+thread.start()
+thread.join()
+print(seen)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert all(value > 0 for value in json.loads(done.stdout)), done.stdout
+
+
 def test_build_is_reused_and_atomic(tmp_path):
     path = build_library(tmp_path)
     stamp = path.stat().st_mtime_ns
