@@ -8,6 +8,7 @@ import gc
 import json
 import logging
 import os
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -143,6 +144,31 @@ def test_gates_far_below_zero_give_silus_zero_not_nan(fmt):
     assert got is not None and bool(torch.isfinite(got).all())
     scale = float(by_torch.float().abs().max())
     assert float((got.float() - by_torch.float()).abs().max()) <= TORCH_TOLERANCE * scale
+
+
+def test_int4_matrices_of_a_million_columns_fit_the_usual_8_mib_stacks():
+    """The kernel's stack use does not grow with a matrix's columns: an int4 down matrix of 2^20 (its ffn) under
+    8 MiB stacks, the usual default for a process and for the threads it starts. In a process of its own: an
+    overflow is a segfault."""
+    script = """
+import torch
+from shared.native_kernels import grouped_swiglu
+from shared.quant import quantized_ffn
+from tests.quant_stacks import expert_of, random_regions
+shapes = [(1 << 20, 64), (1 << 20, 64), (64, 1 << 20)]
+weights = tuple(expert_of(m, 0) for m in random_regions("int4", 1, shapes, torch.device("cpu"), seed=11))
+x = torch.randn(4, 64, generator=torch.Generator().manual_seed(12)).bfloat16()
+got, by_torch = grouped_swiglu(x, [weights], [4]).float(), quantized_ffn(x, *weights).float()
+print(float((got - by_torch).abs().max() / by_torch.abs().max()))
+"""
+    stack = 8 << 20
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300,
+                          cwd=Path(__file__).resolve().parents[1],
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_STACK, (stack, stack)))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert float(done.stdout) <= TORCH_TOLERANCE
+
+
 # A lane request: 3 real rows of 5, 3 experts each among 6; experts 0-2, 4 and 5 held here, 3 not; 0, 1, 2 and 5
 # owned (4 is held but another host's in this request). Pair order within an expert is the rows' order.
 LANE_IDS = [[0, 5, 4], [2, 0, 3], [5, 1, 0]]

@@ -171,19 +171,21 @@ static inline __attribute__((always_inline)) void int4_block(const uint8_t *pack
     const __m512i word_pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
                                                 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i nibbles = _mm512_set1_epi32(0x000F000F), bias = _mm512_set1_epi32(0x43004300);
-    /* x as bf16 pairs (columns 2c, 2c + 1) for vdpbf16ps's broadcast operand: x holds bf16 values, so exactly */
-    uint32_t xp[INT4_ROW_BLOCK][K / 2];
-    for (int r = 0; r < rb; r++)
-        for (int64_t c = 0; c < K / 2; c++) {
-            uint32_t lo, hi;
-            memcpy(&lo, x + r * ldx + 2 * c, sizeof lo);
-            memcpy(&hi, x + r * ldx + 2 * c + 1, sizeof hi);
-            xp[r][c] = (lo >> 16) | (hi & 0xffff0000u);
-        }
     f32x16 out[INT4_ROW_BLOCK][4] = {{{0}}};
     for (int64_t g = 0; g < INT4_SCALES_AHEAD; g++) prefetch_scales(scale_zero, N, K, tile, g);
     for (int64_t g = 0; g < K / GROUP; g++) {
         prefetch_scales(scale_zero, N, K, tile, g + INT4_SCALES_AHEAD);
+        /* the group's x as bf16 pairs (columns 2c, 2c + 1) for vdpbf16ps's broadcast operand (x holds bf16 values,
+         * so exactly): a group at a time, since a whole row's pairs on the stack overflowed 8 MiB thread stacks at
+         * K = 2^20 */
+        uint32_t xp[INT4_ROW_BLOCK][GROUP / 2];
+        for (int r = 0; r < rb; r++)
+            for (int c = 0; c < GROUP / 2; c++) {
+                uint32_t lo, hi;
+                memcpy(&lo, x + r * ldx + g * GROUP + 2 * c, sizeof lo);
+                memcpy(&hi, x + r * ldx + g * GROUP + 2 * c + 1, sizeof hi);
+                xp[r][c] = (lo >> 16) | (hi & 0xffff0000u);
+            }
         f32x16 acc[INT4_ROW_BLOCK][4] = {{{0}}};
         for (int k = 0; k < GROUP; k += 2) {
             const uint8_t *bytes = base + (g * GROUP + k) * 32;
@@ -195,7 +197,7 @@ static inline __attribute__((always_inline)) void int4_block(const uint8_t *pack
                 _mm512_ternarylogic_epi32(_mm512_srli_epi32(cols, 4), nibbles, bias, 0xEA),
                 _mm512_ternarylogic_epi32(_mm512_srli_epi32(cols, 12), nibbles, bias, 0xEA)};
             for (int r = 0; r < rb; r++) {
-                const __m512bh xk = (__m512bh)_mm512_set1_epi32((int)xp[r][(g * GROUP + k) / 2]);
+                const __m512bh xk = (__m512bh)_mm512_set1_epi32((int)xp[r][k / 2]);
                 for (int v = 0; v < 4; v++)
                     acc[r][v] = (f32x16)_mm512_dpbf16_ps((__m512)acc[r][v], (__m512bh)codes[v], xk);
             }
