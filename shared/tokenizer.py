@@ -270,8 +270,9 @@ class Tokenizer:
         self._check_ids(ids)
         return self._hf.decode(ids, skip_special_tokens=skip_special)
 
-    def detokenizer(self, skip_special: bool = False) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self, skip_special)
+    def detokenizer(self, skip_special: bool = False, context: Sequence[int] = ()) -> IncrementalDetokenizer:
+        """A stream decoder for the tokens that follow `context` (the prompt): it hands out the text they add."""
+        return IncrementalDetokenizer(self, skip_special, context)
 
     @cached_property
     def chat_template(self) -> ChatTemplate:
@@ -296,15 +297,19 @@ class IncrementalDetokenizer:
     Decoding one token alone is wrong in two ways: a character may span several byte tokens, and
     SentencePiece's decoder drops the leading space of whatever it decodes. So each step decodes a
     short window twice, with and without the new tokens, and hands out the difference once it no longer
-    ends in a partial character (U+FFFD). The pieces joined equal `decode` of the whole sequence.
+    ends in a partial character (U+FFFD). The pieces joined equal `decode` of the whole sequence, or, after a
+    context, what the sequence adds to the context's text (a first piece keeps its leading space).
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False) -> None:
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False, context: Sequence[int] = ()) -> None:
         self._tok = tokenizer
         self._skip = skip_special
-        self._ids: list[int] = []
+        # The window opens on the context's last token, so the first new token is decoded as a continuation.
+        # Not on one that ends inside a character: the new tokens' text would then start inside it.
+        last = [int(i) for i in context[-1:]]
+        self._ids: list[int] = last if last and not tokenizer.decode(last, skip_special).endswith("\ufffd") else []
         self._prefix = 0  # start of the window: text before it is already handed out
-        self._read = 0  # end of what has been handed out
+        self._read = len(self._ids)  # end of what has been handed out
 
     def feed(self, token_id: int) -> str:
         """Add one token; returns the text it completes ("" while a character is still partial)."""

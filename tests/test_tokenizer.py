@@ -332,6 +332,21 @@ def test_incremental_detokenizer_keeps_sentencepiece_spaces(mixtral):
     assert stream(mixtral, ids) == ["The", " lazy", " do", "g", ""]
 
 
+@pytest.mark.parametrize("name", ["qwen", "mixtral"])
+def test_incremental_detokenizer_continues_its_context(request, name):
+    # A completion's text is what it adds to the prompt's: SentencePiece's decoder drops the leading space
+    # of a text's first piece, which the first generated word must keep (" dog", not "dog").
+    tok = request.getfixturevalue(name)
+    ids = tok.encode("The lazy dog jumps 🦊")
+    for cut in range(1, len(ids)):
+        prompt, completion = ids[:cut], ids[cut:]
+        detok = tok.detokenizer(context=prompt)
+        text = "".join([detok.feed(i) for i in completion] + [detok.flush()])
+        whole, before = tok.decode(ids), tok.decode(prompt)
+        if "\ufffd" not in before:  # a prompt cut inside the fox: its bytes cannot be split between the two texts
+            assert before + text == whole, cut
+
+
 def test_chatml_template_and_its_tokens(qwen):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     prompt = qwen.apply_chat_template(messages)

@@ -37,6 +37,8 @@ from shared.protocol import (
     decode,
     encode,
 )
+from shared.tokenizer import Tokenizer
+from tests.test_tokenizer import sentencepiece_metadata, write_gguf
 
 MAX_REQUEST_BYTES = 65536
 
@@ -267,6 +269,25 @@ def test_an_engine_message_that_trips_a_bug_ends_its_request_with_internal_error
         sent = decode(engine.recv_multipart())
         engine.send_multipart(token(sent.request_id, 7, "length"))
         assert [e.KIND for e in stream] == ["token", "final"]
+
+
+def test_a_completion_keeps_the_leading_space_of_its_first_sentencepiece_word(tmp_path):
+    """SentencePiece pieces carry their space in front ("▁dog"), and decoding a text drops the first one's: the
+    completion of "The lazy" streamed "dog", so the prompt and its completion read "The lazydog"."""
+    model = tmp_path / "spm.gguf"
+    write_gguf(model, sentencepiece_metadata(), "llama")
+    tokenizer = Tokenizer.from_gguf(model)
+    prompt, completion = tokenizer.encode("The lazy"), tokenizer.encode(" dog", add_special=False)[1:]
+    assert [tokenizer.token_text(i) for i in completion] == ["\u2581do", "g"]
+    coordinator = Coordinator(model, tmp_path, expert_hosts=0, hot_experts=8)
+    with joined_worker(coordinator) as (member, engine, hb):
+        stream = coordinator.client.generate(prompt="The lazy", max_tokens=len(completion))
+        sent = decode(engine.recv_multipart())
+        assert sent.prompt_token_ids == prompt
+        for i, token_id in enumerate(completion):
+            engine.send_multipart(token(sent.request_id, token_id, "length" if i == len(completion) - 1 else None))
+        text = "".join(e.text for e in stream if e.KIND == "token")
+    assert text == " dog" and tokenizer.decode(prompt, skip_special=True) + text == "The lazy dog"
 
 
 def test_requests_the_worker_held_resume_on_its_successor_from_their_streamed_tokens(tiny_model, tmp_path):
