@@ -28,10 +28,12 @@ class StopMatcher:
         """(text that may be streamed now, whether a stop string is complete); on a stop the text ends
         right before the earliest stop string and nothing is held any more."""
         text = self.held + text
-        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
+        # The stop string completed first ends the text, as it would had the text come one character at a time;
+        # of those completed by the same character, the longest.
+        hits = [(i + len(s), i) for s in self.stops if (i := text.find(s)) >= 0]
         if hits:
             self.held = ""
-            return text[: min(hits)], True
+            return text[: min(hits)[1]], True
         keep = self._partial_stop_length(text)
         self.held = text[len(text) - keep :]
         return text[: len(text) - keep], False

@@ -33,6 +33,19 @@ def test_earliest_of_several_stop_strings_wins():
     assert m.push("c") == ("a", True)  # "bc" is complete before "abcd" could be
 
 
+def test_the_stop_string_completed_first_wins_however_the_text_is_split():
+    # "b" is complete one character before "abc" is: the text ends before "b", in one piece or in several.
+    for pieces in (["xabc"], ["x", "a", "bc"], ["x", "a", "b", "c"]):
+        m = StopMatcher(["abc", "b"])
+        out, stopped = "", False
+        for piece in pieces:
+            text, stopped = m.push(piece)
+            out += text
+            if stopped:
+                break
+        assert (out, stopped) == ("xa", True), pieces
+
+
 def stream(tokenizer, stop=(), logprobs=0, internal_id="i-1") -> RequestStream:
     request = Generate(request_id="req", prompt="p", stop=list(stop), logprobs=logprobs)
     return RequestStream(internal_id, b"client", request, [1, 2, 3], tokenizer.detokenizer(),
