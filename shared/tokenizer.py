@@ -103,7 +103,7 @@ def _vocab(tokens: Sequence[str]) -> dict[str, int]:
         vocab.setdefault(t, i)
     if len(vocab) < len(tokens):
         log.warning(
-            "%d tokens repeat an earlier token's text: they are never produced and decode to nothing",
+            "%d tokens repeat an earlier token's text: encoding never produces them",
             len(tokens) - len(vocab),
         )
     return vocab
@@ -149,14 +149,11 @@ def _sentencepiece(md: Mapping[str, Any], tokens: Sequence[str]) -> HFTokenizer:
     # between special tokens, even one that starts with a space, which is what SentencePiece and
     # llama.cpp do (Metaspace skips text already starting with a space, so " hi" would lose one).
     spaces = normalizers.Replace(" ", SPACE)
-    steps = [decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
     if md.get("tokenizer.ggml.add_space_prefix", True):
         tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), spaces])
-        steps.append(decoders.Strip(" ", 1, 0))
     else:
         tok.normalizer = spaces
-    tok.decoder = decoders.Sequence(steps)
-    return tok
+    return tok  # decoded by Tokenizer._decode_sentencepiece
 
 
 _BUILDERS = {"gpt2": _byte_level, "llama": _sentencepiece}
@@ -187,6 +184,7 @@ class Tokenizer:
         self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", spm)) and self.bos_id is not None
         self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False)) and self.eos_id is not None
         self._template_source: str | None = md.get("tokenizer.chat_template")
+        self._space_prefix = spm and bool(md.get("tokenizer.ggml.add_space_prefix", True))
 
         self._hf = _BUILDERS[model](md, self.tokens)
         # llama.cpp matches unknown and control tokens only when asked to parse special tokens, and
@@ -268,7 +266,22 @@ class Tokenizer:
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         ids = [int(i) for i in ids]
         self._check_ids(ids)
+        if self.model == "llama":
+            return self._decode_sentencepiece(ids, skip_special)
         return self._hf.decode(ids, skip_special_tokens=skip_special)
+
+    def _decode_sentencepiece(self, ids: list[int], skip_special: bool) -> str:
+        # Bytes first and text from them at the end, as SentencePiece decodes: `tokenizers`' ByteFallback turns
+        # every byte of a run of byte tokens that is not all valid UTF-8 into U+FFFD, whole characters included.
+        out = bytearray()
+        for i in ids:
+            kind = self.token_types[i]
+            if kind == BYTE:
+                out.append(int(self.tokens[i][3:5], 16))
+            elif not (skip_special and kind in (UNKNOWN, CONTROL)):
+                out += self.tokens[i].replace(SPACE, " ").encode()
+        text = out.decode("utf-8", "replace")
+        return text[1:] if self._space_prefix and text.startswith(" ") else text
 
     def detokenizer(self, skip_special: bool = False, context: Sequence[int] = ()) -> IncrementalDetokenizer:
         """A stream decoder for the tokens that follow `context` (the prompt): it hands out the text they add."""

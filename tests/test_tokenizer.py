@@ -259,6 +259,17 @@ def test_sentencepiece_bytes_fall_back_to_byte_tokens(mixtral):
     assert [mixtral.token_text(i) for i in ids] == [SPACE, "<0xF0>", "<0x9F>", "<0xA6>", "<0x8A>"]
 
 
+def test_sentencepiece_byte_tokens_that_form_no_character_spoil_no_other(mixtral):
+    # As SentencePiece decodes them: a stray byte is one U+FFFD, and the characters around it stay.
+    fox, newline, stray = (mixtral.encode("🦊", add_special=False)[1:], mixtral.tokens.index("<0x0A>"),
+                          mixtral.tokens.index("<0xCC>"))
+    after = mixtral.encode("and", add_special=False)
+    assert mixtral.decode([newline, stray]) == "\n\ufffd"
+    ids = [*fox, stray, *after]
+    assert mixtral.decode(ids) == "🦊\ufffd and"
+    assert "".join(stream(mixtral, ids)) == "🦊\ufffd and"
+
+
 def test_special_tokens_are_single_ids(qwen, mixtral):
     im_start, im_end = qwen.tokens.index("<|im_start|>"), qwen.tokens.index("<|im_end|>")
     ids = qwen.encode("<|im_start|>user\nhello<|im_end|>")
