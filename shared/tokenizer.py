@@ -317,10 +317,11 @@ class IncrementalDetokenizer:
     def __init__(self, tokenizer: Tokenizer, skip_special: bool = False, context: Sequence[int] = ()) -> None:
         self._tok = tokenizer
         self._skip = skip_special
-        # The window opens on the context's last token, so the first new token is decoded as a continuation.
-        # Not on one that ends inside a character: the new tokens' text would then start inside it.
-        last = [int(i) for i in context[-1:]]
-        self._ids: list[int] = last if last and not tokenizer.decode(last, skip_special).endswith("\ufffd") else []
+        # The window opens on the end of the context, so the first new token is decoded as a continuation: on
+        # its shortest tail of whole characters (one spans at most 4 byte tokens), or on nothing when the context
+        # ends inside a character, since the new tokens' text would then start inside it.
+        tails = ([int(i) for i in context[-n:]] for n in range(1, min(4, len(context)) + 1))
+        self._ids: list[int] = next((t for t in tails if "\ufffd" not in tokenizer.decode(t, skip_special)), [])
         self._prefix = 0  # start of the window: text before it is already handed out
         self._read = len(self._ids)  # end of what has been handed out
 

@@ -348,7 +348,7 @@ def test_incremental_detokenizer_continues_its_context(request, name):
     # A completion's text is what it adds to the prompt's: SentencePiece's decoder drops the leading space
     # of a text's first piece, which the first generated word must keep (" dog", not "dog").
     tok = request.getfixturevalue(name)
-    ids = tok.encode("The lazy dog jumps 🦊")
+    ids = tok.encode("The lazy dog 🦊 jumps")
     for cut in range(1, len(ids)):
         prompt, completion = ids[:cut], ids[cut:]
         detok = tok.detokenizer(context=prompt)
