@@ -37,3 +37,12 @@ def test_units_stop_the_coordinator_first_then_the_worker_then_the_hosts():
     assert "tierserve-gpu-worker.service" in ordered_before("tierserve-expert-host@.service")
     assert "tierserve-coordinator.service" in ordered_before("tierserve-gpu-worker.service")
     assert not ordered_before("tierserve-coordinator.service")
+
+
+def test_the_series_of_a_panel_have_legends_of_their_own():
+    """Two queries of one panel with one legend draw lines that no one can tell apart: p50 from p99, running
+    requests from waiting ones."""
+    dashboard = json.loads((ROOT / "grafana" / "tierserve-dashboard.json").read_text())
+    alike = [panel["title"] for panel in dashboard["panels"]
+             if len({target["legendFormat"] for target in panel["targets"]}) < len(panel["targets"])]
+    assert not alike, alike
