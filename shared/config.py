@@ -151,6 +151,14 @@ class Config:
                 raise ValueError(f"{key} must be >= {low}, not {getattr(self, key)}")
         if self.metrics_port > 65535:
             raise ValueError(f"metrics_port must be a TCP port (<= 65535), not {self.metrics_port}")
+        # the other roles serve on the ports above it, the last expert host (or a worker without hosts) highest
+        last_host = self.expert_hosts - 1
+        last_port = self.metrics_port_for("expert_host", last_host) if self.expert_hosts else \
+            self.metrics_port_for("gpu_worker")
+        if last_port > 65535:
+            whose = f"expert host {last_host}" if self.expert_hosts else "the gpu worker"
+            raise ValueError(f"metrics_port {self.metrics_port} leaves {whose} no TCP port ({last_port}): the gpu "
+                             f"worker serves its metrics at metrics_port + 1 and expert host i at metrics_port + 2 + i")
         if not 0 < self.heartbeat_interval_s < self.heartbeat_timeout_s:
             raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be above heartbeat_interval_s "
                              f"({self.heartbeat_interval_s}), which must be above 0: a member is lost when no "

@@ -67,6 +67,16 @@ def test_a_number_out_of_its_range_is_refused_at_load_naming_its_key(key, value,
         load_config(None, **{key: value})
 
 
+def test_metrics_ports_above_65535_for_the_worker_or_a_host_are_refused_at_load():
+    """The worker serves its metrics at metrics_port + 1 and expert host i at + 2 + i: with metrics_port 65534 and
+    two hosts, the hosts died at start-up with an OverflowError from bind()."""
+    with pytest.raises(ValueError, match=r"metrics_port 65534 leaves expert host 1 no TCP port \(65537\)"):
+        load_config(None, metrics_port=65534, expert_hosts=2)
+    with pytest.raises(ValueError, match=r"metrics_port 65535 leaves the gpu worker no TCP port \(65536\)"):
+        load_config(None, metrics_port=65535, expert_hosts=0)
+    assert load_config(None, metrics_port=65532, expert_hosts=2).metrics_port_for("expert_host", 1) == 65535
+
+
 @pytest.mark.parametrize(("key", "value"), [("expert_hosts", "true"), ("kv_cache_tokens", "2.5"), ("model", "5"),
                                             ("client_endpoint", '["tcp://a:1"]')])
 def test_a_toml_value_of_the_wrong_type_is_refused(tmp_path, key, value):
