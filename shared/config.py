@@ -281,6 +281,8 @@ def _coerce(name: str, value: Any) -> Any:
             return parse_bytes(value)
         except ValueError as e:
             raise ValueError(f"config {name}: {e}") from None
+    if name == "host_memory_floor" and type(value) is int:
+        value = str(value)  # a number of bytes, which the flag gives as a string (a bool is no size: refused below)
     try:
         if hint is bool:
             if isinstance(value, bool):

@@ -94,6 +94,17 @@ def test_a_size_it_cannot_read_names_its_key(key, value):
         load_config(None, **{key: value})
 
 
+def test_a_floor_of_host_memory_in_bytes_is_a_toml_number_as_it_is_a_flag(tmp_path):
+    """`--host-memory-floor 0` was taken and `host_memory_floor = 0` in the file refused as "not a valid str",
+    where every other size takes a number of bytes."""
+    path = tmp_path / "c.toml"
+    path.write_text("host_memory_floor = 0\n")
+    assert load_config(path) == load_config(None, host_memory_floor="0")
+    path.write_text("host_memory_floor = true\n")
+    with pytest.raises(ValueError, match="config host_memory_floor: True is not a valid str"):
+        load_config(path)
+
+
 @pytest.mark.parametrize(("interval", "timeout"), [(1.0, 0.5), (1.0, 1.0), (0.0, 3.0)])
 def test_a_heartbeat_timeout_not_above_the_interval_is_refused(interval, timeout):
     """Accepted, it had the coordinator take every member for lost between two of its heartbeats, and back at the
