@@ -42,7 +42,7 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _client(args: argparse.Namespace) -> Client:
     try:
-        endpoint = args.endpoint or load_config(args.config).client_endpoint
+        endpoint = args.endpoint or load_config(args.config).client_connect_endpoint
     except (OSError, ValueError) as e:
         raise SystemExit(f"tierserve: {e}") from None
     return Client(endpoint, timeout_s=args.timeout)

@@ -197,6 +197,15 @@ class Config:
         return self.ipc("engine")
 
     @property
+    def client_connect_endpoint(self) -> str:
+        """Where a client on this machine connects: client_endpoint, with a bind on every interface ("*"), which
+        no socket can connect to, taken as this machine's loopback."""
+        wildcard = "tcp://*:"
+        if self.client_endpoint.startswith(wildcard):
+            return "tcp://127.0.0.1:" + self.client_endpoint[len(wildcard):]
+        return self.client_endpoint
+
+    @property
     def kv_cache_blocks(self) -> int:
         """The worker's KV cache in whole blocks: kv_cache_tokens rounded down, one block at the least."""
         return max(1, self.kv_cache_tokens // self.kv_block_size)

@@ -106,7 +106,7 @@ def wait_ready(config: Config, kids: list[Child], timeout_s: float, stopping: Ca
     """Whether the system answered ready; False once a child exits, `stopping()` (a stop signal came) or the
     timeout passes."""
     deadline = time.monotonic() + timeout_s
-    with Client(config.client_endpoint, timeout_s=1.0) as client:
+    with Client(config.client_connect_endpoint, timeout_s=1.0) as client:
         while time.monotonic() < deadline and not stopping():
             for kid in kids:
                 if not kid.alive():
@@ -166,7 +166,7 @@ def up(config: Config, ready_timeout_s: float = 300.0) -> int:
     try:
         if not wait_ready(config, kids, ready_timeout_s, lambda: stopping):
             return 0 if stopping else 1
-        print(f"tierserve ready: client endpoint {config.client_endpoint}", flush=True)
+        print(f"tierserve ready: client endpoint {config.client_connect_endpoint}", flush=True)
         while not stopping:
             time.sleep(0.2)
             for kid in kids:

@@ -208,6 +208,21 @@ def test_the_installed_command_reads_the_endpoint_from_the_config(system, tmp_pa
     assert json.loads(done.stdout)["status"] == "ready"
 
 
+def test_a_server_bound_on_every_interface_is_reached_by_up_and_the_commands(model, tmp_path):
+    """client_endpoint = "tcp://*:PORT" binds the coordinator on every interface, but no socket can connect to
+    "*": tierserve up died with a ZMQError while it waited for the system, and `--config` gave the commands the
+    same endpoint."""
+    with RunningSystem(str(model), "--expert-hosts", "0", "--hot-experts", "8",
+                       "--client-endpoint", "tcp://*:0") as running:
+        port = running.endpoint.rsplit(":", 1)[1]
+        config = tmp_path / "client.toml"
+        config.write_text(f'client_endpoint = "tcp://*:{port}"\n')
+        done = subprocess.run([sys.executable, "-m", "shared.cli", "health", "--config", str(config)],
+                              capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["status"] == "ready"
+
+
 def test_commands_without_a_server_time_out_clearly(capsys):
     assert tierserve(["stats", "--endpoint", "tcp://127.0.0.1:9", "--timeout", "0.3"]) == 1
     assert "no answer from tcp://127.0.0.1:9 within 0.3 s" in capsys.readouterr().err
