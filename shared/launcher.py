@@ -148,7 +148,12 @@ def up(config: Config, ready_timeout_s: float = 300.0) -> int:
         print("tierserve up: --model is required", file=sys.stderr)
         return 2
     config, run_dir, ephemeral = prepare_run(config)
-    config_path = run_dir / "config.toml"
+    if ephemeral:
+        config_path = run_dir / "config.toml"
+    else:  # a run dir of the user's: a fixed name could be a file of theirs, which this would replace, then remove
+        fd, name = tempfile.mkstemp(".toml", "tierserve-up-", run_dir)
+        os.close(fd)
+        config_path = Path(name)
     config_path.write_text(config.to_toml())
     kids = children_for(config, config_path)
     stopping = False

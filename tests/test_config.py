@@ -43,6 +43,19 @@ def test_tierserve_up_exits_with_the_message_alone(tmp_path):
     assert run.stderr.strip() == "tierserve: config decode_crossings: 'ture' is not a valid bool"
 
 
+def test_tierserve_up_leaves_a_config_file_in_its_run_dir_as_it_was(tmp_path):
+    """The config it hands its children went to run_dir/config.toml: a config.toml of the user's there (its own
+    --config, say) was replaced by it and then removed."""
+    path = tmp_path / "config.toml"
+    text = f'# mine\nmodel = "{tmp_path}/missing.gguf"\nrun_dir = "{tmp_path}"\nexpert_hosts = 0\nmetrics_port = 0\n'
+    path.write_text(text)
+    run = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--config", str(path), "--log-level", "error"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1  # the model is missing: a child exits during start-up
+    assert path.read_text() == text
+    assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
+
+
 @pytest.mark.parametrize(("key", "value"), [("cold_path", "gpu"), ("soft_policy", "lfu"), ("log_level", "verbose")])
 def test_a_value_no_process_can_use_is_refused_at_load(key, value):
     """Each once passed the load and stopped a role at start-up with a traceback (cold_path and soft_policy the
