@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, quants
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, quants
 
 from shared.model_config import (
     EXPERT_TENSOR_KINDS,
@@ -56,6 +56,23 @@ def file_identity(path: str | os.PathLike[str]) -> str:
     return f"{size} bytes, {digest.hexdigest()}"
 
 
+class _Reader(GGUFReader):
+    """GGUFReader, refusing a metadata array longer than the rest of the file before walking it: the reader reads
+    an array item by item, and past the end of the file an item reads as empty rather than failing, so a corrupt
+    length looped (and grew lists) for as many items as it claimed."""
+
+    def _get_field_parts(
+        self, orig_offs: int, raw_type: int,
+    ) -> tuple[int, list[np.ndarray], list[int], list[GGUFValueType]]:
+        if raw_type == GGUFValueType.ARRAY:
+            item_type, count = int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0])
+            scalar = self.gguf_scalar_to_np.get(GGUFValueType(item_type))
+            smallest = np.dtype(scalar).itemsize if scalar else 8  # a string or an array starts with its length
+            if count * smallest > len(self.data) - (orig_offs + 12):
+                raise ValueError(f"a metadata array claims {count} items, more than the rest of the file holds")
+        return super()._get_field_parts(orig_offs, raw_type)
+
+
 class GGUFModel:
     """A GGUF file held open read-only through the `gguf` package's memory map.
 
@@ -70,7 +87,7 @@ class GGUFModel:
         self.file_size = self.path.stat().st_size
         self.identity = file_identity(self.path)
         try:
-            self._reader = GGUFReader(self.path, "r")
+            self._reader = _Reader(self.path, "r")
         except ValueError as e:
             if "magic" in str(e):
                 raise ModelError(f"{self.path}: not a GGUF file (bad magic number)") from e

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import struct
 
 import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import quants
+from gguf import GGUFValueType, quants
 
 from shared.gguf_file import GGUFModel, dequantize, file_identity
 from shared.gguf_write import write_model
@@ -261,6 +262,19 @@ def test_corrupt_counts_in_header(tmp_path):
     data[16:24] = (2**40).to_bytes(8, "little")  # metadata key count
     path.write_bytes(bytes(data))
     with pytest.raises(ModelError, match="truncated or corrupt"):
+        GGUFModel(path)
+
+
+def test_a_metadata_array_longer_than_the_file_is_refused_before_it_is_read(tmp_path):
+    """The reader walks an array item by item, and past the end of the file an item reads as nothing: a corrupt
+    length of 2**40 one-byte items went on looping, its lists growing, for as long as the length said."""
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg), {"general.tags": [7, 7]})
+    data = bytearray(path.read_bytes())
+    at = data.index(b"general.tags") + len(b"general.tags") + 4  # past the key and its value type (array)
+    data[at : at + 12] = struct.pack("<IQ", GGUFValueType.UINT8, 2**40)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=f"truncated or corrupt .*array claims {2**40} items"):
         GGUFModel(path)
 
 
