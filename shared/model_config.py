@@ -160,6 +160,10 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
             raise ModelError(f"metadata key {p}.{key} is {value!r}, not a finite number")
         return _shortest_float(value)
 
+    n_layers = integer("block_count")
+    if n_layers > len(tensor_shapes):  # each layer has tensors of its own; a corrupt count must not size loops
+        raise ModelError(f"metadata key {p}.block_count is {n_layers}, but the file has only {len(tensor_shapes)} "
+                         "tensors")
     hidden = integer("embedding_length")
     n_heads = integer("attention.head_count")
     n_experts = integer("expert_count", 0)
@@ -192,7 +196,7 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
     norm_topk = opt("expert_weights_norm", None)
     return ModelConfig(
         arch=arch,
-        n_layers=integer("block_count"),
+        n_layers=n_layers,
         hidden=hidden,
         n_heads=n_heads,
         n_kv_heads=integer("attention.head_count_kv", n_heads),

@@ -169,6 +169,15 @@ def test_metadata_of_the_wrong_type_or_range_is_named(tmp_path, key, value, text
         GGUFModel(path)
 
 
+def test_a_block_count_beyond_the_files_tensors_is_refused_before_layers_are_listed(tmp_path):
+    """The expected tensors are listed layer by layer: a corrupt count of 10**9 layers kept the loader busy, its
+    memory growing, long before any tensor was found missing."""
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg), {"qwen3moe.block_count": 10**9})
+    with pytest.raises(ModelError, match=r"bad.gguf: .*block_count is 1000000000, but the file has only \d+ tensors"):
+        GGUFModel(path)
+
+
 @pytest.mark.parametrize("metadata, text", [
     ({"qwen3moe.rope.scaling.type": "yarn", "qwen3moe.rope.scaling.factor": 4.0}, "rope scaling 'yarn'"),
     ({"qwen3moe.rope.scaling.type": "linear", "qwen3moe.rope.scaling.factor": 2.0}, "rope scaling 'linear'"),
