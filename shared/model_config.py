@@ -173,6 +173,8 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
         raise ModelError("tensor token_embd.weight is missing")
     vocab_size = int(tensor_shapes["token_embd.weight"][0])
     tokens = md.get("tokenizer.ggml.tokens")
+    if tokens is not None and not isinstance(tokens, list):
+        raise ModelError(f"metadata key tokenizer.ggml.tokens is {tokens!r}, not an array")
     if tokens is not None and len(tokens) != vocab_size:
         # as llama.cpp refuses it: an id past the embedding cannot be read, a logit past the tokens not decoded
         raise ModelError(f"the tokenizer has {len(tokens)} tokens (tokenizer.ggml.tokens) but token_embd.weight "
@@ -194,6 +196,8 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
         raise ModelError(f"{p}.rope.dimension_count: RoPE rotates {rope_dims} of each head's {head_dim} dimensions; "
                          "only rotating all of them is supported")
     norm_topk = opt("expert_weights_norm", None)
+    if norm_topk is not None and not isinstance(norm_topk, bool):  # bool("false") would be True
+        raise ModelError(f"metadata key {p}.expert_weights_norm is {norm_topk!r}, not a boolean")
     return ModelConfig(
         arch=arch,
         n_layers=n_layers,
@@ -209,7 +213,7 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
         vocab_size=vocab_size,
         context_length=integer("context_length", 4096),
         shared_expert_ffn=integer("expert_shared_feed_forward_length", 0),
-        norm_topk_prob=None if norm_topk is None else bool(norm_topk),
+        norm_topk_prob=norm_topk,
     )
 
 

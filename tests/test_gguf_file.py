@@ -160,6 +160,8 @@ def test_missing_metadata_key(tmp_path):
     ("qwen3moe.attention.head_count_kv", 0, "n_kv_heads must be at least 1, not 0"),
     ("qwen3moe.context_length", 0, "context_length must be at least 1, not 0"),
     ("qwen3moe.attention.layer_norm_rms_epsilon", "tiny", r"layer_norm_rms_epsilon is 'tiny', not a finite number"),
+    ("qwen3moe.expert_weights_norm", "false", r"qwen3moe\.expert_weights_norm is 'false', not a boolean"),
+    ("tokenizer.ggml.tokens", 96, r"tokenizer\.ggml\.tokens is 96, not an array"),
 ])
 def test_metadata_of_the_wrong_type_or_range_is_named(tmp_path, key, value, text):
     """Values the config is built from: a division by zero or a bare TypeError deep inside was all a user saw."""
