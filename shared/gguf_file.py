@@ -111,9 +111,18 @@ class GGUFModel:
         self._validate()
 
     def _validate(self) -> None:
-        for name, t in self._tensors.items():
+        # in file order, as llama.cpp checks them: aligned, and none over another's bytes
+        alignment, end, previous = self._reader.alignment, 0, ""
+        for t in sorted(self._tensors.values(), key=lambda t: t.data_offset):
             if t.data_offset + t.n_bytes > self.file_size:
-                raise ModelError(f"{self.path}: GGUF file is truncated: tensor {name} ends past the end of the file")
+                raise ModelError(f"{self.path}: GGUF file is truncated: tensor {t.name} ends past the end of the file")
+            start = t.data_offset - self._reader.data_offset
+            if start % alignment:
+                raise ModelError(f"{self.path}: tensor {t.name} starts at {start} bytes into the data, not a multiple "
+                                 f"of the file's alignment ({alignment})")
+            if t.data_offset < end:
+                raise ModelError(f"{self.path}: tensors {previous} and {t.name} overlap")
+            end, previous = t.data_offset + t.n_bytes, t.name
         for name, shape in self._expected_shapes.items():
             t = self._tensors.get(name)
             if t is None:

@@ -251,6 +251,39 @@ def test_truncated_file(tmp_path):
         GGUFModel(path)
 
 
+def _tensor_offset_field(data: bytes, name: str) -> int:
+    """Where the tensor index stores the tensor's data offset: after its name, dimensions and type."""
+    at = data.index(name.encode()) + len(name)
+    n_dims = struct.unpack_from("<I", data, at)[0]
+    return at + 4 + 8 * n_dims + 4
+
+
+def test_tensors_that_share_bytes_are_refused(tmp_path):
+    """As llama.cpp refuses them: two tensors over the same bytes were served, one with the other's weights."""
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg))
+    data = bytearray(path.read_bytes())
+    gate, up = (_tensor_offset_field(data, f"blk.0.ffn_{kind}_exps.weight") for kind in ("gate", "up"))
+    data[up : up + 8] = data[gate : gate + 8]
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"bad.gguf: tensors blk\.0\.ffn_(gate|up)_exps\.weight and "
+                                         r"blk\.0\.ffn_(gate|up)_exps\.weight overlap"):
+        GGUFModel(path)
+
+
+def test_a_tensor_off_the_files_alignment_is_refused(tmp_path):
+    """As llama.cpp refuses it: an offset off the alignment is a corrupt tensor index, and was served as it read."""
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg))
+    data = bytearray(path.read_bytes())
+    at = _tensor_offset_field(data, "blk.1.ffn_down_exps.weight")
+    struct.pack_into("<Q", data, at, struct.unpack_from("<Q", data, at)[0] + 4)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"bad.gguf: tensor blk\.1\.ffn_down_exps\.weight starts at \d+ bytes into "
+                                         r"the data, not a multiple of the file's alignment \(32\)"):
+        GGUFModel(path)
+
+
 def test_truncated_header(tmp_path):
     cfg = tiny_config()
     path = _write(tmp_path, cfg, random_tensors(cfg))
