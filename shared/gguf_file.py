@@ -137,6 +137,10 @@ class GGUFModel:
                 raise ModelError(
                     f"{self.path}: tensor {name} has unsupported quant type {t.tensor_type.name} (supported: {names})"
                 )
+            # a vector (a norm, a bias) touches every token, so one NaN in it makes every logit NaN; vectors are
+            # small enough to check at every load
+            if len(shape) == 1 and not torch.isfinite(self.tensor(name)).all():
+                raise ModelError(f"{self.path}: tensor {name} holds NaN or infinite values")
 
     def has(self, name: str) -> bool:
         return name in self._tensors

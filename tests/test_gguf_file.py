@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import struct
 
 import numpy as np
@@ -228,6 +229,18 @@ def test_wrong_shape(tmp_path):
     tensors["blk.0.ffn_gate_inp.weight"] = np.zeros((cfg.n_experts + 1, cfg.hidden), dtype=np.float32)
     expected = r"tensor blk\.0\.ffn_gate_inp\.weight has shape \(9, 64\), expected \(8, 64\)"
     with pytest.raises(ModelError, match=expected):
+        GGUFModel(_write(tmp_path, cfg, tensors))
+
+
+@pytest.mark.parametrize("name, value", [
+    ("blk.0.attn_norm.weight", np.nan), ("blk.1.attn_k_norm.weight", -np.inf), ("output_norm.weight", np.inf),
+])
+def test_a_norm_that_is_not_finite_is_refused(tmp_path, name, value):
+    """One NaN in a norm makes every token's logits NaN: the model loaded and served garbage."""
+    cfg = tiny_config()
+    tensors = random_tensors(cfg)
+    tensors[name][3] = value
+    with pytest.raises(ModelError, match=f"bad.gguf: tensor {re.escape(name)} holds NaN or infinite values"):
         GGUFModel(_write(tmp_path, cfg, tensors))
 
 
