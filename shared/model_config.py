@@ -58,6 +58,11 @@ class ModelConfig:
                 raise ModelError(f"{name} must be at least 1, not {getattr(self, name)}")
         if self.shared_expert_ffn < 0:
             raise ModelError(f"shared_expert_ffn must be >= 0, not {self.shared_expert_ffn}")
+        # RoPE raises the base to fractional powers and RMSNorm takes a square root beside epsilon: NaN otherwise
+        if not self.rope_base > 0:
+            raise ModelError(f"rope_base must be above 0, not {self.rope_base}")
+        if not self.norm_eps >= 0:
+            raise ModelError(f"norm_eps must be >= 0, not {self.norm_eps}")
         if self.n_heads % self.n_kv_heads:
             raise ModelError(f"{self.n_heads} attention heads is not a multiple of {self.n_kv_heads} KV heads")
         if not 0 < self.n_experts_used <= self.n_experts:

@@ -161,11 +161,15 @@ def test_missing_metadata_key(tmp_path):
     ("qwen3moe.attention.head_count_kv", 0, "n_kv_heads must be at least 1, not 0"),
     ("qwen3moe.context_length", 0, "context_length must be at least 1, not 0"),
     ("qwen3moe.attention.layer_norm_rms_epsilon", "tiny", r"layer_norm_rms_epsilon is 'tiny', not a finite number"),
+    ("qwen3moe.rope.freq_base", 0.0, r"rope_base must be above 0, not 0\.0"),
+    ("qwen3moe.rope.freq_base", -1e4, r"rope_base must be above 0, not -10000\.0"),
+    ("qwen3moe.attention.layer_norm_rms_epsilon", -1.0, r"norm_eps must be >= 0, not -1\.0"),
     ("qwen3moe.expert_weights_norm", "false", r"qwen3moe\.expert_weights_norm is 'false', not a boolean"),
     ("tokenizer.ggml.tokens", 96, r"tokenizer\.ggml\.tokens is 96, not an array"),
 ])
 def test_metadata_of_the_wrong_type_or_range_is_named(tmp_path, key, value, text):
-    """Values the config is built from: a division by zero or a bare TypeError deep inside was all a user saw."""
+    """Values the config is built from: a division by zero or a bare TypeError deep inside was all a user saw, and
+    a RoPE base of 0 or below or a negative norm epsilon loaded and gave NaN logits."""
     cfg = tiny_config()
     path = _write(tmp_path, cfg, random_tensors(cfg), {key: value})
     with pytest.raises(ModelError, match=f"bad.gguf: .*{text}"):
