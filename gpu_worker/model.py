@@ -81,7 +81,10 @@ class Trunk:
             for kind in ("weight", "bias") if cfg.attn_bias else ("weight",):
                 parts = [self.w.pop(f"blk.{i}.attn_{n}.{kind}") for n in "qkv"]
                 self.w[f"blk.{i}.attn_qkv.{kind}"] = torch.cat(parts)
-        self.rope_cos, self.rope_sin = rope_table(cfg.head_dim, cfg.rope_base, cfg.context_length, device)
+        # no position lies past the KV cache's slots, and a file's context_length is only a claim (2**32 - 1 asked
+        # for a table of tens of GB)
+        positions = min(cfg.context_length, num_blocks * block_size)
+        self.rope_cos, self.rope_sin = rope_table(cfg.head_dim, cfg.rope_base, positions, device)
         # K and V of every layer: (layers, 2, blocks * block_size slots and a spare one, kv heads, head dim);
         # the spare slot is where a decode graph's padding rows write.
         spare = num_blocks * block_size

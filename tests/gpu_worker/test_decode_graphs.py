@@ -4,6 +4,8 @@ and the padding rows write nowhere but the spare KV slot."""
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from gpu_worker.decode_graphs import MIN_CONTEXT, bucket
@@ -11,9 +13,11 @@ from gpu_worker.experts import HotExperts, MoEDispatch
 from gpu_worker.model import Chunk, Trunk
 from shared.expert_source import ExpertSource
 from shared.gguf_file import GGUFModel
+from shared.gguf_write import write_model
 from shared.make_model import make_model
 from shared.placement import round_robin_placement
 from shared.reference import ReferenceModel
+from tests.test_gguf_file import random_tensors, tiny_config
 
 BLOCKS_PER_SEQUENCE, BLOCK_SIZE = 5, 16
 
@@ -60,3 +64,16 @@ def test_padded_static_decode_gives_every_sequence_the_oracles_logits(tmp_path):
         assert torch.allclose(got[s], oracle.forward(seq)[-5:], atol=1e-4, rtol=1e-4)
     used = len(sequences) * BLOCKS_PER_SEQUENCE * BLOCK_SIZE
     assert not trunk.kv[:, :, used:-1].any(), "nothing is written past the sequences' blocks but the spare slot"
+
+
+def test_the_rope_table_covers_the_kv_caches_positions_not_the_models_claimed_context(tmp_path):
+    """A file's context_length is only a claim: one of 2**32 - 1 had the worker try to allocate 34 GB for the
+    table, and fail. No sequence gets a position past the KV cache's slots, so the table needs no more rows."""
+    cfg = replace(tiny_config(), context_length=2**20)
+    path = tmp_path / "long.gguf"
+    write_model(path, cfg, random_tensors(cfg))
+    model = GGUFModel(path)
+    sequence = [(5 * i) % cfg.vocab_size for i in range(40)]
+    got, trunk = decode_together(model, torch.device("cpu"), True, [sequence], 2)
+    assert trunk.rope_cos.shape[0] == trunk.rope_sin.shape[0] == 64 * BLOCK_SIZE
+    assert torch.allclose(got[0], ReferenceModel(model).forward(sequence)[-3:], atol=1e-4, rtol=1e-4)
