@@ -142,6 +142,13 @@ class GGUFModel:
             if len(shape) == 1 and not torch.isfinite(self.tensor(name)).all():
                 raise ModelError(f"{self.path}: tensor {name} holds NaN or infinite values")
 
+        # as llama.cpp refuses it: a tensor the forward never reads means the metadata misdescribes the model (a
+        # block_count one short, a shared expert without its length) and serving it would drop weights silently
+        unused = [name for name in self._tensors if name not in self._expected_shapes]
+        if unused:
+            raise ModelError(f"{self.path}: tensor {unused[0]} (and {len(unused) - 1} more) is not part of the model "
+                             "its metadata describes")
+
     def has(self, name: str) -> bool:
         return name in self._tensors
 

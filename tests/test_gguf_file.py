@@ -145,6 +145,27 @@ def test_missing_tensor(tmp_path):
         GGUFModel(_write(tmp_path, cfg, tensors))
 
 
+def test_a_tensor_the_metadata_does_not_call_for_is_refused(tmp_path):
+    """As llama.cpp refuses it: a block_count one short served the model without its last layer."""
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg), {"qwen3moe.block_count": 1})
+    with pytest.raises(ModelError, match=r"bad.gguf: tensor blk\.1\.attn_norm\.weight \(and \d+ more\) is not part of "
+                                         "the model its metadata describes"):
+        GGUFModel(path)
+
+
+def test_qwen2moe_shared_expert_without_its_length_is_refused(tmp_path):
+    """Without expert_shared_feed_forward_length the model was served without its shared expert, whose tensors
+    were in the file."""
+    cfg = tiny_config("qwen2moe")
+    path = _write(tmp_path, cfg, random_tensors(cfg))
+    key = b"qwen2moe.expert_shared_feed_forward_length"
+    path.write_bytes(path.read_bytes().replace(key, key[:-1] + b"X"))
+    with pytest.raises(ModelError, match=r"bad.gguf: tensor blk\.0\.ffn_gate_inp_shexp\.weight \(and \d+ more\) is "
+                                         "not part of the model its metadata describes"):
+        GGUFModel(path)
+
+
 def test_missing_metadata_key(tmp_path):
     cfg = tiny_config()
     path = _write(tmp_path, cfg, random_tensors(cfg))
