@@ -176,6 +176,9 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
         raise ModelError(f"{arch} model has no experts ({p}.expert_count missing or 0): tierserve serves MoE models")
     if "token_embd.weight" not in tensor_shapes:
         raise ModelError("tensor token_embd.weight is missing")
+    if len(tensor_shapes["token_embd.weight"]) != 2:  # its rows are the vocabulary
+        raise ModelError(f"tensor token_embd.weight has shape {tensor_shapes['token_embd.weight']}, expected "
+                         f"(vocab, {hidden})")
     vocab_size = int(tensor_shapes["token_embd.weight"][0])
     tokens = md.get("tokenizer.ggml.tokens")
     if tokens is not None and not isinstance(tokens, list):

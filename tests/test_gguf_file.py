@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFValueType, quants
+from gguf import GGUFValueType, GGUFWriter, quants
 
 from shared.gguf_file import GGUFModel, dequantize, file_identity
-from shared.gguf_write import write_model
-from shared.model_config import ModelConfig, ModelError, tensor_shapes
+from shared.gguf_write import _add_value, write_model
+from shared.model_config import ModelConfig, ModelError, config_to_metadata, tensor_shapes
 
 
 def tiny_config(arch: str = "qwen3moe") -> ModelConfig:
@@ -267,6 +267,24 @@ def test_a_norm_that_is_not_finite_is_refused(tmp_path, name, value):
     tensors[name][3] = value
     with pytest.raises(ModelError, match=f"bad.gguf: tensor {re.escape(name)} holds NaN or infinite values"):
         GGUFModel(_write(tmp_path, cfg, tensors))
+
+
+def test_an_embedding_of_no_dimensions_is_refused(tmp_path):
+    """The vocabulary's size is read from the embedding's rows: a 0-d one failed with a bare IndexError."""
+    cfg = tiny_config()
+    path = tmp_path / "bad.gguf"
+    writer = GGUFWriter(path, cfg.arch)
+    for key, value in config_to_metadata(cfg).items():
+        if key != "general.architecture":
+            _add_value(writer, key, value)
+    for name, array in {**random_tensors(cfg), "token_embd.weight": np.zeros((), dtype=np.float32)}.items():
+        writer.add_tensor(name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelError, match=r"bad.gguf: tensor token_embd\.weight has shape \(\), expected \(vocab, 64\)"):
+        GGUFModel(path)
 
 
 def test_unsupported_quant_type(tmp_path):
