@@ -53,8 +53,11 @@ class Sampler:
         top_p = torch.tensor([seq.params.top_p for seq in seqs], device=device)
         # one sort serves both filters: top-k is a rank cut, top-p a cut on the running sum
         ordered, order = (logits / temperature[:, None]).sort(dim=-1, descending=True, stable=True)
-        ordered = ordered.masked_fill(torch.arange(vocab, device=device)[None, :] >= top_k[:, None], -torch.inf)
-        probs = torch.softmax(ordered, dim=-1)
+        ranks = torch.arange(vocab, device=device)[None, :]
+        probs = torch.softmax(ordered.masked_fill(ranks >= top_k[:, None], -torch.inf), dim=-1)
+        # a NaN or +inf logit (or none above -inf) leaves the row NaN probabilities, and multinomial's error would
+        # fail every sequence in the batch: such a row takes its first-ranked token, as greedy takes its argmax
+        probs = torch.where(probs.isnan().any(dim=-1, keepdim=True), (ranks == 0).float(), probs)
         # keep a token while the mass before it is short of top_p: the smallest prefix reaching top_p
         keep = (probs.cumsum(dim=-1) - probs < top_p[:, None]) | (top_p[:, None] >= 1.0)
         keep[:, 0] = True

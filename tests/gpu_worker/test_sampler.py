@@ -61,6 +61,22 @@ def test_a_vanishing_temperature_is_greedy_and_leaves_the_rest_of_the_batch_alon
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_row_of_non_finite_logits_draws_its_argmax_and_leaves_the_rest_of_the_batch_alone(device):
+    """A NaN or +inf logit gives the row NaN probabilities, and multinomial's error failed every sequence in
+    the batch."""
+    logits = torch.randn(5, 50, generator=torch.Generator().manual_seed(4))
+    logits[0, 7] = math.nan
+    logits[1, 9] = logits[1, 30] = math.inf
+    logits[2] = -math.inf
+    seqs = [make_seq(name, temperature=1.0, top_p=0.9, seed=1) for name in ("nan", "inf", "none")]
+    seqs += [make_seq("greedy"), make_seq("warm", temperature=0.8, seed=1)]
+    results = Sampler().sample(logits.to(device), seqs)
+    assert [r.token_id for r in results[:4]] == [7, 9, 0, logits[3].argmax().item()]
+    alone = Sampler().sample(logits[4:].to(device), seqs[4:])[0]
+    assert results[4] == alone and math.isfinite(alone.logprob)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_top_p_keeps_the_smallest_nucleus(device):
     # cumulative 0.5, 0.8, 0.95, 1.0: top_p 0.7 keeps the first two, renormalised to 0.625 / 0.375
     tokens = draw_many([0.5, 0.3, 0.15, 0.05], 4000, device, temperature=1.0, top_p=0.7)
