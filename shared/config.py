@@ -163,6 +163,9 @@ class Config:
             raise ValueError(f"heartbeat_timeout_s ({self.heartbeat_timeout_s}) must be above heartbeat_interval_s "
                              f"({self.heartbeat_interval_s}), which must be above 0: a member is lost when no "
                              f"heartbeat came for heartbeat_timeout_s")
+        if self.max_running > self.max_batch_tokens:
+            raise ValueError(f"max_running ({self.max_running}) must not be above max_batch_tokens "
+                             f"({self.max_batch_tokens}): each step decodes one token of every running request")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"device must be auto, cpu or cuda, not {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

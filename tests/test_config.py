@@ -134,3 +134,10 @@ def test_to_toml_reads_back_as_the_same_config_whatever_its_strings_hold(tmp_pat
     path = tmp_path / "c.toml"
     path.write_text(config.to_toml())
     assert load_config(path) == config
+
+
+def test_more_running_requests_than_a_step_has_tokens_is_refused_at_load():
+    """Each running request decodes one token a step; accepted, the gpu worker died at start-up with a traceback."""
+    with pytest.raises(ValueError, match=r"max_running \(64\) must not be above max_batch_tokens \(32\)"):
+        load_config(None, max_running=64, max_batch_tokens=32)
+    assert load_config(None, max_running=32, max_batch_tokens=32).max_running == 32
