@@ -12,10 +12,12 @@ Control and user-defined tokens are matched whole in the text; the chat template
 from __future__ import annotations
 
 import logging
+import numbers
 import os
+import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
-from typing import Any
+from typing import Any, get_args, get_origin
 
 from tokenizers import AddedToken, Regex, decoders, normalizers, pre_tokenizers
 from tokenizers import Tokenizer as HFTokenizer
@@ -91,10 +93,61 @@ def merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[t
     return [(left, right) for left, right, _ in merges]
 
 
-def _need(md: Mapping[str, Any], key: str) -> Any:
+# The type of every metadata key the tokenizer reads. A GGUF file may store any type under any key, and a
+# wrong one would otherwise fail deep inside the build or be read as something else (bool("no") is True).
+_KEY_TYPES: dict[str, Any] = {
+    "tokenizer.ggml.model": str,
+    "tokenizer.ggml.pre": str,
+    "tokenizer.ggml.tokens": list[str],
+    "tokenizer.ggml.token_type": list[int],
+    "tokenizer.ggml.merges": list[str],
+    "tokenizer.ggml.scores": list[float],
+    "tokenizer.ggml.add_bos_token": bool,
+    "tokenizer.ggml.add_eos_token": bool,
+    "tokenizer.ggml.add_space_prefix": bool,
+    "tokenizer.chat_template": str,
+    **{f"tokenizer.ggml.{name}_token_id": int for name in ("bos", "eos", "padding", "unknown", "eot", "eom")},
+}
+# bool is an int to Python, but never a number in GGUF; numpy scalars are accepted as the numbers they are
+_ACCEPTED = {str: str, bool: bool, int: numbers.Integral, float: numbers.Real, list: list}
+_REQUIRED = object()
+
+
+def _fits(t: type, kind: Any) -> bool:
+    return issubclass(t, _ACCEPTED[get_origin(kind) or kind]) and (kind is bool or not issubclass(t, bool))
+
+
+def _mismatch(value: Any, kind: Any) -> str | None:
+    """What `value` is when it is not of type `kind` (a list[...] type checks every item), else None."""
+    if not _fits(type(value), kind):
+        return f"{type(value).__name__} {reprlib.repr(value)}"
+    if get_origin(kind) is list:
+        item = get_args(kind)[0]
+        # by the items' distinct types: a vocabulary's lists have some 150k items
+        if not all(_fits(t, item) for t in set(map(type, value))):
+            bad = next(i for i, v in enumerate(value) if not _fits(type(v), item))
+            return f"a list whose item {bad} is {_mismatch(value[bad], item)}"
+    return None
+
+
+def _get(md: Mapping[str, Any], key: str, default: Any = _REQUIRED) -> Any:
+    """md[key], refused unless it has the type _KEY_TYPES gives it; `default` when it is absent."""
     if key not in md:
-        raise TokenizerError(f"metadata key {key} is missing: the file carries no usable tokenizer")
+        if default is _REQUIRED:
+            raise TokenizerError(f"metadata key {key} is missing: the file carries no usable tokenizer")
+        return default
+    kind = _KEY_TYPES[key]
+    if (found := _mismatch(md[key], kind)) is not None:
+        expected = str(kind) if get_origin(kind) else kind.__name__
+        raise TokenizerError(f"metadata key {key} is {found}, expected {expected}")
     return md[key]
+
+
+def _token_id(md: Mapping[str, Any], key: str, default: int | None, n_tokens: int) -> int | None:
+    value = _get(md, key, default)
+    if value is not None and not 0 <= value < n_tokens:
+        raise TokenizerError(f"{key} = {value} is outside the vocabulary of {n_tokens}")
+    return None if value is None else int(value)
 
 
 def _vocab(tokens: Sequence[str]) -> dict[str, int]:
@@ -117,11 +170,11 @@ def _bpe(vocab: dict[str, int], merges: list[tuple[str, str]], **options: Any) -
 
 
 def _byte_level(md: Mapping[str, Any], tokens: Sequence[str]) -> HFTokenizer:
-    pre = md.get("tokenizer.ggml.pre", "default")
+    pre = _get(md, "tokenizer.ggml.pre", "default")
     if pre not in _PRE_TOKENIZERS:
         log.warning("unknown pre-tokenizer %r (tokenizer.ggml.pre): splitting words as gpt-2 does", pre)
     split, ignore_merges = _PRE_TOKENIZERS.get(pre, _PRE_TOKENIZERS["gpt-2"])
-    merges = [split_merge(m) for m in _need(md, "tokenizer.ggml.merges")]
+    merges = [split_merge(m) for m in _get(md, "tokenizer.ggml.merges")]
     tok = HFTokenizer(_bpe(_vocab(tokens), merges, ignore_merges=ignore_merges))
     # No NFC normalizer although Qwen's tokenizer.json has one: llama.cpp does not normalize.
     tok.pre_tokenizer = pre_tokenizers.Sequence(
@@ -135,12 +188,10 @@ def _byte_level(md: Mapping[str, Any], tokens: Sequence[str]) -> HFTokenizer:
 
 
 def _sentencepiece(md: Mapping[str, Any], tokens: Sequence[str]) -> HFTokenizer:
-    scores = _need(md, "tokenizer.ggml.scores")
+    scores = _get(md, "tokenizer.ggml.scores")
     if len(scores) != len(tokens):
         raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
-    unk = int(md.get("tokenizer.ggml.unknown_token_id", 0))
-    if not 0 <= unk < len(tokens):
-        raise TokenizerError(f"tokenizer.ggml.unknown_token_id = {unk} is outside the vocabulary of {len(tokens)}")
+    unk = _token_id(md, "tokenizer.ggml.unknown_token_id", 0, len(tokens))
     model = _bpe(
         _vocab(tokens), merges_from_scores(tokens, scores), unk_token=tokens[unk], byte_fallback=True, fuse_unk=True
     )
@@ -149,7 +200,7 @@ def _sentencepiece(md: Mapping[str, Any], tokens: Sequence[str]) -> HFTokenizer:
     # between special tokens, even one that starts with a space, which is what SentencePiece and
     # llama.cpp do (Metaspace skips text already starting with a space, so " hi" would lose one).
     spaces = normalizers.Replace(" ", SPACE)
-    if md.get("tokenizer.ggml.add_space_prefix", True):
+    if _get(md, "tokenizer.ggml.add_space_prefix", True):
         tok.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE), spaces])
     else:
         tok.normalizer = spaces
@@ -166,25 +217,26 @@ class Tokenizer:
     """
 
     def __init__(self, md: Mapping[str, Any]) -> None:
-        model = _need(md, "tokenizer.ggml.model")
+        model = _get(md, "tokenizer.ggml.model")
         if model not in _BUILDERS:
             raise TokenizerError(f"unknown tokenizer model {model!r} (tokenizer.ggml.model); supported: gpt2, llama")
         self.model = model
-        self.tokens: list[str] = list(_need(md, "tokenizer.ggml.tokens"))
-        self.token_types: list[int] = list(md.get("tokenizer.ggml.token_type") or [NORMAL] * len(self.tokens))
+        self.tokens: list[str] = list(_get(md, "tokenizer.ggml.tokens"))
+        self.token_types: list[int] = list(_get(md, "tokenizer.ggml.token_type", []) or [NORMAL] * len(self.tokens))
         if len(self.token_types) != len(self.tokens):
             raise TokenizerError(
                 f"tokenizer.ggml.token_type has {len(self.token_types)} entries for {len(self.tokens)} tokens"
             )
         spm = model == "llama"
         # llama.cpp's defaults for files that do not say: SentencePiece vocabularies put <s> first.
-        self.bos_id = self._token_id(md, "bos_token_id", 1 if spm else None)
-        self.eos_id = self._token_id(md, "eos_token_id", 2 if spm else None)
-        self.pad_id = self._token_id(md, "padding_token_id", None)
-        self.add_bos = bool(md.get("tokenizer.ggml.add_bos_token", spm)) and self.bos_id is not None
-        self.add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False)) and self.eos_id is not None
-        self._template_source: str | None = md.get("tokenizer.chat_template")
-        self._space_prefix = spm and bool(md.get("tokenizer.ggml.add_space_prefix", True))
+        n = len(self.tokens)
+        self.bos_id = _token_id(md, "tokenizer.ggml.bos_token_id", 1 if spm else None, n)
+        self.eos_id = _token_id(md, "tokenizer.ggml.eos_token_id", 2 if spm else None, n)
+        self.pad_id = _token_id(md, "tokenizer.ggml.padding_token_id", None, n)
+        self.add_bos = _get(md, "tokenizer.ggml.add_bos_token", spm) and self.bos_id is not None
+        self.add_eos = _get(md, "tokenizer.ggml.add_eos_token", False) and self.eos_id is not None
+        self._template_source: str | None = _get(md, "tokenizer.chat_template", None)
+        self._space_prefix = spm and _get(md, "tokenizer.ggml.add_space_prefix", True)
 
         self._hf = _BUILDERS[model](md, self.tokens)
         # llama.cpp matches unknown and control tokens only when asked to parse special tokens, and
@@ -203,8 +255,8 @@ class Tokenizer:
         self._hf.add_tokens(user)
 
         ends = {self.eos_id} if self.eos_id is not None else set()
-        for key in ("eot_token_id", "eom_token_id"):
-            if (extra := self._token_id(md, key, None)) is not None:
+        for key in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id"):
+            if (extra := _token_id(md, key, None, n)) is not None:
                 ends.add(extra)
         ends.update(
             i
@@ -212,14 +264,6 @@ class Tokenizer:
             if t in _END_OF_TURN and kind in (CONTROL, USER_DEFINED)
         )
         self.eos_token_ids: frozenset[int] = frozenset(ends)
-
-    def _token_id(self, md: Mapping[str, Any], key: str, default: int | None) -> int | None:
-        value = md.get(f"tokenizer.ggml.{key}", default)
-        if value is None:
-            return None
-        if not 0 <= int(value) < len(self.tokens):
-            raise TokenizerError(f"tokenizer.ggml.{key} = {value} is outside the vocabulary of {len(self.tokens)}")
-        return int(value)
 
     @classmethod
     def from_metadata(cls, md: Mapping[str, Any]) -> Tokenizer:

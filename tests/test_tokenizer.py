@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 
 import pytest
 from tokenizers import Tokenizer as HFTokenizer
@@ -441,3 +442,41 @@ def test_errors_name_the_problem(qwen):
         qwen.detokenizer().feed(-1)
     with pytest.raises(ValueError):
         qwen.token_text(qwen.vocab_size)
+
+
+@pytest.mark.parametrize(
+    "key, value, found, expected",
+    [
+        ("tokenizer.ggml.model", 2, "int 2", "str"),
+        ("tokenizer.ggml.tokens", ["a", 1], "a list whose item 1 is int 1", "list[str]"),
+        ("tokenizer.ggml.token_type", 3, "int 3", "list[int]"),
+        ("tokenizer.ggml.token_type", ["1"], "a list whose item 0 is str '1'", "list[int]"),
+        ("tokenizer.ggml.merges", 5, "int 5", "list[str]"),
+        ("tokenizer.ggml.pre", [1], "list [1]", "str"),
+        ("tokenizer.ggml.bos_token_id", "x", "str 'x'", "int"),
+        ("tokenizer.ggml.eos_token_id", 1.5, "float 1.5", "int"),
+        ("tokenizer.ggml.padding_token_id", True, "bool True", "int"),
+        ("tokenizer.ggml.eot_token_id", "7", "str '7'", "int"),
+        ("tokenizer.ggml.add_bos_token", "yes", "str 'yes'", "bool"),
+        ("tokenizer.ggml.add_eos_token", 0, "int 0", "bool"),
+        ("tokenizer.chat_template", 1, "int 1", "str"),
+        ("tokenizer.ggml.scores", "high", "str 'high'", "list[float]"),
+        ("tokenizer.ggml.unknown_token_id", 0.0, "float 0.0", "int"),
+        ("tokenizer.ggml.add_space_prefix", 1, "int 1", "bool"),
+    ],
+)
+def test_metadata_of_the_wrong_type_is_named(key, value, found, expected):
+    # A GGUF file may store any type under any key: one the tokenizer cannot use is refused by name, not left to
+    # fail deep inside the build (a TypeError the coordinator did not expect) or be read as something else.
+    sentencepiece_only = ("tokenizer.ggml.scores", "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_space_prefix")
+    md = sentencepiece_metadata() if key in sentencepiece_only else byte_level_metadata()
+    with pytest.raises(TokenizerError, match=re.escape(f"{key} is {found}, expected {expected}")):
+        Tokenizer.from_metadata({**md, key: value})
+
+
+@pytest.mark.parametrize("key", ["tokenizer.ggml.eot_token_id", "tokenizer.ggml.unknown_token_id"])
+def test_token_ids_outside_the_vocabulary_are_named(key):
+    md = sentencepiece_metadata()
+    n = len(md["tokenizer.ggml.tokens"])
+    with pytest.raises(TokenizerError, match=f"{key} = -1 is outside the vocabulary of {n}"):
+        Tokenizer.from_metadata({**md, key: -1})

@@ -38,7 +38,7 @@ from shared.protocol import (
     encode,
 )
 from shared.tokenizer import Tokenizer
-from tests.test_tokenizer import sentencepiece_metadata, write_gguf
+from tests.test_tokenizer import byte_level_metadata, sentencepiece_metadata, write_gguf
 
 MAX_REQUEST_BYTES = 65536
 
@@ -269,6 +269,19 @@ def test_an_engine_message_that_trips_a_bug_ends_its_request_with_internal_error
         sent = decode(engine.recv_multipart())
         engine.send_multipart(token(sent.request_id, 7, "length"))
         assert [e.KIND for e in stream] == ["token", "final"]
+
+
+def test_tokenizer_metadata_of_the_wrong_type_is_refused_by_name_at_start(tmp_path):
+    """A model whose tokenizer.ggml.merges was an integer ended the coordinator with a TypeError's traceback."""
+    model = tmp_path / "bad.gguf"
+    write_gguf(model, {**byte_level_metadata(), "tokenizer.ggml.merges": 5}, "qwen3moe")
+    config = tmp_path / "config.toml"
+    config.write_text(Config(model=str(model), run_dir=str(tmp_path / "run"), metrics_port=0).to_toml())
+    run = subprocess.run([sys.executable, "-m", "coordinator", "--config", str(config)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 1
+    assert "cannot start: metadata key tokenizer.ggml.merges is int 5, expected list[str]" in run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_a_completion_keeps_the_leading_space_of_its_first_sentencepiece_word(tmp_path):
