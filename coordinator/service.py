@@ -194,7 +194,7 @@ class Coordinator:
                     waiting=self.table.num_waiting - room, max_waiting=self.config.max_waiting)
         prompt_ids = self.admission.prompt_ids(msg)
         self.table.add(RequestStream(self.table.next_id(), client, msg, prompt_ids,
-                                     self.tokenizer.detokenizer(context=prompt_ids),
+                                     self.tokenizer.detokenizer(skip_special=True, context=prompt_ids),
                                      self.stop_token_ids, now))
         PROMPT.inc(len(prompt_ids))
         self.dispatch()

@@ -11,6 +11,7 @@ Control and user-defined tokens are matched whole in the text; the chat template
 
 from __future__ import annotations
 
+import itertools
 import logging
 import numbers
 import os
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6  # 5 (unused) is read as normal
+# Special tokens: markup, matched in text only when asked to and left out of it by skip_special
+_SPECIAL_TYPES = (UNKNOWN, CONTROL)
 
 SPACE = "\u2581"  # SentencePiece's visible space, "▁"
 
@@ -244,7 +247,7 @@ class Tokenizer:
         special = [
             AddedToken(t, special=True, normalized=False)
             for t, kind in zip(self.tokens, self.token_types, strict=True)
-            if kind in (UNKNOWN, CONTROL)
+            if kind in _SPECIAL_TYPES
         ]
         user = [
             AddedToken(t, special=False, normalized=False)
@@ -322,7 +325,7 @@ class Tokenizer:
             kind = self.token_types[i]
             if kind == BYTE:
                 out.append(int(self.tokens[i][3:5], 16))
-            elif not (skip_special and kind in (UNKNOWN, CONTROL)):
+            elif not (skip_special and kind in _SPECIAL_TYPES):
                 out += self.tokens[i].replace(SPACE, " ").encode()
         text = out.decode("utf-8", "replace")
         return text[1:] if self._space_prefix and text.startswith(" ") else text
@@ -363,17 +366,26 @@ class IncrementalDetokenizer:
         self._skip = skip_special
         # The window opens on the end of the context, so the first new token is decoded as a continuation: on
         # its shortest tail of whole characters (one spans at most 4 byte tokens), or on nothing when the context
-        # ends inside a character, since the new tokens' text would then start inside it.
-        tails = ([int(i) for i in context[-n:]] for n in range(1, min(4, len(context)) + 1))
-        self._ids: list[int] = next((t for t in tails if "\ufffd" not in tokenizer.decode(t, skip_special)), [])
+        # ends inside a character, since the new tokens' text would then start inside it. Tokens that skip_special
+        # leaves out never enter the window, rather than being decoded as nothing: SentencePiece's decoder drops
+        # a text's leading space, so a window opening on one would take the space of the piece after it.
+        last = list(itertools.islice((int(i) for i in reversed(context) if not self._skipped(i)), 4))[::-1]
+        tails = (last[-n:] for n in range(1, len(last) + 1))
+        self._ids: list[int] = next((t for t in tails if "\ufffd" not in tokenizer.decode(t)), [])
         self._prefix = 0  # start of the window: text before it is already handed out
         self._read = len(self._ids)  # end of what has been handed out
 
     def feed(self, token_id: int) -> str:
-        """Add one token; returns the text it completes ("" while a character is still partial)."""
+        """Add one token; returns the text it completes ("" while a character is still partial, and for a
+        token that skip_special leaves out)."""
         self._tok._check_ids([token_id])
+        if self._skipped(token_id):
+            return ""
         self._ids.append(int(token_id))
         return self._advance(final=False)
+
+    def _skipped(self, token_id: int) -> bool:
+        return self._skip and self._tok.token_types[token_id] in _SPECIAL_TYPES
 
     def flush(self) -> str:
         """At the end of the sequence: whatever is held back, partial characters decoded as U+FFFD."""
@@ -382,8 +394,8 @@ class IncrementalDetokenizer:
     def _advance(self, final: bool) -> str:
         if self._read == len(self._ids):
             return ""
-        done = self._tok.decode(self._ids[self._prefix : self._read], self._skip)
-        text = self._tok.decode(self._ids[self._prefix :], self._skip)
+        done = self._tok.decode(self._ids[self._prefix : self._read])
+        text = self._tok.decode(self._ids[self._prefix :])
         if len(text) <= len(done) or (text.endswith("\ufffd") and not final):
             return ""
         self._prefix, self._read = self._read, len(self._ids)

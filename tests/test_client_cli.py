@@ -47,13 +47,14 @@ def tokenizer(model) -> Tokenizer:
 
 
 def expected_reply(oracle, tokenizer, prompt_ids: list[int], n: int) -> tuple[list[int], str]:
-    """The oracle's greedy tokens, ending at an end-of-turn token as the server does, and their text."""
+    """The oracle's greedy tokens, ending at an end-of-turn token as the server does, and their text, which has
+    no control tokens."""
     ids = oracle.greedy(prompt_ids, n)
     end = next((i for i, t in enumerate(ids) if t in tokenizer.eos_token_ids), None)
     if end is not None:
         ids = ids[: end + 1]
-        return ids, tokenizer.decode(ids[:-1])
-    return ids, tokenizer.decode(ids)
+        return ids, tokenizer.decode(ids[:-1], skip_special=True)
+    return ids, tokenizer.decode(ids, skip_special=True)
 
 
 def test_complete_gathers_tokens_text_logprobs_usage_and_timings(system, oracle, tokenizer):

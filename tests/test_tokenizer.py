@@ -345,16 +345,18 @@ def test_incremental_detokenizer_keeps_sentencepiece_spaces(mixtral):
 
 
 @pytest.mark.parametrize("name", ["qwen", "mixtral"])
-def test_incremental_detokenizer_continues_its_context(request, name):
+@pytest.mark.parametrize("skip_special", [False, True])
+def test_incremental_detokenizer_continues_its_context(request, name, skip_special):
     # A completion's text is what it adds to the prompt's: SentencePiece's decoder drops the leading space
-    # of a text's first piece, which the first generated word must keep (" dog", not "dog").
+    # of a text's first piece, which the first generated word must keep (" dog", not "dog"), also after a
+    # control token that adds no text.
     tok = request.getfixturevalue(name)
-    ids = tok.encode("The lazy dog 🦊 jumps")
+    ids = tok.encode("The lazy<|im_start|> dog</s> 🦊<s><|im_end|> jumps<|endoftext|>")
     for cut in range(1, len(ids)):
         prompt, completion = ids[:cut], ids[cut:]
-        detok = tok.detokenizer(context=prompt)
+        detok = tok.detokenizer(skip_special, context=prompt)
         text = "".join([detok.feed(i) for i in completion] + [detok.flush()])
-        whole, before = tok.decode(ids), tok.decode(prompt)
+        whole, before = tok.decode(ids, skip_special), tok.decode(prompt, skip_special)
         if "\ufffd" not in before:  # a prompt cut inside the fox: its bytes cannot be split between the two texts
             assert before + text == whole, cut
 

@@ -303,6 +303,23 @@ def test_a_completion_keeps_the_leading_space_of_its_first_sentencepiece_word(tm
     assert text == " dog" and tokenizer.decode(prompt, skip_special=True) + text == "The lazy dog"
 
 
+def test_control_tokens_add_no_text(tiny_model, tokenizer, tmp_path):
+    """A control token generated other than the end of turn (<|im_start|> here) was streamed as its markup; as
+    vLLM and llama.cpp's server do by default, it adds no text now, and its id is still reported."""
+    hi, there = tokenizer.encode("Hi", add_special=False), tokenizer.encode(" there", add_special=False)
+    im_start = tokenizer.tokens.index("<|im_start|>")
+    completion = [*hi, im_start, *there, im_start]
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
+    with joined_worker(coordinator) as (member, engine, hb):
+        stream = coordinator.client.generate(token_ids=[5], max_tokens=len(completion))
+        sent = decode(engine.recv_multipart())
+        for i, token_id in enumerate(completion):
+            engine.send_multipart(token(sent.request_id, token_id, "length" if i == len(completion) - 1 else None))
+        events = [e for e in stream if e.KIND == "token"]
+    assert [e.token_id for e in events] == completion
+    assert "".join(e.text for e in events) == "Hi there" == tokenizer.decode(completion, skip_special=True)
+
+
 def test_requests_the_worker_held_resume_on_its_successor_from_their_streamed_tokens(tiny_model, tmp_path):
     coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8, resume_timeout_s=10.0)
     with joined_worker(coordinator) as (member, engine, hb):
