@@ -187,6 +187,14 @@ class Config:
             parse_bytes_or_percent(self.host_memory_floor)
         except ValueError as e:
             raise ValueError(f"host_memory_floor: {e}") from None
+        # such a host's CPU computes none of its experts: each needs a VRAM slot, the tier's or, where the tier's
+        # policy keeps its residents, a staging one
+        write_combined = [h for h in range(self.expert_hosts) if self.host_memory_for(h) == "write-combined"]
+        if write_combined and (self.soft_slots == 0 or self.soft_staging == 0 or self.cold_path == "cpu"):
+            raise ValueError(f"expert host {write_combined[0]} keeps its experts in write-combined memory, which is "
+                             f"for experts streamed to the GPU, never computed on its CPU: it needs soft_slots and "
+                             f"soft_staging above 0 and cold_path auto or stream (soft_slots {self.soft_slots}, "
+                             f"soft_staging {self.soft_staging}, cold_path {self.cold_path})")
 
     def ipc(self, name: str) -> str:
         return f"ipc://{self.run_dir}/{name}.sock"

@@ -67,7 +67,8 @@ def test_floor_is_a_size_or_a_share_of_ram():
 
 def test_config_chooses_a_kind_per_host_and_validates_the_floor(tmp_path):
     path = tmp_path / "tierserve.toml"
-    path.write_text('host_memory = "pinned, write-combined"\nhost_memory_floor = "5%"\nexpert_hosts = 3\n')
+    path.write_text('host_memory = "pinned, write-combined"\nhost_memory_floor = "5%"\nexpert_hosts = 3\n'
+                    'soft_slots = 8\n')
     config = load_config(path)
     assert [config.host_memory_for(i) for i in range(3)] == ["pinned", "write-combined", "write-combined"]
     assert Config().host_memory_for(1) == "mapped" and Config().host_memory_floor == "2GiB"

@@ -49,7 +49,7 @@ def test_copied_experts_reach_the_gpu_intact(model, kind):
     if caps is None or caps.decision != HOST_DMA:
         pytest.skip(f"{kind} memory is registered or allocated for DMA only where the GPU DMAs from host memory")
     mapped = ExpertStore(open_expert_source(model, Config()), 0)
-    store = ExpertStore.from_config(open_expert_source(model, Config()), 0, Config(host_memory=kind))
+    store = ExpertStore.from_config(open_expert_source(model, Config()), 0, Config(host_memory=kind, soft_slots=1))
     try:
         for version, hot in ((1, 2), (2, 3)):  # a placement change builds new memory and frees the old
             placement = round_robin_placement(model.config, hot, 1, version=version)
