@@ -225,7 +225,7 @@ class LiveConstants:
 
     def observe_cpu(self, dtype: str, nbytes: int, flops: float, seconds: float) -> None:
         """A host computed experts of `dtype` (`nbytes` of weights, `flops` in all) in `seconds`, crossing excluded."""
-        if seconds <= 0.0:
+        if not 0.0 < seconds < math.inf:  # written so that NaN, which would poison every later refit, fails too
             raise ValueError(f"a CPU work item cannot take {seconds} s")
         if dtype not in self._ref_bw:
             # A dtype not measured at start-up: its first item, read as all reading, is its reference rate.
@@ -244,6 +244,8 @@ class LiveConstants:
 
     def observe_round_trip(self, seconds: float) -> None:
         """One GPU -> host -> GPU crossing's time beyond the host's compute."""
+        if not 0.0 <= seconds < math.inf:
+            raise ValueError(f"a crossing cannot take {seconds} s")
         keep = self._keep()
         self._rtt_s = keep * self._rtt_s + self.alpha * seconds
         self._rtt_w = keep * self._rtt_w + self.alpha

@@ -307,10 +307,16 @@ def test_identical_items_far_faster_than_the_references_still_fit():
     assert 0 < got.cpu_flops < float("inf")
 
 
-def test_live_constants_refuse_impossible_timings():
+@pytest.mark.parametrize("seconds", [0.0, -1e-3, float("nan"), float("inf")])
+def test_live_constants_refuse_impossible_timings(seconds):
+    """A NaN passed the check and made every later refit fail (the moments it poisoned never recover)."""
     live = LiveConstants(H100_MACHINE)
+    live.observe_cpu("BF16", 1 << 20, FLOPS, 1e-3)
     with pytest.raises(ValueError):
-        live.observe_cpu("BF16", 1 << 20, FLOPS, 0.0)
+        live.observe_cpu("BF16", 1 << 20, FLOPS, seconds)
+    with pytest.raises(ValueError):
+        live.observe_round_trip(seconds if seconds != 0.0 else -1.0)
+    assert all(np.isfinite([*live.current.cpu_read_bw.values(), live.current.cpu_flops, live.current.round_trip_s]))
 
 
 # --- inputs from a real file
