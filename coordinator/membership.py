@@ -15,6 +15,7 @@ from shared.config import Config
 from shared.expert_cache import hot_expert_nbytes
 from shared.gguf_file import GGUFModel
 from shared.placement import Placement, hot_experts_for_budget, round_robin_placement, versioned
+from shared.process import worker_device, worker_dtype
 from shared.protocol import Heartbeat
 
 WORKER_ID = "gpu-worker"
@@ -26,7 +27,8 @@ def startup_placement(model: GGUFModel, config: Config) -> Placement:
     cfg = model.config
     hot = config.hot_experts
     if hot < 0:
-        hot = hot_experts_for_budget(cfg, config.gpu_expert_budget, hot_expert_nbytes(model))
+        nbytes = hot_expert_nbytes(model, worker_dtype(config, worker_device(config)))
+        hot = hot_experts_for_budget(cfg, config.gpu_expert_budget, nbytes)
     return versioned(round_robin_placement(cfg, hot, config.expert_hosts), model.identity)
 
 

@@ -30,7 +30,7 @@ from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
 from shared.placement import Placement
-from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process, worker_device
+from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process, worker_device, worker_dtype
 from shared.protocol import (
     EngineCancel,
     EngineError,
@@ -71,19 +71,13 @@ COST_ROUND_TRIP = Gauge("tierserve_worker_cost_round_trip_seconds",
 _dispatched = functools.cache(DISPATCH.labels)
 
 
-def pick_dtype(config: Config, device: torch.device) -> torch.dtype:
-    if config.dtype == "auto":
-        return torch.float32 if device.type == "cpu" else torch.bfloat16
-    return getattr(torch, config.dtype)
-
-
 class Engine:
     """Model, cache, scheduler and sampler for one placement; no sockets of its own but the data plane."""
 
     def __init__(self, config: Config, model: GGUFModel, remote: RemoteExperts | None) -> None:
         self.config, self.model, self.remote = config, model, remote
         self.device = worker_device(config)
-        dtype = pick_dtype(config, self.device)
+        dtype = worker_dtype(config, self.device)
         num_blocks = config.kv_cache_blocks
         cuda = self.device.type == "cuda"
         # crossings from the device need a decode step's static rows; a CPU worker runs them without capture. A

@@ -32,13 +32,14 @@ from shared.bench_metrics import scrape_tiers, tier_delta, worker_metrics_url
 from shared.bench_profile import CANDIDATE_PROMPTS, profile_system
 from shared.bench_report import markdown, write_results
 from shared.client import AsyncClient, ServerError, run
-from shared.config import parse_bytes
+from shared.config import Config, parse_bytes
 from shared.expert_cache import expert_layouts, hot_expert_nbytes
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
 from shared.make_model import ARCHS, DTYPES, PRESETS, make_model
 from shared.memory_use import UsedMemoryPeak
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelConfig, ModelError, expert_tensor_name
+from shared.process import worker_device, worker_dtype
 from shared.tokenizer import Tokenizer
 
 CONCURRENCY = (1, 4, 16)
@@ -115,7 +116,9 @@ def model_facts(model: GGUFModel) -> dict[str, Any]:
     served = expert_layouts(model)
     return {"served_format": ", ".join(dict.fromkeys(layout.format for layout in served)),
             "served_bytes_per_expert": sum(layout.expert_nbytes for layout in served) / cfg.n_layers,
-            "hot_bytes_per_expert": hot_expert_nbytes(model),  # what the budget for hot experts is counted in
+            # what the budget for hot experts is counted in, by a worker of the default device and dtype, as the bench
+            # starts it
+            "hot_bytes_per_expert": hot_expert_nbytes(model, worker_dtype(Config(), worker_device(Config()))),
             "path": str(model.path), "name": model.metadata.get("general.name", model.path.stem), "arch": cfg.arch,
             "n_layers": cfg.n_layers, "n_experts": cfg.n_experts, "n_experts_used": cfg.n_experts_used,
             "hidden": cfg.hidden, "expert_ffn": cfg.expert_ffn, "context_length": cfg.context_length,

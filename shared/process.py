@@ -39,6 +39,13 @@ def worker_device(config: Config) -> torch.device:
     return torch.device("cpu")
 
 
+def worker_dtype(config: Config, device: torch.device) -> torch.dtype:
+    """The gpu_worker's dtype on `device`: of its trunk, and of the float experts it holds."""
+    if config.dtype == "auto":
+        return torch.float32 if device.type == "cpu" else torch.bfloat16
+    return getattr(torch, config.dtype)
+
+
 def setup_process(member_id: str, role: str, config: Config) -> logging.Logger:
     logging.basicConfig(level=config.log_level.upper(),
                         format=f"%(asctime)s {member_id}[%(process)d] %(levelname)s %(message)s")

@@ -5,10 +5,14 @@ from __future__ import annotations
 import pytest
 
 from coordinator.membership import Membership, startup_placement
+from gpu_worker.experts import HotExperts
 from shared.config import Config
+from shared.expert_source import ExpertSource
 from shared.gguf_file import GGUFModel
+from shared.make_model import make_model
 from shared.model_config import ModelConfig
 from shared.placement import round_robin_placement
+from shared.process import worker_device, worker_dtype
 from shared.protocol import Heartbeat
 
 CFG = ModelConfig(arch="qwen3moe", n_layers=2, hidden=8, n_heads=2, n_kv_heads=1, head_dim=4, n_experts=4,
@@ -102,10 +106,29 @@ def test_startup_placement_takes_hot_experts_or_fills_the_budget(tiny_model):
     again = startup_placement(model, Config(model=str(tiny_model), hot_experts=3, expert_hosts=2))
     assert again.version == fixed.version, "a coordinator restarted as it was does not make members load it again"
     budget = 2 * one * cfg.n_layers + one  # room for 2 per layer, not 3
-    by_budget = startup_placement(model, Config(model=str(tiny_model), gpu_expert_budget=budget, expert_hosts=1))
+    by_budget = startup_placement(model, Config(model=str(tiny_model), gpu_expert_budget=budget, expert_hosts=1,
+                                                device="cpu"))  # a float32 worker: it holds the f32 experts as stored
     assert by_budget.count_hot() == 2 * cfg.n_layers
     everything = startup_placement(model, Config(model=str(tiny_model), gpu_expert_budget=10**12, expert_hosts=0))
     assert everything.count_hot() == cfg.n_experts * cfg.n_layers and everything.hosts_in_use() == []
+
+
+@pytest.mark.parametrize(("device", "dtype"), [("cpu", "auto"), ("cpu", "bfloat16")])
+def test_the_hot_experts_a_budget_places_fit_it_as_the_worker_holds_them(tmp_path, device, dtype):
+    """A float expert is held in the worker's dtype, not the file's: a bf16 file's experts on a float32 worker
+    take twice their stored bytes, which a budget counted in stored bytes let through at twice its size."""
+    path = tmp_path / "tiny-bf16.gguf"
+    make_model(path, preset="tiny", dtype="bf16", seed=0)
+    model = GGUFModel(path)
+    cfg = model.config
+    config = Config(model=str(path), device=device, dtype=dtype, expert_hosts=1,
+                    gpu_expert_budget=2 * cfg.expert_params * 4 * cfg.n_layers)  # 2 float32 experts a layer
+    placement = startup_placement(model, config)
+    hot = HotExperts(ExpertSource(model, None), worker_device(config), worker_dtype(config, worker_device(config)))
+    hot.apply(placement)
+    assert hot.nbytes <= config.gpu_expert_budget
+    # and as many as fit: a bf16 worker holds twice as many in the same bytes
+    assert placement.count_hot() == cfg.n_layers * (2 if dtype == "auto" else 4)
 
 
 def test_a_restarted_coordinator_with_another_placement_welcomes_members_again(tiny_model):
