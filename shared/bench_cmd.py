@@ -164,7 +164,7 @@ def limits(model: dict[str, Any], cfg: ModelConfig, machine: bench_limits.Machin
            measured: dict[str, Any]) -> dict[str, Any]:
     """Bounds from the model, the placement and the measured hit rates, and measured / bound: the bytes that
     move are the experts as tierserve serves them (its int4 carries a zero per group that Q4_0 does not)."""
-    traffic = bench_limits.model_traffic(cfg, model["served_bytes_per_expert"])
+    traffic = bench_limits.model_traffic(cfg, model["served_bytes_per_expert"], model["served_format"] != "float")
     tiers = measured["tiers"]["decode"]
     if sum(tiers["pairs"].values()):
         share, source = tiers["cold_share"], "measured routed pairs"

@@ -24,10 +24,11 @@ class ModelTraffic:
     n_layers: int
     n_experts: int
     experts_used: int  # routed experts per token per layer (top-k)
-    bytes_per_expert: float  # stored bytes of one routed expert (gate, up, down), mean over layers
+    bytes_per_expert: float  # bytes of one routed expert as served (gate, up, down), mean over layers
     expert_params: int
     trunk_params: int  # matrix parameters a token passes through besides the routed experts
     attn_flops_per_position: float  # attention score and value flops per cached position, all layers
+    quantized: bool = False  # experts served as int8 / int4: held in VRAM in that format, not at the device's dtype
 
     @property
     def experts_per_token(self) -> int:
@@ -39,12 +40,12 @@ class ModelTraffic:
             + self.attn_flops_per_position * context
 
 
-def model_traffic(cfg: ModelConfig, bytes_per_expert: float) -> ModelTraffic:
+def model_traffic(cfg: ModelConfig, bytes_per_expert: float, quantized: bool = False) -> ModelTraffic:
     """The traffic of `cfg`; the embedding table is looked up, not multiplied, so it is not trunk work."""
     trunk = sum(shape[0] * shape[1] for name, shape in tensor_shapes(cfg).items()
                 if len(shape) == 2 and name != "token_embd.weight")  # merged experts are 3-D
     return ModelTraffic(cfg.n_layers, cfg.n_experts, cfg.n_experts_used, bytes_per_expert, cfg.expert_params,
-                        trunk, 4.0 * cfg.n_heads * cfg.head_dim * cfg.n_layers)
+                        trunk, 4.0 * cfg.n_heads * cfg.head_dim * cfg.n_layers, quantized)
 
 
 @dataclass(frozen=True)
@@ -82,7 +83,7 @@ def _rate(nbytes: float, bandwidth: float | None) -> float | None:
 @dataclass(frozen=True)
 class DecodeBound:
     cold_bytes_per_token: float
-    resident_bytes_per_token: float  # trunk and VRAM-held experts, at the device's dtype
+    resident_bytes_per_token: float  # trunk at the device's dtype and VRAM-held experts
     links_parallel_tok_s: float | None  # cold bytes over PCIe and CPU reads together
     pcie_only_tok_s: float | None
     cpu_only_tok_s: float | None
@@ -94,8 +95,10 @@ def decode_bound(traffic: ModelTraffic, machine: Machine, share_cold: float) -> 
     """Single-stream decode: every token brings its cold experts through the links and reads the rest
     from device memory. On a CPU-only machine both come out of the same RAM, so their times add."""
     cold = traffic.experts_per_token * share_cold * traffic.bytes_per_expert
-    resident = machine.device_bytes_per_param * (
-        traffic.trunk_params + traffic.experts_per_token * (1 - share_cold) * traffic.expert_params)
+    vram_expert = traffic.bytes_per_expert if traffic.quantized \
+        else machine.device_bytes_per_param * traffic.expert_params
+    resident = machine.device_bytes_per_param * traffic.trunk_params \
+        + traffic.experts_per_token * (1 - share_cold) * vram_expert
     links = _rate(cold, machine.cpu_read_bw + (machine.pcie_bw or 0.0))
     device_s = resident / machine.device_mem_bw
     if machine.has_gpu:

@@ -9,10 +9,13 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from shared.bench_cmd import settings
+from shared.bench_cmd import limits, model_facts, settings
+from shared.bench_limits import Machine, model_traffic
 from shared.bench_load import Timed, latency, prompt_ids
 from shared.bench_metrics import PATHS, parse_tiers, tier_delta, worker_metrics_url
 from shared.cli import main as tierserve
+from shared.gguf_file import GGUFModel
+from shared.make_model import make_model
 from shared.protocol import HealthReply
 
 LAYERS, TOP_K = 4, 2  # the tiny preset
@@ -121,6 +124,21 @@ def test_host_memory_of_every_process_the_bench_started(bench_run):
         assert p["peak_rss"] >= p["rssanon"] > 0
     assert memory["used_peak_above_start"] > 0  # three Python processes with torch loaded, at least
     assert "## Host memory" in (out / "results.md").read_text()
+
+
+def test_decode_bound_reads_a_quantized_model_s_vram_experts_in_their_serving_format(tmp_path):
+    """The worker holds a quantized model's hot and soft-tier experts as their int8 / int4 cache regions, not at its
+    own dtype: only the trunk is read at the device's bytes per parameter."""
+    make_model(tmp_path / "q.gguf", preset="tiny", dtype="q4_0")
+    model = GGUFModel(tmp_path / "q.gguf")
+    facts = model_facts(model)
+    cpu = Machine(cpu_read_bw=100e9, pcie_bw=None, device_mem_bw=100e9, device_flops=1e12, device_bytes_per_param=4)
+    measured = {"tiers": {"decode": {"pairs": {"hot": 3.0, "cpu": 1.0}, "cold_share": 0.25}},
+                "decode": [{"per_request_tok_s": 100.0}], "prefill": []}
+    decode = limits(facts, model.config, cpu, 2.0, measured)["decode"]
+    trunk = model_traffic(model.config, facts["served_bytes_per_expert"]).trunk_params
+    assert decode["resident_bytes_per_token"] == pytest.approx(
+        4 * trunk + LAYERS * TOP_K * 0.75 * facts["served_bytes_per_expert"])
 
 
 def worker_metrics_page(hot: int, streamed: int, hit_rate: float, streamed_bytes: float) -> str:
