@@ -19,6 +19,7 @@ PATHS = ("hot", "soft_hit", "streamed", "staged", "cpu")  # how a routed (token,
 DISPATCH = "tierserve_worker_expert_dispatch_total"
 SOFT_HIT_RATE = "tierserve_worker_soft_tier_hit_rate"
 STREAMED_BYTES = "tierserve_worker_streamed_bytes"
+STARTED = "process_start_time_seconds"  # prometheus_client's own: a restarted worker counts from zero again
 # the cold planner's constants (gpu_worker/service.py's COST_* gauges): metric -> key in TierSnapshot.cost
 COST = {"tierserve_worker_cost_pcie_bytes_per_second": "pcie_bw",
         "tierserve_worker_cost_cpu_read_bytes_per_second": "cpu_read_bw",
@@ -44,6 +45,7 @@ class TierSnapshot:
     streamed_bytes: float  # since start
     # the cold planner's constants now (empty without soft slots): cpu_read_bw by served format, the others a number
     cost: dict[str, Any]
+    started: float  # the worker process's start time (0 where the page has none)
 
 
 def parse_tiers(text: str) -> TierSnapshot:
@@ -55,13 +57,14 @@ def parse_tiers(text: str) -> TierSnapshot:
         for sample in family.samples:
             if sample.name == DISPATCH and sample.labels.get("path") in pairs:
                 pairs[sample.labels["path"]] = sample.value
-            elif sample.name in (SOFT_HIT_RATE, STREAMED_BYTES):
+            elif sample.name in (SOFT_HIT_RATE, STREAMED_BYTES, STARTED):
                 values[sample.name] = sample.value
             elif sample.name in COST and "format" in sample.labels:
                 cost.setdefault(COST[sample.name], {})[sample.labels["format"]] = sample.value
             elif sample.name in COST:
                 cost[COST[sample.name]] = sample.value
-    return TierSnapshot(pairs, values.get(SOFT_HIT_RATE, 0.0), values.get(STREAMED_BYTES, 0.0), cost)
+    return TierSnapshot(pairs, values.get(SOFT_HIT_RATE, 0.0), values.get(STREAMED_BYTES, 0.0), cost,
+                        values.get(STARTED, 0.0))
 
 
 def scrape_tiers(url: str, timeout_s: float = 10.0) -> TierSnapshot:
@@ -72,10 +75,12 @@ def scrape_tiers(url: str, timeout_s: float = 10.0) -> TierSnapshot:
 def tier_delta(before: TierSnapshot, after: TierSnapshot, seconds: float) -> dict[str, Any]:
     """What a phase of `seconds` did: pairs by path and their shares, the share served from VRAM (hot pool
     plus soft-tier hits), the soft tier's hit rate at the end, the streaming rate achieved, and the cold
-    planner's constants at the end."""
-    pairs = {p: after.pairs[p] - before.pairs[p] for p in PATHS}
+    planner's constants at the end. A worker restarted during the phase counts from zero again: the phase's
+    figures are then its successor's alone."""
+    restarted = after.started != before.started
+    pairs = {p: after.pairs[p] - (0.0 if restarted else before.pairs[p]) for p in PATHS}
     total = sum(pairs.values())
-    streamed = after.streamed_bytes - before.streamed_bytes
+    streamed = after.streamed_bytes - (0.0 if restarted else before.streamed_bytes)
     return {
         "pairs": pairs,
         "share": {p: (n / total if total else 0.0) for p, n in pairs.items()},
@@ -86,4 +91,5 @@ def tier_delta(before: TierSnapshot, after: TierSnapshot, seconds: float) -> dic
         "streamed_gb_s": streamed / seconds / 1e9 if seconds > 0 else 0.0,
         "seconds": seconds,
         "cost_model": after.cost,
+        "worker_restarted": restarted,
     }

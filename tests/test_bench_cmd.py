@@ -141,9 +141,10 @@ def test_decode_bound_reads_a_quantized_model_s_vram_experts_in_their_serving_fo
         4 * trunk + LAYERS * TOP_K * 0.75 * facts["served_bytes_per_expert"])
 
 
-def worker_metrics_page(hot: int, streamed: int, hit_rate: float, streamed_bytes: float) -> str:
+def worker_metrics_page(hot: int, streamed: int, hit_rate: float, streamed_bytes: float, started: float = 1e9) -> str:
     """A /metrics page with the gpu_worker's tier metrics, written by prometheus_client as the worker does."""
     registry = CollectorRegistry()
+    Gauge("process_start_time_seconds", "start time of the process", registry=registry).set(started)
     dispatch = Counter("tierserve_worker_expert_dispatch_total", "pairs by path", ["path"], registry=registry)
     dispatch.labels("hot").inc(hot)
     dispatch.labels("streamed").inc(streamed)
@@ -173,6 +174,16 @@ def test_tier_counters_from_a_metrics_page_and_their_change():
                                "cpu_flops": 2e12, "round_trip_s": 25e-6}
     idle = tier_delta(after, after, 1.0)
     assert idle["vram_hit_rate"] == 0.0 and idle["streamed_gb_s"] == 0.0
+
+
+def test_tier_counters_of_a_worker_restarted_during_the_phase_count_from_its_restart():
+    before = parse_tiers(worker_metrics_page(hot=1000, streamed=500, hit_rate=0.5, streamed_bytes=9e9, started=1e9))
+    after = parse_tiers(worker_metrics_page(hot=30, streamed=10, hit_rate=0.25, streamed_bytes=4e9, started=1e9 + 60))
+    d = tier_delta(before, after, seconds=2.0)
+    assert d["worker_restarted"]
+    assert d["pairs"] == {"hot": 30, "soft_hit": 0, "streamed": 10, "staged": 0, "cpu": 0}
+    assert d["share"]["hot"] == 0.75 and d["cold_share"] == 0.25 and d["streamed_gb_s"] == 2.0
+    assert not tier_delta(after, after, 1.0)["worker_restarted"]
 
 
 def test_worker_metrics_url_from_health():
