@@ -7,6 +7,7 @@ as stored in the GGUF for llama.cpp's layers of experts, so each system gets the
 
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -67,7 +68,7 @@ def run_llama(build_dir: str, model: str, percents: list[float], gguf_expert_byt
               gen_tokens: int, prompt_tokens: int, threads: int, timeout_s: float = 3600.0) -> list[dict[str, Any]]:
     """llama-bench once for decode and once for prefill over every budget's `--n-cpu-moe` (a list it sweeps
     itself), all layers on the GPU, the model loaded rather than mapped (its faster setting on the H100), or
-    mapped where loading fails (a second copy of the model in RAM may not fit)."""
+    mapped where loading fails or runs past `timeout_s` (a second copy of the model in RAM may not fit)."""
     binary = bench_llama.find_llama_bench(build_dir)
     n_cpu = {pct: bench_llama.cpu_moe_layers(n_layers, int(gguf_expert_bytes / n_layers),
                                              int(gguf_expert_bytes * pct / 100)) for pct in percents}
@@ -83,7 +84,7 @@ def run_llama(build_dir: str, model: str, percents: list[float], gguf_expert_byt
             try:
                 records += bench_llama.run(argv, timeout_s)
                 break
-            except RuntimeError as e:
+            except (RuntimeError, subprocess.TimeoutExpired) as e:
                 print(f"bench: {str(e).splitlines()[0]}", file=sys.stderr, flush=True)
     return [{"percent": pct, "n_cpu_moe": n, **by_cpu_moe(records, n)} for pct, n in n_cpu.items()]
 

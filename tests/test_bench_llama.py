@@ -91,8 +91,9 @@ def test_command_lines():
 def fake_llama_bench(directory: Path) -> Path:
     """A stand-in for llama-bench (no llama.cpp here): it answers --help like a new build and prints one
     record per prompt length or one decode record, as `-o json` does, for each `-ncmoe` value given (faster
-    with fewer layers of experts on the CPU), fails on a model it cannot load and is killed as by the kernel's
-    out-of-memory killer when it loads (not maps) a model too big for RAM; it logs its arguments."""
+    with fewer layers of experts on the CPU), fails on a model it cannot load, is killed as by the kernel's
+    out-of-memory killer when it loads (not maps) a model too big for RAM and hangs loading slow.gguf; it logs its
+    arguments."""
     path = directory / "bin" / "llama-bench"
     path.parent.mkdir(parents=True)
     path.write_text(f"""#!{sys.executable}
@@ -109,6 +110,9 @@ if value("-m") == "missing.gguf":
 if value("-m") == "big.gguf" and value("-lm") == "none":
     import os, signal
     os.kill(os.getpid(), signal.SIGKILL)
+if value("-m") == "slow.gguf" and value("-lm") == "none":
+    import time
+    time.sleep(600)
 prompts = [int(p) for p in value("-p").split(",")]
 records = [dict(n_prompt=p, n_gen=0, avg_ts=1000.0 + p) for p in prompts if p] or [
     dict(n_prompt=0, n_gen=int(value("-n")), avg_ts=50.0)]

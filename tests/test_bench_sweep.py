@@ -51,6 +51,13 @@ def test_llama_sweep_maps_the_model_where_loading_it_runs_out_of_memory(tmp_path
     assert points == [{"percent": 50, "n_cpu_moe": 2, "llama_decode_tok_s": 48.0, "llama_prefill_tok_s": 1062.0}]
 
 
+def test_llama_sweep_maps_the_model_where_loading_it_runs_past_the_timeout(tmp_path):
+    fake_llama_bench(tmp_path)
+    points = run_llama(str(tmp_path), "slow.gguf", [50], 400, LAYERS, gen_tokens=8, prompt_tokens=64, threads=2,
+                       timeout_s=5)
+    assert points == [{"percent": 50, "n_cpu_moe": 2, "llama_decode_tok_s": 48.0, "llama_prefill_tok_s": 1062.0}]
+
+
 @pytest.mark.slow
 def test_bench_sweeps_the_budget_on_the_tiny_model(tmp_path):
     """--sweep-only: the sweep without the figures at the bench's own budget first."""
