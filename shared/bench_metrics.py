@@ -63,7 +63,10 @@ def parse_tiers(text: str) -> TierSnapshot:
                 cost.setdefault(COST[sample.name], {})[sample.labels["format"]] = sample.value
             elif sample.name in COST:
                 cost[COST[sample.name]] = sample.value
-    return TierSnapshot(pairs, values.get(SOFT_HIT_RATE, 0.0), values.get(STREAMED_BYTES, 0.0), cost,
+    # a worker without a planner (no soft slots) never sets these gauges, and prometheus_client exports them as 0;
+    # a planner's PCIe bandwidth is measured at start-up, so it is never 0
+    planned = cost if cost.get("pcie_bw") else {}
+    return TierSnapshot(pairs, values.get(SOFT_HIT_RATE, 0.0), values.get(STREAMED_BYTES, 0.0), planned,
                         values.get(STARTED, 0.0))
 
 

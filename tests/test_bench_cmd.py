@@ -13,6 +13,7 @@ from shared.bench_cmd import limits, model_facts, settings
 from shared.bench_limits import Machine, model_traffic
 from shared.bench_load import Timed, latency, prompt_ids
 from shared.bench_metrics import PATHS, parse_tiers, tier_delta, worker_metrics_url
+from shared.bench_report import cost_model_table
 from shared.cli import main as tierserve
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
@@ -174,6 +175,19 @@ def test_tier_counters_from_a_metrics_page_and_their_change():
                                "cpu_flops": 2e12, "round_trip_s": 25e-6}
     idle = tier_delta(after, after, 1.0)
     assert idle["vram_hit_rate"] == 0.0 and idle["streamed_gb_s"] == 0.0
+
+
+def test_a_worker_without_a_cold_planner_has_no_planner_constants():
+    """Without soft slots the worker never sets its cost gauges, which prometheus_client then exports as 0."""
+    registry = CollectorRegistry()
+    Counter("tierserve_worker_expert_dispatch_total", "pairs by path", ["path"], registry=registry).labels("hot").inc(8)
+    Gauge("tierserve_worker_cost_pcie_bytes_per_second", "pcie", registry=registry)
+    Gauge("tierserve_worker_cost_cpu_read_bytes_per_second", "read", ["format"], registry=registry)
+    Gauge("tierserve_worker_cost_cpu_flops", "flops", registry=registry)
+    Gauge("tierserve_worker_cost_round_trip_seconds", "rtt", registry=registry)
+    snapshot = parse_tiers(generate_latest(registry).decode())
+    assert snapshot.pairs["hot"] == 8 and snapshot.cost == {}
+    assert cost_model_table({"decode": tier_delta(snapshot, snapshot, 1.0)}) == []
 
 
 def test_tier_counters_of_a_worker_restarted_during_the_phase_count_from_its_restart():
