@@ -143,8 +143,10 @@ async def measure_system(endpoint: str, run_settings: dict[str, Any], base: list
     async with AsyncClient(endpoint, timeout_s=TIMEOUT_S) as client:
         metrics_url = worker_metrics_url(await client.health(), endpoint)
         placement = (await client.stats()).stats["placement"]
-        await decode_run(endpoint, 1, 1, 4, base, s["decode_prompt_tokens"])  # warm-up: first steps pay set-up
-        await prefill_run(client, base, max(s["prompt_lengths"]), 1, variant=WARM_UP_VARIANT)
+        # warm-up, on prompts none of the measured runs send: first steps pay set-up
+        warm_up = {"decode": await decode_run(endpoint, 1, 1, 4, base, s["decode_prompt_tokens"],
+                                              variant=WARM_UP_VARIANT),
+                   "prefill": await prefill_run(client, base, max(s["prompt_lengths"]), 1, variant=WARM_UP_VARIANT)}
         phases = {}
         before, start = scrape_tiers(metrics_url), time.perf_counter()
         bar = Progress(sum(c * s["waves"] for c in s["concurrency"]), "decode")
@@ -157,7 +159,7 @@ async def measure_system(endpoint: str, run_settings: dict[str, Any], base: list
         prefill = [await prefill_run(client, base, n, s["prefill_repeats"], bar.update) for n in s["prompt_lengths"]]
         bar.close()
         phases["prefill"] = tier_delta(after, scrape_tiers(metrics_url), time.perf_counter() - end)
-    return {"placement": placement, "decode": decode, "prefill": prefill, "tiers": phases}
+    return {"placement": placement, "warm_up": warm_up, "decode": decode, "prefill": prefill, "tiers": phases}
 
 
 def limits(model: dict[str, Any], cfg: ModelConfig, machine: bench_limits.Machine, hot_per_layer: float,
@@ -243,7 +245,7 @@ def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
                    "hot_experts_per_layer": hot_per_layer, "expert_hosts": len(placement["hosts"]),
                    "host_memory": host_memory},
         "decode": measured["decode"], "latency": {k: v for k, v in measured["decode"][0].items() if "_ms_" in k},
-        "prefill": measured["prefill"], "tiers": measured["tiers"],
+        "prefill": measured["prefill"], "tiers": measured["tiers"], "warm_up": measured["warm_up"],
         "limits": limits(facts, model.config, machine, hot_per_layer, measured),
     })
     write_results(results, out)

@@ -81,8 +81,9 @@ def latency(requests: list[Timed]) -> dict[str, float | None]:
 
 
 async def decode_run(endpoint: str, concurrency: int, waves: int, max_tokens: int, base: list[int],
-                     prompt_tokens: int, done: Callable[[], None] = lambda: None) -> dict[str, Any]:
-    """Aggregate tokens/s over the run's wall time, mean per-request decode tokens/s, latency percentiles.
+                     prompt_tokens: int, done: Callable[[], None] = lambda: None, variant: int = 0) -> dict[str, Any]:
+    """Aggregate tokens/s over the run's wall time, mean per-request decode tokens/s, latency percentiles; the
+    prompts are variants `variant` .. `variant` + concurrency * waves - 1.
 
     Each stream has a client (a socket) of its own: on a shared one, whichever coroutine reads the socket
     drains other streams' events too, and they would be stamped when their reader next runs, in bursts."""
@@ -91,7 +92,7 @@ async def decode_run(endpoint: str, concurrency: int, waves: int, max_tokens: in
     async def stream(worker: int) -> None:
         async with AsyncClient(endpoint, timeout_s=TIMEOUT_S) as client:
             for wave in range(waves):
-                ids = prompt_ids(base, prompt_tokens, worker * waves + wave)
+                ids = prompt_ids(base, prompt_tokens, variant + worker * waves + wave)
                 requests.append(await timed_request(client, token_ids=ids, max_tokens=max_tokens, temperature=0.0))
                 done()
 
@@ -101,7 +102,8 @@ async def decode_run(endpoint: str, concurrency: int, waves: int, max_tokens: in
     tokens = sum(len(r.arrivals) for r in requests)
     per_request = [s for r in requests if (s := r.decode_tok_s) is not None]
     return {"concurrency": concurrency, "requests": len(requests), "max_tokens": max_tokens,
-            "prompt_tokens": prompt_tokens, "completion_tokens": tokens, "wall_s": wall,
+            "prompt_tokens": prompt_tokens, "prompt_variants": [variant, variant + concurrency * waves - 1],
+            "completion_tokens": tokens, "wall_s": wall,
             "aggregate_tok_s": tokens / wall,
             "per_request_tok_s": float(np.mean(per_request)) if per_request else None,
             "server_decode_tok_s": float(np.mean([r.final.decode_tok_s for r in requests if r.final])),

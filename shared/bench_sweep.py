@@ -40,7 +40,7 @@ async def _measure(endpoint: str, base: list[int], run_settings: dict[str, Any])
         placement = (await client.stats()).stats["placement"]
         # warm-up of both phases, as the bench's own run does: a system's first prompt pays one-time set-up
         # (kernel tuning, allocator growth) that the prompt measured here would otherwise carry
-        await decode_run(endpoint, 1, 1, 4, base, s["decode_prompt_tokens"])
+        await decode_run(endpoint, 1, 1, 4, base, s["decode_prompt_tokens"], variant=WARM_UP_VARIANT)
         await prefill_run(client, base, min(s["prompt_lengths"]), 1, variant=WARM_UP_VARIANT)
         before = scrape_tiers(metrics_url)
         decode = await decode_run(endpoint, 1, 1, s["max_tokens"], base, s["decode_prompt_tokens"])

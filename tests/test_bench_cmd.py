@@ -50,6 +50,18 @@ def test_decode_figures_at_each_concurrency(bench_run):
 
 
 @pytest.mark.slow
+def test_the_warm_up_sends_prompts_none_of_the_measured_runs_send(bench_run):
+    """A warm-up on a measured prompt would leave that prompt's experts in VRAM for the run that measures it."""
+    _, r = bench_run
+    first, last = r["warm_up"]["decode"]["prompt_variants"]
+    for d in r["decode"]:
+        low, high = d["prompt_variants"]
+        assert high - low + 1 == d["requests"]
+        assert last < low or high < first
+    assert r["warm_up"]["prefill"]["prompt_tokens"] == max(r["settings"]["prompt_lengths"])
+
+
+@pytest.mark.slow
 def test_prefill_figures(bench_run):
     _, r = bench_run
     assert [p["prompt_tokens"] for p in r["prefill"]] == r["settings"]["prompt_lengths"] == [64, 256]
