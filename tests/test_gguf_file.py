@@ -314,14 +314,29 @@ def _tensor_offset_field(data: bytes, name: str) -> int:
     return at + 4 + 8 * n_dims + 4
 
 
-def test_tensors_that_share_bytes_are_refused(tmp_path):
-    """As llama.cpp refuses them: two tensors over the same bytes were served, one with the other's weights."""
+def _tiny_file_edited(tmp_path, edit):
+    """A tiny model's file, its bytes changed in place by `edit`."""
     cfg = tiny_config()
     path = _write(tmp_path, cfg, random_tensors(cfg))
     data = bytearray(path.read_bytes())
+    edit(data)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def _share_gate_bytes_with_up(data: bytearray) -> None:
     gate, up = (_tensor_offset_field(data, f"blk.0.ffn_{kind}_exps.weight") for kind in ("gate", "up"))
     data[up : up + 8] = data[gate : gate + 8]
-    path.write_bytes(bytes(data))
+
+
+def _misalign_down(data: bytearray) -> None:
+    at = _tensor_offset_field(data, "blk.1.ffn_down_exps.weight")
+    struct.pack_into("<Q", data, at, struct.unpack_from("<Q", data, at)[0] + 4)
+
+
+def test_tensors_that_share_bytes_are_refused(tmp_path):
+    """As llama.cpp refuses them: two tensors over the same bytes were served, one with the other's weights."""
+    path = _tiny_file_edited(tmp_path, _share_gate_bytes_with_up)
     with pytest.raises(ModelError, match=r"bad.gguf: tensors blk\.0\.ffn_(gate|up)_exps\.weight and "
                                          r"blk\.0\.ffn_(gate|up)_exps\.weight overlap"):
         GGUFModel(path)
@@ -329,12 +344,7 @@ def test_tensors_that_share_bytes_are_refused(tmp_path):
 
 def test_a_tensor_off_the_files_alignment_is_refused(tmp_path):
     """As llama.cpp refuses it: an offset off the alignment is a corrupt tensor index, and was served as it read."""
-    cfg = tiny_config()
-    path = _write(tmp_path, cfg, random_tensors(cfg))
-    data = bytearray(path.read_bytes())
-    at = _tensor_offset_field(data, "blk.1.ffn_down_exps.weight")
-    struct.pack_into("<Q", data, at, struct.unpack_from("<Q", data, at)[0] + 4)
-    path.write_bytes(bytes(data))
+    path = _tiny_file_edited(tmp_path, _misalign_down)
     with pytest.raises(ModelError, match=r"bad.gguf: tensor blk\.1\.ffn_down_exps\.weight starts at \d+ bytes into "
                                          r"the data, not a multiple of the file's alignment \(32\)"):
         GGUFModel(path)
