@@ -1,8 +1,9 @@
 """Render a model's chat template into a prompt string, in the Jinja2 environment Hugging Face uses.
 
 Templates are written against transformers' `apply_chat_template`: a sandboxed environment with
-trim_blocks/lstrip_blocks, the loopcontrols extension, a `tojson` filter that keeps non-ASCII text,
-and `raise_exception` / `strftime_now` globals. A template that renders there renders the same here.
+trim_blocks/lstrip_blocks, the loopcontrols extension, `{% generation %}` blocks, a `tojson` filter that
+keeps non-ASCII text, and `raise_exception` / `strftime_now` globals. A template that renders there renders
+the same here.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ from datetime import datetime
 from typing import Any
 
 import jinja2
-from jinja2.ext import loopcontrols
+from jinja2 import nodes
+from jinja2.ext import Extension, loopcontrols
+from jinja2.parser import Parser
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 
@@ -36,8 +39,24 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+class _Generation(Extension):
+    """`{% generation %}...{% endgeneration %}`: templates written for assistant-only training mark the
+    assistant's text with it (transformers maps it to a loss mask); a prompt only needs the text inside."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Parser) -> nodes.Node:
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        # A call block, as transformers parses it, so the body has the same scope there and here.
+        return nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+    def _body(self, caller: Any) -> str:
+        return caller()
+
+
 def _environment() -> ImmutableSandboxedEnvironment:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, loopcontrols])
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now

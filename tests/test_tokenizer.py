@@ -409,6 +409,25 @@ def test_templates_render_as_transformers_renders_them():
     assert '"Météo"' in prompt and prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
+def test_generation_blocks_of_training_templates_render_their_text():
+    """Templates written for assistant-only training wrap the assistant's turns in {% generation %} blocks."""
+    from transformers import PreTrainedTokenizerFast
+
+    template = (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
+        "{% if message['role'] == 'assistant' %}"
+        "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+        "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+    )
+    ours = Tokenizer.from_metadata(byte_level_metadata(template=template))
+    hf = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer(BPE()), chat_template=template)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert ours.apply_chat_template(messages) == hf.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
+
+
 def test_missing_or_broken_chat_template_is_a_clear_error():
     with pytest.raises(ChatTemplateError, match="no chat template"):
         Tokenizer.from_metadata(byte_level_metadata(template=None)).apply_chat_template([])
