@@ -83,6 +83,9 @@ class ChatTemplate:
             return self._template.render(
                 messages=list(messages), add_generation_prompt=add_generation_prompt, **context
             )
-        except (jinja2.TemplateError, TypeError) as e:
-            # TypeError: the messages do not have the shape the template assumes (content None, a list, ...).
-            raise ChatTemplateError(f"chat template failed: {e}") from e
+        except ChatTemplateError:
+            raise  # the template refused the conversation: its own message says why
+        except Exception as e:
+            # Jinja's errors and whatever Python raises in the template's code on these messages (TypeError for
+            # content of another shape, ValueError from str.index...): a refusal of this request, not a server fault.
+            raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e

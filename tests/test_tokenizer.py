@@ -435,6 +435,10 @@ def test_missing_or_broken_chat_template_is_a_clear_error():
         Tokenizer.from_metadata(byte_level_metadata(template="{% for %}")).apply_chat_template([])
     with pytest.raises(ChatTemplateError, match="failed"):
         Tokenizer.from_metadata(byte_level_metadata()).apply_chat_template([{"role": "user", "content": None}])
+    # Python errors the template's own code raises on these messages (str.index: "substring not found")
+    index = Tokenizer.from_metadata(byte_level_metadata(template="{{ messages[0].content.index('?') }}"))
+    with pytest.raises(ChatTemplateError, match="failed.*ValueError.*substring not found"):
+        index.apply_chat_template([{"role": "user", "content": "no question"}])
 
 
 def test_unknown_pre_tokenizer_falls_back_to_gpt2_with_a_warning(caplog):
