@@ -79,10 +79,11 @@ class ChatTemplate:
     ) -> str:
         """The prompt for `messages`; extra variables (tools, documents, enable_thinking...) reach the template."""
         context = {"bos_token": self.bos_token, "eos_token": self.eos_token, **variables}
+        # A key set to null is a key left out, as transformers and llama.cpp read messages: templates test
+        # `message.tool_calls is defined`, and OpenAI-style clients send "tool_calls": null on plain replies.
+        present = [{key: value for key, value in m.items() if value is not None} for m in messages]
         try:
-            return self._template.render(
-                messages=list(messages), add_generation_prompt=add_generation_prompt, **context
-            )
+            return self._template.render(messages=present, add_generation_prompt=add_generation_prompt, **context)
         except ChatTemplateError:
             raise  # the template refused the conversation: its own message says why
         except Exception as e:

@@ -428,6 +428,28 @@ def test_generation_blocks_of_training_templates_render_their_text():
     )
 
 
+def test_a_message_key_set_to_null_is_read_as_left_out():
+    """OpenAI-style clients send "tool_calls": null on plain replies; Mistral-Small-3.1's template takes any
+    message where `message.tool_calls is defined` for a tool call."""
+    from transformers import PreTrainedTokenizerFast
+
+    template = (
+        "{% for message in messages %}{% if message.tool_calls is defined %}"
+        "{% for call in message.tool_calls %}[TOOL_CALLS]{{ call.function | tojson }}{% endfor %}"
+        "{% else %}{{ '[INST]' + message.content + '[/INST]' if message.role == 'user' else message.content }}"
+        "{% endif %}{% endfor %}"
+    )
+    ours = Tokenizer.from_metadata(byte_level_metadata(template=template))
+    hf = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer(BPE()), chat_template=template)
+    messages = [
+        {"role": "user", "content": "Hi", "name": None},
+        {"role": "assistant", "content": "Hello", "tool_calls": None},
+        {"role": "user", "content": "Weather?"},
+    ]
+    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert ours.apply_chat_template(messages) == expected == "[INST]Hi[/INST]Hello[INST]Weather?[/INST]"
+
+
 def test_missing_or_broken_chat_template_is_a_clear_error():
     with pytest.raises(ChatTemplateError, match="no chat template"):
         Tokenizer.from_metadata(byte_level_metadata(template=None)).apply_chat_template([])
