@@ -37,10 +37,10 @@ from itertools import count
 
 import torch
 
-from shared.config import HOST_MEMORY_KINDS, parse_bytes_or_percent
+from shared.config import HOST_MEMORY_KINDS
 from shared.device_caps import HOST_DMA, DeviceCaps
 from shared.expert_source import ExpertSource
-from shared.memory_use import MemInfo
+from shared.memory_use import HostMemoryError, MemInfo, size_text
 from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
 from shared.pages import advise
 from shared.process import remove_files_of_dead_processes
@@ -52,10 +52,6 @@ _CUDA_HOST_ALLOC_WRITE_COMBINED = 4
 _segment_numbers = count()
 log = logging.getLogger(__name__)
 
-class HostMemoryError(ValueError):
-    """This host cannot hold its experts in the memory kind asked for; the message says what would work."""
-
-
 # ---- measured free memory and the sizing rule
 
 
@@ -63,12 +59,6 @@ def shm_free_bytes(directory: str = SHM_DIR) -> int:
     """Room left in the tmpfs that segments live in (its size is a mount option, often half of RAM)."""
     st = os.statvfs(directory)
     return st.f_bavail * st.f_frsize
-
-
-def safety_floor(spec: str, mem: MemInfo) -> int:
-    """Bytes of RAM to leave free: a size ('2GiB') or a percentage of MemTotal ('10%')."""
-    absolute, share = parse_bytes_or_percent(spec)
-    return max(absolute, int(share * mem.total))
 
 
 def check_fit(kind: str, need: int, n_experts: int, largest_expert: int, mem: MemInfo, floor: int,
@@ -80,14 +70,14 @@ def check_fit(kind: str, need: int, n_experts: int, largest_expert: int, mem: Me
     if need <= 0:
         return
     budget = mem.available + freed - floor
-    limit = f"{_size(budget)} is available after the {_size(floor)} floor"
+    limit = f"{size_text(budget)} is available after the {size_text(floor)} floor"
     if kind == "pinned" and shm_free is not None and shm_free + freed < budget:
         budget = shm_free + freed
-        limit = f"{_size(budget)} is free in {SHM_DIR}"
+        limit = f"{size_text(budget)} is free in {SHM_DIR}"
     if need <= budget:
         return
     fit = max(0, budget) // max(1, largest_expert)
-    raise HostMemoryError(f"placement needs {_size(need)} of {kind} memory for {n_experts:,} experts; {limit}: "
+    raise HostMemoryError(f"placement needs {size_text(need)} of {kind} memory for {n_experts:,} experts; {limit}: "
                           f"at most {fit:,} experts fit, or use host_memory = mapped")
 
 
@@ -128,11 +118,6 @@ def _try_lock(fd: int) -> bool:
     except BlockingIOError:
         return False
     return True
-
-
-def _size(n: int) -> str:
-    n = max(0, n)
-    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def check_kind(kind: str, caps: DeviceCaps | None) -> None:
@@ -183,8 +168,8 @@ class SharedSegment:
             except OSError as e:
                 if e.errno != errno.ENOSPC:
                     raise
-                raise HostMemoryError(f"{SHM_DIR} is full: layer {layer} needs {_size(end - start)} more "
-                                      f"({_size(shm_free_bytes())} free); enlarge it or use host_memory = mapped"
+                raise HostMemoryError(f"{SHM_DIR} is full: layer {layer} needs {size_text(end - start)} more "
+                                      f"({size_text(shm_free_bytes())} free); enlarge it or use host_memory = mapped"
                                       ) from None
         return self._bytes[start:end]
 
@@ -194,7 +179,7 @@ class SharedSegment:
             return
         err = int(torch.cuda.cudart().cudaHostRegister(self._bytes.data_ptr(), self.nbytes, 0))
         if err != 0:
-            raise HostMemoryError(f"cudaHostRegister of the {_size(self.nbytes)} expert segment failed with CUDA "
+            raise HostMemoryError(f"cudaHostRegister of the {size_text(self.nbytes)} expert segment failed with CUDA "
                                   f"error {err}: use host_memory = mapped")
         self.registered = True
 
@@ -239,7 +224,7 @@ class WriteCombinedBuffers:
         try:
             ptr = cupy.cuda.runtime.hostAlloc(size, _CUDA_HOST_ALLOC_WRITE_COMBINED)
         except cupy.cuda.runtime.CUDARuntimeError as e:
-            raise HostMemoryError(f"cudaHostAlloc of {_size(size)} of write-combined memory for layer {layer} "
+            raise HostMemoryError(f"cudaHostAlloc of {size_text(size)} of write-combined memory for layer {layer} "
                                   f"failed ({e}): use host_memory = mapped") from None
         self.pointers[layer] = ptr
         return torch.frombuffer((ctypes.c_uint8 * size).from_address(ptr), dtype=torch.uint8)

@@ -15,7 +15,7 @@ from shared.device_caps import DeviceCaps, read_device_caps
 from shared.expert_math import ExpertWeights, grouped_ffn
 from shared.expert_source import ExpertSource
 from shared.mailbox import LaneRequest
-from shared.memory_use import host_memory
+from shared.memory_use import host_memory, safety_floor
 from shared.native_kernels import LayerTable, lane_swiglu, layer_table
 from shared.placement import Placement
 from shared.quant import matrix_tensors
@@ -124,7 +124,7 @@ class ExpertStore:
         mem = host_memory()
         largest = max(self.source.layout(layer).region_nbytes for layer in range(self.model.config.n_layers))
         shm_free = memory.shm_free_bytes() if self.kind == "pinned" else None
-        memory.check_fit(self.kind, need, n_experts, largest, mem, memory.safety_floor(self.floor, mem), shm_free,
+        memory.check_fit(self.kind, need, n_experts, largest, mem, safety_floor(self.floor, mem), shm_free,
                          freed)
 
     def _close_arena(self) -> None:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from gpu_worker.decode_graphs import DecodeGraphs, HotShare, MoEGraph, StaticBatch
 from gpu_worker.step_profile import section
 from shared.gguf_file import GGUFModel
-from shared.model_config import EXPERT_TENSOR_KINDS
+from shared.model_config import EXPERT_TENSOR_KINDS, ModelConfig
 from shared.profile_table import LAYER
 from shared.reference import expert_ffn, qk_norm, rope, rope_table, route
 
@@ -65,6 +65,12 @@ class Chunk:
     block_table: Sequence[int]
 
 
+def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    """K and V of every layer: (layers, 2, blocks * block_size slots and a spare one, kv heads, head dim); the spare
+    slot is where a decode graph's padding rows write."""
+    return cfg.n_layers, 2, num_blocks * block_size + 1, cfg.n_kv_heads, cfg.head_dim
+
+
 class Trunk:
     def __init__(self, model: GGUFModel, device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int,
                  decode_graphs: bool | None = None):
@@ -85,10 +91,8 @@ class Trunk:
         # for a table of tens of GB)
         positions = min(cfg.context_length, num_blocks * block_size)
         self.rope_cos, self.rope_sin = rope_table(cfg.head_dim, cfg.rope_base, positions, device)
-        # K and V of every layer: (layers, 2, blocks * block_size slots and a spare one, kv heads, head dim);
-        # the spare slot is where a decode graph's padding rows write.
-        spare = num_blocks * block_size
-        self.kv = torch.zeros(cfg.n_layers, 2, spare + 1, cfg.n_kv_heads, cfg.head_dim, device=device, dtype=dtype)
+        spare = num_blocks * block_size  # the spare slot, after the blocks'
+        self.kv = torch.zeros(kv_cache_shape(cfg, num_blocks, block_size), device=device, dtype=dtype)
         if decode_graphs is None:
             decode_graphs = device.type == "cuda"
         self.graphs = DecodeGraphs(self._front, cfg.hidden, self.rope_cos, self.rope_sin, spare, dtype,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import functools
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -17,7 +18,7 @@ from gpu_worker.crossing import DeviceCrossings
 from gpu_worker.experts import HotExperts, MoEDispatch
 from gpu_worker.grouped import warm_up_quantized
 from gpu_worker.kv_blocks import KVBlockAllocator
-from gpu_worker.model import Chunk, Trunk
+from gpu_worker.model import Chunk, Trunk, kv_cache_shape
 from gpu_worker.remote import ExpertHostError, RemoteExperts
 from gpu_worker.sampler import Sampler
 from gpu_worker.scheduler import SamplingParams, Scheduler, Sequence
@@ -27,8 +28,9 @@ from shared.config import Config, add_config_arguments, config_from_args
 from shared.expert_cache import CacheError
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
+from shared.memory_use import HostMemoryError, host_memory, safety_floor, size_text
 from shared.metrics import start_metrics_server
-from shared.model_config import ModelError
+from shared.model_config import ModelConfig, ModelError
 from shared.placement import Placement
 from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process, worker_device, worker_dtype
 from shared.protocol import (
@@ -80,6 +82,8 @@ class Engine:
         dtype = worker_dtype(config, self.device)
         num_blocks = config.kv_cache_blocks
         cuda = self.device.type == "cuda"
+        if not cuda:
+            check_kv_cache_fits(config, model.config, dtype)
         # crossings from the device need a decode step's static rows; a CPU worker runs them without capture. A
         # lane needs a mailbox (a host on this machine), and a host whose memory is write-combined computes nothing.
         stream_only = frozenset(h for h in range(config.expert_hosts) if config.host_memory_for(h) == "write-combined")
@@ -208,6 +212,24 @@ class Engine:
         return load
 
 
+def check_kv_cache_fits(config: Config, cfg: ModelConfig, dtype: torch.dtype) -> None:
+    """A worker on the CPU keeps its KV cache in RAM: refuse one that does not fit in what is free, less
+    host_memory_floor, rather than die allocating it or be OOM-killed writing its zeros."""
+    shape = kv_cache_shape(cfg, config.kv_cache_blocks, config.kv_block_size)
+    need = math.prod(shape) * dtype.itemsize
+    mem = host_memory()
+    floor = safety_floor(config.host_memory_floor, mem)
+    room = mem.available - floor
+    if need <= room:
+        return
+    per_token = need // shape[2]
+    fit = max(0, room) // per_token // config.kv_block_size * config.kv_block_size
+    raise HostMemoryError(f"the KV cache needs {size_text(need)} of RAM for kv_cache_tokens = "
+                          f"{config.kv_cache_tokens} ({per_token:,} bytes a token); {size_text(room)} is available "
+                          f"after the {size_text(floor)} host_memory_floor: at most {fit:,} tokens fit; lower "
+                          f"kv_cache_tokens")
+
+
 def to_sequence(msg: EngineGenerate) -> Sequence:
     params = SamplingParams(max_tokens=msg.max_tokens, temperature=msg.temperature, top_p=msg.top_p,
                             top_k=msg.top_k, seed=msg.seed, logprobs=msg.logprobs,
@@ -237,7 +259,7 @@ def serve(config: Config) -> int:
     try:
         try:
             engine = Engine(config, model, remote)
-        except (ModelError, OSError) as e:  # e.g. no room for the expert cache, a model the kernels cannot take
+        except (HostMemoryError, ModelError, OSError) as e:  # e.g. no room for the KV cache or the expert cache
             log.error("cannot start: %s", e)
             return 1
         log.info("model %s on %s, metrics on :%d", config.model, engine.device, metrics_port)

@@ -112,7 +112,7 @@ class Config:
     # Where an expert host keeps its experts: mapped | pinned | write-combined, or a comma-separated list
     # giving host i the i-th kind (the last kind for the hosts beyond the list).
     host_memory: str = "mapped"
-    host_memory_floor: str = "2GiB"  # RAM an expert host leaves free: a size or a percentage of MemTotal
+    host_memory_floor: str = "2GiB"  # RAM an expert host or a CPU worker leaves free: a size or a % of MemTotal
     host_threads: int = 0  # torch threads of each expert host; 0: `threads` if set, else an even share of the cores
     # Each expert host binds its threads one per logical CPU, on CPUs no other host takes (host_cores). Off: on the
     # H200 machine's 16-vCPU VM, whose core layout the guest is not told, 8 threads bound in order by the OpenMP

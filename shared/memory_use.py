@@ -9,6 +9,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.config import parse_bytes_or_percent
+
 _KB_LINE = re.compile(r"^(\w+):\s+(\d+) kB$", re.M)
 
 
@@ -85,6 +87,22 @@ def host_memory() -> MemInfo:
         return mem
     limit, working_set = cgroup
     return MemInfo(min(mem.total, limit), max(0, min(mem.available, limit - working_set)))
+
+
+class HostMemoryError(ValueError):
+    """What a process was asked to hold does not fit in the RAM free; the message says what would."""
+
+
+def safety_floor(spec: str, mem: MemInfo) -> int:
+    """Bytes of RAM to leave free (host_memory_floor): a size ('2GiB') or a percentage of MemTotal ('10%')."""
+    absolute, share = parse_bytes_or_percent(spec)
+    return max(absolute, int(share * mem.total))
+
+
+def size_text(n: int) -> str:
+    """A size for a message: GB (10**9 bytes, as sizes are written in settings), MB below a tenth of one."""
+    n = max(0, n)
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
 def parse_status(text: str) -> dict[str, int]:

@@ -9,6 +9,8 @@ import time
 
 import numpy as np
 
+from shared.config import Config
+from shared.make_model import make_model
 from shared.memory_use import UsedMemoryPeak, cgroup_memory, descendants, parse_status, process_memory
 
 STATUS = """Name:\tpython3
@@ -100,3 +102,24 @@ def test_a_memory_cgroups_limit_caps_what_a_process_may_take(tmp_path):
         "tierserve.slice/host.service/memory.current": "1000\n",
         "tierserve.slice/host.service/memory.stat": "inactive_file 0\n"})
     assert cgroup_memory(*parent) == (6000000000, 1000)
+
+
+def _start_worker(tmp_path, **settings) -> subprocess.CompletedProcess:
+    """A gpu worker on the CPU, alone (no coordinator: it refuses, or waits for a placement until the timeout)."""
+    model = tmp_path / "tiny.gguf"
+    make_model(model, preset="tiny", dtype="f32", seed=0)
+    config = tmp_path / "config.toml"
+    config.write_text(Config(model=str(model), run_dir=str(tmp_path / "run"), metrics_port=0, device="cpu",
+                             expert_hosts=0, **settings).to_toml())
+    return subprocess.run([sys.executable, "-m", "gpu_worker", "--config", str(config)], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_cpu_workers_kv_cache_larger_than_ram_is_refused_by_name(tmp_path):
+    """10**8 tokens of the tiny model's KV cache are 102 GB: the worker asked torch for them and died of its
+    RuntimeError's traceback (on a machine that overcommits, it would have been OOM-killed writing the zeros)."""
+    run = _start_worker(tmp_path, kv_cache_tokens=10**8)
+    assert run.returncode == 1
+    assert "cannot start: the KV cache needs 102.4 GB of RAM for kv_cache_tokens = 100000000" in run.stderr
+    assert "lower kv_cache_tokens" in run.stderr and "host_memory_floor" in run.stderr
+    assert "Traceback" not in run.stderr

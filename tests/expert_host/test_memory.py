@@ -8,11 +8,11 @@ import itertools
 import pytest
 import torch
 
-from expert_host.memory import HostMemoryError, check_fit, check_kind, safety_floor
+from expert_host.memory import HostMemoryError, check_fit, check_kind
 from shared.config import Config, load_config
 from shared.device_caps import HOST_DMA, UNIFIED, DeviceCaps
 from shared.expert_cache import ExpertLayout
-from shared.memory_use import MemInfo, parse_meminfo
+from shared.memory_use import MemInfo, parse_meminfo, safety_floor
 from shared.pages import PAGE
 
 GB = 10**9
