@@ -45,8 +45,10 @@ _NO_LIMIT = 1 << 60  # cgroup v1 writes "no limit" as a page-rounded 2^63 - 1
 
 
 def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cgroup") -> tuple[int, int] | None:
-    """(limit, working set: usage less reclaimable page cache) of this process's memory cgroup, v2 or v1, the
-    limit the lowest of its own and its ancestors'; None where there is none or none can be read."""
+    """(limit, available) of this process's memory cgroup, v2 or v1: the lowest limit of its own and its
+    ancestors', and the least room any of them has left, each its limit less its working set (usage less
+    reclaimable page cache), since an ancestor's usage counts every cgroup under it; None where there is no limit
+    or none can be read."""
     for line in Path(proc_cgroup).read_text().splitlines():
         hierarchy, controllers, path = line.split(":", 2)
         if hierarchy == "0" and not controllers:
@@ -61,16 +63,18 @@ def cgroup_memory(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/c
         # the hierarchy does not have: its cgroup is then the mount's root
         found = [d for d in (own, *own.parents) if d.is_relative_to(base) and (d / limit_file).is_file()]
         try:
-            limits = [_limit((d / limit_file).read_text()) for d in found]
-            usage = int((found[0] / usage_file).read_text()) if found else 0
-            stat = dict(entry.split() for entry in (found[0] / "memory.stat").read_text().splitlines()) if found \
-                else {}
+            limited = [(limit, d) for d in found if (limit := _limit((d / limit_file).read_text())) < _NO_LIMIT]
+            rooms = [limit - _working_set(d, usage_file, inactive_line) for limit, d in limited]
         except (OSError, ValueError):
             continue  # not a memory hierarchy this process can read
-        limit = min(limits, default=_NO_LIMIT)
-        if limit < _NO_LIMIT:
-            return limit, usage - int(stat.get(inactive_line, 0))
+        if limited:
+            return min(limit for limit, _ in limited), min(rooms)
     return None
+
+
+def _working_set(cgroup: Path, usage_file: str, inactive_line: str) -> int:
+    stat = dict(entry.split() for entry in (cgroup / "memory.stat").read_text().splitlines())
+    return int((cgroup / usage_file).read_text()) - int(stat.get(inactive_line, 0))
 
 
 def _limit(text: str) -> int:
@@ -85,8 +89,8 @@ def host_memory() -> MemInfo:
     cgroup = cgroup_memory()
     if cgroup is None:
         return mem
-    limit, working_set = cgroup
-    return MemInfo(min(mem.total, limit), max(0, min(mem.available, limit - working_set)))
+    limit, available = cgroup
+    return MemInfo(min(mem.total, limit), max(0, min(mem.available, available)))
 
 
 class HostMemoryError(ValueError):

@@ -72,17 +72,17 @@ def _cgroup(tmp_path, proc_line: str, files: dict[str, str]) -> tuple[str, str]:
 
 def test_a_memory_cgroups_limit_caps_what_a_process_may_take(tmp_path):
     """A container or a unit's MemoryMax is invisible in /proc/meminfo: v2's memory.max, v1's limit_in_bytes;
-    the working set leaves out page cache the kernel can reclaim."""
+    what is available is the limit less the working set, which leaves out page cache the kernel can reclaim."""
     v2 = _cgroup(tmp_path / "v2", "0::/system.slice/tierserve.service", {
         "system.slice/tierserve.service/memory.max": "8589934592\n",
         "system.slice/tierserve.service/memory.current": "3000000000\n",
         "system.slice/tierserve.service/memory.stat": "anon 2000000000\ninactive_file 1000000000\n"})
-    assert cgroup_memory(*v2) == (8589934592, 2000000000)
+    assert cgroup_memory(*v2) == (8589934592, 6589934592)
     v1 = _cgroup(tmp_path / "v1", "12:pids:/\n4:memory:/docker/abc\n0::/", {
         "memory/docker/abc/memory.limit_in_bytes": "4294967296\n",
         "memory/docker/abc/memory.usage_in_bytes": "1500000000\n",
         "memory/docker/abc/memory.stat": "cache 600000000\ntotal_inactive_file 500000000\n"})
-    assert cgroup_memory(*v1) == (4294967296, 1000000000)
+    assert cgroup_memory(*v1) == (4294967296, 3294967296)
     unlimited = _cgroup(tmp_path / "none", "0::/user.slice", {
         "user.slice/memory.max": "max\n", "user.slice/memory.current": "1\n", "user.slice/memory.stat": ""})
     assert cgroup_memory(*unlimited) is None
@@ -94,14 +94,16 @@ def test_a_memory_cgroups_limit_caps_what_a_process_may_take(tmp_path):
     docker = _cgroup(tmp_path / "docker", "4:memory:/docker/0123abcd", {
         "memory/memory.limit_in_bytes": "2147483648\n", "memory/memory.usage_in_bytes": "700000000\n",
         "memory/memory.stat": "total_inactive_file 200000000\n"})
-    assert cgroup_memory(*docker) == (2147483648, 500000000)
+    assert cgroup_memory(*docker) == (2147483648, 1647483648)
     # a limit on a parent slice holds for every unit under it
     parent = _cgroup(tmp_path / "parent", "0::/tierserve.slice/host.service", {
         "tierserve.slice/memory.max": "6000000000\n",
+        "tierserve.slice/memory.current": "1000\n",
+        "tierserve.slice/memory.stat": "inactive_file 0\n",
         "tierserve.slice/host.service/memory.max": "max\n",
         "tierserve.slice/host.service/memory.current": "1000\n",
         "tierserve.slice/host.service/memory.stat": "inactive_file 0\n"})
-    assert cgroup_memory(*parent) == (6000000000, 1000)
+    assert cgroup_memory(*parent) == (6000000000, 5999999000)
 
 
 def _start_worker(tmp_path, **settings) -> subprocess.CompletedProcess:
@@ -123,3 +125,17 @@ def test_a_cpu_workers_kv_cache_larger_than_ram_is_refused_by_name(tmp_path):
     assert "cannot start: the KV cache needs 102.4 GB of RAM for kv_cache_tokens = 100000000" in run.stderr
     assert "lower kv_cache_tokens" in run.stderr and "host_memory_floor" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_parent_cgroups_limit_counts_what_its_other_units_use(tmp_path):
+    """A slice's MemoryMax holds for all of its units together: with 5.5 of its 6 GB taken by the units beside this
+    one, 0.5 GB is left, not 6 GB less this unit's own use (three expert hosts in one slice each counted the
+    whole limit as theirs)."""
+    slice_ = _cgroup(tmp_path / "slice", "0::/tierserve.slice/host.service", {
+        "tierserve.slice/memory.max": "6000000000\n",
+        "tierserve.slice/memory.current": "5600000000\n",
+        "tierserve.slice/memory.stat": "inactive_file 100000000\n",
+        "tierserve.slice/host.service/memory.max": "max\n",
+        "tierserve.slice/host.service/memory.current": "1000\n",
+        "tierserve.slice/host.service/memory.stat": "inactive_file 0\n"})
+    assert cgroup_memory(*slice_) == (6000000000, 500000000)
