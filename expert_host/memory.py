@@ -70,7 +70,7 @@ def check_fit(kind: str, need: int, n_experts: int, largest_expert: int, mem: Me
     if need <= 0:
         return
     budget = mem.available + freed - floor
-    limit = f"{size_text(budget)} is available after the {size_text(floor)} floor"
+    limit = f"{size_text(budget)} is available after the {size_text(floor)} host_memory_floor"
     if kind == "pinned" and shm_free is not None and shm_free + freed < budget:
         budget = shm_free + freed
         limit = f"{size_text(budget)} is free in {SHM_DIR}"

@@ -37,15 +37,15 @@ def test_refusal_says_what_would_fit():
     with pytest.raises(HostMemoryError) as refused:
         check_fit("pinned", 4352 * expert, 4352, expert, mem, floor=2 * GB)
     assert str(refused.value) == (
-        "placement needs 41.2 GB of pinned memory for 4,352 experts; 30.1 GB is available after the 2.0 GB floor: "
-        "at most 3,179 experts fit, or use host_memory = mapped")
+        "placement needs 41.2 GB of pinned memory for 4,352 experts; 30.1 GB is available after the 2.0 GB "
+        "host_memory_floor: at most 3,179 experts fit, or use host_memory = mapped")
     assert isinstance(refused.value, ValueError)
     check_fit("pinned", 3179 * expert, 3179, expert, mem, floor=2 * GB)
 
 
 def test_swap_does_not_count_for_page_locked_memory():
     mem = MemInfo(total=64 * GB, available=10 * GB)
-    with pytest.raises(HostMemoryError, match="8.0 GB is available after the 2.0 GB floor: at most 666 experts"):
+    with pytest.raises(HostMemoryError, match="8.0 GB is available after the 2.0 GB host_memory_floor: at most 666"):
         check_fit("pinned", 12 * GB, 1000, 12_000_000, mem, floor=2 * GB)
 
 
