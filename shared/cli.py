@@ -37,7 +37,10 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     if command in TOOLS:
         module, _, function = TOOLS[command].partition(":")
-        return int(getattr(importlib.import_module(module), function or "main")(rest) or 0)
+        try:
+            return int(getattr(importlib.import_module(module), function or "main")(rest) or 0)
+        except KeyboardInterrupt:  # Ctrl-C: the shell's exit status for SIGINT, without a traceback
+            return 130
     if command in ROLES:
         exec_role(ROLES[command], rest)
     print(f"tierserve: unknown command {command!r}\n{usage()}", file=sys.stderr)

@@ -72,8 +72,6 @@ def generate_main(argv: list[str] | None = None) -> int:
                     if event.KIND == "token":
                         sys.stdout.write(event.text)
                         sys.stdout.flush()
-            except KeyboardInterrupt:
-                return 130
             finally:
                 stream.close()  # cancels the request if Ctrl-C cut it short
             print()
@@ -91,10 +89,7 @@ def chat_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     with _client(args) as client:
-        try:
-            _chat(client, messages, _sampling(args), sys.stdin.isatty())
-        except KeyboardInterrupt:
-            return 130
+        _chat(client, messages, _sampling(args), sys.stdin.isatty())
     return 0
 
 

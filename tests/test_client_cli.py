@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -173,6 +174,27 @@ def test_generate_command_reports_a_refusal(system, capsys):
     assert tierserve(["generate", "hi", "--endpoint", system.endpoint, "--top-p", "0"]) == 1
     err = capsys.readouterr().err
     assert "invalid_request" in err and "top_p" in err
+
+
+def test_ctrl_c_while_generate_waits_for_a_whole_completion_exits_130_without_a_traceback(system):
+    """--json waits for the whole completion before printing: Ctrl-C there ended the command with a traceback,
+    killed by SIGINT rather than exiting 130 as the streaming command does."""
+    with Client(system.endpoint) as client:
+        cancelled = client.stats().stats["requests"]["cancelled"]
+        command = subprocess.Popen([sys.executable, "-m", "shared.cli", "generate", PROMPT, "--endpoint",
+                                    system.endpoint, "--max-tokens", "400", "--json"],
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        while client.stats().stats["running"] == 0:  # its request is in the engine
+            assert command.poll() is None, command.communicate()
+            time.sleep(0.01)
+        command.send_signal(signal.SIGINT)
+        out, err = command.communicate(timeout=60)
+        assert (command.returncode, out) == (130, ""), err
+        assert "Traceback" not in err, err
+        deadline = time.monotonic() + 10
+        while client.stats().stats["requests"]["cancelled"] == cancelled and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert client.stats().stats["requests"]["cancelled"] == cancelled + 1
 
 
 def test_chat_command_keeps_the_conversation(system, oracle, tokenizer, monkeypatch, capsys):
