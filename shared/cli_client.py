@@ -14,14 +14,23 @@ import json
 import sys
 from typing import Any
 
+import zmq
+
 from shared.client import Client, ServerError
 from shared.config import load_config
+
+
+def _seconds(text: str) -> float:
+    seconds = float(text)
+    if not seconds > 0:  # zmq refuses a negative send timeout, and no answer comes within 0 s
+        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
+    return seconds
 
 
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", help="the coordinator's client endpoint (tcp://HOST:PORT)")
     parser.add_argument("--config", help="TOML configuration file whose client_endpoint to use")
-    parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for each answer")
+    parser.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for each answer")
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -45,7 +54,10 @@ def _client(args: argparse.Namespace) -> Client:
         endpoint = args.endpoint or load_config(args.config).client_connect_endpoint
     except (OSError, ValueError) as e:
         raise SystemExit(f"tierserve: {e}") from None
-    return Client(endpoint, timeout_s=args.timeout)
+    try:
+        return Client(endpoint, timeout_s=args.timeout)
+    except zmq.ZMQError as e:
+        raise SystemExit(f"tierserve: cannot connect to {endpoint!r} ({e}); an endpoint is tcp://HOST:PORT") from None
 
 
 def _fail(command: str, error: Exception) -> int:

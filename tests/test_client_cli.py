@@ -260,3 +260,14 @@ def test_a_config_file_it_cannot_read_is_a_message_not_a_traceback(tmp_path):
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 1
         assert message in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_an_endpoint_that_is_no_zeromq_address_is_a_message_not_a_traceback():
+    """An endpoint without its transport (host:port), or a negative timeout, reached zmq as it was and ended the
+    command with a ZMQError traceback."""
+    for options, message in ((["--endpoint", "localhost:5555"], "'localhost:5555'"),
+                             (["--endpoint", "tcp://127.0.0.1:9", "--timeout", "-1"], "--timeout")):
+        done = subprocess.run([sys.executable, "-m", "shared.cli", "health", *options],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode in (1, 2) and message in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr, done.stderr
