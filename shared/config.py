@@ -341,9 +341,12 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """--config FILE plus one --flag per config field (dashes for underscores)."""
-    parser.add_argument("--config", help="TOML configuration file")
-    for name in sorted(_FIELDS):
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--config", help="TOML configuration file (deploy/tierserve.example.toml has every key)")
+    settings = parser.add_argument_group("settings", "each overrides the --config file's key of the same name")
+    for f in sorted(dataclasses.fields(Config), key=lambda f: f.name):
+        # the empty string of model, run_dir and expert_cache_dir means "none" or "chosen at start", not a value
+        settings.add_argument("--" + f.name.replace("_", "-"), dest=f.name, default=None, metavar="VALUE",
+                              help=f"default: {f.default}" if f.default != "" else None)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -43,6 +43,17 @@ def test_tierserve_up_exits_with_the_message_alone(tmp_path):
     assert run.stderr.strip() == "tierserve: config decode_crossings: 'ture' is not a valid bool"
 
 
+@pytest.mark.parametrize("command", ["up", "coordinator", "gpu-worker", "expert-host"])
+def test_help_lists_every_setting_a_flag_takes(command):
+    """--help showed --config alone: no --model, which up requires, nor any other setting's flag."""
+    run = subprocess.run([sys.executable, "-m", "shared.cli", command, "--help"],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    flags = {word.rstrip(",") for word in run.stdout.split() if word.startswith("--")}
+    assert {"--" + name.replace("_", "-") for name in Config.__dataclass_fields__} <= flags
+    assert "default: 4096" in run.stdout  # prefill_chunk's
+
+
 def test_tierserve_up_leaves_a_config_file_in_its_run_dir_as_it_was(tmp_path):
     """The config it hands its children went to run_dir/config.toml: a config.toml of the user's there (its own
     --config, say) was replaced by it and then removed."""
