@@ -271,3 +271,12 @@ def test_an_endpoint_that_is_no_zeromq_address_is_a_message_not_a_traceback():
                               capture_output=True, text=True, timeout=60)
         assert done.returncode in (1, 2) and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_tierserve_without_a_command_prints_its_usage_as_an_error(capsys):
+    """The usage went to stdout with exit status 2: a script reading the output took the error for output."""
+    assert tierserve([]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("usage: tierserve <command>")
+    assert tierserve(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: tierserve <command>")
