@@ -19,6 +19,7 @@ TOOLS = {
     "health": "shared.cli_client:health_main",
     "stats": "shared.cli_client:stats_main",
     "bench": "shared.bench_cmd",
+    "demo": "shared.demo",
 }
 # Roles, each run as its own process: subcommand -> package run with `python -m`.
 ROLES = {"coordinator": "coordinator", "gpu-worker": "gpu_worker", "expert-host": "expert_host"}

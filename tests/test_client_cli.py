@@ -280,3 +280,11 @@ def test_tierserve_without_a_command_prints_its_usage_as_an_error(capsys):
     assert out == "" and err.startswith("usage: tierserve <command>")
     assert tierserve(["--help"]) == 0
     assert capsys.readouterr().out.startswith("usage: tierserve <command>")
+
+
+def test_the_demo_is_the_command_its_usage_names(capsys):
+    """The demo's usage reads `tierserve demo`, but tierserve had no such command."""
+    with pytest.raises(SystemExit) as exit_:
+        tierserve(["demo", "--help"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.startswith("usage: tierserve demo")
