@@ -40,8 +40,9 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="0: off")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--logprobs", type=int, default=0, help="how many top alternatives to report per token")
-    parser.add_argument("--stop", nargs="+", action="extend", default=[], metavar="S",
-                        help="stop strings: generation ends before the first one that appears")
+    # one string a flag: with several, --stop also took the prompt that followed it
+    parser.add_argument("--stop", action="append", default=[], metavar="S",
+                        help="a stop string (repeat for more): generation ends before the first one that appears")
 
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:

@@ -170,6 +170,16 @@ def test_generate_command_streams_text_and_prints_json(system, oracle, tokenizer
     assert len(out["top_logprobs"][0]) == 2
 
 
+def test_a_stop_string_before_the_prompt_is_one_stop_string(system, oracle, tokenizer, capsys):
+    """--stop took every word after it, so `generate --stop . PROMPT` read the prompt as a second stop string and
+    refused the command for want of one; --stop now takes one string and may be given again."""
+    _, text = expected_reply(oracle, tokenizer, tokenizer.encode(PROMPT), 24)
+    stops = [text[5:8], text[12:14]]
+    assert tierserve(["generate", "--stop", stops[1], "--stop", stops[0], PROMPT, "--endpoint", system.endpoint,
+                      "--max-tokens", "24"]) == 0
+    assert capsys.readouterr().out == text[: min(text.index(stop) for stop in stops)] + "\n"
+
+
 def test_generate_command_reports_a_refusal(system, capsys):
     assert tierserve(["generate", "hi", "--endpoint", system.endpoint, "--top-p", "0"]) == 1
     err = capsys.readouterr().err
