@@ -95,24 +95,27 @@ def generate_main(argv: list[str] | None = None) -> int:
 
 def chat_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierserve chat",
-                                     description="Chat over stdin: one line is one turn; end with EOF (Ctrl-D).")
+                                     description="Chat over stdin: one line is one turn; end with EOF (Ctrl-D). "
+                                                 "Exits 1 if a turn failed.")
     parser.add_argument("--system", help="a system message that opens the conversation")
     _connection_arguments(parser)
     _sampling_arguments(parser)
     args = parser.parse_args(argv)
     messages = [{"role": "system", "content": args.system}] if args.system else []
     with _client(args) as client:
-        _chat(client, messages, _sampling(args), sys.stdin.isatty())
-    return 0
+        failed = _chat(client, messages, _sampling(args), sys.stdin.isatty())
+    return 1 if failed else 0
 
 
-def _chat(client: Client, messages: list[dict], sampling: dict[str, Any], interactive: bool) -> None:
+def _chat(client: Client, messages: list[dict], sampling: dict[str, Any], interactive: bool) -> int:
+    """Turns until EOF; how many failed."""
+    failed = 0
     while True:
         if interactive:
             print("> ", end="", flush=True)
         line = sys.stdin.readline()
         if not line:
-            return
+            return failed
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
@@ -127,6 +130,7 @@ def _chat(client: Client, messages: list[dict], sampling: dict[str, Any], intera
         except (ServerError, TimeoutError) as e:
             messages.pop()  # the turn did not happen; the user may try again
             _fail("chat", e)
+            failed += 1
             continue
         finally:
             stream.close()  # cancels the reply if Ctrl-C cut it short

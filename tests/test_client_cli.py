@@ -222,6 +222,14 @@ def test_chat_command_keeps_the_conversation(system, oracle, tokenizer, monkeypa
     assert out == expected
 
 
+def test_chat_command_exits_1_when_a_turn_failed(system, monkeypatch, capsys):
+    """A refused turn was reported and skipped, but the command still exited 0: a script piping its questions in
+    could not tell that an answer was missing."""
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    assert tierserve(["chat", "--endpoint", system.endpoint, "--max-tokens", "100000"]) == 1
+    assert "context_exceeded" in capsys.readouterr().err
+
+
 def test_health_and_stats_commands_print_json(system, capsys):
     assert tierserve(["health", "--endpoint", system.endpoint]) == 0
     health = json.loads(capsys.readouterr().out)
