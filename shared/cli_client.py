@@ -39,7 +39,6 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--top-k", type=int, default=0, help="0: off")
     parser.add_argument("--seed", type=int)
-    parser.add_argument("--logprobs", type=int, default=0, help="how many top alternatives to report per token")
     # one string a flag: with several, --stop also took the prompt that followed it
     parser.add_argument("--stop", action="append", default=[], metavar="S",
                         help="a stop string (repeat for more): generation ends before the first one that appears")
@@ -47,7 +46,7 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _sampling(args: argparse.Namespace) -> dict[str, Any]:
     return {"max_tokens": args.max_tokens, "temperature": args.temperature, "top_p": args.top_p,
-            "top_k": args.top_k, "seed": args.seed, "logprobs": args.logprobs, "stop": args.stop}
+            "top_k": args.top_k, "seed": args.seed, "stop": args.stop}
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -71,13 +70,18 @@ def generate_main(argv: list[str] | None = None) -> int:
     parser.add_argument("text", help="the prompt")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (token ids, text, logprobs, usage, timings) at the end")
+    parser.add_argument("--logprobs", type=int, default=0,
+                        help="with --json: how many top alternatives to report per token")
     _connection_arguments(parser)
     _sampling_arguments(parser)
     args = parser.parse_args(argv)
+    if args.logprobs and not args.json:
+        parser.error("--logprobs needs --json: the streamed text has no place for them")
     with _client(args) as client:
         try:
             if args.json:
-                print(json.dumps(client.complete(prompt=args.text, **_sampling(args)).to_dict()))
+                print(json.dumps(client.complete(prompt=args.text, logprobs=args.logprobs,
+                                                 **_sampling(args)).to_dict()))
                 return 0
             stream = client.generate(prompt=args.text, **_sampling(args))
             try:

@@ -180,6 +180,15 @@ def test_a_stop_string_before_the_prompt_is_one_stop_string(system, oracle, toke
     assert capsys.readouterr().out == text[: min(text.index(stop) for stop in stops)] + "\n"
 
 
+def test_logprobs_where_nothing_prints_them_are_refused(system, capsys):
+    """--logprobs was taken by the streaming generate and by chat, which print text alone: it was ignored."""
+    for command in (["generate", PROMPT], ["chat"]):
+        with pytest.raises(SystemExit) as exit_:
+            tierserve([*command, "--endpoint", system.endpoint, "--max-tokens", "2", "--logprobs", "2"])
+        assert exit_.value.code == 2
+        assert "--logprobs" in capsys.readouterr().err
+
+
 def test_generate_command_reports_a_refusal(system, capsys):
     assert tierserve(["generate", "hi", "--endpoint", system.endpoint, "--top-p", "0"]) == 1
     err = capsys.readouterr().err
