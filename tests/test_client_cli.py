@@ -249,11 +249,16 @@ def test_health_and_stats_commands_print_json(system, capsys):
     assert stats["requests"]["completed"] >= 1 and stats["generated_tokens"] >= 1
 
 
-def test_the_installed_command_reads_the_endpoint_from_the_config(system, tmp_path):
+def _health_through_a_config(client_endpoint: str, tmp_path) -> subprocess.CompletedProcess:
+    """`tierserve health --config F` as installed, F holding only client_endpoint."""
     config = tmp_path / "client.toml"
-    config.write_text(f'client_endpoint = "{system.endpoint}"\n')
-    done = subprocess.run([sys.executable, "-m", "shared.cli", "health", "--config", str(config)],
+    config.write_text(f'client_endpoint = "{client_endpoint}"\n')
+    return subprocess.run([sys.executable, "-m", "shared.cli", "health", "--config", str(config)],
                           capture_output=True, text=True, timeout=60)
+
+
+def test_the_installed_command_reads_the_endpoint_from_the_config(system, tmp_path):
+    done = _health_through_a_config(system.endpoint, tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "ready"
 
@@ -265,10 +270,7 @@ def test_a_server_bound_on_every_interface_is_reached_by_up_and_the_commands(mod
     with RunningSystem(str(model), "--expert-hosts", "0", "--hot-experts", "8",
                        "--client-endpoint", "tcp://*:0") as running:
         port = running.endpoint.rsplit(":", 1)[1]
-        config = tmp_path / "client.toml"
-        config.write_text(f'client_endpoint = "tcp://*:{port}"\n')
-        done = subprocess.run([sys.executable, "-m", "shared.cli", "health", "--config", str(config)],
-                              capture_output=True, text=True, timeout=60)
+        done = _health_through_a_config(f"tcp://*:{port}", tmp_path)
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["status"] == "ready"
 

@@ -409,9 +409,17 @@ def test_templates_render_as_transformers_renders_them():
     assert '"Météo"' in prompt and prompt.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
 
 
+def _rendered_by_both(template: str, messages: list[dict]) -> tuple[str, str]:
+    """`messages` rendered by `template` here and by transformers' apply_chat_template, with a generation prompt."""
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer(BPE()), chat_template=template)
+    return (Tokenizer.from_metadata(byte_level_metadata(template=template)).apply_chat_template(messages),
+            hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
 def test_generation_blocks_of_training_templates_render_their_text():
     """Templates written for assistant-only training wrap the assistant's turns in {% generation %} blocks."""
-    from transformers import PreTrainedTokenizerFast
 
     template = (
         "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' }}"
@@ -420,18 +428,14 @@ def test_generation_blocks_of_training_templates_render_their_text():
         "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
         "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
     )
-    ours = Tokenizer.from_metadata(byte_level_metadata(template=template))
-    hf = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer(BPE()), chat_template=template)
     messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
-    assert ours.apply_chat_template(messages) == hf.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=True
-    )
+    ours, theirs = _rendered_by_both(template, messages)
+    assert ours == theirs
 
 
 def test_a_message_key_set_to_null_is_read_as_left_out():
     """OpenAI-style clients send "tool_calls": null on plain replies; Mistral-Small-3.1's template takes any
     message where `message.tool_calls is defined` for a tool call."""
-    from transformers import PreTrainedTokenizerFast
 
     template = (
         "{% for message in messages %}{% if message.tool_calls is defined %}"
@@ -439,15 +443,13 @@ def test_a_message_key_set_to_null_is_read_as_left_out():
         "{% else %}{{ '[INST]' + message.content + '[/INST]' if message.role == 'user' else message.content }}"
         "{% endif %}{% endfor %}"
     )
-    ours = Tokenizer.from_metadata(byte_level_metadata(template=template))
-    hf = PreTrainedTokenizerFast(tokenizer_object=HFTokenizer(BPE()), chat_template=template)
     messages = [
         {"role": "user", "content": "Hi", "name": None},
         {"role": "assistant", "content": "Hello", "tool_calls": None},
         {"role": "user", "content": "Weather?"},
     ]
-    expected = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    assert ours.apply_chat_template(messages) == expected == "[INST]Hi[/INST]Hello[INST]Weather?[/INST]"
+    ours, theirs = _rendered_by_both(template, messages)
+    assert ours == theirs == "[INST]Hi[/INST]Hello[INST]Weather?[/INST]"
 
 
 def test_missing_or_broken_chat_template_is_a_clear_error():
