@@ -349,8 +349,9 @@ def _check_type(value: Any, hint: Any, where: str) -> None:
 _HINTS: dict[type, dict[str, Any]] = {}
 
 
-def decode(frames: list[Any]) -> Message:
-    """Parse and check a multipart message; raises ProtocolError naming what is wrong."""
+def decode(frames: list[Any], expected: tuple[type[Message], ...] = ()) -> Message:
+    """Parse and check a multipart message; raises ProtocolError naming what is wrong. With `expected`, a message of
+    another kind is refused as unexpected_kind before its fields are read: they are not the sender's to get right."""
     if not frames:
         raise ProtocolError("malformed", "empty message")
     first = frames[0]
@@ -368,6 +369,9 @@ def decode(frames: list[Any]) -> Message:
     cls = MESSAGES.get(kind) if isinstance(kind, str) else None
     if cls is None:
         raise ProtocolError("unknown_kind", f"unknown message kind {kind!r}")
+    if expected and cls not in expected:
+        raise ProtocolError("unexpected_kind",
+                            f"{kind!r} is not expected here: send one of {', '.join(c.KIND for c in expected)}")
     hints = _HINTS.get(cls)
     if hints is None:
         hints = _HINTS[cls] = typing.get_type_hints(cls)

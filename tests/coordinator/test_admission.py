@@ -56,11 +56,13 @@ def rejected(frames: list) -> Rejected:
         (header(kind="generate", request_id="r7", colour="red"), "bad_field", "unknown field(s) colour", "r7"),
         (header(kind="generate", request_id=12), "bad_field", "request_id must be str", None),
         (encode(Heartbeat(member_id="x", role="gpu_worker", pid=1, metrics_port=0, placement_version=0, model="m")),
-         "unexpected_kind", "'heartbeat' is not a client request", None),
+         "unexpected_kind", "'heartbeat' is not expected here: send one of generate", None),
         (header(kind="generate", request_id="big", prompt="x" * MAX_BYTES), "too_large", f"limit of {MAX_BYTES}",
          "big"),
-        (header(kind="engine_token", request_id="r8", token_id=1, logprob=0.0, top_logprobs=[5]), "bad_field",
-         "engine_token.top_logprobs[0] must be list", "r8"),
+        # another role's message is refused for its kind, whatever its fields: they are not the client's to get right
+        (header(kind="engine_token", request_id="r8", token_id=1, logprob=0.0, top_logprobs=[5]), "unexpected_kind",
+         "'engine_token' is not expected here", "r8"),
+        (header(kind="token", request_id="r9"), "unexpected_kind", "'token' is not expected here", "r9"),
     ],
 )
 def test_unreadable_requests_are_refused_naming_the_problem(frames, code, words, request_id):
