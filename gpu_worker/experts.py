@@ -83,6 +83,22 @@ class HotExperts:
         self.source.check_digests(layer, ids, torch.get_num_threads())
         return layout.views(regions)
 
+    def _held_nbytes(self, layer: int, n: int) -> int:
+        """Bytes apply() allocates on the worker's device for `n` hot experts of a layer: float ones are copied in
+        the worker's dtype, quantized ones stacked (on a GPU); quantized ones kept one by one are views of the
+        expert cache file, which take only page cache."""
+        if self.source.format(layer) == "float":
+            return n * self.source.model.config.expert_params * self.dtype.itemsize
+        return n * self.source.layout(layer).region_nbytes if self._grouped(layer) else 0
+
+    def added_nbytes(self, placement: Placement) -> int:
+        """Bytes applying `placement` adds to what the worker holds. apply() frees a layer's old experts before it
+        makes its new ones, but the layers go in turn: a layer that shrinks is counted as freeing nothing, so no
+        order of the layers takes more than this at any point."""
+        return sum(max(0, self._held_nbytes(layer, len(placement.hot(layer)))
+                       - self._held_nbytes(layer, len(self.ids.get(layer, ()))))
+                   for layer in range(placement.n_layers))
+
     def apply(self, placement: Placement, after_layer: Callable[[], None] = lambda: None) -> list[int]:
         """Load each layer's hot set; the layers whose set changed. `after_layer` runs between layers (a full pool
         takes seconds to load)."""

@@ -28,7 +28,7 @@ from shared.config import Config, add_config_arguments, config_from_args
 from shared.expert_cache import CacheError
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
-from shared.memory_use import HostMemoryError, host_memory, safety_floor, size_text
+from shared.memory_use import HostMemoryError, room_above_floor, size_text
 from shared.metrics import start_metrics_server
 from shared.model_config import ModelConfig, ModelError
 from shared.placement import Placement
@@ -217,9 +217,7 @@ def check_kv_cache_fits(config: Config, cfg: ModelConfig, dtype: torch.dtype) ->
     host_memory_floor, rather than die allocating it or be OOM-killed writing its zeros."""
     shape = kv_cache_shape(cfg, config.kv_cache_blocks, config.kv_block_size)
     need = math.prod(shape) * dtype.itemsize
-    mem = host_memory()
-    floor = safety_floor(config.host_memory_floor, mem)
-    room = mem.available - floor
+    room, floor = room_above_floor(config.host_memory_floor)
     if need <= room:
         return
     per_token = need // shape[2]
@@ -228,6 +226,19 @@ def check_kv_cache_fits(config: Config, cfg: ModelConfig, dtype: torch.dtype) ->
                           f"{config.kv_cache_tokens} ({per_token:,} bytes a token); {size_text(room)} is available "
                           f"after the {size_text(floor)} host_memory_floor: at most {fit:,} tokens fit; lower "
                           f"kv_cache_tokens")
+
+
+def check_hot_experts_fit(engine: Engine, placement: Placement) -> None:
+    """A worker on the CPU copies its hot float experts into RAM: refuse a placement whose copies do not fit in
+    what is free, less host_memory_floor, rather than die allocating them or be OOM-killed. The KV cache is
+    already allocated and written by now, so what is free no longer counts it."""
+    need = engine.hot.added_nbytes(placement)
+    room, floor = room_above_floor(engine.config.host_memory_floor)
+    if need <= room:
+        return
+    raise HostMemoryError(f"its hot experts need {size_text(need)} of RAM ({placement.count_hot()} experts); "
+                          f"{size_text(room)} is available after the {size_text(floor)} host_memory_floor; lower "
+                          f"gpu_expert_budget or hot_experts (the coordinator's), or host_memory_floor")
 
 
 def to_sequence(msg: EngineGenerate) -> Sequence:
@@ -321,8 +332,9 @@ def serve(config: Config) -> int:
 
 
 def hold(engine: Engine, placement: Placement, log: logging.Logger) -> bool:
-    """Apply the placement; False, said in the log, when its experts cannot be held: a damaged expert cache, or
-    hosts this worker has no socket to (a coordinator started with more expert_hosts than this worker)."""
+    """Apply the placement; False, said in the log, when its experts cannot be held: a damaged expert cache, hosts
+    this worker has no socket to (a coordinator started with more expert_hosts than this worker), or, on the CPU,
+    hot experts beyond the RAM free."""
     beyond = [h for h in placement.hosts_in_use() if h >= engine.config.expert_hosts]
     if beyond:
         log.error("cannot hold placement v%d: it gives experts to expert host %d, and this worker was started with "
@@ -330,8 +342,10 @@ def hold(engine: Engine, placement: Placement, log: logging.Logger) -> bool:
                   engine.config.expert_hosts)
         return False
     try:
+        if engine.device.type == "cpu":
+            check_hot_experts_fit(engine, placement)
         engine.apply(placement)
-    except CacheError as e:
+    except (CacheError, HostMemoryError) as e:
         log.error("cannot hold placement v%d: %s", placement.version, e)
         return False
     return True

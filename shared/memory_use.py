@@ -103,6 +103,14 @@ def safety_floor(spec: str, mem: MemInfo) -> int:
     return max(absolute, int(share * mem.total))
 
 
+def room_above_floor(floor_spec: str) -> tuple[int, int]:
+    """(bytes of RAM this process may still take, leaving host_memory_floor free; the floor in bytes). What is free
+    is measured now, so memory this process has already written (a KV cache's zeros) is no longer counted in it."""
+    mem = host_memory()
+    floor = safety_floor(floor_spec, mem)
+    return mem.available - floor, floor
+
+
 def size_text(n: int) -> str:
     """A size for a message: GB (10**9 bytes, as sizes are written in settings), MB below a tenth of one."""
     n = max(0, n)

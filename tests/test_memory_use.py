@@ -10,8 +10,9 @@ import time
 import numpy as np
 
 from shared.config import Config
-from shared.make_model import make_model
-from shared.memory_use import UsedMemoryPeak, cgroup_memory, descendants, parse_status, process_memory
+from shared.launcher import free_tcp_port
+from shared.make_model import PRESETS, make_model
+from shared.memory_use import UsedMemoryPeak, cgroup_memory, descendants, parse_status, process_memory, read_meminfo
 
 STATUS = """Name:\tpython3
 VmPeak:\t 2000000 kB
@@ -125,6 +126,39 @@ def test_a_cpu_workers_kv_cache_larger_than_ram_is_refused_by_name(tmp_path):
     assert "cannot start: the KV cache needs 102.4 GB of RAM for kv_cache_tokens = 100000000" in run.stderr
     assert "lower kv_cache_tokens" in run.stderr and "host_memory_floor" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_a_cpu_workers_hot_experts_larger_than_its_ram_are_refused_by_name(tmp_path, monkeypatch):
+    """A placement whose hot experts (float ones, copied into the worker's RAM) do not fit in what is free less
+    host_memory_floor, though the KV cache does: the worker copied them all, and on a machine with that little
+    room died of a traceback or was OOM-killed. 1.2 GB of f32 experts; the floor leaves about 0.9 GB, less what
+    the worker's own start-up takes (a few hundred MB), so the room is well above the few MB of KV cache and
+    hundreds of MB below the experts, however the machine's free memory moves meanwhile."""
+    monkeypatch.setitem(PRESETS, "hot-ram", dict(PRESETS["small"], n_layers=6, hidden=512, head_dim=64, n_experts=64,
+                                                 expert_ffn=512))
+    model = tmp_path / "hot.gguf"
+    make_model(model, preset="hot-ram", dtype="f32", seed=0)
+    hot_bytes = 6 * 64 * 3 * 512 * 512 * 4
+    floor = read_meminfo().available - hot_bytes * 3 // 4
+    config = tmp_path / "config.toml"  # no expert hosts: every expert is hot
+    config.write_text(Config(model=str(model), run_dir=str(tmp_path / "run"), metrics_port=0, device="cpu",
+                             client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", expert_hosts=0, hot_experts=64,
+                             kv_cache_tokens=512, host_memory_floor=str(floor)).to_toml())
+    coordinator = subprocess.Popen([sys.executable, "-m", "coordinator", "--config", str(config)],
+                                   stderr=subprocess.DEVNULL)
+    worker = subprocess.Popen([sys.executable, "-m", "gpu_worker", "--config", str(config)], stderr=subprocess.PIPE,
+                              text=True)
+    try:
+        _, stderr = worker.communicate(timeout=30)  # holding the placement, it would serve until killed
+    finally:
+        for proc in (worker, coordinator):
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    assert worker.returncode == 1, stderr
+    assert "its hot experts need 1.2 GB of RAM" in stderr
+    assert "gpu_expert_budget" in stderr and "hot_experts" in stderr and "host_memory_floor" in stderr
+    assert "Traceback" not in stderr
 
 
 def test_a_parent_cgroups_limit_counts_what_its_other_units_use(tmp_path):
