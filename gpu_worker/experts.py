@@ -23,6 +23,7 @@ from gpu_worker.grouped import all_experts_grouped, experts_grouped, takes_devic
 from gpu_worker.remote import RemoteExperts
 from gpu_worker.soft_pool import SoftPool
 from gpu_worker.step_profile import section
+from shared.expert_cache import layer_expert_nbytes
 from shared.expert_math import ExpertWeights, grouped_ffn
 from shared.expert_source import ExpertSource
 from shared.model_config import EXPERT_TENSOR_KINDS
@@ -87,9 +88,9 @@ class HotExperts:
         """Bytes apply() allocates on the worker's device for `n` hot experts of a layer: float ones are copied in
         the worker's dtype, quantized ones stacked (on a GPU); quantized ones kept one by one are views of the
         expert cache file, which take only page cache."""
-        if self.source.format(layer) == "float":
-            return n * self.source.model.config.expert_params * self.dtype.itemsize
-        return n * self.source.layout(layer).region_nbytes if self._grouped(layer) else 0
+        if self.source.format(layer) != "float" and not self._grouped(layer):
+            return 0
+        return n * layer_expert_nbytes(self.source.layout(layer), self.source.model.config.expert_params, self.dtype)
 
     def added_nbytes(self, placement: Placement) -> int:
         """Bytes applying `placement` adds to what the worker holds. apply() frees a layer's old experts before it

@@ -162,12 +162,16 @@ def expert_layouts(model: GGUFModel) -> list[ExpertLayout]:
     return layouts
 
 
+def layer_expert_nbytes(layout: ExpertLayout, expert_params: int, float_dtype: torch.dtype) -> int:
+    """What one hot expert of a layer of `layout` takes on the worker: a quantized expert is its cache region (whole
+    pages; layers may differ: int4, and int4+int8 where down is Q6_K), a float one its tensors in `float_dtype`,
+    the worker's, which it converts them to whatever the file stores."""
+    return layout.region_nbytes if layout.format != "float" else expert_params * float_dtype.itemsize
+
+
 def hot_expert_nbytes(model: GGUFModel, float_dtype: torch.dtype) -> int:
-    """What one hot expert takes on the worker, the mean over layers rounded up: a quantized expert is its cache
-    region (whole pages; layers may differ: int4, and int4+int8 where down is Q6_K), a float one its tensors in
-    `float_dtype`, the worker's, which it converts them to whatever the file stores."""
-    float_nbytes = model.config.expert_params * float_dtype.itemsize
-    sizes = [layout.region_nbytes if layout.format != "float" else float_nbytes for layout in expert_layouts(model)]
+    """What one hot expert takes on the worker (layer_expert_nbytes), the mean over layers rounded up."""
+    sizes = [layer_expert_nbytes(layout, model.config.expert_params, float_dtype) for layout in expert_layouts(model)]
     return -(-sum(sizes) // len(sizes))
 
 
