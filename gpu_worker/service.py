@@ -58,7 +58,10 @@ DISPATCH = Counter("tierserve_worker_expert_dispatch_total",
                    "Routed (token, expert) pairs by path: hot, soft_hit, streamed, staged, cpu", ["path"])
 STEP_SECONDS = Histogram("tierserve_worker_step_seconds", "Wall time of one model step",
                          buckets=(1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0))
-SOFT_HIT_RATE = Gauge("tierserve_worker_soft_tier_hit_rate", "Cold expert lookups found in a VRAM slot")
+SOFT_HIT_RATE = Gauge("tierserve_worker_soft_tier_hit_rate", "Cold expert lookups found in a VRAM slot, since start")
+# the lookups themselves, so that a window's hit rate (a benchmark phase's, a dashboard's) is a ratio of increases
+SOFT_LOOKUPS = Counter("tierserve_worker_soft_tier_lookups_total",
+                       "Cold expert lookups in the VRAM slots, by result: hit or miss", ["result"])
 STREAMED_BYTES = Gauge("tierserve_worker_streamed_bytes", "Expert bytes streamed into VRAM slots since start")
 HOT_BYTES = Gauge("tierserve_worker_hot_expert_bytes", "Bytes of expert weights held by the worker")
 # The cold planner's constants as the last step planned with them (measured at start-up, the CPU's and the round
@@ -105,6 +108,7 @@ class Engine:
         self.hot = HotExperts(self.experts, self.device, dtype)
         self.pool = SoftPool(self.experts, self.device, dtype, config.soft_slots, config.soft_policy,
                              config.soft_staging) if config.soft_slots > 0 else None
+        self._lookups_counted = {"hit": 0, "miss": 0}  # of the pool's tallies, what SOFT_LOOKUPS has been given
         self.planner = ColdPlanner(self.experts, config.cold_path, self.pool.measure_bandwidth(),
                                    measure_matmul_flops(self.device, dtype), dtype,
                                    config.threads_for("expert_host", self.device.type == "cuda"),
@@ -193,7 +197,11 @@ class Engine:
         WAITING.set(self.scheduler.num_waiting)
         KV_USED.set(self.scheduler.kv_blocks_used / self.scheduler.kv_blocks_total)
         if self.pool is not None:
-            SOFT_HIT_RATE.set(self.pool.tier.hit_rate)
+            tier = self.pool.tier
+            SOFT_HIT_RATE.set(tier.hit_rate)
+            for result, tally in (("hit", tier.hits), ("miss", tier.misses)):
+                SOFT_LOOKUPS.labels(result).inc(tally - self._lookups_counted[result])
+                self._lookups_counted[result] = tally
             STREAMED_BYTES.set(self.pool.bytes_streamed)
         if self.planner is not None:
             cost = self.planner.constants

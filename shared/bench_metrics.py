@@ -17,7 +17,7 @@ from shared.protocol import HealthReply
 
 PATHS = ("hot", "soft_hit", "streamed", "staged", "cpu")  # how a routed (token, expert) pair was computed
 DISPATCH = "tierserve_worker_expert_dispatch_total"
-SOFT_HIT_RATE = "tierserve_worker_soft_tier_hit_rate"
+SOFT_LOOKUPS = "tierserve_worker_soft_tier_lookups_total"  # by result: hit or miss
 STREAMED_BYTES = "tierserve_worker_streamed_bytes"
 STARTED = "process_start_time_seconds"  # prometheus_client's own: a restarted worker counts from zero again
 # the cold planner's constants (gpu_worker/service.py's COST_* gauges): metric -> key in TierSnapshot.cost
@@ -41,7 +41,7 @@ def worker_metrics_url(health: HealthReply, client_endpoint: str) -> str:
 @dataclass(frozen=True)
 class TierSnapshot:
     pairs: dict[str, float]  # routed pairs by path since the worker started
-    soft_hit_rate: float  # of the soft tier since start (0 without soft slots)
+    soft_lookups: dict[str, float]  # the soft tier's lookups by result (hit, miss) since start
     streamed_bytes: float  # since start
     # the cold planner's constants now (empty without soft slots): cpu_read_bw by served format, the others a number
     cost: dict[str, Any]
@@ -51,13 +51,16 @@ class TierSnapshot:
 def parse_tiers(text: str) -> TierSnapshot:
     """The tier counters out of a /metrics page (a path never taken has no sample yet: 0)."""
     pairs = dict.fromkeys(PATHS, 0.0)
+    lookups = {"hit": 0.0, "miss": 0.0}  # none without soft slots
     values: dict[str, float] = {}
     cost: dict[str, Any] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
             if sample.name == DISPATCH and sample.labels.get("path") in pairs:
                 pairs[sample.labels["path"]] = sample.value
-            elif sample.name in (SOFT_HIT_RATE, STREAMED_BYTES, STARTED):
+            elif sample.name == SOFT_LOOKUPS and sample.labels.get("result") in lookups:
+                lookups[sample.labels["result"]] = sample.value
+            elif sample.name in (STREAMED_BYTES, STARTED):
                 values[sample.name] = sample.value
             elif sample.name in COST and "format" in sample.labels:
                 cost.setdefault(COST[sample.name], {})[sample.labels["format"]] = sample.value
@@ -66,7 +69,7 @@ def parse_tiers(text: str) -> TierSnapshot:
     # a worker without a planner (no soft slots) never sets these gauges, and prometheus_client exports them as 0;
     # a planner's PCIe bandwidth is measured at start-up, so it is never 0
     planned = cost if cost.get("pcie_bw") else {}
-    return TierSnapshot(pairs, values.get(SOFT_HIT_RATE, 0.0), values.get(STREAMED_BYTES, 0.0), planned,
+    return TierSnapshot(pairs, lookups, values.get(STREAMED_BYTES, 0.0), planned,
                         values.get(STARTED, 0.0))
 
 
@@ -77,19 +80,20 @@ def scrape_tiers(url: str, timeout_s: float = 10.0) -> TierSnapshot:
 
 def tier_delta(before: TierSnapshot, after: TierSnapshot, seconds: float) -> dict[str, Any]:
     """What a phase of `seconds` did: pairs by path and their shares, the share served from VRAM (hot pool
-    plus soft-tier hits), the soft tier's hit rate at the end, the streaming rate achieved, and the cold
+    plus soft-tier hits), the soft tier's hit rate over the phase, the streaming rate achieved, and the cold
     planner's constants at the end. A worker restarted during the phase counts from zero again: the phase's
     figures are then its successor's alone."""
     restarted = after.started != before.started
     pairs = {p: after.pairs[p] - (0.0 if restarted else before.pairs[p]) for p in PATHS}
     total = sum(pairs.values())
     streamed = after.streamed_bytes - (0.0 if restarted else before.streamed_bytes)
+    hits, misses = (after.soft_lookups[r] - (0.0 if restarted else before.soft_lookups[r]) for r in ("hit", "miss"))
     return {
         "pairs": pairs,
         "share": {p: (n / total if total else 0.0) for p, n in pairs.items()},
         "vram_hit_rate": (pairs["hot"] + pairs["soft_hit"]) / total if total else 0.0,
         "cold_share": (pairs["streamed"] + pairs["staged"] + pairs["cpu"]) / total if total else 0.0,
-        "soft_tier_hit_rate": after.soft_hit_rate,
+        "soft_tier_hit_rate": hits / (hits + misses) if hits + misses else 0.0,
         "streamed_bytes": streamed,
         "streamed_gb_s": streamed / seconds / 1e9 if seconds > 0 else 0.0,
         "seconds": seconds,

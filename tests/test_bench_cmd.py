@@ -154,14 +154,19 @@ def test_decode_bound_reads_a_quantized_model_s_vram_experts_in_their_serving_fo
         4 * trunk + LAYERS * TOP_K * 0.75 * facts["served_bytes_per_expert"])
 
 
-def worker_metrics_page(hot: int, streamed: int, hit_rate: float, streamed_bytes: float, started: float = 1e9) -> str:
+def worker_metrics_page(hot: int, streamed: int, soft_hits: int, soft_misses: int, streamed_bytes: float,
+                        started: float = 1e9) -> str:
     """A /metrics page with the gpu_worker's tier metrics, written by prometheus_client as the worker does."""
     registry = CollectorRegistry()
     Gauge("process_start_time_seconds", "start time of the process", registry=registry).set(started)
     dispatch = Counter("tierserve_worker_expert_dispatch_total", "pairs by path", ["path"], registry=registry)
     dispatch.labels("hot").inc(hot)
     dispatch.labels("streamed").inc(streamed)
-    Gauge("tierserve_worker_soft_tier_hit_rate", "hit rate", registry=registry).set(hit_rate)
+    lookups = Counter("tierserve_worker_soft_tier_lookups_total", "lookups", ["result"], registry=registry)
+    lookups.labels("hit").inc(soft_hits)
+    lookups.labels("miss").inc(soft_misses)
+    Gauge("tierserve_worker_soft_tier_hit_rate", "since start", registry=registry).set(
+        soft_hits / max(soft_hits + soft_misses, 1))
     Gauge("tierserve_worker_streamed_bytes", "bytes", registry=registry).set(streamed_bytes)
     Gauge("tierserve_worker_hot_expert_bytes", "other metric", registry=registry).set(7)
     Gauge("tierserve_worker_cost_pcie_bytes_per_second", "pcie", registry=registry).set(50e9)
@@ -174,9 +179,9 @@ def worker_metrics_page(hot: int, streamed: int, hit_rate: float, streamed_bytes
 
 
 def test_tier_counters_from_a_metrics_page_and_their_change():
-    before = parse_tiers(worker_metrics_page(hot=10, streamed=0, hit_rate=0.0, streamed_bytes=0))
+    before = parse_tiers(worker_metrics_page(hot=10, streamed=0, soft_hits=0, soft_misses=0, streamed_bytes=0))
     assert before.pairs == {"hot": 10, "soft_hit": 0, "streamed": 0, "staged": 0, "cpu": 0}  # never taken: 0
-    after = parse_tiers(worker_metrics_page(hot=40, streamed=10, hit_rate=0.25, streamed_bytes=4e9))
+    after = parse_tiers(worker_metrics_page(hot=40, streamed=10, soft_hits=1, soft_misses=3, streamed_bytes=4e9))
     d = tier_delta(before, after, seconds=2.0)
     assert d["pairs"] == {"hot": 30, "soft_hit": 0, "streamed": 10, "staged": 0, "cpu": 0}
     assert d["share"]["hot"] == 0.75 and d["vram_hit_rate"] == 0.75 and d["cold_share"] == 0.25
@@ -187,6 +192,15 @@ def test_tier_counters_from_a_metrics_page_and_their_change():
                                "cpu_flops": 2e12, "round_trip_s": 25e-6}
     idle = tier_delta(after, after, 1.0)
     assert idle["vram_hit_rate"] == 0.0 and idle["streamed_gb_s"] == 0.0
+
+
+def test_the_soft_tier_hit_rate_of_a_phase_is_over_its_own_lookups():
+    """A phase's hit rate is its lookups', not the worker's since start: after a warm-up that hit 900 of 1,000,
+    a phase that hit 10 of 100 is at 10%, not the 83% the worker's gauge shows."""
+    before = parse_tiers(worker_metrics_page(hot=0, streamed=100, soft_hits=900, soft_misses=100, streamed_bytes=0))
+    after = parse_tiers(worker_metrics_page(hot=0, streamed=190, soft_hits=910, soft_misses=190, streamed_bytes=0))
+    assert tier_delta(before, after, seconds=1.0)["soft_tier_hit_rate"] == pytest.approx(0.1)
+    assert tier_delta(after, after, seconds=1.0)["soft_tier_hit_rate"] == 0.0  # no lookups: no rate
 
 
 def test_a_worker_without_a_cold_planner_has_no_planner_constants():
@@ -203,12 +217,15 @@ def test_a_worker_without_a_cold_planner_has_no_planner_constants():
 
 
 def test_tier_counters_of_a_worker_restarted_during_the_phase_count_from_its_restart():
-    before = parse_tiers(worker_metrics_page(hot=1000, streamed=500, hit_rate=0.5, streamed_bytes=9e9, started=1e9))
-    after = parse_tiers(worker_metrics_page(hot=30, streamed=10, hit_rate=0.25, streamed_bytes=4e9, started=1e9 + 60))
+    before = parse_tiers(worker_metrics_page(hot=1000, streamed=500, soft_hits=90, soft_misses=10, streamed_bytes=9e9,
+                                             started=1e9))
+    after = parse_tiers(worker_metrics_page(hot=30, streamed=10, soft_hits=1, soft_misses=3, streamed_bytes=4e9,
+                                            started=1e9 + 60))
     d = tier_delta(before, after, seconds=2.0)
     assert d["worker_restarted"]
     assert d["pairs"] == {"hot": 30, "soft_hit": 0, "streamed": 10, "staged": 0, "cpu": 0}
     assert d["share"]["hot"] == 0.75 and d["cold_share"] == 0.25 and d["streamed_gb_s"] == 2.0
+    assert d["soft_tier_hit_rate"] == 0.25
     assert not tier_delta(after, after, 1.0)["worker_restarted"]
 
 
