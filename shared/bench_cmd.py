@@ -25,14 +25,14 @@ from typing import Any
 
 import torch
 
-from shared import bench_limits, bench_llama, bench_sweep
+from shared import bench_limits, bench_llama, bench_sweep, launcher
 from shared.bench_load import TEXT, TIMEOUT_S, WARM_UP_VARIANT, decode_run, prefill_run, prompt_ids
 from shared.bench_measure import measure_machine
 from shared.bench_metrics import scrape_tiers, tier_delta, worker_metrics_url
 from shared.bench_profile import CANDIDATE_PROMPTS, profile_system
 from shared.bench_report import markdown, write_results
 from shared.client import AsyncClient, ServerError, run
-from shared.config import Config, parse_bytes
+from shared.config import Config, config_from_args, parse_bytes
 from shared.expert_cache import expert_layouts, hot_expert_nbytes
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
@@ -107,7 +107,9 @@ def preset_model(cache_dir: Path, preset: str, arch: str | None, dtype: str, ske
     return path
 
 
-def model_facts(model: GGUFModel) -> dict[str, Any]:
+def model_facts(model: GGUFModel, config: Config) -> dict[str, Any]:
+    """The model's shapes and bytes, its experts' as the file holds them, as they are served, and as a worker
+    running with `config` counts them against its budget for hot experts."""
     cfg = model.config
     expert_bytes = sum(model.nbytes(expert_tensor_name(layer, kind))
                        for layer in range(cfg.n_layers) for kind in EXPERT_TENSOR_KINDS)
@@ -116,14 +118,18 @@ def model_facts(model: GGUFModel) -> dict[str, Any]:
     served = expert_layouts(model)
     return {"served_format": ", ".join(dict.fromkeys(layout.format for layout in served)),
             "served_bytes_per_expert": sum(layout.expert_nbytes for layout in served) / cfg.n_layers,
-            # what the budget for hot experts is counted in, by a worker of the default device and dtype, as the bench
-            # starts it
-            "hot_bytes_per_expert": hot_expert_nbytes(model, worker_dtype(Config(), worker_device(Config()))),
+            "hot_bytes_per_expert": hot_expert_nbytes(model, worker_dtype(config, worker_device(config))),
             "path": str(model.path), "name": model.metadata.get("general.name", model.path.stem), "arch": cfg.arch,
             "n_layers": cfg.n_layers, "n_experts": cfg.n_experts, "n_experts_used": cfg.n_experts_used,
             "hidden": cfg.hidden, "expert_ffn": cfg.expert_ffn, "context_length": cfg.context_length,
             "expert_type": "+".join(types), "bytes_per_expert": expert_bytes / (cfg.n_layers * cfg.n_experts),
             "file_bytes": model.file_size}
+
+
+def system_config(model: Path, options: list[str]) -> Config:
+    """The configuration `tierserve up --model model *options` serves with (its --config file included); a bad
+    option exits with `tierserve up`'s message, before anything is measured."""
+    return config_from_args(launcher.parser().parse_args(["--model", str(model), *options]))
 
 
 def system_options(args: argparse.Namespace) -> list[str]:
@@ -213,13 +219,14 @@ def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     path = Path(args.model) if args.model else preset_model(Path(args.cache_dir), args.preset, args.arch, args.dtype,
                                                             args.routing_skew)
     model = GGUFModel(path)
-    facts = model_facts(model)
+    options = system_options(args)
+    # a running system's configuration is its own: the bench can only assume the defaults
+    facts = model_facts(model, Config() if args.endpoint else system_config(path, options))
     run_settings = settings(args.quick, model.config.context_length, args.prompt_lengths, args.max_tokens)
     tokenizer = Tokenizer.from_metadata(model.metadata)
     base = tokenizer.encode(TEXT * 4, add_special=False)
     print("bench: measuring this machine's memory, PCIe and compute", file=sys.stderr, flush=True)
     machine = measure_machine(args.quick)
-    options = system_options(args)
     results: dict[str, Any] = {"version": 1, "started": started.isoformat(timespec="seconds"),
                                "settings": run_settings, "model": facts, "machine": machine_info(machine)}
     if args.sweep_only:

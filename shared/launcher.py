@@ -188,11 +188,15 @@ def up(config: Config, ready_timeout_s: float = 300.0) -> int:
     return status
 
 
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tierserve up", description=__doc__.split("\n\n")[0])
+    add_config_arguments(p)
+    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the system")
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tierserve up", description=__doc__.split("\n\n")[0])
-    add_config_arguments(parser)
-    parser.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the system")
-    args = parser.parse_args(argv)
+    args = parser().parse_args(argv)
     return up(config_from_args(args), args.ready_timeout)
 
 

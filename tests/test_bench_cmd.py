@@ -9,12 +9,13 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from shared.bench_cmd import limits, model_facts, settings
+from shared.bench_cmd import limits, model_facts, settings, system_config
 from shared.bench_limits import Machine, model_traffic
 from shared.bench_load import Timed, latency, prompt_ids
 from shared.bench_metrics import PATHS, parse_tiers, tier_delta, worker_metrics_url
 from shared.bench_report import cost_model_table
 from shared.cli import main as tierserve
+from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
 from shared.protocol import HealthReply
@@ -139,12 +140,25 @@ def test_host_memory_of_every_process_the_bench_started(bench_run):
     assert "## Host memory" in (out / "results.md").read_text()
 
 
+def test_hot_expert_bytes_are_counted_as_the_system_the_bench_starts_holds_them(tmp_path):
+    """A --dtype passed on to the system (or set in its --config file) changes what a float hot expert takes: the
+    f32 tiny model held in bfloat16 is half the bytes of the CPU worker's default float32."""
+    make_model(tmp_path / "f.gguf", preset="tiny", dtype="f32")
+    model = GGUFModel(tmp_path / "f.gguf")
+    default = model_facts(model, system_config(model.path, []))["hot_bytes_per_expert"]
+    (tmp_path / "bf16.toml").write_text('dtype = "bfloat16"\n')
+    for options in (["--dtype", "bfloat16"], ["--config", str(tmp_path / "bf16.toml")]):
+        assert model_facts(model, system_config(model.path, options))["hot_bytes_per_expert"] == default // 2
+    with pytest.raises(SystemExit):  # refused before anything is measured, as `tierserve up` refuses it
+        system_config(model.path, ["--dtype", "float16"])
+
+
 def test_decode_bound_reads_a_quantized_model_s_vram_experts_in_their_serving_format(tmp_path):
     """The worker holds a quantized model's hot and soft-tier experts as their int8 / int4 cache regions, not at its
     own dtype: only the trunk is read at the device's bytes per parameter."""
     make_model(tmp_path / "q.gguf", preset="tiny", dtype="q4_0")
     model = GGUFModel(tmp_path / "q.gguf")
-    facts = model_facts(model)
+    facts = model_facts(model, Config())
     cpu = Machine(cpu_read_bw=100e9, pcie_bw=None, device_mem_bw=100e9, device_flops=1e12, device_bytes_per_param=4)
     measured = {"tiers": {"decode": {"pairs": {"hot": 3.0, "cpu": 1.0}, "cold_share": 0.25}},
                 "decode": [{"per_request_tok_s": 100.0}], "prefill": []}
