@@ -78,7 +78,10 @@ class ChatTemplate:
         self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True, **variables: Any
     ) -> str:
         """The prompt for `messages`; extra variables (tools, documents, enable_thinking...) reach the template."""
-        context = {"bos_token": self.bos_token, "eos_token": self.eos_token, **variables}
+        # transformers passes tools and documents to every template, None when not given: templates test
+        # `tools is not none`, which an undefined variable would pass.
+        context = {"bos_token": self.bos_token, "eos_token": self.eos_token, "tools": None, "documents": None}
+        context.update(variables)
         # A key set to null is a key left out, as transformers and llama.cpp read messages: templates test
         # `message.tool_calls is defined`, and OpenAI-style clients send "tool_calls": null on plain replies.
         present = [{key: value for key, value in m.items() if value is not None} for m in messages]

@@ -452,6 +452,21 @@ def test_a_message_key_set_to_null_is_read_as_left_out():
     assert ours == theirs == "[INST]Hi[/INST]Hello[INST]Weather?[/INST]"
 
 
+def test_tools_and_documents_not_given_are_none():
+    """transformers renders every template with `tools` and `documents`, None when not given; templates test
+    `tools is not none`, which an undefined variable passes."""
+
+    template = (
+        "{% if tools is not none %}[TOOLS]{{ tools | tojson }}{% endif %}"
+        "{% if documents is not none %}[DOCS]{{ documents | tojson }}{% endif %}"
+        "{% for message in messages %}{{ message.content }}{% endfor %}"
+    )
+    ours, theirs = _rendered_by_both(template, [{"role": "user", "content": "Hi"}])
+    assert ours == theirs == "Hi"
+    qwen = Tokenizer.from_metadata(byte_level_metadata(template=template))
+    assert qwen.apply_chat_template([], tools=[{"name": "f"}]) == '[TOOLS][{"name": "f"}]'
+
+
 def test_missing_or_broken_chat_template_is_a_clear_error():
     with pytest.raises(ChatTemplateError, match="no chat template"):
         Tokenizer.from_metadata(byte_level_metadata(template=None)).apply_chat_template([])
