@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import numbers
 import os
 import reprlib
@@ -190,10 +191,20 @@ def _byte_level(md: Mapping[str, Any], tokens: Sequence[str]) -> HFTokenizer:
     return tok
 
 
-def _sentencepiece(md: Mapping[str, Any], tokens: Sequence[str]) -> HFTokenizer:
+def _scores(md: Mapping[str, Any], n_tokens: int) -> list[float]:
     scores = _get(md, "tokenizer.ggml.scores")
-    if len(scores) != len(tokens):
-        raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries for {len(tokens)} tokens")
+    if len(scores) != n_tokens:
+        raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries for {n_tokens} tokens")
+    # Scores rank the merges: a NaN has no place in that order (the sort would leave merges anywhere, and
+    # encoding silently wrong), and no vocabulary scores a piece infinitely; either marks a broken file.
+    if not all(map(math.isfinite, scores)):
+        bad = next(i for i, score in enumerate(scores) if not math.isfinite(score))
+        raise TokenizerError(f"tokenizer.ggml.scores item {bad} is {scores[bad]}, not a finite number")
+    return scores
+
+
+def _sentencepiece(md: Mapping[str, Any], tokens: Sequence[str]) -> HFTokenizer:
+    scores = _scores(md, len(tokens))
     unk = _token_id(md, "tokenizer.ggml.unknown_token_id", 0, len(tokens))
     model = _bpe(
         _vocab(tokens), merges_from_scores(tokens, scores), unk_token=tokens[unk], byte_fallback=True, fuse_unk=True

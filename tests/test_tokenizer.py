@@ -544,3 +544,13 @@ def test_token_ids_outside_the_vocabulary_are_named(key):
     n = len(md["tokenizer.ggml.tokens"])
     with pytest.raises(TokenizerError, match=f"{key} = -1 is outside the vocabulary of {n}"):
         Tokenizer.from_metadata({**md, key: -1})
+
+
+@pytest.mark.parametrize("score", [float("nan"), float("inf"), float("-inf")])
+def test_scores_that_are_not_finite_are_named(score):
+    # Scores rank SentencePiece's merges: a NaN would sort anywhere and leave encoding silently wrong.
+    md = sentencepiece_metadata()
+    scores = list(md["tokenizer.ggml.scores"])
+    scores[300] = score
+    with pytest.raises(TokenizerError, match=re.escape(f"tokenizer.ggml.scores item 300 is {score}, not a finite")):
+        Tokenizer.from_metadata({**md, "tokenizer.ggml.scores": scores})
