@@ -16,6 +16,7 @@ import logging
 import math
 import numbers
 import os
+import re
 import reprlib
 from collections.abc import Iterable, Mapping, Sequence
 from functools import cached_property
@@ -223,6 +224,15 @@ def _sentencepiece(md: Mapping[str, Any], tokens: Sequence[str]) -> HFTokenizer:
 
 _BUILDERS = {"gpt2": _byte_level, "llama": _sentencepiece}
 
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")
+
+
+def _default_types(tokens: Sequence[str], spm: bool) -> list[int]:
+    """Token types for a file that gives none: all normal, but for SentencePiece's byte tokens, known by their
+    spelling. Encoding falls back on them by that spelling (llama.cpp's byte fallback and `tokenizers`' alike),
+    so decoding must read them as bytes, not print "<0x0A>"."""
+    return [BYTE if spm and _BYTE_TOKEN.fullmatch(t) else NORMAL for t in tokens]
+
 
 class Tokenizer:
     """A GGUF model's tokenizer: encode, decode, stream-decode and render chats.
@@ -236,12 +246,13 @@ class Tokenizer:
             raise TokenizerError(f"unknown tokenizer model {model!r} (tokenizer.ggml.model); supported: gpt2, llama")
         self.model = model
         self.tokens: list[str] = list(_get(md, "tokenizer.ggml.tokens"))
-        self.token_types: list[int] = list(_get(md, "tokenizer.ggml.token_type", []) or [NORMAL] * len(self.tokens))
+        spm = model == "llama"
+        types = _get(md, "tokenizer.ggml.token_type", []) or _default_types(self.tokens, spm)
+        self.token_types: list[int] = list(types)
         if len(self.token_types) != len(self.tokens):
             raise TokenizerError(
                 f"tokenizer.ggml.token_type has {len(self.token_types)} entries for {len(self.tokens)} tokens"
             )
-        spm = model == "llama"
         # llama.cpp's defaults for files that do not say: SentencePiece vocabularies put <s> first.
         n = len(self.tokens)
         self.bos_id = _token_id(md, "tokenizer.ggml.bos_token_id", 1 if spm else None, n)

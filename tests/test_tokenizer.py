@@ -271,6 +271,21 @@ def test_sentencepiece_byte_tokens_that_form_no_character_spoil_no_other(mixtral
     assert "".join(stream(mixtral, ids)) == "🦊\ufffd and"
 
 
+def test_sentencepiece_byte_tokens_are_known_by_their_spelling_without_token_types():
+    # A file without tokenizer.ggml.token_type: encoding falls back on <0xNN> pieces by their text, so decoding
+    # must read them as bytes too, not print "<0x0A>".
+    md = {k: v for k, v in sentencepiece_metadata().items() if k != "tokenizer.ggml.token_type"}
+    md["tokenizer.ggml.tokens"] = [*md["tokenizer.ggml.tokens"], "<0x0a>", "<0x0A0>"]
+    md["tokenizer.ggml.scores"] = [*md["tokenizer.ggml.scores"], -1000.0, -1000.0]
+    tok = Tokenizer.from_metadata(md)
+    ids = tok.encode("🦊 ok", add_special=False)
+    assert tok.token_text(ids[1]) == "<0xF0>" and tok.decode(ids) == "🦊 ok"
+    assert "".join(stream(tok, ids)) == "🦊 ok"
+    assert tok.decode([tok.tokens.index("<0x0A>")]) == "\n"
+    # Only two uppercase hex digits spell a byte token; a piece merely like one is text.
+    assert tok.decode([tok.vocab_size - 2, tok.vocab_size - 1]) == "<0x0a><0x0A0>"
+
+
 def test_special_tokens_are_single_ids(qwen, mixtral):
     im_start, im_end = qwen.tokens.index("<|im_start|>"), qwen.tokens.index("<|im_end|>")
     ids = qwen.encode("<|im_start|>user\nhello<|im_end|>")
