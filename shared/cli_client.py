@@ -16,7 +16,7 @@ from typing import Any
 
 import zmq
 
-from shared.client import Client, ServerError
+from shared.client import Client, ServerError, Stream
 from shared.config import load_config
 
 
@@ -83,14 +83,7 @@ def generate_main(argv: list[str] | None = None) -> int:
                 print(json.dumps(client.complete(prompt=args.text, logprobs=args.logprobs,
                                                  **_sampling(args)).to_dict()))
                 return 0
-            stream = client.generate(prompt=args.text, **_sampling(args))
-            try:
-                for event in stream:
-                    if event.KIND == "token":
-                        sys.stdout.write(event.text)
-                        sys.stdout.flush()
-            finally:
-                stream.close()  # cancels the request if Ctrl-C cut it short
+            _print_stream(client.generate(prompt=args.text, **_sampling(args)))
             print()
         except (ServerError, TimeoutError) as e:
             return _fail("generate", e)
@@ -123,23 +116,37 @@ def _chat(client: Client, messages: list[dict], sampling: dict[str, Any], intera
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        reply = []
         stream = client.generate(messages=messages, **sampling)
         try:
-            for event in stream:
-                if event.KIND == "token":
-                    reply.append(event.text)
-                    sys.stdout.write(event.text)
-                    sys.stdout.flush()
+            reply = _print_stream(stream)
         except (ServerError, TimeoutError) as e:
             messages.pop()  # the turn did not happen; the user may try again
             _fail("chat", e)
             failed += 1
             continue
-        finally:
-            stream.close()  # cancels the reply if Ctrl-C cut it short
         print()
-        messages.append({"role": "assistant", "content": "".join(reply)})
+        messages.append({"role": "assistant", "content": reply})
+
+
+def _print_stream(stream: Stream) -> str:
+    """Print a reply's text as it streams in; returns the text."""
+    pieces: list[str] = []
+    try:
+        for event in stream:
+            if event.KIND == "token":
+                # counted before it is printed: Ctrl-C often lands while it is, and its line must then end too
+                pieces.append(event.text)
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    except KeyboardInterrupt:
+        # Ctrl-C cut the reply short: end its line, or the shell's prompt lands on it
+        text = "".join(pieces)
+        if text and not text.endswith("\n"):
+            print()
+        raise
+    finally:
+        stream.close()  # cancels the request if Ctrl-C cut it short
+    return "".join(pieces)
 
 
 def health_main(argv: list[str] | None = None) -> int:

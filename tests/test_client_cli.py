@@ -216,6 +216,30 @@ def test_ctrl_c_while_generate_waits_for_a_whole_completion_exits_130_without_a_
         assert client.stats().stats["requests"]["cancelled"] == cancelled + 1
 
 
+@pytest.mark.parametrize("command, stdin, request_", [
+    (["generate", PROMPT], b"", {"prompt": PROMPT}),
+    (["chat"], b"hello\n", {"messages": [{"role": "user", "content": "hello"}]}),
+])
+def test_ctrl_c_partway_through_a_streamed_reply_ends_its_line_and_exits_130(system, command, stdin, request_):
+    """Ctrl-C left the reply's line open, so the shell's prompt landed on it."""
+    with Client(system.endpoint) as client:
+        reply = client.complete(max_tokens=400, **request_).text
+    process = subprocess.Popen([sys.executable, "-m", "shared.cli", *command, "--endpoint", system.endpoint,
+                                "--max-tokens", "400"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0)
+    process.stdin.write(stdin)
+    # The reply's first byte: it has started. Unbuffered, so that communicate() gets every byte after it; bytes,
+    # not text: the reply may hold a "\r" that text mode would read as "\n".
+    first = process.stdout.read(1)
+    process.send_signal(signal.SIGINT)
+    rest, err = process.communicate(timeout=60)
+    out = (first + rest).decode()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err.decode(), err
+    # the reply as far as it came, then one newline to end its line
+    assert first and out.endswith("\n") and reply.startswith(out[:-1]), (out, reply)
+
+
 def test_chat_command_keeps_the_conversation(system, oracle, tokenizer, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n\nhow are you\n"))
     assert tierserve(["chat", "--endpoint", system.endpoint, "--system", "Be brief.", "--max-tokens", "5"]) == 0
