@@ -138,8 +138,9 @@ def _print_stream(stream: Stream) -> str:
                 pieces.append(event.text)
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
-    except KeyboardInterrupt:
-        # Ctrl-C cut the reply short: end its line, or the shell's prompt lands on it
+    except BaseException:
+        # Ctrl-C or a failed reply cut it short: end its line, or the shell's prompt (or chat's next turn, or the
+        # error) lands on it
         text = "".join(pieces)
         if text and not text.endswith("\n"):
             print()
