@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import glob
 import hashlib
@@ -464,8 +465,7 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
     nbytes = data_offset + header["data_nbytes"] + header["digests_nbytes"]
     free = shutil.disk_usage(path.parent).free
     if free < nbytes:
-        raise OSError(f"not enough disk space for the expert cache {path}: it needs {nbytes / 1e9:.2f} GB, "
-                      f"{free / 1e9:.2f} GB free")
+        raise _not_enough_space(path, nbytes, free)
     digests_offset = data_offset + header["data_nbytes"]
     first_digest = _first_digests(header["layer_offsets"], model.config.n_experts)
     jobs = [(layer, layouts[layer], data_offset + offset, digests_offset + first_digest[layer] * DIGEST_NBYTES)
@@ -478,8 +478,8 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
     try:
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            os.ftruncate(fd, nbytes)
-            os.pwrite(fd, encoded, 0)
+            os.posix_fallocate(fd, 0, nbytes)  # reserve every block now: ENOSPC here, not a hole later
+            _pwrite_all(fd, encoded, 0)
             if workers == 1:
                 for job in jobs:
                     written += _convert_layer(model, fd, *job)
@@ -501,8 +501,10 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
         finally:
             os.close(fd)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):  # taken since the check, or a quota
+            raise _not_enough_space(path, nbytes, shutil.disk_usage(path.parent).free, e) from e
         raise
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
@@ -510,6 +512,23 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
     finally:
         os.close(dir_fd)
     _drop_converted_pages(model, layouts)
+
+
+def _not_enough_space(path: Path, nbytes: int, free: int, failure: OSError | None = None) -> OSError:
+    failed = f" (writing it failed: {failure.strerror})" if failure else ""
+    return OSError(f"not enough disk space for the expert cache {path}: it needs {nbytes / 1e9:.2f} GB, "
+                   f"{free / 1e9:.2f} GB free{failed}")
+
+
+def _pwrite_all(fd: int, data: bytes | np.ndarray, offset: int) -> None:
+    """pwrite every byte: a write may come back short (a signal, a disk filling up), and the bytes it left out
+    would be a hole in the file, read back as zeros."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = os.pwrite(fd, view, offset)
+        if n == 0:  # no progress, no error: do not spin
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        view, offset = view[n:], offset + n
 
 
 def _drop_converted_pages(model: GGUFModel, layouts: list[ExpertLayout]) -> None:
@@ -544,9 +563,9 @@ def _convert_layer(model: GGUFModel, fd: int, layer: int, layout: ExpertLayout, 
                                        shapes[name][1:], fmt)
                         for kind, name, fmt in zip(EXPERT_TENSOR_KINDS, names, layout.formats, strict=True))
         layout.fill(region, weights)  # type: ignore[arg-type]
-        os.pwrite(fd, region.numpy(), offset + e * layout.region_nbytes)
+        _pwrite_all(fd, region.numpy(), offset + e * layout.region_nbytes)
         digests.append(hashlib.sha256(region.numpy()).digest())
-    os.pwrite(fd, b"".join(digests), digests_offset)
+    _pwrite_all(fd, b"".join(digests), digests_offset)
     return model.config.n_experts * layout.region_nbytes
 
 

@@ -3,6 +3,7 @@ rebuilds of bad files, and experts served zero-copy in every format."""
 
 from __future__ import annotations
 
+import errno
 import json
 import multiprocessing
 import os
@@ -180,6 +181,58 @@ def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
                "older version": "format version 1, this is version 3", "size not a number": "data_nbytes '"}
     assert reasons[damage] in capsys.readouterr().err
     cache.close()
+
+
+def cache_files(directory) -> list[str]:
+    """The expert cache files (finished or being written) in a directory, without their lock files."""
+    return sorted(p.name for p in directory.iterdir() if ".experts" in p.name and not p.name.endswith(".lock"))
+
+
+def test_short_writes_are_written_to_the_end(models, tmp_path, monkeypatch):
+    """A write may come back short (a signal, a disk filling up for a moment): the rest is written too. A short
+    write taken as done left a hole in the file, read back as zeros (or a SIGBUS on tmpfs) by every start, since
+    the file passed every check."""
+    write = os.pwrite
+    monkeypatch.setattr(os, "pwrite", lambda fd, data, offset: write(fd, memoryview(data).cast("B")[:65536], offset))
+    cache = ensure_expert_cache(GGUFModel(models["q8_0"]), tmp_path / "short", workers=1, progress=quiet)
+    monkeypatch.undo()
+    whole = ensure_expert_cache(GGUFModel(models["q8_0"]), tmp_path / "whole", workers=1, progress=quiet)
+    assert cache.verify() == [] and cache.path.read_bytes() == whole.path.read_bytes()
+    cache.close()
+    whole.close()
+
+
+def test_a_disk_that_fills_up_during_the_build_fails_it_and_leaves_no_file(models, tmp_path, monkeypatch):
+    """Another writer (or a quota) takes the space after the free-space check: a write comes back short, the next
+    one fails. The build fails with the same clear error as the check's, and leaves no file behind."""
+    room = [3 << 20]  # bytes the disk has left
+    write = os.pwrite
+
+    def filling_disk(fd: int, data, offset: int) -> int:
+        data = memoryview(data).cast("B")
+        if room[0] == 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        n = write(fd, data[: room[0]], offset)
+        room[0] -= n
+        return n
+
+    monkeypatch.setattr(os, "pwrite", filling_disk)
+    with pytest.raises(OSError, match=f"not enough disk space for the expert cache {tmp_path}/.*No space left"):
+        ensure_expert_cache(GGUFModel(models["q8_0"]), tmp_path, workers=1, progress=quiet)
+    assert room[0] == 0 and cache_files(tmp_path) == []
+
+
+def test_a_build_reserves_its_disk_space_first(models, tmp_path, monkeypatch):
+    """The file's blocks are allocated before anything is written (a sparse file would fill up, or fail with a
+    SIGBUS on tmpfs, only when its pages are written or read): no room for them is a clear error at once."""
+    def full(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(OSError, match=f"not enough disk space for the expert cache {tmp_path}/small-q8_0.*: it needs "
+                                      r"0\.\d+ GB, \d+\.\d+ GB free \(writing it failed: No space left on device\)"):
+        ensure_expert_cache(GGUFModel(models["q8_0"]), tmp_path, workers=1, progress=quiet)
+    assert cache_files(tmp_path) == []
 
 
 def _build_in_child(path: str, directory: str, barrier, results) -> None:
