@@ -2,9 +2,10 @@
 
 Every expert is one page-aligned region of the file (gate, up and down one after another, each matrix its
 quantized tensor then its scales, every tensor on a 64-byte boundary), in (layer, expert) order, after a
-header naming the model's content hash and every layer's `ExpertLayout`; after the regions, each one's SHA-256
-digest, in the same order. Every process maps the file and reads experts as zero-copy views; a region copied
-anywhere (pinned RAM, a VRAM slot) reads the same way through `ExpertLayout.views`.
+header naming the model's content hash, the model file it was built from and every layer's `ExpertLayout`;
+after the regions, each one's SHA-256 digest, in the same order. Every process maps the file and reads experts
+as zero-copy views; a region copied anywhere (pinned RAM, a VRAM slot) reads the same way through
+`ExpertLayout.views`.
 
     tierserve convert-experts MODEL.gguf [--cache-dir DIR] [--workers N] [--verify]
 """
@@ -26,7 +27,7 @@ import shutil
 import struct
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,9 +53,13 @@ from shared.quant import (
 PAGE = 4096  # regions start and end on page boundaries: mappable, DMA-able and freeable one by one
 ALIGN = 64  # every tensor of a region starts on a cache line
 MAGIC = b"TSEXPRTS"
-VERSION = 3  # 2: a format per matrix; 3: a digest per region
+VERSION = 4  # 2: a format per matrix; 3: a digest per region; 4: the model file it was built from
+# The header's record of the model file's resolved path when it was built: which earlier caches are that file's
+# to remove once its content changes. Not matched: a moved or copied model of the same content uses the file.
+BUILT_FROM = "built_from"
 DIGEST_NBYTES = 32  # SHA-256: with the SHA extensions of current x86 CPUs it hashes ~1.4 GB/s per core
 _PREFIX = struct.Struct("<8sIQ")  # magic, version, length of the JSON header that follows
+HEADER_MAX_NBYTES = 16 << 20  # a header takes about 1 kB a layer
 HASH_CHUNK = 64 << 20
 BYTES_PER_WORKER = 512 << 20  # by default one conversion process per this much of the cache, one per core at most
 
@@ -256,15 +261,23 @@ def _read_header(data: bytes | mmap.mmap, size: int) -> tuple[dict[str, Any], in
     return header, offset
 
 
-def _check_file(path: Path, expected: dict[str, Any]) -> None:
-    """Raise CacheError unless `path` is a complete cache file for exactly this header."""
+def _file_header(path: Path) -> dict[str, Any]:
+    """The header of the cache file at `path`; CacheError unless it is a complete cache file of this version."""
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            head = f.read(_PREFIX.size + len(json.dumps(expected)) + 4096)
+            prefix = f.read(_PREFIX.size)
+            length = _PREFIX.unpack(prefix)[2] if len(prefix) == _PREFIX.size else 0
+            head = prefix + f.read(min(length, HEADER_MAX_NBYTES))  # a corrupt length reads no more than this
     except FileNotFoundError:
         raise CacheError("does not exist") from None
-    header, _ = _read_header(head, size)
+    return _read_header(head, size)[0]
+
+
+def _check_file(path: Path, expected: dict[str, Any]) -> None:
+    """Raise CacheError unless `path` is a complete cache file for exactly this header."""
+    header = _file_header(path)
+    header.pop(BUILT_FROM, None)
     if header != expected:
         differ = sorted(key for key in expected if header.get(key) != expected[key])
         raise CacheError(f"was made for another model or layout (differs in {', '.join(differ) or 'keys'})")
@@ -378,8 +391,7 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
         if _problem(d / name, header) is None:
             return ExpertCache(d / name)
     target = _writable_dir(dirs) / name
-    with open(target.with_name(name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(target):
         problem = _problem(target, header)
         if problem is None:  # built by another process while this one waited
             return ExpertCache(target)
@@ -388,15 +400,59 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
         for stale in target.parent.glob(f"{glob.escape(name)}.tmp*"):  # left by a build that was killed
             stale.unlink(missing_ok=True)
         _build(model, target, header, layouts, workers, progress or _PrintProgress())
-    return ExpertCache(target, built=True)
+        cache = ExpertCache(target, built=True)  # mapped before the lock goes: no other start can remove it first
+    _remove_superseded(model, target, dirs)
+    return cache
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """Hold `<name>.lock`, the lock `path` is built, checked and removed under."""
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 def discard(path: Path) -> None:
     """Remove a damaged cache file under its build lock, so that the next `ensure_expert_cache` builds it anew
     (processes that map it keep their map until they close it)."""
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(path):
         path.unlink(missing_ok=True)
+
+
+def _remove_superseded(model: GGUFModel, current: Path, dirs: list[Path]) -> None:
+    """Remove the caches built from this model file's earlier contents, tens to hundreds of GB each: each content
+    gets a cache of its own name, and nothing else removes the old one. From the directories searched now and
+    by default (an earlier start may have had no expert_cache_dir), and only files whose header records this
+    same model file: another model of the same name may share a directory, and a file of an older version
+    records nothing (a copy of the earlier content at another path that used the file builds it again). A
+    process that maps one goes on reading it (its inode lives until it is unmapped)."""
+    source = str(model.path.resolve())
+    pattern = f"{glob.escape(model.path.stem)}.{'[0-9a-f]' * 16}.experts"
+    searched = dict.fromkeys([*dirs, model.path.parent, default_cache_dir()])
+    for old in (path for d in searched for path in d.glob(pattern)):
+        if old.name == current.name or _built_from(old) != source:
+            continue
+        try:
+            with _locked(old):  # not from under a process that is building or checking it
+                if _built_from(old) != source:  # removed, or rebuilt by another, while this one waited
+                    continue
+                nbytes = old.stat().st_size
+                old.unlink()
+        except OSError as e:
+            print(f"expert cache: could not remove {old}, built from an earlier content of {source}: {e}",
+                  file=sys.stderr)
+            continue
+        print(f"expert cache: removed {old} ({nbytes / 1e9:.2f} GB), built from an earlier content of {source}",
+              file=sys.stderr)
+
+
+def _built_from(path: Path) -> str | None:
+    """The model file a cache file's header records it was built from; None for none, or no such cache file."""
+    try:
+        return _file_header(path).get(BUILT_FROM)
+    except (OSError, CacheError):
+        return None
 
 
 def _problem(path: Path, header: dict[str, Any]) -> str | None:
@@ -432,8 +488,7 @@ def _remembered_hash(path: Path, dirs: list[Path]) -> str:
         memo = _writable_dir(dirs) / memo_name
     except OSError:  # nowhere to remember it: hash on every start
         return content_hash(path)
-    with open(memo.with_name(memo_name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with _locked(memo):
         digest = remembered()  # hashed by another process while this one waited
         for stale in memo.parent.glob(f"{glob.escape(memo_name)}.tmp*"):  # left by a writer killed holding the lock
             stale.unlink(missing_ok=True)
@@ -460,7 +515,7 @@ def _writable_dir(dirs: list[Path]) -> Path:
 def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[ExpertLayout],
            workers: int | None, progress: Progress) -> None:
     """Write the file under a temporary name, layer by layer in parallel, then rename it into place."""
-    encoded = _encode_header(header)
+    encoded = _encode_header({**header, BUILT_FROM: str(model.path.resolve())})
     data_offset = _data_offset(len(encoded))
     nbytes = data_offset + header["data_nbytes"] + header["digests_nbytes"]
     free = shutil.disk_usage(path.parent).free

@@ -159,8 +159,8 @@ def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
         path.write_bytes(original[:-4096])
     elif damage == "bad magic":
         path.write_bytes(b"X" + original[1:])
-    elif damage == "older version":  # version 1 had one format per layer
-        path.write_bytes(original[:8] + struct.pack("<I", 1) + original[12:])
+    elif damage == "older version":  # version 3 did not record the model file it was built from
+        path.write_bytes(original[:8] + struct.pack("<I", 3) + original[12:])
     elif damage == "size not a number":  # compared with the file's size, "12" raised a bare TypeError
         magic, version, length = _PREFIX.unpack(original[: _PREFIX.size])
         header = json.loads(original[_PREFIX.size : _PREFIX.size + length])
@@ -178,7 +178,7 @@ def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
     assert cache.built and cache.path == path and path.read_bytes() == original
     reasons = {"truncated": "bytes, its header says", "bad magic": "bad magic number",
                "other model": "another model", "empty": "shorter than its header",
-               "older version": "format version 1, this is version 3", "size not a number": "data_nbytes '"}
+               "older version": "format version 3, this is version 4", "size not a number": "data_nbytes '"}
     assert reasons[damage] in capsys.readouterr().err
     cache.close()
 
@@ -233,6 +233,52 @@ def test_a_build_reserves_its_disk_space_first(models, tmp_path, monkeypatch):
                                       r"0\.\d+ GB, \d+\.\d+ GB free \(writing it failed: No space left on device\)"):
         ensure_expert_cache(GGUFModel(models["q8_0"]), tmp_path, workers=1, progress=quiet)
     assert cache_files(tmp_path) == []
+
+
+def rewrite_header(path: os.PathLike, version: int, **changes) -> None:
+    """Give a cache file another version number and header keys (a key set to None is left out)."""
+    data = open(path, "rb").read()
+    magic, _, length = _PREFIX.unpack(data[: _PREFIX.size])
+    header = json.loads(data[_PREFIX.size : _PREFIX.size + length]) | changes
+    text = json.dumps({key: value for key, value in header.items() if value is not None}).encode()
+    assert len(text) <= length  # the data stays on the page it starts on
+    text += b" " * (length - len(text))
+    open(path, "wb").write(_PREFIX.pack(magic, version, length) + text + data[_PREFIX.size + length :])
+
+
+def test_a_changed_model_files_earlier_caches_are_removed_and_no_other(models, tmp_path, capsys):
+    """Each content of a model file gets a cache of its own name: the earlier ones, tens to hundreds of GB each,
+    were left behind for good. They are removed once the new one is built, in every directory the cache is
+    looked for in, and only they: another model of the same file name sharing the directory keeps its cache, and
+    so does a file of an older version, which does not record the model it was built from. A process that maps a
+    removed file goes on reading it."""
+    cache_dir = tmp_path / "cache"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    a.write_bytes(models["q8_0"].read_bytes())
+    b.write_bytes(models["q4_0"].read_bytes())
+    running = ensure_expert_cache(GGUFModel(a), cache_dir, workers=1, progress=quiet)
+    beside = ensure_expert_cache(GGUFModel(a), workers=1, progress=quiet)  # next to the model, the default
+    other_model = ensure_expert_cache(GGUFModel(b), cache_dir, workers=1, progress=quiet)
+    unrecorded = cache_dir / "m.0123456789abcdef.experts"  # as version 3 wrote it: no record of the model file
+    unrecorded.write_bytes(running.path.read_bytes())
+    rewrite_header(unrecorded, 3, built_from=None)
+    bystanders = sorted([other_model.path.name, unrecorded.name])
+    assert cache_files(cache_dir) == sorted([running.path.name, *bystanders])
+
+    a.write_bytes(models["q4_k"].read_bytes())  # a new version of the model, under the same path
+    capsys.readouterr()
+    rebuilt = ensure_expert_cache(GGUFModel(a), cache_dir, workers=1, progress=quiet)
+    assert rebuilt.built
+    assert cache_files(cache_dir) == sorted([rebuilt.path.name, *bystanders])
+    assert cache_files(a.parent) == []
+    err = capsys.readouterr().err
+    for old in (running, beside):
+        assert f"removed {old.path} ({old.nbytes / 1e9:.2f} GB), built from an earlier content of {a}" in err
+    assert running.verify() == [] and running.weights(0, 0)[0].q.abs().max() > 0  # still mapped, still whole
+    for cache in (running, beside, other_model, rebuilt):
+        cache.close()
 
 
 def _build_in_child(path: str, directory: str, barrier, results) -> None:
