@@ -23,6 +23,7 @@ import math
 import mmap
 import multiprocessing
 import os
+import shlex
 import shutil
 import struct
 import sys
@@ -416,8 +417,23 @@ def _locked(path: Path) -> Iterator[None]:
 def discard(path: Path) -> None:
     """Remove a damaged cache file under its build lock, so that the next `ensure_expert_cache` builds it anew
     (processes that map it keep their map until they close it)."""
-    with _locked(path):
-        path.unlink(missing_ok=True)
+    try:
+        with _locked(path):
+            path.unlink(missing_ok=True)
+    except OSError as e:  # a read-only directory: the bare error named the lock file, not what to do
+        raise OSError(f"cannot remove the damaged expert cache {path} ({e.strerror}): delete it, or build the "
+                      f"cache in a writable directory with --cache-dir DIR and serve it with expert_cache_dir "
+                      f"set to DIR") from e
+
+
+def rebuild_command(model_path: Path, cache_path: Path) -> str:
+    """The command that checks the cache file at `cache_path` and rebuilds it if it is damaged: with its
+    directory as --cache-dir unless it lies next to the model, where the command looks first (elsewhere,
+    the command would check, or build, another file and leave this one as it is)."""
+    command = ["tierserve", "convert-experts", "--verify", str(model_path)]
+    if cache_path.parent.resolve() != model_path.parent.resolve():
+        command += ["--cache-dir", str(cache_path.parent)]
+    return shlex.join(command)
 
 
 def _remove_superseded(model: GGUFModel, current: Path, dirs: list[Path]) -> None:

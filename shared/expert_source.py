@@ -7,7 +7,14 @@ import numpy as np
 import torch
 
 from shared.config import Config
-from shared.expert_cache import CacheError, ExpertCache, ExpertLayout, ensure_expert_cache, expert_layouts
+from shared.expert_cache import (
+    CacheError,
+    ExpertCache,
+    ExpertLayout,
+    ensure_expert_cache,
+    expert_layouts,
+    rebuild_command,
+)
 from shared.expert_math import ExpertWeights
 from shared.gguf_file import GGUFModel
 from shared.model_config import EXPERT_TENSOR_KINDS
@@ -80,7 +87,7 @@ class ExpertSource:
         damaged = cache.damaged(layer, experts, threads)
         if damaged:
             raise CacheError(f"{cache.path}: layer {layer} experts {damaged} do not match their digests, the file "
-                             f"is damaged; rebuild it with `tierserve convert-experts --verify {self.model.path}`")
+                             f"is damaged; rebuild it with `{rebuild_command(self.model.path, cache.path)}`")
 
     def expert_nbytes(self, layer: int) -> int:
         """Bytes of one expert as served (its tensors; its region is `layout(layer).region_nbytes`)."""

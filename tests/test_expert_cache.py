@@ -7,7 +7,12 @@ import errno
 import json
 import multiprocessing
 import os
+import re
+import shlex
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,7 +21,7 @@ from gguf import GGMLQuantizationType as Q
 
 from shared.cli import main as tierserve
 from shared.config import Config
-from shared.expert_cache import _PREFIX, ExpertLayout, content_hash, ensure_expert_cache, expert_layouts
+from shared.expert_cache import _PREFIX, CacheError, ExpertLayout, content_hash, ensure_expert_cache, expert_layouts
 from shared.expert_source import ExpertSource, open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
@@ -451,3 +456,47 @@ def test_a_damaged_expert_is_found_by_its_digest_and_verify_rebuilds_the_file(mo
     rebuilt.close()
     assert tierserve(["convert-experts", str(path), "--verify"]) == 0
     assert "every expert matches its digest" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("where", ["expert_cache_dir", "next to the model"])
+def test_a_damaged_experts_error_names_the_command_that_rebuilds_that_file(models, tmp_path, where, capsys):
+    """The command the error suggests must rebuild the damaged file itself: without the cache's directory, one in
+    an expert_cache_dir was left as it was while the command built another next to the model and said "built"."""
+    path = tmp_path / "model" / "m.gguf"
+    path.parent.mkdir()
+    path.write_bytes(models["q8_0"].read_bytes())
+    cache_dir = str(tmp_path / "cache") if where == "expert_cache_dir" else ""
+    source = open_expert_source(GGUFModel(path), Config(expert_cache_dir=cache_dir))
+    damaged = source.cache.path
+    flip_a_byte(damaged, source.cache.file_offset(1, 3) + 100)
+    with pytest.raises(CacheError, match=r"layer 1 experts \[3\] do not match their digests") as error:
+        source.check_digests(1, [3])
+    source.close()
+    command = shlex.split(re.search(r"rebuild it with `([^`]*)`", str(error.value))[1])
+    assert command[:2] == ["tierserve", "convert-experts"]
+    assert tierserve(command[1:] + ["--workers", "1"]) == 0
+    rebuilt = ensure_expert_cache(GGUFModel(path), cache_dir or None, workers=1, progress=quiet)
+    assert not rebuilt.built and rebuilt.path == damaged and rebuilt.verify() == []
+    assert cache_files(path.parent) == ([] if cache_dir else [damaged.name])
+    assert "rebuilding it" in capsys.readouterr().err
+    assert ("--cache-dir" in command) == bool(cache_dir)  # the default directory goes without saying
+    rebuilt.close()
+
+
+def test_a_damaged_cache_in_a_read_only_directory_is_named_with_what_to_do(models, tmp_path):
+    """--verify finds a damaged expert in a cache it cannot remove: it says which file and what to do, not a bare
+    "Read-only file system" about a lock file."""
+    path, read_only = tmp_path / "m.gguf", tmp_path / "read-only"
+    path.write_bytes(models["q8_0"].read_bytes())
+    cache = ensure_expert_cache(GGUFModel(path), read_only, workers=1, progress=quiet)
+    flip_a_byte(cache.path, cache.file_offset(2, 5) + 100)
+    cache.close()
+    if subprocess.run(["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("no user namespaces to mount a read-only directory in")
+    script = 'mount --bind "$1" "$1" && mount -o remount,ro,bind "$1" && shift && exec "$@"'
+    done = subprocess.run(["unshare", "-rm", "sh", "-c", script, "sh", str(read_only), sys.executable, "-m",
+                           "shared.cli", "convert-experts", str(path), "--verify", "--cache-dir", str(read_only)],
+                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 1, (done.stdout, done.stderr)
+    assert (f"error: cannot remove the damaged expert cache {cache.path} (Read-only file system): delete it, or "
+            f"build the cache in a writable directory with --cache-dir DIR") in done.stderr
