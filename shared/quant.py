@@ -16,7 +16,7 @@ call over all of them that reads the same layouts (expert_math.grouped_ffn picks
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +32,10 @@ INT4_GROUP = 32  # values sharing one (scale, zero) pair
 INT4_ROW_TILE = 64  # torch's CPU int4 layout interleaves rows in tiles of 64
 INT8_K_MULTIPLE = 16  # torch's CPU int8 kernel reads rows in chunks of 16 (other K give wrong results)
 INT8_DEQUANTIZE_ROWS = 16  # from this many rows on, int8 runs as a bf16 GEMM over the converted codes
+# Rows converted to int8 at a time (each row's scale is its own): a few float32 temporaries of this many rows,
+# where the whole matrix's took ~19x its stored bytes (924 MB for a Q6_K (4096, 14336)), in each of a build's
+# one-per-core conversion processes.
+INT8_CONVERT_ROWS = 256
 
 
 class Int8Matrix(NamedTuple):
@@ -181,16 +185,30 @@ def layer_formats(formats: Sequence[str]) -> tuple[str, ...]:
 
 def int8_from_float(w: torch.Tensor) -> Int8Matrix:
     """Per-row absmax int8: |W - q * scale| <= scale / 2 per weight, scale being the stored (bf16) one."""
-    w = w.float()
-    scale = (w.abs().amax(dim=-1) / 127).to(torch.bfloat16)
-    s = scale.float()[:, None]
-    q = torch.where(s > 0, w / s, torch.zeros_like(w)).round().clamp(-127, 127).to(torch.int8)
-    return Int8Matrix(q, scale)
+    return _int8_by_rows(w.shape, lambda start, stop: w[start:stop])
 
 
 def int8_from_blocks(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> Int8Matrix:
-    """int8 from a matrix stored as any GGUF type (`raw`: its stored values or block bytes)."""
-    return int8_from_float(dequantize(raw, qtype).reshape(shape))
+    """int8 from a matrix stored as any GGUF type (`raw`: its stored values or block bytes), dequantized a few
+    rows at a time (a row is whole blocks)."""
+    rows = np.asarray(raw).reshape(shape[0], -1)
+    return _int8_by_rows(shape, lambda start, stop: dequantize(rows[start:stop], qtype).reshape(stop - start, -1))
+
+
+def _int8_by_rows(shape: Sequence[int], float_rows: Callable[[int, int], torch.Tensor]) -> Int8Matrix:
+    """Per-row absmax int8 of an (N, K) matrix whose rows [start, stop) are float_rows(start, stop), converted
+    INT8_CONVERT_ROWS at a time."""
+    n, k = shape
+    q, scale = torch.empty(n, k, dtype=torch.int8), torch.empty(n, dtype=torch.bfloat16)
+    for start in range(0, n, INT8_CONVERT_ROWS):
+        stop = min(start + INT8_CONVERT_ROWS, n)
+        w = float_rows(start, stop).float()
+        scale[start:stop] = (w.abs().amax(dim=-1) / 127).to(torch.bfloat16)
+        s = scale[start:stop].float()[:, None]
+        codes = w / s
+        codes.masked_fill_(~(s > 0), 0).round_().clamp_(-127, 127)  # an all-zero (or NaN) row: codes 0
+        q[start:stop] = codes
+    return Int8Matrix(q, scale)
 
 
 def int4_from_blocks(raw: np.ndarray, qtype: GGMLQuantizationType, shape: tuple[int, int]) -> Int4Matrix:

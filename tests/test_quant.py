@@ -3,6 +3,10 @@ decoding of the layout, and the accuracy of a whole forward with quantized exper
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -16,6 +20,7 @@ from shared.gguf_write import write_model
 from shared.make_model import make_model
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelConfig, expert_tensor_name, tensor_shapes
 from shared.quant import (
+    INT8_CONVERT_ROWS,
     INT8_DEQUANTIZE_ROWS,
     Int4Matrix,
     Int8Matrix,
@@ -169,6 +174,53 @@ def test_int8_from_k_quant_blocks_is_within_half_a_step(qtype, scales_at):
     error = (dequantize_matrix(m) - reference).abs()
     assert reference.abs().max() > 0
     assert (error <= m.scale.float()[:, None] / 2 * (1 + 1e-6) + 1e-9).all()
+
+
+def test_int8_codes_and_scales_of_known_rows_on_both_sides_of_a_conversion_chunk():
+    """Rows [1, -1/2, 1/4, 0] times powers of two: scale bf16(1/127) = 2^-7 * 1.0078125 times the same power (bf16
+    keeps 8 significant bits), codes round(w / scale) = [127, -64, 32, 0] in every row; an all-zero row (the last
+    of a chunk and the first of the next) has scale 0 and codes 0."""
+    n = INT8_CONVERT_ROWS + 3
+    powers = 2.0 ** (torch.arange(n) % 7 - 3)
+    w = torch.tensor([1.0, -0.5, 0.25, 0.0]) * powers[:, None]
+    zero = [INT8_CONVERT_ROWS - 1, INT8_CONVERT_ROWS]
+    w[zero] = 0
+    m = int8_from_float(w)
+    expected_q = torch.tensor([127, -64, 32, 0], dtype=torch.int8).repeat(n, 1)
+    expected_q[zero] = 0
+    expected_scale = 2.0**-7 * 1.0078125 * powers
+    expected_scale[zero] = 0
+    assert torch.equal(m.q, expected_q)
+    assert torch.equal(m.scale, expected_scale.to(torch.bfloat16)) and torch.equal(m.scale.float(), expected_scale)
+
+
+# A child process converts one Q6_K matrix of (8192, 4096) (28 MB stored, 134 MB as float32) to int8 and prints
+# how far the conversion raised its peak resident memory.
+_CONVERSION_PEAK_CHILD = """
+import resource
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as Q
+from shared.quant import convert_matrix
+torch.set_num_threads(1)
+n, k = 8192, 4096
+blocks = np.random.default_rng(0).integers(0, 256, (n, k // 256, 210), dtype=np.uint8)
+blocks[..., 208:210] = np.array([0.001], np.float16).view(np.uint8)  # sane super-block scales
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+m = convert_matrix(blocks.reshape(n, -1), Q.Q6_K, (n, k), "int8")
+print(blocks.nbytes, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+"""
+
+
+def test_int8_conversion_needs_a_few_times_the_stored_bytes_not_many_float_copies_of_the_matrix():
+    """A build converts in one process per core: converting the whole matrix at once took ~19x its stored bytes
+    (whole-matrix float32 temporaries), here ~530 MB. Chunks of rows need the int8 result (1.2x the stored bytes
+    of Q6_K) and a few chunks' temporaries: measured 2.5x."""
+    done = subprocess.run([sys.executable, "-c", _CONVERSION_PEAK_CHILD], capture_output=True, text=True,
+                          timeout=120, cwd=Path(__file__).parent.parent)
+    assert done.returncode == 0, done.stderr
+    stored, growth = map(int, done.stdout.split())
+    assert growth < 4 * stored, f"converting {stored / 1e6:.0f} MB raised the peak RSS by {growth / 1e6:.0f} MB"
 
 
 @pytest.mark.parametrize("qtype", ["Q4_0", "Q8_0"])
