@@ -43,6 +43,7 @@ from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_n
 from shared.pages import advise, read_only_tensor
 from shared.quant import (
     INT8_K_MULTIPLE,
+    Matrix,
     convert_matrix,
     from_tensors,
     layer_formats,
@@ -624,20 +625,32 @@ def _convert_layer(model: GGUFModel, fd: int, layer: int, layout: ExpertLayout, 
     """Convert one layer's experts and write their regions at `offset` and their digests at `digests_offset`;
     returns the bytes of regions written."""
     shapes = tensor_shapes(model.config)
-    names = [expert_tensor_name(layer, kind) for kind in EXPERT_TENSOR_KINDS]
     region = torch.zeros(layout.region_nbytes, dtype=torch.uint8)
     digests = []
     for e in range(model.config.n_experts):
-        # One sequential copy of the stored bytes first: parsing blocks straight off the map touches every page
-        # out of order, which reads a cold file several times slower than the kernel's readahead does.
-        weights = tuple(convert_matrix(np.array(model.expert_bytes(layer, kind, e)), model.qtype(name),
-                                       shapes[name][1:], fmt)
-                        for kind, name, fmt in zip(EXPERT_TENSOR_KINDS, names, layout.formats, strict=True))
+        weights = tuple(_convert_expert_matrix(model, layer, kind, e, shapes[expert_tensor_name(layer, kind)][1:], fmt)
+                        for kind, fmt in zip(EXPERT_TENSOR_KINDS, layout.formats, strict=True))
         layout.fill(region, weights)  # type: ignore[arg-type]
         _pwrite_all(fd, region.numpy(), offset + e * layout.region_nbytes)
         digests.append(hashlib.sha256(region.numpy()).digest())
     _pwrite_all(fd, b"".join(digests), digests_offset)
     return model.config.n_experts * layout.region_nbytes
+
+
+def _convert_expert_matrix(model: GGUFModel, layer: int, kind: str, expert: int, shape: tuple[int, int],
+                           fmt: str) -> Matrix:
+    """One expert's matrix in serving format `fmt`; ModelError if it stands for a value that is not finite (an inf
+    or NaN block scale: int8 spreads it over the whole row, and every token routed to the expert comes out NaN).
+    The served matrix's float tensors (int8's row scales, int4's scales and zeros) are all finite exactly when
+    every value it stands for is, so they are what is checked."""
+    name = expert_tensor_name(layer, kind)
+    # One sequential copy of the stored bytes first: parsing blocks straight off the map touches every page
+    # out of order, which reads a cold file several times slower than the kernel's readahead does.
+    matrix = convert_matrix(np.array(model.expert_bytes(layer, kind, expert)), model.qtype(name), shape, fmt)
+    if not all(bool(t.isfinite().all()) for t in matrix_tensors(matrix) if t.is_floating_point()):
+        raise ModelError(f"{model.path}: tensor {name} holds NaN or infinite values in expert {expert} of layer "
+                         f"{layer}")
+    return matrix
 
 
 _worker: tuple[GGUFModel, int] | None = None  # a pool process's own map of the model and handle on the output

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
 from shared.cli import main as tierserve
@@ -25,7 +26,7 @@ from shared.expert_cache import _PREFIX, CacheError, ExpertLayout, content_hash,
 from shared.expert_source import ExpertSource, open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
-from shared.model_config import EXPERT_TENSOR_KINDS
+from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_name
 from shared.quant import Int4Matrix, Int8Matrix, dequantize_matrix, int4_from_blocks, matrix_tensors
 from tests.expert_host.test_migration import page_cache_droppable
 from tests.expert_host.test_store import resident
@@ -51,7 +52,7 @@ class Calls:
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     paths = {}
-    for dtype in ("q4_0", "q4_k", "q8_0", "f32"):
+    for dtype in ("q4_0", "q4_k", "q8_0", "q4_k_m", "f32"):
         d = tmp_path_factory.mktemp(dtype)
         make_model(d / f"small-{dtype}.gguf", preset="small", dtype=dtype, seed=1)
         paths[dtype] = d / f"small-{dtype}.gguf"
@@ -284,6 +285,36 @@ def test_a_changed_model_files_earlier_caches_are_removed_and_no_other(models, t
     assert running.verify() == [] and running.weights(0, 0)[0].q.abs().max() > 0  # still mapped, still whole
     for cache in (running, beside, other_model, rebuilt):
         cache.close()
+
+
+BLOCK_SCALE_AT = {Q.Q8_0: 0, Q.Q4_K: 0, Q.Q6_K: 208}  # where a block's f16 scale d lies in its bytes
+
+
+@pytest.mark.parametrize("dtype, layer, kind, value", [("q8_0", 1, "ffn_up_exps", np.inf),  # int8
+                                                       ("q4_k", 3, "ffn_gate_exps", np.nan),  # int4
+                                                       ("q4_k_m", 2, "ffn_down_exps", -np.inf)])  # Q6_K to int8
+def test_an_expert_with_a_non_finite_block_scale_fails_the_build_naming_it(models, tmp_path, dtype, layer, kind,
+                                                                          value, capsys):
+    """One block's f16 scale inf or NaN: its values are not numbers, int8 spread them over the whole row (scale
+    NaN), and every token routed to the expert came out NaN, from a build that said "built"."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(models[dtype].read_bytes())
+    model = GGUFModel(path)
+    name = expert_tensor_name(layer, kind)
+    rows = model.expert_bytes(layer, kind, 5)
+    block_bytes = GGML_QUANT_SIZES[model.qtype(name)][1]
+    offset = (model.file_offset(name) + rows.ctypes.data - model.raw(name).ctypes.data + 7 * rows.shape[1]
+              + block_bytes + BLOCK_SCALE_AT[model.qtype(name)])  # row 7's second block
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.array([value], dtype=np.float16).tobytes())
+    with pytest.raises(ModelError, match=f"{path}: tensor {re.escape(name)} holds NaN or infinite values in expert "
+                                         f"5 of layer {layer}"):
+        ensure_expert_cache(GGUFModel(path), tmp_path / "cache", workers=1, progress=quiet)
+    assert cache_files(tmp_path / "cache") == []
+    assert tierserve(["convert-experts", str(path), "--cache-dir", str(tmp_path / "cache"), "--workers", "1"]) == 2
+    assert f"tensor {name} holds NaN or infinite values in expert 5" in capsys.readouterr().err
+    assert cache_files(tmp_path / "cache") == []
 
 
 def _build_in_child(path: str, directory: str, barrier, results) -> None:
