@@ -482,13 +482,15 @@ def _problem(path: Path, header: dict[str, Any]) -> str | None:
 
 
 def _remembered_hash(path: Path, dirs: list[Path]) -> str:
-    """The model's content hash, remembered across starts in `<stem>.source-hash` beside the cache for as
-    long as the file is unchanged (same device, inode, size and mtime, as git and ccache judge it), so a
+    """The model's content hash, remembered across starts in `<stem>.<path hash>.source-hash` beside the cache
+    for as long as the file is unchanged (same device, inode, size and mtime, as git and ccache judge it), so a
     start neither hashes a big file again nor pulls its expert pages back into the page cache. Processes
-    starting together hash it once: the first holds `<stem>.source-hash.lock` while it hashes."""
+    starting together hash it once: the first holds the memo's `.lock` while it hashes."""
     st = os.stat(path)
     identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
-    memo_name = f"{path.stem}.source-hash"
+    # A memo per model file, not per file name: models of one name sharing a cache directory overwrote each
+    # other's, and each start hashed its whole file again.
+    memo_name = f"{path.stem}.{hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:16]}.source-hash"
 
     def remembered() -> str | None:
         for d in dirs:

@@ -20,6 +20,7 @@ import torch
 from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as Q
 
+from shared import expert_cache
 from shared.cli import main as tierserve
 from shared.config import Config
 from shared.expert_cache import _PREFIX, CacheError, ExpertLayout, content_hash, ensure_expert_cache, expert_layouts
@@ -142,8 +143,8 @@ def test_a_killed_builds_leftovers_are_removed(models, tmp_path):
     name = f"small-q8_0.{content_hash(models['q8_0'])[:16]}.experts"
     (tmp_path / f"{name}.tmp999999").write_bytes(b"half a cache")
     cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [name, f"{name}.lock", "small-q8_0.source-hash",
-                                                          "small-q8_0.source-hash.lock"]
+    memo = next(tmp_path.glob("small-q8_0.*.source-hash")).name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, f"{name}.lock", memo, f"{memo}.lock"])
     cache.close()
 
 
@@ -430,15 +431,39 @@ def test_the_content_hash_is_remembered_while_the_model_file_is_unchanged(models
     path = tmp_path / "m.gguf"
     path.write_bytes(models["q8_0"].read_bytes())
     ensure_expert_cache(GGUFModel(path), workers=1, progress=quiet).close()
-    memo = tmp_path / "m.source-hash"
+    (memo,) = tmp_path.glob("m.*.source-hash")
     identity, digest = memo.read_text().split()
     assert digest == content_hash(path)
     os.utime(path, ns=(0, 0))  # same bytes, another mtime: hashed again, same cache reused
-    killed_writer = tmp_path / "m.source-hash.tmp4242"  # what a process killed while writing the memo leaves
+    killed_writer = memo.with_name(f"{memo.name}.tmp4242")  # what a process killed while writing the memo leaves
     killed_writer.write_text("half")
     again = ensure_expert_cache(GGUFModel(path), workers=1, progress=quiet)
     assert not again.built and memo.read_text().split() == [identity.rsplit(":", 1)[0] + ":0", digest]
     assert not killed_writer.exists()
+    again.close()
+
+
+def test_models_of_one_name_sharing_a_cache_directory_keep_their_own_remembered_hash(models, tmp_path,
+                                                                                     monkeypatch):
+    """The memo was named after the model's file name alone: two models of one name sharing a cache directory
+    overwrote each other's, and every start hashed its whole file (up to hundreds of GB) again. Whether a start
+    used its memo shows in the one thing the memo decides: a model rewritten in place with its size and mtime
+    kept is taken as unchanged (the memo's identity, as git and ccache judge a file)."""
+    cache_dir = tmp_path / "cache"
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
+    a.write_bytes(models["q8_0"].read_bytes())
+    b.write_bytes(models["q4_0"].read_bytes())
+    first = ensure_expert_cache(GGUFModel(a), cache_dir, workers=1, progress=quiet)
+    first.close()
+    ensure_expert_cache(GGUFModel(b), cache_dir, workers=1, progress=quiet).close()
+    st = a.stat()
+    flip_a_byte(a, GGUFModel(a).file_offset("blk.1.ffn_up_exps.weight") + 10)  # a code of an expert's block
+    os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns))
+    monkeypatch.setattr(expert_cache, "_HASHES", {})  # as a new process: no hash remembered in memory
+    again = ensure_expert_cache(GGUFModel(a), cache_dir, workers=1, progress=quiet)
+    assert not again.built and again.path == first.path
     again.close()
 
 
