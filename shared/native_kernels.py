@@ -9,6 +9,7 @@ warning says why and every caller falls back to torch's kernels.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import logging
@@ -19,7 +20,7 @@ import tempfile
 import threading
 import weakref
 from array import array
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,10 +77,10 @@ def _cpu_flags() -> str:
     return next((line for line in lines if line.startswith(("flags", "Features"))), "")
 
 
-def build_library(directory: Path | None = None) -> Path:
-    """The compiled library, built now unless this source, flags, compiler and CPU already have one. The build
-    writes a private temporary file and renames it into place, so processes starting together can all build and
-    none loads a half-written file. Raises BuildError."""
+def build_library(directory: Path | None = None, source: Path = SOURCE) -> Path:
+    """The compiled library of `source`, built now unless this source, flags, compiler and CPU already have one.
+    The build writes a private temporary file and renames it into place, so processes starting together can all
+    build and none loads a half-written file. Raises BuildError."""
     compiler = os.environ.get("CC") or "cc"
     if shutil.which(compiler) is None:
         raise BuildError(f"no C compiler ({compiler!r} is not on PATH)")
@@ -87,7 +88,7 @@ def build_library(directory: Path | None = None) -> Path:
         version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise BuildError(f"{compiler} --version failed: {e}") from e
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), *FLAGS, *LINK_FLAGS, *LIBS, compiler, version,
+    key = hashlib.sha256("\0".join([source.read_text(), *FLAGS, *LINK_FLAGS, *LIBS, compiler, version,
                                     _cpu_flags()]).encode())
     directory = directory or cache_dir()
     target = directory / f"grouped_ffn-{key.hexdigest()[:20]}.so"
@@ -101,7 +102,7 @@ def build_library(directory: Path | None = None) -> Path:
         raise BuildError(f"cannot write the library to {directory}: {e}") from e
     obj = f"{tmp}.o"
     try:
-        for command in ([*FLAGS, "-c", str(SOURCE), "-o", obj], [*LINK_FLAGS, obj, "-o", tmp, *LIBS]):
+        for command in ([*FLAGS, "-c", str(source), "-o", obj], [*LINK_FLAGS, obj, "-o", tmp, *LIBS]):
             done = subprocess.run([compiler, *command], capture_output=True, text=True, timeout=300)
             if done.returncode != 0:
                 raise BuildError(f"{compiler} exited {done.returncode}: {done.stderr.strip()[-2000:]}")
@@ -146,19 +147,46 @@ def load_library() -> ctypes.CDLL | None:
                     log.warning("two OpenMP runtimes in this process (%s): torch's threads and the native kernel's "
                                 "are separate pools, whose idle spinning slows the other's work",
                                 ", ".join(runtimes))
-                lib.tierserve_grouped_swiglu.restype = ctypes.c_int
-                lib.tierserve_grouped_swiglu.argtypes = [
-                    ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64,
-                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
-                lib.tierserve_lane_swiglu.restype = ctypes.c_int64
-                lib.tierserve_lane_swiglu.argtypes = [
-                    ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64,
-                    ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
-                lib.tierserve_pin_threads.restype = ctypes.c_int
-                lib.tierserve_pin_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
-                _library = lib
+                _library = _declared(lib)
         return _library
+
+
+def _declared(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """`lib` with its functions' signatures, which ctypes needs to pass 64-bit integers and pointers."""
+    lib.tierserve_grouped_swiglu.restype = ctypes.c_int
+    lib.tierserve_grouped_swiglu.argtypes = [
+        ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+    lib.tierserve_lane_swiglu.restype = ctypes.c_int64
+    lib.tierserve_lane_swiglu.argtypes = [
+        ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64, ctypes.c_int64,
+        ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+    lib.tierserve_pin_threads.restype = ctypes.c_int
+    lib.tierserve_pin_threads.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    return lib
+
+
+def library_of(source: Path, directory: Path | None = None) -> ctypes.CDLL:
+    """Another source's library (an earlier version of grouped_ffn.c, say), built and loaded beside the
+    process's own, for `using`. Raises BuildError."""
+    return _declared(ctypes.CDLL(str(build_library(directory, source))))
+
+
+@contextlib.contextmanager
+def using(lib: ctypes.CDLL | None) -> Iterator[None]:
+    """Every call in the block goes through `lib` (library_of's, or load_library's), so that two versions of the
+    kernel are timed in turns in one process, on the same experts: between processes, where the weights' pages
+    land moved one kernel's time by up to 2x on the development VM."""
+    global _library
+    load_library()
+    with _lock:
+        saved, _library = _library, lib
+    try:
+        yield
+    finally:
+        with _lock:
+            _library = saved
 
 
 def pin_threads(cores: Sequence[int]) -> bool:

@@ -24,6 +24,8 @@ from bench.cpu_kernels_bench import (
     host_thread_counts,
     thread_counts,
 )
+from bench.native_ab import HEAD as AB_HEAD
+from shared.native_kernels import SOURCE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -80,3 +82,16 @@ def rows_of(lines: list[str], columns: int) -> set[tuple[str, int, int, str]]:
         assert len(figures) == columns - 4
         assert all(float(cell.rstrip("%")) > 0 for cell in figures), figures
     return rows
+
+
+def test_two_versions_of_the_native_kernel_timed_in_turns(tmp_path):
+    """`python -m bench.native_ab BEFORE`: a row of positive figures for every grouped case and path, here with
+    the tree's own source as the other version."""
+    before = tmp_path / "before.c"
+    before.write_text(SOURCE.read_text())
+    run = subprocess.run([sys.executable, "-m", "bench.native_ab", str(before), "--quick", "--rounds", "1",
+                          "--threads", "1,2"], cwd=REPO, check=True, capture_output=True, text=True, timeout=300)
+    lines = [line for line in run.stdout.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| " + " | ".join(AB_HEAD) + " |"
+    assert rows_of(lines[1:], len(AB_HEAD)) == {(label, n, t, path) for label in GROUPED_FORMATS
+                                                for n in GROUPED_ROWS for t in (1, 2) for path in (LANE, NATIVE)}

@@ -257,6 +257,27 @@ def test_same_bits_on_any_number_of_threads_and_alternating_with_torchs_threads(
         assert len(openmp_runtimes()) == 1
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8", "int4+int8"])
+def test_down_tiles_wait_for_their_own_experts_h_however_the_threads_run(fmt):
+    """Threads out of phase-1 tasks start on down tiles without a barrier, each waiting for its own expert's h:
+    more threads than CPUs (so the ones writing h are often preempted), experts of no rows, and a lane request
+    alike give the bits of one thread, every time."""
+    weights = experts(fmt, 128, 256, 6, seed=11)
+    x = torch.randn(9, 256)
+    counts = [2, 0, 3, 1, 0, 3]
+    lane = lane_request(fmt, 128, 256, torch.float32)
+    with torch_threads(1):
+        one = grouped_swiglu(x, weights, counts)
+        native_kernels.lane_swiglu(*lane[1:])
+        lane_one = lane[-1].clone()
+    with torch_threads(7):
+        for _ in range(40):
+            assert torch.equal(grouped_swiglu(x, weights, counts), one)
+            lane[-1].fill_(7.0)
+            native_kernels.lane_swiglu(*lane[1:])
+            assert torch.equal(lane[-1], lane_one)
+
+
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two threads on two CPUs of their own need two CPUs")
 def test_binding_takes_torchs_threads_and_keeps_later_ones_on_the_cpus():
     """In a process of its own (binding this one would hold the rest of the tests to two CPUs): torch's second
@@ -352,3 +373,20 @@ def test_an_experts_checked_pointers_go_with_its_tensors():
     del weights
     gc.collect()
     assert len(native_kernels._checked) == before
+
+
+def test_calls_go_through_the_library_using_names_and_back_after(tmp_path):
+    """bench.native_ab times another version of the kernel in the same process: inside `using`, every call is
+    that library's (here one whose grouped call refuses everything), after it the process's own again."""
+    refusing = tmp_path / "refusing.c"
+    source = native_kernels.SOURCE.read_text()
+    marker = "    int status = check_shape(fmt_in, ffn, hidden);\n"
+    assert source.count(marker) == 2  # the grouped call's, then the lane call's
+    refusing.write_text(source.replace(marker, "    if (n_experts >= 0) return ERR_ROWS;\n" + marker, 1))
+    weights = experts("int8", 64, 128, 2)
+    x = torch.randn(2, 128)
+    expected = grouped_swiglu(x, weights, [1, 1])
+    with native_kernels.using(native_kernels.library_of(refusing, tmp_path)):
+        with pytest.raises(ValueError, match="too many rows for one expert"):
+            grouped_swiglu(x, weights, [1, 1])
+    assert torch.equal(grouped_swiglu(x, weights, [1, 1]), expected)

@@ -335,18 +335,31 @@ struct swiglu {
     const float *x;
     float *h;
     uint16_t *out;
+    int64_t *h_tiles_done;  /* per group, zeroed: its tiles of h written so far */
 };
 
+static inline void spin_pause(void) {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ volatile("yield");
+#endif
+}
+
 /* Both phases as orphaned worksharing loops, run by every thread of the caller's parallel region: one fork and
- * join per call; the barrier between the loops orders h. The task loops are guided: a matrix's tiles lie one
- * after another in memory, so a thread's first chunks are long runs its prefetchers keep ahead of, and the last
- * tasks go out one by one to even out the threads' ends (on the GPU machine's Xeon, 8 experts at one row, int4 on
- * 8 threads: median 370 us against 405 handing out single tiles; bench/cpu_kernels.md) */
+ * join per call. The task loops are guided: a matrix's tiles lie one after another in memory, so a thread's first
+ * chunks are long runs its prefetchers keep ahead of, and the last tasks go out one by one to even out the
+ * threads' ends (on the GPU machine's Xeon, 8 experts at one row, int4 on 8 threads: median 370 us against 405
+ * handing out single tiles; bench/cpu_kernels.md). No barrier between the phases: a thread out of phase-1 tasks
+ * starts on down tiles, each waiting only for its own expert's h (h_tiles_done). Through a barrier every thread
+ * waited for the last phase-1 task: up to a task's time, at 13 threads and 8 experts (96 tasks, 7.4 a thread)
+ * a seventh of phase 1. The waits cannot deadlock: a thread leaves phase 1's loop only once all of its tasks are
+ * handed out, and a phase-1 task never waits. */
 static void swiglu_phases(const struct swiglu *s) {
     const int64_t hidden = s->hidden, ffn = s->ffn;
     const int int8_out = s->fmt_out == FMT_INT8;
     const int64_t ffn_tiles = (ffn + TILE - 1) / TILE, hidden_tiles = (hidden + TILE - 1) / TILE;
-#pragma omp for schedule(guided)
+#pragma omp for schedule(guided) nowait
     for (int64_t task = 0; task < s->n_groups * ffn_tiles; task++) {
         const int64_t e = task / ffn_tiles, tile = task % ffn_tiles, rows = s->counts[e];
         if (rows == 0) continue;
@@ -364,12 +377,14 @@ static void swiglu_phases(const struct swiglu *s) {
                     round_bf16((s->bf16_activations ? round_bf16(g) : g) * round_bf16(up[r][j]));
             }
         }
+        __atomic_fetch_add(&s->h_tiles_done[e], 1, __ATOMIC_RELEASE);  /* this tile of h is written */
     }
 #pragma omp for schedule(guided)
     for (int64_t task = 0; task < s->n_groups * hidden_tiles; task++) {
         const int64_t e = task / hidden_tiles, tile = task % hidden_tiles, rows = s->counts[e];
         if (rows == 0) continue;
         const uint64_t *p = s->ptrs + 6 * e;
+        while (__atomic_load_n(&s->h_tiles_done[e], __ATOMIC_ACQUIRE) < ffn_tiles) spin_pause();
         float y[MAX_ROWS][TILE];
         tile_product(s->fmt_out, (const void *)p[4], (const uint16_t *)p[5], hidden, ffn, tile,
                      s->h + s->starts[e] * ffn, rows, y);
@@ -397,7 +412,7 @@ int tierserve_grouped_swiglu(int fmt_in, int fmt_out, int64_t n_experts, const i
     if (n_experts < 0) return ERR_SHAPE;
     for (int64_t e = 0; e < n_experts; e++)
         if (counts[e] < 0 || counts[e] > MAX_ROWS) return ERR_ROWS;
-    int64_t *starts = malloc((size_t)(n_experts + 1) * sizeof *starts);
+    int64_t *starts = calloc((size_t)(2 * n_experts + 1), sizeof *starts);  /* then the zeroed h_tiles_done */
     if (!starts) return ERR_MEMORY;
     starts[0] = 0;
     for (int64_t e = 0; e < n_experts; e++) starts[e + 1] = starts[e] + counts[e];
@@ -411,7 +426,7 @@ int tierserve_grouped_swiglu(int fmt_in, int fmt_out, int64_t n_experts, const i
      * h so for int8 down */
     const int int8_in = fmt_in == FMT_INT8;
     const struct swiglu s = {fmt_in, fmt_out, bf16_activations, n_experts, hidden, ffn, counts, starts, ptrs,
-                             x, x + total_rows * hidden, out};
+                             x, x + total_rows * hidden, out, starts + n_experts + 1};
 #pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
     {
 #pragma omp for schedule(static)
@@ -444,13 +459,14 @@ int64_t tierserve_lane_swiglu(int fmt_in, int fmt_out, int64_t rows, int64_t pad
     if (rows < 0 || padded < rows || k <= 0 || n_experts <= 0) return -ERR_SHAPE;
     if (max_rows > MAX_ROWS) max_rows = MAX_ROWS;
     const int64_t n_pairs = rows * k;
-    /* index arrays in one block: per expert its pairs, then the next free slot of its group; per group its rows,
-     * start and addresses; per pair its slot (-1: not owned); per slot its pair */
-    int64_t *count = calloc((size_t)(10 * n_experts + 2 * n_pairs), sizeof *count);
+    /* index arrays in one zeroed block: per expert its pairs, then the next free slot of its group; per group its
+     * rows, start, addresses and tiles of h done; per pair its slot (-1: not owned); per slot its pair */
+    int64_t *count = calloc((size_t)(11 * n_experts + 2 * n_pairs), sizeof *count);
     if (!count) return -ERR_MEMORY;
     int64_t *next = count + n_experts, *group_counts = next + n_experts, *group_starts = group_counts + n_experts;
     uint64_t *ptrs = (uint64_t *)(group_starts + n_experts);
-    int64_t *slot_of = (int64_t *)(ptrs + 6 * n_experts), *pair_of = slot_of + n_pairs;
+    int64_t *h_tiles_done = (int64_t *)(ptrs + 6 * n_experts);
+    int64_t *slot_of = h_tiles_done + n_experts, *pair_of = slot_of + n_pairs;
     /* ids and owned are the mailbox's, which the worker may write while a request it gave up on is computed:
      * each is read once, here, and slot_of keeps the pair's expert (-1: not owned) for the passes below, so a
      * concurrent write makes wrong numbers at worst, never an index out of these blocks */
@@ -492,7 +508,7 @@ int64_t tierserve_lane_swiglu(int fmt_in, int fmt_out, int64_t rows, int64_t pad
     uint16_t *y = (uint16_t *)(h + n_slots * ffn);
     const int int8_in = fmt_in == FMT_INT8;
     const struct swiglu s = {fmt_in, fmt_out, x_bf16, n_groups, hidden, ffn, group_counts, group_starts, ptrs,
-                             x, h, y};
+                             x, h, y, h_tiles_done};
     const int64_t hidden_tiles = (hidden + TILE - 1) / TILE;
 #pragma omp parallel num_threads(num_threads > 0 ? num_threads : 1)
     {
