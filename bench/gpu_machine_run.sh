@@ -12,6 +12,7 @@
 # SWEEP=10,25,50,100 adds the VRAM budget sweep (the system started once per budget: minutes per point on 30B).
 # On a 64 GB disk a q8_0 model (32 GB) and its expert cache (32 GB) do not fit together: MODELS=/dev/shm/models
 # keeps both in RAM (tmpfs), which the expert hosts then map without a second copy.
+# NATIVE_BEFORE=FILE also times the expert hosts' kernel against that earlier grouped_ffn.c (bench/native_ab.py).
 set -euo pipefail
 LLAMA_SRC=${1:?llama.cpp source directory}
 OUT=${2:?output directory}
@@ -27,6 +28,16 @@ stamp() { echo "[$((SECONDS - start)) s] $*"; }
 
 python3 -m pytest -m gpu tests/gpu -p no:cacheprovider -q > "$OUT/gpu_tests.log" 2>&1 || true
 stamp "gpu tests: $(tail -1 "$OUT/gpu_tests.log")"
+
+# the kernels alone: the int4 ring at its default depth and at 3, and (NATIVE_BEFORE=an earlier grouped_ffn.c)
+# the expert hosts' kernel against that version in one process, at one host's default threads and every core
+python3 -m bench.quant_kernels_bench --out "$OUT/quant_kernels.md" > /dev/null 2>&1 || true
+python3 -m bench.quant_kernels_bench --formats int4 --int4-stages 3 --out "$OUT/quant_kernels_int4_stages3.md" \
+  > /dev/null 2>&1 || true
+if [ -n "${NATIVE_BEFORE:-}" ]; then
+  python3 -m bench.native_ab "$NATIVE_BEFORE" --threads "13,$(nproc)" > "$OUT/native_ab.md" 2>&1 || true
+fi
+stamp "kernel benchmarks done"
 
 cmake -S "$LLAMA_SRC" -B "$BUILD" -DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 -DGGML_NATIVE=ON -DLLAMA_CURL=OFF \
   -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_BUILD_APP=OFF \

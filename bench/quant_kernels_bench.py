@@ -198,7 +198,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="also write the table to this file (quant_kernels.md is kept by hand)")
     parser.add_argument("--formats", nargs="+", choices=["int8", "int4"], default=["int8", "int4"])
+    parser.add_argument("--int4-stages", type=int, default=int4_mma.STAGES,
+                        help=f"groups in each warp's ring of the int4 decode kernel (default {int4_mma.STAGES}): "
+                             "another depth, timed against the default in a second run")
     args = parser.parse_args()
+    int4_mma.STAGES = args.int4_stages  # read when the kernel is first compiled and sized, below
     torch.manual_seed(0)
     device = torch.cuda.get_device_name()
     hbm = copy_bandwidth()
