@@ -1,9 +1,10 @@
 """Who is in the system, whether they are alive, and whether together they can serve: pure logic, no sockets.
 
 Every process sends a Heartbeat each heartbeat interval; it doubles as the join request. A member is alive
-while heard from within the heartbeat timeout; one reporting a placement version other than the current
-one (0 after a start or restart) gets a Welcome carrying the placement. The system is ready when the gpu
-worker and every expert host the placement uses are alive and have applied the current placement.
+while heard from within the heartbeat timeout, counted in the coordinator's own running time; one reporting a
+placement version other than the current one (0 after a start or restart) gets a Welcome carrying the placement.
+The system is ready when the gpu worker and every expert host the placement uses are alive and have applied the
+current placement.
 """
 
 from __future__ import annotations
@@ -53,11 +54,14 @@ class HeartbeatOutcome:
 
 
 class Membership:
-    def __init__(self, placement: Placement, timeout_s: float, model: str) -> None:
+    def __init__(self, placement: Placement, timeout_s: float, model: str, interval_s: float, tick_s: float) -> None:
         self.placement = placement
         self.timeout_s = timeout_s
+        self.interval_s = interval_s  # how often members send a heartbeat
+        self.tick_s = tick_s  # how often the coordinator calls expire
         self.model = model  # the identity of the coordinator's model file, which every member must serve
         self.members: dict[str, Member] = {}
+        self.expired_at: float | None = None
 
     def heartbeat(self, hb: Heartbeat, now: float) -> HeartbeatOutcome:
         old = self.members.get(hb.member_id)
@@ -72,13 +76,27 @@ class Membership:
                                 restarted=restarted)
 
     def expire(self, now: float) -> list[Member]:
-        """Mark members not heard from within the timeout as lost; returns those lost just now."""
+        """Mark members not heard from within the timeout as lost; returns those lost just now. A tick later than
+        due by more than a heartbeat interval means the coordinator did not run meanwhile (stopped, a frozen
+        container, a blocked loop): that time counts against no member."""
+        if self.expired_at is not None:
+            late_s = now - self.expired_at - self.tick_s
+            if late_s > self.interval_s:
+                self._not_watched(late_s, now)
+        self.expired_at = now
         lost = []
         for m in self.members.values():
             if m.alive and now - m.last_seen > self.timeout_s:
                 m.alive = False
                 lost.append(m)
         return lost
+
+    def _not_watched(self, late_s: float, now: float) -> None:
+        # The heartbeats members sent meanwhile are still unread in the control socket: without this, the first
+        # tick after a SIGCONT found every live member lost and resumed or failed every request in flight. A tick
+        # still counts its own period, so members are found lost even by a coordinator whose ticks are always late.
+        for m in self.members.values():
+            m.last_seen = min(m.last_seen + late_s, now)
 
     def is_alive(self, member_id: str) -> bool:
         m = self.members.get(member_id)

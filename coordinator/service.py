@@ -83,7 +83,8 @@ class Coordinator:
         self.config = config
         self.tokenizer = Tokenizer.from_metadata(model.metadata)
         self.placement = startup_placement(model, config)
-        self.membership = Membership(self.placement, config.heartbeat_timeout_s, model.identity)
+        self.membership = Membership(self.placement, config.heartbeat_timeout_s, model.identity,
+                                     config.heartbeat_interval_s, TICK_S)
         kv_tokens = min(config.kv_cache_tokens, config.kv_cache_blocks * config.kv_block_size)  # what the worker has
         self.admission = Admission(self.tokenizer, Limits(model.config.context_length, kv_tokens))
         self.table = StreamTable(secrets.token_hex(4))

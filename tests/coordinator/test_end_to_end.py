@@ -19,13 +19,15 @@ from shared.protocol import Cancel, FinalEvent, Generate, decode, encode
 from shared.reference import ReferenceModel
 
 MAX_RUNNING, MAX_WAITING = 4, 100
+HEARTBEAT_TIMEOUT_S = 2
 PROMPT = [11, 22, 33, 44]
 
 
 @pytest.fixture(scope="module")
 def system(tiny_model):
     with RunningSystem(str(tiny_model), "--expert-hosts", "1", "--hot-experts", "4", "--max-running",
-                       str(MAX_RUNNING), "--max-waiting", str(MAX_WAITING), "--heartbeat-timeout-s", "2") as s:
+                       str(MAX_RUNNING), "--max-waiting", str(MAX_WAITING), "--heartbeat-timeout-s",
+                       str(HEARTBEAT_TIMEOUT_S)) as s:
         yield s
 
 
@@ -150,6 +152,26 @@ def test_requests_in_flight_when_the_worker_dies_continue_on_its_successor_as_if
     assert greedy_ids == oracle.greedy(PROMPT, 200)
     assert seeded_ids == client.complete(token_ids=PROMPT, max_tokens=200, **sampled).token_ids
     assert len(set(seeded_ids)) > 10
+
+
+def test_a_coordinator_stopped_past_the_heartbeat_timeout_finds_every_member_alive_and_resumes_nothing(
+        client, oracle):
+    """Stopped (SIGSTOP, a frozen container) for longer than heartbeat_timeout_s: on SIGCONT its first tick took
+    every member for lost before reading the heartbeats waiting in its socket, and resumed the request in flight
+    (failed it, with resuming off)."""
+    coordinator = next(m for m in client.health().members if m["member_id"] == "coordinator")
+    before = client.stats().stats
+    stream = client.generate(token_ids=PROMPT, max_tokens=400)
+    head = next(stream)
+    os.kill(coordinator["pid"], signal.SIGSTOP)
+    try:
+        time.sleep(HEARTBEAT_TIMEOUT_S + 3)
+    finally:
+        os.kill(coordinator["pid"], signal.SIGCONT)
+    tokens = [head.token_id] + [e.token_id for e in list(stream)[:-1]]
+    assert tokens == oracle.greedy(PROMPT, 400)
+    after = client.stats().stats
+    assert after["resumed"] == before["resumed"] and after["requests"]["error"] == before["requests"]["error"]
 
 
 def test_a_coordinator_killed_mid_stream_ends_its_streams_and_the_same_client_goes_on_with_its_successor(

@@ -30,7 +30,8 @@ def beat(member_id: str, version: int, pid: int = 100, load: dict | None = None,
 
 @pytest.fixture
 def members() -> Membership:
-    return Membership(round_robin_placement(CFG, hot_per_layer=2, n_hosts=2, version=3), timeout_s=2.0, model=MODEL)
+    return Membership(round_robin_placement(CFG, hot_per_layer=2, n_hosts=2, version=3), timeout_s=2.0, model=MODEL,
+                      interval_s=0.5, tick_s=0.1)
 
 
 def test_a_new_or_restarted_process_is_welcomed_until_it_reports_the_placement(members):
@@ -65,6 +66,21 @@ def test_members_not_heard_from_within_the_timeout_are_lost_once(members):
     assert back.joined and not back.restarted and members.is_alive("gpu-worker")
 
 
+def test_time_the_coordinator_did_not_run_counts_against_no_member(members):
+    """Stopped (SIGSTOP, a frozen container) past the timeout, the coordinator's first tick found every member
+    lost while the heartbeats they had sent meanwhile were still unread in its socket. A member that is really gone
+    is still found lost, a timeout of the coordinator's own running time after it was last heard from."""
+    members.heartbeat(beat("gpu-worker", 3), now=0.0)
+    members.heartbeat(beat("expert-host-0", 3), now=0.4)
+    assert members.expire(now=0.5) == []
+    assert members.expire(now=10.5) == []  # stopped for 10 s after the tick at 0.5
+    members.heartbeat(beat("expert-host-0", 3), now=10.55)  # the host's queued heartbeats are read; not the worker's
+    ticks = [round(10.6 + 0.1 * i, 1) for i in range(20)]
+    lost_at = {m.member_id: now for now in ticks for m in members.expire(now)}
+    assert lost_at == {"gpu-worker": 12.0}  # silent 0.5 s before the stop, a tick's period for it, 1.5 s after
+    assert members.is_alive("expert-host-0")
+
+
 def test_ready_needs_the_worker_and_every_host_in_use_alive_with_the_current_placement(members):
     assert members.missing() == ["gpu-worker has not joined", "expert-host-0 has not joined",
                                  "expert-host-1 has not joined"]
@@ -79,7 +95,8 @@ def test_ready_needs_the_worker_and_every_host_in_use_alive_with_the_current_pla
 
 
 def test_hosts_the_placement_does_not_use_are_not_needed():
-    members = Membership(round_robin_placement(CFG, hot_per_layer=4, n_hosts=2), timeout_s=1.0, model=MODEL)
+    members = Membership(round_robin_placement(CFG, hot_per_layer=4, n_hosts=2), timeout_s=1.0, model=MODEL,
+                         interval_s=0.25, tick_s=0.1)
     assert members.required() == ["gpu-worker"]
     members.heartbeat(beat("gpu-worker", 1), now=0.0)
     assert members.ready()
@@ -137,7 +154,7 @@ def test_a_restarted_coordinator_with_another_placement_welcomes_members_again(t
     old = startup_placement(model, Config(model=str(tiny_model), hot_experts=3, expert_hosts=2))
     new = startup_placement(model, Config(model=str(tiny_model), hot_experts=4, expert_hosts=2))
     assert new.version != old.version
-    members = Membership(new, timeout_s=2.0, model=model.identity)
+    members = Membership(new, timeout_s=2.0, model=model.identity, interval_s=0.5, tick_s=0.1)
     assert members.heartbeat(beat("gpu-worker", old.version, model=model.identity), now=0.0).welcome
 
 
