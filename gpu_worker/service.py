@@ -28,6 +28,7 @@ from shared.config import Config, add_config_arguments, config_from_args
 from shared.expert_cache import CacheError
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
+from shared.mailbox import remove_stale_mailboxes
 from shared.memory_use import HostMemoryError, room_above_floor, size_text
 from shared.metrics import start_metrics_server
 from shared.model_config import ModelConfig, ModelError
@@ -335,6 +336,8 @@ def serve(config: Config) -> int:
         control.socket.close(linger=0)
         ctx.term()
         leave_run_dir(config)
+        for stale in remove_stale_mailboxes():  # a host killed outright could not remove its own
+            log.info("removed %s: its host is gone", stale)
         log.info("stopped")
     return 0
 

@@ -27,8 +27,9 @@ from pathlib import Path
 
 from shared.client import Client
 from shared.config import Config, add_config_arguments, config_from_args
+from shared.mailbox import remove_stale_mailboxes
 from shared.memory_use import descendants, process_memory
-from shared.process import EPHEMERAL_MARKER
+from shared.process import EPHEMERAL_MARKER, remove_ipc_file
 
 _PR_SET_PDEATHSIG = 1
 
@@ -143,6 +144,16 @@ def stop_in_order(kids: list[Child], drain_timeout_s: float) -> None:
                 kid.process.wait()
 
 
+def remove_leftovers(config: Config) -> None:
+    """What children killed outright left behind, once every child has exited: their socket files (in a run dir of
+    the user's, which outlives the run) and the mailboxes of dead hosts (up to 64 MiB of RAM each in /dev/shm)."""
+    hosts = (config.expert_host_endpoint(i) for i in range(config.expert_hosts))
+    for endpoint in (config.control_endpoint, config.engine_endpoint, *hosts):
+        remove_ipc_file(endpoint)
+    for stale in remove_stale_mailboxes():
+        print(f"tierserve: removed {stale}: its host is gone", file=sys.stderr)
+
+
 def up(config: Config, ready_timeout_s: float = 300.0) -> int:
     if not config.model:
         print("tierserve up: --model is required", file=sys.stderr)
@@ -181,6 +192,7 @@ def up(config: Config, ready_timeout_s: float = 300.0) -> int:
                     kid.start()
     finally:
         stop_in_order(kids, config.drain_timeout_s)
+        remove_leftovers(config)
         if ephemeral:
             shutil.rmtree(run_dir, ignore_errors=True)
         else:

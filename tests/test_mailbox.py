@@ -449,6 +449,41 @@ def test_mailboxes_of_hosts_that_are_gone_are_removed_and_live_ones_kept():
         host.stdout.close()
 
 
+@pytest.mark.slow
+def test_a_worker_that_stops_removes_the_mailbox_of_a_host_killed_outright(tmp_path):
+    """Roles run as systemd runs them, a host killed and not restarted: its mailbox (up to 64 MiB of RAM) stayed in
+    /dev/shm after the system stopped, until some later host started."""
+    model = tmp_path / "m.gguf"
+    make_model(model, arch="qwen3moe", preset="tiny", dtype="f32", seed=3)
+    config = Config(model=str(model), run_dir=str(tmp_path / "run"), expert_hosts=1, metrics_port=0)
+    config_path = tmp_path / "tierserve.toml"
+    config_path.write_text(config.to_toml())
+    host = subprocess.Popen([sys.executable, "-m", "expert_host", "--config", str(config_path), "--host-id", "0"])
+    worker = subprocess.Popen([sys.executable, "-m", "gpu_worker", "--config", str(config_path)],
+                              stderr=subprocess.PIPE, text=True)
+    mailbox = mailbox_path(config.expert_host_endpoint(0))
+    try:
+        for line in worker.stderr:  # up, waiting for a coordinator: a SIGTERM now goes through its exit
+            if "metrics on" in line:
+                break
+        deadline = time.monotonic() + 60
+        while not os.path.exists(mailbox):
+            assert time.monotonic() < deadline, "the host made no mailbox"
+            time.sleep(0.1)
+        host.kill()
+        host.wait()
+        worker.send_signal(signal.SIGTERM)
+        _, log = worker.communicate(timeout=60)
+        assert worker.returncode == 0, log
+        assert not os.path.exists(mailbox)
+    finally:
+        for process in (host, worker):
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        remove_mailbox(mailbox)
+
+
 # --- the whole system -------------------------------------------------------------------------------------
 
 

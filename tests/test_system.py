@@ -18,8 +18,10 @@ from pathlib import Path
 import pytest
 
 from shared.client import Client
+from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
+from shared.mailbox import mailbox_path
 from shared.make_model import make_model
 from shared.memory_use import descendants
 from shared.reference import ReferenceModel
@@ -186,6 +188,24 @@ def test_killing_up_leaves_no_process_shared_memory_or_socket_behind(models):
     assert set(os.listdir("/dev/shm")) <= shm_before
     if run_dir:
         assert not Path(run_dir).exists()
+
+
+@pytest.mark.slow
+def test_a_stop_removes_the_mailbox_and_socket_of_processes_killed_outright(models, tmp_path):
+    """Killed with no restart to follow (here as `tierserve up` stops), a host left its mailbox in /dev/shm (up to
+    64 MiB of RAM) and its socket in a run dir of the user's: only a later host's start removed them."""
+    run_dir = tmp_path / "run"
+    system = start(models["qwen3moe"], 1, 2, "--run-dir", str(run_dir))
+    with Client(system.endpoint) as client:
+        pids = {m["member_id"]: m["pid"] for m in client.health().members}
+    mailbox = mailbox_path(Config(run_dir=str(run_dir)).expert_host_endpoint(0))
+    assert os.path.exists(mailbox)
+    system.process.send_signal(signal.SIGTERM)  # stopping: the launcher restarts no child from now on
+    for member in ("gpu-worker", "expert-host-0"):  # the worker would remove a dead host's mailbox as it stops
+        os.kill(pids[member], signal.SIGKILL)
+    assert system.stop() == 0
+    assert not os.path.exists(mailbox)
+    assert list(run_dir.glob("*.sock")) == []
 
 
 @pytest.mark.slow
