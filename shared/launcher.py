@@ -2,9 +2,10 @@
 
 Starts a coordinator, a gpu_worker and N expert hosts, each its own OS process talking
 over ipc:// sockets in a private run directory, prints the client endpoint once the
-system answers ready, restarts a child that dies, and on SIGTERM / Ctrl-C drains and
-stops them in order (coordinator, worker, hosts) leaving nothing behind. Children get
-SIGTERM if this process dies (PR_SET_PDEATHSIG), so even `kill -9` leaves no orphans.
+system answers ready, restarts a child that dies (waiting longer each time while it keeps
+failing soon after its start), and on SIGTERM / Ctrl-C drains and stops them in order
+(coordinator, worker, hosts) leaving nothing behind. Children get SIGTERM if this process
+dies (PR_SET_PDEATHSIG), so even `kill -9` leaves no orphans.
 """
 
 from __future__ import annotations
@@ -62,21 +63,41 @@ def free_tcp_port() -> int:
     raise OSError("no free TCP port found for the client endpoint; set client_endpoint to a free port")
 
 
+# A child that exits is started again at once; one that keeps exiting within STABLE_UPTIME_S of its start (e.g. a
+# host whose model file is gone) waits before each restart, from RESTART_FIRST_DELAY_S doubling up to
+# RESTART_MAX_DELAY_S, as systemd's RestartSec with RestartSteps would: restarted as fast as it failed (ten times
+# in 15 s, for ever), such a host filled the log and kept a core busy importing torch.
+RESTART_FIRST_DELAY_S = 1.0
+RESTART_MAX_DELAY_S = 30.0
+STABLE_UPTIME_S = 30.0
+
+
 @dataclasses.dataclass
 class Child:
     name: str
     argv: list[str]
     process: subprocess.Popen | None = None
-    restarts: int = 0
+    started_at: float = 0.0
+    last_delay_s: float | None = None  # before its last restart; None: not restarted since it last ran a while
+    restart_at: float | None = None  # it exited and is started again then
 
     def start(self) -> None:
         # a session of its own: a terminal's Ctrl-C (SIGINT to the whole process group) reaches the launcher
         # alone, which stops the children in order; signalled together, the coordinator took the launcher's
         # SIGTERM as a second signal and cancelled what it was draining, and the hosts left at once
         self.process = subprocess.Popen(self.argv, preexec_fn=_die_with_parent, start_new_session=True)
+        self.started_at = time.monotonic()
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
+
+    def restart_delay(self, uptime_s: float) -> float:
+        """The wait before starting the child again, now that it exited `uptime_s` after its start."""
+        if uptime_s >= STABLE_UPTIME_S:
+            self.last_delay_s = None
+        self.last_delay_s = 0.0 if self.last_delay_s is None else \
+            min(max(RESTART_FIRST_DELAY_S, 2 * self.last_delay_s), RESTART_MAX_DELAY_S)
+        return self.last_delay_s
 
 
 def prepare_run(config: Config) -> tuple[Config, Path, bool]:
@@ -123,6 +144,24 @@ def wait_ready(config: Config, kids: list[Child], timeout_s: float, stopping: Ca
     if not stopping():
         print(f"tierserve: not ready after {timeout_s:.0f} s", file=sys.stderr)
     return False
+
+
+def restart_exited(kids: list[Child], stopping: Callable[[], bool]) -> None:
+    """One look at the children: one that exited is started again once its restart delay is over. The delay is
+    waited out by later looks, so a stop signal is acted on at once meanwhile."""
+    for kid in kids:
+        if stopping():
+            return
+        now = time.monotonic()
+        if kid.restart_at is None and not kid.alive():
+            uptime_s = now - kid.started_at
+            delay_s = kid.restart_delay(uptime_s)
+            kid.restart_at = now + delay_s
+            print(f"tierserve: {kid.name} exited with {kid.process.returncode} after {uptime_s:.1f} s; restarting "
+                  f"{f'in {delay_s:g} s' if delay_s else 'now'}", file=sys.stderr)
+        if kid.restart_at is not None and now >= kid.restart_at:
+            kid.restart_at = None
+            kid.start()
 
 
 def stop_in_order(kids: list[Child], drain_timeout_s: float) -> None:
@@ -185,11 +224,7 @@ def up(config: Config, ready_timeout_s: float = 300.0) -> int:
         print(f"tierserve ready: client endpoint {config.client_connect_endpoint}", flush=True)
         while not stopping:
             time.sleep(0.2)
-            for kid in kids:
-                if not kid.alive() and not stopping:
-                    kid.restarts += 1
-                    print(f"tierserve: {kid.name} exited with {kid.process.returncode}; restarting", file=sys.stderr)
-                    kid.start()
+            restart_exited(kids, lambda: stopping)
     finally:
         stop_in_order(kids, config.drain_timeout_s)
         remove_leftovers(config)

@@ -1,0 +1,69 @@
+"""`tierserve up` restarting a child that exits: at once after a run of a while, with a growing wait while it keeps
+failing soon after its start, and still stopping at once on SIGTERM while it waits."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from itertools import pairwise
+
+import pytest
+
+from shared.client import Client
+from shared.launcher import RESTART_MAX_DELAY_S, STABLE_UPTIME_S, Child
+from shared.make_model import make_model
+
+
+def test_restart_delays_double_while_a_child_keeps_failing_and_reset_once_it_ran_a_while():
+    child = Child("expert-host-0", [])
+    quick = [child.restart_delay(uptime_s=2.0) for _ in range(8)]
+    assert quick == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, RESTART_MAX_DELAY_S, RESTART_MAX_DELAY_S]
+    assert child.restart_delay(uptime_s=STABLE_UPTIME_S) == 0.0
+    assert child.restart_delay(uptime_s=2.0) == 1.0
+
+
+EXITED = re.compile(r"tierserve: expert-host-0 exited with -?\d+ after [\d.]+ s; restarting (now|in ([\d.]+) s)")
+FAILED_START = re.compile(r"expert-host-0\[\d+\] ERROR cannot start")
+
+
+@pytest.mark.slow
+def test_a_host_that_fails_at_start_is_restarted_ever_later_and_a_stop_does_not_wait(tmp_path):
+    """Its model file gone, a host exits at start: `tierserve up` restarted it ten times in 15 s, for ever."""
+    model = tmp_path / "m.gguf"
+    make_model(model, arch="qwen3moe", preset="tiny", dtype="f32", seed=1)
+    log_path = tmp_path / "up.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--expert-hosts", "1",
+             "--hot-experts", "2", "--client-endpoint", "tcp://127.0.0.1:0", "--metrics-port", "0"],
+            stdout=subprocess.PIPE, stderr=log, text=True, start_new_session=True)
+    try:
+        endpoint = next(line for line in process.stdout if "client endpoint" in line).split()[-1]
+        with Client(endpoint) as client:
+            host = next(m["pid"] for m in client.health().members if m["member_id"] == "expert-host-0")
+        model.rename(tmp_path / "gone.gguf")
+        os.kill(host, signal.SIGKILL)
+        seen: list[tuple[float, str]] = []  # (when, the delay said) of each exit
+        deadline = time.monotonic() + 60
+        while len(seen) < 4:
+            assert time.monotonic() < deadline, seen
+            delays = [m.group(2) or "0" for m in EXITED.finditer(log_path.read_text())]
+            seen += [(time.monotonic(), d) for d in delays[len(seen):]]
+            time.sleep(0.05)
+        assert [float(d) for _, d in seen] == [0.0, 1.0, 2.0, 4.0]
+        for (at, delay), (next_at, _) in pairwise(seen):
+            assert next_at - at >= float(delay)
+        stop_at = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+        assert time.monotonic() - stop_at < 4.0, "the stop waited for the restart"
+        assert len(FAILED_START.findall(log_path.read_text())) == 3  # and did not start the host again
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stdout.close()
