@@ -4,7 +4,9 @@
 - engine (ipc, the gpu_worker's DEALER "gpu-worker"): EngineGenerate / EngineCancel out, tokens back;
 - control (ipc, every process's DEALER named by member id): heartbeats in, Welcome with the placement out.
 
-Every send is non-blocking, so each message is handled to the end before the next is read.
+Every send is non-blocking, so each message is handled to the end before the next is read. Only a large generate
+waits, for its prompt to be tokenized on a thread: meanwhile the engine and control sockets are still read, and the
+client socket's next message waits its turn.
 """
 
 from __future__ import annotations
@@ -16,13 +18,22 @@ import os
 import secrets
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 import zmq
 import zmq.asyncio
 from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 
-from coordinator.admission import Admission, Limits, Rejected, check_state, parse_request, recover_request_id
+from coordinator.admission import (
+    Admission,
+    Limits,
+    Rejected,
+    check_state,
+    frames_size,
+    parse_request,
+    recover_request_id,
+)
 from coordinator.membership import WORKER_ID, Membership, startup_placement
 from coordinator.streams import RequestStream, StreamTable
 from shared.client import run
@@ -74,6 +85,9 @@ FLUSH_S = 0.05  # before closing with linger 0: time for the last events to leav
 # running at a further loss may be what takes the process down, and fails.
 MAX_RESUMES = 2
 OVERSIZED_FRAME_FACTOR = 16  # frames up to this many times max_request_bytes get a too_large answer
+# A generate this large (some 10 ms or more to tokenize) is tokenized on a thread, and the event loop streams on
+# meanwhile; a smaller one costs less inline than the thread's round trip.
+TOKENIZE_ON_A_THREAD_BYTES = 16 << 10
 WORKER = WORKER_ID.encode()
 log = logging.getLogger("coordinator")
 
@@ -143,11 +157,14 @@ class Coordinator:
         self.ctx.term()
         leave_run_dir(self.config, self.config.engine_endpoint, self.config.control_endpoint)
 
-    async def _receive(self, socket: zmq.asyncio.Socket, handle: Callable[[bytes, list], None]) -> None:
+    async def _receive(self, socket: zmq.asyncio.Socket,
+                       handle: Callable[[bytes, list], Coroutine[Any, Any, None] | None]) -> None:
         while True:
             frames = await socket.recv_multipart(copy=False)
             try:
-                handle(frames[0].bytes, frames[1:])
+                handled = handle(frames[0].bytes, frames[1:])
+                if handled is not None:  # a socket's messages are handled one after another, even those that wait
+                    await handled
             except Exception:  # one message that trips a bug must not take the server down
                 log.exception("error handling a message")
 
@@ -161,12 +178,12 @@ class Coordinator:
 
     # --- client API ------------------------------------------------------------------------------------
 
-    def on_client(self, client: bytes, frames: list) -> None:
+    async def on_client(self, client: bytes, frames: list) -> None:
         now = time.monotonic()
         try:
             msg = parse_request(frames, self.config.max_request_bytes)
             if isinstance(msg, Generate):
-                self.admit(client, msg, now)
+                await self.admit(client, msg, now, on_a_thread=frames_size(frames) >= TOKENIZE_ON_A_THREAD_BYTES)
             elif isinstance(msg, Cancel):
                 self.cancel(client, msg.request_id, now)
             elif isinstance(msg, Health):
@@ -187,18 +204,26 @@ class Coordinator:
                 REQUESTS.labels("rejected").inc()
                 self.send_client(client, ErrorEvent(request_id=request_id, code="internal_error", message=repr(e)))
 
-    def admit(self, client: bytes, msg: Generate, now: float) -> None:
-        # a request the engine has room for now does not wait: only those that would queue count against max_waiting
-        room = self.config.max_running - self.table.num_running if self.ready and now >= self.dispatch_after else 0
-        check_state(msg, draining=self.draining, missing=self.membership.missing(),
-                    duplicate=self.table.find(client, msg.request_id) is not None,
-                    waiting=self.table.num_waiting - room, max_waiting=self.config.max_waiting)
-        prompt_ids = self.admission.prompt_ids(msg)
+    async def admit(self, client: bytes, msg: Generate, now: float, on_a_thread: bool) -> None:
+        self.check_admissible(client, msg, now)
+        if on_a_thread:
+            prompt_ids = await asyncio.to_thread(self.admission.prompt_ids, msg)
+            # no client message was handled meanwhile, but the server may have begun draining or lost a process
+            self.check_admissible(client, msg, time.monotonic())
+        else:
+            prompt_ids = self.admission.prompt_ids(msg)
         self.table.add(RequestStream(self.table.next_id(), client, msg, prompt_ids,
                                      self.tokenizer.detokenizer(skip_special=True, context=prompt_ids),
                                      self.stop_token_ids, now))
         PROMPT.inc(len(prompt_ids))
         self.dispatch()
+
+    def check_admissible(self, client: bytes, msg: Generate, now: float) -> None:
+        # a request the engine has room for now does not wait: only those that would queue count against max_waiting
+        room = self.config.max_running - self.table.num_running if self.ready and now >= self.dispatch_after else 0
+        check_state(msg, draining=self.draining, missing=self.membership.missing(),
+                    duplicate=self.table.find(client, msg.request_id) is not None,
+                    waiting=self.table.num_waiting - room, max_waiting=self.config.max_waiting)
 
     def cancel(self, client: bytes, request_id: str, now: float) -> None:
         stream = self.table.find(client, request_id)

@@ -47,8 +47,8 @@ class Coordinator:
     def __init__(self, model: Path, tmp_path: Path, **settings) -> None:
         self.config = Config(model=str(model), run_dir=str(tmp_path / "run"),
                              client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", metrics_port=0,
-                             max_request_bytes=MAX_REQUEST_BYTES, heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0,
-                             **settings)
+                             heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0,
+                             **{"max_request_bytes": MAX_REQUEST_BYTES, **settings})
         path = tmp_path / "config.toml"
         path.write_text(self.config.to_toml())
         self.log = tmp_path / "coordinator.log"
@@ -269,6 +269,36 @@ def test_an_engine_message_that_trips_a_bug_ends_its_request_with_internal_error
         sent = decode(engine.recv_multipart())
         engine.send_multipart(token(sent.request_id, 7, "length"))
         assert [e.KIND for e in stream] == ["token", "final"]
+
+
+def test_tokens_stream_on_while_a_long_prompt_is_tokenized_and_a_cancel_after_a_request_still_applies(
+        tiny_model, tmp_path):
+    """A prompt of 1 MiB takes about half a second to tokenize: on the event loop it held up every stream, and a burst
+    of such prompts stalled them all for seconds. Client messages are still taken one after another: a cancel sent
+    right behind a long request ends it."""
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8, max_request_bytes=2 << 20)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.RCVTIMEO, 30_000)
+    raw.connect(coordinator.config.client_endpoint)
+    with joined_worker(coordinator) as (member, engine, hb):
+        stream = coordinator.client.generate(request_id="running", token_ids=[5], max_tokens=4)
+        running = decode(engine.recv_multipart())
+        raw.send_multipart(encode(Generate(request_id="huge", prompt="a" * (1 << 20), max_tokens=1)))
+        time.sleep(0.1)  # the coordinator is tokenizing it
+        engine.send_multipart(token(running.request_id, 7))
+        assert next(stream).token_id == 7
+        assert not raw.poll(0), "the running stream's token waited for the long prompt's tokenizing"
+        refusal = decode(raw.recv_multipart())
+        assert (refusal.request_id, refusal.code) == ("huge", "context_exceeded")
+        stream.close()
+
+        long_stop = ["x" * (64 << 10)]  # a request this large is tokenized off the event loop too
+        raw.send_multipart(encode(Generate(request_id="long", token_ids=[5], max_tokens=4, stop=long_stop)))
+        raw.send_multipart(encode(Cancel(request_id="long")))
+        final = decode(raw.recv_multipart())
+        assert (final.KIND, final.request_id, final.finish_reason) == ("final", "long", "cancelled")
+    raw.close()
 
 
 def test_tokenizer_metadata_of_the_wrong_type_is_refused_by_name_at_start(tmp_path):
