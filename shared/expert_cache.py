@@ -56,8 +56,12 @@ PAGE = 4096  # regions start and end on page boundaries: mappable, DMA-able and 
 ALIGN = 64  # every tensor of a region starts on a cache line
 MAGIC = b"TSEXPRTS"
 VERSION = 4  # 2: a format per matrix; 3: a digest per region; 4: the model file it was built from
-# The header's record of the model file's resolved path when it was built: which earlier caches are that file's
-# to remove once its content changes. Not matched: a moved or copied model of the same content uses the file.
+# Read as well: version 3 differs only in not recording the model file, so its caches serve on (never removed
+# as an earlier content's) rather than being rebuilt, which on a disk sized for one cache would not fit.
+READABLE_VERSIONS = (3, VERSION)
+# The header's record of the model file it was built from (resolved path, device and inode): which earlier
+# caches are that file's to remove once its content changes. Not matched: a moved or copied model of the same
+# content uses the file.
 BUILT_FROM = "built_from"
 DIGEST_NBYTES = 32  # SHA-256: with the SHA extensions of current x86 CPUs it hashes ~1.4 GB/s per core
 _PREFIX = struct.Struct("<8sIQ")  # magic, version, length of the JSON header that follows
@@ -245,7 +249,7 @@ def _read_header(data: bytes | mmap.mmap, size: int) -> tuple[dict[str, Any], in
     magic, version, length = _PREFIX.unpack(data[: _PREFIX.size])
     if magic != MAGIC:
         raise CacheError("is not an expert cache file (bad magic number)")
-    if version != VERSION:
+    if version not in READABLE_VERSIONS:
         raise CacheError(f"was written in format version {version}, this is version {VERSION}")
     if _PREFIX.size + length > min(size, len(data)):
         raise CacheError("is truncated in its header")
@@ -387,6 +391,7 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
     if all(layout.format == "float" for layout in layouts):
         return None
     dirs = [Path(directory)] if directory else [model.path.parent, default_cache_dir()]
+    hashed = _identity(model.path)
     header = _header(model, layouts, _remembered_hash(model.path, dirs))
     name = f"{model.path.stem}.{header['source_hash'][:16]}.experts"
     for d in dirs:
@@ -401,10 +406,27 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
             print(f"expert cache: {target} {problem}; rebuilding it", file=sys.stderr)
         for stale in target.parent.glob(f"{glob.escape(name)}.tmp*"):  # left by a build that was killed
             stale.unlink(missing_ok=True)
-        _build(model, target, header, layouts, workers, progress or _PrintProgress())
+        _build(model, target, header, layouts, workers, progress or _PrintProgress(),
+               _built_from_record(model.path, hashed))
         cache = ExpertCache(target, built=True)  # mapped before the lock goes: no other start can remove it first
-    _remove_superseded(model, target, dirs)
+    # Only while the file is still the content this cache was built from: changed meanwhile (another start may have
+    # built the new content's cache already), the other caches may be the current one's.
+    if _identity(model.path) == hashed:
+        _remove_superseded(model, target, dirs, _built_from_record(model.path, hashed))
     return cache
+
+
+def _identity(path: Path) -> tuple[int, int, int, int]:
+    """What tells a file's content has not changed: device, inode, size and mtime (as git and ccache judge it)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _built_from_record(path: Path, identity: tuple[int, int, int, int]) -> dict[str, Any]:
+    """BUILT_FROM's record of the model file at `path`: the file itself, not only its name. Another file at the same
+    path (another container's model on a cache directory they share, another machine's over NFS, a new version
+    renamed over the old) is another file, whose caches are not this one's to remove."""
+    return {"path": str(path.resolve()), "device": identity[0], "inode": identity[1]}
 
 
 @contextlib.contextmanager
@@ -437,34 +459,33 @@ def rebuild_command(model_path: Path, cache_path: Path) -> str:
     return shlex.join(command)
 
 
-def _remove_superseded(model: GGUFModel, current: Path, dirs: list[Path]) -> None:
+def _remove_superseded(model: GGUFModel, current: Path, dirs: list[Path], built_from: dict[str, Any]) -> None:
     """Remove the caches built from this model file's earlier contents, tens to hundreds of GB each: each content
     gets a cache of its own name, and nothing else removes the old one. From the directories searched now and
     by default (an earlier start may have had no expert_cache_dir), and only files whose header records this
-    same model file: another model of the same name may share a directory, and a file of an older version
-    records nothing (a copy of the earlier content at another path that used the file builds it again). A
+    same file (`built_from`): another model of the same name may share a directory, and a file of an older
+    version records nothing (a copy of the earlier content at another path that used the file builds it again). A
     process that maps one goes on reading it (its inode lives until it is unmapped)."""
-    source = str(model.path.resolve())
     pattern = f"{glob.escape(model.path.stem)}.{'[0-9a-f]' * 16}.experts"
     searched = dict.fromkeys([*dirs, model.path.parent, default_cache_dir()])
     for old in (path for d in searched for path in d.glob(pattern)):
-        if old.name == current.name or _built_from(old) != source:
+        if old.name == current.name or _built_from(old) != built_from:
             continue
         try:
             with _locked(old):  # not from under a process that is building or checking it
-                if _built_from(old) != source:  # removed, or rebuilt by another, while this one waited
+                if _built_from(old) != built_from:  # removed, or rebuilt by another, while this one waited
                     continue
                 nbytes = old.stat().st_size
                 old.unlink()
         except OSError as e:
-            print(f"expert cache: could not remove {old}, built from an earlier content of {source}: {e}",
-                  file=sys.stderr)
+            print(f"expert cache: could not remove {old}, built from an earlier content of {built_from['path']}: "
+                  f"{e}", file=sys.stderr)
             continue
-        print(f"expert cache: removed {old} ({nbytes / 1e9:.2f} GB), built from an earlier content of {source}",
-              file=sys.stderr)
+        print(f"expert cache: removed {old} ({nbytes / 1e9:.2f} GB), built from an earlier content of "
+              f"{built_from['path']}", file=sys.stderr)
 
 
-def _built_from(path: Path) -> str | None:
+def _built_from(path: Path) -> dict[str, Any] | None:
     """The model file a cache file's header records it was built from; None for none, or no such cache file."""
     try:
         return _file_header(path).get(BUILT_FROM)
@@ -486,8 +507,7 @@ def _remembered_hash(path: Path, dirs: list[Path]) -> str:
     for as long as the file is unchanged (same device, inode, size and mtime, as git and ccache judge it), so a
     start neither hashes a big file again nor pulls its expert pages back into the page cache. Processes
     starting together hash it once: the first holds the memo's `.lock` while it hashes."""
-    st = os.stat(path)
-    identity = f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}"
+    identity = ":".join(map(str, _identity(path)))
     # A memo per model file, not per file name: models of one name sharing a cache directory overwrote each
     # other's, and each start hashed its whole file again.
     memo_name = f"{path.stem}.{hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:16]}.source-hash"
@@ -532,9 +552,9 @@ def _writable_dir(dirs: list[Path]) -> Path:
 
 
 def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[ExpertLayout],
-           workers: int | None, progress: Progress) -> None:
+           workers: int | None, progress: Progress, built_from: dict[str, Any]) -> None:
     """Write the file under a temporary name, layer by layer in parallel, then rename it into place."""
-    encoded = _encode_header({**header, BUILT_FROM: str(model.path.resolve())})
+    encoded = _encode_header({**header, BUILT_FROM: built_from})
     data_offset = _data_offset(len(encoded))
     nbytes = data_offset + header["data_nbytes"] + header["digests_nbytes"]
     free = shutil.disk_usage(path.parent).free

@@ -166,8 +166,8 @@ def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
         path.write_bytes(original[:-4096])
     elif damage == "bad magic":
         path.write_bytes(b"X" + original[1:])
-    elif damage == "older version":  # version 3 did not record the model file it was built from
-        path.write_bytes(original[:8] + struct.pack("<I", 3) + original[12:])
+    elif damage == "older version":  # version 2 kept no digests
+        path.write_bytes(original[:8] + struct.pack("<I", 2) + original[12:])
     elif damage == "size not a number":  # compared with the file's size, "12" raised a bare TypeError
         magic, version, length = _PREFIX.unpack(original[: _PREFIX.size])
         header = json.loads(original[_PREFIX.size : _PREFIX.size + length])
@@ -185,7 +185,7 @@ def test_a_bad_cache_file_is_rebuilt(models, tmp_path, damage, capsys):
     assert cache.built and cache.path == path and path.read_bytes() == original
     reasons = {"truncated": "bytes, its header says", "bad magic": "bad magic number",
                "other model": "another model", "empty": "shorter than its header",
-               "older version": "format version 3, this is version 4", "size not a number": "data_nbytes '"}
+               "older version": "format version 2, this is version 4", "size not a number": "data_nbytes '"}
     assert reasons[damage] in capsys.readouterr().err
     cache.close()
 
@@ -285,6 +285,53 @@ def test_a_changed_model_files_earlier_caches_are_removed_and_no_other(models, t
         assert f"removed {old.path} ({old.nbytes / 1e9:.2f} GB), built from an earlier content of {a}" in err
     assert running.verify() == [] and running.weights(0, 0)[0].q.abs().max() > 0  # still mapped, still whole
     for cache in (running, beside, other_model, rebuilt):
+        cache.close()
+
+
+def test_a_cache_of_the_version_before_serves_on_without_a_rebuild(models, tmp_path):
+    """Version 3 differs only in not recording the model file it was built from: rebuilt on upgrade, a disk sized
+    for the model and one cache had no room for the second copy a rebuild writes before the rename."""
+    model = GGUFModel(models["q4_k"])
+    cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
+    cache.close()
+    rewrite_header(cache.path, 3, built_from=None)
+    before = cache.path.read_bytes()
+    again = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
+    assert not again.built and again.path.read_bytes() == before
+    again.close()
+
+
+def test_caches_of_a_model_file_replaced_or_changed_during_the_build_are_not_removed(models, tmp_path, capsys):
+    """Only the caches of this very file's earlier contents go. A new version renamed over the path is another
+    file, as another container's model at the same path on a shared cache directory is: its caches stay. And a
+    build whose model file changed meanwhile removes nothing: here a second start built the new content's cache
+    while the first finished the content before, which it took for the file's, and removed it after."""
+    a = tmp_path / "m.gguf"
+    a.write_bytes(models["q8_0"].read_bytes())
+    first = ensure_expert_cache(GGUFModel(a), tmp_path, workers=1, progress=quiet)
+    replacement = tmp_path / "new.tmp"
+    replacement.write_bytes(models["q4_0"].read_bytes())
+    os.replace(replacement, a)
+    second = ensure_expert_cache(GGUFModel(a), tmp_path, workers=1, progress=quiet)
+    assert second.built and cache_files(tmp_path) == sorted([first.path.name, second.path.name])
+    first.close()
+    first.path.unlink()
+
+    a.write_bytes(models["q8_0"].read_bytes())  # in place: the same file as second's
+    model = GGUFModel(a)
+    nested: list = []
+
+    def a_second_start_meanwhile(layers_done: int, layers: int, *_) -> None:
+        if layers_done == layers:  # every layer converted: what follows no longer reads the model
+            a.write_bytes(models["q4_k"].read_bytes())
+            nested.append(ensure_expert_cache(GGUFModel(a), tmp_path, workers=1, progress=quiet))
+
+    rebuilt = ensure_expert_cache(model, tmp_path, workers=1, progress=a_second_start_meanwhile)
+    assert rebuilt.built and nested and nested[0].built
+    # the second start removed q4_0's cache, this file's earlier content; the first, q8_0's build, none
+    assert cache_files(tmp_path) == sorted([rebuilt.path.name, nested[0].path.name])
+    assert capsys.readouterr().err.count("removed") == 1
+    for cache in (second, rebuilt, *nested):
         cache.close()
 
 
