@@ -216,8 +216,8 @@ def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Measures, writing what it has under `out` after each stage, so a run cut short (a long llama.cpp
     comparison, say) keeps the figures already measured."""
     started = datetime.datetime.now().astimezone()
-    path = Path(args.model) if args.model else preset_model(Path(args.cache_dir), args.preset, args.arch, args.dtype,
-                                                            args.routing_skew)
+    path = Path(args.model) if args.model else preset_model(Path(args.cache_dir), args.preset, args.arch,
+                                                            args.dtype or "f32", args.routing_skew)
     model = GGUFModel(path)
     options = system_options(args)
     # a running system's configuration is its own: the bench can only assume the defaults
@@ -302,7 +302,7 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--model", help="GGUF model to serve and measure")
     which.add_argument("--preset", choices=list(PRESETS), help="generate this preset's synthetic model (cached)")
     p.add_argument("--arch", choices=list(ARCHS), help="architecture of the preset model (default: the preset's)")
-    p.add_argument("--dtype", choices=list(DTYPES), default="f32", help="storage type of the preset model")
+    p.add_argument("--dtype", choices=list(DTYPES), help="storage type of the preset model (default f32)")
     p.add_argument("--routing-skew", type=float, default=1.0, help="expert popularity skew of the preset model")
     p.add_argument("--cache-dir", default=default_cache_dir(), help="where generated preset models are kept")
     system = p.add_mutually_exclusive_group()
@@ -334,6 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     cli = parser()
     args, passed_on = cli.parse_known_args(argv)
     args.passed_on = passed_on  # options for `tierserve up`
+    if args.model and args.dtype:  # `tierserve up --dtype` is another setting, which this one would shadow
+        cli.error("--dtype is the storage type of a --preset model; the system's dtype (float32 or bfloat16) goes "
+                  "in a --config file passed on")
     if passed_on and args.endpoint:
         cli.error(f"{' '.join(passed_on)}: options for the system it starts, but --endpoint measures a running one")
     if args.sweep_only and not args.budget_sweep:

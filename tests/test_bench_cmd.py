@@ -140,9 +140,10 @@ def test_host_memory_of_every_process_the_bench_started(bench_run):
     assert "## Host memory" in (out / "results.md").read_text()
 
 
-def test_hot_expert_bytes_are_counted_as_the_system_the_bench_starts_holds_them(tmp_path):
-    """A --dtype passed on to the system (or set in its --config file) changes what a float hot expert takes: the
-    f32 tiny model held in bfloat16 is half the bytes of the CPU worker's default float32."""
+def test_hot_expert_bytes_are_counted_as_the_system_the_bench_starts_holds_them(tmp_path, capsys):
+    """The system's dtype, set in a --config file passed on, changes what a float hot expert takes: the f32 tiny
+    model held in bfloat16 is half the bytes of the CPU worker's default float32. The bench's own --dtype (a preset
+    model's storage type) would shadow the system's: with --model it is refused, not dropped."""
     make_model(tmp_path / "f.gguf", preset="tiny", dtype="f32")
     model = GGUFModel(tmp_path / "f.gguf")
     default = model_facts(model, system_config(model.path, []))["hot_bytes_per_expert"]
@@ -151,6 +152,9 @@ def test_hot_expert_bytes_are_counted_as_the_system_the_bench_starts_holds_them(
         assert model_facts(model, system_config(model.path, options))["hot_bytes_per_expert"] == default // 2
     with pytest.raises(SystemExit):  # refused before anything is measured, as `tierserve up` refuses it
         system_config(model.path, ["--dtype", "float16"])
+    with pytest.raises(SystemExit) as refused:
+        tierserve(["bench", "--model", str(model.path), "--dtype", "bf16", "--device", "cpu"])
+    assert refused.value.code == 2 and "goes in a --config file" in capsys.readouterr().err
 
 
 def test_decode_bound_reads_a_quantized_model_s_vram_experts_in_their_serving_format(tmp_path):

@@ -259,23 +259,30 @@ def test_same_bits_on_any_number_of_threads_and_alternating_with_torchs_threads(
 
 @pytest.mark.parametrize("fmt", ["int4", "int8", "int4+int8"])
 def test_down_tiles_wait_for_their_own_experts_h_however_the_threads_run(fmt):
-    """Threads out of phase-1 tasks start on down tiles without a barrier, each waiting for its own expert's h:
-    more threads than CPUs (so the ones writing h are often preempted), experts of no rows, and a lane request
-    alike give the bits of one thread, every time."""
-    weights = experts(fmt, 128, 256, 6, seed=11)
-    x = torch.randn(9, 256)
-    counts = [2, 0, 3, 1, 0, 3]
-    lane = lane_request(fmt, 128, 256, torch.float32)
+    """Threads out of phase-1 tasks start on down tiles without a barrier, each waiting for its own expert's h.
+    The first expert's 15 rows make its phase-1 tiles the slowest, and its down tiles come first: the other
+    threads reach them long before its h is written. Calls alternate between two inputs, since a down tile that
+    did not wait would read the h the call before left in the same scratch memory. More threads than CPUs,
+    experts of no rows, and a lane request (the same 15 rows on the first expert) alike give the bits of one
+    thread, every time."""
+    weights = experts(fmt, 256, 512, 6, seed=11)
+    counts = [15, 0, 1, 1, 0, 1]
+    inputs = [torch.randn(sum(counts), 512) for _ in range(2)]
+    lanes = [lane_request(fmt, 256, 512, torch.float32, [[0, 1 + r % 5] for r in range(15)], padded=15)
+             for _ in range(2)]
+    lanes[1][5].neg_()  # its x: the other lane request's, negated
     with torch_threads(1):
-        one = grouped_swiglu(x, weights, counts)
-        native_kernels.lane_swiglu(*lane[1:])
-        lane_one = lane[-1].clone()
+        expected = [grouped_swiglu(x, weights, counts) for x in inputs]
+        for lane in lanes:
+            assert native_kernels.lane_swiglu(*lane[1:]) is not None
+        expected_lanes = [lane[-1].clone() for lane in lanes]
     with torch_threads(7):
-        for _ in range(40):
-            assert torch.equal(grouped_swiglu(x, weights, counts), one)
+        for i in range(100):
+            assert torch.equal(grouped_swiglu(inputs[i % 2], weights, counts), expected[i % 2])
+            lane = lanes[i % 2]
             lane[-1].fill_(7.0)
             native_kernels.lane_swiglu(*lane[1:])
-            assert torch.equal(lane[-1], lane_one)
+            assert torch.equal(lane[-1], expected_lanes[i % 2])
 
 
 @pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two threads on two CPUs of their own need two CPUs")
