@@ -253,18 +253,23 @@ def rewrite_header(path: os.PathLike, version: int, **changes) -> None:
     open(path, "wb").write(_PREFIX.pack(magic, version, length) + text + data[_PREFIX.size + length :])
 
 
+def two_models_of_one_name(models, tmp_path) -> tuple:
+    """a/m.gguf (the q8_0 model) and b/m.gguf (the q4_0 one) under tmp_path."""
+    paths = []
+    for directory, dtype in (("a", "q8_0"), ("b", "q4_0")):
+        (tmp_path / directory).mkdir()
+        paths.append(tmp_path / directory / "m.gguf")
+        paths[-1].write_bytes(models[dtype].read_bytes())
+    return tuple(paths)
+
+
 def test_a_changed_model_files_earlier_caches_are_removed_and_no_other(models, tmp_path, capsys):
     """Each content of a model file gets a cache of its own name: the earlier ones, tens to hundreds of GB each,
     were left behind for good. They are removed once the new one is built, in every directory the cache is
     looked for in, and only they: another model of the same file name sharing the directory keeps its cache, and
     so does a file of an older version, which does not record the model it was built from. A process that maps a
     removed file goes on reading it."""
-    cache_dir = tmp_path / "cache"
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
-    a.write_bytes(models["q8_0"].read_bytes())
-    b.write_bytes(models["q4_0"].read_bytes())
+    cache_dir, a, b = tmp_path / "cache", *two_models_of_one_name(models, tmp_path)
     running = ensure_expert_cache(GGUFModel(a), cache_dir, workers=1, progress=quiet)
     beside = ensure_expert_cache(GGUFModel(a), workers=1, progress=quiet)  # next to the model, the default
     other_model = ensure_expert_cache(GGUFModel(b), cache_dir, workers=1, progress=quiet)
@@ -496,12 +501,7 @@ def test_models_of_one_name_sharing_a_cache_directory_keep_their_own_remembered_
     overwrote each other's, and every start hashed its whole file (up to hundreds of GB) again. Whether a start
     used its memo shows in the one thing the memo decides: a model rewritten in place with its size and mtime
     kept is taken as unchanged (the memo's identity, as git and ccache judge a file)."""
-    cache_dir = tmp_path / "cache"
-    (tmp_path / "a").mkdir()
-    (tmp_path / "b").mkdir()
-    a, b = tmp_path / "a" / "m.gguf", tmp_path / "b" / "m.gguf"
-    a.write_bytes(models["q8_0"].read_bytes())
-    b.write_bytes(models["q4_0"].read_bytes())
+    cache_dir, a, b = tmp_path / "cache", *two_models_of_one_name(models, tmp_path)
     first = ensure_expert_cache(GGUFModel(a), cache_dir, workers=1, progress=quiet)
     first.close()
     ensure_expert_cache(GGUFModel(b), cache_dir, workers=1, progress=quiet).close()
