@@ -71,7 +71,17 @@ def parse_request(frames: list, max_bytes: int) -> Message:
 @dataclass(frozen=True)
 class Limits:
     context_length: int  # the model's
-    kv_cache_tokens: int  # the worker's KV cache capacity
+    kv_cache_tokens: int  # the setting
+    kv_block_size: int = 1
+
+    @property
+    def kv_capacity(self) -> tuple[int, str]:
+        """The tokens the worker's KV cache holds (whole blocks, one at the least), and how the setting made it."""
+        tokens = max(1, self.kv_cache_tokens // self.kv_block_size) * self.kv_block_size
+        if tokens == self.kv_cache_tokens:
+            return tokens, "the KV cache capacity (kv_cache_tokens)"
+        return tokens, (f"the KV cache capacity (kv_cache_tokens {self.kv_cache_tokens} in whole blocks of "
+                        f"{self.kv_block_size} tokens)")
 
 
 class Admission:
@@ -87,8 +97,7 @@ class Admission:
         if not ids:
             raise Rejected("invalid_request", "the prompt is empty (it has no tokens)", msg.request_id)
         need = len(ids) + msg.max_tokens
-        for limit, what in ((self.limits.context_length, "the model's context length"),
-                            (self.limits.kv_cache_tokens, "the KV cache capacity (kv_cache_tokens)")):
+        for limit, what in ((self.limits.context_length, "the model's context length"), self.limits.kv_capacity):
             if need > limit:
                 raise Rejected("context_exceeded", f"prompt of {len(ids)} tokens plus max_tokens {msg.max_tokens} "
                                f"is {need} tokens, more than {what} of {limit}", msg.request_id)

@@ -99,8 +99,8 @@ class Coordinator:
         self.placement = startup_placement(model, config)
         self.membership = Membership(self.placement, config.heartbeat_timeout_s, model.identity,
                                      config.heartbeat_interval_s, TICK_S)
-        kv_tokens = min(config.kv_cache_tokens, config.kv_cache_blocks * config.kv_block_size)  # what the worker has
-        self.admission = Admission(self.tokenizer, Limits(model.config.context_length, kv_tokens))
+        self.admission = Admission(self.tokenizer, Limits(model.config.context_length, config.kv_cache_tokens,
+                                                          config.kv_block_size))
         self.table = StreamTable(secrets.token_hex(4))
         self.stop_token_ids = sorted(self.tokenizer.eos_token_ids)
         self.ready = False

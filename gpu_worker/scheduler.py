@@ -131,15 +131,26 @@ class Scheduler:
         """The longest prompt + output the sequence may reach: what its KV reservation covers."""
         return min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_context)
 
-    def fits_ever(self, seq: Sequence) -> bool:
-        """Whether the sequence could run at all: a prompt, room for at least one new token, and a reservation
-        that fits in an empty cache. One that does not would wait forever, so the service refuses it."""
-        return (0 < seq.num_prompt_tokens < self.max_context and seq.params.max_tokens >= 1
-                and self.allocator.blocks_needed(self.max_len(seq)) <= self.allocator.num_blocks)
+    def never_fits(self, seq: Sequence) -> str | None:
+        """Why the sequence could never run, or None: it needs a prompt, room for at least one new token, and a
+        reservation that fits in an empty cache. One that does not would wait forever, so the service refuses it."""
+        prompt = seq.num_prompt_tokens
+        if prompt == 0:
+            return "the prompt is empty"
+        if prompt >= self.max_context:
+            return f"a prompt of {prompt} tokens leaves no room in the context of {self.max_context}"
+        if seq.params.max_tokens < 1:
+            return f"max_tokens is {seq.params.max_tokens}, not at least 1"
+        blocks, block_size = self.allocator.blocks_needed(self.max_len(seq)), self.allocator.block_size
+        if blocks > self.allocator.num_blocks:
+            return (f"a prompt of {prompt} tokens plus max_tokens {seq.params.max_tokens} needs {blocks} KV blocks of "
+                    f"{block_size} tokens, more than the cache's {self.allocator.num_blocks} "
+                    f"({self.allocator.num_blocks * block_size} tokens)")
+        return None
 
     def add(self, seq: Sequence) -> None:
-        if not self.fits_ever(seq):
-            raise ValueError(f"request {seq.request_id} can never fit; check fits_ever before adding")
+        if (why := self.never_fits(seq)) is not None:
+            raise ValueError(f"request {seq.request_id} can never run ({why}); check never_fits before adding")
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 

@@ -374,9 +374,8 @@ def handle_engine_message(engine: Engine, frames: list, send: Callable[[Message]
             send(EngineError(request_id=msg.request_id, code="shutting_down", message="the worker is shutting down"))
             return
         seq = to_sequence(msg)
-        if not engine.scheduler.fits_ever(seq):
-            send(EngineError(request_id=msg.request_id, code="context_exceeded",
-                             message="prompt plus max_tokens exceeds the KV cache capacity"))
+        if (why := engine.scheduler.never_fits(seq)) is not None:
+            send(EngineError(request_id=msg.request_id, code="context_exceeded", message=why))
             return
         engine.scheduler.add(seq)
         engine.update_gauges()

@@ -83,6 +83,16 @@ def test_request_id_is_recovered_without_reading_a_huge_prompt():
     assert recover_request_id([msgpack.packb({"request_id": 5})]) is None
 
 
+def test_a_kv_cache_in_whole_blocks_is_named_as_the_setting_made_it(tokenizer):
+    """kv_cache_tokens = 330 in blocks of 8 holds 328: a refusal quoting 328 as kv_cache_tokens read as a number
+    the user never set."""
+    admission = Admission(tokenizer, Limits(context_length=512, kv_cache_tokens=330, kv_block_size=8))
+    with pytest.raises(Rejected, match=r"is 330 tokens, more than the KV cache capacity \(kv_cache_tokens 330 in "
+                                       r"whole blocks of 8 tokens\) of 328"):
+        admission.prompt_ids(Generate(request_id="req", token_ids=[1] * 200, max_tokens=130))
+    assert admission.prompt_ids(Generate(request_id="req", token_ids=[1] * 200, max_tokens=128)) == [1] * 200
+
+
 @pytest.mark.parametrize(
     ("fields", "code", "words"),
     [
@@ -181,7 +191,7 @@ def test_the_kv_limit_is_the_cache_the_worker_has_when_kv_cache_tokens_is_not_wh
     try:
         for n in (96, 97, 100):
             request = Generate(request_id="r", token_ids=[1] * (n - 10), max_tokens=10)
-            fits = worker.fits_ever(Sequence("r", [1] * (n - 10), SamplingParams(max_tokens=10)))
+            fits = worker.never_fits(Sequence("r", [1] * (n - 10), SamplingParams(max_tokens=10))) is None
             try:
                 coordinator.admission.prompt_ids(request)
                 admitted = True

@@ -197,7 +197,7 @@ def test_waiting_head_is_not_overtaken_by_smaller_requests():
 def test_reservation_is_capped_at_max_context_and_length_finishes_there():
     sched = make_scheduler(num_blocks=16, block_size=4, max_context=14)
     seq = make_seq("a", 10, max_tokens=1000)
-    assert sched.fits_ever(seq)
+    assert sched.never_fits(seq) is None
     sched.add(seq)
     step(sched)
     assert len(seq.block_table) == 4  # ceil(14 / 4), not ceil(1010 / 4)
@@ -205,14 +205,17 @@ def test_reservation_is_capped_at_max_context_and_length_finishes_there():
     assert seq.total_len == 14 and seq.finish_reason == "length"
 
 
-def test_fits_ever_and_add_refuse_what_could_never_run():
+def test_what_could_never_run_is_refused_saying_which_limit():
+    """The worker's refusal reached clients as one fixed sentence about the KV cache, whatever the limit was."""
     sched = make_scheduler(num_blocks=4, block_size=4, max_context=64)
-    assert sched.fits_ever(make_seq("ok", 10, max_tokens=6))
-    assert not sched.fits_ever(make_seq("too-big", 10, max_tokens=7))  # 17 tokens > 16 slots
-    assert not sched.fits_ever(make_seq("empty", 0))
-    assert not sched.fits_ever(make_seq("no-tokens", 3, max_tokens=0))
-    assert not make_scheduler(max_context=10).fits_ever(make_seq("full-context", 10))
-    with pytest.raises(ValueError):
+    assert sched.never_fits(make_seq("ok", 10, max_tokens=6)) is None
+    assert sched.never_fits(make_seq("too-big", 10, max_tokens=7)) == (  # 17 tokens > 16 slots
+        "a prompt of 10 tokens plus max_tokens 7 needs 5 KV blocks of 4 tokens, more than the cache's 4 (16 tokens)")
+    assert sched.never_fits(make_seq("empty", 0)) == "the prompt is empty"
+    assert sched.never_fits(make_seq("no-tokens", 3, max_tokens=0)) == "max_tokens is 0, not at least 1"
+    assert make_scheduler(max_context=10).never_fits(make_seq("full-context", 10)) == (
+        "a prompt of 10 tokens leaves no room in the context of 10")
+    with pytest.raises(ValueError, match="can never run"):
         sched.add(make_seq("too-big", 10, max_tokens=7))
     assert not sched.has_work()
 
@@ -274,7 +277,7 @@ def test_random_traffic_keeps_every_invariant():
     for i in range(600):
         if i < 400 and rng.random() < 0.3:
             seq = make_seq(f"r{i}", rng.randint(1, 50), max_tokens=rng.randint(1, 40), stop=(3,))
-            if sched.fits_ever(seq):
+            if sched.never_fits(seq) is None:
                 sched.add(seq)
                 added.append(seq)
         if sched.has_work() and rng.random() < 0.03:
