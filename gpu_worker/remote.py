@@ -178,7 +178,22 @@ class RemoteExperts:
                 raise ExpertHostError(host, "timeout", f"no answer within {self.timeout_s:.1f} s")
             if ready(min(remaining, KEEP_ALIVE_S)):
                 return
+            if self._replaced(host):  # killed and restarted: its successor will never answer this work
+                self.reset(host)
+                raise ExpertHostError(host, "restarted", "the host restarted with this step's work unanswered")
             self.keep_alive()
+
+    def _replaced(self, host: int) -> bool:
+        """Whether a new mailbox took the place of this host's: a host makes its mailbox once, as it starts. (Waits
+        on a restarted host lasted the whole expert timeout, 10 s by default, while its successor served.)"""
+        mailbox = self.mailboxes[host]
+        if mailbox is None:
+            return False
+        try:
+            stat = os.stat(mailbox_path(self.endpoints[host]))
+        except FileNotFoundError:  # removed by its successor, not made yet
+            return False
+        return (stat.st_dev, stat.st_ino) != mailbox.identity
 
     def reset(self, host: int) -> None:
         """Drop whatever is queued to or from a host that stopped answering; reconnect fresh and look for its

@@ -187,6 +187,26 @@ def check_a_host_killed(path: Path, oracle: ReferenceModel, *device: str) -> Non
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("crossings", ["true", "false"])
+def test_a_wait_on_a_host_killed_mid_step_ends_when_its_successor_starts_not_at_the_expert_timeout(tiny, crossings):
+    """A host killed with a step's work in flight (through its lane, or its mailbox without crossings), restarted
+    by the launcher: the worker's wait ends once the successor's mailbox replaces the dead one's, and the request
+    resumes on it with the oracle's tokens. It waited out the whole expert timeout (here 10 minutes, past the
+    client's one) while the successor served."""
+    path, oracle = tiny["qwen3moe"]
+    options = ("--expert-hosts", "2", "--hot-experts", "0", "--decode-crossings", crossings, "--expert-timeout-s",
+               "600", "--device", "cpu")
+    with RunningSystem(str(path), *options) as system, Client(system.endpoint, timeout_s=60) as client:
+        host = next(m for m in client.health().members if m["member_id"] == "expert-host-0")
+        stream = client.generate(token_ids=PROMPTS[0], max_tokens=200)
+        head = next(stream)
+        os.kill(host["pid"], signal.SIGKILL)
+        got = [head.token_id] + [e.token_id for e in list(stream)[:-1]]
+        assert client.stats().stats["resumed"] >= 1, "the host was killed after the request had ended"
+        assert got == oracle.greedy(PROMPTS[0], 200)
+
+
+@pytest.mark.slow
 def test_a_host_restarted_while_idle_is_followed_by_a_step_that_crosses_first(tiny):
     """Lanes open from an earlier request; the host is killed with nothing in flight and its successor serves.
     A one-token prompt's first step already crosses: it goes through the successor's lane at once, not through
