@@ -107,6 +107,7 @@ class Coordinator:
         self.lost_at: float | None = None  # a process was lost with requests in flight: they wait from then
         self.lost_reason = ""
         self.dispatch_after = 0.0
+        self.admitting = 0  # generates whose prompts are being tokenized on a thread
         self.draining = False
         self.drain_deadline = 0.0
         self.metrics_port = 0
@@ -207,7 +208,15 @@ class Coordinator:
     async def admit(self, client: bytes, msg: Generate, now: float, on_a_thread: bool) -> None:
         self.check_admissible(client, msg, now)
         if on_a_thread:
-            prompt_ids = await asyncio.to_thread(self.admission.prompt_ids, msg)
+            self.admitting += 1  # a drain waits for it, as for the requests in the table
+            try:
+                prompt_ids = await asyncio.to_thread(self.admission.prompt_ids, msg)
+            except asyncio.CancelledError:  # the drain's deadline passed: every message read gets an answer
+                self.send_client(client, ErrorEvent(request_id=msg.request_id, code="shutting_down",
+                                                    message="the server is shutting down"))
+                raise
+            finally:
+                self.admitting -= 1
             # no client message was handled meanwhile, but the server may have begun draining or lost a process
             self.check_admissible(client, msg, time.monotonic())
         else:
@@ -442,7 +451,7 @@ class Coordinator:
                 self.lost_at = None
                 # a live worker may still hold running requests, e.g. queued behind the step a lost host failed
                 self.fail_all(f"{self.lost_reason}, and {why}", in_engine=self.membership.is_alive(WORKER_ID))
-        if self.draining and (not self.table or now >= self.drain_deadline):
+        if self.draining and ((not self.table and not self.admitting) or now >= self.drain_deadline):
             for stream in list(self.table.streams.values()):
                 self.end(stream, "cancelled", stream.final("cancelled", now))
             self.done.set()

@@ -301,6 +301,26 @@ def test_tokens_stream_on_while_a_long_prompt_is_tokenized_and_a_cancel_after_a_
     raw.close()
 
 
+def test_a_long_prompt_being_tokenized_when_a_drain_begins_is_answered_before_the_coordinator_stops(tiny_model,
+                                                                                                    tmp_path):
+    """A generate on its tokenizing thread was in no count of the drain's: with nothing else in flight, the drain
+    ended at once and its sender never heard back. The drain now waits for it to be answered (here: too long for
+    the context, found as it is tokenized), then the coordinator stops."""
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8, max_request_bytes=8 << 20)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.connect(coordinator.config.client_endpoint)
+    with joined_worker(coordinator):
+        raw.send_multipart(encode(Generate(request_id="huge", prompt="a " * (2 << 20), max_tokens=1)))
+        time.sleep(0.3)  # the coordinator is tokenizing it
+        coordinator.process.send_signal(signal.SIGTERM)
+        assert raw.poll(30_000), "no answer"
+        refusal = decode(raw.recv_multipart())
+        assert (refusal.KIND, refusal.request_id, refusal.code) == ("error", "huge", "context_exceeded")
+        assert coordinator.process.wait(30) == 0
+    raw.close()
+
+
 def test_tokenizer_metadata_of_the_wrong_type_is_refused_by_name_at_start(tmp_path):
     """A model whose tokenizer.ggml.merges was an integer ended the coordinator with a TypeError's traceback."""
     model = tmp_path / "bad.gguf"
