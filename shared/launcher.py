@@ -185,12 +185,25 @@ def stop_in_order(kids: list[Child], drain_timeout_s: float) -> None:
 
 def remove_leftovers(config: Config) -> None:
     """What children killed outright left behind, once every child has exited: their socket files (in a run dir of
-    the user's, which outlives the run) and the mailboxes of dead hosts (up to 64 MiB of RAM each in /dev/shm)."""
+    the user's, which outlives the run) and the mailboxes of dead hosts (up to 64 MiB of RAM each in /dev/shm).
+    A socket file something still listens on is another system's, sharing the run dir: its processes could not
+    connect again without it."""
     hosts = (config.expert_host_endpoint(i) for i in range(config.expert_hosts))
     for endpoint in (config.control_endpoint, config.engine_endpoint, *hosts):
-        remove_ipc_file(endpoint)
+        if endpoint.startswith("ipc://") and not _listened_on(endpoint[len("ipc://"):]):
+            remove_ipc_file(endpoint)
     for stale in remove_stale_mailboxes():
         print(f"tierserve: removed {stale}: its host is gone", file=sys.stderr)
+
+
+def _listened_on(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket file at `path` (ZeroMQ's ipc transport)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(path)
+        except OSError:  # refused (nothing listens), or no such file
+            return False
+    return True
 
 
 def up(config: Config, ready_timeout_s: float = 300.0) -> int:

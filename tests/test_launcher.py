@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
 from itertools import pairwise
 
 import pytest
+import zmq
 
 from shared.client import Client
 from shared.launcher import RESTART_MAX_DELAY_S, STABLE_UPTIME_S, Child
@@ -67,3 +69,25 @@ def test_a_host_that_fails_at_start_is_restarted_ever_later_and_a_stop_does_not_
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         process.stdout.close()
+
+
+def test_a_failed_up_leaves_the_sockets_of_a_system_that_shares_its_run_dir(tmp_path):
+    """`tierserve up` removes the socket files its children killed outright left: not those another system running
+    in the same run dir listens on, whose processes could not connect again without them."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir(mode=0o700)
+    context = zmq.Context.instance()
+    other = context.socket(zmq.ROUTER)  # the other system's coordinator, on its control socket
+    other.bind(f"ipc://{run_dir}/control.sock")
+    stale = run_dir / "engine.sock"  # one no process listens on any more
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as gone:
+        gone.bind(str(stale))
+    try:
+        run = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--model", str(tmp_path / "no-such.gguf"),
+                              "--run-dir", str(run_dir), "--client-endpoint", "tcp://127.0.0.1:0",
+                              "--metrics-port", "0", "--ready-timeout", "5"], capture_output=True, text=True,
+                             timeout=120)
+        assert run.returncode != 0, run.stderr
+        assert (run_dir / "control.sock").exists() and not stale.exists()
+    finally:
+        other.close(linger=0)
