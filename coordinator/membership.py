@@ -62,6 +62,7 @@ class Membership:
         self.model = model  # the identity of the coordinator's model file, which every member must serve
         self.members: dict[str, Member] = {}
         self.expired_at: float | None = None
+        self.heard_since_tick = False  # whether a heartbeat was read since the last expire
 
     def heartbeat(self, hb: Heartbeat, now: float) -> HeartbeatOutcome:
         old = self.members.get(hb.member_id)
@@ -70,6 +71,7 @@ class Membership:
         restarted = old is not None and old.alive and (
             old.pid != hb.pid or hb.placement_version == 0 != old.placement_version)
         joined = old is None or not old.alive or restarted
+        self.heard_since_tick = True
         self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.pid, hb.metrics_port, hb.placement_version,
                                             hb.model, now, dict(hb.load))
         return HeartbeatOutcome(welcome=hb.placement_version != self.placement.version, joined=joined,
@@ -77,13 +79,15 @@ class Membership:
 
     def expire(self, now: float) -> list[Member]:
         """Mark members not heard from within the timeout as lost; returns those lost just now. A tick later than
-        due by more than a heartbeat interval means the coordinator did not run meanwhile (stopped, a frozen
-        container, a blocked loop): that time counts against no member."""
+        due by more than a heartbeat interval, with no heartbeat read since the last, means the coordinator did not
+        run meanwhile (stopped, a frozen container): that time counts against no member. A loop that is merely
+        slow reads the live members' heartbeats between its late ticks, and its time counts: credited then too,
+        a member dead for good was found lost only after timeout / tick_s late ticks (30 s at 1 s apart)."""
         if self.expired_at is not None:
             late_s = now - self.expired_at - self.tick_s
-            if late_s > self.interval_s:
+            if late_s > self.interval_s and not self.heard_since_tick:
                 self._not_watched(late_s, now)
-        self.expired_at = now
+        self.expired_at, self.heard_since_tick = now, False
         lost = []
         for m in self.members.values():
             if m.alive and now - m.last_seen > self.timeout_s:

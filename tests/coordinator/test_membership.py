@@ -81,6 +81,17 @@ def test_time_the_coordinator_did_not_run_counts_against_no_member(members):
     assert members.is_alive("expert-host-0")
 
 
+def test_a_slow_coordinator_still_finds_a_dead_member_lost_within_its_timeout(members):
+    """Ticks 1 s apart, late every time, while a live host's heartbeats are read between them: the time counts.
+    Credited as a stop, it let the dead worker be found lost after 20 ticks, 20 s."""
+    members.heartbeat(beat("gpu-worker", 3), now=0.0)
+    lost_at = {}
+    for second in range(1, 8):
+        members.heartbeat(beat("expert-host-0", 3), now=second - 0.5)
+        lost_at.update({m.member_id: second for m in members.expire(now=float(second))})
+    assert lost_at == {"gpu-worker": 3}  # a timeout of 2 s
+
+
 def test_ready_needs_the_worker_and_every_host_in_use_alive_with_the_current_placement(members):
     assert members.missing() == ["gpu-worker has not joined", "expert-host-0 has not joined",
                                  "expert-host-1 has not joined"]
