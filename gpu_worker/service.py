@@ -336,7 +336,8 @@ def serve(config: Config) -> int:
         control.socket.close(linger=0)
         ctx.term()
         leave_run_dir(config)
-        for stale in remove_stale_mailboxes():  # a host killed outright could not remove its own
+        hosts = [config.expert_host_endpoint(h) for h in range(config.expert_hosts)]
+        for stale in remove_stale_mailboxes(hosts):  # a host killed outright could not remove its own
             log.info("removed %s: its host is gone", stale)
         log.info("stopped")
     return 0

@@ -64,7 +64,7 @@ import platform
 import struct
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -145,12 +145,15 @@ def remove_mailbox(path: str) -> None:
         os.unlink(path)
 
 
-def remove_stale_mailboxes() -> list[str]:
+def remove_stale_mailboxes(endpoints: Sequence[str] | None = None) -> list[str]:
     """Remove the mailboxes (and half-made ones) of hosts that are gone: a later system on another run directory
-    has other names. The paths removed."""
+    has other names. With `endpoints`, only those hosts' (a system's own, as it stops): the pid in a mailbox's header
+    is its host's in the host's PID namespace, and another system's live host in another container sharing
+    /dev/shm looks gone from here. The paths removed."""
     directory, prefix = os.path.split(MAILBOX_PREFIX)
-    return remove_files_of_dead_processes(directory, prefix,
-                                          lambda path: _tmp_owner(path) if path.endswith(".tmp") else _owner(path))
+    prefixes = [prefix] if endpoints is None else [os.path.basename(mailbox_path(e)) for e in endpoints]
+    return [path for name in prefixes for path in remove_files_of_dead_processes(
+        directory, name, lambda path: _tmp_owner(path) if path.endswith(".tmp") else _owner(path))]
 
 
 def _tmp_owner(path: str) -> int | None:

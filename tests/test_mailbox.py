@@ -426,13 +426,8 @@ def test_mailboxes_of_hosts_that_are_gone_are_removed_and_live_ones_kept():
     in its header."""
     tag = uuid.uuid4().hex[:12]
     dead, live = f"{MAILBOX_PREFIX}test-dead-{tag}", f"{MAILBOX_PREFIX}test-live-{tag}"
-    host = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shared.mailbox import Mailbox\n"
-                             "Mailbox.create(sys.argv[1], 4096, 8)\nprint(flush=True)\ntime.sleep(60)", dead],
-                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE)
-    host.stdout.readline()
-    host.kill()
-    host.wait()
-    half_made = f"{live}.{host.pid}.tmp"
+    dead_pid = leave_mailbox_of_a_killed_host(dead)
+    half_made = f"{live}.{dead_pid}.tmp"
     bogus = f"{live}.{1 << 40}.tmp"  # no pid at all: it overflowed the liveness check, which failed the sweep
     for path in (half_made, bogus):
         Path(path).write_bytes(b"")
@@ -446,7 +441,36 @@ def test_mailboxes_of_hosts_that_are_gone_are_removed_and_live_ones_kept():
         for path in (dead, live, half_made, bogus):
             if os.path.exists(path):
                 os.unlink(path)
-        host.stdout.close()
+
+
+def leave_mailbox_of_a_killed_host(path: str) -> int:
+    """A mailbox made at `path` by a process then killed outright; its pid."""
+    host = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shared.mailbox import Mailbox\n"
+                             "Mailbox.create(sys.argv[1], 4096, 8)\nprint(flush=True)\ntime.sleep(60)", path],
+                            cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE)
+    host.stdout.readline()
+    host.kill()
+    host.wait()
+    host.stdout.close()
+    return host.pid
+
+
+def test_a_system_that_stops_removes_only_its_own_hosts_dead_mailboxes():
+    """The worker and `tierserve up` clean up as they stop: only their own hosts' mailboxes. A header's pid is its
+    host's in the host's PID namespace: another system's live host, in a container sharing /dev/shm, looks gone
+    from here, and its worker would fall back from the mailbox to ZeroMQ for as long as the host lived."""
+    tag = uuid.uuid4().hex[:12]
+    mine, other = f"ipc:///tmp/test-{tag}/expert-host-0.sock", f"ipc:///tmp/test-other-{tag}/expert-host-0.sock"
+    paths = [mailbox_path(endpoint) for endpoint in (mine, other)]
+    try:
+        for path in paths:
+            leave_mailbox_of_a_killed_host(path)
+        assert remove_stale_mailboxes([mine]) == [paths[0]]
+        assert not os.path.exists(paths[0]) and os.path.exists(paths[1])
+    finally:
+        for path in paths:
+            if os.path.exists(path):
+                os.unlink(path)
 
 
 @pytest.mark.slow
