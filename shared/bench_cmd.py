@@ -302,7 +302,9 @@ def parser() -> argparse.ArgumentParser:
     which.add_argument("--model", help="GGUF model to serve and measure")
     which.add_argument("--preset", choices=list(PRESETS), help="generate this preset's synthetic model (cached)")
     p.add_argument("--arch", choices=list(ARCHS), help="architecture of the preset model (default: the preset's)")
-    p.add_argument("--dtype", choices=list(DTYPES), help="storage type of the preset model (default f32)")
+    # choices are checked in main: with --model, the explanation comes before argparse's "invalid choice"
+    p.add_argument("--dtype", metavar="{" + ",".join(DTYPES) + "}",
+                   help="storage type of the preset model (default f32)")
     p.add_argument("--routing-skew", type=float, default=1.0, help="expert popularity skew of the preset model")
     p.add_argument("--cache-dir", default=default_cache_dir(), help="where generated preset models are kept")
     system = p.add_mutually_exclusive_group()
@@ -337,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.model and args.dtype:  # `tierserve up --dtype` is another setting, which this one would shadow
         cli.error("--dtype is the storage type of a --preset model; the system's dtype (float32 or bfloat16) goes "
                   "in a --config file passed on")
+    if args.dtype is not None and args.dtype not in DTYPES:
+        cli.error(f"argument --dtype: invalid choice: {args.dtype!r} (choose from {', '.join(DTYPES)})")
     if passed_on and args.endpoint:
         cli.error(f"{' '.join(passed_on)}: options for the system it starts, but --endpoint measures a running one")
     if args.sweep_only and not args.budget_sweep:

@@ -152,9 +152,13 @@ def test_hot_expert_bytes_are_counted_as_the_system_the_bench_starts_holds_them(
         assert model_facts(model, system_config(model.path, options))["hot_bytes_per_expert"] == default // 2
     with pytest.raises(SystemExit):  # refused before anything is measured, as `tierserve up` refuses it
         system_config(model.path, ["--dtype", "float16"])
-    with pytest.raises(SystemExit) as refused:
-        tierserve(["bench", "--model", str(model.path), "--dtype", "bf16", "--device", "cpu"])
-    assert refused.value.code == 2 and "goes in a --config file" in capsys.readouterr().err
+    for dtype in ("bf16", "bfloat16"):  # a preset's storage type, and the system's own spelling
+        with pytest.raises(SystemExit) as refused:
+            tierserve(["bench", "--model", str(model.path), "--dtype", dtype, "--device", "cpu"])
+        assert refused.value.code == 2 and "goes in a --config file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        tierserve(["bench", "--preset", "tiny", "--dtype", "bfloat16"])
+    assert "invalid choice: 'bfloat16'" in capsys.readouterr().err
 
 
 def test_decode_bound_reads_a_quantized_model_s_vram_experts_in_their_serving_format(tmp_path):
