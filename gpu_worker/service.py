@@ -270,8 +270,8 @@ def serve(config: Config) -> int:
     engine_socket.setsockopt(zmq.LINGER, 0)
     engine_socket.connect(config.engine_endpoint)
     control = ControlLink(ctx, config, MEMBER_ID, "gpu_worker", metrics_port, model.identity)
-    remote = RemoteExperts(ctx, [config.expert_host_endpoint(i) for i in range(config.expert_hosts)],
-                           config.expert_timeout_s) if config.expert_hosts else None
+    remote = RemoteExperts(ctx, config.expert_host_endpoints, config.expert_timeout_s) if config.expert_hosts \
+        else None
 
     def send(msg: Message) -> None:
         engine_socket.send_multipart(encode(msg), copy=False)
@@ -336,8 +336,8 @@ def serve(config: Config) -> int:
         control.socket.close(linger=0)
         ctx.term()
         leave_run_dir(config)
-        hosts = [config.expert_host_endpoint(h) for h in range(config.expert_hosts)]
-        for stale in remove_stale_mailboxes(hosts):  # a host killed outright could not remove its own
+        # a host killed outright could not remove its own
+        for stale in remove_stale_mailboxes(config.expert_host_endpoints):
             log.info("removed %s: its host is gone", stale)
         log.info("stopped")
     return 0

@@ -224,6 +224,10 @@ class Config:
     def expert_host_endpoint(self, host: int) -> str:
         return self.ipc(f"expert-host-{host}")
 
+    @property
+    def expert_host_endpoints(self) -> list[str]:
+        return [self.expert_host_endpoint(host) for host in range(self.expert_hosts)]
+
     def threads_for(self, role: str, worker_on_gpu: bool = False) -> int:
         """torch threads of a process of this role ("expert_host", "gpu_worker", "coordinator"): `threads` if
         set; else the coordinator (tokenizing, sockets) takes one core and the worker and every expert host share

@@ -392,6 +392,7 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
         return None
     dirs = [Path(directory)] if directory else [model.path.parent, default_cache_dir()]
     hashed = _identity(model.path)
+    built_from = _built_from_record(model.path, hashed)
     header = _header(model, layouts, _remembered_hash(model.path, dirs))
     name = f"{model.path.stem}.{header['source_hash'][:16]}.experts"
     for d in dirs:
@@ -406,13 +407,12 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
             print(f"expert cache: {target} {problem}; rebuilding it", file=sys.stderr)
         for stale in target.parent.glob(f"{glob.escape(name)}.tmp*"):  # left by a build that was killed
             stale.unlink(missing_ok=True)
-        _build(model, target, header, layouts, workers, progress or _PrintProgress(),
-               _built_from_record(model.path, hashed))
+        _build(model, target, header, layouts, workers, progress or _PrintProgress(), built_from)
         cache = ExpertCache(target, built=True)  # mapped before the lock goes: no other start can remove it first
     # Only while the file is still the content this cache was built from: changed meanwhile (another start may have
     # built the new content's cache already), the other caches may be the current one's.
     if _identity(model.path) == hashed:
-        _remove_superseded(model, target, dirs, _built_from_record(model.path, hashed))
+        _remove_superseded(model, target, dirs, built_from)
     return cache
 
 

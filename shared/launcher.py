@@ -188,11 +188,10 @@ def remove_leftovers(config: Config) -> None:
     the user's, which outlives the run) and the mailboxes of dead hosts (up to 64 MiB of RAM each in /dev/shm).
     A socket file something still listens on is another system's, sharing the run dir: its processes could not
     connect again without it."""
-    hosts = [config.expert_host_endpoint(i) for i in range(config.expert_hosts)]
-    for endpoint in (config.control_endpoint, config.engine_endpoint, *hosts):
+    for endpoint in (config.control_endpoint, config.engine_endpoint, *config.expert_host_endpoints):
         if endpoint.startswith("ipc://") and not _listened_on(endpoint[len("ipc://"):]):
             remove_ipc_file(endpoint)
-    for stale in remove_stale_mailboxes(hosts):
+    for stale in remove_stale_mailboxes(config.expert_host_endpoints):
         print(f"tierserve: removed {stale}: its host is gone", file=sys.stderr)
 
 
