@@ -18,7 +18,8 @@ copy of that layer before it moves on.
 A segment never outlives its process: it is unlinked from /dev/shm right after it is opened, and the fd
 and the mapping keep it alive until the process ends, however it ends (SIGKILL included). Its name
 carries the pid, so a segment left by a process killed between open and unlink is removed by the next
-segment created on the machine.
+segment created on the machine; the process holds it locked from the open (`hold_while_open`), so a live
+one's is kept even where its pid, from another PID namespace sharing /dev/shm, looks dead.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from shared.expert_source import ExpertSource
 from shared.memory_use import HostMemoryError, MemInfo, size_text
 from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
 from shared.pages import advise
-from shared.process import remove_files_of_dead_processes
+from shared.process import hold_while_open, remove_files_of_dead_processes
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "tierserve-experts-"
@@ -154,7 +155,9 @@ class SharedSegment:
         self.register, self.registered = register, False
         path = os.path.join(SHM_DIR, f"{SEGMENT_PREFIX}{os.getuid()}-{os.getpid()}-{next(_segment_numbers)}")
         self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        os.unlink(path)  # from here on nothing of it is left in /dev/shm, however this process ends
+        hold_while_open(self.fd)
+        with contextlib.suppress(FileNotFoundError):  # a sweep in another PID namespace took it before the lock
+            os.unlink(path)  # from here on nothing of it is left in /dev/shm, however this process ends
         os.ftruncate(self.fd, self.nbytes)  # sparse: pages are allocated layer by layer, as they are filled
         self.map = mmap.mmap(self.fd, self.nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         self._bytes = torch.frombuffer(self.map, dtype=torch.uint8)

@@ -69,7 +69,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shared.process import remove_files_of_dead_processes
+from shared.process import hold_while_open, remove_files_of_dead_processes
 
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
 
@@ -147,9 +147,9 @@ def remove_mailbox(path: str) -> None:
 
 def remove_stale_mailboxes(endpoints: Sequence[str] | None = None) -> list[str]:
     """Remove the mailboxes (and half-made ones) of hosts that are gone: a later system on another run directory
-    has other names. With `endpoints`, only those hosts' (a system's own, as it stops): the pid in a mailbox's header
-    is its host's in the host's PID namespace, and another system's live host in another container sharing
-    /dev/shm looks gone from here. The paths removed."""
+    has other names. A host holds its mailbox from the moment it makes it, and one held is kept whatever the pid in
+    its header (or a half-made one's name) says. With `endpoints`, only those hosts' (a system's own, as it stops).
+    The paths removed."""
     directory, prefix = os.path.split(MAILBOX_PREFIX)
     prefixes = [prefix] if endpoints is None else [os.path.basename(mailbox_path(e)) for e in endpoints]
     return [path for name in prefixes for path in remove_files_of_dead_processes(
@@ -295,6 +295,7 @@ class Mailbox:
         remove_mailbox(tmp)  # a predecessor that died here under this pid (a container's restart); no one else's
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
+            hold_while_open(fd)  # the pid in the name and header means nothing to a sweep in another PID namespace
             try:  # every page allocated now: a full tmpfs is an error here, not a SIGBUS in whichever side writes
                 os.posix_fallocate(fd, 0, payload_at + 2 * capacity)
             except OSError as e:

@@ -443,6 +443,64 @@ def test_mailboxes_of_hosts_that_are_gone_are_removed_and_live_ones_kept():
                 os.unlink(path)
 
 
+# A host in a PID namespace of its own (another container sharing /dev/shm): it records its pid as it knows it,
+# which is `pid` here, and with "half-made" stalls before its mailbox takes its name, as a descheduled one can.
+HOST_IN_ANOTHER_NAMESPACE = """
+import os, sys, time
+from shared.mailbox import Mailbox
+
+path, pid, stage = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+os.getpid = lambda: pid
+
+
+def stall(src, dst):
+    print(flush=True)
+    time.sleep(60)
+
+
+if stage == "half-made":
+    os.rename = stall
+Mailbox.create(path, 4096, 8)
+print(flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_live_hosts_mailbox_is_kept_whatever_pid_it_records():
+    """The pid in a mailbox's header, or in a half-made one's name, is its host's in the host's PID namespace, and
+    may be no process's here: a host starting in one container swept the mailboxes of live hosts in another that
+    shares /dev/shm, and their workers fell back to ZeroMQ. The host's lock on its mailbox is what says it lives."""
+    tag = uuid.uuid4().hex[:12]
+    live, half, abandoned = (f"{MAILBOX_PREFIX}test-{kind}-{tag}" for kind in ("live", "half", "abandoned"))
+    nobody = subprocess.Popen([sys.executable, "-c", "pass"])
+    nobody.wait()
+    half_made = f"{half}.{nobody.pid}.tmp"
+    hosts = [subprocess.Popen([sys.executable, "-c", HOST_IN_ANOTHER_NAMESPACE, path, str(nobody.pid), stage],
+                              cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE)
+             for path, stage in ((live, "whole"), (half, "half-made"))]
+    try:
+        for host in hosts:
+            host.stdout.readline()
+        leave_mailbox_of_a_killed_host(abandoned)
+        assert os.path.exists(live) and os.path.exists(half_made)
+        removed = remove_stale_mailboxes()
+        assert abandoned in removed and live not in removed and half_made not in removed
+        assert os.path.exists(live) and os.path.exists(half_made) and not os.path.exists(abandoned)
+        for host in hosts:
+            host.kill()
+            host.wait()
+        assert {live, half_made} <= set(remove_stale_mailboxes())  # with their hosts gone, so are their locks
+        assert not os.path.exists(live) and not os.path.exists(half_made)
+    finally:
+        for host in hosts:
+            host.kill()
+            host.wait()
+            host.stdout.close()
+        for path in (live, half_made, abandoned):
+            if os.path.exists(path):
+                os.unlink(path)
+
+
 def leave_mailbox_of_a_killed_host(path: str) -> int:
     """A mailbox made at `path` by a process then killed outright; its pid."""
     host = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom shared.mailbox import Mailbox\n"

@@ -67,3 +67,52 @@ def test_segments_left_by_dead_processes_are_removed_and_live_ones_kept():
     finally:
         for path in (stale, live, other):
             path.unlink(missing_ok=True)
+
+
+# A host in a PID namespace of its own (another container sharing /dev/shm), whose pid as it knows it is `pid` here,
+# stalled between opening its segment and unlinking it, as a descheduled one can.
+HOST_IN_ANOTHER_NAMESPACE = """
+import os, sys, time
+from expert_host.memory import SEGMENT_PREFIX, SharedSegment
+
+pid = int(sys.argv[1])
+os.getpid = lambda: pid
+unlink = os.unlink
+
+
+def stall_before_its_own(path):
+    if os.path.basename(path).startswith(f"{SEGMENT_PREFIX}{os.getuid()}-{pid}-"):
+        print(flush=True)
+        time.sleep(60)
+    unlink(path)
+
+
+os.unlink = stall_before_its_own
+SharedSegment([4096], register=False)
+"""
+
+
+def test_a_live_hosts_segment_is_kept_whatever_pid_its_name_holds():
+    """The pid in a segment's name is its host's in the host's PID namespace, and may be no process's here: the
+    host's lock on the segment is what says it lives, so another container's host starting meanwhile leaves it."""
+    nobody = subprocess.Popen([sys.executable, "-c", "pass"])
+    nobody.wait()
+    held = Path(SHM_DIR) / f"{SEGMENT_PREFIX}{os.getuid()}-{nobody.pid}-0"
+    abandoned = Path(SHM_DIR) / f"{SEGMENT_PREFIX}{os.getuid()}-{nobody.pid}-1"
+    host = subprocess.Popen([sys.executable, "-c", HOST_IN_ANOTHER_NAMESPACE, str(nobody.pid)], cwd=ROOT,
+                            stdout=subprocess.PIPE)
+    try:
+        host.stdout.readline()
+        abandoned.write_bytes(b"\0" * 4096)
+        assert held.exists()
+        removed = remove_stale_segments()
+        assert str(abandoned) in removed and str(held) not in removed and held.exists()
+        host.kill()
+        host.wait()
+        assert str(held) in remove_stale_segments() and not held.exists()  # its lock went with its host
+    finally:
+        host.kill()
+        host.wait()
+        host.stdout.close()
+        for path in (held, abandoned):
+            path.unlink(missing_ok=True)
