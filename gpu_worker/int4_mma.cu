@@ -317,6 +317,13 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
             asm volatile("cp.async.commit_group;");
         }
     };
+#if __CUDA_ARCH__ >= 900
+    // Launched as a dependent of the launch before (down after gate/up), this block may have started while that one
+    // ran: x, its output, is read only once it has finished. A no-op otherwise. Then the launch after this one may
+    // start its blocks in SMs this one leaves free, to wait there in turn.
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
 #pragma unroll
     for (int d = 0; d < STAGES - 1; ++d) copy_next(begin + d, d, false);
     Group<NT> f;

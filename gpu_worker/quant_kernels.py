@@ -262,9 +262,10 @@ def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan
 
 
 def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: int, k: int, plan: GroupPlan,
-                   out: torch.Tensor, k_warps: int | None = None) -> torch.Tensor:
+                   out: torch.Tensor, k_warps: int | None = None, dependent: bool = False) -> torch.Tensor:
     """decode_linear after its shape checks, (n, k) W1's: a grouped call checks its stacks once, where five
-    checks a call were 3% of a one-stream decode step's host time (bench/README.md)."""
+    checks a call were 3% of a one-stream decode step's host time (bench/README.md). `dependent`: x is the output
+    of the launch just before on this stream (gpu_worker.int4_mma.decode's)."""
     assert x.stride(1) == 1 and out.stride(1) == 1
     swiglu = w2 is not None
     w2 = w2 if swiglu else w1
@@ -276,7 +277,7 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
                                   w2.q.stride(0), w2.scale.stride(0), n, k, **common)
     else:
         int4_mma.decode(x, w1, w2, swiglu, plan.meta, plan.n_used, plan.used_at_most, plan.rows_at_most, out,
-                        k_warps)
+                        k_warps, dependent)
     return out
 
 
@@ -354,10 +355,17 @@ def _ffn_shape(gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix) -> tuple[i
     return f, h
 
 
+def decode_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix, plan: GroupPlan
+                  ) -> torch.Tensor:
+    """The decode regime of quant_swiglu_grouped on a plan made ahead: two launches, nothing the host waits on."""
+    f, h = _ffn_shape(gate, up, down)
+    return _decode_swiglu(x.contiguous(), gate, up, down, f, h, plan)
+
+
 def _decode_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix, f: int, h: int,
                    plan: GroupPlan) -> torch.Tensor:
     act = _launch_decode(x, gate, up, f, h, plan, x.new_empty((x.shape[0], f)))
-    return _launch_decode(act, down, None, h, f, plan, x.new_empty((x.shape[0], h)))
+    return _launch_decode(act, down, None, h, f, plan, x.new_empty((x.shape[0], h)), dependent=True)
 
 
 def _prefill_swiglu(x: torch.Tensor, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix, f: int, h: int,

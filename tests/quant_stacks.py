@@ -28,11 +28,13 @@ def _sane_scales(fmt: str, t: torch.Tensor, generator: torch.Generator) -> torch
     return torch.where(torch.arange(2, device=t.device) == 0, 0.005 + 0.01 * u, 0.1 * u - 0.05).to(t.dtype)
 
 
-def random_regions(fmt: str, experts: int, shapes: list[tuple[int, int]], device: torch.device, seed: int,
-                   strided: bool = True) -> list[QuantMatrix]:
-    """Random matrices of the given (N, K) shapes for `experts` experts. strided: laid out one after another in
-    each expert's region of one (experts, region_bytes) uint8 buffer; else each matrix's own contiguous stack."""
-    specs = [tensor_specs(fmt, shape) for shape in shapes]
+def random_regions(fmt: str | list[str], experts: int, shapes: list[tuple[int, int]], device: torch.device,
+                   seed: int, strided: bool = True) -> list[QuantMatrix]:
+    """Random matrices of the given (N, K) shapes for `experts` experts, in format fmt (or fmt[i] for shape i).
+    strided: laid out one after another in each expert's region of one (experts, region_bytes) uint8 buffer; else
+    each matrix's own contiguous stack."""
+    formats = [fmt] * len(shapes) if isinstance(fmt, str) else fmt
+    specs = [tensor_specs(f, shape) for f, shape in zip(formats, shapes, strict=True)]
     offsets, end = [], 0
     for matrix in specs:
         for dtype, shape in matrix:
@@ -43,16 +45,16 @@ def random_regions(fmt: str, experts: int, shapes: list[tuple[int, int]], device
                         generator=generator)
     views = iter(offsets)
     matrices = []
-    for matrix in specs:
+    for matrix_fmt, matrix in zip(formats, specs, strict=True):
         tensors = []
         for i, (dtype, shape) in enumerate(matrix):
             start = next(views)
             nbytes = dtype.itemsize * torch.Size(shape).numel()
             t = buf[:, start:start + nbytes].view(dtype).view(experts, *shape)
             if i == 1:  # the scales: random bytes would give NaNs and huge values
-                t.copy_(_sane_scales(fmt, t, generator))
+                t.copy_(_sane_scales(matrix_fmt, t, generator))
             tensors.append(t if strided else t.contiguous())
-        matrices.append(from_tensors(fmt, tensors))
+        matrices.append(from_tensors(matrix_fmt, tensors))
     return matrices
 
 
