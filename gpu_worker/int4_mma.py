@@ -114,10 +114,6 @@ class _DependentLaunch(threading.local):
 
 
 _dependent_launch = _DependentLaunch()
-# Launches of up to this many experts start as dependents (programmatic dependent launch): one token's 8 experts'
-# FFN took 15.0 us against 16.0 (H100), 16 experts' 24.3 against 25.5; from 64 experts up it was 1-2% slower, its
-# waiting blocks holding SMs that the launch before could still use (bench/quant_kernels.md).
-DEPENDENT_LAUNCH_EXPERTS = 16
 
 
 def _stage_bytes(x_tiles: int) -> int:
@@ -177,9 +173,9 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
            dependent: bool = False) -> None:
     """out[rows] = x[rows] @ W1.T per group, or silu(x @ W1.T) * (x @ W2.T) with swiglu. meta as GroupPlan's:
     n_used expert indices, then n_used + 1 row offsets; used_at_most groups have rows, none more than
-    rows_at_most (<= 16). The caller checks shapes (quant_kernels._shape). dependent: x is the output of the launch
-    just before on this stream (down's, of gate/up): a launch of up to DEPENDENT_LAUNCH_EXPERTS experts may then
-    start its blocks while that one's last blocks still run."""
+    rows_at_most (<= 16). The caller checks shapes (quant_kernels._shape). dependent: launched as a dependent of
+    the launch just before on this stream, whose output x is (down's, of gate/up): its blocks may start while that
+    one's last blocks run."""
     _, n, half_k = w1.packed.shape
     k = 2 * half_k
     if n_used == 0:
@@ -202,7 +198,7 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
     a.p1_gs, a.sz1_gs, a.p2_gs, a.sz2_gs = p1.stride(0), sz1.stride(0), p2.stride(0), sz2.stride(0)
     a.n, a.k, a.k_warps = n, k, k_warps
     kernel, stream = _kernel(x_tiles, swiglu, device).ptr, torch._C._cuda_getCurrentRawStream(device.index)
-    if dependent and min(used_at_most, n_used) <= DEPENDENT_LAUNCH_EXPERTS:
+    if dependent:
         config = _dependent_launch.config
         config.grid[:] = (n // INT4_ROW_TILE, n_used, 1)
         config.block[:] = (threads, 1, 1)
