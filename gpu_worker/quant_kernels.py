@@ -23,7 +23,6 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from gpu_worker import int4_mma
 from gpu_worker.grouped import swiglu_grouped
@@ -41,14 +40,12 @@ _ROW_TILE = tl.constexpr(INT4_ROW_TILE)
 # Operand type of the tensor-core products. The interpreter (as the CPU tests run the kernels) keeps bf16 as raw
 # 16-bit integers and multiplies those, so there the operands are float32.
 _OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
-# Launches of up to this many experts whose x is the output of the launch just before (decode's down after gate/up)
-# start as its dependents (programmatic dependent launch): their blocks are placed and started while that one's last
-# blocks run, and wait only before reading x. One token's int4 FFN took 15.0 us against 16.0 on the H100, 16
-# experts' 24.3 against 25.5; from 64 experts up it was 1-2% slower, the waiting blocks holding SMs that the launch
-# before could still use (bench/quant_kernels.md).
+# int4 launches of up to this many experts whose x is the output of the launch just before (decode's down after
+# gate/up) start as its dependents (programmatic dependent launch): their blocks are placed and started while that
+# one's last blocks run, and wait only before reading x. One token's int4 FFN took 15.0 us against 16.0 on the H100,
+# 16 experts' 24.3 against 25.5; from 64 experts up it was 1-2% slower, the waiting blocks holding SMs that the
+# launch before could still use (bench/quant_kernels.md).
 DEPENDENT_LAUNCH_EXPERTS = 16
-# The interpreter runs no inline PTX, which griddepcontrol is
-_GRID_DEPENDENCY = tl.constexpr(not knobs.runtime.interpret)
 
 
 def _configs(options: list[tuple]) -> list[triton.Config]:
@@ -142,9 +139,6 @@ def _int8_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
                         BLOCK_K: tl.constexpr):
     """out[rows] = x[rows] @ W1.T, or silu(x[rows] @ W1.T) * (x[rows] @ W2.T) with SWIGLU, for one
     expert's rows (program axis 1) and BLOCK_N output columns (axis 0)."""
-    if _GRID_DEPENDENCY:  # as int4_mma.cu's: x is read after the launch before, if this one depends on it, has ended
-        gdc_wait()
-        gdc_launch_dependents()
     expert, rows, row_mask, k_end = _rows_of(meta_ptr, n_used, tl.program_id(1), K, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -277,14 +271,14 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
                    out: torch.Tensor, k_warps: int | None = None, dependent: bool = False) -> torch.Tensor:
     """decode_linear after its shape checks, (n, k) W1's: a grouped call checks its stacks once, where five
     checks a call were 3% of a one-stream decode step's host time (bench/README.md). `dependent`: x is the output
-    of the launch just before on this stream, which a launch of up to DEPENDENT_LAUNCH_EXPERTS experts may then
-    overlap."""
+    of the launch just before on this stream, which an int4 launch of up to DEPENDENT_LAUNCH_EXPERTS experts may
+    then overlap."""
     assert x.stride(1) == 1 and out.stride(1) == 1
     swiglu = w2 is not None
     w2 = w2 if swiglu else w1
     dependent = dependent and min(plan.used_at_most, plan.n_used) <= DEPENDENT_LAUNCH_EXPERTS
     if isinstance(w1, Int8Matrix):
-        common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class, launch_pdl=dependent)
+        common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class)
         args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.n_used)  # noqa: E731
         _int8_decode_kernel[grid](*args, w1.q, w1.scale, w2.q, w2.scale, w1.q.stride(0), w1.scale.stride(0),

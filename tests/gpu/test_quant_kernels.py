@@ -132,9 +132,9 @@ def test_all_experts_with_counts_on_the_device(qk, fmt, dims):
 @pytest.mark.parametrize("strided", [True, False], ids=["regions", "stack"])
 @pytest.mark.parametrize("formats", [("int4", "int8"), ("int8", "int4")], ids=["int4-gate-up", "int8-gate-up"])
 def test_decode_with_down_of_another_format_and_launched_as_a_dependent(qk, strided, formats, monkeypatch):
-    """Q4_K_M's experts (int4 gate/up, int8 down from Q6_K), and the reverse. Down may start while gate/up ends (a
-    dependent launch), whichever kernel each runs: it reads gate/up's output only once that has finished, and
-    gives the bits of a launch that starts after."""
+    """Q4_K_M's experts (int4 gate/up, int8 down from Q6_K), and the reverse. An int4 down launch may start while
+    gate/up ends (a dependent launch), whichever kernel gate/up runs: it reads gate/up's output only once that has
+    finished, and gives the bits of a launch that starts after."""
     f, h = GATE
     gate_up_fmt, down_fmt = formats
     gate, up, down = random_regions([gate_up_fmt, gate_up_fmt, down_fmt], 6, [(f, h), (f, h), (h, f)], DEVICE,
