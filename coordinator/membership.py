@@ -3,6 +3,10 @@
 Every process sends a Heartbeat each heartbeat interval; it doubles as the join request. A member is alive
 while heard from within the heartbeat timeout, counted in the coordinator's own running time; one reporting a
 placement version other than the current one (0 after a start or restart) gets a Welcome carrying the placement.
+Each process says which start of its member id it is (its incarnation): one heard from under a member id that another
+holds takes it over, whether the holder died (a restart, which needs no wait for its timeout) or runs on (the id was
+started twice). The one replaced is not the member any more: each of its heartbeats, for as long as they keep coming,
+is answered that it must stop, and counts for nothing.
 The system is ready when the gpu worker and every expert host the placement uses are alive and have applied the
 current placement.
 """
@@ -37,7 +41,9 @@ def startup_placement(model: GGUFModel, config: Config) -> Placement:
 class Member:
     member_id: str
     role: str
+    incarnation: str
     pid: int
+    host: str
     metrics_port: int
     placement_version: int
     model: str  # the identity of the model file it serves
@@ -48,9 +54,19 @@ class Member:
 
 @dataclass(frozen=True)
 class HeartbeatOutcome:
-    welcome: bool  # send the current placement back
-    joined: bool  # first heard of, or heard again after being lost or restarting
-    restarted: bool  # a known, live member came back as a new process: whatever it held is gone
+    welcome: bool = False  # send the current placement back
+    joined: bool = False  # first heard of, or heard again after being lost or restarting
+    restarted: bool = False  # a known, live member came back as a new process: whatever it held is gone
+    superseded_by: Member | None = None  # the sender was replaced under its member id by this member: it must stop
+    first_notice: bool = False  # with superseded_by: the first heartbeat from the sender since it was replaced
+
+
+@dataclass
+class Replaced:
+    """A process that another took its member id over from, while it may still be running."""
+
+    last_seen: float
+    told: bool = False  # one of its heartbeats was answered that it must stop
 
 
 class Membership:
@@ -61,19 +77,24 @@ class Membership:
         self.tick_s = tick_s  # how often the coordinator calls expire
         self.model = model  # the identity of the coordinator's model file, which every member must serve
         self.members: dict[str, Member] = {}
+        self.replaced: dict[str, Replaced] = {}  # by incarnation, until silent for the timeout
         self.expired_at: float | None = None
         self.heard_since_tick = False  # whether a heartbeat was read since the last expire
 
     def heartbeat(self, hb: Heartbeat, now: float) -> HeartbeatOutcome:
-        old = self.members.get(hb.member_id)
-        # a new process: another pid, or the same pid (a container's restart) with nothing applied where the
-        # process before had applied a placement (a process never goes back to 0)
-        restarted = old is not None and old.alive and (
-            old.pid != hb.pid or hb.placement_version == 0 != old.placement_version)
-        joined = old is None or not old.alive or restarted
         self.heard_since_tick = True
-        self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.pid, hb.metrics_port, hb.placement_version,
-                                            hb.model, now, dict(hb.load))
+        replaced = self.replaced.get(hb.incarnation)
+        if replaced is not None:
+            first_notice = not replaced.told
+            replaced.last_seen, replaced.told = now, True
+            return HeartbeatOutcome(superseded_by=self.members[hb.member_id], first_notice=first_notice)
+        old = self.members.get(hb.member_id)
+        restarted = old is not None and old.alive and old.incarnation != hb.incarnation
+        if restarted:  # or started a second time, and the first runs on: what it sends is not the member's
+            self.replaced[old.incarnation] = Replaced(old.last_seen)
+        joined = old is None or not old.alive or restarted
+        self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.incarnation, hb.pid, hb.host, hb.metrics_port,
+                                            hb.placement_version, hb.model, now, dict(hb.load))
         return HeartbeatOutcome(welcome=hb.placement_version != self.placement.version, joined=joined,
                                 restarted=restarted)
 
@@ -93,13 +114,16 @@ class Membership:
             if m.alive and now - m.last_seen > self.timeout_s:
                 m.alive = False
                 lost.append(m)
+        # one silent that long is gone, as a lost member is: kept, every restart would leave one behind for good
+        self.replaced = {i: r for i, r in self.replaced.items() if now - r.last_seen <= self.timeout_s}
         return lost
 
     def _not_watched(self, late_s: float, now: float) -> None:
         # The heartbeats members sent meanwhile are still unread in the control socket: without this, the first
         # tick after a SIGCONT found every live member lost and resumed or failed every request in flight. A tick
         # still counts its own period, so members are found lost even by a coordinator whose ticks are always late.
-        for m in self.members.values():
+        # A replaced process's unread heartbeats likewise must not find it forgotten, and let it take its id back.
+        for m in [*self.members.values(), *self.replaced.values()]:
             m.last_seen = min(m.last_seen + late_s, now)
 
     def is_alive(self, member_id: str) -> bool:

@@ -2,7 +2,9 @@
 
 - client API (tcp, ROUTER_MANDATORY: a send to a client that left raises, and its requests are cancelled);
 - engine (ipc, the gpu_worker's DEALER "gpu-worker"): EngineGenerate / EngineCancel out, tokens back;
-- control (ipc, every process's DEALER named by member id): heartbeats in, Welcome with the placement out.
+- control (ipc, every process's DEALER): heartbeats in, Welcome with the placement out, Superseded to a process
+  that another took its member id over from. Replies go to the connection the heartbeat came on, so two processes
+  under one member id are both answered.
 
 Every send is non-blocking, so each message is handled to the end before the next is read. Only a large generate
 waits, for its prompt to be tokenized on a thread: meanwhile the engine and control sockets are still read, and the
@@ -34,7 +36,7 @@ from coordinator.admission import (
     parse_request,
     recover_request_id,
 )
-from coordinator.membership import WORKER_ID, Membership, startup_placement
+from coordinator.membership import WORKER_ID, Member, Membership, startup_placement
 from coordinator.streams import RequestStream, StreamTable
 from shared.client import run
 from shared.config import Config, add_config_arguments, config_from_args
@@ -57,6 +59,7 @@ from shared.protocol import (
     ProtocolError,
     Stats,
     StatsReply,
+    Superseded,
     Welcome,
     decode,
     encode,
@@ -123,7 +126,7 @@ class Coordinator:
             zmq.MAXMSGSIZE: OVERSIZED_FRAME_FACTOR * config.max_request_bytes}, hwm=100_000)
         self.engine = self._router(config.engine_endpoint, {zmq.ROUTER_MANDATORY: 1, zmq.ROUTER_HANDOVER: 1},
                                    hwm=100_000)
-        self.control = self._router(config.control_endpoint, {zmq.ROUTER_HANDOVER: 1}, hwm=1_000)
+        self.control = self._router(config.control_endpoint, {}, hwm=1_000)
 
     def _router(self, endpoint: str, options: dict[int, int], hwm: int) -> zmq.asyncio.Socket:
         """A bound ROUTER socket; options are set before the bind, since its connections take the listener's."""
@@ -363,6 +366,9 @@ class Coordinator:
             log.warning("dropping unexpected %s on the control socket", msg.KIND)
             return
         outcome = self.membership.heartbeat(msg, time.monotonic())
+        if outcome.superseded_by is not None:
+            self.supersede(identity, msg, outcome.superseded_by, outcome.first_notice)
+            return
         if outcome.joined:
             log.info("%s joined (pid %d, metrics :%d, placement v%d)", msg.member_id, msg.pid, msg.metrics_port,
                      msg.placement_version)
@@ -370,10 +376,19 @@ class Coordinator:
             self.update_ready()
             self.worker_lost("the gpu worker restarted", time.monotonic())
         if outcome.welcome:
-            # Without ROUTER_MANDATORY a welcome that cannot go out is dropped; the next heartbeat asks again.
-            self.control.send_multipart([identity, *encode(Welcome(placement=self.placement.to_dict()))],
-                                        flags=zmq.NOBLOCK, copy=False)
+            self.reply_control(identity, Welcome(placement=self.placement.to_dict()))
         self.update_ready()
+
+    def supersede(self, identity: bytes, hb: Heartbeat, current: Member, first_notice: bool) -> None:
+        """Tell a process that another took its member id over that it must stop."""
+        if first_notice:
+            log.warning("%s was started twice: pid %d on %s took it over from pid %d on %s, which still runs and is "
+                        "told to stop", hb.member_id, current.pid, current.host, hb.pid, hb.host)
+        self.reply_control(identity, Superseded(member_id=hb.member_id, pid=current.pid, host=current.host))
+
+    def reply_control(self, identity: bytes, msg: Message) -> None:
+        # Without ROUTER_MANDATORY a reply that cannot go out is dropped; the next heartbeat gets another.
+        self.control.send_multipart([identity, *encode(msg)], flags=zmq.NOBLOCK, copy=False)
 
     def update_ready(self) -> None:
         ready = self.membership.ready()

@@ -120,7 +120,7 @@ def serve(config: Config, host_index: int) -> int:
     data.setsockopt(zmq.LINGER, 0)
     endpoint = config.expert_host_endpoint(host_index)
     data.bind(endpoint)
-    control = ControlLink(ctx, config, member_id, "expert_host", metrics_port, model.identity)
+    control = ControlLink(ctx, config, member_id, "expert_host", metrics_port, model.identity, stop)
     mailbox = open_mailbox(config, host_index, model, log)
     if config.pin_host_threads:
         bind_threads(config, host_index, log)
@@ -162,15 +162,19 @@ def serve(config: Config, host_index: int) -> int:
         drain(store, data, queue, mailbox)
     finally:
         store.close()
+        # the mailbox and socket file at these paths are the successor's, made before it was first heard from
+        yielded = control.superseded is not None
         if mailbox is not None:
             mailbox.close()
-            remove_mailbox(mailbox.path)
+            if not yielded:
+                remove_mailbox(mailbox.path)
         data.close(linger=1000)  # time for the drain's answers to leave
         control.socket.close(linger=0)
         ctx.term()
-        leave_run_dir(config, endpoint)
+        if not yielded:
+            leave_run_dir(config, endpoint)
         log.info("stopped")
-    return 0
+    return stop.exit_status
 
 
 def drain(store: ExpertStore, data: zmq.Socket, queue: collections.deque[list], mailbox: Mailbox | None) -> None:

@@ -269,7 +269,7 @@ def serve(config: Config) -> int:
     engine_socket.setsockopt(zmq.ROUTING_ID, MEMBER_ID.encode())
     engine_socket.setsockopt(zmq.LINGER, 0)
     engine_socket.connect(config.engine_endpoint)
-    control = ControlLink(ctx, config, MEMBER_ID, "gpu_worker", metrics_port, model.identity)
+    control = ControlLink(ctx, config, MEMBER_ID, "gpu_worker", metrics_port, model.identity, stop)
     remote = RemoteExperts(ctx, config.expert_host_endpoints, config.expert_timeout_s) if config.expert_hosts \
         else None
 
@@ -288,9 +288,9 @@ def serve(config: Config) -> int:
                      engine.planner.live.current.describe())
         if engine.profile.on:
             log.info("profiling decode steps in windows of %d (tierserve stats shows the last)", config.profile_steps)
-        placement = control.wait_for_placement(stop)
+        placement = control.wait_for_placement()
         if placement is None:
-            return 0
+            return stop.exit_status
         engine.keep_alive = lambda: control.heartbeat_if_due(engine.placement_version, engine.load())
         if remote is not None:
             remote.keep_alive = engine.keep_alive
@@ -306,7 +306,8 @@ def serve(config: Config) -> int:
                     return 1
                 log.info("placement v%d applied", placement.version)
             busy = engine.scheduler.has_work()
-            if stop.stopping and not busy:
+            # a superseded worker's requests were resumed on its successor: what it generates would reach no one
+            if stop.stopping and (not busy or control.superseded is not None):
                 break
             if engine_socket.poll(0 if busy else 50):
                 while engine_socket.poll(0):
@@ -340,7 +341,7 @@ def serve(config: Config) -> int:
         for stale in remove_stale_mailboxes(config.expert_host_endpoints):
             log.info("removed %s: its host is gone", stale)
         log.info("stopped")
-    return 0
+    return stop.exit_status
 
 
 def hold(engine: Engine, placement: Placement, log: logging.Logger) -> bool:

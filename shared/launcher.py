@@ -30,7 +30,7 @@ from shared.client import Client
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.mailbox import remove_stale_mailboxes
 from shared.memory_use import descendants, process_memory
-from shared.process import EPHEMERAL_MARKER, remove_ipc_file
+from shared.process import EPHEMERAL_MARKER, SUPERSEDED_EXIT_STATUS, remove_ipc_file
 
 _PR_SET_PDEATHSIG = 1
 
@@ -80,6 +80,7 @@ class Child:
     started_at: float = 0.0
     last_delay_s: float | None = None  # before its last restart; None: not restarted since it last ran a while
     restart_at: float | None = None  # it exited and is started again then
+    superseded: bool = False  # it exited because another process took its member id over: it is not started again
 
     def start(self) -> None:
         # a session of its own: a terminal's Ctrl-C (SIGINT to the whole process group) reaches the launcher
@@ -147,13 +148,21 @@ def wait_ready(config: Config, kids: list[Child], timeout_s: float, stopping: Ca
 
 
 def restart_exited(kids: list[Child], stopping: Callable[[], bool]) -> None:
-    """One look at the children: one that exited is started again once its restart delay is over. The delay is
-    waited out by later looks, so a stop signal is acted on at once meanwhile."""
+    """One look at the children: one that exited is started again once its restart delay is over, unless another
+    process took its member id over. The delay is waited out by later looks, so a stop signal is acted on at once
+    meanwhile."""
     for kid in kids:
         if stopping():
             return
         now = time.monotonic()
+        if kid.superseded:
+            continue
         if kid.restart_at is None and not kid.alive():
+            if kid.process.returncode == SUPERSEDED_EXIT_STATUS:
+                kid.superseded = True
+                print(f"tierserve: {kid.name} exited with {SUPERSEDED_EXIT_STATUS}: another process took over its "
+                      "member id; not restarting it", file=sys.stderr)
+                continue
             uptime_s = now - kid.started_at
             delay_s = kid.restart_delay(uptime_s)
             kid.restart_at = now + delay_s

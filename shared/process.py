@@ -7,7 +7,9 @@ import contextlib
 import fcntl
 import logging
 import os
+import secrets
 import signal
+import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -19,7 +21,12 @@ from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.model_config import ModelError
 from shared.placement import Placement
-from shared.protocol import Heartbeat, ProtocolError, Welcome, decode, encode
+from shared.protocol import Heartbeat, ProtocolError, Superseded, Welcome, decode, encode
+
+# sysexits' EX_CONFIG: the exit status of a process another one, started under the same member id, took over from.
+# A restart would only take the id back and stop the other in turn, so the units (RestartPreventExitStatus) and
+# `tierserve up` leave it stopped.
+SUPERSEDED_EXIT_STATUS = 78
 
 
 @contextlib.contextmanager
@@ -133,26 +140,35 @@ def _unlink_unless_held(path: str) -> bool:
 
 
 class StopFlag:
-    """Set by SIGTERM or SIGINT: the process drains, then exits."""
+    """Set by SIGTERM or SIGINT, or by `stop`: the process drains, then exits with `exit_status`."""
 
     def __init__(self) -> None:
         self.stopping = False
+        self.exit_status = 0
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._set)
 
     def _set(self, signum: int, frame: object) -> None:
         self.stopping = True
 
+    def stop(self, exit_status: int) -> None:
+        self.stopping, self.exit_status = True, exit_status
+
 
 class ControlLink:
-    """A DEALER to the coordinator's control socket, named by member id."""
+    """A DEALER to the coordinator's control socket. It has no name of its own (the coordinator answers each
+    connection): named by member id, a second process started under the id took the name over, and the first
+    heartbeated on unheard, never to learn of it."""
 
     def __init__(self, ctx: zmq.Context, config: Config, member_id: str, role: str, metrics_port: int,
-                 model: str) -> None:
+                 model: str, stop: StopFlag) -> None:
         self.config, self.member_id, self.role, self.metrics_port = config, member_id, role, metrics_port
         self.model = model  # the identity of the model file this process serves
+        self.stop = stop
+        self.incarnation = secrets.token_hex(8)
+        self.host = socket.gethostname()
+        self.superseded: Superseded | None = None  # the coordinator's word that another process took the id over
         self.socket = ctx.socket(zmq.DEALER)
-        self.socket.setsockopt(zmq.ROUTING_ID, member_id.encode())
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, 16)
         self.socket.connect(config.control_endpoint)
@@ -163,28 +179,37 @@ class ControlLink:
         if now < self._next_beat:
             return
         self._next_beat = now + self.config.heartbeat_interval_s
-        msg = Heartbeat(member_id=self.member_id, role=self.role, pid=os.getpid(), metrics_port=self.metrics_port,
-                        placement_version=placement_version, model=self.model, load=load or {})
+        msg = Heartbeat(member_id=self.member_id, role=self.role, incarnation=self.incarnation, pid=os.getpid(),
+                        host=self.host, metrics_port=self.metrics_port, placement_version=placement_version,
+                        model=self.model, load=load or {})
         try:
             self.socket.send_multipart(encode(msg), flags=zmq.NOBLOCK)
         except zmq.Again:
             pass  # coordinator away; the next beat will try again
 
     def read_placement(self) -> Placement | None:
-        """The newest placement waiting on the socket, if any (non-blocking)."""
+        """The newest placement waiting on the socket, if any (non-blocking). Word that another process took
+        this one's member id over stops this one, with SUPERSEDED_EXIT_STATUS."""
         newest = None
+        log = logging.getLogger(self.role)
         while self.socket.poll(0):
             try:
                 msg = decode(self.socket.recv_multipart())
             except ProtocolError as e:
-                logging.getLogger(self.role).warning("bad control message: %s", e.message)
+                log.warning("bad control message: %s", e.message)
                 continue
             if isinstance(msg, Welcome):
                 newest = Placement.from_dict(msg.placement)
+            elif isinstance(msg, Superseded) and self.superseded is None:
+                self.superseded = msg
+                log.error("%s was started twice: the coordinator now serves it with pid %d on %s; this process "
+                          "(pid %d on %s) stops. Start each member id once", msg.member_id, msg.pid, msg.host,
+                          os.getpid(), self.host)
+                self.stop.stop(SUPERSEDED_EXIT_STATUS)
         return newest
 
-    def wait_for_placement(self, stop: StopFlag, placement_version: int = 0) -> Placement | None:
-        while not stop.stopping:
+    def wait_for_placement(self, placement_version: int = 0) -> Placement | None:
+        while not self.stop.stopping:
             self.heartbeat_if_due(placement_version)
             if self.socket.poll(100):
                 placement = self.read_placement()

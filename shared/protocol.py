@@ -189,13 +189,18 @@ class Heartbeat(Message):
     """Every process sends one each heartbeat interval; it doubles as the join request.
 
     The coordinator answers with Welcome whenever `placement_version` is not the current one
-    (a new or restarted process reports 0), so start order does not matter.
+    (a new or restarted process reports 0), so start order does not matter; and with Superseded
+    when another process has taken this one's member id over since.
     """
 
     KIND: ClassVar[str] = "heartbeat"
     member_id: str  # gpu-worker, expert-host-N
     role: str  # gpu_worker | expert_host
+    # random, made once as the process starts: two processes under one member id (or one restarted under the
+    # same pid, as in a container) never share it
+    incarnation: str
     pid: int
+    host: str  # the machine's host name, for the logs of a process started twice under one member id
     metrics_port: int
     placement_version: int  # the placement this process has fully applied
     model: str  # the model it serves (gguf_file.file_identity): a member of another model is not ready
@@ -208,6 +213,17 @@ class Welcome(Message):
 
     KIND: ClassVar[str] = "welcome"
     placement: dict
+
+
+@dataclass
+class Superseded(Message):
+    """The coordinator's answer to a Heartbeat from a process whose member id another process has taken over: the
+    two were started under one id, and this one, sent no more work, must stop."""
+
+    KIND: ClassVar[str] = "superseded"
+    member_id: str
+    pid: int  # of the process that holds the member id now
+    host: str  # where it runs
 
 
 # --- data plane (gpu_worker <-> expert host) ---------------------------------------------------------

@@ -1,5 +1,6 @@
 """The deployment files stay in step with the code: the example config loads, and every metric the
-Grafana dashboard queries is one a tierserve process exports, and the units stop the roles in drain order."""
+Grafana dashboard queries is one a tierserve process exports, the units stop the roles in drain order, and do not
+restart a member that another process took its id over from."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import re
 from pathlib import Path
 
 from shared.config import load_config
+from shared.process import SUPERSEDED_EXIT_STATUS
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["coordinator/service.py", "gpu_worker/service.py", "expert_host/service.py"]
@@ -46,3 +48,10 @@ def test_the_series_of_a_panel_have_legends_of_their_own():
     alike = [panel["title"] for panel in dashboard["panels"]
              if len({target["legendFormat"] for target in panel["targets"]}) < len(panel["targets"])]
     assert not alike, alike
+
+
+def test_the_member_units_do_not_restart_a_process_another_took_its_member_id_over_from():
+    """Restarted, it would take the id back, and the other would stop in turn, for ever."""
+    for unit in ("tierserve-gpu-worker.service", "tierserve-expert-host@.service"):
+        text = (ROOT / "deploy" / unit).read_text()
+        assert re.findall(r"^RestartPreventExitStatus=(.*)$", text, re.M) == [str(SUPERSEDED_EXIT_STATUS)], unit

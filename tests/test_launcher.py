@@ -16,8 +16,9 @@ import pytest
 import zmq
 
 from shared.client import Client
-from shared.launcher import RESTART_MAX_DELAY_S, STABLE_UPTIME_S, Child
+from shared.launcher import RESTART_MAX_DELAY_S, STABLE_UPTIME_S, Child, restart_exited
 from shared.make_model import make_model
+from shared.process import SUPERSEDED_EXIT_STATUS
 
 
 def test_restart_delays_double_while_a_child_keeps_failing_and_reset_once_it_ran_a_while():
@@ -26,6 +27,20 @@ def test_restart_delays_double_while_a_child_keeps_failing_and_reset_once_it_ran
     assert quick == [0.0, 1.0, 2.0, 4.0, 8.0, 16.0, RESTART_MAX_DELAY_S, RESTART_MAX_DELAY_S]
     assert child.restart_delay(uptime_s=STABLE_UPTIME_S) == 0.0
     assert child.restart_delay(uptime_s=2.0) == 1.0
+
+
+def test_a_child_another_process_took_its_member_id_over_from_is_not_started_again(capsys):
+    """Started again, it would take its id back, and the other would stop in turn: the two would fight for ever."""
+    child = Child("expert-host-0", [sys.executable, "-c", f"raise SystemExit({SUPERSEDED_EXIT_STATUS})"])
+    child.start()
+    process = child.process
+    process.wait(60)
+    for _ in range(3):
+        restart_exited([child], lambda: False)
+    assert child.process is process and child.restart_at is None
+    said = capsys.readouterr().err
+    assert said == (f"tierserve: expert-host-0 exited with {SUPERSEDED_EXIT_STATUS}: another process took over its "
+                    "member id; not restarting it\n")
 
 
 EXITED = re.compile(r"tierserve: expert-host-0 exited with -?\d+ after [\d.]+ s; restarting (now|in ([\d.]+) s)")

@@ -17,9 +17,10 @@ from shared.client import Client
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import free_tcp_port
+from shared.mailbox import ORDERED_STORES, mailbox_path
 from shared.make_model import make_model
 from shared.native_kernels import load_library
-from shared.process import worker_device
+from shared.process import SUPERSEDED_EXIT_STATUS, worker_device
 from shared.reference import ReferenceModel
 
 pytestmark = pytest.mark.slow
@@ -95,6 +96,82 @@ def test_any_start_order_and_restarts_rejoin(tmp_path):
     assert all(code == 0 for code in codes.values()), codes
     leftovers = [p for p in os.listdir(run_dir) if p.endswith(".sock")] if Path(run_dir).exists() else []
     assert leftovers == []
+
+
+@pytest.fixture(scope="module")
+def model_and_expected(tmp_path_factory) -> tuple[Path, list[int]]:
+    """A tiny model, and the oracle's greedy tokens after PROMPT."""
+    model = tmp_path_factory.mktemp("model") / "m.gguf"
+    make_model(model, arch="qwen3moe", preset="tiny", dtype="f32", seed=7)
+    return model, ReferenceModel(GGUFModel(model)).greedy(PROMPT, 6)
+
+
+class Roles:
+    """Role processes started alone on one configuration, each writing its log to a file of its own."""
+
+    def __init__(self, tmp_path: Path, model: Path, **settings) -> None:
+        self.tmp_path = tmp_path
+        self.config = Config(model=str(model), run_dir=str(tmp_path / "run"),
+                             client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", metrics_port=0, **settings)
+        self.config_path = tmp_path / "tierserve.toml"
+        self.config_path.write_text(self.config.to_toml())
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, role: str, *args: str) -> subprocess.Popen:
+        with open(self.tmp_path / f"{name}.log", "w") as log:
+            self.procs[name] = subprocess.Popen(
+                [sys.executable, "-m", "shared.cli", role, "--config", str(self.config_path), *args],
+                stdout=log, stderr=subprocess.STDOUT)
+        return self.procs[name]
+
+    def log(self, name: str) -> str:
+        return (self.tmp_path / f"{name}.log").read_text()
+
+    def stop(self) -> dict[str, int]:
+        """SIGTERM to those still running; every exit status."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        return {name: proc.wait(60) for name, proc in self.procs.items()}
+
+
+def test_a_host_started_twice_hands_its_id_to_the_later_one_and_stops(tmp_path, model_and_expected):
+    """A second `expert-host --host-id 0` beside a running one: the later one serves, and the first, which ran on
+    unused and heartbeating into the void, says who took over and exits with a status its units do not restart.
+    What it leaves behind on the way out is not the successor's socket file or mailbox."""
+    model, expected = model_and_expected
+    roles = Roles(tmp_path, model, expert_hosts=1, hot_experts=2)
+    endpoint = roles.config.client_endpoint
+
+    def complete() -> list[int]:
+        wait_ready(endpoint)
+        with Client(endpoint) as client:
+            return client.complete(token_ids=PROMPT, max_tokens=6).token_ids
+
+    try:
+        roles.start("coordinator", "coordinator")
+        roles.start("gpu-worker", "gpu-worker")
+        first = roles.start("first", "expert-host", "--host-id", "0")
+        assert complete() == expected
+        second = roles.start("second", "expert-host", "--host-id", "0")
+        assert first.wait(60) == SUPERSEDED_EXIT_STATUS
+        assert complete() == expected
+        with Client(endpoint) as client:
+            members = {m["member_id"]: m for m in client.health().members}
+        assert members["expert-host-0"]["pid"] == second.pid
+        host_endpoint = roles.config.expert_host_endpoint(0)
+        assert os.path.exists(host_endpoint[len("ipc://"):])
+        assert os.path.exists(mailbox_path(host_endpoint)) == ORDERED_STORES
+    finally:
+        codes = roles.stop()
+    assert codes == {"coordinator": 0, "gpu-worker": 0, "first": SUPERSEDED_EXIT_STATUS, "second": 0}
+    here = socket.gethostname()
+    said = roles.log("first")
+    assert f"ERROR expert-host-0 was started twice: the coordinator now serves it with pid {second.pid} on {here}; " \
+           f"this process (pid {first.pid} on {here}) stops" in said
+    assert "stopped" in said  # by the way every stop goes: drained, and its sockets closed
+    assert f"WARNING expert-host-0 was started twice: pid {second.pid} on {here} took it over from pid {first.pid} " \
+           f"on {here}" in roles.log("coordinator")
 
 
 def test_the_client_port_is_not_one_a_sibling_binding_port_0_can_be_given():

@@ -22,10 +22,12 @@ CFG = ModelConfig(arch="qwen3moe", n_layers=2, hidden=8, n_heads=2, n_kv_heads=1
 MODEL = "1000 bytes, 0123456789abcdef"
 
 
-def beat(member_id: str, version: int, pid: int = 100, load: dict | None = None, model: str = MODEL) -> Heartbeat:
+def beat(member_id: str, version: int, pid: int = 100, load: dict | None = None, model: str = MODEL,
+         incarnation: str | None = None, host: str = "node-a") -> Heartbeat:
+    """A heartbeat; unless `incarnation` says otherwise, each pid is one process start."""
     role = "gpu_worker" if member_id == "gpu-worker" else "expert_host"
-    return Heartbeat(member_id=member_id, role=role, pid=pid, metrics_port=9000, placement_version=version,
-                     model=model, load=load or {})
+    return Heartbeat(member_id=member_id, role=role, incarnation=incarnation or f"pid {pid}", pid=pid, host=host,
+                     metrics_port=9000, placement_version=version, model=model, load=load or {})
 
 
 @pytest.fixture
@@ -45,13 +47,54 @@ def test_a_new_or_restarted_process_is_welcomed_until_it_reports_the_placement(m
     assert (restarted.welcome, restarted.joined, restarted.restarted) == (True, True, True)
 
 
-def test_a_process_restarted_under_the_same_pid_is_known_by_the_placement_it_lost(members):
-    """In a container a role restarts as the same pid (1, or its init's child): it reports placement 0 again."""
-    members.heartbeat(beat("gpu-worker", 0, pid=1), now=0.0)
-    assert not members.heartbeat(beat("gpu-worker", 0, pid=1), now=0.5).restarted  # still applying
-    members.heartbeat(beat("gpu-worker", 3, pid=1), now=1.0)
-    again = members.heartbeat(beat("gpu-worker", 0, pid=1), now=1.5)
+def test_a_process_restarted_under_the_same_pid_is_known_by_its_incarnation(members):
+    """In a container a role restarts as the same pid (1, or its init's child)."""
+    members.heartbeat(beat("gpu-worker", 0, pid=1, incarnation="a"), now=0.0)
+    assert not members.heartbeat(beat("gpu-worker", 0, pid=1, incarnation="a"), now=0.5).restarted  # still applying
+    members.heartbeat(beat("gpu-worker", 3, pid=1, incarnation="a"), now=1.0)
+    again = members.heartbeat(beat("gpu-worker", 0, pid=1, incarnation="b"), now=1.5)
     assert (again.welcome, again.joined, again.restarted) == (True, True, True)
+
+
+def test_a_second_process_under_a_member_id_takes_it_over_and_the_first_is_told_to_stop(members):
+    """Started twice, both run: the first heartbeated on unheard, for ever. The later one is the member now (as a
+    restarted one is, at once); the first's heartbeats are each answered that it must stop and count for nothing,
+    its placement and liveness included."""
+    members.heartbeat(beat("gpu-worker", 3, pid=100), now=0.0)
+    took = members.heartbeat(beat("gpu-worker", 0, pid=200, host="node-b"), now=1.0)
+    assert (took.welcome, took.joined, took.restarted, took.superseded_by) == (True, True, True, None)
+    told = members.heartbeat(beat("gpu-worker", 3, pid=100), now=1.2)
+    assert (told.welcome, told.joined, told.restarted, told.first_notice) == (False, False, False, True)
+    assert (told.superseded_by.pid, told.superseded_by.host) == (200, "node-b")
+    assert members.missing()[0] == "gpu-worker is applying placement v3"
+    again = members.heartbeat(beat("gpu-worker", 3, pid=100), now=1.7)
+    assert again.superseded_by is members.members["gpu-worker"] and not again.first_notice
+    assert not members.heartbeat(beat("gpu-worker", 3, pid=200, host="node-b"), now=2.0).restarted
+    assert "gpu-worker" not in " ".join(members.missing())
+    for now in (2.5, 3.0, 3.5, 4.0, 4.5):  # the first runs on; the second falls silent after 2.0
+        assert members.heartbeat(beat("gpu-worker", 3, pid=100), now=now).superseded_by is not None
+        members.expire(now)
+    assert not members.is_alive("gpu-worker") and members.members["gpu-worker"].pid == 200
+
+
+def test_a_replaced_process_is_forgotten_once_silent_for_the_timeout(members):
+    """A quick restart leaves its predecessor's incarnation behind: kept, every restart would add one for good."""
+    members.heartbeat(beat("expert-host-0", 3, pid=100), now=0.0)
+    members.heartbeat(beat("expert-host-0", 0, pid=200), now=0.5)
+    members.expire(now=2.0)
+    assert list(members.replaced) == ["pid 100"]
+    members.expire(now=2.1)
+    assert members.replaced == {}
+
+
+def test_a_replaced_process_heard_after_the_coordinator_was_stopped_is_still_told_to_stop(members):
+    """The coordinator stopped (SIGSTOP) past the timeout: the replaced process's heartbeats sent meanwhile are
+    still unread, and must not find it forgotten and hand it its member id back."""
+    members.heartbeat(beat("gpu-worker", 3, pid=100), now=0.0)
+    members.heartbeat(beat("gpu-worker", 0, pid=200), now=0.4)
+    assert members.expire(now=0.5) == []
+    assert members.expire(now=10.5) == []  # stopped for 10 s after the tick at 0.5
+    assert members.heartbeat(beat("gpu-worker", 3, pid=100), now=10.55).superseded_by.pid == 200
 
 
 def test_members_not_heard_from_within_the_timeout_are_lost_once(members):

@@ -24,7 +24,7 @@ from shared.protocol import EngineError, EngineGenerate, Generate, Heartbeat, de
 def heartbeat(c: Coordinator, member: str = "gpu-worker", pid: int = 1, version: int | None = None,
               now: float | None = None) -> None:
     role = "gpu_worker" if member == "gpu-worker" else "expert_host"
-    hb = Heartbeat(member_id=member, role=role, pid=pid, metrics_port=0,
+    hb = Heartbeat(member_id=member, role=role, incarnation=f"pid-{pid}", pid=pid, host="localhost", metrics_port=0,
                    placement_version=c.placement.version if version is None else version, model=c.membership.model)
     if now is None:
         c.on_control(member.encode(), encode(hb))

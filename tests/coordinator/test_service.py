@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import stat
@@ -32,6 +33,7 @@ from shared.protocol import (
     FinalEvent,
     Generate,
     Heartbeat,
+    Superseded,
     TokenEvent,
     Welcome,
     decode,
@@ -142,20 +144,25 @@ def test_bad_frames_each_get_an_error_event_and_the_server_goes_on(coordinator, 
     assert coordinator.client.health().status == "starting"
 
 
-def worker_socket() -> zmq.Socket:
-    """A DEALER with the gpu worker's identity, as the worker's control and engine sockets are."""
+def worker_socket(routing_id: bytes | None = None) -> zmq.Socket:
+    """A DEALER as the worker's are: its engine socket has the worker's identity, its control socket none."""
     socket = zmq.Context.instance().socket(zmq.DEALER)
-    socket.setsockopt(zmq.ROUTING_ID, b"gpu-worker")
+    if routing_id is not None:
+        socket.setsockopt(zmq.ROUTING_ID, routing_id)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.RCVTIMEO, 5000)
     return socket
 
 
+def engine_socket() -> zmq.Socket:
+    return worker_socket(b"gpu-worker")
+
+
 def join_as_worker(coordinator: Coordinator, member: zmq.Socket) -> tuple[Heartbeat, Welcome]:
     """Heartbeat as a joining worker, take the welcome, heartbeat at its placement and wait until ready."""
     member.connect(coordinator.config.control_endpoint)
-    hb = Heartbeat(member_id="gpu-worker", role="gpu_worker", pid=4242, metrics_port=1234, placement_version=0,
-                   model=GGUFModel(coordinator.config.model).identity)
+    hb = Heartbeat(member_id="gpu-worker", role="gpu_worker", incarnation="first", pid=4242, host="node-a",
+                   metrics_port=1234, placement_version=0, model=GGUFModel(coordinator.config.model).identity)
     return hb, welcomed(coordinator, member, hb)
 
 
@@ -208,7 +215,7 @@ def test_a_request_waits_for_the_engine_connection_of_a_live_worker(tiny_model, 
     """A worker's heartbeats can reach a restarted coordinator before its engine socket reconnects: a request
     sent then goes to the engine once that connection is there, instead of failing."""
     coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
-    member, engine = worker_socket(), worker_socket()
+    member, engine = worker_socket(), engine_socket()
     try:
         hb, _ = join_as_worker(coordinator, member)
         stream = coordinator.client.generate(request_id="late", prompt="hello", max_tokens=2)
@@ -226,16 +233,41 @@ def test_a_request_waits_for_the_engine_connection_of_a_live_worker(tiny_model, 
         assert coordinator.stop() == 0
 
 
+def test_a_worker_started_twice_is_served_by_the_later_and_the_first_is_told_to_stop(tiny_model, tmp_path):
+    """Two processes under one member id: the one started later is the member, as a restarted one would be. The
+    first heartbeated on, unheard and never told, for ever; now each of its heartbeats is answered that it must stop,
+    naming the other, and counts for nothing."""
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8)
+    first, second = worker_socket(), worker_socket()
+    try:
+        hb, _ = join_as_worker(coordinator, first)
+        second.connect(coordinator.config.control_endpoint)
+        later = dataclasses.replace(hb, incarnation="second", pid=4343, host="node-b", placement_version=0)
+        welcomed(coordinator, second, later)
+        for _ in range(2):
+            first.send_multipart(encode(hb))
+            assert decode(first.recv_multipart()) == Superseded(member_id="gpu-worker", pid=4343, host="node-b")
+        worker = next(m for m in coordinator.client.health().members if m["member_id"] == "gpu-worker")
+        assert worker["pid"] == 4343
+    finally:
+        first.close()
+        second.close()
+        assert coordinator.stop() == 0
+    warnings = [line for line in coordinator.log.read_text().splitlines() if "started twice" in line]
+    assert len(warnings) == 1 and "WARNING" in warnings[0], warnings
+    assert "gpu-worker was started twice: pid 4343 on node-b took it over from pid 4242 on node-a" in warnings[0]
+
+
 def restart_as_worker(coordinator: Coordinator, member: zmq.Socket, hb: Heartbeat, pid: int) -> None:
-    """Heartbeat as a new worker process under the same identity, take the welcome and wait until ready."""
-    hb.pid, hb.placement_version = pid, 0
+    """Heartbeat as a new worker process under the same member id, take the welcome and wait until ready."""
+    hb.incarnation, hb.pid, hb.placement_version = f"restarted as {pid}", pid, 0
     welcomed(coordinator, member, hb)
 
 
 @contextlib.contextmanager
 def joined_worker(coordinator: Coordinator) -> Iterator[tuple[zmq.Socket, zmq.Socket, Heartbeat]]:
     """A worker's control and engine sockets, joined and connected; the coordinator is stopped at the end."""
-    member, engine = worker_socket(), worker_socket()
+    member, engine = worker_socket(), engine_socket()
     try:
         hb, _ = join_as_worker(coordinator, member)
         engine.connect(coordinator.config.engine_endpoint)

@@ -132,8 +132,8 @@ def test_a_window_travels_in_a_heartbeat_unchanged():
     clock = Clock()
     profile = StepProfile(1, clock=clock)
     fake_step(profile, clock)
-    beat = Heartbeat(member_id="gpu-worker", role="gpu_worker", pid=1, metrics_port=0, placement_version=1, model="m",
-                     load={"running": 0, "profile": profile.latest.to_dict()})
+    beat = Heartbeat(member_id="gpu-worker", role="gpu_worker", incarnation="i", pid=1, host="h", metrics_port=0,
+                     placement_version=1, model="m", load={"running": 0, "profile": profile.latest.to_dict()})
     received = ProfileWindow.from_dict(decode(encode(beat)).load["profile"])
     assert received == profile.latest
 
