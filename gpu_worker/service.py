@@ -19,7 +19,7 @@ from gpu_worker.experts import HotExperts, MoEDispatch
 from gpu_worker.grouped import warm_up_quantized
 from gpu_worker.kv_blocks import KVBlockAllocator
 from gpu_worker.model import Chunk, Trunk, kv_cache_shape
-from gpu_worker.remote import ExpertHostError, RemoteExperts
+from gpu_worker.remote import KEEP_ALIVE_S, ExpertHostError, RemoteExperts
 from gpu_worker.sampler import Sampler
 from gpu_worker.scheduler import SamplingParams, Scheduler, Sequence
 from gpu_worker.soft_pool import SoftPool
@@ -274,7 +274,19 @@ def serve(config: Config) -> int:
         else None
 
     def send(msg: Message) -> None:
-        engine_socket.send_multipart(encode(msg), copy=False)
+        frames = encode(msg)
+        while control.superseded is None:
+            try:
+                engine_socket.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+                return
+            except zmq.Again:
+                # Nothing takes it: the coordinator is away, or a worker started later under this id took the engine
+                # connection over, and nothing this one sends is read again. Blocked here it fell silent for good;
+                # heartbeating, it hears that it was superseded. (A placement read here comes again with the reply to
+                # the next heartbeat, which still reports the one held.)
+                engine_socket.poll(int(KEEP_ALIVE_S * 1000), zmq.POLLOUT)
+                engine.keep_alive()
+                control.read_placement()
 
     try:
         try:

@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
+import zmq
 
 from shared.client import Client
 from shared.config import Config
@@ -172,6 +174,53 @@ def test_a_host_started_twice_hands_its_id_to_the_later_one_and_stops(tmp_path, 
     assert "stopped" in said  # by the way every stop goes: drained, and its sockets closed
     assert f"WARNING expert-host-0 was started twice: pid {second.pid} on {here} took it over from pid {first.pid} " \
            f"on {here}" in roles.log("coordinator")
+
+
+def test_a_busy_worker_whose_engine_connection_a_later_one_took_is_told_to_stop(tmp_path, model_and_expected):
+    """A second gpu worker takes the engine connection over as it starts, and is heard from only once its model is
+    loaded (minutes, for a large one). The first's tokens are not read from then on: a busy one blocked on its full
+    socket, silent for good, and never learnt that it was superseded. Waiting with its heartbeats going on, it is
+    told once the second joins, and stops; the second serves the requests the first held, and new ones."""
+    model, expected = model_and_expected
+    roles = Roles(tmp_path, model, expert_hosts=0, hot_experts=8)
+    # as the second worker's engine socket does as it starts: a DEALER under the worker's identity
+    early = zmq.Context.instance().socket(zmq.DEALER)
+    early.setsockopt(zmq.ROUTING_ID, b"gpu-worker")
+    early.setsockopt(zmq.LINGER, 0)
+
+    def scrape(port: int, name: str) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return next(float(line.split()[-1]) for line in r.read().decode().splitlines() if line.startswith(name))
+
+    try:
+        roles.start("coordinator", "coordinator")
+        first = roles.start("first", "gpu-worker")
+        wait_ready(roles.config.client_endpoint)
+        with Client(roles.config.client_endpoint) as client:
+            port = next(m["metrics_port"] for m in client.health().members if m["member_id"] == "gpu-worker")
+            # greedy on this model, [7] is followed by 480 tokens without an end-of-sequence token
+            busy = [client.generate(token_ids=[7], max_tokens=480) for _ in range(16)]
+            for stream in busy:
+                next(stream)
+            early.connect(roles.config.engine_endpoint)
+            steps, still_since, deadline = -1.0, time.monotonic(), time.monotonic() + 60
+            while time.monotonic() - still_since < 1.0:  # its socket full, the first steps no more
+                assert time.monotonic() < deadline, "the first worker kept stepping"
+                now_steps = scrape(port, "tierserve_worker_steps_total")
+                if now_steps != steps:
+                    steps, still_since = now_steps, time.monotonic()
+                time.sleep(0.1)
+            assert scrape(port, "tierserve_worker_running_requests") == 16, "the requests ended: it never blocked"
+            second = roles.start("second", "gpu-worker")
+            assert first.wait(60) == SUPERSEDED_EXIT_STATUS
+            assert all(list(stream)[-1].completion_tokens == 480 for stream in busy)
+            assert client.complete(token_ids=PROMPT, max_tokens=6).token_ids == expected
+    finally:
+        early.close()
+        codes = roles.stop()
+    assert codes == {"coordinator": 0, "first": SUPERSEDED_EXIT_STATUS, "second": 0}
+    assert f"ERROR gpu-worker was started twice: the coordinator now serves it with pid {second.pid}" \
+        in roles.log("first")
 
 
 def test_the_client_port_is_not_one_a_sibling_binding_port_0_can_be_given():
