@@ -61,6 +61,11 @@ class HeartbeatOutcome:
     first_notice: bool = False  # with superseded_by: the first heartbeat from the sender since it was replaced
 
 
+# How long a replaced process is remembered after it was last heard from. Far longer than the heartbeat timeout: a
+# process found lost may only have been paused, and must not take its id back from its successor when it resumes.
+REPLACED_KEPT_S = 3600.0
+
+
 @dataclass
 class Replaced:
     """A process that another took its member id over from, while it may still be running."""
@@ -89,9 +94,11 @@ class Membership:
             replaced.last_seen, replaced.told = now, True
             return HeartbeatOutcome(superseded_by=self.members[hb.member_id], first_notice=first_notice)
         old = self.members.get(hb.member_id)
-        restarted = old is not None and old.alive and old.incarnation != hb.incarnation
-        if restarted:  # or started a second time, and the first runs on: what it sends is not the member's
+        replaced = old is not None and old.incarnation != hb.incarnation
+        if replaced:  # restarted, or started a second time; or found lost while it was only paused (SIGSTOP, a long
+            # stall): what it sends from now on is not the member's, lest it take the id back from its successor
             self.replaced[old.incarnation] = Replaced(old.last_seen)
+        restarted = replaced and old.alive
         joined = old is None or not old.alive or restarted
         self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.incarnation, hb.pid, hb.host, hb.metrics_port,
                                             hb.placement_version, hb.model, now, dict(hb.load))
@@ -114,8 +121,8 @@ class Membership:
             if m.alive and now - m.last_seen > self.timeout_s:
                 m.alive = False
                 lost.append(m)
-        # one silent that long is gone, as a lost member is: kept, every restart would leave one behind for good
-        self.replaced = {i: r for i, r in self.replaced.items() if now - r.last_seen <= self.timeout_s}
+        # kept, every restart would leave one behind for good; one silent for REPLACED_KEPT_S is surely gone
+        self.replaced = {i: r for i, r in self.replaced.items() if now - r.last_seen <= REPLACED_KEPT_S}
         return lost
 
     def _not_watched(self, late_s: float, now: float) -> None:

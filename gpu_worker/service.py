@@ -268,7 +268,6 @@ def serve(config: Config) -> int:
     engine_socket = ctx.socket(zmq.DEALER)
     engine_socket.setsockopt(zmq.ROUTING_ID, MEMBER_ID.encode())
     engine_socket.setsockopt(zmq.LINGER, 0)
-    engine_socket.connect(config.engine_endpoint)
     control = ControlLink(ctx, config, MEMBER_ID, "gpu_worker", metrics_port, model.identity, stop)
     remote = RemoteExperts(ctx, config.expert_host_endpoints, config.expert_timeout_s) if config.expert_hosts \
         else None
@@ -303,6 +302,10 @@ def serve(config: Config) -> int:
         placement = control.wait_for_placement()
         if placement is None:
             return stop.exit_status
+        # Only now, as the member: the coordinator hands the engine connection to the newest under this identity, and
+        # a second worker that connected as it started took it from a running one (for the minutes a large model
+        # loads, or for good if it then failed to start) while that one still heartbeated and looked ready.
+        engine_socket.connect(config.engine_endpoint)
         engine.keep_alive = lambda: control.heartbeat_if_due(engine.placement_version, engine.load())
         if remote is not None:
             remote.keep_alive = engine.keep_alive

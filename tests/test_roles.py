@@ -176,11 +176,32 @@ def test_a_host_started_twice_hands_its_id_to_the_later_one_and_stops(tmp_path, 
            f"on {here}" in roles.log("coordinator")
 
 
+def test_a_second_worker_that_never_joins_leaves_the_first_serving(tmp_path, model_and_expected):
+    """A second gpu worker refused at start (its KV cache cannot fit), before its first heartbeat: it took the
+    engine connection over as it started, and once it exited nothing the first sent was read, while the first,
+    still heartbeating, kept the system ready and every request waited for ever."""
+    model, expected = model_and_expected
+    roles = Roles(tmp_path, model, expert_hosts=0, hot_experts=8)
+    try:
+        roles.start("coordinator", "coordinator")
+        roles.start("first", "gpu-worker")
+        wait_ready(roles.config.client_endpoint)
+        second = roles.start("second", "gpu-worker", "--kv-cache-tokens", str(10**13))
+        assert second.wait(60) == 1
+        with Client(roles.config.client_endpoint, timeout_s=30) as client:
+            assert client.complete(token_ids=PROMPT, max_tokens=6).token_ids == expected
+    finally:
+        codes = roles.stop()
+    assert codes == {"coordinator": 0, "first": 0, "second": 1}
+    assert "cannot start: the KV cache needs" in roles.log("second")
+
+
 def test_a_busy_worker_whose_engine_connection_a_later_one_took_is_told_to_stop(tmp_path, model_and_expected):
-    """A second gpu worker takes the engine connection over as it starts, and is heard from only once its model is
-    loaded (minutes, for a large one). The first's tokens are not read from then on: a busy one blocked on its full
-    socket, silent for good, and never learnt that it was superseded. Waiting with its heartbeats going on, it is
-    told once the second joins, and stops; the second serves the requests the first held, and new ones."""
+    """Another connection under the worker's identity takes the engine connection over: a second worker's as it
+    joins, or (here, as a second worker's did as it started, before it waited to join) one made while the first
+    still serves. The first's tokens are not read from then on: a busy one blocked on its full socket, silent for
+    good, and never learnt that it was superseded. Waiting with its heartbeats going on, it is told once the second
+    joins, and stops; the second serves the requests the first held, and new ones."""
     model, expected = model_and_expected
     roles = Roles(tmp_path, model, expert_hosts=0, hot_experts=8)
     # as the second worker's engine socket does as it starts: a DEALER under the worker's identity

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.membership import Membership, startup_placement
+from coordinator.membership import REPLACED_KEPT_S, Membership, startup_placement
 from gpu_worker.experts import HotExperts
 from shared.config import Config
 from shared.expert_source import ExpertSource
@@ -77,14 +77,28 @@ def test_a_second_process_under_a_member_id_takes_it_over_and_the_first_is_told_
     assert not members.is_alive("gpu-worker") and members.members["gpu-worker"].pid == 200
 
 
-def test_a_replaced_process_is_forgotten_once_silent_for_the_timeout(members):
+def test_a_replaced_process_is_forgotten_once_silent_for_an_hour(members):
     """A quick restart leaves its predecessor's incarnation behind: kept, every restart would add one for good."""
     members.heartbeat(beat("expert-host-0", 3, pid=100), now=0.0)
     members.heartbeat(beat("expert-host-0", 0, pid=200), now=0.5)
-    members.expire(now=2.0)
+    members.expire(now=REPLACED_KEPT_S)
     assert list(members.replaced) == ["pid 100"]
-    members.expire(now=2.1)
+    members.expire(now=REPLACED_KEPT_S + 0.1)
     assert members.replaced == {}
+
+
+def test_a_process_found_lost_while_paused_does_not_take_its_id_back_from_its_successor(members):
+    """Stopped (SIGSTOP) past the timeout, it was lost, and another process took its id; when it runs again its
+    heartbeats are answered that it must stop: handed the id back, it stopped the successor, which nothing restarts."""
+    members.heartbeat(beat("expert-host-0", 3, pid=100), now=0.0)
+    assert [m.member_id for m in members.expire(now=2.5)] == ["expert-host-0"]
+    assert members.heartbeat(beat("expert-host-0", 0, pid=200), now=3.0).joined
+    members.heartbeat(beat("expert-host-0", 3, pid=200), now=3.5)
+    for now in (3.7, 4.0, 4.5):
+        members.expire(now)
+    resumed = members.heartbeat(beat("expert-host-0", 3, pid=100), now=60.0)
+    assert resumed.superseded_by is not None and resumed.superseded_by.pid == 200
+    assert members.members["expert-host-0"].pid == 200
 
 
 def test_a_replaced_process_heard_after_the_coordinator_was_stopped_is_still_told_to_stop(members):
