@@ -82,7 +82,7 @@ class Membership:
         self.tick_s = tick_s  # how often the coordinator calls expire
         self.model = model  # the identity of the coordinator's model file, which every member must serve
         self.members: dict[str, Member] = {}
-        self.replaced: dict[str, Replaced] = {}  # by incarnation, until silent for the timeout
+        self.replaced: dict[str, Replaced] = {}  # by incarnation, until silent for REPLACED_KEPT_S
         self.expired_at: float | None = None
         self.heard_since_tick = False  # whether a heartbeat was read since the last expire
 
@@ -94,11 +94,11 @@ class Membership:
             replaced.last_seen, replaced.told = now, True
             return HeartbeatOutcome(superseded_by=self.members[hb.member_id], first_notice=first_notice)
         old = self.members.get(hb.member_id)
-        replaced = old is not None and old.incarnation != hb.incarnation
-        if replaced:  # restarted, or started a second time; or found lost while it was only paused (SIGSTOP, a long
-            # stall): what it sends from now on is not the member's, lest it take the id back from its successor
+        another_process = old is not None and old.incarnation != hb.incarnation
+        if another_process:  # restarted, or started a second time; or found lost while it was only paused (SIGSTOP,
+            # a long stall): what the old one sends from now on is not the member's, lest it take the id back
             self.replaced[old.incarnation] = Replaced(old.last_seen)
-        restarted = replaced and old.alive
+        restarted = another_process and old.alive
         joined = old is None or not old.alive or restarted
         self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.incarnation, hb.pid, hb.host, hb.metrics_port,
                                             hb.placement_version, hb.model, now, dict(hb.load))

@@ -276,7 +276,7 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
     assert x.stride(1) == 1 and out.stride(1) == 1
     swiglu = w2 is not None
     w2 = w2 if swiglu else w1
-    dependent = dependent and min(plan.used_at_most, plan.n_used) <= DEPENDENT_LAUNCH_EXPERTS
+    dependent = dependent and plan.used_at_most <= DEPENDENT_LAUNCH_EXPERTS
     if isinstance(w1, Int8Matrix):
         common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class)
         args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
