@@ -102,13 +102,15 @@ def test_decode_steps_cross_by_default_unless_cold_experts_are_streamed_or_cross
 
 @pytest.mark.slow
 def test_a_decode_step_of_more_rows_than_the_limit_takes_the_usual_path(tiny):
-    """With `decode_crossings_max_rows` 2, a request alone crosses every decode step; three at once decode in
-    steps of three rows through the usual exchange: fewer lane items than steps x layers, the oracle's tokens."""
+    """With `decode_crossings_max_rows` 2, a request alone crosses every decode step; three that reach the worker
+    together are prefilled in one step and decode in steps of three rows through the usual exchange: no lane item,
+    the oracle's tokens. The worker is stopped (SIGSTOP) while they arrive, so they are batched however slowly the
+    clients start; its heartbeat timeout is long enough for the pause."""
     path, oracle = tiny["qwen3moe"]
     expected = [oracle.greedy(p, MAX_TOKENS) for p in PROMPTS]
-    steps_alone = (MAX_TOKENS - 1) * oracle.cfg.n_layers
     with RunningSystem(str(path), "--expert-hosts", "1", "--hot-experts", "0", "--device", "cpu",
-                       "--decode-crossings-max-rows", "2") as system, Client(system.endpoint) as client:
+                       "--decode-crossings-max-rows", "2", "--heartbeat-timeout-s", "60") as system, \
+            Client(system.endpoint) as client:
         lanes = [value(metrics(client)["expert-host-0"], "tierserve_expert_host_lane_work_total")]
         assert client.complete(token_ids=PROMPTS[0], max_tokens=MAX_TOKENS).token_ids == expected[0]
         lanes.append(value(metrics(client)["expert-host-0"], "tierserve_expert_host_lane_work_total"))
@@ -117,11 +119,22 @@ def test_a_decode_step_of_more_rows_than_the_limit_takes_the_usual_path(tiny):
             with Client(system.endpoint) as c:
                 return c.complete(token_ids=prompt, max_tokens=MAX_TOKENS).token_ids
 
-        with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
-            assert list(pool.map(run, PROMPTS)) == expected
+        worker = next(m for m in client.health().members if m["member_id"] == "gpu-worker")
+        os.kill(worker["pid"], signal.SIGSTOP)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(len(PROMPTS)) as pool:
+                results = [pool.submit(run, p) for p in PROMPTS]
+                deadline = time.monotonic() + 30
+                while client.stats().stats["running"] < len(PROMPTS):  # all three sent on to the worker
+                    assert time.monotonic() < deadline
+                    time.sleep(0.05)
+                os.kill(worker["pid"], signal.SIGCONT)
+                assert [r.result() for r in results] == expected
+        finally:
+            os.kill(worker["pid"], signal.SIGCONT)
         lanes.append(value(metrics(client)["expert-host-0"], "tierserve_expert_host_lane_work_total"))
-    assert lanes[1] - lanes[0] >= steps_alone
-    assert lanes[2] - lanes[1] < steps_alone  # crossing, the batch would make one lane item a step and layer
+    assert lanes[1] - lanes[0] >= (MAX_TOKENS - 1) * oracle.cfg.n_layers
+    assert lanes[2] == lanes[1]
 
 
 @pytest.mark.slow
