@@ -48,6 +48,7 @@ class Member:
     placement_version: int
     model: str  # the identity of the model file it serves
     last_seen: float
+    first_seen: float  # when this process (incarnation) was first heard from
     load: dict[str, Any] = field(default_factory=dict)
     alive: bool = True
 
@@ -87,6 +88,8 @@ class Membership:
         self.heard_since_tick = False  # whether a heartbeat was read since the last expire
 
     def heartbeat(self, hb: Heartbeat, now: float) -> HeartbeatOutcome:
+        # After a stop, the loop may read a queued heartbeat before its late tick: that one counts the stop then
+        self._credit_a_stop(now)
         self.heard_since_tick = True
         replaced = self.replaced.get(hb.incarnation)
         if replaced is not None:
@@ -100,21 +103,22 @@ class Membership:
             self.replaced[old.incarnation] = Replaced(old.last_seen)
         restarted = another_process and old.alive
         joined = old is None or not old.alive or restarted
+        first_seen = old.first_seen if old is not None and not another_process else now
         self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.incarnation, hb.pid, hb.host, hb.metrics_port,
-                                            hb.placement_version, hb.model, now, dict(hb.load))
+                                            hb.placement_version, hb.model, now, first_seen, dict(hb.load))
         return HeartbeatOutcome(welcome=hb.placement_version != self.placement.version, joined=joined,
                                 restarted=restarted)
 
     def expire(self, now: float) -> list[Member]:
         """Mark members not heard from within the timeout as lost; returns those lost just now. A tick later than
         due by more than a heartbeat interval, with no heartbeat read since the last, means the coordinator did not
-        run meanwhile (stopped, a frozen container): that time counts against no member. A loop that is merely
-        slow reads the live members' heartbeats between its late ticks, and its time counts: credited then too,
-        a member dead for good was found lost only after timeout / tick_s late ticks (30 s at 1 s apart)."""
-        if self.expired_at is not None:
-            late_s = now - self.expired_at - self.tick_s
-            if late_s > self.interval_s and not self.heard_since_tick:
-                self._not_watched(late_s, now)
+        run meanwhile (stopped, a frozen container): that time counts against no member. So does the time until
+        the first heartbeat read after such a gap, which the loop may take before its late tick. A loop that is
+        merely slow reads the live members' heartbeats between its late ticks, and the time after the first read
+        counts: credited whole, a member dead for good was found lost only after timeout / tick_s late ticks (30 s
+        at 1 s apart). A loop blocked for most of each tick, its reads coming just before the next, looks like a
+        stop each time and finds a dead member lost late (7 s for a 2 s timeout, blocked 0.9 s of each second)."""
+        self._credit_a_stop(now)
         self.expired_at, self.heard_since_tick = now, False
         lost = []
         for m in self.members.values():
@@ -124,6 +128,13 @@ class Membership:
         # kept, every restart would leave one behind for good; one silent for REPLACED_KEPT_S is surely gone
         self.replaced = {i: r for i, r in self.replaced.items() if now - r.last_seen <= REPLACED_KEPT_S}
         return lost
+
+    def _credit_a_stop(self, now: float) -> None:
+        if self.expired_at is None or self.heard_since_tick:
+            return
+        late_s = now - self.expired_at - self.tick_s
+        if late_s > self.interval_s:
+            self._not_watched(late_s, now)
 
     def _not_watched(self, late_s: float, now: float) -> None:
         # The heartbeats members sent meanwhile are still unread in the control socket: without this, the first
@@ -161,8 +172,8 @@ class Membership:
 
     def snapshot(self, now: float) -> list[dict[str, Any]]:
         return [
-            {"member_id": m.member_id, "role": m.role, "pid": m.pid, "metrics_port": m.metrics_port,
-             "alive": m.alive, "placement_version": m.placement_version, "model": m.model,
-             "last_seen_s": round(now - m.last_seen, 3), "load": m.load}
+            {"member_id": m.member_id, "role": m.role, "pid": m.pid, "host": m.host, "incarnation": m.incarnation,
+             "metrics_port": m.metrics_port, "alive": m.alive, "placement_version": m.placement_version,
+             "model": m.model, "last_seen_s": round(now - m.last_seen, 3), "load": m.load}
             for m in sorted(self.members.values(), key=lambda m: m.member_id)
         ]

@@ -19,6 +19,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -43,7 +44,7 @@ from shared.config import Config, add_config_arguments, config_from_args
 from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
-from shared.process import leave_run_dir, setup_process
+from shared.process import leave_run_dir, listened_on, setup_process
 from shared.protocol import (
     Cancel,
     EngineCancel,
@@ -82,6 +83,8 @@ RESUMED = Counter("tierserve_requests_resumed_total",
 RUNNING = Gauge("tierserve_running_requests", "Requests in the engine")
 WAITING = Gauge("tierserve_waiting_requests", "Admitted requests waiting for a place in the engine")
 
+# What a worker ends a request with that a successor process can serve: it waits for one (ended_by_engine)
+RESUMABLE_ENGINE_ERRORS = ("expert_host_unavailable", "unavailable", "shutting_down")
 TICK_S = 0.1  # how often liveness, readiness and the drain are looked at
 FLUSH_S = 0.05  # before closing with linger 0: time for the last events to leave
 # How often a request is resumed after the loss of the gpu worker or an expert host that it was running on: one
@@ -104,18 +107,27 @@ class Coordinator:
                                      config.heartbeat_interval_s, TICK_S)
         self.admission = Admission(self.tokenizer, Limits(model.config.context_length, config.kv_cache_tokens,
                                                           config.kv_block_size))
+        self.incarnation = secrets.token_hex(8)
         self.table = StreamTable(secrets.token_hex(4))
         self.stop_token_ids = sorted(self.tokenizer.eos_token_ids)
         self.ready = False
         self.lost_at: float | None = None  # a process was lost with requests in flight: they wait from then
         self.lost_reason = ""
         self.dispatch_after = 0.0
+        # member id -> the incarnation that ended requests, whose successor they wait for until dispatch_after
+        # ("": a failure no successor ends, waited out)
+        self.awaited: dict[str, str] = {}
         self.admitting = 0  # generates whose prompts are being tokenized on a thread
         self.draining = False
         self.drain_deadline = 0.0
         self.metrics_port = 0
         self.started = time.monotonic()
         self.done = asyncio.Event()  # set when the drain is over
+        # Binding would take the run dir's socket files from a coordinator serving there, cutting its members off
+        served = [e for e in (config.control_endpoint, config.engine_endpoint) if listened_on(e)]
+        if served:
+            raise OSError(f"another coordinator serves run_dir {config.run_dir} (something accepts connections on "
+                          f"{served[0]}): stop it, or give this one a run_dir of its own")
         self.ctx = zmq.asyncio.Context()
         self.client = self._router(config.client_endpoint, {
             zmq.ROUTER_MANDATORY: 1,
@@ -156,8 +168,8 @@ class Coordinator:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def close(self) -> None:
-        for socket in (self.client, self.engine, self.control):
-            socket.close(linger=0)
+        for sock in (self.client, self.engine, self.control):
+            sock.close(linger=0)
         self.ctx.term()
         leave_run_dir(self.config, self.config.engine_endpoint, self.config.control_endpoint)
 
@@ -267,7 +279,9 @@ class Coordinator:
         """Let waiting requests into the engine while it has room and the system is ready."""
         if self.ready and time.monotonic() >= self.dispatch_after:
             started = self.table.start_next(self.config.max_running)
+            now = time.monotonic()
             for i, stream in enumerate(started):
+                stream.sent_at = now
                 if not self.send_engine(stream.engine_request()):
                     # The worker heartbeats, but its engine connection is not there (yet): right after this
                     # coordinator restarts, the control socket may reconnect first. The requests wait for it
@@ -309,7 +323,7 @@ class Coordinator:
         try:
             if isinstance(msg, EngineToken):
                 self.on_token(stream, msg, now)
-            elif isinstance(msg, EngineError) and msg.code in ("expert_host_unavailable", "shutting_down"):
+            elif isinstance(msg, EngineError) and msg.code in RESUMABLE_ENGINE_ERRORS:
                 self.ended_by_engine(stream, msg, now)
             elif isinstance(msg, EngineError):
                 self.fail(stream, msg.code, msg.message, in_engine=False)
@@ -369,6 +383,11 @@ class Coordinator:
         if outcome.superseded_by is not None:
             self.supersede(identity, msg, outcome.superseded_by, outcome.first_notice)
             return
+        failed_incarnation = self.awaited.get(msg.member_id)
+        if failed_incarnation is not None and failed_incarnation != msg.incarnation:
+            del self.awaited[msg.member_id]
+            if not self.awaited:  # every process that ended requests has a successor: no need to wait out the timer
+                self.dispatch_after = 0.0
         if outcome.joined:
             log.info("%s joined (pid %d, metrics :%d, placement v%d)", msg.member_id, msg.pid, msg.metrics_port,
                      msg.placement_version)
@@ -416,15 +435,21 @@ class Coordinator:
             self.waiting_since(now, reason)
 
     def ended_by_engine(self, stream: RequestStream, error: EngineError, now: float) -> None:
-        """The worker ended the request because an expert host stopped answering, or refused it because it is
-        stopping (to be restarted, or the coordinator would be stopping first). Nothing is sent to the worker
-        until the process has had the time to be found missing by its heartbeats, so that requests wait for its
-        successor rather than going straight back to the same failure. A refusal does not count as a resume:
-        the request had not run."""
+        """The worker ended the request because an expert host stopped answering or its own stop outlasted
+        drain_timeout_s, or refused it because it is stopping (to be restarted, or the coordinator would be
+        stopping first). Nothing is sent to the worker
+        until the process the error names has a successor, or has had the time to be found missing by its
+        heartbeats, so that requests do not go straight back to the same failure; a successor that joined after
+        the request was sent is there already. A refusal does not count as a resume: the request had not run."""
         if self.config.resume_timeout_s <= 0:
             self.fail(stream, error.code, error.message, in_engine=False)
             return
-        self.dispatch_after = now + self.config.heartbeat_timeout_s + self.config.heartbeat_interval_s
+        failed = self.membership.members.get(error.member_id)
+        if failed is None or failed.first_seen <= stream.sent_at:  # else its successor joined after the request
+            if now >= self.dispatch_after:
+                self.awaited.clear()
+            self.dispatch_after = now + self.config.heartbeat_timeout_s + self.config.heartbeat_interval_s
+            self.awaited[error.member_id if failed else ""] = failed.incarnation if failed else ""
         if self.resume([stream], error.code, error.message, counted=error.code != "shutting_down"):
             self.waiting_since(now, error.message)
 
@@ -488,8 +513,9 @@ class Coordinator:
         return "draining" if self.draining else "ready" if self.ready else "starting"
 
     def members(self, now: float) -> list[dict]:
-        me = {"member_id": "coordinator", "role": "coordinator", "pid": os.getpid(), "metrics_port": self.metrics_port,
-              "alive": True, "placement_version": self.placement.version, "model": self.membership.model,
+        me = {"member_id": "coordinator", "role": "coordinator", "pid": os.getpid(), "host": socket.gethostname(),
+              "incarnation": self.incarnation, "metrics_port": self.metrics_port, "alive": True,
+              "placement_version": self.placement.version, "model": self.membership.model,
               "last_seen_s": 0.0,
               "load": {"running": self.table.num_running, "waiting": self.table.num_waiting}}
         return [me, *self.membership.snapshot(now)]

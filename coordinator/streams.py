@@ -65,6 +65,7 @@ class RequestStream:
         self._detokenizer = detokenizer
         self._stops = StopMatcher(request.stop)
         self.arrived = arrived
+        self.sent_at = arrived  # when it last went to the engine
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.token_ids: list[int] = []  # generated so far: a request resumed on another worker continues from them

@@ -27,11 +27,18 @@ from shared.mailbox import (
     remove_mailbox,
     remove_stale_mailboxes,
 )
-from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
 from shared.native_kernels import load_library, pin_threads
 from shared.placement import expert_host_id
-from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process
+from shared.process import (
+    ControlLink,
+    StopFlag,
+    leave_run_dir,
+    listened_on,
+    open_metrics,
+    open_model,
+    setup_process,
+)
 from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
 
 _log = logging.getLogger("expert_host")  # for work items, outside serve's own logger
@@ -104,8 +111,9 @@ def serve(config: Config, host_index: int) -> int:
     member_id = expert_host_id(host_index)
     log = setup_process(member_id, "expert_host", config)
     stop = StopFlag()
+    metrics_port = open_metrics(config, log, "expert_host", host_index)
     model = open_model(config, log)
-    if model is None:
+    if metrics_port is None or model is None:
         return 1
     try:
         store = ExpertStore.from_config(open_expert_source(model, config), host_index, config)
@@ -114,13 +122,24 @@ def serve(config: Config, host_index: int) -> int:
         return 1
     if any(store.source.format(layer) != "float" for layer in range(model.config.n_layers)):
         load_library()  # the native kernel's build (once per machine) before the first work item, not during it
-    metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("expert_host", host_index))
     ctx = zmq.Context()
+    control = ControlLink(ctx, config, member_id, "expert_host", metrics_port, model.identity, stop)
+    endpoint = config.expert_host_endpoint(host_index)
+    placement = None
+    if listened_on(endpoint):
+        # Another process serves this id. Binding the endpoint and making the mailbox would take both from it, so
+        # they wait until joining has superseded it: one stopped before it joined leaves that process serving.
+        log.info("%s is served by another process: joining before taking it over", endpoint)
+        placement = control.wait_for_placement()
+        if placement is None:
+            control.socket.close(linger=0)
+            ctx.term()
+            store.close()
+            log.info("stopped before it took the endpoint over")
+            return stop.exit_status
     data = ctx.socket(zmq.ROUTER)
     data.setsockopt(zmq.LINGER, 0)
-    endpoint = config.expert_host_endpoint(host_index)
     data.bind(endpoint)
-    control = ControlLink(ctx, config, member_id, "expert_host", metrics_port, model.identity, stop)
     mailbox = open_mailbox(config, host_index, model, log)
     if config.pin_host_threads:
         bind_threads(config, host_index, log)
@@ -131,8 +150,6 @@ def serve(config: Config, host_index: int) -> int:
     backoff = Backoff(max_sleep_s=IDLE_SLEEP_S)
     try:
         while not stop.stopping:
-            control.heartbeat_if_due(store.placement_version, {"queue": len(queue), "experts": len(store.weights)})
-            placement = control.read_placement()
             if placement is not None and placement.version != store.placement_version:
                 try:
                     store.apply(placement)
@@ -143,7 +160,8 @@ def serve(config: Config, host_index: int) -> int:
                 HELD_BYTES.set(store.nbytes)
                 log.info("placement v%d: holding %d experts (%.1f MB)", placement.version, len(store.weights),
                          store.nbytes / 1e6)
-                control.heartbeat_if_due(store.placement_version)
+            control.heartbeat_if_due(store.placement_version, {"queue": len(queue), "experts": len(store.weights)})
+            placement = control.read_placement()
             if mailbox is not None:
                 if backoff.wait(lambda: mailbox.pending() or mailbox.lane_pending(),
                                 time.monotonic() + SOCKETS_EVERY_S):
@@ -162,7 +180,7 @@ def serve(config: Config, host_index: int) -> int:
         drain(store, data, queue, mailbox)
     finally:
         store.close()
-        # the mailbox and socket file at these paths are the successor's, made before it was first heard from
+        # the mailbox and socket file at these paths are the successor's, or about to be
         yielded = control.superseded is not None
         if mailbox is not None:
             mailbox.close()

@@ -30,10 +30,18 @@ from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.mailbox import remove_stale_mailboxes
 from shared.memory_use import HostMemoryError, room_above_floor, size_text
-from shared.metrics import start_metrics_server
 from shared.model_config import ModelConfig, ModelError
-from shared.placement import Placement
-from shared.process import ControlLink, StopFlag, leave_run_dir, open_model, setup_process, worker_device, worker_dtype
+from shared.placement import Placement, expert_host_id
+from shared.process import (
+    ControlLink,
+    StopFlag,
+    leave_run_dir,
+    open_metrics,
+    open_model,
+    setup_process,
+    worker_device,
+    worker_dtype,
+)
 from shared.protocol import (
     EngineCancel,
     EngineError,
@@ -187,11 +195,17 @@ class Engine:
 
     def fail_all_running(self) -> list[Sequence]:
         """After a lost expert host: the running batch's state is unusable, end every admitted request."""
-        failed = [seq for seq in list(self.scheduler.running)]
-        for seq in failed:
+        return self._fail(list(self.scheduler.running))
+
+    def fail_all(self) -> list[Sequence]:
+        """A stop that outlasted drain_timeout_s: every request held, waiting or running, ends unfinished."""
+        return self._fail([*self.scheduler.waiting, *self.scheduler.running])
+
+    def _fail(self, seqs: list[Sequence]) -> list[Sequence]:
+        for seq in seqs:
             self.scheduler.cancel(seq.request_id, reason="error")
         self.update_gauges()
-        return failed
+        return seqs
 
     def update_gauges(self) -> None:
         RUNNING.set(self.scheduler.num_running)
@@ -260,10 +274,10 @@ def to_sequence(msg: EngineGenerate) -> Sequence:
 def serve(config: Config) -> int:
     log = setup_process(MEMBER_ID, "gpu_worker", config)
     stop = StopFlag()
+    metrics_port = open_metrics(config, log, "gpu_worker")
     model = open_model(config, log)
-    if model is None:
+    if metrics_port is None or model is None:
         return 1
-    metrics_port = start_metrics_server(config.metrics_host, config.metrics_port_for("gpu_worker"))
     ctx = zmq.Context()
     engine_socket = ctx.socket(zmq.DEALER)
     engine_socket.setsockopt(zmq.ROUTING_ID, MEMBER_ID.encode())
@@ -282,7 +296,9 @@ def serve(config: Config) -> int:
                 # Nothing takes it: the coordinator is away, or a worker started later under this id took the engine
                 # connection over, and nothing this one sends is read again. Blocked here it fell silent for good;
                 # heartbeating, it hears that it was superseded. (A placement read here comes again with the reply to
-                # the next heartbeat, which still reports the one held.)
+                # the next heartbeat, which still reports the one held.) A stop past its drain waits for no one.
+                if stop.stopped_for(config.drain_timeout_s):
+                    return
                 engine_socket.poll(int(KEEP_ALIVE_S * 1000), zmq.POLLOUT)
                 engine.keep_alive()
                 control.read_placement()
@@ -321,6 +337,14 @@ def serve(config: Config) -> int:
                     return 1
                 log.info("placement v%d applied", placement.version)
             busy = engine.scheduler.has_work()
+            if busy and control.superseded is None and stop.stopped_for(config.drain_timeout_s):
+                unfinished = engine.fail_all()
+                log.warning("stopping: drain_timeout_s (%g s) is over, %d requests end unfinished",
+                            config.drain_timeout_s, len(unfinished))
+                for seq in unfinished:  # they ran: resumed on a successor, they count as resumed
+                    send(EngineError(request_id=seq.request_id, code="unavailable", member_id=MEMBER_ID,
+                                     message="the worker stopped before the request finished (drain_timeout_s)"))
+                busy = False
             # a superseded worker's requests were resumed on its successor: what it generates would reach no one
             if stop.stopping and (not busy or control.superseded is not None):
                 break
@@ -334,7 +358,8 @@ def serve(config: Config) -> int:
             except ExpertHostError as e:
                 log.error("%s; failing the running requests", e)
                 for seq in engine.fail_all_running():
-                    send(EngineError(request_id=seq.request_id, code="expert_host_unavailable", message=str(e)))
+                    send(EngineError(request_id=seq.request_id, code="expert_host_unavailable", message=str(e),
+                                     member_id=expert_host_id(e.host) if e.host >= 0 else ""))
                 continue
             except Exception as e:  # a bug must cost the batch in flight, not every request the worker holds
                 log.exception("model step failed; failing the running requests")
@@ -388,7 +413,8 @@ def handle_engine_message(engine: Engine, frames: list, send: Callable[[Message]
         return
     if isinstance(msg, EngineGenerate):
         if stop.stopping:
-            send(EngineError(request_id=msg.request_id, code="shutting_down", message="the worker is shutting down"))
+            send(EngineError(request_id=msg.request_id, code="shutting_down", message="the worker is shutting down",
+                             member_id=MEMBER_ID))
             return
         seq = to_sequence(msg)
         if (why := engine.scheduler.never_fits(seq)) is not None:

@@ -30,7 +30,7 @@ from shared.client import Client
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.mailbox import remove_stale_mailboxes
 from shared.memory_use import descendants, process_memory
-from shared.process import EPHEMERAL_MARKER, SUPERSEDED_EXIT_STATUS, remove_ipc_file
+from shared.process import EPHEMERAL_MARKER, SUPERSEDED_EXIT_STATUS, listened_on, remove_ipc_file
 
 _PR_SET_PDEATHSIG = 1
 
@@ -198,20 +198,10 @@ def remove_leftovers(config: Config) -> None:
     A socket file something still listens on is another system's, sharing the run dir: its processes could not
     connect again without it."""
     for endpoint in (config.control_endpoint, config.engine_endpoint, *config.expert_host_endpoints):
-        if endpoint.startswith("ipc://") and not _listened_on(endpoint[len("ipc://"):]):
+        if not listened_on(endpoint):
             remove_ipc_file(endpoint)
     for stale in remove_stale_mailboxes(config.expert_host_endpoints):
         print(f"tierserve: removed {stale}: its host is gone", file=sys.stderr)
-
-
-def _listened_on(path: str) -> bool:
-    """Whether a process accepts connections on the Unix socket file at `path` (ZeroMQ's ipc transport)."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        try:
-            probe.connect(path)
-        except OSError:  # refused (nothing listens), or no such file
-            return False
-    return True
 
 
 def up(config: Config, ready_timeout_s: float = 300.0) -> int:

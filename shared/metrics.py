@@ -7,6 +7,8 @@ process_resident_memory_bytes) and serves them itself.
 
 from __future__ import annotations
 
+import errno
+
 from prometheus_client import start_http_server
 
 
@@ -16,5 +18,7 @@ def start_metrics_server(host: str, port: int) -> int:
     try:
         server, _ = start_http_server(port, addr=host)
     except OSError as e:
-        raise OSError(e.errno, f"cannot serve metrics on {host}:{port}: {e.strerror}") from e
+        hint = " (another process has it: is this role already running here? metrics_port 0 picks free ports)" \
+            if e.errno == errno.EADDRINUSE else ""
+        raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror}{hint}") from e
     return int(server.server_port)

@@ -19,6 +19,7 @@ import zmq
 
 from shared.config import Config
 from shared.gguf_file import GGUFModel
+from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
 from shared.placement import Placement
 from shared.protocol import Heartbeat, ProtocolError, Superseded, Welcome, decode, encode
@@ -68,6 +69,15 @@ def open_model(config: Config, log: logging.Logger) -> GGUFModel | None:
     try:
         return GGUFModel(config.model)
     except ModelError as e:
+        log.error("cannot start: %s", e)
+        return None
+
+
+def open_metrics(config: Config, log: logging.Logger, role: str, host: int = 0) -> int | None:
+    """This process's /metrics port, or None after logging why it cannot be served (the process then exits 1)."""
+    try:
+        return start_metrics_server(config.metrics_host, config.metrics_port_for(role, host))
+    except OSError as e:
         log.error("cannot start: %s", e)
         return None
 
@@ -145,14 +155,21 @@ class StopFlag:
     def __init__(self) -> None:
         self.stopping = False
         self.exit_status = 0
+        self.since = 0.0  # time.monotonic() of the first stop
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._set)
 
     def _set(self, signum: int, frame: object) -> None:
-        self.stopping = True
+        self.stop(self.exit_status)
 
     def stop(self, exit_status: int) -> None:
+        if not self.stopping:
+            self.since = time.monotonic()
         self.stopping, self.exit_status = True, exit_status
+
+    def stopped_for(self, seconds: float) -> bool:
+        """Whether the process has been stopping for at least `seconds`."""
+        return self.stopping and time.monotonic() - self.since >= seconds
 
 
 class ControlLink:
@@ -238,6 +255,19 @@ def leave_run_dir(config: Config, *endpoints: str) -> None:
             os.rmdir(run_dir)
     except OSError:
         pass  # another process got there first or is still inside
+
+
+def listened_on(endpoint: str) -> bool:
+    """Whether a process accepts connections on an ipc:// endpoint's socket file (a live one, or one stopped)."""
+    if not endpoint.startswith("ipc://"):
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)  # a stopped listener whose backlog is full never accepts
+        try:
+            probe.connect(endpoint[len("ipc://"):])
+        except OSError:  # refused (nothing listens), no such file, or that timeout
+            return False
+    return True
 
 
 def remove_ipc_file(endpoint: str) -> None:

@@ -170,6 +170,7 @@ class EngineError(Message):
     request_id: str
     code: str
     message: str
+    member_id: str = ""  # the process whose failure or stop ended the request, where the worker knows it
 
 
 @dataclass

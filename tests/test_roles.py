@@ -4,6 +4,7 @@ restarts rejoins, gets the current placement and serves the oracle's tokens agai
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -22,7 +23,7 @@ from shared.launcher import free_tcp_port
 from shared.mailbox import ORDERED_STORES, mailbox_path
 from shared.make_model import make_model
 from shared.native_kernels import load_library
-from shared.process import SUPERSEDED_EXIT_STATUS, worker_device
+from shared.process import SUPERSEDED_EXIT_STATUS, listened_on, worker_device
 from shared.reference import ReferenceModel
 
 pytestmark = pytest.mark.slow
@@ -176,6 +177,58 @@ def test_a_host_started_twice_hands_its_id_to_the_later_one_and_stops(tmp_path, 
            f"on {here}" in roles.log("coordinator")
 
 
+def test_a_second_host_stopped_before_it_joined_leaves_the_first_serving(tmp_path, model_and_expected):
+    """A second `expert-host --host-id 0` stopped (Ctrl-C) before the coordinator heard from it, here while the
+    coordinator is paused: it had bound the endpoint and made a mailbox over the running host's, and took both
+    away as it exited, so the worker could no more reach the host it still saw heartbeating. Finding the endpoint
+    served, it now touches them only once it has joined."""
+    model, expected = model_and_expected
+    roles = Roles(tmp_path, model, expert_hosts=1, hot_experts=2, heartbeat_timeout_s=60.0)
+    endpoint = roles.config.client_endpoint
+    socket_file = roles.config.expert_host_endpoint(0)[len("ipc://"):]
+
+    def files() -> list[int | None]:
+        return [os.stat(path).st_ino if os.path.exists(path) else None
+                for path in (socket_file, mailbox_path(roles.config.expert_host_endpoint(0)))]
+
+    def mailbox_work(port: int) -> float:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            return next(float(line.split()[-1]) for line in r.read().decode().splitlines()
+                        if line.startswith("tierserve_expert_host_mailbox_work_total"))
+
+    try:
+        coordinator = roles.start("coordinator", "coordinator")
+        roles.start("gpu-worker", "gpu-worker")
+        first = roles.start("first", "expert-host", "--host-id", "0")
+        wait_ready(endpoint)
+        with Client(endpoint) as client:
+            assert client.complete(token_ids=PROMPT, max_tokens=6).token_ids == expected
+            port = next(m["metrics_port"] for m in client.health().members if m["member_id"] == "expert-host-0")
+        before, work_before = files(), mailbox_work(port)
+        assert before[0] is not None and (before[1] is not None) == ORDERED_STORES
+        coordinator.send_signal(signal.SIGSTOP)
+        try:
+            second = roles.start("second", "expert-host", "--host-id", "0")
+            deadline = time.monotonic() + 60
+            while "is served by another process: joining" not in roles.log("second"):
+                assert second.poll() is None and time.monotonic() < deadline, roles.log("second")
+                time.sleep(0.1)
+            time.sleep(0.5)  # long past where it used to bind and make its mailbox
+            second.send_signal(signal.SIGINT)
+            assert second.wait(60) == 0
+        finally:
+            coordinator.send_signal(signal.SIGCONT)
+        assert files() == before
+        with Client(endpoint) as client:
+            assert client.complete(token_ids=PROMPT, max_tokens=6).token_ids == expected
+            assert next(m["pid"] for m in client.health().members if m["member_id"] == "expert-host-0") == first.pid
+        assert mailbox_work(port) > work_before or not ORDERED_STORES
+    finally:
+        codes = roles.stop()
+    assert codes == {"coordinator": 0, "gpu-worker": 0, "first": 0, "second": 0}
+    assert "stopped before it took the endpoint over" in roles.log("second")
+
+
 def test_a_second_worker_that_never_joins_leaves_the_first_serving(tmp_path, model_and_expected):
     """A second gpu worker refused at start (its KV cache cannot fit), before its first heartbeat: it took the
     engine connection over as it started, and once it exited nothing the first sent was read, while the first,
@@ -261,3 +314,72 @@ def test_an_expert_host_id_outside_the_configured_hosts_is_refused(host_id):
                           "--model", "unused.gguf"], capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
     assert f"--host-id {host_id} must be >= 0 and below expert_hosts (2)" in run.stderr
+
+
+def test_a_stopping_worker_whose_coordinator_is_gone_stops_when_its_drain_time_is_over(tmp_path, model_and_expected):
+    """SIGTERM to a worker holding requests after its coordinator was killed: nothing reads its tokens, and it
+    waited for the coordinator until killed in turn. It now gives up once drain_timeout_s is over, saying how many
+    requests it ended, and exits as a stop does."""
+    model, _ = model_and_expected
+    roles = Roles(tmp_path, model, expert_hosts=0, hot_experts=8, drain_timeout_s=1.0)
+    try:
+        coordinator = roles.start("coordinator", "coordinator")
+        worker = roles.start("gpu-worker", "gpu-worker")
+        wait_ready(roles.config.client_endpoint)
+        with Client(roles.config.client_endpoint) as client:
+            busy = [client.generate(token_ids=[7], max_tokens=480) for _ in range(16)]
+            for stream in busy:
+                next(stream)
+            coordinator.send_signal(signal.SIGKILL)
+            coordinator.wait(60)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(60) == 0
+    finally:
+        roles.stop()
+    said = re.search(r"WARNING stopping: drain_timeout_s \(1 s\) is over, (\d+) requests end unfinished",
+                     roles.log("gpu-worker"))
+    assert said is not None and int(said.group(1)) > 0, roles.log("gpu-worker")
+
+
+def test_a_second_coordinator_on_one_run_dir_is_refused_and_leaves_the_first_serving(tmp_path, model_and_expected):
+    """Coordinators are not members: a second one on the run dir (another client port) bound the control and engine
+    sockets over the first's, and members that came after joined it."""
+    model, expected = model_and_expected
+    roles = Roles(tmp_path, model, expert_hosts=0, hot_experts=8)
+    try:
+        roles.start("coordinator", "coordinator")
+        wait_for_file = time.monotonic() + 60
+        while not listened_on(roles.config.control_endpoint):  # bound last
+            assert time.monotonic() < wait_for_file
+            time.sleep(0.1)
+        second = roles.start("second", "coordinator", "--client-endpoint", f"tcp://127.0.0.1:{free_tcp_port()}")
+        assert second.wait(60) == 1
+        roles.start("gpu-worker", "gpu-worker")
+        wait_ready(roles.config.client_endpoint)
+        with Client(roles.config.client_endpoint) as client:
+            assert client.complete(token_ids=PROMPT, max_tokens=6).token_ids == expected
+    finally:
+        codes = roles.stop()
+    assert codes == {"coordinator": 0, "second": 1, "gpu-worker": 0}
+    assert f"ERROR cannot start: another coordinator serves run_dir {roles.config.run_dir} (something accepts " \
+           f"connections on {roles.config.control_endpoint})" in roles.log("second")
+
+
+@pytest.mark.parametrize("role, args, offset", [("gpu-worker", (), 1), ("expert-host", ("--host-id", "1"), 3)])
+def test_a_metrics_port_another_process_has_is_refused_by_name(tmp_path, model_and_expected, role, args, offset):
+    """With a fixed metrics_port, a second process of one role on a machine (or anything else on its port) died
+    of an uncaught "Address already in use" traceback; it now says what it could not do, and why, before loading."""
+    model, _ = model_and_expected
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        roles = Roles(tmp_path, model, expert_hosts=2)
+        fixed = roles.config.to_toml().replace("metrics_port = 0", f"metrics_port = {port - offset}")
+        roles.config_path.write_text(fixed)
+        run = subprocess.run([sys.executable, "-m", "shared.cli", role, "--config", str(roles.config_path), *args],
+                             capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert f"ERROR cannot start: cannot serve metrics on 127.0.0.1:{port}: Address already in use (another process " \
+           f"has it: is this role already running here? metrics_port 0 picks free ports)" in run.stderr
+    assert "Traceback" not in run.stderr

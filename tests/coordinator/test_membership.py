@@ -138,6 +138,19 @@ def test_time_the_coordinator_did_not_run_counts_against_no_member(members):
     assert members.is_alive("expert-host-0")
 
 
+def test_a_heartbeat_read_after_a_stop_before_the_late_tick_does_not_make_the_stop_count(members):
+    """Resumed after a stop, the loop read one member's queued heartbeat before its late tick: the tick took the
+    loop for one that had been running, and found every other member lost."""
+    members.heartbeat(beat("gpu-worker", 3), now=0.0)
+    members.heartbeat(beat("expert-host-0", 3), now=0.4)
+    assert members.expire(now=0.5) == []
+    members.heartbeat(beat("expert-host-0", 3), now=10.45)  # stopped for 10 s after the tick at 0.5
+    ticks = [round(10.5 + 0.1 * i, 1) for i in range(20)]
+    lost_at = {m.member_id: now for now in ticks for m in members.expire(now)}
+    assert lost_at == {"gpu-worker": 11.9}  # still found lost: 2 s of the coordinator's own running time
+    assert members.is_alive("expert-host-0")
+
+
 def test_a_slow_coordinator_still_finds_a_dead_member_lost_within_its_timeout(members):
     """Ticks 1 s apart, late every time, while a live host's heartbeats are read between them: the time counts.
     Credited as a stop, it let the dead worker be found lost after 20 ticks, 20 s."""
@@ -175,8 +188,9 @@ def test_snapshot_lists_each_member_for_health(members):
     members.heartbeat(beat("gpu-worker", 0, pid=8), now=10.5)
     snap = members.snapshot(now=11.0)
     assert [m["member_id"] for m in snap] == ["expert-host-1", "gpu-worker"]
-    assert snap[0] == {"member_id": "expert-host-1", "role": "expert_host", "pid": 7, "metrics_port": 9000,
-                       "alive": True, "placement_version": 3, "model": MODEL, "last_seen_s": 1.0,
+    assert snap[0] == {"member_id": "expert-host-1", "role": "expert_host", "pid": 7, "host": "node-a",
+                       "incarnation": "pid 7", "metrics_port": 9000, "alive": True, "placement_version": 3,
+                       "model": MODEL, "last_seen_s": 1.0,
                        "load": {"queue": 2}}
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import pytest
 import zmq
 
 from coordinator import service
@@ -39,8 +40,8 @@ async def ready_worker(tiny_model: Path, tmp_path: Path, **settings) -> AsyncIte
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700, exist_ok=True)
     config = Config(model=str(tiny_model), run_dir=str(run_dir), client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}",
-                    metrics_port=0, heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0,
-                    **{"expert_hosts": 0, "hot_experts": 8, **settings})
+                    metrics_port=0, **{"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 1.0, "expert_hosts": 0,
+                                       "hot_experts": 8, **settings})
     c = Coordinator(config, GGUFModel(config.model))
     engine = zmq.Context.instance().socket(zmq.DEALER)
     engine.setsockopt(zmq.ROUTING_ID, b"gpu-worker")
@@ -71,8 +72,10 @@ def sent(c: Coordinator, engine: zmq.Socket, *requests: tuple[bytes, str]) -> li
     return [decode(engine.recv_multipart()) for _ in requests]
 
 
-def host_failed(c: Coordinator, request: EngineGenerate, code: str = "expert_host_unavailable") -> None:
-    c.on_engine(b"gpu-worker", encode(EngineError(request_id=request.request_id, code=code, message="x")))
+def host_failed(c: Coordinator, request: EngineGenerate, code: str = "expert_host_unavailable",
+                member_id: str = "") -> None:
+    c.on_engine(b"gpu-worker", encode(EngineError(request_id=request.request_id, code=code, message="x",
+                                                  member_id=member_id)))
 
 
 def test_resume_timeout_with_a_gone_client_of_two_requests_does_not_raise(tiny_model, tmp_path):
@@ -145,20 +148,23 @@ def test_fail_all_at_the_resume_timeout_cancels_what_a_live_worker_still_holds(t
     asyncio.run(body())
 
 
-def test_a_stopping_workers_refusal_waits_for_its_successor_without_counting_as_a_resume(tiny_model, tmp_path):
+@pytest.mark.parametrize("code, counted", [("shutting_down", False), ("unavailable", True)])
+def test_requests_a_stopping_worker_ends_wait_for_its_successor(tiny_model, tmp_path, code, counted):
+    """Refused as it stops (shutting_down), a request did not run and is not counted as resumed; ended because the
+    stop outlasted drain_timeout_s (unavailable), it ran and is. Either waits until the worker's successor holds
+    the placement, not until the heartbeat timeout, and not for the stopping worker's next heartbeat."""
     async def body():
-        async with ready_worker(tiny_model, tmp_path, resume_timeout_s=10.0) as (c, engine):
+        async with ready_worker(tiny_model, tmp_path, resume_timeout_s=10.0, heartbeat_timeout_s=30.0) as (c, engine):
             (first,) = sent(c, engine, (b"client", "a"))
-            host_failed(c, first, code="shutting_down")
+            host_failed(c, first, code=code, member_id="gpu-worker")
             a = c.table.find(b"client", "a")
-            assert a is not None and c.table.num_waiting == 1 and a.resumes == 0
-            c.tick(time.monotonic())  # held: the stopping worker would refuse it again at once
+            assert a is not None and c.table.num_waiting == 1 and a.resumes == int(counted)
+            heartbeat(c)  # the stopping worker, still heartbeating: it would refuse the request again at once
+            c.tick(time.monotonic())
             assert not engine.poll(200)
             heartbeat(c, pid=2, version=0)  # its successor joins ...
+            assert not engine.poll(200)
             heartbeat(c, pid=2)  # ... and holds the placement
-            assert c.ready and not engine.poll(200)  # still held
-            await asyncio.sleep(c.config.heartbeat_timeout_s + c.config.heartbeat_interval_s)
-            heartbeat(c, pid=2)
             again = decode(engine.recv_multipart())
             assert again.prompt_token_ids == [5, 6] and again.request_id != first.request_id
 

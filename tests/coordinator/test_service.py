@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import os
 import signal
+import socket
 import stat
 import subprocess
 import sys
@@ -49,8 +50,8 @@ class Coordinator:
     def __init__(self, model: Path, tmp_path: Path, **settings) -> None:
         self.config = Config(model=str(model), run_dir=str(tmp_path / "run"),
                              client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", metrics_port=0,
-                             heartbeat_interval_s=0.1, heartbeat_timeout_s=1.0,
-                             **{"max_request_bytes": MAX_REQUEST_BYTES, **settings})
+                             **{"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 1.0,
+                                "max_request_bytes": MAX_REQUEST_BYTES, **settings})
         path = tmp_path / "config.toml"
         path.write_text(self.config.to_toml())
         self.log = tmp_path / "coordinator.log"
@@ -247,8 +248,11 @@ def test_a_worker_started_twice_is_served_by_the_later_and_the_first_is_told_to_
         for _ in range(2):
             first.send_multipart(encode(hb))
             assert decode(first.recv_multipart()) == Superseded(member_id="gpu-worker", pid=4343, host="node-b")
-        worker = next(m for m in coordinator.client.health().members if m["member_id"] == "gpu-worker")
-        assert worker["pid"] == 4343
+        members = {m["member_id"]: m for m in coordinator.client.health().members}
+        worker = members["gpu-worker"]
+        assert (worker["pid"], worker["host"], worker["incarnation"]) == (4343, "node-b", "second")
+        coordinator_entry = members["coordinator"]
+        assert coordinator_entry["host"] == socket.gethostname() and len(coordinator_entry["incarnation"]) == 16
     finally:
         first.close()
         second.close()
@@ -469,6 +473,71 @@ def test_a_request_ended_by_a_lost_expert_host_resumes_after_the_host_had_time_t
         events = list(stream)
         assert [e.token_id for e in events[:-1]] == [8, 9] and events[-1].completion_tokens == 3
     assert coordinator.process.returncode == 0
+
+
+def test_a_request_ended_by_a_host_resumes_as_soon_as_the_host_it_names_has_a_successor(tiny_model, tmp_path):
+    """The error names the host: its requests wait for that host's successor, not for the heartbeat timeout
+    (30 s here), and go at once when the successor joined before the error came; one whose host has no successor
+    yet still waits."""
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=1, hot_experts=4, heartbeat_timeout_s=30.0)
+    model = GGUFModel(coordinator.config.model).identity
+    host = worker_socket()
+    host.connect(coordinator.config.control_endpoint)
+    host_hb = Heartbeat(member_id="expert-host-0", role="expert_host", incarnation="first", pid=5000, host="node-a",
+                        metrics_port=1235, placement_version=0, model=model)
+    member, engine = worker_socket(), engine_socket()
+    member.connect(coordinator.config.control_endpoint)
+    worker_hb = Heartbeat(member_id="gpu-worker", role="gpu_worker", incarnation="first", pid=4242, host="node-a",
+                          metrics_port=1234, placement_version=0, model=model)
+
+    def join(sock: zmq.Socket, hb: Heartbeat) -> None:
+        sock.send_multipart(encode(hb))
+        hb.placement_version = decode(sock.recv_multipart()).placement["version"]
+        sock.send_multipart(encode(hb))
+
+    def engine_message(within_s: float) -> EngineGenerate | None:
+        """The next message to the engine within `within_s`, the worker and host heartbeating meanwhile."""
+        deadline = time.monotonic() + within_s
+        while not engine.poll(100):
+            if time.monotonic() > deadline:
+                return None
+            member.send_multipart(encode(worker_hb))
+            host.send_multipart(encode(host_hb))
+        return decode(engine.recv_multipart())
+
+    def fail(request_id: str) -> None:
+        engine.send_multipart(encode(EngineError(request_id=request_id, code="expert_host_unavailable",
+                                                 message="expert host 0: the host restarted with this step's work "
+                                                         "unanswered", member_id="expert-host-0")))
+
+    def restart_host(incarnation: str, pid: int) -> None:
+        host_hb.incarnation, host_hb.pid, host_hb.placement_version = incarnation, pid, 0
+        join(host, host_hb)
+
+    try:
+        join(member, worker_hb)
+        join(host, host_hb)
+        engine.connect(coordinator.config.engine_endpoint)
+        stream = coordinator.client.generate(request_id="h", token_ids=[5, 6], max_tokens=3)
+        first = engine_message(10)
+        engine.send_multipart(token(first.request_id, 7))
+        assert next(stream).token_id == 7
+        fail(first.request_id)
+        assert engine_message(1.0) is None  # the host it names is still the one that failed
+        restart_host("second", 5001)
+        again = engine_message(10)
+        assert isinstance(again, EngineGenerate) and again.prompt_token_ids == [5, 6, 7]
+        restart_host("third", 5002)  # before its error comes: the request went to the host that failed
+        fail(again.request_id)
+        third = engine_message(5)
+        assert isinstance(third, EngineGenerate) and third.prompt_token_ids == [5, 6, 7]
+        engine.send_multipart(token(third.request_id, 8))
+        engine.send_multipart(token(third.request_id, 9, "length"))
+        assert [e.token_id for e in list(stream)[:-1]] == [8, 9]
+    finally:
+        for sock in (host, member, engine):
+            sock.close()
+        assert coordinator.stop() == 0
 
 
 def test_a_cancel_that_comes_after_its_request_ended_counts_the_request_once(tiny_model, tmp_path):
