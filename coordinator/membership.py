@@ -84,13 +84,13 @@ class Membership:
         self.model = model  # the identity of the coordinator's model file, which every member must serve
         self.members: dict[str, Member] = {}
         self.replaced: dict[str, Replaced] = {}  # by incarnation, until silent for REPLACED_KEPT_S
-        self.expired_at: float | None = None
-        self.heard_since_tick = False  # whether a heartbeat was read since the last expire
+        self.expired_at: float | None = None  # when expire last ran
+        self.heard_at: float | None = None  # when the last heartbeat was read
 
     def heartbeat(self, hb: Heartbeat, now: float) -> HeartbeatOutcome:
         # After a stop, the loop may read a queued heartbeat before its late tick: that one counts the stop then
         self._credit_a_stop(now)
-        self.heard_since_tick = True
+        self.heard_at = now
         replaced = self.replaced.get(hb.incarnation)
         if replaced is not None:
             first_notice = not replaced.told
@@ -110,16 +110,10 @@ class Membership:
                                 restarted=restarted)
 
     def expire(self, now: float) -> list[Member]:
-        """Mark members not heard from within the timeout as lost; returns those lost just now. A tick later than
-        due by more than a heartbeat interval, with no heartbeat read since the last, means the coordinator did not
-        run meanwhile (stopped, a frozen container): that time counts against no member. So does the time until
-        the first heartbeat read after such a gap, which the loop may take before its late tick. A loop that is
-        merely slow reads the live members' heartbeats between its late ticks, and the time after the first read
-        counts: credited whole, a member dead for good was found lost only after timeout / tick_s late ticks (30 s
-        at 1 s apart). A loop blocked for most of each tick, its reads coming just before the next, looks like a
-        stop each time and finds a dead member lost late (7 s for a 2 s timeout, blocked 0.9 s of each second)."""
+        """Mark members not heard from within the timeout as lost; returns those lost just now. Time in which the
+        coordinator did not run (stopped, a frozen container) counts against no member (`_credit_a_stop`)."""
         self._credit_a_stop(now)
-        self.expired_at, self.heard_since_tick = now, False
+        self.expired_at = now
         lost = []
         for m in self.members.values():
             if m.alive and now - m.last_seen > self.timeout_s:
@@ -130,19 +124,25 @@ class Membership:
         return lost
 
     def _credit_a_stop(self, now: float) -> None:
-        if self.expired_at is None or self.heard_since_tick:
+        """Called as a tick or a heartbeat read happens. Since the later of the tick's due time and the last
+        heartbeat read, the loop has read nothing: for longer than a heartbeat interval, in which every member
+        sends one, it did not run, and that time is credited. A loop that is merely slow reads the live members'
+        heartbeats between its late ticks, and its time counts: credited whole, a member dead for good was found
+        lost only after timeout / tick_s late ticks (30 s at 1 s apart). One blocked for most of each interval
+        still looks stopped each time, and finds a dead member lost that much later."""
+        if self.expired_at is None:
             return
-        late_s = now - self.expired_at - self.tick_s
-        if late_s > self.interval_s:
-            self._not_watched(late_s, now)
+        unwatched_s = now - max(self.expired_at + self.tick_s, self.heard_at or 0.0)
+        if unwatched_s > self.interval_s:
+            self._not_watched(unwatched_s, now)
 
-    def _not_watched(self, late_s: float, now: float) -> None:
+    def _not_watched(self, unwatched_s: float, now: float) -> None:
         # The heartbeats members sent meanwhile are still unread in the control socket: without this, the first
         # tick after a SIGCONT found every live member lost and resumed or failed every request in flight. A tick
         # still counts its own period, so members are found lost even by a coordinator whose ticks are always late.
         # A replaced process's unread heartbeats likewise must not find it forgotten, and let it take its id back.
         for m in [*self.members.values(), *self.replaced.values()]:
-            m.last_seen = min(m.last_seen + late_s, now)
+            m.last_seen = min(m.last_seen + unwatched_s, now)
 
     def is_alive(self, member_id: str) -> bool:
         m = self.members.get(member_id)

@@ -21,6 +21,7 @@ class SampleResult:
     token_id: int
     logprob: float  # of the chosen token under the raw (untempered) distribution
     top_logprobs: list[tuple[int, float]]  # the params.logprobs most likely (id, logprob), most likely first
+    finite: bool = True  # False: the row had a NaN or inf logit, and its token means nothing
 
 
 class Sampler:
@@ -40,9 +41,11 @@ class Sampler:
         if rows:
             tokens[rows] = self._draw(logits[rows], [seqs[i] for i in rows])
         chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
+        finite = torch.isfinite(logits).all(dim=-1).tolist()
         n_top = min(max(seq.params.logprobs for seq in seqs), logits.shape[-1])
         top_values, top_ids = (t.tolist() for t in logprobs.topk(n_top, dim=-1))
-        return [SampleResult(token, chosen[i], list(zip(top_ids[i], top_values[i], strict=True))[: seq.params.logprobs])
+        return [SampleResult(token, chosen[i], list(zip(top_ids[i], top_values[i], strict=True))[: seq.params.logprobs],
+                             finite[i])
                 for i, (token, seq) in enumerate(zip(tokens.tolist(), seqs, strict=True))]
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

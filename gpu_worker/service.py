@@ -183,7 +183,11 @@ class Engine:
                     if sampling else []
             with section("postprocess"):
                 sampled = [(seq, r) for (_, seq), r in zip(sampling, results, strict=True)]
-                finished = self.scheduler.postprocess(batch, {seq.request_id: r.token_id for seq, r in sampled})
+                for seq, r in sampled:
+                    if not r.finite:  # ended here; the caller tells its client why
+                        self.scheduler.cancel(seq.request_id, reason="error")
+                finished = self.scheduler.postprocess(
+                    batch, {seq.request_id: r.token_id for seq, r in sampled if r.finite})
             if self.remote is not None:
                 self.remote.close_retired()  # the device is done with the step
             STEPS.inc()
@@ -367,6 +371,12 @@ def serve(config: Config) -> int:
                     send(EngineError(request_id=seq.request_id, code="internal_error", message=repr(e)))
                 continue
             for seq, r in sampled:
+                if not r.finite:
+                    log.error("request %s ended: non-finite logits", seq.request_id)
+                    send(EngineError(request_id=seq.request_id, code="internal_error",
+                                     message="the model's logits were not finite (NaN or inf): a weight in the model "
+                                             "file, or an activation, is out of range"))
+                    continue
                 send(EngineToken(request_id=seq.request_id, token_id=r.token_id, logprob=r.logprob,
                                  top_logprobs=[list(p) for p in r.top_logprobs],
                                  finish_reason=seq.finish_reason if seq.is_finished else None))

@@ -4,19 +4,23 @@ server keeps serving (a valid request succeeds after every one)."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import time
 import urllib.request
 import uuid
 from pathlib import Path
 
 import msgpack
+import numpy as np
 import pytest
 import zmq
 
-from shared.client import AsyncClient, Client, run
+from shared.client import AsyncClient, Client, ServerError, run
+from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
 from shared.make_model import make_model
 from shared.protocol import ErrorEvent, Message, decode
+from shared.reference import ReferenceModel
 
 pytestmark = pytest.mark.slow
 
@@ -201,3 +205,36 @@ def test_a_hundred_requests_at_once(system, raw):
     assert len(completed) >= 64  # max_waiting requests queue; only the excess may be refused
     assert all(e.completion_tokens == 3 for e in completed)
     assert_still_serving(system)
+
+
+def test_a_request_whose_logits_are_not_finite_ends_by_name_and_the_batch_beside_it_goes_on(tmp_path):
+    """Non-finite logits (here from a NaN row in the token embeddings, as a damaged model file has) drew their
+    argmax or first-ranked token and streamed it with a NaN logprob, without a word. That request now ends with
+    internal_error saying so; the requests in its batch are untouched."""
+    path = tmp_path / "tiny.gguf"
+    make_model(path, arch="qwen3moe", preset="tiny", dtype="f32", seed=9)
+    model = GGUFModel(path)
+    good = [[1, 2, 3], [30, 31]]
+    expected = [ReferenceModel(model).greedy(p, 8) for p in good]
+    damaged = next(t for t in range(40, model.config.vocab_size) if all(t not in e for e in expected))
+    hidden = model.config.hidden
+    offset = model.file_offset("token_embd.weight") + damaged * hidden * 4
+    del model
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.full(hidden, np.nan, np.float32).tobytes())
+    with RunningSystem(str(path), "--expert-hosts", "0", "--hot-experts", "8", "--device", "cpu") as system:
+
+        def run_one(prompt: list[int]) -> list[int] | ServerError:
+            with Client(system.endpoint) as client:
+                try:
+                    return client.complete(token_ids=prompt, max_tokens=8, logprobs=1).token_ids
+                except ServerError as e:
+                    return e
+
+        with concurrent.futures.ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(run_one, [good[0], [5, damaged, 6], good[1]]))
+        assert answers[0] == expected[0] and answers[2] == expected[1]
+        assert isinstance(answers[1], ServerError) and answers[1].code == "internal_error"
+        assert "the model's logits were not finite (NaN or inf)" in answers[1].message
+        assert run_one(good[0]) == expected[0]

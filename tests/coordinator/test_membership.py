@@ -151,6 +151,18 @@ def test_a_heartbeat_read_after_a_stop_before_the_late_tick_does_not_make_the_st
     assert members.is_alive("expert-host-0")
 
 
+def test_a_heartbeat_read_between_the_last_tick_and_a_stop_does_not_make_the_stop_count(members):
+    """A heartbeat read after the last tick before the stop meant "heard since the last tick": the late tick
+    after the stop took the loop for one that had been running, and found every member lost (the paused
+    coordinator test failed this way, 2 runs in 5)."""
+    members.heartbeat(beat("gpu-worker", 3), now=0.0)
+    members.heartbeat(beat("expert-host-0", 3), now=0.4)
+    assert members.expire(now=0.5) == []
+    members.heartbeat(beat("expert-host-0", 3), now=0.55)  # then stopped for 10 s
+    assert members.expire(now=10.55) == []
+    assert members.is_alive("gpu-worker") and members.is_alive("expert-host-0")
+
+
 def test_a_slow_coordinator_still_finds_a_dead_member_lost_within_its_timeout(members):
     """Ticks 1 s apart, late every time, while a live host's heartbeats are read between them: the time counts.
     Credited as a stop, it let the dead worker be found lost after 20 ticks, 20 s."""
