@@ -128,8 +128,8 @@ class Membership:
         heartbeat read, the loop has read nothing: for longer than a heartbeat interval, in which every member
         sends one, it did not run, and that time is credited. A loop that is merely slow reads the live members'
         heartbeats between its late ticks, and its time counts: credited whole, a member dead for good was found
-        lost only after timeout / tick_s late ticks (30 s at 1 s apart). One blocked for most of each interval
-        still looks stopped each time, and finds a dead member lost that much later."""
+        lost only after timeout / tick_s late ticks (30 s at 1 s apart). One blocked for longer than an interval at a
+        time still looks stopped each time, and finds a dead member lost that much later."""
         if self.expired_at is None:
             return
         unwatched_s = now - max(self.expired_at + self.tick_s, self.heard_at or 0.0)

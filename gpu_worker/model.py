@@ -91,7 +91,7 @@ class Trunk:
         # for a table of tens of GB)
         positions = min(cfg.context_length, num_blocks * block_size)
         self.rope_cos, self.rope_sin = rope_table(cfg.head_dim, cfg.rope_base, positions, device)
-        spare = num_blocks * block_size  # the spare slot, after the blocks'
+        self.spare_slot = spare = num_blocks * block_size  # the spare slot, after the blocks'
         self.kv = torch.zeros(kv_cache_shape(cfg, num_blocks, block_size), device=device, dtype=dtype)
         if decode_graphs is None:
             decode_graphs = device.type == "cuda"
@@ -190,7 +190,9 @@ class Trunk:
                          (seen[None, :] <= ch.start + torch.arange(m)[:, None]).to(self.device, non_blocking=True))
         lengths = [len(s) for s in context]
         if len(chunks) > 1 and offset == len(chunks):  # decode only: one padded attention
-            padded = torch.nn.utils.rnn.pad_sequence(context, batch_first=True)  # padding: slot 0, masked out
+            # padding: the spare slot, masked out. Not slot 0: a sequence's NaN there (damaged weights) came through
+            # the mask into every shorter row's attention
+            padded = torch.nn.utils.rnn.pad_sequence(context, batch_first=True, padding_value=self.spare_slot)
             host = torch.cat([torch.cat(positions), torch.cat(new_slots), padded.flatten(), torch.tensor(lengths)])
             device = host.to(self.device, non_blocking=True)
             positions_d, new_slots_d, padded_d, lengths_d = device.split([offset, offset, padded.numel(), offset])

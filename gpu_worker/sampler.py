@@ -21,7 +21,7 @@ class SampleResult:
     token_id: int
     logprob: float  # of the chosen token under the raw (untempered) distribution
     top_logprobs: list[tuple[int, float]]  # the params.logprobs most likely (id, logprob), most likely first
-    finite: bool = True  # False: the row had a NaN or inf logit, and its token means nothing
+    valid: bool = True  # False: the row had a NaN or +inf logit, or none above -inf, and its token means nothing
 
 
 class Sampler:
@@ -40,12 +40,12 @@ class Sampler:
         rows = [i for i, seq in enumerate(seqs) if seq.params.temperature >= GREEDY_BELOW]
         if rows:
             tokens[rows] = self._draw(logits[rows], [seqs[i] for i in rows])
-        chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
-        finite = torch.isfinite(logits).all(dim=-1).tolist()
+        valid = ~(logits.isnan() | logits.isposinf()).any(dim=-1) & (logits > -torch.inf).any(dim=-1)
+        chosen, valid = torch.stack((logprobs.gather(1, tokens[:, None])[:, 0], valid.float())).tolist()
         n_top = min(max(seq.params.logprobs for seq in seqs), logits.shape[-1])
         top_values, top_ids = (t.tolist() for t in logprobs.topk(n_top, dim=-1))
         return [SampleResult(token, chosen[i], list(zip(top_ids[i], top_values[i], strict=True))[: seq.params.logprobs],
-                             finite[i])
+                             valid[i] == 1.0)
                 for i, (token, seq) in enumerate(zip(tokens.tolist(), seqs, strict=True))]
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:

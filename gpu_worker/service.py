@@ -156,7 +156,8 @@ class Engine:
         HOT_BYTES.set(self.hot.nbytes)
 
     def step(self) -> tuple[list[tuple[Sequence, object]], list[Sequence]]:
-        """Run one batch; returns (sequence, sample) for every sampled token and the finished sequences."""
+        """Run one batch; returns (sequence, sample) for every sampled token and the finished sequences. A sample
+        that is not `valid` (non-finite logits) has ended its sequence with an error, and is not among them."""
         with self.profile.step() as profiled:
             with section("schedule"):
                 batch = self.scheduler.schedule()
@@ -184,10 +185,10 @@ class Engine:
             with section("postprocess"):
                 sampled = [(seq, r) for (_, seq), r in zip(sampling, results, strict=True)]
                 for seq, r in sampled:
-                    if not r.finite:  # ended here; the caller tells its client why
+                    if not r.valid:  # ended here; the caller tells its client why
                         self.scheduler.cancel(seq.request_id, reason="error")
                 finished = self.scheduler.postprocess(
-                    batch, {seq.request_id: r.token_id for seq, r in sampled if r.finite})
+                    batch, {seq.request_id: r.token_id for seq, r in sampled if r.valid})
             if self.remote is not None:
                 self.remote.close_retired()  # the device is done with the step
             STEPS.inc()
@@ -371,7 +372,7 @@ def serve(config: Config) -> int:
                     send(EngineError(request_id=seq.request_id, code="internal_error", message=repr(e)))
                 continue
             for seq, r in sampled:
-                if not r.finite:
+                if not r.valid:
                     log.error("request %s ended: non-finite logits", seq.request_id)
                     send(EngineError(request_id=seq.request_id, code="internal_error",
                                      message="the model's logits were not finite (NaN or inf): a weight in the model "

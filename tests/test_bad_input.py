@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import signal
 import time
 import urllib.request
 import uuid
@@ -210,7 +212,9 @@ def test_a_hundred_requests_at_once(system, raw):
 def test_a_request_whose_logits_are_not_finite_ends_by_name_and_the_batch_beside_it_goes_on(tmp_path):
     """Non-finite logits (here from a NaN row in the token embeddings, as a damaged model file has) drew their
     argmax or first-ranked token and streamed it with a NaN logprob, without a word. That request now ends with
-    internal_error saying so; the requests in its batch are untouched."""
+    internal_error saying so; the requests in its batch are untouched. It is admitted first, so its KV cache is
+    the first block's: a decode batch's padding read slot 0, and its NaN came through the mask into the shorter
+    rows. The worker is stopped (SIGSTOP) while the requests arrive, so they reach it together and in order."""
     path = tmp_path / "tiny.gguf"
     make_model(path, arch="qwen3moe", preset="tiny", dtype="f32", seed=9)
     model = GGUFModel(path)
@@ -223,18 +227,35 @@ def test_a_request_whose_logits_are_not_finite_ends_by_name_and_the_batch_beside
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(np.full(hidden, np.nan, np.float32).tobytes())
-    with RunningSystem(str(path), "--expert-hosts", "0", "--hot-experts", "8", "--device", "cpu") as system:
+    with RunningSystem(str(path), "--expert-hosts", "0", "--hot-experts", "8", "--device", "cpu",
+                       "--heartbeat-timeout-s", "60") as system, Client(system.endpoint) as client:
 
         def run_one(prompt: list[int]) -> list[int] | ServerError:
-            with Client(system.endpoint) as client:
+            with Client(system.endpoint) as c:
                 try:
-                    return client.complete(token_ids=prompt, max_tokens=8, logprobs=1).token_ids
+                    return c.complete(token_ids=prompt, max_tokens=8, logprobs=1).token_ids
                 except ServerError as e:
                     return e
 
-        with concurrent.futures.ThreadPoolExecutor(3) as pool:
-            answers = list(pool.map(run_one, [good[0], [5, damaged, 6], good[1]]))
-        assert answers[0] == expected[0] and answers[2] == expected[1]
-        assert isinstance(answers[1], ServerError) and answers[1].code == "internal_error"
-        assert "the model's logits were not finite (NaN or inf)" in answers[1].message
+        def arrived(n: int) -> None:
+            deadline = time.monotonic() + 30
+            while client.stats().stats["running"] < n:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+
+        worker = next(m for m in client.health().members if m["member_id"] == "gpu-worker")
+        os.kill(worker["pid"], signal.SIGSTOP)
+        try:
+            with concurrent.futures.ThreadPoolExecutor(3) as pool:
+                answers = [pool.submit(run_one, [5, damaged, 6])]
+                arrived(1)
+                answers += [pool.submit(run_one, p) for p in good]
+                arrived(3)
+                os.kill(worker["pid"], signal.SIGCONT)
+                answers = [a.result() for a in answers]
+        finally:
+            os.kill(worker["pid"], signal.SIGCONT)
+        assert isinstance(answers[0], ServerError) and answers[0].code == "internal_error"
+        assert "the model's logits were not finite (NaN or inf)" in answers[0].message
+        assert answers[1:] == expected
         assert run_one(good[0]) == expected[0]

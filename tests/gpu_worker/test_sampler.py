@@ -72,7 +72,7 @@ def test_a_row_of_non_finite_logits_draws_its_argmax_and_leaves_the_rest_of_the_
     seqs += [make_seq("greedy"), make_seq("warm", temperature=0.8, seed=1)]
     results = Sampler().sample(logits.to(device), seqs)
     assert [r.token_id for r in results[:4]] == [7, 9, 0, logits[3].argmax().item()]
-    assert [r.finite for r in results] == [False, False, False, True, True]  # the worker ends the first three
+    assert [r.valid for r in results] == [False, False, False, True, True]  # the worker ends the first three
     alone = Sampler().sample(logits[4:].to(device), seqs[4:])[0]
     assert results[4] == alone and math.isfinite(alone.logprob)
 
