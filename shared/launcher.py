@@ -19,6 +19,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -102,11 +103,22 @@ class Child:
 
 
 def prepare_run(config: Config) -> tuple[Config, Path, bool]:
-    """Fill in a private run dir and a free client port where the config leaves them open."""
+    """Fill in a private run dir and a free client port where the config leaves them open. A run dir of the user's
+    is made private (0700) if it is new; one that exists is used as it is, unless another user may write to it
+    (it could replace the sockets): ValueError. It was made 0700 whatever it was, /tmp included."""
     ephemeral = not config.run_dir or config.run_dir == Config().run_dir
     run_dir = Path(tempfile.mkdtemp(prefix="tierserve-")) if ephemeral else Path(config.run_dir)
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(run_dir, 0o700)
+    if not ephemeral:
+        try:
+            run_dir.mkdir(mode=0o700, parents=True)
+            os.chmod(run_dir, 0o700)  # whatever the umask
+        except FileExistsError:
+            st = run_dir.stat()
+            if not stat.S_ISDIR(st.st_mode):
+                raise ValueError(f"run_dir {run_dir} is not a directory") from None
+            if st.st_uid != os.getuid() or st.st_mode & 0o022:
+                raise ValueError(f"run_dir {run_dir} is another user's or others may write to it (mode "
+                                 f"{stat.S_IMODE(st.st_mode):o}): give tierserve a directory of its own") from None
     endpoint = config.client_endpoint
     if endpoint.endswith(":0"):
         endpoint = f"{endpoint[:-2]}:{free_tcp_port()}"
@@ -208,7 +220,11 @@ def up(config: Config, ready_timeout_s: float = 300.0) -> int:
     if not config.model:
         print("tierserve up: --model is required", file=sys.stderr)
         return 2
-    config, run_dir, ephemeral = prepare_run(config)
+    try:
+        config, run_dir, ephemeral = prepare_run(config)
+    except (ValueError, OSError) as e:
+        print(f"tierserve up: {e}", file=sys.stderr)
+        return 2
     if ephemeral:
         config_path = run_dir / "config.toml"
     else:  # a run dir of the user's: a fixed name could be a file of theirs, which this would replace, then remove

@@ -16,7 +16,8 @@ import pytest
 import zmq
 
 from shared.client import Client
-from shared.launcher import RESTART_MAX_DELAY_S, STABLE_UPTIME_S, Child, restart_exited
+from shared.config import Config
+from shared.launcher import RESTART_MAX_DELAY_S, STABLE_UPTIME_S, Child, prepare_run, restart_exited
 from shared.make_model import make_model
 from shared.process import SUPERSEDED_EXIT_STATUS
 
@@ -106,3 +107,31 @@ def test_a_failed_up_leaves_the_sockets_of_a_system_that_shares_its_run_dir(tmp_
         assert (run_dir / "control.sock").exists() and not stale.exists()
     finally:
         other.close(linger=0)
+
+
+def test_a_new_run_dir_is_made_private_and_an_existing_one_keeps_its_mode(tmp_path):
+    """An existing run dir was made 0700 whatever it was: `--run-dir /tmp` took /tmp from every other user."""
+    config, run_dir, ephemeral = prepare_run(Config(model="m.gguf", run_dir=str(tmp_path / "new" / "run")))
+    assert not ephemeral and run_dir == tmp_path / "new" / "run" and run_dir.stat().st_mode & 0o777 == 0o700
+    assert config.run_dir == str(run_dir)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    os.chmod(mine, 0o755)
+    prepare_run(Config(model="m.gguf", run_dir=str(mine)))
+    assert mine.stat().st_mode & 0o7777 == 0o755
+
+
+def test_a_run_dir_others_may_write_to_is_refused_by_name(tmp_path):
+    """Another user could replace its socket files; `tierserve up` says so and starts nothing."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    os.chmod(shared, 0o1777)  # as /tmp is
+    run = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--model", str(tmp_path / "m.gguf"),
+                          "--run-dir", str(shared)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2
+    assert f"tierserve up: run_dir {shared} is another user's or others may write to it (mode 1777): give " \
+           "tierserve a directory of its own" in run.stderr
+    assert shared.stat().st_mode & 0o7777 == 0o1777 and os.listdir(shared) == []
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="is not a directory"):
+        prepare_run(Config(model="m.gguf", run_dir=str(tmp_path / "file")))
