@@ -437,10 +437,10 @@ class Coordinator:
     def ended_by_engine(self, stream: RequestStream, error: EngineError, now: float) -> None:
         """The worker ended the request because an expert host stopped answering or its own stop outlasted
         drain_timeout_s, or refused it because it is stopping (to be restarted, or the coordinator would be
-        stopping first). Nothing is sent to the worker
-        until the process the error names has a successor, or has had the time to be found missing by its
-        heartbeats, so that requests do not go straight back to the same failure; a successor that joined after
-        the request was sent is there already. A refusal does not count as a resume: the request had not run."""
+        stopping first). Nothing is sent to the worker until the process the error names has a successor, or has
+        had the time to be found missing by its heartbeats, so that requests do not go straight back to the same
+        failure; a successor that joined after the request was sent is there already. A refusal does not count as
+        a resume: the request had not run."""
         if self.config.resume_timeout_s <= 0:
             self.fail(stream, error.code, error.message, in_engine=False)
             return
@@ -449,7 +449,10 @@ class Coordinator:
             if now >= self.dispatch_after:
                 self.awaited.clear()
             self.dispatch_after = now + self.config.heartbeat_timeout_s + self.config.heartbeat_interval_s
-            self.awaited[error.member_id if failed else ""] = failed.incarnation if failed else ""
+            if failed is None:
+                self.awaited[""] = ""  # no successor ends this wait
+            else:
+                self.awaited[failed.member_id] = failed.incarnation
         if self.resume([stream], error.code, error.message, counted=error.code != "shutting_down"):
             self.waiting_since(now, error.message)
 

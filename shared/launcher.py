@@ -104,8 +104,8 @@ class Child:
 
 def prepare_run(config: Config) -> tuple[Config, Path, bool]:
     """Fill in a private run dir and a free client port where the config leaves them open. A run dir of the user's
-    is made private (0700) if it is new; one that exists is used as it is, unless another user may write to it
-    (it could replace the sockets): ValueError. It was made 0700 whatever it was, /tmp included."""
+    is made private (0700) if it is new; one that exists keeps its mode (made 0700, /tmp would be closed to every
+    other user), and is refused if another user may write to it, since they could replace its sockets: ValueError."""
     ephemeral = not config.run_dir or config.run_dir == Config().run_dir
     run_dir = Path(tempfile.mkdtemp(prefix="tierserve-")) if ephemeral else Path(config.run_dir)
     if not ephemeral:
