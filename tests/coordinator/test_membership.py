@@ -154,7 +154,7 @@ def test_a_heartbeat_read_after_a_stop_before_the_late_tick_does_not_make_the_st
 def test_a_heartbeat_read_between_the_last_tick_and_a_stop_does_not_make_the_stop_count(members):
     """A heartbeat read after the last tick before the stop meant "heard since the last tick": the late tick
     after the stop took the loop for one that had been running, and found every member lost (the paused
-    coordinator test failed this way, 2 runs in 5)."""
+    coordinator test's failures in tests/coordinator/test_end_to_end.py)."""
     members.heartbeat(beat("gpu-worker", 3), now=0.0)
     members.heartbeat(beat("expert-host-0", 3), now=0.4)
     assert members.expire(now=0.5) == []
