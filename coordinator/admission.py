@@ -15,10 +15,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-import msgpack
-
 from shared.chat_template import ChatTemplateError
-from shared.protocol import Cancel, Generate, Health, Message, ProtocolError, Stats, decode
+from shared.protocol import Cancel, Generate, Health, Message, ProtocolError, Stats, decode, recover_fields
 from shared.tokenizer import Tokenizer
 
 CLIENT_REQUESTS = (Generate, Cancel, Health, Stats)
@@ -38,22 +36,10 @@ def frames_size(frames: list) -> int:
 
 
 def recover_request_id(frames: list) -> str | None:
-    """The request_id of a message that fails to decode, when its header is a readable map that has one:
-    the refusal can then name the request. Reads key by key and skips values, so a huge prompt costs nothing."""
-    if not frames:
-        return None
-    first = frames[0]
-    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=0)  # 0: no limit but the frame's own size
-    try:
-        unpacker.feed(first.buffer if hasattr(first, "buffer") else first)
-        for _ in range(unpacker.read_map_header()):
-            if unpacker.unpack() == "request_id":
-                value = unpacker.unpack()
-                return value if isinstance(value, str) else None
-            unpacker.skip()
-    except Exception:  # msgpack raises several unrelated exception types for garbage
-        return None
-    return None
+    """The request_id of a message that fails to decode, when its header is a readable map that has one: the
+    refusal can then name the request."""
+    value = recover_fields(frames, ("request_id",)).get("request_id")
+    return value if isinstance(value, str) else None
 
 
 def parse_request(frames: list, max_bytes: int) -> Message:

@@ -39,7 +39,15 @@ from shared.process import (
     open_model,
     setup_process,
 )
-from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
+from shared.protocol import (
+    ExpertFailure,
+    ExpertResult,
+    ExpertWork,
+    ProtocolError,
+    decode,
+    encode,
+    recover_fields,
+)
 
 _log = logging.getLogger("expert_host")  # for work items, outside serve's own logger
 WORK = Counter("tierserve_expert_host_work_total", "Work items (one layer's experts for one batch)", ["outcome"])
@@ -245,7 +253,12 @@ def handle(store: ExpertStore, frames: list) -> list:
         msg = decode(frames)
     except ProtocolError as e:
         WORK.labels("error").inc()
-        return encode(ExpertFailure(step=-1, layer=-1, code=e.code, message=e.message))
+        # answered under its header's step and layer where they can be read: the worker waits for that step and
+        # layer's answer, and passed one under -1 over as stale, waiting out its timeout
+        header = recover_fields(frames, ("step", "layer"))
+        step, layer = (header.get(k) for k in ("step", "layer"))
+        return encode(ExpertFailure(step=step if type(step) is int else -1, layer=layer if type(layer) is int else -1,
+                                    code=e.code, message=e.message))
     if not isinstance(msg, ExpertWork):
         WORK.labels("error").inc()
         return encode(ExpertFailure(step=-1, layer=-1, code="unexpected", message=f"cannot handle {msg.KIND}"))

@@ -413,3 +413,24 @@ def decode(frames: list[Any], expected: tuple[type[Message], ...] = ()) -> Messa
             _check_type(value, hints[f.name], where)
         values[f.name] = value
     return cls(**values)
+
+
+def recover_fields(frames: list[Any], names: tuple[str, ...]) -> dict[str, Any]:
+    """Those of `names` that the header of a message that fails to decode has, when the header is a readable map: a
+    refusal can then name what it refuses. Reads key by key and skips values, so a huge payload costs nothing."""
+    found: dict[str, Any] = {}
+    if not frames:
+        return found
+    first = frames[0]
+    unpacker = msgpack.Unpacker(raw=False, max_buffer_size=0)  # 0: no limit but the frame's own size
+    try:
+        unpacker.feed(first.buffer if hasattr(first, "buffer") else first)
+        for _ in range(unpacker.read_map_header()):
+            key = unpacker.unpack()
+            if key in names:
+                found[key] = unpacker.unpack()
+            else:
+                unpacker.skip()
+    except Exception:  # msgpack raises several unrelated exception types for garbage
+        pass  # what was read before the garbage still counts
+    return found

@@ -14,6 +14,7 @@ from shared.protocol import (
     ProtocolError,
     decode,
     encode,
+    recover_fields,
 )
 
 
@@ -104,3 +105,11 @@ def test_float_fields_accept_ints_and_optional_fields_accept_none():
     final = FinalEvent(request_id="a", finish_reason="length", prompt_tokens=3, completion_tokens=2,
                        ttft_s=0.1, decode_tok_s=10.0, total_s=0.3)
     assert decode(encode(final)) == final
+
+
+def test_fields_are_recovered_from_a_header_that_does_not_decode_as_far_as_it_can_be_read():
+    header = {"v": 1, "kind": "expert_work", "step": 7, "hidden": {"shape": ["a"]}, "layer": 2}
+    assert recover_fields([msgpack.packb(header), b""], ("step", "layer")) == {"step": 7, "layer": 2}
+    assert recover_fields([msgpack.packb(header)[:30]], ("step", "layer")) == {"step": 7}  # cut short after step
+    assert recover_fields([b"\x93\xff garbage"], ("step",)) == {}
+    assert recover_fields([], ("step",)) == {}

@@ -63,6 +63,8 @@ def test_malformed_work_is_answered_with_an_error_and_the_host_serves_on(host, f
     ask, process, _ = host
     failure = ask(frames)
     assert isinstance(failure, ExpertFailure) and failure.code == code
+    # the work's own step and layer, read from its header, which the worker waits for; under -1 it waited it out
+    assert (failure.step, failure.layer) == (3, 0)
     assert re.search(text, failure.message), failure.message
     # still serving: a well-formed item for experts it does not hold (no placement yet) is refused by name
     again = ask(encode(ExpertWork(step=4, layer=0, expert_ids=[0], counts=[1], hidden=torch.zeros(1, 64))))
