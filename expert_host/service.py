@@ -256,9 +256,8 @@ def handle(store: ExpertStore, frames: list) -> list:
         # answered under its header's step and layer where they can be read: the worker waits for that step and
         # layer's answer, and passed one under -1 over as stale, waiting out its timeout
         header = recover_fields(frames, ("step", "layer"))
-        step, layer = (header.get(k) for k in ("step", "layer"))
-        return encode(ExpertFailure(step=step if type(step) is int else -1, layer=layer if type(layer) is int else -1,
-                                    code=e.code, message=e.message))
+        step, layer = (v if type(v := header.get(k)) is int else -1 for k in ("step", "layer"))
+        return encode(ExpertFailure(step=step, layer=layer, code=e.code, message=e.message))
     if not isinstance(msg, ExpertWork):
         WORK.labels("error").inc()
         return encode(ExpertFailure(step=-1, layer=-1, code="unexpected", message=f"cannot handle {msg.KIND}"))

@@ -347,8 +347,8 @@ def serve(config: Config) -> int:
                 log.warning("stopping: drain_timeout_s (%g s) is over, %d requests end unfinished",
                             config.drain_timeout_s, len(unfinished))
                 for seq in unfinished:  # resumed on a successor: one that ran counts as resumed, one that never did not
-                    send(EngineError(request_id=seq.request_id, code="unavailable" if seq.num_computed else
-                                     "shutting_down", member_id=MEMBER_ID,
+                    code = "unavailable" if seq.num_computed else "shutting_down"
+                    send(EngineError(request_id=seq.request_id, code=code, member_id=MEMBER_ID,
                                      message="the worker stopped before the request finished (drain_timeout_s)"))
                 busy = False
             # a superseded worker's requests were resumed on its successor: what it generates would reach no one
