@@ -85,19 +85,23 @@ struct CopyTo {
     u32 column0, column1, pairs, x;
 };
 
-// One warp copies a group into a stage: 64 chunks of 16 bytes of columns, 16 of (s, z) pairs, 4 of each x row. A
-// lane copies column chunks lane and lane + 32 (from `columns`, at this lane's chunk) to column_at's places,
-// pairs chunk lane, and x chunks lane + 32 j: row (lane >> 2) + 8 j, its 16-byte part lane % 4, from x_at[j]. Rows
+// One warp copies a group into a stage, in two parts: the weights (copy_weights), then x's rows (copy_x), which
+// commits both. Weights: 64 chunks of 16 bytes of columns and 16 of (s, z) pairs; a lane copies column chunks lane
+// and lane + 32 (from `columns`, at this lane's chunk) to column_at's places, and pairs chunk lane. x: 4 chunks of
+// each row; a lane copies chunks lane + 32 j: row (lane >> 2) + 8 j, its 16-byte part lane % 4, from x_at[j]. Rows
 // past the group's last are zero-filled, no bytes read. (Read by plain loads one group ahead into registers, x
 // held up the warps as the weights had before they were copied; copied with them, the kernel came 7-35% faster:
 // bench/quant_kernels.md.)
-template <int NT>
-__device__ __forceinline__ void copy_group(u32 stage, const CopyTo& to, const unsigned char* columns,
-                                           const unsigned char* pairs, const u16* const (&x_at)[NT],
-                                           const bool (&x_valid)[NT], int lane) {
+__device__ __forceinline__ void copy_weights(u32 stage, const CopyTo& to, const unsigned char* columns,
+                                             const unsigned char* pairs, int lane) {
     copy_async(to.column0 + stage, columns);
     copy_async(to.column1 + stage, columns + 32 * 16);
     if (lane < 16) copy_async(to.pairs + stage, pairs);
+}
+
+template <int NT>
+__device__ __forceinline__ void copy_x(u32 stage, const CopyTo& to, const u16* const (&x_at)[NT],
+                                       const bool (&x_valid)[NT]) {
 #pragma unroll
     for (int j = 0; j < NT; ++j) copy_zfill(to.x + stage + 8 * j * X_ROW_BYTES, x_at[j], x_valid[j]);
     asm volatile("cp.async.commit_group;");
@@ -304,28 +308,46 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
                        ring_at + COLUMNS_BYTES + PAIRS_BYTES + (lane >> 2) * X_ROW_BYTES + (lane & 3) * 16};
     const int words = column_at(8 * t) + 4 * g, pairs_at = COLUMNS_BYTES + 16 * g;
 
+    const auto advance = [&]() {  // to the next group
+        columns += GROUP_BYTES;
+        pairs += n * 4;
+#pragma unroll
+        for (int j = 0; j < NT; ++j) x_at[j] += 32;
+    };
     // copies `group` into ring stage `stage` where there is one (`in_range`: the caller knows there is): one
     // commit either way, so that waiting for all but the STAGES - 1 latest is the group about to be read
     const auto copy_next = [&](int group, int stage, bool in_range) {
         if (in_range || group < end) {
-            copy_group<NT>(stage * STAGE_BYTES, to, columns, pairs, x_at, x_valid, lane);
-            columns += GROUP_BYTES;
-            pairs += n * 4;
-#pragma unroll
-            for (int j = 0; j < NT; ++j) x_at[j] += 32;
+            copy_weights(stage * STAGE_BYTES, to, columns, pairs, lane);
+            copy_x<NT>(stage * STAGE_BYTES, to, x_at, x_valid);
+            advance();
         } else {
             asm volatile("cp.async.commit_group;");
         }
     };
+    // The first STAGES - 1 groups: their weights, then x's rows. Launched as a dependent of the launch before (down
+    // after gate/up), this block may have started while that one ran: x, its output, is read only once it has
+    // finished, and the weights, which it does not write, are on their way meanwhile. (The first commit holds
+    // every one of those groups' weights, so a wait for it waits for more than it must, never less.)
 #if __CUDA_ARCH__ >= 900
-    // Launched as a dependent of the launch before (down after gate/up), this block may have started while that one
-    // ran: x, its output, is read only once it has finished. A no-op otherwise. Then the launch after this one may
-    // start its blocks in SMs this one leaves free, to wait there in turn.
-    asm volatile("griddepcontrol.wait;" ::: "memory");
+    // the launch after this one may start its blocks in SMs this one leaves free, to wait there in turn
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
 #pragma unroll
-    for (int d = 0; d < STAGES - 1; ++d) copy_next(begin + d, d, false);
+    for (int d = 0; d < STAGES - 1; ++d)
+        if (begin + d < end) copy_weights(d * STAGE_BYTES, to, columns + d * GROUP_BYTES, pairs + d * n * 4, lane);
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");  // a no-op unless launched as a dependent
+#endif
+#pragma unroll
+    for (int d = 0; d < STAGES - 1; ++d) {
+        if (begin + d < end) {
+            copy_x<NT>(d * STAGE_BYTES, to, x_at, x_valid);
+            advance();
+        } else {
+            asm volatile("cp.async.commit_group;");
+        }
+    }
     Group<NT> f;
     // the copy STAGES - 1 groups ahead into stage `fill`, the one read one group ago, then stage `read`'s group
     const auto step = [&](int group, int read_stage, int fill, bool copy_in_range) {

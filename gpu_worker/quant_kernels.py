@@ -42,10 +42,11 @@ _ROW_TILE = tl.constexpr(INT4_ROW_TILE)
 _OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
 # int4 launches of up to this many experts whose x is the output of the launch just before (decode's down after
 # gate/up) start as its dependents (programmatic dependent launch): their blocks are placed and started while that
-# one's last blocks run, and wait only before reading x. One token's int4 FFN took 15.0 us against 16.0 on the H100,
-# 16 experts' 24.3 against 25.5; from 64 experts up it was 1-2% slower, the waiting blocks holding SMs that the
-# launch before could still use (bench/quant_kernels.md).
-DEPENDENT_LAUNCH_EXPERTS = 16
+# one's last blocks run, copy their first groups of weights, and wait only before reading x. On the H100 one token's
+# FFN took 15.0 us against 16.9 launched after gate/up, 16 experts' 22.4 against 25.3, 32 experts' at 4 rows 37.8
+# against 41.2; from 64 experts up it was 1-2% slower, the waiting blocks holding SMs that the launch before could
+# still use. int8's Triton kernel, launched so, was 11% slower at 8 experts (bench/quant_kernels.md).
+DEPENDENT_LAUNCH_EXPERTS = 32
 
 
 def _configs(options: list[tuple]) -> list[triton.Config]:
