@@ -44,7 +44,7 @@ from shared.config import Config, add_config_arguments, config_from_args
 from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
-from shared.process import leave_run_dir, listened_on, setup_process
+from shared.process import leave_run_dir, setup_process
 from shared.protocol import (
     Cancel,
     EngineCancel,
@@ -65,6 +65,7 @@ from shared.protocol import (
     decode,
     encode,
 )
+from shared.run_files import listened_on
 from shared.tokenizer import Tokenizer, TokenizerError
 
 OUTCOMES = ("completed", "cancelled", "error", "rejected")

@@ -44,7 +44,7 @@ from shared.expert_source import ExpertSource
 from shared.memory_use import HostMemoryError, MemInfo, size_text
 from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
 from shared.pages import advise
-from shared.process import hold_while_open, remove_files_of_dead_processes
+from shared.run_files import hold_while_open, remove_files_of_dead_processes
 
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "tierserve-experts-"

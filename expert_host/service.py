@@ -18,27 +18,11 @@ from shared.config import Config, add_config_arguments, config_from_args
 from shared.expert_cache import CacheError
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
-from shared.mailbox import (
-    ORDERED_STORES,
-    Backoff,
-    Mailbox,
-    MailboxError,
-    mailbox_path,
-    remove_mailbox,
-    remove_stale_mailboxes,
-)
+from shared.mailbox import ORDERED_STORES, Backoff, Mailbox, MailboxError, remove_mailbox
 from shared.model_config import ModelError
 from shared.native_kernels import load_library, pin_threads
 from shared.placement import expert_host_id
-from shared.process import (
-    ControlLink,
-    StopFlag,
-    leave_run_dir,
-    listened_on,
-    open_metrics,
-    open_model,
-    setup_process,
-)
+from shared.process import ControlLink, StopFlag, leave_run_dir, open_metrics, open_model, setup_process
 from shared.protocol import (
     ExpertFailure,
     ExpertResult,
@@ -48,6 +32,7 @@ from shared.protocol import (
     encode,
     recover_fields,
 )
+from shared.run_files import listened_on, mailbox_path, remove_stale_mailboxes
 
 _log = logging.getLogger("expert_host")  # for work items, outside serve's own logger
 WORK = Counter("tierserve_expert_host_work_total", "Work items (one layer's experts for one batch)", ["outcome"])

@@ -21,8 +21,9 @@ import torch
 import zmq
 
 from gpu_worker.step_profile import section
-from shared.mailbox import Mailbox, MailboxError, mailbox_path
+from shared.mailbox import Mailbox, MailboxError
 from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
+from shared.run_files import mailbox_path
 
 RECHECK_S = 0.05
 KEEP_ALIVE_S = 0.25  # a wait on a host is cut into slices this long, with the worker's keep-alive between them

@@ -28,7 +28,6 @@ from shared.config import Config, add_config_arguments, config_from_args
 from shared.expert_cache import CacheError
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
-from shared.mailbox import remove_stale_mailboxes
 from shared.memory_use import HostMemoryError, room_above_floor, size_text
 from shared.model_config import ModelConfig, ModelError
 from shared.placement import Placement, expert_host_id
@@ -53,6 +52,7 @@ from shared.protocol import (
     decode,
     encode,
 )
+from shared.run_files import remove_stale_mailboxes
 
 MEMBER_ID = "gpu-worker"
 

@@ -29,9 +29,14 @@ from pathlib import Path
 
 from shared.client import Client
 from shared.config import Config, add_config_arguments, config_from_args
-from shared.mailbox import remove_stale_mailboxes
 from shared.memory_use import descendants, process_memory
-from shared.process import EPHEMERAL_MARKER, SUPERSEDED_EXIT_STATUS, listened_on, remove_ipc_file
+from shared.run_files import (
+    EPHEMERAL_MARKER,
+    SUPERSEDED_EXIT_STATUS,
+    listened_on,
+    remove_ipc_file,
+    remove_stale_mailboxes,
+)
 
 _PR_SET_PDEATHSIG = 1
 

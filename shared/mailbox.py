@@ -57,23 +57,21 @@ import ctypes
 import errno
 import fcntl
 import functools
-import hashlib
 import mmap
 import os
 import platform
 import struct
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from shared.process import hold_while_open, remove_files_of_dead_processes
+from shared.run_files import MAILBOX_MAGIC, MAILBOX_OWNER_AT, hold_while_open
 
 ORDERED_STORES = platform.machine().lower() in ("x86_64", "amd64")
 
-MAGIC = b"TSMBOX02"
 SEQ_MASK = 0xFFFFFFFF
 TEXT_BYTES = 1024
 PAGE = mmap.PAGESIZE
@@ -81,7 +79,6 @@ DTYPES = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _DTYPE_OF = {code: dtype for dtype, code in DTYPES.items()}
 
 _HEADER = struct.Struct("<8sQII")
-_OWNER_AT = 24  # u32: the pid of the host that made the mailbox
 _REQUEST_SEQ, _RESPONSE_SEQ = 64, 128
 _REQUEST = struct.Struct("<qiiiii")  # step, layer, n_experts, rows, cols, dtype
 _REQUEST_AT = 192
@@ -131,47 +128,9 @@ class MailboxError(ValueError):
     """Not a mailbox, a mailbox in use by another worker, or a request that does not describe its payload."""
 
 
-MAILBOX_PREFIX = "/dev/shm/tierserve-mailbox-"
-
-
-def mailbox_path(endpoint: str) -> str:
-    """Where the host behind a data endpoint keeps its worker's mailbox; ipc endpoints live in the run dir,
-    so the name is private to one run and a restarted host finds (and replaces) its predecessor's."""
-    return f"{MAILBOX_PREFIX}{hashlib.sha256(endpoint.encode()).hexdigest()[:20]}"
-
-
 def remove_mailbox(path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         os.unlink(path)
-
-
-def remove_stale_mailboxes(endpoints: Sequence[str] | None = None) -> list[str]:
-    """Remove the mailboxes (and half-made ones) of hosts that are gone: a later system on another run directory
-    has other names. A host holds its mailbox from the moment it makes it, and one held is kept whatever the pid in
-    its header (or a half-made one's name) says. With `endpoints`, only those hosts' (a system's own, as it stops).
-    The paths removed."""
-    directory, prefix = os.path.split(MAILBOX_PREFIX)
-    prefixes = [prefix] if endpoints is None else [os.path.basename(mailbox_path(e)) for e in endpoints]
-    return [path for name in prefixes for path in remove_files_of_dead_processes(
-        directory, name, lambda path: _tmp_owner(path) if path.endswith(".tmp") else _owner(path))]
-
-
-def _tmp_owner(path: str) -> int | None:
-    pid = path.rsplit(".", 2)[-2]
-    return int(pid) if pid.isdigit() else None
-
-
-def _owner(path: str) -> int | None:
-    """The pid in a mailbox's header (0: made before mailboxes carried their host's pid); None where it is not one
-    this user can read."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_OWNER_AT + 4)
-    except OSError:
-        return None
-    if len(head) < _OWNER_AT + 4 or head[:8] != MAGIC:
-        return None
-    return struct.unpack_from("<I", head, _OWNER_AT)[0]
 
 
 class Backoff:
@@ -258,7 +217,7 @@ class Mailbox:
             raise MailboxError(f"{path} is not a tierserve mailbox")
         self._map = mmap.mmap(fd, stat.st_size)
         magic, self.capacity, self.max_experts, self.n_layers = _HEADER.unpack_from(self._map, 0)
-        if magic != MAGIC or stat.st_size < _payload_at(self.max_experts, self.n_layers) + 2 * self.capacity:
+        if magic != MAILBOX_MAGIC or stat.st_size < _payload_at(self.max_experts, self.n_layers) + 2 * self.capacity:
             self._map.close()
             raise MailboxError(f"{path} is not a tierserve mailbox")
         self.size = stat.st_size
@@ -304,8 +263,8 @@ class Mailbox:
                 raise MailboxError(f"{os.path.dirname(path) or '.'} has no room for a mailbox of "
                                    f"{payload_at + 2 * capacity} bytes") from None
             with mmap.mmap(fd, payload_at) as header:
-                _HEADER.pack_into(header, 0, MAGIC, capacity, max_experts, n_layers)
-                struct.pack_into("<I", header, _OWNER_AT, os.getpid())
+                _HEADER.pack_into(header, 0, MAILBOX_MAGIC, capacity, max_experts, n_layers)
+                struct.pack_into("<I", header, MAILBOX_OWNER_AT, os.getpid())
                 struct.pack_into("<I", header, _REQUEST_SEQ, first_seq & SEQ_MASK)
                 struct.pack_into("<I", header, _RESPONSE_SEQ, first_seq & SEQ_MASK)
             mailbox = cls(path, fd)

@@ -4,15 +4,13 @@ to the coordinator (heartbeats that double as join, placements that come back)."
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
 import os
 import secrets
 import signal
 import socket
-import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 import zmq
@@ -23,11 +21,7 @@ from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
 from shared.placement import Placement
 from shared.protocol import Heartbeat, ProtocolError, Superseded, Welcome, decode, encode
-
-# sysexits' EX_CONFIG: the exit status of a process another one, started under the same member id, took over from.
-# A restart would only take the id back and stop the other in turn, so the units (RestartPreventExitStatus) and
-# `tierserve up` leave it stopped.
-SUPERSEDED_EXIT_STATUS = 78
+from shared.run_files import EPHEMERAL_MARKER, SUPERSEDED_EXIT_STATUS, remove_ipc_file
 
 
 @contextlib.contextmanager
@@ -80,73 +74,6 @@ def open_metrics(config: Config, log: logging.Logger, role: str, host: int = 0) 
     except OSError as e:
         log.error("cannot start: %s", e)
         return None
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists (a live process of another user that took the pid over counts).
-    Not a pid at all (0 or less would signal a process group; a huge number, read from a corrupt file, overflows
-    the call) is no process."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:
-        pass
-    return True
-
-
-# struct flock as 64-bit Linux lays it out: type, whence, start, length (0: to the end, however the file grows),
-# pid (0, as open file description locks require), padding
-_FLOCK = struct.Struct("hhqqi4x")
-
-
-def hold_while_open(fd: int) -> None:
-    """Mark the file open at `fd` as in use until this open file is closed in every process that has it, however
-    they end: `remove_files_of_dead_processes` leaves it alone whatever pid it records. An open file description
-    lock, not flock: a mailbox's worker flocks the mailbox to keep other workers out, and the two kinds never
-    conflict. Waits out a sweep that has the file locked this moment (it unlinks the file if it looked abandoned)."""
-    fcntl.fcntl(fd, fcntl.F_OFD_SETLKW, _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, 0, 0, 0))
-
-
-def remove_files_of_dead_processes(directory: str, prefix: str, owner_of: Callable[[str], int | None]) -> list[str]:
-    """Remove this user's files in `directory` whose names begin with `prefix` and whose process is gone: a
-    process killed outright cannot remove its own. `owner_of(path)` is the pid of the process a file belongs to,
-    0 for one that names none (it cannot be alive), or None to keep the file. A file its owner holds
-    (`hold_while_open`) is kept whatever the pid: that is the owner's in the owner's PID namespace, and a live owner
-    in another container sharing `directory` may record one that no process has here. The paths removed."""
-    removed = []
-    for name in os.listdir(directory):
-        if not name.startswith(prefix):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            if os.stat(path).st_uid != os.getuid():
-                continue  # another user's are theirs to remove (/dev/shm is sticky)
-            owner = owner_of(path)
-            if owner is not None and (owner == 0 or not pid_alive(owner)) and _unlink_unless_held(path):
-                removed.append(path)
-        except OSError:
-            continue  # gone meanwhile (another process cleaned it first), or not ours to remove
-    return removed
-
-
-def _unlink_unless_held(path: str) -> bool:
-    """Unlink `path` unless its owner holds it; whether it did. The lock is kept until the name is gone, so an owner
-    that made the file a moment ago, and is about to take its own, finds it already unlinked."""
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
-        except BlockingIOError:
-            return False
-        if not os.path.samestat(os.fstat(fd), os.stat(path)):
-            return False  # another file took the name since it was opened: a restarted owner's, renamed into place
-        os.unlink(path)
-        return True
-    finally:
-        os.close(fd)
 
 
 class StopFlag:
@@ -236,7 +163,6 @@ class ControlLink:
 
 
 _PARENT = os.getppid()
-EPHEMERAL_MARKER = ".ephemeral"
 
 
 def leave_run_dir(config: Config, *endpoints: str) -> None:
@@ -255,24 +181,3 @@ def leave_run_dir(config: Config, *endpoints: str) -> None:
             os.rmdir(run_dir)
     except OSError:
         pass  # another process got there first or is still inside
-
-
-def listened_on(endpoint: str) -> bool:
-    """Whether a process accepts connections on an ipc:// endpoint's socket file (a live one, or one stopped)."""
-    if not endpoint.startswith("ipc://"):
-        return False
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)  # a stopped listener whose backlog is full never accepts
-        try:
-            probe.connect(endpoint[len("ipc://"):])
-        except OSError:  # refused (nothing listens), no such file, or that timeout
-            return False
-    return True
-
-
-def remove_ipc_file(endpoint: str) -> None:
-    if endpoint.startswith("ipc://"):
-        try:
-            os.unlink(endpoint[len("ipc://"):])
-        except FileNotFoundError:
-            pass

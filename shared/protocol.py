@@ -13,15 +13,18 @@ raises ProtocolError with a code and a message naming the problem.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import types
 import typing
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Union
 
 import msgpack
-import torch
+
+if TYPE_CHECKING:
+    import torch
 
 PROTOCOL_VERSION = 1
 
@@ -262,10 +265,25 @@ class ExpertFailure(Message):
 
 # --- encoding ----------------------------------------------------------------------------------------
 
-# numpy has no bfloat16: such tensors travel as their raw 16-bit patterns.
-_WIRE_DTYPES = {torch.float32: "f4", torch.float16: "f2", torch.bfloat16: "bf16", torch.int32: "i4",
-                torch.int64: "i8", torch.uint8: "u1", torch.int8: "i1"}
-_TORCH_DTYPES = {name: dtype for dtype, name in _WIRE_DTYPES.items()}
+_TENSOR = "torch.Tensor"  # a tensor field's annotation, as a string under `from __future__ import annotations`
+
+
+def _torch() -> types.ModuleType:
+    """torch, imported on the first tensor: the coordinator, the launcher and clients send none, and importing torch
+    took each of them about a second of CPU at start (and more at exit)."""
+    import torch
+
+    return torch
+
+
+@functools.cache
+def _wire_dtypes() -> tuple[dict[torch.dtype, str], dict[str, torch.dtype]]:
+    """(wire name of each dtype, dtype of each wire name). numpy has no bfloat16: such tensors travel as their raw
+    16-bit patterns."""
+    torch = _torch()
+    names = {torch.float32: "f4", torch.float16: "f2", torch.bfloat16: "bf16", torch.int32: "i4",
+             torch.int64: "i8", torch.uint8: "u1", torch.int8: "i1"}
+    return names, {name: dtype for dtype, name in names.items()}
 
 
 def encode(msg: Message) -> list[Any]:
@@ -274,14 +292,15 @@ def encode(msg: Message) -> list[Any]:
     frames: list[Any] = [None]
     for f in dataclasses.fields(msg):
         value = getattr(msg, f.name)
-        if isinstance(value, torch.Tensor):
+        if f.type == _TENSOR:
+            torch, wire_names = _torch(), _wire_dtypes()[0]
             t = value.detach().contiguous()
             if t.device.type != "cpu":
                 t = t.cpu()
-            if t.dtype not in _WIRE_DTYPES:
+            if t.dtype not in wire_names:
                 raise ValueError(f"{msg.KIND}.{f.name}: dtype {t.dtype} cannot travel")
             raw = t.view(torch.int16) if t.dtype == torch.bfloat16 else t
-            header[f.name] = {"__tensor__": len(frames) - 1, "dtype": _WIRE_DTYPES[t.dtype], "shape": list(t.shape)}
+            header[f.name] = {"__tensor__": len(frames) - 1, "dtype": wire_names[t.dtype], "shape": list(t.shape)}
             frames.append(memoryview(raw.numpy()).cast("B") if raw.numel() else b"")
         else:
             header[f.name] = value
@@ -292,8 +311,9 @@ def encode(msg: Message) -> list[Any]:
 def _tensor_from(spec: Any, frames: list[Any], where: str) -> torch.Tensor:
     if not isinstance(spec, dict) or "__tensor__" not in spec:
         raise ProtocolError("bad_field", f"{where} must be a tensor")
+    torch, dtypes = _torch(), _wire_dtypes()[1]
     index, dtype_name, shape = spec.get("__tensor__"), spec.get("dtype"), spec.get("shape")
-    if dtype_name not in _TORCH_DTYPES or not isinstance(index, int) or not isinstance(shape, list):
+    if dtype_name not in dtypes or not isinstance(index, int) or not isinstance(shape, list):
         raise ProtocolError("bad_field", f"{where}: malformed tensor header")
     if not all(type(d) is int and d >= 0 for d in shape):  # bool is an int, but no size
         raise ProtocolError("bad_field", f"{where}: tensor shape {shape} is not a list of sizes >= 0")
@@ -301,7 +321,7 @@ def _tensor_from(spec: Any, frames: list[Any], where: str) -> torch.Tensor:
         raise ProtocolError("bad_field", f"{where}: tensor frame {index} is missing")
     buf = frames[1 + index]
     buf = buf.buffer if hasattr(buf, "buffer") else buf
-    dtype = _TORCH_DTYPES[dtype_name]
+    dtype = dtypes[dtype_name]
     n = math.prod(shape)  # exact: numpy's int64 product wrapped round for huge sizes
     itemsize = torch.empty(0, dtype=dtype).element_size()
     if len(memoryview(buf)) != n * itemsize:
@@ -391,7 +411,8 @@ def decode(frames: list[Any], expected: tuple[type[Message], ...] = ()) -> Messa
                             f"{kind!r} is not expected here: send one of {', '.join(c.KIND for c in expected)}")
     hints = _HINTS.get(cls)
     if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
+        tensors = any(f.type == _TENSOR for f in dataclasses.fields(cls))
+        hints = _HINTS[cls] = typing.get_type_hints(cls, localns={"torch": _torch()} if tensors else None)
     names = [key for key in header if not isinstance(key, str)]
     if names:
         raise ProtocolError("bad_field", f"{kind}: field names must be strings, not {names[0]!r}")
@@ -407,7 +428,7 @@ def decode(frames: list[Any], expected: tuple[type[Message], ...] = ()) -> Messa
                 raise ProtocolError("missing_field", f"{kind}: missing field {f.name!r}")
             continue
         value = header[f.name]
-        if hints[f.name] is torch.Tensor:
+        if f.type == _TENSOR:
             value = _tensor_from(value, frames, where)
         else:
             _check_type(value, hints[f.name], where)

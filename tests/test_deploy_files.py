@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from shared.config import load_config
-from shared.process import SUPERSEDED_EXIT_STATUS
+from shared.run_files import SUPERSEDED_EXIT_STATUS
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = ["coordinator/service.py", "gpu_worker/service.py", "expert_host/service.py"]

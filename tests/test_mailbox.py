@@ -22,18 +22,10 @@ from shared.client import Client
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
-from shared.mailbox import (
-    MAILBOX_PREFIX,
-    SEQ_MASK,
-    Backoff,
-    Mailbox,
-    MailboxError,
-    mailbox_path,
-    remove_mailbox,
-    remove_stale_mailboxes,
-)
+from shared.mailbox import SEQ_MASK, Backoff, Mailbox, MailboxError, remove_mailbox
 from shared.make_model import make_model
 from shared.reference import ReferenceModel
+from shared.run_files import MAILBOX_PREFIX, mailbox_path, remove_stale_mailboxes
 
 FORK = multiprocessing.get_context("fork")  # the child needs nothing but this module; no second torch import
 CAPACITY = 1 << 16

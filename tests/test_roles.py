@@ -20,11 +20,12 @@ from shared.client import Client
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import free_tcp_port
-from shared.mailbox import ORDERED_STORES, mailbox_path
+from shared.mailbox import ORDERED_STORES
 from shared.make_model import make_model
 from shared.native_kernels import load_library
-from shared.process import SUPERSEDED_EXIT_STATUS, listened_on, worker_device
+from shared.process import worker_device
 from shared.reference import ReferenceModel
+from shared.run_files import SUPERSEDED_EXIT_STATUS, listened_on, mailbox_path
 
 pytestmark = pytest.mark.slow
 PROMPT = [11, 12, 13, 14]

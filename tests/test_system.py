@@ -21,10 +21,10 @@ from shared.client import Client
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
-from shared.mailbox import mailbox_path
 from shared.make_model import make_model
 from shared.memory_use import descendants
 from shared.reference import ReferenceModel
+from shared.run_files import mailbox_path
 
 ARCHS = ["qwen3moe", "qwen2moe", "mixtral", "olmoe"]
 PROMPTS = [[1, 2, 3], list(range(40, 57)), [7]]

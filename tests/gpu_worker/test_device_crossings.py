@@ -17,7 +17,8 @@ import zmq
 from gpu_worker import crossing
 from gpu_worker.crossing import DeviceCrossings
 from gpu_worker.remote import ExpertHostError, RemoteExperts
-from shared.mailbox import Backoff, Mailbox, mailbox_path
+from shared.mailbox import Backoff, Mailbox
+from shared.run_files import mailbox_path
 
 FORK = multiprocessing.get_context("fork")
 LAYERS, EXPERTS, K, COLS = 4, 8, 2, 64
