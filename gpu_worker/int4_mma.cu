@@ -85,13 +85,13 @@ struct CopyTo {
     u32 column0, column1, pairs, x;
 };
 
-// One warp copies a group into a stage, in two parts: the weights (copy_weights), then x's rows (copy_x), which
-// commits both. Weights: 64 chunks of 16 bytes of columns and 16 of (s, z) pairs; a lane copies column chunks lane
-// and lane + 32 (from `columns`, at this lane's chunk) to column_at's places, and pairs chunk lane. x: 4 chunks of
-// each row; a lane copies chunks lane + 32 j: row (lane >> 2) + 8 j, its 16-byte part lane % 4, from x_at[j]. Rows
-// past the group's last are zero-filled, no bytes read. (Read by plain loads one group ahead into registers, x
-// held up the warps as the weights had before they were copied; copied with them, the kernel came 7-35% faster:
-// bench/quant_kernels.md.)
+// One warp copies a group into a stage, in two parts: the weights (copy_weights), then x's rows (copy_x, which
+// commits the copies issued so far). Weights: 64 chunks of 16 bytes of columns and 16 of (s, z) pairs; a lane
+// copies column chunks lane and lane + 32 (from `columns`, at this lane's chunk) to column_at's places, and pairs
+// chunk lane. x: 4 chunks of each row; a lane copies chunks lane + 32 j: row (lane >> 2) + 8 j, its 16-byte part
+// lane % 4, from x_at[j]. Rows past the group's last are zero-filled, no bytes read. (Read by plain loads one group
+// ahead into registers, x held up the warps as the weights had before they were copied; copied with them, the
+// kernel came 7-35% faster: bench/quant_kernels.md.)
 __device__ __forceinline__ void copy_weights(u32 stage, const CopyTo& to, const unsigned char* columns,
                                              const unsigned char* pairs, int lane) {
     copy_async(to.column0 + stage, columns);
@@ -330,7 +330,10 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     // finished, and the weights, which it does not write, are on their way meanwhile. (The first commit holds
     // every one of those groups' weights, so a wait for it waits for more than it must, never less.)
 #if __CUDA_ARCH__ >= 900
-    // the launch after this one may start its blocks in SMs this one leaves free, to wait there in turn
+    // The launch after this one may start its blocks in SMs this one leaves free, to copy and wait there in turn.
+    // Before this one's own wait: only down is launched as a dependent, and only of gate/up, which is launched
+    // plainly; a chain of dependents would move this after the wait, lest a launch's early copies overtake the
+    // launch two before it.
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
 #pragma unroll

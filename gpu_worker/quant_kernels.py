@@ -44,8 +44,8 @@ _OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
 # gate/up) start as its dependents (programmatic dependent launch): their blocks are placed and started while that
 # one's last blocks run, copy their first groups of weights, and wait only before reading x. On the H100 one token's
 # FFN took 15.0 us against 16.9 launched after gate/up, 16 experts' 22.4 against 25.3, 32 experts' at 4 rows 37.8
-# against 41.2; from 64 experts up it was 1-2% slower, the waiting blocks holding SMs that the launch before could
-# still use. int8's Triton kernel, launched so, was 11% slower at 8 experts (bench/quant_kernels.md).
+# against 41.2; at 64 x 2 it was 1-2% slower, the waiting blocks holding SMs that the launch before could still use
+# (128 x 16: within 0.5%). int8's Triton kernel, launched so, was 11% slower at 8 experts (bench/quant_kernels.md).
 DEPENDENT_LAUNCH_EXPERTS = 32
 
 

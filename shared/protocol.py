@@ -37,6 +37,7 @@ class ProtocolError(ValueError):
 
 
 MESSAGES: dict[str, type[Message]] = {}
+_TENSOR = "torch.Tensor"  # a tensor field's annotation, as a string under `from __future__ import annotations`
 
 
 @dataclass
@@ -45,6 +46,10 @@ class Message:
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
+        for name, hint in cls.__annotations__.items():
+            # tensor fields are told by this exact annotation (_TENSOR), torch being imported only when one travels
+            if "torch" in str(hint) and hint != _TENSOR:
+                raise TypeError(f"{cls.__name__}.{name}: a tensor field is annotated {_TENSOR}, not {hint}")
         if cls.KIND:
             MESSAGES[cls.KIND] = cls
 
@@ -265,12 +270,9 @@ class ExpertFailure(Message):
 
 # --- encoding ----------------------------------------------------------------------------------------
 
-_TENSOR = "torch.Tensor"  # a tensor field's annotation, as a string under `from __future__ import annotations`
-
-
 def _torch() -> types.ModuleType:
-    """torch, imported on the first tensor: the coordinator, the launcher and clients send none, and importing torch
-    took each of them about a second of CPU at start (and more at exit)."""
+    """torch, imported on the first tensor: `tierserve up` and clients send none, and importing torch took each of them
+    about a second of CPU at start."""
     import torch
 
     return torch
@@ -294,6 +296,8 @@ def encode(msg: Message) -> list[Any]:
         value = getattr(msg, f.name)
         if f.type == _TENSOR:
             torch, wire_names = _torch(), _wire_dtypes()[0]
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{msg.KIND}.{f.name} must be a tensor, not {type(value).__name__}")
             t = value.detach().contiguous()
             if t.device.type != "cpu":
                 t = t.cpu()

@@ -112,9 +112,6 @@ def _unlink_unless_held(path: str) -> bool:
         os.close(fd)
 
 
-MAILBOX_PREFIX = "/dev/shm/tierserve-mailbox-"
-
-
 def mailbox_path(endpoint: str) -> str:
     """Where the host behind a data endpoint keeps its worker's mailbox; ipc endpoints live in the run dir,
     so the name is private to one run and a restarted host finds (and replaces) its predecessor's."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import msgpack
 import pytest
 import torch
@@ -11,6 +14,7 @@ from shared.protocol import (
     FinalEvent,
     Generate,
     Health,
+    Message,
     ProtocolError,
     decode,
     encode,
@@ -39,6 +43,20 @@ def test_tensors_travel_as_separate_frames(dtype):
 def test_empty_tensor_round_trips():
     msg = ExpertWork(step=0, layer=0, expert_ids=[], counts=[], hidden=torch.empty(0, 8))
     assert decode([bytes(f) for f in encode(msg)]).hidden.shape == (0, 8)
+
+
+def test_a_tensor_field_holding_something_else_is_refused_by_the_sender_by_name():
+    with pytest.raises(ValueError, match="expert_work.hidden must be a tensor, not list"):
+        encode(ExpertWork(step=0, layer=0, expert_ids=[], counts=[], hidden=[1.0]))
+
+
+def test_a_message_whose_tensor_field_is_annotated_otherwise_is_refused_where_it_is_defined():
+    """Tensor fields are found by their annotation, torch.Tensor exactly: another spelling would travel as msgpack."""
+    with pytest.raises(TypeError, match="Odd.hidden: a tensor field is annotated torch.Tensor, not torch.Tensor [|]"):
+        @dataclass
+        class Odd(Message):
+            KIND: ClassVar[str] = ""
+            hidden: torch.Tensor | None
 
 
 def _frames(header: dict) -> list[bytes]:
