@@ -270,6 +270,7 @@ class ExpertFailure(Message):
 
 # --- encoding ----------------------------------------------------------------------------------------
 
+
 def _torch() -> types.ModuleType:
     """torch, imported on the first tensor: `tierserve up` and clients send none, and importing torch took each of them
     about a second of CPU at start."""
@@ -436,8 +437,16 @@ def decode(frames: list[Any], expected: tuple[type[Message], ...] = ()) -> Messa
             value = _tensor_from(value, frames, where)
         else:
             _check_type(value, hints[f.name], where)
+            if type(value) is int and _wants_float(hints[f.name]):
+                value = float(value)  # every reader gets the float asked for: torch.tensor([2**64 - 1]) overflows
         values[f.name] = value
     return cls(**values)
+
+
+def _wants_float(hint: Any) -> bool:
+    """Whether a field of this type takes a float and not an int (float, or float | None)."""
+    options = typing.get_args(hint) if typing.get_origin(hint) in (Union, types.UnionType) else (hint,)
+    return float in options and int not in options
 
 
 def recover_fields(frames: list[Any], names: tuple[str, ...]) -> dict[str, Any]:

@@ -209,6 +209,21 @@ def test_a_hundred_requests_at_once(system, raw):
     assert_still_serving(system)
 
 
+def test_sampling_parameters_sent_as_integers_out_of_every_int64_are_sampled_with_and_cost_no_neighbour(system, raw):
+    """msgpack carries 2**64 - 1 as an integer, which a float field takes. Kept an int, the worker's sampler could not
+    make a tensor of it: the step failed with internal_error, and so did every request in its batch."""
+    rid = "huge-temperature"
+    raw.send_multipart([generate_frame(request_id=rid, token_ids=[5, 6, 7], max_tokens=4, temperature=2**64 - 1,
+                                       top_p=1, seed=2**64 - 1, top_k=2**64 - 1)])
+    with Client(system.endpoint) as client:
+        beside = client.complete(token_ids=[5, 6, 7], max_tokens=4)
+    events = []
+    while not events or events[-1].KIND not in ("final", "error"):
+        events.append(receive(raw))
+    assert events[-1].KIND == "final", events[-1]
+    assert events[-1].completion_tokens == 4 and len(beside.token_ids) == 4
+
+
 def test_a_request_whose_logits_are_not_finite_ends_by_name_and_the_batch_beside_it_goes_on(tmp_path):
     """Non-finite logits (here from a NaN row in the token embeddings, as a damaged model file has) drew their
     argmax or first-ranked token and streamed it with a NaN logprob, without a word. That request now ends with

@@ -16,6 +16,7 @@ from shared.protocol import (
     Health,
     Message,
     ProtocolError,
+    TokenEvent,
     decode,
     encode,
     recover_fields,
@@ -43,6 +44,15 @@ def test_tensors_travel_as_separate_frames(dtype):
 def test_empty_tensor_round_trips():
     msg = ExpertWork(step=0, layer=0, expert_ids=[], counts=[], hidden=torch.empty(0, 8))
     assert decode([bytes(f) for f in encode(msg)]).hidden.shape == (0, 8)
+
+
+def test_an_integer_in_a_float_field_is_read_as_a_float():
+    header = {"v": 1, "kind": "generate", "request_id": "r", "temperature": 2**64 - 1, "top_p": 1, "seed": 5}
+    msg = decode([msgpack.packb(header)])
+    assert type(msg.temperature) is float and msg.temperature == 2.0**64 and type(msg.top_p) is float
+    assert type(msg.seed) is int  # an int field's int stays one, an Optional's too
+    event = decode(encode(TokenEvent(request_id="r", index=0, token_id=1, text="", logprob=0)))
+    assert type(event.logprob) is float
 
 
 def test_a_tensor_field_holding_something_else_is_refused_by_the_sender_by_name():
