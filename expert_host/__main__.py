@@ -1,5 +1,4 @@
-import sys
-
 from expert_host.service import main
+from shared.process import exit_now
 
-sys.exit(main())
+exit_now(main())

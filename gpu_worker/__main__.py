@@ -1,5 +1,4 @@
-import sys
-
 from gpu_worker.service import main
+from shared.process import exit_now
 
-sys.exit(main())
+exit_now(main())
