@@ -14,6 +14,10 @@ from gpu_worker.scheduler import Sequence
 # Below this a temperature is greedy: logits / 1e-40 overflow float32 into NaN probabilities, and at 1e-5 a logit
 # gap of 1e-3 is already a factor e^100.
 GREEDY_BELOW = 1e-5
+# Above this a temperature draws uniformly from the finite logits anyway. Past float32's range (admission takes any
+# finite temperature) it would be inf, and -inf / inf is NaN: a row with a -inf logit would then take its first-ranked
+# token, the impossible one.
+HOTTEST = 1e30
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,7 @@ class Sampler:
 
     def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         device, vocab = logits.device, logits.shape[-1]
-        temperature = torch.tensor([seq.params.temperature for seq in seqs], device=device)
+        temperature = torch.tensor([min(seq.params.temperature, HOTTEST) for seq in seqs], device=device)
         top_k = torch.tensor([seq.params.top_k if 0 < seq.params.top_k < vocab else vocab for seq in seqs],
                              device=device)
         top_p = torch.tensor([seq.params.top_p for seq in seqs], device=device)

@@ -66,8 +66,9 @@ def exit_now(status: int) -> NoReturn:
     system waits that out three times over (the coordinator, then the worker, then the hosts), and so does every
     restart. A main that raised ends as usual instead, with its traceback."""
     logging.shutdown()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed, or a pipe no one reads: the status still counts
+            stream.flush()
     os._exit(status)
 
 

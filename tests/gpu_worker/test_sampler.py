@@ -61,6 +61,14 @@ def test_a_vanishing_temperature_is_greedy_and_leaves_the_rest_of_the_batch_alon
 
 
 @pytest.mark.parametrize("device", DEVICES)
+def test_a_temperature_past_float32s_range_is_uniform_over_the_possible_tokens(device):
+    """1e300 became inf as a float32, and a -inf logit over it NaN, which ranked first and was drawn every time."""
+    logits = torch.tensor([0.1, 0.2, 0.3, -torch.inf], device=device).expand(300, -1)
+    seqs = [make_seq(f"r{i}", seed=i, temperature=1e300) for i in range(300)]
+    assert {r.token_id for r in Sampler().sample(logits, seqs)} == {0, 1, 2}
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_a_row_of_non_finite_logits_draws_its_argmax_and_leaves_the_rest_of_the_batch_alone(device):
     """A NaN or +inf logit gives the row NaN probabilities, and multinomial's error failed every sequence in
     the batch."""
