@@ -1,5 +1,5 @@
-"""What every role process does the same way: logging, threads, stop signals, and its control link
-to the coordinator (heartbeats that double as join, placements that come back)."""
+"""What every role process does the same way: logging, threads, stop signals, its control link to the
+coordinator (heartbeats that double as join, placements that come back), and its exit."""
 
 from __future__ import annotations
 
