@@ -65,7 +65,7 @@ from shared.protocol import (
     decode,
     encode,
 )
-from shared.run_files import listened_on
+from shared.run_files import listened_on, remove_ipc_file
 from shared.tokenizer import Tokenizer, TokenizerError
 
 OUTCOMES = ("completed", "cancelled", "error", "rejected")
@@ -130,6 +130,15 @@ class Coordinator:
             raise OSError(f"another coordinator serves run_dir {config.run_dir} (something accepts connections on "
                           f"{served[0]}): stop it, or give this one a run_dir of its own")
         self.ctx = zmq.asyncio.Context()
+        self.sockets: list[zmq.asyncio.Socket] = []
+        self.bound: list[str] = []  # endpoints this process listens on: their socket files are its own to remove
+        try:
+            self._bind_sockets(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def _bind_sockets(self, config: Config) -> None:
         self.client = self._router(config.client_endpoint, {
             zmq.ROUTER_MANDATORY: 1,
             # a client whose machine vanished without closing its connection is found by ZMTP heartbeats
@@ -144,12 +153,14 @@ class Coordinator:
     def _router(self, endpoint: str, options: dict[int, int], hwm: int) -> zmq.asyncio.Socket:
         """A bound ROUTER socket; options are set before the bind, since its connections take the listener's."""
         socket = self.ctx.socket(zmq.ROUTER)
+        self.sockets.append(socket)
         for option, value in options.items():
             socket.setsockopt(option, value)
         socket.setsockopt(zmq.LINGER, 0)
         socket.setsockopt(zmq.SNDHWM, hwm)
         socket.setsockopt(zmq.RCVHWM, hwm)
         socket.bind(endpoint)
+        self.bound.append(endpoint)
         return socket
 
     async def run(self) -> None:
@@ -169,10 +180,11 @@ class Coordinator:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def close(self) -> None:
-        for sock in (self.client, self.engine, self.control):
+        for sock in self.sockets:
             sock.close(linger=0)
         self.ctx.term()
-        leave_run_dir(self.config, self.config.engine_endpoint, self.config.control_endpoint)
+        for endpoint in self.bound:
+            remove_ipc_file(endpoint)
 
     async def _receive(self, socket: zmq.asyncio.Socket,
                        handle: Callable[[bytes, list], Coroutine[Any, Any, None] | None]) -> None:
@@ -568,4 +580,8 @@ def serve(config: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierserve coordinator", description=__doc__.split("\n\n")[0])
     add_config_arguments(parser)
-    return serve(config_from_args(parser.parse_args(argv)))
+    config = config_from_args(parser.parse_args(argv))
+    try:
+        return serve(config)
+    finally:
+        leave_run_dir(config)

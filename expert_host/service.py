@@ -32,7 +32,7 @@ from shared.protocol import (
     encode,
     recover_fields,
 )
-from shared.run_files import listened_on, mailbox_path, remove_stale_mailboxes
+from shared.run_files import listened_on, mailbox_path, remove_ipc_file, remove_stale_mailboxes
 
 _log = logging.getLogger("expert_host")  # for work items, outside serve's own logger
 WORK = Counter("tierserve_expert_host_work_total", "Work items (one layer's experts for one batch)", ["outcome"])
@@ -183,7 +183,7 @@ def serve(config: Config, host_index: int) -> int:
         control.socket.close(linger=0)
         ctx.term()
         if not yielded:
-            leave_run_dir(config, endpoint)
+            remove_ipc_file(endpoint)
         log.info("stopped")
     return stop.exit_status
 
@@ -316,4 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     config = config_from_args(args)
     if not 0 <= args.host_id < config.expert_hosts:
         parser.error(f"--host-id {args.host_id} must be >= 0 and below expert_hosts ({config.expert_hosts})")
-    return serve(config, args.host_id)
+    try:
+        return serve(config, args.host_id)
+    finally:
+        leave_run_dir(config)

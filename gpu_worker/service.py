@@ -388,7 +388,6 @@ def serve(config: Config) -> int:
         engine_socket.close(linger=0)
         control.socket.close(linger=0)
         ctx.term()
-        leave_run_dir(config)
         # a host killed outright could not remove its own
         for stale in remove_stale_mailboxes(config.expert_host_endpoints):
             log.info("removed %s: its host is gone", stale)
@@ -446,4 +445,8 @@ def handle_engine_message(engine: Engine, frames: list, send: Callable[[Message]
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierserve gpu-worker")
     add_config_arguments(parser)
-    return serve(config_from_args(parser.parse_args(argv)))
+    config = config_from_args(parser.parse_args(argv))
+    try:
+        return serve(config)
+    finally:
+        leave_run_dir(config)

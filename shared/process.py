@@ -23,7 +23,7 @@ from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
 from shared.placement import Placement
 from shared.protocol import Heartbeat, ProtocolError, Superseded, Welcome, decode, encode
-from shared.run_files import EPHEMERAL_MARKER, SUPERSEDED_EXIT_STATUS, remove_ipc_file
+from shared.run_files import EPHEMERAL_MARKER, SUPERSEDED_EXIT_STATUS
 
 
 @contextlib.contextmanager
@@ -179,11 +179,9 @@ class ControlLink:
 _PARENT = os.getppid()
 
 
-def leave_run_dir(config: Config, *endpoints: str) -> None:
-    """Remove this process's socket files; if `tierserve up` died and left a private run dir, the last
-    process out removes it too."""
-    for endpoint in endpoints:
-        remove_ipc_file(endpoint)
+def leave_run_dir(config: Config) -> None:
+    """If `tierserve up` died and left a private run dir, the last process out removes it. A role's main calls
+    this however it ends, once its serve has removed its own socket files."""
     run_dir = config.run_dir
     if os.getppid() == _PARENT or not os.path.exists(os.path.join(run_dir, EPHEMERAL_MARKER)):
         return

@@ -3,6 +3,7 @@ restarts rejoins, gets the current placement and serves the oracle's tokens agai
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import signal
@@ -25,7 +26,7 @@ from shared.make_model import make_model
 from shared.native_kernels import load_library
 from shared.process import worker_device
 from shared.reference import ReferenceModel
-from shared.run_files import SUPERSEDED_EXIT_STATUS, listened_on, mailbox_path
+from shared.run_files import EPHEMERAL_MARKER, SUPERSEDED_EXIT_STATUS, listened_on, mailbox_path
 
 pytestmark = pytest.mark.slow
 PROMPT = [11, 12, 13, 14]
@@ -384,3 +385,65 @@ def test_a_metrics_port_another_process_has_is_refused_by_name(tmp_path, model_a
     assert f"ERROR cannot start: cannot serve metrics on 127.0.0.1:{port}: Address already in use (another process " \
            f"has it: is this role already running here? metrics_port 0 picks free ports)" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def exited(pid: int) -> bool:
+    """Whether a process that is not this one's child has ended (a zombie no one reaps counts as ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+@pytest.mark.parametrize("role, args", [("coordinator", ()), ("gpu-worker", ()), ("expert-host", ("--host-id", "0"))])
+def test_a_role_that_cannot_start_after_up_died_removes_the_run_dir_up_left(tmp_path, role, args):
+    """`tierserve up` makes a private run dir and removes it as it stops; if it died, the last of its roles out
+    removes it. One that could not start (here: no model file) left it behind."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / EPHEMERAL_MARKER).touch()
+    (run_dir / "config.toml").touch()
+    # the role blocks reading its config from this pipe until `up` (the process that started it) is gone
+    config_pipe = tmp_path / "config.toml"
+    os.mkfifo(config_pipe)
+    command = [sys.executable, "-m", "shared.cli", role, "--config", str(config_pipe), *args]
+    with open(tmp_path / "role.log", "w") as log:
+        up = subprocess.Popen([sys.executable, "-c", "import subprocess, sys, time\n"
+                               "print(subprocess.Popen(sys.argv[1:]).pid, flush=True)\ntime.sleep(600)", *command],
+                              stdout=subprocess.PIPE, stderr=log, text=True)
+    try:
+        pid = int(up.stdout.readline())
+        deadline = time.monotonic() + 60
+        while True:  # a writer's non-blocking open succeeds once the role has opened the pipe to read it
+            try:
+                pipe = os.open(config_pipe, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and not exited(pid), "the role never read its config"
+                time.sleep(0.05)
+    finally:
+        up.kill()
+        up.wait()
+    config = Config(model=str(tmp_path / "missing.gguf"), run_dir=str(run_dir),
+                    client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", metrics_port=0, expert_hosts=1)
+    os.write(pipe, config.to_toml().encode())
+    os.close(pipe)
+    deadline = time.monotonic() + 60
+    while not exited(pid):
+        assert time.monotonic() < deadline, "the role did not stop"
+        time.sleep(0.05)
+    assert not run_dir.exists()
+
+
+def test_a_coordinator_that_cannot_bind_every_socket_removes_the_socket_files_it_made(tmp_path, model_and_expected):
+    """The client socket is bound first: when the engine's then could not be, its file was left behind."""
+    model, _ = model_and_expected
+    roles = Roles(tmp_path, model, expert_hosts=0, hot_experts=8)
+    roles.config = dataclasses.replace(roles.config, client_endpoint=f"ipc://{tmp_path}/client.sock")
+    roles.config_path.write_text(roles.config.to_toml())
+    Path(roles.config.run_dir).mkdir()
+    os.mkdir(roles.config.engine_endpoint[len("ipc://"):])  # no socket can be bound there
+    assert roles.start("coordinator", "coordinator").wait(60) == 1
+    refused = f"ERROR cannot start: Address already in use (addr='{roles.config.engine_endpoint}')"
+    assert refused in roles.log("coordinator")
+    assert not (tmp_path / "client.sock").exists()
