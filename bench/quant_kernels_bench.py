@@ -122,7 +122,7 @@ def bench_decode(table: Table, fmt: str, stack: str, gate: QuantMatrix, up: Quan
                   expert_bytes([gate, up], sets[0]))
         down_s = graph_time([partial(qk.decode_linear, act, down, None, p, out) for p in plans])
         table.add(f"{fmt} down decode, {stack}", f"{shape}, ({HIDDEN}, {FFN})", down_s, expert_bytes([down], sets[0]))
-        # as a decode step runs them: int4's down may start while gate/up ends (qk.DEPENDENT_LAUNCH_EXPERTS)
+        # as a decode step runs them: down may start while gate/up ends (qk.DEPENDENT_LAUNCH_EXPERTS)
         both = graph_time([partial(qk.decode_swiglu, x, gate, up, down, p) for p in plans])
         bf16_s = graph_time(bf16_decode_calls(*bf16, sets, rows, x))
         table.add(f"{fmt} expert FFN decode (gate+up, down), {stack}", shape, both,
@@ -203,7 +203,7 @@ def main() -> None:
                         help=f"groups in each warp's ring of the int4 decode kernel (default {int4_mma.STAGES}): "
                              "another depth, timed against the default in a second run")
     parser.add_argument("--independent-launches", action="store_true",
-                        help="int4 decode's down launch waits for gate/up to end before any of its blocks start, "
+                        help="decode's down launch waits for gate/up to end before any of its blocks start, "
                              "for the gain of dependent launches against a run without them")
     args = parser.parse_args()
     int4_mma.STAGES = args.int4_stages  # read when the kernel is first compiled and sized, below
@@ -249,7 +249,8 @@ def main() -> None:
         "GB/s counts the quantized bytes (codes + scales) of the experts each launch reads. Decode rows are",
         "CUDA-graph replays (one launch per set of experts, rotating over disjoint sets of the 128-expert stack so",
         "the weights come from HBM); an FFN row is both launches replayed in turn, as a decode step runs them",
-        f"(int4's down launched as a dependent of gate/up up to {qk.DEPENDENT_LAUNCH_EXPERTS} experts).",
+        f"(down launched as a dependent of gate/up up to {qk.DEPENDENT_LAUNCH_EXPERTS} experts, int8's from",
+        f"{qk.INT8_DEPENDENT_LAUNCH_FROM}).",
         "Their ratio column is to bf16 swiglu_grouped's GEMMs and SwiGLU on the same",
         "rows (graph-replayed the same way). Prefill rows are per call (do_bench median, host planning included),",
         "ratio to bf16 swiglu_grouped / torch._grouped_mm on the same tokens. The dequantize rows also write",

@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from triton import knobs
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from gpu_worker import int4_mma
 from gpu_worker.grouped import swiglu_grouped
@@ -45,8 +46,15 @@ _OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
 # one's last blocks run, copy their first groups of weights, and wait only before reading x. On the H100 one token's
 # FFN took 15.0 us against 16.9 launched after gate/up, 16 experts' 22.4 against 25.3, 32 experts' at 4 rows 37.8
 # against 41.2; at 64 x 2 it was 1-2% slower, the waiting blocks holding SMs that the launch before could still use
-# (128 x 16: within 0.5%). int8's Triton kernel, launched so, was 11% slower at 8 experts (bench/quant_kernels.md).
+# (128 x 16: within 0.5%).
 DEPENDENT_LAUNCH_EXPERTS = 32
+# int8's down (Triton) is launched so from this many experts, loading its first tile of weights before it waits. On
+# the H100 16 experts' FFN took 32.6 us against 33.5 launched after gate/up, 32 experts' at 4 rows 60.0 against 61.1
+# (after int4 gate/up, as Q4_K_M's experts run: 27.9 against 28.5, 47.0 against 48.3); one token's 8 experts were
+# 1% slower (int4 gate/up: 8%). bench/quant_kernels.md
+INT8_DEPENDENT_LAUNCH_FROM = 9
+# Grid dependency control is PTX: the interpreter (as the CPU tests run the kernels) launches everything in turn.
+_GRID_DEPENDENCY = tl.constexpr(not knobs.runtime.interpret)
 
 
 def _configs(options: list[tuple]) -> list[triton.Config]:
@@ -137,9 +145,10 @@ def _x_tile(x_ptr, x_stride, rows, row_mask, K, k0, BLOCK_K: tl.constexpr):
 def _int8_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
                         q1_ptr, s1_ptr, q2_ptr, s2_ptr, q1_gs, s1_gs, q2_gs, s2_gs, N, K, size_class,
                         SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
+                        BLOCK_K: tl.constexpr, DEPENDENT: tl.constexpr):
     """out[rows] = x[rows] @ W1.T, or silu(x[rows] @ W1.T) * (x[rows] @ W2.T) with SWIGLU, for one
-    expert's rows (program axis 1) and BLOCK_N output columns (axis 0)."""
+    expert's rows (program axis 1) and BLOCK_N output columns (axis 0). DEPENDENT: launched as a dependent of the
+    launch before, whose output x is: the first tile of weights is loaded before waiting for it to finish."""
     expert, rows, row_mask, k_end = _rows_of(meta_ptr, n_used, tl.program_id(1), K, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -147,7 +156,15 @@ def _int8_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
     q2_ptr += expert * q2_gs
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, k_end, BLOCK_K):
+    if SWIGLU and _GRID_DEPENDENCY:
+        gdc_launch_dependents()  # down, if launched as a dependent, may place its blocks in the SMs left free
+    start = 0
+    if DEPENDENT:
+        first = _int8_tile(q1_ptr, K, n, n_mask & (k_end > 0), 0, BLOCK_K)
+        gdc_wait()
+        acc1 = tl.dot(_x_tile(x_ptr, x_stride, rows, row_mask, K, 0, BLOCK_K), first, acc1)
+        start = BLOCK_K
+    for k0 in range(start, k_end, BLOCK_K):
         x = _x_tile(x_ptr, x_stride, rows, row_mask, K, k0, BLOCK_K)
         acc1 = tl.dot(x, _int8_tile(q1_ptr, K, n, n_mask, k0, BLOCK_K), acc1)
         if SWIGLU:
@@ -272,8 +289,8 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
                    out: torch.Tensor, k_warps: int | None = None, dependent: bool = False) -> torch.Tensor:
     """decode_linear after its shape checks, (n, k) W1's: a grouped call checks its stacks once, where five
     checks a call were 3% of a one-stream decode step's host time (bench/README.md). `dependent`: x is the output
-    of the launch just before on this stream, which an int4 launch of up to DEPENDENT_LAUNCH_EXPERTS experts may
-    then overlap."""
+    of the launch just before on this stream, which a launch of up to DEPENDENT_LAUNCH_EXPERTS experts (int8: from
+    INT8_DEPENDENT_LAUNCH_FROM) may then overlap."""
     assert x.stride(1) == 1 and out.stride(1) == 1
     swiglu = w2 is not None
     w2 = w2 if swiglu else w1
@@ -282,8 +299,10 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
         common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class)
         args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.n_used)  # noqa: E731
+        dependent = dependent and plan.used_at_most >= INT8_DEPENDENT_LAUNCH_FROM and not knobs.runtime.interpret
         _int8_decode_kernel[grid](*args, w1.q, w1.scale, w2.q, w2.scale, w1.q.stride(0), w1.scale.stride(0),
-                                  w2.q.stride(0), w2.scale.stride(0), n, k, **common)
+                                  w2.q.stride(0), w2.scale.stride(0), n, k, **common, DEPENDENT=dependent,
+                                  launch_pdl=dependent)
     else:
         int4_mma.decode(x, w1, w2, swiglu, plan.meta, plan.n_used, plan.used_at_most, plan.rows_at_most, out,
                         k_warps, dependent)

@@ -148,6 +148,23 @@ def test_decode_with_down_of_another_format_and_launched_as_a_dependent(qk, stri
     assert torch.equal(qk.quant_swiglu_grouped(x, gate, up, down, groups, counts), y)
 
 
+@pytest.mark.parametrize("gate_up_fmt", ["int8", "int4"])
+def test_int8_down_of_many_experts_launched_as_a_dependent(qk, gate_up_fmt, monkeypatch):
+    """From INT8_DEPENDENT_LAUNCH_FROM experts int8's down starts as a dependent of gate/up (either kernel), its
+    first tile of weights loaded before it waits for gate/up's output: the bits of a launch that starts after."""
+    f, h = GATE
+    gate, up, down = random_regions([gate_up_fmt, gate_up_fmt, "int8"], 12, [(f, h), (f, h), (h, f)], DEVICE,
+                                    seed=23)
+    groups = list(range(qk.INT8_DEPENDENT_LAUNCH_FROM + 1))
+    counts = [1 + g % 3 for g in groups]
+    needs_int4_decode(gate_up_fmt, counts)
+    x = rows(counts, h, seed=24)
+    y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
+    assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
+    monkeypatch.setattr(qk, "DEPENDENT_LAUNCH_EXPERTS", 0)
+    assert torch.equal(qk.quant_swiglu_grouped(x, gate, up, down, groups, counts), y)
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_prefill_over_more_experts_than_one_pass_dequantizes(qk, fmt):
     """A prompt whose rows reach more experts than prefill dequantizes at once: done in passes, every row right.
