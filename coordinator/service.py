@@ -180,11 +180,11 @@ class Coordinator:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def close(self) -> None:
+        for endpoint in self.bound:  # while this process listens there, the file is its own
+            remove_ipc_file(endpoint)
         for sock in self.sockets:
             sock.close(linger=0)
         self.ctx.term()
-        for endpoint in self.bound:
-            remove_ipc_file(endpoint)
 
     async def _receive(self, socket: zmq.asyncio.Socket,
                        handle: Callable[[bytes, list], Coroutine[Any, Any, None] | None]) -> None:

@@ -179,11 +179,11 @@ def serve(config: Config, host_index: int) -> int:
             mailbox.close()
             if not yielded:
                 remove_mailbox(mailbox.path)
+        if not yielded:  # while this process listens there, the file is its own
+            remove_ipc_file(endpoint)
         data.close(linger=1000)  # time for the drain's answers to leave
         control.socket.close(linger=0)
         ctx.term()
-        if not yielded:
-            remove_ipc_file(endpoint)
         log.info("stopped")
     return stop.exit_status
 

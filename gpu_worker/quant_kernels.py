@@ -16,6 +16,7 @@ decode needs cupy.
 
 from __future__ import annotations
 
+import functools
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -50,11 +51,9 @@ _OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
 DEPENDENT_LAUNCH_EXPERTS = 32
 # int8's down (Triton) is launched so from this many experts, loading its first tile of weights before it waits. On
 # the H100 16 experts' FFN took 32.6 us against 33.5 launched after gate/up, 32 experts' at 4 rows 60.0 against 61.1
-# (after int4 gate/up, as Q4_K_M's experts run: 27.9 against 28.5, 47.0 against 48.3); one token's 8 experts were
-# 1% slower (int4 gate/up: 8%). bench/quant_kernels.md
+# (after int4 gate/up, as Q4_K_M's experts run: 27.9 against 28.5, 47.0 against 48.3); at one token's 8 experts it
+# went from 3% faster to 8% slower (bench/quant_kernels.md).
 INT8_DEPENDENT_LAUNCH_FROM = 9
-# Grid dependency control is PTX: the interpreter (as the CPU tests run the kernels) launches everything in turn.
-_GRID_DEPENDENCY = tl.constexpr(not knobs.runtime.interpret)
 
 
 def _configs(options: list[tuple]) -> list[triton.Config]:
@@ -73,6 +72,7 @@ def _bench_briefly(fn, quantiles):  # tuning runs once per shape and size class:
     return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
 
 
+# DEPENDENT is not in the key: the autotuner times each launch alone, where a dependent one runs as a plain one
 _TUNING = dict(key=["N", "K", "SWIGLU", "size_class"], prune_configs_by={"early_config_prune": _block_k_fits},
                do_bench=_bench_briefly)
 
@@ -145,10 +145,12 @@ def _x_tile(x_ptr, x_stride, rows, row_mask, K, k0, BLOCK_K: tl.constexpr):
 def _int8_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
                         q1_ptr, s1_ptr, q2_ptr, s2_ptr, q1_gs, s1_gs, q2_gs, s2_gs, N, K, size_class,
                         SWIGLU: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                        BLOCK_K: tl.constexpr, DEPENDENT: tl.constexpr):
+                        BLOCK_K: tl.constexpr, GRID_DEPENDENCY: tl.constexpr, DEPENDENT: tl.constexpr):
     """out[rows] = x[rows] @ W1.T, or silu(x[rows] @ W1.T) * (x[rows] @ W2.T) with SWIGLU, for one
-    expert's rows (program axis 1) and BLOCK_N output columns (axis 0). DEPENDENT: launched as a dependent of the
-    launch before, whose output x is: the first tile of weights is loaded before waiting for it to finish."""
+    expert's rows (program axis 1) and BLOCK_N output columns (axis 0). GRID_DEPENDENCY: the GPU has grid dependency
+    control (Hopper on), so a gate/up lets a dependent down start. DEPENDENT (down only): launched as a dependent of
+    the launch before, whose output x is: the first tile of weights is loaded before waiting for it to finish."""
+    tl.static_assert(not (DEPENDENT and SWIGLU), "only down, one matrix, is launched as a dependent")
     expert, rows, row_mask, k_end = _rows_of(meta_ptr, n_used, tl.program_id(1), K, BLOCK_M)
     n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = n < N
@@ -156,7 +158,7 @@ def _int8_decode_kernel(x_ptr, x_stride, out_ptr, out_stride, meta_ptr, n_used,
     q2_ptr += expert * q2_gs
     acc1 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    if SWIGLU and _GRID_DEPENDENCY:
+    if SWIGLU and GRID_DEPENDENCY:
         gdc_launch_dependents()  # down, if launched as a dependent, may place its blocks in the SMs left free
     start = 0
     if DEPENDENT:
@@ -299,14 +301,22 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
         common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class)
         args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.n_used)  # noqa: E731
-        dependent = dependent and plan.used_at_most >= INT8_DEPENDENT_LAUNCH_FROM and not knobs.runtime.interpret
+        grid_dependency = _grid_dependency(x.device)
+        dependent = dependent and grid_dependency and plan.used_at_most >= INT8_DEPENDENT_LAUNCH_FROM
         _int8_decode_kernel[grid](*args, w1.q, w1.scale, w2.q, w2.scale, w1.q.stride(0), w1.scale.stride(0),
-                                  w2.q.stride(0), w2.scale.stride(0), n, k, **common, DEPENDENT=dependent,
-                                  launch_pdl=dependent)
+                                  w2.q.stride(0), w2.scale.stride(0), n, k, **common, GRID_DEPENDENCY=grid_dependency,
+                                  DEPENDENT=dependent, launch_pdl=dependent)
     else:
         int4_mma.decode(x, w1, w2, swiglu, plan.meta, plan.n_used, plan.used_at_most, plan.rows_at_most, out,
                         k_warps, dependent)
     return out
+
+
+@functools.cache
+def _grid_dependency(device: torch.device) -> bool:
+    """Whether launches on `device` may start as dependents (griddepcontrol is PTX for sm_90 on); never under the
+    interpreter (as the CPU tests run the kernels), which launches everything in turn."""
+    return not knobs.runtime.interpret and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def dequantize_used(w: QuantMatrix, plan: GroupPlan, out: torch.Tensor) -> torch.Tensor:
