@@ -8,7 +8,8 @@ holds takes it over, whether the holder died (a restart, which needs no wait for
 started twice). The one replaced is not the member any more: each of its heartbeats, for as long as they keep coming,
 is answered that it must stop, and counts for nothing.
 The system is ready when the gpu worker and every expert host the placement uses are alive and have applied the
-current placement.
+current placement. Only the gpu worker and the placement's expert hosts, each in its own role, are members: a
+heartbeat under another id (another configuration's host, or a stray message) is refused by name.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ class HeartbeatOutcome:
     restarted: bool = False  # a known, live member came back as a new process: whatever it held is gone
     superseded_by: Member | None = None  # the sender was replaced under its member id by this member: it must stop
     first_notice: bool = False  # with superseded_by: the first heartbeat from the sender since it was replaced
+    refused: str = ""  # why the sender is not a member of this system (nothing else is set)
 
 
 # How long a replaced process is remembered after it was last heard from. Far longer than the heartbeat timeout: a
@@ -83,7 +85,9 @@ class Membership:
         self.tick_s = tick_s  # how often the coordinator calls expire
         self.model = model  # the identity of the coordinator's model file, which every member must serve
         self.members: dict[str, Member] = {}
-        self.replaced: dict[str, Replaced] = {}  # by incarnation, until silent for REPLACED_KEPT_S
+        # by (member id, incarnation), until silent for REPLACED_KEPT_S
+        self.replaced: dict[tuple[str, str], Replaced] = {}
+        self.roles = {WORKER_ID: "gpu_worker", **{host: "expert_host" for host in placement.hosts}}
         self.expired_at: float | None = None  # when expire last ran
         self.heard_at: float | None = None  # when the last heartbeat was read
 
@@ -91,7 +95,12 @@ class Membership:
         # After a stop, the loop may read a queued heartbeat before its late tick: that one counts the stop then
         self._credit_a_stop(now)
         self.heard_at = now
-        replaced = self.replaced.get(hb.incarnation)
+        role = self.roles.get(hb.member_id)
+        if role != hb.role:
+            known = ", ".join(f"{member} ({role})" for member, role in self.roles.items())
+            return HeartbeatOutcome(refused=f"{hb.member_id!r} as {hb.role!r} is not a member of this system: its "
+                                            f"members are {known}")
+        replaced = self.replaced.get((hb.member_id, hb.incarnation))
         if replaced is not None:
             first_notice = not replaced.told
             replaced.last_seen, replaced.told = now, True
@@ -100,7 +109,7 @@ class Membership:
         another_process = old is not None and old.incarnation != hb.incarnation
         if another_process:  # restarted, or started a second time; or found lost while it was only paused (SIGSTOP,
             # a long stall): what the old one sends from now on is not the member's, lest it take the id back
-            self.replaced[old.incarnation] = Replaced(old.last_seen)
+            self.replaced[old.member_id, old.incarnation] = Replaced(old.last_seen)
         restarted = another_process and old.alive
         joined = old is None or not old.alive or restarted
         first_seen = old.first_seen if old is not None and not another_process else now

@@ -393,6 +393,9 @@ class Coordinator:
             log.warning("dropping unexpected %s on the control socket", msg.KIND)
             return
         outcome = self.membership.heartbeat(msg, time.monotonic())
+        if outcome.refused:
+            log.warning("refusing a heartbeat from pid %d on %s: %s", msg.pid, msg.host, outcome.refused)
+            return
         if outcome.superseded_by is not None:
             self.supersede(identity, msg, outcome.superseded_by, outcome.first_notice)
             return

@@ -25,6 +25,7 @@ from shared.mailbox import ORDERED_STORES
 from shared.make_model import make_model
 from shared.native_kernels import load_library
 from shared.process import worker_device
+from shared.protocol import Heartbeat, encode
 from shared.reference import ReferenceModel
 from shared.run_files import EPHEMERAL_MARKER, SUPERSEDED_EXIT_STATUS, listened_on, mailbox_path
 
@@ -447,3 +448,29 @@ def test_a_coordinator_that_cannot_bind_every_socket_removes_the_socket_files_it
     refused = f"ERROR cannot start: Address already in use (addr='{roles.config.engine_endpoint}')"
     assert refused in roles.log("coordinator")
     assert not (tmp_path / "client.sock").exists()
+
+
+def test_a_heartbeat_from_no_member_of_the_system_is_refused_by_name(tmp_path, model_and_expected):
+    """A host of another configuration (here expert-host-3 of a system without hosts) was listed among the members,
+    for ever, and welcomed with the placement."""
+    model, expected = model_and_expected
+    roles = Roles(tmp_path, model, expert_hosts=0, hot_experts=8)
+    try:
+        roles.start("coordinator", "coordinator")
+        roles.start("gpu-worker", "gpu-worker")
+        wait_ready(roles.config.client_endpoint)
+        stray = zmq.Context.instance().socket(zmq.DEALER)
+        stray.setsockopt(zmq.LINGER, 1000)
+        stray.connect(roles.config.control_endpoint)
+        stray.send_multipart(encode(Heartbeat(member_id="expert-host-3", role="expert_host", incarnation="x", pid=4321,
+                                              host="elsewhere", metrics_port=1, placement_version=0, model="m")))
+        assert not stray.poll(2000)  # no Welcome
+        stray.close()
+        with Client(roles.config.client_endpoint) as client:
+            assert [m["member_id"] for m in client.health().members] == ["coordinator", "gpu-worker"]
+            assert client.complete(token_ids=PROMPT, max_tokens=6).token_ids == expected
+    finally:
+        codes = roles.stop()
+    assert codes == {"coordinator": 0, "gpu-worker": 0}
+    assert ("WARNING refusing a heartbeat from pid 4321 on elsewhere: 'expert-host-3' as 'expert_host' is not a member "
+            "of this system: its members are gpu-worker (gpu_worker)") in roles.log("coordinator")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from coordinator.membership import REPLACED_KEPT_S, Membership, startup_placement
@@ -82,9 +84,31 @@ def test_a_replaced_process_is_forgotten_once_silent_for_an_hour(members):
     members.heartbeat(beat("expert-host-0", 3, pid=100), now=0.0)
     members.heartbeat(beat("expert-host-0", 0, pid=200), now=0.5)
     members.expire(now=REPLACED_KEPT_S)
-    assert list(members.replaced) == ["pid 100"]
+    assert list(members.replaced) == [("expert-host-0", "pid 100")]
     members.expire(now=REPLACED_KEPT_S + 0.1)
     assert members.replaced == {}
+
+
+@pytest.mark.parametrize("member_id, role", [("expert-host-2", "expert_host"), ("gpu-worker", "expert_host"),
+                                             ("expert-host-0", "gpu_worker"), ("", "expert_host")])
+def test_a_heartbeat_of_no_member_of_this_system_is_refused_by_name(members, member_id, role):
+    """The placement has two hosts: a third (another configuration's), or an id in the wrong role, was listed as a
+    member (in health, for ever) and welcomed with the placement."""
+    hb = dataclasses.replace(beat("gpu-worker", 0), member_id=member_id, role=role)
+    outcome = members.heartbeat(hb, now=0.0)
+    assert outcome.refused == (f"{member_id!r} as {role!r} is not a member of this system: its members are gpu-worker "
+                               "(gpu_worker), expert-host-0 (expert_host), expert-host-1 (expert_host)")
+    assert not (outcome.welcome or outcome.joined) and members.members == {}
+
+
+def test_a_replaced_incarnation_under_another_member_id_is_that_ids_own(members):
+    """Looked up by incarnation alone, a replaced process's incarnation sent under another id raised KeyError (a
+    traceback for every such message)."""
+    members.heartbeat(beat("expert-host-0", 3, incarnation="a"), now=0.0)
+    members.heartbeat(beat("expert-host-0", 3, incarnation="b"), now=0.1)
+    outcome = members.heartbeat(beat("expert-host-1", 0, incarnation="a"), now=0.2)
+    assert (outcome.joined, outcome.superseded_by) == (True, None)
+    assert members.heartbeat(beat("expert-host-0", 3, incarnation="a"), now=0.3).superseded_by.incarnation == "b"
 
 
 def test_a_process_found_lost_while_paused_does_not_take_its_id_back_from_its_successor(members):
