@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import os
 import re
 import tempfile
@@ -146,6 +147,11 @@ class Config:
     def __post_init__(self) -> None:
         if not self.run_dir:
             self.run_dir = default_run_dir()
+        for key, hint in _HINTS.items():  # NaN passes every comparison below, and a timeout of inf never ends
+            if hint is float and not math.isfinite(getattr(self, key)):
+                raise ValueError(f"{key} must be a finite number, not {getattr(self, key)}")
+        if not self.client_endpoint.startswith(("tcp://", "ipc://")):
+            raise ValueError(f"client_endpoint must be tcp://HOST:PORT or ipc://PATH, not {self.client_endpoint!r}")
         for key, low in _LOWEST.items():
             if getattr(self, key) < low:
                 raise ValueError(f"{key} must be >= {low}, not {getattr(self, key)}")

@@ -91,6 +91,36 @@ def test_a_number_out_of_its_range_is_refused_at_load_naming_its_key(key, value,
         load_config(None, **{key: value})
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_timeout_that_is_not_a_finite_number_is_refused_at_load(value):
+    """NaN passed every range check (each comparison with it is false): a role started with a resume timeout that
+    never ends, or ended at once."""
+    with pytest.raises(ValueError, match=f"resume_timeout_s must be a finite number, not {value}"):
+        load_config(None, resume_timeout_s=value)
+
+
+@pytest.mark.parametrize("endpoint", ["garbage", "localhost:5555", "udp://127.0.0.1:5"])
+def test_a_client_endpoint_zeromq_cannot_take_is_refused_at_load(endpoint):
+    """`tierserve up` died of a ZMQError traceback as it first connected."""
+    with pytest.raises(ValueError, match=f"client_endpoint must be tcp://HOST:PORT or ipc://PATH, not '{endpoint}'"):
+        load_config(None, client_endpoint=endpoint)
+
+
+def test_more_threads_than_cpus_are_held_to_the_cpus_with_a_warning():
+    """host_threads 100000 took every thread an expert host could start: it died of a traceback as it started its
+    metrics server."""
+    code = ("import os, torch\n"
+            "from shared.config import Config\n"
+            "from shared.process import setup_process\n"
+            "setup_process('expert-host-0', 'expert_host', Config(host_threads=100000, expert_hosts=1))\n"
+            "print(torch.get_num_threads(), len(os.sched_getaffinity(0)))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    threads, cpus = run.stdout.split()
+    assert threads == cpus
+    assert f"WARNING threads / host_threads ask for 100000 torch threads: using {cpus}, the CPUs this process may " \
+        "run on" in run.stderr
+
+
 def test_metrics_ports_above_65535_for_the_worker_or_a_host_are_refused_at_load():
     """The worker serves its metrics at metrics_port + 1 and expert host i at + 2 + i: with metrics_port 65534 and
     two hosts, the hosts died at start-up with an OverflowError from bind()."""
