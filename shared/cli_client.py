@@ -60,6 +60,10 @@ def _client(args: argparse.Namespace) -> Client:
         raise SystemExit(f"tierserve: cannot connect to {endpoint!r} ({e}); an endpoint is tcp://HOST:PORT") from None
 
 
+# what a request can end in: the server's refusal, no answer, or a value the request cannot carry (ValueError)
+REQUEST_ERRORS = (ServerError, TimeoutError, ValueError)
+
+
 def _fail(command: str, error: Exception) -> int:
     print(f"tierserve {command}: {error}", file=sys.stderr)
     return 1
@@ -85,7 +89,7 @@ def generate_main(argv: list[str] | None = None) -> int:
                 return 0
             _print_stream(client.generate(prompt=args.text, **_sampling(args)))
             print()
-        except (ServerError, TimeoutError) as e:
+        except REQUEST_ERRORS as e:
             return _fail("generate", e)
     return 0
 
@@ -116,10 +120,9 @@ def _chat(client: Client, messages: list[dict], sampling: dict[str, Any], intera
         if not line.strip():
             continue
         messages.append({"role": "user", "content": line.rstrip("\n")})
-        stream = client.generate(messages=messages, **sampling)
         try:
-            reply = _print_stream(stream)
-        except (ServerError, TimeoutError) as e:
+            reply = _print_stream(client.generate(messages=messages, **sampling))
+        except REQUEST_ERRORS as e:
             messages.pop()  # the turn did not happen; the user may try again
             _fail("chat", e)
             failed += 1

@@ -309,7 +309,16 @@ def encode(msg: Message) -> list[Any]:
             frames.append(memoryview(raw.numpy()).cast("B") if raw.numel() else b"")
         else:
             header[f.name] = value
-    frames[0] = msgpack.packb(header, use_bin_type=True)
+    try:
+        frames[0] = msgpack.packb(header, use_bin_type=True)
+    except OverflowError:
+        for name, value in header.items():
+            try:
+                msgpack.packb(value, use_bin_type=True)
+            except OverflowError:
+                raise ValueError(f"{msg.KIND}.{name} holds an integer outside -2**63..2**64-1, which msgpack cannot "
+                                 f"carry") from None
+        raise
     return frames
 
 

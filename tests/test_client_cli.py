@@ -195,6 +195,15 @@ def test_generate_command_reports_a_refusal(system, capsys):
     assert "invalid_request" in err and "top_p" in err
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_a_value_no_request_can_carry_is_a_message_not_a_traceback(system, command, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hello\n"))
+    args = [command, *(["hi"] if command == "generate" else []), "--endpoint", system.endpoint]
+    assert tierserve([*args, "--seed", str(10**23)]) == 1
+    assert capsys.readouterr().err == (f"tierserve {command}: generate.seed holds an integer outside "
+                                       "-2**63..2**64-1, which msgpack cannot carry\n")
+
+
 def test_ctrl_c_while_generate_waits_for_a_whole_completion_exits_130_without_a_traceback(system):
     """--json waits for the whole completion before printing: Ctrl-C there ended the command with a traceback,
     killed by SIGINT rather than exiting 130 as the streaming command does."""

@@ -55,6 +55,14 @@ def test_an_integer_in_a_float_field_is_read_as_a_float():
     assert type(event.logprob) is float
 
 
+@pytest.mark.parametrize(("fields", "name"), [({"seed": 2**64}, "seed"),
+                                              ({"token_ids": [1, -(2**63) - 1]}, "token_ids")])
+def test_an_integer_msgpack_cannot_carry_is_refused_by_the_sender_by_name(fields, name):
+    """msgpack's OverflowError named no field: `tierserve generate --seed 99999999999999999999999` ended in it."""
+    with pytest.raises(ValueError, match=rf"generate\.{name} holds an integer outside -2\*\*63\.\.2\*\*64-1"):
+        encode(Generate(request_id="r", **fields))
+
+
 def test_a_tensor_field_holding_something_else_is_refused_by_the_sender_by_name():
     with pytest.raises(ValueError, match="expert_work.hidden must be a tensor, not list"):
         encode(ExpertWork(step=0, layer=0, expert_ids=[], counts=[], hidden=[1.0]))
