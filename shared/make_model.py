@@ -12,6 +12,7 @@ units while the main thread writes.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
@@ -136,8 +137,9 @@ def make_model(
     """Write the model; `progress(bytes written, total bytes, seconds)` is called as the data goes out."""
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    if seed < 0 or routing_skew < 0:
-        raise ModelError("seed and routing skew must not be negative")
+    if seed < 0 or not 0 <= routing_skew < math.inf:  # a NaN skew wrote a model whose every route was NaN
+        raise ModelError(f"seed must not be negative and routing skew must be a finite number >= 0, not {seed} and "
+                         f"{routing_skew}")
     cfg, step = preset_config(preset, arch)
     file_type = DTYPES[dtype][1]
     metadata = tokenizer_metadata(cfg.arch, cfg.vocab_size)

@@ -263,6 +263,8 @@ def test_bad_arguments_exit_2_with_a_clear_message(tmp_path):
                           "--preset", "huge"], capture_output=True, text=True)
     assert run.returncode == 2 and "invalid choice: 'huge'" in run.stderr
     assert main([str(tmp_path / "x.gguf"), "--routing-skew", "-1"]) == 2
+    for skew in ("nan", "inf"):  # a NaN skew wrote a model whose every route was NaN
+        assert main([str(tmp_path / "x.gguf"), "--routing-skew", skew]) == 2
     assert main([str(tmp_path / "x.gguf"), "--arch", "olmoe", "--preset", "qwen3-30b-a3b", "--seed", "-3"]) == 2
     assert not (tmp_path / "x.gguf").exists()
 
