@@ -60,8 +60,8 @@ class HeartbeatOutcome:
     joined: bool = False  # first heard of, or heard again after being lost or restarting
     restarted: bool = False  # a known, live member came back as a new process: whatever it held is gone
     superseded_by: Member | None = None  # the sender was replaced under its member id by this member: it must stop
-    first_notice: bool = False  # with superseded_by: the first heartbeat from the sender since it was replaced
-    refused: str = ""  # why the sender is not a member of this system (nothing else is set)
+    first_notice: bool = False  # the first heartbeat from the sender since it was replaced, or was refused
+    refused: str = ""  # why the sender is not a member of this system (only first_notice is set beside it)
 
 
 # How long a replaced process is remembered after it was last heard from. Far longer than the heartbeat timeout: a
@@ -87,7 +87,9 @@ class Membership:
         self.members: dict[str, Member] = {}
         # by (member id, incarnation), until silent for REPLACED_KEPT_S
         self.replaced: dict[tuple[str, str], Replaced] = {}
-        self.roles = {WORKER_ID: "gpu_worker", **{host: "expert_host" for host in placement.hosts}}
+        # (member id, incarnation) of processes refused -> when last heard, until silent for the timeout: each is
+        # named in the log once, not at every heartbeat
+        self.refused: dict[tuple[str, str], float] = {}
         self.expired_at: float | None = None  # when expire last ran
         self.heard_at: float | None = None  # when the last heartbeat was read
 
@@ -95,11 +97,13 @@ class Membership:
         # After a stop, the loop may read a queued heartbeat before its late tick: that one counts the stop then
         self._credit_a_stop(now)
         self.heard_at = now
-        role = self.roles.get(hb.member_id)
-        if role != hb.role:
-            known = ", ".join(f"{member} ({role})" for member, role in self.roles.items())
+        roles = {WORKER_ID: "gpu_worker", **{host: "expert_host" for host in self.placement.hosts}}
+        if roles.get(hb.member_id) != hb.role:
+            first_notice = (hb.member_id, hb.incarnation) not in self.refused
+            self.refused[hb.member_id, hb.incarnation] = now
+            known = ", ".join(f"{member} ({role})" for member, role in roles.items())
             return HeartbeatOutcome(refused=f"{hb.member_id!r} as {hb.role!r} is not a member of this system: its "
-                                            f"members are {known}")
+                                            f"members are {known}", first_notice=first_notice)
         replaced = self.replaced.get((hb.member_id, hb.incarnation))
         if replaced is not None:
             first_notice = not replaced.told
@@ -130,6 +134,7 @@ class Membership:
                 lost.append(m)
         # kept, every restart would leave one behind for good; one silent for REPLACED_KEPT_S is surely gone
         self.replaced = {i: r for i, r in self.replaced.items() if now - r.last_seen <= REPLACED_KEPT_S}
+        self.refused = {i: seen for i, seen in self.refused.items() if now - seen <= self.timeout_s}
         return lost
 
     def _credit_a_stop(self, now: float) -> None:

@@ -394,7 +394,8 @@ class Coordinator:
             return
         outcome = self.membership.heartbeat(msg, time.monotonic())
         if outcome.refused:
-            log.warning("refusing a heartbeat from pid %d on %s: %s", msg.pid, msg.host, outcome.refused)
+            if outcome.first_notice:
+                log.warning("refusing the heartbeats of pid %d on %s: %s", msg.pid, msg.host, outcome.refused)
             return
         if outcome.superseded_by is not None:
             self.supersede(identity, msg, outcome.superseded_by, outcome.first_notice)

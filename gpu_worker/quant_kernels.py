@@ -52,7 +52,7 @@ DEPENDENT_LAUNCH_EXPERTS = 32
 # int8's down (Triton) is launched so from this many experts, loading its first tile of weights before it waits. On
 # the H100 16 experts' FFN took 32.6 us against 33.5 launched after gate/up, 32 experts' at 4 rows 60.0 against 61.1
 # (after int4 gate/up, as Q4_K_M's experts run: 27.9 against 28.5, 47.0 against 48.3); at one token's 8 experts it
-# went from 3% faster to 8% slower (bench/quant_kernels.md).
+# was between 3% faster and 8% slower, by run and by mix (bench/quant_kernels.md).
 INT8_DEPENDENT_LAUNCH_FROM = 9
 
 

@@ -139,6 +139,11 @@ class _Inbox:
             raise ValueError(f"request_id {request_id!r} is already in flight on this client")
         self.open.add(request_id)
 
+    def release(self, request_id: str) -> None:
+        """A claimed request that was never sent (a value it cannot carry, or no room to send it): its id is free."""
+        self.open.discard(request_id)
+        self.forget(("request", request_id))
+
     def forget(self, key: tuple) -> None:
         self.boxes.pop(key, None)
 
@@ -226,7 +231,11 @@ class Client:
         msg = generate_request(request_id, **options)
         self._take_arrived()  # a drop noticed now ends the requests sent before it, not this one
         self._inbox.claim(msg.request_id)
-        self._send(msg)
+        try:
+            self._send(msg)
+        except BaseException:
+            self._inbox.release(msg.request_id)
+            raise
         return Stream(self, msg.request_id)
 
     def complete(self, request_id: str | None = None, **options: Any) -> Completion:
@@ -372,7 +381,11 @@ class AsyncClient:
         msg = generate_request(request_id, **options)
         await self._take_arrived()  # a drop noticed now ends the requests sent before it, not this one
         self._inbox.claim(msg.request_id)
-        await self._send(msg)
+        try:
+            await self._send(msg)
+        except BaseException:
+            self._inbox.release(msg.request_id)
+            raise
         return AsyncStream(self, msg.request_id)
 
     async def complete(self, request_id: str | None = None, **options: Any) -> Completion:

@@ -235,21 +235,29 @@ class Config:
         return [self.expert_host_endpoint(host) for host in range(self.expert_hosts)]
 
     def threads_for(self, role: str, worker_on_gpu: bool = False) -> int:
-        """torch threads of a process of this role ("expert_host", "gpu_worker", "coordinator"): `threads` if
-        set; else the coordinator (tokenizing, sockets) takes one core and the worker and every expert host share
-        the rest, so together they never ask for more threads than there are cores. A worker that computes on a
-        GPU needs few: it keeps WORKER_GPU_THREADS and the expert hosts, whose CPU kernels are bound by how many
-        cores read their weights, share the others evenly; a worker on the CPU, or with no expert host, shares
-        them with the hosts as one of them."""
+        """torch threads of a process of this role ("expert_host", "gpu_worker", "coordinator"): asked_threads if
+        set, up to the CPUs this process may run on; else the coordinator (tokenizing, sockets) takes one of those
+        CPUs and the worker and every expert host share the rest, so together they never ask for more threads than
+        there are. A worker that computes on a GPU needs few: it keeps WORKER_GPU_THREADS and the expert hosts, whose
+        CPU kernels are bound by how many cores read their weights, share the others evenly; a worker on the CPU, or
+        with no expert host, shares them with the hosts as one of them."""
+        cpus = len(os.sched_getaffinity(0))
+        asked = self.asked_threads(role)
+        if asked:
+            return min(asked, cpus)
         if role == "coordinator":
-            return self.threads or 1
-        rest = (os.cpu_count() or 1) - 1
+            return 1
+        rest = cpus - 1
         worker = min(WORKER_GPU_THREADS, max(1, rest - self.expert_hosts)) if worker_on_gpu and self.expert_hosts \
             else None
         share = max(1, (rest - worker) // self.expert_hosts) if worker else max(1, rest // (1 + self.expert_hosts))
-        if role == "expert_host":
-            return self.host_threads or self.threads or share
-        return self.threads or worker or share
+        return share if role == "expert_host" else worker or share
+
+    def asked_threads(self, role: str) -> int:
+        """The torch threads the settings name for a process of this role (0: none). threads_for holds them to the
+        CPUs the process may run on: more are no faster, and host_threads 100000 took every thread a host could
+        start."""
+        return self.host_threads or self.threads if role == "expert_host" else self.threads
 
     def host_cores(self, host: int, threads: int) -> list[int]:
         """The logical CPUs expert host `host` binds its `threads` threads to: with every host taking as many, the

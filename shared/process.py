@@ -58,11 +58,9 @@ def setup_process(member_id: str, role: str, config: Config) -> logging.Logger:
     os.makedirs(config.run_dir, mode=0o700, exist_ok=True)  # whichever process starts first makes it
     log = logging.getLogger(member_id)
     threads = config.threads_for(role, role != "coordinator" and worker_device(config).type == "cuda")
-    cpus = len(os.sched_getaffinity(0))
-    if threads > cpus:  # no faster, and 100000 of them took every thread the process could start
+    if config.asked_threads(role) > threads:
         log.warning("threads / host_threads ask for %d torch threads: using %d, the CPUs this process may run on",
-                    threads, cpus)
-        threads = cpus
+                    config.asked_threads(role), threads)
     torch.set_num_threads(threads)
     return log
 

@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from shared.client import AsyncClient, Client, ServerError
-from shared.protocol import FinalEvent, HealthReply, encode
+from shared.protocol import FinalEvent, HealthReply, decode, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -218,3 +218,28 @@ def test_an_async_stream_dropped_after_its_end_arrived_leaves_its_id_free():
         await client.generate(request_id="a", token_ids=[1], max_tokens=1)
 
     against_a_bare_router(main)
+
+
+@pytest.mark.parametrize("kind", ["blocking", "asyncio"])
+def test_a_request_that_could_not_be_sent_leaves_its_id_free(kind):
+    """Its id stayed claimed for good: a retry under it was refused as already in flight."""
+    server = zmq.Context.instance().socket(zmq.ROUTER)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    endpoint = f"tcp://127.0.0.1:{port}"
+    try:
+        if kind == "blocking":
+            with Client(endpoint, timeout_s=5.0) as client:
+                with pytest.raises(ValueError, match="generate.seed holds an integer"):
+                    client.generate(request_id="a", token_ids=[1], seed=2**64)
+                client.generate(request_id="a", token_ids=[1], max_tokens=1).close()
+        else:
+            async def main() -> None:
+                async with AsyncClient(endpoint, timeout_s=5.0) as client:
+                    with pytest.raises(ValueError, match="generate.seed holds an integer"):
+                        await client.generate(request_id="a", token_ids=[1], seed=2**64)
+                    await (await client.generate(request_id="a", token_ids=[1], max_tokens=1)).close()
+
+            asyncio.run(main())
+        assert server.poll(5000) and decode(server.recv_multipart()[1:]).request_id == "a"
+    finally:
+        server.close(linger=0)

@@ -106,13 +106,14 @@ def test_a_client_endpoint_zeromq_cannot_take_is_refused_at_load(endpoint):
         load_config(None, client_endpoint=endpoint)
 
 
-def test_more_threads_than_cpus_are_held_to_the_cpus_with_a_warning():
+def test_more_threads_than_cpus_are_held_to_the_cpus_with_a_warning(tmp_path):
     """host_threads 100000 took every thread an expert host could start: it died of a traceback as it started its
     metrics server."""
     code = ("import os, torch\n"
             "from shared.config import Config\n"
             "from shared.process import setup_process\n"
-            "setup_process('expert-host-0', 'expert_host', Config(host_threads=100000, expert_hosts=1))\n"
+            f"setup_process('expert-host-0', 'expert_host', Config(host_threads=100000, expert_hosts=1, "
+            f"run_dir={str(tmp_path)!r}))\n"
             "print(torch.get_num_threads(), len(os.sched_getaffinity(0)))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     threads, cpus = run.stdout.split()

@@ -99,6 +99,9 @@ def test_a_heartbeat_of_no_member_of_this_system_is_refused_by_name(members, mem
     assert outcome.refused == (f"{member_id!r} as {role!r} is not a member of this system: its members are gpu-worker "
                                "(gpu_worker), expert-host-0 (expert_host), expert-host-1 (expert_host)")
     assert not (outcome.welcome or outcome.joined) and members.members == {}
+    assert outcome.first_notice and not members.heartbeat(hb, now=0.5).first_notice  # named in the log once
+    members.expire(now=4.0)  # silent past the timeout: forgotten
+    assert members.refused == {}
 
 
 def test_a_replaced_incarnation_under_another_member_id_is_that_ids_own(members):

@@ -112,12 +112,12 @@ def test_expert_regions_are_whole_pages_and_matrices_start_on_cache_lines():
 
 def test_default_threads_never_ask_for_more_than_the_cores(monkeypatch):
     for cores, hosts, gpu in itertools.product((2, 3, 16, 64, 1), (0, 1, 2, 4), (False, True)):
-        monkeypatch.setattr("os.cpu_count", lambda cores=cores: cores)
+        monkeypatch.setattr("os.sched_getaffinity", lambda pid, cores=cores: set(range(cores)))
         config = Config(expert_hosts=hosts)
         total = config.threads_for("coordinator") + config.threads_for("gpu_worker", gpu) \
             + hosts * config.threads_for("expert_host", gpu)
         assert total <= max(cores, 2 + hosts), (cores, hosts, gpu, total)  # one thread each at the least
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
     assert Config(expert_hosts=1).threads_for("expert_host") == 7
     # a worker on a GPU keeps two threads; the host's CPU kernels get the rest
     assert Config(expert_hosts=1).threads_for("gpu_worker", True) == 2
@@ -126,3 +126,8 @@ def test_default_threads_never_ask_for_more_than_the_cores(monkeypatch):
     assert Config(expert_hosts=0).threads_for("gpu_worker", True) == 15  # no host: every core but one, as on a CPU
     assert Config(expert_hosts=1, host_threads=12).threads_for("expert_host") == 12
     assert Config(expert_hosts=1, threads=3).threads_for("gpu_worker") == 3
+    # more than the CPUs this process may run on (a cpuset's): held to them
+    assert Config(expert_hosts=1, host_threads=100000).threads_for("expert_host") == 16
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    assert Config(expert_hosts=1, threads=12).threads_for("gpu_worker") == 4
+    assert Config(expert_hosts=1).threads_for("expert_host") == 1  # the share of 4 CPUs, not of os.cpu_count()'s
