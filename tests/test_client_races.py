@@ -7,7 +7,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,13 +45,19 @@ def test_generate_while_another_coroutine_reads_never_waits_for_a_later_message(
     against_a_bare_router(main)
 
 
+def bare_router() -> tuple[zmq.Socket, str]:
+    """A ROUTER socket standing in for the coordinator, and its endpoint."""
+    server = zmq.Context.instance().socket(zmq.ROUTER)
+    port = server.bind_to_random_port("tcp://127.0.0.1")
+    return server, f"tcp://127.0.0.1:{port}"
+
+
 def against_a_bare_router(main: Callable[[zmq.Socket, AsyncClient], Coroutine[Any, Any, None]]) -> None:
     """main(server, client) on asyncio's own loop, the server a bare ROUTER the client is connected to."""
 
     async def run() -> None:
-        server = zmq.Context.instance().socket(zmq.ROUTER)
-        port = server.bind_to_random_port("tcp://127.0.0.1")
-        client = AsyncClient(f"tcp://127.0.0.1:{port}", timeout_s=5.0)
+        server, endpoint = bare_router()
+        client = AsyncClient(endpoint, timeout_s=5.0)
         try:
             await main(server, client)
         finally:
@@ -170,38 +176,40 @@ def test_a_health_call_in_flight_when_the_connection_drops_ends_with_connection_
     assert time.monotonic() - start < 5.0
 
 
+@pytest.fixture
+def fake_server() -> Iterator[tuple[zmq.Socket, str]]:
+    server, endpoint = bare_router()
+    yield server, endpoint
+    server.close(linger=0)
+
+
 @pytest.mark.parametrize("kind", ["blocking", "asyncio"])
-def test_a_request_id_already_in_flight_on_the_client_is_refused_before_it_is_sent(kind):
+def test_a_request_id_already_in_flight_on_the_client_is_refused_before_it_is_sent(kind, fake_server):
     """Events carry only the request id: a second stream under an id in flight would take the first one's events,
     and the server's duplicate_request error would end the first stream while the second waited for ever."""
-    server = zmq.Context.instance().socket(zmq.ROUTER)
-    port = server.bind_to_random_port("tcp://127.0.0.1")
-    endpoint = f"tcp://127.0.0.1:{port}"
-    try:
-        if kind == "blocking":
-            with Client(endpoint, timeout_s=5.0) as client:
-                stream = client.generate(request_id="a", token_ids=[1], max_tokens=1)
+    server, endpoint = fake_server
+    if kind == "blocking":
+        with Client(endpoint, timeout_s=5.0) as client:
+            stream = client.generate(request_id="a", token_ids=[1], max_tokens=1)
+            with pytest.raises(ValueError, match="'a' is already in flight"):
+                client.generate(request_id="a", token_ids=[1], max_tokens=1)
+            identity, *_ = server.recv_multipart()
+            assert not server.poll(200)  # the refused request was not sent
+            server.send_multipart([identity, *final("a")])
+            assert [e.KIND for e in stream] == ["final"]
+            client.generate(request_id="a", token_ids=[1], max_tokens=1).close()  # ended: the id is free again
+    else:
+        async def main() -> list[str]:
+            async with AsyncClient(endpoint, timeout_s=5.0) as client:
+                stream = await client.generate(request_id="a", token_ids=[1], max_tokens=1)
                 with pytest.raises(ValueError, match="'a' is already in flight"):
-                    client.generate(request_id="a", token_ids=[1], max_tokens=1)
+                    await client.generate(request_id="a", token_ids=[1], max_tokens=1)
                 identity, *_ = server.recv_multipart()
-                assert not server.poll(200)  # the refused request was not sent
+                assert not server.poll(200)
                 server.send_multipart([identity, *final("a")])
-                assert [e.KIND for e in stream] == ["final"]
-                client.generate(request_id="a", token_ids=[1], max_tokens=1).close()  # ended: the id is free again
-        else:
-            async def main() -> list[str]:
-                async with AsyncClient(endpoint, timeout_s=5.0) as client:
-                    stream = await client.generate(request_id="a", token_ids=[1], max_tokens=1)
-                    with pytest.raises(ValueError, match="'a' is already in flight"):
-                        await client.generate(request_id="a", token_ids=[1], max_tokens=1)
-                    identity, *_ = server.recv_multipart()
-                    assert not server.poll(200)
-                    server.send_multipart([identity, *final("a")])
-                    return [e.KIND async for e in stream]
+                return [e.KIND async for e in stream]
 
-            assert asyncio.run(main()) == ["final"]
-    finally:
-        server.close(linger=0)
+        assert asyncio.run(main()) == ["final"]
 
 
 def test_an_async_stream_dropped_after_its_end_arrived_leaves_its_id_free():
@@ -221,25 +229,26 @@ def test_an_async_stream_dropped_after_its_end_arrived_leaves_its_id_free():
 
 
 @pytest.mark.parametrize("kind", ["blocking", "asyncio"])
-def test_a_request_that_could_not_be_sent_leaves_its_id_free(kind):
+def test_a_request_that_could_not_be_sent_leaves_its_id_free(kind, fake_server):
     """Its id stayed claimed for good: a retry under it was refused as already in flight."""
-    server = zmq.Context.instance().socket(zmq.ROUTER)
-    port = server.bind_to_random_port("tcp://127.0.0.1")
-    endpoint = f"tcp://127.0.0.1:{port}"
-    try:
-        if kind == "blocking":
-            with Client(endpoint, timeout_s=5.0) as client:
-                with pytest.raises(ValueError, match="generate.seed holds an integer"):
-                    client.generate(request_id="a", token_ids=[1], seed=2**64)
-                client.generate(request_id="a", token_ids=[1], max_tokens=1).close()
-        else:
-            async def main() -> None:
-                async with AsyncClient(endpoint, timeout_s=5.0) as client:
-                    with pytest.raises(ValueError, match="generate.seed holds an integer"):
-                        await client.generate(request_id="a", token_ids=[1], seed=2**64)
-                    await (await client.generate(request_id="a", token_ids=[1], max_tokens=1)).close()
+    server, endpoint = fake_server
 
-            asyncio.run(main())
-        assert server.poll(5000) and decode(server.recv_multipart()[1:]).request_id == "a"
-    finally:
-        server.close(linger=0)
+    def sent() -> str:  # read before the client closes, which drops what it has not sent yet
+        assert server.poll(5000)
+        return decode(server.recv_multipart()[1:]).request_id
+
+    if kind == "blocking":
+        with Client(endpoint, timeout_s=5.0) as client:
+            with pytest.raises(ValueError, match="generate.seed holds an integer"):
+                client.generate(request_id="a", token_ids=[1], seed=2**64)
+            client.generate(request_id="a", token_ids=[1], max_tokens=1)
+            assert sent() == "a"
+    else:
+        async def main() -> None:
+            async with AsyncClient(endpoint, timeout_s=5.0) as client:
+                with pytest.raises(ValueError, match="generate.seed holds an integer"):
+                    await client.generate(request_id="a", token_ids=[1], seed=2**64)
+                await client.generate(request_id="a", token_ids=[1], max_tokens=1)
+                assert sent() == "a"
+
+        asyncio.run(main())

@@ -130,6 +130,13 @@ class Roles:
                 stdout=log, stderr=subprocess.STDOUT)
         return self.procs[name]
 
+    def start_serving(self, worker: str = "gpu-worker") -> subprocess.Popen:
+        """The coordinator and a gpu worker (its log under `worker`), once they serve; the worker's process."""
+        self.start("coordinator", "coordinator")
+        process = self.start(worker, "gpu-worker")
+        wait_ready(self.config.client_endpoint)
+        return process
+
     def log(self, name: str) -> str:
         return (self.tmp_path / f"{name}.log").read_text()
 
@@ -239,9 +246,7 @@ def test_a_second_worker_that_never_joins_leaves_the_first_serving(tmp_path, mod
     model, expected = model_and_expected
     roles = Roles(tmp_path, model, expert_hosts=0, hot_experts=8)
     try:
-        roles.start("coordinator", "coordinator")
-        roles.start("first", "gpu-worker")
-        wait_ready(roles.config.client_endpoint)
+        roles.start_serving("first")
         second = roles.start("second", "gpu-worker", "--kv-cache-tokens", str(10**13))
         assert second.wait(60) == 1
         with Client(roles.config.client_endpoint, timeout_s=30) as client:
@@ -270,9 +275,7 @@ def test_a_busy_worker_whose_engine_connection_a_later_one_took_is_told_to_stop(
             return next(float(line.split()[-1]) for line in r.read().decode().splitlines() if line.startswith(name))
 
     try:
-        roles.start("coordinator", "coordinator")
-        first = roles.start("first", "gpu-worker")
-        wait_ready(roles.config.client_endpoint)
+        first = roles.start_serving("first")
         with Client(roles.config.client_endpoint) as client:
             port = next(m["metrics_port"] for m in client.health().members if m["member_id"] == "gpu-worker")
             # greedy on this model, [7] is followed by 480 tokens without an end-of-sequence token
@@ -326,9 +329,8 @@ def test_a_stopping_worker_whose_coordinator_is_gone_stops_when_its_drain_time_i
     model, _ = model_and_expected
     roles = Roles(tmp_path, model, expert_hosts=0, hot_experts=8, drain_timeout_s=1.0)
     try:
-        coordinator = roles.start("coordinator", "coordinator")
-        worker = roles.start("gpu-worker", "gpu-worker")
-        wait_ready(roles.config.client_endpoint)
+        worker = roles.start_serving()
+        coordinator = roles.procs["coordinator"]
         with Client(roles.config.client_endpoint) as client:
             busy = [client.generate(token_ids=[7], max_tokens=480) for _ in range(16)]
             for stream in busy:
@@ -456,9 +458,7 @@ def test_a_heartbeat_from_no_member_of_the_system_is_refused_by_name(tmp_path, m
     model, expected = model_and_expected
     roles = Roles(tmp_path, model, expert_hosts=0, hot_experts=8)
     try:
-        roles.start("coordinator", "coordinator")
-        roles.start("gpu-worker", "gpu-worker")
-        wait_ready(roles.config.client_endpoint)
+        roles.start_serving()
         stray = zmq.Context.instance().socket(zmq.DEALER)
         stray.setsockopt(zmq.LINGER, 1000)
         stray.connect(roles.config.control_endpoint)
