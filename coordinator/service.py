@@ -3,8 +3,8 @@
 - client API (tcp, ROUTER_MANDATORY: a send to a client that left raises, and its requests are cancelled);
 - engine (ipc, the gpu_worker's DEALER "gpu-worker"): EngineGenerate / EngineCancel out, tokens back;
 - control (ipc, every process's DEALER): heartbeats in, Welcome with the placement out, Superseded to a process
-  that another took its member id over from. Replies go to the connection the heartbeat came on, so two processes
-  under one member id are both answered.
+  that another took its member id over from, Refused to one that is no member of this system. Replies go to the
+  connection the heartbeat came on, so two processes under one member id are both answered.
 
 Every send is non-blocking, so each message is handled to the end before the next is read. Only a large generate
 waits, for its prompt to be tokenized on a thread: meanwhile the engine and control sockets are still read, and the
@@ -58,6 +58,7 @@ from shared.protocol import (
     Heartbeat,
     Message,
     ProtocolError,
+    Refused,
     Stats,
     StatsReply,
     Superseded,
@@ -396,6 +397,7 @@ class Coordinator:
         if outcome.refused:
             if outcome.first_notice:
                 log.warning("refusing the heartbeats of pid %d on %s: %s", msg.pid, msg.host, outcome.refused)
+            self.reply_control(identity, Refused(reason=outcome.refused))
             return
         if outcome.superseded_by is not None:
             self.supersede(identity, msg, outcome.superseded_by, outcome.first_notice)

@@ -22,7 +22,7 @@ from shared.gguf_file import GGUFModel
 from shared.metrics import start_metrics_server
 from shared.model_config import ModelError
 from shared.placement import Placement
-from shared.protocol import Heartbeat, ProtocolError, Superseded, Welcome, decode, encode
+from shared.protocol import Heartbeat, ProtocolError, Refused, Superseded, Welcome, decode, encode
 from shared.run_files import EPHEMERAL_MARKER, SUPERSEDED_EXIT_STATUS
 
 
@@ -152,7 +152,8 @@ class ControlLink:
 
     def read_placement(self) -> Placement | None:
         """The newest placement waiting on the socket, if any (non-blocking). Word that another process took
-        this one's member id over stops this one, with SUPERSEDED_EXIT_STATUS."""
+        this one's member id over, or that this one is no member of the coordinator's system, stops this one, with
+        SUPERSEDED_EXIT_STATUS."""
         newest = None
         log = logging.getLogger(self.role)
         while self.socket.poll(0):
@@ -163,6 +164,10 @@ class ControlLink:
                 continue
             if isinstance(msg, Welcome):
                 newest = Placement.from_dict(msg.placement)
+            elif isinstance(msg, Refused) and not self.stop.stopping:
+                log.error("the coordinator refuses this process: %s. Give every role the same configuration",
+                          msg.reason)
+                self.stop.stop(SUPERSEDED_EXIT_STATUS)
             elif isinstance(msg, Superseded) and self.superseded is None:
                 self.superseded = msg
                 log.error("%s was started twice: the coordinator now serves it with pid %d on %s; this process "

@@ -235,6 +235,15 @@ class Superseded(Message):
     host: str  # where it runs
 
 
+@dataclass
+class Refused(Message):
+    """The coordinator's answer to a Heartbeat from a process that is no member of its system (an expert host whose
+    configuration has more hosts than the coordinator's): it must stop."""
+
+    KIND: ClassVar[str] = "refused"
+    reason: str
+
+
 # --- data plane (gpu_worker <-> expert host) ---------------------------------------------------------
 
 

@@ -14,8 +14,9 @@ import socket
 import struct
 from collections.abc import Callable, Sequence
 
-# sysexits' EX_CONFIG: the exit status of a process another one, started under the same member id, took over from.
-# A restart would only take the id back and stop the other in turn, so the units (RestartPreventExitStatus) and
+# sysexits' EX_CONFIG: the exit status of a process another one, started under the same member id, took over from
+# (a restart would only take the id back and stop the other in turn), or that the coordinator refuses as no member of
+# its system (a restart on the same configuration would be refused again). The units (RestartPreventExitStatus) and
 # `tierserve up` leave it stopped.
 SUPERSEDED_EXIT_STATUS = 78
 EPHEMERAL_MARKER = ".ephemeral"  # in a run dir `tierserve up` made for itself, and removes

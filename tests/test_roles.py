@@ -25,7 +25,6 @@ from shared.mailbox import ORDERED_STORES
 from shared.make_model import make_model
 from shared.native_kernels import load_library
 from shared.process import worker_device
-from shared.protocol import Heartbeat, encode
 from shared.reference import ReferenceModel
 from shared.run_files import EPHEMERAL_MARKER, SUPERSEDED_EXIT_STATUS, listened_on, mailbox_path
 
@@ -452,28 +451,29 @@ def test_a_coordinator_that_cannot_bind_every_socket_removes_the_socket_files_it
     assert not (tmp_path / "client.sock").exists()
 
 
-def test_a_heartbeat_from_no_member_of_the_system_is_refused_by_name(tmp_path, model_and_expected):
-    """A host of another configuration (here expert-host-3 of a system without hosts) was listed among the members,
-    for ever, and welcomed with the placement."""
+def test_a_host_of_another_configuration_is_refused_by_name_and_stops(tmp_path, model_and_expected):
+    """Started with a config of four hosts beside a system of none, expert-host-3 was listed among the members, for
+    ever, and welcomed with the placement. Now the coordinator names it in its log once and answers that it is no
+    member: it says why and exits 78, which the units do not restart."""
     model, expected = model_and_expected
     roles = Roles(tmp_path, model, expert_hosts=0, hot_experts=8)
+    other = tmp_path / "other.toml"
+    other.write_text(dataclasses.replace(roles.config, expert_hosts=4).to_toml())
     try:
         roles.start_serving()
-        stray = zmq.Context.instance().socket(zmq.DEALER)
-        stray.setsockopt(zmq.LINGER, 1000)
-        stray.connect(roles.config.control_endpoint)
-        for _ in range(3):  # named in the log once
-            stray.send_multipart(encode(Heartbeat(member_id="expert-host-3", role="expert_host", incarnation="x",
-                                                  pid=4321, host="elsewhere", metrics_port=1, placement_version=0,
-                                                  model="m")))
-        assert not stray.poll(2000)  # no Welcome
-        stray.close()
+        with open(tmp_path / "stray.log", "w") as log:
+            stray = subprocess.Popen([sys.executable, "-m", "shared.cli", "expert-host", "--config", str(other),
+                                      "--host-id", "3"], stdout=log, stderr=subprocess.STDOUT)
+        assert stray.wait(60) == SUPERSEDED_EXIT_STATUS
         with Client(roles.config.client_endpoint) as client:
             assert [m["member_id"] for m in client.health().members] == ["coordinator", "gpu-worker"]
             assert client.complete(token_ids=PROMPT, max_tokens=6).token_ids == expected
     finally:
         codes = roles.stop()
     assert codes == {"coordinator": 0, "gpu-worker": 0}
-    refused = ("WARNING refusing the heartbeats of pid 4321 on elsewhere: 'expert-host-3' as 'expert_host' is not a "
-               "member of this system: its members are gpu-worker (gpu_worker)")
-    assert roles.log("coordinator").count(refused) == 1
+    reason = ("'expert-host-3' as 'expert_host' is not a member of this system: its members are gpu-worker "
+              "(gpu_worker)")
+    assert roles.log("coordinator").count(f"WARNING refusing the heartbeats of pid {stray.pid} on ") == 1
+    assert reason in roles.log("coordinator")
+    assert f"ERROR the coordinator refuses this process: {reason}. Give every role the same configuration" in \
+        (tmp_path / "stray.log").read_text()
