@@ -200,8 +200,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the table to this file (quant_kernels.md is kept by hand)")
     parser.add_argument("--formats", nargs="+", choices=["int8", "int4"], default=["int8", "int4"])
     parser.add_argument("--int4-stages", type=int, default=int4_mma.STAGES,
-                        help=f"groups in each warp's ring of the int4 decode kernel (default {int4_mma.STAGES}): "
-                             "another depth, timed against the default in a second run")
+                        help=f"groups in each warp's ring of the int4 decode kernel where it takes the default "
+                             f"depth ({int4_mma.STAGES}; gate/up over every expert takes a deeper one): another "
+                             "depth, timed against the default in a second run")
     parser.add_argument("--independent-launches", action="store_true",
                         help="decode's down launch waits for gate/up to end before any of its blocks start, "
                              "for the gain of dependent launches against a run without them")

@@ -249,8 +249,9 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
 }
 
 // Grid (N / 64 tiles, groups of the plan); block 32 * k_warps * (SWIGLU ? 2 : 1) threads, at most 16 / NT warps;
-// shared memory warps * (2048 * NT + STAGES * stage_bytes<NT>()) bytes. meta holds the plan's n_used expert indices,
-// then n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert. Each warp copies its groups
+// shared memory warps * max(2048 * NT, STAGES * stage_bytes<NT>()) bytes. meta holds the plan's n_used expert indices,
+// then n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert; dependent: launched as a
+// dependent of the launch before, whose output is x. Each warp copies its groups
 // of weights into a ring of STAGES stages in shared memory, STAGES - 1 ahead of the one it computes: loads in
 // flight that take no registers. x's rows must be 16-byte aligned (x and x_stride).
 template <int NT, bool SWIGLU, int STAGES>
@@ -259,10 +260,13 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     const int* __restrict__ meta, int n_used,
     const unsigned char* __restrict__ p1, const u16* __restrict__ sz1,
     const unsigned char* __restrict__ p2, const u16* __restrict__ sz2,
-    long long p1_gs, long long sz1_gs, long long p2_gs, long long sz2_gs, int n, int k, int k_warps) {
+    long long p1_gs, long long sz1_gs, long long p2_gs, long long sz2_gs, int n, int k, int k_warps,
+    int dependent) {
     constexpr int E = 16 * NT;  // accumulators per lane
     extern __shared__ __align__(16) unsigned char shared[];
-    float* partial = (float*)shared;  // [warp][E][32 lanes], the warps' sums
+    // [warp][E][32 lanes], the warps' sums, written over the rings once every warp is done with its own: a block
+    // takes fewer shared bytes, so that more blocks fit an SM
+    float* partial = (float*)shared;
 
     const int tile = blockIdx.x, item = blockIdx.y;
     const long long expert = meta[item];
@@ -272,7 +276,7 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     const bool second = SWIGLU && warp >= k_warps;
     const int kw = warp % k_warps;
     constexpr int STAGE_BYTES = stage_bytes<NT>();
-    unsigned char* ring = shared + (blockDim.x >> 5) * E * 32 * 4 + warp * STAGES * STAGE_BYTES;
+    unsigned char* ring = shared + warp * STAGES * STAGE_BYTES;
 
     const unsigned char* packed = second ? p2 + expert * p2_gs : p1 + expert * p1_gs;
     const u16* scales = second ? sz2 + expert * sz2_gs : sz1 + expert * sz1_gs;
@@ -325,10 +329,13 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
             asm volatile("cp.async.commit_group;");
         }
     };
-    // The first STAGES - 1 groups: their weights, then x's rows. Launched as a dependent of the launch before (down
-    // after gate/up), this block may have started while that one ran: x, its output, is read only once it has
-    // finished, and the weights, which it does not write, are on their way meanwhile. (The first commit holds
-    // every one of those groups' weights, so a wait for it waits for more than it must, never less.)
+    // The first STAGES - 1 groups. Launched as a dependent of the launch before (down after gate/up, `dependent`),
+    // this block may have started while that one ran: x, its output, is read only once it has finished, and the
+    // weights, which it does not write, are on their way meanwhile: every one of those groups' weights, then x's
+    // rows (the first commit holds all their weights, so a wait for it waits for more than it must, never less).
+    // Launched plainly, each group's weights and x are one commit, so the first group is read as soon as it has
+    // landed rather than once every group of the first STAGES - 1 has: on the H100 one token's 8 experts' gate/up
+    // took 10.4 us against 10.7, their FFN 14.5 against 15.1 (bench/quant_kernels.md).
 #if __CUDA_ARCH__ >= 900
     // The launch after this one may start its blocks in SMs this one leaves free, to copy and wait there in turn.
     // Before this one's own wait: only down is launched as a dependent, and only of gate/up, which is launched
@@ -336,20 +343,25 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     // launch two before it.
     asm volatile("griddepcontrol.launch_dependents;");
 #endif
+    if (dependent) {
 #pragma unroll
-    for (int d = 0; d < STAGES - 1; ++d)
-        if (begin + d < end) copy_weights(d * STAGE_BYTES, to, columns + d * GROUP_BYTES, pairs + d * n * 4, lane);
+        for (int d = 0; d < STAGES - 1; ++d)
+            if (begin + d < end) copy_weights(d * STAGE_BYTES, to, columns + d * GROUP_BYTES, pairs + d * n * 4, lane);
 #if __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;" ::: "memory");  // a no-op unless launched as a dependent
+        asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
 #pragma unroll
-    for (int d = 0; d < STAGES - 1; ++d) {
-        if (begin + d < end) {
-            copy_x<NT>(d * STAGE_BYTES, to, x_at, x_valid);
-            advance();
-        } else {
-            asm volatile("cp.async.commit_group;");
+        for (int d = 0; d < STAGES - 1; ++d) {
+            if (begin + d < end) {
+                copy_x<NT>(d * STAGE_BYTES, to, x_at, x_valid);
+                advance();
+            } else {
+                asm volatile("cp.async.commit_group;");
+            }
         }
+    } else {
+#pragma unroll
+        for (int d = 0; d < STAGES - 1; ++d) copy_next(begin + d, d, false);
     }
     Group<NT> f;
     // the copy STAGES - 1 groups ahead into stage `fill`, the one read one group ago, then stage `read`'s group
@@ -384,6 +396,8 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
         }
     }
 
+    asm volatile("cp.async.wait_all;" ::: "memory");  // (the commits past the last group were empty)
+    __syncthreads();
     float* mine = partial + warp * E * 32 + lane;
 #pragma unroll
     for (int i = 0; i < 4; ++i)

@@ -23,22 +23,28 @@ import torch
 from shared.quant import INT4_ROW_TILE, Int4Matrix
 
 _SOURCE = Path(__file__).with_suffix(".cu")
-# groups of 32 columns in each warp's ring in shared memory, STAGES - 1 copies in flight: 6 was 1-9% slower than
+# Groups of 32 columns in each warp's ring in shared memory, stages - 1 copies in flight: 6 was 1-9% slower than
 # 4 on the H200, 8 3-15% (bench/quant_kernels.md)
 STAGES = 4
+# A gate/up launch of at least this many blocks (12 a Qwen3-30B-A3B expert: all 128 of them) takes a deeper ring,
+# DEEP_STAGES[8-row tiles of x - 1]: on the H100 the FFN of 128 experts at 1 to 8 rows ran at 82-84% of HBM against
+# 73-77% with 4 stages, at 16 rows at 79-80% against 75-76% with 5; at 96 experts and fewer, 4 was fastest
+# (bench/quant_kernels.md).
+DEEP_RING_BLOCKS = 1536
+DEEP_STAGES = (6, 5)
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
 _BLOCK_WARPS = 16  # warps x tiles of x in a block at most: the kernel's launch bounds (512 / tiles threads)
 _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
 
 
 @functools.cache
-def _kernel(x_tiles: int, swiglu: bool, device: torch.device):
+def _kernel(x_tiles: int, swiglu: bool, stages: int, device: torch.device):
     """The compiled kernel as cupy's Function, which keeps its module loaded: its ptr is the CUfunction."""
     try:
         import cupy
     except ImportError as e:
         raise ImportError("int4 experts on a GPU need cupy (pip install 'tierserve[gpu]')") from e
-    name = f"int4_decode<{x_tiles}, {'true' if swiglu else 'false'}, {STAGES}>"
+    name = f"int4_decode<{x_tiles}, {'true' if swiglu else 'false'}, {stages}>"
     with cupy.cuda.Device(device.index):
         module = cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17",), name_expressions=[name])
         kernel = module.get_function(name)
@@ -54,7 +60,7 @@ class _Args(ctypes.Structure):
         ("meta", ctypes.c_void_p), ("n_used", ctypes.c_int32), ("p1", ctypes.c_void_p), ("sz1", ctypes.c_void_p),
         ("p2", ctypes.c_void_p), ("sz2", ctypes.c_void_p), ("p1_gs", ctypes.c_int64), ("sz1_gs", ctypes.c_int64),
         ("p2_gs", ctypes.c_int64), ("sz2_gs", ctypes.c_int64), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-        ("k_warps", ctypes.c_int32)]
+        ("k_warps", ctypes.c_int32), ("dependent", ctypes.c_int32)]
 
 
 class _ArgBlock(threading.local):
@@ -122,8 +128,16 @@ def _stage_bytes(x_tiles: int) -> int:
     return 4 * (8 * 32 + 32) + 64 * 4 + x_tiles * 8 * 64
 
 
-def _shared_bytes(warps: int, x_tiles: int) -> int:
-    return warps * (x_tiles * _SUMS_BYTES + STAGES * _stage_bytes(x_tiles))
+def _shared_bytes(warps: int, x_tiles: int, stages: int) -> int:
+    """The warps' rings, which their sums overwrite at the end."""
+    return warps * max(x_tiles * _SUMS_BYTES, stages * _stage_bytes(x_tiles))
+
+
+def ring_stages(n: int, used: int, swiglu: bool, x_tiles: int) -> int:
+    """Stages of each warp's ring in a launch over `used` experts' (N, K) matrices."""
+    if swiglu and n // INT4_ROW_TILE * used >= DEEP_RING_BLOCKS:
+        return DEEP_STAGES[x_tiles - 1]
+    return STAGES
 
 
 @functools.cache
@@ -159,11 +173,12 @@ def plan_k_warps(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, mul
     experts: 54 us against 35); since, it was timed against one warp only (the same from 64 experts up, 2.2x
     faster for 8)."""
     matrices, x_tiles = 2 if swiglu else 1, _x_tiles(rows_at_most)
+    stages = ring_stages(n, used, swiglu, x_tiles)
     blocks = n // INT4_ROW_TILE * max(1, used)
     k_warps = 1
     while (blocks * matrices * k_warps < _WARPS_PER_SM * multiprocessors
            and 2 * k_warps * matrices * x_tiles <= _BLOCK_WARPS and 2 * k_warps <= k // 32 // 2
-           and _shared_bytes(2 * k_warps * matrices, x_tiles) <= shared_limit):
+           and _shared_bytes(2 * k_warps * matrices, x_tiles, stages) <= shared_limit):
         k_warps *= 2
     return k_warps
 
@@ -181,7 +196,7 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
     if n_used == 0:
         return
     device = x.device
-    x_tiles, threads, shared_bytes, k_warps = _launch_shape(
+    x_tiles, stages, threads, shared_bytes, k_warps = _launch_shape(
         n, k, min(used_at_most, n_used), swiglu, rows_at_most, k_warps, device)
     p1, sz1, p2, sz2 = w1.packed, w1.scale_zero, w2.packed, w2.scale_zero
     # columns and (scale, zero) pairs are copied 16 bytes at a time
@@ -196,8 +211,8 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
         x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), meta.data_ptr(), n_used
     a.p1, a.sz1, a.p2, a.sz2 = p1.data_ptr(), sz1.data_ptr(), p2.data_ptr(), sz2.data_ptr()
     a.p1_gs, a.sz1_gs, a.p2_gs, a.sz2_gs = p1.stride(0), sz1.stride(0), p2.stride(0), sz2.stride(0)
-    a.n, a.k, a.k_warps = n, k, k_warps
-    kernel, stream = _kernel(x_tiles, swiglu, device).ptr, torch._C._cuda_getCurrentRawStream(device.index)
+    a.n, a.k, a.k_warps, a.dependent = n, k, k_warps, dependent
+    kernel, stream = _kernel(x_tiles, swiglu, stages, device).ptr, torch._C._cuda_getCurrentRawStream(device.index)
     if dependent:
         config = _dependent_launch.config
         config.grid[:] = (n // INT4_ROW_TILE, n_used, 1)
@@ -213,13 +228,14 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
 
 @functools.cache  # every launch asks: a decode step makes a few a layer
 def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_warps: int | None,
-                  device: torch.device) -> tuple[int, int, int, int]:
-    """(8-row tiles of x, threads a block, its shared bytes, warps cutting K) of a launch."""
+                  device: torch.device) -> tuple[int, int, int, int, int]:
+    """(8-row tiles of x, ring stages, threads a block, its shared bytes, warps cutting K) of a launch."""
     x_tiles = _x_tiles(rows_at_most)
+    stages = ring_stages(n, used, swiglu, x_tiles)
     k_warps = k_warps or k_warps_for(n, k, used, swiglu, rows_at_most, device)
     warps = k_warps * (2 if swiglu else 1)
     assert warps * x_tiles <= _BLOCK_WARPS, "too many warps for a block"
-    shared_bytes = _shared_bytes(warps, x_tiles)
+    shared_bytes = _shared_bytes(warps, x_tiles, stages)
     assert shared_bytes <= _shared_limit(device), \
         f"{warps} warps' rings need more shared memory than a block gets on this GPU"
-    return x_tiles, 32 * warps, shared_bytes, k_warps
+    return x_tiles, stages, 32 * warps, shared_bytes, k_warps

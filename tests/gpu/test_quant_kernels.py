@@ -111,6 +111,28 @@ def test_many_experts_decode(qk, fmt):
     assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
 
 
+@pytest.mark.parametrize("rows_each", [(1, 3), (9, 8)], ids=["one-x-tile", "two-x-tiles"])
+def test_int4_gate_up_of_a_deeper_ring_matches_the_reference(qk, rows_each, monkeypatch):
+    """gate/up over every expert of a large model takes a deeper ring (int4_mma.ring_stages), here from any launch:
+    one tile of x, whose warps walk fewer groups of K than the ring has stages, and two."""
+    least, spread = rows_each
+    f, h = MID
+    gate, up, down = random_regions("int4", 24, [(f, h), (f, h), (h, f)], DEVICE, seed=31)
+    groups = list(range(0, 24, 2))
+    counts = [least + g % spread for g in groups]
+    needs_int4_decode("int4", counts)
+    monkeypatch.setattr(int4_mma, "DEEP_RING_BLOCKS", 1)
+    x_tiles = int4_mma._x_tiles(max(counts))
+    assert int4_mma.ring_stages(f, len(groups), True, x_tiles) == int4_mma.DEEP_STAGES[x_tiles - 1]
+    int4_mma._launch_shape.cache_clear()  # shapes sized before the threshold moved
+    try:
+        x = rows(counts, h, seed=32)
+        y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
+    finally:
+        int4_mma._launch_shape.cache_clear()
+    assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dims", [(64, 64), MID], ids=["tiny", "mid"])
 def test_all_experts_with_counts_on_the_device(qk, fmt, dims):
@@ -214,7 +236,9 @@ def test_int4_decode_cut_along_k_matches_the_reference(qk, swiglu, counts):
         want = torch.nn.functional.silu(want) * reference_linear(x, w2, groups, counts)
     for k_warps in (1, 3, 4):  # 4: the most two tiles of x allow gate and up (where shared memory holds them)
         warps = k_warps * (2 if swiglu else 1)
-        if int4_mma._shared_bytes(warps, int4_mma._x_tiles(max(counts))) > int4_mma._shared_limit(DEVICE):
+        x_tiles = int4_mma._x_tiles(max(counts))
+        stages = int4_mma.ring_stages(f, len(groups), swiglu, x_tiles)
+        if int4_mma._shared_bytes(warps, x_tiles, stages) > int4_mma._shared_limit(DEVICE):
             continue
         y = qk.decode_linear(x, w1, w2 if swiglu else None, plan, x.new_empty((x.shape[0], f)), k_warps=k_warps)
         assert worst_row_error(y, want) < TOLERANCE, k_warps

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_worker.int4_mma import _shared_bytes, _x_tiles, plan_k_warps
+from gpu_worker.int4_mma import DEEP_STAGES, STAGES, _shared_bytes, _x_tiles, plan_k_warps, ring_stages
 
 H200 = (132, 227 * 1024)  # SMs, shared memory a block may opt into
 RTX_4090 = (128, 99 * 1024)
@@ -19,12 +19,20 @@ def test_blocks_fit_the_gpus_shared_memory(used, rows, swiglu, gpu):
     k_warps = plan_k_warps(n, k, used, swiglu, rows, *gpu)
     warps = k_warps * (2 if swiglu else 1)
     assert k_warps >= 1 and k_warps & (k_warps - 1) == 0
-    assert _shared_bytes(warps, _x_tiles(rows)) <= gpu[1]
+    assert _shared_bytes(warps, _x_tiles(rows), ring_stages(n, used, swiglu, _x_tiles(rows))) <= gpu[1]
 
 
 def test_one_tokens_experts_take_the_most_warps_the_gpu_holds():
     """8 experts' gate and up: 96 blocks, too few for the SMs, so each block takes as many warps as fit: 16 on the
-    H200 (the launch bounds), 8 where a block gets 99 KB of shared memory (16 warps' rings need 152 KB)."""
+    H200 (the launch bounds), 8 where a block gets 99 KB of shared memory (16 warps' rings need 120 KB)."""
     assert plan_k_warps(768, 2048, 8, True, 1, *H200) == 8
     assert plan_k_warps(768, 2048, 8, True, 1, *RTX_4090) == 4
     assert plan_k_warps(768, 2048, 128, True, 1, *H200) == 1  # 1,536 blocks fill the SMs with one warp each
+
+
+def test_only_gate_and_up_over_every_expert_take_the_deeper_ring():
+    """128 experts' gate/up (1,536 blocks) at one tile of x and at two; 96 experts, and down, keep the default."""
+    assert ring_stages(768, 128, True, 1) == DEEP_STAGES[0]
+    assert ring_stages(768, 128, True, 2) == DEEP_STAGES[1]
+    assert ring_stages(768, 96, True, 1) == STAGES
+    assert ring_stages(2048, 128, False, 1) == STAGES
