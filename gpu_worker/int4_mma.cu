@@ -249,11 +249,11 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
 }
 
 // Grid (N / 64 tiles, groups of the plan); block 32 * k_warps * (SWIGLU ? 2 : 1) threads, at most 16 / NT warps;
-// shared memory warps * max(2048 * NT, STAGES * stage_bytes<NT>()) bytes. meta holds the plan's n_used expert indices,
+// shared memory warps * (2048 * NT + STAGES * stage_bytes<NT>()) bytes. meta holds the plan's n_used expert indices,
 // then n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert; dependent: launched as a
-// dependent of the launch before, whose output is x. Each warp copies its groups
-// of weights into a ring of STAGES stages in shared memory, STAGES - 1 ahead of the one it computes: loads in
-// flight that take no registers. x's rows must be 16-byte aligned (x and x_stride).
+// dependent of the launch before, whose output is x. Each warp copies its groups of weights into a ring of STAGES
+// stages in shared memory, STAGES - 1 ahead of the one it computes: loads in flight that take no registers. x's rows
+// must be 16-byte aligned (x and x_stride).
 template <int NT, bool SWIGLU, int STAGES>
 __global__ void __launch_bounds__(512 / NT) int4_decode(
     const u16* __restrict__ x, long long x_stride, u16* __restrict__ out, long long out_stride,
@@ -264,9 +264,7 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     int dependent) {
     constexpr int E = 16 * NT;  // accumulators per lane
     extern __shared__ __align__(16) unsigned char shared[];
-    // [warp][E][32 lanes], the warps' sums, written over the rings once every warp is done with its own: a block
-    // takes fewer shared bytes, so that more blocks fit an SM
-    float* partial = (float*)shared;
+    float* partial = (float*)shared;  // [warp][E][32 lanes], the warps' sums
 
     const int tile = blockIdx.x, item = blockIdx.y;
     const long long expert = meta[item];
@@ -276,7 +274,7 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     const bool second = SWIGLU && warp >= k_warps;
     const int kw = warp % k_warps;
     constexpr int STAGE_BYTES = stage_bytes<NT>();
-    unsigned char* ring = shared + warp * STAGES * STAGE_BYTES;
+    unsigned char* ring = shared + (blockDim.x >> 5) * E * 32 * 4 + warp * STAGES * STAGE_BYTES;
 
     const unsigned char* packed = second ? p2 + expert * p2_gs : p1 + expert * p1_gs;
     const u16* scales = second ? sz2 + expert * sz2_gs : sz1 + expert * sz1_gs;
@@ -396,8 +394,6 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
         }
     }
 
-    asm volatile("cp.async.wait_all;" ::: "memory");  // (the commits past the last group were empty)
-    __syncthreads();
     float* mine = partial + warp * E * 32 + lane;
 #pragma unroll
     for (int i = 0; i < 4; ++i)

@@ -27,9 +27,9 @@ _SOURCE = Path(__file__).with_suffix(".cu")
 # 4 on the H200, 8 3-15% (bench/quant_kernels.md)
 STAGES = 4
 # A gate/up launch of at least this many blocks (12 a Qwen3-30B-A3B expert: all 128 of them) takes a deeper ring,
-# DEEP_STAGES[8-row tiles of x - 1]: on the H100 the FFN of 128 experts at 1 to 8 rows ran at 82-84% of HBM against
-# 73-77% with 4 stages, at 16 rows at 79-80% against 75-76% with 5; at 96 experts and fewer, 4 was fastest
-# (bench/quant_kernels.md).
+# DEEP_STAGES[8-row tiles of x - 1]: on the H100 the FFN of 128 experts at one row took 150 us (82% of HBM) against
+# 170 (73%) with 4 stages, at 16 rows 156 against 160; from 1 to 8 rows 6 stages were fastest, at 16 rows 5, and at
+# 96 experts and fewer 4 (bench/quant_kernels.md).
 DEEP_RING_BLOCKS = 1536
 DEEP_STAGES = (6, 5)
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
@@ -129,8 +129,7 @@ def _stage_bytes(x_tiles: int) -> int:
 
 
 def _shared_bytes(warps: int, x_tiles: int, stages: int) -> int:
-    """The warps' rings, which their sums overwrite at the end."""
-    return warps * max(x_tiles * _SUMS_BYTES, stages * _stage_bytes(x_tiles))
+    return warps * (x_tiles * _SUMS_BYTES + stages * _stage_bytes(x_tiles))
 
 
 def ring_stages(n: int, used: int, swiglu: bool, x_tiles: int) -> int:
