@@ -199,7 +199,8 @@ class Scheduler:
 
     def postprocess(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[Sequence]:
         """Record the step: advance what is cached, append the token sampled for every chunk that samples
-        (`sampled` maps request id to token id), and finish and free the sequences that are done."""
+        (`sampled` maps request id to token id; a chunk without one, whose logits were not finite, gets none and
+        is left for the caller to end), and finish and free the sequences that are done."""
         finished = []
         for chunk in batch.chunks:
             seq = chunk.seq
@@ -208,7 +209,9 @@ class Scheduler:
             seq.num_computed = chunk.start + len(chunk.token_ids)
             if not chunk.samples:
                 continue
-            token = sampled[seq.request_id]
+            token = sampled.get(seq.request_id)
+            if token is None:
+                continue
             seq.output_token_ids.append(token)
             if token in seq.params.stop_token_ids:
                 reason = "stop"

@@ -184,11 +184,13 @@ class Engine:
                     if sampling else []
             with section("postprocess"):
                 sampled = [(seq, r) for (_, seq), r in zip(sampling, results, strict=True)]
+                finished = self.scheduler.postprocess(
+                    batch, {seq.request_id: r.token_id for seq, r in sampled if r.valid})
+                # after the tokens: were that bookkeeping to fail, these would still be running, and the caller
+                # fails them with the rest rather than leaving them unanswered
                 for seq, r in sampled:
                     if not r.valid:  # ended here; the caller tells its client why
                         self.scheduler.cancel(seq.request_id, reason="error")
-                finished = self.scheduler.postprocess(
-                    batch, {seq.request_id: r.token_id for seq, r in sampled if r.valid})
             if self.remote is not None:
                 self.remote.close_retired()  # the device is done with the step
             STEPS.inc()

@@ -1,0 +1,56 @@
+"""A step whose batch holds a request with non-finite logits: that request alone ends, and were the step's
+bookkeeping after sampling to fail, every request of the batch, that one included, is still the engine's to fail
+(the worker's loop answers each with an error)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from gpu_worker.scheduler import SamplingParams, Sequence
+from gpu_worker.service import Engine
+from shared.config import Config
+from shared.gguf_file import GGUFModel
+from shared.make_model import make_model
+from shared.placement import round_robin_placement
+
+DAMAGED = 50  # the token whose embedding is NaN: a prompt ending in it samples from NaN logits
+
+
+@pytest.fixture
+def engine(tmp_path) -> Engine:
+    """A CPU engine on a tiny model with token DAMAGED's embedding NaN, holding requests "nan" (ending in it) and
+    "good"."""
+    path = tmp_path / "tiny.gguf"
+    make_model(path, arch="qwen3moe", preset="tiny", dtype="f32", seed=9)
+    model = GGUFModel(path)
+    offset = model.file_offset("token_embd.weight") + DAMAGED * model.config.hidden * 4
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.full(model.config.hidden, np.nan, np.float32).tobytes())
+    model = GGUFModel(path)
+    engine = Engine(Config(model=str(path), device="cpu", expert_hosts=0), model, None)
+    engine.apply(round_robin_placement(model.config, model.config.n_experts, 0))
+    engine.scheduler.add(Sequence("nan", [5, DAMAGED], SamplingParams(max_tokens=4)))
+    engine.scheduler.add(Sequence("good", [5, 6], SamplingParams(max_tokens=4)))
+    return engine
+
+
+def test_only_the_request_of_non_finite_logits_ends(engine):
+    sampled, finished = engine.step()
+    assert {seq.request_id: r.valid for seq, r in sampled} == {"nan": False, "good": True}
+    assert finished == []
+    assert [seq.request_id for seq in engine.scheduler.running] == ["good"]
+    nan = next(seq for seq, _ in sampled if seq.request_id == "nan")
+    assert nan.is_finished and nan.finish_reason == "error" and nan.output_token_ids == []
+
+
+def test_a_step_failing_after_sampling_leaves_the_non_finite_request_to_be_failed(engine, monkeypatch):
+    def broken(*args):
+        raise RuntimeError("bookkeeping failed")
+
+    monkeypatch.setattr(engine.scheduler, "postprocess", broken)
+    with pytest.raises(RuntimeError, match="bookkeeping failed"):
+        engine.step()
+    assert sorted(seq.request_id for seq in engine.fail_all_running()) == ["good", "nan"]
+    assert not engine.scheduler.has_work()
