@@ -332,8 +332,8 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     // weights, which it does not write, are on their way meanwhile: every one of those groups' weights, then x's
     // rows (the first commit holds all their weights, so a wait for it waits for more than it must, never less).
     // Launched plainly, each group's weights and x are one commit, so the first group is read as soon as it has
-    // landed rather than once every group of the first STAGES - 1 has: on the H100 one token's 8 experts' gate/up
-    // took 10.4 us against 10.7, their FFN 14.5 against 15.1 (bench/quant_kernels.md).
+    // landed rather than once every group of the first STAGES - 1 has: on the H100 one token's 8 experts' FFN
+    // took 14.46 us against 15.05 (bench/quant_kernels.md).
 #if __CUDA_ARCH__ >= 900
     // The launch after this one may start its blocks in SMs this one leaves free, to copy and wait there in turn.
     // Before this one's own wait: only down is launched as a dependent, and only of gate/up, which is launched

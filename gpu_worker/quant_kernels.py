@@ -296,13 +296,13 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
     assert x.stride(1) == 1 and out.stride(1) == 1
     swiglu = w2 is not None
     w2 = w2 if swiglu else w1
-    dependent = dependent and plan.used_at_most <= DEPENDENT_LAUNCH_EXPERTS
+    grid_dependency = _grid_dependency(x.device)
+    dependent = dependent and grid_dependency and plan.used_at_most <= DEPENDENT_LAUNCH_EXPERTS
     if isinstance(w1, Int8Matrix):
         common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class)
         args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.n_used)  # noqa: E731
-        grid_dependency = _grid_dependency(x.device)
-        dependent = dependent and grid_dependency and plan.used_at_most >= INT8_DEPENDENT_LAUNCH_FROM
+        dependent = dependent and plan.used_at_most >= INT8_DEPENDENT_LAUNCH_FROM
         _int8_decode_kernel[grid](*args, w1.q, w1.scale, w2.q, w2.scale, w1.q.stride(0), w1.scale.stride(0),
                                   w2.q.stride(0), w2.scale.stride(0), n, k, **common, GRID_DEPENDENCY=grid_dependency,
                                   DEPENDENT=dependent, launch_pdl=dependent)

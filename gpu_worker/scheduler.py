@@ -197,10 +197,10 @@ class Scheduler:
         chunks.append(ScheduledChunk(seq, seq.num_computed, seq.token_slice(seq.num_computed, end)))
         return end - seq.num_computed
 
-    def postprocess(self, batch: ScheduledBatch, sampled: dict[str, int]) -> list[Sequence]:
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[str, int | None]) -> list[Sequence]:
         """Record the step: advance what is cached, append the token sampled for every chunk that samples
-        (`sampled` maps request id to token id; a chunk without one, whose logits were not finite, gets none and
-        is left for the caller to end), and finish and free the sequences that are done."""
+        (`sampled` maps request id to token id, or to None where the logits were not finite: no token, and the
+        caller ends it), and finish and free the sequences that are done."""
         finished = []
         for chunk in batch.chunks:
             seq = chunk.seq
@@ -209,7 +209,7 @@ class Scheduler:
             seq.num_computed = chunk.start + len(chunk.token_ids)
             if not chunk.samples:
                 continue
-            token = sampled.get(seq.request_id)
+            token = sampled[seq.request_id]
             if token is None:
                 continue
             seq.output_token_ids.append(token)

@@ -185,7 +185,7 @@ class Engine:
             with section("postprocess"):
                 sampled = [(seq, r) for (_, seq), r in zip(sampling, results, strict=True)]
                 finished = self.scheduler.postprocess(
-                    batch, {seq.request_id: r.token_id for seq, r in sampled if r.valid})
+                    batch, {seq.request_id: r.token_id if r.valid else None for seq, r in sampled})
                 # after the tokens: were that bookkeeping to fail, these would still be running, and the caller
                 # fails them with the rest rather than leaving them unanswered
                 for seq, r in sampled:

@@ -113,10 +113,11 @@ def test_many_experts_decode(qk, fmt):
 
 @pytest.mark.parametrize("rows_each", [(1, 3), (9, 8)], ids=["one-x-tile", "two-x-tiles"])
 def test_int4_gate_up_of_a_deeper_ring_matches_the_reference(qk, rows_each, monkeypatch):
-    """gate/up over every expert of a large model takes a deeper ring (int4_mma.ring_stages), here from any launch:
-    one tile of x, whose warps walk fewer groups of K than the ring has stages, and two."""
+    """gate/up over every expert of a large model takes a deeper ring (int4_mma.ring_stages), here from any launch,
+    at one tile of x and at two: Qwen3-30B-A3B's shapes, 4 warps cutting K, each walking 16 groups of it, so that the
+    ring wraps (and at two tiles its unrolled rounds run)."""
     least, spread = rows_each
-    f, h = MID
+    f, h = GATE
     gate, up, down = random_regions("int4", 24, [(f, h), (f, h), (h, f)], DEVICE, seed=31)
     groups = list(range(0, 24, 2))
     counts = [least + g % spread for g in groups]
