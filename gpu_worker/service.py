@@ -85,6 +85,16 @@ COST_ROUND_TRIP = Gauge("tierserve_worker_cost_round_trip_seconds",
 _dispatched = functools.cache(DISPATCH.labels)
 
 
+class FailedAfterSampling(Exception):
+    """A step failed once its tokens were recorded (in what follows them: retiring the step's host buffers, its
+    metrics, its profile). Its samples are real and already in their sequences, some of which it finished: the
+    caller still sends them. The failure is the exception's cause."""
+
+    def __init__(self, sampled: list[tuple[Sequence, object]], finished: list[Sequence]) -> None:
+        super().__init__("the step failed after sampling")
+        self.sampled, self.finished = sampled, finished
+
+
 class Engine:
     """Model, cache, scheduler and sampler for one placement; no sockets of its own but the data plane."""
 
@@ -157,14 +167,28 @@ class Engine:
 
     def step(self) -> tuple[list[tuple[Sequence, object]], list[Sequence]]:
         """Run one batch; returns (sequence, sample) for every sampled token and the finished sequences. A sample
-        that is not `valid` (non-finite logits) has ended its sequence with an error, and is not among them."""
+        that is not `valid` (non-finite logits) has ended its sequence with an error, and is not among them.
+        Raises FailedAfterSampling, with both, for a failure once the tokens are recorded."""
+        recorded: list[tuple[list[tuple[Sequence, object]], list[Sequence]]] = []
+        try:
+            self._step(recorded)
+        except Exception as e:
+            if recorded:
+                raise FailedAfterSampling(*recorded[0]) from e
+            raise
+        return recorded[0]
+
+    def _step(self, recorded: list) -> None:
+        """step's work; appends (sampled, finished) to `recorded` once the tokens are in their sequences, so that
+        step knows what a later failure would lose."""
         with self.profile.step() as profiled:
             with section("schedule"):
                 batch = self.scheduler.schedule()
             if batch is None or batch.num_tokens > len(batch.chunks):
                 profiled.discard()  # the profile is of decode steps: one token per sequence
             if batch is None:
-                return [], []
+                recorded.append(([], []))
+                return
             start = time.perf_counter()
             if self.remote is not None:
                 self.remote.begin_step()
@@ -191,6 +215,7 @@ class Engine:
                 for seq, r in sampled:
                     if not r.valid:  # ended here; the caller tells its client why
                         self.scheduler.cancel(seq.request_id, reason="error")
+                recorded.append((sampled, finished))
             if self.remote is not None:
                 self.remote.close_retired()  # the device is done with the step
             STEPS.inc()
@@ -198,7 +223,6 @@ class Engine:
             BATCH_SEQS.set(len(batch.chunks))
             STEP_SECONDS.observe(time.perf_counter() - start)
             self.update_gauges()
-        return sampled, finished
 
     def fail_all_running(self) -> list[Sequence]:
         """After a lost expert host: the running batch's state is unusable, end every admitted request."""
@@ -363,27 +387,14 @@ def serve(config: Config) -> int:
                 continue
             try:
                 sampled, _ = engine.step()
-            except ExpertHostError as e:
-                log.error("%s; failing the running requests", e)
-                for seq in engine.fail_all_running():
-                    send(EngineError(request_id=seq.request_id, code="expert_host_unavailable", message=str(e),
-                                     member_id=expert_host_id(e.host) if e.host >= 0 else ""))
+            except FailedAfterSampling as e:  # its tokens first: they were sampled, and some ended their requests
+                send_samples(e.sampled, send, log)
+                fail_running(engine, e.__cause__, send, log)
                 continue
-            except Exception as e:  # a bug must cost the batch in flight, not every request the worker holds
-                log.exception("model step failed; failing the running requests")
-                for seq in engine.fail_all_running():
-                    send(EngineError(request_id=seq.request_id, code="internal_error", message=repr(e)))
+            except Exception as e:
+                fail_running(engine, e, send, log)
                 continue
-            for seq, r in sampled:
-                if not r.valid:
-                    log.error("request %s ended: non-finite logits", seq.request_id)
-                    send(EngineError(request_id=seq.request_id, code="internal_error",
-                                     message="the model's logits were not finite (NaN or inf): a weight in the model "
-                                             "file, or an activation, is out of range"))
-                    continue
-                send(EngineToken(request_id=seq.request_id, token_id=r.token_id, logprob=r.logprob,
-                                 top_logprobs=[list(p) for p in r.top_logprobs],
-                                 finish_reason=seq.finish_reason if seq.is_finished else None))
+            send_samples(sampled, send, log)
     finally:
         if remote is not None:
             remote.close()
@@ -395,6 +406,36 @@ def serve(config: Config) -> int:
             log.info("removed %s: its host is gone", stale)
         log.info("stopped")
     return stop.exit_status
+
+
+def send_samples(sampled: list[tuple[Sequence, object]], send: Callable[[Message], None], log: logging.Logger
+                 ) -> None:
+    """Each sampled token to its client, with the finish reason where it ended the request; an error for a request
+    ended by non-finite logits."""
+    for seq, r in sampled:
+        if not r.valid:
+            log.error("request %s ended: non-finite logits", seq.request_id)
+            send(EngineError(request_id=seq.request_id, code="internal_error",
+                             message="the model's logits were not finite (NaN or inf): a weight in the model "
+                                     "file, or an activation, is out of range"))
+            continue
+        send(EngineToken(request_id=seq.request_id, token_id=r.token_id, logprob=r.logprob,
+                         top_logprobs=[list(p) for p in r.top_logprobs],
+                         finish_reason=seq.finish_reason if seq.is_finished else None))
+
+
+def fail_running(engine: Engine, error: BaseException, send: Callable[[Message], None], log: logging.Logger) -> None:
+    """After a failed step: every running request ends with an error naming why. A lost expert host names it; a bug
+    costs the batch in flight, not every request the worker holds."""
+    if isinstance(error, ExpertHostError):
+        log.error("%s; failing the running requests", error)
+        for seq in engine.fail_all_running():
+            send(EngineError(request_id=seq.request_id, code="expert_host_unavailable", message=str(error),
+                             member_id=expert_host_id(error.host) if error.host >= 0 else ""))
+        return
+    log.error("model step failed; failing the running requests", exc_info=error)
+    for seq in engine.fail_all_running():
+        send(EngineError(request_id=seq.request_id, code="internal_error", message=repr(error)))
 
 
 def hold(engine: Engine, placement: Placement, log: logging.Logger) -> bool:

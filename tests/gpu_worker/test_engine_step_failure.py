@@ -1,18 +1,22 @@
-"""A step whose batch holds a request with non-finite logits: that request alone ends, and were the step's
-bookkeeping after sampling to fail, every request of the batch, that one included, is still the engine's to fail
-(the worker's loop answers each with an error)."""
+"""A step whose batch holds a request with non-finite logits: that request alone ends. Were the step's bookkeeping
+to fail while it records the tokens, every request of the batch, that one included, is still the engine's to fail
+(the worker's loop answers each with an error); were it to fail after, the step's samples come with the failure,
+for the loop to send."""
 
 from __future__ import annotations
+
+import logging
 
 import numpy as np
 import pytest
 
 from gpu_worker.scheduler import SamplingParams, Sequence
-from gpu_worker.service import Engine
+from gpu_worker.service import Engine, FailedAfterSampling, fail_running, send_samples
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
 from shared.placement import round_robin_placement
+from shared.protocol import EngineError, EngineToken
 
 DAMAGED = 50  # the token whose embedding is NaN: a prompt ending in it samples from NaN logits
 
@@ -53,4 +57,33 @@ def test_a_step_failing_after_sampling_leaves_the_non_finite_request_to_be_faile
     with pytest.raises(RuntimeError, match="bookkeeping failed"):
         engine.step()
     assert sorted(seq.request_id for seq in engine.fail_all_running()) == ["good", "nan"]
+    assert not engine.scheduler.has_work()
+
+
+def test_a_step_failing_after_its_tokens_are_recorded_hands_them_over(engine, monkeypatch):
+    engine.scheduler.add(Sequence("short", [5, 7], SamplingParams(max_tokens=1)))  # its one token ends it
+
+    def broken():
+        raise RuntimeError("gauges failed")
+
+    monkeypatch.setattr(engine, "update_gauges", broken)
+    with pytest.raises(FailedAfterSampling) as failure:
+        engine.step()
+    assert isinstance(failure.value.__cause__, RuntimeError)
+    samples = {seq.request_id: r for seq, r in failure.value.sampled}
+    assert {rid: r.valid for rid, r in samples.items()} == {"nan": False, "good": True, "short": True}
+    assert [seq.request_id for seq in failure.value.finished] == ["short"]
+    short = next(seq for seq, _ in failure.value.sampled if seq.request_id == "short")
+    assert short.finish_reason == "length" and short.output_token_ids == [samples["short"].token_id]
+    assert [seq.request_id for seq in engine.scheduler.running] == ["good"]
+
+    # as the worker's loop answers it: every sample, then an error for each request still running
+    monkeypatch.undo()
+    sent = []
+    send_samples(failure.value.sampled, sent.append, logging.getLogger("test"))
+    fail_running(engine, failure.value.__cause__, sent.append, logging.getLogger("test"))
+    assert [(type(m), m.request_id) for m in sent] == [
+        (EngineError, "nan"), (EngineToken, "good"), (EngineToken, "short"), (EngineError, "good")]
+    assert sent[2].finish_reason == "length" and sent[1].finish_reason is None
+    assert sent[3].code == "internal_error" and "gauges failed" in sent[3].message
     assert not engine.scheduler.has_work()
