@@ -273,9 +273,8 @@ def measure(settings: Settings, threads: list[int], per_expert: bool = True, pin
                         best[key] = min(best.get(key, float("inf")), seconds)
             for label in GROUPED_FORMATS:
                 for rows in GROUPED_ROWS:
-                    # each sweep starts with another path: in a fixed order the first, after another case, was
-                    # slower in every sweep (the development machine, int4 + int8 on one thread: one call 1,305 us
-                    # a layer against the lane request's 928; in turns, 979 against 971)
+                    # each sweep starts with another path, so that no path is always the one run right after
+                    # another case (bench/cpu_kernels.md: the one call, always first, was the slower)
                     for path in paths[sweep % len(paths):] + paths[:sweep % len(paths)]:
                         with torch_threads(n):
                             seconds = seconds_per_layer(inputs[rows], served[label][1], path, warm_up=sweep == 0)
