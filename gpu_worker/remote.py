@@ -205,10 +205,10 @@ class RemoteExperts:
         self._recheck_at[host] = 0.0
 
     def close_retired(self) -> None:
-        """Close the mailboxes of hosts that were replaced, between steps (the device done with their memory)."""
-        for mailbox in self.retired:
-            mailbox.close()
-        self.retired = []
+        """Close the mailboxes of hosts that were replaced, between steps (the device done with their memory). Each
+        is let go before it is closed: one whose close fails is not tried again at every later step."""
+        while self.retired:
+            self.retired.pop().close()
 
     def close(self) -> None:
         for sock in self.sockets:

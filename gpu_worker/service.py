@@ -235,7 +235,10 @@ class Engine:
     def _fail(self, seqs: list[Sequence]) -> list[Sequence]:
         for seq in seqs:
             self.scheduler.cancel(seq.request_id, reason="error")
-        self.update_gauges()
+        try:
+            self.update_gauges()
+        except Exception:  # the caller answers these requests: a fault in the metrics must not lose them
+            logging.getLogger(MEMBER_ID).exception("updating the worker's gauges failed")
         return seqs
 
     def update_gauges(self) -> None:

@@ -77,8 +77,8 @@ def test_a_step_failing_after_its_tokens_are_recorded_hands_them_over(engine, mo
     assert short.finish_reason == "length" and short.output_token_ids == [samples["short"].token_id]
     assert [seq.request_id for seq in engine.scheduler.running] == ["good"]
 
-    # as the worker's loop answers it: every sample, then an error for each request still running
-    monkeypatch.undo()
+    # as the worker's loop answers it: every sample, then an error for each request still running (the gauges,
+    # which failing them updates, still failing)
     sent = []
     send_samples(failure.value.sampled, sent.append, logging.getLogger("test"))
     fail_running(engine, failure.value.__cause__, sent.append, logging.getLogger("test"))
