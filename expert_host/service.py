@@ -19,6 +19,7 @@ from shared.expert_cache import CacheError
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.mailbox import ORDERED_STORES, Backoff, Mailbox, MailboxError, remove_mailbox
+from shared.memory_use import room_above_floor, size_text
 from shared.model_config import ModelError
 from shared.native_kernels import load_library, pin_threads
 from shared.placement import expert_host_id
@@ -66,7 +67,8 @@ MAILBOX_DEFAULT_MAX_BYTES = 64 << 20
 def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging.Logger) -> Mailbox | None:
     """This host's mailbox for the worker when the data plane to it is shared memory, sized for a whole batch's
     rows (max_batch_tokens x top-k) in the widest dtype, up to MAILBOX_DEFAULT_MAX_BYTES unless mailbox_bytes
-    says otherwise; a mailbox a killed predecessor left is removed."""
+    says otherwise; a mailbox a killed predecessor left is removed. None, said in the log, where its pages (RAM:
+    /dev/shm is memory) would leave less than host_memory_floor free: activations then go over ZeroMQ."""
     path = mailbox_path(config.expert_host_endpoint(host_index))
     remove_mailbox(path)
     for stale in remove_stale_mailboxes():
@@ -79,6 +81,11 @@ def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging
     cfg = model.config
     capacity = config.mailbox_bytes or min(config.max_batch_tokens * cfg.n_experts_used * cfg.hidden * 4,
                                            MAILBOX_DEFAULT_MAX_BYTES)
+    room, floor = room_above_floor(config.host_memory_floor)
+    if 2 * capacity > room:  # a request's rows and their answer
+        log.warning("a mailbox of %s would leave less than host_memory_floor (%s) free: %s is available above it; "
+                    "activations go over ZeroMQ", size_text(2 * capacity), size_text(floor), size_text(room))
+        return None
     try:
         return Mailbox.create(path, capacity, cfg.n_experts, n_layers=cfg.n_layers)
     except MailboxError as e:

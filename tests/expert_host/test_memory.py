@@ -4,16 +4,22 @@ memory kind and the floor, and the layout of copied layers."""
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 
 import pytest
 import torch
 
 from expert_host.memory import HostMemoryError, check_fit, check_kind
+from expert_host.service import open_mailbox
 from shared.config import Config, load_config
 from shared.device_caps import HOST_DMA, UNIFIED, DeviceCaps
 from shared.expert_cache import ExpertLayout
+from shared.gguf_file import GGUFModel
+from shared.mailbox import remove_mailbox
 from shared.memory_use import MemInfo, parse_meminfo, safety_floor
 from shared.pages import PAGE
+from shared.run_files import mailbox_path
 
 GB = 10**9
 MEMINFO = """MemTotal:       131072000 kB
@@ -131,3 +137,22 @@ def test_default_threads_never_ask_for_more_than_the_cores(monkeypatch):
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
     assert Config(expert_hosts=1, threads=12).threads_for("gpu_worker") == 4
     assert Config(expert_hosts=1).threads_for("expert_host") == 1  # the share of 4 CPUs, not of os.cpu_count()'s
+
+
+@pytest.mark.parametrize("floor, made", [("100%", False), ("0", True)], ids=["above-the-floor", "room"])
+def test_a_mailbox_that_would_leave_less_than_the_floor_free_is_not_made(expert_models, tmp_path, caplog, floor,
+                                                                      made):
+    """A mailbox's pages are RAM (/dev/shm): one that would leave less than host_memory_floor free is not made,
+    said in the log, and activations go over ZeroMQ."""
+    path = expert_models["f32"]
+    config = Config(model=str(path), expert_hosts=1, run_dir=str(tmp_path), host_memory_floor=floor)
+    log = logging.getLogger("test-mailbox-floor")
+    mailbox = open_mailbox(config, 0, GGUFModel(path), log)
+    try:
+        assert (mailbox is not None) == made
+        assert os.path.exists(mailbox_path(config.expert_host_endpoint(0))) == made
+        assert ("would leave less than host_memory_floor" in caplog.text) != made
+    finally:
+        if mailbox is not None:
+            mailbox.close()
+        remove_mailbox(mailbox_path(config.expert_host_endpoint(0)))
