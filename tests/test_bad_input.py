@@ -13,7 +13,6 @@ import uuid
 from pathlib import Path
 
 import msgpack
-import numpy as np
 import pytest
 import zmq
 
@@ -23,6 +22,7 @@ from shared.launcher import RunningSystem
 from shared.make_model import make_model
 from shared.protocol import ErrorEvent, Message, decode
 from shared.reference import ReferenceModel
+from tests.damaged_models import nan_embedding
 
 pytestmark = pytest.mark.slow
 
@@ -236,12 +236,8 @@ def test_a_request_whose_logits_are_not_finite_ends_by_name_and_the_batch_beside
     good = [[1, 2, 3], [30, 31]]
     expected = [ReferenceModel(model).greedy(p, 8) for p in good]
     damaged = next(t for t in range(40, model.config.vocab_size) if all(t not in e for e in expected))
-    hidden = model.config.hidden
-    offset = model.file_offset("token_embd.weight") + damaged * hidden * 4
     del model
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(np.full(hidden, np.nan, np.float32).tobytes())
+    nan_embedding(path, damaged)
     with RunningSystem(str(path), "--expert-hosts", "0", "--hot-experts", "8", "--device", "cpu",
                        "--heartbeat-timeout-s", "60") as system, Client(system.endpoint) as client:
 

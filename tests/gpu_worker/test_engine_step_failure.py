@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 
-import numpy as np
 import pytest
 
 from gpu_worker.scheduler import SamplingParams, Sequence
@@ -17,6 +16,7 @@ from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
 from shared.placement import round_robin_placement
 from shared.protocol import EngineError, EngineToken
+from tests.damaged_models import nan_embedding
 
 DAMAGED = 50  # the token whose embedding is NaN: a prompt ending in it samples from NaN logits
 
@@ -27,11 +27,7 @@ def engine(tmp_path) -> Engine:
     "good"."""
     path = tmp_path / "tiny.gguf"
     make_model(path, arch="qwen3moe", preset="tiny", dtype="f32", seed=9)
-    model = GGUFModel(path)
-    offset = model.file_offset("token_embd.weight") + DAMAGED * model.config.hidden * 4
-    with open(path, "r+b") as f:
-        f.seek(offset)
-        f.write(np.full(model.config.hidden, np.nan, np.float32).tobytes())
+    nan_embedding(path, DAMAGED)
     model = GGUFModel(path)
     engine = Engine(Config(model=str(path), device="cpu", expert_hosts=0), model, None)
     engine.apply(round_robin_placement(model.config, model.config.n_experts, 0))
