@@ -411,27 +411,27 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     const int warps = blockDim.x >> 5;
     if (warps >= E) {
         // a block of as many warps as a lane has accumulators (gate/up of a few experts, 16 warps): one accumulator
-        // a warp, its partial sums eight loads at a time. By quads, 4 of the 16 warps added 16 sums each, a load's
-        // latency after each: on the H100 one token's FFN took 13.9 us against 14.4. Spread so at fewer warps too
-        // (several accumulators a warp, each a load at a time), launches of 16 experts and more were 1-7% slower
-        // (bench/quant_kernels.md).
-        for (int item = warp; item < E; item += warps) {
-            const float* sums = partial + item * 32 + lane;
+        // a warp, its partial sums eight loads at a time. By quads, 4 of the 16 warps did it in 16 rounds each, a
+        // round's loads waiting for the last's: on the H100 one token's FFN took 13.9 us against 14.4. Spread so at
+        // fewer warps too (several accumulators a warp, each a load at a time), launches of 16 experts and more were
+        // 3-7% slower (bench/quant_kernels.md).
+        for (int a = warp; a < E; a += warps) {  // a = (i * NT + nt) * 4 + e, as the sums were written
+            const float* sums = partial + a * 32 + lane;
             float y = 0.f, up = 0.f;
 #pragma unroll 8
             for (int w = 0; w < k_warps; ++w) y += sums[w * E * 32];
             if (SWIGLU)
 #pragma unroll 8
                 for (int w = k_warps; w < 2 * k_warps; ++w) up += sums[w * E * 32];
-            const int quad = item >> 2;
-            finish(y, up, quad / NT, quad % NT, item & 3);
+            const int quad = a >> 2;
+            finish(y, up, quad / NT, quad % NT, a & 3);
         }
         return;
     }
     // else the warps share the block's sums out by quads of accumulators (i, nt) of each lane, four loads in
-    // flight at a time: with warp 0 adding every sum alone, 8 experts' gate/up (16 warps a block) spent longer on
-    // that than on their last groups; an unrolled loop over every accumulator instead (warps skipping the others')
-    // was as slow there, its code too long for the warps to share their instruction cache
+    // flight at a time. With warp 0 adding every sum alone, 8 experts' gate/up (which then took this path) spent
+    // longer on that than on their last groups; an unrolled loop over every accumulator instead (warps skipping the
+    // others') was as slow there, its code too long for the warps to share their instruction cache.
     for (int quad = warp; quad < 4 * NT; quad += warps) {
         const int i = quad / NT, nt = quad % NT;
         const float* sums = partial + quad * 4 * 32 + lane;
