@@ -197,11 +197,14 @@ class Scheduler:
         chunks.append(ScheduledChunk(seq, seq.num_computed, seq.token_slice(seq.num_computed, end)))
         return end - seq.num_computed
 
-    def postprocess(self, batch: ScheduledBatch, sampled: dict[str, int | None]) -> list[Sequence]:
+    def postprocess(self, batch: ScheduledBatch, sampled: dict[str, int | None],
+                    finished: list[Sequence] | None = None) -> list[Sequence]:
         """Record the step: advance what is cached, append the token sampled for every chunk that samples
         (`sampled` maps request id to token id, or to None where the logits were not finite: no token, and the
-        caller ends it), and finish and free the sequences that are done."""
-        finished = []
+        caller ends it), and finish and free the sequences that are done. Returns those, appended to `finished` (a
+        new list if None) as each is done: were a later one to fail, the caller still knows which have left the
+        running set and must be answered."""
+        finished = [] if finished is None else finished
         for chunk in batch.chunks:
             seq = chunk.seq
             if seq.is_finished:  # cancelled after this batch was scheduled
@@ -219,8 +222,8 @@ class Scheduler:
                 reason = "length"
             else:
                 continue
+            self._finish(seq, reason)  # first: were it to fail, the sequence is still running, for the caller to fail
             self.running.remove(seq)
-            self._finish(seq, reason)
             finished.append(seq)
         return finished
 

@@ -168,7 +168,8 @@ class Engine:
     def step(self) -> tuple[list[tuple[Sequence, object]], list[Sequence]]:
         """Run one batch; returns (sequence, sample) for every sampled token and the finished sequences. A sample
         that is not `valid` (non-finite logits) has ended its sequence with an error, and is not among them.
-        Raises FailedAfterSampling, with both, for a failure once the tokens are recorded."""
+        Raises FailedAfterSampling for a failure once the tokens are recorded, with both; or once recording them
+        has finished some sequences and then failed, with those and their samples."""
         recorded: list[tuple[list[tuple[Sequence, object]], list[Sequence]]] = []
         try:
             self._step(recorded)
@@ -208,8 +209,17 @@ class Engine:
                     if sampling else []
             with section("postprocess"):
                 sampled = [(seq, r) for (_, seq), r in zip(sampling, results, strict=True)]
-                finished = self.scheduler.postprocess(
-                    batch, {seq.request_id: r.token_id if r.valid else None for seq, r in sampled})
+                finished: list[Sequence] = []
+                try:
+                    self.scheduler.postprocess(
+                        batch, {seq.request_id: r.token_id if r.valid else None for seq, r in sampled}, finished)
+                except Exception:
+                    # those it finished before it failed are no longer running: their last tokens go out with the
+                    # failure, and the caller fails the rest
+                    if finished:
+                        done = {id(seq) for seq in finished}
+                        recorded.append(([(seq, r) for seq, r in sampled if id(seq) in done], finished))
+                    raise
                 # after the tokens: were that bookkeeping to fail, these would still be running, and the caller
                 # fails them with the rest rather than leaving them unanswered
                 for seq, r in sampled:

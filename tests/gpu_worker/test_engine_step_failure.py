@@ -1,7 +1,7 @@
 """A step whose batch holds a request with non-finite logits: that request alone ends. Were the step's bookkeeping
 to fail while it records the tokens, every request of the batch, that one included, is still the engine's to fail
-(the worker's loop answers each with an error); were it to fail after, the step's samples come with the failure,
-for the loop to send."""
+(the worker's loop answers each with an error), but for those it had already finished, whose samples come with the
+failure; were it to fail after, all the step's samples come with the failure, for the loop to send."""
 
 from __future__ import annotations
 
@@ -82,4 +82,31 @@ def test_a_step_failing_after_its_tokens_are_recorded_hands_them_over(engine, mo
         (EngineError, "nan"), (EngineToken, "good"), (EngineToken, "short"), (EngineError, "good")]
     assert sent[2].finish_reason == "length" and sent[1].finish_reason is None
     assert sent[3].code == "internal_error" and "gauges failed" in sent[3].message
+    assert not engine.scheduler.has_work()
+
+
+def test_a_step_whose_bookkeeping_fails_partway_hands_over_the_requests_it_finished(engine, monkeypatch):
+    engine.scheduler.add(Sequence("short", [5, 7], SamplingParams(max_tokens=1)))
+    engine.scheduler.add(Sequence("doomed", [5, 8], SamplingParams(max_tokens=1)))
+    max_len = engine.scheduler.max_len
+
+    def failing_for_doomed_once_sampled(seq: Sequence) -> int:
+        if seq.request_id == "doomed" and seq.output_token_ids:  # recording its token, after "short" finished
+            raise RuntimeError("bookkeeping failed")
+        return max_len(seq)
+
+    monkeypatch.setattr(engine.scheduler, "max_len", failing_for_doomed_once_sampled)
+    with pytest.raises(FailedAfterSampling) as failure:
+        engine.step()
+    assert [seq.request_id for seq in failure.value.finished] == ["short"]
+    assert [seq.request_id for seq, _ in failure.value.sampled] == ["short"]
+    assert sorted(seq.request_id for seq in engine.scheduler.running) == ["doomed", "good", "nan"]
+
+    sent = []
+    send_samples(failure.value.sampled, sent.append, logging.getLogger("test"))
+    fail_running(engine, failure.value.__cause__, sent.append, logging.getLogger("test"))
+    assert [(type(m), m.request_id) for m in sent] == [
+        (EngineToken, "short"), (EngineError, "nan"), (EngineError, "good"), (EngineError, "doomed")]
+    assert sent[0].finish_reason == "length"
+    assert all(m.code == "internal_error" and "bookkeeping failed" in m.message for m in sent[1:])
     assert not engine.scheduler.has_work()
