@@ -87,8 +87,9 @@ _dispatched = functools.cache(DISPATCH.labels)
 
 class FailedAfterSampling(Exception):
     """A step failed once its tokens were recorded (in what follows them: retiring the step's host buffers, its
-    metrics, its profile). Its samples are real and already in their sequences, some of which it finished: the
-    caller still sends them. The failure is the exception's cause."""
+    metrics, its profile), or while recording them, after finishing some requests. Its samples are real and
+    already in their sequences, some of which it finished: the caller still sends them. The failure is the
+    exception's cause."""
 
     def __init__(self, sampled: list[tuple[Sequence, object]], finished: list[Sequence]) -> None:
         super().__init__("the step failed after sampling")
@@ -224,7 +225,7 @@ class Engine:
                 # fails them with the rest rather than leaving them unanswered
                 for seq, r in sampled:
                     if not r.valid:  # ended here; the caller tells its client why
-                        self.scheduler.cancel(seq.request_id, reason="error")
+                        self._end(seq)
                 recorded.append((sampled, finished))
             if self.remote is not None:
                 self.remote.close_retired()  # the device is done with the step
@@ -244,12 +245,22 @@ class Engine:
 
     def _fail(self, seqs: list[Sequence]) -> list[Sequence]:
         for seq in seqs:
-            self.scheduler.cancel(seq.request_id, reason="error")
+            self._end(seq)
         try:
             self.update_gauges()
         except Exception:  # the caller answers these requests: a fault in the metrics must not lose them
             logging.getLogger(MEMBER_ID).exception("updating the worker's gauges failed")
         return seqs
+
+    def _end(self, seq: Sequence) -> None:
+        """End a request with an error, which the caller sends. Freeing its KV blocks may fail (a bookkeeping fault,
+        which then fails again each time): it leaves the scheduler all the same, and the caller still answers it and
+        the requests after it."""
+        try:
+            self.scheduler.cancel(seq.request_id, reason="error")
+        except Exception:
+            logging.getLogger(MEMBER_ID).exception("ending request %s failed; its KV blocks may be lost",
+                                                   seq.request_id)
 
     def update_gauges(self) -> None:
         RUNNING.set(self.scheduler.num_running)

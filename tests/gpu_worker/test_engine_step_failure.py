@@ -110,3 +110,25 @@ def test_a_step_whose_bookkeeping_fails_partway_hands_over_the_requests_it_finis
     assert sent[0].finish_reason == "length"
     assert all(m.code == "internal_error" and "bookkeeping failed" in m.message for m in sent[1:])
     assert not engine.scheduler.has_work()
+
+
+def test_a_request_whose_kv_blocks_cannot_be_freed_is_still_answered(engine, monkeypatch):
+    """Freeing a finished request's KV blocks fails (a bookkeeping fault, which fails again when the loop ends the
+    request): the step fails, and the loop still answers that request and every other, each once."""
+    short = Sequence("short", [5, 7], SamplingParams(max_tokens=1))
+    engine.scheduler.add(short)
+    free = engine.scheduler.allocator.free
+
+    def failing_for_short(blocks: list[int]) -> None:
+        if blocks is short.block_table:
+            raise ValueError("blocks not allocated")
+        free(blocks)
+
+    monkeypatch.setattr(engine.scheduler.allocator, "free", failing_for_short)
+    with pytest.raises(ValueError, match="blocks not allocated") as failure:
+        engine.step()
+    sent = []
+    fail_running(engine, failure.value, sent.append, logging.getLogger("test"))
+    assert [(type(m), m.request_id) for m in sent] == [(EngineError, "nan"), (EngineError, "good"),
+                                                         (EngineError, "short")]
+    assert not engine.scheduler.has_work()
