@@ -32,7 +32,10 @@ REFERENCE_TOLERANCE = 2e-2
 # they differ a bf16 rounding went the other way: at most one bf16 step of an output (2^-7 of the largest one),
 # plus as much again for the steps of h that feed it (measured up to 3e-3 of the largest output).
 TORCH_TOLERANCE = 2.0**-6
-DIFFERING_SHARE = 0.05
+# Share of outputs whose bits differ from torch's: up to 2.3% on CPUs without bf16 instructions, 8.1% on one with
+# AVX512-BF16 and AMX (torch's int8 kernel then sums its products in another order: 12.7% of one expert's rows). A
+# rounding of h otherwise than torch's makes a quarter of them differ (measured 25%), so 12% still tells it apart.
+DIFFERING_SHARE = 0.12
 
 # (format, ffn, hidden): int8 takes any rows and columns (96 and 80 are neither whole 64-row tiles nor whole
 # 64-column steps of the kernel); int4 needs both multiples of 64. "a+b": gate and up in a, down in b (Q4_K_M's
@@ -74,8 +77,7 @@ def test_matches_the_decoded_weights_and_torchs_kernels(fmt, ffn, hidden, dtype)
     starts = torch.tensor([0, *COUNTS]).cumsum(0).tolist()
     by_torch = torch.cat([quantized_ffn(x[a:b], *w) for a, b, w in zip(starts[:-1], starts[1:], weights, strict=True)])
     assert float((got.float() - by_torch.float()).abs().max()) <= TORCH_TOLERANCE * scale
-    # and few outputs differ at all: measured up to 2.3%, where the sums' order flips a rounding; rounding h
-    # otherwise than torch (silu(gate) left unrounded with bf16 activations) makes about a fifth of them differ
+    # and few outputs differ at all, where the sums' order flips a rounding (DIFFERING_SHARE)
     assert float((got != by_torch).float().mean()) <= DIFFERING_SHARE
 
 
