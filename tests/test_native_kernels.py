@@ -34,7 +34,7 @@ REFERENCE_TOLERANCE = 2e-2
 TORCH_TOLERANCE = 2.0**-6
 # Share of outputs whose bits differ from torch's: up to 2.3% on CPUs without bf16 instructions, 8.1% on one with
 # AVX512-BF16 and AMX (torch's int8 kernel then sums its products in another order: 12.7% of one expert's rows). A
-# rounding of h otherwise than torch's makes a quarter of them differ (measured 25%), so 12% still tells it apart.
+# rounding of h otherwise than torch's (bf16 activations) makes a quarter of them differ (25%): 12% tells it apart.
 DIFFERING_SHARE = 0.12
 
 # (format, ffn, hidden): int8 takes any rows and columns (96 and 80 are neither whole 64-row tiles nor whole
