@@ -80,9 +80,12 @@ __device__ __forceinline__ void copy_zfill(u32 shared, const void* global, bool 
 }
 
 // Where this lane's copies land in the ring's first stage, as shared-space addresses: made once, so that a copy
-// adds only its stage's offset
+// adds only its stage's offset. Its second column chunk lies 2 * BLOCK_STRIDE after the first, and its (s, z)
+// chunk and x chunk (row lane >> 2, part lane % 4: lane * 16 bytes into x's rows) at constant offsets from `rest`:
+// two addresses, which ptxas remakes from the thread index at each copy in 12 instructions, where it remade four
+// in 20.
 struct CopyTo {
-    u32 column0, column1, pairs, x;
+    u32 columns, rest;
 };
 
 // One warp copies a group into a stage, in two parts: the weights (copy_weights), then x's rows (copy_x, which
@@ -94,16 +97,16 @@ struct CopyTo {
 // kernel came 7-35% faster: bench/quant_kernels.md.)
 __device__ __forceinline__ void copy_weights(u32 stage, const CopyTo& to, const unsigned char* columns,
                                              const unsigned char* pairs, int lane) {
-    copy_async(to.column0 + stage, columns);
-    copy_async(to.column1 + stage, columns + 32 * 16);
-    if (lane < 16) copy_async(to.pairs + stage, pairs);
+    copy_async(to.columns + stage, columns);
+    copy_async(to.columns + stage + 2 * BLOCK_STRIDE, columns + 32 * 16);
+    if (lane < 16) copy_async(to.rest + stage, pairs);
 }
 
 template <int NT>
 __device__ __forceinline__ void copy_x(u32 stage, const CopyTo& to, const u16* const (&x_at)[NT],
                                        const bool (&x_valid)[NT]) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) copy_zfill(to.x + stage + 8 * j * X_ROW_BYTES, x_at[j], x_valid[j]);
+    for (int j = 0; j < NT; ++j) copy_zfill(to.rest + stage + PAIRS_BYTES + 8 * j * X_ROW_BYTES, x_at[j], x_valid[j]);
     asm volatile("cp.async.commit_group;");
 }
 
@@ -190,8 +193,9 @@ __device__ __forceinline__ u32 weights(u32 code_pair, u32 s2, u32 z2) {
 // acc[i][nt] += this group's contribution for rows 4g+i (c0, c1) and 32+4g+i (c2, c3), x rows nt*8 + 2t (+1).
 // SCALED: the codes are scaled into bf16 weights before the mma, which accumulates them into acc, as a dequantized
 // matrix would give, with no float32 scaling after each group (fewer instructions a weight); else the mmas run on
-// the exact codes and each group's sums are scaled in float32.
-template <int NT, bool SCALED>
+// the exact codes and each group's sums are scaled in float32. ONE_ROW: x has one row, 0, so the sums of x's rows
+// 2t + 1 (c1, c3) are never read and not scaled: 16 of 32 FFMAs a group, in the launches of one token.
+template <int NT, bool SCALED, bool ONE_ROW>
 __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT>& f) {
     const u32 low[4] = {f.sz_low.x, f.sz_low.y, f.sz_low.z, f.sz_low.w};
     const u32 high[4] = {f.sz_high.x, f.sz_high.y, f.sz_high.z, f.sz_high.w};
@@ -240,8 +244,9 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
 #pragma unroll
             for (int nt = 0; nt < NT; ++nt) {
                 acc[i][nt][0] = fmaf(s_low, dots[i][nt][0], fmaf(z_low, sums[nt][0], acc[i][nt][0]));
-                acc[i][nt][1] = fmaf(s_low, dots[i][nt][1], fmaf(z_low, sums[nt][1], acc[i][nt][1]));
                 acc[i][nt][2] = fmaf(s_high, dots[i][nt][2], fmaf(z_high, sums[nt][2], acc[i][nt][2]));
+                if (ONE_ROW) continue;
+                acc[i][nt][1] = fmaf(s_low, dots[i][nt][1], fmaf(z_low, sums[nt][1], acc[i][nt][1]));
                 acc[i][nt][3] = fmaf(s_high, dots[i][nt][3], fmaf(z_high, sums[nt][3], acc[i][nt][3]));
             }
         }
@@ -253,9 +258,11 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
 // then n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert; dependent: launched as a
 // dependent of the launch before, whose output is x. Each warp copies its groups of weights into a ring of STAGES
 // stages in shared memory, STAGES - 1 ahead of the one it computes: loads in flight that take no registers. x's rows
-// must be 16-byte aligned (x and x_stride).
-template <int NT, bool SWIGLU, int STAGES>
-__global__ void __launch_bounds__(512 / NT) int4_decode(
+// must be 16-byte aligned (x and x_stride). ONE_ROW: at most one row of x per expert (add_group). One block an SM
+// at least, said to ptxas: left to itself, it held the one-row kernels to 64 registers, remaking more values in the
+// loop, and one token's FFN took 13.22 us against 12.91 on the H100 (bench/quant_kernels.md).
+template <int NT, bool SWIGLU, int STAGES, bool ONE_ROW>
+__global__ void __launch_bounds__(512 / NT, 1) int4_decode(
     const u16* __restrict__ x, long long x_stride, u16* __restrict__ out, long long out_stride,
     const int* __restrict__ meta, int n_used,
     const unsigned char* __restrict__ p1, const u16* __restrict__ sz1,
@@ -269,17 +276,21 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     const int tile = blockIdx.x, item = blockIdx.y;
     const long long expert = meta[item];
     const int first = meta[n_used + item], rows = meta[n_used + item + 1] - first;
-    if (rows == 0) return;  // a plan over every expert of a stack lists empty ones: nothing to read
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const bool second = SWIGLU && warp >= k_warps;
     const int kw = warp % k_warps;
+    const int groups = k / 32;
+    const int begin = kw * groups / k_warps, end = (kw + 1) * groups / k_warps;
+    const int warps = blockDim.x >> 5;
+    // A plan over every expert of a stack lists empty ones: nothing to read. The check reads the expert too (never
+    // negative), so that its load leaves with the row offsets' rather than one round trip after them, where the
+    // compiler put it when only the offsets were checked.
+    if (rows == 0 || expert < 0) return;
     constexpr int STAGE_BYTES = stage_bytes<NT>();
-    unsigned char* ring = shared + (blockDim.x >> 5) * E * 32 * 4 + warp * STAGES * STAGE_BYTES;
+    unsigned char* ring = shared + warps * E * 32 * 4 + warp * STAGES * STAGE_BYTES;
 
     const unsigned char* packed = second ? p2 + expert * p2_gs : p1 + expert * p1_gs;
     const u16* scales = second ? sz2 + expert * sz2_gs : sz1 + expert * sz1_gs;
-    const int groups = k / 32;
-    const int begin = kw * groups / k_warps, end = (kw + 1) * groups / k_warps;
     // this lane's chunk of the next group to copy: of its 1 KB of columns, and of its (s, z) pairs (lanes 0-15),
     // n * 4 bytes after the previous group's
     const unsigned char* columns = packed + ((long long)tile * k + begin * 32) * 32 + lane * 16;
@@ -305,9 +316,7 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
 
     // where this lane's copies land in a stage, and where it reads its words and (s, z) pairs
     const u32 ring_at = (u32)__cvta_generic_to_shared(ring);
-    const CopyTo to = {ring_at + column_at(lane >> 1) + (lane & 1) * 16,
-                       ring_at + column_at(16 + (lane >> 1)) + (lane & 1) * 16, ring_at + COLUMNS_BYTES + lane * 16,
-                       ring_at + COLUMNS_BYTES + PAIRS_BYTES + (lane >> 2) * X_ROW_BYTES + (lane & 3) * 16};
+    const CopyTo to = {ring_at + column_at(lane >> 1) + (lane & 1) * 16, ring_at + COLUMNS_BYTES + lane * 16};
     const int words = column_at(8 * t) + 4 * g, pairs_at = COLUMNS_BYTES + 16 * g;
 
     const auto advance = [&]() {  // to the next group
@@ -318,10 +327,10 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
     };
     // copies `group` into ring stage `stage` where there is one (`in_range`: the caller knows there is): one
     // commit either way, so that waiting for all but the STAGES - 1 latest is the group about to be read
-    const auto copy_next = [&](int group, int stage, bool in_range) {
+    const auto copy_next = [&](int group, u32 stage, bool in_range) {  // stage: its byte offset in the ring
         if (in_range || group < end) {
-            copy_weights(stage * STAGE_BYTES, to, columns, pairs, lane);
-            copy_x<NT>(stage * STAGE_BYTES, to, x_at, x_valid);
+            copy_weights(stage, to, columns, pairs, lane);
+            copy_x<NT>(stage, to, x_at, x_valid);
             advance();
         } else {
             asm volatile("cp.async.commit_group;");
@@ -359,20 +368,20 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
         }
     } else {
 #pragma unroll
-        for (int d = 0; d < STAGES - 1; ++d) copy_next(begin + d, d, false);
+        for (int d = 0; d < STAGES - 1; ++d) copy_next(begin + d, d * STAGE_BYTES, false);
     }
     Group<NT> f;
     // the copy STAGES - 1 groups ahead into stage `fill`, the one read one group ago, then stage `read`'s group
-    const auto step = [&](int group, int read_stage, int fill, bool copy_in_range) {
+    const auto step = [&](int group, u32 read_stage, u32 fill, bool copy_in_range) {  // stages' byte offsets
         copy_next(group + STAGES - 1, fill, copy_in_range);
-        const unsigned char* read = ring + read_stage * STAGE_BYTES;
+        const unsigned char* read = ring + read_stage;
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1));
         __syncwarp();  // the other lanes' copies of this stage have landed too
         read_group(f, read + words, read + pairs_at);
         read_x(f.x, read, g, t);
         // two tiles of x (9-16 rows): the weights scaled before the mma, 3-8% faster there on the H200; one tile
         // keeps them exact, 4% faster than scaled at 128 experts (bench/quant_kernels.md)
-        add_group<NT, NT >= 2>(acc, f);
+        add_group<NT, NT >= 2, ONE_ROW>(acc, f);
         __syncwarp();  // every lane has read this stage before the next iteration refills it
     };
     if constexpr (NT >= 2) {
@@ -382,25 +391,29 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
         int group = begin;
         for (; group + 2 * STAGES - 2 < end; group += STAGES)
 #pragma unroll
-            for (int s = 0; s < STAGES; ++s) step(group + s, s, (s + STAGES - 1) % STAGES, true);
+            for (int s = 0; s < STAGES; ++s)
+                step(group + s, s * STAGE_BYTES, (s + STAGES - 1) % STAGES * STAGE_BYTES, true);
         for (; group < end; ++group)
-            step(group, (group - begin) % STAGES, (group - begin + STAGES - 1) % STAGES, false);
+            step(group, (group - begin) % STAGES * STAGE_BYTES, (group - begin + STAGES - 1) % STAGES * STAGE_BYTES,
+                 false);
     } else {
-        int read = 0, fill = STAGES - 1;
+        u32 read = 0, fill = (STAGES - 1) * STAGE_BYTES;
         for (int group = begin; group < end; ++group) {
             step(group, read, fill, false);
             fill = read;
-            read = read == STAGES - 1 ? 0 : read + 1;
+            read = read == (STAGES - 1) * STAGE_BYTES ? 0 : read + STAGE_BYTES;
         }
     }
 
-    float* mine = partial + warp * E * 32 + lane;
+    // the sums a lane keeps of each (i, nt): all four, or under ONE_ROW those of x's row 0 (c0, c2), each KEPT apart
+    constexpr int KEPT = ONE_ROW ? 2 : 4, SUMS = 4 * NT * KEPT, E_STEP = 4 / KEPT;
+    float* mine = partial + warp * SUMS * 32 + lane;
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) mine[((i * NT + nt) * 4 + e) * 32] = acc[i][nt][e];
+            for (int j = 0; j < KEPT; ++j) mine[((i * NT + nt) * KEPT + j) * 32] = acc[i][nt][j * E_STEP];
     __syncthreads();
     const auto finish = [&](float y, float up, int i, int nt, int e) {  // accumulator (i, nt, e) of this lane
         const int row = nt * 8 + 2 * t + (e & 1);
@@ -412,44 +425,43 @@ __global__ void __launch_bounds__(512 / NT) int4_decode(
         const int col = tile * 64 + (e < 2 ? 4 * g + i : 32 + 4 * g + i);
         out[(first + row) * out_stride + col] = to_bf16(v);
     };
-    const int warps = blockDim.x >> 5;
-    if (warps >= E) {
-        // a block of as many warps as a lane has accumulators (gate/up of a few experts, 16 warps): one accumulator
-        // a warp, its partial sums eight loads at a time. By quads, 4 of the 16 warps did it in 16 rounds each, a
-        // round's loads waiting for the last's: on the H100 one token's FFN took 13.9 us against 14.4. Spread so at
-        // fewer warps too (several accumulators a warp, each a load at a time), launches of 16 experts and more were
-        // 3-7% slower (bench/quant_kernels.md).
-        for (int a = warp; a < E; a += warps) {  // a = (i * NT + nt) * 4 + e, as the sums were written
+    if (warps >= SUMS) {
+        // a block of at least as many warps as a lane keeps sums (gate/up of a few experts, 16 warps; down of one
+        // row's, 8): one sum a warp, its partial sums eight loads at a time. By quads, 4 of the 16 warps did it in
+        // 16 rounds each, a round's loads waiting for the last's: on the H100 one token's FFN took 13.9 us against
+        // 14.4. Spread so at fewer warps too (several sums a warp, each a load at a time), launches of 16 experts
+        // and more were 3-7% slower (bench/quant_kernels.md).
+        for (int a = warp; a < SUMS; a += warps) {  // a = (i * NT + nt) * KEPT + j, as the sums were written
             const float* sums = partial + a * 32 + lane;
             float y = 0.f, up = 0.f;
 #pragma unroll 8
-            for (int w = 0; w < k_warps; ++w) y += sums[w * E * 32];
+            for (int w = 0; w < k_warps; ++w) y += sums[w * SUMS * 32];
             if (SWIGLU)
 #pragma unroll 8
-                for (int w = k_warps; w < 2 * k_warps; ++w) up += sums[w * E * 32];
-            const int quad = a >> 2;
-            finish(y, up, quad / NT, quad % NT, a & 3);
+                for (int w = k_warps; w < 2 * k_warps; ++w) up += sums[w * SUMS * 32];
+            const int quad = a / KEPT;
+            finish(y, up, quad / NT, quad % NT, a % KEPT * E_STEP);
         }
         return;
     }
-    // else the warps share the block's sums out by quads of accumulators (i, nt) of each lane, four loads in
-    // flight at a time. With warp 0 adding every sum alone, 8 experts' gate/up (which then took this path) spent
-    // longer on that than on their last groups; an unrolled loop over every accumulator instead (warps skipping the
-    // others') was as slow there, its code too long for the warps to share their instruction cache.
+    // else the warps share the block's sums out by (i, nt), KEPT loads in flight at a time. With warp 0 adding every
+    // sum alone, 8 experts' gate/up (which then took this path) spent longer on that than on their last groups; an
+    // unrolled loop over every accumulator instead (warps skipping the others') was as slow there, its code too long
+    // for the warps to share their instruction cache.
     for (int quad = warp; quad < 4 * NT; quad += warps) {
         const int i = quad / NT, nt = quad % NT;
-        const float* sums = partial + quad * 4 * 32 + lane;
-        float y[4] = {0.f, 0.f, 0.f, 0.f}, up[4] = {0.f, 0.f, 0.f, 0.f};
+        const float* sums = partial + quad * KEPT * 32 + lane;
+        float y[KEPT] = {}, up[KEPT] = {};
 #pragma unroll 1
         for (int w = 0; w < k_warps; ++w)
 #pragma unroll
-            for (int e = 0; e < 4; ++e) y[e] += sums[w * E * 32 + e * 32];
+            for (int j = 0; j < KEPT; ++j) y[j] += sums[w * SUMS * 32 + j * 32];
         if (SWIGLU)
 #pragma unroll 1
             for (int w = k_warps; w < 2 * k_warps; ++w)
 #pragma unroll
-                for (int e = 0; e < 4; ++e) up[e] += sums[w * E * 32 + e * 32];
+                for (int j = 0; j < KEPT; ++j) up[j] += sums[w * SUMS * 32 + j * 32];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) finish(y[e], up[e], i, nt, e);
+        for (int j = 0; j < KEPT; ++j) finish(y[j], up[j], i, nt, j * E_STEP);
     }
 }

@@ -38,13 +38,14 @@ _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
 
 
 @functools.cache
-def _kernel(x_tiles: int, swiglu: bool, stages: int, device: torch.device):
-    """The compiled kernel as cupy's Function, which keeps its module loaded: its ptr is the CUfunction."""
+def _kernel(x_tiles: int, swiglu: bool, stages: int, one_row: bool, device: torch.device):
+    """The compiled kernel as cupy's Function, which keeps its module loaded: its ptr is the CUfunction. one_row:
+    for launches of one row of x per expert."""
     try:
         import cupy
     except ImportError as e:
         raise ImportError("int4 experts on a GPU need cupy (pip install 'tierserve[gpu]')") from e
-    name = f"int4_decode<{x_tiles}, {'true' if swiglu else 'false'}, {stages}>"
+    name = f"int4_decode<{x_tiles}, {'true' if swiglu else 'false'}, {stages}, {'true' if one_row else 'false'}>"
     with cupy.cuda.Device(device.index):
         module = cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17",), name_expressions=[name])
         kernel = module.get_function(name)
@@ -211,7 +212,8 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
     a.p1, a.sz1, a.p2, a.sz2 = p1.data_ptr(), sz1.data_ptr(), p2.data_ptr(), sz2.data_ptr()
     a.p1_gs, a.sz1_gs, a.p2_gs, a.sz2_gs = p1.stride(0), sz1.stride(0), p2.stride(0), sz2.stride(0)
     a.n, a.k, a.k_warps, a.dependent = n, k, k_warps, dependent
-    kernel, stream = _kernel(x_tiles, swiglu, stages, device).ptr, torch._C._cuda_getCurrentRawStream(device.index)
+    kernel = _kernel(x_tiles, swiglu, stages, rows_at_most == 1, device).ptr
+    stream = torch._C._cuda_getCurrentRawStream(device.index)
     if dependent:
         config = _dependent_launch.config
         config.grid[:] = (n // INT4_ROW_TILE, n_used, 1)
