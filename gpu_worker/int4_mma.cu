@@ -260,7 +260,8 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
 // stages in shared memory, STAGES - 1 ahead of the one it computes: loads in flight that take no registers. x's rows
 // must be 16-byte aligned (x and x_stride). ONE_ROW: at most one row of x per expert (add_group). One block an SM
 // at least, said to ptxas: left to itself, it held the one-row kernels to 64 registers, remaking more values in the
-// loop, and one token's FFN took 13.22 us against 12.91 on the H100 (bench/quant_kernels.md).
+// loop, and one token's FFN took 13.22 us against 12.91 on the H100; the other kernels take more registers so too
+// (87-123), and were as fast or faster at every launch measured (bench/quant_kernels.md).
 template <int NT, bool SWIGLU, int STAGES, bool ONE_ROW>
 __global__ void __launch_bounds__(512 / NT, 1) int4_decode(
     const u16* __restrict__ x, long long x_stride, u16* __restrict__ out, long long out_stride,
@@ -271,7 +272,7 @@ __global__ void __launch_bounds__(512 / NT, 1) int4_decode(
     int dependent) {
     constexpr int E = 16 * NT;  // accumulators per lane
     extern __shared__ __align__(16) unsigned char shared[];
-    float* partial = (float*)shared;  // [warp][E][32 lanes], the warps' sums
+    float* partial = (float*)shared;  // [warp][sums a lane keeps, SUMS below][32 lanes], the warps' sums
 
     const int tile = blockIdx.x, item = blockIdx.y;
     const long long expert = meta[item];
@@ -405,7 +406,8 @@ __global__ void __launch_bounds__(512 / NT, 1) int4_decode(
         }
     }
 
-    // the sums a lane keeps of each (i, nt): all four, or under ONE_ROW those of x's row 0 (c0, c2), each KEPT apart
+    // the sums a lane keeps of each (i, nt), KEPT of them: all four, or under ONE_ROW those of x's row 0 (c0, c2:
+    // accumulators E_STEP apart)
     constexpr int KEPT = ONE_ROW ? 2 : 4, SUMS = 4 * NT * KEPT, E_STEP = 4 / KEPT;
     float* mine = partial + warp * SUMS * 32 + lane;
 #pragma unroll

@@ -40,7 +40,7 @@ _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
 @functools.cache
 def _kernel(x_tiles: int, swiglu: bool, stages: int, one_row: bool, device: torch.device):
     """The compiled kernel as cupy's Function, which keeps its module loaded: its ptr is the CUfunction. one_row:
-    for launches of one row of x per expert."""
+    for launches of at most one row of x per expert."""
     try:
         import cupy
     except ImportError as e:
@@ -188,9 +188,10 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
            dependent: bool = False) -> None:
     """out[rows] = x[rows] @ W1.T per group, or silu(x @ W1.T) * (x @ W2.T) with swiglu. meta as GroupPlan's:
     n_used expert indices, then n_used + 1 row offsets; used_at_most groups have rows, none more than
-    rows_at_most (<= 16). The caller checks shapes (quant_kernels._shape). dependent: launched as a dependent of
-    the launch just before on this stream, whose output x is (down's, of gate/up): its blocks may start while that
-    one's last blocks run."""
+    rows_at_most (<= 16), which must bound them: the launch takes one or two tiles of x, and at 1 the kernel that
+    computes only x's first row, from it. The caller checks shapes (quant_kernels._shape). dependent: launched as a
+    dependent of the launch just before on this stream, whose output x is (down's, of gate/up): its blocks may
+    start while that one's last blocks run."""
     _, n, half_k = w1.packed.shape
     k = 2 * half_k
     if n_used == 0:

@@ -136,17 +136,18 @@ def test_int4_gate_up_of_a_deeper_ring_matches_the_reference(qk, rows_each, monk
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 @pytest.mark.parametrize("dims", [(64, 64), MID], ids=["tiny", "mid"])
-def test_all_experts_with_counts_on_the_device(qk, fmt, dims):
+@pytest.mark.parametrize("counts", [[0, 3, 0, 0, 1, 16, 0, 0, 0, 2, 0, 0], [0, 1, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0]],
+                         ids=["many-rows", "one-row"])
+def test_all_experts_with_counts_on_the_device(qk, fmt, dims, counts):
     """Every expert of a stack in the launch, most with no rows (a decode step with its layer all in VRAM):
-    the empty ones write nothing and the others match the reference."""
+    the empty ones write nothing and the others match the reference (one row each: one token's step)."""
     f, h = dims
     gate, up, down = random_regions(fmt, 12, [(f, h), (f, h), (h, f)], DEVICE, seed=13)
-    counts = [0, 3, 0, 0, 1, 16, 0, 0, 0, 2, 0, 0]
     needs_int4_decode(fmt, counts)
     x = rows(counts, h, seed=14)
     poison_allocator(sum(counts) * 2 * f * 2)
     y = qk.quant_swiglu_all_experts(x, gate, up, down, torch.tensor(counts, device=DEVICE), used_at_most=4,
-                                    rows_at_most=16)
+                                    rows_at_most=max(counts))
     used = [(g, c) for g, c in enumerate(counts) if c]
     want = reference_swiglu(x, gate, up, down, [g for g, _ in used], [c for _, c in used])
     assert worst_row_error(y, want) < TOLERANCE
@@ -243,6 +244,33 @@ def test_int4_decode_cut_along_k_matches_the_reference(qk, swiglu, counts):
             continue
         y = qk.decode_linear(x, w1, w2 if swiglu else None, plan, x.new_empty((x.shape[0], f)), k_warps=k_warps)
         assert worst_row_error(y, want) < TOLERANCE, k_warps
+
+
+@pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
+def test_int4_decode_of_one_row_per_expert_gives_the_general_kernels_bits(qk, swiglu):
+    """A plan of at most one row per expert takes the kernel that computes only x's first row and keeps two sums a
+    lane: it gives the bits of the general kernel on the same plan, and the reference's rows, however many warps
+    cut K (8: one sum a warp in the block's reduction; fewer: the sums shared out by (i, nt))."""
+    counts = [1, 1, 1]
+    needs_int4_decode("int4", counts)
+    f, h = MID
+    w1, w2 = random_regions("int4", 4, [(f, h), (f, h)], DEVICE, seed=41)
+    groups = [0, 2, 3]
+    x = rows(counts, h, seed=42)
+    plan = qk.plan_groups(groups, counts, DEVICE)
+    assert plan.rows_at_most == 1
+    want = reference_linear(x, w1, groups, counts)
+    if swiglu:
+        want = torch.nn.functional.silu(want) * reference_linear(x, w2, groups, counts)
+    for k_warps in (1, 3, 4, 8):  # 8 with gate and up: 16 warps, where shared memory holds them
+        if int4_mma._shared_bytes(k_warps * (2 if swiglu else 1), 1, int4_mma.STAGES) > int4_mma._shared_limit(DEVICE):
+            continue
+        poison_allocator(len(counts) * f * 2)
+        one = qk.decode_linear(x, w1, w2 if swiglu else None, plan, x.new_empty((x.shape[0], f)), k_warps=k_warps)
+        general = qk.decode_linear(x, w1, w2 if swiglu else None, plan._replace(rows_at_most=2),
+                                   x.new_empty((x.shape[0], f)), k_warps=k_warps)
+        assert torch.equal(one, general), k_warps
+        assert worst_row_error(one, want) < TOLERANCE, k_warps
 
 
 @pytest.mark.parametrize("misaligned", ["start", "stride"])
