@@ -223,10 +223,12 @@ def test_no_rows(qk):
 
 
 @pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
-@pytest.mark.parametrize("counts", [[1, 16, 2], [1, 8, 2]], ids=["two-x-tiles", "one-x-tile"])
+@pytest.mark.parametrize("counts", [[1, 16, 2], [1, 8, 2], [1, 1, 1]], ids=["two-x-tiles", "one-x-tile", "one-row"])
 def test_int4_decode_cut_along_k_matches_the_reference(qk, swiglu, counts):
     """Warps of a block cut K and add their sums: any number of them (cuts of unequal length included) gives
-    the reference's rows."""
+    the reference's rows. A plan of one row per expert takes the kernel that computes only x's first row and keeps
+    two sums a lane, which also gives the general kernel's bits on the same plan (8 warps: one sum a warp in the
+    block's reduction; fewer: the sums shared out by (i, nt))."""
     needs_int4_decode("int4", counts)
     f, h = MID
     w1, w2 = random_regions("int4", 4, [(f, h), (f, h)], DEVICE, seed=21)
@@ -236,41 +238,20 @@ def test_int4_decode_cut_along_k_matches_the_reference(qk, swiglu, counts):
     want = reference_linear(x, w1, groups, counts)
     if swiglu:
         want = torch.nn.functional.silu(want) * reference_linear(x, w2, groups, counts)
-    for k_warps in (1, 3, 4):  # 4: the most two tiles of x allow gate and up (where shared memory holds them)
+    for k_warps in (1, 3, 4, 8):  # as many as a block holds: warps x tiles of x, and shared memory
         warps = k_warps * (2 if swiglu else 1)
         x_tiles = int4_mma._x_tiles(max(counts))
         stages = int4_mma.ring_stages(f, len(groups), swiglu, x_tiles)
-        if int4_mma._shared_bytes(warps, x_tiles, stages) > int4_mma._shared_limit(DEVICE):
+        if (warps * x_tiles > int4_mma._BLOCK_WARPS
+                or int4_mma._shared_bytes(warps, x_tiles, stages) > int4_mma._shared_limit(DEVICE)):
             continue
+        poison_allocator(sum(counts) * f * 2)
         y = qk.decode_linear(x, w1, w2 if swiglu else None, plan, x.new_empty((x.shape[0], f)), k_warps=k_warps)
         assert worst_row_error(y, want) < TOLERANCE, k_warps
-
-
-@pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
-def test_int4_decode_of_one_row_per_expert_gives_the_general_kernels_bits(qk, swiglu):
-    """A plan of at most one row per expert takes the kernel that computes only x's first row and keeps two sums a
-    lane: it gives the bits of the general kernel on the same plan, and the reference's rows, however many warps
-    cut K (8: one sum a warp in the block's reduction; fewer: the sums shared out by (i, nt))."""
-    counts = [1, 1, 1]
-    needs_int4_decode("int4", counts)
-    f, h = MID
-    w1, w2 = random_regions("int4", 4, [(f, h), (f, h)], DEVICE, seed=41)
-    groups = [0, 2, 3]
-    x = rows(counts, h, seed=42)
-    plan = qk.plan_groups(groups, counts, DEVICE)
-    assert plan.rows_at_most == 1
-    want = reference_linear(x, w1, groups, counts)
-    if swiglu:
-        want = torch.nn.functional.silu(want) * reference_linear(x, w2, groups, counts)
-    for k_warps in (1, 3, 4, 8):  # 8 with gate and up: 16 warps, where shared memory holds them
-        if int4_mma._shared_bytes(k_warps * (2 if swiglu else 1), 1, int4_mma.STAGES) > int4_mma._shared_limit(DEVICE):
-            continue
-        poison_allocator(len(counts) * f * 2)
-        one = qk.decode_linear(x, w1, w2 if swiglu else None, plan, x.new_empty((x.shape[0], f)), k_warps=k_warps)
-        general = qk.decode_linear(x, w1, w2 if swiglu else None, plan._replace(rows_at_most=2),
-                                   x.new_empty((x.shape[0], f)), k_warps=k_warps)
-        assert torch.equal(one, general), k_warps
-        assert worst_row_error(one, want) < TOLERANCE, k_warps
+        if plan.rows_at_most == 1:
+            general = qk.decode_linear(x, w1, w2 if swiglu else None, plan._replace(rows_at_most=2),
+                                       x.new_empty((x.shape[0], f)), k_warps=k_warps)
+            assert torch.equal(y, general), k_warps
 
 
 @pytest.mark.parametrize("misaligned", ["start", "stride"])
