@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from gpu_worker import int4_mma
+from gpu_worker import mma_decode
 from gpu_worker import quant_kernels as qk
 from gpu_worker.grouped import swiglu_grouped
 from tests.quant_stacks import QuantMatrix, random_regions
@@ -138,7 +138,7 @@ def bench_uncut(table: Table, stack: str, shape: str, sets: list[list[int]], pla
     for x, w1, w2, out in launches:
         n, k = out.shape[1], x.shape[1]
         plan = plans[0]
-        if int4_mma.k_warps_for(n, k, plan.used_at_most, w2 is not None, plan.rows_at_most, x.device) == 1:
+        if mma_decode.k_warps_for(n, k, plan.used_at_most, w2 is not None, plan.rows_at_most, x.device) == 1:
             continue
         seconds = graph_time([partial(qk.decode_linear, x, w1, w2, p, out, k_warps=1) for p in plans])
         label = "gate+up+SwiGLU" if w2 is not None else "down"
@@ -199,15 +199,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="also write the table to this file (quant_kernels.md is kept by hand)")
     parser.add_argument("--formats", nargs="+", choices=["int8", "int4"], default=["int8", "int4"])
-    parser.add_argument("--int4-stages", type=int, default=int4_mma.STAGES,
+    parser.add_argument("--int4-stages", type=int, default=mma_decode.STAGES,
                         help=f"groups in each warp's ring of the int4 decode kernel where it takes the default "
-                             f"depth ({int4_mma.STAGES}; gate/up over every expert takes a deeper one): another "
+                             f"depth ({mma_decode.STAGES}; gate/up over every expert takes a deeper one): another "
                              "depth, timed against the default in a second run")
     parser.add_argument("--independent-launches", action="store_true",
                         help="decode's down launch waits for gate/up to end before any of its blocks start, "
                              "for the gain of dependent launches against a run without them")
     args = parser.parse_args()
-    int4_mma.STAGES = args.int4_stages  # read when the kernel is first compiled and sized, below
+    mma_decode.STAGES = args.int4_stages  # read when the kernel is first compiled and sized, below
     if args.independent_launches:
         qk.DEPENDENT_LAUNCH_EXPERTS = 0
     torch.manual_seed(0)

@@ -69,7 +69,7 @@ def warm_up_quantized(layout: ExpertLayout, n_experts: int, device: torch.device
     stack = layout.views(regions)
     hidden = stack[0].shape[-1]
     # every expert at one row and at 9: int4 gate/up over many experts takes a deeper ring, a kernel of its own
-    # for each number of x's 8-row tiles (int4_mma.ring_stages)
+    # for each number of x's 8-row tiles (mma_decode.ring_stages)
     for n_used, rows in ((1, 1), (min(16, n_experts), 1), (n_experts, 1), (n_experts, 9), (1, 16),
                          (min(8, n_experts), 32)):
         x = torch.zeros(n_used * rows, hidden, dtype=torch.bfloat16, device=device)

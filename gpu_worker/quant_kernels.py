@@ -5,8 +5,9 @@ expert regions, where stride(0) is the region size), and rows of x are grouped b
 gpu_worker.grouped. Two regimes:
 - decode (at most DECODE_MAX_ROWS rows per expert): one launch per matrix over all experts, each
   program dequantizing a tile of rows in registers and multiplying it into that expert's rows, so
-  every quantized byte is read once; gate and up run in the same launch with the SwiGLU fused. int8 is a
-  Triton kernel; int4 a CUDA kernel (gpu_worker.int4_mma), whose inner loop Triton could not express.
+  every quantized byte is read once; gate and up run in the same launch with the SwiGLU fused. int4 is a CUDA
+  kernel (gpu_worker.mma_decode), whose inner loop Triton could not express; int8 a Triton kernel, but for down
+  launched as a dependent of gate/up, which takes the CUDA kernel too (int8_down_on_mma).
 - prefill: the experts in use are dequantized into a bf16 scratch and torch's grouped GEMM takes
   over, whose arithmetic then dominates the extra pass over the weights.
 
@@ -26,7 +27,7 @@ import triton.language as tl
 from triton import knobs
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from gpu_worker import int4_mma
+from gpu_worker import mma_decode
 from gpu_worker.grouped import swiglu_grouped
 from shared.quant import INT4_ROW_TILE, Int4Matrix, Int8Matrix
 
@@ -281,7 +282,7 @@ def decode_linear(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, plan
                   out: torch.Tensor, k_warps: int | None = None) -> torch.Tensor:
     """out = x @ W1.T per expert, or silu(x @ W1.T) * (x @ W2.T) when w2 is given; one launch, every plan count
     <= DECODE_MAX_ROWS. x (P, K) and out (P, N) bf16 with unit column stride. `k_warps` (int4) overrides how
-    many warps cut K for each tile of rows (gpu_worker.int4_mma.k_warps_for)."""
+    many warps cut K for each tile of rows (gpu_worker.mma_decode.k_warps_for)."""
     n, k = _shape(w1)
     assert w2 is None or (type(w2) is type(w1) and _shape(w2) == (n, k)), "gate and up must match"
     return _launch_decode(x, w1, w2, n, k, plan, out, k_warps)
@@ -291,14 +292,14 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
                    out: torch.Tensor, k_warps: int | None = None, dependent: bool = False) -> torch.Tensor:
     """decode_linear after its shape checks, (n, k) W1's: a grouped call checks its stacks once, where five
     checks a call were 3% of a one-stream decode step's host time (bench/README.md). `dependent`: x is the output
-    of the launch just before on this stream, which a launch of up to DEPENDENT_LAUNCH_EXPERTS experts (int8: from
-    INT8_DEPENDENT_LAUNCH_FROM) may then overlap."""
+    of the launch just before on this stream, which a launch of up to DEPENDENT_LAUNCH_EXPERTS experts may then
+    overlap (int8: on the CUDA kernel where int8_down_on_mma, else Triton's from INT8_DEPENDENT_LAUNCH_FROM)."""
     assert x.stride(1) == 1 and out.stride(1) == 1
     swiglu = w2 is not None
     w2 = w2 if swiglu else w1
     grid_dependency = _grid_dependency(x.device)
     dependent = dependent and grid_dependency and plan.used_at_most <= DEPENDENT_LAUNCH_EXPERTS
-    if isinstance(w1, Int8Matrix):
+    if isinstance(w1, Int8Matrix) and not (dependent and int8_down_on_mma(n, k)):
         common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class)
         args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.n_used)  # noqa: E731
@@ -307,9 +308,15 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
                                   w2.q.stride(0), w2.scale.stride(0), n, k, **common, GRID_DEPENDENCY=grid_dependency,
                                   DEPENDENT=dependent, launch_pdl=dependent)
     else:
-        int4_mma.decode(x, w1, w2, swiglu, plan.meta, plan.n_used, plan.used_at_most, plan.rows_at_most, out,
+        mma_decode.decode(x, w1, w2, swiglu, plan.meta, plan.n_used, plan.used_at_most, plan.rows_at_most, out,
                         k_warps, dependent)
     return out
+
+
+def int8_down_on_mma(n: int, k: int) -> bool:
+    """Whether an int8 down launched as a dependent runs on mma_decode's kernel, not Triton's: it copies every warp's
+    first groups of weights before waiting for gate/up."""
+    return mma_decode.takes(n, k)
 
 
 @functools.cache

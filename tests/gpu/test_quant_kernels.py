@@ -9,8 +9,9 @@ exact bf16 codes (int8 codes; int4 decode's 128 + q) with float32 accumulation a
 int4 prefill and int4 decode at 9-16 rows, which round the weights to bf16 (2^-9 relative; measured worst rows
 4.7e-3 against 2.9e-3 exact at Qwen3-30B-A3B's shapes); outputs (and the SwiGLU activations
 between the two products) are rounded to bf16: a few 1e-3 per row. Under the interpreter 2e-2: it truncates
-float32 to bf16 instead of rounding to nearest, which biases every rounding toward zero. int4 decode is a CUDA
-kernel (gpu_worker/int4_mma.cu), which the interpreter cannot run: its cases need a GPU.
+float32 to bf16 instead of rounding to nearest, which biases every rounding toward zero. int4 decode, and int8's
+down launched as a dependent of gate/up, run a CUDA kernel (gpu_worker/mma_decode.cu), which the interpreter cannot
+run: its cases need a GPU.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ import os
 import pytest
 import torch
 
-from gpu_worker import int4_mma
+from gpu_worker import mma_decode
+from shared.quant import Int8Matrix
 from tests.quant_stacks import random_regions, reference_linear, reference_swiglu, worst_row_error
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -36,6 +38,7 @@ GATE, DOWN = (768, 2048), (2048, 768)  # gate/up and down of Qwen3-30B-A3B exper
 # uneven, with an empty group; int4 decode takes up to 8 rows per group in one 8-row tile of x, more in two
 DECODE_COUNTS, FEW_ROWS_COUNTS, PREFILL_COUNTS = [1, 0, 16, 2], [1, 0, 8, 3], [40, 0, 3, 17]
 COUNTS = {"decode": DECODE_COUNTS, "decode8": FEW_ROWS_COUNTS, "prefill": PREFILL_COUNTS}
+CUDA_KERNEL_SKIP = "the CUDA decode kernel (int4's, int8's dependent down) is not run by Triton's interpreter"
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +48,12 @@ def qk():
 
 def needs_int4_decode(fmt: str, counts: list[int]) -> None:
     if INTERPRETED and fmt == "int4" and 0 < max(counts) <= 16:
-        pytest.skip("int4 decode is a CUDA kernel, which Triton's interpreter does not run")
+        pytest.skip(CUDA_KERNEL_SKIP)
+
+
+def needs_cuda_kernel() -> None:
+    if INTERPRETED:
+        pytest.skip(CUDA_KERNEL_SKIP)
 
 
 def rows(counts: list[int], k: int, seed: int) -> torch.Tensor:
@@ -113,7 +121,7 @@ def test_many_experts_decode(qk, fmt):
 
 @pytest.mark.parametrize("rows_each", [(1, 3), (9, 8)], ids=["one-x-tile", "two-x-tiles"])
 def test_int4_gate_up_of_a_deeper_ring_matches_the_reference(qk, rows_each, monkeypatch):
-    """gate/up over every expert of a large model takes a deeper ring (int4_mma.ring_stages), here from any launch,
+    """gate/up over every expert of a large model takes a deeper ring (mma_decode.ring_stages), here from any launch,
     at one tile of x and at two: Qwen3-30B-A3B's shapes, 4 warps cutting K, each walking 16 groups of it, so that the
     ring wraps (and at two tiles its unrolled rounds run)."""
     least, spread = rows_each
@@ -122,15 +130,15 @@ def test_int4_gate_up_of_a_deeper_ring_matches_the_reference(qk, rows_each, monk
     groups = list(range(0, 24, 2))
     counts = [least + g % spread for g in groups]
     needs_int4_decode("int4", counts)
-    monkeypatch.setattr(int4_mma, "DEEP_RING_BLOCKS", 1)
-    x_tiles = int4_mma._x_tiles(max(counts))
-    assert int4_mma.ring_stages(f, len(groups), True, x_tiles) == int4_mma.DEEP_STAGES[x_tiles - 1]
-    int4_mma._launch_shape.cache_clear()  # shapes sized before the threshold moved
+    monkeypatch.setattr(mma_decode, "DEEP_RING_BLOCKS", 1)
+    x_tiles = mma_decode._x_tiles(max(counts))
+    assert mma_decode.ring_stages(f, len(groups), True, x_tiles) == mma_decode.DEEP_STAGES[x_tiles - 1]
+    mma_decode._launch_shape.cache_clear()  # shapes sized before the threshold moved
     try:
         x = rows(counts, h, seed=32)
         y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
     finally:
-        int4_mma._launch_shape.cache_clear()
+        mma_decode._launch_shape.cache_clear()
     assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
 
 
@@ -153,40 +161,52 @@ def test_all_experts_with_counts_on_the_device(qk, fmt, dims, counts):
     assert worst_row_error(y, want) < TOLERANCE
 
 
+def down_launched_after(qk, x, gate, up, down, plan):
+    """The FFN with down on the kernel a dependent launch of it takes (plans of up to DEPENDENT_LAUNCH_EXPERTS
+    experts), but launched plainly, after gate/up."""
+    f, h = gate.shape[1:]
+    act = qk.decode_linear(x, gate, up, plan, x.new_empty((x.shape[0], f)))
+    out = x.new_empty((x.shape[0], h))
+    if isinstance(down, Int8Matrix) and not (qk._grid_dependency(DEVICE) and qk.int8_down_on_mma(h, f)):
+        return qk.decode_linear(act, down, None, plan, out)
+    mma_decode.decode(act, down, down, False, plan.meta, plan.n_used, plan.used_at_most, plan.rows_at_most, out)
+    return out
+
+
 @pytest.mark.parametrize("strided", [True, False], ids=["regions", "stack"])
-@pytest.mark.parametrize("formats", [("int4", "int8"), ("int8", "int4")], ids=["int4-gate-up", "int8-gate-up"])
-def test_decode_with_down_of_another_format_and_launched_as_a_dependent(qk, strided, formats, monkeypatch):
-    """Q4_K_M's experts (int4 gate/up, int8 down from Q6_K), and the reverse. An int4 down launch may start while
-    gate/up ends (a dependent launch), whichever kernel gate/up runs: it reads gate/up's output only once that has
-    finished, and gives the bits of a launch that starts after."""
+@pytest.mark.parametrize("formats", [("int4", "int8"), ("int8", "int4"), ("int8", "int8")],
+                         ids=["int4-gate-up", "int8-gate-up", "int8"])
+@pytest.mark.parametrize("counts", [FEW_ROWS_COUNTS, [1, 1, 1, 1]], ids=["few-rows", "one-row"])
+def test_decode_with_down_launched_as_a_dependent(qk, strided, formats, counts):
+    """Q4_K_M's experts (int4 gate/up, int8 down from Q6_K), the reverse, and int8's. Down may start while gate/up
+    ends (a dependent launch), whichever kernel gate/up runs: it reads gate/up's output only once that has finished,
+    and gives the bits of a launch that starts after."""
     f, h = GATE
     gate_up_fmt, down_fmt = formats
     gate, up, down = random_regions([gate_up_fmt, gate_up_fmt, down_fmt], 6, [(f, h), (f, h), (h, f)], DEVICE,
                                     seed=21, strided=strided)
-    groups, counts = [0, 1, 4, 5], FEW_ROWS_COUNTS
+    groups = [0, 1, 4, 5]
     needs_int4_decode("int4", counts)
     x = rows(counts, h, seed=22)
     y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
     assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
-    monkeypatch.setattr(qk, "DEPENDENT_LAUNCH_EXPERTS", 0)
-    assert torch.equal(qk.quant_swiglu_grouped(x, gate, up, down, groups, counts), y)
+    assert torch.equal(down_launched_after(qk, x, gate, up, down, qk.plan_groups(groups, counts, DEVICE)), y)
 
 
-@pytest.mark.parametrize("gate_up_fmt", ["int8", "int4"])
-def test_int8_down_of_many_experts_launched_as_a_dependent(qk, gate_up_fmt, monkeypatch):
-    """From INT8_DEPENDENT_LAUNCH_FROM experts int8's down starts as a dependent of gate/up (either kernel), its
-    first tile of weights loaded before it waits for gate/up's output: the bits of a launch that starts after."""
-    f, h = GATE
-    gate, up, down = random_regions([gate_up_fmt, gate_up_fmt, "int8"], 12, [(f, h), (f, h), (h, f)], DEVICE,
-                                    seed=23)
+@pytest.mark.parametrize("dims", [GATE, (96, 80)], ids=["qwen3-30b-a3b", "rows-not-in-64s"])
+def test_int8_down_of_many_experts_launched_as_a_dependent(qk, dims):
+    """int8's down of more experts, as a dependent: on the CUDA kernel, or, where the kernel cannot take its shape
+    (80 rows), on Triton's from INT8_DEPENDENT_LAUNCH_FROM experts, which loads its first tile of weights before it
+    waits for gate/up's output. Either gives the bits of a launch that starts after."""
+    f, h = dims
+    gate, up, down = random_regions("int8", 12, [(f, h), (f, h), (h, f)], DEVICE, seed=23)
+    assert qk.int8_down_on_mma(h, f) == (dims == GATE)
     groups = list(range(qk.INT8_DEPENDENT_LAUNCH_FROM + 1))
     counts = [1 + g % 3 for g in groups]
-    needs_int4_decode(gate_up_fmt, counts)
     x = rows(counts, h, seed=24)
     y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
     assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
-    monkeypatch.setattr(qk, "DEPENDENT_LAUNCH_EXPERTS", 0)
-    assert torch.equal(qk.quant_swiglu_grouped(x, gate, up, down, groups, counts), y)
+    assert torch.equal(down_launched_after(qk, x, gate, up, down, qk.plan_groups(groups, counts, DEVICE)), y)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
@@ -222,16 +242,25 @@ def test_no_rows(qk):
     assert y.shape == (0, SMALL[0])
 
 
-@pytest.mark.parametrize("swiglu", [False, True], ids=["linear", "swiglu"])
+def cuda_decode(x, w1, w2, plan, n, k_warps=None):
+    """The CUDA kernel's launch on a plan (for int8 too, whose launches decode_linear gives Triton's)."""
+    out = x.new_empty((x.shape[0], n))
+    mma_decode.decode(x, w1, w2 if w2 is not None else w1, w2 is not None, plan.meta, plan.n_used, plan.used_at_most,
+                    plan.rows_at_most, out, k_warps)
+    return out
+
+
+@pytest.mark.parametrize("fmt, swiglu", [("int4", False), ("int4", True), ("int8", False)],
+                         ids=["int4", "int4-swiglu", "int8"])
 @pytest.mark.parametrize("counts", [[1, 16, 2], [1, 8, 2], [1, 1, 1]], ids=["two-x-tiles", "one-x-tile", "one-row"])
-def test_int4_decode_cut_along_k_matches_the_reference(qk, swiglu, counts):
+def test_mma_decode_cut_along_k_matches_the_reference(qk, fmt, swiglu, counts):
     """Warps of a block cut K and add their sums: any number of them (cuts of unequal length included) gives
     the reference's rows. A plan of one row per expert takes the kernel that computes only x's first row and keeps
     two sums a lane, which also gives the general kernel's bits on the same plan (8 warps: one sum a warp in the
     block's reduction; fewer: the sums shared out by (i, nt))."""
-    needs_int4_decode("int4", counts)
+    needs_cuda_kernel()
     f, h = MID
-    w1, w2 = random_regions("int4", 4, [(f, h), (f, h)], DEVICE, seed=21)
+    w1, w2 = random_regions(fmt, 4, [(f, h), (f, h)], DEVICE, seed=21)
     groups = [0, 2, 3]
     x = rows(counts, h, seed=22)
     plan = qk.plan_groups(groups, counts, DEVICE)
@@ -240,28 +269,28 @@ def test_int4_decode_cut_along_k_matches_the_reference(qk, swiglu, counts):
         want = torch.nn.functional.silu(want) * reference_linear(x, w2, groups, counts)
     for k_warps in (1, 3, 4, 8):  # as many as a block holds: warps x tiles of x, and shared memory
         warps = k_warps * (2 if swiglu else 1)
-        x_tiles = int4_mma._x_tiles(max(counts))
-        stages = int4_mma.ring_stages(f, len(groups), swiglu, x_tiles)
-        if (warps * x_tiles > int4_mma._BLOCK_WARPS
-                or int4_mma._shared_bytes(warps, x_tiles, stages) > int4_mma._shared_limit(DEVICE)):
+        x_tiles = mma_decode._x_tiles(max(counts))
+        stages = mma_decode.ring_stages(f, len(groups), swiglu, x_tiles)
+        if (warps * x_tiles > mma_decode._BLOCK_WARPS
+                or mma_decode._shared_bytes(warps, x_tiles, stages, fmt == "int8") > mma_decode._shared_limit(DEVICE)):
             continue
         poison_allocator(sum(counts) * f * 2)
-        y = qk.decode_linear(x, w1, w2 if swiglu else None, plan, x.new_empty((x.shape[0], f)), k_warps=k_warps)
+        y = cuda_decode(x, w1, w2 if swiglu else None, plan, f, k_warps)
         assert worst_row_error(y, want) < TOLERANCE, k_warps
         if plan.rows_at_most == 1:
-            general = qk.decode_linear(x, w1, w2 if swiglu else None, plan._replace(rows_at_most=2),
-                                       x.new_empty((x.shape[0], f)), k_warps=k_warps)
+            general = cuda_decode(x, w1, w2 if swiglu else None, plan._replace(rows_at_most=2), f, k_warps)
             assert torch.equal(y, general), k_warps
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
 @pytest.mark.parametrize("misaligned", ["start", "stride"])
-def test_int4_decode_takes_rows_that_are_not_16_byte_aligned(qk, misaligned):
-    """int4 decode copies x 16 bytes at a time: rows that start off a 16-byte boundary, or lie a stride apart
+def test_mma_decode_takes_rows_that_are_not_16_byte_aligned(qk, fmt, misaligned):
+    """The CUDA kernel copies x 16 bytes at a time: rows that start off a 16-byte boundary, or lie a stride apart
     that is not a multiple of 16 bytes, give the same output as the same rows packed (two tiles of x)."""
+    needs_cuda_kernel()
     counts = DECODE_COUNTS
-    needs_int4_decode("int4", counts)
     n, k = MID
-    (w,) = random_regions("int4", 4, [(n, k)], DEVICE, seed=31)
+    (w,) = random_regions(fmt, 4, [(n, k)], DEVICE, seed=31)
     groups = [0, 1, 2, 3]
     x = rows(counts, k, seed=32)
     first, width = (2, k + 8) if misaligned == "start" else (0, k + 4)  # 4 bytes in / 1,032 bytes apart
@@ -270,6 +299,6 @@ def test_int4_decode_takes_rows_that_are_not_16_byte_aligned(qk, misaligned):
     view = wide[:, first : first + k]
     assert (view.data_ptr() % 16 != 0, view.stride(0) % 8 != 0) == (misaligned == "start", misaligned == "stride")
     plan = qk.plan_groups(groups, counts, DEVICE)
-    packed = qk.decode_linear(x, w, None, plan, x.new_empty((x.shape[0], n)))
-    assert torch.equal(qk.decode_linear(view, w, None, plan, x.new_empty((x.shape[0], n))), packed)
+    packed = cuda_decode(x, w, None, plan, n)
+    assert torch.equal(cuda_decode(view, w, None, plan, n), packed)
     assert worst_row_error(packed, reference_linear(x, w, groups, counts)) < TOLERANCE

@@ -1,10 +1,11 @@
-"""int4 decode on tensor cores: the CUDA kernel of int4_mma.cu, which cupy compiles with NVRTC on first use.
+"""int4 and int8 decode on tensor cores: the CUDA kernel of mma_decode.cu, which cupy compiles with NVRTC on first use.
 
 Triton could not express the kernel's inner loop: the int4 layout keeps two rows of one column in a byte, the
 tensor cores want two columns of one row in a register, and Triton re-paired the nibbles through extra
 permutes and shared memory (2.8 instructions per weight at 174 registers, 15-46% of HBM on the H200). Here a
 lane copies its groups of weights into shared memory ahead (cp.async), then reads exactly the words of its own
-mma fragments, and one byte permute pairs them (bench/quant_kernels.md).
+mma fragments, and one byte permute pairs them (bench/quant_kernels.md). int8 runs in the same ring and loop
+(see the .cu file), where Triton's kernel had stayed at 59-62% of HBM for one token's experts on the H100.
 
 Launches go through the driver's cuLaunchKernel (ctypes) on torch's current stream, not cupy's kernel call in a
 stream context: a decode step of one stream makes four a layer, and a grouped call of two took 94-107 us of host
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from shared.quant import INT4_ROW_TILE, Int4Matrix
+from shared.quant import INT4_ROW_TILE, Int4Matrix, Int8Matrix
 
 _SOURCE = Path(__file__).with_suffix(".cu")
 # Groups of 32 columns in each warp's ring in shared memory, stages - 1 copies in flight: 6 was 1-9% slower than
@@ -38,14 +39,15 @@ _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
 
 
 @functools.cache
-def _kernel(x_tiles: int, swiglu: bool, stages: int, one_row: bool, device: torch.device):
+def _kernel(x_tiles: int, swiglu: bool, stages: int, one_row: bool, int8: bool, device: torch.device):
     """The compiled kernel as cupy's Function, which keeps its module loaded: its ptr is the CUfunction. one_row:
     for launches of at most one row of x per expert."""
     try:
         import cupy
     except ImportError as e:
         raise ImportError("int4 experts on a GPU need cupy (pip install 'tierserve[gpu]')") from e
-    name = f"int4_decode<{x_tiles}, {'true' if swiglu else 'false'}, {stages}, {'true' if one_row else 'false'}>"
+    flags = ", ".join("true" if f else "false" for f in (one_row, int8))
+    name = f"quant_decode<{x_tiles}, {'true' if swiglu else 'false'}, {stages}, {flags}>"
     with cupy.cuda.Device(device.index):
         module = cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17",), name_expressions=[name])
         kernel = module.get_function(name)
@@ -54,7 +56,7 @@ def _kernel(x_tiles: int, swiglu: bool, stages: int, one_row: bool, device: torc
 
 
 class _Args(ctypes.Structure):
-    """int4_decode's parameters, in order."""
+    """quant_decode's parameters, in order."""
 
     _fields_ = [
         ("x", ctypes.c_void_p), ("x_stride", ctypes.c_int64), ("out", ctypes.c_void_p), ("out_stride", ctypes.c_int64),
@@ -123,14 +125,15 @@ class _DependentLaunch(threading.local):
 _dependent_launch = _DependentLaunch()
 
 
-def _stage_bytes(x_tiles: int) -> int:
-    """A group of a 64-row tile: its columns (32 bytes of padding after each 8), its (scale, zero) pairs, and x's
-    8-row tiles of 64-byte rows: int4_mma.cu's stage_bytes."""
-    return 4 * (8 * 32 + 32) + 64 * 4 + x_tiles * 8 * 64
+def _stage_bytes(x_tiles: int, int8: bool) -> int:
+    """A group of 32 columns of a 64-row tile: int4's columns (32 bytes of padding after each 8) and (scale, zero)
+    pairs, or int8's rows; then x's 8-row tiles of 64-byte rows: mma_decode.cu's stage_bytes."""
+    weights = 64 * 32 if int8 else 4 * (8 * 32 + 32) + 64 * 4
+    return weights + x_tiles * 8 * 64
 
 
-def _shared_bytes(warps: int, x_tiles: int, stages: int) -> int:
-    return warps * (x_tiles * _SUMS_BYTES + stages * _stage_bytes(x_tiles))
+def _shared_bytes(warps: int, x_tiles: int, stages: int, int8: bool = False) -> int:
+    return warps * (x_tiles * _SUMS_BYTES + stages * _stage_bytes(x_tiles, int8))
 
 
 def ring_stages(n: int, used: int, swiglu: bool, x_tiles: int) -> int:
@@ -157,13 +160,14 @@ def _x_tiles(rows_at_most: int) -> int:
     return 1 if rows_at_most <= 8 else 2
 
 
-def k_warps_for(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, device: torch.device) -> int:
+def k_warps_for(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, device: torch.device,
+                int8: bool = False) -> int:
     """Warps that cut K per matrix in each block on `device` (plan_k_warps)."""
-    return plan_k_warps(n, k, used, swiglu, rows_at_most, _multiprocessors(device), _shared_limit(device))
+    return plan_k_warps(n, k, used, swiglu, rows_at_most, _multiprocessors(device), _shared_limit(device), int8)
 
 
 def plan_k_warps(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, multiprocessors: int,
-                 shared_limit: int) -> int:
+                 shared_limit: int, int8: bool = False) -> int:
     """Warps that cut K per matrix in each block: the fewest, in a power of two, that give every SM
     _WARPS_PER_SM warps (one token's 8 experts' gate/up are 96 blocks on 132 SMs: 8 warps each), each warp with
     at least two groups of 32 columns, within the kernel's launch bounds and the block's shared memory
@@ -178,31 +182,40 @@ def plan_k_warps(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, mul
     k_warps = 1
     while (blocks * matrices * k_warps < _WARPS_PER_SM * multiprocessors
            and 2 * k_warps * matrices * x_tiles <= _BLOCK_WARPS and 2 * k_warps <= k // 32 // 2
-           and _shared_bytes(2 * k_warps * matrices, x_tiles, stages) <= shared_limit):
+           and _shared_bytes(2 * k_warps * matrices, x_tiles, stages, int8) <= shared_limit):
         k_warps *= 2
     return k_warps
 
 
-def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: torch.Tensor, n_used: int,
-           used_at_most: int, rows_at_most: int, out: torch.Tensor, k_warps: int | None = None,
-           dependent: bool = False) -> None:
+def takes(n: int, k: int) -> bool:
+    """Whether the kernel takes an (N, K) matrix: tiles of 64 rows, groups of 32 columns (int4's always are)."""
+    return n % INT4_ROW_TILE == 0 and k % 32 == 0
+
+
+def decode(x: torch.Tensor, w1: Int4Matrix | Int8Matrix, w2: Int4Matrix | Int8Matrix, swiglu: bool,
+           meta: torch.Tensor, n_used: int, used_at_most: int, rows_at_most: int, out: torch.Tensor,
+           k_warps: int | None = None, dependent: bool = False) -> None:
     """out[rows] = x[rows] @ W1.T per group, or silu(x @ W1.T) * (x @ W2.T) with swiglu. meta as GroupPlan's:
     n_used expert indices, then n_used + 1 row offsets; used_at_most groups have rows, none more than
     rows_at_most (<= 16), which must bound them: the launch takes one or two tiles of x, and at 1 the kernel that
     computes only x's first row, from it. The caller checks shapes (quant_kernels._shape). dependent: launched as a
     dependent of the launch just before on this stream, whose output x is (down's, of gate/up): its blocks may
-    start while that one's last blocks run."""
-    _, n, half_k = w1.packed.shape
-    k = 2 * half_k
+    start while that one's last blocks run. w1 and w2 are of one format, which `takes` their shape."""
+    int8 = isinstance(w1, Int8Matrix)
+    if int8:
+        (p1, sz1), (p2, sz2) = w1, w2
+    else:
+        p1, sz1, p2, sz2 = w1.packed, w1.scale_zero, w2.packed, w2.scale_zero
+    _, n, k = w1.shape
     if n_used == 0:
         return
     device = x.device
     x_tiles, stages, threads, shared_bytes, k_warps = _launch_shape(
-        n, k, min(used_at_most, n_used), swiglu, rows_at_most, k_warps, device)
-    p1, sz1, p2, sz2 = w1.packed, w1.scale_zero, w2.packed, w2.scale_zero
-    # columns and (scale, zero) pairs are copied 16 bytes at a time
-    assert not (p1.data_ptr() | p2.data_ptr() | p1.stride(0) | p2.stride(0)) % 16, "int4 columns: 16-byte aligned"
-    assert not (sz1.data_ptr() | sz2.data_ptr() | 2 * sz1.stride(0) | 2 * sz2.stride(0)) % 16, \
+        n, k, min(used_at_most, n_used), swiglu, rows_at_most, k_warps, int8, device)
+    # weights (and int4's (scale, zero) pairs) are copied 16 bytes at a time
+    assert not (p1.data_ptr() | p2.data_ptr() | p1.stride(0) | p2.stride(0) | k * int8) % 16, \
+        "weights: 16-byte aligned"
+    assert int8 or not (sz1.data_ptr() | sz2.data_ptr() | 2 * sz1.stride(0) | 2 * sz2.stride(0)) % 16, \
         "int4 (scale, zero) pairs: 16-byte aligned"
     if x.data_ptr() % 16 or x.stride(0) % 8:  # x's rows are copied 16 bytes at a time
         x = x.clone(memory_format=torch.contiguous_format)
@@ -213,7 +226,7 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
     a.p1, a.sz1, a.p2, a.sz2 = p1.data_ptr(), sz1.data_ptr(), p2.data_ptr(), sz2.data_ptr()
     a.p1_gs, a.sz1_gs, a.p2_gs, a.sz2_gs = p1.stride(0), sz1.stride(0), p2.stride(0), sz2.stride(0)
     a.n, a.k, a.k_warps, a.dependent = n, k, k_warps, dependent
-    kernel = _kernel(x_tiles, swiglu, stages, rows_at_most == 1, device).ptr
+    kernel = _kernel(x_tiles, swiglu, stages, rows_at_most == 1, int8, device).ptr
     stream = torch._C._cuda_getCurrentRawStream(device.index)
     if dependent:
         config = _dependent_launch.config
@@ -225,19 +238,19 @@ def decode(x: torch.Tensor, w1: Int4Matrix, w2: Int4Matrix, swiglu: bool, meta: 
         result = _launch_kernel()(kernel, n // INT4_ROW_TILE, n_used, 1, threads, 1, 1, shared_bytes, stream,
                                   block.params, None)
     if result != 0:
-        raise RuntimeError(f"cuLaunchKernel failed for the int4 decode kernel: CUresult {result}")
+        raise RuntimeError(f"cuLaunchKernel failed for the quantized decode kernel: CUresult {result}")
 
 
 @functools.cache  # every launch asks: a decode step makes a few a layer
-def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_warps: int | None,
+def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_warps: int | None, int8: bool,
                   device: torch.device) -> tuple[int, int, int, int, int]:
     """(8-row tiles of x, ring stages, threads a block, its shared bytes, warps cutting K) of a launch."""
     x_tiles = _x_tiles(rows_at_most)
     stages = ring_stages(n, used, swiglu, x_tiles)
-    k_warps = k_warps or k_warps_for(n, k, used, swiglu, rows_at_most, device)
+    k_warps = k_warps or k_warps_for(n, k, used, swiglu, rows_at_most, device, int8)
     warps = k_warps * (2 if swiglu else 1)
     assert warps * x_tiles <= _BLOCK_WARPS, "too many warps for a block"
-    shared_bytes = _shared_bytes(warps, x_tiles, stages)
+    shared_bytes = _shared_bytes(warps, x_tiles, stages, int8)
     assert shared_bytes <= _shared_limit(device), \
         f"{warps} warps' rings need more shared memory than a block gets on this GPU"
     return x_tiles, stages, 32 * warps, shared_bytes, k_warps

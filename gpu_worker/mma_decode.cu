@@ -1,5 +1,5 @@
-// int4 expert decode on tensor cores, launched by gpu_worker/int4_mma.py: out[rows of each expert] = x[rows] @ W.T,
-// or silu(x @ W1.T) * (x @ W2.T).
+// int4 and int8 expert decode on tensor cores, launched by gpu_worker/mma_decode.py: out[rows of each expert] =
+// x[rows] @ W.T, or silu(x @ W1.T) * (x @ W2.T).
 //
 // The int4 layout (shared/quant.py) keeps a 64-row tile's column k in 32 bytes, the low nibble of byte j for row
 // j and the high one for row 32 + j, with a (scale, zero) bf16 pair per row and group of 32 columns. The mma's A
@@ -15,6 +15,11 @@
 // rounded to bf16, as dequantizing would. With two 8-row tiles of x, whose float32 scaling per group costs twice
 // as much, the codes are instead scaled into bf16 weights (bf16x2 FMAs) before the mma, as prefill's
 // dequantized weights are.
+//
+// int8 (shared/quant.py's Int8Matrix: rows of K bytes, a bf16 scale per row) takes the same ring and tensor-core
+// loop over groups of 32 columns of a 64-row tile (add_group8). A byte b = l - 128 h (l: its low 7 bits, h: its
+// top bit) becomes two bf16 codes of one instruction each, 128 + l and -128 (1 + h), whose sum is b: two mmas a
+// 16-column step, against none of the scaling int4 needs, and the row's scale once at the end.
 //
 // One block per (64-row tile, expert); its warps cut K into k_warps ranges per matrix (gate and up in separate
 // warps under SWIGLU) and add their sums in shared memory.
@@ -32,6 +37,21 @@ __device__ __forceinline__ u32 byte_perm(u32 a, u32 b, u32 selector) {
 __device__ __forceinline__ u32 codes(u32 v) {
     u32 r;
     asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(r) : "r"(v));
+    return r;
+}
+
+// int8 bytes at bits 0-7 and 16-23 -> two bf16 128 + l, l the byte's low 7 bits: (v & 0x007F007F) | 0x43004300
+__device__ __forceinline__ u32 low_codes(u32 v) {
+    u32 r;
+    asm("lop3.b32 %0, %1, 0x007F007F, 0x43004300, 0xEA;" : "=r"(r) : "r"(v));
+    return r;
+}
+
+// ... -> two bf16 -128 (1 + h), h the byte's top bit, which lands on the exponent's lowest bit (-128 to -256):
+// (v & 0x00800080) | 0xC300C300. low_codes + top_codes = the signed byte.
+__device__ __forceinline__ u32 top_codes(u32 v) {
+    u32 r;
+    asm("lop3.b32 %0, %1, 0x00800080, 0xC300C300, 0xEA;" : "=r"(r) : "r"(v));
     return r;
 }
 
@@ -66,8 +86,15 @@ struct Group {
 // reading one word each at the same v hit different banks, at offsets a load takes as constants.
 constexpr int GROUP_BYTES = 32 * 32, BLOCK_STRIDE = 8 * 32 + 32, PAIRS_BYTES = 64 * 4, X_ROW_BYTES = 64;
 constexpr int COLUMNS_BYTES = 4 * BLOCK_STRIDE;
-template <int NT>
-__host__ __device__ constexpr int stage_bytes() { return COLUMNS_BYTES + PAIRS_BYTES + NT * 8 * X_ROW_BYTES; }
+// An int8 group: the tile's 64 rows of 32 bytes, four rows a 128-byte line, row r in 32-byte slot (r ^ r / 4) % 4
+// of line r / 4. Lane (g, t) reads rows 4g + i and 32 + 4g + i (tile i of add_group8) at columns 8t .. 8t + 7;
+// with the slots so swizzled, it reads slot i of lines g and 8 + g, where the 16 lanes of a 64-bit load's phase
+// hit every bank once, and holds row 4g + (i ^ g % 4) there (finish).
+constexpr int ROWS_BYTES = 64 * 32;
+template <bool INT8>
+__host__ __device__ constexpr int x_offset() { return INT8 ? ROWS_BYTES : COLUMNS_BYTES + PAIRS_BYTES; }
+template <int NT, bool INT8>
+__host__ __device__ constexpr int stage_bytes() { return x_offset<INT8>() + NT * 8 * X_ROW_BYTES; }
 
 __device__ __forceinline__ int column_at(int c) { return (c >> 3) * BLOCK_STRIDE + (c & 7) * 32; }
 
@@ -80,12 +107,12 @@ __device__ __forceinline__ void copy_zfill(u32 shared, const void* global, bool 
 }
 
 // Where this lane's copies land in the ring's first stage, as shared-space addresses: made once, so that a copy
-// adds only its stage's offset. Its second column chunk lies 2 * BLOCK_STRIDE after the first, and its (s, z)
-// chunk and x chunk (row lane >> 2, part lane % 4: lane * 16 bytes into x's rows) at constant offsets from `rest`:
-// two addresses, which ptxas remakes from the thread index at each copy in 12 instructions, where it remade four
-// in 20.
+// adds only its stage's offset. Its other weight chunks lie at constant offsets from `columns` (int4: the second
+// column chunk 2 * BLOCK_STRIDE after the first; int8: four rows' chunks 512 bytes apart), and its x chunk (row
+// lane >> 2, part lane % 4: lane * 16 bytes into x's rows) at `x`, int4's (s, z) chunk PAIRS_BYTES before it: two
+// addresses, which ptxas remakes from the thread index at each copy in 12 instructions, where it remade four in 20.
 struct CopyTo {
-    u32 columns, rest;
+    u32 columns, x;
 };
 
 // One warp copies a group into a stage, in two parts: the weights (copy_weights), then x's rows (copy_x, which
@@ -99,14 +126,21 @@ __device__ __forceinline__ void copy_weights(u32 stage, const CopyTo& to, const 
                                              const unsigned char* pairs, int lane) {
     copy_async(to.columns + stage, columns);
     copy_async(to.columns + stage + 2 * BLOCK_STRIDE, columns + 32 * 16);
-    if (lane < 16) copy_async(to.rest + stage, pairs);
+    if (lane < 16) copy_async(to.x + stage - PAIRS_BYTES, pairs);
+}
+
+// int8: 128 chunks of 16 bytes, each row's two; a lane copies rows (lane >> 1) + 16 j, half lane % 2, from `rows`
+// (row lane >> 1's chunk), rows row_step bytes apart
+__device__ __forceinline__ void copy_rows(u32 stage, const CopyTo& to, const unsigned char* rows, long long row_step) {
+#pragma unroll
+    for (int j = 0; j < 4; ++j) copy_async(to.columns + stage + j * 512, rows + j * row_step);
 }
 
 template <int NT>
 __device__ __forceinline__ void copy_x(u32 stage, const CopyTo& to, const u16* const (&x_at)[NT],
                                        const bool (&x_valid)[NT]) {
 #pragma unroll
-    for (int j = 0; j < NT; ++j) copy_zfill(to.rest + stage + PAIRS_BYTES + 8 * j * X_ROW_BYTES, x_at[j], x_valid[j]);
+    for (int j = 0; j < NT; ++j) copy_zfill(to.x + stage + 8 * j * X_ROW_BYTES, x_at[j], x_valid[j]);
     asm volatile("cp.async.commit_group;");
 }
 
@@ -125,11 +159,11 @@ __device__ __forceinline__ void read_group(Group<NT>& f, const unsigned char* wo
 
 // x's B fragments of a stage, rows nt * 8 + g: columns 8t .. 8t + 7, one load a row (8 lanes, two rows, a
 // 128-byte line: no bank conflict)
-template <int NT>
+template <int NT, bool INT8>
 __device__ __forceinline__ void read_x(u32 (&f)[2][NT][2], const unsigned char* stage, int g, int t) {
 #pragma unroll
     for (int nt = 0; nt < NT; ++nt) {
-        const uint4 v = *(const uint4*)(stage + COLUMNS_BYTES + PAIRS_BYTES + (nt * 8 + g) * X_ROW_BYTES + 16 * t);
+        const uint4 v = *(const uint4*)(stage + x_offset<INT8>() + (nt * 8 + g) * X_ROW_BYTES + 16 * t);
         f[0][nt][0] = v.x;
         f[0][nt][1] = v.y;
         f[1][nt][0] = v.z;
@@ -253,8 +287,56 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
     }
 }
 
+// What one lane takes of one int8 group: rows 4g + (i ^ g % 4) (w[i][0]) and 32 + 4g + (i ^ g % 4) (w[i][1]),
+// columns 8t .. 8t + 7 (.x: step 0's 8t + 4s .. + 3, .y: step 1's), and x as Group's
+template <int NT>
+struct Group8 {
+    uint2 w[4][2];
+    u32 x[2][NT][2];
+};
+
+// acc[i][nt] += this int8 group's x rows nt*8 + 2t (+1) times rows w[i]. A word's bytes 0 and 2 (columns c and
+// c + 2) make the A register of k 2t, 2t + 1, bytes 1 and 3 that of 2t + 8, 2t + 9 (shifted down a byte), so x's
+// B registers pair its columns so too: one byte permute each.
+template <int NT>
+__device__ __forceinline__ void add_group8(float (&acc)[4][NT][4], const Group8<NT>& f) {
+#pragma unroll
+    for (int s = 0; s < 2; ++s) {
+        u32 b[NT][2];
+#pragma unroll
+        for (int nt = 0; nt < NT; ++nt) {
+            b[nt][0] = byte_perm(f.x[s][nt][0], f.x[s][nt][1], 0x5410);
+            b[nt][1] = byte_perm(f.x[s][nt][0], f.x[s][nt][1], 0x7632);
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            const u32 low = s ? f.w[i][0].y : f.w[i][0].x, high = s ? f.w[i][1].y : f.w[i][1].x;
+            const u32 low_odd = low >> 8, high_odd = high >> 8;
+#pragma unroll
+            for (int nt = 0; nt < NT; ++nt) {
+                mma(acc[i][nt], low_codes(low), low_codes(high), low_codes(low_odd), low_codes(high_odd), b[nt][0],
+                    b[nt][1]);
+                mma(acc[i][nt], top_codes(low), top_codes(high), top_codes(low_odd), top_codes(high_odd), b[nt][0],
+                    b[nt][1]);
+            }
+        }
+    }
+}
+
+template <int NT, bool INT8>
+struct GroupOf {
+    using type = Group<NT>;
+};
+template <int NT>
+struct GroupOf<NT, true> {
+    using type = Group8<NT>;
+};
+
+__device__ __forceinline__ float from_bf16(u16 v) { return __uint_as_float((u32)v << 16); }
+
 // Grid (N / 64 tiles, groups of the plan); block 32 * k_warps * (SWIGLU ? 2 : 1) threads, at most 16 / NT warps;
-// shared memory warps * (2048 * NT + STAGES * stage_bytes<NT>()) bytes. meta holds the plan's n_used expert indices,
+// shared memory warps * (2048 * NT + STAGES * stage_bytes<NT, INT8>()) bytes. INT8: p* are the int8 rows, sz* the
+// rows' bf16 scales; else int4's columns and (s, z) pairs. meta holds the plan's n_used expert indices,
 // then n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert; dependent: launched as a
 // dependent of the launch before, whose output is x. Each warp copies its groups of weights into a ring of STAGES
 // stages in shared memory, STAGES - 1 ahead of the one it computes: loads in flight that take no registers. x's rows
@@ -262,14 +344,16 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
 // at least, said to ptxas: left to itself, it held the one-row kernels to 64 registers, remaking more values in the
 // loop, and one token's FFN took 13.22 us against 12.91 on the H100; the other kernels take more registers so too
 // (87-123), and were as fast or faster at every launch measured (bench/quant_kernels.md).
-template <int NT, bool SWIGLU, int STAGES, bool ONE_ROW>
-__global__ void __launch_bounds__(512 / NT, 1) int4_decode(
+template <int NT, bool SWIGLU, int STAGES, bool ONE_ROW, bool INT8>
+__global__ void __launch_bounds__(512 / NT, 1) quant_decode(
     const u16* __restrict__ x, long long x_stride, u16* __restrict__ out, long long out_stride,
     const int* __restrict__ meta, int n_used,
     const unsigned char* __restrict__ p1, const u16* __restrict__ sz1,
     const unsigned char* __restrict__ p2, const u16* __restrict__ sz2,
     long long p1_gs, long long sz1_gs, long long p2_gs, long long sz2_gs, int n, int k, int k_warps,
     int dependent) {
+    // int8's gate/up stays with Triton's kernel, faster there at every launch measured (bench/quant_kernels.md)
+    static_assert(!(INT8 && SWIGLU), "int8 runs one matrix, down");
     constexpr int E = 16 * NT;  // accumulators per lane
     extern __shared__ __align__(16) unsigned char shared[];
     float* partial = (float*)shared;  // [warp][sums a lane keeps, SUMS below][32 lanes], the warps' sums
@@ -287,15 +371,18 @@ __global__ void __launch_bounds__(512 / NT, 1) int4_decode(
     // negative), so that its load leaves with the row offsets' rather than one round trip after them, where the
     // compiler put it when only the offsets were checked.
     if (rows == 0 || expert < 0) return;
-    constexpr int STAGE_BYTES = stage_bytes<NT>();
+    constexpr int STAGE_BYTES = stage_bytes<NT, INT8>(), GROUP_STEP = INT8 ? 32 : GROUP_BYTES;
     unsigned char* ring = shared + warps * E * 32 * 4 + warp * STAGES * STAGE_BYTES;
 
     const unsigned char* packed = second ? p2 + expert * p2_gs : p1 + expert * p1_gs;
     const u16* scales = second ? sz2 + expert * sz2_gs : sz1 + expert * sz1_gs;
-    // this lane's chunk of the next group to copy: of its 1 KB of columns, and of its (s, z) pairs (lanes 0-15),
-    // n * 4 bytes after the previous group's
-    const unsigned char* columns = packed + ((long long)tile * k + begin * 32) * 32 + lane * 16;
+    // this lane's chunk of the next group to copy: int4, of its 1 KB of columns, and of its (s, z) pairs (lanes
+    // 0-15), n * 4 bytes after the previous group's; int8, of row lane >> 1 (copy_rows), 32 bytes after the last
+    const unsigned char* columns =
+        INT8 ? packed + (long long)(tile * 64 + (lane >> 1)) * k + begin * 32 + (lane & 1) * 16
+             : packed + ((long long)tile * k + begin * 32) * 32 + lane * 16;
     const unsigned char* pairs = (const unsigned char*)(scales + tile * 64 * 2) + (long long)begin * n * 4 + lane * 16;
+    const long long row_step = 16LL * k;
     // the next 8 columns of x this lane copies, of rows (lane >> 2) + 8 j: pointers that step on by a group (made
     // from the row at each copy, they took 10 more instructions a group)
     const u16* x_at[NT];
@@ -317,12 +404,20 @@ __global__ void __launch_bounds__(512 / NT, 1) int4_decode(
 
     // where this lane's copies land in a stage, and where it reads its words and (s, z) pairs
     const u32 ring_at = (u32)__cvta_generic_to_shared(ring);
-    const CopyTo to = {ring_at + column_at(lane >> 1) + (lane & 1) * 16, ring_at + COLUMNS_BYTES + lane * 16};
-    const int words = column_at(8 * t) + 4 * g, pairs_at = COLUMNS_BYTES + 16 * g;
+    const u32 row_chunk = (lane >> 3) * 128 + (((lane >> 1) ^ (lane >> 3)) & 3) * 32 + (lane & 1) * 16;
+    const CopyTo to = {ring_at + (INT8 ? row_chunk : column_at(lane >> 1) + (lane & 1) * 16),
+                       ring_at + x_offset<INT8>() + lane * 16};
+    const int words = INT8 ? g * 128 + 8 * t : column_at(8 * t) + 4 * g, pairs_at = COLUMNS_BYTES + 16 * g;
 
+    const auto copy_group = [&](u32 stage, int ahead) {  // the weights `ahead` groups after the next
+        if constexpr (INT8)
+            copy_rows(stage, to, columns + ahead * GROUP_STEP, row_step);
+        else
+            copy_weights(stage, to, columns + ahead * GROUP_STEP, pairs + ahead * n * 4, lane);
+    };
     const auto advance = [&]() {  // to the next group
-        columns += GROUP_BYTES;
-        pairs += n * 4;
+        columns += GROUP_STEP;
+        if (!INT8) pairs += n * 4;
 #pragma unroll
         for (int j = 0; j < NT; ++j) x_at[j] += 32;
     };
@@ -330,7 +425,7 @@ __global__ void __launch_bounds__(512 / NT, 1) int4_decode(
     // commit either way, so that waiting for all but the STAGES - 1 latest is the group about to be read
     const auto copy_next = [&](int group, u32 stage, bool in_range) {  // stage: its byte offset in the ring
         if (in_range || group < end) {
-            copy_weights(stage, to, columns, pairs, lane);
+            copy_group(stage, 0);
             copy_x<NT>(stage, to, x_at, x_valid);
             advance();
         } else {
@@ -354,7 +449,7 @@ __global__ void __launch_bounds__(512 / NT, 1) int4_decode(
     if (dependent) {
 #pragma unroll
         for (int d = 0; d < STAGES - 1; ++d)
-            if (begin + d < end) copy_weights(d * STAGE_BYTES, to, columns + d * GROUP_BYTES, pairs + d * n * 4, lane);
+            if (begin + d < end) copy_group(d * STAGE_BYTES, d);
 #if __CUDA_ARCH__ >= 900
         asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
@@ -371,18 +466,28 @@ __global__ void __launch_bounds__(512 / NT, 1) int4_decode(
 #pragma unroll
         for (int d = 0; d < STAGES - 1; ++d) copy_next(begin + d, d * STAGE_BYTES, false);
     }
-    Group<NT> f;
+    typename GroupOf<NT, INT8>::type f;
     // the copy STAGES - 1 groups ahead into stage `fill`, the one read one group ago, then stage `read`'s group
     const auto step = [&](int group, u32 read_stage, u32 fill, bool copy_in_range) {  // stages' byte offsets
         copy_next(group + STAGES - 1, fill, copy_in_range);
         const unsigned char* read = ring + read_stage;
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1));
         __syncwarp();  // the other lanes' copies of this stage have landed too
-        read_group(f, read + words, read + pairs_at);
-        read_x(f.x, read, g, t);
-        // two tiles of x (9-16 rows): the weights scaled before the mma, 3-8% faster there on the H200; one tile
-        // keeps them exact, 4% faster than scaled at 128 experts (bench/quant_kernels.md)
-        add_group<NT, NT >= 2, ONE_ROW>(acc, f);
+        if constexpr (INT8) {
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                f.w[i][0] = *(const uint2*)(read + words + 32 * i);
+                f.w[i][1] = *(const uint2*)(read + words + 32 * i + 1024);
+            }
+            read_x<NT, INT8>(f.x, read, g, t);
+            add_group8<NT>(acc, f);
+        } else {
+            read_group(f, read + words, read + pairs_at);
+            read_x<NT, INT8>(f.x, read, g, t);
+            // two tiles of x (9-16 rows): the weights scaled before the mma, 3-8% faster there on the H200; one
+            // tile keeps them exact, 4% faster than scaled at 128 experts (bench/quant_kernels.md)
+            add_group<NT, NT >= 2, ONE_ROW>(acc, f);
+        }
         __syncwarp();  // every lane has read this stage before the next iteration refills it
     };
     if constexpr (NT >= 2) {
@@ -423,8 +528,10 @@ __global__ void __launch_bounds__(512 / NT, 1) int4_decode(
         // slow path (its operand check takes a zero numerator to a subroutine) in nearly every warp, 0.24 us of one
         // token's 14.3 us FFN on the H100 (bench/quant_kernels.md)
         if (row >= rows) return;
+        const int r = INT8 ? i ^ (g & 3) : i;
+        const int col = tile * 64 + (e < 2 ? 4 * g + r : 32 + 4 * g + r);
+        if constexpr (INT8) y *= from_bf16(sz1[expert * sz1_gs + col]);  // the row's scale
         const float v = SWIGLU ? y / (1.f + __expf(-y)) * up : y;
-        const int col = tile * 64 + (e < 2 ? 4 * g + i : 32 + 4 * g + i);
         out[(first + row) * out_stride + col] = to_bf16(v);
     };
     if (warps >= SUMS) {

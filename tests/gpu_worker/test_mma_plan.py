@@ -1,11 +1,11 @@
-"""How many warps cut K in the int4 decode kernel's blocks (gpu_worker.int4_mma.plan_k_warps): pure arithmetic on
-the GPU's SM count and shared memory, so it runs without a GPU."""
+"""How many warps cut K in the int4 / int8 decode kernel's blocks (gpu_worker.mma_decode.plan_k_warps): pure
+arithmetic on the GPU's SM count and shared memory, so it runs without a GPU."""
 
 from __future__ import annotations
 
 import pytest
 
-from gpu_worker.int4_mma import DEEP_STAGES, STAGES, _shared_bytes, _x_tiles, plan_k_warps, ring_stages
+from gpu_worker.mma_decode import DEEP_STAGES, STAGES, _shared_bytes, _x_tiles, plan_k_warps, ring_stages
 
 H200 = (132, 227 * 1024)  # SMs, shared memory a block may opt into
 RTX_4090 = (128, 99 * 1024)
@@ -14,12 +14,13 @@ RTX_4090 = (128, 99 * 1024)
 @pytest.mark.parametrize("used, rows", [(8, 1), (16, 1), (8, 12), (64, 16), (128, 1)])
 @pytest.mark.parametrize("swiglu", [True, False])
 @pytest.mark.parametrize("gpu", [H200, RTX_4090], ids=["h200", "rtx4090"])
-def test_blocks_fit_the_gpus_shared_memory(used, rows, swiglu, gpu):
+@pytest.mark.parametrize("int8", [False, True], ids=["int4", "int8"])
+def test_blocks_fit_the_gpus_shared_memory(used, rows, swiglu, gpu, int8):
     n, k = (768, 2048) if swiglu else (2048, 768)
-    k_warps = plan_k_warps(n, k, used, swiglu, rows, *gpu)
+    k_warps = plan_k_warps(n, k, used, swiglu, rows, *gpu, int8)
     warps = k_warps * (2 if swiglu else 1)
     assert k_warps >= 1 and k_warps & (k_warps - 1) == 0
-    assert _shared_bytes(warps, _x_tiles(rows), ring_stages(n, used, swiglu, _x_tiles(rows))) <= gpu[1]
+    assert _shared_bytes(warps, _x_tiles(rows), ring_stages(n, used, swiglu, _x_tiles(rows)), int8) <= gpu[1]
 
 
 def test_one_tokens_experts_take_the_most_warps_the_gpu_holds():
