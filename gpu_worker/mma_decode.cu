@@ -87,9 +87,9 @@ struct Group {
 constexpr int GROUP_BYTES = 32 * 32, BLOCK_STRIDE = 8 * 32 + 32, PAIRS_BYTES = 64 * 4, X_ROW_BYTES = 64;
 constexpr int COLUMNS_BYTES = 4 * BLOCK_STRIDE;
 // An int8 group: the tile's 64 rows of 32 bytes, four rows a 128-byte line, row r in 32-byte slot (r ^ r / 4) % 4
-// of line r / 4. Lane (g, t) reads rows 4g + i and 32 + 4g + i (tile i of add_group8) at columns 8t .. 8t + 7;
-// with the slots so swizzled, it reads slot i of lines g and 8 + g, where the 16 lanes of a 64-bit load's phase
-// hit every bank once, and holds row 4g + (i ^ g % 4) there (finish).
+// of line r / 4. Lane (g, t) reads rows 4g + i and 32 + 4g + i (tile i of add_group8) at columns 8t .. 8t + 7:
+// slot i ^ g % 4 of lines g and 8 + g, so that the 16 lanes of a 64-bit load's phase (g = 0-3 or 4-7) hit every
+// bank once, where rows 4g + i unswizzled lie in the same banks of four lines.
 constexpr int ROWS_BYTES = 64 * 32;
 template <bool INT8>
 __host__ __device__ constexpr int x_offset() { return INT8 ? ROWS_BYTES : COLUMNS_BYTES + PAIRS_BYTES; }
@@ -287,7 +287,7 @@ __device__ __forceinline__ void add_group(float (&acc)[4][NT][4], const Group<NT
     }
 }
 
-// What one lane takes of one int8 group: rows 4g + (i ^ g % 4) (w[i][0]) and 32 + 4g + (i ^ g % 4) (w[i][1]),
+// What one lane takes of one int8 group: rows 4g + i (w[i][0]) and 32 + 4g + i (w[i][1]),
 // columns 8t .. 8t + 7 (.x: step 0's 8t + 4s .. + 3, .y: step 1's), and x as Group's
 template <int NT>
 struct Group8 {
@@ -407,7 +407,9 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
     const u32 row_chunk = (lane >> 3) * 128 + (((lane >> 1) ^ (lane >> 3)) & 3) * 32 + (lane & 1) * 16;
     const CopyTo to = {ring_at + (INT8 ? row_chunk : column_at(lane >> 1) + (lane & 1) * 16),
                        ring_at + x_offset<INT8>() + lane * 16};
-    const int words = INT8 ? g * 128 + 8 * t : column_at(8 * t) + 4 * g, pairs_at = COLUMNS_BYTES + 16 * g;
+    // int8: its rows of tile 0, whose slots (g % 4) tile i's XOR with i (add_group8's reads)
+    const int words = INT8 ? g * 128 + 32 * (g & 3) + 8 * t : column_at(8 * t) + 4 * g;
+    const int pairs_at = COLUMNS_BYTES + 16 * g;
 
     const auto copy_group = [&](u32 stage, int ahead) {  // the weights `ahead` groups after the next
         if constexpr (INT8)
@@ -476,8 +478,8 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
         if constexpr (INT8) {
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                f.w[i][0] = *(const uint2*)(read + words + 32 * i);
-                f.w[i][1] = *(const uint2*)(read + words + 32 * i + 1024);
+                f.w[i][0] = *(const uint2*)(read + (words ^ 32 * i));
+                f.w[i][1] = *(const uint2*)(read + (words ^ 32 * i) + 1024);
             }
             read_x<NT, INT8>(f.x, read, g, t);
             add_group8<NT>(acc, f);
@@ -528,8 +530,7 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
         // slow path (its operand check takes a zero numerator to a subroutine) in nearly every warp, 0.24 us of one
         // token's 14.3 us FFN on the H100 (bench/quant_kernels.md)
         if (row >= rows) return;
-        const int r = INT8 ? i ^ (g & 3) : i;
-        const int col = tile * 64 + (e < 2 ? 4 * g + r : 32 + 4 * g + r);
+        const int col = tile * 64 + (e < 2 ? 4 * g + i : 32 + 4 * g + i);
         if constexpr (INT8) y *= from_bf16(sz1[expert * sz1_gs + col]);  // the row's scale
         const float v = SWIGLU ? y / (1.f + __expf(-y)) * up : y;
         out[(first + row) * out_stride + col] = to_bf16(v);

@@ -245,6 +245,7 @@ def decode(x: torch.Tensor, w1: Int4Matrix | Int8Matrix, w2: Int4Matrix | Int8Ma
 def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_warps: int | None, int8: bool,
                   device: torch.device) -> tuple[int, int, int, int, int]:
     """(8-row tiles of x, ring stages, threads a block, its shared bytes, warps cutting K) of a launch."""
+    assert takes(n, k), f"the kernel takes rows in tiles of {INT4_ROW_TILE} and columns in groups of 32, not {n, k}"
     x_tiles = _x_tiles(rows_at_most)
     stages = ring_stages(n, used, swiglu, x_tiles)
     k_warps = k_warps or k_warps_for(n, k, used, swiglu, rows_at_most, device, int8)

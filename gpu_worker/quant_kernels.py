@@ -50,10 +50,16 @@ _OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
 # against 41.2; at 64 x 2 it was 1-2% slower, the waiting blocks holding SMs that the launch before could still use
 # (128 x 16: within 0.5%).
 DEPENDENT_LAUNCH_EXPERTS = 32
-# int8's down (Triton) is launched so from this many experts, loading its first tile of weights before it waits. On
-# the H100 16 experts' FFN took 32.6 us against 33.5 launched after gate/up, 32 experts' at 4 rows 60.0 against 61.1
-# (after int4 gate/up, as Q4_K_M's experts run: 27.9 against 28.5, 47.0 against 48.3); at one token's 8 experts it
-# was between 3% faster and 8% slower, by run and by mix (bench/quant_kernels.md).
+# int8's down of up to this many experts, at most 8 rows each (one tile of x), runs on the CUDA kernel as a dependent
+# of gate/up (int8_down_on_mma), which copies every warp's first groups of weights before it waits. On the H100 one
+# token's FFN took 19.4 us against 20.6 with Triton's down (64% of HBM against 60%), Q4_K_M's 14.9 against 16.6
+# (63% against 56%); from 16 experts, or at 16 rows, Triton's down was as fast or faster, by up to 17%
+# (bench/quant_kernels.md).
+INT8_MMA_DOWN_EXPERTS = 8
+# Triton's int8 down is launched as a dependent from this many experts, loading its first tile of weights before it
+# waits. On the H100 16 experts' FFN took 32.6 us against 33.5 launched after gate/up, 32 experts' at 4 rows 60.0
+# against 61.1 (after int4 gate/up, as Q4_K_M's experts run: 27.9 against 28.5, 47.0 against 48.3); at one token's
+# 8 experts it was between 3% faster and 8% slower, by run and by mix (bench/quant_kernels.md).
 INT8_DEPENDENT_LAUNCH_FROM = 9
 
 
@@ -299,7 +305,7 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
     w2 = w2 if swiglu else w1
     grid_dependency = _grid_dependency(x.device)
     dependent = dependent and grid_dependency and plan.used_at_most <= DEPENDENT_LAUNCH_EXPERTS
-    if isinstance(w1, Int8Matrix) and not (dependent and int8_down_on_mma(n, k)):
+    if isinstance(w1, Int8Matrix) and not (dependent and int8_down_on_mma(n, k, plan)):
         common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class)
         args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.n_used)  # noqa: E731
@@ -313,10 +319,10 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
     return out
 
 
-def int8_down_on_mma(n: int, k: int) -> bool:
-    """Whether an int8 down launched as a dependent runs on mma_decode's kernel, not Triton's: it copies every warp's
-    first groups of weights before waiting for gate/up."""
-    return mma_decode.takes(n, k)
+def int8_down_on_mma(n: int, k: int, plan: GroupPlan) -> bool:
+    """Whether an int8 down launched as a dependent runs on mma_decode's kernel, not Triton's
+    (INT8_MMA_DOWN_EXPERTS)."""
+    return mma_decode.takes(n, k) and plan.used_at_most <= INT8_MMA_DOWN_EXPERTS and plan.rows_at_most <= 8
 
 
 @functools.cache

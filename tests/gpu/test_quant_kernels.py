@@ -167,7 +167,7 @@ def down_launched_after(qk, x, gate, up, down, plan):
     f, h = gate.shape[1:]
     act = qk.decode_linear(x, gate, up, plan, x.new_empty((x.shape[0], f)))
     out = x.new_empty((x.shape[0], h))
-    if isinstance(down, Int8Matrix) and not (qk._grid_dependency(DEVICE) and qk.int8_down_on_mma(h, f)):
+    if isinstance(down, Int8Matrix) and not (qk._grid_dependency(DEVICE) and qk.int8_down_on_mma(h, f, plan)):
         return qk.decode_linear(act, down, None, plan, out)
     mma_decode.decode(act, down, down, False, plan.meta, plan.n_used, plan.used_at_most, plan.rows_at_most, out)
     return out
@@ -193,20 +193,24 @@ def test_decode_with_down_launched_as_a_dependent(qk, strided, formats, counts):
     assert torch.equal(down_launched_after(qk, x, gate, up, down, qk.plan_groups(groups, counts, DEVICE)), y)
 
 
-@pytest.mark.parametrize("dims", [GATE, (96, 80)], ids=["qwen3-30b-a3b", "rows-not-in-64s"])
-def test_int8_down_of_many_experts_launched_as_a_dependent(qk, dims):
-    """int8's down of more experts, as a dependent: on the CUDA kernel, or, where the kernel cannot take its shape
-    (80 rows), on Triton's from INT8_DEPENDENT_LAUNCH_FROM experts, which loads its first tile of weights before it
-    waits for gate/up's output. Either gives the bits of a launch that starts after."""
+@pytest.mark.parametrize("dims, used, rows_each, on_mma", [(GATE, 4, 3, True), (GATE, 10, 3, False),
+                                                         (GATE, 4, 16, False), ((96, 80), 4, 3, False)],
+                         ids=["few-experts", "many-experts", "two-x-tiles", "rows-not-in-64s"])
+def test_int8_down_launched_as_a_dependent_on_either_kernel(qk, dims, used, rows_each, on_mma):
+    """int8's down as a dependent of gate/up runs on the CUDA kernel for up to INT8_MMA_DOWN_EXPERTS experts of up to
+    8 rows, where it takes the shape (not 80 rows); else on Triton's, launched as a dependent from
+    INT8_DEPENDENT_LAUNCH_FROM experts (its first tile of weights loaded before it waits). Either gives the
+    reference's rows and the bits of a launch that starts after."""
     f, h = dims
     gate, up, down = random_regions("int8", 12, [(f, h), (f, h), (h, f)], DEVICE, seed=23)
-    assert qk.int8_down_on_mma(h, f) == (dims == GATE)
-    groups = list(range(qk.INT8_DEPENDENT_LAUNCH_FROM + 1))
-    counts = [1 + g % 3 for g in groups]
+    groups = list(range(used))
+    counts = [rows_each - g % 3 for g in groups]
+    plan = qk.plan_groups(groups, counts, DEVICE)
+    assert qk.int8_down_on_mma(h, f, plan) == on_mma
     x = rows(counts, h, seed=24)
     y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
     assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
-    assert torch.equal(down_launched_after(qk, x, gate, up, down, qk.plan_groups(groups, counts, DEVICE)), y)
+    assert torch.equal(down_launched_after(qk, x, gate, up, down, plan), y)
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])

@@ -37,3 +37,11 @@ def test_only_gate_and_up_over_every_expert_take_the_deeper_ring():
     assert ring_stages(768, 128, True, 2) == DEEP_STAGES[1]
     assert ring_stages(768, 96, True, 1) == STAGES
     assert ring_stages(2048, 128, False, 1) == STAGES
+
+
+def test_int8_rings_take_more_shared_memory():
+    """An int8 group's 64 rows take 2 KB of a stage where int4's take 1.4 KB: one expert's down on a GPU of 108 SMs
+    and 163 KB a block (an A100) gets 16 warps as int4, 8 as int8, whose 16 warps' rings would need 192 KB."""
+    a100 = (108, 163 * 1024)
+    assert plan_k_warps(2048, 2048, 1, False, 1, *a100) == 16
+    assert plan_k_warps(2048, 2048, 1, False, 1, *a100, True) == 8
