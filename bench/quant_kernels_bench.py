@@ -122,6 +122,11 @@ def bench_decode(table: Table, fmt: str, stack: str, gate: QuantMatrix, up: Quan
                   expert_bytes([gate, up], sets[0]))
         down_s = graph_time([partial(qk.decode_linear, act, down, None, p, out) for p in plans])
         table.add(f"{fmt} down decode, {stack}", f"{shape}, ({HIDDEN}, {FFN})", down_s, expert_bytes([down], sets[0]))
+        if fmt == "int8" and qk.int8_down_on_mma(HIDDEN, FFN, plans[0]):  # the kernel the FFN row's down takes
+            cuda_s = graph_time([partial(mma_decode.decode, act, down, down, False, p.meta, p.n_used, p.used_at_most,
+                                         p.rows_at_most, out) for p in plans])
+            table.add(f"int8 down decode, CUDA kernel, {stack}", f"{shape}, ({HIDDEN}, {FFN})", cuda_s,
+                      expert_bytes([down], sets[0]))
         # as a decode step runs them: down may start while gate/up ends (qk.DEPENDENT_LAUNCH_EXPERTS)
         both = graph_time([partial(qk.decode_swiglu, x, gate, up, down, p) for p in plans])
         bf16_s = graph_time(bf16_decode_calls(*bf16, sets, rows, x))
@@ -200,12 +205,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the table to this file (quant_kernels.md is kept by hand)")
     parser.add_argument("--formats", nargs="+", choices=["int8", "int4"], default=["int8", "int4"])
     parser.add_argument("--int4-stages", type=int, default=mma_decode.STAGES,
-                        help=f"groups in each warp's ring of the int4 decode kernel where it takes the default "
+                        help=f"groups in each warp's ring of the CUDA decode kernel where it takes the default "
                              f"depth ({mma_decode.STAGES}; gate/up over every expert takes a deeper one): another "
                              "depth, timed against the default in a second run")
     parser.add_argument("--independent-launches", action="store_true",
                         help="decode's down launch waits for gate/up to end before any of its blocks start, "
-                             "for the gain of dependent launches against a run without them")
+                             "for the gain of dependent launches against a run without them (int8's down then "
+                             "runs on Triton's kernel: the CUDA kernel takes it only as a dependent)")
     args = parser.parse_args()
     mma_decode.STAGES = args.int4_stages  # read when the kernel is first compiled and sized, below
     if args.independent_launches:
@@ -250,8 +256,10 @@ def main() -> None:
         "GB/s counts the quantized bytes (codes + scales) of the experts each launch reads. Decode rows are",
         "CUDA-graph replays (one launch per set of experts, rotating over disjoint sets of the 128-expert stack so",
         "the weights come from HBM); an FFN row is both launches replayed in turn, as a decode step runs them",
-        f"(down launched as a dependent of gate/up up to {qk.DEPENDENT_LAUNCH_EXPERTS} experts, int8's from",
-        f"{qk.INT8_DEPENDENT_LAUNCH_FROM}).",
+        f"(down launched as a dependent of gate/up up to {qk.DEPENDENT_LAUNCH_EXPERTS} experts; int8's down on the",
+        f"CUDA kernel up to {qk.INT8_MMA_DOWN_EXPERTS} experts of up to 8 rows, else Triton's, as a dependent from",
+        f"{qk.INT8_DEPENDENT_LAUNCH_FROM}). The int8 down rows time Triton's kernel, launched alone; the CUDA kernel's",
+        "row, where it takes the FFN row's down, too.",
         "Their ratio column is to bf16 swiglu_grouped's GEMMs and SwiGLU on the same",
         "rows (graph-replayed the same way). Prefill rows are per call (do_bench median, host planning included),",
         "ratio to bf16 swiglu_grouped / torch._grouped_mm on the same tokens. The dequantize rows also write",

@@ -63,7 +63,7 @@ def all_experts_grouped(x: torch.Tensor, stack: ExpertWeights | tuple[torch.Tens
 def warm_up_quantized(layout: ExpertLayout, n_experts: int, device: torch.device) -> None:
     """Run the int8 / int4 kernels once for every launch size they are tuned or compiled for (few, some and
     many experts at decode, one and two 8-row tiles of x, and the prefill path), on zero weights. Triton tunes
-    a kernel on its first call for a shape and NVRTC compiles int4 decode, which takes seconds: done while
+    a kernel on its first call for a shape and NVRTC compiles the CUDA decode kernel, which takes seconds: done while
     serving, it would stall the first requests and the heartbeats."""
     regions = torch.zeros(n_experts, layout.region_nbytes, dtype=torch.uint8, device=device)
     stack = layout.views(regions)

@@ -4,8 +4,9 @@ Triton could not express the kernel's inner loop: the int4 layout keeps two rows
 tensor cores want two columns of one row in a register, and Triton re-paired the nibbles through extra
 permutes and shared memory (2.8 instructions per weight at 174 registers, 15-46% of HBM on the H200). Here a
 lane copies its groups of weights into shared memory ahead (cp.async), then reads exactly the words of its own
-mma fragments, and one byte permute pairs them (bench/quant_kernels.md). int8 runs in the same ring and loop
-(see the .cu file), where Triton's kernel had stayed at 59-62% of HBM for one token's experts on the H100.
+mma fragments, and one byte permute pairs them (bench/quant_kernels.md). int8's down of a few experts runs in the
+same ring and loop (quant_kernels.INT8_MMA_DOWN_EXPERTS), which on the H100 took one token's int8 FFN from 60% of HBM
+with Triton's down to 64%.
 
 Launches go through the driver's cuLaunchKernel (ctypes) on torch's current stream, not cupy's kernel call in a
 stream context: a decode step of one stream makes four a layer, and a grouped call of two took 94-107 us of host
@@ -45,7 +46,7 @@ def _kernel(x_tiles: int, swiglu: bool, stages: int, one_row: bool, int8: bool, 
     try:
         import cupy
     except ImportError as e:
-        raise ImportError("int4 experts on a GPU need cupy (pip install 'tierserve[gpu]')") from e
+        raise ImportError("int4 experts on a GPU, and int8's down, need cupy (pip install 'tierserve[gpu]')") from e
     flags = ", ".join("true" if f else "false" for f in (one_row, int8))
     name = f"quant_decode<{x_tiles}, {'true' if swiglu else 'false'}, {stages}, {flags}>"
     with cupy.cuda.Device(device.index):

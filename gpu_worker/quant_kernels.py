@@ -6,13 +6,13 @@ gpu_worker.grouped. Two regimes:
 - decode (at most DECODE_MAX_ROWS rows per expert): one launch per matrix over all experts, each
   program dequantizing a tile of rows in registers and multiplying it into that expert's rows, so
   every quantized byte is read once; gate and up run in the same launch with the SwiGLU fused. int4 is a CUDA
-  kernel (gpu_worker.mma_decode), whose inner loop Triton could not express; int8 a Triton kernel, but for down
-  launched as a dependent of gate/up, which takes the CUDA kernel too (int8_down_on_mma).
+  kernel (gpu_worker.mma_decode), whose inner loop Triton could not express; int8 a Triton kernel, but for the down
+  of a few experts launched as a dependent of gate/up, which takes the CUDA kernel (int8_down_on_mma).
 - prefill: the experts in use are dequantized into a bf16 scratch and torch's grouped GEMM takes
   over, whose arithmetic then dominates the extra pass over the weights.
 
-Import this module only on the CUDA path: it needs triton, which CUDA builds of torch bring along, and int4
-decode needs cupy.
+Import this module only on the CUDA path: it needs triton, which CUDA builds of torch bring along, and the CUDA
+decode kernel (int4, int8's down) needs cupy.
 """
 
 from __future__ import annotations
@@ -43,12 +43,12 @@ _ROW_TILE = tl.constexpr(INT4_ROW_TILE)
 # Operand type of the tensor-core products. The interpreter (as the CPU tests run the kernels) keeps bf16 as raw
 # 16-bit integers and multiplies those, so there the operands are float32.
 _OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
-# int4 launches of up to this many experts whose x is the output of the launch just before (decode's down after
-# gate/up) start as its dependents (programmatic dependent launch): their blocks are placed and started while that
-# one's last blocks run, copy their first groups of weights, and wait only before reading x. On the H100 one token's
-# FFN took 15.0 us against 16.9 launched after gate/up, 16 experts' 22.4 against 25.3, 32 experts' at 4 rows 37.8
-# against 41.2; at 64 x 2 it was 1-2% slower, the waiting blocks holding SMs that the launch before could still use
-# (128 x 16: within 0.5%).
+# Launches on the CUDA kernel (int4's, int8's down) of up to this many experts whose x is the output of the launch
+# just before (decode's down after gate/up) start as its dependents (programmatic dependent launch): their blocks are
+# placed and started while that one's last blocks run, copy their first groups of weights, and wait only before
+# reading x. For int4 on the H100 one token's FFN took 15.0 us against 16.9 launched after gate/up, 16 experts' 22.4
+# against 25.3, 32 experts' at 4 rows 37.8 against 41.2; at 64 x 2 it was 1-2% slower, the waiting blocks holding SMs
+# that the launch before could still use (128 x 16: within 0.5%).
 DEPENDENT_LAUNCH_EXPERTS = 32
 # int8's down of up to this many experts, at most 8 rows each (one tile of x), runs on the CUDA kernel as a dependent
 # of gate/up (int8_down_on_mma), which copies every warp's first groups of weights before it waits. On the H100 one
