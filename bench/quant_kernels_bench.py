@@ -122,7 +122,7 @@ def bench_decode(table: Table, fmt: str, stack: str, gate: QuantMatrix, up: Quan
                   expert_bytes([gate, up], sets[0]))
         down_s = graph_time([partial(qk.decode_linear, act, down, None, p, out) for p in plans])
         table.add(f"{fmt} down decode, {stack}", f"{shape}, ({HIDDEN}, {FFN})", down_s, expert_bytes([down], sets[0]))
-        if fmt == "int8" and qk.int8_down_on_mma(HIDDEN, FFN, plans[0]):  # the kernel the FFN row's down takes
+        if fmt == "int8" and qk.int8_down_on_mma(HIDDEN, FFN, plans[0], x.device):  # the FFN row's down's kernel
             cuda_s = graph_time([partial(mma_decode.decode, act, down, down, False, p.meta, p.n_used, p.used_at_most,
                                          p.rows_at_most, out) for p in plans])
             table.add(f"int8 down decode, CUDA kernel, {stack}", f"{shape}, ({HIDDEN}, {FFN})", cuda_s,

@@ -33,27 +33,23 @@ __device__ __forceinline__ u32 byte_perm(u32 a, u32 b, u32 selector) {
     return r;
 }
 
-// Nibbles at bits 0-3 and 16-19 -> two bf16 128 + q: (v & 0x000F000F) | 0x43004300.
-__device__ __forceinline__ u32 codes(u32 v) {
+// (v & MASK) | BITS, one instruction: two bf16 codes from bits of each 16-bit half of v
+template <u32 MASK, u32 BITS>
+__device__ __forceinline__ u32 masked_or(u32 v) {
     u32 r;
-    asm("lop3.b32 %0, %1, 0x000F000F, 0x43004300, 0xEA;" : "=r"(r) : "r"(v));
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(r) : "r"(v), "n"(MASK), "n"(BITS));
     return r;
 }
 
-// int8 bytes at bits 0-7 and 16-23 -> two bf16 128 + l, l the byte's low 7 bits: (v & 0x007F007F) | 0x43004300
-__device__ __forceinline__ u32 low_codes(u32 v) {
-    u32 r;
-    asm("lop3.b32 %0, %1, 0x007F007F, 0x43004300, 0xEA;" : "=r"(r) : "r"(v));
-    return r;
-}
+// Nibbles at bits 0-3 and 16-19 -> two bf16 128 + q
+__device__ __forceinline__ u32 codes(u32 v) { return masked_or<0x000F000F, 0x43004300>(v); }
 
-// ... -> two bf16 -128 (1 + h), h the byte's top bit, which lands on the exponent's lowest bit (-128 to -256):
-// (v & 0x00800080) | 0xC300C300. low_codes + top_codes = the signed byte.
-__device__ __forceinline__ u32 top_codes(u32 v) {
-    u32 r;
-    asm("lop3.b32 %0, %1, 0x00800080, 0xC300C300, 0xEA;" : "=r"(r) : "r"(v));
-    return r;
-}
+// int8 bytes at bits 0-7 and 16-23 -> two bf16 128 + l, l the byte's low 7 bits
+__device__ __forceinline__ u32 low_codes(u32 v) { return masked_or<0x007F007F, 0x43004300>(v); }
+
+// ... -> two bf16 -128 (1 + h), h the byte's top bit, which lands on the exponent's lowest bit (-128 to -256).
+// low_codes + top_codes = the signed byte.
+__device__ __forceinline__ u32 top_codes(u32 v) { return masked_or<0x00800080, 0xC300C300>(v); }
 
 __device__ __forceinline__ void mma(float (&c)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "

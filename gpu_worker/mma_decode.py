@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import importlib.util
 import threading
 from pathlib import Path
 
@@ -188,6 +189,12 @@ def plan_k_warps(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, mul
     return k_warps
 
 
+@functools.cache
+def available() -> bool:
+    """Whether cupy, which compiles the kernel, is installed: int8 runs on Triton's kernels without it."""
+    return importlib.util.find_spec("cupy") is not None
+
+
 def takes(n: int, k: int) -> bool:
     """Whether the kernel takes an (N, K) matrix: tiles of 64 rows, groups of 32 columns (int4's always are)."""
     return n % INT4_ROW_TILE == 0 and k % 32 == 0
@@ -203,6 +210,7 @@ def decode(x: torch.Tensor, w1: Int4Matrix | Int8Matrix, w2: Int4Matrix | Int8Ma
     dependent of the launch just before on this stream, whose output x is (down's, of gate/up): its blocks may
     start while that one's last blocks run. w1 and w2 are of one format, which `takes` their shape."""
     int8 = isinstance(w1, Int8Matrix)
+    assert not (int8 and swiglu), "int8 takes the kernel for down only (quant_kernels.int8_down_on_mma)"
     if int8:
         (p1, sz1), (p2, sz2) = w1, w2
     else:

@@ -1,4 +1,4 @@
-"""Quantized experts on the GPU: Triton kernels that read the int8 / int4 serving formats in place.
+"""Quantized experts on the GPU: Triton and CUDA kernels that read the int8 / int4 serving formats in place.
 
 Matrices come as stacks with a leading expert dimension (a layer's hot experts, or VRAM slots of raw
 expert regions, where stride(0) is the region size), and rows of x are grouped by expert as in
@@ -305,7 +305,7 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
     w2 = w2 if swiglu else w1
     grid_dependency = _grid_dependency(x.device)
     dependent = dependent and grid_dependency and plan.used_at_most <= DEPENDENT_LAUNCH_EXPERTS
-    if isinstance(w1, Int8Matrix) and not (dependent and int8_down_on_mma(n, k, plan)):
+    if isinstance(w1, Int8Matrix) and not (dependent and int8_down_on_mma(n, k, plan, x.device)):
         common = dict(SWIGLU=swiglu, BLOCK_M=DECODE_MAX_ROWS, size_class=plan.size_class)
         args = (x, x.stride(0), out, out.stride(0), plan.meta, plan.n_used)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]), plan.n_used)  # noqa: E731
@@ -319,10 +319,11 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
     return out
 
 
-def int8_down_on_mma(n: int, k: int, plan: GroupPlan) -> bool:
-    """Whether an int8 down launched as a dependent runs on mma_decode's kernel, not Triton's
-    (INT8_MMA_DOWN_EXPERTS)."""
-    return mma_decode.takes(n, k) and plan.used_at_most <= INT8_MMA_DOWN_EXPERTS and plan.rows_at_most <= 8
+def int8_down_on_mma(n: int, k: int, plan: GroupPlan, device: torch.device) -> bool:
+    """Whether decode's int8 down (n, k) on `device` runs on mma_decode's kernel, launched as a dependent of gate/up
+    (INT8_MMA_DOWN_EXPERTS), not on Triton's."""
+    return (_grid_dependency(device) and plan.used_at_most <= min(INT8_MMA_DOWN_EXPERTS, DEPENDENT_LAUNCH_EXPERTS)
+            and plan.rows_at_most <= 8 and mma_decode.takes(n, k) and mma_decode.available())
 
 
 @functools.cache

@@ -10,8 +10,8 @@ int4 prefill and int4 decode at 9-16 rows, which round the weights to bf16 (2^-9
 4.7e-3 against 2.9e-3 exact at Qwen3-30B-A3B's shapes); outputs (and the SwiGLU activations
 between the two products) are rounded to bf16: a few 1e-3 per row. Under the interpreter 2e-2: it truncates
 float32 to bf16 instead of rounding to nearest, which biases every rounding toward zero. int4 decode, and int8's
-down launched as a dependent of gate/up, run a CUDA kernel (gpu_worker/mma_decode.cu), which the interpreter cannot
-run: its cases need a GPU.
+down of a few experts launched as a dependent of gate/up (quant_kernels.int8_down_on_mma), run a CUDA kernel
+(gpu_worker/mma_decode.cu), which the interpreter cannot run: its cases need a GPU.
 """
 
 from __future__ import annotations
@@ -162,12 +162,11 @@ def test_all_experts_with_counts_on_the_device(qk, fmt, dims, counts):
 
 
 def down_launched_after(qk, x, gate, up, down, plan):
-    """The FFN with down on the kernel a dependent launch of it takes (plans of up to DEPENDENT_LAUNCH_EXPERTS
-    experts), but launched plainly, after gate/up."""
+    """The FFN with down on the kernel a dependent launch of it takes, but launched plainly, after gate/up."""
     f, h = gate.shape[1:]
     act = qk.decode_linear(x, gate, up, plan, x.new_empty((x.shape[0], f)))
     out = x.new_empty((x.shape[0], h))
-    if isinstance(down, Int8Matrix) and not (qk._grid_dependency(DEVICE) and qk.int8_down_on_mma(h, f, plan)):
+    if isinstance(down, Int8Matrix) and not qk.int8_down_on_mma(h, f, plan, DEVICE):
         return qk.decode_linear(act, down, None, plan, out)
     mma_decode.decode(act, down, down, False, plan.meta, plan.n_used, plan.used_at_most, plan.rows_at_most, out)
     return out
@@ -193,20 +192,22 @@ def test_decode_with_down_launched_as_a_dependent(qk, strided, formats, counts):
     assert torch.equal(down_launched_after(qk, x, gate, up, down, qk.plan_groups(groups, counts, DEVICE)), y)
 
 
-@pytest.mark.parametrize("dims, used, rows_each, on_mma", [(GATE, 4, 3, True), (GATE, 10, 3, False),
-                                                         (GATE, 4, 16, False), ((96, 80), 4, 3, False)],
-                         ids=["few-experts", "many-experts", "two-x-tiles", "rows-not-in-64s"])
-def test_int8_down_launched_as_a_dependent_on_either_kernel(qk, dims, used, rows_each, on_mma):
+@pytest.mark.parametrize("gate_up_fmt, dims, used, rows_each, on_mma", [
+    ("int8", GATE, 4, 3, True), ("int8", GATE, 10, 3, False), ("int4", GATE, 10, 3, False),
+    ("int8", GATE, 4, 16, False), ("int8", (96, 80), 4, 3, False)],
+    ids=["few-experts", "many-experts", "many-experts-after-int4", "two-x-tiles", "rows-not-in-64s"])
+def test_int8_down_launched_as_a_dependent_on_either_kernel(qk, gate_up_fmt, dims, used, rows_each, on_mma):
     """int8's down as a dependent of gate/up runs on the CUDA kernel for up to INT8_MMA_DOWN_EXPERTS experts of up to
     8 rows, where it takes the shape (not 80 rows); else on Triton's, launched as a dependent from
-    INT8_DEPENDENT_LAUNCH_FROM experts (its first tile of weights loaded before it waits). Either gives the
-    reference's rows and the bits of a launch that starts after."""
+    INT8_DEPENDENT_LAUNCH_FROM experts (its first tile of weights loaded before it waits), after either gate/up
+    (Q4_K_M's is int4). Either gives the reference's rows and the bits of a launch that starts after."""
     f, h = dims
-    gate, up, down = random_regions("int8", 12, [(f, h), (f, h), (h, f)], DEVICE, seed=23)
+    gate, up, down = random_regions([gate_up_fmt, gate_up_fmt, "int8"], 12, [(f, h), (f, h), (h, f)], DEVICE,
+                                    seed=23)
     groups = list(range(used))
-    counts = [rows_each - g % 3 for g in groups]
+    counts = [rows_each - g % 3 for g in groups]  # at most rows_each, none empty
     plan = qk.plan_groups(groups, counts, DEVICE)
-    assert qk.int8_down_on_mma(h, f, plan) == on_mma
+    assert qk.int8_down_on_mma(h, f, plan, DEVICE) == (on_mma and qk._grid_dependency(DEVICE))
     x = rows(counts, h, seed=24)
     y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
     assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE

@@ -2,7 +2,8 @@
 quantized weights (run on a CUDA machine: `pytest -m gpu tests/gpu`).
 
 Hot experts are stacks of expert-cache regions in VRAM and soft slots hold streamed regions; both are computed by
-the Triton int8 / int4 kernels, the fused decode kernels up to DECODE_MAX_ROWS rows per expert and dequantize +
+the int8 / int4 kernels (Triton's and the CUDA decode kernel), the fused decode kernels up to DECODE_MAX_ROWS rows
+per expert and dequantize +
 grouped GEMM above. The oracle runs its routed experts in fp32 on the dequantized served weights
 (shared.quant.dequantize_matrix), so what is measured is the worker's arithmetic, not the quantization.
 
