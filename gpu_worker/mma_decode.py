@@ -221,9 +221,9 @@ def decode(x: torch.Tensor, w1: Int4Matrix | Int8Matrix, w2: Int4Matrix | Int8Ma
     device = x.device
     x_tiles, stages, threads, shared_bytes, k_warps = _launch_shape(
         n, k, min(used_at_most, n_used), swiglu, rows_at_most, k_warps, int8, device)
-    # weights (and int4's (scale, zero) pairs) are copied 16 bytes at a time
-    assert not (p1.data_ptr() | p2.data_ptr() | p1.stride(0) | p2.stride(0) | k * int8) % 16, \
-        "weights: 16-byte aligned"
+    # weights (and int4's (scale, zero) pairs) are copied 16 bytes at a time; int8's rows, k bytes apart, are so
+    # by `takes`
+    assert not (p1.data_ptr() | p2.data_ptr() | p1.stride(0) | p2.stride(0)) % 16, "weights: 16-byte aligned"
     assert int8 or not (sz1.data_ptr() | sz2.data_ptr() | 2 * sz1.stride(0) | 2 * sz2.stride(0)) % 16, \
         "int4 (scale, zero) pairs: 16-byte aligned"
     if x.data_ptr() % 16 or x.stride(0) % 8:  # x's rows are copied 16 bytes at a time

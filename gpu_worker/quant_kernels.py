@@ -315,7 +315,7 @@ def _launch_decode(x: torch.Tensor, w1: QuantMatrix, w2: QuantMatrix | None, n: 
                                   DEPENDENT=dependent, launch_pdl=dependent)
     else:
         mma_decode.decode(x, w1, w2, swiglu, plan.meta, plan.n_used, plan.used_at_most, plan.rows_at_most, out,
-                        k_warps, dependent)
+                          k_warps, dependent)
     return out
 
 
