@@ -53,8 +53,8 @@ DEPENDENT_LAUNCH_EXPERTS = 32
 # int8's down of up to this many experts, at most 8 rows each (one tile of x), runs on the CUDA kernel as a dependent
 # of gate/up (int8_down_on_mma), which copies every warp's first groups of weights before it waits. On the H100 one
 # token's FFN took 19.4 us against 20.6 with Triton's down (64% of HBM against 60%), Q4_K_M's 14.9 against 16.6
-# (63% against 56%); from 16 experts, or at 16 rows, Triton's down was as fast or faster, by up to 17%
-# (bench/quant_kernels.md).
+# (63% against 56%). With Triton's down the FFN was within 1% at 16 experts of one row, 6-9% faster at 32 experts and
+# 14-17% faster at 16 rows (bench/quant_kernels.md).
 INT8_MMA_DOWN_EXPERTS = 8
 # Triton's int8 down is launched as a dependent from this many experts, loading its first tile of weights before it
 # waits. On the H100 16 experts' FFN took 32.6 us against 33.5 launched after gate/up, 32 experts' at 4 rows 60.0
