@@ -251,7 +251,7 @@ def cuda_decode(x, w1, w2, plan, n, k_warps=None):
     """The CUDA kernel's launch on a plan (for int8 too, whose launches decode_linear gives Triton's)."""
     out = x.new_empty((x.shape[0], n))
     mma_decode.decode(x, w1, w2 if w2 is not None else w1, w2 is not None, plan.meta, plan.n_used, plan.used_at_most,
-                    plan.rows_at_most, out, k_warps)
+                      plan.rows_at_most, out, k_warps)
     return out
 
 
