@@ -32,6 +32,8 @@ __device__ __forceinline__ u32 byte_perm(u32 a, u32 b, u32 selector) {
     asm("prmt.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(a), "r"(b), "r"(selector));
     return r;
 }
+// byte_perm selectors: the low 16-bit halves of a and b, side by side (a's in the low half), or the high halves
+constexpr u32 LOW_HALVES = 0x5410, HIGH_HALVES = 0x7632;
 
 // (v & MASK) | BITS, one instruction: two bf16 codes from bits of each 16-bit half of v
 template <u32 MASK, u32 BITS>
@@ -185,11 +187,10 @@ __device__ __forceinline__ void row_codes(u32 (&a)[4], const u32 (&near)[2], con
 // Bytes 0-1 (rows 4g, 4g+1) or 2-3 (4g+2, 4g+3) of two columns' words (w: four neighbouring columns), side by
 // side per 16-bit half, the first column of each pair in the low half
 __device__ __forceinline__ void pair_bytes(u32 (&near)[2], u32 (&far)[2], const u32 (&w)[4]) {
-    const u32 low_bytes = 0x5410, high_bytes = 0x7632;
-    near[0] = byte_perm(w[0], w[1], low_bytes);
-    near[1] = byte_perm(w[0], w[1], high_bytes);
-    far[0] = byte_perm(w[2], w[3], low_bytes);
-    far[1] = byte_perm(w[2], w[3], high_bytes);
+    near[0] = byte_perm(w[0], w[1], LOW_HALVES);
+    near[1] = byte_perm(w[0], w[1], HIGH_HALVES);
+    far[0] = byte_perm(w[2], w[3], LOW_HALVES);
+    far[1] = byte_perm(w[2], w[3], HIGH_HALVES);
 }
 
 // bf16x2 a * b + c, each half rounded once
@@ -294,6 +295,17 @@ struct Group8 {
 // acc[i][nt] += this int8 group's x rows nt*8 + 2t (+1) times rows w[i]. A word's bytes 0 and 2 (columns c and
 // c + 2) make the A register of k 2t, 2t + 1, bytes 1 and 3 that of 2t + 8, 2t + 9 (shifted down a byte), so x's
 // B registers pair its columns so too: one byte permute each.
+// The words of an int8 stage for this lane (from `words`: its rows of tile 0): tile i's rows at the slots XORed
+// with i, their high rows 1 KB further
+template <int NT>
+__device__ __forceinline__ void read_rows(Group8<NT>& f, const unsigned char* stage, int words) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f.w[i][0] = *(const uint2*)(stage + (words ^ 32 * i));
+        f.w[i][1] = *(const uint2*)(stage + (words ^ 32 * i) + 1024);
+    }
+}
+
 template <int NT>
 __device__ __forceinline__ void add_group8(float (&acc)[4][NT][4], const Group8<NT>& f) {
 #pragma unroll
@@ -301,8 +313,8 @@ __device__ __forceinline__ void add_group8(float (&acc)[4][NT][4], const Group8<
         u32 b[NT][2];
 #pragma unroll
         for (int nt = 0; nt < NT; ++nt) {
-            b[nt][0] = byte_perm(f.x[s][nt][0], f.x[s][nt][1], 0x5410);
-            b[nt][1] = byte_perm(f.x[s][nt][0], f.x[s][nt][1], 0x7632);
+            b[nt][0] = byte_perm(f.x[s][nt][0], f.x[s][nt][1], LOW_HALVES);
+            b[nt][1] = byte_perm(f.x[s][nt][0], f.x[s][nt][1], HIGH_HALVES);
         }
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -403,7 +415,7 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
     const u32 row_chunk = (lane >> 3) * 128 + (((lane >> 1) ^ (lane >> 3)) & 3) * 32 + (lane & 1) * 16;
     const CopyTo to = {ring_at + (INT8 ? row_chunk : column_at(lane >> 1) + (lane & 1) * 16),
                        ring_at + x_offset<INT8>() + lane * 16};
-    // int8: its rows of tile 0, whose slots (g % 4) tile i's XOR with i (add_group8's reads)
+    // int8: its rows of tile 0, whose slots (g % 4) tile i's XOR with i (read_rows)
     const int words = INT8 ? g * 128 + 32 * (g & 3) + 8 * t : column_at(8 * t) + 4 * g;
     const int pairs_at = COLUMNS_BYTES + 16 * g;
 
@@ -472,11 +484,7 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
         asm volatile("cp.async.wait_group %0;" :: "n"(STAGES - 1));
         __syncwarp();  // the other lanes' copies of this stage have landed too
         if constexpr (INT8) {
-#pragma unroll
-            for (int i = 0; i < 4; ++i) {
-                f.w[i][0] = *(const uint2*)(read + (words ^ 32 * i));
-                f.w[i][1] = *(const uint2*)(read + (words ^ 32 * i) + 1024);
-            }
+            read_rows(f, read, words);
             read_x<NT, INT8>(f.x, read, g, t);
             add_group8<NT>(acc, f);
         } else {
