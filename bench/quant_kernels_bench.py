@@ -206,8 +206,9 @@ def main() -> None:
     parser.add_argument("--formats", nargs="+", choices=["int8", "int4"], default=["int8", "int4"])
     parser.add_argument("--int4-stages", type=int, default=mma_decode.STAGES,
                         help=f"groups in each warp's ring of the CUDA decode kernel where it takes the default "
-                             f"depth ({mma_decode.STAGES}; gate/up over every expert takes a deeper one): another "
-                             "depth, timed against the default in a second run")
+                             f"depth ({mma_decode.STAGES}; gate/up over every expert takes a deeper one, int4's "
+                             "down of a few experts a shallower one): another depth, timed against the default in a "
+                             "second run")
     parser.add_argument("--independent-launches", action="store_true",
                         help="decode's down launch waits for gate/up to end before any of its blocks start, "
                              "for the gain of dependent launches against a run without them (int8's down then "

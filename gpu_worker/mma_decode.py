@@ -35,6 +35,12 @@ STAGES = 4
 # 96 experts and fewer 4 (bench/quant_kernels.md).
 DEEP_RING_BLOCKS = 1536
 DEEP_STAGES = (6, 5)
+# int4's down of at most SHALLOW_DOWN_EXPERTS experts (one token's 8: 256 blocks whose warps walk 3 groups each)
+# takes a shallower ring: on the H100 3 stages were 2-5% faster than 4 from 2 to 16 rows at 8 experts (the FFN of
+# one token 0-2%) and 1-5% slower at 12 experts and more; int8's down of 8 experts was 10% slower at 3
+# (bench/quant_kernels.md).
+SHALLOW_DOWN_EXPERTS = 8
+SHALLOW_DOWN_STAGES = 3
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
 _BLOCK_WARPS = 16  # warps x tiles of x in a block at most: the kernel's launch bounds (512 / tiles threads)
 _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
@@ -138,10 +144,12 @@ def _shared_bytes(warps: int, x_tiles: int, stages: int, int8: bool = False) -> 
     return warps * (x_tiles * _SUMS_BYTES + stages * _stage_bytes(x_tiles, int8))
 
 
-def ring_stages(n: int, used: int, swiglu: bool, x_tiles: int) -> int:
+def ring_stages(n: int, used: int, swiglu: bool, x_tiles: int, int8: bool = False) -> int:
     """Stages of each warp's ring in a launch over `used` experts' (N, K) matrices."""
     if swiglu and n // INT4_ROW_TILE * used >= DEEP_RING_BLOCKS:
         return DEEP_STAGES[x_tiles - 1]
+    if not swiglu and not int8 and used <= SHALLOW_DOWN_EXPERTS:
+        return SHALLOW_DOWN_STAGES
     return STAGES
 
 
@@ -179,7 +187,7 @@ def plan_k_warps(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, mul
     experts: 54 us against 35); since, it was timed against one warp only (the same from 64 experts up, 2.2x
     faster for 8)."""
     matrices, x_tiles = 2 if swiglu else 1, _x_tiles(rows_at_most)
-    stages = ring_stages(n, used, swiglu, x_tiles)
+    stages = ring_stages(n, used, swiglu, x_tiles, int8)
     blocks = n // INT4_ROW_TILE * max(1, used)
     k_warps = 1
     while (blocks * matrices * k_warps < _WARPS_PER_SM * multiprocessors
@@ -256,7 +264,7 @@ def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_
     """(8-row tiles of x, ring stages, threads a block, its shared bytes, warps cutting K) of a launch."""
     assert takes(n, k), f"the kernel takes rows in tiles of {INT4_ROW_TILE} and columns in groups of 32, not {n, k}"
     x_tiles = _x_tiles(rows_at_most)
-    stages = ring_stages(n, used, swiglu, x_tiles)
+    stages = ring_stages(n, used, swiglu, x_tiles, int8)
     k_warps = k_warps or k_warps_for(n, k, used, swiglu, rows_at_most, device, int8)
     warps = k_warps * (2 if swiglu else 1)
     assert warps * x_tiles <= _BLOCK_WARPS, "too many warps for a block"

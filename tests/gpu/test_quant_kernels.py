@@ -275,7 +275,7 @@ def test_mma_decode_cut_along_k_matches_the_reference(qk, fmt, swiglu, counts):
     for k_warps in (1, 3, 4, 8):  # as many as a block holds: warps x tiles of x, and shared memory
         warps = k_warps * (2 if swiglu else 1)
         x_tiles = mma_decode._x_tiles(max(counts))
-        stages = mma_decode.ring_stages(f, len(groups), swiglu, x_tiles)
+        stages = mma_decode.ring_stages(f, len(groups), swiglu, x_tiles, fmt == "int8")
         if (warps * x_tiles > mma_decode._BLOCK_WARPS
                 or mma_decode._shared_bytes(warps, x_tiles, stages, fmt == "int8") > mma_decode._shared_limit(DEVICE)):
             continue

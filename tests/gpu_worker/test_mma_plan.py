@@ -5,7 +5,15 @@ from __future__ import annotations
 
 import pytest
 
-from gpu_worker.mma_decode import DEEP_STAGES, STAGES, _shared_bytes, _x_tiles, plan_k_warps, ring_stages
+from gpu_worker.mma_decode import (
+    DEEP_STAGES,
+    SHALLOW_DOWN_STAGES,
+    STAGES,
+    _shared_bytes,
+    _x_tiles,
+    plan_k_warps,
+    ring_stages,
+)
 
 H200 = (132, 227 * 1024)  # SMs, shared memory a block may opt into
 RTX_4090 = (128, 99 * 1024)
@@ -20,7 +28,7 @@ def test_blocks_fit_the_gpus_shared_memory(used, rows, swiglu, gpu, int8):
     k_warps = plan_k_warps(n, k, used, swiglu, rows, *gpu, int8)
     warps = k_warps * (2 if swiglu else 1)
     assert k_warps >= 1 and k_warps & (k_warps - 1) == 0
-    assert _shared_bytes(warps, _x_tiles(rows), ring_stages(n, used, swiglu, _x_tiles(rows)), int8) <= gpu[1]
+    assert _shared_bytes(warps, _x_tiles(rows), ring_stages(n, used, swiglu, _x_tiles(rows), int8), int8) <= gpu[1]
 
 
 def test_one_tokens_experts_take_the_most_warps_the_gpu_holds():
@@ -37,6 +45,16 @@ def test_only_gate_and_up_over_every_expert_take_the_deeper_ring():
     assert ring_stages(768, 128, True, 2) == DEEP_STAGES[1]
     assert ring_stages(768, 96, True, 1) == STAGES
     assert ring_stages(2048, 128, False, 1) == STAGES
+
+
+@pytest.mark.parametrize("x_tiles", [1, 2])
+def test_only_int4_down_of_a_few_experts_takes_the_shallower_ring(x_tiles):
+    """One token's 8 experts (and fewer) at int4; int8's down, more experts and gate/up keep the default."""
+    assert ring_stages(2048, 8, False, x_tiles) == SHALLOW_DOWN_STAGES < STAGES
+    assert ring_stages(2048, 1, False, x_tiles) == SHALLOW_DOWN_STAGES
+    assert ring_stages(2048, 8, False, x_tiles, int8=True) == STAGES
+    assert ring_stages(2048, 9, False, x_tiles) == STAGES
+    assert ring_stages(768, 8, True, x_tiles) == STAGES
 
 
 def test_int8_rings_take_more_shared_memory():
