@@ -37,7 +37,7 @@ DEEP_RING_BLOCKS = 1536
 DEEP_STAGES = (6, 5)
 # int4's down of at most SHALLOW_DOWN_EXPERTS experts (one token's 8: 256 blocks whose warps walk 3 groups each)
 # takes a shallower ring: on the H100 3 stages were 2-5% faster than 4 from 2 to 16 rows at 8 experts (the FFN of
-# one token 0-2%) and 1-5% slower at 12 experts and more; int8's down of 8 experts was 10% slower at 3
+# one token 0-2%) and 1-5% slower at 12 experts and more; int8's down of 8 experts was 9% slower at 3
 # (bench/quant_kernels.md).
 SHALLOW_DOWN_EXPERTS = 8
 SHALLOW_DOWN_STAGES = 3
