@@ -205,10 +205,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the table to this file (quant_kernels.md is kept by hand)")
     parser.add_argument("--formats", nargs="+", choices=["int8", "int4"], default=["int8", "int4"])
     parser.add_argument("--int4-stages", type=int, default=mma_decode.STAGES,
-                        help=f"groups in each warp's ring of the CUDA decode kernel where it takes the default "
-                             f"depth ({mma_decode.STAGES}; gate/up over every expert takes a deeper one, int4's "
-                             "down of a few experts a shallower one): another depth, timed against the default in a "
-                             "second run")
+                        help=f"groups in each warp's ring of the CUDA decode kernel (int4, and int8's down) where it "
+                             f"takes the default depth ({mma_decode.STAGES}; gate/up over every expert takes a deeper "
+                             "one, int4's down of a few experts a shallower one): another depth, to compare with a "
+                             "run at the default")
     parser.add_argument("--independent-launches", action="store_true",
                         help="decode's down launch waits for gate/up to end before any of its blocks start, "
                              "for the gain of dependent launches against a run without them (int8's down then "

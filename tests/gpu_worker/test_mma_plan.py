@@ -47,14 +47,13 @@ def test_only_gate_and_up_over_every_expert_take_the_deeper_ring():
     assert ring_stages(2048, 128, False, 1) == STAGES
 
 
-@pytest.mark.parametrize("x_tiles", [1, 2])
-def test_only_int4_down_of_a_few_experts_takes_the_shallower_ring(x_tiles):
+def test_only_int4_down_of_a_few_experts_takes_the_shallower_ring():
     """One token's 8 experts (and fewer) at int4; int8's down, more experts and gate/up keep the default."""
-    assert ring_stages(2048, 8, False, x_tiles) == SHALLOW_DOWN_STAGES < STAGES
-    assert ring_stages(2048, 1, False, x_tiles) == SHALLOW_DOWN_STAGES
-    assert ring_stages(2048, 8, False, x_tiles, int8=True) == STAGES
-    assert ring_stages(2048, 9, False, x_tiles) == STAGES
-    assert ring_stages(768, 8, True, x_tiles) == STAGES
+    assert ring_stages(2048, 8, False, 1) == SHALLOW_DOWN_STAGES < STAGES
+    assert ring_stages(2048, 1, False, 2) == SHALLOW_DOWN_STAGES
+    assert ring_stages(2048, 8, False, 1, int8=True) == STAGES
+    assert ring_stages(2048, 9, False, 1) == STAGES
+    assert ring_stages(768, 8, True, 1) == STAGES
 
 
 def test_int8_rings_take_more_shared_memory():
