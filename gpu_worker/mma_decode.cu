@@ -292,9 +292,6 @@ struct Group8 {
     u32 x[2][NT][2];
 };
 
-// acc[i][nt] += this int8 group's x rows nt*8 + 2t (+1) times rows w[i]. A word's bytes 0 and 2 (columns c and
-// c + 2) make the A register of k 2t, 2t + 1, bytes 1 and 3 that of 2t + 8, 2t + 9 (shifted down a byte), so x's
-// B registers pair its columns so too: one byte permute each.
 // The words of an int8 stage for this lane (from `words`: its rows of tile 0): tile i's rows at the slots XORed
 // with i, their high rows 1 KB further
 template <int NT>
@@ -306,6 +303,9 @@ __device__ __forceinline__ void read_rows(Group8<NT>& f, const unsigned char* st
     }
 }
 
+// acc[i][nt] += this int8 group's x rows nt*8 + 2t (+1) times rows w[i]. A word's bytes 0 and 2 (columns c and
+// c + 2) make the A register of k 2t, 2t + 1, bytes 1 and 3 that of 2t + 8, 2t + 9 (shifted down a byte), so x's
+// B registers pair its columns so too: one byte permute each.
 template <int NT>
 __device__ __forceinline__ void add_group8(float (&acc)[4][NT][4], const Group8<NT>& f) {
 #pragma unroll
@@ -339,8 +339,6 @@ template <int NT>
 struct GroupOf<NT, true> {
     using type = Group8<NT>;
 };
-
-__device__ __forceinline__ float from_bf16(u16 v) { return __uint_as_float((u32)v << 16); }
 
 // Grid (N / 64 tiles, groups of the plan); block 32 * k_warps * (SWIGLU ? 2 : 1) threads, at most 16 / NT warps;
 // shared memory warps * (2048 * NT + STAGES * stage_bytes<NT, INT8>()) bytes. INT8: p* are the int8 rows, sz* the
@@ -535,7 +533,7 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
         // token's 14.3 us FFN on the H100 (bench/quant_kernels.md)
         if (row >= rows) return;
         const int col = tile * 64 + (e < 2 ? 4 * g + i : 32 + 4 * g + i);
-        if constexpr (INT8) y *= from_bf16(sz1[expert * sz1_gs + col]);  // the row's scale
+        if constexpr (INT8) y *= bf16_low(sz1[expert * sz1_gs + col]);  // the row's scale
         const float v = SWIGLU ? y / (1.f + __expf(-y)) * up : y;
         out[(first + row) * out_stride + col] = to_bf16(v);
     };

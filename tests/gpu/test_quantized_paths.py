@@ -3,9 +3,9 @@ quantized weights (run on a CUDA machine: `pytest -m gpu tests/gpu`).
 
 Hot experts are stacks of expert-cache regions in VRAM and soft slots hold streamed regions; both are computed by
 the int8 / int4 kernels (Triton's and the CUDA decode kernel), the fused decode kernels up to DECODE_MAX_ROWS rows
-per expert and dequantize +
-grouped GEMM above. The oracle runs its routed experts in fp32 on the dequantized served weights
-(shared.quant.dequantize_matrix), so what is measured is the worker's arithmetic, not the quantization.
+per expert and dequantize + grouped GEMM above. The oracle runs its routed experts in fp32 on the dequantized
+served weights (shared.quant.dequantize_matrix), so what is measured is the worker's arithmetic, not the
+quantization.
 
 Stated tolerances:
 - every MoE call, against fp32 from the same hidden states and routing: the worst row's relative L2 error below
