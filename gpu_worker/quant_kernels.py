@@ -69,9 +69,20 @@ def _configs(options: list[tuple]) -> list[triton.Config]:
     return configs[:1] if knobs.runtime.interpret else configs  # one config: the interpreter has nothing to time
 
 
-def _block_k_fits(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
-    """Drop K tiles wider than K (all masked lanes); keep the narrowest if none fits."""
-    fitting = [c for c in configs if c.kwargs["BLOCK_K"] <= named_args["K"]]
+# int8's gate/up of a few experts (size class 8) takes this configuration, not the autotuner's pick. Timing each
+# configuration's launch alone, the autotuner picked three different ones on four starts of the H100, and one token's
+# FFN took 18.3 to 20.7 us by the pick; in the FFN this one was the fastest at 1, 8 x 1 and 8 x 4 (18.26 us at
+# 8 x 1, 67.9% of HBM, against 19.50 and 20.74 for the other two picks: bench/quant_kernels.md).
+_FEW_EXPERTS_GATE_UP = {"BLOCK_N": 32, "BLOCK_K": 256}
+
+
+def _decode_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The configurations to tune a decode launch over: those whose K tile fits K (wider ones only mask lanes),
+    the narrowest if none does; of them, for gate/up of a few experts, _FEW_EXPERTS_GATE_UP alone."""
+    launch = {**named_args, **kwargs}
+    fitting = [c for c in configs if c.kwargs["BLOCK_K"] <= launch["K"]]
+    if launch["SWIGLU"] and launch["size_class"] == 8:
+        fitting = [c for c in fitting if c.kwargs == _FEW_EXPERTS_GATE_UP] or fitting
     return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
 
 
@@ -80,7 +91,7 @@ def _bench_briefly(fn, quantiles):  # tuning runs once per shape and size class:
 
 
 # DEPENDENT is not in the key: the autotuner times each launch alone, where a dependent one runs as a plain one
-_TUNING = dict(key=["N", "K", "SWIGLU", "size_class"], prune_configs_by={"early_config_prune": _block_k_fits},
+_TUNING = dict(key=["N", "K", "SWIGLU", "size_class"], prune_configs_by={"early_config_prune": _decode_configs},
                do_bench=_bench_briefly)
 
 

@@ -106,6 +106,20 @@ def test_swiglu(qk, fmt, strided, regime, dims):
     assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
 
 
+@pytest.mark.parametrize("dims", [(768, 2048)], ids=["qwen3-30b-a3b"])
+def test_int8_gate_up_of_a_few_experts_takes_one_configuration(qk, dims):
+    """Not the autotuner's pick, which moved between starts (quant_kernels._FEW_EXPERTS_GATE_UP); the pick goes
+    through Triton's own pruning hook, so this checks that the hook sees the launch's size class."""
+    f, h = dims
+    gate, up, down = random_regions("int8", 6, [(f, h), (f, h), (h, f)], DEVICE, seed=3)
+    groups, counts = [0, 2, 5], [1, 4, 2]
+    x = rows(counts, h, seed=4)
+    y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
+    assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
+    picks = {key[:4]: config.kwargs for key, config in qk._int8_decode_kernel.cache.items()}
+    assert picks[(f, h, True, 8)] == qk._FEW_EXPERTS_GATE_UP
+
+
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_many_experts_decode(qk, fmt):
     """Most of a 48-expert stack in one launch (the tuning class for many experts), 1-3 rows each."""
