@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 from itertools import accumulate
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
@@ -33,6 +33,7 @@ from shared.quant import INT4_ROW_TILE, Int4Matrix, Int8Matrix
 
 QuantMatrix = Int8Matrix | Int4Matrix
 DECODE_MAX_ROWS = 16  # rows per expert the decode kernels take (one tensor-core tile of 16 rows)
+FEW_EXPERTS = 8  # the smallest tuning class of Triton's int8 decode (GroupPlan.size_class): one token's experts
 # Experts dequantized to bf16 at once by prefill. Each pass costs ~0.6 ms of host work (plans, Triton launches,
 # the grouped GEMMs' set-up): 4096 tokens x top-8 over 128 experts took 2,476 us in passes of 32 (the GPU
 # waiting on the host), 1,438 in passes of 64 and 1,391 in one pass, against 886 for bf16 (H200).
@@ -52,9 +53,9 @@ _OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
 DEPENDENT_LAUNCH_EXPERTS = 32
 # int8's down of up to this many experts, at most 8 rows each (one tile of x), runs on the CUDA kernel as a dependent
 # of gate/up (int8_down_on_mma), which copies every warp's first groups of weights before it waits. On the H100 one
-# token's FFN took 19.4 us against 20.6 with Triton's down (64% of HBM against 60%), Q4_K_M's 14.9 against 16.6
-# (63% against 56%). With Triton's down the FFN was within 1% at 16 experts of one row, 6-9% faster at 32 experts and
-# 14-17% faster at 16 rows (bench/quant_kernels.md).
+# token's FFN took 19.4 us against 20.6 with Triton's down (64% of HBM against 60%; gate/up on the autotuner's pick
+# then), Q4_K_M's 14.9 against 16.6 (63% against 56%). With Triton's down the FFN was within 1% at 16 experts of one
+# row, 6-9% faster at 32 experts and 14-17% faster at 16 rows (bench/quant_kernels.md).
 INT8_MMA_DOWN_EXPERTS = 8
 # Triton's int8 down is launched as a dependent from this many experts, loading its first tile of weights before it
 # waits. On the H100 16 experts' FFN took 32.6 us against 33.5 launched after gate/up, 32 experts' at 4 rows 60.0
@@ -69,20 +70,21 @@ def _configs(options: list[tuple]) -> list[triton.Config]:
     return configs[:1] if knobs.runtime.interpret else configs  # one config: the interpreter has nothing to time
 
 
-# int8's gate/up of a few experts (size class 8) takes this configuration, not the autotuner's pick. Timing each
-# configuration's launch alone, the autotuner picked three different ones on four starts of the H100, and one token's
-# FFN took 18.3 to 20.7 us by the pick; in the FFN this one was the fastest at 1, 8 x 1 and 8 x 4 (18.26 us at
-# 8 x 1, 67.9% of HBM, against 19.50 and 20.74 for the other two picks: bench/quant_kernels.md).
-_FEW_EXPERTS_GATE_UP = {"BLOCK_N": 32, "BLOCK_K": 256}
+# int8's gate/up of a few experts (size class FEW_EXPERTS) takes this configuration, (kwargs, warps, stages), not
+# the autotuner's pick. Timing each configuration's launch alone, the autotuner picked three different ones on four
+# starts of the H100, and one token's FFN took 18.3 to 20.7 us by the pick; in the FFN this one was the fastest at
+# 1 x 1, 8 x 1 and 8 x 4 (18.26 us at 8 x 1, 67.9% of HBM, against 19.50 and 20.74 for the other two picks:
+# bench/quant_kernels.md).
+_FEW_EXPERTS_GATE_UP = ({"BLOCK_N": 32, "BLOCK_K": 256}, 4, 3)
 
 
-def _decode_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+def _decode_configs(configs: list[triton.Config], named_args: dict[str, Any], **kwargs: Any) -> list[triton.Config]:
     """The configurations to tune a decode launch over: those whose K tile fits K (wider ones only mask lanes),
     the narrowest if none does; of them, for gate/up of a few experts, _FEW_EXPERTS_GATE_UP alone."""
-    launch = {**named_args, **kwargs}
+    launch = {**named_args, **kwargs}  # the autotuner passes positional arguments (K) apart from keywords (SWIGLU)
     fitting = [c for c in configs if c.kwargs["BLOCK_K"] <= launch["K"]]
-    if launch["SWIGLU"] and launch["size_class"] == 8:
-        fitting = [c for c in fitting if c.kwargs == _FEW_EXPERTS_GATE_UP] or fitting
+    if launch["SWIGLU"] and launch["size_class"] == FEW_EXPERTS:
+        fitting = [c for c in fitting if (c.kwargs, c.num_warps, c.num_stages) == _FEW_EXPERTS_GATE_UP] or fitting
     return fitting or [min(configs, key=lambda c: c.kwargs["BLOCK_K"])]
 
 
@@ -153,7 +155,7 @@ def _x_tile(x_ptr, x_stride, rows, row_mask, K, k0, BLOCK_K: tl.constexpr):
 
 @triton.autotune(configs=_configs([  # none of these spills registers on sm_90 (ptxas report)
     ({"BLOCK_N": 32, "BLOCK_K": 128}, 4, 4),
-    ({"BLOCK_N": 32, "BLOCK_K": 256}, 4, 3),
+    _FEW_EXPERTS_GATE_UP,
     ({"BLOCK_N": 32, "BLOCK_K": 64}, 4, 4),
     ({"BLOCK_N": 64, "BLOCK_K": 128}, 4, 4),
     ({"BLOCK_N": 64, "BLOCK_K": 256}, 8, 3),
@@ -252,7 +254,7 @@ class GroupPlan(NamedTuple):
     def size_class(self) -> int:
         """Tuning bucket for the number of experts in a launch: few experts want narrower tiles, for more
         programs."""
-        return 8 if self.used_at_most <= 8 else 32 if self.used_at_most <= 32 else 128
+        return FEW_EXPERTS if self.used_at_most <= FEW_EXPERTS else 32 if self.used_at_most <= 32 else 128
 
     @property
     def ends(self) -> torch.Tensor:
