@@ -268,7 +268,7 @@ def main() -> None:
         "",
         table.markdown(),
         "",
-        "int8 decode configurations (tuned, but gate/up's of a few experts, quant_kernels._FEW_EXPERTS_GATE_UP):",
+        "int8 decode configurations (tuned, except gate/up of a few experts: quant_kernels._FEW_EXPERTS_GATE_UP):",
         *tuned,
         "",
     ])

@@ -109,15 +109,15 @@ def test_swiglu(qk, fmt, strided, regime, dims):
 @pytest.mark.parametrize("dims", [(768, 2048)], ids=["qwen3-30b-a3b"])
 def test_int8_gate_up_of_a_few_experts_takes_one_configuration(qk, dims, monkeypatch):
     """Not the autotuner's pick, which moved between starts (quant_kernels._FEW_EXPERTS_GATE_UP): Triton's pruning
-    hook must see the launch's size class and leave that configuration alone, untimed."""
+    hook must see the launch's size class and leave that configuration alone, not timed against the others."""
     kernel = qk._int8_decode_kernel
     configs = [(c.kwargs, c.num_warps, c.num_stages) for c in kernel.configs]
     assert configs.count(qk._FEW_EXPERTS_GATE_UP) == 1
     kept_for_gate_up = []
     hook = kernel.early_config_prune
 
-    def spy(configs, named_args, **kwargs):
-        kept = hook(configs, named_args, **kwargs)
+    def spy(candidates, named_args, **kwargs):
+        kept = hook(candidates, named_args, **kwargs)
         if kwargs.get("SWIGLU", named_args.get("SWIGLU")):
             kept_for_gate_up.append([(c.kwargs, c.num_warps, c.num_stages) for c in kept])
         return kept
