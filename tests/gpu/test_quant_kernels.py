@@ -188,15 +188,21 @@ def test_all_experts_with_counts_on_the_device(qk, fmt, dims, counts):
     assert worst_row_error(y, want) < TOLERANCE
 
 
+def cuda_decode(x, w1, w2, plan, n, k_warps=None):
+    """The CUDA kernel's launch on a plan (for int8 too, whose launches decode_linear gives Triton's)."""
+    out = x.new_empty((x.shape[0], n))
+    mma_decode.decode(x, w1, w2 if w2 is not None else w1, w2 is not None, plan.meta, plan.n_used, plan.used_at_most,
+                      plan.rows_at_most, out, k_warps)
+    return out
+
+
 def down_launched_after(qk, x, gate, up, down, plan):
     """The FFN with down on the kernel a dependent launch of it takes, but launched plainly, after gate/up."""
     f, h = gate.shape[1:]
     act = qk.decode_linear(x, gate, up, plan, x.new_empty((x.shape[0], f)))
-    out = x.new_empty((x.shape[0], h))
     if isinstance(down, Int8Matrix) and not qk.int8_down_on_mma(h, f, plan, DEVICE):
-        return qk.decode_linear(act, down, None, plan, out)
-    mma_decode.decode(act, down, down, False, plan.meta, plan.n_used, plan.used_at_most, plan.rows_at_most, out)
-    return out
+        return qk.decode_linear(act, down, None, plan, x.new_empty((x.shape[0], h)))
+    return cuda_decode(act, down, None, plan, h)
 
 
 @pytest.mark.parametrize("strided", [True, False], ids=["regions", "stack"])
@@ -272,14 +278,6 @@ def test_no_rows(qk):
     (w,) = random_regions("int4", 2, [SMALL], DEVICE, seed=0)
     y = qk.grouped_linear(torch.empty(0, SMALL[1], dtype=torch.bfloat16, device=DEVICE), w, [0, 1], [0, 0])
     assert y.shape == (0, SMALL[0])
-
-
-def cuda_decode(x, w1, w2, plan, n, k_warps=None):
-    """The CUDA kernel's launch on a plan (for int8 too, whose launches decode_linear gives Triton's)."""
-    out = x.new_empty((x.shape[0], n))
-    mma_decode.decode(x, w1, w2 if w2 is not None else w1, w2 is not None, plan.meta, plan.n_used, plan.used_at_most,
-                      plan.rows_at_most, out, k_warps)
-    return out
 
 
 @pytest.mark.parametrize("fmt, swiglu", [("int4", False), ("int4", True), ("int8", False)],
