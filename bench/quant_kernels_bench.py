@@ -13,11 +13,13 @@ included, against gpu_worker.grouped.swiglu_grouped on bf16 stacks.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import triton
@@ -28,7 +30,8 @@ from gpu_worker.grouped import swiglu_grouped
 from tests.quant_stacks import QuantMatrix, random_regions
 
 FFN, HIDDEN, EXPERTS = 768, 2048, 128  # Qwen3-30B-A3B: gate/up (768, 2048), down (2048, 768), 128 experts
-DECODE_CASES = [(8, 1), (16, 1), (32, 4), (64, 2), (128, 1), (64, 9), (64, 16), (128, 16)]  # (experts used, rows each)
+# (experts used, rows each)
+DECODE_CASES = [(1, 1), (4, 1), (8, 1), (16, 1), (32, 4), (64, 2), (128, 1), (64, 9), (64, 16), (128, 16)]
 PREFILL_TOKENS, TOP_K = 4096, 8
 
 
@@ -67,6 +70,63 @@ def graph_time(calls: list[Callable[[], object]], min_calls: int = 256) -> float
 def expert_bytes(matrices: list[QuantMatrix | torch.Tensor], groups: list[int]) -> int:
     tensors = [t for m in matrices for t in ([m] if isinstance(m, torch.Tensor) else m)]
     return sum(t[g].numel() * t.element_size() for t in tensors for g in groups)
+
+
+# Reads 16-byte chunks and computes nothing: how fast any kernel can read a launch's bytes, at that size
+_PLAIN_READ = r"""
+extern "C" __global__ void plain_read(const uint4* __restrict__ p, long long chunks, unsigned* sink) {
+    // block b reads its own slice of the chunks, 8 loads in flight a thread
+    const long long per = (chunks + gridDim.x - 1) / gridDim.x, first = blockIdx.x * per;
+    const long long end = min(first + per, chunks);
+    unsigned folded = 0;
+    for (long long i = first + threadIdx.x; i < end; i += 8 * blockDim.x) {
+        uint4 v[8];
+#pragma unroll
+        for (int u = 0; u < 8; ++u) {
+            const long long j = i + u * blockDim.x;
+            v[u] = j < end ? __ldcs(p + j) : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+        for (int u = 0; u < 8; ++u) folded ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+    }
+    if (folded == 0x9E3779B9u) *sink = folded;  // never in practice: keeps the loads
+}"""
+_ROTATED_BYTES = 256 << 20  # rotated over, so that a launch's bytes come from HBM, not the 50 MB L2
+
+
+@functools.cache
+def _plain_read_kernel():
+    import cupy
+    return cupy.RawKernel(_PLAIN_READ, "plain_read")
+
+
+def plain_read_time(launch_bytes: list[int]) -> float:
+    """Seconds to read launch_bytes[0] bytes, then launch_bytes[1], ..., one launch each of a kernel that
+    computes nothing, each on its fastest of a few grids: a ceiling for kernels that read the same bytes in the same
+    launches. Timed as the decode rows are (graph_time over rotating slices of a buffer)."""
+    import cupy
+    kernel = _plain_read_kernel()
+    sink = cupy.zeros(1, dtype=cupy.uint32)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    grids = [(blocks, threads) for blocks in (sms // 4, sms // 2, sms, 2 * sms, 4 * sms) for threads in (256, 1024)]
+    sizes = [-(-n // 4096) * 4096 for n in launch_bytes]  # each slice 4 KB-aligned, as an expert's region
+    slots = max(2, -(-_ROTATED_BYTES // sum(sizes)))
+    buffers = [torch.empty(slots, n, dtype=torch.uint8, device="cuda") for n in sizes]
+    slices = [[cupy.asarray(buffer[s]) for s in range(slots)] for buffer in buffers]  # the kernel takes their pointers
+    chunks = [np.int64(n // 16) for n in launch_bytes]
+
+    def read(launch: int, slot: int, grid: tuple[int, int]) -> None:
+        # on torch's current stream: under graph_time's capture, the graph's
+        with cupy.cuda.ExternalStream(torch.cuda.current_stream().cuda_stream):
+            kernel((grid[0],), (grid[1],), (slices[launch][slot], chunks[launch], sink))
+
+    best = [min(grids, key=lambda grid, i=i: graph_time([partial(read, i, s, grid) for s in range(slots)]))
+            for i in range(len(sizes))]
+
+    def read_all(slot: int) -> None:
+        for launch, grid in enumerate(best):
+            read(launch, slot, grid)
+    return graph_time([partial(read_all, s) for s in range(slots)])
 
 
 def rotation(n_used: int) -> list[list[int]]:
@@ -110,6 +170,7 @@ def bf16_decode_calls(gate_up: torch.Tensor, down: torch.Tensor, sets: list[list
 
 def bench_decode(table: Table, fmt: str, stack: str, gate: QuantMatrix, up: QuantMatrix, down: QuantMatrix,
                  bf16: tuple[torch.Tensor, torch.Tensor]) -> None:
+    read_for: set[int] = set()
     for n_used, rows in DECODE_CASES:
         sets = rotation(n_used)
         plans = [qk.plan_groups(s, [rows] * n_used, torch.device("cuda")) for s in sets]
@@ -132,6 +193,11 @@ def bench_decode(table: Table, fmt: str, stack: str, gate: QuantMatrix, up: Quan
         bf16_s = graph_time(bf16_decode_calls(*bf16, sets, rows, x))
         table.add(f"{fmt} expert FFN decode (gate+up, down), {stack}", shape, both,
                   expert_bytes([gate, up, down], sets[0]), ratio=both / bf16_s)
+        if stack == "hot stack" and n_used not in read_for:  # the bytes depend on the experts only, not the rows
+            launches = [expert_bytes([gate, up], sets[0]), expert_bytes([down], sets[0])]
+            read_for.add(n_used)
+            table.add(f"plain read of {fmt}'s FFN bytes, gate+up's then down's (no compute)", f"{n_used} experts",
+                      plain_read_time(launches), sum(launches))
         if fmt == "int4":
             bench_uncut(table, stack, shape, sets, plans, (x, gate, up, act), (act, down, None, out))
 
@@ -264,7 +330,9 @@ def main() -> None:
         "Their ratio column is to bf16 swiglu_grouped's GEMMs and SwiGLU on the same",
         "rows (graph-replayed the same way). Prefill rows are per call (do_bench median, host planning included),",
         "ratio to bf16 swiglu_grouped / torch._grouped_mm on the same tokens. The dequantize rows also write",
-        "2 bytes per weight, so their HBM traffic is 3x (int8) or 4.2x (int4) the bytes counted.",
+        "2 bytes per weight, so their HBM traffic is 3x (int8) or 4.2x (int4) the bytes counted. The plain read",
+        "rows time a kernel that only reads the same experts' bytes, in the same two launches, each on its fastest",
+        "of a few grids: the most any decode kernel can reach at that many experts.",
         "",
         table.markdown(),
         "",
