@@ -102,7 +102,7 @@ def _plain_read_kernel():
 
 def plain_read_time(launch_bytes: list[int]) -> float:
     """Seconds to read launch_bytes[0] bytes, then launch_bytes[1], ..., one launch each of a kernel that
-    computes nothing, each on its fastest of a few grids: a ceiling for kernels that read the same bytes in the same
+    computes nothing, each on its fastest of ten grids: a ceiling for kernels that read the same bytes in the same
     launches. Timed as the decode rows are (graph_time over rotating slices of a buffer)."""
     import cupy
     kernel = _plain_read_kernel()
@@ -332,7 +332,7 @@ def main() -> None:
         "ratio to bf16 swiglu_grouped / torch._grouped_mm on the same tokens. The dequantize rows also write",
         "2 bytes per weight, so their HBM traffic is 3x (int8) or 4.2x (int4) the bytes counted. The plain read",
         "rows time a kernel that only reads the same experts' bytes, in the same two launches, each on its fastest",
-        "of a few grids: the most any decode kernel can reach at that many experts.",
+        "of ten grids: a ceiling for decode kernels at that many experts.",
         "",
         table.markdown(),
         "",
