@@ -102,8 +102,9 @@ def _plain_read_kernel():
 
 def plain_read_time(launch_bytes: list[int]) -> float:
     """Seconds to read launch_bytes[0] bytes, then launch_bytes[1], ..., one launch each of a kernel that
-    computes nothing, in plain stream order, each on its fastest of ten grids. In one launch, a ceiling for any
-    kernel that reads those bytes. Timed as the decode rows are (graph_time over rotating slices of a buffer)."""
+    computes nothing, in plain stream order, each on its fastest of ten grids: in one launch, what a kernel that
+    reads those bytes and does nothing else reaches. Timed as the decode rows are (graph_time over rotating slices
+    of a buffer)."""
     import cupy
     kernel = _plain_read_kernel()
     sink = cupy.zeros(1, dtype=cupy.uint32)
@@ -333,9 +334,9 @@ def main() -> None:
         "rows (graph-replayed the same way). Prefill rows are per call (do_bench median, host planning included),",
         "ratio to bf16 swiglu_grouped / torch._grouped_mm on the same tokens. The dequantize rows also write",
         "2 bytes per weight, so their HBM traffic is 3x (int8) or 4.2x (int4) the bytes counted. The plain read",
-        "rows time a kernel that only reads the same experts' bytes, on its fastest of ten grids: in one launch, a",
-        "ceiling for any kernel reading them; in gate+up's launch then down's, in plain stream order (the FFN's down",
-        "is a dependent launch that may start during gate/up's, so that row is no ceiling for the FFN).",
+        "rows time a kernel that only reads the same experts' bytes, on its fastest of ten grids, in plain stream",
+        "order: in one launch, and in gate+up's launch then down's (the FFN's down is a dependent launch that may",
+        "start during gate/up's, so that row is no strict ceiling for the FFN).",
         "",
         table.markdown(),
         "",
