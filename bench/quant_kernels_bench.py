@@ -71,7 +71,7 @@ def expert_bytes(matrices: list[QuantMatrix | torch.Tensor], groups: list[int]) 
     return sum(t[g].numel() * t.element_size() for t in tensors for g in groups)
 
 
-# Reads 16-byte chunks and computes nothing: at few experts a launch's fixed cost outweighs its bytes, and this
+# Reads 16-byte chunks and computes nothing: at one or two experts a launch's fixed cost rivals its bytes, and this
 # measures how much, apart from any kernel's arithmetic
 _PLAIN_READ = r"""
 extern "C" __global__ void plain_read(const uint4* __restrict__ p, long long chunks, unsigned* sink) {
