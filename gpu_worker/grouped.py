@@ -71,9 +71,11 @@ def warm_up_quantized(layout: ExpertLayout, n_experts: int, device: torch.device
     # every expert at one row, 2 and 9: int4 gate/up over many experts takes a deeper ring, a kernel of its own
     # for each number of x's 8-row tiles (mma_decode.ring_stages); one row and 2-8 rows each take a kernel of their
     # own too (int8's down on the CUDA kernel only at up to 8 experts); int4's down of up to 8 experts takes a
-    # shallower ring, so 16 experts of 2 rows compile the default one at 2-8 rows
+    # shallower ring, so 16 experts of 2 rows compile the default one at 2-8 rows, and at 9-16 rows one expert
+    # and 8 take rings of their own
     for n_used, rows in ((1, 1), (min(8, n_experts), 2), (min(16, n_experts), 1), (min(16, n_experts), 2),
-                         (n_experts, 1), (n_experts, 2), (n_experts, 9), (1, 16), (min(8, n_experts), 32)):
+                         (n_experts, 1), (n_experts, 2), (n_experts, 9), (1, 16), (min(8, n_experts), 9),
+                         (min(8, n_experts), 32)):
         x = torch.zeros(n_used * rows, hidden, dtype=torch.bfloat16, device=device)
         experts_grouped(x, stack, list(range(n_used)), [rows] * n_used)
     torch.cuda.synchronize(device)

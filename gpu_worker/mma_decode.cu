@@ -360,6 +360,7 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
     int dependent) {
     // int8's gate/up stays with Triton's kernel, faster there at every launch measured (bench/quant_kernels.md)
     static_assert(!(INT8 && SWIGLU), "int8 runs one matrix, down");
+    static_assert(STAGES >= 2, "a ring refills the stage read one group before the one it reads");
     constexpr int E = 16 * NT;  // accumulators per lane
     extern __shared__ __align__(16) unsigned char shared[];
     float* partial = (float*)shared;  // [warp][sums a lane keeps, SUMS below][32 lanes], the warps' sums

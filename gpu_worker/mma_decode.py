@@ -36,12 +36,14 @@ STAGES = 4
 DEEP_RING_BLOCKS = 1536
 DEEP_STAGES = (6, 5)
 # int4's down of at most SHALLOW_DOWN_EXPERTS experts (one token's 8: 256 blocks whose warps walk 3 groups each)
-# takes a shallower ring, SHALLOW_DOWN_STAGES[8-row tiles of x - 1]: on the H100 3 stages were 2-5% faster than 4
-# from 2 to 16 rows at 8 experts (the FFN of one token 0-2%) and 1-5% slower at 12 experts and more; int8's down of
-# 8 experts was 9% slower at 3. At two tiles of x 2 stages were faster again, the FFN at 8 x 9-16 by 2.3-3% over
-# two H100 starts (one tile: 8 x 1 1.4-1.6% faster, but 1 x 1 2% slower) (bench/quant_kernels.md).
+# takes a shallower ring: on the H100 3 stages were 2-5% faster than 4 from 2 to 16 rows at 8 experts (the FFN of
+# one token 0-2%) and 1-5% slower at 12 experts and more; int8's down of 8 experts was 9% slower at 3. At two tiles
+# of x (9-16 rows) and from SHALLOWEST_DOWN_FROM experts, 2 stages: the FFN at 8 x 16 was 2.8-3% faster on two H100
+# starts and at 8 x 9 2.2% on one, but 4 x 16 2.6% slower (bench/quant_kernels.md).
 SHALLOW_DOWN_EXPERTS = 8
-SHALLOW_DOWN_STAGES = (3, 2)
+SHALLOW_DOWN_STAGES = 3
+SHALLOWEST_DOWN_FROM = 5
+SHALLOWEST_DOWN_STAGES = 2
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
 _BLOCK_WARPS = 16  # warps x tiles of x in a block at most: the kernel's launch bounds (512 / tiles threads)
 _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
@@ -150,7 +152,7 @@ def ring_stages(n: int, used: int, swiglu: bool, x_tiles: int, int8: bool = Fals
     if swiglu and n // INT4_ROW_TILE * used >= DEEP_RING_BLOCKS:
         return DEEP_STAGES[x_tiles - 1]
     if not swiglu and not int8 and used <= SHALLOW_DOWN_EXPERTS:
-        return SHALLOW_DOWN_STAGES[x_tiles - 1]
+        return SHALLOWEST_DOWN_STAGES if x_tiles == 2 and used >= SHALLOWEST_DOWN_FROM else SHALLOW_DOWN_STAGES
     return STAGES
 
 

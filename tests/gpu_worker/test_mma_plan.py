@@ -8,6 +8,8 @@ import pytest
 from gpu_worker.mma_decode import (
     DEEP_STAGES,
     SHALLOW_DOWN_STAGES,
+    SHALLOWEST_DOWN_FROM,
+    SHALLOWEST_DOWN_STAGES,
     STAGES,
     _shared_bytes,
     _x_tiles,
@@ -48,14 +50,16 @@ def test_only_gate_and_up_over_every_expert_take_the_deeper_ring():
 
 
 def test_only_int4_down_of_a_few_experts_takes_the_shallower_ring():
-    """One token's 8 experts (and fewer) at int4, shallower still at two tiles of x; int8's down, more experts and
-    gate/up keep the default."""
-    assert ring_stages(2048, 8, False, 1) == SHALLOW_DOWN_STAGES[0] < STAGES
-    assert ring_stages(2048, 1, False, 2) == ring_stages(2048, 8, False, 2) == SHALLOW_DOWN_STAGES[1]
-    assert SHALLOW_DOWN_STAGES[1] < SHALLOW_DOWN_STAGES[0]
-    assert ring_stages(2048, 8, False, 1, int8=True) == STAGES
-    assert ring_stages(2048, 9, False, 1) == STAGES
-    assert ring_stages(768, 8, True, 1) == STAGES
+    """One token's 8 experts (and fewer) at int4, and shallower still at two tiles of x from SHALLOWEST_DOWN_FROM
+    experts; int8's down, more experts and gate/up keep the default."""
+    assert ring_stages(2048, 8, False, 1) == SHALLOW_DOWN_STAGES < STAGES
+    fewer = SHALLOWEST_DOWN_FROM - 1
+    assert ring_stages(2048, 1, False, 2) == ring_stages(2048, fewer, False, 2) == SHALLOW_DOWN_STAGES
+    assert ring_stages(2048, SHALLOWEST_DOWN_FROM, False, 2) == ring_stages(2048, 8, False, 2) == SHALLOWEST_DOWN_STAGES
+    assert SHALLOWEST_DOWN_STAGES < SHALLOW_DOWN_STAGES
+    assert ring_stages(2048, 8, False, 1, int8=True) == ring_stages(2048, 8, False, 2, int8=True) == STAGES
+    assert ring_stages(2048, 9, False, 1) == ring_stages(2048, 9, False, 2) == STAGES
+    assert ring_stages(768, 8, True, 1) == ring_stages(768, 8, True, 2) == STAGES
 
 
 def test_int8_rings_take_more_shared_memory():
