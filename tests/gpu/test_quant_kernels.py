@@ -225,6 +225,22 @@ def test_decode_with_down_launched_as_a_dependent(qk, strided, formats, counts):
     assert torch.equal(down_launched_after(qk, x, gate, up, down, qk.plan_groups(groups, counts, DEVICE)), y)
 
 
+def test_int4_down_of_a_few_experts_at_two_x_tiles_on_the_shallowest_ring(qk):
+    """8 experts of 9-16 rows: int4's down takes a 2-stage ring (mma_decode.ring_stages), where each warp walks 3
+    groups of K, so that its unrolled round and the group after it both run. Launched as a dependent of gate/up it
+    gives the reference's rows and the bits of a launch that starts after."""
+    f, h = GATE
+    gate, up, down = random_regions("int4", 8, [(f, h), (f, h), (h, f)], DEVICE, seed=41)
+    groups = list(range(8))
+    counts = [9 + g for g in groups]
+    needs_int4_decode("int4", counts)
+    assert mma_decode.ring_stages(h, len(groups), False, 2) == mma_decode.SHALLOWEST_DOWN_STAGES
+    x = rows(counts, h, seed=42)
+    y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
+    assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
+    assert torch.equal(down_launched_after(qk, x, gate, up, down, qk.plan_groups(groups, counts, DEVICE)), y)
+
+
 @pytest.mark.parametrize("gate_up_fmt, dims, used, rows_each, on_mma", [
     ("int8", GATE, 4, 3, True), ("int8", GATE, 10, 3, False), ("int4", GATE, 10, 3, False),
     ("int8", GATE, 4, 16, False), ("int8", (96, 80), 4, 3, False)],
