@@ -38,7 +38,7 @@ DEEP_STAGES = (6, 5)
 # int4's down of at most SHALLOW_DOWN_EXPERTS experts (one token's 8: 256 blocks whose warps walk 3 groups each)
 # takes a shallower ring: on the H100 3 stages were 2-5% faster than 4 from 2 to 16 rows at 8 experts (the FFN of
 # one token 0-2%) and 1-5% slower at 12 experts and more; int8's down of 8 experts was 9% slower at 3. At two tiles
-# of x (9-16 rows) and from SHALLOWEST_DOWN_FROM experts, 2 stages: the FFN at 8 x 16 was 2.3-3% faster on two H100
+# of x (9-16 rows) and from SHALLOWEST_DOWN_FROM experts, 2 stages: the FFN at 8 x 16 was 2.3-3% faster on three H100
 # starts, at 8 x 9 2.2% and at 6 x 16 4.7% on one, but 4 x 16 2.3-2.6% slower (bench/quant_kernels.md).
 SHALLOW_DOWN_EXPERTS = 8
 SHALLOW_DOWN_STAGES = 3
