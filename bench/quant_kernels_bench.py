@@ -29,7 +29,7 @@ from gpu_worker.grouped import swiglu_grouped
 from tests.quant_stacks import QuantMatrix, random_regions
 
 FFN, HIDDEN, EXPERTS = 768, 2048, 128  # Qwen3-30B-A3B: gate/up (768, 2048), down (2048, 768), 128 experts
-# (experts used, rows each); one token's 8 experts also at 4 and 16 rows each, the shapes furthest below 60% of HBM
+# (experts used, rows each); one token's 8 experts also at 4 and 16 rows each: decode takes 1-16 rows an expert
 DECODE_CASES = [(1, 1), (4, 1), (8, 1), (8, 4), (8, 16), (16, 1), (32, 4), (64, 2), (128, 1), (64, 9), (64, 16),
                 (128, 16)]
 PREFILL_TOKENS, TOP_K = 4096, 8
