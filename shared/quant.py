@@ -203,7 +203,12 @@ def _int8_by_rows(shape: Sequence[int], float_rows: Callable[[int, int], torch.T
     for start in range(0, n, INT8_CONVERT_ROWS):
         stop = min(start + INT8_CONVERT_ROWS, n)
         w = float_rows(start, stop).float()
-        scale[start:stop] = (w.abs().amax(dim=-1) / 127).to(torch.bfloat16)
+        absmax = w.abs().amax(dim=-1)
+        rounded = (absmax / 127).to(torch.bfloat16)
+        # bf16 keeps 8 significant bits down to 1e-38, fewer below: a scale rounded down there (or to 0) would
+        # clamp the row's largest codes past half a step. One unit up puts it above absmax / 127.
+        clamped = absmax > 127.5 * rounded.float()
+        scale[start:stop] = torch.where(clamped, torch.nextafter(rounded, torch.full_like(rounded, torch.inf)), rounded)
         s = scale[start:stop].float()[:, None]
         codes = w / s
         codes.masked_fill_(~(s > 0), 0).round_().clamp_(-127, 127)  # an all-zero (or NaN) row: codes 0

@@ -176,6 +176,18 @@ def test_int8_from_k_quant_blocks_is_within_half_a_step(qtype, scales_at):
     assert (error <= m.scale.float()[:, None] / 2 * (1 + 1e-6) + 1e-9).all()
 
 
+def test_int8_error_is_within_half_a_step_for_rows_of_tiny_values():
+    """Rows whose largest value is below bf16's smallest normal (1.2e-38), where the scale has fewer significant
+    bits or rounds to 0, still keep every weight within half a step of the stored scale."""
+    gen = torch.Generator().manual_seed(5)
+    magnitudes = torch.tensor([1.0, 1e-36, 3e-38, 1e-39, 1e-41, 1e-44])
+    w = torch.randn(len(magnitudes), 64, generator=gen) * magnitudes[:, None]
+    m = int8_from_float(w)
+    error = (dequantize_matrix(m) - w).abs()
+    assert (m.scale.float() > 0).all()
+    assert (error <= m.scale.float()[:, None] / 2).all()
+
+
 def test_int8_codes_and_scales_of_known_rows_on_both_sides_of_a_conversion_chunk():
     """Rows [1, -1/2, 1/4, 0] times powers of two: scale bf16(1/127) = 2^-7 * 1.0078125 times the same power (bf16
     keeps 8 significant bits), codes round(w / scale) = [127, -64, 32, 0] in every row; an all-zero row (the last
