@@ -205,8 +205,8 @@ def _int8_by_rows(shape: Sequence[int], float_rows: Callable[[int, int], torch.T
         w = float_rows(start, stop).float()
         absmax = w.abs().amax(dim=-1)
         rounded = (absmax / 127).to(torch.bfloat16)
-        # bf16 keeps 8 significant bits down to 1e-38, fewer below: a scale rounded down there (or to 0) would
-        # clamp the row's largest codes past half a step. One unit up puts it above absmax / 127.
+        # bf16 keeps 8 significant bits down to 2^-126 (about 1.2e-38), fewer below: a scale rounded down there (or
+        # to 0) would clamp the row's largest codes past half a step. One unit up puts it above absmax / 127.
         clamped = absmax > 127.5 * rounded.float()
         scale[start:stop] = torch.where(clamped, torch.nextafter(rounded, torch.full_like(rounded, torch.inf)), rounded)
         s = scale[start:stop].float()[:, None]

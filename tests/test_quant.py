@@ -177,8 +177,9 @@ def test_int8_from_k_quant_blocks_is_within_half_a_step(qtype, scales_at):
 
 
 def test_int8_error_is_within_half_a_step_for_rows_of_tiny_values():
-    """Rows whose largest value is below bf16's smallest normal (1.2e-38), where the scale has fewer significant
-    bits or rounds to 0, still keep every weight within half a step of the stored scale."""
+    """Rows whose scale (largest value / 127) is below bf16's smallest normal, 2^-126 (largest values below about
+    1.5e-36), where it has fewer significant bits or rounds to 0, still keep every weight within half a step of the
+    stored scale."""
     gen = torch.Generator().manual_seed(5)
     magnitudes = torch.tensor([1.0, 1e-36, 3e-38, 1e-39, 1e-41, 1e-44])
     w = torch.randn(len(magnitudes), 64, generator=gen) * magnitudes[:, None]
