@@ -119,8 +119,10 @@ class Membership:
         first_seen = old.first_seen if old is not None and not another_process else now
         self.members[hb.member_id] = Member(hb.member_id, hb.role, hb.incarnation, hb.pid, hb.host, hb.metrics_port,
                                             hb.placement_version, hb.model, now, first_seen, dict(hb.load))
-        return HeartbeatOutcome(welcome=hb.placement_version != self.placement.version, joined=joined,
-                                restarted=restarted)
+        # a member on another model file is sent no placement: its layers and experts are not this model's, and
+        # applying one would crash it (`missing` says why the system waits)
+        welcome = hb.placement_version != self.placement.version and hb.model == self.model
+        return HeartbeatOutcome(welcome=welcome, joined=joined, restarted=restarted)
 
     def expire(self, now: float) -> list[Member]:
         """Mark members not heard from within the timeout as lost; returns those lost just now. Time in which the

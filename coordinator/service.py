@@ -130,6 +130,11 @@ class Coordinator:
         if served:
             raise OSError(f"another coordinator serves run_dir {config.run_dir} (something accepts connections on "
                           f"{served[0]}): stop it, or give this one a run_dir of its own")
+        # an ipc client endpoint too: bound over, the other's clients would reach this one, and whichever stopped
+        # first would remove the socket file the other listens on (TCP refuses a second bind by itself)
+        if listened_on(config.client_endpoint):
+            raise OSError(f"something already accepts connections on client_endpoint {config.client_endpoint} "
+                          f"(another coordinator?): stop it, or give this one a client_endpoint of its own")
         self.ctx = zmq.asyncio.Context()
         self.sockets: list[zmq.asyncio.Socket] = []
         self.bound: list[str] = []  # endpoints this process listens on: their socket files are its own to remove
@@ -410,6 +415,10 @@ class Coordinator:
         if outcome.joined:
             log.info("%s joined (pid %d, metrics :%d, placement v%d)", msg.member_id, msg.pid, msg.metrics_port,
                      msg.placement_version)
+            if msg.model != self.membership.model:
+                log.warning("%s serves another model (%s) than the coordinator (%s): it is sent no placement until "
+                            "whichever is on the old file is restarted", msg.member_id, msg.model,
+                            self.membership.model)
         if outcome.restarted and msg.member_id == WORKER_ID:
             self.update_ready()
             self.worker_lost("the gpu worker restarted", time.monotonic())

@@ -285,3 +285,15 @@ def test_a_member_serving_another_model_file_keeps_the_system_from_being_ready(m
     members.heartbeat(beat("expert-host-1", 3, model="9 bytes, fedcba9876543210"), now=0.0)
     assert members.missing() == [f"expert-host-1 serves another model (9 bytes, fedcba9876543210) than the "
                                  f"coordinator ({MODEL}): restart whichever is on the old file"]
+
+
+def test_a_member_serving_another_model_file_is_sent_no_placement(members):
+    """The placement's layers and experts are the coordinator's model's: applied by a member on another file, it
+    crashed the member. Restarted on the coordinator's file, the member is welcomed."""
+    other = beat("expert-host-1", 0, model="9 bytes, fedcba9876543210")
+    first = members.heartbeat(other, now=0.0)
+    assert (first.welcome, first.joined) == (False, True)
+    assert not members.heartbeat(other, now=0.5).welcome
+    assert "expert-host-1 serves another model" in members.missing()[-1]
+    restarted = members.heartbeat(beat("expert-host-1", 0, pid=200), now=1.0)
+    assert (restarted.welcome, restarted.joined, restarted.restarted) == (True, True, True)

@@ -48,10 +48,9 @@ MAX_REQUEST_BYTES = 65536
 
 class Coordinator:
     def __init__(self, model: Path, tmp_path: Path, **settings) -> None:
-        self.config = Config(model=str(model), run_dir=str(tmp_path / "run"),
-                             client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}", metrics_port=0,
-                             **{"heartbeat_interval_s": 0.1, "heartbeat_timeout_s": 1.0,
-                                "max_request_bytes": MAX_REQUEST_BYTES, **settings})
+        self.config = Config(model=str(model), run_dir=str(tmp_path / "run"), metrics_port=0,
+                             **{"client_endpoint": f"tcp://127.0.0.1:{free_tcp_port()}", "heartbeat_interval_s": 0.1,
+                                "heartbeat_timeout_s": 1.0, "max_request_bytes": MAX_REQUEST_BYTES, **settings})
         path = tmp_path / "config.toml"
         path.write_text(self.config.to_toml())
         self.log = tmp_path / "coordinator.log"
@@ -605,3 +604,26 @@ def test_sigterm_exits_zero_and_leaves_no_socket_files(tiny_model, tmp_path):
     assert sorted(p.name for p in run_dir.iterdir()) == ["control.sock", "engine.sock"]
     assert coordinator.stop() == 0
     assert list(run_dir.iterdir()) == []
+
+
+def test_a_second_coordinator_on_an_ipc_client_endpoint_in_use_is_refused_and_leaves_the_first_serving(tiny_model,
+                                                                                                     tmp_path):
+    """With its own run dir, it bound the endpoint over the first's, took its clients, and removed the socket file
+    when it stopped, leaving the first unreachable."""
+    endpoint = f"ipc://{tmp_path}/clients.sock"
+    (tmp_path / "first").mkdir()
+    first = Coordinator(tiny_model, tmp_path / "first", client_endpoint=endpoint)
+    try:
+        pid = next(m["pid"] for m in first.client.health().members if m["member_id"] == "coordinator")
+        second = Config(model=str(tiny_model), run_dir=str(tmp_path / "second" / "run"), client_endpoint=endpoint,
+                        metrics_port=0)
+        path = tmp_path / "second.toml"
+        path.write_text(second.to_toml())
+        run = subprocess.run([sys.executable, "-m", "coordinator", "--config", str(path)], capture_output=True,
+                             text=True, timeout=60)
+        assert run.returncode == 1
+        assert f"cannot start: something already accepts connections on client_endpoint {endpoint} (another " \
+               "coordinator?)" in run.stderr, run.stderr
+        assert next(m["pid"] for m in first.client.health().members if m["member_id"] == "coordinator") == pid
+    finally:
+        assert first.stop() == 0
