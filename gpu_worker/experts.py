@@ -252,11 +252,11 @@ class MoEDispatch:
             return self.pool.stage(layer, staged.keys[: len(self.pool.staging_slots)])
 
     def _in_slots(self, layer: int, h: torch.Tensor, tokens: torch.Tensor, soft: _PathGroups | None,
-                  staged: _PathGroups | None, first_pass: list[int], resident: dict[int, int]) -> list[torch.Tensor]:
-        """The rows of the experts in VRAM slots: the soft tier's (`resident`: expert -> slot, unpinned once
-        launched) with the staged experts' first pass in one launch, the staged ones' slots coming after the
-        tier's as their pairs do; then the staged experts' further passes, each filling the staging slots
-        again. A step of one stream has one pass at most: a layer's cold experts take one launch."""
+                  staged: _PathGroups | None, first_pass: list[int]) -> list[torch.Tensor]:
+        """The rows of the experts in VRAM slots: the soft tier's with the staged experts' first pass in one
+        launch, the staged ones' slots coming after the tier's as their pairs do; then the staged experts' further
+        passes, each filling the staging slots again. A step of one stream has one pass at most: a layer's cold
+        experts take one launch."""
         pool = self.pool
         keys = (soft.keys if soft else []) + first_pass
         if not keys:
@@ -267,8 +267,6 @@ class MoEDispatch:
         end = start + sum(counts)
         with section("soft"):
             out = [pool.compute(layer, h[tokens[start:end]], keys, counts)]
-            for e in resident:
-                pool.tier.unpin((layer, e))
         if staged is None:
             return out
         width = len(pool.staging_slots)
@@ -367,8 +365,19 @@ class MoEDispatch:
         self.before_layer()
         if self.crossed:  # crossing layers queued before this one: the device waits on hosts that may be gone
             self.crossings.settle()  # type: ignore[union-attr]
-        k = expert_ids.shape[1]
         pair_order, groups, slots = self._plan(layer, expert_ids.flatten().cpu().numpy())
+        try:
+            return self._dispatch(layer, h, weights, expert_ids, hot, graph, pair_order, groups)
+        finally:
+            # raised or not: a pin left behind would hold its expert in its slot, unevictable, for good
+            for e in slots:
+                self.pool.tier.unpin((layer, e))  # type: ignore[union-attr]
+
+    def _dispatch(self, layer: int, h: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                  hot: torch.Tensor | None, graph: MoEGraph | None, pair_order: np.ndarray,
+                  groups: dict[str | int, _PathGroups]) -> torch.Tensor:
+        """The layer's MoE by `_plan`'s paths: the hosts', hot, soft-tier (pinned meanwhile) and staged experts."""
+        k = expert_ids.shape[1]
         soft, staged = groups.get("soft"), groups.get("staged")
         index = None
         if graph is not None and (soft or staged) and (hot is not None or GPU not in groups):
@@ -399,11 +408,9 @@ class MoEDispatch:
         if index is not None:
             with section("soft"):
                 hot = self._slot_share(layer, h, weights, hot, index, graph)  # type: ignore[arg-type]
-                for e in slots:
-                    self.pool.tier.unpin((layer, e))  # type: ignore[union-attr]
             done = (staged or soft).end  # type: ignore[union-attr]
         else:
-            ys += self._in_slots(layer, h, tokens, soft, staged, first_pass, slots)
+            ys += self._in_slots(layer, h, tokens, soft, staged, first_pass)
         for host, g, sent_at in sent:
             # An answer already there came back some time before now: the crossing it took is not known then,
             # only bounded by the GPU work launched meanwhile, which the cost model must not take for crossing.

@@ -3,11 +3,9 @@ slots for the step and computed there, in passes when there are more of them tha
 
 from __future__ import annotations
 
-import dataclasses
-
+import pytest
 import torch
 
-from gpu_worker.cost_model import H100_MACHINE, LiveConstants
 from gpu_worker.model import Chunk
 from gpu_worker.service import Engine
 from shared.config import Config
@@ -83,25 +81,32 @@ def test_staged_experts_that_fit_the_staging_slots_are_computed_with_the_soft_ti
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
 
 
-def test_a_write_combined_hosts_experts_are_streamed_even_where_its_cpu_would_be_cheaper(tmp_path):
-    """A write-combined host refuses to compute (ExpertStore.compute): the cold planner must stream all of its
-    experts, even over a link so slow that it would leave every decode expert to a host's CPU."""
+def test_a_layer_that_raises_leaves_no_soft_tier_expert_pinned(tmp_path):
+    """A step that failed between pinning the layer's slots and computing them (a CUDA out-of-memory error, a
+    host lost) left them pinned for good: the tier then refused every expert that would have evicted them."""
     path = tmp_path / "tiny.gguf"
     make_model(path, preset="tiny", dtype="f32", seed=5)
     model = GGUFModel(path)
-    cfg = model.config
-    # no expert host at all, so a pair sent to the host's CPU would fail the step
-    config = Config(model=str(path), device="cpu", expert_hosts=1, host_memory="write-combined", soft_slots=2,
-                    soft_staging=cfg.n_experts, cold_path="auto", decode_crossings=False)
+    config = Config(model=str(path), device="cpu", soft_slots=4, soft_staging=2, cold_path="stream")
     engine = Engine(config, model, remote=None)
-    engine.planner.live = LiveConstants(dataclasses.replace(H100_MACHINE, pcie_bw=1e3,
-                                                            cpu_read_bw={engine.planner.dtype: 1e12}))
-    engine.apply(round_robin_placement(cfg, 1, 1))
-    paths: dict[str, int] = {}
-    engine.moe.on_dispatch = lambda path, n: paths.__setitem__(path, paths.get(path, 0) + n)
-    tokens = list(range(3, 11))
+    engine.apply(round_robin_placement(model.config, 2, 1))
+    compute = engine.pool.compute
+
+    def fails(*args):
+        raise RuntimeError("the slots' launch failed")
+
+    engine.pool.compute = fails
+    tokens = list(range(3, 15))
     table = list(range(4))
-    for p in range(len(tokens)):
-        engine.planner.begin_step()
-        engine.trunk.forward([Chunk(tokens[p : p + 1], p, table)], engine.moe)
-    assert "cpu" not in paths and paths["streamed"] + paths.get("staged", 0) > 0
+    with pytest.raises(RuntimeError, match="the slots' launch failed"):
+        engine.trunk.forward([Chunk(tokens, 0, table)], engine.moe)
+    engine.pool.compute = compute
+    tier = engine.pool.tier
+    resident = [(layer, e) for layer in range(model.config.n_layers) for e in range(model.config.n_experts)
+                if (layer, e) in tier]
+    assert resident, "the failed layer streamed experts in before it raised"
+    for key in resident:
+        with pytest.raises(KeyError, match="is not pinned"):
+            tier.unpin(key)
+    got = engine.trunk.forward([Chunk(tokens, 0, table)], engine.moe)
+    assert got.argmax(-1).tolist() == ReferenceModel(model).forward(tokens)[-1:].argmax(-1).tolist()
