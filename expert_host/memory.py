@@ -2,16 +2,20 @@
 
 - mapped: experts are zero-copy views of the model file's map (float experts) or of the expert cache file's
   (quantized ones, in their serving format); `prefetch` asks the kernel to read pages ahead of use.
-- pinned: one shared-memory segment per host (/dev/shm, MAP_SHARED) that experts are copied into,
-  registered with CUDA where the GPU DMAs from host memory, so slots fill at link speed.
-- write-combined: cudaHostAlloc(WRITECOMBINED) buffers, one per layer: DMA at link speed, but CPU reads
-  are uncached and several times slower, so only for experts that are streamed, never computed here.
+- pinned: one shared-memory segment per host (/dev/shm, MAP_SHARED) that experts are copied into, page-locked
+  (registered with CUDA) where a GPU DMAs from host memory, so its pages are never swapped out or faulted in.
+
+The GPU worker streams cold experts into its VRAM slots from its own read-only, DMA-registered map of the model
+or expert cache file, not from a host's memory: a pinned copy beside that map would be a second copy of the same
+experts in RAM, so a pinned host refuses to start where the worker streams (ExpertStore.from_config).
+(Write-combined memory, which only DMA reads at speed, has no place here: on the H100 machine it also DMAs at
+69% of pinned memory's rate, bench/stream_bench.md.)
 
 Hosts of one user starting together take their copied memory one at a time (`host_memory_lock`): each
 measures what is free only once the one before it has taken its pages, so together they cannot over-commit
 RAM that each of them alone would have seen free.
 
-Pinned and write-combined memory is laid out layer by layer (each layer a page-aligned run of the experts'
+Pinned memory is laid out layer by layer (each layer a page-aligned run of the experts'
 page-aligned regions, as shared.expert_cache lays them out), so a migration can fill one layer and free the old
 copy of that layer before it moves on.
 
@@ -25,7 +29,6 @@ one's is kept even where its pid, from another PID namespace sharing /dev/shm, l
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
 import fcntl
 import logging
@@ -39,7 +42,6 @@ from itertools import count
 import torch
 
 from shared.config import HOST_MEMORY_KINDS
-from shared.device_caps import HOST_DMA, DeviceCaps
 from shared.expert_source import ExpertSource
 from shared.memory_use import HostMemoryError, MemInfo, size_text
 from shared.model_config import EXPERT_TENSOR_KINDS, expert_tensor_name
@@ -49,7 +51,6 @@ from shared.run_files import hold_while_open, remove_files_of_dead_processes
 SHM_DIR = "/dev/shm"
 SEGMENT_PREFIX = "tierserve-experts-"
 LOCK_POLL_S = 0.1
-_CUDA_HOST_ALLOC_WRITE_COMBINED = 4
 _segment_numbers = count()
 log = logging.getLogger(__name__)
 
@@ -64,8 +65,8 @@ def shm_free_bytes(directory: str = SHM_DIR) -> int:
 
 def check_fit(kind: str, need: int, n_experts: int, largest_expert: int, mem: MemInfo, floor: int,
               shm_free: int | None = None, freed: int = 0) -> None:
-    """Raise HostMemoryError unless `need` bytes of page-locked `kind` memory (pinned, write-combined) fit in
-    what is free now, less the floor. `freed` is what this host holds now in that kind and releases as it
+    """Raise HostMemoryError unless `need` bytes of page-locked `kind` memory (pinned) fit in what is free now,
+    less the floor. `freed` is what this host holds now in that kind and releases as it
     migrates. Swap does not count: page-locked pages cannot be swapped out. (Mapped experts are views of a
     file and need no memory of their own.)"""
     if need <= 0:
@@ -121,26 +122,13 @@ def _try_lock(fd: int) -> bool:
     return True
 
 
-def check_kind(kind: str, caps: DeviceCaps | None) -> None:
-    """Refuse, at start-up, a memory kind this machine cannot provide."""
+def check_kind(kind: str) -> None:
+    """Refuse, at start-up, a memory kind there is none of."""
     if kind not in HOST_MEMORY_KINDS:
         raise HostMemoryError(f"unknown host memory kind {kind!r}; choose from {', '.join(HOST_MEMORY_KINDS)}")
-    if kind != "write-combined":
-        return
-    if caps is None:
-        raise HostMemoryError("host_memory = write-combined needs a CUDA GPU (cudaHostAlloc) and this host has "
-                              "none: use pinned or mapped")
-    if caps.decision != HOST_DMA:
-        raise HostMemoryError(f"host_memory = write-combined is for GPUs that DMA from host memory; "
-                              f"{caps.name} is {caps.decision}: use mapped")
-    try:
-        import cupy  # noqa: F401
-    except ImportError:
-        raise HostMemoryError("host_memory = write-combined allocates through cupy, which is not installed "
-                              "(pip install 'tierserve[gpu]')") from None
 
 
-# ---- the two kinds of copied memory, one region per layer
+# ---- copied memory, one region per layer
 
 
 class SharedSegment:
@@ -177,7 +165,8 @@ class SharedSegment:
         return self._bytes[start:end]
 
     def finish(self) -> None:
-        """Every layer is filled (so every page is faulted in): register the segment for DMA if asked to."""
+        """Every layer is filled (so every page is faulted in): page-lock the segment (register it with CUDA) if
+        asked to."""
         if not self.register or self.nbytes == 0:
             return
         err = int(torch.cuda.cudart().cudaHostRegister(self._bytes.data_ptr(), self.nbytes, 0))
@@ -207,55 +196,6 @@ class SharedSegment:
         if self.registered:
             torch.cuda.cudart().cudaHostUnregister(self._bytes.data_ptr())
             self.registered = False
-
-
-class WriteCombinedBuffers:
-    """The write-combined kind: one cudaHostAlloc(WRITECOMBINED) buffer per layer, freed layer by layer.
-    Such memory cannot be shared between processes, so there is no segment to clean up."""
-
-    def __init__(self, layer_sizes: list[int]) -> None:
-        self.sizes = layer_sizes
-        self.nbytes = sum(layer_sizes)
-        self.pointers: dict[int, int] = {}
-
-    def region(self, layer: int) -> torch.Tensor:
-        import cupy
-
-        size = self.sizes[layer]
-        if size == 0:
-            return torch.empty(0, dtype=torch.uint8)
-        try:
-            ptr = cupy.cuda.runtime.hostAlloc(size, _CUDA_HOST_ALLOC_WRITE_COMBINED)
-        except cupy.cuda.runtime.CUDARuntimeError as e:
-            raise HostMemoryError(f"cudaHostAlloc of {size_text(size)} of write-combined memory for layer {layer} "
-                                  f"failed ({e}): use host_memory = mapped") from None
-        self.pointers[layer] = ptr
-        return torch.frombuffer((ctypes.c_uint8 * size).from_address(ptr), dtype=torch.uint8)
-
-    def finish(self) -> None:
-        """cudaHostAlloc memory is page-locked from the start."""
-
-    def release(self, layer: int) -> None:
-        import cupy
-
-        ptr = self.pointers.pop(layer, None)
-        if ptr is not None:
-            cupy.cuda.runtime.freeHost(ptr)
-
-    def close(self) -> None:
-        for layer in list(self.pointers):
-            self.release(layer)
-
-
-Arena = SharedSegment | WriteCombinedBuffers
-
-
-def make_arena(kind: str, layer_sizes: list[int], caps: DeviceCaps | None) -> Arena:
-    if kind == "pinned":
-        return SharedSegment(layer_sizes, register=caps is not None and caps.decision == HOST_DMA)
-    if kind == "write-combined":
-        return WriteCombinedBuffers(layer_sizes)
-    raise ValueError(f"{kind} memory is not copied into an arena")
 
 
 def remove_stale_segments(directory: str = SHM_DIR) -> list[str]:

@@ -11,11 +11,11 @@ import torch
 
 from expert_host import memory
 from shared.config import Config
-from shared.device_caps import DeviceCaps, read_device_caps
+from shared.device_caps import HOST_DMA, DeviceCaps, read_device_caps
 from shared.expert_math import ExpertWeights, grouped_ffn
 from shared.expert_source import ExpertSource
 from shared.mailbox import LaneRequest
-from shared.memory_use import host_memory, safety_floor
+from shared.memory_use import HostMemoryError, host_memory, safety_floor
 from shared.native_kernels import LayerTable, lane_swiglu, layer_table
 from shared.placement import Placement
 from shared.quant import matrix_tensors
@@ -23,20 +23,20 @@ from shared.quant import matrix_tensors
 
 class ExpertStore:
     """Mapped experts are zero-copy views of the model file (float experts) or of its expert cache file
-    (quantized ones), so RAM is the pages they touch; pinned and write-combined experts are copies of the
-    same bytes that the host owns, migrated in one layer at a time.
+    (quantized ones), so RAM is the pages they touch; pinned experts are copies of the same bytes that the host
+    owns, migrated in one layer at a time.
 
-    Before anything is copied, `apply` checks that a pinned or write-combined placement fits in the RAM free
+    Before anything is copied, `apply` checks that a pinned placement fits in the RAM free
     now (less the safety floor) and raises HostMemoryError, saying what would fit, if it does not."""
 
     def __init__(self, source: ExpertSource, host_index: int, kind: str = "mapped", floor: str = "2GiB",
                  caps: DeviceCaps | None = None) -> None:
-        memory.check_kind(kind, caps)
+        memory.check_kind(kind)
         self.source, self.model = source, source.model
         self.host_index, self.kind, self.floor, self.caps = host_index, kind, floor, caps
         self.weights: dict[tuple[int, int], ExpertWeights] = {}
         self.placement_version = 0
-        self._arena: memory.Arena | None = None
+        self._arena: memory.SharedSegment | None = None
         self._lane_tables: dict[int, LayerTable | None] = {}  # layer -> its held experts' addresses, made on use
         # called while a placement waits for the memory lock and between the regions it copies: the host's
         # heartbeat, since both can outlast the coordinator's heartbeat timeout
@@ -47,6 +47,12 @@ class ExpertStore:
         """The store expert host `host_index` runs with; only kinds that involve the GPU look for one."""
         kind = config.host_memory_for(host_index)
         caps = read_device_caps() if kind != "mapped" and config.device != "cpu" else None
+        if kind == "pinned" and caps is not None and config.soft_slots > 0:
+            raise HostMemoryError(
+                f"expert host {host_index} would copy its experts into pinned memory while the gpu worker streams "
+                f"cold experts (soft_slots {config.soft_slots}) from its own page-locked map of the file, which keeps "
+                "every expert's pages in RAM: that is two copies of this host's experts. Use host_memory = mapped "
+                "(the host then reads the pages the worker's map holds), or soft_slots = 0")
         return cls(source, host_index, kind, config.host_memory_floor, caps)
 
     def apply(self, placement: Placement) -> None:
@@ -78,13 +84,15 @@ class ExpertStore:
         old = self._arena
         with memory.host_memory_lock(self.keep_alive):
             self._check_fit(need, sum(len(experts) for experts in wanted.values()), old.nbytes if old else 0)
-            new = memory.make_arena(self.kind, [sizes[layer] for layer in sorted(sizes)], self.caps)
+            new = memory.SharedSegment([sizes[layer] for layer in sorted(sizes)],
+                                       register=self.caps is not None and self.caps.decision == HOST_DMA)
             self._fill(new, old, wanted)
         self._close_arena()
         self._arena = new
 
-    def _fill(self, new: memory.Arena, old: memory.Arena | None, wanted: dict[int, list[int]]) -> None:
-        """Layer by layer, one region per expert: each expert comes from the old arena if held there (pinned),
+    def _fill(self, new: memory.SharedSegment, old: memory.SharedSegment | None, wanted: dict[int, list[int]]
+              ) -> None:
+        """Layer by layer, one region per expert: each expert comes from the old arena if held there,
         else from its file, whose pages are then dropped; the old arena's layer is freed before the next one.
         Layers that shrink go first, so the memory they give back is free before layers that grow take theirs."""
         old_weights, self.weights = self.weights, {}
@@ -101,7 +109,7 @@ class ExpertStore:
                 for region, e in zip(regions, wanted[layer], strict=True):
                     self.keep_alive()
                     held = old_weights.pop((layer, e), None)
-                    if held is None or self.kind == "write-combined":  # uncached CPU reads: the file is faster
+                    if held is None:
                         self.source.fill_region(layer, e, region)
                         from_file.append(e)
                     else:
@@ -206,16 +214,11 @@ class ExpertStore:
         if layer not in self._lane_tables:
             cfg = self.model.config
             held = {e: w for (held_layer, e), w in self.weights.items() if held_layer == layer}
-            # write-combined experts are never computed here (compute says why)
-            self._lane_tables[layer] = None if self.kind == "write-combined" else \
-                layer_table(held, cfg.n_experts, cfg.hidden, cfg.expert_ffn)
+            self._lane_tables[layer] = layer_table(held, cfg.n_experts, cfg.hidden, cfg.expert_ffn)
         return self._lane_tables[layer]
 
     def compute(self, layer: int, experts: list[int], counts: list[int], hidden: torch.Tensor) -> torch.Tensor:
         """Validate a work item against what this host holds, then run it; ValueError names what is wrong."""
-        if self.kind == "write-combined":
-            raise ValueError("this host keeps its experts in write-combined memory, which the CPU reads uncached: "
-                             "they are streamed to the GPU, never computed here")
         hidden_size = self.model.config.hidden
         if hidden.dim() != 2 or hidden.shape[1] != hidden_size or not hidden.dtype.is_floating_point:
             raise ValueError(f"hidden is {hidden.dtype} of shape {tuple(hidden.shape)}, expected floats of shape "

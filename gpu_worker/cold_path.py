@@ -69,12 +69,10 @@ def measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> float:
 
 class ColdPlanner:
     def __init__(self, source: ExpertSource, mode: str, stream_bw: float, gpu_flops: float,
-                 activation_dtype: torch.dtype, host_threads: int, stream_only: frozenset[int] = frozenset()) -> None:
-        """`stream_only`: hosts whose CPUs compute nothing (write-combined memory); in `auto` their experts are
-        always streamed."""
+                 activation_dtype: torch.dtype, host_threads: int) -> None:
         if mode not in COLD_PATHS:
             raise ValueError(f"cold_path must be one of {', '.join(COLD_PATHS)}, not {mode!r}")
-        self.mode, self.stream_only = mode, stream_only
+        self.mode = mode
         # one key for the CPU's rate, layer 0's, measured on layer 0's experts: a Q4_K_M file's int4 layers and
         # int4+int8 ones the native kernel reads at about the same share of the memory's bandwidth
         # (bench/cpu_kernels.md); a model mixing float and quantized layers gets the rate of layer 0's kind for
@@ -100,7 +98,7 @@ class ColdPlanner:
         if self.mode == "stream":
             return [e for e, _, _ in cold]
         plan = plan_layer([ColdExpert(e, host, n, self.expert_bytes[layer], self.dtype, self.flops_per_token)
-                           for e, host, n in cold], self.constants, self.stream_only)
+                           for e, host, n in cold], self.constants)
         return plan.stream
 
     def observe_host(self, layer: int, experts: int, tokens: int, compute_s: float, round_trip_s: float | None

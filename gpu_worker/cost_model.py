@@ -123,15 +123,14 @@ class _Host:
     rest: list[float]
 
 
-def _hosts(cold: Sequence[ColdExpert], c: CostConstants, stream_only: frozenset[int] = frozenset()) -> list[_Host]:
+def _hosts(cold: Sequence[ColdExpert], c: CostConstants) -> list[_Host]:
     inv_pcie, inv_cpu_flops, inv_gpu_flops = 1.0 / c.pcie_bw, 1.0 / c.cpu_flops, 1.0 / c.gpu_flops
     read_bw = c.cpu_read_bw
     by_host: dict[int, list[tuple[float, int, float, float]]] = {}
     try:
         for e in cold:
             flops = e.tokens * e.flops_per_token
-            # a stream-only host's CPU never takes an expert: no budget covers an infinite time
-            cpu = math.inf if e.host in stream_only else e.nbytes / read_bw[e.dtype] + flops * inv_cpu_flops
+            cpu = e.nbytes / read_bw[e.dtype] + flops * inv_cpu_flops
             dma = e.nbytes * inv_pcie + flops * inv_gpu_flops
             by_host.setdefault(e.host, []).append((cpu / dma, e.expert, cpu, dma))
     except KeyError as err:
@@ -158,10 +157,8 @@ def _split(hosts: list[_Host], ks: Sequence[int]) -> LayerPlan:
     )
 
 
-def plan_layer(cold: Sequence[ColdExpert], constants: CostConstants, stream_only: frozenset[int] = frozenset()
-               ) -> LayerPlan:
-    """Split one layer's cold experts between their hosts' CPUs and PCIe so the layer ends soonest; the experts of
-    `stream_only` hosts (write-combined memory, which their CPU does not compute from) all go over PCIe.
+def plan_layer(cold: Sequence[ColdExpert], constants: CostConstants) -> LayerPlan:
+    """Split one layer's cold experts between their hosts' CPUs and PCIe so the layer ends soonest.
 
     For a budget T every host computes the longest prefix of its ratio-sorted experts that ends by T
     (ordering by t_cpu / t_dma makes each prefix the most PCIe time a host can take over for its CPU
@@ -170,7 +167,7 @@ def plan_layer(cold: Sequence[ColdExpert], constants: CostConstants, stream_only
     one expert's stream time per host of the true optimum, and never worse than either single-link
     plan (both are among the budgets tried).
     """
-    hosts = _hosts(cold, constants, stream_only)
+    hosts = _hosts(cold, constants)
     # Each event: at this budget a host takes one more expert off the link.
     events = sorted((t, d) for h in hosts for t, d in zip(h.times[1:], h.dma, strict=True))
     budget, stream = 0.0, sum(h.rest[0] for h in hosts)

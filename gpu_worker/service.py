@@ -108,9 +108,8 @@ class Engine:
         if not cuda:
             check_kv_cache_fits(config, model.config, dtype)
         # crossings from the device need a decode step's static rows; a CPU worker runs them without capture. A
-        # lane needs a mailbox (a host on this machine), and a host whose memory is write-combined computes nothing.
-        stream_only = frozenset(h for h in range(config.expert_hosts) if config.host_memory_for(h) == "write-combined")
-        lane_hosts = frozenset(h for h in range(config.expert_hosts) if config.shm_data_plane(h)) - stream_only
+        # lane needs a mailbox (a host on this machine).
+        lane_hosts = frozenset(h for h in range(config.expert_hosts) if config.shm_data_plane(h))
         crossing = config.decode_crossings and config.cold_path != "stream" and remote is not None and lane_hosts
         self.crossings = DeviceCrossings(remote, self.device, config.expert_timeout_s, lane_hosts,
                                          config.decode_crossings_max_rows) \
@@ -131,8 +130,8 @@ class Engine:
         self._lookups_counted = {"hit": 0, "miss": 0}  # of the pool's tallies, what SOFT_LOOKUPS has been given
         self.planner = ColdPlanner(self.experts, config.cold_path, self.pool.measure_bandwidth(),
                                    measure_matmul_flops(self.device, dtype), dtype,
-                                   config.threads_for("expert_host", self.device.type == "cuda"),
-                                   stream_only) if self.pool else None
+                                   config.threads_for("expert_host", self.device.type == "cuda")
+                                   ) if self.pool else None
         if self.device.type == "cuda":
             quantized = {self.experts.layout(layer) for layer in range(model.config.n_layers)
                          if self.experts.format(layer) != "float"}  # e.g. int4 layers and int4+int8 ones (Q6_K down)

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
-HOST_MEMORY_KINDS = ("mapped", "pinned", "write-combined")
+HOST_MEMORY_KINDS = ("mapped", "pinned")
 COLD_PATHS = ("auto", "cpu", "stream")
 SOFT_POLICIES = ("decayed-lfu", "lru")
 
@@ -110,8 +110,8 @@ class Config:
     metrics_host: str = "127.0.0.1"
     metrics_port: int = 9400  # coordinator; gpu_worker +1, expert host i +2+i; 0 picks free ports
     threads: int = 0  # torch threads per process; 0: cores shared evenly among the processes
-    # Where an expert host keeps its experts: mapped | pinned | write-combined, or a comma-separated list
-    # giving host i the i-th kind (the last kind for the hosts beyond the list).
+    # Where an expert host keeps its experts: mapped | pinned, or a comma-separated list giving host i the i-th
+    # kind (the last kind for the hosts beyond the list).
     host_memory: str = "mapped"
     host_memory_floor: str = "2GiB"  # RAM an expert host or a CPU worker leaves free: a size or a % of MemTotal
     host_threads: int = 0  # torch threads of each expert host; 0: `threads` if set, else an even share of the cores
@@ -193,14 +193,6 @@ class Config:
             parse_bytes_or_percent(self.host_memory_floor)
         except ValueError as e:
             raise ValueError(f"host_memory_floor: {e}") from None
-        # such a host's CPU computes none of its experts: each needs a VRAM slot, the tier's or, where the tier's
-        # policy keeps its residents, a staging one
-        write_combined = [h for h in range(self.expert_hosts) if self.host_memory_for(h) == "write-combined"]
-        if write_combined and (self.soft_slots == 0 or self.soft_staging == 0 or self.cold_path == "cpu"):
-            raise ValueError(f"expert host {write_combined[0]} keeps its experts in write-combined memory, which is "
-                             f"for experts streamed to the GPU, never computed on its CPU: it needs soft_slots and "
-                             f"soft_staging above 0 and cold_path auto or stream (soft_slots {self.soft_slots}, "
-                             f"soft_staging {self.soft_staging}, cold_path {self.cold_path})")
 
     def ipc(self, name: str) -> str:
         return f"ipc://{self.run_dir}/{name}.sock"

@@ -183,14 +183,3 @@ def test_more_running_requests_than_a_step_has_tokens_is_refused_at_load():
     with pytest.raises(ValueError, match=r"max_running \(64\) must not be above max_batch_tokens \(32\)"):
         load_config(None, max_running=64, max_batch_tokens=32)
     assert load_config(None, max_running=32, max_batch_tokens=32).max_running == 32
-
-
-@pytest.mark.parametrize("settings", [{"soft_slots": 0}, {"soft_staging": 0}, {"cold_path": "cpu"}])
-def test_a_write_combined_host_without_a_way_to_stream_its_experts_is_refused_at_load(settings):
-    """Its CPU computes none of its experts (ExpertStore.compute), so each one must have a VRAM slot to go to: the
-    soft tier's, or a staging slot where the tier's policy keeps its residents."""
-    streaming = {"soft_slots": 4, "soft_staging": 16, "cold_path": "auto"}
-    with pytest.raises(ValueError, match="expert host 1 keeps its experts in write-combined memory"):
-        Config(expert_hosts=2, host_memory="mapped, write-combined", **{**streaming, **settings})
-    Config(expert_hosts=2, host_memory="mapped, write-combined", **streaming)
-    Config(expert_hosts=1, host_memory="mapped, write-combined")  # no host 1: nothing is write-combined

@@ -95,12 +95,6 @@ def test_a_placement_that_does_not_fit_is_refused_before_anything_is_loaded(expe
         ExpertStore(source, 0, "mapped", floor="100%").apply(placement)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-def test_write_combined_is_refused_at_start_without_cuda(expert_models):
-    with pytest.raises(HostMemoryError, match="write-combined needs a CUDA GPU"):
-        ExpertStore(open_expert_source(GGUFModel(expert_models["f32"]), Config()), 0, "write-combined")
-
-
 def test_prefetch_reads_exactly_the_named_experts_into_the_page_cache(tmp_path):
     path, model, store = mapped_store(tmp_path, seed=1)
     drop_pages(path, model)

@@ -1,5 +1,5 @@
-"""Host memory kinds on a CUDA machine: what the device says about reaching host memory, the pinned
-segment registered for DMA, and write-combined experts (stream-only) copied to the GPU intact."""
+"""Host memory kinds on a CUDA machine: what the device says about reaching host memory, and the pinned
+segment, page-locked, copied to the GPU intact; refused where the worker streams from its own map."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from shared.device_caps import HOST_DMA, decide, read_device_caps
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
+from shared.memory_use import HostMemoryError
 from shared.placement import round_robin_placement
 
 pytestmark = [
@@ -43,13 +44,12 @@ def test_device_caps_are_read_and_the_probe_leaves_no_error_behind():
     assert (torch.ones(4, device="cuda") * 2).sum().item() == 8  # a kernel launch after the probe still works
 
 
-@pytest.mark.parametrize("kind", ["pinned", "write-combined"])
-def test_copied_experts_reach_the_gpu_intact(model, kind):
+def test_pinned_experts_are_page_locked_and_reach_the_gpu_intact(model):
     caps = read_device_caps()
     if caps is None or caps.decision != HOST_DMA:
-        pytest.skip(f"{kind} memory is registered or allocated for DMA only where the GPU DMAs from host memory")
+        pytest.skip("pinned memory is registered for DMA only where the GPU DMAs from host memory")
     mapped = ExpertStore(open_expert_source(model, Config()), 0)
-    store = ExpertStore.from_config(open_expert_source(model, Config()), 0, Config(host_memory=kind, soft_slots=1))
+    store = ExpertStore.from_config(open_expert_source(model, Config()), 0, Config(host_memory="pinned"))
     try:
         for version, hot in ((1, 2), (2, 3)):  # a placement change builds new memory and frees the old
             placement = round_robin_placement(model.config, hot, 1, version=version)
@@ -62,8 +62,12 @@ def test_copied_experts_reach_the_gpu_intact(model, kind):
                     on_gpu = held.to("cuda", non_blocking=True)
                     torch.cuda.synchronize()
                     assert torch.equal(on_gpu.cpu(), view)
-        if kind == "write-combined":
-            with pytest.raises(ValueError, match="never computed here"):
-                store.compute(0, [3], [1], torch.zeros(1, model.config.hidden))
     finally:
         store.close()
+
+
+def test_a_pinned_host_is_refused_where_the_worker_streams_from_its_own_map(model):
+    """The worker's soft tier page-locks its own map of the file, every expert's pages: a pinned copy beside it was
+    a second copy of the host's experts in RAM, which nothing read."""
+    with pytest.raises(HostMemoryError, match="two copies of this host's experts"):
+        ExpertStore.from_config(open_expert_source(model, Config()), 1, Config(host_memory="pinned", soft_slots=4))

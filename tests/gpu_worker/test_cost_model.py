@@ -136,18 +136,6 @@ def test_two_hosts_with_uneven_loads_stream_from_the_busy_one():
     assert abs(plan.cpu_s[0] - plan.stream_s) <= one * 1.01
 
 
-def test_a_stream_only_hosts_experts_all_go_over_pcie_and_load_the_link():
-    """A write-combined host computes nothing: its experts are streamed whatever the CPU would cost, and the link
-    they take is not free for the other host's."""
-    cold = experts(48, 1, host=[0] * 40 + [1] * 8)
-    plan = plan_layer(cold, H100_MACHINE, stream_only=frozenset({1}))
-    assert plan.cpu[1] == [] and plan.cpu_s[1] == 0.0
-    assert set(range(40, 48)) <= set(plan.stream)
-    check_accounting(plan, cold, H100_MACHINE)
-    # host 0 keeps more of its own experts than it would with the link to itself
-    assert len(plan.cpu[0]) > len(plan_layer(cold[:40], H100_MACHINE).cpu[0])
-
-
 def test_no_cold_experts_is_an_empty_plan():
     plan = plan_layer([], H100_MACHINE)
     assert (plan.cpu, plan.stream, plan.cpu_s, plan.stream_s, plan.layer_s) == ({}, [], {}, 0.0, 0.0)
@@ -341,18 +329,6 @@ def test_expert_format_reads_the_served_format_and_size_of_one_expert(tmp_path):
     rows = 2 * cfg.expert_ffn + cfg.hidden
     assert (expert_format(source, 1), source.expert_nbytes(1)) == ("int8", 3 * per_matrix + 2 * rows)
     assert expert_flops_per_token(cfg) == 2 * 3 * per_matrix
-
-
-def test_the_planner_streams_every_expert_of_a_stream_only_host(tmp_path):
-    """Decode-sized work the planner would leave to the hosts' CPUs goes over PCIe where its host is write-combined,
-    whose CPU refuses to compute (ExpertStore.compute)."""
-    path = tmp_path / "tiny.gguf"
-    make_model(path, preset="tiny", dtype="f32", seed=3)
-    source = ExpertSource(GGUFModel(path), None)
-    slow_link = dict(stream_bw=1e6, gpu_flops=1e15, activation_dtype=torch.float32, host_threads=1)
-    cold = [(e, e % 2, 1) for e in range(4)]
-    assert ColdPlanner(source, "auto", **slow_link).to_stream(0, cold) == []
-    assert ColdPlanner(source, "auto", **slow_link, stream_only=frozenset({1})).to_stream(0, cold) == [1, 3]
 
 
 def test_the_planner_plans_a_step_with_the_constants_it_began_with(tmp_path):
