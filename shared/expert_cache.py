@@ -30,6 +30,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ import torch
 
 from shared.expert_math import ExpertWeights
 from shared.gguf_file import ZERO_COPY_TYPES, GGUFModel
+from shared.memory_use import host_memory
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_name, tensor_shapes
 from shared.pages import advise, read_only_tensor
 from shared.quant import (
@@ -68,6 +70,8 @@ _PREFIX = struct.Struct("<8sIQ")  # magic, version, length of the JSON header th
 HEADER_MAX_NBYTES = 16 << 20  # a header takes about 1 kB a layer
 HASH_CHUNK = 64 << 20
 BYTES_PER_WORKER = 512 << 20  # by default one conversion process per this much of the cache, one per core at most
+# a conversion process's peak resident memory, rounded up: about 0.4 GB converting a 4096 x 14336 Q6_K matrix
+WORKER_NBYTES = 512 << 20
 
 Progress = Callable[[int, int, int, float], None]  # (layers done, layers, bytes written, seconds)
 
@@ -205,7 +209,7 @@ def content_hash(path: str | os.PathLike[str]) -> str:
         mapped.madvise(mmap.MADV_SEQUENTIAL)
         whole = memoryview(mapped)
         chunks = [whole[i : i + HASH_CHUNK] for i in range(0, st.st_size, HASH_CHUNK)]
-        with ThreadPoolExecutor(min(32, os.cpu_count() or 1)) as pool:
+        with ThreadPoolExecutor(min(32, len(os.sched_getaffinity(0)))) as pool:
             digests = list(pool.map(lambda chunk: hashlib.sha256(chunk).digest(), chunks))
         for chunk in chunks:
             chunk.release()
@@ -281,9 +285,11 @@ def _file_header(path: Path) -> dict[str, Any]:
 
 
 def _check_file(path: Path, expected: dict[str, Any]) -> None:
-    """Raise CacheError unless `path` is a complete cache file for exactly this header."""
+    """Raise CacheError unless `path` is a complete cache file for exactly this header, whatever the name of the
+    model file it was built from."""
     header = _file_header(path)
     header.pop(BUILT_FROM, None)
+    header["source"] = expected["source"]
     if header != expected:
         differ = sorted(key for key in expected if header.get(key) != expected[key])
         raise CacheError(f"was made for another model or layout (differs in {', '.join(differ) or 'keys'})")
@@ -398,6 +404,12 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
     for d in dirs:
         if _problem(d / name, header) is None:
             return ExpertCache(d / name)
+    # the same content under another name (a renamed model, or one served through a symlink): a rebuild would take
+    # as long and as much disk as the first
+    for d in dirs:
+        for other in sorted(d.glob(f"*.{header['source_hash'][:16]}.experts")):
+            if _problem(other, header) is None:
+                return ExpertCache(other)
     target = _writable_dir(dirs) / name
     with _locked(target):
         problem = _problem(target, header)
@@ -565,7 +577,7 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
     jobs = [(layer, layouts[layer], data_offset + offset, digests_offset + first_digest[layer] * DIGEST_NBYTES)
             for layer, offset in enumerate(header["layer_offsets"]) if offset is not None]
     if workers is None:  # pool processes take a second or two to start: small caches convert faster here
-        workers = min(os.cpu_count() or 1, -(-header["data_nbytes"] // BYTES_PER_WORKER))
+        workers = _default_workers(header["data_nbytes"])
     workers = max(1, min(workers, len(jobs)))
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     start, done, written = time.monotonic(), 0, 0
@@ -588,6 +600,11 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
                             written += future.result()
                             done += 1
                             progress(done, len(jobs), written, time.monotonic() - start)
+                    except BrokenProcessPool as e:  # killed: nothing else ends one without an exception of its own
+                        pool.shutdown(cancel_futures=True)
+                        raise OSError(f"a conversion process died ({e}); if the kernel's out-of-memory killer took "
+                                      f"it, convert with fewer processes (tierserve convert-experts --workers N; "
+                                      f"{workers} were running)") from None
                     except BaseException:
                         pool.shutdown(cancel_futures=True)  # the layers not started yet would be wasted work
                         raise
@@ -606,6 +623,13 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
     finally:
         os.close(dir_fd)
     _drop_converted_pages(model, layouts)
+
+
+def _default_workers(data_nbytes: int) -> int:
+    """One conversion process per BYTES_PER_WORKER of the cache, no more than the CPUs this process may run on (a
+    container's cpuset, taskset, a unit's CPUAffinity: not the machine's count) nor than fit in available memory."""
+    by_memory = host_memory().available // WORKER_NBYTES
+    return max(1, min(len(os.sched_getaffinity(0)), -(-data_nbytes // BYTES_PER_WORKER), by_memory))
 
 
 def _not_enough_space(path: Path, nbytes: int, free: int, failure: OSError | None = None) -> OSError:
@@ -719,7 +743,7 @@ def main(argv: list[str] | None = None) -> int:
         model = GGUFModel(args.model)
         cache = ensure_expert_cache(model, args.cache_dir, args.workers)
         if cache is not None and args.verify and not cache.built:
-            damaged = cache.verify(threads=os.cpu_count() or 1)
+            damaged = cache.verify(threads=len(os.sched_getaffinity(0)))
             if damaged:
                 shown = ", ".join(f"layer {layer} expert {e}" for layer, e in damaged[:8])
                 print(f"{cache.path}: {len(damaged)} experts do not match their digests ({shown}"

@@ -138,6 +138,33 @@ def test_cache_is_built_once_next_to_the_model_then_reused(models):
     cache.close()
 
 
+def test_the_same_content_under_another_name_maps_the_cache_it_has(models, tmp_path):
+    """A model served through a symlink, or renamed, was converted again (minutes, and as much disk again) into a
+    cache of its new name."""
+    first = ensure_expert_cache(GGUFModel(models["q4_k"]), tmp_path, workers=1, progress=quiet)
+    assert first.built
+    link = tmp_path / "current.gguf"
+    link.symlink_to(models["q4_k"])
+    renamed = tmp_path / "renamed.gguf"
+    os.link(models["q4_k"], renamed)
+    for model in (link, renamed):
+        built = Calls()
+        cache = ensure_expert_cache(GGUFModel(model), tmp_path, workers=1, progress=built)
+        assert not cache.built and built.calls == [] and cache.path == first.path
+        cache.close()
+    assert len(list(tmp_path.glob("*.experts"))) == 1
+    first.close()
+
+
+def test_conversion_processes_are_no_more_than_the_cpus_this_process_may_run_on():
+    """Sized from the machine's CPU count, a build inside a cpuset (a container, taskset, a unit's CPUAffinity)
+    started a process per host CPU, each some 0.4 GB."""
+    code = ("import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+            "from shared.expert_cache import _default_workers; print(_default_workers(1 << 40))")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert run.stdout.strip() == "1"
+
+
 def test_a_killed_builds_leftovers_are_removed(models, tmp_path):
     model = GGUFModel(models["q8_0"])
     name = f"small-q8_0.{content_hash(models['q8_0'])[:16]}.experts"
