@@ -16,15 +16,15 @@ from typing import Any
 
 import zmq
 
-from shared.client import Client, ServerError, Stream
+from shared.client import Client, ServerError, Stream, check_timeout
 from shared.config import load_config
 
 
 def _seconds(text: str) -> float:
-    seconds = float(text)
-    if not seconds > 0:  # zmq refuses a negative send timeout, and no answer comes within 0 s
-        raise argparse.ArgumentTypeError(f"must be above 0, not {text}")
-    return seconds
+    try:
+        return check_timeout(float(text))
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:

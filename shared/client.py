@@ -214,11 +214,22 @@ def _new_socket(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket
     return socket, monitor
 
 
+# ZeroMQ takes its timeouts as int32 milliseconds: about 24.8 days
+MAX_TIMEOUT_S = (2**31 - 1) / 1000
+
+
+def check_timeout(timeout_s: float) -> float:
+    """`timeout_s` if a client can wait that long: above 0 (no answer comes within 0 s) and within MAX_TIMEOUT_S."""
+    if not 0 < timeout_s <= MAX_TIMEOUT_S:
+        raise ValueError(f"a timeout must be above 0 s and at most {MAX_TIMEOUT_S:,.0f} s, not {timeout_s}")
+    return timeout_s
+
+
 class Client:
     """A blocking client; `timeout_s` bounds every wait for the server (raises TimeoutError)."""
 
     def __init__(self, endpoint: str, timeout_s: float = 60.0) -> None:
-        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self.endpoint, self.timeout_s = endpoint, check_timeout(timeout_s)
         self._socket, self._monitor = _new_socket(zmq.Context.instance(), endpoint)
         self._socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
         self._poller = zmq.Poller()
@@ -366,7 +377,7 @@ class AsyncClient:
     """
 
     def __init__(self, endpoint: str, timeout_s: float = 60.0) -> None:
-        self.endpoint, self.timeout_s = endpoint, timeout_s
+        self.endpoint, self.timeout_s = endpoint, check_timeout(timeout_s)
         self._socket, self._monitor = _new_socket(zmq.asyncio.Context.instance(), endpoint)
         self._poller = zmq.asyncio.Poller()
         self._poller.register(self._socket, zmq.POLLIN)

@@ -417,6 +417,9 @@ def decode(frames: list[Any], expected: tuple[type[Message], ...] = ()) -> Messa
     first = frames[0]
     try:
         header = msgpack.unpackb(first.buffer if hasattr(first, "buffer") else first, raw=False)
+    except UnicodeDecodeError as e:  # valid msgpack, whose strings must be UTF-8
+        raise ProtocolError("malformed", f"a string in the message is not valid UTF-8 ({e.reason} at its byte "
+                                         f"{e.start})") from e
     except Exception as e:  # msgpack raises several unrelated exception types for garbage
         raise ProtocolError("malformed", f"message is not valid msgpack ({type(e).__name__})") from e
     if not isinstance(header, dict):

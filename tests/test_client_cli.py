@@ -326,9 +326,11 @@ def test_a_config_file_it_cannot_read_is_a_message_not_a_traceback(tmp_path):
 
 def test_an_endpoint_that_is_no_zeromq_address_is_a_message_not_a_traceback():
     """An endpoint without its transport (host:port), or a negative timeout, reached zmq as it was and ended the
-    command with a ZMQError traceback."""
+    command with a ZMQError traceback; an infinite or huge one, an OverflowError."""
     for options, message in ((["--endpoint", "localhost:5555"], "'localhost:5555'"),
-                             (["--endpoint", "tcp://127.0.0.1:9", "--timeout", "-1"], "--timeout")):
+                             (["--endpoint", "tcp://127.0.0.1:9", "--timeout", "-1"], "--timeout"),
+                             (["--endpoint", "tcp://127.0.0.1:9", "--timeout", "inf"], "at most 2,147,484 s"),
+                             (["--endpoint", "tcp://127.0.0.1:9", "--timeout", "3e6"], "at most 2,147,484 s")):
         done = subprocess.run([sys.executable, "-m", "shared.cli", "health", *options],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode in (1, 2) and message in done.stderr, done.stderr

@@ -85,6 +85,9 @@ def _frames(header: dict) -> list[bytes]:
     "frames, code, text",
     [
         ([b"\xc1\xff random bytes"], "malformed", "not valid msgpack"),
+        # valid msgpack whose prompt is no UTF-8: it was called "not valid msgpack"
+        ([b"\x83\xa1v\x01\xa4kind\xa8generate\xa6prompt\xa2\xff\xfe"], "malformed",
+         r"a string in the message is not valid UTF-8 \(invalid start byte at its byte 0\)"),
         ([msgpack.packb([1, 2, 3])], "malformed", "must be a msgpack map"),
         ([], "malformed", "empty message"),
         (_frames({"v": 99, "kind": "health"}), "bad_version", "protocol version 99"),
