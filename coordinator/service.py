@@ -150,7 +150,9 @@ class Coordinator:
             # a client whose machine vanished without closing its connection is found by ZMTP heartbeats
             zmq.HEARTBEAT_IVL: 2_000, zmq.HEARTBEAT_TIMEOUT: 6_000,
             # a frame this far past max_request_bytes is not read at all: ZeroMQ drops its connection rather than
-            # hold it whole in memory to refuse it (two 800 MB requests took the coordinator to 1.9 GB)
+            # hold it whole in memory to refuse it (two 800 MB requests took the coordinator to 1.9 GB). Per frame
+            # only: ZeroMQ holds a message's frames until its last has come, and no option bounds their sum, so a
+            # client that splits one request into many frames is held whole before it is refused as too large
             zmq.MAXMSGSIZE: OVERSIZED_FRAME_FACTOR * config.max_request_bytes}, hwm=100_000)
         self.engine = self._router(config.engine_endpoint, {zmq.ROUTER_MANDATORY: 1, zmq.ROUTER_HANDOVER: 1},
                                    hwm=100_000)
