@@ -81,8 +81,9 @@ def time_planning(engine: Engine, cfg: ModelConfig, tokens: int, steps: int, ske
         began = time.perf_counter()
         planner.begin_step()
         for layer, ids in enumerate(layers):
-            _, groups, slots = moe._plan(layer, ids)
-            for e in slots:  # as the dispatch does once the slots' launch is queued
+            slots: dict[int, int] = {}
+            _, groups = moe._plan(layer, ids, slots)
+            for e in slots:  # as the dispatch does once the layer is done
                 engine.pool.tier.unpin((layer, e))
             for host in (g for g in groups if isinstance(g, int) and g >= 0):
                 experts, rows = len(groups[host].keys), groups[host].end - groups[host].start

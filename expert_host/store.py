@@ -47,7 +47,8 @@ class ExpertStore:
         """The store expert host `host_index` runs with; only kinds that involve the GPU look for one."""
         kind = config.host_memory_for(host_index)
         caps = read_device_caps() if kind != "mapped" and config.device != "cpu" else None
-        if kind == "pinned" and caps is not None and config.soft_slots > 0:
+        # the worker page-locks its map where the GPU DMAs from host memory (soft_pool.register_for_dma)
+        if kind == "pinned" and caps is not None and caps.decision == HOST_DMA and config.soft_slots > 0:
             raise HostMemoryError(
                 f"expert host {host_index} would copy its experts into pinned memory while the gpu worker streams "
                 f"cold experts (soft_slots {config.soft_slots}) from its own page-locked map of the file, which keeps "

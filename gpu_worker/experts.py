@@ -202,27 +202,28 @@ class MoEDispatch:
         # per decode batch's rows: _slot_index's indices and _slot_share's result, where a decode graph reads them
         self._slot_buffers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def _soft_slots(self, layer: int, cold: dict[int, int]) -> tuple[dict[int, int], set[int]]:
-        """Slots of this layer's cold experts (expert -> pairs) computed on the GPU this step: resident ones,
-        then the ones the planner streams in; and the experts it streams that the policy finds no slot for,
-        which go through the staging slots (or, with none, stay on their host)."""
+    def _soft_slots(self, layer: int, cold: dict[int, int], slots: dict[int, int]) -> set[int]:
+        """Into `slots` (expert -> slot), each pinned as it goes in, the slots of this layer's cold experts (expert
+        -> pairs) computed on the GPU this step: resident ones, then the ones the planner streams in; returned,
+        the experts it streams that the policy finds no slot for, which go through the staging slots (or, with
+        none, stay on their host)."""
         if self.pool is None or not cold:
-            return {}, set()
+            return set()
         tier = self.pool.tier
-        slots, staged = {}, set()
+        staged = set()
         with section("soft"):
             for e in cold:  # pinned as found, so streaming this layer's misses cannot evict them
                 if (layer, e) in tier:
-                    slots[e] = tier.lookup((layer, e))
                     tier.pin((layer, e))
+                    slots[e] = tier.lookup((layer, e))
             self.on_dispatch("soft_hit", sum(cold[e] for e in slots))
             misses = [(e, int(self.owners[layer][e]), n) for e, n in cold.items() if e not in slots]
             streamed = 0
             for e in self.planner.to_stream(layer, misses) if self.planner else []:
                 slot = self.pool.stream(layer, e)
                 if slot is not None:
-                    slots[e] = slot
                     tier.pin((layer, e))
+                    slots[e] = slot
                     streamed += cold[e]
                 elif self.pool.staging_slots:
                     staged.add(e)
@@ -230,16 +231,17 @@ class MoEDispatch:
                 self.on_dispatch("streamed", streamed)
             if staged:
                 self.on_dispatch("staged", sum(cold[e] for e in staged))
-        return slots, staged
+        return staged
 
-    def _plan(self, layer: int, ids: np.ndarray) -> tuple[np.ndarray, dict[str | int, _PathGroups], dict[int, int]]:
-        """The layer's pair order and each path's groups in it (plan_pairs), and the soft slots in use."""
+    def _plan(self, layer: int, ids: np.ndarray, slots: dict[int, int]
+              ) -> tuple[np.ndarray, dict[str | int, _PathGroups]]:
+        """The layer's pair order and each path's groups in it (plan_pairs); the soft slots in use into `slots`,
+        pinned: the caller unpins them, whether this returns or raises."""
         owner = self.owners[layer]
         per_expert = np.bincount(ids, minlength=len(owner))  # not np.unique: it takes several times as long
         cold = np.flatnonzero((per_expert > 0) & (owner != GPU))
-        slots, staged = self._soft_slots(layer, dict(zip(cold.tolist(), per_expert[cold].tolist(), strict=True)))
-        pair_order, groups = plan_pairs(ids, per_expert, owner, slots, staged)
-        return pair_order, groups, slots
+        staged = self._soft_slots(layer, dict(zip(cold.tolist(), per_expert[cold].tolist(), strict=True)), slots)
+        return plan_pairs(ids, per_expert, owner, slots, staged)
 
     def _first_pass(self, layer: int, staged: _PathGroups | None) -> list[int]:
         """Start copying the layer's staged experts into the staging slots, as many as there are slots; the slots
@@ -365,8 +367,9 @@ class MoEDispatch:
         self.before_layer()
         if self.crossed:  # crossing layers queued before this one: the device waits on hosts that may be gone
             self.crossings.settle()  # type: ignore[union-attr]
-        pair_order, groups, slots = self._plan(layer, expert_ids.flatten().cpu().numpy())
+        slots: dict[int, int] = {}
         try:
+            pair_order, groups = self._plan(layer, expert_ids.flatten().cpu().numpy(), slots)
             return self._dispatch(layer, h, weights, expert_ids, hot, graph, pair_order, groups)
         finally:
             # raised or not: a pin left behind would hold its expert in its slot, unevictable, for good

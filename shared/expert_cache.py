@@ -404,9 +404,9 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
     for d in dirs:
         if _problem(d / name, header) is None:
             return ExpertCache(d / name)
-    # the same content under another name (a renamed model, or one served through a symlink): a rebuild would take
-    # as long and as much disk as the first
-    for d in dirs:
+    # the same content under another name (a renamed model, or one served through a symlink, beside its target's
+    # cache): a rebuild would take as long and as much disk as the first
+    for d in dict.fromkeys([*dirs, model.path.resolve().parent]):
         for other in sorted(d.glob(f"*.{header['source_hash'][:16]}.experts")):
             if _problem(other, header) is None:
                 return ExpertCache(other)
@@ -600,11 +600,11 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
                             written += future.result()
                             done += 1
                             progress(done, len(jobs), written, time.monotonic() - start)
-                    except BrokenProcessPool as e:  # killed: nothing else ends one without an exception of its own
+                    except BrokenProcessPool as e:  # most often killed, by the out-of-memory killer
                         pool.shutdown(cancel_futures=True)
-                        raise OSError(f"a conversion process died ({e}); if the kernel's out-of-memory killer took "
+                        raise OSError(f"a conversion process ended abruptly ({e}); if the out-of-memory killer took "
                                       f"it, convert with fewer processes (tierserve convert-experts --workers N; "
-                                      f"{workers} were running)") from None
+                                      f"{workers} were running)") from e
                     except BaseException:
                         pool.shutdown(cancel_futures=True)  # the layers not started yet would be wasted work
                         raise
@@ -734,8 +734,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="GGUF model file")
     parser.add_argument("--cache-dir", help="where to write it (default: next to the model, else "
                                             "$XDG_CACHE_HOME/tierserve/experts)")
-    parser.add_argument("--workers", type=int, help="conversion processes (default: one per core, fewer for "
-                                                    "small models)")
+    parser.add_argument("--workers", type=int, help="conversion processes (default: one per 512 MiB of the cache, "
+                                                    "at most one per CPU this process may run on and as many as "
+                                                    "fit in available memory)")
     parser.add_argument("--verify", action="store_true", help="check every expert of an existing cache against "
                                                               "its digest, and rebuild the file if one differs")
     args = parser.parse_args(argv)

@@ -9,6 +9,7 @@ import multiprocessing
 import os
 import re
 import shlex
+import shutil
 import struct
 import subprocess
 import sys
@@ -154,6 +155,18 @@ def test_the_same_content_under_another_name_maps_the_cache_it_has(models, tmp_p
         cache.close()
     assert len(list(tmp_path.glob("*.experts"))) == 1
     first.close()
+    # a symlink in another directory, its target's cache beside the target
+    (tmp_path / "models").mkdir()
+    target = tmp_path / "models" / "m.gguf"
+    shutil.copy(models["q4_k"], target)
+    beside = ensure_expert_cache(GGUFModel(target), workers=1, progress=quiet)
+    (tmp_path / "serving").mkdir()
+    (tmp_path / "serving" / "cur.gguf").symlink_to(target)
+    cache = ensure_expert_cache(GGUFModel(tmp_path / "serving" / "cur.gguf"), workers=1, progress=quiet)
+    assert not cache.built and cache.path == beside.path
+    assert not list((tmp_path / "serving").glob("*.experts"))
+    for c in (cache, beside):
+        c.close()
 
 
 def test_conversion_processes_are_no_more_than_the_cpus_this_process_may_run_on():

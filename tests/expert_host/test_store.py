@@ -95,6 +95,14 @@ def test_a_placement_that_does_not_fit_is_refused_before_anything_is_loaded(expe
         ExpertStore(source, 0, "mapped", floor="100%").apply(placement)
 
 
+def test_a_pinned_host_beside_a_cpu_worker_with_soft_slots_is_not_refused(expert_models):
+    """Only a GPU worker page-locks its map of the file (tests/gpu/test_host_memory.py has the refusal)."""
+    source = open_expert_source(GGUFModel(expert_models["f32"]), Config())
+    store = ExpertStore.from_config(source, 0, Config(host_memory="pinned", soft_slots=4, device="cpu"))
+    assert store.kind == "pinned"
+    store.close()
+
+
 def test_prefetch_reads_exactly_the_named_experts_into_the_page_cache(tmp_path):
     path, model, store = mapped_store(tmp_path, seed=1)
     drop_pages(path, model)

@@ -81,30 +81,34 @@ def test_staged_experts_that_fit_the_staging_slots_are_computed_with_the_soft_ti
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
 
 
-def test_a_layer_that_raises_leaves_no_soft_tier_expert_pinned(tmp_path):
-    """A step that failed between pinning the layer's slots and computing them (a CUDA out-of-memory error, a
-    host lost) left them pinned for good: the tier then refused every expert that would have evicted them."""
+@pytest.mark.parametrize("failing", ["stream", "compute"])
+def test_a_layer_that_raises_leaves_no_soft_tier_expert_pinned(tmp_path, failing):
+    """A step that failed between pinning the layer's slots and computing them (a CUDA out-of-memory error in a
+    copy or a launch, a host lost) left them pinned for good: the tier then refused every expert that would have
+    evicted them. Streaming fails after the layer's resident experts are pinned, the launch after all of them."""
     path = tmp_path / "tiny.gguf"
     make_model(path, preset="tiny", dtype="f32", seed=5)
     model = GGUFModel(path)
-    config = Config(model=str(path), device="cpu", soft_slots=4, soft_staging=2, cold_path="stream")
+    config = Config(model=str(path), device="cpu", soft_slots=8, soft_staging=2, cold_path="stream")
     engine = Engine(config, model, remote=None)
     engine.apply(round_robin_placement(model.config, 2, 1))
-    compute = engine.pool.compute
+    table = list(range(4))
+    engine.trunk.forward([Chunk([3], 0, table)], engine.moe)  # a few residents, for the next step to find
+    tier = engine.pool.tier
+    hits = tier.hits
+    working = getattr(engine.pool, failing)
 
     def fails(*args):
-        raise RuntimeError("the slots' launch failed")
+        raise RuntimeError(f"{failing} failed")
 
-    engine.pool.compute = fails
-    tokens = list(range(3, 15))
-    table = list(range(4))
-    with pytest.raises(RuntimeError, match="the slots' launch failed"):
+    setattr(engine.pool, failing, fails)
+    tokens = list(range(20, 40))
+    with pytest.raises(RuntimeError, match=f"{failing} failed"):
         engine.trunk.forward([Chunk(tokens, 0, table)], engine.moe)
-    engine.pool.compute = compute
-    tier = engine.pool.tier
+    setattr(engine.pool, failing, working)
+    assert tier.hits > hits, "the failed layer pinned resident experts before it raised"
     resident = [(layer, e) for layer in range(model.config.n_layers) for e in range(model.config.n_experts)
                 if (layer, e) in tier]
-    assert resident, "the failed layer streamed experts in before it raised"
     for key in resident:
         with pytest.raises(KeyError, match="is not pinned"):
             tier.unpin(key)
