@@ -404,9 +404,9 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
     for d in dirs:
         if _problem(d / name, header) is None:
             return ExpertCache(d / name)
-    # the same content under another name (a renamed model, or one served through a symlink, beside its target's
-    # cache): a rebuild would take as long and as much disk as the first
-    for d in dict.fromkeys([*dirs, model.path.resolve().parent]):
+    # the same content under another name (a renamed model, or one served through a symlink, whose target's cache
+    # lies beside the target unless a directory is given): a rebuild would take as long and as much disk as the first
+    for d in dict.fromkeys(dirs if directory else [*dirs, model.path.resolve().parent]):
         for other in sorted(d.glob(f"*.{header['source_hash'][:16]}.experts")):
             if _problem(other, header) is None:
                 return ExpertCache(other)
