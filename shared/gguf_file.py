@@ -91,6 +91,9 @@ class GGUFModel:
         except ValueError as e:
             if "magic" in str(e):
                 raise ModelError(f"{self.path}: not a GGUF file (bad magic number)") from e
+            if "GGMLQuantizationType" in str(e):  # the enum's own refusal of a type id it does not list
+                raise ModelError(f"{self.path}: a tensor's type is not one the gguf package knows ({e}): a quant "
+                                 f"type newer than the package, or a corrupt file") from e
             raise ModelError(f"{self.path}: GGUF file is truncated or corrupt ({e})") from e
         except (IndexError, OverflowError, UnicodeDecodeError, KeyError) as e:
             raise ModelError(f"{self.path}: GGUF file is truncated or corrupt ({type(e).__name__}: {e})") from e

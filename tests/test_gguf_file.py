@@ -358,6 +358,19 @@ def test_truncated_header(tmp_path):
         GGUFModel(path)
 
 
+def test_a_tensor_type_the_gguf_package_does_not_know_is_named_so(tmp_path):
+    """It was reported as a truncated or corrupt file."""
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg))
+    data = bytearray(path.read_bytes())
+    at = data.index(b"token_embd.weight") + len(b"token_embd.weight")  # its tensor info: dims, then its type
+    struct.pack_into("<I", data, at + 4 + 8 * struct.unpack_from("<I", data, at)[0], 99)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=r"a tensor's type is not one the gguf package knows \(.*99\)? is not a valid "
+                                         r"GGMLQuantizationType\): a quant type newer than the package, or a corrupt"):
+        GGUFModel(path)
+
+
 def test_not_a_gguf_file(tmp_path):
     path = tmp_path / "random.bin"
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
