@@ -222,3 +222,10 @@ class SoftTier:
             self.policy.insert(key)
         else:
             self._pins[key] = count - 1
+
+    def discard(self, key: Key) -> None:
+        """Give up `key`'s slot (one whose copy failed: it holds no weights of `key`'s), free for the next admission."""
+        if self._pins.get(key):
+            raise ValueError(f"expert {key} is pinned")
+        self._free.append(self._slot.pop(key))
+        self.policy.remove(key)

@@ -102,7 +102,11 @@ class SoftPool:
         admission = self.tier.admit((layer, expert))
         if admission is None:
             return None
-        self.bytes_streamed += self._fill(admission.slot, layer, expert)
+        try:
+            self.bytes_streamed += self._fill(admission.slot, layer, expert)
+        except BaseException:
+            self.tier.discard((layer, expert))  # kept, a later hit would compute from whatever the slot held
+            raise
         return admission.slot
 
     def stage(self, layer: int, experts: list[int]) -> list[int]:

@@ -92,6 +92,22 @@ def test_pinned_experts_are_never_evicted(policy):
 
 
 @pytest.mark.parametrize("policy", SOFT_POLICIES)
+def test_a_discarded_expert_leaves_its_slot_free_and_is_never_a_victim(policy):
+    """A slot whose copy failed holds none of its expert's weights: a later hit on it computed from whatever the
+    slot held before."""
+    tier = SoftTier(2, make_policy(policy, 16))
+    a, b, c = (0, 1), (0, 2), (1, 1)
+    assert tier.admit(a) == Admission(0, None)
+    tier.admit(b)
+    tier.pin(b)
+    with pytest.raises(ValueError, match="is pinned"):
+        tier.discard(b)
+    tier.discard(a)
+    assert a not in tier and tier.lookup(a) is None
+    assert tier.admit(c) == Admission(0, None)  # a's slot, free: nothing evicted
+
+
+@pytest.mark.parametrize("policy", SOFT_POLICIES)
 def test_admitting_a_resident_expert_is_a_caller_bug(policy):
     tier = SoftTier(2, make_policy(policy, 16))
     tier.admit((3, 3))

@@ -114,3 +114,29 @@ def test_a_layer_that_raises_leaves_no_soft_tier_expert_pinned(tmp_path, failing
             tier.unpin(key)
     got = engine.trunk.forward([Chunk(tokens, 0, table)], engine.moe)
     assert got.argmax(-1).tolist() == ReferenceModel(model).forward(tokens)[-1:].argmax(-1).tolist()
+
+
+def test_an_expert_whose_copy_into_its_slot_failed_is_not_left_in_the_slot(tmp_path):
+    """Admitted before its copy, it stayed mapped to the slot: the next step's hit computed from the slot's old
+    weights."""
+    path = tmp_path / "tiny.gguf"
+    make_model(path, preset="tiny", dtype="f32", seed=5)
+    model = GGUFModel(path)
+    config = Config(model=str(path), device="cpu", soft_slots=8, soft_staging=2, cold_path="stream")
+    engine = Engine(config, model, remote=None)
+    engine.apply(round_robin_placement(model.config, 2, 1))
+    weights = engine.pool.source.weights
+
+    def fails(*args):
+        raise RuntimeError("the copy failed")
+
+    engine.pool.source.weights = fails
+    tokens = list(range(3, 15))
+    table = list(range(4))
+    with pytest.raises(RuntimeError, match="the copy failed"):
+        engine.trunk.forward([Chunk(tokens, 0, table)], engine.moe)
+    engine.pool.source.weights = weights
+    assert len(engine.pool.tier) == 0
+    got = engine.trunk.forward([Chunk(tokens, 0, table)], engine.moe)
+    assert got.argmax(-1).tolist() == ReferenceModel(model).forward(tokens)[-1:].argmax(-1).tolist()
+
