@@ -81,17 +81,23 @@ def test_staged_experts_that_fit_the_staging_slots_are_computed_with_the_soft_ti
     assert got.argmax(-1).tolist() == want.argmax(-1).tolist()
 
 
-@pytest.mark.parametrize("failing", ["stream", "compute"])
-def test_a_layer_that_raises_leaves_no_soft_tier_expert_pinned(tmp_path, failing):
-    """A step that failed between pinning the layer's slots and computing them (a CUDA out-of-memory error in a
-    copy or a launch, a host lost) left them pinned for good: the tier then refused every expert that would have
-    evicted them. Streaming fails after the layer's resident experts are pinned, the launch after all of them."""
+def streaming_engine(tmp_path) -> tuple[GGUFModel, Engine]:
+    """A CPU engine that streams every cold expert into 8 soft-tier slots (2 staging), with no expert host."""
     path = tmp_path / "tiny.gguf"
     make_model(path, preset="tiny", dtype="f32", seed=5)
     model = GGUFModel(path)
     config = Config(model=str(path), device="cpu", soft_slots=8, soft_staging=2, cold_path="stream")
     engine = Engine(config, model, remote=None)
     engine.apply(round_robin_placement(model.config, 2, 1))
+    return model, engine
+
+
+@pytest.mark.parametrize("failing", ["stream", "compute"])
+def test_a_layer_that_raises_leaves_no_soft_tier_expert_pinned(tmp_path, failing):
+    """A step that failed between pinning the layer's slots and computing them (a CUDA out-of-memory error in a
+    copy or a launch, a host lost) left them pinned for good: the tier then refused every expert that would have
+    evicted them. Streaming fails after the layer's resident experts are pinned, the launch after all of them."""
+    model, engine = streaming_engine(tmp_path)
     table = list(range(4))
     engine.trunk.forward([Chunk([3], 0, table)], engine.moe)  # a few residents, for the next step to find
     tier = engine.pool.tier
@@ -119,12 +125,7 @@ def test_a_layer_that_raises_leaves_no_soft_tier_expert_pinned(tmp_path, failing
 def test_an_expert_whose_copy_into_its_slot_failed_is_not_left_in_the_slot(tmp_path):
     """Admitted before its copy, it stayed mapped to the slot: the next step's hit computed from the slot's old
     weights."""
-    path = tmp_path / "tiny.gguf"
-    make_model(path, preset="tiny", dtype="f32", seed=5)
-    model = GGUFModel(path)
-    config = Config(model=str(path), device="cpu", soft_slots=8, soft_staging=2, cold_path="stream")
-    engine = Engine(config, model, remote=None)
-    engine.apply(round_robin_placement(model.config, 2, 1))
+    model, engine = streaming_engine(tmp_path)
     weights = engine.pool.source.weights
 
     def fails(*args):
