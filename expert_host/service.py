@@ -33,7 +33,7 @@ from shared.protocol import (
     encode,
     recover_fields,
 )
-from shared.run_files import listened_on, mailbox_path, remove_ipc_file, remove_stale_mailboxes
+from shared.run_files import identity_at, listened_on, mailbox_path, remove_if_same, remove_stale_mailboxes
 
 _log = logging.getLogger("expert_host")  # for work items, outside serve's own logger
 WORK = Counter("tierserve_expert_host_work_total", "Work items (one layer's experts for one batch)", ["outcome"])
@@ -140,6 +140,9 @@ def serve(config: Config, host_index: int) -> int:
     data = ctx.socket(zmq.ROUTER)
     data.setsockopt(zmq.LINGER, 0)
     data.bind(endpoint)
+    # the files this process made: in the moment before it hears that a successor superseded it, the successor's
+    # are already at the same paths
+    socket_file = identity_at(endpoint.removeprefix("ipc://")) if endpoint.startswith("ipc://") else None
     mailbox = open_mailbox(config, host_index, model, log)
     if config.pin_host_threads:
         bind_threads(config, host_index, log)
@@ -180,14 +183,10 @@ def serve(config: Config, host_index: int) -> int:
         drain(store, data, queue, mailbox)
     finally:
         store.close()
-        # the mailbox and socket file at these paths are the successor's, or about to be
-        yielded = control.superseded is not None
         if mailbox is not None:
             mailbox.close()
-            if not yielded:
-                remove_mailbox(mailbox.path)
-        if not yielded:  # while this process listens there, the file is its own
-            remove_ipc_file(endpoint)
+            remove_if_same(mailbox.path, mailbox.identity)
+        remove_if_same(endpoint.removeprefix("ipc://"), socket_file)
         data.close(linger=1000)  # time for the drain's answers to leave
         control.socket.close(linger=0)
         ctx.term()

@@ -23,7 +23,7 @@ import zmq
 from gpu_worker.step_profile import section
 from shared.mailbox import Mailbox, MailboxError
 from shared.protocol import ExpertFailure, ExpertResult, ExpertWork, ProtocolError, decode, encode
-from shared.run_files import mailbox_path
+from shared.run_files import identity_at, mailbox_path
 
 RECHECK_S = 0.05
 KEEP_ALIVE_S = 0.25  # a wait on a host is cut into slices this long, with the worker's keep-alive between them
@@ -190,11 +190,8 @@ class RemoteExperts:
         mailbox = self.mailboxes[host]
         if mailbox is None:
             return False
-        try:
-            stat = os.stat(mailbox_path(self.endpoints[host]))
-        except FileNotFoundError:  # removed by its successor, not made yet
-            return False
-        return (stat.st_dev, stat.st_ino) != mailbox.identity
+        now = identity_at(mailbox_path(self.endpoints[host]))
+        return now is not None and now != mailbox.identity  # None: removed by its successor, not made yet
 
     def reset(self, host: int) -> None:
         """Drop whatever is queued to or from a host that stopped answering; reconnect fresh and look for its

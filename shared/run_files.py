@@ -7,6 +7,7 @@ Nothing here loads torch: `tierserve up` starts its children, and cleans up afte
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import os
@@ -44,6 +45,23 @@ def remove_ipc_file(endpoint: str) -> None:
             os.unlink(endpoint[len("ipc://"):])
         except FileNotFoundError:
             pass
+
+
+def identity_at(path: str) -> tuple[int, int] | None:
+    """(device, inode) of the file at `path`, or None where there is none: which file a path names now."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def remove_if_same(path: str, identity: tuple[int, int] | None) -> None:
+    """Remove the file at `path` if it is still the one `identity` names: another process that has since made its
+    own file there (a successor's socket file, bound over this one's; its mailbox, renamed over) keeps it."""
+    if identity is not None and identity_at(path) == identity:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def pid_alive(pid: int) -> bool:

@@ -25,7 +25,7 @@ from shared.launcher import RunningSystem
 from shared.mailbox import SEQ_MASK, Backoff, Mailbox, MailboxError, remove_mailbox
 from shared.make_model import make_model
 from shared.reference import ReferenceModel
-from shared.run_files import MAILBOX_PREFIX, mailbox_path, remove_stale_mailboxes
+from shared.run_files import MAILBOX_PREFIX, identity_at, mailbox_path, remove_if_same, remove_stale_mailboxes
 
 FORK = multiprocessing.get_context("fork")  # the child needs nothing but this module; no second torch import
 CAPACITY = 1 << 16
@@ -600,3 +600,19 @@ def test_system_gives_the_oracles_tokens_and_leaves_no_shared_memory(tmp_path, d
 def test_mailbox_path_is_private_to_the_endpoint(tmp_path):
     a, b = mailbox_path(f"ipc://{tmp_path}/a/expert-host-0.sock"), mailbox_path(f"ipc://{tmp_path}/b/expert-host-0.sock")
     assert a != b and Path(a).parent == Path("/dev/shm")
+
+
+def test_a_file_another_process_made_at_the_same_path_is_not_removed_as_ones_own(tmp_path):
+    """A superseded host stopping before it heard so removed the socket file and mailbox its successor had just
+    made at the same paths."""
+    path = str(tmp_path / "host.sock")
+    Path(path).write_bytes(b"first")
+    first = identity_at(path)
+    Path(path + ".new").write_bytes(b"successor")
+    os.rename(path + ".new", path)  # as a mailbox is put in place; a bind replaces a socket file the same way
+    remove_if_same(path, first)
+    assert Path(path).read_bytes() == b"successor"
+    remove_if_same(path, identity_at(path))
+    assert not Path(path).exists()
+    remove_if_same(path, first)  # gone already: nothing to do
+
