@@ -401,15 +401,15 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
     built_from = _built_from_record(model.path, hashed)
     header = _header(model, layouts, _remembered_hash(model.path, dirs))
     name = f"{model.path.stem}.{header['source_hash'][:16]}.experts"
-    for d in dirs:
-        if _problem(d / name, header) is None:
-            return ExpertCache(d / name)
-    # the same content under another name (a renamed model, or one served through a symlink, whose target's cache
-    # lies beside the target unless a directory is given): a rebuild would take as long and as much disk as the first
-    for d in dict.fromkeys(dirs if directory else [*dirs, model.path.resolve().parent]):
-        for other in sorted(d.glob(f"*.{header['source_hash'][:16]}.experts")):
-            if _problem(other, header) is None:
-                return ExpertCache(other)
+    # this name's first, then the same content under another name (a renamed model, or one served through a
+    # symlink, whose target's cache lies beside the target unless a directory is given): a rebuild would take as
+    # long and as much disk as the first. Each file is checked once.
+    others = dirs if directory else [*dirs, model.path.resolve().parent]
+    candidates = [d / name for d in dirs] + [path for d in dict.fromkeys(others)
+                                             for path in sorted(d.glob(f"*.{header['source_hash'][:16]}.experts"))]
+    for candidate in dict.fromkeys(candidates):
+        if _problem(candidate, header) is None:
+            return ExpertCache(candidate)
     target = _writable_dir(dirs) / name
     with _locked(target):
         problem = _problem(target, header)
