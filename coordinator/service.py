@@ -66,7 +66,7 @@ from shared.protocol import (
     decode,
     encode,
 )
-from shared.run_files import listened_on, remove_ipc_file
+from shared.run_files import identity_at, listened_on, remove_if_same
 from shared.tokenizer import Tokenizer, TokenizerError
 
 OUTCOMES = ("completed", "cancelled", "error", "rejected")
@@ -137,7 +137,9 @@ class Coordinator:
                           f"(another coordinator?): stop it, or give this one a client_endpoint of its own")
         self.ctx = zmq.asyncio.Context()
         self.sockets: list[zmq.asyncio.Socket] = []
-        self.bound: list[str] = []  # endpoints this process listens on: their socket files are its own to remove
+        # the socket files this process made by binding, by (device, inode): removed on exit only if still these,
+        # not a file something else has since made at the same path
+        self.socket_files: dict[str, tuple[int, int] | None] = {}
         try:
             self._bind_sockets(config)
         except BaseException:
@@ -168,7 +170,9 @@ class Coordinator:
         socket.setsockopt(zmq.SNDHWM, hwm)
         socket.setsockopt(zmq.RCVHWM, hwm)
         socket.bind(endpoint)
-        self.bound.append(endpoint)
+        if endpoint.startswith("ipc://"):
+            path = endpoint.removeprefix("ipc://")
+            self.socket_files[path] = identity_at(path)
         return socket
 
     async def run(self) -> None:
@@ -188,8 +192,8 @@ class Coordinator:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     def close(self) -> None:
-        for endpoint in self.bound:  # while this process listens there, the file is its own
-            remove_ipc_file(endpoint)
+        for path, identity in self.socket_files.items():
+            remove_if_same(path, identity)
         for sock in self.sockets:
             sock.close(linger=0)
         self.ctx.term()

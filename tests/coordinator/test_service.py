@@ -606,6 +606,19 @@ def test_sigterm_exits_zero_and_leaves_no_socket_files(tiny_model, tmp_path):
     assert list(run_dir.iterdir()) == []
 
 
+def test_a_socket_file_made_by_another_process_at_its_path_is_left_on_exit(tiny_model, tmp_path):
+    """Its exit removed whatever file was at its endpoints' paths, though another process had bound its own socket
+    there since (this one's file unlinked by hand, or a successor's bound over it)."""
+    coordinator = Coordinator(tiny_model, tmp_path)
+    control = Path(coordinator.config.control_endpoint.removeprefix("ipc://"))
+    control.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+        other.bind(str(control))
+        assert coordinator.stop() == 0
+        assert control.exists()
+        assert not Path(coordinator.config.engine_endpoint.removeprefix("ipc://")).exists()
+
+
 def test_a_second_coordinator_on_an_ipc_client_endpoint_in_use_is_refused_and_leaves_the_first_serving(tiny_model,
                                                                                                      tmp_path):
     """With its own run dir, it bound the endpoint over the first's, took its clients, and removed the socket file
