@@ -13,6 +13,7 @@ RECHECK_S, so the worker follows a host that restarts (a new mailbox file) long 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -46,6 +47,7 @@ class RemoteExperts:
         self._recheck_at = [0.0] * len(endpoints)
         # (mailbox, request sequence number, device of the rows sent); None: sent over ZeroMQ
         self._in_flight: list[tuple[Mailbox, int, torch.device] | None] = [None] * len(endpoints)
+        self._sent_shape: list[tuple[int, int]] = [(0, 0)] * len(endpoints)  # (rows, width) of the work in flight
         self.step = 0
         # run while waiting on a host: the worker's heartbeat must not stop because a host is slow to answer
         self.keep_alive: Callable[[], None] = lambda: None
@@ -102,6 +104,7 @@ class RemoteExperts:
         """Send rows hidden[tokens] (all of hidden without tokens), grouped by expert: counts[i] for experts[i]."""
         with section("cold_send"):
             rows = hidden.shape[0] if tokens is None else tokens.shape[0]
+            self._sent_shape[host] = (rows, hidden.shape[1])
             mailbox = self._mailbox(host)
             if mailbox is not None and mailbox.fits(rows, hidden.shape[1], hidden.dtype, len(experts)):
                 area = mailbox.request_rows(rows, hidden.shape[1], hidden.dtype)
@@ -147,11 +150,14 @@ class RemoteExperts:
                 return self._receive_message(host, layer)
             mailbox, seq, device = in_flight
             self.wait_for(host, time.monotonic() + self.timeout_s, lambda s: mailbox.wait_answer(seq, s))
-            answer = mailbox.answer()
+            try:
+                answer = mailbox.answer()
+            except MailboxError as e:
+                raise ExpertHostError(host, "bad_output", str(e)) from e
             if answer.failure is not None:
                 raise ExpertHostError(host, *answer.failure)
-            output = answer.output if device.type == "cpu" else answer.output.to(device, non_blocking=True)
-            return output, answer.compute_s  # type: ignore[return-value]
+            output, compute_s = self._checked(host, answer.output, answer.compute_s)  # type: ignore[arg-type]
+            return (output if device.type == "cpu" else output.to(device, non_blocking=True)), compute_s
 
     def _receive_message(self, host: int, layer: int) -> tuple[torch.Tensor, float]:
         sock = self.sockets[host]
@@ -167,7 +173,19 @@ class RemoteExperts:
             if isinstance(msg, ExpertFailure):
                 raise ExpertHostError(host, msg.code, msg.message)
             if isinstance(msg, ExpertResult):
-                return msg.output, msg.compute_s
+                return self._checked(host, msg.output, msg.compute_s)
+
+    def _checked(self, host: int, output: torch.Tensor, compute_s: float) -> tuple[torch.Tensor, float]:
+        """The answer, if it is one to the work sent: a row of floats for each row, and a time the cost model can
+        learn from. (A wrong one failed the step as a bug of the worker's, an internal_error naming no host; a
+        NaN time would have reached every later estimate of the host's speed.)"""
+        rows, width = self._sent_shape[host]
+        if tuple(output.shape) != (rows, width) or not output.is_floating_point():
+            raise ExpertHostError(host, "bad_output", f"answered {tuple(output.shape)} {output.dtype} to "
+                                                      f"{rows} rows of width {width}")
+        if not 0.0 <= compute_s < math.inf:  # NaN too
+            raise ExpertHostError(host, "bad_output", f"reported a compute time of {compute_s!r} s")
+        return output, compute_s
 
     def wait_for(self, host: int, deadline: float, ready: Callable[[float], bool]) -> None:
         """Until `ready(seconds)` (waiting at most that long) says the answer is there, in slices of KEEP_ALIVE_S

@@ -348,13 +348,18 @@ class Mailbox:
                                                        time.monotonic() + timeout_s)
 
     def answer(self) -> Answer:
-        """The answer to the last request (once `wait_answer` returned True)."""
+        """The answer to the last request (once `wait_answer` returned True). MailboxError when its metadata does
+        not describe an output in this mailbox."""
         status, rows, cols, dtype, code_len, msg_len, compute_s = _RESPONSE.unpack_from(self._map, _RESPONSE_AT)
         if status != _OK:
-            code = self._map[_TEXT_AT : _TEXT_AT + code_len].decode()
+            code = self._map[_TEXT_AT : _TEXT_AT + code_len].decode("ascii", "replace")
             message = self._map[_TEXT_AT + code_len : _TEXT_AT + code_len + msg_len].decode("utf-8", "replace")
             return Answer(None, compute_s, (code, message))
-        return Answer(self._rows(1, _DTYPE_OF[dtype], rows, cols), compute_s)
+        torch_dtype = _DTYPE_OF.get(dtype)
+        if torch_dtype is None or cols <= 0 or rows * cols * torch_dtype.itemsize > self.capacity:
+            raise MailboxError(f"answer {self._seq}: {rows} x {cols} rows of dtype code {dtype} do not fit this "
+                               f"mailbox")
+        return Answer(self._rows(1, torch_dtype, rows, cols), compute_s)
 
     # --- host side --------------------------------------------------------------------------------------
 

@@ -3,6 +3,7 @@ RemoteExperts over them, and the whole system with activations in shared memory 
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import signal
@@ -24,6 +25,7 @@ from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
 from shared.mailbox import SEQ_MASK, Backoff, Mailbox, MailboxError, remove_mailbox
 from shared.make_model import make_model
+from shared.protocol import ExpertResult, decode, encode
 from shared.reference import ReferenceModel
 from shared.run_files import MAILBOX_PREFIX, identity_at, mailbox_path, remove_if_same, remove_stale_mailboxes
 
@@ -32,6 +34,8 @@ CAPACITY = 1 << 16
 MAX_EXPERTS = 16
 STOP_LAYER = -1
 FAIL_LAYER = 99
+SHORT_LAYER = 98  # answered with a row fewer than asked
+NAN_TIME_LAYER = 97  # answered right, with a compute time of NaN
 
 
 def expected(hidden: torch.Tensor, layer: int, experts: list[int], counts: list[int]) -> torch.Tensor:
@@ -68,7 +72,9 @@ def run_host(path: str, first_seq: int, answers: int, stall_s: float) -> None:
                 mailbox.fail("bad_work", "layer 99 — not held here")
                 continue
             output = expected(request.hidden, request.layer, request.experts, request.counts)
-            mailbox.reply(output, compute_s=float(request.step))
+            if request.layer == SHORT_LAYER:
+                output = output[1:]
+            mailbox.reply(output, compute_s=math.nan if request.layer == NAN_TIME_LAYER else float(request.step))
         time.sleep(60)  # answers nothing more, like a host that froze
     finally:
         mailbox.close()
@@ -372,6 +378,23 @@ def test_worker_gathers_rows_into_the_mailbox_and_reports_host_failures(remote):
     stop_host(remote.mailboxes[0], host)
 
 
+@pytest.mark.parametrize(("layer", "message"),
+                         [(SHORT_LAYER, r"answered \(1, 16\) torch.float32 to 2 rows of width 16"),
+                          (NAN_TIME_LAYER, "reported a compute time of nan s")])
+def test_an_answer_that_is_not_one_to_the_work_sent_names_its_host(remote, layer, message):
+    """The wrong rows failed the step as the worker's own bug (internal_error, no host named); a NaN time went
+    into the cost model's estimates of the host."""
+    remote, path = remote
+    host = Host(path)
+    remote.begin_step()
+    remote.send(0, layer, [1], [2], torch.ones(2, 16))
+    with pytest.raises(ExpertHostError, match=message) as failure:
+        remote.receive(0, layer)
+    assert (failure.value.host, failure.value.code) == (0, "bad_output")
+    remote_round_trip(remote, 1)
+    stop_host(remote.mailboxes[0], host)
+
+
 def test_a_host_that_dies_is_detected_by_timeout_and_its_successor_is_found(remote):
     remote, path = remote
     host = Host(path, answers=2)
@@ -410,6 +433,27 @@ def test_the_keep_alive_runs_while_a_host_is_awaited_over_zeromq(tmp_path):
     assert len(kept_alive) >= 2
     remote.close()
     ctx.term()
+
+
+def test_an_answer_over_zeromq_of_the_wrong_width_names_its_host(tmp_path):
+    ctx = zmq.Context()
+    endpoint = f"ipc://{tmp_path}/expert-host-0.sock"
+    host = ctx.socket(zmq.ROUTER)
+    host.bind(endpoint)
+    remote = RemoteExperts(ctx, [endpoint], timeout_s=5.0)
+    try:
+        remote.begin_step()
+        remote.send(0, 3, [1], [2], torch.ones(2, 16))
+        frames = host.recv_multipart(copy=False)
+        work = decode(frames[1:])
+        answer = ExpertResult(step=work.step, layer=work.layer, output=torch.ones(2, 8), compute_s=0.001)
+        host.send_multipart([frames[0], *encode(answer)], copy=False)
+        with pytest.raises(ExpertHostError, match=r"answered \(2, 8\) torch.float32 to 2 rows of width 16"):
+            remote.receive(0, 3)
+    finally:
+        remote.close()
+        host.close(linger=0)
+        ctx.term()
 
 
 def test_mailboxes_of_hosts_that_are_gone_are_removed_and_live_ones_kept():
