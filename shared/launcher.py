@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from shared.client import Client
+from shared.client import Client, ServerError
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.memory_use import descendants, process_memory
 from shared.run_files import (
@@ -144,8 +144,10 @@ def children_for(config: Config, config_path: Path) -> list[Child]:
 
 def wait_ready(config: Config, kids: list[Child], timeout_s: float, stopping: Callable[[], bool]) -> bool:
     """Whether the system answered ready; False once a child exits, `stopping()` (a stop signal came) or the
-    timeout passes."""
+    timeout passes. Only this system's coordinator counts: another system serving on the same client endpoint
+    answered ready while this one's coordinator was failing to bind it."""
     deadline = time.monotonic() + timeout_s
+    coordinator_pid = next(k.process.pid for k in kids if k.name == "coordinator")
     with Client(config.client_connect_endpoint, timeout_s=1.0) as client:
         while time.monotonic() < deadline and not stopping():
             for kid in kids:
@@ -154,9 +156,11 @@ def wait_ready(config: Config, kids: list[Child], timeout_s: float, stopping: Ca
                           file=sys.stderr)
                     return False
             try:
-                if client.health().status == "ready":
+                health = client.health()
+                if health.status == "ready" and any(m.get("member_id") == "coordinator" and
+                                                    m.get("pid") == coordinator_pid for m in health.members):
                     return True
-            except TimeoutError:
+            except (TimeoutError, ServerError):  # not answering yet, or its connection dropped: ask again
                 pass
             time.sleep(0.2)
     if not stopping():

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from itertools import pairwise
 
@@ -17,8 +18,16 @@ import zmq
 
 from shared.client import Client
 from shared.config import Config
-from shared.launcher import RESTART_MAX_DELAY_S, STABLE_UPTIME_S, Child, prepare_run, restart_exited
+from shared.launcher import (
+    RESTART_MAX_DELAY_S,
+    STABLE_UPTIME_S,
+    Child,
+    free_tcp_port,
+    prepare_run,
+    restart_exited,
+)
 from shared.make_model import make_model
+from shared.protocol import Health, HealthReply, decode, encode
 from shared.run_files import SUPERSEDED_EXIT_STATUS
 
 
@@ -117,6 +126,38 @@ def test_a_failed_up_leaves_the_sockets_of_a_system_that_shares_its_run_dir(tmp_
         assert (run_dir / "control.sock").exists() and not stale.exists()
     finally:
         other.close(linger=0)
+
+
+def test_another_system_answering_ready_on_the_client_endpoint_is_not_taken_for_this_one(tmp_path):
+    """Its coordinator failing to bind an endpoint another system served, `tierserve up` took that system's
+    "ready" for its own, said it was ready and restarted its coordinator for ever."""
+    model = tmp_path / "m.gguf"
+    make_model(model, arch="qwen3moe", preset="tiny", dtype="f32", seed=1)
+    endpoint = f"tcp://127.0.0.1:{free_tcp_port()}"
+    other = zmq.Context.instance().socket(zmq.ROUTER)  # the other system's coordinator, always ready
+    other.bind(endpoint)
+    stop = threading.Event()
+
+    def answer() -> None:
+        while not stop.is_set():
+            if other.poll(50):
+                client, *frames = other.recv_multipart()
+                assert isinstance(decode(frames), Health)
+                ready = HealthReply(status="ready", members=[{"member_id": "coordinator", "pid": os.getpid()}])
+                other.send_multipart([client, *encode(ready)])
+
+    answering = threading.Thread(target=answer)
+    answering.start()
+    try:
+        run = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--client-endpoint",
+                              endpoint, "--metrics-port", "0", "--ready-timeout", "60"], capture_output=True,
+                             text=True, timeout=90)
+    finally:
+        stop.set()
+        answering.join()
+        other.close(linger=0)
+    assert run.returncode != 0 and "ready" not in run.stdout, run.stdout
+    assert "coordinator exited with 1 during start-up" in run.stderr, run.stderr
 
 
 def test_a_new_run_dir_is_made_private_and_an_existing_one_keeps_its_mode(tmp_path):
