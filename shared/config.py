@@ -19,6 +19,13 @@ from pathlib import Path
 from typing import Any
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
+# What ZeroMQ's bind and connect take: a TCP port (or * for any) after a host, and an ipc socket file's path, which
+# a Unix socket address holds up to 107 bytes of
+_TCP_ENDPOINT = re.compile(r"^tcp://[^\s/]+:(\*|[0-9]{1,5})$")
+IPC_PATH_BYTES = 107
+# ZeroMQ's frame size limit is an int64, and the coordinator reads frames up to 16 times max_request_bytes (to answer
+# them as too large): far above any request, and far below the overflow
+MAX_REQUEST_BYTES = 1 << 40
 HOST_MEMORY_KINDS = ("mapped", "pinned")
 COLD_PATHS = ("auto", "cpu", "stream")
 SOFT_POLICIES = ("decayed-lfu", "lru")
@@ -38,6 +45,8 @@ def parse_bytes(text: str | int) -> int:
     _, unit, suffix = m.groups()
     power = "kmgt".index(unit.lower()) + 1 if unit else 0
     base = 1024 if suffix and suffix.lower() == "ib" else 1000
+    if not math.isfinite(number * base**power):  # 400 digits: int(inf) raised an OverflowError
+        raise ValueError(f"not a size: {text!r} is too large")
     return int(number * base**power)
 
 
@@ -150,11 +159,12 @@ class Config:
         for key, hint in _HINTS.items():  # NaN passes every comparison below, and a timeout of inf never ends
             if hint is float and not math.isfinite(getattr(self, key)):
                 raise ValueError(f"{key} must be a finite number, not {getattr(self, key)}")
-        if not self.client_endpoint.startswith(("tcp://", "ipc://")):
-            raise ValueError(f"client_endpoint must be tcp://HOST:PORT or ipc://PATH, not {self.client_endpoint!r}")
+        self._check_endpoints()
         for key, low in _LOWEST.items():
             if getattr(self, key) < low:
                 raise ValueError(f"{key} must be >= {low}, not {getattr(self, key)}")
+        if self.max_request_bytes > MAX_REQUEST_BYTES:
+            raise ValueError(f"max_request_bytes must be <= {MAX_REQUEST_BYTES} (1 TiB), not {self.max_request_bytes}")
         if self.metrics_port > 65535:
             raise ValueError(f"metrics_port must be a TCP port (<= 65535), not {self.metrics_port}")
         # the other roles serve on the ports above it, the last expert host (or a worker without hosts) highest
@@ -193,6 +203,23 @@ class Config:
             parse_bytes_or_percent(self.host_memory_floor)
         except ValueError as e:
             raise ValueError(f"host_memory_floor: {e}") from None
+
+    def _check_endpoints(self) -> None:
+        """Refuse endpoints ZeroMQ would: a port past 65535 was taken modulo 65536 (the server listened on a port
+        nobody was told), a missing one or a run dir too long for a socket file's path ended in a traceback."""
+        endpoint = self.client_endpoint
+        tcp = _TCP_ENDPOINT.match(endpoint)
+        if not (tcp and (tcp.group(1) == "*" or int(tcp.group(1)) <= 65535) or
+                endpoint.startswith("ipc://") and len(endpoint) > len("ipc://")):
+            raise ValueError(f"client_endpoint must be tcp://HOST:PORT (a port of 0-65535, or *) or ipc://PATH, "
+                             f"not {endpoint!r}")
+        longest = [endpoint] if endpoint.startswith("ipc://") else []
+        longest += [self.control_endpoint, self.engine_endpoint, *self.expert_host_endpoints[-1:]]
+        for ipc in longest:
+            if len(os.fsencode(ipc.removeprefix("ipc://"))) > IPC_PATH_BYTES:
+                what = "client_endpoint" if ipc == endpoint else f"run_dir {self.run_dir}"
+                raise ValueError(f"{what} is too long for a socket file: {ipc.removeprefix('ipc://')} is over "
+                                 f"{IPC_PATH_BYTES} bytes, the most a Unix socket's path holds")
 
     def ipc(self, name: str) -> str:
         return f"ipc://{self.run_dir}/{name}.sock"
@@ -321,6 +348,8 @@ def _coerce(name: str, value: Any) -> Any:
             return _BOOL_WORDS[str(value).lower()]
         if hint is int and (isinstance(value, bool) or isinstance(value, float) and not value.is_integer()):
             raise ValueError  # true is no count of anything, and 2.5 no whole one
+        if hint is float and isinstance(value, bool):
+            raise ValueError  # nor a number of seconds
         if hint is str and not isinstance(value, str):
             raise ValueError  # model = 5 is a mistake, not a file named "5"
         return hint(value)

@@ -99,11 +99,27 @@ def test_a_timeout_that_is_not_a_finite_number_is_refused_at_load(value):
         load_config(None, resume_timeout_s=value)
 
 
-@pytest.mark.parametrize("endpoint", ["garbage", "localhost:5555", "udp://127.0.0.1:5"])
+@pytest.mark.parametrize("endpoint", ["garbage", "localhost:5555", "udp://127.0.0.1:5", "tcp://127.0.0.1",
+                                      "tcp://127.0.0.1:99999", "ipc://"])
 def test_a_client_endpoint_zeromq_cannot_take_is_refused_at_load(endpoint):
-    """`tierserve up` died of a ZMQError traceback as it first connected."""
-    with pytest.raises(ValueError, match=f"client_endpoint must be tcp://HOST:PORT or ipc://PATH, not '{endpoint}'"):
+    """`tierserve up` died of a ZMQError traceback as it first connected; port 99999 was bound as 34463 (ZeroMQ
+    takes it modulo 65536), while up said the system was ready on 99999."""
+    with pytest.raises(ValueError, match=rf"client_endpoint must be tcp://HOST:PORT \(a port of 0-65535, or \*\) or "
+                                         rf"ipc://PATH, not '{endpoint}'"):
         load_config(None, client_endpoint=endpoint)
+    for good in ("tcp://*:5555", "tcp://127.0.0.1:0", "tcp://[::1]:65535", "tcp://localhost:*", "ipc:///tmp/c.sock"):
+        assert load_config(None, client_endpoint=good).client_endpoint == good
+
+
+def test_a_run_dir_too_long_for_its_socket_files_is_refused_at_load(tmp_path):
+    """The coordinator said why it could not bind; the worker and the hosts died of ZMQError tracebacks."""
+    run_dir = tmp_path / ("d" * (107 - len(str(tmp_path)) - len("/") - len("/expert-host-9.sock")))
+    with pytest.raises(ValueError, match=f"run_dir {run_dir} is too long for a socket file: {run_dir}/expert-host-10"
+                                         r"\.sock is over 107 bytes"):
+        load_config(None, run_dir=str(run_dir), expert_hosts=11)
+    assert load_config(None, run_dir=str(run_dir), expert_hosts=10).run_dir == str(run_dir)  # 107 bytes: taken
+    with pytest.raises(ValueError, match="client_endpoint is too long for a socket file"):
+        load_config(None, client_endpoint=f"ipc://{tmp_path}/{'c' * 107}")
 
 
 def test_more_threads_than_cpus_are_held_to_the_cpus_with_a_warning(tmp_path):
@@ -140,6 +156,25 @@ def test_a_toml_value_of_the_wrong_type_is_refused(tmp_path, key, value):
     path.write_text(f"{key} = {value}\n")
     with pytest.raises(ValueError, match=f"config {key}: .* is not a valid"):
         load_config(path)
+
+
+@pytest.mark.parametrize("key", ["expert_timeout_s", "drain_timeout_s"])
+def test_a_toml_boolean_is_no_number_of_seconds(tmp_path, key):
+    """true was read as 1.0 s and false as 0 s (an int setting refused them)."""
+    path = tmp_path / "c.toml"
+    path.write_text(f"{key} = true\n")
+    with pytest.raises(ValueError, match=f"config {key}: True is not a valid float"):
+        load_config(path)
+
+
+def test_a_size_too_large_is_refused_by_name():
+    """400 digits ended in an OverflowError traceback, and a max_request_bytes past 2^59 in one from ZeroMQ as the
+    coordinator set its frame limit (16 times the setting)."""
+    with pytest.raises(ValueError, match="gpu_expert_budget: not a size: '9{400}' is too large"):
+        load_config(None, gpu_expert_budget="9" * 400)
+    with pytest.raises(ValueError, match=r"max_request_bytes must be <= 1099511627776 \(1 TiB\), not 10{18}"):
+        load_config(None, max_request_bytes="1000000TB")
+    assert load_config(None, max_request_bytes="1TiB").max_request_bytes == 1 << 40
 
 
 @pytest.mark.parametrize(("key", "value"), [("gpu_expert_budget", "1.5.3GB"), ("mailbox_bytes", "lots"),
