@@ -327,6 +327,10 @@ def to_sequence(msg: EngineGenerate) -> Sequence:
 
 def serve(config: Config) -> int:
     log = setup_process(MEMBER_ID, "gpu_worker", config)
+    if config.device == "cuda" and not torch.cuda.is_available():  # else torch's assertion, deep in the model's set-up
+        log.error("cannot start: device = cuda, and torch finds no CUDA device here (torch %s, built for CUDA %s): "
+                  "set device = auto or cpu, or install a torch with CUDA", torch.__version__, torch.version.cuda)
+        return 1
     stop = StopFlag()
     metrics_port = open_metrics(config, log, "gpu_worker")
     model = open_model(config, log)

@@ -20,7 +20,8 @@ from shared.client import Client, ServerError, Stream, check_timeout
 from shared.config import load_config
 
 
-def _seconds(text: str) -> float:
+def seconds_argument(text: str) -> float:
+    """An argparse type: a number of seconds a client or launcher can wait (check_timeout)."""
     try:
         return check_timeout(float(text))
     except ValueError as e:
@@ -30,7 +31,7 @@ def _seconds(text: str) -> float:
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--endpoint", help="the coordinator's client endpoint (tcp://HOST:PORT)")
     parser.add_argument("--config", help="TOML configuration file whose client_endpoint to use")
-    parser.add_argument("--timeout", type=_seconds, default=60.0, help="seconds to wait for each answer")
+    parser.add_argument("--timeout", type=seconds_argument, default=60.0, help="seconds to wait for each answer")
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -25,7 +25,12 @@ def main(argv: list[str] | None = None) -> int:
         stats = make_model(model, arch="qwen3moe", preset="tiny", dtype="f32", seed=0, routing_skew=0.8)
         print(f"made {model} ({stats.bytes / 1e6:.1f} MB)")
     print(f"starting tierserve on {model} (coordinator, gpu worker, 2 expert hosts)...", flush=True)
-    with RunningSystem(str(model), "--expert-hosts", "2", "--hot-experts", "2") as system:
+    try:
+        system = RunningSystem(str(model), "--expert-hosts", "2", "--hot-experts", "2")
+    except RuntimeError as e:  # why is in the system's own lines above
+        print(f"tierserve demo: {e}", file=sys.stderr)
+        return 1
+    with system:
         print(f"ready at {system.endpoint}\n\n{args.prompt}", end="", flush=True)
         with Client(system.endpoint) as client:
             final = None

@@ -27,6 +27,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shared.cli_client import seconds_argument
 from shared.client import Client, ServerError
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.memory_use import descendants, process_memory
@@ -274,7 +275,7 @@ def up(config: Config, ready_timeout_s: float = 300.0) -> int:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="tierserve up", description=__doc__.split("\n\n")[0])
     add_config_arguments(p)
-    p.add_argument("--ready-timeout", type=float, default=300.0, help="seconds to wait for the system")
+    p.add_argument("--ready-timeout", type=seconds_argument, default=300.0, help="seconds to wait for the system")
     return p
 
 

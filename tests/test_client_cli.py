@@ -346,6 +346,23 @@ def test_tierserve_without_a_command_prints_its_usage_as_an_error(capsys):
     assert capsys.readouterr().out.startswith("usage: tierserve <command>")
 
 
+def test_the_demo_of_a_model_that_is_not_there_says_so_without_a_traceback(tmp_path):
+    run = subprocess.run([sys.executable, "-m", "shared.cli", "demo", "--model", str(tmp_path / "missing.gguf")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 1
+    assert f"cannot start: {tmp_path}/missing.gguf: no such model file" in run.stderr
+    assert "tierserve demo: tierserve up exited with 1 before it was ready" in run.stderr
+    assert "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize("value", ["nan", "-5", "0"])
+def test_a_ready_timeout_no_wait_can_have_is_refused_before_anything_starts(value):
+    """nan and -5 started every role, then said the system was not ready after nan s."""
+    with pytest.raises(SystemExit) as exit_:
+        tierserve(["up", "--model", "m.gguf", "--ready-timeout", value])
+    assert exit_.value.code == 2
+
+
 def test_the_demo_is_the_command_its_usage_names(capsys):
     """The demo's usage reads `tierserve demo`, but tierserve had no such command."""
     with pytest.raises(SystemExit) as exit_:

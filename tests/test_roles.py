@@ -15,6 +15,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+import torch
 import zmq
 
 from shared.client import Client
@@ -386,6 +387,20 @@ def test_a_metrics_port_another_process_has_is_refused_by_name(tmp_path, model_a
     assert run.returncode == 1
     assert f"ERROR cannot start: cannot serve metrics on 127.0.0.1:{port}: Address already in use (another process " \
            f"has it: is this role already running here? metrics_port 0 picks free ports)" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine where torch finds no CUDA device")
+def test_a_worker_asked_for_cuda_where_there_is_none_says_so(tmp_path, model_and_expected):
+    """It died of torch's "Torch not compiled with CUDA enabled" assertion, deep in the model's set-up (and under
+    its systemd unit, again every 2 s)."""
+    model, _ = model_and_expected
+    roles = Roles(tmp_path, model, expert_hosts=0)
+    roles.config_path.write_text(roles.config.to_toml().replace('device = "auto"', 'device = "cuda"'))
+    run = subprocess.run([sys.executable, "-m", "shared.cli", "gpu-worker", "--config", str(roles.config_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 1
+    assert "ERROR cannot start: device = cuda, and torch finds no CUDA device here" in run.stderr, run.stderr
     assert "Traceback" not in run.stderr
 
 
