@@ -34,12 +34,16 @@ from shared.memory_use import descendants, process_memory
 from shared.run_files import (
     EPHEMERAL_MARKER,
     SUPERSEDED_EXIT_STATUS,
+    hold_while_open,
+    is_held,
     listened_on,
     remove_ipc_file,
     remove_stale_mailboxes,
 )
 
 _PR_SET_PDEATHSIG = 1
+RUN_DIR_PREFIX = "tierserve-"  # of the run dirs `tierserve up` makes for itself in the temporary directory
+_HELD_MARKERS: list[int] = []  # fds of this process's run dir markers, open (and so held) for as long as it lives
 
 
 def _die_with_parent() -> None:
@@ -113,7 +117,10 @@ def prepare_run(config: Config) -> tuple[Config, Path, bool]:
     is made private (0700) if it is new; one that exists keeps its mode (made 0700, /tmp would be closed to every
     other user), and is refused if another user may write to it, since they could replace its sockets: ValueError."""
     ephemeral = not config.run_dir or config.run_dir == Config().run_dir
-    run_dir = Path(tempfile.mkdtemp(prefix="tierserve-")) if ephemeral else Path(config.run_dir)
+    if ephemeral:
+        for abandoned in remove_abandoned_run_dirs(Path(tempfile.gettempdir())):
+            print(f"tierserve: removed {abandoned}: the tierserve up that made it is gone", file=sys.stderr)
+    run_dir = Path(tempfile.mkdtemp(prefix=RUN_DIR_PREFIX)) if ephemeral else Path(config.run_dir)
     if not ephemeral:
         try:
             run_dir.mkdir(mode=0o700, parents=True)
@@ -129,9 +136,33 @@ def prepare_run(config: Config) -> tuple[Config, Path, bool]:
     if endpoint.endswith(":0"):
         endpoint = f"{endpoint[:-2]}:{free_tcp_port()}"
     config = dataclasses.replace(config, run_dir=str(run_dir), client_endpoint=endpoint)
-    if ephemeral:
-        (run_dir / EPHEMERAL_MARKER).touch()
+    if ephemeral:  # held before the pid is written: a sweep that finds a pid finds it held while this process lives
+        fd = os.open(run_dir / EPHEMERAL_MARKER, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        hold_while_open(fd)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        _HELD_MARKERS.append(fd)
     return config, run_dir, ephemeral
+
+
+def remove_abandoned_run_dirs(parent: Path) -> list[Path]:
+    """Remove this user's run dirs in `parent` that a `tierserve up` made for itself and died without removing
+    (killed outright while its children were still starting: none had yet a handler to leave the run dir by),
+    those holding nothing but the marker and the config, whose marker names a process and is held by none. (A live
+    `up` holds its marker: in another container sharing `parent`, its pid may name no process here.) The paths
+    removed."""
+    removed = []
+    for marker in parent.glob(f"{RUN_DIR_PREFIX}*/{EPHEMERAL_MARKER}"):
+        run_dir = marker.parent
+        try:
+            pid = int(marker.read_text() or 0)  # none: an older version's marker, or one whose pid is being written
+            if run_dir.stat().st_uid != os.getuid() or pid <= 0 or is_held(str(marker)) or \
+                    {p.name for p in run_dir.iterdir()} - {EPHEMERAL_MARKER, "config.toml"}:
+                continue
+            shutil.rmtree(run_dir)
+        except (OSError, ValueError):
+            continue  # removed meanwhile, not ours to read, or a marker of an older version (no pid): kept
+        removed.append(run_dir)
+    return removed
 
 
 def children_for(config: Config, config_path: Path) -> list[Child]:

@@ -114,6 +114,18 @@ def remove_files_of_dead_processes(directory: str, prefix: str, owner_of: Callab
     return removed
 
 
+def is_held(path: str) -> bool:
+    """Whether a process holds the file at `path` (`hold_while_open`), in this PID namespace or another."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
 def _unlink_unless_held(path: str) -> bool:
     """Unlink `path` unless its owner holds it; whether it did. The lock is kept until the name is gone, so an owner
     that made the file a moment ago, and is about to take its own, finds it already unlinked."""

@@ -9,9 +9,11 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from itertools import pairwise
+from pathlib import Path
 
 import pytest
 import zmq
@@ -158,6 +160,41 @@ def test_another_system_answering_ready_on_the_client_endpoint_is_not_taken_for_
         other.close(linger=0)
     assert run.returncode != 0 and "ready" not in run.stdout, run.stdout
     assert "coordinator exited with 1 during start-up" in run.stderr, run.stderr
+
+
+def test_a_run_dir_left_by_an_up_killed_during_start_up_is_removed_by_the_next(tmp_path, monkeypatch, capsys):
+    """`kill -9` of `tierserve up` while its children were still starting left its run dir behind for good (the
+    children, stopped before they had a handler, could not leave it). Those of live `up`s, and any holding more than
+    the marker and the config, are kept."""
+    make = ("import sys, time\n"
+            "from shared.config import Config\n"
+            "from shared.launcher import prepare_run\n"
+            "config, run_dir, _ = prepare_run(Config(model='m.gguf'))\n"
+            "(run_dir / 'config.toml').write_text(config.to_toml())\n"
+            "if sys.argv[1] == 'busy': (run_dir / 'control.sock').touch()  # a system's children still inside\n"
+            "print(run_dir, flush=True)\n"
+            "if sys.argv[1] == 'live': time.sleep(60)\n")
+    env = {**os.environ, "TMPDIR": str(tmp_path)}
+
+    def made(kind: str) -> tuple[subprocess.Popen, Path]:
+        process = subprocess.Popen([sys.executable, "-c", make, kind], stdout=subprocess.PIPE, text=True, env=env)
+        return process, Path(process.stdout.readline().strip())
+
+    # in this order, each one's own sweep leaves those made before it
+    (live, running), (stopped, busy), (dead, abandoned) = made("live"), made("busy"), made("dead")
+    try:
+        assert dead.wait(30) == 0
+        monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+        _, mine, _ = prepare_run(Config(model="m.gguf"))
+        assert not abandoned.exists() and busy.exists() and running.exists() and mine.exists()
+        assert f"tierserve: removed {abandoned}: the tierserve up that made it is gone" in capsys.readouterr().err
+    finally:
+        live.kill()
+        for process in (live, stopped, dead):
+            process.wait()
+            process.stdout.close()
+    _, again, _ = prepare_run(Config(model="m.gguf"))
+    assert not running.exists() and mine.exists() and again.exists()  # this process's are held while it lives
 
 
 def test_a_new_run_dir_is_made_private_and_an_existing_one_keeps_its_mode(tmp_path):
