@@ -41,10 +41,12 @@ ROWS = Counter("tierserve_expert_host_rows_total", "Token rows computed")
 MAILBOX_WORK = Counter("tierserve_expert_host_mailbox_work_total",
                        "Work items that came through the shared-memory mailbox rather than ZeroMQ")
 LANE_WORK = Counter("tierserve_expert_host_lane_work_total",
-                    "Work items the worker's device posted through the mailbox's lane (a decode step's layer)")
+                    "Work items the worker's device posted through the mailbox's lane (a decode step's layer "
+                    "with work for this host)")
 LATENCY = Histogram("tierserve_expert_host_compute_seconds", "Compute time of one work item",
                     buckets=(1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0))
-QUEUE = Gauge("tierserve_expert_host_queue_depth", "Work items received and not yet computed")
+QUEUE = Gauge("tierserve_expert_host_queue_depth",
+              "Work items received over ZeroMQ and not yet computed (the mailbox and its lane hold one at a time)")
 HELD = Gauge("tierserve_expert_host_experts", "Experts held by this host")
 HELD_BYTES = Gauge("tierserve_expert_host_expert_bytes", "Bytes of expert weights held by this host")
 
@@ -299,6 +301,7 @@ def answer_lane(store: ExpertStore, mailbox: Mailbox) -> None:
         pairs = store.answer_lane(request)
         if pairs:  # as over ZeroMQ and the mailbox, work items are the requests with work in them
             count_work(time.perf_counter() - start, pairs)
+            LANE_WORK.inc()
         if pairs >= PREFETCH_ROWS:
             store.prefetch_next_layer(request.layer)
     except ValueError as e:  # shapes the lane cannot hold, ids out of range, or experts this host does not hold
@@ -311,7 +314,6 @@ def answer_lane(store: ExpertStore, mailbox: Mailbox) -> None:
         mailbox.lane_fail("internal", repr(e))
         return
     mailbox.lane_reply(pairs)
-    LANE_WORK.inc()
 
 
 def main(argv: list[str] | None = None) -> int:

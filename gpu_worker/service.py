@@ -146,6 +146,7 @@ class Engine:
         self.keep_alive: Callable[[], None] = lambda: None
         # Code the step calls marks its sections with step_profile.section, the MoE dispatch's included.
         self.profile = StepProfile(config.profile_steps, self._sync_device if self.device.type == "cuda" else None)
+        self.update_gauges()  # the cost model's start-up figures, before the first step (0 B/s until then)
 
     def _sync_device(self) -> None:
         # a crossing layer's device may wait on a host that died: settle answers it with poison past the timeout
@@ -262,6 +263,8 @@ class Engine:
                                                    seq.request_id)
 
     def update_gauges(self) -> None:
+        if not self.scheduler.has_work():  # else the last step's batch stayed on the dashboard while idle
+            BATCH_SEQS.set(0)
         RUNNING.set(self.scheduler.num_running)
         WAITING.set(self.scheduler.num_waiting)
         KV_USED.set(self.scheduler.kv_blocks_used / self.scheduler.kv_blocks_total)

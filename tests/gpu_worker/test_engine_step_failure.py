@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 
 import pytest
+from prometheus_client import REGISTRY
 
 from gpu_worker.scheduler import SamplingParams, Sequence
-from gpu_worker.service import Engine, FailedAfterSampling, fail_running, send_samples
+from gpu_worker.service import COST_PCIE, Engine, FailedAfterSampling, fail_running, send_samples
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
@@ -132,3 +133,25 @@ def test_a_request_whose_kv_blocks_cannot_be_freed_is_still_answered(engine, mon
     assert [(type(m), m.request_id) for m in sent] == [(EngineError, "nan"), (EngineError, "good"),
                                                          (EngineError, "short")]
     assert not engine.scheduler.has_work()
+
+
+def test_the_gauges_hold_the_cost_model_from_the_start_and_no_batch_once_idle(tmp_path):
+    """The cost model's gauges read 0 B/s until the first step, and the batch size kept the last step's for as long
+    as the worker was idle after it."""
+    path = tmp_path / "tiny.gguf"
+    make_model(path, arch="qwen3moe", preset="tiny", dtype="f32", seed=9)
+    model = GGUFModel(path)
+    COST_PCIE.set(0)
+    engine = Engine(Config(model=str(path), device="cpu", expert_hosts=0, soft_slots=4), model, None)
+    assert gauge("tierserve_worker_cost_pcie_bytes_per_second") == engine.planner.constants.pcie_bw > 0
+    engine.apply(round_robin_placement(model.config, model.config.n_experts, 0))
+    engine.scheduler.add(Sequence("one", [5, 6], SamplingParams(max_tokens=2)))
+    engine.step()
+    assert gauge("tierserve_worker_batch_size") == 1
+    while engine.scheduler.has_work():
+        engine.step()
+    assert gauge("tierserve_worker_batch_size") == 0
+
+
+def gauge(name: str) -> float | None:
+    return REGISTRY.get_sample_value(name)
