@@ -97,7 +97,15 @@ class Completion:
 def generate_request(request_id: str | None = None, **options: Any) -> Generate:
     """A Generate message; `options` are its fields (prompt / messages / token_ids, max_tokens, temperature,
     top_p, top_k, seed, stop, logprobs). A fresh request id is drawn when none is given."""
-    return Generate(request_id=request_id or uuid.uuid4().hex, **options)
+    return Generate(request_id=checked_request_id(request_id) or uuid.uuid4().hex, **options)
+
+
+def checked_request_id(request_id: Any) -> Any:
+    """`request_id`, if it is a string or None: the server's refusal of any other could not be told to its request
+    (which then waited out its timeout), and answered the next health or stats call instead."""
+    if request_id is not None and not isinstance(request_id, str):
+        raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
+    return request_id
 
 
 class _Inbox:
@@ -255,7 +263,7 @@ class Client:
 
     def cancel(self, request_id: str) -> None:
         """Ask the server to end the request; its stream then ends with finish_reason "cancelled"."""
-        self._send(Cancel(request_id=request_id))
+        self._send(Cancel(request_id=checked_request_id(request_id)))
 
     def health(self) -> HealthReply:
         return self._ask(Health(), "health_reply")
@@ -404,7 +412,7 @@ class AsyncClient:
         return Completion.from_events(stream.request_id, [event async for event in stream])
 
     async def cancel(self, request_id: str) -> None:
-        await self._send(Cancel(request_id=request_id))
+        await self._send(Cancel(request_id=checked_request_id(request_id)))
 
     async def health(self) -> HealthReply:
         return await self._ask(Health(), "health_reply")

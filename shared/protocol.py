@@ -420,11 +420,15 @@ def decode(frames: list[Any], expected: tuple[type[Message], ...] = ()) -> Messa
     except UnicodeDecodeError as e:  # valid msgpack, whose strings must be UTF-8
         raise ProtocolError("malformed", f"a string in the message is not valid UTF-8 ({e.reason} at its byte "
                                          f"{e.start})") from e
+    except ValueError as e:
+        if "map key" in str(e):  # valid msgpack whose map has a key of another type, refused by strict_map_key
+            raise ProtocolError("bad_field", f"map keys must be strings ({e})") from e
+        raise ProtocolError("malformed", f"message is not valid msgpack ({type(e).__name__})") from e
     except Exception as e:  # msgpack raises several unrelated exception types for garbage
         raise ProtocolError("malformed", f"message is not valid msgpack ({type(e).__name__})") from e
     if not isinstance(header, dict):
         raise ProtocolError("malformed", f"message must be a msgpack map, got {type(header).__name__}")
-    if header.get("v") != PROTOCOL_VERSION:
+    if type(header.get("v")) is not int or header["v"] != PROTOCOL_VERSION:  # true and 1.0 equal 1
         raise ProtocolError(
             "bad_version", f"protocol version {header.get('v')!r} is not supported (expected {PROTOCOL_VERSION})"
         )
@@ -461,6 +465,10 @@ def decode(frames: list[Any], expected: tuple[type[Message], ...] = ()) -> Messa
             if type(value) is int and _wants_float(hints[f.name]):
                 value = float(value)  # every reader gets the float asked for: torch.tensor([2**64 - 1]) overflows
         values[f.name] = value
+    tensors = sum(f.type == _TENSOR and f.name in header for f in dataclasses.fields(cls))
+    if len(frames) != 1 + tensors:  # a stray frame is a sender's mistake, not something to skip over
+        raise ProtocolError("malformed", f"{kind}: {len(frames) - 1} frame(s) after the header, where its tensors "
+                                         f"take {tensors}")
     return cls(**values)
 
 

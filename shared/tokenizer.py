@@ -334,14 +334,16 @@ class Tokenizer:
                 ids.append(self.eos_id)
         return ids
 
-    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+    def decode(self, ids: Iterable[int], skip_special: bool = False, continuation: bool = False) -> str:
+        """The text of `ids`; as a `continuation` of earlier text, with SentencePiece's leading space kept (its
+        decoder drops the space of a text's first piece)."""
         ids = [int(i) for i in ids]
         self._check_ids(ids)
         if self.model == "llama":
-            return self._decode_sentencepiece(ids, skip_special)
+            return self._decode_sentencepiece(ids, skip_special, continuation)
         return self._hf.decode(ids, skip_special_tokens=skip_special)
 
-    def _decode_sentencepiece(self, ids: list[int], skip_special: bool) -> str:
+    def _decode_sentencepiece(self, ids: list[int], skip_special: bool, continuation: bool) -> str:
         # Bytes first and text from them at the end, as SentencePiece decodes: `tokenizers`' ByteFallback turns
         # every byte of a run of byte tokens that is not all valid UTF-8 into U+FFFD, whole characters included.
         out = bytearray()
@@ -352,7 +354,7 @@ class Tokenizer:
             elif not (skip_special and kind in _SPECIAL_TYPES):
                 out += self.tokens[i].replace(SPACE, " ").encode()
         text = out.decode("utf-8", "replace")
-        return text[1:] if self._space_prefix and text.startswith(" ") else text
+        return text[1:] if self._space_prefix and not continuation and text.startswith(" ") else text
 
     def detokenizer(self, skip_special: bool = False, context: Sequence[int] = ()) -> IncrementalDetokenizer:
         """A stream decoder for the tokens that follow `context` (the prompt): it hands out the text they add."""
@@ -396,6 +398,9 @@ class IncrementalDetokenizer:
         last = list(itertools.islice((int(i) for i in reversed(context) if not self._skipped(i)), 4))[::-1]
         tails = (last[-n:] for n in range(1, len(last) + 1))
         self._ids: list[int] = next((t for t in tails if "\ufffd" not in tokenizer.decode(t)), [])
+        # a window opening on nothing after a context decodes as what it is, a continuation: its first piece's
+        # leading space is the text's (decode(context + new) has it)
+        self._continuation = bool(last) and not self._ids
         self._prefix = 0  # start of the window: text before it is already handed out
         self._read = len(self._ids)  # end of what has been handed out
 
@@ -418,8 +423,8 @@ class IncrementalDetokenizer:
     def _advance(self, final: bool) -> str:
         if self._read == len(self._ids):
             return ""
-        done = self._tok.decode(self._ids[self._prefix : self._read])
-        text = self._tok.decode(self._ids[self._prefix :])
+        done = self._tok.decode(self._ids[self._prefix : self._read], continuation=self._continuation)
+        text = self._tok.decode(self._ids[self._prefix :], continuation=self._continuation)
         if len(text) <= len(done) or (text.endswith("\ufffd") and not final):
             return ""
         self._prefix, self._read = self._read, len(self._ids)

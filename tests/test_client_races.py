@@ -252,3 +252,20 @@ def test_a_request_that_could_not_be_sent_leaves_its_id_free(kind, fake_server):
                 assert sent() == "a"
 
         asyncio.run(main())
+
+
+def test_a_request_id_that_is_no_string_is_refused_before_it_is_sent():
+    """The server's refusal of an int id could not be told to its request, which waited out its timeout; the
+    refusal then answered the next health call (and a cancel of that id another)."""
+    with Client("tcp://127.0.0.1:9", timeout_s=1.0) as client:
+        with pytest.raises(TypeError, match="request_id must be a str, not int"):
+            client.complete(prompt="x", request_id=7)
+        with pytest.raises(TypeError, match="request_id must be a str, not int"):
+            client.cancel(7)
+
+    async def cancel_async() -> None:
+        async with AsyncClient("tcp://127.0.0.1:9", timeout_s=1.0) as client:
+            await client.cancel(7)
+
+    with pytest.raises(TypeError, match="request_id must be a str, not int"):
+        asyncio.run(cancel_async())

@@ -102,6 +102,18 @@ def _frames(header: dict) -> list[bytes]:
          r"unknown field\(s\) colour"),
         ([msgpack.packb({"v": 1, "kind": "generate", "request_id": "a", b"x": 1})], "bad_field",
          "field names must be strings, not b'x'"),
+        # valid msgpack with a key of another type, at the top or inside a field: called "not valid msgpack"
+        ([msgpack.packb({"v": 1, "kind": "generate", "request_id": "a", 5: 1})], "bad_field",
+         "map keys must be strings"),
+        ([msgpack.packb({"v": 1, "kind": "generate", "request_id": "a",
+                         "messages": [{"role": "user", "content": "x", 1: "y"}]})], "bad_field",
+         "map keys must be strings"),
+        # equal to 1, but no version number
+        (_frames({"v": True, "kind": "health"}), "bad_version", "protocol version True"),
+        (_frames({"v": 1.0, "kind": "health"}), "bad_version", "protocol version 1.0"),
+        # frames no tensor field names were skipped over (a generate with 1,000 of them ran)
+        ([*_frames({"v": 1, "kind": "health"}), b"stray"], "malformed",
+         r"health: 1 frame\(s\) after the header, where its tensors take 0"),
         (_frames({"v": 1, "kind": "expert_work", "step": 0, "layer": 0, "expert_ids": [], "counts": [],
                   "hidden": {"__tensor__": 0, "dtype": "f4", "shape": [2, 2]}}), "bad_field", "frame 0 is missing"),
         # an item of a list of lists that is no list raised TypeError

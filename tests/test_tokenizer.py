@@ -376,6 +376,18 @@ def test_incremental_detokenizer_continues_its_context(request, name, skip_speci
             assert before + text == whole, cut
 
 
+def test_a_word_after_a_context_that_ends_inside_a_character_keeps_its_space(mixtral):
+    """A prompt ending in a character's first bytes (a reply cut off mid-emoji, sent back as token ids): the window
+    opened on nothing, and SentencePiece's decoder dropped the space of the first generated word ("is", where
+    decode(prompt + completion) reads "... is")."""
+    fox = [i for i in mixtral.encode("🦊", add_special=False) if mixtral.token_types[i] == BYTE]
+    prompt = mixtral.encode("Hello", add_special=False) + fox[:2]
+    completion = mixtral.encode("is", add_special=False)  # ▁is
+    detok = mixtral.detokenizer(context=prompt)
+    text = "".join([detok.feed(i) for i in completion] + [detok.flush()])
+    assert text == " is" and mixtral.decode(prompt) + text == mixtral.decode(prompt + completion)
+
+
 def test_chatml_template_and_its_tokens(qwen):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
     prompt = qwen.apply_chat_template(messages)
