@@ -135,7 +135,12 @@ def prepare_run(config: Config) -> tuple[Config, Path, bool]:
     endpoint = config.client_endpoint
     if endpoint.endswith(":0"):
         endpoint = f"{endpoint[:-2]}:{free_tcp_port()}"
-    config = dataclasses.replace(config, run_dir=str(run_dir), client_endpoint=endpoint)
+    try:
+        config = dataclasses.replace(config, run_dir=str(run_dir), client_endpoint=endpoint)
+    except ValueError:  # e.g. a TMPDIR too long for the socket files' paths: the dir made for them is left empty
+        if ephemeral:
+            run_dir.rmdir()
+        raise
     if ephemeral:  # held before the pid is written: a sweep that finds a pid finds it held while this process lives
         fd = os.open(run_dir / EPHEMERAL_MARKER, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600)
         hold_while_open(fd)

@@ -356,7 +356,7 @@ class Mailbox:
             message = self._map[_TEXT_AT + code_len : _TEXT_AT + code_len + msg_len].decode("utf-8", "replace")
             return Answer(None, compute_s, (code, message))
         torch_dtype = _DTYPE_OF.get(dtype)
-        if torch_dtype is None or cols <= 0 or rows * cols * torch_dtype.itemsize > self.capacity:
+        if torch_dtype is None or rows < 0 or cols <= 0 or rows * cols * torch_dtype.itemsize > self.capacity:
             raise MailboxError(f"answer {self._seq}: {rows} x {cols} rows of dtype code {dtype} do not fit this "
                                f"mailbox")
         return Answer(self._rows(1, torch_dtype, rows, cols), compute_s)

@@ -197,6 +197,17 @@ def test_a_run_dir_left_by_an_up_killed_during_start_up_is_removed_by_the_next(t
     assert not running.exists() and mine.exists() and again.exists()  # this process's are held while it lives
 
 
+def test_a_temporary_directory_too_long_for_the_socket_files_leaves_no_run_dir(tmp_path, monkeypatch):
+    """The run dir made in it was refused as too long for its socket files' paths, and left behind empty."""
+    long = tmp_path / ("t" * (100 - len(str(tmp_path))))
+    long.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(long))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))  # the default run dir's place, short enough
+    with pytest.raises(ValueError, match="is too long for a socket file"):
+        prepare_run(Config(model="m.gguf"))
+    assert list(long.iterdir()) == []
+
+
 def test_a_new_run_dir_is_made_private_and_an_existing_one_keeps_its_mode(tmp_path):
     """An existing run dir was made 0700 whatever it was: `--run-dir /tmp` took /tmp from every other user."""
     config, run_dir, ephemeral = prepare_run(Config(model="m.gguf", run_dir=str(tmp_path / "new" / "run")))

@@ -23,7 +23,7 @@ from shared.client import Client
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
-from shared.mailbox import SEQ_MASK, Backoff, Mailbox, MailboxError, remove_mailbox
+from shared.mailbox import _RESPONSE, _RESPONSE_AT, DTYPES, SEQ_MASK, Backoff, Mailbox, MailboxError, remove_mailbox
 from shared.make_model import make_model
 from shared.protocol import ExpertResult, decode, encode
 from shared.reference import ReferenceModel
@@ -219,6 +219,25 @@ def test_what_does_not_fit_is_refused_and_a_second_worker_is_kept_out(shm_path):
         Mailbox.attach(shm_path)
     stop_host(mailbox, host)
     mailbox.close()
+
+
+@pytest.mark.parametrize("rows", [-2, CAPACITY])
+def test_an_answer_whose_header_does_not_describe_an_output_in_the_mailbox_is_named(shm_path, rows):
+    """A negative row count passed the size check and sliced rows from the end of the response area."""
+    host = Mailbox.create(shm_path, CAPACITY, MAX_EXPERTS)
+    worker = Mailbox.attach(shm_path)
+    try:
+        seq = worker.post(1, 0, [3], [2], worker.request_rows(2, 8, torch.float32))
+        host.take()
+        host.reply(torch.ones(2, 8), 0.0)
+        _RESPONSE.pack_into(host._map, _RESPONSE_AT, 0, rows, 8, DTYPES[torch.float32], 0, 0, 0.0)  # a host's bug
+        assert worker.wait_answer(seq, timeout_s=10)
+        with pytest.raises(MailboxError, match=f"answer {seq}: {rows} x 8 rows of dtype code 1 do not fit"):
+            worker.answer()
+    finally:
+        worker.close()
+        host.close()
+        os.unlink(shm_path)
 
 
 def test_a_request_that_lies_about_its_size_is_answered_with_a_failure(shm_path):
