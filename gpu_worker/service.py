@@ -22,14 +22,14 @@ from gpu_worker.model import Chunk, Trunk, kv_cache_shape
 from gpu_worker.remote import KEEP_ALIVE_S, ExpertHostError, RemoteExperts
 from gpu_worker.sampler import Sampler
 from gpu_worker.scheduler import SamplingParams, Scheduler, Sequence
-from gpu_worker.soft_pool import SoftPool
+from gpu_worker.soft_pool import SoftPool, slot_nbytes
 from gpu_worker.step_profile import StepProfile, section
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.expert_cache import CacheError
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.memory_use import HostMemoryError, room_above_floor, size_text
-from shared.model_config import ModelConfig, ModelError
+from shared.model_config import ModelError
 from shared.placement import Placement, expert_host_id
 from shared.process import (
     ControlLink,
@@ -106,7 +106,7 @@ class Engine:
         num_blocks = config.kv_cache_blocks
         cuda = self.device.type == "cuda"
         if not cuda:
-            check_kv_cache_fits(config, model.config, dtype)
+            check_trunk_and_kv_cache_fit(config, model, dtype)
         # crossings from the device need a decode step's static rows; a CPU worker runs them without capture. A
         # lane needs a mailbox (a host on this machine).
         lane_hosts = frozenset(h for h in range(config.expert_hosts) if config.shm_data_plane(h))
@@ -125,6 +125,8 @@ class Engine:
         self.sampler = Sampler()
         self.experts = open_expert_source(model, config)
         self.hot = HotExperts(self.experts, self.device, dtype)
+        if config.soft_slots > 0 and not cuda:
+            check_soft_slots_fit(config, slot_nbytes(self.experts, dtype))
         self.pool = SoftPool(self.experts, self.device, dtype, config.soft_slots, config.soft_policy,
                              config.soft_staging) if config.soft_slots > 0 else None
         self._lookups_counted = {"hit": 0, "miss": 0}  # of the pool's tallies, what SOFT_LOOKUPS has been given
@@ -292,20 +294,39 @@ class Engine:
         return load
 
 
-def check_kv_cache_fits(config: Config, cfg: ModelConfig, dtype: torch.dtype) -> None:
-    """A worker on the CPU keeps its KV cache in RAM: refuse one that does not fit in what is free, less
-    host_memory_floor, rather than die allocating it or be OOM-killed writing its zeros."""
-    shape = kv_cache_shape(cfg, config.kv_cache_blocks, config.kv_block_size)
-    need = math.prod(shape) * dtype.itemsize
+def check_trunk_and_kv_cache_fit(config: Config, model: GGUFModel, dtype: torch.dtype) -> None:
+    """A worker on the CPU keeps its dense trunk (in its dtype) and its KV cache in RAM: refuse the two where they
+    do not fit in what is free, less host_memory_floor, rather than die allocating them or be OOM-killed writing
+    the cache's zeros. (The trunk went uncounted: a large vocabulary's took the worker below the floor, and the
+    refusal came later, naming its hot experts.)"""
+    shape = kv_cache_shape(model.config, config.kv_cache_blocks, config.kv_block_size)
+    kv = math.prod(shape) * dtype.itemsize
+    trunk = model.dense_elements() * dtype.itemsize
+    room, floor = room_above_floor(config.host_memory_floor)
+    if kv + trunk <= room:
+        return
+    available = f"{size_text(room)} is available after the {size_text(floor)} host_memory_floor"
+    if trunk >= room:
+        raise HostMemoryError(f"the model's dense trunk needs {size_text(trunk)} of RAM in {dtype}; {available}: "
+                              f"lower host_memory_floor, or free memory")
+    per_token = kv // shape[2]
+    fit = (room - trunk) // per_token // config.kv_block_size * config.kv_block_size
+    raise HostMemoryError(f"the KV cache needs {size_text(kv)} of RAM for kv_cache_tokens = {config.kv_cache_tokens} "
+                          f"({per_token:,} bytes a token), beside the dense trunk's {size_text(trunk)}; {available}: "
+                          f"at most {fit:,} tokens fit; lower kv_cache_tokens")
+
+
+def check_soft_slots_fit(config: Config, slot_bytes: int) -> None:
+    """A worker on the CPU keeps its soft slots in RAM, filled as experts stream in: refuse slots that would not
+    fit in what is free, less host_memory_floor (they were allocated unchecked and grew below it)."""
+    slots = config.soft_slots + config.soft_staging
+    need = slots * slot_bytes
     room, floor = room_above_floor(config.host_memory_floor)
     if need <= room:
         return
-    per_token = need // shape[2]
-    fit = max(0, room) // per_token // config.kv_block_size * config.kv_block_size
-    raise HostMemoryError(f"the KV cache needs {size_text(need)} of RAM for kv_cache_tokens = "
-                          f"{config.kv_cache_tokens} ({per_token:,} bytes a token); {size_text(room)} is available "
-                          f"after the {size_text(floor)} host_memory_floor: at most {fit:,} tokens fit; lower "
-                          f"kv_cache_tokens")
+    raise HostMemoryError(f"its {slots} soft slots (soft_slots + soft_staging) need {size_text(need)} "
+                          f"of RAM on the CPU; {size_text(room)} is available after the {size_text(floor)} "
+                          f"host_memory_floor: lower soft_slots and soft_staging, or host_memory_floor")
 
 
 def check_hot_experts_fit(engine: Engine, placement: Placement) -> None:
@@ -314,7 +335,7 @@ def check_hot_experts_fit(engine: Engine, placement: Placement) -> None:
     already allocated and written by now, so what is free no longer counts it."""
     need = engine.hot.added_nbytes(placement)
     room, floor = room_above_floor(engine.config.host_memory_floor)
-    if need <= room:
+    if need == 0 or need <= room:  # nothing to add: nothing to lower (a start below the floor is refused earlier)
         return
     raise HostMemoryError(f"its hot experts need {size_text(need)} of RAM ({placement.count_hot()} experts); "
                           f"{size_text(room)} is available after the {size_text(floor)} host_memory_floor; lower "

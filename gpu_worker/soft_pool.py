@@ -47,6 +47,15 @@ def register_for_dma(views: list[np.ndarray]) -> bool:
     return True
 
 
+def slot_nbytes(source: ExpertSource, dtype: torch.dtype) -> int:
+    """Bytes of one slot: the largest quantized expert's region, or one float expert in `dtype`."""
+    cfg = source.model.config
+    layouts = [source.layout(layer) for layer in range(cfg.n_layers)]
+    if layouts[0].format != "float":
+        return max(layout.region_nbytes for layout in layouts)
+    return 3 * cfg.expert_ffn * cfg.hidden * dtype.itemsize
+
+
 class SoftPool:
     """Slots hold float experts as (gate_up, down) in the worker's dtype, or quantized experts as their
     expert-cache regions, byte for byte, so one copy fills a slot and the int8 / int4 kernels read it."""
@@ -80,11 +89,6 @@ class SoftPool:
         self.registered = device.type == "cuda" and register_for_dma(dma_sources)
         self.bytes_streamed = 0
         self._views: dict[ExpertLayout, ExpertWeights] = {}
-
-    @property
-    def nbytes(self) -> int:
-        held = [self.regions] if self.quantized else [self.gate_up, self.down]
-        return sum(t.numel() * t.element_size() for t in held)
 
     def _fill(self, slot: int, layer: int, expert: int) -> int:
         """Start copying an expert into a slot (asynchronously on a GPU); the bytes it moves."""

@@ -204,6 +204,12 @@ class GGUFModel:
     def tensor_names(self) -> list[str]:
         return list(self._tensors)
 
+    def dense_elements(self) -> int:
+        """Elements of the tensors that are no experts': the trunk a worker holds (and dequantizes) whole."""
+        experts = {expert_tensor_name(layer, kind) for layer in range(self.config.n_layers)
+                   for kind in EXPERT_TENSOR_KINDS}
+        return sum(int(t.n_elements) for name, t in self._tensors.items() if name not in experts)
+
 
 def _without_leading_ones(shape: tuple[int, ...]) -> tuple[int, ...]:
     """llama.cpp writes some vectors as (1, n) and others as (n,); both load, so both are accepted."""

@@ -128,6 +128,24 @@ def test_a_cpu_workers_kv_cache_larger_than_ram_is_refused_by_name(tmp_path):
     assert "Traceback" not in run.stderr
 
 
+def test_a_cpu_worker_with_no_room_for_its_trunk_says_to_lower_the_floor_not_the_kv_cache(tmp_path):
+    """The trunk went uncounted: with less free than the floor the refusal said "at most 0 tokens fit; lower
+    kv_cache_tokens", which no value of it could satisfy."""
+    run = _start_worker(tmp_path, host_memory_floor=str(read_meminfo().total))
+    assert run.returncode == 1
+    assert "cannot start: the model's dense trunk needs" in run.stderr
+    assert "lower host_memory_floor, or free memory" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_a_cpu_workers_soft_slots_larger_than_its_ram_are_refused_by_name(tmp_path):
+    """They were allocated unchecked and filled as experts streamed in, past the floor (or torch's allocator
+    refused them with a traceback)."""
+    run = _start_worker(tmp_path, soft_slots=10**7)
+    assert run.returncode == 1
+    assert f"cannot start: its {10**7 + 16} soft slots (soft_slots + soft_staging) need" in run.stderr
+    assert "lower soft_slots and soft_staging, or host_memory_floor" in run.stderr and "Traceback" not in run.stderr
+
+
 def test_a_cpu_workers_hot_experts_larger_than_its_ram_are_refused_by_name(tmp_path, monkeypatch):
     """A placement whose hot experts (float ones, copied into the worker's RAM) do not fit in what is free less
     host_memory_floor, though the KV cache does: the worker copied them all, and on a machine with that little

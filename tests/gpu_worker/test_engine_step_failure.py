@@ -5,13 +5,21 @@ failure; were it to fail after, all the step's samples come with the failure, fo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import pytest
 from prometheus_client import REGISTRY
 
 from gpu_worker.scheduler import SamplingParams, Sequence
-from gpu_worker.service import COST_PCIE, Engine, FailedAfterSampling, fail_running, send_samples
+from gpu_worker.service import (
+    COST_PCIE,
+    Engine,
+    FailedAfterSampling,
+    check_hot_experts_fit,
+    fail_running,
+    send_samples,
+)
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
@@ -155,3 +163,11 @@ def test_the_gauges_hold_the_cost_model_from_the_start_and_no_batch_once_idle(tm
 
 def gauge(name: str) -> float | None:
     return REGISTRY.get_sample_value(name)
+
+
+def test_a_placement_that_adds_no_hot_experts_is_not_refused_for_want_of_room(engine):
+    """Below the floor, a placement adding nothing was refused: "its hot experts need 0.0 MB ... lower
+    gpu_expert_budget or hot_experts", of which there was nothing to lower."""
+    placement = round_robin_placement(engine.model.config, engine.model.config.n_experts, 0)
+    engine.config = dataclasses.replace(engine.config, host_memory_floor="100%")
+    check_hot_experts_fit(engine, placement)  # the one it holds
