@@ -12,7 +12,7 @@ import torch
 import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
-from expert_host.memory import HostMemoryError, host_memory_lock
+from expert_host.memory import HostMemoryError
 from expert_host.store import ExpertStore
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.expert_cache import CacheError
@@ -83,19 +83,16 @@ def open_mailbox(config: Config, host_index: int, model: GGUFModel, log: logging
     cfg = model.config
     capacity = config.mailbox_bytes or min(config.max_batch_tokens * cfg.n_experts_used * cfg.hidden * 4,
                                            MAILBOX_DEFAULT_MAX_BYTES)
-    # measured and taken under the lock hosts fill their arenas under: hosts starting together each counted the
-    # same free memory as theirs
-    with host_memory_lock():
-        room, floor = room_above_floor(config.host_memory_floor)
-        if 2 * capacity > room:  # a request's rows and their answer
-            log.warning("a mailbox of %s would leave less than host_memory_floor (%s) free: %s is available above "
-                        "it; activations go over ZeroMQ", size_text(2 * capacity), size_text(floor), size_text(room))
-            return None
-        try:
-            return Mailbox.create(path, capacity, cfg.n_experts, n_layers=cfg.n_layers)
-        except MailboxError as e:
-            log.warning("%s; activations go over ZeroMQ", e)
-            return None
+    room, floor = room_above_floor(config.host_memory_floor)
+    if 2 * capacity > room:  # a request's rows and their answer
+        log.warning("a mailbox of %s would leave less than host_memory_floor (%s) free: %s is available above it; "
+                    "activations go over ZeroMQ", size_text(2 * capacity), size_text(floor), size_text(room))
+        return None
+    try:
+        return Mailbox.create(path, capacity, cfg.n_experts, n_layers=cfg.n_layers)
+    except MailboxError as e:
+        log.warning("%s; activations go over ZeroMQ", e)
+        return None
 
 
 def bind_threads(config: Config, host_index: int, log: logging.Logger) -> None:
