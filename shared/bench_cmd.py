@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import zmq
 
 from shared import bench_limits, bench_llama, bench_sweep, launcher
 from shared.bench_load import TEXT, TIMEOUT_S, WARM_UP_VARIANT, decode_run, prefill_run, prompt_ids
@@ -31,7 +32,7 @@ from shared.bench_measure import measure_machine
 from shared.bench_metrics import scrape_tiers, tier_delta, worker_metrics_url
 from shared.bench_profile import CANDIDATE_PROMPTS, profile_system
 from shared.bench_report import markdown, write_results
-from shared.client import AsyncClient, ServerError, run
+from shared.client import AsyncClient, Client, ServerError, run
 from shared.config import Config, config_from_args, parse_bytes
 from shared.expert_cache import expert_layouts, hot_expert_nbytes
 from shared.gguf_file import GGUFModel
@@ -43,6 +44,7 @@ from shared.process import worker_device, worker_dtype
 from shared.tokenizer import Tokenizer
 
 CONCURRENCY = (1, 4, 16)
+ENDPOINT_CHECK_S = 10.0  # how long --endpoint's system has to answer a first health check
 
 
 class Progress:
@@ -293,7 +295,15 @@ def _float_list(text: str) -> list[float]:
 
 
 def _int_list(text: str) -> list[int]:
-    return [int(n) for n in text.split(",")]
+    return [_positive(n) for n in text.split(",")]
+
+
+def _positive(text: str) -> int:
+    """A count of tokens: 0 or fewer started the system, then failed on an empty prompt naming no flag."""
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
+    return n
 
 
 def parser() -> argparse.ArgumentParser:
@@ -321,8 +331,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="results directory (default: results/<timestamp>/)")
     p.add_argument("--quick", action="store_true", help="small prompts, few tokens, one repetition and one llama.cpp "
                                                         "thread count: a check that it all runs")
-    p.add_argument("--prompt-lengths", type=_int_list, metavar="N,N", help="prefill prompt lengths (default 512,4096)")
-    p.add_argument("--max-tokens", type=int, metavar="N", help="tokens generated per decode request (default 128)")
+    p.add_argument("--prompt-lengths", type=_int_list, metavar="N,N",
+                   help="prefill prompt lengths (default 512,4096; 64,256 with --quick)")
+    p.add_argument("--max-tokens", type=_positive, metavar="N",
+                   help="tokens generated per decode request (default 128, 8 with --quick)")
     p.add_argument("--budget-sweep", type=_float_list, metavar="P,P",
                    help="then measure decode and prefill again at each of these VRAM budgets, in percent of the "
                         "experts' bytes (e.g. 10,25,50,100), llama.cpp too when given")
@@ -341,16 +353,20 @@ def main(argv: list[str] | None = None) -> int:
                   "in a --config file passed on")
     if args.dtype is not None and args.dtype not in DTYPES:
         cli.error(f"argument --dtype: invalid choice: {args.dtype!r} (choose from {', '.join(DTYPES)})")
-    if passed_on and args.endpoint:
-        cli.error(f"{' '.join(passed_on)}: options for the system it starts, but --endpoint measures a running one")
+    if args.endpoint and system_options(args):  # recorded with the results, though the running system ignores them
+        cli.error(f"{' '.join(system_options(args))}: options for the system it starts, but --endpoint measures a "
+                  f"running one")
     if args.sweep_only and not args.budget_sweep:
         cli.error("--sweep-only needs --budget-sweep")
     if args.budget_sweep and args.endpoint:
         cli.error("--budget-sweep starts the system once per budget, so it cannot measure the one at --endpoint")
     out = Path(args.out or Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     try:
+        if args.endpoint:  # before the machine is measured; a bench's own client waits up to TIMEOUT_S
+            with Client(args.endpoint, timeout_s=ENDPOINT_CHECK_S) as client:
+                client.health()
         results = bench(args, out)
-    except (ModelError, ServerError, RuntimeError, OSError) as e:
+    except (ModelError, ServerError, RuntimeError, OSError, zmq.ZMQError) as e:  # OSError: TimeoutError too
         print(f"tierserve bench: error: {e}", file=sys.stderr)
         return 1
     written = write_results(results, out)

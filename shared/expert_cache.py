@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import shlex
 import shutil
+import signal
 import struct
 import sys
 import time
@@ -53,6 +54,7 @@ from shared.quant import (
     serving_format,
     tensor_specs,
 )
+from shared.run_files import die_with_parent
 
 PAGE = 4096  # regions start and end on page boundaries: mappable, DMA-able and freeable one by one
 ALIGN = 64  # every tensor of a region starts on a cache line
@@ -594,7 +596,7 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
             else:
                 # spawn: a forked child of a process that has run torch's thread pool can hang in it
                 with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_worker_init,
-                                         initargs=(str(model.path), str(tmp))) as pool:
+                                         initargs=(str(model.path), str(tmp), os.getpid())) as pool:
                     try:
                         for future in as_completed([pool.submit(_worker_convert, *job) for job in jobs]):
                             written += future.result()
@@ -702,8 +704,13 @@ def _convert_expert_matrix(model: GGUFModel, layer: int, kind: str, expert: int,
 _worker: tuple[GGUFModel, int] | None = None  # a pool process's own map of the model and handle on the output
 
 
-def _worker_init(model_path: str, out_path: str) -> None:
+def _worker_init(model_path: str, out_path: str, parent: int) -> None:
     global _worker
+    # a converting process killed outright (a worker stopped by `up` past its drain) left its pool's processes
+    # blocked for ever, each holding memory and the deleted temporary file
+    die_with_parent(signal.SIGKILL)
+    if os.getppid() != parent:  # it ended before the line above
+        os._exit(1)
     torch.set_num_threads(1)  # the pool's processes are the parallelism
     _worker = (GGUFModel(model_path), os.open(out_path, os.O_WRONLY))
 

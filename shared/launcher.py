@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import dataclasses
 import os
 import random
@@ -34,6 +33,7 @@ from shared.memory_use import descendants, process_memory
 from shared.run_files import (
     EPHEMERAL_MARKER,
     SUPERSEDED_EXIT_STATUS,
+    die_with_parent,
     hold_while_open,
     is_held,
     listened_on,
@@ -41,13 +41,8 @@ from shared.run_files import (
     remove_stale_mailboxes,
 )
 
-_PR_SET_PDEATHSIG = 1
 RUN_DIR_PREFIX = "tierserve-"  # of the run dirs `tierserve up` makes for itself in the temporary directory
 _HELD_MARKERS: list[int] = []  # fds of this process's run dir markers, open (and so held) for as long as it lives
-
-
-def _die_with_parent() -> None:
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _ephemeral_ports() -> range:
@@ -97,7 +92,7 @@ class Child:
         # a session of its own: a terminal's Ctrl-C (SIGINT to the whole process group) reaches the launcher
         # alone, which stops the children in order; signalled together, the coordinator took the launcher's
         # SIGTERM as a second signal and cancelled what it was draining, and the hosts left at once
-        self.process = subprocess.Popen(self.argv, preexec_fn=_die_with_parent, start_new_session=True)
+        self.process = subprocess.Popen(self.argv, preexec_fn=die_with_parent, start_new_session=True)
         self.started_at = time.monotonic()
 
     def alive(self) -> bool:
@@ -327,7 +322,7 @@ class RunningSystem:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "shared.cli", "up", "--model", model, "--client-endpoint", "tcp://127.0.0.1:0",
              "--metrics-port", "0", "--ready-timeout", str(ready_timeout_s), *options],
-            stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent, start_new_session=True,
+            stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent, start_new_session=True,
         )  # its own process group, as in a terminal
         self.endpoint = ""
         for line in self.process.stdout:

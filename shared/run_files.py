@@ -8,9 +8,11 @@ Nothing here loads torch: `tierserve up` starts its children, and cleans up afte
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import fcntl
 import hashlib
 import os
+import signal
 import socket
 import struct
 from collections.abc import Callable, Sequence
@@ -24,6 +26,13 @@ EPHEMERAL_MARKER = ".ephemeral"  # in a run dir `tierserve up` made for itself, 
 MAILBOX_PREFIX = "/dev/shm/tierserve-mailbox-"
 MAILBOX_MAGIC = b"TSMBOX02"  # a mailbox's first bytes (shared.mailbox lays the rest out)
 MAILBOX_OWNER_AT = 24  # u32: the pid of the host that made the mailbox
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(signum: int = signal.SIGTERM) -> None:
+    """Have the kernel send this process `signum` when its parent ends, however it ends (prctl PR_SET_PDEATHSIG):
+    a child killed with it leaves nothing running."""
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(_PR_SET_PDEATHSIG, signum)
 
 
 def listened_on(endpoint: str) -> bool:

@@ -10,6 +10,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from shared.bench_cmd import limits, model_facts, settings, system_config
+from shared.bench_cmd import main as bench_main
 from shared.bench_limits import Machine, model_traffic
 from shared.bench_load import Timed, latency, prompt_ids
 from shared.bench_metrics import PATHS, parse_tiers, tier_delta, worker_metrics_url
@@ -17,6 +18,7 @@ from shared.bench_report import cost_model_table
 from shared.cli import main as tierserve
 from shared.config import Config
 from shared.gguf_file import GGUFModel
+from shared.launcher import free_tcp_port
 from shared.make_model import make_model
 from shared.protocol import HealthReply
 
@@ -282,3 +284,26 @@ def test_prompt_lengths_and_tokens_can_be_set_on_a_quick_run():
 def test_system_options_cannot_go_to_a_running_system():
     with pytest.raises(SystemExit):
         tierserve(["bench", "--model", "m.gguf", "--endpoint", "tcp://127.0.0.1:1", "--prefill-chunk", "64"])
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--max-tokens", "0"], "argument --max-tokens: must be 1 or more, not 0"),
+    (["--prompt-lengths", "64,-5"], "argument --prompt-lengths: must be 1 or more, not -5"),
+    (["--endpoint", "tcp://127.0.0.1:5555", "--hot-experts", "8"],
+     "--hot-experts 8: options for the system it starts, but --endpoint measures a running one"),
+])
+def test_flags_a_run_cannot_use_are_refused_before_anything_is_measured(capsys, args, message):
+    """--max-tokens 0 ran with the default; 0 or negative lengths started the system, then failed naming no flag;
+    --hot-experts with --endpoint was recorded with the results, though the running system never used it."""
+    with pytest.raises(SystemExit) as exit_:
+        bench_main(["--preset", "tiny", "--quick", *args])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("endpoint", "message"), [("127.0.0.1:5555", "Invalid argument"), (None, "no answer from")])
+def test_an_endpoint_with_no_system_to_measure_is_named_before_anything_is_measured(capsys, endpoint, message):
+    """A malformed one ended in a ZMQError traceback; one nobody serves was waited on for 15 minutes."""
+    endpoint = endpoint or f"tcp://127.0.0.1:{free_tcp_port()}"
+    assert bench_main(["--preset", "tiny", "--quick", "--endpoint", endpoint]) == 1
+    err = capsys.readouterr().err
+    assert "tierserve bench: error:" in err and message in err and "measuring this machine" not in err

@@ -13,6 +13,7 @@ import shutil
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -643,3 +644,33 @@ def test_a_damaged_cache_in_a_read_only_directory_is_named_with_what_to_do(model
     assert done.returncode == 1, (done.stdout, done.stderr)
     assert (f"error: cannot remove the damaged expert cache {cache.path} (Read-only file system): delete it, or "
             f"build the cache in a writable directory with --cache-dir DIR") in done.stderr
+
+
+def test_the_conversion_processes_of_a_process_killed_outright_end_with_it(tmp_path):
+    """A worker converting when `up` killed it (past its drain) left its pool's processes blocked for ever, each
+    holding memory and the deleted temporary file."""
+    path = tmp_path / "m.gguf"
+    make_model(path, preset="small", dtype="q4_0", seed=0)
+    converting = subprocess.Popen([sys.executable, "-m", "shared.cli", "convert-experts", str(path), "--cache-dir",
+                                   str(tmp_path / "cache"), "--workers", "2"], stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (pool := children(converting.pid)):
+        assert time.monotonic() < deadline and converting.poll() is None, "no conversion process started"
+        time.sleep(0.01)
+    converting.kill()
+    converting.wait()
+    deadline = time.monotonic() + 30
+    while alive := [pid for pid in pool if Path(f"/proc/{pid}").exists() and not zombie(pid)]:
+        assert time.monotonic() < deadline, f"conversion processes {alive} outlived their parent"
+        time.sleep(0.05)
+
+
+def children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
