@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 
@@ -64,11 +63,7 @@ class RemoteExperts:
             return self.mailboxes[host]
         self._recheck_at[host] = now + RECHECK_S
         path = mailbox_path(self.endpoints[host])
-        try:
-            stat = os.stat(path)
-            identity: tuple[int, int] | None = (stat.st_dev, stat.st_ino)
-        except FileNotFoundError:
-            identity = None
+        identity = identity_at(path)
         if identity == self._seen[host]:
             return self.mailboxes[host]
         self._seen[host] = identity

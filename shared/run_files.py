@@ -127,12 +127,18 @@ def is_held(path: str) -> bool:
     """Whether a process holds the file at `path` (`hold_while_open`), in this PID namespace or another."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
-    except BlockingIOError:
-        return True
+        return not _read_locked(fd)
     finally:
         os.close(fd)
-    return False
+
+
+def _read_locked(fd: int) -> bool:
+    """Take a read lock on the open file at `fd`, kept until it is closed; False where its owner holds it."""
+    try:
+        fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
+    except BlockingIOError:
+        return False
+    return True
 
 
 def _unlink_unless_held(path: str) -> bool:
@@ -140,9 +146,7 @@ def _unlink_unless_held(path: str) -> bool:
     that made the file a moment ago, and is about to take its own, finds it already unlinked."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        try:
-            fcntl.fcntl(fd, fcntl.F_OFD_SETLK, _FLOCK.pack(fcntl.F_RDLCK, os.SEEK_SET, 0, 0, 0))
-        except BlockingIOError:
+        if not _read_locked(fd):
             return False
         if not os.path.samestat(os.fstat(fd), os.stat(path)):
             return False  # another file took the name since it was opened: a restarted owner's, renamed into place
