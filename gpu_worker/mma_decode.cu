@@ -346,11 +346,12 @@ struct GroupOf<NT, true> {
 // then n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert; dependent: launched as a
 // dependent of the launch before, whose output is x. Each warp copies its groups of weights into a ring of STAGES
 // stages in shared memory, STAGES - 1 ahead of the one it computes: loads in flight that take no registers. x's rows
-// must be 16-byte aligned (x and x_stride). ONE_ROW: at most one row of x per expert (add_group). One block an SM
+// must be 16-byte aligned (x and x_stride). ONE_ROW: at most one row of x per expert (add_group). UNROLLED: at two
+// tiles of x, the loop in unrolled rounds (below), else one group at a time. One block an SM
 // at least, said to ptxas: left to itself, it held the one-row kernels to 64 registers, remaking more values in the
 // loop, and one token's FFN took 13.22 us against 12.91 on the H100; the other kernels take more registers so too
 // (87-123), and were as fast or faster at every launch measured (bench/quant_kernels.md).
-template <int NT, bool SWIGLU, int STAGES, bool ONE_ROW, bool INT8>
+template <int NT, bool SWIGLU, int STAGES, bool ONE_ROW, bool INT8, bool UNROLLED>
 __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
     const u16* __restrict__ x, long long x_stride, u16* __restrict__ out, long long out_stride,
     const int* __restrict__ meta, int n_used,
@@ -495,10 +496,12 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
         }
         __syncwarp();  // every lane has read this stage before the next iteration refills it
     };
-    if constexpr (NT >= 2) {
+    if constexpr (NT >= 2 && UNROLLED) {
         // rounds of STAGES groups, unrolled so that each stage's offset is a constant, and without a check while
         // every copy of the round is of the warp's groups; then the last ones one at a time. 4-7% faster at two tiles
-        // of x; at one tile, unrolled, the loop took more registers and was 1-4% slower (bench/quant_kernels.md)
+        // of x on the H200; at one tile, unrolled, the loop took more registers and was 1-4% slower. Where a few
+        // experts' two launches share the SMs, the shorter loop below was faster (mma_decode.unrolled_rounds;
+        // bench/quant_kernels.md).
         int group = begin;
         for (; group + 2 * STAGES - 2 < end; group += STAGES)
 #pragma unroll
@@ -535,7 +538,9 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
         if (row >= rows) return;
         const int col = tile * 64 + (e < 2 ? 4 * g + i : 32 + 4 * g + i);
         if constexpr (INT8) y *= bf16_low(sz1[expert * sz1_gs + col]);  // the row's scale
-        const float v = SWIGLU ? y / (1.f + __expf(-y)) * up : y;
+        // a fast reciprocal rather than IEEE division: its 2 ulps of float32 vanish in the bf16 it is rounded to,
+        // and each lane's four divisions at two tiles of x held up the block's last steps (bench/quant_kernels.md)
+        const float v = SWIGLU ? __fdividef(y, 1.f + __expf(-y)) * up : y;
         out[(first + row) * out_stride + col] = to_bf16(v);
     };
     if (warps >= SUMS) {

@@ -44,20 +44,25 @@ SHALLOW_DOWN_EXPERTS = 8
 SHALLOW_DOWN_STAGES = 3
 SHALLOWEST_DOWN_FROM = 5
 SHALLOWEST_DOWN_STAGES = 2
+# At two tiles of x (9-16 rows) a warp walks its groups in unrolled rounds of the ring's stages (mma_decode.cu), except
+# in launches over these numbers of experts, whose one-group loop, less than half the code, was faster on the H100:
+# the FFN 2.9% at 8 x 9-16, 1.5% at 12 x 16 and 1.2% at 16 x 16, where it was 1.7% slower at 4 x 16 and 0.5-0.8% at
+# 64 x 16 and 128 x 16 (bench/quant_kernels.md)
+ONE_GROUP_LOOP_EXPERTS = range(5, 17)
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
 _BLOCK_WARPS = 16  # warps x tiles of x in a block at most: the kernel's launch bounds (512 / tiles threads)
 _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
 
 
 @functools.cache
-def _kernel(x_tiles: int, swiglu: bool, stages: int, one_row: bool, int8: bool, device: torch.device):
+def _kernel(x_tiles: int, swiglu: bool, stages: int, one_row: bool, int8: bool, unrolled: bool, device: torch.device):
     """The compiled kernel as cupy's Function, which keeps its module loaded: its ptr is the CUfunction. one_row:
-    for launches of at most one row of x per expert."""
+    for launches of at most one row of x per expert; unrolled: as unrolled_rounds says."""
     try:
         import cupy
     except ImportError as e:
         raise ImportError("int4 experts on a GPU, and int8's down, need cupy (pip install 'tierserve[gpu]')") from e
-    flags = ", ".join("true" if f else "false" for f in (one_row, int8))
+    flags = ", ".join("true" if f else "false" for f in (one_row, int8, unrolled))
     name = f"quant_decode<{x_tiles}, {'true' if swiglu else 'false'}, {stages}, {flags}>"
     with cupy.cuda.Device(device.index):
         module = cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17",), name_expressions=[name])
@@ -156,6 +161,11 @@ def ring_stages(n: int, used: int, swiglu: bool, x_tiles: int, int8: bool = Fals
     return STAGES
 
 
+def unrolled_rounds(used: int, x_tiles: int) -> bool:
+    """Whether a launch over `used` experts walks each warp's groups in unrolled rounds of the ring's stages."""
+    return x_tiles >= 2 and used not in ONE_GROUP_LOOP_EXPERTS
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -230,7 +240,7 @@ def decode(x: torch.Tensor, w1: Int4Matrix | Int8Matrix, w2: Int4Matrix | Int8Ma
     if n_used == 0:
         return
     device = x.device
-    x_tiles, stages, threads, shared_bytes, k_warps = _launch_shape(
+    x_tiles, stages, unrolled, threads, shared_bytes, k_warps = _launch_shape(
         n, k, min(used_at_most, n_used), swiglu, rows_at_most, k_warps, int8, device)
     # weights (and int4's (scale, zero) pairs) are copied 16 bytes at a time; int8's rows, k bytes apart, are so
     # by `takes`
@@ -246,7 +256,7 @@ def decode(x: torch.Tensor, w1: Int4Matrix | Int8Matrix, w2: Int4Matrix | Int8Ma
     a.p1, a.sz1, a.p2, a.sz2 = p1.data_ptr(), sz1.data_ptr(), p2.data_ptr(), sz2.data_ptr()
     a.p1_gs, a.sz1_gs, a.p2_gs, a.sz2_gs = p1.stride(0), sz1.stride(0), p2.stride(0), sz2.stride(0)
     a.n, a.k, a.k_warps, a.dependent = n, k, k_warps, dependent
-    kernel = _kernel(x_tiles, swiglu, stages, rows_at_most == 1, int8, device).ptr
+    kernel = _kernel(x_tiles, swiglu, stages, rows_at_most == 1, int8, unrolled, device).ptr
     stream = torch._C._cuda_getCurrentRawStream(device.index)
     if dependent:
         config = _dependent_launch.config
@@ -263,8 +273,9 @@ def decode(x: torch.Tensor, w1: Int4Matrix | Int8Matrix, w2: Int4Matrix | Int8Ma
 
 @functools.cache  # every launch asks: a decode step makes a few a layer
 def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_warps: int | None, int8: bool,
-                  device: torch.device) -> tuple[int, int, int, int, int]:
-    """(8-row tiles of x, ring stages, threads a block, its shared bytes, warps cutting K) of a launch."""
+                  device: torch.device) -> tuple[int, int, bool, int, int, int]:
+    """(8-row tiles of x, ring stages, unrolled rounds, threads a block, its shared bytes, warps cutting K) of a
+    launch."""
     assert takes(n, k), f"the kernel takes rows in tiles of {INT4_ROW_TILE} and columns in groups of 32, not {n, k}"
     x_tiles = _x_tiles(rows_at_most)
     stages = ring_stages(n, used, swiglu, x_tiles, int8)
@@ -274,4 +285,4 @@ def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_
     shared_bytes = _shared_bytes(warps, x_tiles, stages, int8)
     assert shared_bytes <= _shared_limit(device), \
         f"{warps} warps' rings need more shared memory than a block gets on this GPU"
-    return x_tiles, stages, 32 * warps, shared_bytes, k_warps
+    return x_tiles, stages, unrolled_rounds(used, x_tiles), 32 * warps, shared_bytes, k_warps

@@ -150,7 +150,7 @@ def test_many_experts_decode(qk, fmt):
 def test_int4_gate_up_of_a_deeper_ring_matches_the_reference(qk, rows_each, monkeypatch):
     """gate/up over every expert of a large model takes a deeper ring (mma_decode.ring_stages), here from any launch,
     at one tile of x and at two: Qwen3-30B-A3B's shapes, 4 warps cutting K, each walking 16 groups of it, so that the
-    ring wraps (and at two tiles its unrolled rounds run)."""
+    ring wraps (and at two tiles its unrolled rounds run, which these 12 experts would otherwise not take)."""
     least, spread = rows_each
     f, h = GATE
     gate, up, down = random_regions("int4", 24, [(f, h), (f, h), (h, f)], DEVICE, seed=31)
@@ -158,6 +158,7 @@ def test_int4_gate_up_of_a_deeper_ring_matches_the_reference(qk, rows_each, monk
     counts = [least + g % spread for g in groups]
     needs_int4_decode("int4", counts)
     monkeypatch.setattr(mma_decode, "DEEP_RING_BLOCKS", 1)
+    monkeypatch.setattr(mma_decode, "ONE_GROUP_LOOP_EXPERTS", range(0))
     x_tiles = mma_decode._x_tiles(max(counts))
     assert mma_decode.ring_stages(f, len(groups), True, x_tiles) == mma_decode.DEEP_STAGES[x_tiles - 1]
     mma_decode._launch_shape.cache_clear()  # shapes sized before the threshold moved
@@ -225,20 +226,30 @@ def test_decode_with_down_launched_as_a_dependent(qk, strided, formats, counts):
     assert torch.equal(down_launched_after(qk, x, gate, up, down, qk.plan_groups(groups, counts, DEVICE)), y)
 
 
-def test_int4_down_of_a_few_experts_at_two_x_tiles_on_the_shallowest_ring(qk):
+@pytest.mark.parametrize("unrolled", [False, True], ids=["one-group-loop", "unrolled-rounds"])
+def test_int4_down_of_a_few_experts_at_two_x_tiles_on_the_shallowest_ring(qk, unrolled, monkeypatch):
     """8 experts of 9-16 rows: int4's down takes a 2-stage ring (mma_decode.ring_stages), where each warp walks 3
-    groups of K, so that its unrolled round and the group after it both run. Launched as a dependent of gate/up it
-    gives the reference's rows and the bits of a launch that starts after."""
+    groups of K, one at a time as 8 experts do, or (as 4 or 64 experts would) in an unrolled round and the group
+    after it. Launched as a dependent of gate/up it gives the reference's rows and the bits of a launch that starts
+    after."""
+    if unrolled:
+        monkeypatch.setattr(mma_decode, "ONE_GROUP_LOOP_EXPERTS", range(0))
+    assert mma_decode.unrolled_rounds(8, 2) == unrolled
+    mma_decode._launch_shape.cache_clear()  # shapes sized with the other loop
     f, h = GATE
     gate, up, down = random_regions("int4", 8, [(f, h), (f, h), (h, f)], DEVICE, seed=41)
     groups = list(range(8))
     counts = [9 + g for g in groups]
     needs_int4_decode("int4", counts)
     assert mma_decode.ring_stages(h, len(groups), False, 2) == mma_decode.SHALLOWEST_DOWN_STAGES
-    x = rows(counts, h, seed=42)
-    y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
+    try:
+        x = rows(counts, h, seed=42)
+        y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
+        launched_after = down_launched_after(qk, x, gate, up, down, qk.plan_groups(groups, counts, DEVICE))
+    finally:
+        mma_decode._launch_shape.cache_clear()
     assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
-    assert torch.equal(down_launched_after(qk, x, gate, up, down, qk.plan_groups(groups, counts, DEVICE)), y)
+    assert torch.equal(launched_after, y)
 
 
 @pytest.mark.parametrize("gate_up_fmt, dims, used, rows_each, on_mma", [

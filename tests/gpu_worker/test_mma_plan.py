@@ -7,6 +7,7 @@ import pytest
 
 from gpu_worker.mma_decode import (
     DEEP_STAGES,
+    ONE_GROUP_LOOP_EXPERTS,
     SHALLOW_DOWN_STAGES,
     SHALLOWEST_DOWN_FROM,
     SHALLOWEST_DOWN_STAGES,
@@ -15,6 +16,7 @@ from gpu_worker.mma_decode import (
     _x_tiles,
     plan_k_warps,
     ring_stages,
+    unrolled_rounds,
 )
 
 H200 = (132, 227 * 1024)  # SMs, shared memory a block may opt into
@@ -60,6 +62,14 @@ def test_only_int4_down_of_a_few_experts_takes_the_shallower_ring():
     assert ring_stages(2048, 8, False, 1, int8=True) == ring_stages(2048, 8, False, 2, int8=True) == STAGES
     assert ring_stages(2048, 9, False, 1) == ring_stages(2048, 9, False, 2) == STAGES
     assert ring_stages(768, 8, True, 1) == ring_stages(768, 8, True, 2) == STAGES
+
+
+def test_unrolled_rounds_only_at_two_tiles_outside_a_few_experts():
+    """One tile of x always walks one group at a time; two tiles do so over 5-16 experts (8 x 9-16 among them) and
+    in unrolled rounds below and above."""
+    assert not unrolled_rounds(8, 1) and not unrolled_rounds(128, 1)
+    assert [used for used in range(1, 129) if not unrolled_rounds(used, 2)] == list(ONE_GROUP_LOOP_EXPERTS)
+    assert 8 in ONE_GROUP_LOOP_EXPERTS and 4 not in ONE_GROUP_LOOP_EXPERTS and 64 not in ONE_GROUP_LOOP_EXPERTS
 
 
 def test_int8_rings_take_more_shared_memory():
