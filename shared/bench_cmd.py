@@ -16,6 +16,7 @@ See bench/README.md for what each figure means.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -361,6 +362,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_sweep and args.endpoint:
         cli.error("--budget-sweep starts the system once per budget, so it cannot measure the one at --endpoint")
     out = Path(args.out or Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    # what would fail only after the measurements, which take minutes, fails before them
+    made_out = not out.exists()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        cli.error(f"argument --out: cannot make the results directory {out}: {e.strerror}")
+    if args.llama_cpp:
+        try:
+            bench_llama.find_llama_bench(args.llama_cpp)
+        except FileNotFoundError as e:
+            cli.error(f"argument --llama-cpp: {e}")
     try:
         if args.endpoint:  # before the machine is measured; a bench's own client waits up to TIMEOUT_S
             with Client(args.endpoint, timeout_s=ENDPOINT_CHECK_S) as client:
@@ -368,6 +380,9 @@ def main(argv: list[str] | None = None) -> int:
         results = bench(args, out)
     except (ModelError, ServerError, RuntimeError, OSError, zmq.ZMQError) as e:  # OSError: TimeoutError too
         print(f"tierserve bench: error: {e}", file=sys.stderr)
+        if made_out:  # only if nothing was written in it
+            with contextlib.suppress(OSError):
+                out.rmdir()
         return 1
     written = write_results(results, out)
     print(markdown(results))

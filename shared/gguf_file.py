@@ -81,7 +81,11 @@ class GGUFModel:
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
+        if not os.fspath(path):  # Path("") would be the current directory
+            raise ModelError("no model given: name a GGUF file with --model or `model` in the config file")
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ModelError(f"{self.path}: a directory, not a model file")
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such model file")
         self.file_size = self.path.stat().st_size

@@ -300,10 +300,26 @@ def test_flags_a_run_cannot_use_are_refused_before_anything_is_measured(capsys, 
     assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_an_out_or_llama_cpp_that_cannot_be_used_is_refused_before_anything_is_measured(capsys, tmp_path):
+    """--out naming a file and --llama-cpp naming no build failed only after the measurements."""
+    taken = tmp_path / "results"
+    taken.write_text("not a directory")
+    for args, message in [(["--out", str(taken)], f"argument --out: cannot make the results directory {taken}"),
+                          (["--out", str(tmp_path / "r"), "--llama-cpp", str(tmp_path)],
+                           f"argument --llama-cpp: no llama-bench in {tmp_path}")]:
+        with pytest.raises(SystemExit) as exit_:
+            bench_main(["--preset", "tiny", "--quick", *args])
+        err = capsys.readouterr().err
+        assert exit_.value.code == 2 and message in err and "measuring this machine" not in err
+
+
 @pytest.mark.parametrize(("endpoint", "message"), [("127.0.0.1:5555", "Invalid argument"), (None, "no answer from")])
-def test_an_endpoint_with_no_system_to_measure_is_named_before_anything_is_measured(capsys, endpoint, message):
+def test_an_endpoint_with_no_system_to_measure_is_named_before_anything_is_measured(capsys, tmp_path, endpoint,
+                                                                                    message):
     """A malformed one ended in a ZMQError traceback; one nobody serves was waited on for 15 minutes."""
     endpoint = endpoint or f"tcp://127.0.0.1:{free_tcp_port()}"
-    assert bench_main(["--preset", "tiny", "--quick", "--endpoint", endpoint]) == 1
+    out = tmp_path / "results"
+    assert bench_main(["--preset", "tiny", "--quick", "--endpoint", endpoint, "--out", str(out)]) == 1
+    assert not out.exists()  # made before anything was measured, and removed, empty, with the error
     err = capsys.readouterr().err
     assert "tierserve bench: error:" in err and message in err and "measuring this machine" not in err

@@ -406,6 +406,14 @@ def test_missing_file(tmp_path):
         GGUFModel(tmp_path / "nope.gguf")
 
 
+def test_no_model_or_a_directory_is_named_as_such(tmp_path):
+    """An unset model (the config's empty string) was reported as ".: no such model file"."""
+    with pytest.raises(ModelError, match="^no model given: name a GGUF file with --model"):
+        GGUFModel("")
+    with pytest.raises(ModelError, match="a directory, not a model file"):
+        GGUFModel(tmp_path)
+
+
 def test_float_experts_are_zero_copy_views_of_the_file(tmp_path):
     cfg = tiny_config()
     tensors = random_tensors(cfg)
