@@ -50,6 +50,25 @@ def test_the_series_of_a_panel_have_legends_of_their_own():
     assert not alike, alike
 
 
+def test_a_legend_names_only_labels_its_query_keeps():
+    """A legend of labels that an aggregation removed shows nothing: the token panels' sum() series had empty
+    legends. Where a query aggregates, its legend may name only the labels of its `by` clauses (histogram_quantile
+    takes `le`)."""
+    dashboard = json.loads((ROOT / "grafana" / "tierserve-dashboard.json").read_text())
+    aggregation = re.compile(r"\b(?:sum|avg|min|max|count)\s*(?:by\s*\(([^)]*)\))?\s*\(")
+    lost = []
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            clauses = aggregation.findall(target["expr"])
+            if not clauses:
+                continue
+            kept = {label.strip() for clause in clauses for label in clause.split(",") if label.strip()} - {"le"}
+            named = set(re.findall(r"{{\s*(\w+)\s*}}", target["legendFormat"]))
+            if named - kept:
+                lost.append((panel["title"], target["refId"], sorted(named - kept)))
+    assert not lost, lost
+
+
 def test_the_member_units_do_not_restart_a_process_another_took_its_member_id_over_from():
     """Restarted, it would take the id back, and the other would stop in turn, for ever."""
     for unit in ("tierserve-gpu-worker.service", "tierserve-expert-host@.service"):
