@@ -13,6 +13,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import NamedTuple
 
 from gpu_worker.kv_blocks import KVBlockAllocator
 
@@ -97,6 +98,14 @@ class ScheduledBatch:
         return sum(len(c.token_ids) for c in self.chunks)
 
 
+class Refusal(NamedTuple):
+    """Why a request could never run, as the error its client gets: invalid_request for values no cache could take,
+    context_exceeded for a request too long for this one."""
+
+    code: str
+    message: str
+
+
 class Scheduler:
     def __init__(self, allocator: KVBlockAllocator, max_batch_tokens: int, max_running: int, prefill_chunk: int,
                  max_context: int) -> None:
@@ -131,26 +140,29 @@ class Scheduler:
         """The longest prompt + output the sequence may reach: what its KV reservation covers."""
         return min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_context)
 
-    def never_fits(self, seq: Sequence) -> str | None:
+    def never_fits(self, seq: Sequence) -> Refusal | None:
         """Why the sequence could never run, or None: it needs a prompt, room for at least one new token, and a
         reservation that fits in an empty cache. One that does not would wait forever, so the service refuses it."""
         prompt = seq.num_prompt_tokens
         if prompt == 0:
-            return "the prompt is empty"
-        if prompt >= self.max_context:
-            return f"a prompt of {prompt} tokens leaves no room in the context of {self.max_context}"
+            return Refusal("invalid_request", "the prompt is empty")
         if seq.params.max_tokens < 1:
-            return f"max_tokens is {seq.params.max_tokens}, not at least 1"
+            return Refusal("invalid_request", f"max_tokens is {seq.params.max_tokens}, not at least 1")
+        if prompt >= self.max_context:
+            return Refusal("context_exceeded",
+                           f"a prompt of {prompt} tokens leaves no room in the context of {self.max_context}")
         blocks, block_size = self.allocator.blocks_needed(self.max_len(seq)), self.allocator.block_size
         if blocks > self.allocator.num_blocks:
-            return (f"a prompt of {prompt} tokens plus max_tokens {seq.params.max_tokens} needs {blocks} KV blocks of "
-                    f"{block_size} tokens, more than the cache's {self.allocator.num_blocks} "
-                    f"({self.allocator.num_blocks * block_size} tokens)")
+            return Refusal("context_exceeded",
+                           f"a prompt of {prompt} tokens plus max_tokens {seq.params.max_tokens} needs {blocks} KV "
+                           f"blocks of {block_size} tokens, more than the cache's {self.allocator.num_blocks} "
+                           f"({self.allocator.num_blocks * block_size} tokens)")
         return None
 
     def add(self, seq: Sequence) -> None:
-        if (why := self.never_fits(seq)) is not None:
-            raise ValueError(f"request {seq.request_id} can never run ({why}); check never_fits before adding")
+        if (refusal := self.never_fits(seq)) is not None:
+            raise ValueError(f"request {seq.request_id} can never run ({refusal.message}); check never_fits before "
+                             f"adding")
         seq.status = SequenceStatus.WAITING
         self.waiting.append(seq)
 

@@ -522,8 +522,8 @@ def handle_engine_message(engine: Engine, frames: list, send: Callable[[Message]
                              member_id=MEMBER_ID))
             return
         seq = to_sequence(msg)
-        if (why := engine.scheduler.never_fits(seq)) is not None:
-            send(EngineError(request_id=msg.request_id, code="context_exceeded", message=why))
+        if (refusal := engine.scheduler.never_fits(seq)) is not None:
+            send(EngineError(request_id=msg.request_id, code=refusal.code, message=refusal.message))
             return
         engine.scheduler.add(seq)
         engine.update_gauges()

@@ -206,15 +206,17 @@ def test_reservation_is_capped_at_max_context_and_length_finishes_there():
 
 
 def test_what_could_never_run_is_refused_saying_which_limit():
-    """The worker's refusal reached clients as one fixed sentence about the KV cache, whatever the limit was."""
+    """The worker's refusal reached clients as one fixed sentence about the KV cache, whatever the limit was; an
+    empty prompt or max_tokens 0, which no cache could take, were refused as context_exceeded too."""
     sched = make_scheduler(num_blocks=4, block_size=4, max_context=64)
     assert sched.never_fits(make_seq("ok", 10, max_tokens=6)) is None
-    assert sched.never_fits(make_seq("too-big", 10, max_tokens=7)) == (  # 17 tokens > 16 slots
+    assert sched.never_fits(make_seq("too-big", 10, max_tokens=7)) == ("context_exceeded",  # 17 tokens > 16 slots
         "a prompt of 10 tokens plus max_tokens 7 needs 5 KV blocks of 4 tokens, more than the cache's 4 (16 tokens)")
-    assert sched.never_fits(make_seq("empty", 0)) == "the prompt is empty"
-    assert sched.never_fits(make_seq("no-tokens", 3, max_tokens=0)) == "max_tokens is 0, not at least 1"
+    assert sched.never_fits(make_seq("empty", 0)) == ("invalid_request", "the prompt is empty")
+    assert sched.never_fits(make_seq("no-tokens", 3, max_tokens=0)) == (
+        "invalid_request", "max_tokens is 0, not at least 1")
     assert make_scheduler(max_context=10).never_fits(make_seq("full-context", 10)) == (
-        "a prompt of 10 tokens leaves no room in the context of 10")
+        "context_exceeded", "a prompt of 10 tokens leaves no room in the context of 10")
     with pytest.raises(ValueError, match="can never run"):
         sched.add(make_seq("too-big", 10, max_tokens=7))
     assert not sched.has_work()
