@@ -532,14 +532,13 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
     __syncthreads();
     const auto finish = [&](float y, float up, int i, int nt, int e) {  // accumulator (i, nt, e) of this lane
         const int row = nt * 8 + 2 * t + (e & 1);
-        // rows past the last are not written, nor computed: their zero sums sent SwiGLU's IEEE division to its
-        // slow path (its operand check takes a zero numerator to a subroutine) in nearly every warp, 0.24 us of one
-        // token's 14.3 us FFN on the H100 (bench/quant_kernels.md)
+        // rows past the last are not written, nor computed (their zero sums once sent SwiGLU's IEEE division to its
+        // slow path in nearly every warp, 0.24 us of one token's 14.3 us FFN on the H100: bench/quant_kernels.md)
         if (row >= rows) return;
         const int col = tile * 64 + (e < 2 ? 4 * g + i : 32 + 4 * g + i);
         if constexpr (INT8) y *= bf16_low(sz1[expert * sz1_gs + col]);  // the row's scale
-        // a fast reciprocal rather than IEEE division: its 2 ulps of float32 vanish in the bf16 it is rounded to,
-        // and each lane's four divisions at two tiles of x held up the block's last steps (bench/quant_kernels.md)
+        // a fast reciprocal rather than IEEE division, whose four a lane at two tiles of x held up the block's last
+        // steps: within 2 ulps of float32, it moved a few outputs by one or two bf16 steps (bench/quant_kernels.md)
         const float v = SWIGLU ? __fdividef(y, 1.f + __expf(-y)) * up : y;
         out[(first + row) * out_stride + col] = to_bf16(v);
     };

@@ -45,7 +45,7 @@ SHALLOW_DOWN_STAGES = 3
 SHALLOWEST_DOWN_FROM = 5
 SHALLOWEST_DOWN_STAGES = 2
 # At two tiles of x (9-16 rows) a warp walks its groups in unrolled rounds of the ring's stages (mma_decode.cu), except
-# in launches over these numbers of experts, whose one-group loop, less than half the code, was faster on the H100:
+# in launches over these numbers of experts, whose one-group loop, two thirds of the code, was faster on the H100:
 # the FFN 2.9% at 8 x 9-16, 1.5% at 12 x 16 and 1.2% at 16 x 16, where it was 1.7% slower at 4 x 16 and 0.5-0.8% at
 # 64 x 16 and 128 x 16 (bench/quant_kernels.md)
 ONE_GROUP_LOOP_EXPERTS = range(5, 17)

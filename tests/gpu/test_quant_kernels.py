@@ -146,11 +146,12 @@ def test_many_experts_decode(qk, fmt):
     assert worst_row_error(y, reference_swiglu(x, gate, up, down, groups, counts)) < TOLERANCE
 
 
-@pytest.mark.parametrize("rows_each", [(1, 3), (9, 8)], ids=["one-x-tile", "two-x-tiles"])
-def test_int4_gate_up_of_a_deeper_ring_matches_the_reference(qk, rows_each, monkeypatch):
+@pytest.mark.parametrize("rows_each, unrolled", [((1, 3), False), ((9, 8), False), ((9, 8), True)],
+                         ids=["one-x-tile", "two-x-tiles", "two-x-tiles-unrolled"])
+def test_int4_gate_up_of_a_deeper_ring_matches_the_reference(qk, rows_each, unrolled, monkeypatch):
     """gate/up over every expert of a large model takes a deeper ring (mma_decode.ring_stages), here from any launch,
     at one tile of x and at two: Qwen3-30B-A3B's shapes, 4 warps cutting K, each walking 16 groups of it, so that the
-    ring wraps (and at two tiles its unrolled rounds run, which these 12 experts would otherwise not take)."""
+    ring wraps; at two tiles one group at a time, as these 12 experts take it, and in unrolled rounds, as more would."""
     least, spread = rows_each
     f, h = GATE
     gate, up, down = random_regions("int4", 24, [(f, h), (f, h), (h, f)], DEVICE, seed=31)
@@ -158,9 +159,11 @@ def test_int4_gate_up_of_a_deeper_ring_matches_the_reference(qk, rows_each, monk
     counts = [least + g % spread for g in groups]
     needs_int4_decode("int4", counts)
     monkeypatch.setattr(mma_decode, "DEEP_RING_BLOCKS", 1)
-    monkeypatch.setattr(mma_decode, "ONE_GROUP_LOOP_EXPERTS", range(0))
+    if unrolled:
+        monkeypatch.setattr(mma_decode, "ONE_GROUP_LOOP_EXPERTS", range(0))
     x_tiles = mma_decode._x_tiles(max(counts))
     assert mma_decode.ring_stages(f, len(groups), True, x_tiles) == mma_decode.DEEP_STAGES[x_tiles - 1]
+    assert mma_decode.unrolled_rounds(len(groups), x_tiles) == unrolled
     mma_decode._launch_shape.cache_clear()  # shapes sized before the threshold moved
     try:
         x = rows(counts, h, seed=32)
