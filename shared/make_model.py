@@ -17,10 +17,10 @@ import os
 import shutil
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,8 @@ class MakeStats:
     path: str
     bytes: int
     seconds: float
+    # matrices stored in a fallback type (storage_type) because their rows do not split into the dtype's blocks
+    fallbacks: dict[str, int] = field(default_factory=dict)
 
 
 def preset_config(preset: str, arch: str | None = None) -> tuple[ModelConfig, float]:
@@ -177,7 +179,9 @@ def make_model(
         raise
     if progress:
         progress(written, total, time.monotonic() - start)
-    return MakeStats(os.fspath(path), Path(path).stat().st_size, time.monotonic() - start)
+    fallbacks = Counter(q.name for _, shape, q in tensors
+                        if len(shape) > 1 and q in (Q.Q4_0, Q.F16) and q != DTYPES[dtype][0])
+    return MakeStats(os.fspath(path), Path(path).stat().st_size, time.monotonic() - start, dict(fallbacks))
 
 
 def _write(writer: GGUFModelWriter, unit: Future) -> int:
@@ -228,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"wrote {stats.path}: {stats.bytes} bytes in {stats.seconds:.1f} s "
           f"({stats.bytes / max(stats.seconds, 1e-9) / 1e6:.0f} MB/s)")
+    if stats.fallbacks:  # the file's type still says the dtype asked for
+        stored = ", ".join(f"{n} are stored as {name}" for name, n in stats.fallbacks.items())
+        print(f"make-model: note: the {args.preset} preset's rows do not split into {args.dtype}'s blocks, so of its "
+              f"matrices {stored} (the file's type still says {args.dtype}; the small preset's rows split into every "
+              f"dtype's blocks)", file=sys.stderr)
     return 0
 
 

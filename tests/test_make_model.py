@@ -61,6 +61,17 @@ def test_k_quant_rows_of_256_are_stored_as_q4_k_and_run(tmp_path):
     assert torch.isfinite(ReferenceModel(model).forward(list(range(10)))).all()
 
 
+def test_a_k_quant_of_the_tiny_preset_says_which_matrices_fell_back(tmp_path, capsys):
+    """Its 32-value rows were written as Q4_0 under a file type of q4_k with no word said; the small preset's rows
+    split into 256-value blocks, and a q4_0 file's Q4_0 is no fallback."""
+    assert main([str(tmp_path / "k.gguf"), "--dtype", "q4_k"]) == 0
+    assert "the tiny preset's rows do not split into q4_k's blocks, so of its matrices" in capsys.readouterr().err
+    assert make_model(tmp_path / "k.gguf", preset="tiny", dtype="q4_k").fallbacks.keys() == {"Q4_0"}
+    assert make_model(tmp_path / "s.gguf", preset="small", dtype="q4_k").fallbacks == {}
+    assert main([str(tmp_path / "q.gguf"), "--dtype", "q4_0"]) == 0
+    assert "note" not in capsys.readouterr().err
+
+
 def test_q4_k_m_stores_the_down_experts_of_llama_cpps_more_bits_layers_as_q6_k(tmp_path):
     """llama.cpp's use_more_bits over 4 layers: layer 2 ((2 - 0) % 3 == 2) and layer 3 (the last eighth, rounded);
     their Q6_K values have the spread of the Q4_K ones beside them."""
