@@ -42,6 +42,7 @@ from shared.make_model import ARCHS, DTYPES, PRESETS, make_model
 from shared.memory_use import UsedMemoryPeak
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelConfig, ModelError, expert_tensor_name
 from shared.process import worker_device, worker_dtype
+from shared.protocol import HealthReply
 from shared.tokenizer import Tokenizer
 
 CONCURRENCY = (1, 4, 16)
@@ -215,6 +216,11 @@ def machine_info(machine: bench_limits.Machine) -> dict[str, Any]:
             "device_flops": machine.device_flops, "device_bytes_per_param": machine.device_bytes_per_param}
 
 
+def served_model(health: HealthReply) -> str:
+    """The identity (GGUFModel.identity) of the model a running system's coordinator serves."""
+    return next(m["model"] for m in health.members if m["role"] == "coordinator")
+
+
 def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     """Measures, writing what it has under `out` after each stage, so a run cut short (a long llama.cpp
     comparison, say) keeps the figures already measured."""
@@ -222,6 +228,9 @@ def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
     path = Path(args.model) if args.model else preset_model(Path(args.cache_dir), args.preset, args.arch,
                                                             args.dtype or "f32", args.routing_skew)
     model = GGUFModel(path)
+    if args.endpoint and model.identity != args.served_model:  # its figures would be filed under this model's facts
+        raise ModelError(f"the system at {args.endpoint} serves another model ({args.served_model}) than {path} "
+                         f"({model.identity})")
     options = system_options(args)
     # a running system's configuration is its own: the bench can only assume the defaults
     facts = model_facts(model, Config() if args.endpoint else system_config(path, options))
@@ -376,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.endpoint:  # before the machine is measured; a bench's own client waits up to TIMEOUT_S
             with Client(args.endpoint, timeout_s=ENDPOINT_CHECK_S) as client:
-                client.health()
+                args.served_model = served_model(client.health())
         results = bench(args, out)
     except (ModelError, ServerError, RuntimeError, OSError, zmq.ZMQError) as e:  # OSError: TimeoutError too
         print(f"tierserve bench: error: {e}", file=sys.stderr)

@@ -18,7 +18,7 @@ from shared.bench_report import cost_model_table
 from shared.cli import main as tierserve
 from shared.config import Config
 from shared.gguf_file import GGUFModel
-from shared.launcher import free_tcp_port
+from shared.launcher import RunningSystem, free_tcp_port
 from shared.make_model import make_model
 from shared.protocol import HealthReply
 
@@ -311,6 +311,19 @@ def test_an_out_or_llama_cpp_that_cannot_be_used_is_refused_before_anything_is_m
             bench_main(["--preset", "tiny", "--quick", *args])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and "measuring this machine" not in err
+
+
+def test_an_endpoint_serving_another_model_is_named_before_anything_is_measured(capsys, tmp_path):
+    """The running system's figures were filed under --model's facts, whatever model it served."""
+    served, other = tmp_path / "served.gguf", tmp_path / "other.gguf"
+    make_model(served, preset="tiny", seed=0)
+    make_model(other, preset="tiny", seed=1)
+    with RunningSystem(str(served), "--expert-hosts", "0", "--hot-experts", "8", "--device", "cpu") as system:
+        assert bench_main(["--model", str(other), "--quick", "--endpoint", system.endpoint,
+                           "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert f"serves another model ({GGUFModel(served).identity}) than {other}" in err
+    assert "measuring this machine" not in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize(("endpoint", "message"), [("127.0.0.1:5555", "Invalid argument"), (None, "no answer from")])
