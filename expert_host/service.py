@@ -15,7 +15,7 @@ from prometheus_client import Counter, Gauge, Histogram
 from expert_host.memory import HostMemoryError
 from expert_host.store import ExpertStore
 from shared.config import Config, add_config_arguments, config_from_args
-from shared.expert_cache import CacheError
+from shared.expert_cache import CacheError, ConversionStopped
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.mailbox import ORDERED_STORES, Backoff, Mailbox, MailboxError, remove_mailbox
@@ -118,10 +118,13 @@ def serve(config: Config, host_index: int) -> int:
     if metrics_port is None or model is None:
         return 1
     try:
-        store = ExpertStore.from_config(open_expert_source(model, config), host_index, config)
+        store = ExpertStore.from_config(open_expert_source(model, config, lambda: stop.stopping), host_index, config)
     except (HostMemoryError, ModelError, OSError) as e:
         log.error("cannot start: %s", e)
         return 1
+    except ConversionStopped as e:
+        log.info("told to stop while converting the expert cache (%s): it converts at the next start", e)
+        return stop.exit_status
     if any(store.source.format(layer) != "float" for layer in range(model.config.n_layers)):
         load_library()  # the native kernel's build (once per machine) before the first work item, not during it
     ctx = zmq.Context()

@@ -25,7 +25,7 @@ from gpu_worker.scheduler import SamplingParams, Scheduler, Sequence
 from gpu_worker.soft_pool import SoftPool, slot_nbytes
 from gpu_worker.step_profile import StepProfile, section
 from shared.config import Config, add_config_arguments, config_from_args
-from shared.expert_cache import CacheError
+from shared.expert_cache import CacheError, ConversionStopped
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.memory_use import HostMemoryError, room_above_floor, size_text
@@ -99,7 +99,9 @@ class FailedAfterSampling(Exception):
 class Engine:
     """Model, cache, scheduler and sampler for one placement; no sockets of its own but the data plane."""
 
-    def __init__(self, config: Config, model: GGUFModel, remote: RemoteExperts | None) -> None:
+    def __init__(self, config: Config, model: GGUFModel, remote: RemoteExperts | None,
+                 stopping: Callable[[], bool] = lambda: False) -> None:
+        """stopping: asked while the expert cache converts (ConversionStopped)."""
         self.config, self.model, self.remote = config, model, remote
         self.device = worker_device(config)
         dtype = worker_dtype(config, self.device)
@@ -123,7 +125,7 @@ class Engine:
                                    max_batch_tokens=config.max_batch_tokens, max_running=config.max_running,
                                    prefill_chunk=config.prefill_chunk, max_context=model.config.context_length)
         self.sampler = Sampler()
-        self.experts = open_expert_source(model, config)
+        self.experts = open_expert_source(model, config, stopping)
         self.hot = HotExperts(self.experts, self.device, dtype)
         if config.soft_slots > 0 and not cuda:
             check_soft_slots_fit(config, slot_nbytes(self.experts, dtype))
@@ -387,10 +389,13 @@ def serve(config: Config) -> int:
 
     try:
         try:
-            engine = Engine(config, model, remote)
+            engine = Engine(config, model, remote, lambda: stop.stopping)
         except (HostMemoryError, ModelError, OSError) as e:  # e.g. no room for the KV cache or the expert cache
             log.error("cannot start: %s", e)
             return 1
+        except ConversionStopped as e:
+            log.info("told to stop while converting the expert cache (%s): it converts at the next start", e)
+            return stop.exit_status
         log.info("model %s on %s, metrics on :%d", config.model, engine.device, metrics_port)
         if engine.planner is not None:
             log.info("cold path %s; cost model at start-up: %s", config.cold_path,

@@ -78,6 +78,10 @@ WORKER_NBYTES = 512 << 20
 Progress = Callable[[int, int, int, float], None]  # (layers done, layers, bytes written, seconds)
 
 
+class ConversionStopped(Exception):
+    """The process was told to stop while it converted: nothing of the cache is kept, and the next start converts."""
+
+
 class CacheError(ValueError):
     """An expert cache file that cannot be used (it is rebuilt); the message says why."""
 
@@ -388,12 +392,14 @@ def default_cache_dir() -> Path:
 
 
 def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | None = None,
-                        workers: int | None = None, progress: Progress | None = None) -> ExpertCache | None:
+                        workers: int | None = None, progress: Progress | None = None,
+                        stopping: Callable[[], bool] = lambda: False) -> ExpertCache | None:
     """The model's expert cache, built first if no valid one exists; None when every expert is float.
 
     Looked for (and built) in `directory`, else next to the model, else in the user cache directory
     ($XDG_CACHE_HOME/tierserve/experts). Processes starting together build it once: one holds a lock on
-    `<name>.lock` while it converts, the others wait for it and then map the finished file.
+    `<name>.lock` while it converts, the others wait for it and then map the finished file. A build asks
+    `stopping` after each layer and raises ConversionStopped once it says so.
     """
     layouts = expert_layouts(model)
     if all(layout.format == "float" for layout in layouts):
@@ -421,7 +427,7 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
             print(f"expert cache: {target} {problem}; rebuilding it", file=sys.stderr)
         for stale in target.parent.glob(f"{glob.escape(name)}.tmp*"):  # left by a build that was killed
             stale.unlink(missing_ok=True)
-        _build(model, target, header, layouts, workers, progress or _PrintProgress(), built_from)
+        _build(model, target, header, layouts, workers, progress or _PrintProgress(), built_from, stopping)
         cache = ExpertCache(target, built=True)  # mapped before the lock goes: no other start can remove it first
     # Only while the file is still the content this cache was built from: changed meanwhile (another start may have
     # built the new content's cache already), the other caches may be the current one's.
@@ -566,8 +572,14 @@ def _writable_dir(dirs: list[Path]) -> Path:
 
 
 def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[ExpertLayout],
-           workers: int | None, progress: Progress, built_from: dict[str, Any]) -> None:
+           workers: int | None, progress: Progress, built_from: dict[str, Any], stopping: Callable[[], bool]) -> None:
     """Write the file under a temporary name, layer by layer in parallel, then rename it into place."""
+
+    def layer_done(done: int, written: int) -> None:
+        progress(done, len(jobs), written, time.monotonic() - start)
+        if stopping():  # a stop waits for the layers in progress, not for the whole model (28 s of a 4 GB one)
+            raise ConversionStopped(f"stopped after converting {done} of {len(jobs)} layers")
+
     encoded = _encode_header({**header, BUILT_FROM: built_from})
     data_offset = _data_offset(len(encoded))
     nbytes = data_offset + header["data_nbytes"] + header["digests_nbytes"]
@@ -592,7 +604,7 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
                 for job in jobs:
                     written += _convert_layer(model, fd, *job)
                     done += 1
-                    progress(done, len(jobs), written, time.monotonic() - start)
+                    layer_done(done, written)
             else:
                 # spawn: a forked child of a process that has run torch's thread pool can hang in it
                 with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_worker_init,
@@ -601,7 +613,7 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
                         for future in as_completed([pool.submit(_worker_convert, *job) for job in jobs]):
                             written += future.result()
                             done += 1
-                            progress(done, len(jobs), written, time.monotonic() - start)
+                            layer_done(done, written)
                     except BrokenProcessPool as e:  # most often killed, by the out-of-memory killer
                         pool.shutdown(cancel_futures=True)
                         raise OSError(f"a conversion process ended abruptly ({e}); if the out-of-memory killer took "

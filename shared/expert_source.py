@@ -3,6 +3,8 @@ of the expert cache file. Every process gets its experts through here."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 
@@ -99,6 +101,8 @@ class ExpertSource:
             self.cache.close()
 
 
-def open_expert_source(model: GGUFModel, config: Config) -> ExpertSource:
-    """The model's experts as served, converting its quantized experts into the cache file on first use."""
-    return ExpertSource(model, ensure_expert_cache(model, config.expert_cache_dir or None))
+def open_expert_source(model: GGUFModel, config: Config, stopping: Callable[[], bool] = lambda: False
+                       ) -> ExpertSource:
+    """The model's experts as served, converting its quantized experts into the cache file on first use (given up
+    with ConversionStopped once `stopping` says so)."""
+    return ExpertSource(model, ensure_expert_cache(model, config.expert_cache_dir or None, stopping=stopping))

@@ -25,7 +25,15 @@ from gguf import GGMLQuantizationType as Q
 from shared import expert_cache
 from shared.cli import main as tierserve
 from shared.config import Config
-from shared.expert_cache import _PREFIX, CacheError, ExpertLayout, content_hash, ensure_expert_cache, expert_layouts
+from shared.expert_cache import (
+    _PREFIX,
+    CacheError,
+    ConversionStopped,
+    ExpertLayout,
+    content_hash,
+    ensure_expert_cache,
+    expert_layouts,
+)
 from shared.expert_source import ExpertSource, open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
@@ -186,6 +194,21 @@ def test_a_killed_builds_leftovers_are_removed(models, tmp_path):
     cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)
     memo = next(tmp_path.glob("small-q8_0.*.source-hash")).name
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, f"{name}.lock", memo, f"{memo}.lock"])
+    cache.close()
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["in-process", "conversion-processes"])
+def test_a_build_told_to_stop_ends_with_its_layers_in_progress_and_keeps_nothing(models, tmp_path, workers):
+    """A worker or host told to stop while it converted converted to the end first (28 s of a 4 GB model)."""
+    model = GGUFModel(models["q8_0"])
+    done: list[int] = []
+    with pytest.raises(ConversionStopped, match=f"stopped after converting 1 of {model.config.n_layers} layers"):
+        ensure_expert_cache(model, tmp_path, workers=workers, progress=lambda *p: done.append(p[0]),
+                            stopping=lambda: bool(done))
+    assert done == [1]
+    assert not [p.name for p in tmp_path.iterdir() if ".experts" in p.name and not p.name.endswith(".lock")]
+    cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)  # the next start converts it whole
+    assert cache is not None and not cache.verify()
     cache.close()
 
 
