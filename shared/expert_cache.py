@@ -39,9 +39,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from shared.config import Config
 from shared.expert_math import ExpertWeights
 from shared.gguf_file import ZERO_COPY_TYPES, GGUFModel
-from shared.memory_use import host_memory
+from shared.memory_use import room_above_floor
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_name, tensor_shapes
 from shared.pages import advise, read_only_tensor
 from shared.quant import (
@@ -72,8 +73,10 @@ _PREFIX = struct.Struct("<8sIQ")  # magic, version, length of the JSON header th
 HEADER_MAX_NBYTES = 16 << 20  # a header takes about 1 kB a layer
 HASH_CHUNK = 64 << 20
 BYTES_PER_WORKER = 512 << 20  # by default one conversion process per this much of the cache, one per core at most
-# a conversion process's peak resident memory, rounded up: about 0.4 GB converting a 4096 x 14336 Q6_K matrix
-WORKER_NBYTES = 512 << 20
+# a conversion process's peak resident memory, rounded up: about 0.4 GB converting a 4096 x 14336 Q6_K matrix, and
+# 688 MiB was seen in another build
+WORKER_NBYTES = 768 << 20
+DEFAULT_MEMORY_FLOOR = Config.host_memory_floor
 
 Progress = Callable[[int, int, int, float], None]  # (layers done, layers, bytes written, seconds)
 
@@ -393,13 +396,15 @@ def default_cache_dir() -> Path:
 
 def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | None = None,
                         workers: int | None = None, progress: Progress | None = None,
-                        stopping: Callable[[], bool] = lambda: False) -> ExpertCache | None:
+                        stopping: Callable[[], bool] = lambda: False,
+                        memory_floor: str = DEFAULT_MEMORY_FLOOR) -> ExpertCache | None:
     """The model's expert cache, built first if no valid one exists; None when every expert is float.
 
     Looked for (and built) in `directory`, else next to the model, else in the user cache directory
     ($XDG_CACHE_HOME/tierserve/experts). Processes starting together build it once: one holds a lock on
     `<name>.lock` while it converts, the others wait for it and then map the finished file. A build asks
-    `stopping` after each layer and raises ConversionStopped once it says so.
+    `stopping` after each layer and raises ConversionStopped once it says so; unless `workers` is given, it starts
+    as many conversion processes as fit in the RAM free above `memory_floor` (host_memory_floor's form).
     """
     layouts = expert_layouts(model)
     if all(layout.format == "float" for layout in layouts):
@@ -427,6 +432,8 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
             print(f"expert cache: {target} {problem}; rebuilding it", file=sys.stderr)
         for stale in target.parent.glob(f"{glob.escape(name)}.tmp*"):  # left by a build that was killed
             stale.unlink(missing_ok=True)
+        if workers is None:  # pool processes take a second or two to start: small caches convert faster here
+            workers = _default_workers(header["data_nbytes"], memory_floor)
         _build(model, target, header, layouts, workers, progress or _PrintProgress(), built_from, stopping)
         cache = ExpertCache(target, built=True)  # mapped before the lock goes: no other start can remove it first
     # Only while the file is still the content this cache was built from: changed meanwhile (another start may have
@@ -572,7 +579,7 @@ def _writable_dir(dirs: list[Path]) -> Path:
 
 
 def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[ExpertLayout],
-           workers: int | None, progress: Progress, built_from: dict[str, Any], stopping: Callable[[], bool]) -> None:
+           workers: int, progress: Progress, built_from: dict[str, Any], stopping: Callable[[], bool]) -> None:
     """Write the file under a temporary name, layer by layer in parallel, then rename it into place."""
 
     def layer_done(done: int, written: int) -> None:
@@ -590,8 +597,6 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
     first_digest = _first_digests(header["layer_offsets"], model.config.n_experts)
     jobs = [(layer, layouts[layer], data_offset + offset, digests_offset + first_digest[layer] * DIGEST_NBYTES)
             for layer, offset in enumerate(header["layer_offsets"]) if offset is not None]
-    if workers is None:  # pool processes take a second or two to start: small caches convert faster here
-        workers = _default_workers(header["data_nbytes"])
     workers = max(1, min(workers, len(jobs)))
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     start, done, written = time.monotonic(), 0, 0
@@ -639,10 +644,11 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
     _drop_converted_pages(model, layouts)
 
 
-def _default_workers(data_nbytes: int) -> int:
+def _default_workers(data_nbytes: int, memory_floor: str = DEFAULT_MEMORY_FLOOR) -> int:
     """One conversion process per BYTES_PER_WORKER of the cache, no more than the CPUs this process may run on (a
-    container's cpuset, taskset, a unit's CPUAffinity: not the machine's count) nor than fit in available memory."""
-    by_memory = host_memory().available // WORKER_NBYTES
+    container's cpuset, taskset, a unit's CPUAffinity: not the machine's count) nor than fit in the memory available
+    above `memory_floor`; one at least."""
+    by_memory = room_above_floor(memory_floor)[0] // WORKER_NBYTES
     return max(1, min(len(os.sched_getaffinity(0)), -(-data_nbytes // BYTES_PER_WORKER), by_memory))
 
 

@@ -105,4 +105,5 @@ def open_expert_source(model: GGUFModel, config: Config, stopping: Callable[[], 
                        ) -> ExpertSource:
     """The model's experts as served, converting its quantized experts into the cache file on first use (given up
     with ConversionStopped once `stopping` says so)."""
-    return ExpertSource(model, ensure_expert_cache(model, config.expert_cache_dir or None, stopping=stopping))
+    return ExpertSource(model, ensure_expert_cache(model, config.expert_cache_dir or None, stopping=stopping,
+                                                   memory_floor=config.host_memory_floor))

@@ -27,9 +27,11 @@ from shared.cli import main as tierserve
 from shared.config import Config
 from shared.expert_cache import (
     _PREFIX,
+    WORKER_NBYTES,
     CacheError,
     ConversionStopped,
     ExpertLayout,
+    _default_workers,
     content_hash,
     ensure_expert_cache,
     expert_layouts,
@@ -37,6 +39,7 @@ from shared.expert_cache import (
 from shared.expert_source import ExpertSource, open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
+from shared.memory_use import room_above_floor
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_name
 from shared.quant import Int4Matrix, Int8Matrix, dequantize_matrix, int4_from_blocks, matrix_tensors
 from tests.expert_host.test_migration import page_cache_droppable
@@ -185,6 +188,13 @@ def test_conversion_processes_are_no_more_than_the_cpus_this_process_may_run_on(
             "from shared.expert_cache import _default_workers; print(_default_workers(1 << 40))")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert run.stdout.strip() == "1"
+
+
+def test_conversion_processes_leave_the_host_memory_floor_free():
+    """Sized from MemAvailable alone, they could take the memory the floor keeps for the system and the page cache."""
+    assert _default_workers(1 << 40, "100%") == 1  # nothing above the floor: one process, the least a build needs
+    room = room_above_floor("0B")[0]  # room for one process above a floor this close to what is free
+    assert _default_workers(1 << 40, f"{max(0, room - WORKER_NBYTES)}B") == 1
 
 
 def test_a_killed_builds_leftovers_are_removed(models, tmp_path):
