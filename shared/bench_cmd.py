@@ -16,7 +16,6 @@ See bench/README.md for what each figure means.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import os
 import sys
@@ -216,9 +215,32 @@ def machine_info(machine: bench_limits.Machine) -> dict[str, Any]:
             "device_flops": machine.device_flops, "device_bytes_per_param": machine.device_bytes_per_param}
 
 
-def served_model(health: HealthReply) -> str:
+def served_model(health: HealthReply, endpoint: str) -> str:
     """The identity (GGUFModel.identity) of the model a running system's coordinator serves."""
-    return next(m["model"] for m in health.members if m["role"] == "coordinator")
+    model = next((m.get("model") for m in health.members if isinstance(m, dict) and m.get("role") == "coordinator"),
+                 None)
+    if not isinstance(model, str):
+        raise ModelError(f"the system at {endpoint} does not say which model it serves (no coordinator's model in "
+                         f"its health reply)")
+    return model
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """The directories that making `path` with its parents would create, deepest first."""
+    missing, p = [], path.absolute()
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _remove_empty(made: list[Path]) -> None:
+    """A failed run's results directory and the parents it made, while nothing was written in them."""
+    for d in made:
+        try:
+            d.rmdir()
+        except OSError:
+            return
 
 
 def bench(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -370,29 +392,32 @@ def main(argv: list[str] | None = None) -> int:
         cli.error("--sweep-only needs --budget-sweep")
     if args.budget_sweep and args.endpoint:
         cli.error("--budget-sweep starts the system once per budget, so it cannot measure the one at --endpoint")
-    out = Path(args.out or Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
     # what would fail only after the measurements, which take minutes, fails before them
-    made_out = not out.exists()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        cli.error(f"argument --out: cannot make the results directory {out}: {e.strerror}")
     if args.llama_cpp:
         try:
             bench_llama.find_llama_bench(args.llama_cpp)
         except FileNotFoundError as e:
             cli.error(f"argument --llama-cpp: {e}")
+    out = Path(args.out or Path("results") / datetime.datetime.now().strftime("%Y%m%d-%H%M%S"))
+    made = _missing_dirs(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        cli.error(f"argument --out: cannot make the results directory {out}: {e.strerror}")
+    if not os.access(out, os.W_OK | os.X_OK):
+        cli.error(f"argument --out: cannot write in the results directory {out}")
     try:
         if args.endpoint:  # before the machine is measured; a bench's own client waits up to TIMEOUT_S
             with Client(args.endpoint, timeout_s=ENDPOINT_CHECK_S) as client:
-                args.served_model = served_model(client.health())
+                args.served_model = served_model(client.health(), args.endpoint)
         results = bench(args, out)
     except (ModelError, ServerError, RuntimeError, OSError, zmq.ZMQError) as e:  # OSError: TimeoutError too
         print(f"tierserve bench: error: {e}", file=sys.stderr)
-        if made_out:  # only if nothing was written in it
-            with contextlib.suppress(OSError):
-                out.rmdir()
+        _remove_empty(made)
         return 1
+    except BaseException:  # Ctrl-C
+        _remove_empty(made)
+        raise
     written = write_results(results, out)
     print(markdown(results))
     if not any(name.endswith(".png") for name in written):

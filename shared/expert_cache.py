@@ -428,6 +428,8 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
         problem = _problem(target, header)
         if problem is None:  # built by another process while this one waited
             return ExpertCache(target)
+        if stopping():  # told to stop while it waited for another's build, which gave up for the same reason
+            raise ConversionStopped("stopped before converting")
         if target.exists():
             print(f"expert cache: {target} {problem}; rebuilding it", file=sys.stderr)
         for stale in target.parent.glob(f"{glob.escape(name)}.tmp*"):  # left by a build that was killed
@@ -621,6 +623,8 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
                             layer_done(done, written)
                     except BrokenProcessPool as e:  # most often killed, by the out-of-memory killer
                         pool.shutdown(cancel_futures=True)
+                        if stopping():  # or by a stop sent to the whole process group (Ctrl-C)
+                            raise ConversionStopped(f"stopped after converting {done} of {len(jobs)} layers") from e
                         raise OSError(f"a conversion process ended abruptly ({e}); if the out-of-memory killer took "
                                       f"it, convert with fewer processes (tierserve convert-experts --workers N; "
                                       f"{workers} were running)") from e
@@ -729,6 +733,10 @@ def _worker_init(model_path: str, out_path: str, parent: int) -> None:
     die_with_parent(signal.SIGKILL)
     if os.getppid() != parent:  # it ended before the line above
         os._exit(1)
+    # a stop is the parent's to act on, after the layers in progress: systemd's SIGTERM to every process of the unit,
+    # or a terminal's Ctrl-C to the process group, killed these mid-layer and the parent took them for OOM-killed
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)  # the pool's processes are the parallelism
     _worker = (GGUFModel(model_path), os.open(out_path, os.O_WRONLY))
 
@@ -761,7 +769,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "$XDG_CACHE_HOME/tierserve/experts)")
     parser.add_argument("--workers", type=int, help="conversion processes (default: one per 512 MiB of the cache, "
                                                     "at most one per CPU this process may run on and as many as "
-                                                    "fit in available memory)")
+                                                    "fit, 768 MiB each, in the RAM free above 2 GiB)")
     parser.add_argument("--verify", action="store_true", help="check every expert of an existing cache against "
                                                               "its digest, and rebuild the file if one differs")
     args = parser.parse_args(argv)

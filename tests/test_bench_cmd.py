@@ -9,7 +9,7 @@ import json
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
-from shared.bench_cmd import limits, model_facts, settings, system_config
+from shared.bench_cmd import limits, model_facts, served_model, settings, system_config
 from shared.bench_cmd import main as bench_main
 from shared.bench_limits import Machine, model_traffic
 from shared.bench_load import Timed, latency, prompt_ids
@@ -20,6 +20,7 @@ from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem, free_tcp_port
 from shared.make_model import make_model
+from shared.model_config import ModelError
 from shared.protocol import HealthReply
 
 LAYERS, TOP_K = 4, 2  # the tiny preset
@@ -311,6 +312,7 @@ def test_an_out_or_llama_cpp_that_cannot_be_used_is_refused_before_anything_is_m
             bench_main(["--preset", "tiny", "--quick", *args])
         err = capsys.readouterr().err
         assert exit_.value.code == 2 and message in err and "measuring this machine" not in err
+    assert not (tmp_path / "r").exists()  # --llama-cpp is looked at before --out is made
 
 
 def test_an_endpoint_serving_another_model_is_named_before_anything_is_measured(capsys, tmp_path):
@@ -326,13 +328,21 @@ def test_an_endpoint_serving_another_model_is_named_before_anything_is_measured(
     assert "measuring this machine" not in err and not (tmp_path / "out").exists()
 
 
+def test_a_health_reply_that_names_no_model_is_an_error_not_a_traceback():
+    """A coordinator's member entry without a model (or no coordinator at all) ended in StopIteration or KeyError."""
+    for members in ([{"role": "coordinator"}], [{"role": "gpu_worker", "model": "1 bytes, 00"}], []):
+        with pytest.raises(ModelError, match="at tcp://h:1 does not say which model it serves"):
+            served_model(HealthReply(status="ready", members=members), "tcp://h:1")
+    assert served_model(HealthReply(status="ready", members=[{"role": "coordinator", "model": "m"}]), "x") == "m"
+
+
 @pytest.mark.parametrize(("endpoint", "message"), [("127.0.0.1:5555", "Invalid argument"), (None, "no answer from")])
 def test_an_endpoint_with_no_system_to_measure_is_named_before_anything_is_measured(capsys, tmp_path, endpoint,
                                                                                     message):
     """A malformed one ended in a ZMQError traceback; one nobody serves was waited on for 15 minutes."""
     endpoint = endpoint or f"tcp://127.0.0.1:{free_tcp_port()}"
-    out = tmp_path / "results"
+    out = tmp_path / "new" / "results"
     assert bench_main(["--preset", "tiny", "--quick", "--endpoint", endpoint, "--out", str(out)]) == 1
-    assert not out.exists()  # made before anything was measured, and removed, empty, with the error
+    assert not (tmp_path / "new").exists()  # made before anything was measured, parents too, and removed with the error
     err = capsys.readouterr().err
     assert "tierserve bench: error:" in err and message in err and "measuring this machine" not in err

@@ -55,13 +55,15 @@ def test_a_legend_names_only_labels_its_query_keeps():
     legends. Where a query aggregates, its legend may name only the labels of its `by` clauses (histogram_quantile
     takes `le`)."""
     dashboard = json.loads((ROOT / "grafana" / "tierserve-dashboard.json").read_text())
-    aggregation = re.compile(r"\b(?:sum|avg|min|max|count)\s*(?:by\s*\(([^)]*)\))?\s*\(")
+    aggregation = re.compile(r"\b(?:sum|avg|min|max|count)\s*(?:by\s*\([^)]*\)\s*)?\(")
     lost = []
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
-            clauses = aggregation.findall(target["expr"])
-            if not clauses:
+            expr = target["expr"]
+            if not aggregation.search(expr):
                 continue
+            assert "without" not in expr, f"{panel['title']}: name the labels kept (by), not those dropped"
+            clauses = re.findall(r"\bby\s*\(([^)]*)\)", expr)  # before its aggregation's argument or after it
             kept = {label.strip() for clause in clauses for label in clause.split(",") if label.strip()} - {"le"}
             named = set(re.findall(r"{{\s*(\w+)\s*}}", target["legendFormat"]))
             if named - kept:

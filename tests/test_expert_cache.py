@@ -10,6 +10,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -39,7 +40,6 @@ from shared.expert_cache import (
 from shared.expert_source import ExpertSource, open_expert_source
 from shared.gguf_file import GGUFModel
 from shared.make_model import make_model
-from shared.memory_use import room_above_floor
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_name
 from shared.quant import Int4Matrix, Int8Matrix, dequantize_matrix, int4_from_blocks, matrix_tensors
 from tests.expert_host.test_migration import page_cache_droppable
@@ -190,11 +190,12 @@ def test_conversion_processes_are_no_more_than_the_cpus_this_process_may_run_on(
     assert run.stdout.strip() == "1"
 
 
-def test_conversion_processes_leave_the_host_memory_floor_free():
+def test_conversion_processes_leave_the_host_memory_floor_free(monkeypatch):
     """Sized from MemAvailable alone, they could take the memory the floor keeps for the system and the page cache."""
     assert _default_workers(1 << 40, "100%") == 1  # nothing above the floor: one process, the least a build needs
-    room = room_above_floor("0B")[0]  # room for one process above a floor this close to what is free
-    assert _default_workers(1 << 40, f"{max(0, room - WORKER_NBYTES)}B") == 1
+    floors = []
+    monkeypatch.setattr(expert_cache, "room_above_floor", lambda floor: floors.append(floor) or (3 * WORKER_NBYTES, 0))
+    assert _default_workers(1 << 40, "5GiB") == min(3, len(os.sched_getaffinity(0))) and floors == ["5GiB"]
 
 
 def test_a_killed_builds_leftovers_are_removed(models, tmp_path):
@@ -220,6 +221,29 @@ def test_a_build_told_to_stop_ends_with_its_layers_in_progress_and_keeps_nothing
     cache = ensure_expert_cache(model, tmp_path, workers=1, progress=quiet)  # the next start converts it whole
     assert cache is not None and not cache.verify()
     cache.close()
+
+
+def test_conversion_processes_leave_a_stop_to_the_process_that_started_them(models, tmp_path):
+    """systemd's SIGTERM goes to every process of a unit, a terminal's Ctrl-C to the process group: the conversion
+    processes died mid-layer and the worker, taking them for OOM-killed, failed to start rather than stop."""
+    ignored: list[int] = []
+
+    def progress(*_: object) -> None:
+        for child in multiprocessing.active_children():
+            status = Path(f"/proc/{child.pid}/status").read_text()
+            ignored.append(int(re.search(r"^SigIgn:\s*([0-9a-f]+)$", status, re.M).group(1), 16))
+
+    cache = ensure_expert_cache(GGUFModel(models["q8_0"]), tmp_path, workers=2, progress=progress)
+    both = (1 << (signal.SIGTERM - 1)) | (1 << (signal.SIGINT - 1))
+    assert ignored and all(mask & both == both for mask in ignored)
+    cache.close()
+
+
+def test_a_process_told_to_stop_before_it_builds_does_not_start(models, tmp_path):
+    """One that waited on the build lock while another built, both told to stop, began a build of its own."""
+    with pytest.raises(ConversionStopped, match="stopped before converting"):
+        ensure_expert_cache(GGUFModel(models["q8_0"]), tmp_path, workers=1, progress=quiet, stopping=lambda: True)
+    assert not [p.name for p in tmp_path.iterdir() if ".experts" in p.name and not p.name.endswith(".lock")]
 
 
 def test_config_cache_dir_is_where_the_cache_goes(models, tmp_path):
