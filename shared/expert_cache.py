@@ -493,9 +493,10 @@ def _remove_superseded(model: GGUFModel, current: Path, dirs: list[Path], built_
     gets a cache of its own name, and nothing else removes the old one. From the directories searched now and
     by default (an earlier start may have had no expert_cache_dir), and only files whose header records this
     same file (`built_from`): another model of the same name may share a directory, and a file of an older
-    version records nothing (a copy of the earlier content at another path that used the file builds it again). A
-    process that maps one goes on reading it (its inode lives until it is unmapped)."""
-    pattern = f"{glob.escape(model.path.stem)}.{'[0-9a-f]' * 16}.experts"
+    version records nothing (a copy of the earlier content at another path that used the file builds it again).
+    Whatever their names: one built through a link of another name records the file it points to. A process that
+    maps one goes on reading it (its inode lives until it is unmapped)."""
+    pattern = f"*.{'[0-9a-f]' * 16}.experts"
     searched = dict.fromkeys([*dirs, model.path.parent, default_cache_dir()])
     for old in (path for d in searched for path in d.glob(pattern)):
         if old.name == current.name or _built_from(old) != built_from:
