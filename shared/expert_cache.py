@@ -768,9 +768,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="GGUF model file")
     parser.add_argument("--cache-dir", help="where to write it (default: next to the model, else "
                                             "$XDG_CACHE_HOME/tierserve/experts)")
-    parser.add_argument("--workers", type=int, help="conversion processes (default: one per 512 MiB of the cache, "
-                                                    "at most one per CPU this process may run on and as many as "
-                                                    "fit, 768 MiB each, in the RAM free above 2 GiB)")
+    parser.add_argument("--workers", type=int, help=f"conversion processes (default: one per "
+                                                    f"{BYTES_PER_WORKER >> 20} MiB of the cache, at most one per CPU "
+                                                    f"this process may run on and as many as fit, "
+                                                    f"{WORKER_NBYTES >> 20} MiB each, in the RAM free above "
+                                                    f"{DEFAULT_MEMORY_FLOOR})")
     parser.add_argument("--verify", action="store_true", help="check every expert of an existing cache against "
                                                               "its digest, and rebuild the file if one differs")
     args = parser.parse_args(argv)

@@ -420,11 +420,9 @@ def decode(frames: list[Any], expected: tuple[type[Message], ...] = ()) -> Messa
     except UnicodeDecodeError as e:  # valid msgpack, whose strings must be UTF-8
         raise ProtocolError("malformed", f"a string in the message is not valid UTF-8 ({e.reason} at its byte "
                                          f"{e.start})") from e
-    except ValueError as e:
-        if "map key" in str(e):  # valid msgpack whose map has a key of another type, refused by strict_map_key
-            raise ProtocolError("bad_field", f"map keys must be strings ({e})") from e
-        raise ProtocolError("malformed", f"message is not valid msgpack ({type(e).__name__})") from e
     except Exception as e:  # msgpack raises several unrelated exception types for garbage
+        if isinstance(e, ValueError) and "map key" in str(e):  # valid msgpack, a key refused by strict_map_key
+            raise ProtocolError("bad_field", f"map keys must be strings ({e})") from e
         raise ProtocolError("malformed", f"message is not valid msgpack ({type(e).__name__})") from e
     if not isinstance(header, dict):
         raise ProtocolError("malformed", f"message must be a msgpack map, got {type(header).__name__}")
