@@ -7,7 +7,7 @@ after the regions, each one's SHA-256 digest, in the same order. Every process m
 as zero-copy views; a region copied anywhere (pinned RAM, a VRAM slot) reads the same way through
 `ExpertLayout.views`.
 
-    tierserve convert-experts MODEL.gguf [--cache-dir DIR] [--workers N] [--verify]
+    tierserve convert-experts MODEL.gguf [--cache-dir DIR] [--workers N] [--memory-floor SIZE] [--verify]
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.config import Config
+from shared.config import Config, parse_bytes_or_percent
 from shared.expert_math import ExpertWeights
 from shared.gguf_file import ZERO_COPY_TYPES, GGUFModel
 from shared.memory_use import room_above_floor
@@ -772,13 +772,20 @@ def main(argv: list[str] | None = None) -> int:
                                                     f"{BYTES_PER_WORKER >> 20} MiB of the cache, at most one per CPU "
                                                     f"this process may run on and as many as fit, "
                                                     f"{WORKER_NBYTES >> 20} MiB each, in the RAM free above "
-                                                    f"{DEFAULT_MEMORY_FLOOR})")
+                                                    f"--memory-floor)")
+    parser.add_argument("--memory-floor", default=DEFAULT_MEMORY_FLOOR, metavar="SIZE",
+                        help=f"RAM the conversion leaves free when it sizes its processes, as host_memory_floor: "
+                             f"a size or a %% of MemTotal (default {DEFAULT_MEMORY_FLOOR})")
     parser.add_argument("--verify", action="store_true", help="check every expert of an existing cache against "
                                                               "its digest, and rebuild the file if one differs")
     args = parser.parse_args(argv)
     try:
+        parse_bytes_or_percent(args.memory_floor)
+    except ValueError as e:
+        parser.error(f"--memory-floor: {e}")
+    try:
         model = GGUFModel(args.model)
-        cache = ensure_expert_cache(model, args.cache_dir, args.workers)
+        cache = ensure_expert_cache(model, args.cache_dir, args.workers, memory_floor=args.memory_floor)
         if cache is not None and args.verify and not cache.built:
             damaged = cache.verify(threads=len(os.sched_getaffinity(0)))
             if damaged:
@@ -787,7 +794,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"{', ...' if len(damaged) > 8 else ''}): rebuilding it", file=sys.stderr)
                 cache.close()
                 discard(cache.path)
-                cache = ensure_expert_cache(model, args.cache_dir, args.workers)
+                cache = ensure_expert_cache(model, args.cache_dir, args.workers, memory_floor=args.memory_floor)
             else:
                 print(f"{cache.path}: every expert matches its digest")
     except (ModelError, OSError) as e:

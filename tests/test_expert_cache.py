@@ -526,6 +526,18 @@ def test_convert_experts_command(models, tmp_path, capsys):
     assert "nothing to convert" in capsys.readouterr().out
 
 
+def test_convert_experts_sizes_its_processes_above_the_memory_floor_given(models, tmp_path, capsys, monkeypatch):
+    """Run by hand it took the default floor, with no way to leave more RAM free on a machine serving already."""
+    floors = []
+    monkeypatch.setattr(expert_cache, "room_above_floor", lambda floor: floors.append(floor) or (WORKER_NBYTES, 0))
+    assert tierserve(["convert-experts", str(models["q4_0"]), "--cache-dir", str(tmp_path),
+                      "--memory-floor", "30%"]) == 0
+    assert floors == ["30%"] and "built" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        tierserve(["convert-experts", str(models["q4_0"]), "--memory-floor", "2XB"])
+    assert exit_.value.code == 2 and "--memory-floor: not a size: '2XB'" in capsys.readouterr().err
+
+
 # ---- the expert source
 
 
