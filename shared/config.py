@@ -154,6 +154,9 @@ class Config:
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
+        # whether run_dir was chosen: `up` makes a private one of its own otherwise, and its default path, given
+        # explicitly, is a choice (roles started by hand share it)
+        self.run_dir_chosen = bool(self.run_dir)
         if not self.run_dir:
             self.run_dir = default_run_dir()
         for key, hint in _HINTS.items():  # NaN passes every comparison below, and a timeout of inf never ends

@@ -111,7 +111,7 @@ def prepare_run(config: Config) -> tuple[Config, Path, bool]:
     """Fill in a private run dir and a free client port where the config leaves them open. A run dir of the user's
     is made private (0700) if it is new; one that exists keeps its mode (made 0700, /tmp would be closed to every
     other user), and is refused if another user may write to it, since they could replace its sockets: ValueError."""
-    ephemeral = not config.run_dir or config.run_dir == Config().run_dir
+    ephemeral = not config.run_dir_chosen
     if ephemeral:
         for abandoned in remove_abandoned_run_dirs(Path(tempfile.gettempdir())):
             print(f"tierserve: removed {abandoned}: the tierserve up that made it is gone", file=sys.stderr)

@@ -19,7 +19,7 @@ import pytest
 import zmq
 
 from shared.client import Client
-from shared.config import Config
+from shared.config import Config, default_run_dir
 from shared.launcher import (
     RESTART_MAX_DELAY_S,
     STABLE_UPTIME_S,
@@ -218,6 +218,17 @@ def test_a_new_run_dir_is_made_private_and_an_existing_one_keeps_its_mode(tmp_pa
     os.chmod(mine, 0o755)
     prepare_run(Config(model="m.gguf", run_dir=str(mine)))
     assert mine.stat().st_mode & 0o7777 == 0o755
+
+
+def test_the_default_run_dir_given_explicitly_is_used(tmp_path, monkeypatch):
+    """It was taken for no choice at all: `up --run-dir <the default>` (to share its sockets with roles started by
+    hand) ran in a temporary directory of its own instead, saying nothing."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where `up` makes its own
+    _, run_dir, ephemeral = prepare_run(Config(model="m.gguf", run_dir=default_run_dir()))
+    assert not ephemeral and str(run_dir) == default_run_dir()
+    _, run_dir, ephemeral = prepare_run(Config(model="m.gguf"))
+    assert ephemeral and str(run_dir) != default_run_dir()
 
 
 def test_a_run_dir_others_may_write_to_is_refused_by_name(tmp_path):
