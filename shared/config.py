@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
-# What ZeroMQ's bind and connect take: a TCP port (or * for any) after a host, and an ipc socket file's path, which
-# a Unix socket address holds up to 107 bytes of
-_TCP_ENDPOINT = re.compile(r"^tcp://[^\s/]+:(\*|[0-9]{1,5})$")
+# What ZeroMQ's bind and connect take: a TCP port (or * for any; libzmq refuses one with a leading zero) after a
+# host (not an IPv6 address, which needs a socket option tierserve does not set), and an ipc socket file's path,
+# which a Unix socket address holds up to 107 bytes of
+_TCP_ENDPOINT = re.compile(r"^tcp://[^\s/\[\]]+:(\*|0|[1-9][0-9]{0,4})$")
 IPC_PATH_BYTES = 107
 # ZeroMQ's frame size limit is an int64, and the coordinator reads frames up to 16 times max_request_bytes (to answer
 # them as too large): far above any request, and far below the overflow
@@ -214,8 +215,8 @@ class Config:
         tcp = _TCP_ENDPOINT.match(endpoint)
         if not (tcp and (tcp.group(1) == "*" or int(tcp.group(1)) <= 65535) or
                 endpoint.startswith("ipc://") and len(endpoint) > len("ipc://")):
-            raise ValueError(f"client_endpoint must be tcp://HOST:PORT (a port of 0-65535, or *) or ipc://PATH, "
-                             f"not {endpoint!r}")
+            raise ValueError(f"client_endpoint must be tcp://HOST:PORT (a host name or IPv4 address, a port of "
+                             f"0-65535 without leading zeros, or *) or ipc://PATH, not {endpoint!r}")
         longest = [endpoint] if endpoint.startswith("ipc://") else []
         longest += [self.control_endpoint, self.engine_endpoint, *self.expert_host_endpoints[-1:]]
         for ipc in longest:
@@ -367,7 +368,7 @@ def load_config(path: str | os.PathLike[str] | None = None, **overrides: Any) ->
         with open(path, "rb") as f:
             try:
                 data = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:  # TOML is UTF-8 text
                 raise ValueError(f"{path}: not valid TOML: {e}") from None
         unknown = sorted(set(data) - _FIELDS)
         if unknown:
