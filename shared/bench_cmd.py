@@ -32,8 +32,9 @@ from shared.bench_measure import measure_machine
 from shared.bench_metrics import scrape_tiers, tier_delta, worker_metrics_url
 from shared.bench_profile import CANDIDATE_PROMPTS, profile_system
 from shared.bench_report import markdown, write_results
+from shared.cli_client import seconds_argument
 from shared.client import AsyncClient, Client, ServerError, run
-from shared.config import Config, config_from_args, parse_bytes
+from shared.config import Config, args_config, bytes_argument, config_from_args, positive_int
 from shared.expert_cache import expert_layouts, hot_expert_nbytes
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
@@ -322,20 +323,40 @@ def default_cache_dir() -> str:
     return os.path.join(base, "tierserve", "models")
 
 
-def _float_list(text: str) -> list[float]:
-    return [float(v) for v in text.split(",")]
+def _percent_list(text: str) -> list[float]:
+    """Budgets in percent of the experts' bytes: one out of 0..100 (or NaN) failed only after the machine's
+    measurements, as `up` refused the budget made of it, or as a traceback."""
+    percents = []
+    for v in text.split(","):
+        try:
+            pct = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
+        if not 0 <= pct <= 100:  # NaN too
+            raise argparse.ArgumentTypeError(f"a percentage must be in 0..100, not {v!r}")
+        percents.append(pct)
+    return percents
 
 
 def _int_list(text: str) -> list[int]:
-    return [_positive(n) for n in text.split(",")]
+    return [positive_int(n) for n in text.split(",")]
 
 
-def _positive(text: str) -> int:
-    """A count of tokens: 0 or fewer started the system, then failed on an empty prompt naming no flag."""
-    n = int(text)
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
-    return n
+def _check_system_options(cli: argparse.ArgumentParser, options: list[str]) -> None:
+    """Refuse, as `tierserve up` would, the options the system is started with (a bad value passed on, one up
+    does not know), before the machine is measured rather than after."""
+    up = launcher.parser()
+    up.exit_on_error = False
+    try:
+        up_args, unknown = up.parse_known_args(["--model", "model.gguf", *options])
+    except argparse.ArgumentError as e:
+        cli.error(f"tierserve up would refuse {e}")
+    if unknown:
+        cli.error(f"unrecognized arguments (neither the bench's nor tierserve up's): {' '.join(unknown)}")
+    try:
+        args_config(up_args)
+    except (OSError, ValueError) as e:
+        cli.error(f"tierserve up would refuse it: {e}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -354,7 +375,7 @@ def parser() -> argparse.ArgumentParser:
     system.add_argument("--profile-steps", type=int, default=0, metavar="N",
                         help="then start it again profiling decode steps in windows of N, for where a step's time goes")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--expert-budget", type=parse_bytes, metavar="BYTES", help="VRAM for hot experts (e.g. 4GB)")
+    budget.add_argument("--expert-budget", type=bytes_argument, metavar="BYTES", help="VRAM for hot experts (e.g. 4GB)")
     budget.add_argument("--hot-experts", type=int, metavar="K", help="hot experts per layer")
     p.add_argument("--expert-hosts", type=int, metavar="N")
     p.add_argument("--soft-slots", type=int, metavar="N", help="VRAM slots cold experts are streamed into")
@@ -365,14 +386,16 @@ def parser() -> argparse.ArgumentParser:
                                                         "thread count: a check that it all runs")
     p.add_argument("--prompt-lengths", type=_int_list, metavar="N,N",
                    help="prefill prompt lengths (default 512,4096; 64,256 with --quick)")
-    p.add_argument("--max-tokens", type=_positive, metavar="N",
+    # tokens: 0 or fewer started the system, then failed on an empty prompt naming no flag
+    p.add_argument("--max-tokens", type=positive_int, metavar="N",
                    help="tokens generated per decode request (default 128, 8 with --quick)")
-    p.add_argument("--budget-sweep", type=_float_list, metavar="P,P",
+    p.add_argument("--budget-sweep", type=_percent_list, metavar="P,P",
                    help="then measure decode and prefill again at each of these VRAM budgets, in percent of the "
                         "experts' bytes (e.g. 10,25,50,100), llama.cpp too when given")
     p.add_argument("--sweep-only", action="store_true",
                    help="measure the budget sweep alone, without the figures at --expert-budget first")
-    p.add_argument("--ready-timeout", type=float, default=1800.0, help="seconds to wait for the system to start")
+    p.add_argument("--ready-timeout", type=seconds_argument, default=1800.0,
+                   help="seconds to wait for the system to start")
     return p
 
 
@@ -393,6 +416,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_sweep and args.endpoint:
         cli.error("--budget-sweep starts the system once per budget, so it cannot measure the one at --endpoint")
     # what would fail only after the measurements, which take minutes, fails before them
+    if not args.endpoint:
+        _check_system_options(cli, system_options(args))
     if args.llama_cpp:
         try:
             bench_llama.find_llama_bench(args.llama_cpp)

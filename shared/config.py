@@ -51,6 +51,25 @@ def parse_bytes(text: str | int) -> int:
     return int(number * base**power)
 
 
+def bytes_argument(text: str) -> int:
+    """An argparse type: a size (parse_bytes), its message as the option's error."""
+    try:
+        return parse_bytes(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a count of something that must be at least one."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {n}")
+    return n
+
+
 def parse_bytes_or_percent(text: str | int) -> tuple[int, float]:
     """'2GiB' -> (2147483648, 0.0); '10%' -> (0, 0.1): an absolute size or a share of something."""
     if isinstance(text, str) and text.strip().endswith("%"):
@@ -392,9 +411,14 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
                               help=f"default: {f.default}" if f.default != "" else None)
 
 
+def args_config(args: argparse.Namespace) -> Config:
+    """The configuration a command's --config and flags give: OSError or ValueError naming what is wrong."""
+    return load_config(args.config, **{name: getattr(args, name, None) for name in _FIELDS})
+
+
 def config_from_args(args: argparse.Namespace) -> Config:
-    """The configuration a command's --config and flags give; a bad file or value exits with its message alone."""
+    """args_config's, where a bad file or value exits with its message alone."""
     try:
-        return load_config(args.config, **{name: getattr(args, name, None) for name in _FIELDS})
+        return args_config(args)
     except (OSError, ValueError) as e:
         raise SystemExit(f"tierserve: {e}") from None

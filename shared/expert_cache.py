@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shared.config import Config, parse_bytes_or_percent
+from shared.config import Config, parse_bytes_or_percent, positive_int
 from shared.expert_math import ExpertWeights
 from shared.gguf_file import ZERO_COPY_TYPES, GGUFModel
 from shared.memory_use import room_above_floor
@@ -768,7 +768,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("model", help="GGUF model file")
     parser.add_argument("--cache-dir", help="where to write it (default: next to the model, else "
                                             "$XDG_CACHE_HOME/tierserve/experts)")
-    parser.add_argument("--workers", type=int, help=f"conversion processes (default: one per "
+    parser.add_argument("--workers", type=positive_int, help=f"conversion processes (default: one per "
                                                     f"{BYTES_PER_WORKER >> 20} MiB of the cache, at most one per CPU "
                                                     f"this process may run on and as many as fit, "
                                                     f"{WORKER_NBYTES >> 20} MiB each, in the RAM free above "

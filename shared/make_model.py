@@ -222,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--routing-skew", type=float, default=0.0, metavar="S",
                         help="expert popularity per layer follows rank^-S (0: uniform)")
     args = parser.parse_args(argv)
+    # '' ended in gguf's traceback, and "dir/" wrote a file named "dir"
+    if not args.out or args.out.endswith(os.sep) or os.path.isdir(args.out):
+        parser.error(f"the output must be a file's path, not {'a directory, ' if args.out else ''}{args.out!r}")
     try:
         stats = make_model(args.out, args.arch, args.preset, args.dtype, args.seed, args.routing_skew, _Progress())
     except ModelError as e:

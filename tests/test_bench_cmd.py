@@ -292,10 +292,19 @@ def test_system_options_cannot_go_to_a_running_system():
     (["--prompt-lengths", "64,-5"], "argument --prompt-lengths: must be 1 or more, not -5"),
     (["--endpoint", "tcp://127.0.0.1:5555", "--hot-experts", "8"],
      "--hot-experts 8: options for the system it starts, but --endpoint measures a running one"),
+    (["--budget-sweep", "nan"], "argument --budget-sweep: a percentage must be in 0..100, not 'nan'"),
+    (["--budget-sweep=10,-5"], "argument --budget-sweep: a percentage must be in 0..100, not '-5'"),
+    (["--ready-timeout", "-1"], "argument --ready-timeout: a timeout must be above 0 s"),
+    (["--expert-budget", "4XB"], "argument --expert-budget: not a size: '4XB' (examples: 16GB"),
+    (["--kv-cache-tokens", "-5"], "tierserve up would refuse it: kv_cache_tokens must be >= 1, not -5"),
+    (["--prefill-chunk", "big"], "tierserve up would refuse it: config prefill_chunk: 'big' is not a valid int"),
+    (["--bogus-flag", "3"], "unrecognized arguments (neither the bench's nor tierserve up's): --bogus-flag 3"),
 ])
 def test_flags_a_run_cannot_use_are_refused_before_anything_is_measured(capsys, args, message):
     """--max-tokens 0 ran with the default; 0 or negative lengths started the system, then failed naming no flag;
-    --hot-experts with --endpoint was recorded with the results, though the running system never used it."""
+    --hot-experts with --endpoint was recorded with the results, though the running system never used it. A budget
+    sweep of NaN ended in a traceback, one of -5% (and a negative --ready-timeout, a bad option passed on to
+    `tierserve up`) failed only once the machine had been measured, in up's words."""
     with pytest.raises(SystemExit) as exit_:
         bench_main(["--preset", "tiny", "--quick", *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err

@@ -538,6 +538,14 @@ def test_convert_experts_sizes_its_processes_above_the_memory_floor_given(models
     assert exit_.value.code == 2 and "--memory-floor: not a size: '2XB'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("workers", ["0", "-3"])
+def test_convert_experts_refuses_fewer_than_one_process(models, capsys, workers):
+    """0 or -3 ran one process, saying nothing, where 0 reads as "the default\"."""
+    with pytest.raises(SystemExit) as exit_:
+        tierserve(["convert-experts", str(models["q4_0"]), "--workers", workers])
+    assert exit_.value.code == 2 and f"argument --workers: must be 1 or more, not {workers}" in capsys.readouterr().err
+
+
 # ---- the expert source
 
 

@@ -280,6 +280,16 @@ def test_bad_arguments_exit_2_with_a_clear_message(tmp_path):
     assert not (tmp_path / "x.gguf").exists()
 
 
+@pytest.mark.parametrize("out", ["", "new/", "."])
+def test_an_output_that_is_no_file_s_path_is_refused(tmp_path, monkeypatch, capsys, out):
+    """'' ended in a traceback from gguf's writer, and "new/" wrote a file named "new"."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main([out])
+    assert exit_.value.code == 2 and "the output must be a file's path, not" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_refuses_to_start_without_disk_space(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**12, 10**12 - 10**6, 10**6))
     assert main([str(tmp_path / "big.gguf"), "--preset", "qwen3-30b-a3b", "--dtype", "q4_0"]) == 1
