@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from shared.client import Client
+from shared.client import Client, ServerError
+from shared.config import positive_int
 from shared.launcher import RunningSystem
 from shared.make_model import make_model
 
@@ -17,7 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierserve demo", description=__doc__)
     parser.add_argument("--model", help="GGUF model to serve (default: a generated tiny qwen3moe)")
     parser.add_argument("--prompt", default="The expert hosts of a mixture of experts")
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=positive_int, default=48)
     args = parser.parse_args(argv)
     model = Path(args.model) if args.model else DEFAULT_MODEL
     if not args.model and not model.exists():
@@ -34,12 +35,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ready at {system.endpoint}\n\n{args.prompt}", end="", flush=True)
         with Client(system.endpoint) as client:
             final = None
-            for event in client.generate(prompt=args.prompt, max_tokens=args.max_tokens, temperature=0.8,
-                                         top_p=0.95, seed=0):
-                if event.KIND == "token":
-                    print(event.text, end="", flush=True)
-                else:
-                    final = event
+            try:
+                for event in client.generate(prompt=args.prompt, max_tokens=args.max_tokens, temperature=0.8,
+                                             top_p=0.95, seed=0):
+                    if event.KIND == "token":
+                        print(event.text, end="", flush=True)
+                    else:
+                        final = event
+            except ServerError as e:  # a prompt longer than the context, say: the system's answer, then its stop
+                print(f"\ntierserve demo: {e}\nstopping...", file=sys.stderr, flush=True)
+                return 1
         print(f"\n\n[{final.completion_tokens} tokens, {final.finish_reason}; time to first token "
               f"{final.ttft_s * 1000:.0f} ms, {final.decode_tok_s:.1f} tok/s]\nstopping...", flush=True)
     print("stopped")

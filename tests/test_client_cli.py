@@ -355,6 +355,17 @@ def test_the_demo_of_a_model_that_is_not_there_says_so_without_a_traceback(tmp_p
     assert "Traceback" not in run.stderr, run.stderr
 
 
+def test_the_demo_reports_a_refused_request_without_a_traceback_and_stops_the_system(model):
+    """The server's refusal (here more tokens than the context holds) ended the demo in a ServerError traceback."""
+    run = subprocess.run([sys.executable, "-m", "shared.cli", "demo", "--model", str(model), "--max-tokens", "1000000"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "tierserve demo: context_exceeded:" in run.stderr and "stopping..." in run.stderr
+    with pytest.raises(SystemExit) as exit_:
+        tierserve(["demo", "--max-tokens", "0"])
+    assert exit_.value.code == 2
+
+
 @pytest.mark.parametrize("value", ["nan", "-5", "0"])
 def test_a_ready_timeout_no_wait_can_have_is_refused_before_anything_starts(value):
     """nan and -5 started every role, then said the system was not ready after nan s."""
