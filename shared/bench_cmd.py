@@ -21,7 +21,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 import zmq
@@ -34,7 +34,7 @@ from shared.bench_profile import CANDIDATE_PROMPTS, profile_system
 from shared.bench_report import markdown, write_results
 from shared.cli_client import seconds_argument
 from shared.client import AsyncClient, Client, ServerError, run
-from shared.config import Config, args_config, bytes_argument, config_from_args, positive_int
+from shared.config import Config, args_config, bytes_argument, parse_percent, positive_int
 from shared.expert_cache import expert_layouts, hot_expert_nbytes
 from shared.gguf_file import GGUFModel
 from shared.launcher import RunningSystem
@@ -131,9 +131,15 @@ def model_facts(model: GGUFModel, config: Config) -> dict[str, Any]:
 
 
 def system_config(model: Path, options: list[str]) -> Config:
-    """The configuration `tierserve up --model model *options` serves with (its --config file included); a bad
-    option exits with `tierserve up`'s message, before anything is measured."""
-    return config_from_args(launcher.parser().parse_args(["--model", str(model), *options]))
+    """The configuration of the `tierserve up` the bench starts (RunningSystem's arguments, its --config file
+    included): ValueError or OSError naming what up would refuse."""
+    up = launcher.parser()
+
+    def refuse(message: str) -> NoReturn:  # argparse's own exits, printing up's usage for a command not typed
+        raise ValueError(message)
+
+    up.error = refuse
+    return args_config(up.parse_args(launcher.up_arguments(str(model), *options)))
 
 
 def system_options(args: argparse.Namespace) -> list[str]:
@@ -326,37 +332,14 @@ def default_cache_dir() -> str:
 def _percent_list(text: str) -> list[float]:
     """Budgets in percent of the experts' bytes: one out of 0..100 (or NaN) failed only after the machine's
     measurements, as `up` refused the budget made of it, or as a traceback."""
-    percents = []
-    for v in text.split(","):
-        try:
-            pct = float(v)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not a number: {v!r}") from None
-        if not 0 <= pct <= 100:  # NaN too
-            raise argparse.ArgumentTypeError(f"a percentage must be in 0..100, not {v!r}")
-        percents.append(pct)
-    return percents
+    try:
+        return [parse_percent(v) for v in text.split(",")]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def _int_list(text: str) -> list[int]:
     return [positive_int(n) for n in text.split(",")]
-
-
-def _check_system_options(cli: argparse.ArgumentParser, options: list[str]) -> None:
-    """Refuse, as `tierserve up` would, the options the system is started with (a bad value passed on, one up
-    does not know), before the machine is measured rather than after."""
-    up = launcher.parser()
-    up.exit_on_error = False
-    try:
-        up_args, unknown = up.parse_known_args(["--model", "model.gguf", *options])
-    except argparse.ArgumentError as e:
-        cli.error(f"tierserve up would refuse {e}")
-    if unknown:
-        cli.error(f"unrecognized arguments (neither the bench's nor tierserve up's): {' '.join(unknown)}")
-    try:
-        args_config(up_args)
-    except (OSError, ValueError) as e:
-        cli.error(f"tierserve up would refuse it: {e}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -372,7 +355,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=default_cache_dir(), help="where generated preset models are kept")
     system = p.add_mutually_exclusive_group()
     system.add_argument("--endpoint", help="measure the system running at this client endpoint instead of starting one")
-    system.add_argument("--profile-steps", type=int, default=0, metavar="N",
+    system.add_argument("--profile-steps", type=positive_int, default=0, metavar="N",
                         help="then start it again profiling decode steps in windows of N, for where a step's time goes")
     budget = p.add_mutually_exclusive_group()
     budget.add_argument("--expert-budget", type=bytes_argument, metavar="BYTES", help="VRAM for hot experts (e.g. 4GB)")
@@ -416,8 +399,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.budget_sweep and args.endpoint:
         cli.error("--budget-sweep starts the system once per budget, so it cannot measure the one at --endpoint")
     # what would fail only after the measurements, which take minutes, fails before them
-    if not args.endpoint:
-        _check_system_options(cli, system_options(args))
+    if not args.endpoint:  # before a preset's model is made, too
+        try:
+            system_config(Path(args.model or "model.gguf"), system_options(args))
+        except (OSError, ValueError) as e:
+            cli.error(f"tierserve up would refuse its options: {e}")
     if args.llama_cpp:
         try:
             bench_llama.find_llama_bench(args.llama_cpp)

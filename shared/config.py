@@ -19,10 +19,10 @@ from pathlib import Path
 from typing import Any
 
 _SIZE = re.compile(r"^\s*([0-9.]+)\s*([kKmMgGtT]?)(i?[bB])?\s*$")
-# What ZeroMQ's bind and connect take: a TCP port (or * for any; libzmq refuses one with a leading zero) after a
-# host (not an IPv6 address, which needs a socket option tierserve does not set), and an ipc socket file's path,
-# which a Unix socket address holds up to 107 bytes of
-_TCP_ENDPOINT = re.compile(r"^tcp://[^\s/\[\]]+:(\*|0|[1-9][0-9]{0,4})$")
+# What ZeroMQ's bind and connect take: a TCP port (or * for any) after a host (not an IPv6 address, which needs a
+# socket option tierserve does not set), and an ipc socket file's path, which a Unix socket address holds up to 107
+# bytes of. libzmq reads the port with atoi and refuses a 0 not written "0" ("00"), as a bad one.
+_TCP_ENDPOINT = re.compile(r"^tcp://[^\s/\[\]:]+:(\*|[0-9]{1,5})$")
 IPC_PATH_BYTES = 107
 # ZeroMQ's frame size limit is an int64, and the coordinator reads frames up to 16 times max_request_bytes (to answer
 # them as too large): far above any request, and far below the overflow
@@ -70,16 +70,21 @@ def positive_int(text: str) -> int:
     return n
 
 
+def parse_percent(text: str) -> float:
+    """'10%' or '10' -> 10.0: a share in percent, 0..100."""
+    try:
+        percent = float(text.strip().removesuffix("%"))
+    except ValueError:
+        raise ValueError(f"not a percentage: {text!r} (example: 10%)") from None
+    if not 0 <= percent <= 100:  # NaN too
+        raise ValueError(f"a percentage must be in 0..100, not {text!r}")
+    return percent
+
+
 def parse_bytes_or_percent(text: str | int) -> tuple[int, float]:
     """'2GiB' -> (2147483648, 0.0); '10%' -> (0, 0.1): an absolute size or a share of something."""
     if isinstance(text, str) and text.strip().endswith("%"):
-        try:
-            percent = float(text.strip()[:-1])
-        except ValueError:
-            raise ValueError(f"not a percentage: {text!r} (example: 10%)") from None
-        if not 0 <= percent <= 100:
-            raise ValueError(f"a percentage must be in 0..100, not {text!r}")
-        return 0, percent / 100
+        return 0, parse_percent(text) / 100
     return parse_bytes(text), 0.0
 
 
@@ -232,10 +237,11 @@ class Config:
         nobody was told), a missing one or a run dir too long for a socket file's path ended in a traceback."""
         endpoint = self.client_endpoint
         tcp = _TCP_ENDPOINT.match(endpoint)
-        if not (tcp and (tcp.group(1) == "*" or int(tcp.group(1)) <= 65535) or
+        port = tcp.group(1) if tcp else ""
+        if not (port == "*" or port and (port == "0" or 0 < int(port) <= 65535) or
                 endpoint.startswith("ipc://") and len(endpoint) > len("ipc://")):
-            raise ValueError(f"client_endpoint must be tcp://HOST:PORT (a host name or IPv4 address, a port of "
-                             f"0-65535 without leading zeros, or *) or ipc://PATH, not {endpoint!r}")
+            raise ValueError(f"client_endpoint must be tcp://HOST:PORT (HOST not an IPv6 address, PORT 0-65535 or *) "
+                             f"or ipc://PATH, not {endpoint!r}")
         longest = [endpoint] if endpoint.startswith("ipc://") else []
         longest += [self.control_endpoint, self.engine_endpoint, *self.expert_host_endpoints[-1:]]
         for ipc in longest:

@@ -774,8 +774,8 @@ def main(argv: list[str] | None = None) -> int:
                                                     f"{WORKER_NBYTES >> 20} MiB each, in the RAM free above "
                                                     f"--memory-floor)")
     parser.add_argument("--memory-floor", default=DEFAULT_MEMORY_FLOOR, metavar="SIZE",
-                        help=f"RAM the conversion leaves free when it sizes its processes, as host_memory_floor: "
-                             f"a size or a %% of MemTotal (default {DEFAULT_MEMORY_FLOOR})")
+                        help=f"RAM the conversion leaves free when it sizes its processes (without --workers), as "
+                             f"host_memory_floor: a size or a %% of MemTotal (default {DEFAULT_MEMORY_FLOOR})")
     parser.add_argument("--verify", action="store_true", help="check every expert of an existing cache against "
                                                               "its digest, and rebuild the file if one differs")
     args = parser.parse_args(argv)

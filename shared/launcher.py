@@ -315,13 +315,19 @@ def main(argv: list[str] | None = None) -> int:
     return up(config_from_args(args), args.ready_timeout)
 
 
+def up_arguments(model: str, *options: str, ready_timeout_s: float = 180.0) -> list[str]:
+    """RunningSystem's `tierserve up` arguments: a free client port and metrics ports, then the caller's options,
+    which may override them."""
+    return ["--model", model, "--client-endpoint", "tcp://127.0.0.1:0", "--metrics-port", "0", "--ready-timeout",
+            str(ready_timeout_s), *options]
+
+
 class RunningSystem:
     """`tierserve up` as a child process, for the demo, benchmarks and tests: start, read the endpoint, stop."""
 
     def __init__(self, model: str, *options: str, ready_timeout_s: float = 180.0) -> None:
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "shared.cli", "up", "--model", model, "--client-endpoint", "tcp://127.0.0.1:0",
-             "--metrics-port", "0", "--ready-timeout", str(ready_timeout_s), *options],
+            [sys.executable, "-m", "shared.cli", "up", *up_arguments(model, *options, ready_timeout_s=ready_timeout_s)],
             stdout=subprocess.PIPE, text=True, preexec_fn=die_with_parent, start_new_session=True,
         )  # its own process group, as in a terminal
         self.endpoint = ""

@@ -153,7 +153,7 @@ def test_hot_expert_bytes_are_counted_as_the_system_the_bench_starts_holds_them(
     (tmp_path / "bf16.toml").write_text('dtype = "bfloat16"\n')
     for options in (["--dtype", "bfloat16"], ["--config", str(tmp_path / "bf16.toml")]):
         assert model_facts(model, system_config(model.path, options))["hot_bytes_per_expert"] == default // 2
-    with pytest.raises(SystemExit):  # refused before anything is measured, as `tierserve up` refuses it
+    with pytest.raises(ValueError, match="dtype must be auto, float32 or bfloat16"):  # as `tierserve up` refuses it
         system_config(model.path, ["--dtype", "float16"])
     for dtype in ("bf16", "bfloat16"):  # a preset's storage type, and the system's own spelling
         with pytest.raises(SystemExit) as refused:
@@ -282,6 +282,15 @@ def test_prompt_lengths_and_tokens_can_be_set_on_a_quick_run():
     assert settings(False, 1024, [512, 4096])["prompt_lengths"] == [512, 1023]  # one token must still fit
 
 
+def test_the_system_configuration_is_that_of_the_up_the_bench_starts(tmp_path):
+    """A --config file passed on was checked without the ports the bench's own `tierserve up` gives on top of it:
+    metrics_port 65534 (no port left for its hosts) was refused, though that up serves with metrics port 0."""
+    config_file = tmp_path / "c.toml"
+    config_file.write_text("metrics_port = 65534\nprefill_chunk = 64\n")
+    config = system_config(tmp_path / "m.gguf", ["--config", str(config_file)])
+    assert config.metrics_port == 0 and config.prefill_chunk == 64 and config.client_endpoint == "tcp://127.0.0.1:0"
+
+
 def test_system_options_cannot_go_to_a_running_system():
     with pytest.raises(SystemExit):
         tierserve(["bench", "--model", "m.gguf", "--endpoint", "tcp://127.0.0.1:1", "--prefill-chunk", "64"])
@@ -296,15 +305,17 @@ def test_system_options_cannot_go_to_a_running_system():
     (["--budget-sweep=10,-5"], "argument --budget-sweep: a percentage must be in 0..100, not '-5'"),
     (["--ready-timeout", "-1"], "argument --ready-timeout: a timeout must be above 0 s"),
     (["--expert-budget", "4XB"], "argument --expert-budget: not a size: '4XB' (examples: 16GB"),
-    (["--kv-cache-tokens", "-5"], "tierserve up would refuse it: kv_cache_tokens must be >= 1, not -5"),
-    (["--prefill-chunk", "big"], "tierserve up would refuse it: config prefill_chunk: 'big' is not a valid int"),
-    (["--bogus-flag", "3"], "unrecognized arguments (neither the bench's nor tierserve up's): --bogus-flag 3"),
+    (["--profile-steps", "-5"], "argument --profile-steps: must be 1 or more, not -5"),
+    (["--kv-cache-tokens", "-5"], "tierserve up would refuse its options: kv_cache_tokens must be >= 1, not -5"),
+    (["--prefill-chunk", "big"], "tierserve up would refuse its options: config prefill_chunk: 'big' is not a valid"),
+    (["--bogus-flag", "3"], "tierserve up would refuse its options: unrecognized arguments: --bogus-flag 3"),
 ])
 def test_flags_a_run_cannot_use_are_refused_before_anything_is_measured(capsys, args, message):
     """--max-tokens 0 ran with the default; 0 or negative lengths started the system, then failed naming no flag;
     --hot-experts with --endpoint was recorded with the results, though the running system never used it. A budget
-    sweep of NaN ended in a traceback, one of -5% (and a negative --ready-timeout, a bad option passed on to
-    `tierserve up`) failed only once the machine had been measured, in up's words."""
+    sweep of NaN ended in a traceback, one of -5%, a negative --ready-timeout or --profile-steps failed only once
+    the machine had been measured; a bad option passed on to `tierserve up` exited with status 1 and up's usage
+    page, once a preset's model was made."""
     with pytest.raises(SystemExit) as exit_:
         bench_main(["--preset", "tiny", "--quick", *args])
     assert exit_.value.code == 2 and message in capsys.readouterr().err

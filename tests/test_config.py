@@ -104,18 +104,19 @@ def test_a_timeout_that_is_not_a_finite_number_is_refused_at_load(value):
 
 
 @pytest.mark.parametrize("endpoint", ["garbage", "localhost:5555", "udp://127.0.0.1:5", "tcp://127.0.0.1",
-                                      "tcp://127.0.0.1:99999", "ipc://", "tcp://127.0.0.1:00", "tcp://[::1]:5555"])
+                                      "tcp://127.0.0.1:99999", "ipc://", "tcp://127.0.0.1:00", "tcp://[::1]:5555",
+                                      "tcp://::1:5555"])
 def test_a_client_endpoint_zeromq_cannot_take_is_refused_at_load(endpoint):
     """`tierserve up` died of a ZMQError traceback as it first connected; port 99999 was bound as 34463 (ZeroMQ
-    takes it modulo 65536), while up said the system was ready on 99999. A port with a leading zero and an IPv6
-    address (without the IPV6 socket option) passed here and failed only at the bind, as "Invalid argument" and
-    "No such device"."""
+    takes it modulo 65536), while up said the system was ready on 99999. Port 00 (libzmq reads ports with atoi and
+    refuses a 0 not written "0") and an IPv6 address (without the IPV6 socket option) passed here and failed only at
+    the bind, as "Invalid argument" and "No such device"."""
     with pytest.raises(ValueError, match=re.escape(
-            "client_endpoint must be tcp://HOST:PORT (a host name or IPv4 address, a port of 0-65535 without leading "
-            f"zeros, or *) or ipc://PATH, not '{endpoint}'")):
+            "client_endpoint must be tcp://HOST:PORT (HOST not an IPv6 address, PORT 0-65535 or *) or ipc://PATH, "
+            f"not '{endpoint}'")):
         load_config(None, client_endpoint=endpoint)
-    for good in ("tcp://*:5555", "tcp://127.0.0.1:0", "tcp://127.0.0.1:65535", "tcp://localhost:*",
-                 "ipc:///tmp/c.sock"):
+    for good in ("tcp://*:5555", "tcp://127.0.0.1:0", "tcp://127.0.0.1:65535", "tcp://127.0.0.1:05555",
+                 "tcp://localhost:*", "ipc:///tmp/c.sock"):
         assert load_config(None, client_endpoint=good).client_endpoint == good
 
 
