@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
             return int(getattr(importlib.import_module(module), function or "main")(rest) or 0)
         except KeyboardInterrupt:  # Ctrl-C: the shell's exit status for SIGINT, without a traceback
             return 130
+        except BrokenPipeError:  # the output's reader went away (`| head`): the shell's status for SIGPIPE, quietly
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails again
+            return 141
     if command in ROLES:
         exec_role(ROLES[command], rest)
     print(f"tierserve: unknown command {command!r}\n{usage()}", file=sys.stderr)

@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 
 from shared.client import Client, ServerError, Stream, check_timeout
-from shared.config import load_config
+from shared.config import check_endpoint, load_config
 
 
 def seconds_argument(text: str) -> float:
@@ -29,8 +29,9 @@ def seconds_argument(text: str) -> float:
 
 
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--endpoint", help="the coordinator's client endpoint (tcp://HOST:PORT)")
-    parser.add_argument("--config", help="TOML configuration file whose client_endpoint to use")
+    where = parser.add_mutually_exclusive_group()  # with both, the file was ignored without a word
+    where.add_argument("--endpoint", help="the coordinator's client endpoint (tcp://HOST:PORT)")
+    where.add_argument("--config", help="TOML configuration file whose client_endpoint to use")
     parser.add_argument("--timeout", type=seconds_argument, default=60.0, help="seconds to wait for each answer")
 
 
@@ -52,7 +53,8 @@ def _sampling(args: argparse.Namespace) -> dict[str, Any]:
 
 def _client(args: argparse.Namespace) -> Client:
     try:
-        endpoint = args.endpoint or load_config(args.config).client_connect_endpoint
+        endpoint = check_endpoint(args.endpoint, "--endpoint") if args.endpoint else \
+            load_config(args.config).client_connect_endpoint
     except (OSError, ValueError) as e:
         raise SystemExit(f"tierserve: {e}") from None
     try:
@@ -80,6 +82,8 @@ def generate_main(argv: list[str] | None = None) -> int:
     _connection_arguments(parser)
     _sampling_arguments(parser)
     args = parser.parse_args(argv)
+    if args.logprobs < 0:
+        parser.error(f"argument --logprobs: must be 0 or more, not {args.logprobs}")
     if args.logprobs and not args.json:
         parser.error("--logprobs needs --json: the streamed text has no place for them")
     with _client(args) as client:
@@ -103,6 +107,8 @@ def chat_main(argv: list[str] | None = None) -> int:
     _connection_arguments(parser)
     _sampling_arguments(parser)
     args = parser.parse_args(argv)
+    if sys.stdin is None:  # closed (<&-): its first read was an AttributeError
+        parser.error("stdin is closed: chat reads its turns from it")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     with _client(args) as client:
         failed = _chat(client, messages, _sampling(args), sys.stdin.isatty())

@@ -26,6 +26,7 @@ import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from shared.config import check_endpoint
 from shared.protocol import (
     Cancel,
     ErrorEvent,
@@ -97,7 +98,8 @@ class Completion:
 def generate_request(request_id: str | None = None, **options: Any) -> Generate:
     """A Generate message; `options` are its fields (prompt / messages / token_ids, max_tokens, temperature,
     top_p, top_k, seed, stop, logprobs). A fresh request id is drawn when none is given."""
-    return Generate(request_id=checked_request_id(request_id) or uuid.uuid4().hex, **options)
+    request_id = checked_request_id(request_id)
+    return Generate(request_id=uuid.uuid4().hex if request_id is None else request_id, **options)
 
 
 def checked_request_id(request_id: Any) -> Any:
@@ -105,6 +107,8 @@ def checked_request_id(request_id: Any) -> Any:
     (which then waited out its timeout), and answered the next health or stats call instead."""
     if request_id is not None and not isinstance(request_id, str):
         raise TypeError(f"request_id must be a str, not {type(request_id).__name__}")
+    if request_id == "":  # was replaced by a fresh id, as if none were given
+        raise ValueError("request_id must not be empty (None draws a fresh one)")
     return request_id
 
 
@@ -207,6 +211,7 @@ def _new_socket(ctx: zmq.Context, endpoint: str) -> tuple[zmq.Socket, zmq.Socket
     """The DEALER, and its monitor's socket, which tells of a dropped connection: the DEALER itself would
     reconnect without a word, and the streams in flight would wait out their timeout for events that never
     come."""
+    check_endpoint(endpoint, "endpoint")
     socket = ctx.socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
     socket.setsockopt(zmq.SNDHWM, 10_000)
@@ -228,6 +233,8 @@ MAX_TIMEOUT_S = (2**31 - 1) / 1000
 
 def check_timeout(timeout_s: float) -> float:
     """`timeout_s` if a client can wait that long: above 0 (no answer comes within 0 s) and within MAX_TIMEOUT_S."""
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)):  # "5" and None: a bare TypeError
+        raise ValueError(f"a timeout must be a number of seconds, not {timeout_s!r}")
     if not 0 < timeout_s <= MAX_TIMEOUT_S:
         raise ValueError(f"a timeout must be above 0 s and at most {MAX_TIMEOUT_S:,.0f} s, not {timeout_s}")
     return timeout_s

@@ -70,6 +70,19 @@ def positive_int(text: str) -> int:
     return n
 
 
+def check_endpoint(endpoint: Any, what: str) -> str:
+    """`endpoint`, if ZeroMQ can take it for a client endpoint (`what` names it in the error): a port past 65535 was
+    taken modulo 65536 (a server listened, or a client connected, on a port nobody named), and a missing one ended
+    in a traceback."""
+    tcp = _TCP_ENDPOINT.match(endpoint) if isinstance(endpoint, str) else None
+    port = tcp.group(1) if tcp else ""
+    if not (port == "*" or port and (port == "0" or 0 < int(port) <= 65535) or
+            isinstance(endpoint, str) and endpoint.startswith("ipc://") and len(endpoint) > len("ipc://")):
+        raise ValueError(f"{what} must be tcp://HOST:PORT (HOST not an IPv6 address, PORT 0-65535 or *) or "
+                         f"ipc://PATH, not {endpoint!r}")
+    return endpoint
+
+
 def parse_percent(text: str) -> float:
     """'10%' or '10' -> 10.0: a share in percent, 0..100."""
     try:
@@ -233,15 +246,9 @@ class Config:
             raise ValueError(f"host_memory_floor: {e}") from None
 
     def _check_endpoints(self) -> None:
-        """Refuse endpoints ZeroMQ would: a port past 65535 was taken modulo 65536 (the server listened on a port
-        nobody was told), a missing one or a run dir too long for a socket file's path ended in a traceback."""
-        endpoint = self.client_endpoint
-        tcp = _TCP_ENDPOINT.match(endpoint)
-        port = tcp.group(1) if tcp else ""
-        if not (port == "*" or port and (port == "0" or 0 < int(port) <= 65535) or
-                endpoint.startswith("ipc://") and len(endpoint) > len("ipc://")):
-            raise ValueError(f"client_endpoint must be tcp://HOST:PORT (HOST not an IPv6 address, PORT 0-65535 or *) "
-                             f"or ipc://PATH, not {endpoint!r}")
+        """Refuse endpoints ZeroMQ would (check_endpoint); a run dir too long for a socket file's path ended in a
+        traceback."""
+        endpoint = check_endpoint(self.client_endpoint, "client_endpoint")
         longest = [endpoint] if endpoint.startswith("ipc://") else []
         longest += [self.control_endpoint, self.engine_endpoint, *self.expert_host_endpoints[-1:]]
         for ipc in longest:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -353,6 +354,38 @@ def test_the_demo_of_a_model_that_is_not_there_says_so_without_a_traceback(tmp_p
     assert f"cannot start: {tmp_path}/missing.gguf: no such model file" in run.stderr
     assert "tierserve demo: tierserve up exited with 1 before it was ready" in run.stderr
     assert "Traceback" not in run.stderr, run.stderr
+
+
+@pytest.mark.parametrize(("args", "code", "message"), [
+    (["generate", "--endpoint", "tcp://127.0.0.1:99999", "hi"], 1,
+     "tierserve: --endpoint must be tcp://HOST:PORT (HOST not an IPv6 address, PORT 0-65535 or *)"),
+    (["generate", "--endpoint", "tcp://127.0.0.1:9", "--config", "c.toml", "hi"], 2,
+     "argument --config: not allowed with argument --endpoint"),
+    (["generate", "--endpoint", "tcp://127.0.0.1:9", "--logprobs", "-1", "hi"], 2,
+     "argument --logprobs: must be 0 or more, not -1"),
+])
+def test_client_commands_name_a_bad_option(capsys, args, code, message):
+    """Port 99999 connected to 34463 (ZeroMQ takes ports modulo 65536) and answered from there; --config beside
+    --endpoint was ignored without a word; --logprobs -1 was told it needs --json."""
+    with pytest.raises(SystemExit) as exit_:
+        tierserve(args)
+    status = exit_.value.code
+    said = capsys.readouterr().err if status == 2 else str(status)  # argparse prints it; SystemExit(text) holds it
+    assert (status == 2) == (code == 2) and message in said
+
+
+def test_output_to_a_closed_pipe_and_chat_without_stdin_end_without_a_traceback(model):
+    """`tierserve ... | head -c 3` ended in a BrokenPipeError traceback, twice over; `chat <&-` in an
+    AttributeError."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first write
+    run = subprocess.run([sys.executable, "-m", "shared.cli", "convert-experts", str(model)], stdout=write,
+                         stderr=subprocess.PIPE, text=True, timeout=120)
+    os.close(write)
+    assert run.returncode == 141 and "Traceback" not in run.stderr, run.stderr
+    run = subprocess.run([sys.executable, "-m", "shared.cli", "chat", "--endpoint", "tcp://127.0.0.1:9"],
+                         capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.close(0))
+    assert run.returncode == 2 and "stdin is closed: chat reads its turns from it" in run.stderr, run.stderr
 
 
 def test_the_demo_reports_a_refused_request_without_a_traceback_and_stops_the_system(model):

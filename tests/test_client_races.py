@@ -254,6 +254,20 @@ def test_a_request_that_could_not_be_sent_leaves_its_id_free(kind, fake_server):
         asyncio.run(main())
 
 
+def test_an_empty_request_id_or_a_bad_endpoint_or_timeout_is_refused_by_name():
+    """An empty id was replaced by a fresh one, as if none were given; port 99999 connected to 34463 (ZeroMQ takes
+    ports modulo 65536); a timeout of "5" or None ended in a bare TypeError comparing it, and True was 1 s."""
+    with Client("tcp://127.0.0.1:9", timeout_s=1.0) as client:
+        with pytest.raises(ValueError, match="request_id must not be empty"):
+            client.complete(prompt="x", request_id="")
+    for endpoint in ("tcp://127.0.0.1:99999", None):
+        with pytest.raises(ValueError, match=f"endpoint must be tcp://HOST:PORT .* not {endpoint!r}"):
+            Client(endpoint)
+    for timeout in ("5", None, True):
+        with pytest.raises(ValueError, match=f"a timeout must be a number of seconds, not {timeout!r}"):
+            Client("tcp://127.0.0.1:9", timeout_s=timeout)
+
+
 def test_a_request_id_that_is_no_string_is_refused_before_it_is_sent():
     """The server's refusal of an int id could not be told to its request, which waited out its timeout; the
     refusal then answered the next health call (and a cancel of that id another)."""
