@@ -422,7 +422,8 @@ def main(argv: list[str] | None = None) -> int:
             with Client(args.endpoint, timeout_s=ENDPOINT_CHECK_S) as client:
                 args.served_model = served_model(client.health(), args.endpoint)
         results = bench(args, out)
-    except (ModelError, ServerError, RuntimeError, OSError, zmq.ZMQError) as e:  # OSError: TimeoutError too
+    # OSError: TimeoutError too; ValueError: an endpoint no client can take
+    except (ModelError, ServerError, RuntimeError, OSError, ValueError, zmq.ZMQError) as e:
         print(f"tierserve bench: error: {e}", file=sys.stderr)
         _remove_empty(made)
         return 1
