@@ -5,6 +5,7 @@ Roles run as `python -m <role>` so this module (in `shared/`) never imports a ro
 
 from __future__ import annotations
 
+import errno
 import importlib
 import os
 import sys
@@ -46,12 +47,24 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:  # Ctrl-C: the shell's exit status for SIGINT, without a traceback
             return 130
         except BrokenPipeError:  # the output's reader went away (`| head`): the shell's status for SIGPIPE, quietly
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # or the exit's flush fails again
+            _drop_stdout()
             return 141
+        except OSError as e:  # a full disk (`> /dev/full`, or a file a tool writes): named, not a traceback
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            where = f"{e.filename}: " if e.filename else ""
+            print(f"tierserve {command}: {where}{e.strerror}", file=sys.stderr)
+            _drop_stdout()
+            return 1
     if command in ROLES:
         exec_role(ROLES[command], rest)
     print(f"tierserve: unknown command {command!r}\n{usage()}", file=sys.stderr)
     return 2
+
+
+def _drop_stdout() -> None:
+    """Point stdout at /dev/null, or the exit's flush of what is left in its buffer fails again."""
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def exec_role(module: str, argv: list[str]) -> None:

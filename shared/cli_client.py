@@ -28,6 +28,18 @@ def seconds_argument(text: str) -> float:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def utf8_text(text: str) -> str:
+    """An argparse type: text that is valid UTF-8. Arguments and stdin are decoded with surrogate escapes, so a
+    byte that is not UTF-8 stays a lone surrogate, which the request's encoding then refused in the codec's words."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = text[e.start].encode("utf-8", "surrogateescape")
+        raise argparse.ArgumentTypeError(
+            f"not valid UTF-8: byte {', '.join(f'{b:#04x}' for b in byte)} at character {e.start}") from None
+    return text
+
+
 def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()  # with both, the file was ignored without a word
     where.add_argument("--endpoint", help="the coordinator's client endpoint (tcp://HOST:PORT)")
@@ -42,7 +54,7 @@ def _sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=0, help="0: off")
     parser.add_argument("--seed", type=int)
     # one string a flag: with several, --stop also took the prompt that followed it
-    parser.add_argument("--stop", action="append", default=[], metavar="S",
+    parser.add_argument("--stop", action="append", default=[], metavar="S", type=utf8_text,
                         help="a stop string (repeat for more): generation ends before the first one that appears")
 
 
@@ -74,7 +86,7 @@ def _fail(command: str, error: Exception) -> int:
 
 def generate_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierserve generate", description="Complete a text, streaming it.")
-    parser.add_argument("text", help="the prompt")
+    parser.add_argument("text", type=utf8_text, help="the prompt")
     parser.add_argument("--json", action="store_true",
                         help="print one JSON object (token ids, text, logprobs, usage, timings) at the end")
     parser.add_argument("--logprobs", type=int, default=0,
@@ -103,7 +115,7 @@ def chat_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tierserve chat",
                                      description="Chat over stdin: one line is one turn; end with EOF (Ctrl-D). "
                                                  "Exits 1 if a turn failed.")
-    parser.add_argument("--system", help="a system message that opens the conversation")
+    parser.add_argument("--system", type=utf8_text, help="a system message that opens the conversation")
     _connection_arguments(parser)
     _sampling_arguments(parser)
     args = parser.parse_args(argv)
@@ -126,7 +138,12 @@ def _chat(client: Client, messages: list[dict], sampling: dict[str, Any], intera
             return failed
         if not line.strip():
             continue
-        messages.append({"role": "user", "content": line.rstrip("\n")})
+        try:
+            messages.append({"role": "user", "content": utf8_text(line.rstrip("\n"))})
+        except argparse.ArgumentTypeError as e:
+            _fail("chat", f"the turn is {e}")
+            failed += 1
+            continue
         try:
             reply = _print_stream(client.generate(messages=messages, **sampling))
         except REQUEST_ERRORS as e:

@@ -363,10 +363,18 @@ def test_the_demo_of_a_model_that_is_not_there_says_so_without_a_traceback(tmp_p
      "argument --config: not allowed with argument --endpoint"),
     (["generate", "--endpoint", "tcp://127.0.0.1:9", "--logprobs", "-1", "hi"], 2,
      "argument --logprobs: must be 0 or more, not -1"),
+    # a byte that is not UTF-8 reaches argv as a lone surrogate
+    (["generate", "--endpoint", "tcp://127.0.0.1:9", "ab\udce2"], 2,
+     "argument text: not valid UTF-8: byte 0xe2 at character 2"),
+    (["generate", "--endpoint", "tcp://127.0.0.1:9", "--stop", "\udcff", "hi"], 2,
+     "argument --stop: not valid UTF-8: byte 0xff at character 0"),
+    (["chat", "--endpoint", "tcp://127.0.0.1:9", "--system", "\udcff"], 2,
+     "argument --system: not valid UTF-8: byte 0xff at character 0"),
 ])
 def test_client_commands_name_a_bad_option(capsys, args, code, message):
     """Port 99999 connected to 34463 (ZeroMQ takes ports modulo 65536) and answered from there; --config beside
-    --endpoint was ignored without a word; --logprobs -1 was told it needs --json."""
+    --endpoint was ignored without a word; --logprobs -1 was told it needs --json; text that is not UTF-8 was
+    refused in the codec's words ("surrogates not allowed")."""
     with pytest.raises(SystemExit) as exit_:
         tierserve(args)
     status = exit_.value.code
@@ -386,6 +394,18 @@ def test_output_to_a_closed_pipe_and_chat_without_stdin_end_without_a_traceback(
     run = subprocess.run([sys.executable, "-m", "shared.cli", "chat", "--endpoint", "tcp://127.0.0.1:9"],
                          capture_output=True, text=True, timeout=120, preexec_fn=lambda: os.close(0))
     assert run.returncode == 2 and "stdin is closed: chat reads its turns from it" in run.stderr, run.stderr
+
+
+def test_output_to_a_full_disk_and_a_chat_turn_not_utf8_are_named(model):
+    """`> /dev/full` ended in an OSError traceback; a turn that is not UTF-8 was refused in the codec's words."""
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, "-m", "shared.cli", "convert-experts", str(model)], stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=120)
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "tierserve convert-experts: No space left on device" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "shared.cli", "chat", "--endpoint", "tcp://127.0.0.1:9"],
+                         input=b"\xff hi\n", capture_output=True, timeout=120)
+    assert run.returncode == 1 and b"the turn is not valid UTF-8: byte 0xff at character 0" in run.stderr, run.stderr
 
 
 def test_the_demo_reports_a_refused_request_without_a_traceback_and_stops_the_system(model):
