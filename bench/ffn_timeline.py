@@ -76,14 +76,9 @@ class StampedKernels:
     def kernel(self, x_tiles: int, swiglu: bool, stages: int, one_row: bool, int8: bool, unrolled: bool,
                device: torch.device):
         """As mma_decode._kernel, from the stamped source."""
-        flags = ", ".join("true" if f else "false" for f in (one_row, int8, unrolled))
-        name = f"quant_decode<{x_tiles}, {'true' if swiglu else 'false'}, {stages}, {flags}>"
+        name = mma_decode.kernel_name(x_tiles, swiglu, stages, one_row, int8, unrolled)
         if name not in self.functions:
-            module = self.cupy.RawModule(code=self.source, options=("--std=c++17",), name_expressions=[name])
-            function = module.get_function(name)
-            function.max_dynamic_shared_size_bytes = \
-                torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-            self.modules[name], self.functions[name] = module, function
+            self.modules[name], self.functions[name] = mma_decode.compile_kernel(self.source, name, device)
         return self.functions[name].kernel
 
     def arrays(self) -> list:

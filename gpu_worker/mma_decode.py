@@ -54,21 +54,34 @@ _BLOCK_WARPS = 16  # warps x tiles of x in a block at most: the kernel's launch 
 _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
 
 
-@functools.cache
-def _kernel(x_tiles: int, swiglu: bool, stages: int, one_row: bool, int8: bool, unrolled: bool, device: torch.device):
-    """The compiled kernel as cupy's Function, which keeps its module loaded: its ptr is the CUfunction. one_row:
-    for launches of at most one row of x per expert; unrolled: as unrolled_rounds says."""
+def kernel_name(x_tiles: int, swiglu: bool, stages: int, one_row: bool, int8: bool, unrolled: bool) -> str:
+    """The name expression of quant_decode's instantiation. one_row: for launches of at most one row of x per expert;
+    unrolled: as unrolled_rounds says."""
+    def cpp(flag: bool) -> str:
+        return "true" if flag else "false"
+
+    return f"quant_decode<{x_tiles}, {cpp(swiglu)}, {stages}, {', '.join(map(cpp, (one_row, int8, unrolled)))}>"
+
+
+def compile_kernel(source: str, name: str, device: torch.device):
+    """(module, function) of `name` compiled from `source` by NVRTC, allowed the shared memory a block may opt into
+    on `device`."""
     try:
         import cupy
     except ImportError as e:
         raise ImportError("int4 experts on a GPU, and int8's down, need cupy (pip install 'tierserve[gpu]')") from e
-    flags = ", ".join("true" if f else "false" for f in (one_row, int8, unrolled))
-    name = f"quant_decode<{x_tiles}, {'true' if swiglu else 'false'}, {stages}, {flags}>"
     with cupy.cuda.Device(device.index):
-        module = cupy.RawModule(code=_SOURCE.read_text(), options=("--std=c++17",), name_expressions=[name])
-        kernel = module.get_function(name)
-        kernel.max_dynamic_shared_size_bytes = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
-        return kernel.kernel
+        module = cupy.RawModule(code=source, options=("--std=c++17",), name_expressions=[name])
+        function = module.get_function(name)
+        function.max_dynamic_shared_size_bytes = _shared_limit(device)
+        return module, function
+
+
+@functools.cache
+def _kernel(x_tiles: int, swiglu: bool, stages: int, one_row: bool, int8: bool, unrolled: bool, device: torch.device):
+    """The compiled kernel as cupy's Function, which keeps its module loaded: its ptr is the CUfunction."""
+    name = kernel_name(x_tiles, swiglu, stages, one_row, int8, unrolled)
+    return compile_kernel(_SOURCE.read_text(), name, device)[1].kernel
 
 
 class _Args(ctypes.Structure):
