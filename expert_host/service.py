@@ -246,7 +246,7 @@ def count_work(seconds: float, rows: int) -> None:
 
 def handle(store: ExpertStore, frames: list) -> list:
     try:
-        msg = decode(frames)
+        msg = decode(frames, expected=(ExpertWork,))
     except ProtocolError as e:
         WORK.labels("error").inc()
         # answered under its header's step and layer where they can be read: the worker waits for that step and
@@ -254,9 +254,6 @@ def handle(store: ExpertStore, frames: list) -> list:
         header = recover_fields(frames, ("step", "layer"))
         step, layer = (v if type(v := header.get(k)) is int else -1 for k in ("step", "layer"))
         return encode(ExpertFailure(step=step, layer=layer, code=e.code, message=e.message))
-    if not isinstance(msg, ExpertWork):
-        WORK.labels("error").inc()
-        return encode(ExpertFailure(step=-1, layer=-1, code="unexpected", message=f"cannot handle {msg.KIND}"))
     try:
         output, seconds = compute(store, msg.layer, msg.expert_ids, msg.counts, msg.hidden)
     except ValueError as e:

@@ -336,7 +336,9 @@ def _tensor_from(spec: Any, frames: list[Any], where: str) -> torch.Tensor:
         raise ProtocolError("bad_field", f"{where} must be a tensor")
     torch, dtypes = _torch(), _wire_dtypes()[1]
     index, dtype_name, shape = spec.get("__tensor__"), spec.get("dtype"), spec.get("shape")
-    if dtype_name not in dtypes or not isinstance(index, int) or not isinstance(shape, list):
+    # a dtype that is a list or map is unhashable: tested as a key, it raised TypeError, which no receiver caught
+    if (not isinstance(dtype_name, str) or dtype_name not in dtypes or type(index) is not int
+            or not isinstance(shape, list)):
         raise ProtocolError("bad_field", f"{where}: malformed tensor header")
     if not all(type(d) is int and d >= 0 for d in shape):  # bool is an int, but no size
         raise ProtocolError("bad_field", f"{where}: tensor shape {shape} is not a list of sizes >= 0")

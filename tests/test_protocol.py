@@ -116,6 +116,11 @@ def _frames(header: dict) -> list[bytes]:
          r"health: 1 frame\(s\) after the header, where its tensors take 0"),
         (_frames({"v": 1, "kind": "expert_work", "step": 0, "layer": 0, "expert_ids": [], "counts": [],
                   "hidden": {"__tensor__": 0, "dtype": "f4", "shape": [2, 2]}}), "bad_field", "frame 0 is missing"),
+        # a dtype that cannot be a key raised TypeError (a host's socket loop ended on it); an index of True was
+        # taken for frame 1
+        *[(_frames({"v": 1, "kind": "expert_work", "step": 0, "layer": 0, "expert_ids": [], "counts": [],
+                    "hidden": {"__tensor__": index, "dtype": dtype, "shape": [2, 2]}}), "bad_field",
+           "expert_work.hidden: malformed tensor header") for index, dtype in [(0, [1]), (0, {"a": 1}), (True, "f4")]],
         # an item of a list of lists that is no list raised TypeError
         (_frames({"v": 1, "kind": "token", "request_id": "a", "index": 0, "token_id": 1, "text": "",
                   "top_logprobs": [5]}), "bad_field", r"token.top_logprobs\[0\] must be list, got int"),

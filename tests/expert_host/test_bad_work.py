@@ -58,6 +58,10 @@ def host(expert_models, tmp_path):
     (work([64], "i4"), "bad_work", "expected floats of shape"),
     (work([], "f4", bytes(4)), "bad_work", "expected floats of shape"),
     (work([1, 64]), "bad_work", r"experts \[0\] are not held by this host"),
+    (work([1, 64], [1]), "bad_field", "malformed tensor header"),  # ended the host: TypeError, unhashable
+    # another kind, answered by name as every other role answers it (was "unexpected", at step and layer -1)
+    ([msgpack.packb({"v": 1, "kind": "health", "step": 3, "layer": 0})], "unexpected_kind",
+     "'health' is not expected here: send one of expert_work"),
 ])
 def test_malformed_work_is_answered_with_an_error_and_the_host_serves_on(host, frames, code, text):
     ask, process, _ = host
