@@ -13,7 +13,7 @@ import zmq
 from prometheus_client import Counter, Gauge, Histogram
 
 from expert_host.memory import HostMemoryError
-from expert_host.store import ExpertStore
+from expert_host.store import ExpertStore, PlacementStopped
 from shared.config import Config, add_config_arguments, config_from_args
 from shared.expert_cache import CacheError, ConversionStopped
 from shared.expert_source import open_expert_source
@@ -151,7 +151,13 @@ def serve(config: Config, host_index: int) -> int:
     mailbox = open_mailbox(config, host_index, model, log)
     if config.pin_host_threads:
         bind_threads(config, host_index, log)
-    store.keep_alive = lambda: control.heartbeat_if_due(store.placement_version, {"experts": len(store.weights)})
+
+    def keep_alive() -> None:  # between a placement's copies, and while it waits for another host's to end
+        if stop.stopping:  # a copy of many GB, or a wait for one, heard SIGTERM only at its end
+            raise PlacementStopped(f"stopped while taking placement v{placement.version} on: it holds none")
+        control.heartbeat_if_due(store.placement_version, {"experts": len(store.weights)})
+
+    store.keep_alive = keep_alive
     log.info("serving %s on %s%s, metrics on :%d", config.model, endpoint,
              f" and {mailbox.path}" if mailbox else "", metrics_port)
     queue: collections.deque[list] = collections.deque()
@@ -164,6 +170,9 @@ def serve(config: Config, host_index: int) -> int:
                 except (HostMemoryError, CacheError) as e:  # it cannot be held here: say why and stop
                     log.error("cannot hold placement v%d: %s", placement.version, e)
                     return 1
+                except PlacementStopped as e:
+                    log.info("%s", e)
+                    break
                 HELD.set(len(store.weights))
                 HELD_BYTES.set(store.nbytes)
                 log.info("placement v%d: holding %d experts (%.1f MB)", placement.version, len(store.weights),

@@ -21,6 +21,11 @@ from shared.placement import Placement
 from shared.quant import matrix_tensors
 
 
+class PlacementStopped(Exception):
+    """Raised by a store's keep_alive when the process is told to stop while it waits to take a placement on or
+    fills its memory for one."""
+
+
 class ExpertStore:
     """Mapped experts are zero-copy views of the model file (float experts) or of its expert cache file
     (quantized ones), so RAM is the pages they touch; pinned experts are copies of the same bytes that the host
@@ -39,7 +44,8 @@ class ExpertStore:
         self._arena: memory.SharedSegment | None = None
         self._lane_tables: dict[int, LayerTable | None] = {}  # layer -> its held experts' addresses, made on use
         # called while a placement waits for the memory lock and between the regions it copies: the host's
-        # heartbeat, since both can outlast the coordinator's heartbeat timeout
+        # heartbeat, since both can outlast the coordinator's heartbeat timeout, and where a stop is heard
+        # (raising PlacementStopped: the store then holds nothing)
         self.keep_alive: Callable[[], None] = lambda: None
 
     @classmethod

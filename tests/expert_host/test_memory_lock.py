@@ -114,6 +114,39 @@ def test_a_host_waiting_for_the_lock_keeps_sending_heartbeats(expert_models, tmp
             ctx.term()
 
 
+def test_a_host_waiting_for_the_lock_stops_on_sigterm(expert_models, tmp_path):
+    """SIGTERM reached a host waiting for the memory lock only once the other host was done and this one had
+    filled its memory too: under `tierserve up`, a stop ran out its drain timeout and ended in SIGKILL."""
+    import zmq
+
+    config = Config(model=str(expert_models["f32"]), run_dir=str(tmp_path))
+    placement = round_robin_placement(GGUFModel(config.model).config, 0, 1, version=7)
+    ctx = zmq.Context()
+    control = ctx.socket(zmq.ROUTER)
+    control.setsockopt(zmq.LINGER, 0)
+    control.setsockopt(zmq.RCVTIMEO, 60_000)
+    control.bind(config.control_endpoint)
+    with subprocess.Popen([sys.executable, "-c", HOLDER], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          text=True) as holder:
+        assert holder.stdout.readline() == "held\n"
+        host = subprocess.Popen([sys.executable, "-m", "expert_host", "--model", config.model, "--run-dir",
+                                 config.run_dir, "--metrics-port", "0", "--host-id", "0", "--host-memory", "pinned"],
+                                cwd=ROOT, stderr=subprocess.PIPE, text=True)
+        try:
+            identity, *frames = control.recv_multipart()
+            control.send_multipart([identity, *encode(Welcome(placement=placement.to_dict()))])
+            control.recv_multipart()  # a heartbeat from the wait
+            time.sleep(0.5)
+            host.terminate()
+            assert host.wait(timeout=10) == 0
+            assert "stopped while taking placement v7 on: it holds none" in host.stderr.read()
+        finally:
+            host.kill()
+            host.wait()
+            control.close()
+            ctx.term()
+
+
 def test_a_refused_placement_lets_go_of_the_lock(expert_models):
     model = GGUFModel(expert_models["f32"])
     source = open_expert_source(model, Config())
