@@ -6,7 +6,8 @@ placement version other than the current one (0 after a start or restart) gets a
 Each process says which start of its member id it is (its incarnation): one heard from under a member id that another
 holds takes it over, whether the holder died (a restart, which needs no wait for its timeout) or runs on (the id was
 started twice). The one replaced is not the member any more: each of its heartbeats, for as long as they keep coming,
-is answered that it must stop, and counts for nothing.
+is answered that it must stop, and counts for nothing. A process on another model file than the coordinator's takes
+no id over from a live one on the coordinator's: it is refused.
 The system is ready when the gpu worker and every expert host the placement uses are alive and have applied the
 current placement. Only the gpu worker and the placement's expert hosts, each in its own role, are members: a
 heartbeat under another id (another configuration's host, or a stray message) is refused by name.
@@ -111,6 +112,14 @@ class Membership:
             return HeartbeatOutcome(superseded_by=self.members[hb.member_id], first_notice=first_notice)
         old = self.members.get(hb.member_id)
         another_process = old is not None and old.incarnation != hb.incarnation
+        if another_process and old.alive and old.model == self.model != hb.model:
+            # taking over, it would stop a process that serves this system for one that cannot: it is sent no
+            # placement, and the id would be left with no process serving it
+            first_notice = (hb.member_id, hb.incarnation) not in self.refused
+            self.refused[hb.member_id, hb.incarnation] = now
+            return HeartbeatOutcome(refused=f"{hb.member_id} is served by pid {old.pid} on {old.host}, on this "
+                                            f"system's model ({self.model}); this process serves another ({hb.model})",
+                                    first_notice=first_notice)
         if another_process:  # restarted, or started a second time; or found lost while it was only paused (SIGSTOP,
             # a long stall): what the old one sends from now on is not the member's, lest it take the id back
             self.replaced[old.member_id, old.incarnation] = Replaced(old.last_seen)

@@ -133,7 +133,9 @@ def serve(config: Config, host_index: int) -> int:
     placement = None
     if listened_on(endpoint):
         # Another process serves this id. Binding the endpoint and making the mailbox would take both from it, so
-        # they wait until joining has superseded it: one stopped before it joined leaves that process serving.
+        # they wait until joining has superseded it. The coordinator takes the id over at this process's first
+        # heartbeat (and tells that one to stop), unless this one serves another model file than the coordinator
+        # while that one serves the coordinator's: then this one is refused and stops.
         log.info("%s is served by another process: joining before taking it over", endpoint)
         placement = control.wait_for_placement()
         if placement is None:

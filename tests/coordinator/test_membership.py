@@ -79,6 +79,22 @@ def test_a_second_process_under_a_member_id_takes_it_over_and_the_first_is_told_
     assert not members.is_alive("gpu-worker") and members.members["gpu-worker"].pid == 200
 
 
+def test_a_second_process_on_another_model_file_takes_no_id_over_from_a_live_member(members):
+    """It took the id over and the first was told to stop, though the second, on another file, is sent no
+    placement: the id was left with no process serving it. Once the first is gone it joins, as a restart does."""
+    members.heartbeat(beat("expert-host-1", 3, pid=100), now=0.0)
+    other = beat("expert-host-1", 0, pid=200, host="node-b", model="9 bytes, fedcba9876543210")
+    refused = members.heartbeat(other, now=0.5)
+    assert refused.refused == ("expert-host-1 is served by pid 100 on node-a, on this system's model "
+                               f"({MODEL}); this process serves another (9 bytes, fedcba9876543210)")
+    assert refused.first_notice and not members.heartbeat(other, now=0.7).first_notice
+    kept = members.heartbeat(beat("expert-host-1", 3, pid=100), now=1.0)
+    assert kept.superseded_by is None and members.members["expert-host-1"].pid == 100
+    members.expire(3.5)  # the first is gone
+    joined = members.heartbeat(other, now=3.6)
+    assert (joined.refused, joined.joined, joined.welcome) == ("", True, False)
+
+
 def test_a_replaced_process_is_forgotten_once_silent_for_an_hour(members):
     """A quick restart leaves its predecessor's incarnation behind: kept, every restart would add one for good."""
     members.heartbeat(beat("expert-host-0", 3, pid=100), now=0.0)
