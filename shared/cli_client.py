@@ -30,7 +30,8 @@ def seconds_argument(text: str) -> float:
 
 def utf8_text(text: str) -> str:
     """An argparse type: text that is valid UTF-8. Arguments and stdin are decoded with surrogate escapes, so a
-    byte that is not UTF-8 stays a lone surrogate, which the request's encoding then refused in the codec's words."""
+    byte that is not UTF-8 arrives as a lone surrogate, which encoding the request would refuse in the codec's
+    words, naming neither the byte nor the argument."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
