@@ -3,12 +3,14 @@ another that holds the host memory lock has filled its arena, and a host that fa
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -73,14 +75,14 @@ def test_a_host_fills_its_arena_only_after_the_host_holding_the_lock_is_done(exp
         store.close()
 
 
-def test_a_host_waiting_for_the_lock_keeps_sending_heartbeats(expert_models, tmp_path):
-    """A real host given a pinned placement while another holds the lock beats on through the wait (longer than
-    the coordinator's heartbeat timeout here), instead of being taken for dead, and then reports the placement.
-    The test's ROUTER stands in for the coordinator's control socket."""
+@contextlib.contextmanager
+def host_welcomed_behind_the_lock(config: Config, **popen) -> Iterator[tuple]:
+    """A real expert host started with pinned memory while another process holds the host memory lock, welcomed
+    with a placement (version 7) by the test's ROUTER, which stands in for the coordinator's control socket:
+    (placement, control socket, the holder, the host). The host is stopped (SIGTERM) at the end, and killed if it
+    has not stopped."""
     import zmq
 
-    config = Config(model=str(expert_models["f32"]), run_dir=str(tmp_path), heartbeat_interval_s=0.2,
-                    heartbeat_timeout_s=1.0)
     placement = round_robin_placement(GGUFModel(config.model).config, 0, 1, version=7)
     ctx = zmq.Context()
     control = ctx.socket(zmq.ROUTER)
@@ -92,59 +94,53 @@ def test_a_host_waiting_for_the_lock_keeps_sending_heartbeats(expert_models, tmp
         assert holder.stdout.readline() == "held\n"
         host = subprocess.Popen([sys.executable, "-m", "expert_host", "--model", config.model, "--run-dir",
                                  config.run_dir, "--metrics-port", "0", "--host-id", "0", "--host-memory", "pinned",
-                                 "--heartbeat-interval-s", "0.2", "--heartbeat-timeout-s", "1.0"], cwd=ROOT)
+                                 "--heartbeat-interval-s", str(config.heartbeat_interval_s),
+                                 "--heartbeat-timeout-s", str(config.heartbeat_timeout_s)], cwd=ROOT, **popen)
         try:
             identity, *frames = control.recv_multipart()
             assert isinstance(decode(frames), Heartbeat)
             control.send_multipart([identity, *encode(Welcome(placement=placement.to_dict()))])
-            beats = []
-            waiting_until = time.monotonic() + 3 * config.heartbeat_timeout_s
-            while time.monotonic() < waiting_until:
-                _, *frames = control.recv_multipart()
-                beats.append(time.monotonic())
-                assert decode(frames).placement_version != placement.version, "filled while the lock was held"
-            assert max(b - a for a, b in itertools.pairwise(beats)) < config.heartbeat_timeout_s / 2
-            holder.stdin.close()  # the other host is done: this one fills its arena and says so
-            while decode(control.recv_multipart()[1:]).placement_version != placement.version:
-                pass
+            yield placement, control, holder, host
         finally:
             host.terminate()
-            assert host.wait(timeout=30) == 0
-            control.close()
-            ctx.term()
+            try:
+                host.wait(timeout=30)
+            finally:
+                host.kill()
+                control.close()
+                ctx.term()
+
+
+def test_a_host_waiting_for_the_lock_keeps_sending_heartbeats(expert_models, tmp_path):
+    """A real host given a pinned placement while another holds the lock beats on through the wait (longer than
+    the coordinator's heartbeat timeout here), instead of being taken for dead, and then reports the placement."""
+    config = Config(model=str(expert_models["f32"]), run_dir=str(tmp_path), heartbeat_interval_s=0.2,
+                    heartbeat_timeout_s=1.0)
+    with host_welcomed_behind_the_lock(config) as (placement, control, holder, host):
+        beats = []
+        waiting_until = time.monotonic() + 3 * config.heartbeat_timeout_s
+        while time.monotonic() < waiting_until:
+            _, *frames = control.recv_multipart()
+            beats.append(time.monotonic())
+            assert decode(frames).placement_version != placement.version, "filled while the lock was held"
+        assert max(b - a for a, b in itertools.pairwise(beats)) < config.heartbeat_timeout_s / 2
+        holder.stdin.close()  # the other host is done: this one fills its arena and says so
+        while decode(control.recv_multipart()[1:]).placement_version != placement.version:
+            pass
+        host.terminate()
+        assert host.wait(timeout=30) == 0
 
 
 def test_a_host_waiting_for_the_lock_stops_on_sigterm(expert_models, tmp_path):
     """SIGTERM reached a host waiting for the memory lock only once the other host was done and this one had
     filled its memory too: under `tierserve up`, a stop ran out its drain timeout and ended in SIGKILL."""
-    import zmq
-
     config = Config(model=str(expert_models["f32"]), run_dir=str(tmp_path))
-    placement = round_robin_placement(GGUFModel(config.model).config, 0, 1, version=7)
-    ctx = zmq.Context()
-    control = ctx.socket(zmq.ROUTER)
-    control.setsockopt(zmq.LINGER, 0)
-    control.setsockopt(zmq.RCVTIMEO, 60_000)
-    control.bind(config.control_endpoint)
-    with subprocess.Popen([sys.executable, "-c", HOLDER], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                          text=True) as holder:
-        assert holder.stdout.readline() == "held\n"
-        host = subprocess.Popen([sys.executable, "-m", "expert_host", "--model", config.model, "--run-dir",
-                                 config.run_dir, "--metrics-port", "0", "--host-id", "0", "--host-memory", "pinned"],
-                                cwd=ROOT, stderr=subprocess.PIPE, text=True)
-        try:
-            identity, *frames = control.recv_multipart()
-            control.send_multipart([identity, *encode(Welcome(placement=placement.to_dict()))])
-            control.recv_multipart()  # a heartbeat from the wait
-            time.sleep(0.5)
-            host.terminate()
-            assert host.wait(timeout=10) == 0
-            assert "stopped while taking placement v7 on: it holds none" in host.stderr.read()
-        finally:
-            host.kill()
-            host.wait()
-            control.close()
-            ctx.term()
+    with host_welcomed_behind_the_lock(config, stderr=subprocess.PIPE, text=True) as (_, control, _, host):
+        control.recv_multipart()  # a heartbeat from the wait
+        time.sleep(0.5)
+        host.terminate()
+        assert host.wait(timeout=10) == 0
+        assert "stopped while taking placement v7 on: it holds none" in host.stderr.read()
 
 
 def test_a_refused_placement_lets_go_of_the_lock(expert_models):
