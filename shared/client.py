@@ -118,20 +118,28 @@ class _Inbox:
     def __init__(self) -> None:
         self.boxes: defaultdict[tuple, deque[Message]] = defaultdict(deque)
         self.open: set[str] = set()
-        # closed by their reader while the server may still hold them, until their last event comes: by id, whether
-        # a Cancel was sent (its answer is then the last event: a "cancelled" final, or unknown_request if it ended)
-        self.closing: dict[str, bool] = {}
+        # closed by their reader while the server may still hold them, with no Cancel sent: taken until their last
+        # event comes
+        self.ending: set[str] = set()
+        # Cancels sent and not answered yet, by request id. The server answers each one: with the request's
+        # "cancelled" final, or with unknown_request where it is not in flight (ended, or never sent). The id stays
+        # taken until then: a late unknown_request ended the next request sent under it, which ran on unread.
+        self.cancels: Counter[str] = Counter()
         self.asked: Counter[tuple] = Counter()  # the reply keys of health and stats calls waiting for an answer
 
     def put(self, frames: list) -> None:
         msg = decode(frames)
         if isinstance(msg, (TokenEvent, FinalEvent, ErrorEvent)) and msg.request_id is not None:
-            if msg.request_id in self.open:
-                self.boxes[("request", msg.request_id)].append(msg)
-            elif msg.request_id in self.closing and not isinstance(msg, TokenEvent) and (
-                    not self.closing[msg.request_id] or getattr(msg, "finish_reason", None) == "cancelled"
-                    or getattr(msg, "code", None) == "unknown_request"):
-                del self.closing[msg.request_id]
+            request_id = msg.request_id
+            if self.cancels[request_id] and (getattr(msg, "finish_reason", None) == "cancelled"
+                                             or getattr(msg, "code", None) == "unknown_request"):
+                self.cancels[request_id] -= 1
+                if not self.cancels[request_id]:
+                    del self.cancels[request_id]
+            if request_id in self.open:
+                self.boxes[("request", request_id)].append(msg)
+            elif not isinstance(msg, TokenEvent):
+                self.ending.discard(request_id)
         elif isinstance(msg, ErrorEvent):
             self.boxes[_ORPHAN_ERROR].append(msg)
         else:
@@ -147,7 +155,7 @@ class _Inbox:
 
     def claim(self, request_id: str) -> None:
         """Open a request's inbox; an id in flight here is refused, since its events could not be told apart."""
-        if request_id in self.open or request_id in self.closing:
+        if request_id in self.open or request_id in self.ending or request_id in self.cancels:
             raise ValueError(f"request_id {request_id!r} is already in flight on this client")
         self.open.add(request_id)
 
@@ -174,7 +182,8 @@ class _Inbox:
         does not know them), so each one's stream ends with an error after the events already here, and each
         call waiting for a reply gets the error instead."""
         message = f"the connection to {endpoint} dropped (the server stopped, restarted or closed it): "
-        self.closing.clear()
+        self.ending.clear()
+        self.cancels.clear()
         for request_id in self.open:
             self.boxes[("request", request_id)].append(ErrorEvent(
                 request_id=request_id, code="connection_lost", message=message + "the request is gone"))
@@ -186,13 +195,16 @@ class _Inbox:
         self.open.discard(request_id)
         self.boxes.pop(("request", request_id), None)
 
-    def abandon(self, request_id: str, cancelled: bool) -> None:
+    def cancel_sent(self, request_id: str) -> None:
+        self.cancels[request_id] += 1
+
+    def abandon(self, request_id: str) -> None:
         """Its reader stopped before its end: its id stays taken until the server's last event for it (the answer
-        to its cancel, or its end if that is not here already)."""
+        to a cancel sent for it, or its end if that is not here already)."""
         ended = any(not isinstance(m, TokenEvent) for m in self.boxes.get(("request", request_id), ()))
         self.finish(request_id)
-        if cancelled or not ended:
-            self.closing[request_id] = cancelled
+        if not ended and request_id not in self.cancels:
+            self.ending.add(request_id)
 
     def settle(self, request_id: str, msg: Message) -> Event:
         """A request's next event for its reader: the last one closes the request, an error raises."""
@@ -256,6 +268,7 @@ class Client:
         """Send a request now; iterate the returned stream for its TokenEvents and then its FinalEvent."""
         msg = generate_request(request_id, **options)
         self._take_arrived()  # a drop noticed now ends the requests sent before it, not this one
+        self._await_cancels(msg.request_id)
         self._inbox.claim(msg.request_id)
         try:
             self._send(msg)
@@ -271,6 +284,13 @@ class Client:
     def cancel(self, request_id: str) -> None:
         """Ask the server to end the request; its stream then ends with finish_reason "cancelled"."""
         self._send(Cancel(request_id=checked_request_id(request_id)))
+        self._inbox.cancel_sent(request_id)
+
+    def _await_cancels(self, request_id: str) -> None:
+        """Until the cancels sent for `request_id` are answered (or the timeout passes: claim then refuses it)."""
+        deadline = time.monotonic() + self.timeout_s
+        while request_id in self._inbox.cancels and self._read_once(deadline):
+            pass
 
     def health(self) -> HealthReply:
         return self._ask(Health(), "health_reply")
@@ -304,11 +324,17 @@ class Client:
     def _next(self, key: tuple) -> Message:
         deadline = time.monotonic() + self.timeout_s
         while (msg := self._inbox.take(key)) is None:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not self._poller.poll(remaining * 1000):
+            if not self._read_once(deadline):
                 raise TimeoutError(f"no answer from {self.endpoint} within {self.timeout_s} s")
-            self._take_arrived()
         return msg
+
+    def _read_once(self, deadline: float) -> bool:
+        """What comes next into the inbox, waiting for it until `deadline`; False if nothing came."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not self._poller.poll(remaining * 1000):
+            return False
+        self._take_arrived()
+        return True
 
     def close(self) -> None:
         _close(self._socket, self._monitor)
@@ -363,8 +389,10 @@ class Stream:
         """Stop reading this stream; a request still running is cancelled."""
         if not self.done:
             self.done = True
-            self.client._inbox.abandon(self.request_id, cancelled=True)
-            self.client.cancel(self.request_id)
+            try:
+                self.client.cancel(self.request_id)
+            finally:  # unsent, the id stays taken until the request's end instead
+                self.client._inbox.abandon(self.request_id)
 
     def __enter__(self) -> Stream:
         return self
@@ -380,9 +408,10 @@ class Stream:
             self.done = True
             try:
                 self.client._socket.send_multipart(encode(Cancel(request_id=self.request_id)), flags=zmq.NOBLOCK)
-                self.client._inbox.abandon(self.request_id, cancelled=True)
+                self.client._inbox.cancel_sent(self.request_id)
             except zmq.ZMQError:
-                self.client._inbox.abandon(self.request_id, cancelled=False)
+                pass
+            self.client._inbox.abandon(self.request_id)
 
 
 class AsyncClient:
@@ -406,6 +435,7 @@ class AsyncClient:
         """Send a request now; `async for` over the returned stream for its events."""
         msg = generate_request(request_id, **options)
         await self._take_arrived()  # a drop noticed now ends the requests sent before it, not this one
+        await self._await_cancels(msg.request_id)
         self._inbox.claim(msg.request_id)
         try:
             await self._send(msg)
@@ -420,6 +450,14 @@ class AsyncClient:
 
     async def cancel(self, request_id: str) -> None:
         await self._send(Cancel(request_id=checked_request_id(request_id)))
+        self._inbox.cancel_sent(request_id)
+
+    async def _await_cancels(self, request_id: str) -> None:
+        """As Client._await_cancels."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.timeout_s):
+                while request_id in self._inbox.cancels:
+                    await self._read_once()
 
     async def health(self) -> HealthReply:
         return await self._ask(Health(), "health_reply")
@@ -445,22 +483,26 @@ class AsyncClient:
         try:
             async with asyncio.timeout(self.timeout_s):
                 while (msg := self._inbox.take(key)) is None:
-                    if self._reading:
-                        async with self._arrived:
-                            await self._arrived.wait_for(lambda: not self._reading)
-                        continue
-                    self._reading = True
-                    self._taken.clear()
-                    try:
-                        await self._wait_for_news()
-                        await self._take_arrived()
-                    finally:
-                        self._reading = False
-                        async with self._arrived:
-                            self._arrived.notify_all()
+                    await self._read_once()
                 return msg
         except TimeoutError:
             raise TimeoutError(f"no answer from {self.endpoint} within {self.timeout_s} s") from None
+
+    async def _read_once(self) -> None:
+        """Until something more is in the inbox: read by this coroutine, or by another that is reading."""
+        if self._reading:
+            async with self._arrived:
+                await self._arrived.wait_for(lambda: not self._reading)
+            return
+        self._reading = True
+        self._taken.clear()
+        try:
+            await self._wait_for_news()
+            await self._take_arrived()
+        finally:
+            self._reading = False
+            async with self._arrived:
+                self._arrived.notify_all()
 
     async def _wait_for_news(self) -> None:
         """Until either socket has something, or another coroutine (generate) took messages into the inbox."""
@@ -522,8 +564,10 @@ class AsyncStream:
         """Stop reading this stream; a request still running is cancelled."""
         if not self.done:
             self.done = True
-            self.client._inbox.abandon(self.request_id, cancelled=True)
-            await self.client.cancel(self.request_id)
+            try:
+                await self.client.cancel(self.request_id)
+            finally:
+                self.client._inbox.abandon(self.request_id)
 
     async def __aenter__(self) -> AsyncStream:
         return self
@@ -535,7 +579,7 @@ class AsyncStream:
         # dropped unfinished: nothing can be awaited here, but its events stop piling up in the inbox (`async with`
         # the stream cancels the request too)
         if not self.done:
-            self.client._inbox.abandon(self.request_id, cancelled=False)
+            self.client._inbox.abandon(self.request_id)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:

@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from shared.client import AsyncClient, Client, ServerError
-from shared.protocol import FinalEvent, HealthReply, decode, encode
+from shared.protocol import Cancel, ErrorEvent, FinalEvent, Generate, HealthReply, decode, encode
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -210,6 +210,47 @@ def test_a_request_id_already_in_flight_on_the_client_is_refused_before_it_is_se
                 return [e.KIND async for e in stream]
 
         assert asyncio.run(main()) == ["final"]
+
+
+@pytest.mark.parametrize("kind", ["blocking", "asyncio"])
+def test_a_cancel_answered_after_its_request_ended_does_not_end_the_next_request_under_its_id(kind, fake_server):
+    """A Stop pressed as the reply ends: the server answers the cancel with unknown_request. Arriving after a new
+    request under the same id was sent, that answer ended the new one's stream with a ServerError, while the
+    server ran it on unread. The new request now waits for the answer before it is sent."""
+    server, endpoint = fake_server
+
+    def serve() -> None:
+        identity, *frames = server.recv_multipart()
+        assert isinstance(decode(frames), Generate)
+        server.send_multipart([identity, *final("job")])
+        identity, *frames = server.recv_multipart()
+        assert isinstance(decode(frames), Cancel)
+        time.sleep(0.3)  # the answer is late
+        server.send_multipart([identity, *encode(ErrorEvent(request_id="job", code="unknown_request",
+                                                             message="no request 'job' is in flight"))])
+        identity, *frames = server.recv_multipart()
+        assert isinstance(decode(frames), Generate)
+        server.send_multipart([identity, *final("job")])
+
+    serving = threading.Thread(target=serve, daemon=True)
+    serving.start()
+    if kind == "blocking":
+        with Client(endpoint, timeout_s=5.0) as client:
+            assert [e.KIND for e in client.generate(request_id="job", token_ids=[1], max_tokens=1)] == ["final"]
+            client.cancel("job")
+            assert client.complete(request_id="job", token_ids=[1], max_tokens=1).finish_reason == "length"
+    else:
+        async def main() -> None:
+            async with AsyncClient(endpoint, timeout_s=5.0) as client:
+                stream = await client.generate(request_id="job", token_ids=[1], max_tokens=1)
+                assert [e.KIND async for e in stream] == ["final"]
+                await client.cancel("job")
+                assert (await client.complete(request_id="job", token_ids=[1], max_tokens=1)).finish_reason == \
+                    "length"
+
+        asyncio.run(main())
+    serving.join(timeout=5)
+    assert not serving.is_alive()
 
 
 def test_an_async_stream_dropped_after_its_end_arrived_leaves_its_id_free():
