@@ -76,3 +76,15 @@ def test_the_member_units_do_not_restart_a_process_another_took_its_member_id_ov
     for unit in ("tierserve-gpu-worker.service", "tierserve-expert-host@.service"):
         text = (ROOT / "deploy" / unit).read_text()
         assert re.findall(r"^RestartPreventExitStatus=(.*)$", text, re.M) == [str(SUPERSEDED_EXIT_STATUS)], unit
+
+
+def test_the_units_give_up_on_a_role_that_keeps_failing_to_start():
+    """With RestartSec alone, a role failing a few seconds into each start (a config typo: torch loads first) was
+    restarted every 4-7 s for ever, under systemd's default limit of 5 starts in 10 s."""
+    for unit in ("tierserve-coordinator.service", "tierserve-gpu-worker.service", "tierserve-expert-host@.service"):
+        text = (ROOT / "deploy" / unit).read_text()
+        section = text.split("[Service]")[0]
+        interval = int(re.search(r"^StartLimitIntervalSec=(\d+)$", section, re.M).group(1))
+        burst = int(re.search(r"^StartLimitBurst=(\d+)$", section, re.M).group(1))
+        restart_s = int(re.search(r"^RestartSec=(\d+)$", text, re.M).group(1))
+        assert burst * restart_s < interval, unit  # starts that fail at once trip the limit
