@@ -196,7 +196,10 @@ def wait_ready(config: Config, kids: list[Child], timeout_s: float, stopping: Ca
                 pass
             time.sleep(0.2)
     if not stopping():
-        print(f"tierserve: not ready after {timeout_s:.0f} s", file=sys.stderr)
+        # a conversion cut short by the stop that follows is thrown away: every later `up` would start it again
+        print(f"tierserve: not ready after {timeout_s:g} s. A first start of a quantized model converts its expert "
+              "cache: `tierserve convert-experts MODEL` does that ahead, or give --ready-timeout more time",
+              file=sys.stderr)
     return False
 
 

@@ -130,6 +130,19 @@ def test_a_failed_up_leaves_the_sockets_of_a_system_that_shares_its_run_dir(tmp_
         other.close(linger=0)
 
 
+def test_a_system_not_ready_in_time_is_stopped_with_a_hint_at_the_cause(tmp_path):
+    """It said only "not ready after 300 s": a first start converting a large model's expert cache never became
+    ready, each stop throwing the conversion away, with nothing to say why or what to do."""
+    model = tmp_path / "m.gguf"
+    make_model(model, arch="qwen3moe", preset="tiny", dtype="f32", seed=1)
+    run = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--run-dir",
+                          str(tmp_path / "run"), "--client-endpoint", "tcp://127.0.0.1:0", "--metrics-port", "0",
+                          "--ready-timeout", "0.5"], capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "tierserve: not ready after 0.5 s. A first start of a quantized model converts its expert cache: " \
+           "`tierserve convert-experts MODEL` does that ahead, or give --ready-timeout more time" in run.stderr
+
+
 def test_another_system_answering_ready_on_the_client_endpoint_is_not_taken_for_this_one(tmp_path):
     """Its coordinator failing to bind an endpoint another system served, `tierserve up` took that system's
     "ready" for its own, said it was ready and restarted its coordinator for ever."""
