@@ -20,6 +20,7 @@ import functools
 import importlib.util
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -63,7 +64,7 @@ def kernel_name(x_tiles: int, swiglu: bool, stages: int, one_row: bool, int8: bo
     return f"quant_decode<{x_tiles}, {cpp(swiglu)}, {stages}, {', '.join(map(cpp, (one_row, int8, unrolled)))}>"
 
 
-def compile_kernel(source: str, name: str, device: torch.device):
+def compile_kernel(source: str, name: str, device: torch.device) -> tuple[Any, Any]:
     """(module, function) of `name` compiled from `source` by NVRTC, allowed the shared memory a block may opt into
     on `device`."""
     try:
