@@ -7,7 +7,8 @@ Each process says which start of its member id it is (its incarnation): one hear
 holds takes it over, whether the holder died (a restart, which needs no wait for its timeout) or runs on (the id was
 started twice). The one replaced is not the member any more: each of its heartbeats, for as long as they keep coming,
 is answered that it must stop, and counts for nothing. A process on another model file than the coordinator's takes
-no id over from a live one on the coordinator's: it is refused.
+no id over from a live one on the coordinator's: its heartbeats go unanswered until that one is lost (stopped for a
+restart onto the new file, it is, within the heartbeat timeout), and it joins then.
 The system is ready when the gpu worker and every expert host the placement uses are alive and have applied the
 current placement. Only the gpu worker and the placement's expert hosts, each in its own role, are members: a
 heartbeat under another id (another configuration's host, or a stray message) is refused by name.
@@ -63,6 +64,7 @@ class HeartbeatOutcome:
     superseded_by: Member | None = None  # the sender was replaced under its member id by this member: it must stop
     first_notice: bool = False  # the first heartbeat from the sender since it was replaced, or was refused
     refused: str = ""  # why the sender is not a member of this system (only first_notice is set beside it)
+    deferred: str = ""  # why the sender is not let in yet: it is left unanswered (only first_notice beside it)
 
 
 # How long a replaced process is remembered after it was last heard from. Far longer than the heartbeat timeout: a
@@ -91,6 +93,8 @@ class Membership:
         # (member id, incarnation) of processes refused -> when last heard, until silent for the timeout: each is
         # named in the log once, not at every heartbeat
         self.refused: dict[tuple[str, str], float] = {}
+        # likewise for processes whose heartbeats are left unanswered for now
+        self.deferred: dict[tuple[str, str], float] = {}
         self.expired_at: float | None = None  # when expire last ran
         self.heard_at: float | None = None  # when the last heartbeat was read
 
@@ -113,12 +117,14 @@ class Membership:
         old = self.members.get(hb.member_id)
         another_process = old is not None and old.incarnation != hb.incarnation
         if another_process and old.alive and old.model == self.model != hb.model:
-            # taking over, it would stop a process that serves this system for one that cannot: it is sent no
-            # placement, and the id would be left with no process serving it
-            first_notice = (hb.member_id, hb.incarnation) not in self.refused
-            self.refused[hb.member_id, hb.incarnation] = now
-            return HeartbeatOutcome(refused=f"{hb.member_id} is served by pid {old.pid} on {old.host}, on this "
-                                            f"system's model ({self.model}); this process serves another ({hb.model})",
+            # taking over, it would stop a process that serves this system for one that cannot (it is sent no
+            # placement), leaving the id with no process serving it. Not refused either: it may be the member
+            # restarted onto a new model file, its predecessor not yet found lost, and a refused one stops for good.
+            first_notice = (hb.member_id, hb.incarnation) not in self.deferred
+            self.deferred[hb.member_id, hb.incarnation] = now
+            return HeartbeatOutcome(deferred=f"{hb.member_id} is served by pid {old.pid} on {old.host}, on this "
+                                             f"system's model ({self.model}), and pid {hb.pid} on {hb.host} serves "
+                                             f"another ({hb.model}): it is let in once the first is lost",
                                     first_notice=first_notice)
         if another_process:  # restarted, or started a second time; or found lost while it was only paused (SIGSTOP,
             # a long stall): what the old one sends from now on is not the member's, lest it take the id back
@@ -146,6 +152,7 @@ class Membership:
         # kept, every restart would leave one behind for good; one silent for REPLACED_KEPT_S is surely gone
         self.replaced = {i: r for i, r in self.replaced.items() if now - r.last_seen <= REPLACED_KEPT_S}
         self.refused = {i: seen for i, seen in self.refused.items() if now - seen <= self.timeout_s}
+        self.deferred = {i: seen for i, seen in self.deferred.items() if now - seen <= self.timeout_s}
         return lost
 
     def _credit_a_stop(self, now: float) -> None:

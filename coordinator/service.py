@@ -410,6 +410,10 @@ class Coordinator:
                 log.warning("refusing the heartbeats of pid %d on %s: %s", msg.pid, msg.host, outcome.refused)
             self.reply_control(identity, Refused(reason=outcome.refused))
             return
+        if outcome.deferred:
+            if outcome.first_notice:
+                log.warning("%s", outcome.deferred)
+            return
         if outcome.superseded_by is not None:
             self.supersede(identity, msg, outcome.superseded_by, outcome.first_notice)
             return

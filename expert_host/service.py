@@ -135,7 +135,7 @@ def serve(config: Config, host_index: int) -> int:
         # Another process serves this id. Binding the endpoint and making the mailbox would take both from it, so
         # they wait until joining has superseded it. The coordinator takes the id over at this process's first
         # heartbeat (and tells that one to stop), unless this one serves another model file than the coordinator
-        # while that one serves the coordinator's: then this one is refused and stops.
+        # while that one serves the coordinator's: then this one waits until that one is lost.
         log.info("%s is served by another process: joining before taking it over", endpoint)
         placement = control.wait_for_placement()
         if placement is None:
@@ -156,7 +156,7 @@ def serve(config: Config, host_index: int) -> int:
 
     def keep_alive() -> None:  # between a placement's copies, and while it waits for another host's to end
         if stop.stopping:  # a copy of many GB, or a wait for one, heard SIGTERM only at its end
-            raise PlacementStopped(f"stopped while taking placement v{placement.version} on: it holds none")
+            raise PlacementStopped(f"stopped while taking placement v{placement.version} on")
         control.heartbeat_if_due(store.placement_version, {"experts": len(store.weights)})
 
     store.keep_alive = keep_alive
@@ -172,8 +172,8 @@ def serve(config: Config, host_index: int) -> int:
                 except (HostMemoryError, CacheError) as e:  # it cannot be held here: say why and stop
                     log.error("cannot hold placement v%d: %s", placement.version, e)
                     return 1
-                except PlacementStopped as e:
-                    log.info("%s", e)
+                except PlacementStopped as e:  # cut short in the fill it holds nothing; in the wait, what it held
+                    log.info("%s: holding %d experts of placement v%d", e, len(store.weights), store.placement_version)
                     break
                 HELD.set(len(store.weights))
                 HELD_BYTES.set(store.nbytes)

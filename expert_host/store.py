@@ -44,8 +44,8 @@ class ExpertStore:
         self._arena: memory.SharedSegment | None = None
         self._lane_tables: dict[int, LayerTable | None] = {}  # layer -> its held experts' addresses, made on use
         # called while a placement waits for the memory lock and between the regions it copies: the host's
-        # heartbeat, since both can outlast the coordinator's heartbeat timeout, and where a stop is heard
-        # (raising PlacementStopped: the store then holds nothing)
+        # heartbeat, since both can outlast the coordinator's heartbeat timeout, and where a stop is heard (raising
+        # PlacementStopped: cut short in the fill, the store then holds nothing; in the wait, what it held)
         self.keep_alive: Callable[[], None] = lambda: None
 
     @classmethod

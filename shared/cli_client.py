@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from typing import Any
@@ -29,9 +30,9 @@ def seconds_argument(text: str) -> float:
 
 
 def utf8_text(text: str) -> str:
-    """An argparse type: text that is valid UTF-8. Arguments and stdin are decoded with surrogate escapes, so a
-    byte that is not UTF-8 arrives as a lone surrogate, which encoding the request would refuse in the codec's
-    words, naming neither the byte nor the argument."""
+    """An argparse type: text that is valid UTF-8. Arguments are decoded with surrogate escapes (and chat reads
+    stdin so), so a byte that is not UTF-8 arrives as a lone surrogate, which encoding the request would refuse in
+    the codec's words, naming neither the byte nor the argument."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
@@ -122,6 +123,8 @@ def chat_main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if sys.stdin is None:  # closed (<&-): its first read was an AttributeError
         parser.error("stdin is closed: chat reads its turns from it")
+    if isinstance(sys.stdin, io.TextIOWrapper):  # strict in most locales: a byte not UTF-8 was a traceback
+        sys.stdin.reconfigure(errors="surrogateescape")
     messages = [{"role": "system", "content": args.system}] if args.system else []
     with _client(args) as client:
         failed = _chat(client, messages, _sampling(args), sys.stdin.isatty())

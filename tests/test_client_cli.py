@@ -403,9 +403,12 @@ def test_output_to_a_full_disk_and_a_chat_turn_not_utf8_are_named(model):
                              stderr=subprocess.PIPE, text=True, timeout=120)
     assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr
     assert "tierserve convert-experts: No space left on device" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "shared.cli", "chat", "--endpoint", "tcp://127.0.0.1:9"],
-                         input=b"\xff hi\n", capture_output=True, timeout=120)
-    assert run.returncode == 1 and b"the turn is not valid UTF-8: byte 0xff at character 0" in run.stderr, run.stderr
+    for errors in ("strict", "surrogateescape"):  # stdin's, by locale: strict ended in a UnicodeDecodeError
+        run = subprocess.run([sys.executable, "-m", "shared.cli", "chat", "--endpoint", "tcp://127.0.0.1:9"],
+                             input=b"\xff hi\n", capture_output=True, timeout=120,
+                             env={**os.environ, "PYTHONIOENCODING": f"utf-8:{errors}"})
+        assert run.returncode == 1, run.stderr
+        assert b"the turn is not valid UTF-8: byte 0xff at character 0" in run.stderr, run.stderr
 
 
 def test_the_demo_reports_a_refused_request_without_a_traceback_and_stops_the_system(model):

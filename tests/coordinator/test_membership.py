@@ -6,7 +6,7 @@ import dataclasses
 
 import pytest
 
-from coordinator.membership import REPLACED_KEPT_S, Membership, startup_placement
+from coordinator.membership import REPLACED_KEPT_S, HeartbeatOutcome, Membership, startup_placement
 from gpu_worker.experts import HotExperts
 from shared.config import Config
 from shared.expert_source import ExpertSource
@@ -81,13 +81,17 @@ def test_a_second_process_under_a_member_id_takes_it_over_and_the_first_is_told_
 
 def test_a_second_process_on_another_model_file_takes_no_id_over_from_a_live_member(members):
     """It took the id over and the first was told to stop, though the second, on another file, is sent no
-    placement: the id was left with no process serving it. Once the first is gone it joins, as a restart does."""
+    placement: the id was left with no process serving it. Its heartbeats go unanswered (not refused: it may be the
+    member restarted onto a new file before its predecessor was found lost), and once the first is gone it joins,
+    as a restart does."""
     members.heartbeat(beat("expert-host-1", 3, pid=100), now=0.0)
     other = beat("expert-host-1", 0, pid=200, host="node-b", model="9 bytes, fedcba9876543210")
-    refused = members.heartbeat(other, now=0.5)
-    assert refused.refused == ("expert-host-1 is served by pid 100 on node-a, on this system's model "
-                               f"({MODEL}); this process serves another (9 bytes, fedcba9876543210)")
-    assert refused.first_notice and not members.heartbeat(other, now=0.7).first_notice
+    deferred = members.heartbeat(other, now=0.5)
+    assert deferred == HeartbeatOutcome(
+        deferred=f"expert-host-1 is served by pid 100 on node-a, on this system's model ({MODEL}), and pid 200 on "
+                 "node-b serves another (9 bytes, fedcba9876543210): it is let in once the first is lost",
+        first_notice=True)
+    assert not members.heartbeat(other, now=0.7).first_notice
     kept = members.heartbeat(beat("expert-host-1", 3, pid=100), now=1.0)
     assert kept.superseded_by is None and members.members["expert-host-1"].pid == 100
     members.expire(3.5)  # the first is gone

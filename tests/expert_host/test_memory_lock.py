@@ -140,7 +140,7 @@ def test_a_host_waiting_for_the_lock_stops_on_sigterm(expert_models, tmp_path):
         time.sleep(0.5)
         host.terminate()
         assert host.wait(timeout=10) == 0
-        assert "stopped while taking placement v7 on: it holds none" in host.stderr.read()
+        assert "stopped while taking placement v7 on: holding 0 experts of placement v0" in host.stderr.read()
 
 
 def test_a_refused_placement_lets_go_of_the_lock(expert_models):
