@@ -80,6 +80,15 @@ class Replaced:
     told: bool = False  # one of its heartbeats was answered that it must stop
 
 
+def _heard(heard: dict[tuple[str, str], float], hb: Heartbeat, now: float) -> bool:
+    """Record that hb's process was heard from now; whether it is the first time (within the timeout, which
+    expire keeps `heard` to)."""
+    key = hb.member_id, hb.incarnation
+    first = key not in heard
+    heard[key] = now
+    return first
+
+
 class Membership:
     def __init__(self, placement: Placement, timeout_s: float, model: str, interval_s: float, tick_s: float) -> None:
         self.placement = placement
@@ -104,8 +113,7 @@ class Membership:
         self.heard_at = now
         roles = {WORKER_ID: "gpu_worker", **{host: "expert_host" for host in self.placement.hosts}}
         if roles.get(hb.member_id) != hb.role:
-            first_notice = (hb.member_id, hb.incarnation) not in self.refused
-            self.refused[hb.member_id, hb.incarnation] = now
+            first_notice = _heard(self.refused, hb, now)
             known = ", ".join(f"{member} ({role})" for member, role in roles.items())
             return HeartbeatOutcome(refused=f"{hb.member_id!r} as {hb.role!r} is not a member of this system: its "
                                             f"members are {known}", first_notice=first_notice)
@@ -120,8 +128,7 @@ class Membership:
             # taking over, it would stop a process that serves this system for one that cannot (it is sent no
             # placement), leaving the id with no process serving it. Not refused either: it may be the member
             # restarted onto a new model file, its predecessor not yet found lost, and a refused one stops for good.
-            first_notice = (hb.member_id, hb.incarnation) not in self.deferred
-            self.deferred[hb.member_id, hb.incarnation] = now
+            first_notice = _heard(self.deferred, hb, now)
             return HeartbeatOutcome(deferred=f"{hb.member_id} is served by pid {old.pid} on {old.host}, on this "
                                              f"system's model ({self.model}), and pid {hb.pid} on {hb.host} serves "
                                              f"another ({hb.model}): it is let in once the first is lost",
