@@ -50,6 +50,7 @@ from shared.protocol import (
     EngineCancel,
     EngineError,
     EngineFinished,
+    EngineStarted,
     EngineToken,
     ErrorEvent,
     Generate,
@@ -334,7 +335,7 @@ class Coordinator:
         except ProtocolError as e:
             log.warning("dropping a bad engine message: %s", e.message)
             return
-        if not isinstance(msg, (EngineToken, EngineError, EngineFinished)):
+        if not isinstance(msg, (EngineStarted, EngineToken, EngineError, EngineFinished)):
             log.warning("dropping unexpected %s on the engine socket", msg.KIND)
             return
         stream = self.table.get(msg.request_id)
@@ -346,7 +347,9 @@ class Coordinator:
             return
         now = time.monotonic()
         try:
-            if isinstance(msg, EngineToken):
+            if isinstance(msg, EngineStarted):
+                stream.started = True
+            elif isinstance(msg, EngineToken):
                 self.on_token(stream, msg, now)
             elif isinstance(msg, EngineError) and msg.code in RESUMABLE_ENGINE_ERRORS:
                 self.ended_by_engine(stream, msg, now)
@@ -459,7 +462,7 @@ class Coordinator:
 
     def worker_lost(self, reason: str, now: float) -> None:
         """The worker is gone with the KV cache of every request it held: they, and the requests still waiting
-        here, wait for its successor."""
+        here, wait for its successor. Those it had started count as resumed; those still in its queue do not."""
         if self.config.resume_timeout_s <= 0:
             self.fail_all(reason)
             return
@@ -478,7 +481,7 @@ class Coordinator:
         stopping first). Nothing is sent to the worker until the process the error names has a successor, or has
         had the time to be found missing by its heartbeats, so that requests do not go straight back to the same
         failure; a successor that joined after the request was sent is there already. A refusal does not count as
-        a resume: the request had not run."""
+        a resume: the worker had not started the request."""
         if self.config.resume_timeout_s <= 0:
             self.fail(stream, error.code, error.message, in_engine=False)
             return
@@ -491,23 +494,24 @@ class Coordinator:
                 self.awaited[""] = ""  # no successor ends this wait
             else:
                 self.awaited[failed.member_id] = failed.incarnation
-        if self.resume([stream], error.code, error.message, counted=error.code != "shutting_down"):
+        if self.resume([stream], error.code, error.message):
             self.waiting_since(now, error.message)
 
-    def resume(self, streams: list[RequestStream], code: str, reason: str, counted: bool = True) -> int:
+    def resume(self, streams: list[RequestStream], code: str, reason: str) -> int:
         """Streams whose state in the engine is lost continue from their streamed tokens once the system is ready
-        again; one resumed MAX_RESUMES times already fails instead."""
+        again. The resume of one the worker had started counts: one started after MAX_RESUMES already fails
+        instead."""
         kept = []
         for stream in streams:
-            if counted and stream.resumes >= MAX_RESUMES:
+            if stream.started and stream.resumes >= MAX_RESUMES:
                 self.fail(stream, code, f"{reason}; the request was resumed {MAX_RESUMES} times already",
                           in_engine=False)
             else:
                 kept.append(stream)
         # a failure's send may have found a client gone, and client_gone ended that client's other streams
         kept = [s for s in kept if self.table.get(s.internal_id) is s]
-        self.table.resume(kept, counted)
-        RESUMED.inc(len(kept) if counted else 0)
+        RESUMED.inc(sum(stream.started for stream in kept))
+        self.table.resume(kept)
         self.dispatch()
         return len(kept)
 

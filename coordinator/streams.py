@@ -69,6 +69,7 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.token_ids: list[int] = []  # generated so far: a request resumed on another worker continues from them
+        self.started = False  # admitted by the worker it last went to (EngineStarted)
         self.resumes = 0
         self.finish_reason: str | None = None
 
@@ -177,17 +178,18 @@ class StreamTable:
             self.running.discard(stream.internal_id)
             self.waiting.appendleft(stream.internal_id)
 
-    def resume(self, streams: list[RequestStream], counted: bool = True) -> None:
+    def resume(self, streams: list[RequestStream]) -> None:
         """Running streams whose engine state is lost, back in the queue in arrival order (ahead of the requests
         that came after them), each under a new engine id: an engine that was only slow, not gone, may still
-        send tokens under the old one, which are then unknown here and cancelled. `counted`: a resume counts
-        towards the request's limit (not so a refusal before it ran)."""
+        send tokens under the old one, which are then unknown here and cancelled. A resume counts towards the
+        request's limit where the engine had started it, not where the request only waited there or was refused."""
         for stream in streams:
             self.running.discard(stream.internal_id)
             del self.streams[stream.internal_id]
             stream.internal_id = self.next_id()
-            if counted:
+            if stream.started:
                 stream.resumes += 1
+            stream.started = False
             self.streams[stream.internal_id] = stream
             self._by_client[(stream.client, stream.request_id)] = stream.internal_id
             self.waiting.append(stream.internal_id)

@@ -92,6 +92,7 @@ class ScheduledChunk:
 @dataclass
 class ScheduledBatch:
     chunks: list[ScheduledChunk]
+    admitted: list[Sequence] = field(default_factory=list)  # the sequences this step admits, whose prompts start
 
     @property
     def num_tokens(self) -> int:
@@ -181,7 +182,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch | None:
         budget = self.max_batch_tokens
-        chunks = []
+        chunks, admitted = [], []
         # decodes first: __init__ guarantees the budget covers all of them
         for seq in self.running:
             if seq.is_decoding:
@@ -201,8 +202,9 @@ class Scheduler:
             self.waiting.popleft()
             seq.block_table, seq.status = blocks, SequenceStatus.RUNNING
             self.running.append(seq)
+            admitted.append(seq)
             budget -= self._add_prefill_chunk(chunks, seq, budget)
-        return ScheduledBatch(chunks) if chunks else None
+        return ScheduledBatch(chunks, admitted) if chunks else None
 
     def _add_prefill_chunk(self, chunks: list[ScheduledChunk], seq: Sequence, budget: int) -> int:
         end = min(seq.num_prompt_tokens, seq.num_computed + self.prefill_chunk, seq.num_computed + budget)

@@ -46,6 +46,7 @@ from shared.protocol import (
     EngineError,
     EngineFinished,
     EngineGenerate,
+    EngineStarted,
     EngineToken,
     Message,
     ProtocolError,
@@ -148,6 +149,8 @@ class Engine:
         # off a disk (the first prompt on a cold page cache), or 16 GB of hot experts loaded for a placement, can
         # take many heartbeat timeouts, and the worker must not be declared dead then.
         self.keep_alive: Callable[[], None] = lambda: None
+        # Told of each sequence the scheduler admits, before its prompt runs (EngineStarted).
+        self.admitted: Callable[[Sequence], None] = lambda seq: None
         # Code the step calls marks its sections with step_profile.section, the MoE dispatch's included.
         self.profile = StepProfile(config.profile_steps, self._sync_device if self.device.type == "cuda" else None)
         self.update_gauges()  # the cost model's start-up figures, before the first step (0 B/s until then)
@@ -195,6 +198,8 @@ class Engine:
             if batch is None:
                 recorded.append(([], []))
                 return
+            for seq in batch.admitted:
+                self.admitted(seq)
             start = time.perf_counter()
             if self.remote is not None:
                 self.remote.begin_step()
@@ -412,6 +417,7 @@ def serve(config: Config) -> int:
         engine.keep_alive = lambda: control.heartbeat_if_due(engine.placement_version, engine.load())
         if remote is not None:
             remote.keep_alive = engine.keep_alive
+        engine.admitted = lambda seq: send(EngineStarted(request_id=seq.request_id))
         if not hold(engine, placement, log):
             return 1
         log.info("placement v%d: %d hot experts (%.1f MB)", placement.version, placement.count_hot(),

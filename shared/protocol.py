@@ -163,6 +163,15 @@ class EngineCancel(Message):
 
 
 @dataclass
+class EngineStarted(Message):
+    """The worker admitted the request (its KV cache reserved) and runs its prompt next. Lost with the worker from
+    then on, the request counts as resumed: one that only waited in the worker's queue cannot be what crashed it."""
+
+    KIND: ClassVar[str] = "engine_started"
+    request_id: str
+
+
+@dataclass
 class EngineToken(Message):
     KIND: ClassVar[str] = "engine_token"
     request_id: str

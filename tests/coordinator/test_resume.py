@@ -19,7 +19,7 @@ from coordinator.streams import RequestStream
 from shared.config import Config
 from shared.gguf_file import GGUFModel
 from shared.launcher import free_tcp_port
-from shared.protocol import EngineError, EngineGenerate, Generate, Heartbeat, decode, encode
+from shared.protocol import EngineError, EngineGenerate, EngineStarted, Generate, Heartbeat, decode, encode
 
 
 def heartbeat(c: Coordinator, member: str = "gpu-worker", pid: int = 1, version: int | None = None,
@@ -99,7 +99,8 @@ def test_a_worker_loss_with_a_gone_client_that_has_one_request_over_the_limit(ti
     async def body():
         async with ready_worker(tiny_model, tmp_path, resume_timeout_s=10.0) as (c, engine):
             sent(c, engine, (b"gone", "a"), (b"gone", "b"), (b"other", "c"))
-            c.table.find(b"gone", "a").resumes = service.MAX_RESUMES
+            a = c.table.find(b"gone", "a")
+            a.resumes, a.started = service.MAX_RESUMES, True
             heartbeat(c, pid=2, version=0)  # the worker restarted
             assert c.table.num_running == 0, "a stream left 'running' under an id the dead worker had"
             assert c.table.find(b"other", "c") is not None and c.table.num_waiting == 1
@@ -148,17 +149,20 @@ def test_fail_all_at_the_resume_timeout_cancels_what_a_live_worker_still_holds(t
     asyncio.run(body())
 
 
-@pytest.mark.parametrize("code, counted", [("shutting_down", False), ("unavailable", True)])
-def test_requests_a_stopping_worker_ends_wait_for_its_successor(tiny_model, tmp_path, code, counted):
-    """Refused as it stops (shutting_down), a request did not run and is not counted as resumed; ended because the
-    stop outlasted drain_timeout_s (unavailable), it ran and is. Either waits until the worker's successor holds
-    the placement, not until the heartbeat timeout, and not for the stopping worker's next heartbeat."""
+@pytest.mark.parametrize("code, started", [("shutting_down", False), ("unavailable", True)])
+def test_requests_a_stopping_worker_ends_wait_for_its_successor(tiny_model, tmp_path, code, started):
+    """Refused as it stops (shutting_down), a request had not started and is not counted as resumed; ended because
+    the stop outlasted drain_timeout_s (unavailable), it had started and is. Either waits until the worker's
+    successor holds the placement, not until the heartbeat timeout, and not for the stopping worker's next
+    heartbeat."""
     async def body():
         async with ready_worker(tiny_model, tmp_path, resume_timeout_s=10.0, heartbeat_timeout_s=30.0) as (c, engine):
             (first,) = sent(c, engine, (b"client", "a"))
+            if started:
+                c.on_engine(b"gpu-worker", encode(EngineStarted(request_id=first.request_id)))
             host_failed(c, first, code=code, member_id="gpu-worker")
             a = c.table.find(b"client", "a")
-            assert a is not None and c.table.num_waiting == 1 and a.resumes == int(counted)
+            assert a is not None and c.table.num_waiting == 1 and a.resumes == int(started)
             heartbeat(c)  # the stopping worker, still heartbeating: it would refuse the request again at once
             c.tick(time.monotonic())
             assert not engine.poll(200)

@@ -29,6 +29,7 @@ from shared.protocol import (
     EngineCancel,
     EngineError,
     EngineGenerate,
+    EngineStarted,
     EngineToken,
     ErrorEvent,
     FinalEvent,
@@ -431,20 +432,30 @@ def test_requests_the_worker_held_resume_on_its_successor_from_their_streamed_to
         assert [e.index for e in rest[:-1]] == [2, 3, 4] and [e.token_id for e in rest[:-1]] == [9, 10, 11]
         assert isinstance(rest[-1], FinalEvent) and (rest[-1].completion_tokens, rest[-1].prompt_tokens) == (5, 2)
 
-        # A request running at every loss of the worker may be what takes it down: resumed twice, it then fails.
-        stream = coordinator.client.generate(request_id="s", token_ids=[5], max_tokens=4)
-        sent = decode(engine.recv_multipart())
-        for pid in (4444, 4545, 4646):
+        # A request the worker had started at every loss of it may be what takes it down: resumed twice, it then
+        # fails. One that only waited in the worker's queue, never started, is resumed each time without limit.
+        stream = coordinator.client.generate(request_id="s", token_ids=[5], max_tokens=9)
+        queued = coordinator.client.generate(request_id="q", token_ids=[6], max_tokens=1)
+        sent = {m.prompt_token_ids[0]: m for m in (decode(engine.recv_multipart()) for _ in range(2))}
+        for i, pid in enumerate((4444, 4545, 4646)):
+            engine.send_multipart(encode(EngineStarted(request_id=sent[5].request_id)))
+            engine.send_multipart(token(sent[5].request_id, 20 + i))
+            assert next(stream).token_id == 20 + i  # the start was read before the loss, on the same socket
             restart_as_worker(coordinator, member, hb, pid=pid)
-            assert decode(engine.recv_multipart()) == EngineCancel(request_id=sent.request_id)
-            if pid != 4646:
-                sent = decode(engine.recv_multipart())
-                assert isinstance(sent, EngineGenerate)
+            cancels = [decode(engine.recv_multipart()) for _ in range(2)]
+            assert all(isinstance(m, EngineCancel) for m in cancels)
+            assert sorted(m.request_id for m in cancels) == sorted(m.request_id for m in sent.values())
+            again = [decode(engine.recv_multipart()) for _ in range(1 if pid == 4646 else 2)]
+            assert all(isinstance(m, EngineGenerate) for m in again)
+            sent = {m.prompt_token_ids[0]: m for m in again}
         with pytest.raises(ServerError) as info:
             list(stream)
         assert info.value.code == "unavailable" and "resumed 2 times already" in info.value.message
+        assert list(sent) == [6]
+        engine.send_multipart(token(sent[6].request_id, 30, "length"))
+        assert [e.token_id for e in queued if e.KIND == "token"] == [30]
         stats = coordinator.client.stats().stats
-        assert stats["requests"]["completed"] == 1 and stats["requests"]["error"] == 1
+        assert stats["requests"]["completed"] == 2 and stats["requests"]["error"] == 1
     assert coordinator.process.returncode == 0
     assert "requests it held resume when it is back" in coordinator.log.read_text()
 

@@ -167,16 +167,20 @@ def test_requests_beyond_kv_capacity_wait_then_reuse_freed_blocks():
     seqs = [make_seq(str(i), 6, max_tokens=6) for i in range(5)]
     for s in seqs:
         sched.add(s)
-    step(sched)
+    batch, _ = step(sched)
     assert sched.num_running == 2 and sched.num_waiting == 3 and sched.kv_blocks_used == 6
+    admitted = list(batch.admitted)  # the sequences the engine reports started (EngineStarted)
+    assert admitted == seqs[:2]
     first_blocks = {b for s in seqs[:2] for b in s.block_table}
     peak = 0
-    for _ in steps_until_idle(sched):
+    for batch, _ in steps_until_idle(sched):
+        assert all(seq.block_table for seq in batch.admitted)
+        admitted += batch.admitted
         peak = max(peak, sched.num_running)
         assert sched.kv_blocks_used == sum(len(s.block_table) for s in sched.running) <= sched.kv_blocks_total
         if seqs[2].status is SequenceStatus.RUNNING:
             assert set(seqs[2].block_table) <= first_blocks
-    assert peak == 2
+    assert peak == 2 and admitted == seqs  # each once, as it got its blocks
     assert all(s.finish_reason == "length" and len(s.output_token_ids) == 6 for s in seqs)
     assert sched.allocator.num_free == 8
 
