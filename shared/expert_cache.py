@@ -441,7 +441,7 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
     # Only while the file is still the content this cache was built from: changed meanwhile (another start may have
     # built the new content's cache already), the other caches may be the current one's.
     if _identity(model.path) == hashed:
-        _remove_superseded(model, target, dirs, built_from)
+        _remove_superseded(model, dirs, built_from, header["source_hash"])
     return cache
 
 
@@ -488,22 +488,23 @@ def rebuild_command(model_path: Path, cache_path: Path) -> str:
     return shlex.join(command)
 
 
-def _remove_superseded(model: GGUFModel, current: Path, dirs: list[Path], built_from: dict[str, Any]) -> None:
+def _remove_superseded(model: GGUFModel, dirs: list[Path], built_from: dict[str, Any], source_hash: str) -> None:
     """Remove the caches built from this model file's earlier contents, tens to hundreds of GB each: each content
     gets a cache of its own name, and nothing else removes the old one. From the directories searched now and
     by default (an earlier start may have had no expert_cache_dir), and only files whose header records this
-    same file (`built_from`): another model of the same name may share a directory, and a file of an older
-    version records nothing (a copy of the earlier content at another path that used the file builds it again).
-    Whatever their names: one built through a link of another name records the file it points to. A process that
-    maps one goes on reading it (its inode lives until it is unmapped)."""
+    same file (`built_from`) and another content than `source_hash`, the current one's: another model of the same
+    name may share a directory, a file of an older version records nothing (a copy of the earlier content at
+    another path that used the file builds it again), and the current content's cache under another name (built
+    through a link, or with another cache directory) is as current as this one's. A process that maps one goes
+    on reading it (its inode lives until it is unmapped)."""
     pattern = f"*.{'[0-9a-f]' * 16}.experts"
     searched = dict.fromkeys([*dirs, model.path.parent, default_cache_dir()])
     for old in (path for d in searched for path in d.glob(pattern)):
-        if old.name == current.name or _built_from(old) != built_from:
+        if not _superseded(old, built_from, source_hash):
             continue
         try:
             with _locked(old):  # not from under a process that is building or checking it
-                if _built_from(old) != built_from:  # removed, or rebuilt by another, while this one waited
+                if not _superseded(old, built_from, source_hash):  # removed, or rebuilt, while this one waited
                     continue
                 nbytes = old.stat().st_size
                 old.unlink()
@@ -515,12 +516,14 @@ def _remove_superseded(model: GGUFModel, current: Path, dirs: list[Path], built_
               f"{built_from['path']}", file=sys.stderr)
 
 
-def _built_from(path: Path) -> dict[str, Any] | None:
-    """The model file a cache file's header records it was built from; None for none, or no such cache file."""
+def _superseded(path: Path, built_from: dict[str, Any], source_hash: str) -> bool:
+    """Whether the cache file at `path` was built from the model file `built_from` records, at another content
+    than `source_hash`; not for no such cache file."""
     try:
-        return _file_header(path).get(BUILT_FROM)
+        header = _file_header(path)
     except (OSError, CacheError):
-        return None
+        return False
+    return header.get(BUILT_FROM) == built_from and header.get("source_hash") != source_hash
 
 
 def _problem(path: Path, header: dict[str, Any]) -> str | None:
@@ -564,8 +567,13 @@ def _remembered_hash(path: Path, dirs: list[Path]) -> str:
         if digest is None:
             digest = content_hash(path)
             tmp = memo.with_name(f"{memo_name}.tmp{os.getpid()}")
-            tmp.write_text(f"{identity} {digest}\n")
-            os.replace(tmp, memo)  # readers see the old line or the new one, never half of it
+            try:
+                tmp.write_text(f"{identity} {digest}\n")
+                os.replace(tmp, memo)  # readers see the old line or the new one, never half of it
+            except OSError as e:  # a full disk: the cache itself may need no room, and the next start hashes again
+                tmp.unlink(missing_ok=True)
+                print(f"expert cache: could not remember the model's content hash in {memo}: {e.strerror}",
+                      file=sys.stderr)
     return digest
 
 

@@ -139,6 +139,8 @@ class GGUFModel:
             got = tuple(int(d) for d in reversed(t.shape))
             if _without_leading_ones(got) != _without_leading_ones(shape):
                 raise ModelError(f"{self.path}: tensor {name} has shape {got}, expected {shape}")
+            if len(got) > len(shape) == 3:  # experts are read by index along the first axis: drop those of 1 ahead
+                self._tensors[name] = t._replace(data=t.data.reshape(t.data.shape[len(got) - len(shape):]))
             if t.tensor_type not in SUPPORTED_TYPES:
                 names = ", ".join(q.name for q in SUPPORTED_TYPES)
                 raise ModelError(

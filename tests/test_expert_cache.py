@@ -408,6 +408,41 @@ def test_an_earlier_content_cache_made_through_a_link_of_another_name_is_removed
         cache.close()
 
 
+def test_the_current_contents_cache_under_another_name_is_kept(models, tmp_path, capsys):
+    """The same content's cache built again under another name (through a link, into another cache directory) was
+    taken for one of an earlier content and removed, rebuilt by the next start, and lost to a host that held it."""
+    model = tmp_path / "m.gguf"
+    shutil.copy(models["q8_0"], model)
+    (tmp_path / "alias.gguf").symlink_to(model)
+    beside = ensure_expert_cache(GGUFModel(model), workers=1, progress=quiet)
+    capsys.readouterr()
+    elsewhere = ensure_expert_cache(GGUFModel(tmp_path / "alias.gguf"), tmp_path / "cache", workers=1, progress=quiet)
+    assert elsewhere.built and "removed" not in capsys.readouterr().err
+    assert cache_files(tmp_path) == [beside.path.name]
+    again = ensure_expert_cache(GGUFModel(model), workers=1, progress=quiet)
+    assert not again.built and again.path == beside.path
+    for cache in (beside, elsewhere, again):
+        cache.close()
+
+
+def test_a_content_hash_that_cannot_be_remembered_is_used_all_the_same(models, tmp_path, capsys):
+    """Remembering the hash is what fails on a full disk, where the cache already built needs no room: the start
+    failed with the bare OSError and left the memo's temporary file behind."""
+    path = tmp_path / "m.gguf"
+    path.write_bytes(models["q8_0"].read_bytes())
+    built = ensure_expert_cache(GGUFModel(path), workers=1, progress=quiet)
+    (memo,) = tmp_path.glob("m.*.source-hash")
+    memo.unlink()
+    memo.mkdir()  # a memo that cannot be written, as on a full disk
+    capsys.readouterr()
+    again = ensure_expert_cache(GGUFModel(path), workers=1, progress=quiet)
+    assert not again.built and again.path == built.path
+    assert f"could not remember the model's content hash in {memo}" in capsys.readouterr().err
+    assert list(tmp_path.glob("m.*.source-hash.tmp*")) == []
+    for cache in (built, again):
+        cache.close()
+
+
 def test_a_cache_of_the_version_before_serves_on_without_a_rebuild(models, tmp_path):
     """Version 3 differs only in not recording the model file it was built from: rebuilt on upgrade, a disk sized
     for the model and one cache had no room for the second copy a rebuild writes before the rename."""

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFValueType, GGUFWriter, quants
+from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
 
 from shared.gguf_file import GGUFModel, dequantize, file_identity
 from shared.gguf_write import _add_value, write_model
@@ -62,6 +62,30 @@ def test_shared_expert_gate_written_as_a_row_is_accepted(tmp_path):
     tensors["blk.0.ffn_gate_inp_shexp.weight"] = tensors["blk.0.ffn_gate_inp_shexp.weight"][None, :]
     write_model(tmp_path / "m.gguf", cfg, tensors)
     assert GGUFModel(tmp_path / "m.gguf").tensor("blk.0.ffn_gate_inp_shexp.weight").shape == (cfg.hidden,)
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0])
+def test_experts_stored_with_a_fourth_dimension_of_one_are_read_by_expert(tmp_path, qtype):
+    """ggml's tensors have four dimensions; a writer that keeps the fourth (1) gives the reader (1, E, F, H), which
+    llama.cpp loads. Each expert's matrix and bytes are those of the same model written with three."""
+    cfg = tiny_config()
+    tensors = random_tensors(cfg)
+    name = "blk.0.ffn_gate_exps.weight"
+    qtypes = {} if qtype == Q.F32 else {name: qtype}
+    if qtypes:
+        a = tensors[name]
+        tensors[name] = quants.quantize(a.reshape(-1, a.shape[-1]), qtype).reshape(*a.shape[:-1], -1)
+    write_model(tmp_path / "three.gguf", cfg, tensors, qtypes=qtypes)
+    tensors[name] = tensors[name][None]
+    write_model(tmp_path / "four.gguf", cfg, tensors, qtypes=qtypes)
+    three, four = GGUFModel(tmp_path / "three.gguf"), GGUFModel(tmp_path / "four.gguf")
+    stored = next(t for t in GGUFReader(tmp_path / "four.gguf").tensors if t.name == name)
+    assert len(stored.shape) == 4 and stored.data.shape[0] == 1
+    for index in (0, cfg.n_experts - 1):
+        assert np.array_equal(four.expert_bytes(0, "ffn_gate_exps", index),
+                              three.expert_bytes(0, "ffn_gate_exps", index))
+        assert torch.equal(four.expert(0, "ffn_gate_exps", index), three.expert(0, "ffn_gate_exps", index))
+        assert torch.equal(four.expert_view(0, "ffn_gate_exps", index), three.expert_view(0, "ffn_gate_exps", index))
 
 
 def _q4_k_block_reference(block: bytes) -> np.ndarray:
