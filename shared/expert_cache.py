@@ -41,7 +41,7 @@ import torch
 
 from shared.config import Config, parse_bytes_or_percent, positive_int
 from shared.expert_math import ExpertWeights
-from shared.gguf_file import ZERO_COPY_TYPES, GGUFModel
+from shared.gguf_file import ZERO_COPY_TYPES, GGUFModel, stat_identity
 from shared.memory_use import room_above_floor
 from shared.model_config import EXPERT_TENSOR_KINDS, ModelError, expert_tensor_name, tensor_shapes
 from shared.pages import advise, read_only_tensor
@@ -410,9 +410,10 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
     if all(layout.format == "float" for layout in layouts):
         return None
     dirs = [Path(directory)] if directory else [model.path.parent, default_cache_dir()]
-    hashed = _identity(model.path)
+    hashed = model.opened
     built_from = _built_from_record(model.path, hashed)
     header = _header(model, layouts, _remembered_hash(model.path, dirs))
+    model.check_unchanged()  # what was hashed, and what the conversion reads, is the path's: the model served?
     name = f"{model.path.stem}.{header['source_hash'][:16]}.experts"
     # this name's first, then the same content under another name (a renamed model, or one served through a
     # symlink, whose target's cache lies beside the target unless a directory is given): a rebuild would take as
@@ -440,15 +441,9 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
         cache = ExpertCache(target, built=True)  # mapped before the lock goes: no other start can remove it first
     # Only while the file is still the content this cache was built from: changed meanwhile (another start may have
     # built the new content's cache already), the other caches may be the current one's.
-    if _identity(model.path) == hashed:
+    if stat_identity(model.path) == hashed:
         _remove_superseded(model, dirs, built_from, header["source_hash"])
     return cache
-
-
-def _identity(path: Path) -> tuple[int, int, int, int]:
-    """What tells a file's content has not changed: device, inode, size and mtime (as git and ccache judge it)."""
-    st = os.stat(path)
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _built_from_record(path: Path, identity: tuple[int, int, int, int]) -> dict[str, Any]:
@@ -540,7 +535,7 @@ def _remembered_hash(path: Path, dirs: list[Path]) -> str:
     for as long as the file is unchanged (same device, inode, size and mtime, as git and ccache judge it), so a
     start neither hashes a big file again nor pulls its expert pages back into the page cache. Processes
     starting together hash it once: the first holds the memo's `.lock` while it hashes."""
-    identity = ":".join(map(str, _identity(path)))
+    identity = ":".join(map(str, stat_identity(path)))
     # A memo per model file, not per file name: models of one name sharing a cache directory overwrote each
     # other's, and each start hashed its whole file again.
     memo_name = f"{path.stem}.{hashlib.sha256(os.fsencode(path.resolve())).hexdigest()[:16]}.source-hash"
@@ -624,7 +619,7 @@ def _build(model: GGUFModel, path: Path, header: dict[str, Any], layouts: list[E
             else:
                 # spawn: a forked child of a process that has run torch's thread pool can hang in it
                 with ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=_worker_init,
-                                         initargs=(str(model.path), str(tmp), os.getpid())) as pool:
+                                         initargs=(str(model.path), model.opened, str(tmp), os.getpid())) as pool:
                     try:
                         for future in as_completed([pool.submit(_worker_convert, *job) for job in jobs]):
                             written += future.result()
@@ -732,10 +727,11 @@ def _convert_expert_matrix(model: GGUFModel, layer: int, kind: str, expert: int,
     return matrix
 
 
-_worker: tuple[GGUFModel, int] | None = None  # a pool process's own map of the model and handle on the output
+# a pool process's own map of the model, the file the parent maps (GGUFModel.opened) and a handle on the output
+_worker: tuple[GGUFModel, tuple[int, int, int, int], int] | None = None
 
 
-def _worker_init(model_path: str, out_path: str, parent: int) -> None:
+def _worker_init(model_path: str, opened: tuple[int, int, int, int], out_path: str, parent: int) -> None:
     global _worker
     # a converting process killed outright (a worker stopped by `up` past its drain) left its pool's processes
     # blocked for ever, each holding memory and the deleted temporary file
@@ -747,12 +743,16 @@ def _worker_init(model_path: str, out_path: str, parent: int) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)  # the pool's processes are the parallelism
-    _worker = (GGUFModel(model_path), os.open(out_path, os.O_WRONLY))
+    _worker = (GGUFModel(model_path), opened, os.open(out_path, os.O_WRONLY))
 
 
 def _worker_convert(layer: int, layout: ExpertLayout, offset: int, digests_offset: int) -> int:
     assert _worker is not None, "pool process not initialised"
-    return _convert_layer(*_worker, layer, layout, offset, digests_offset)
+    model, opened, fd = _worker
+    if model.opened != opened:  # it reopened the path: another file was renamed over it, or it was rewritten
+        raise ModelError(f"{model.path}: the model file was replaced or changed while its expert cache was being "
+                         "built; start again to serve the new one")
+    return _convert_layer(model, fd, layer, layout, offset, digests_offset)
 
 
 class _PrintProgress:

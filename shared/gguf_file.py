@@ -43,6 +43,12 @@ def dequantize(data: np.ndarray, qtype: GGMLQuantizationType) -> torch.Tensor:
 IDENTITY_SPAN = 1 << 20
 
 
+def stat_identity(path: str | os.PathLike[str]) -> tuple[int, int, int, int]:
+    """What tells a file's content has not changed: device, inode, size and mtime (as git and ccache judge it)."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
 def file_identity(path: str | os.PathLike[str]) -> str:
     """A model file by its content, cheaply: its size and a hash of its first and last MiB (the header and the
     tensor index, and the last tensor's bytes). The same in every process that reads the same model, whatever
@@ -88,7 +94,8 @@ class GGUFModel:
             raise ModelError(f"{self.path}: a directory, not a model file")
         if not self.path.is_file():
             raise ModelError(f"{self.path}: no such model file")
-        self.file_size = self.path.stat().st_size
+        self.opened = stat_identity(self.path)  # the file this model maps (check_unchanged)
+        self.file_size = self.opened[2]
         self.identity = file_identity(self.path)
         try:
             self._reader = _Reader(self.path, "r")
@@ -116,6 +123,15 @@ class GGUFModel:
             raise ModelError(f"{self.path}: {e}") from None
         self._expected_shapes = tensor_shapes(self.config)
         self._validate()
+        self.check_unchanged()
+
+    def check_unchanged(self) -> None:
+        """Raise ModelError if the model's path no longer names the file this model maps, unchanged: what reopens the
+        path (an expert cache's conversion processes) or is named by it (the cache's content hash) would be of
+        another model (one renamed over it as a download finished, or rewritten in place)."""
+        if stat_identity(self.path) != self.opened:
+            raise ModelError(f"{self.path}: the model file was replaced or changed after this process opened it; "
+                             "start again to serve the new one")
 
     def _validate(self) -> None:
         # in file order, as llama.cpp checks them: aligned, and none over another's bytes

@@ -234,8 +234,8 @@ def test_conversion_processes_leave_a_stop_to_the_process_that_started_them(mode
     out = tmp_path / "cache.tmp"
     out.write_bytes(b"")
     spawn = multiprocessing.get_context("spawn")  # as _build starts them
-    with spawn.Pool(1, initializer=expert_cache._worker_init, initargs=(str(models["q8_0"]), str(out), os.getpid())
-                    ) as pool:
+    initargs = (str(models["q8_0"]), GGUFModel(models["q8_0"]).opened, str(out), os.getpid())
+    with spawn.Pool(1, initializer=expert_cache._worker_init, initargs=initargs) as pool:
         assert pool.apply(signal_dispositions) == (signal.SIG_IGN, signal.SIG_IGN)
 
 
@@ -488,6 +488,38 @@ def test_caches_of_a_model_file_replaced_or_changed_during_the_build_are_not_rem
     assert capsys.readouterr().err.count("removed") == 1
     for cache in (second, rebuilt, *nested):
         cache.close()
+
+
+def test_a_model_file_replaced_after_it_was_opened_gets_no_cache(models, tmp_path, monkeypatch):
+    """The cache is found by the content hash of the model's path and converted from what the path names: a model
+    renamed over it (a download finishing) after this process opened the old one, before or while it was hashed,
+    gave the process the new model's experts under its old trunk, or a cache of the new experts labelled with the
+    old content's hash. Now that is refused by name, and nothing is built."""
+    a = tmp_path / "m.gguf"
+    a.write_bytes(models["q8_0"].read_bytes())
+
+    def replaced() -> None:
+        replacement = tmp_path / "new.tmp"
+        replacement.write_bytes(models["q4_0"].read_bytes())
+        os.replace(replacement, a)
+
+    opened = GGUFModel(a)
+    replaced()
+    with pytest.raises(ModelError, match="the model file was replaced or changed after this process opened it"):
+        ensure_expert_cache(opened, tmp_path, workers=1, progress=quiet)
+
+    a.write_bytes(models["q8_0"].read_bytes())
+    opened = GGUFModel(a)
+    hash_of = expert_cache.content_hash
+
+    def hashed_as_it_is_replaced(path):
+        replaced()
+        return hash_of(path)
+
+    monkeypatch.setattr(expert_cache, "content_hash", hashed_as_it_is_replaced)
+    with pytest.raises(ModelError, match="the model file was replaced or changed after this process opened it"):
+        ensure_expert_cache(opened, tmp_path, workers=1, progress=quiet)
+    assert cache_files(tmp_path) == []
 
 
 BLOCK_SCALE_AT = {Q.Q8_0: 0, Q.Q4_K: 0, Q.Q6_K: 208}  # where a block's f16 scale d lies in its bytes
