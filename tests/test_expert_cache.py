@@ -733,6 +733,26 @@ def test_a_build_leaves_the_converted_experts_out_of_the_page_cache(models, tmp_
     assert resident(experts) < 0.1
 
 
+def test_a_model_hashed_again_leaves_its_experts_out_of_the_page_cache(models, tmp_path, monkeypatch):
+    """A model file touched or copied is hashed again at the next start, reading all of it: with its cache already
+    built, nothing dropped the model's pages after, and RAM held the experts twice (the page cache's copy)."""
+    if not page_cache_droppable(tmp_path):
+        pytest.skip("this file system keeps files in memory (tmpfs?): its pages cannot be dropped")
+    path = tmp_path / "m.gguf"
+    path.write_bytes(models["q4_0"].read_bytes())
+    ensure_expert_cache(GGUFModel(path), workers=1, progress=quiet).close()
+    path.read_bytes()  # back in the page cache
+    os.utime(path, ns=(0, 0))  # the hash remembered is of another mtime
+    monkeypatch.setattr(expert_cache, "_HASHES", {})  # as a new process
+    model = GGUFModel(path)
+    experts = [torch.from_numpy(np.asarray(model.raw(f"blk.{layer}.{kind}.weight")).view(np.uint8))
+               for layer in range(model.config.n_layers) for kind in EXPERT_TENSOR_KINDS]
+    assert resident(experts) > 0.9
+    cache = ensure_expert_cache(model, workers=1, progress=quiet)
+    assert not cache.built and resident(experts) < 0.1
+    cache.close()
+
+
 def flip_a_byte(cache_path: os.PathLike, offset: int) -> None:
     with open(cache_path, "r+b") as f:
         f.seek(offset)
