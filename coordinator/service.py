@@ -81,8 +81,8 @@ TTFT = Histogram("tierserve_time_to_first_token_seconds", "From a request's arri
 ITL = Histogram("tierserve_inter_token_latency_seconds", "Between two tokens of one request",
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 RESUMED = Counter("tierserve_requests_resumed_total",
-                  "Times requests were continued from their streamed tokens after the gpu worker or an expert host "
-                  "was lost (a request resumed twice counts twice)")
+                  "Times requests the worker had started were continued from their streamed tokens after the gpu "
+                  "worker or an expert host was lost (a request resumed twice counts twice)")
 RUNNING = Gauge("tierserve_running_requests", "Requests in the engine")
 WAITING = Gauge("tierserve_waiting_requests", "Admitted requests waiting for a place in the engine")
 
@@ -347,15 +347,15 @@ class Coordinator:
             return
         now = time.monotonic()
         try:
-            if isinstance(msg, EngineStarted):
-                stream.started = True
-            elif isinstance(msg, EngineToken):
+            if isinstance(msg, (EngineStarted, EngineToken)):  # a token says so too, should the start's word be lost
+                stream.engine_started = True
+            if isinstance(msg, EngineToken):
                 self.on_token(stream, msg, now)
             elif isinstance(msg, EngineError) and msg.code in RESUMABLE_ENGINE_ERRORS:
                 self.ended_by_engine(stream, msg, now)
             elif isinstance(msg, EngineError):
                 self.fail(stream, msg.code, msg.message, in_engine=False)
-            else:
+            elif isinstance(msg, EngineFinished):
                 self.end(stream, msg.finish_reason, stream.final(msg.finish_reason, now), in_engine=False)
         except Exception as e:  # a bug this message trips: its client is told, rather than left waiting for ever
             log.exception("error handling %s for request %s", msg.KIND, stream.request_id)
@@ -503,14 +503,14 @@ class Coordinator:
         instead."""
         kept = []
         for stream in streams:
-            if stream.started and stream.resumes >= MAX_RESUMES:
+            if stream.engine_started and stream.resumes >= MAX_RESUMES:
                 self.fail(stream, code, f"{reason}; the request was resumed {MAX_RESUMES} times already",
                           in_engine=False)
             else:
                 kept.append(stream)
         # a failure's send may have found a client gone, and client_gone ended that client's other streams
         kept = [s for s in kept if self.table.get(s.internal_id) is s]
-        RESUMED.inc(sum(stream.started for stream in kept))
+        RESUMED.inc(sum(stream.engine_started for stream in kept))
         self.table.resume(kept)
         self.dispatch()
         return len(kept)

@@ -69,7 +69,7 @@ class RequestStream:
         self.first_token_at: float | None = None
         self.last_token_at: float | None = None
         self.token_ids: list[int] = []  # generated so far: a request resumed on another worker continues from them
-        self.started = False  # admitted by the worker it last went to (EngineStarted)
+        self.engine_started = False  # admitted by the worker it last went to (EngineStarted)
         self.resumes = 0
         self.finish_reason: str | None = None
 
@@ -187,9 +187,9 @@ class StreamTable:
             self.running.discard(stream.internal_id)
             del self.streams[stream.internal_id]
             stream.internal_id = self.next_id()
-            if stream.started:
+            if stream.engine_started:
                 stream.resumes += 1
-            stream.started = False
+            stream.engine_started = False
             self.streams[stream.internal_id] = stream
             self._by_client[(stream.client, stream.request_id)] = stream.internal_id
             self.waiting.append(stream.internal_id)

@@ -149,8 +149,9 @@ class Engine:
         # off a disk (the first prompt on a cold page cache), or 16 GB of hot experts loaded for a placement, can
         # take many heartbeat timeouts, and the worker must not be declared dead then.
         self.keep_alive: Callable[[], None] = lambda: None
-        # Told of each sequence the scheduler admits, before its prompt runs (EngineStarted).
-        self.admitted: Callable[[Sequence], None] = lambda seq: None
+        # Told of each sequence the scheduler admits, before its prompt runs: the coordinator counts a request lost
+        # with the worker as resumed only once it has started (EngineStarted), where it may be what crashed it.
+        self.on_admitted: Callable[[Sequence], None] = lambda seq: None
         # Code the step calls marks its sections with step_profile.section, the MoE dispatch's included.
         self.profile = StepProfile(config.profile_steps, self._sync_device if self.device.type == "cuda" else None)
         self.update_gauges()  # the cost model's start-up figures, before the first step (0 B/s until then)
@@ -199,7 +200,7 @@ class Engine:
                 recorded.append(([], []))
                 return
             for seq in batch.admitted:
-                self.admitted(seq)
+                self.on_admitted(seq)
             start = time.perf_counter()
             if self.remote is not None:
                 self.remote.begin_step()
@@ -417,7 +418,7 @@ def serve(config: Config) -> int:
         engine.keep_alive = lambda: control.heartbeat_if_due(engine.placement_version, engine.load())
         if remote is not None:
             remote.keep_alive = engine.keep_alive
-        engine.admitted = lambda seq: send(EngineStarted(request_id=seq.request_id))
+        engine.on_admitted = lambda seq: send(EngineStarted(request_id=seq.request_id))
         if not hold(engine, placement, log):
             return 1
         log.info("placement v%d: %d hot experts (%.1f MB)", placement.version, placement.count_hot(),
@@ -434,7 +435,7 @@ def serve(config: Config) -> int:
                 unfinished = engine.fail_all()
                 log.warning("stopping: drain_timeout_s (%g s) is over, %d requests end unfinished",
                             config.drain_timeout_s, len(unfinished))
-                for seq in unfinished:  # resumed on a successor: one that ran counts as resumed, one that never did not
+                for seq in unfinished:  # resumed on a successor (counted as resumed if it had started: EngineStarted)
                     code = "unavailable" if seq.num_computed else "shutting_down"
                     send(EngineError(request_id=seq.request_id, code=code, member_id=MEMBER_ID,
                                      message="the worker stopped before the request finished (drain_timeout_s)"))

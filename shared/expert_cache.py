@@ -209,14 +209,14 @@ _HASHES: dict[tuple[str, int, int, int, int], str] = {}
 def content_hash(path: str | os.PathLike[str]) -> str:
     """Tree hash of a file: 64 MiB chunks hashed in parallel (hashlib releases the GIL), then the chunk digests.
     SHA-256 rather than BLAKE2b: with the SHA extensions of current x86 CPUs it hashes ~1.4 GB/s per core, twice
-    BLAKE2b's ~0.7. Remembered per process for an unchanged file (same inode, size and mtime). The page cache may
-    drop the file's pages after: the experts are served from the cache file, which doubled them in RAM (a build
-    reads them again, once)."""
+    BLAKE2b's ~0.7. Remembered per process for an unchanged file (same inode, size and mtime)."""
     st = os.stat(path)
     key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if key in _HASHES:
         return _HASHES[key]
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mapped:
+        st = os.fstat(f.fileno())  # the file read, should the path have been renamed over since
+        key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
         mapped.madvise(mmap.MADV_SEQUENTIAL)
         whole = memoryview(mapped)
         chunks = [whole[i : i + HASH_CHUNK] for i in range(0, st.st_size, HASH_CHUNK)]
@@ -225,8 +225,6 @@ def content_hash(path: str | os.PathLike[str]) -> str:
         for chunk in chunks:
             chunk.release()
         whole.release()
-        mapped.close()
-        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     _HASHES[key] = hashlib.sha256(b"".join(digests)).hexdigest()
     return _HASHES[key]
 
@@ -414,10 +412,16 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
     if all(layout.format == "float" for layout in layouts):
         return None
     dirs = [Path(directory)] if directory else [model.path.parent, default_cache_dir()]
-    hashed = model.opened
-    built_from = _built_from_record(model.path, hashed)
-    header = _header(model, layouts, _remembered_hash(model.path, dirs))
-    model.check_unchanged()  # what was hashed, and what the conversion reads, is the path's: the model served?
+    source_hash, hashed_now = _remembered_hash(model.path, dirs)
+    # The hash is of the path's file, and the conversion processes read the path: the file this process serves?
+    model.check_unchanged()
+    built_from = _built_from_record(model.path, model.opened)
+    header = _header(model, layouts, source_hash)
+
+    def found(path: Path) -> ExpertCache:
+        if hashed_now:  # hashing read the whole model file: the page cache would hold its experts beside the cache's
+            _drop_converted_pages(model, layouts)
+        return ExpertCache(path)
     name = f"{model.path.stem}.{header['source_hash'][:16]}.experts"
     # this name's first, then the same content under another name (a renamed model, or one served through a
     # symlink, whose target's cache lies beside the target unless a directory is given): a rebuild would take as
@@ -427,12 +431,12 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
                                              for path in sorted(d.glob(f"*.{header['source_hash'][:16]}.experts"))]
     for candidate in dict.fromkeys(candidates):
         if _problem(candidate, header) is None:
-            return ExpertCache(candidate)
+            return found(candidate)
     target = _writable_dir(dirs) / name
     with _locked(target):
         problem = _problem(target, header)
         if problem is None:  # built by another process while this one waited
-            return ExpertCache(target)
+            return found(target)
         if stopping():  # told to stop while it waited for another's build, which gave up for the same reason
             raise ConversionStopped("stopped before converting")
         if target.exists():
@@ -445,7 +449,7 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
         cache = ExpertCache(target, built=True)  # mapped before the lock goes: no other start can remove it first
     # Only while the file is still the content this cache was built from: changed meanwhile (another start may have
     # built the new content's cache already), the other caches may be the current one's.
-    if stat_identity(model.path) == hashed:
+    if stat_identity(model.path) == model.opened:
         _remove_superseded(model, dirs, built_from, header["source_hash"])
     return cache
 
@@ -516,8 +520,8 @@ def _remove_superseded(model: GGUFModel, dirs: list[Path], built_from: dict[str,
 
 
 def _superseded(path: Path, built_from: dict[str, Any], source_hash: str) -> bool:
-    """Whether the cache file at `path` was built from the model file `built_from` records, at another content
-    than `source_hash`; not for no such cache file."""
+    """Whether the cache file at `path` was built from the model file `built_from` records, from another content
+    than `source_hash`; False where there is no cache file at `path`."""
     try:
         header = _file_header(path)
     except (OSError, CacheError):
@@ -534,11 +538,12 @@ def _problem(path: Path, header: dict[str, Any]) -> str | None:
     return None
 
 
-def _remembered_hash(path: Path, dirs: list[Path]) -> str:
+def _remembered_hash(path: Path, dirs: list[Path]) -> tuple[str, bool]:
     """The model's content hash, remembered across starts in `<stem>.<path hash>.source-hash` beside the cache
     for as long as the file is unchanged (same device, inode, size and mtime, as git and ccache judge it), so a
     start neither hashes a big file again nor pulls its expert pages back into the page cache. Processes
-    starting together hash it once: the first holds the memo's `.lock` while it hashes."""
+    starting together hash it once: the first holds the memo's `.lock` while it hashes. Returns the hash and whether
+    this process read the file for it."""
     identity = ":".join(map(str, stat_identity(path)))
     # A memo per model file, not per file name: models of one name sharing a cache directory overwrote each
     # other's, and each start hashed its whole file again.
@@ -554,13 +559,14 @@ def _remembered_hash(path: Path, dirs: list[Path]) -> str:
 
     digest = remembered()
     if digest is not None:
-        return digest
+        return digest, False
     try:
         memo = _writable_dir(dirs) / memo_name
     except OSError:  # nowhere to remember it: hash on every start
-        return content_hash(path)
+        return content_hash(path), True
     with _locked(memo):
         digest = remembered()  # hashed by another process while this one waited
+        hashed_now = digest is None
         for stale in memo.parent.glob(f"{glob.escape(memo_name)}.tmp*"):  # left by a writer killed holding the lock
             stale.unlink(missing_ok=True)
         if digest is None:
@@ -573,7 +579,7 @@ def _remembered_hash(path: Path, dirs: list[Path]) -> str:
                 tmp.unlink(missing_ok=True)
                 print(f"expert cache: could not remember the model's content hash in {memo}: {e.strerror}",
                       file=sys.stderr)
-    return digest
+    return digest, hashed_now
 
 
 def _writable_dir(dirs: list[Path]) -> Path:
@@ -731,8 +737,8 @@ def _convert_expert_matrix(model: GGUFModel, layer: int, kind: str, expert: int,
     return matrix
 
 
-# a pool process's own map of the model, the file the parent maps (GGUFModel.opened) and a handle on the output
-_worker: tuple[GGUFModel, tuple[int, int, int, int], int] | None = None
+# a pool process's own map of the model, or why it has none that is the parent's, and a handle on the output
+_worker: tuple[GGUFModel | ModelError, int] | None = None
 
 
 def _worker_init(model_path: str, opened: tuple[int, int, int, int], out_path: str, parent: int) -> None:
@@ -747,15 +753,23 @@ def _worker_init(model_path: str, opened: tuple[int, int, int, int], out_path: s
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, signal.SIG_IGN)
     torch.set_num_threads(1)  # the pool's processes are the parallelism
-    _worker = (GGUFModel(model_path), opened, os.open(out_path, os.O_WRONLY))
+    # it reopens the path: another file renamed over it, or it rewritten, is not the model the parent serves. Said
+    # by each conversion, not raised here, where it would break the pool and read as the out-of-memory killer's work
+    replaced = f"{model_path}: the model file was replaced or changed while its expert cache was being built"
+    try:
+        model: GGUFModel | ModelError = GGUFModel(model_path)
+        if model.opened != opened:
+            model = ModelError(f"{replaced}; start again to serve the new one")
+    except (ModelError, OSError) as e:
+        model = ModelError(f"{replaced} ({e})")
+    _worker = (model, os.open(out_path, os.O_WRONLY))
 
 
 def _worker_convert(layer: int, layout: ExpertLayout, offset: int, digests_offset: int) -> int:
     assert _worker is not None, "pool process not initialised"
-    model, opened, fd = _worker
-    if model.opened != opened:  # it reopened the path: another file was renamed over it, or it was rewritten
-        raise ModelError(f"{model.path}: the model file was replaced or changed while its expert cache was being "
-                         "built; start again to serve the new one")
+    model, fd = _worker
+    if isinstance(model, ModelError):
+        raise model
     return _convert_layer(model, fd, layer, layout, offset, digests_offset)
 
 

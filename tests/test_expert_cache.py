@@ -239,6 +239,27 @@ def test_conversion_processes_leave_a_stop_to_the_process_that_started_them(mode
         assert pool.apply(signal_dispositions) == (signal.SIG_IGN, signal.SIG_IGN)
 
 
+@pytest.mark.parametrize("replaced_by", ["another model", "nothing"])
+def test_a_conversion_process_that_reopens_another_file_than_its_parents_converts_nothing(models, tmp_path,
+                                                                                          replaced_by):
+    """Conversion processes reopen the model's path: a file renamed over it after the parent opened its own is
+    another model, whose experts would go into the parent's cache; one removed (a download's rm, then mv) broke
+    the pool, and the build blamed the out-of-memory killer."""
+    path, out = tmp_path / "m.gguf", tmp_path / "cache.tmp"
+    path.write_bytes(models["q8_0"].read_bytes())
+    parents = GGUFModel(path)
+    path.unlink()
+    if replaced_by == "another model":
+        path.write_bytes(models["q4_0"].read_bytes())
+    out.write_bytes(b"")
+    layout = expert_cache.expert_layouts(parents)[0]
+    with multiprocessing.get_context("spawn").Pool(
+            1, initializer=expert_cache._worker_init, initargs=(str(path), parents.opened, str(out), os.getpid())
+    ) as pool, pytest.raises(ModelError, match="the model file was replaced or changed while its expert cache"):
+        pool.apply(expert_cache._worker_convert, (0, layout, 0, 0))
+    assert out.stat().st_size == 0
+
+
 def test_a_process_told_to_stop_before_it_builds_does_not_start(models, tmp_path):
     """One that waited on the build lock while another built, both told to stop, began a build of its own."""
     with pytest.raises(ConversionStopped, match="stopped before converting"):

@@ -100,7 +100,7 @@ def test_a_worker_loss_with_a_gone_client_that_has_one_request_over_the_limit(ti
         async with ready_worker(tiny_model, tmp_path, resume_timeout_s=10.0) as (c, engine):
             sent(c, engine, (b"gone", "a"), (b"gone", "b"), (b"other", "c"))
             a = c.table.find(b"gone", "a")
-            a.resumes, a.started = service.MAX_RESUMES, True
+            a.resumes, a.engine_started = service.MAX_RESUMES, True
             heartbeat(c, pid=2, version=0)  # the worker restarted
             assert c.table.num_running == 0, "a stream left 'running' under an id the dead worker had"
             assert c.table.find(b"other", "c") is not None and c.table.num_waiting == 1

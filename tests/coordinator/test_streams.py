@@ -139,12 +139,12 @@ def test_a_resumed_request_continues_from_its_streamed_tokens_under_a_new_engine
         table.add(s)
     assert table.start_next(3) == streams[:3]
     feed(streams[1], [7, 8, 9], last=None)
-    streams[0].started = streams[1].started = True  # the engine had started them, not streams[2]
+    streams[0].engine_started = streams[1].engine_started = True  # the engine had started them, not streams[2]
     old_ids = [s.internal_id for s in streams[:3]]
     table.resume([streams[2], streams[0]])  # in the order the engine's errors come
     table.resume([streams[1]])
     assert (table.num_running, table.num_waiting) == (0, 4)
-    assert [s.resumes for s in streams] == [1, 1, 0, 0] and not any(s.started for s in streams)
+    assert [s.resumes for s in streams] == [1, 1, 0, 0] and not any(s.engine_started for s in streams)
     assert all(s.internal_id != old and table.get(old) is None for s, old in zip(streams[:3], old_ids, strict=True))
     assert table.find(b"c", "r1") is streams[1] and table.get(streams[1].internal_id) is streams[1]
     assert table.start_next(4) == streams  # in arrival order: the resumed first, then the one that waited
