@@ -413,7 +413,7 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
         return None
     dirs = [Path(directory)] if directory else [model.path.parent, default_cache_dir()]
     source_hash, hashed_now = _remembered_hash(model.path, dirs)
-    # The hash is of the path's file, and the conversion processes read the path: the file this process serves?
+    # the hash is of the file the path names, and conversion processes reopen the path: both must be this model's
     model.check_unchanged()
     built_from = _built_from_record(model.path, model.opened)
     header = _header(model, layouts, source_hash)
@@ -422,6 +422,7 @@ def ensure_expert_cache(model: GGUFModel, directory: str | os.PathLike[str] | No
         if hashed_now:  # hashing read the whole model file: the page cache would hold its experts beside the cache's
             _drop_converted_pages(model, layouts)
         return ExpertCache(path)
+
     name = f"{model.path.stem}.{header['source_hash'][:16]}.experts"
     # this name's first, then the same content under another name (a renamed model, or one served through a
     # symlink, whose target's cache lies beside the target unless a directory is given): a rebuild would take as
