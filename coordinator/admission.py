@@ -82,11 +82,15 @@ class Admission:
         ids = self._tokenize(msg)
         if not ids:
             raise Rejected("invalid_request", "the prompt is empty (it has no tokens)", msg.request_id)
+        asked = f"prompt of {len(ids)} tokens plus max_tokens {msg.max_tokens}"
         need = len(ids) + msg.max_tokens
-        for limit, what in ((self.limits.context_length, "the model's context length"), self.limits.kv_capacity):
-            if need > limit:
-                raise Rejected("context_exceeded", f"prompt of {len(ids)} tokens plus max_tokens {msg.max_tokens} "
-                               f"is {need} tokens, more than {what} of {limit}", msg.request_id)
+        if need > self.limits.context_length:
+            raise Rejected("context_exceeded", f"{asked} is {need} tokens, more than the model's context length of "
+                           f"{self.limits.context_length}", msg.request_id)
+        kv_tokens, what = self.limits.kv_capacity
+        if need - 1 > kv_tokens:  # the last token is sampled, never fed back: the worker reserves for the rest
+            raise Rejected("context_exceeded", f"{asked} needs {need - 1} tokens of KV cache (all but the last), more "
+                           f"than {what} of {kv_tokens}", msg.request_id)
         return ids
 
     def _tokenize(self, msg: Generate) -> list[int]:

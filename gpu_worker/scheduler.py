@@ -138,8 +138,14 @@ class Scheduler:
         return self.allocator.num_blocks
 
     def max_len(self, seq: Sequence) -> int:
-        """The longest prompt + output the sequence may reach: what its KV reservation covers."""
+        """The longest prompt + output the sequence may reach."""
         return min(seq.num_prompt_tokens + seq.params.max_tokens, self.max_context)
+
+    def kv_blocks_reserved(self, seq: Sequence) -> int:
+        """The blocks that hold every token of the sequence's longest length but the last, which is sampled and
+        never fed back: reserving it too took a block more whenever that length was one past a block, and refused a
+        request that fits the cache exactly."""
+        return self.allocator.blocks_needed(self.max_len(seq) - 1)
 
     def never_fits(self, seq: Sequence) -> Refusal | None:
         """Why the sequence could never run, or None: it needs a prompt, room for at least one new token, and a
@@ -152,7 +158,7 @@ class Scheduler:
         if prompt >= self.max_context:
             return Refusal("context_exceeded",
                            f"a prompt of {prompt} tokens leaves no room in the context of {self.max_context}")
-        blocks, block_size = self.allocator.blocks_needed(self.max_len(seq)), self.allocator.block_size
+        blocks, block_size = self.kv_blocks_reserved(seq), self.allocator.block_size
         if blocks > self.allocator.num_blocks:
             return Refusal("context_exceeded",
                            f"a prompt of {prompt} tokens plus max_tokens {seq.params.max_tokens} needs {blocks} KV "
@@ -196,7 +202,7 @@ class Scheduler:
         # FCFS: the head of the queue blocks the rest until its reservation fits
         while budget > 0 and self.waiting and len(self.running) < self.max_running:
             seq = self.waiting[0]
-            blocks = self.allocator.allocate(self.allocator.blocks_needed(self.max_len(seq)))
+            blocks = self.allocator.allocate(self.kv_blocks_reserved(seq))
             if blocks is None:
                 break
             self.waiting.popleft()

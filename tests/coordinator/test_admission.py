@@ -88,10 +88,10 @@ def test_a_kv_cache_in_whole_blocks_is_named_as_the_setting_made_it(tokenizer):
     """kv_cache_tokens = 330 in blocks of 8 holds 328: a refusal quoting 328 as kv_cache_tokens read as a number
     the user never set."""
     admission = Admission(tokenizer, Limits(context_length=512, kv_cache_tokens=330, kv_block_size=8))
-    with pytest.raises(Rejected, match=r"is 330 tokens, more than the KV cache capacity \(kv_cache_tokens 330 in "
-                                       r"whole blocks of 8 tokens\) of 328"):
+    with pytest.raises(Rejected, match=r"needs 329 tokens of KV cache \(all but the last\), more than the KV cache "
+                                       r"capacity \(kv_cache_tokens 330 in whole blocks of 8 tokens\) of 328"):
         admission.prompt_ids(Generate(request_id="req", token_ids=[1] * 200, max_tokens=130))
-    assert admission.prompt_ids(Generate(request_id="req", token_ids=[1] * 200, max_tokens=128)) == [1] * 200
+    assert admission.prompt_ids(Generate(request_id="req", token_ids=[1] * 200, max_tokens=129)) == [1] * 200
 
 
 @pytest.mark.parametrize(
@@ -124,7 +124,7 @@ def test_a_kv_cache_in_whole_blocks_is_named_as_the_setting_made_it(tokenizer):
         ({"messages": [{"role": "user", "content": ["parts"]}]}, "invalid_request",
          "messages[0].content must be a string"),
         ({"token_ids": [1] * 200, "max_tokens": 100}, "context_exceeded",
-         "is 300 tokens, more than the KV cache capacity (kv_cache_tokens) of 256"),
+         "needs 299 tokens of KV cache (all but the last), more than the KV cache capacity (kv_cache_tokens) of 256"),
         ({"token_ids": [1] * 10, "max_tokens": 600}, "context_exceeded",
          "is 610 tokens, more than the model's context length of 512"),
     ],
@@ -179,8 +179,9 @@ def test_a_server_with_room_takes_the_request():
 
 
 def test_the_kv_limit_is_the_cache_the_worker_has_when_kv_cache_tokens_is_not_whole_blocks(tiny_model, tmp_path):
-    """The worker's cache is whole blocks: with kv_cache_tokens = 100 in blocks of 16 it holds 96 tokens. A request
-    of 97 to 100 tokens was admitted, then refused by the worker: an error after the request had been taken."""
+    """The worker's cache is whole blocks: with kv_cache_tokens = 100 in blocks of 16 it holds 96 tokens, and a
+    request of 97 (the last token is never cached) at most. One of 98 to 100 tokens was admitted, then refused by
+    the worker: an error after the request had been taken."""
     run_dir = tmp_path / "run"
     run_dir.mkdir(mode=0o700)
     config = Config(model=str(tiny_model), run_dir=str(run_dir), client_endpoint=f"tcp://127.0.0.1:{free_tcp_port()}",
@@ -190,7 +191,7 @@ def test_the_kv_limit_is_the_cache_the_worker_has_when_kv_cache_tokens_is_not_wh
     worker = Engine(config, model, None).scheduler
     coordinator = Coordinator(config, model)
     try:
-        for n in (96, 97, 100):
+        for n in (97, 98, 100):
             request = Generate(request_id="r", token_ids=[1] * (n - 10), max_tokens=10)
             fits = worker.never_fits(Sequence("r", [1] * (n - 10), SamplingParams(max_tokens=10))) is None
             try:
@@ -199,6 +200,6 @@ def test_the_kv_limit_is_the_cache_the_worker_has_when_kv_cache_tokens_is_not_wh
             except Rejected as r:
                 assert r.code == "context_exceeded"
                 admitted = False
-            assert admitted == fits == (n <= 96), n
+            assert admitted == fits == (n <= 97), n
     finally:
         coordinator.close()

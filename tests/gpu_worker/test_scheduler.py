@@ -185,6 +185,20 @@ def test_requests_beyond_kv_capacity_wait_then_reuse_freed_blocks():
     assert sched.allocator.num_free == 8
 
 
+def test_the_last_token_takes_no_kv_slot():
+    """A sequence's last token is sampled and never fed back: reserving a slot for it took a block more whenever
+    prompt + max_tokens was one past a block, so two requests that fit the cache side by side ran one by one."""
+    sched = make_scheduler(num_blocks=2, block_size=16, max_batch_tokens=64, prefill_chunk=64)
+    seqs = [make_seq(r, 15, max_tokens=2) for r in "ab"]  # 17 tokens, 16 of them cached
+    for s in seqs:
+        sched.add(s)
+    batch, _ = step(sched)
+    assert batch.admitted == seqs and [len(s.block_table) for s in seqs] == [1, 1]
+    batch, finished = step(sched)  # each decodes its first token at position 15, the block's last slot
+    assert [c.start for c in batch.chunks] == [15, 15] and finished == seqs
+    assert all(len(s.output_token_ids) == 2 for s in seqs) and sched.allocator.num_free == 2
+
+
 def test_waiting_head_is_not_overtaken_by_smaller_requests():
     sched = make_scheduler(num_blocks=10, block_size=4, max_running=8, max_batch_tokens=64, prefill_chunk=64)
     big0 = make_seq("big0", 20, max_tokens=4)  # 6 blocks
@@ -213,16 +227,17 @@ def test_what_could_never_run_is_refused_saying_which_limit():
     """The worker's refusal reached clients as one fixed sentence about the KV cache, whatever the limit was; an
     empty prompt or max_tokens 0, which no cache could take, were refused as context_exceeded too."""
     sched = make_scheduler(num_blocks=4, block_size=4, max_context=64)
-    assert sched.never_fits(make_seq("ok", 10, max_tokens=6)) is None
-    assert sched.never_fits(make_seq("too-big", 10, max_tokens=7)) == ("context_exceeded",  # 17 tokens > 16 slots
-        "a prompt of 10 tokens plus max_tokens 7 needs 5 KV blocks of 4 tokens, more than the cache's 4 (16 tokens)")
+    # the last token is sampled, never fed back: 10 + 7 tokens need 16 slots, and fit exactly
+    assert sched.never_fits(make_seq("ok", 10, max_tokens=7)) is None
+    assert sched.never_fits(make_seq("too-big", 10, max_tokens=8)) == ("context_exceeded",  # 17 slots > 16
+        "a prompt of 10 tokens plus max_tokens 8 needs 5 KV blocks of 4 tokens, more than the cache's 4 (16 tokens)")
     assert sched.never_fits(make_seq("empty", 0)) == ("invalid_request", "the prompt is empty")
     assert sched.never_fits(make_seq("no-tokens", 3, max_tokens=0)) == (
         "invalid_request", "max_tokens is 0, not at least 1")
     assert make_scheduler(max_context=10).never_fits(make_seq("full-context", 10)) == (
         "context_exceeded", "a prompt of 10 tokens leaves no room in the context of 10")
     with pytest.raises(ValueError, match="can never run"):
-        sched.add(make_seq("too-big", 10, max_tokens=7))
+        sched.add(make_seq("too-big", 10, max_tokens=8))
     assert not sched.has_work()
 
 
