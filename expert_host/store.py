@@ -196,7 +196,7 @@ class ExpertStore:
         """Compute a lane request into its `out`: each real row's weighted sum over its pairs with the experts the
         request's owner table gives this host, zeros in the padding's rows. Returns the pairs computed; ValueError
         names what is wrong with the request. Quantized experts in one native call (lane_swiglu), others grouped
-        here and summed in one fp32 product."""
+        here and summed row by row in fp32."""
         table = self._lane_table(request.layer)
         if table is not None:
             pairs = lane_swiglu(table, request.ids, request.weights, request.owned, request.hidden, request.out)
@@ -206,12 +206,12 @@ class ExpertStore:
         rows, k = request.ids.shape
         out = request.out[:rows]
         if experts:
-            tokens = pairs // k
-            output = self.compute(request.layer, experts, counts, request.hidden[torch.from_numpy(tokens)])
-            # weighting and summing each row's pairs in one product: (rows, pairs) routing weights by the outputs
-            combine = np.zeros((rows, len(pairs)), dtype=np.float32)
-            combine[tokens, np.arange(len(pairs))] = request.weights.numpy().ravel()[pairs]
-            out.copy_(torch.mm(torch.from_numpy(combine), output.float()))  # CPUs without bf16 products: fp32
+            tokens = torch.from_numpy(pairs // k)
+            output = self.compute(request.layer, experts, counts, request.hidden[tokens])
+            # each row's pairs added into that row alone: as one product of (rows, pairs) routing weights, mostly
+            # zeros, a row's NaN or inf made every row NaN (0 x inf), one sequence spoiling the whole step's
+            weighted = output.float() * request.weights.reshape(-1)[torch.from_numpy(pairs)].float()[:, None]
+            out.copy_(torch.zeros(rows, out.shape[1]).index_add_(0, tokens, weighted))  # fp32: CPUs without bf16
         else:
             out.zero_()
         request.out[rows:] = 0  # the padding's rows: the device adds every row

@@ -8,17 +8,19 @@ import gc
 import mmap
 import os
 import time
+import uuid
 
 import pytest
 import torch
 
 from expert_host.memory import HostMemoryError
-from expert_host.service import PREFETCH_ROWS, compute
+from expert_host.service import PREFETCH_ROWS, answer_lane, compute
 from expert_host.store import ExpertStore
 from shared.config import Config
 from shared.expert_cache import CacheError
 from shared.expert_source import open_expert_source
 from shared.gguf_file import GGUFModel
+from shared.mailbox import Mailbox
 from shared.make_model import make_model
 from shared.model_config import expert_tensor_name
 from shared.pages import PAGE, advise
@@ -202,3 +204,39 @@ def test_a_host_copying_a_damaged_expert_refuses_the_placement_naming_it(expert_
     mapped = ExpertStore(open_expert_source(model, config), 0, "mapped")
     mapped.apply(placement)
     mapped.close()
+
+
+@pytest.mark.parametrize("dtype, rows", [("f32", 3), ("q8_0", 20)])  # q8_0: 20 rows an expert, past the native call
+def test_a_rows_nan_or_inf_stays_in_that_row_of_a_lane_answer(expert_models, tmp_path, dtype, rows):
+    """A lane request summed by the grouped path (float experts; quantized ones at a GEMM's rows): a row whose
+    activations hold NaN or inf answers non-finite, and every other row is what it is without that row's values."""
+    model = GGUFModel(expert_models[dtype])
+    cfg = model.config
+    store = ExpertStore(open_expert_source(model, Config(expert_cache_dir=str(tmp_path))), 0)
+    store.apply(round_robin_placement(cfg, 0, 1, version=1))
+    box = Mailbox.create(f"/dev/shm/tierserve-test-{uuid.uuid4().hex}", 1 << 20, cfg.n_experts,
+                         n_layers=cfg.n_layers)
+    try:
+        box.set_owners(torch.ones(cfg.n_layers, cfg.n_experts, dtype=torch.bool))
+        k = cfg.n_experts_used
+        hidden = torch.randn(rows, cfg.hidden, generator=torch.Generator().manual_seed(5))
+        answers = []
+        for generation, bad in enumerate([None, float("nan"), float("inf")], start=1):
+            areas = box.lane_open(rows, rows, k, cfg.hidden, torch.float32)
+            areas.ids.copy_(torch.arange(k, dtype=torch.int32).repeat(rows, 1))  # every row to experts 0..k-1
+            areas.weights.fill_(1.0 / k)
+            areas.hidden.copy_(hidden)
+            if bad is not None:
+                areas.hidden[0, 1] = bad
+            box.lane_post(box.lane_value(generation, 0))
+            answer_lane(store, box)
+            assert box.lane_failure(generation) is None
+            answers.append(areas.out.clone())
+        clean, *spoiled = answers
+        assert clean.isfinite().all()
+        for answer in spoiled:
+            assert not answer[0].isfinite().all()
+            assert torch.equal(answer[1:], clean[1:])
+    finally:
+        box.close()
+        os.unlink(box.path)
