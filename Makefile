@@ -9,7 +9,8 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch is pinned to the CPU wheel here; GPU machines bring their own torch (see README).
+# torch is pinned; which build pip takes is its indexes' choice (the README says how to get the CPU one). GPU
+# machines bring their own torch.
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==2.13.0

@@ -229,23 +229,30 @@ def restart_exited(kids: list[Child], stopping: Callable[[], bool]) -> None:
             kid.start()
 
 
-def stop_in_order(kids: list[Child], drain_timeout_s: float) -> None:
-    """Coordinator first (it drains requests), then the worker, then the hosts it was using."""
+def stop_in_order(kids: list[Child], drain_timeout_s: float, signals: Callable[[], int] = lambda: 0) -> None:
+    """Coordinator first (it drains requests), then the worker, then the hosts it was using. signals: how many
+    stop signals up has had; one more while a group is waited for (a second Ctrl-C) is passed on to it, so the
+    coordinator stops draining as it does at its own second signal: the children, in sessions of their own, get
+    none from the terminal."""
     groups = [[k for k in kids if k.name == "coordinator"], [k for k in kids if k.name == "gpu_worker"],
               [k for k in kids if k.name.startswith("expert-host")]]
     for group in groups:
-        for kid in group:
-            if kid.alive():
-                kid.process.send_signal(signal.SIGTERM)
+        running = [kid for kid in group if kid.alive()]
+        for kid in running:
+            kid.process.send_signal(signal.SIGTERM)
+        passed_on = signals()
         deadline = time.monotonic() + drain_timeout_s + 5
-        for kid in group:
-            if kid.process is None:
-                continue
-            try:
-                kid.process.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
+        while any(kid.alive() for kid in running) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            if signals() > passed_on:
+                passed_on = signals()
+                for kid in running:
+                    if kid.alive():
+                        kid.process.send_signal(signal.SIGTERM)
+        for kid in running:
+            if kid.alive():
                 kid.process.kill()
-                kid.process.wait()
+            kid.process.wait()
 
 
 def remove_leftovers(config: Config) -> None:
@@ -278,14 +285,19 @@ def up(config: Config, ready_timeout_s: float = 300.0) -> int:
     config_path.write_text(config.to_toml())
     kids = children_for(config, config_path)
     stopping = False
+    signals = 0
 
     def on_signal(signum: int, frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, signals
         stopping = True
+        signals += 1
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)  # its terminal closed: the children, in sessions of their own, are not told
+    # its terminal closed: the children, in sessions of their own, are not told; unless started under nohup, which
+    # asks for the system to outlive the terminal
+    if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+        signal.signal(signal.SIGHUP, on_signal)
     for kid in kids:
         kid.start()
     status = 0
@@ -297,7 +309,7 @@ def up(config: Config, ready_timeout_s: float = 300.0) -> int:
             time.sleep(0.2)
             restart_exited(kids, lambda: stopping)
     finally:
-        stop_in_order(kids, config.drain_timeout_s)
+        stop_in_order(kids, config.drain_timeout_s, lambda: signals)
         remove_leftovers(config)
         if ephemeral:
             shutil.rmtree(run_dir, ignore_errors=True)

@@ -108,6 +108,44 @@ def test_a_host_that_fails_at_start_is_restarted_ever_later_and_a_stop_does_not_
         process.stdout.close()
 
 
+@pytest.mark.slow
+def test_up_under_nohup_outlives_its_terminal_and_a_second_stop_signal_ends_the_drain(tmp_path):
+    """Started with SIGHUP ignored (nohup), `tierserve up` stopped the whole system when its terminal closed. And a
+    second Ctrl-C or SIGTERM did nothing: the coordinator, in a session of its own, drained all its queued requests
+    (up to drain_timeout_s) however often the user asked."""
+    model = tmp_path / "m.gguf"
+    make_model(model, arch="qwen3moe", preset="tiny", dtype="f32", seed=1)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--expert-hosts", "1", "--max-running", "1",
+         "--drain-timeout-s", "120", "--client-endpoint", "tcp://127.0.0.1:0", "--metrics-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    try:
+        endpoint = next(line for line in process.stdout if "client endpoint" in line).split()[-1]
+        process.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        with Client(endpoint, timeout_s=60) as client:
+            assert process.poll() is None and client.health().status == "ready"
+            # one at a time, 16 x 400 tokens (greedy, no end-of-text token after this prompt): the whole queue takes
+            # far longer to drain than the stop below
+            streams = [client.generate(prompt="hello", max_tokens=400) for _ in range(16)]
+            next(iter(streams[0]))  # the first request runs
+            process.send_signal(signal.SIGTERM)
+            time.sleep(1.0)
+            assert process.poll() is None, "the first signal drains"
+            stopped_at = time.monotonic()
+            process.send_signal(signal.SIGINT)
+            finals = [list(stream)[-1].finish_reason for stream in streams]
+        assert process.wait(60) == 0
+        assert time.monotonic() - stopped_at < 30, "the second signal ends the drain"
+        assert finals.count("cancelled") >= 10 and set(finals) <= {"cancelled", "length"}, finals
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        process.stdout.close()
+
+
 def test_a_failed_up_leaves_the_sockets_of_a_system_that_shares_its_run_dir(tmp_path):
     """`tierserve up` removes the socket files its children killed outright left: not those another system running
     in the same run dir listens on, whose processes could not connect again without them."""
