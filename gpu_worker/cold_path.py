@@ -104,7 +104,10 @@ class ColdPlanner:
     def observe_host(self, layer: int, experts: int, tokens: int, compute_s: float, round_trip_s: float | None
                      ) -> None:
         """A host computed `experts` of the layer for `tokens` in `compute_s`; `round_trip_s` from sending to its
-        answer, or None when that is not known."""
-        self.live.observe_cpu(self.dtype, experts * self.expert_bytes[layer], tokens * self.flops_per_token, compute_s)
+        answer, or None when that is not known. A compute time of 0 (a host's clock coarser than its work) is
+        no rate to learn: it is left out, rather than failing the step after a right answer."""
+        if compute_s > 0.0:
+            self.live.observe_cpu(self.dtype, experts * self.expert_bytes[layer], tokens * self.flops_per_token,
+                                  compute_s)
         if round_trip_s is not None:
             self.live.observe_round_trip(max(round_trip_s - compute_s, 0.0))

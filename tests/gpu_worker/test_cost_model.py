@@ -347,3 +347,15 @@ def test_the_planner_plans_a_step_with_the_constants_it_began_with(tmp_path):
     assert planner.to_stream(0, cold) == [0, 1, 2, 3], "the step's plan keeps the constants it began with"
     planner.begin_step()
     assert len(planner.to_stream(0, cold)) < 4
+
+
+def test_a_host_compute_time_of_zero_is_not_learnt_from(tmp_path):
+    """A host whose clock is coarser than its work reports 0 s: a right answer, which failed the whole batch as an
+    internal_error (the CPU fit refuses 0 s) rather than being left out of the fit."""
+    path = tmp_path / "tiny.gguf"
+    make_model(path, preset="tiny", dtype="f32", seed=3)
+    planner = ColdPlanner(ExpertSource(GGUFModel(path), None), "auto", stream_bw=2e9, gpu_flops=1e15,
+                          activation_dtype=torch.float32, host_threads=1)
+    before = planner.live.current
+    planner.observe_host(0, 4, 4, 0.0, None)
+    assert planner.live.current == before
