@@ -114,8 +114,10 @@ class DecodeGraphs:
         torch.lt(torch.arange(c, device=self.device)[None, :], lengths_d[:, None], out=batch.visible.view(b, c))
         torch.index_select(self.rope_cos, 0, batch.positions, out=batch.cos.view(b, -1))
         torch.index_select(self.rope_sin, 0, batch.positions, out=batch.sin.view(b, -1))
-        batch.x.zero_()
         batch.x[:n] = x
+        # padding rows copy a real one: a row of zeros normalized to 0 x rsqrt(norm_eps), NaN where a model's
+        # epsilon is 0, and its key and value in the spare slot, masked but still multiplied, made every row NaN
+        batch.x[n:] = x[:1]
         return batch
 
     def _allocate(self, b: int, c: int) -> StaticBatch:

@@ -77,3 +77,18 @@ def test_the_rope_table_covers_the_kv_caches_positions_not_the_models_claimed_co
     got, trunk = decode_together(model, torch.device("cpu"), True, [sequence], 2)
     assert trunk.rope_cos.shape[0] == trunk.rope_sin.shape[0] == 64 * BLOCK_SIZE
     assert torch.allclose(got[0], ReferenceModel(model).forward(sequence)[-3:], atol=1e-4, rtol=1e-4)
+
+
+def test_a_model_whose_rms_epsilon_is_zero_decodes_padded_batches_to_the_oracles_logits(tmp_path):
+    """norm_eps 0 is a model the loader takes. A padding row of zeros normalized to 0 x rsqrt(0) = NaN and wrote it
+    into the spare KV slot, which every row's attention masks but still multiplies: every sequence's logits were
+    NaN in a batch short of its bucket."""
+    cfg = replace(tiny_config(), norm_eps=0.0)
+    path = tmp_path / "eps0.gguf"
+    write_model(path, cfg, random_tensors(cfg))
+    model = GGUFModel(path)
+    sequences = [[(3 * i + 5 * s) % cfg.vocab_size for i in range(6 + 4 * s)] for s in range(3)]  # bucket 4
+    got, _ = decode_together(model, torch.device("cpu"), True, sequences, 2)
+    oracle = ReferenceModel(model)
+    for s, seq in enumerate(sequences):
+        assert torch.allclose(got[s], oracle.forward(seq)[-3:], atol=1e-4, rtol=1e-4)
