@@ -76,8 +76,18 @@ class HotExperts:
     def _stack(self, layer: int, ids: list[int]) -> ExpertWeights:
         layout = self.source.layout(layer)
         if layout.format == "float":
-            weights = [self._float(layer, e) for e in ids]
-            return torch.stack([torch.cat([g, u]) for g, u, _ in weights]), torch.stack([d for _, _, d in weights])
+            # each expert copied into its place in the stacks: stacking copies made first held a layer's hot
+            # experts 2.3 times over at the peak, past what added_nbytes counts
+            model = self.source.model
+            ffn, hidden = model.config.expert_ffn, model.config.hidden
+            gate_up = torch.empty(len(ids), 2 * ffn, hidden, device=self.device, dtype=self.dtype)
+            downs = torch.empty(len(ids), hidden, ffn, device=self.device, dtype=self.dtype)
+            for i, e in enumerate(ids):
+                gate, up, down = (model.expert(layer, kind, e) for kind in EXPERT_TENSOR_KINDS)
+                gate_up[i, :ffn].copy_(gate)
+                gate_up[i, ffn:].copy_(up)
+                downs[i].copy_(down)
+            return gate_up, downs
         regions = torch.zeros(len(ids), layout.region_nbytes, dtype=torch.uint8, device=self.device)
         for region, e in zip(regions, ids, strict=True):
             self.source.fill_region(layer, e, region)
