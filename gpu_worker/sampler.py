@@ -1,6 +1,7 @@
 """Next-token choice from a step's logits: greedy, or temperature / top-k / top-p sampling. A seeded request's
-draw of each token is seeded by the request's seed and the token's place, so it draws the same tokens whatever
-else shares its batches, and when it is resumed on a restarted worker."""
+draw of each token is seeded by the request's seed and the token's place, so from the same logits it draws the same
+tokens whatever else shares its batches, and when it is resumed on a restarted worker (in bf16 the batch's other rows
+move a row's logits by rounding: docs/API.md)."""
 
 from __future__ import annotations
 
@@ -88,7 +89,7 @@ class Sampler:
 
 def draw_seed(seed: int, position: int) -> int:
     """The seed of a request's draw of its position-th token. A draw that depends on nothing but the request's
-    seed and the token's place is the same alone or in any batch, and on a worker that resumes the request from
-    the tokens it had streamed."""
+    seed and the token's place is the same, from the same logits, alone or in any batch, and on a worker that resumes
+    the request from the tokens it had streamed."""
     digest = hashlib.blake2b(f"{seed}:{position}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little")

@@ -273,6 +273,16 @@ def test_chat_command_exits_1_when_a_turn_failed(system, monkeypatch, capsys):
     assert "context_exceeded" in capsys.readouterr().err
 
 
+def test_chat_leaves_out_its_oldest_exchanges_once_the_conversation_outgrows_the_context(system, monkeypatch, capsys):
+    """Every turn was sent with the whole history: once it outgrew the context, every later turn was refused for
+    the same history and the session was dead."""
+    turns = "".join(f"tell me a story about the river and the mountain number {i}\n" for i in range(8))
+    monkeypatch.setattr(sys, "stdin", io.StringIO(turns))
+    assert tierserve(["chat", "--endpoint", system.endpoint, "--system", "Be brief.", "--max-tokens", "100"]) == 0
+    err = capsys.readouterr().err
+    assert "the conversation outgrew the model's context: its oldest exchange is left out" in err, err
+
+
 def test_health_and_stats_commands_print_json(system, capsys):
     assert tierserve(["health", "--endpoint", system.endpoint]) == 0
     health = json.loads(capsys.readouterr().out)
