@@ -1,7 +1,7 @@
 """Next-token choice from a step's logits: greedy, or temperature / top-k / top-p sampling. A seeded request's
 draw of each token is seeded by the request's seed and the token's place, so from the same logits it draws the same
-tokens whatever else shares its batches, and when it is resumed on a restarted worker (in bf16 the batch's other rows
-move a row's logits by rounding: docs/API.md)."""
+tokens whatever else shares its batches, and when it is resumed on a restarted worker (the logits themselves move by
+rounding with the batch: docs/API.md)."""
 
 from __future__ import annotations
 

@@ -149,36 +149,37 @@ def _chat(client: Client, messages: list[dict], sampling: dict[str, Any], intera
             failed += 1
             continue
         try:
-            reply = _chat_turn(client, messages, sampling)
+            reply, left_out = _chat_turn(client, messages, sampling)
         except REQUEST_ERRORS as e:
             messages.pop()  # the turn did not happen; the user may try again
             _fail("chat", e)
             failed += 1
             continue
         print()
+        if left_out:
+            which = "its oldest exchange is" if left_out == 1 else f"its {left_out} oldest exchanges are"
+            print(f"tierserve chat: the conversation outgrew the model's context: {which} left out", file=sys.stderr)
         messages.append({"role": "assistant", "content": reply})
 
 
-def _chat_turn(client: Client, messages: list[dict], sampling: dict[str, Any]) -> str:
-    """The reply to the conversation's last turn, printed as it streams. A conversation grown past the model's
-    context leaves out its oldest exchanges (the system message kept) until the turn fits, said on stderr: else
-    every later turn was refused for the same history. Where none fits, the history is kept as it was."""
+def _chat_turn(client: Client, messages: list[dict], sampling: dict[str, Any]) -> tuple[str, int]:
+    """The reply to the conversation's last turn, printed as it streams, and how many exchanges were left out. A
+    conversation grown past the model's context leaves out its oldest exchanges (the system message kept) until the
+    turn fits: else every later turn was refused for the same history. Where it fails, the history is as it was."""
     history = messages[:]
     first = 1 if messages[0]["role"] == "system" else 0
-    while True:
-        try:
-            reply = _print_stream(client.generate(messages=messages, **sampling))
-        except ServerError as e:
-            if e.code != "context_exceeded" or len(messages) - first < 3:  # no earlier exchange left to leave out
-                messages[:] = history
-                raise
-            del messages[first : first + 2]
-            continue
-        dropped = (len(history) - len(messages)) // 2
-        if dropped:
-            which = "its oldest exchange is" if dropped == 1 else f"its {dropped} oldest exchanges are"
-            print(f"tierserve chat: the conversation outgrew the model's context: {which} left out", file=sys.stderr)
-        return reply
+    try:
+        while True:
+            try:
+                reply = _print_stream(client.generate(messages=messages, **sampling))
+                return reply, (len(history) - len(messages)) // 2
+            except ServerError as e:
+                if e.code != "context_exceeded" or len(messages) - first < 3:  # no earlier exchange to leave out
+                    raise
+                del messages[first : first + 2]
+    except BaseException:
+        messages[:] = history
+        raise
 
 
 def _print_stream(stream: Stream) -> str:

@@ -76,6 +76,7 @@ def free_tcp_port() -> int:
 RESTART_FIRST_DELAY_S = 1.0
 RESTART_MAX_DELAY_S = 30.0
 STABLE_UPTIME_S = 30.0
+SIGNAL_GAP_S = 0.5  # between two stop signals passed on to a child
 
 
 @dataclasses.dataclass
@@ -236,19 +237,21 @@ def stop_in_order(kids: list[Child], drain_timeout_s: float, signals: Callable[[
     none from the terminal."""
     groups = [[k for k in kids if k.name == "coordinator"], [k for k in kids if k.name == "gpu_worker"],
               [k for k in kids if k.name.startswith("expert-host")]]
+    passed_on = min(signals(), 1)  # a quick second Ctrl-C, in before this began, is passed on too
     for group in groups:
         running = [kid for kid in group if kid.alive()]
         for kid in running:
             kid.process.send_signal(signal.SIGTERM)
-        passed_on = signals()
-        deadline = time.monotonic() + drain_timeout_s + 5
+        sent_at = time.monotonic()
+        deadline = sent_at + drain_timeout_s + 5
         while any(kid.alive() for kid in running) and time.monotonic() < deadline:
-            time.sleep(0.05)
-            if signals() > passed_on:
-                passed_on = signals()
+            # not at once after the last: a signal sent while the last is still pending merges with it
+            if signals() > passed_on and time.monotonic() - sent_at >= SIGNAL_GAP_S:
+                passed_on, sent_at = signals(), time.monotonic()
                 for kid in running:
                     if kid.alive():
                         kid.process.send_signal(signal.SIGTERM)
+            time.sleep(0.05)
         for kid in running:
             if kid.alive():
                 kid.process.kill()
