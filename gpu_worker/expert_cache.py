@@ -176,19 +176,21 @@ class SoftTier:
         return self.hits / max(self.hits + self.misses, 1)
 
     def lookup(self, key: Key) -> int | None:
-        """The slot holding `key` (counted as a hit), or None; a miss is counted by `admit`."""
+        """The slot holding `key`, counted as a hit, or None, counted as a miss: whether or not the expert is then
+        admitted (one the cost model leaves to a host's CPU was looked up and not found all the same)."""
         slot = self._slot.get(key)
-        if slot is not None:
+        if slot is None:
+            self.misses += 1
+        else:
             self.hits += 1
             self.policy.touch(key)
         return slot
 
     def admit(self, key: Key) -> Admission | None:
-        """Count a miss of `key` and give it a slot, evicting if none is free; None when the policy
-        keeps every resident expert or all of them are pinned."""
+        """Give `key`, just missed, a slot, evicting if none is free; None when the policy keeps every resident
+        expert or all of them are pinned."""
         if key in self._slot:
             raise ValueError(f"expert {key} is already in slot {self._slot[key]}")
-        self.misses += 1
         self.policy.touch(key)
         evicted = None
         if self._free:

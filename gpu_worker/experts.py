@@ -223,9 +223,10 @@ class MoEDispatch:
         staged = set()
         with section("soft"):
             for e in cold:  # pinned as found, so streaming this layer's misses cannot evict them
-                if (layer, e) in tier:
+                slot = tier.lookup((layer, e))
+                if slot is not None:
                     tier.pin((layer, e))
-                    slots[e] = tier.lookup((layer, e))
+                    slots[e] = slot
             self.on_dispatch("soft_hit", sum(cold[e] for e in slots))
             misses = [(e, int(self.owners[layer][e]), n) for e, n in cold.items() if e not in slots]
             streamed = 0
