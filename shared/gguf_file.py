@@ -65,17 +65,26 @@ def file_identity(path: str | os.PathLike[str]) -> str:
 class _Reader(GGUFReader):
     """GGUFReader, refusing a metadata array longer than the rest of the file before walking it: the reader reads
     an array item by item, and past the end of the file an item reads as empty rather than failing, so a corrupt
-    length looped (and grew lists) for as many items as it claimed."""
+    length looped (and grew lists) for as many items as it claimed. An array of numbers is read as one view: item
+    by item took about 700 bytes of RAM an item, so a corrupt count the file could hold (27 million in a 112 MB
+    model) ran the process out of memory. An array of arrays is refused: no model's metadata holds one, and a
+    deep nesting of them overflowed the reader's recursion."""
 
     def _get_field_parts(
         self, orig_offs: int, raw_type: int,
     ) -> tuple[int, list[np.ndarray], list[int], list[GGUFValueType]]:
         if raw_type == GGUFValueType.ARRAY:
             item_type, count = int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0])
+            if item_type == GGUFValueType.ARRAY:
+                raise ValueError("a metadata array of arrays")
             scalar = self.gguf_scalar_to_np.get(GGUFValueType(item_type))
-            smallest = np.dtype(scalar).itemsize if scalar else 8  # a string or an array starts with its length
+            smallest = np.dtype(scalar).itemsize if scalar else 8  # a string starts with its length
             if count * smallest > len(self.data) - (orig_offs + 12):
                 raise ValueError(f"a metadata array claims {count} items, more than the rest of the file holds")
+            if scalar is not None:
+                head = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
+                items = self._get(orig_offs + 12, scalar, count)
+                return 12 + int(items.nbytes), [*head, items], [2], [GGUFValueType.ARRAY, GGUFValueType(item_type)]
         return super()._get_field_parts(orig_offs, raw_type)
 
 
@@ -108,6 +117,9 @@ class GGUFModel:
             raise ModelError(f"{self.path}: GGUF file is truncated or corrupt ({e})") from e
         except (IndexError, OverflowError, UnicodeDecodeError, KeyError) as e:
             raise ModelError(f"{self.path}: GGUF file is truncated or corrupt ({type(e).__name__}: {e})") from e
+        if self._reader.byte_order == "S":  # its values would be read byte-swapped where numpy cannot view them
+            raise ModelError(f"{self.path}: a big-endian GGUF file; this machine reads little-endian ones (as "
+                             "llama.cpp, convert it on a little-endian machine)")
         try:  # the reader decodes the metadata's strings and arrays only when asked
             self.metadata: dict[str, Any] = {
                 name: field.contents() for name, field in self._reader.fields.items() if not name.startswith("GGUF.")
@@ -139,7 +151,9 @@ class GGUFModel:
         for t in sorted(self._tensors.values(), key=lambda t: t.data_offset):
             if t.data_offset + t.n_bytes > self.file_size:
                 raise ModelError(f"{self.path}: GGUF file is truncated: tensor {t.name} ends past the end of the file")
-            start = t.data_offset - self._reader.data_offset
+            start = int(t.data_offset) - int(self._reader.data_offset)
+            if start < 0:  # an offset past 2^64 wraps around in the reader's uint64 sum, to the file's header
+                raise ModelError(f"{self.path}: tensor {t.name} starts before the file's tensor data")
             if start % alignment:
                 raise ModelError(f"{self.path}: tensor {t.name} starts at {start} bytes into the data, not a multiple "
                                  f"of the file's alignment ({alignment})")

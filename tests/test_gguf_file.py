@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
-from gguf import GGUFReader, GGUFValueType, GGUFWriter, quants
+from gguf import GGUFEndian, GGUFReader, GGUFValueType, GGUFWriter, quants
 
 from shared.gguf_file import GGUFModel, dequantize, file_identity
 from shared.gguf_write import _add_value, write_model
@@ -422,6 +422,59 @@ def test_a_metadata_array_longer_than_the_file_is_refused_before_it_is_read(tmp_
     data[at : at + 12] = struct.pack("<IQ", GGUFValueType.UINT8, 2**40)
     path.write_bytes(bytes(data))
     with pytest.raises(ModelError, match=f"truncated or corrupt .*array claims {2**40} items"):
+        GGUFModel(path)
+
+
+def test_a_metadata_array_of_numbers_is_one_view_and_an_array_of_arrays_is_refused(tmp_path):
+    """Read item by item, a corrupt count the file could still hold took about 700 bytes of RAM an item (27 million
+    items in a 112 MB model ran the process out of memory); nested arrays, 2,000 deep, overflowed the recursion."""
+    cfg = tiny_config()
+    path = _write(tmp_path, cfg, random_tensors(cfg), {"general.tags": [7, 7]})
+    data = bytearray(path.read_bytes())
+    at = data.index(b"general.tags") + len(b"general.tags") + 4  # past the key and its value type (array)
+    item_type, _ = struct.unpack_from("<IQ", data, at)
+    count = (len(data) - at - 12) // GGUFReader.gguf_scalar_to_np[GGUFValueType(item_type)]().itemsize
+    data[at : at + 12] = struct.pack("<IQ", item_type, count)  # items to the end of the file
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="truncated or corrupt"):  # nothing left for the tensors' descriptions
+        GGUFModel(path)
+    data[at : at + 12] = struct.pack("<IQ", item_type, 2)
+    path.write_bytes(bytes(data))
+    model = GGUFModel(path)
+    # the key's three parts, then the array's item type, count and items
+    assert model.metadata["general.tags"] == [7, 7] and len(model._reader.fields["general.tags"].parts) == 6
+    data[at : at + 12] = struct.pack("<IQ", GGUFValueType.ARRAY, 2)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="truncated or corrupt .*a metadata array of arrays"):
+        GGUFModel(path)
+
+
+def test_a_big_endian_file_and_a_tensor_offset_that_wraps_around_are_refused_by_name(tmp_path):
+    """A big-endian f16 file failed with numpy's byte-order ValueError (a traceback in every role), an f32 one while
+    serving; an offset past 2^64 wrapped in the reader's sum and pointed a tensor at the file's header."""
+    cfg = tiny_config()
+    path = tmp_path / "big.gguf"
+    writer = GGUFWriter(path, cfg.arch, endianess=GGUFEndian.BIG)
+    for key, value in config_to_metadata(cfg).items():
+        if key != "general.architecture":
+            _add_value(writer, key, value)
+    for name, array in random_tensors(cfg).items():
+        writer.add_tensor(name, array.astype(np.float16))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelError, match="a big-endian GGUF file"):
+        GGUFModel(path)
+    path = _write(tmp_path, cfg, random_tensors(cfg))
+    model = GGUFModel(path)
+    name = "blk.0.ffn_gate_inp.weight"
+    offset = model.file_offset(name) - model._reader.data_offset  # its offset as the file stores it
+    data = bytearray(path.read_bytes())
+    at = data.index(struct.pack("<Q", offset), data.index(name.encode()))
+    data[at : at + 8] = struct.pack("<Q", 2**64 - model._reader.data_offset)
+    path.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match=f"tensor {name} starts before the file's tensor data"):
         GGUFModel(path)
 
 
