@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from gpu_worker.decode_graphs import DecodeGraphs, HotShare, MoEGraph, StaticBatch
 from gpu_worker.step_profile import section
 from shared.gguf_file import GGUFModel
-from shared.model_config import EXPERT_TENSOR_KINDS, ModelConfig
+from shared.model_config import EXPERT_TENSOR_KINDS, ModelConfig, ModelError
 from shared.profile_table import LAYER
 from shared.reference import expert_ffn, qk_norm, rope, rope_table, route
 
@@ -71,6 +71,16 @@ def kv_cache_shape(cfg: ModelConfig, num_blocks: int, block_size: int) -> tuple[
     return cfg.n_layers, 2, num_blocks * block_size + 1, cfg.n_kv_heads, cfg.head_dim
 
 
+def _finite(model: GGUFModel, name: str) -> torch.Tensor:
+    """The trunk's tensor, refused (ModelError) where it holds NaN or inf: every token passes through it, so the
+    system would say it was ready and then fail every request. The token embeddings are the exception: a damaged
+    row fails only the prompts holding its token, which the step names (a request whose logits are not finite fails)."""
+    t = model.tensor(name)
+    if name != "token_embd.weight" and not torch.isfinite(t).all():
+        raise ModelError(f"{model.path}: tensor {name} holds NaN or infinite values")
+    return t
+
+
 class Trunk:
     def __init__(self, model: GGUFModel, device: torch.device, dtype: torch.dtype, num_blocks: int, block_size: int,
                  decode_graphs: bool | None = None):
@@ -80,7 +90,7 @@ class Trunk:
         self.cfg = cfg = model.config
         self.device, self.dtype, self.block_size = device, dtype, block_size
         expert_names = {f"blk.{i}.{kind}.weight" for i in range(cfg.n_layers) for kind in EXPERT_TENSOR_KINDS}
-        self.w = {n: model.tensor(n).to(device, dtype) for n in model.tensor_names() if n not in expert_names}
+        self.w = {n: _finite(model, n).to(device, dtype) for n in model.tensor_names() if n not in expert_names}
         self.w.setdefault("output.weight", self.w["token_embd.weight"])
         # One projection per layer for q, k and v: a decode step is bound by kernel launches, not by bytes.
         for i in range(cfg.n_layers):

@@ -19,3 +19,11 @@ def nan_embedding(path: Path, token: int) -> None:
     with open(path, "r+b") as f:
         f.seek(offset)
         f.write(np.full(hidden, np.nan, np.float32).tobytes())
+
+
+def nan_value(path: Path, name: str) -> None:
+    """Overwrite the first value of an f32 model's tensor `name` with NaN."""
+    offset = GGUFModel(path).file_offset(name)
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(np.float32(np.nan).tobytes())

@@ -4,8 +4,10 @@ and the padding rows write nowhere but the spare KV slot."""
 
 from __future__ import annotations
 
+import re
 from dataclasses import replace
 
+import pytest
 import torch
 
 from gpu_worker.decode_graphs import MIN_CONTEXT, bucket
@@ -15,8 +17,10 @@ from shared.expert_source import ExpertSource
 from shared.gguf_file import GGUFModel
 from shared.gguf_write import write_model
 from shared.make_model import make_model
+from shared.model_config import ModelError
 from shared.placement import round_robin_placement
 from shared.reference import ReferenceModel
+from tests.damaged_models import nan_value
 from tests.test_gguf_file import random_tensors, tiny_config
 
 BLOCKS_PER_SEQUENCE, BLOCK_SIZE = 5, 16
@@ -92,3 +96,19 @@ def test_a_model_whose_rms_epsilon_is_zero_decodes_padded_batches_to_the_oracles
     oracle = ReferenceModel(model)
     for s, seq in enumerate(sequences):
         assert torch.allclose(got[s], oracle.forward(seq)[-3:], atol=1e-4, rtol=1e-4)
+
+
+def test_a_trunk_matrix_holding_nan_is_refused_by_name_and_a_damaged_embedding_row_is_not(tmp_path):
+    """NaN in a matrix every token passes through (here an attention projection, or the router) loaded, the system
+    said it was ready, and every request failed; a damaged embedding row fails only the prompts holding its token
+    (tests/test_bad_input.py), so the model still loads."""
+    for name in ("blk.0.attn_q.weight", "blk.1.ffn_gate_inp.weight"):
+        path = tmp_path / f"{name}.gguf"
+        make_model(path, preset="tiny", dtype="f32", seed=3)
+        nan_value(path, name)
+        with pytest.raises(ModelError, match=f"tensor {re.escape(name)} holds NaN or infinite values"):
+            Trunk(GGUFModel(path), torch.device("cpu"), torch.float32, num_blocks=4, block_size=BLOCK_SIZE)
+    path = tmp_path / "embedding.gguf"
+    make_model(path, preset="tiny", dtype="f32", seed=3)
+    nan_value(path, "token_embd.weight")
+    Trunk(GGUFModel(path), torch.device("cpu"), torch.float32, num_blocks=4, block_size=BLOCK_SIZE)
