@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import os
 import sys
 import time
@@ -166,8 +167,12 @@ async def measure_system(endpoint: str, run_settings: dict[str, Any], base: list
         phases = {}
         before, start = scrape_tiers(metrics_url), time.perf_counter()
         bar = Progress(sum(c * s["waves"] for c in s["concurrency"]), "decode")
+        # each level on prompts of its own: greedy, a prompt sent again routes to the experts its first run left in
+        # the soft slots
+        firsts = list(itertools.accumulate((c * s["waves"] for c in s["concurrency"]), initial=0))
         decode = [await decode_run(endpoint, c, s["waves"], s["max_tokens"], base, s["decode_prompt_tokens"],
-                                   bar.update) for c in s["concurrency"]]
+                                   bar.update, variant=first)
+                  for c, first in zip(s["concurrency"], firsts[:-1], strict=True)]
         bar.close()
         after, end = scrape_tiers(metrics_url), time.perf_counter()
         phases["decode"] = tier_delta(before, after, end - start)

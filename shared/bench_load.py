@@ -69,6 +69,10 @@ async def timed_request(client: AsyncClient, **options: Any) -> Timed:
     return timed
 
 
+def mean_or_none(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
 def percentile_ms(values: list[float], q: float) -> float | None:
     return float(np.percentile(values, q)) * 1e3 if values else None
 
@@ -105,8 +109,10 @@ async def decode_run(endpoint: str, concurrency: int, waves: int, max_tokens: in
             "prompt_tokens": prompt_tokens, "prompt_variants": [variant, variant + concurrency * waves - 1],
             "completion_tokens": tokens, "wall_s": wall,
             "aggregate_tok_s": tokens / wall,
-            "per_request_tok_s": float(np.mean(per_request)) if per_request else None,
-            "server_decode_tok_s": float(np.mean([r.final.decode_tok_s for r in requests if r.final])),
+            "per_request_tok_s": mean_or_none(per_request),
+            # the server's figure is 0 for a request of one token, which has no decode time: left out, as above
+            "server_decode_tok_s": mean_or_none([r.final.decode_tok_s for r in requests
+                                                 if r.final and r.final.completion_tokens >= 2]),
             **latency(requests)}
 
 

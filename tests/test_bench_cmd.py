@@ -54,14 +54,15 @@ def test_decode_figures_at_each_concurrency(bench_run):
 
 
 @pytest.mark.slow
-def test_the_warm_up_sends_prompts_none_of_the_measured_runs_send(bench_run):
-    """A warm-up on a measured prompt would leave that prompt's experts in VRAM for the run that measures it."""
+def test_the_warm_up_and_each_concurrency_send_prompts_none_of_the_others_send(bench_run):
+    """A warm-up on a measured prompt would leave that prompt's experts in VRAM for the run that measures it; so
+    would a concurrency level on the prompts of the one before it (each level began again at variant 0)."""
     _, r = bench_run
-    first, last = r["warm_up"]["decode"]["prompt_variants"]
-    for d in r["decode"]:
-        low, high = d["prompt_variants"]
+    ranges = [r["warm_up"]["decode"]["prompt_variants"], *(d["prompt_variants"] for d in r["decode"])]
+    for d, (low, high) in zip(r["decode"], ranges[1:], strict=True):
         assert high - low + 1 == d["requests"]
-        assert last < low or high < first
+    for i, (low, high) in enumerate(ranges):
+        assert all(other_high < low or high < other_low for other_low, other_high in ranges[i + 1 :])
     assert r["warm_up"]["prefill"]["prompt_tokens"] == max(r["settings"]["prompt_lengths"])
 
 
