@@ -81,8 +81,9 @@ TTFT = Histogram("tierserve_time_to_first_token_seconds", "From a request's arri
 ITL = Histogram("tierserve_inter_token_latency_seconds", "Between two tokens of one request",
                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
 RESUMED = Counter("tierserve_requests_resumed_total",
-                  "Times requests the worker had started were continued from their streamed tokens after the gpu "
-                  "worker or an expert host was lost (a request resumed twice counts twice)")
+                  "Times requests the worker had started were set to continue from their streamed tokens after the "
+                  "gpu worker or an expert host was lost (a request resumed twice counts twice; one the system is "
+                  "not back for in resume_timeout_s then fails, counted as an error too)")
 RUNNING = Gauge("tierserve_running_requests", "Requests in the engine")
 WAITING = Gauge("tierserve_waiting_requests", "Admitted requests waiting for a place in the engine")
 
