@@ -195,10 +195,13 @@ def config_from_metadata(md: Mapping[str, Any], tensor_shapes: Mapping[str, tupl
         raise ModelError(f"metadata key {p}.attention.head_count is {n_heads}: a model needs attention heads")
     head_dim = integer("attention.key_length", 0) or hidden // n_heads
     # llama.cpp scales RoPE's angles and rotates only rope.dimension_count dimensions where a file says so; the
-    # forward rotates every dimension of a head by the unscaled angles
-    scaling = opt("rope.scaling.type", "none")
-    if scaling != "none" and opt("rope.scaling.factor", 0.0) not in (0.0, 1.0):
-        raise ModelError(f"rope scaling {scaling!r} ({p}.rope.scaling.type) is not supported")
+    # forward rotates every dimension of a head by the unscaled angles. As llama.cpp reads it, a factor with no
+    # type is linear scaling, and an older file gives the factor as rope.scale_linear.
+    scaling = opt("rope.scaling.type", "linear")
+    factor = opt("rope.scaling.factor", 0.0) or opt("rope.scale_linear", 0.0)
+    if scaling != "none" and factor not in (0.0, 1.0):
+        raise ModelError(f"rope scaling {scaling!r} by {factor} ({p}.rope.scaling.type, .factor or "
+                         f"{p}.rope.scale_linear) is not supported")
     rope_dims = integer("rope.dimension_count", head_dim)
     if rope_dims != head_dim:
         raise ModelError(f"{p}.rope.dimension_count: RoPE rotates {rope_dims} of each head's {head_dim} dimensions; "

@@ -233,6 +233,9 @@ def test_a_block_count_beyond_the_files_tensors_is_refused_before_layers_are_lis
 @pytest.mark.parametrize("metadata, text", [
     ({"qwen3moe.rope.scaling.type": "yarn", "qwen3moe.rope.scaling.factor": 4.0}, "rope scaling 'yarn'"),
     ({"qwen3moe.rope.scaling.type": "linear", "qwen3moe.rope.scaling.factor": 2.0}, "rope scaling 'linear'"),
+    # a factor with no type, and an older file's factor: llama.cpp scales linearly (they were served unscaled)
+    ({"qwen3moe.rope.scaling.factor": 4.0}, "rope scaling 'linear' by 4.0"),
+    ({"qwen3moe.rope.scale_linear": 4.0}, "rope scaling 'linear' by 4.0"),
     ({"qwen3moe.rope.dimension_count": 8}, "rotates 8 of each head's 16 dimensions"),
 ])
 def test_rope_the_forward_does_not_compute_is_named(tmp_path, metadata, text):
