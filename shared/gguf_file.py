@@ -167,7 +167,11 @@ class GGUFModel:
                     continue
                 raise ModelError(f"{self.path}: tensor {name} is missing")
             got = tuple(int(d) for d in reversed(t.shape))
-            if _without_leading_ones(got) != _without_leading_ones(shape):
+            if len(shape) == 3:  # experts are read by index along the first axis: it must be there, 1 for one expert
+                fits = len(got) >= 3 and got[-3:] == shape and set(got[:-3]) <= {1}
+            else:
+                fits = _without_leading_ones(got) == _without_leading_ones(shape)
+            if not fits:
                 raise ModelError(f"{self.path}: tensor {name} has shape {got}, expected {shape}")
             if len(got) > len(shape) == 3:  # experts are read by index along the first axis: drop those of 1 ahead
                 self._tensors[name] = t._replace(data=t.data.reshape(t.data.shape[len(got) - len(shape):]))

@@ -65,6 +65,8 @@ class ModelConfig:
             raise ModelError(f"norm_eps must be >= 0, not {self.norm_eps}")
         if self.n_heads % self.n_kv_heads:
             raise ModelError(f"{self.n_heads} attention heads is not a multiple of {self.n_kv_heads} KV heads")
+        if self.head_dim % 2:  # RoPE rotates a head's dimensions in pairs
+            raise ModelError(f"an attention head of {self.head_dim} dimensions: RoPE needs an even number")
         if not 0 < self.n_experts_used <= self.n_experts:
             raise ModelError(f"experts used per token ({self.n_experts_used}) must be in 1..{self.n_experts}")
         if self.qk_norm == "full" and self.n_kv_heads != self.n_heads:

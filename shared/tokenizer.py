@@ -253,6 +253,12 @@ class Tokenizer:
             raise TokenizerError(
                 f"tokenizer.ggml.token_type has {len(self.token_types)} entries for {len(self.tokens)} tokens"
             )
+        if spm:  # decoded by their spelling: one that is not <0xXX> failed every request that streamed it
+            bad = next((i for i, (t, kind) in enumerate(zip(self.tokens, self.token_types, strict=True))
+                        if kind == BYTE and not _BYTE_TOKEN.fullmatch(t)), None)
+            if bad is not None:
+                raise TokenizerError(f"token {bad} ({self.tokens[bad]!r}) has the byte type (tokenizer.ggml.token_type"
+                                     f" {BYTE}) but is not spelled <0xXX>")
         # llama.cpp's defaults for files that do not say: SentencePiece vocabularies put <s> first.
         n = len(self.tokens)
         self.bos_id = _token_id(md, "tokenizer.ggml.bos_token_id", 1 if spm else None, n)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -204,6 +205,7 @@ def test_missing_metadata_key(tmp_path):
     ("qwen3moe.embedding_length", [1, 2], r"qwen3moe\.embedding_length is \[1, 2\], not an integer"),
     ("qwen3moe.attention.head_count", 0, "head_count is 0: a model needs attention heads"),
     ("qwen3moe.attention.head_count_kv", 0, "n_kv_heads must be at least 1, not 0"),
+    ("qwen3moe.attention.key_length", 15, "an attention head of 15 dimensions: RoPE needs an even number"),
     ("qwen3moe.context_length", 0, "context_length must be at least 1, not 0"),
     ("qwen3moe.attention.layer_norm_rms_epsilon", "tiny", r"layer_norm_rms_epsilon is 'tiny', not a finite number"),
     ("qwen3moe.rope.freq_base", 0.0, r"rope_base must be above 0, not 0\.0"),
@@ -479,6 +481,17 @@ def test_a_big_endian_file_and_a_tensor_offset_that_wraps_around_are_refused_by_
     path.write_bytes(bytes(data))
     with pytest.raises(ModelError, match=f"tensor {name} starts before the file's tensor data"):
         GGUFModel(path)
+
+
+def test_the_experts_axis_of_a_one_expert_model_must_be_there(tmp_path):
+    """A model of one expert whose expert tensors were stored as matrices passed the shape check (leading ones are
+    dropped for vectors), then each expert read as a row: the system said it was ready and every request failed."""
+    cfg = replace(tiny_config(), n_experts=1, n_experts_used=1)
+    tensors = random_tensors(cfg)
+    name = "blk.0.ffn_gate_exps.weight"
+    tensors[name] = tensors[name][0]
+    with pytest.raises(ModelError, match=re.escape(f"tensor {name} has shape (32, 64), expected (1, 32, 64)")):
+        GGUFModel(_write(tmp_path, cfg, tensors))
 
 
 def test_missing_file(tmp_path):

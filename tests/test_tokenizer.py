@@ -535,6 +535,16 @@ def test_errors_name_the_problem(qwen):
         qwen.token_text(qwen.vocab_size)
 
 
+def test_a_byte_typed_token_not_spelled_as_a_byte_is_refused():
+    """Decoded by its spelling, <0xZZ> or "hello" typed as a byte failed every request that streamed it."""
+    md = sentencepiece_metadata()
+    for spelling in ("<0xZZ>", "hello"):
+        tokens = list(md["tokenizer.ggml.tokens"])
+        tokens[3] = spelling  # the first byte token
+        with pytest.raises(TokenizerError, match=f"token 3 \\('{spelling}'\\) has the byte type"):
+            Tokenizer.from_metadata({**md, "tokenizer.ggml.tokens": tokens})
+
+
 @pytest.mark.parametrize(
     "key, value, found, expected",
     [
