@@ -476,6 +476,20 @@ class Coordinator:
                         self.table.num_waiting - resumed)
             self.waiting_since(now, reason)
 
+    def host_lost(self, reason: str, now: float) -> None:
+        """An expert host the system needs is gone: the requests queued here wait for its successor from now on
+        (or fail, with resume_timeout_s = 0), as those running do once the worker reports their work failed.
+        Nothing else started their wait where those running ended otherwise (cancelled, failed): they waited for
+        good, and a drain cancelled them at its end rather than failing them at once."""
+        waiting = [s for s in self.table.streams.values() if not self.table.is_running(s)]
+        if not waiting:
+            return
+        if self.config.resume_timeout_s <= 0:
+            for stream in waiting:
+                self.fail(stream, "unavailable", f"{reason}, and resume_timeout_s is 0", in_engine=False)
+        else:
+            self.waiting_since(now, reason)
+
     def ended_by_engine(self, stream: RequestStream, error: EngineError, now: float) -> None:
         """The worker ended the request because an expert host stopped answering or its own stop outlasted
         drain_timeout_s, or refused it because it is stopping (to be restarted, or the coordinator would be
@@ -524,9 +538,11 @@ class Coordinator:
     def tick(self, now: float) -> None:
         for member in self.membership.expire(now):
             log.warning("%s lost (no heartbeat for %.1f s)", member.member_id, self.config.heartbeat_timeout_s)
+            self.update_ready()
             if member.member_id == WORKER_ID:
-                self.update_ready()
                 self.worker_lost("the gpu worker stopped responding", now)
+            elif not self.ready:
+                self.host_lost(f"{member.member_id} stopped responding", now)
         self.update_ready()
         if self.lost_at is not None:
             if (self.ready and now >= self.dispatch_after) or not self.table:

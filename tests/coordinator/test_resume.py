@@ -199,3 +199,38 @@ def test_with_resuming_off_a_hosts_failure_ends_the_request_and_holds_nothing_ba
             assert second.prompt_token_ids == [5, 6]
 
     asyncio.run(body())
+
+
+def lose_the_host(c: Coordinator, start: float, until: float) -> None:
+    """Ticks from `start` to `until`, 0.1 s apart, in which the worker heartbeats and expert host 0 does not."""
+    for k in range(1, round((until - start) * 10) + 1):
+        heartbeat(c, now=start + k * 0.1)
+        c.tick(start + k * 0.1)
+
+
+@pytest.mark.parametrize("resume_timeout_s", [0.0, 5.0])
+def test_a_request_queued_here_when_a_host_is_lost_waits_no_longer_than_the_resume_timeout(tiny_model, tmp_path,
+                                                                                          resume_timeout_s):
+    """Nothing but the worker's report of a running request's failure started the resume timeout after a host's
+    loss: with those requests cancelled by their client, or failed at once (resume_timeout_s 0), one queued behind
+    them waited for good, the server not ready and no error sent."""
+    async def body():
+        async with ready_worker(tiny_model, tmp_path, expert_hosts=1, hot_experts=2, max_running=2,
+                                resume_timeout_s=resume_timeout_s) as (c, engine):
+            heartbeat(c, "expert-host-0")
+            assert c.ready
+            sent(c, engine, (b"x", "a"), (b"x", "b"))
+            queued = add(c, b"y", "c")
+            c.dispatch()
+            start = time.monotonic()
+            lose_the_host(c, start, start + 1.5)  # found lost after heartbeat_timeout_s (1 s)
+            assert not c.ready
+            c.cancel(b"x", "a", start + 1.5)  # its answer finds the client gone, which ends "b" too
+            assert not c.table.running_streams()
+            if resume_timeout_s:
+                lose_the_host(c, start + 1.5, start + 5.5)
+                assert c.table.get(queued.internal_id) is queued, "it waits for the host's successor"
+                lose_the_host(c, start + 5.5, start + 7.0)
+            assert c.table.get(queued.internal_id) is None and len(c.table) == 0
+
+    asyncio.run(body())
