@@ -17,7 +17,7 @@ from typing import Any
 
 import zmq
 
-from shared.client import Client, ServerError, Stream, check_timeout
+from shared.client import DEFAULT_TIMEOUT_S, Client, ServerError, Stream, check_timeout
 from shared.config import check_endpoint, load_config
 
 
@@ -46,7 +46,8 @@ def _connection_arguments(parser: argparse.ArgumentParser) -> None:
     where = parser.add_mutually_exclusive_group()  # with both, the file was ignored without a word
     where.add_argument("--endpoint", help="the coordinator's client endpoint (tcp://HOST:PORT)")
     where.add_argument("--config", help="TOML configuration file whose client_endpoint to use")
-    parser.add_argument("--timeout", type=seconds_argument, default=60.0, help="seconds to wait for each answer")
+    parser.add_argument("--timeout", type=seconds_argument, default=DEFAULT_TIMEOUT_S,
+                        help="seconds to wait for each answer")
 
 
 def _sampling_arguments(parser: argparse.ArgumentParser) -> None:

@@ -252,10 +252,16 @@ def check_timeout(timeout_s: float) -> float:
     return timeout_s
 
 
+# A client's wait for its next event, by default: longer than a request may go silent while the server resumes it
+# after a lost process (an expert host is found out after expert_timeout_s, 10 s, and the request then waits up to
+# resume_timeout_s, 60 s), so that the client does not give up on a request the server would continue.
+DEFAULT_TIMEOUT_S = 120.0
+
+
 class Client:
     """A blocking client; `timeout_s` bounds every wait for the server (raises TimeoutError)."""
 
-    def __init__(self, endpoint: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.endpoint, self.timeout_s = endpoint, check_timeout(timeout_s)
         self._socket, self._monitor = _new_socket(zmq.Context.instance(), endpoint)
         self._socket.setsockopt(zmq.SNDTIMEO, int(timeout_s * 1000))
@@ -420,7 +426,7 @@ class AsyncClient:
     Many coroutines may share one client: whichever is waiting reads the socket for all of them.
     """
 
-    def __init__(self, endpoint: str, timeout_s: float = 60.0) -> None:
+    def __init__(self, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self.endpoint, self.timeout_s = endpoint, check_timeout(timeout_s)
         self._socket, self._monitor = _new_socket(zmq.asyncio.Context.instance(), endpoint)
         self._poller = zmq.asyncio.Poller()

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import zmq
 
-from shared.client import AsyncClient, Client, ServerError
+from shared.client import DEFAULT_TIMEOUT_S, AsyncClient, Client, ServerError
+from shared.config import Config
 from shared.protocol import Cancel, ErrorEvent, FinalEvent, Generate, HealthReply, decode, encode
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -324,3 +325,10 @@ def test_a_request_id_that_is_no_string_is_refused_before_it_is_sent():
 
     with pytest.raises(TypeError, match="request_id must be a str, not int"):
         asyncio.run(cancel_async())
+
+
+def test_a_clients_default_wait_outlasts_a_resume_with_the_servers_defaults():
+    """At 60 s, the clients and the command line gave up on a request the server would still resume: an expert
+    host's loss is found after expert_timeout_s, and the request then waits up to resume_timeout_s."""
+    config = Config()
+    assert DEFAULT_TIMEOUT_S > config.expert_timeout_s + config.heartbeat_timeout_s + config.resume_timeout_s
