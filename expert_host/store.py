@@ -206,12 +206,15 @@ class ExpertStore:
         rows, k = request.ids.shape
         out = request.out[:rows]
         if experts:
-            tokens = torch.from_numpy(pairs // k)
-            output = self.compute(request.layer, experts, counts, request.hidden[tokens])
+            tokens = pairs // k
+            output = self.compute(request.layer, experts, counts, request.hidden[torch.from_numpy(tokens)])
             # each row's pairs added into that row alone: as one product of (rows, pairs) routing weights, mostly
-            # zeros, a row's NaN or inf made every row NaN (0 x inf), one sequence spoiling the whole step's
-            weighted = output.float() * request.weights.reshape(-1)[torch.from_numpy(pairs)].float()[:, None]
-            out.copy_(torch.zeros(rows, out.shape[1]).index_add_(0, tokens, weighted))  # fp32: CPUs without bf16
+            # zeros, a row's NaN or inf made every row NaN (0 x inf), one sequence spoiling the whole step's. In
+            # numpy: with torch's index_add_ the demo decoded at 147-179 tok/s on 2 cores, against 227-237
+            weighted = output.float().numpy() * request.weights.numpy().ravel()[pairs, None]
+            sums = np.zeros((rows, out.shape[1]), dtype=np.float32)  # fp32: CPUs without bf16 products
+            np.add.at(sums, tokens, weighted)
+            out.copy_(torch.from_numpy(sums))
         else:
             out.zero_()
         request.out[rows:] = 0  # the padding's rows: the device adds every row
