@@ -481,7 +481,7 @@ class Coordinator:
         (or fail, with resume_timeout_s = 0), as those running do once the worker reports their work failed.
         Nothing else started their wait where those running ended otherwise (cancelled, failed): they waited for
         good, and a drain cancelled them at its end rather than failing them at once."""
-        waiting = [s for s in self.table.streams.values() if not self.table.is_running(s)]
+        waiting = self.table.waiting_streams()
         if not waiting:
             return
         if self.config.resume_timeout_s <= 0:

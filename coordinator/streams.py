@@ -198,6 +198,9 @@ class StreamTable:
     def running_streams(self) -> list[RequestStream]:
         return [self.streams[i] for i in self.running]
 
+    def waiting_streams(self) -> list[RequestStream]:
+        return [self.streams[i] for i in self.waiting]
+
     def remove(self, stream: RequestStream) -> None:
         del self.streams[stream.internal_id]
         del self._by_client[(stream.client, stream.request_id)]

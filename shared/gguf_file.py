@@ -74,7 +74,8 @@ class _Reader(GGUFReader):
         self, orig_offs: int, raw_type: int,
     ) -> tuple[int, list[np.ndarray], list[int], list[GGUFValueType]]:
         if raw_type == GGUFValueType.ARRAY:
-            item_type, count = int(self._get(orig_offs, np.uint32)[0]), int(self._get(orig_offs + 4, np.uint64)[0])
+            head = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]  # item type, count
+            item_type, count = int(head[0][0]), int(head[1][0])
             if item_type == GGUFValueType.ARRAY:
                 raise ValueError("a metadata array of arrays")
             scalar = self.gguf_scalar_to_np.get(GGUFValueType(item_type))
@@ -82,7 +83,6 @@ class _Reader(GGUFReader):
             if count * smallest > len(self.data) - (orig_offs + 12):
                 raise ValueError(f"a metadata array claims {count} items, more than the rest of the file holds")
             if scalar is not None:
-                head = [self._get(orig_offs, np.uint32), self._get(orig_offs + 4, np.uint64)]
                 items = self._get(orig_offs + 12, scalar, count)
                 return 12 + int(items.nbytes), [*head, items], [2], [GGUFValueType.ARRAY, GGUFValueType(item_type)]
         return super()._get_field_parts(orig_offs, raw_type)
