@@ -100,6 +100,14 @@ __device__ __forceinline__ void copy_async(u32 shared, const void* global) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" :: "r"(shared), "l"(global));
 }
 
+// Lets the launch after this one (a dependent: down after gate/up) start its blocks once every block of this one has
+// said so, or ended: the first warp of a block to say so says it for the block.
+__device__ __forceinline__ void let_dependents_start() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;");
+#endif
+}
+
 __device__ __forceinline__ void copy_zfill(u32 shared, const void* global, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(shared), "l"(global), "r"(valid ? 16 : 0));
 }
@@ -344,7 +352,8 @@ struct GroupOf<NT, true> {
 // shared memory warps * (2048 * NT + STAGES * stage_bytes<NT, INT8>()) bytes. INT8: p* are the int8 rows, sz* the
 // rows' bf16 scales; else int4's columns and (s, z) pairs. meta holds the plan's n_used expert indices,
 // then n_used + 1 row offsets into x and out. Strides in elements; *_gs: per expert; dependent: launched as a
-// dependent of the launch before, whose output is x. Each warp copies its groups of weights into a ring of STAGES
+// dependent of the launch before, whose output is x; release_eighths: where this launch lets its dependents start
+// (below). Each warp copies its groups of weights into a ring of STAGES
 // stages in shared memory, STAGES - 1 ahead of the one it computes: loads in flight that take no registers. x's rows
 // must be 16-byte aligned (x and x_stride). ONE_ROW: at most one row of x per expert (add_group). UNROLLED: at two
 // tiles of x, the loop in unrolled rounds (below), else one group at a time. One block an SM
@@ -358,7 +367,7 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
     const unsigned char* __restrict__ p1, const u16* __restrict__ sz1,
     const unsigned char* __restrict__ p2, const u16* __restrict__ sz2,
     long long p1_gs, long long sz1_gs, long long p2_gs, long long sz2_gs, int n, int k, int k_warps,
-    int dependent) {
+    int dependent, int release_eighths) {
     // int8's gate/up stays with Triton's kernel, faster there at every launch measured (bench/quant_kernels.md)
     static_assert(!(INT8 && SWIGLU), "int8 runs one matrix, down");
     static_assert(STAGES >= 2, "a ring refills the stage read one group before the one it reads");
@@ -449,13 +458,17 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
     // Launched plainly, each group's weights and x are one commit, so the first group is read as soon as it has
     // landed rather than once every group of the first STAGES - 1 has: on the H100 one token's 8 experts' FFN
     // took 14.46 us against 15.05 (bench/quant_kernels.md).
-#if __CUDA_ARCH__ >= 900
-    // The launch after this one may start its blocks in SMs this one leaves free, to copy and wait there in turn.
-    // Before this one's own wait: only down is launched as a dependent, and only of gate/up, which is launched
-    // plainly; a chain of dependents would move this after the wait, lest a launch's early copies overtake the
-    // launch two before it.
-    asm volatile("griddepcontrol.launch_dependents;");
-#endif
+    // The launch after this one may start its blocks in SMs this one leaves free, to copy and wait there in turn:
+    // from this one's start (release_eighths 0), or once each of its blocks has a warp release_eighths eighths of
+    // the way through its groups (a one-group loop's, and after the loop in any case). Down's blocks let in at
+    // gate/up's start copy their weights while gate/up's loop still runs, and slowed it more than they gained; let
+    // in at its middle, the FFN of one token's 8 experts was 0.9-1.8% faster at 9-16 rows and 1.2-2.0% at 1 on the
+    // H100 over two starts, 16 x 16 2.8-3.1%; Q4_K_M's mix (down in int8) 1.3% slower at 8 x 1, 1.6% faster at 16 x 16
+    // (bench/quant_kernels.md). Before this one's own wait: only down is launched as a dependent, and only of
+    // gate/up, which is launched plainly; a chain of dependents would move this after the wait, lest a launch's
+    // early copies overtake the launch two before it.
+    if (release_eighths == 0) let_dependents_start();
+    const int release_at = release_eighths ? begin + (end - begin) * release_eighths / 8 : -1;
     if (dependent) {
 #pragma unroll
         for (int d = 0; d < STAGES - 1; ++d)
@@ -513,12 +526,14 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
     } else {
         u32 read = 0, fill = (STAGES - 1) * STAGE_BYTES;
         for (int group = begin; group < end; ++group) {
+            if (group == release_at) let_dependents_start();
             step(group, read, fill, false);
             fill = read;
             read = read == (STAGES - 1) * STAGE_BYTES ? 0 : read + STAGE_BYTES;
         }
     }
 
+    if (release_eighths) let_dependents_start();  // a warp with no groups, or that passed it in unrolled rounds
     // the sums a lane keeps of each (i, nt), KEPT of them: all four, or under ONE_ROW those of x's row 0 (c0, c2:
     // accumulators E_STEP apart)
     constexpr int KEPT = ONE_ROW ? 2 : 4, SUMS = 4 * NT * KEPT, E_STEP = 4 / KEPT;

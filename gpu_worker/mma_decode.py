@@ -50,6 +50,12 @@ SHALLOWEST_DOWN_STAGES = 2
 # the FFN 2.9% at 8 x 9-16, 1.5% at 12 x 16 and 1.2% at 16 x 16, where it was 1.7% slower at 4 x 16 and 0.5-0.8% at
 # 64 x 16 and 128 x 16 (bench/quant_kernels.md)
 ONE_GROUP_LOOP_EXPERTS = range(5, 17)
+# A gate/up launch that walks each warp's groups one at a time lets down, its dependent, start once each block has a
+# warp RELEASE_EIGHTHS[8-row tiles of x - 1] eighths of the way through its groups, not from gate/up's start: down's
+# early copies slowed gate/up's loop more than they gained. On the H100 a quarter and a half were within 0.3% of each
+# other at one tile, a half and three quarters at two; after the loop down started too late (mma_decode.cu;
+# bench/quant_kernels.md)
+RELEASE_EIGHTHS = (4, 4)
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
 _BLOCK_WARPS = 16  # warps x tiles of x in a block at most: the kernel's launch bounds (512 / tiles threads)
 _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
@@ -93,7 +99,7 @@ class _Args(ctypes.Structure):
         ("meta", ctypes.c_void_p), ("n_used", ctypes.c_int32), ("p1", ctypes.c_void_p), ("sz1", ctypes.c_void_p),
         ("p2", ctypes.c_void_p), ("sz2", ctypes.c_void_p), ("p1_gs", ctypes.c_int64), ("sz1_gs", ctypes.c_int64),
         ("p2_gs", ctypes.c_int64), ("sz2_gs", ctypes.c_int64), ("n", ctypes.c_int32), ("k", ctypes.c_int32),
-        ("k_warps", ctypes.c_int32), ("dependent", ctypes.c_int32)]
+        ("k_warps", ctypes.c_int32), ("dependent", ctypes.c_int32), ("release_eighths", ctypes.c_int32)]
 
 
 class _ArgBlock(threading.local):
@@ -254,7 +260,7 @@ def decode(x: torch.Tensor, w1: Int4Matrix | Int8Matrix, w2: Int4Matrix | Int8Ma
     if n_used == 0:
         return
     device = x.device
-    x_tiles, stages, unrolled, threads, shared_bytes, k_warps = _launch_shape(
+    x_tiles, stages, unrolled, threads, shared_bytes, k_warps, release_eighths = _launch_shape(
         n, k, min(used_at_most, n_used), swiglu, rows_at_most, k_warps, int8, device)
     # weights (and int4's (scale, zero) pairs) are copied 16 bytes at a time; int8's rows, k bytes apart, are so
     # by `takes`
@@ -269,7 +275,7 @@ def decode(x: torch.Tensor, w1: Int4Matrix | Int8Matrix, w2: Int4Matrix | Int8Ma
         x.data_ptr(), x.stride(0), out.data_ptr(), out.stride(0), meta.data_ptr(), n_used
     a.p1, a.sz1, a.p2, a.sz2 = p1.data_ptr(), sz1.data_ptr(), p2.data_ptr(), sz2.data_ptr()
     a.p1_gs, a.sz1_gs, a.p2_gs, a.sz2_gs = p1.stride(0), sz1.stride(0), p2.stride(0), sz2.stride(0)
-    a.n, a.k, a.k_warps, a.dependent = n, k, k_warps, dependent
+    a.n, a.k, a.k_warps, a.dependent, a.release_eighths = n, k, k_warps, dependent, release_eighths
     kernel = _kernel(x_tiles, swiglu, stages, rows_at_most == 1, int8, unrolled, device).ptr
     stream = torch._C._cuda_getCurrentRawStream(device.index)
     if dependent:
@@ -287,9 +293,9 @@ def decode(x: torch.Tensor, w1: Int4Matrix | Int8Matrix, w2: Int4Matrix | Int8Ma
 
 @functools.cache  # every launch asks: a decode step makes a few a layer
 def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_warps: int | None, int8: bool,
-                  device: torch.device) -> tuple[int, int, bool, int, int, int]:
-    """(8-row tiles of x, ring stages, unrolled rounds, threads a block, its shared bytes, warps cutting K) of a
-    launch."""
+                  device: torch.device) -> tuple[int, int, bool, int, int, int, int]:
+    """(8-row tiles of x, ring stages, unrolled rounds, threads a block, its shared bytes, warps cutting K, eighths of
+    a warp's groups before its dependents may start) of a launch."""
     assert takes(n, k), f"the kernel takes rows in tiles of {INT4_ROW_TILE} and columns in groups of 32, not {n, k}"
     x_tiles = _x_tiles(rows_at_most)
     stages = ring_stages(n, used, swiglu, x_tiles, int8)
@@ -299,4 +305,6 @@ def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_
     shared_bytes = _shared_bytes(warps, x_tiles, stages, int8)
     assert shared_bytes <= _shared_limit(device), \
         f"{warps} warps' rings need more shared memory than a block gets on this GPU"
-    return x_tiles, stages, unrolled_rounds(used, x_tiles), 32 * warps, shared_bytes, k_warps
+    unrolled = unrolled_rounds(used, x_tiles)
+    release_eighths = RELEASE_EIGHTHS[x_tiles - 1] if swiglu and not unrolled else 0
+    return x_tiles, stages, unrolled, 32 * warps, shared_bytes, k_warps, release_eighths
