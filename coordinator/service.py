@@ -118,6 +118,7 @@ class Coordinator:
         self.lost_at: float | None = None  # a process was lost with requests in flight: they wait from then
         self.lost_reason = ""
         self.dispatch_after = 0.0
+        self.engine_unreachable = False  # the last send to the engine failed: told once, not at every tick's retry
         # member id -> the incarnation that ended requests, whose successor they wait for until dispatch_after
         # ("": a failure no successor ends, waited out)
         self.awaited: dict[str, str] = {}
@@ -321,11 +322,15 @@ class Coordinator:
     def send_engine(self, msg: Message, quiet: bool = False) -> bool:
         try:
             self.engine.send_multipart([WORKER, *encode(msg)], flags=zmq.NOBLOCK, copy=False).result()
-            return True
         except zmq.ZMQError as e:
-            if not quiet:
+            if not quiet and not self.engine_unreachable:
                 log.warning("cannot reach the gpu worker: %s", e.strerror)
+                self.engine_unreachable = True
             return False
+        if self.engine_unreachable:
+            log.info("the gpu worker is reachable again")
+            self.engine_unreachable = False
+        return True
 
     def on_engine(self, identity: bytes, frames: list) -> None:
         if identity != WORKER:

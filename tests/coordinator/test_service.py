@@ -233,6 +233,10 @@ def test_a_request_waits_for_the_engine_connection_of_a_live_worker(tiny_model, 
         member.close()
         engine.close()
         assert coordinator.stop() == 0
+    # every tick retried the send: the log says so once, and once more when the worker is reached
+    log = coordinator.log.read_text()
+    assert log.count("cannot reach the gpu worker") == 1
+    assert log.count("the gpu worker is reachable again") == 1
 
 
 def test_a_worker_started_twice_is_served_by_the_later_and_the_first_is_told_to_stop(tiny_model, tmp_path):
