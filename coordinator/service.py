@@ -98,6 +98,9 @@ OVERSIZED_FRAME_FACTOR = 16  # frames up to this many times max_request_bytes ge
 # A generate this large (some 10 ms or more to tokenize) is tokenized on a thread, and the event loop streams on
 # meanwhile; a smaller one costs less inline than the thread's round trip.
 TOKENIZE_ON_A_THREAD_BYTES = 16 << 10
+# Messages a socket's reader takes ahead of their handling (stamped as they arrive) while one is handled that waits,
+# a prompt tokenized on a thread; past this they wait in ZeroMQ's queue, and count from when they are read.
+INBOX_MESSAGES = 256
 WORKER = WORKER_ID.encode()
 log = logging.getLogger("coordinator")
 
@@ -202,15 +205,29 @@ class Coordinator:
         self.ctx.term()
 
     async def _receive(self, socket: zmq.asyncio.Socket,
-                       handle: Callable[[bytes, list], Coroutine[Any, Any, None] | None]) -> None:
-        while True:
-            frames = await socket.recv_multipart(copy=False)
-            try:
-                handled = handle(frames[0].bytes, frames[1:])
-                if handled is not None:  # a socket's messages are handled one after another, even those that wait
-                    await handled
-            except Exception:  # one message that trips a bug must not take the server down
-                log.exception("error handling a message")
+                       handle: Callable[[bytes, list, float], Coroutine[Any, Any, None] | None]) -> None:
+        """Handle the socket's messages one after another, even those that wait, each with the time it was read: a
+        reader stamps them as they come, so a request behind one whose prompt is tokenized on a thread has its
+        time to first token counted from its arrival, not from the end of that wait."""
+        inbox: asyncio.Queue[tuple[list, float]] = asyncio.Queue(INBOX_MESSAGES)
+
+        async def read() -> None:
+            while True:
+                frames = await socket.recv_multipart(copy=False)
+                await inbox.put((frames, time.monotonic()))
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                frames, arrived = await inbox.get()
+                try:
+                    handled = handle(frames[0].bytes, frames[1:], arrived)
+                    if handled is not None:
+                        await handled
+                except Exception:  # one message that trips a bug must not take the server down
+                    log.exception("error handling a message")
+        finally:
+            reader.cancel()
 
     async def _ticks(self) -> None:
         while True:
@@ -222,8 +239,7 @@ class Coordinator:
 
     # --- client API ------------------------------------------------------------------------------------
 
-    async def on_client(self, client: bytes, frames: list) -> None:
-        now = time.monotonic()
+    async def on_client(self, client: bytes, frames: list, now: float) -> None:
         try:
             msg = parse_request(frames, self.config.max_request_bytes)
             if isinstance(msg, Generate):
@@ -332,7 +348,7 @@ class Coordinator:
             self.engine_unreachable = False
         return True
 
-    def on_engine(self, identity: bytes, frames: list) -> None:
+    def on_engine(self, identity: bytes, frames: list, now: float) -> None:
         if identity != WORKER:
             log.warning("dropping a message from %r on the engine socket", identity)
             return
@@ -351,7 +367,6 @@ class Coordinator:
             if isinstance(msg, EngineToken) and msg.finish_reason is None:
                 self.send_engine(EngineCancel(request_id=msg.request_id))
             return
-        now = time.monotonic()
         try:
             if isinstance(msg, (EngineStarted, EngineToken)):  # a token says so too, should the start's word be lost
                 stream.engine_started = True
@@ -404,7 +419,7 @@ class Coordinator:
 
     # --- control plane ---------------------------------------------------------------------------------
 
-    def on_control(self, identity: bytes, frames: list) -> None:
+    def on_control(self, identity: bytes, frames: list, now: float) -> None:
         try:
             msg = decode(frames)
         except ProtocolError as e:
@@ -413,7 +428,7 @@ class Coordinator:
         if not isinstance(msg, Heartbeat):
             log.warning("dropping unexpected %s on the control socket", msg.KIND)
             return
-        outcome = self.membership.heartbeat(msg, time.monotonic())
+        outcome = self.membership.heartbeat(msg, now)
         if outcome.refused:
             if outcome.first_notice:
                 log.warning("refusing the heartbeats of pid %d on %s: %s", msg.pid, msg.host, outcome.refused)
@@ -440,7 +455,7 @@ class Coordinator:
                             self.membership.model)
         if outcome.restarted and msg.member_id == WORKER_ID:
             self.update_ready()
-            self.worker_lost("the gpu worker restarted", time.monotonic())
+            self.worker_lost("the gpu worker restarted", now)
         if outcome.welcome:
             self.reply_control(identity, Welcome(placement=self.placement.to_dict()))
         self.update_ready()

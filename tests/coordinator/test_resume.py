@@ -28,7 +28,7 @@ def heartbeat(c: Coordinator, member: str = "gpu-worker", pid: int = 1, version:
     hb = Heartbeat(member_id=member, role=role, incarnation=f"pid-{pid}", pid=pid, host="localhost", metrics_port=0,
                    placement_version=c.placement.version if version is None else version, model=c.membership.model)
     if now is None:
-        c.on_control(member.encode(), encode(hb))
+        c.on_control(member.encode(), encode(hb), time.monotonic())
     else:  # at a chosen time, without the welcome's reply
         c.membership.heartbeat(hb, now)
         c.update_ready()
@@ -75,7 +75,7 @@ def sent(c: Coordinator, engine: zmq.Socket, *requests: tuple[bytes, str]) -> li
 def host_failed(c: Coordinator, request: EngineGenerate, code: str = "expert_host_unavailable",
                 member_id: str = "") -> None:
     c.on_engine(b"gpu-worker", encode(EngineError(request_id=request.request_id, code=code, message="x",
-                                                  member_id=member_id)))
+                                                  member_id=member_id)), time.monotonic())
 
 
 def test_resume_timeout_with_a_gone_client_of_two_requests_does_not_raise(tiny_model, tmp_path):
@@ -159,7 +159,7 @@ def test_requests_a_stopping_worker_ends_wait_for_its_successor(tiny_model, tmp_
         async with ready_worker(tiny_model, tmp_path, resume_timeout_s=10.0, heartbeat_timeout_s=30.0) as (c, engine):
             (first,) = sent(c, engine, (b"client", "a"))
             if started:
-                c.on_engine(b"gpu-worker", encode(EngineStarted(request_id=first.request_id)))
+                c.on_engine(b"gpu-worker", encode(EngineStarted(request_id=first.request_id)), time.monotonic())
             host_failed(c, first, code=code, member_id="gpu-worker")
             a = c.table.find(b"client", "a")
             assert a is not None and c.table.num_waiting == 1 and a.resumes == int(started)

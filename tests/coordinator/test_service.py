@@ -342,6 +342,30 @@ def test_tokens_stream_on_while_a_long_prompt_is_tokenized_and_a_cancel_after_a_
     raw.close()
 
 
+def test_a_request_behind_a_long_prompt_counts_its_time_to_first_token_from_its_arrival(tiny_model, tmp_path):
+    """A client's messages are handled one after another, so a request sent right behind a prompt of 1 MiB waits
+    for its tokenizing. It was stamped as it was handled, after that wait: its time to first token (the final
+    event's, and the histogram's) left the wait out."""
+    coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8, max_request_bytes=2 << 20)
+    raw = zmq.Context.instance().socket(zmq.DEALER)
+    raw.setsockopt(zmq.LINGER, 0)
+    raw.setsockopt(zmq.RCVTIMEO, 30_000)
+    raw.connect(coordinator.config.client_endpoint)
+    with joined_worker(coordinator) as (member, engine, hb):
+        raw.send_multipart(encode(Generate(request_id="huge", prompt="a" * (1 << 20), max_tokens=1)))
+        raw.send_multipart(encode(Generate(request_id="small", token_ids=[5], max_tokens=1)))
+        sent_at = time.monotonic()
+        assert engine.poll(30_000)
+        request = decode(engine.recv_multipart())
+        waited = time.monotonic() - sent_at
+        assert waited > 0.1, "the long prompt was tokenized too fast to hold the request up"
+        engine.send_multipart(token(request.request_id, 7, "length"))
+        events = {e.request_id: e for e in (decode(raw.recv_multipart()) for _ in range(3))}
+    raw.close()
+    assert events["huge"].code == "context_exceeded"
+    assert events["small"].KIND == "final" and events["small"].ttft_s >= waited - 0.05  # read just after sent_at
+
+
 def test_a_long_prompt_being_tokenized_when_a_drain_begins_is_answered_before_the_coordinator_stops(tiny_model,
                                                                                                     tmp_path):
     """A generate on its tokenizing thread was in no count of the drain's: with nothing else in flight, the drain
