@@ -39,8 +39,10 @@ DEEP_STAGES = (6, 5)
 # int4's down of at most SHALLOW_DOWN_EXPERTS experts (one token's 8: 256 blocks whose warps walk 3 groups each)
 # takes a shallower ring: on the H100 3 stages were 2-5% faster than 4 from 2 to 16 rows at 8 experts (the FFN of
 # one token 0-2%) and 1-5% slower at 12 experts and more; int8's down of 8 experts was 9% slower at 3. At two tiles
-# of x (9-16 rows) and from SHALLOWEST_DOWN_FROM experts, 2 stages: the FFN at 8 x 16 was 2.3-3% faster on three H100
-# starts, at 8 x 9 2.2% and at 6 x 16 4.7% on one, but 4 x 16 2.3-2.6% slower (bench/quant_kernels.md).
+# of x (9-16 rows) and from SHALLOWEST_DOWN_FROM experts, int4's and int8's down take 2 stages: int4's FFN at 8 x 16
+# was 2.3-3% faster on three H100 starts, at 8 x 9 2.2% and at 6 x 16 4.7% on one, but 4 x 16 2.3-2.6% slower.
+# int8's rings of 4 stages at two tiles fit one block an SM, so 8 experts' 256 blocks took two waves: with 2 stages
+# (two blocks an SM) int8's FFN at 8 x 9-16 took 19.4-19.8 us against 21.8-22.2 at 4 stages (bench/quant_kernels.md).
 SHALLOW_DOWN_EXPERTS = 8
 SHALLOW_DOWN_STAGES = 3
 SHALLOWEST_DOWN_FROM = 5
@@ -176,8 +178,11 @@ def ring_stages(n: int, used: int, swiglu: bool, x_tiles: int, int8: bool = Fals
     """Stages of each warp's ring in a launch over `used` experts' (N, K) matrices."""
     if swiglu and n // INT4_ROW_TILE * used >= DEEP_RING_BLOCKS:
         return DEEP_STAGES[x_tiles - 1]
-    if not swiglu and not int8 and used <= SHALLOW_DOWN_EXPERTS:
-        return SHALLOWEST_DOWN_STAGES if x_tiles == 2 and used >= SHALLOWEST_DOWN_FROM else SHALLOW_DOWN_STAGES
+    if not swiglu and used <= SHALLOW_DOWN_EXPERTS:
+        if x_tiles == 2 and used >= SHALLOWEST_DOWN_FROM:
+            return SHALLOWEST_DOWN_STAGES
+        if not int8:
+            return SHALLOW_DOWN_STAGES
     return STAGES
 
 

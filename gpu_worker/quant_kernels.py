@@ -51,11 +51,13 @@ _OPERAND = tl.constexpr(tl.float32 if knobs.runtime.interpret else tl.bfloat16)
 # against 25.3, 32 experts' at 4 rows 37.8 against 41.2; at 64 x 2 it was 1-2% slower, the waiting blocks holding SMs
 # that the launch before could still use (128 x 16: within 0.5%).
 DEPENDENT_LAUNCH_EXPERTS = 32
-# int8's down of up to this many experts, at most 8 rows each (one tile of x), runs on the CUDA kernel as a dependent
-# of gate/up (int8_down_on_mma), which copies every warp's first groups of weights before it waits. On the H100 one
-# token's FFN took 19.4 us against 20.6 with Triton's down (64% of HBM against 60%; gate/up on the autotuner's pick
-# then), Q4_K_M's 14.9 against 16.6 (63% against 56%). With Triton's down the FFN was within 1% at 16 experts of one
-# row, 6-9% faster at 32 experts and 14-17% faster at 16 rows (bench/quant_kernels.md).
+# int8's down of up to this many experts runs on the CUDA kernel as a dependent of gate/up (int8_down_on_mma), which
+# copies every warp's first groups of weights before it waits. On the H100 one token's FFN took 19.4 us against 20.6
+# with Triton's down (64% of HBM against 60%; gate/up on the autotuner's pick then), Q4_K_M's 14.9 against 16.6 (63%
+# against 56%). With Triton's down the FFN was within 1% at 16 experts of one row and 6-9% faster at 32 experts. At
+# 9-16 rows, with the kernel's shallowest ring there (mma_decode.ring_stages), 8 experts' FFN took 19.4-19.8 us
+# against 20.4-21.1 with Triton's down, Q4_K_M's 15.4-15.8 against 16.5-17.1; 1-4 experts' 4-13% faster
+# (bench/quant_kernels.md).
 INT8_MMA_DOWN_EXPERTS = 8
 # Triton's int8 down is launched as a dependent from this many experts, loading its first tile of weights before it
 # waits. On the H100 16 experts' FFN took 32.6 us against 33.5 launched after gate/up, 32 experts' at 4 rows 60.0
@@ -336,7 +338,7 @@ def int8_down_on_mma(n: int, k: int, plan: GroupPlan, device: torch.device) -> b
     """Whether decode's int8 down (n, k) on `device` runs on mma_decode's kernel, launched as a dependent of gate/up
     (INT8_MMA_DOWN_EXPERTS), not on Triton's."""
     return (_grid_dependency(device) and plan.used_at_most <= min(INT8_MMA_DOWN_EXPERTS, DEPENDENT_LAUNCH_EXPERTS)
-            and plan.rows_at_most <= 8 and mma_decode.takes(n, k) and mma_decode.available())
+            and mma_decode.takes(n, k) and mma_decode.available())
 
 
 @functools.cache

@@ -337,17 +337,31 @@ def check_soft_slots_fit(config: Config, slot_bytes: int) -> None:
                           f"host_memory_floor: lower soft_slots and soft_staging, or host_memory_floor")
 
 
+class DeviceMemoryError(ValueError):
+    """What the worker was asked to hold does not fit in the GPU's free memory; the message says what would."""
+
+
 def check_hot_experts_fit(engine: Engine, placement: Placement) -> None:
-    """A worker on the CPU copies its hot float experts into RAM: refuse a placement whose copies do not fit in
-    what is free, less host_memory_floor, rather than die allocating them or be OOM-killed. The KV cache is
-    already allocated and written by now, so what is free no longer counts it."""
+    """Refuse a placement whose hot experts do not fit, rather than die allocating them: on a GPU in its free memory
+    (what the driver has free and what torch's allocator keeps cached), on the CPU, whose worker copies its hot
+    float experts into RAM, in what is free less host_memory_floor, lest it be OOM-killed. The KV cache is already
+    allocated and written by now, so what is free no longer counts it."""
     need = engine.hot.added_nbytes(placement)
-    room, floor = room_above_floor(engine.config.host_memory_floor)
-    if need == 0 or need <= room:  # nothing to add: nothing to lower (a start below the floor is refused earlier)
+    if need == 0:  # nothing to add: nothing to lower (a start below the floor is refused earlier)
         return
-    raise HostMemoryError(f"its hot experts need {size_text(need)} of RAM ({placement.count_hot()} experts); "
-                          f"{size_text(room)} is available after the {size_text(floor)} host_memory_floor; lower "
-                          f"gpu_expert_budget or hot_experts (the coordinator's), or host_memory_floor")
+    if engine.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(engine.device)
+        room = free + torch.cuda.memory_reserved(engine.device) - torch.cuda.memory_allocated(engine.device)
+        if need > room:
+            raise DeviceMemoryError(f"its hot experts need {size_text(need)} more of GPU memory "
+                                    f"({placement.count_hot()} experts); {size_text(room)} is free on "
+                                    f"{engine.device}: lower gpu_expert_budget or hot_experts (the coordinator's)")
+        return
+    room, floor = room_above_floor(engine.config.host_memory_floor)
+    if need > room:
+        raise HostMemoryError(f"its hot experts need {size_text(need)} of RAM ({placement.count_hot()} experts); "
+                              f"{size_text(room)} is available after the {size_text(floor)} host_memory_floor; lower "
+                              f"gpu_expert_budget or hot_experts (the coordinator's), or host_memory_floor")
 
 
 def to_sequence(msg: EngineGenerate) -> Sequence:
@@ -398,6 +412,10 @@ def serve(config: Config) -> int:
             engine = Engine(config, model, remote, lambda: stop.stopping)
         except (HostMemoryError, ModelError, OSError) as e:  # e.g. no room for the KV cache or the expert cache
             log.error("cannot start: %s", e)
+            return 1
+        except torch.OutOfMemoryError as e:
+            log.error("cannot start: the GPU ran out of memory for the dense trunk, the KV cache or the soft slots "
+                      "(%s); lower kv_cache_tokens or soft_slots", str(e).splitlines()[0])
             return 1
         except ConversionStopped as e:
             log.info("told to stop while converting the expert cache (%s): it converts at the next start", e)
@@ -503,8 +521,8 @@ def fail_running(engine: Engine, error: BaseException, send: Callable[[Message],
 
 def hold(engine: Engine, placement: Placement, log: logging.Logger) -> bool:
     """Apply the placement; False, said in the log, when its experts cannot be held: a damaged expert cache, hosts
-    this worker has no socket to (a coordinator started with more expert_hosts than this worker), or, on the CPU,
-    hot experts beyond the RAM free."""
+    this worker has no socket to (a coordinator started with more expert_hosts than this worker), or hot experts
+    beyond the GPU's free memory, or on the CPU the RAM free."""
     beyond = [h for h in placement.hosts_in_use() if h >= engine.config.expert_hosts]
     if beyond:
         log.error("cannot hold placement v%d: it gives experts to expert host %d, and this worker was started with "
@@ -512,11 +530,14 @@ def hold(engine: Engine, placement: Placement, log: logging.Logger) -> bool:
                   engine.config.expert_hosts)
         return False
     try:
-        if engine.device.type == "cpu":
-            check_hot_experts_fit(engine, placement)
+        check_hot_experts_fit(engine, placement)
         engine.apply(placement)
-    except (CacheError, HostMemoryError) as e:
+    except (CacheError, HostMemoryError, DeviceMemoryError) as e:
         log.error("cannot hold placement v%d: %s", placement.version, e)
+        return False
+    except torch.OutOfMemoryError as e:  # fragmentation, or another process's allocations since the check
+        log.error("cannot hold placement v%d: the GPU ran out of memory loading its hot experts (%s); lower "
+                  "gpu_expert_budget or hot_experts (the coordinator's)", placement.version, str(e).splitlines()[0])
         return False
     return True
 

@@ -229,22 +229,24 @@ def test_decode_with_down_launched_as_a_dependent(qk, strided, formats, counts):
     assert torch.equal(down_launched_after(qk, x, gate, up, down, qk.plan_groups(groups, counts, DEVICE)), y)
 
 
+@pytest.mark.parametrize("down_fmt", ["int4", "int8"], ids=["int4", "q4_k_m-int8-down"])
 @pytest.mark.parametrize("unrolled", [False, True], ids=["one-group-loop", "unrolled-rounds"])
-def test_int4_down_of_a_few_experts_at_two_x_tiles_on_the_shallowest_ring(qk, unrolled, monkeypatch):
-    """8 experts of 9-16 rows: int4's down takes a 2-stage ring (mma_decode.ring_stages), where each warp walks 3
-    groups of K, one at a time as 8 experts do, or (as 4 or 64 experts would) in an unrolled round and the group
-    after it. Launched as a dependent of gate/up it gives the reference's rows and the bits of a launch that starts
-    after."""
+def test_down_of_a_few_experts_at_two_x_tiles_on_the_shallowest_ring(qk, down_fmt, unrolled, monkeypatch):
+    """8 experts of 9-16 rows: int4's down, and int8's after int4's gate/up (Q4_K_M's experts), take a 2-stage ring
+    (mma_decode.ring_stages) on the CUDA kernel, where each warp walks 3 groups of K, one at a time as 8 experts do,
+    or (as 4 or 64 experts would) in an unrolled round and the group after it. Launched as a dependent of gate/up
+    it gives the reference's rows and the bits of a launch that starts after."""
+    needs_cuda_kernel()
     if unrolled:
         monkeypatch.setattr(mma_decode, "ONE_GROUP_LOOP_EXPERTS", range(0))
     assert mma_decode.unrolled_rounds(8, 2) == unrolled
     mma_decode._launch_shape.cache_clear()  # shapes sized with the other loop
     f, h = GATE
-    gate, up, down = random_regions("int4", 8, [(f, h), (f, h), (h, f)], DEVICE, seed=41)
+    gate, up, down = random_regions(["int4", "int4", down_fmt], 8, [(f, h), (f, h), (h, f)], DEVICE, seed=41)
     groups = list(range(8))
     counts = [9 + g for g in groups]
-    needs_int4_decode("int4", counts)
-    assert mma_decode.ring_stages(h, len(groups), False, 2) == mma_decode.SHALLOWEST_DOWN_STAGES
+    assert mma_decode.ring_stages(h, len(groups), False, 2, down_fmt == "int8") == mma_decode.SHALLOWEST_DOWN_STAGES
+    assert qk.int8_down_on_mma(h, f, qk.plan_groups(groups, counts, DEVICE), DEVICE) or down_fmt == "int4"
     try:
         x = rows(counts, h, seed=42)
         y = qk.quant_swiglu_grouped(x, gate, up, down, groups, counts)
@@ -257,11 +259,11 @@ def test_int4_down_of_a_few_experts_at_two_x_tiles_on_the_shallowest_ring(qk, un
 
 @pytest.mark.parametrize("gate_up_fmt, dims, used, rows_each, on_mma", [
     ("int8", GATE, 4, 3, True), ("int8", GATE, 10, 3, False), ("int4", GATE, 10, 3, False),
-    ("int8", GATE, 4, 16, False), ("int8", (96, 80), 4, 3, False)],
+    ("int8", GATE, 4, 16, True), ("int8", (96, 80), 4, 3, False)],
     ids=["few-experts", "many-experts", "many-experts-after-int4", "two-x-tiles", "rows-not-in-64s"])
 def test_int8_down_launched_as_a_dependent_on_either_kernel(qk, gate_up_fmt, dims, used, rows_each, on_mma):
     """int8's down as a dependent of gate/up runs on the CUDA kernel for up to INT8_MMA_DOWN_EXPERTS experts of up to
-    8 rows, where it takes the shape (not 80 rows); else on Triton's, launched as a dependent from
+    16 rows, where it takes the shape (not 80 rows); else on Triton's, launched as a dependent from
     INT8_DEPENDENT_LAUNCH_FROM experts (its first tile of weights loaded before it waits), after either gate/up
     (Q4_K_M's is int4). Either gives the reference's rows and the bits of a launch that starts after."""
     f, h = dims

@@ -51,15 +51,17 @@ def test_only_gate_and_up_over_every_expert_take_the_deeper_ring():
     assert ring_stages(2048, 128, False, 1) == STAGES
 
 
-def test_only_int4_down_of_a_few_experts_takes_the_shallower_ring():
+def test_only_down_of_a_few_experts_takes_the_shallower_ring():
     """One token's 8 experts (and fewer) at int4, and shallower still at two tiles of x from SHALLOWEST_DOWN_FROM
-    experts; int8's down, more experts and gate/up keep the default."""
+    experts, where int8's down takes it too; int8's down elsewhere, more experts and gate/up keep the default."""
     assert ring_stages(2048, 8, False, 1) == SHALLOW_DOWN_STAGES < STAGES
     fewer = SHALLOWEST_DOWN_FROM - 1
     assert ring_stages(2048, 1, False, 2) == ring_stages(2048, fewer, False, 2) == SHALLOW_DOWN_STAGES
     assert ring_stages(2048, SHALLOWEST_DOWN_FROM, False, 2) == ring_stages(2048, 8, False, 2) == SHALLOWEST_DOWN_STAGES
     assert SHALLOWEST_DOWN_STAGES < SHALLOW_DOWN_STAGES
-    assert ring_stages(2048, 8, False, 1, int8=True) == ring_stages(2048, 8, False, 2, int8=True) == STAGES
+    assert ring_stages(2048, 8, False, 1, int8=True) == ring_stages(2048, fewer, False, 2, int8=True) == STAGES
+    assert ring_stages(2048, SHALLOWEST_DOWN_FROM, False, 2, int8=True) == SHALLOWEST_DOWN_STAGES
+    assert ring_stages(2048, 8, False, 2, int8=True) == SHALLOWEST_DOWN_STAGES
     assert ring_stages(2048, 9, False, 1) == ring_stages(2048, 9, False, 2) == STAGES
     assert ring_stages(768, 8, True, 1) == ring_stages(768, 8, True, 2) == STAGES
 
