@@ -328,7 +328,7 @@ def main() -> None:
         "CUDA-graph replays (one launch per set of experts, rotating over disjoint sets of the 128-expert stack so",
         "the weights come from HBM); an FFN row is both launches replayed in turn, as a decode step runs them",
         f"(down launched as a dependent of gate/up up to {qk.DEPENDENT_LAUNCH_EXPERTS} experts; int8's down on the",
-        f"CUDA kernel up to {qk.INT8_MMA_DOWN_EXPERTS} experts of up to 8 rows, else Triton's, as a dependent from",
+        f"CUDA kernel up to {qk.INT8_MMA_DOWN_EXPERTS} experts, else Triton's, as a dependent from",
         f"{qk.INT8_DEPENDENT_LAUNCH_FROM}). The int8 down rows time Triton's kernel, launched alone; the CUDA kernel's",
         "row, where it takes the FFN row's down, too.",
         "Their ratio column is to bf16 swiglu_grouped's GEMMs and SwiGLU on the same",

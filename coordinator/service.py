@@ -212,9 +212,13 @@ class Coordinator:
         inbox: asyncio.Queue[tuple[list, float]] = asyncio.Queue(INBOX_MESSAGES)
 
         async def read() -> None:
-            while True:
-                frames = await socket.recv_multipart(copy=False)
-                await inbox.put((frames, time.monotonic()))
+            try:
+                while True:
+                    frames = await socket.recv_multipart(copy=False)
+                    await inbox.put((frames, time.monotonic()))
+            except Exception:  # nothing more is read from this socket: say so rather than fall silent
+                log.exception("reading a socket failed")
+                raise
 
         reader = asyncio.create_task(read())
         try:
@@ -239,11 +243,14 @@ class Coordinator:
 
     # --- client API ------------------------------------------------------------------------------------
 
-    async def on_client(self, client: bytes, frames: list, now: float) -> None:
+    async def on_client(self, client: bytes, frames: list, arrived: float) -> None:
+        # A request counts its times from its arrival; the rest is decided on the state now, which the engine's and
+        # the members' messages handled meanwhile (while a prompt was tokenized) may have moved past the arrival.
+        now = time.monotonic()
         try:
             msg = parse_request(frames, self.config.max_request_bytes)
             if isinstance(msg, Generate):
-                await self.admit(client, msg, now, on_a_thread=frames_size(frames) >= TOKENIZE_ON_A_THREAD_BYTES)
+                await self.admit(client, msg, arrived, on_a_thread=frames_size(frames) >= TOKENIZE_ON_A_THREAD_BYTES)
             elif isinstance(msg, Cancel):
                 self.cancel(client, msg.request_id, now)
             elif isinstance(msg, Health):
@@ -264,13 +271,13 @@ class Coordinator:
                 REQUESTS.labels("rejected").inc()
                 self.send_client(client, ErrorEvent(request_id=request_id, code="internal_error", message=repr(e)))
 
-    async def admit(self, client: bytes, msg: Generate, now: float, on_a_thread: bool) -> None:
-        self.check_admissible(client, msg, now)
+    async def admit(self, client: bytes, msg: Generate, arrived: float, on_a_thread: bool) -> None:
+        self.check_admissible(client, msg, time.monotonic())
         if on_a_thread:
             self.admitting += 1  # a drain waits for it, as for the requests in the table
             try:
                 prompt_ids = await asyncio.to_thread(self.admission.prompt_ids, msg)
-            except asyncio.CancelledError:  # the drain's deadline passed: every message read gets an answer
+            except asyncio.CancelledError:  # the drain's deadline passed: the request being admitted gets an answer
                 self.send_client(client, ErrorEvent(request_id=msg.request_id, code="shutting_down",
                                                     message="the server is shutting down"))
                 raise
@@ -282,7 +289,7 @@ class Coordinator:
             prompt_ids = self.admission.prompt_ids(msg)
         self.table.add(RequestStream(self.table.next_id(), client, msg, prompt_ids,
                                      self.tokenizer.detokenizer(skip_special=True, context=prompt_ids),
-                                     self.stop_token_ids, now))
+                                     self.stop_token_ids, arrived))
         PROMPT.inc(len(prompt_ids))
         self.dispatch()
 

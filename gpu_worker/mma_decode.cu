@@ -533,7 +533,7 @@ __global__ void __launch_bounds__(512 / NT, 1) quant_decode(
         }
     }
 
-    if (release_eighths) let_dependents_start();  // a warp with no groups, or that passed it in unrolled rounds
+    if (release_eighths) let_dependents_start();  // a warp with no groups (the others said it in the loop)
     // the sums a lane keeps of each (i, nt), KEPT of them: all four, or under ONE_ROW those of x's row 0 (c0, c2:
     // accumulators E_STEP apart)
     constexpr int KEPT = ONE_ROW ? 2 : 4, SUMS = 4 * NT * KEPT, E_STEP = 4 / KEPT;

@@ -55,9 +55,12 @@ ONE_GROUP_LOOP_EXPERTS = range(5, 17)
 # A gate/up launch that walks each warp's groups one at a time lets down, its dependent, start once each block has a
 # warp RELEASE_EIGHTHS[8-row tiles of x - 1] eighths of the way through its groups, not from gate/up's start: down's
 # early copies slowed gate/up's loop more than they gained. On the H100 a quarter and a half were within 0.3% of each
-# other at one tile, a half and three quarters at two; after the loop down started too late (mma_decode.cu;
-# bench/quant_kernels.md)
+# other at one tile, a half and three quarters at two; after the loop down started too late. At two tiles over at
+# most SHALLOW_DOWN_EXPERTS experts, FEW_EXPERTS_RELEASE_EIGHTHS: at 8 x 9-16 Q4_K_M's FFN (down in int8) was 1.4-1.8%
+# faster at five eighths than at a half and 2-5% slower at three eighths or three quarters, int4's level; at 16 x 16
+# five eighths was 1.2% (Q4_K_M) and 2.3% (int4) slower (mma_decode.cu; bench/quant_kernels.md)
 RELEASE_EIGHTHS = (4, 4)
+FEW_EXPERTS_RELEASE_EIGHTHS = 5
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
 _BLOCK_WARPS = 16  # warps x tiles of x in a block at most: the kernel's launch bounds (512 / tiles threads)
 _SUMS_BYTES = 32 * 16 * 4  # per warp and 8-row tile of x: 16 float32 per lane
@@ -311,5 +314,8 @@ def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_
     assert shared_bytes <= _shared_limit(device), \
         f"{warps} warps' rings need more shared memory than a block gets on this GPU"
     unrolled = unrolled_rounds(used, x_tiles)
-    release_eighths = RELEASE_EIGHTHS[x_tiles - 1] if swiglu and not unrolled else 0
+    release_eighths = 0
+    if swiglu and not unrolled:
+        few = x_tiles == 2 and used <= SHALLOW_DOWN_EXPERTS
+        release_eighths = FEW_EXPERTS_RELEASE_EIGHTHS if few else RELEASE_EIGHTHS[x_tiles - 1]
     return x_tiles, stages, unrolled, 32 * warps, shared_bytes, k_warps, release_eighths

@@ -229,6 +229,7 @@ def test_a_request_waits_for_the_engine_connection_of_a_live_worker(tiny_model, 
         request = decode(engine.recv_multipart())
         assert isinstance(request, EngineGenerate) and request.max_tokens == 2
         stream.close()
+        assert isinstance(decode(engine.recv_multipart()), EngineCancel)  # before the engine socket goes
     finally:
         member.close()
         engine.close()
