@@ -37,9 +37,12 @@ from shared.run_files import identity_at, listened_on, mailbox_path, remove_if_s
 
 _log = logging.getLogger("expert_host")  # for work items, outside serve's own logger
 WORK = Counter("tierserve_expert_host_work_total", "Work items (one layer's experts for one batch)", ["outcome"])
-ROWS = Counter("tierserve_expert_host_rows_total", "Token rows computed")
+for _outcome in ("ok", "error"):  # both series from the start, so that the first error is an increase
+    WORK.labels(_outcome)
+ROWS = Counter("tierserve_expert_host_rows_total", "Routed (token, expert) pairs computed")
 MAILBOX_WORK = Counter("tierserve_expert_host_mailbox_work_total",
-                       "Work items that came through the shared-memory mailbox rather than ZeroMQ")
+                       "Work items of one layer that came through the shared-memory mailbox rather than ZeroMQ (the "
+                       "lane's are lane_work_total)")
 LANE_WORK = Counter("tierserve_expert_host_lane_work_total",
                     "Work items the worker's device posted through the mailbox's lane (a decode step's layer "
                     "with work for this host)")

@@ -72,8 +72,9 @@ SOFT_HIT_RATE = Gauge("tierserve_worker_soft_tier_hit_rate", "Cold expert lookup
 # the lookups themselves, so that a window's hit rate (a benchmark phase's, a dashboard's) is a ratio of increases
 SOFT_LOOKUPS = Counter("tierserve_worker_soft_tier_lookups_total",
                        "Cold expert lookups in the VRAM slots, by result: hit or miss", ["result"])
-STREAMED_BYTES = Gauge("tierserve_worker_streamed_bytes", "Expert bytes streamed into VRAM slots since start")
-HOT_BYTES = Gauge("tierserve_worker_hot_expert_bytes", "Bytes of expert weights held by the worker")
+STREAMED_BYTES = Counter("tierserve_worker_streamed_bytes", "Expert bytes streamed into VRAM slots (soft and staging)")
+HOT_BYTES = Gauge("tierserve_worker_hot_expert_bytes", "Bytes of the hot experts' weights the worker holds (not its "
+                  "soft and staging slots)")
 # The cold planner's constants as the last step planned with them (measured at start-up, the CPU's and the round
 # trip refitted from the hosts' timings): why it split the cold experts between PCIe and the hosts' CPUs as it did.
 COST_PCIE = Gauge("tierserve_worker_cost_pcie_bytes_per_second", "Cold planner: PCIe bandwidth it plans with")
@@ -133,6 +134,7 @@ class Engine:
         self.pool = SoftPool(self.experts, self.device, dtype, config.soft_slots, config.soft_policy,
                              config.soft_staging) if config.soft_slots > 0 else None
         self._lookups_counted = {"hit": 0, "miss": 0}  # of the pool's tallies, what SOFT_LOOKUPS has been given
+        self._streamed_counted = 0  # of the pool's bytes streamed, what STREAMED_BYTES has been given
         self.planner = ColdPlanner(self.experts, config.cold_path, self.pool.measure_bandwidth(),
                                    measure_matmul_flops(self.device, dtype), dtype,
                                    config.threads_for("expert_host", self.device.type == "cuda")
@@ -284,7 +286,8 @@ class Engine:
             for result, tally in (("hit", tier.hits), ("miss", tier.misses)):
                 SOFT_LOOKUPS.labels(result).inc(tally - self._lookups_counted[result])
                 self._lookups_counted[result] = tally
-            STREAMED_BYTES.set(self.pool.bytes_streamed)
+            STREAMED_BYTES.inc(self.pool.bytes_streamed - self._streamed_counted)
+            self._streamed_counted = self.pool.bytes_streamed
         if self.planner is not None:
             cost = self.planner.constants
             COST_PCIE.set(cost.pcie_bw)

@@ -18,7 +18,7 @@ from shared.protocol import HealthReply
 PATHS = ("hot", "soft_hit", "streamed", "staged", "cpu")  # how a routed (token, expert) pair was computed
 DISPATCH = "tierserve_worker_expert_dispatch_total"
 SOFT_LOOKUPS = "tierserve_worker_soft_tier_lookups_total"  # by result: hit or miss
-STREAMED_BYTES = "tierserve_worker_streamed_bytes"
+STREAMED_BYTES = "tierserve_worker_streamed_bytes_total"
 STARTED = "process_start_time_seconds"  # prometheus_client's own: a restarted worker counts from zero again
 # the cold planner's constants (gpu_worker/service.py's COST_* gauges): metric -> key in TierSnapshot.cost
 COST = {"tierserve_worker_cost_pcie_bytes_per_second": "pcie_bw",

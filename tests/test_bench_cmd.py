@@ -193,7 +193,7 @@ def worker_metrics_page(hot: int, streamed: int, soft_hits: int, soft_misses: in
     lookups.labels("miss").inc(soft_misses)
     Gauge("tierserve_worker_soft_tier_hit_rate", "since start", registry=registry).set(
         soft_hits / max(soft_hits + soft_misses, 1))
-    Gauge("tierserve_worker_streamed_bytes", "bytes", registry=registry).set(streamed_bytes)
+    Counter("tierserve_worker_streamed_bytes", "bytes", registry=registry).inc(streamed_bytes)
     Gauge("tierserve_worker_hot_expert_bytes", "other metric", registry=registry).set(7)
     Gauge("tierserve_worker_cost_pcie_bytes_per_second", "pcie", registry=registry).set(50e9)
     read = Gauge("tierserve_worker_cost_cpu_read_bytes_per_second", "read", ["format"], registry=registry)
