@@ -198,9 +198,11 @@ def wait_ready(config: Config, kids: list[Child], timeout_s: float, stopping: Ca
             time.sleep(0.2)
     if not stopping():
         # a conversion cut short by the stop that follows is thrown away: every later `up` would start it again
+        # the cache is looked for only in expert_cache_dir where it is set: one converted beside the model is not used
+        cache_dir = f" --cache-dir {config.expert_cache_dir}" if config.expert_cache_dir else ""
         print(f"tierserve: not ready after {timeout_s:g} s. A first start of a quantized model converts its expert "
-              "cache: `tierserve convert-experts MODEL` does that ahead, or give --ready-timeout more time",
-              file=sys.stderr)
+              f"cache: `tierserve convert-experts MODEL{cache_dir}` does that ahead, or give --ready-timeout more "
+              "time", file=sys.stderr)
     return False
 
 

@@ -171,17 +171,23 @@ def test_a_failed_up_leaves_the_sockets_of_a_system_that_shares_its_run_dir(tmp_
         other.close(linger=0)
 
 
-def test_a_system_not_ready_in_time_is_stopped_with_a_hint_at_the_cause(tmp_path):
+@pytest.mark.parametrize("cache_dir", [False, True], ids=["beside-the-model", "expert-cache-dir"])
+def test_a_system_not_ready_in_time_is_stopped_with_a_hint_at_the_cause(tmp_path, cache_dir):
     """It said only "not ready after 300 s": a first start converting a large model's expert cache never became
-    ready, each stop throwing the conversion away, with nothing to say why or what to do."""
+    ready, each stop throwing the conversion away, with nothing to say why or what to do. With expert_cache_dir set
+    (as the services' example configuration has it) a cache converted beside the model is not looked for: the hint
+    names the directory."""
     model = tmp_path / "m.gguf"
     make_model(model, arch="qwen3moe", preset="tiny", dtype="f32", seed=1)
+    directory = tmp_path / "caches"
+    chosen = ["--expert-cache-dir", str(directory)] if cache_dir else []
     run = subprocess.run([sys.executable, "-m", "shared.cli", "up", "--model", str(model), "--run-dir",
                           str(tmp_path / "run"), "--client-endpoint", "tcp://127.0.0.1:0", "--metrics-port", "0",
-                          "--ready-timeout", "0.5"], capture_output=True, text=True, timeout=120)
+                          "--ready-timeout", "0.5", *chosen], capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
+    command = "tierserve convert-experts MODEL" + (f" --cache-dir {directory}" if cache_dir else "")
     assert "tierserve: not ready after 0.5 s. A first start of a quantized model converts its expert cache: " \
-           "`tierserve convert-experts MODEL` does that ahead, or give --ready-timeout more time" in run.stderr
+           f"`{command}` does that ahead, or give --ready-timeout more time" in run.stderr
 
 
 def test_another_system_answering_ready_on_the_client_endpoint_is_not_taken_for_this_one(tmp_path):
