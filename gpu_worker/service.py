@@ -68,7 +68,8 @@ DISPATCH = Counter("tierserve_worker_expert_dispatch_total",
                    "Routed (token, expert) pairs by path: hot, soft_hit, streamed, staged, cpu", ["path"])
 STEP_SECONDS = Histogram("tierserve_worker_step_seconds", "Wall time of one model step",
                          buckets=(1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0))
-SOFT_HIT_RATE = Gauge("tierserve_worker_soft_tier_hit_rate", "Cold expert lookups found in a VRAM slot, since start")
+SOFT_HIT_RATE = Gauge("tierserve_worker_soft_tier_hit_rate",
+                      "Cold expert lookups found in a VRAM slot, since start (0 without soft slots)")
 # the lookups themselves, so that a window's hit rate (a benchmark phase's, a dashboard's) is a ratio of increases
 SOFT_LOOKUPS = Counter("tierserve_worker_soft_tier_lookups_total",
                        "Cold expert lookups in the VRAM slots, by result: hit or miss", ["result"])
@@ -77,7 +78,9 @@ HOT_BYTES = Gauge("tierserve_worker_hot_expert_bytes", "Bytes of the hot experts
                   "soft and staging slots)")
 # The cold planner's constants as the last step planned with them (measured at start-up, the CPU's and the round
 # trip refitted from the hosts' timings): why it split the cold experts between PCIe and the hosts' CPUs as it did.
-COST_PCIE = Gauge("tierserve_worker_cost_pcie_bytes_per_second", "Cold planner: PCIe bandwidth it plans with")
+# A worker without soft slots has no planner and exports them, as the soft tier's hit rate, as 0.
+COST_PCIE = Gauge("tierserve_worker_cost_pcie_bytes_per_second",
+                  "Cold planner: PCIe bandwidth it plans with (0: no planner, no soft slots)")
 COST_CPU_READ = Gauge("tierserve_worker_cost_cpu_read_bytes_per_second",
                       "Cold planner: expert bytes a host's CPU reads per second, by served format", ["format"])
 COST_CPU_FLOPS = Gauge("tierserve_worker_cost_cpu_flops", "Cold planner: a host's CPU expert compute, flop/s")
