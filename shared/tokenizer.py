@@ -89,9 +89,14 @@ def merges_from_scores(tokens: Sequence[str], scores: Sequence[float]) -> list[t
     """
     ids = {t: i for i, t in enumerate(tokens)}
     score_of = dict(zip(tokens, scores, strict=True))
+    # a split's two parts have lengths of the vocabulary's pieces: trying only those (a few dozen) rather than every
+    # place in the piece, a piece of a million characters in a damaged file is not a trillion comparisons at start
+    lengths = {len(t) for t in tokens}
     merges = []
     for piece, score in score_of.items():
-        local = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids]
+        n = len(piece)
+        local = [(piece[:k], piece[k:]) for k in lengths
+                 if 0 < k < n and n - k in lengths and piece[:k] in ids and piece[k:] in ids]
         local.sort(key=lambda lr: (ids[lr[0]], ids[lr[1]]))
         merges += [(left, right, score) for left, right in local]
     merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)

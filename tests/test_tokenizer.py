@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import random
 import re
 
 import pytest
@@ -253,6 +254,25 @@ def test_merges_from_scores_rank_by_merged_piece_score():
     scores = [0.0, 0.0, 0.0, -2.0, -1.0, -3.0]
     # bc outranks ab; abc is made by two merges of equal rank, the one with the longer left part first.
     assert merges_from_scores(tokens, scores) == [("b", "c"), ("a", "b"), ("ab", "c"), ("a", "bc")]
+
+
+def test_merges_from_scores_are_every_split_into_two_pieces_of_the_vocabulary():
+    """Only the splits at lengths of the vocabulary's pieces are tried (a damaged file's piece of a million characters
+    was a trillion comparisons): the same merges, in the same order, as trying every place of every piece. A vocabulary
+    of random pieces over three letters, most of whose pieces split several ways, and one long piece."""
+    rng = random.Random(5)
+    pieces = {"".join(rng.choice("abc") for _ in range(rng.randint(1, 7))) for _ in range(400)} | {"a" * 300, "a" * 299}
+    tokens = sorted(pieces, key=lambda p: (rng.random(), p))
+    scores = [float(rng.randint(-20, 0)) for _ in tokens]
+    ids = {t: i for i, t in enumerate(tokens)}
+    every_place = []
+    for piece, score in zip(tokens, scores, strict=True):
+        splits = sorted(((piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in ids and piece[k:] in ids),
+                        key=lambda lr: (ids[lr[0]], ids[lr[1]]))
+        every_place += [(left, right, score) for left, right in splits]
+    every_place.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    got = merges_from_scores(tokens, scores)
+    assert got == [(left, right) for left, right, _ in every_place] and ("a" * 299, "a") in got
 
 
 def test_sentencepiece_bytes_fall_back_to_byte_tokens(mixtral):
