@@ -83,12 +83,18 @@ def coordinator(tiny_model, tmp_path_factory):
     c.stop()
 
 
-@pytest.fixture
-def raw(coordinator):
+def raw_client(coordinator: Coordinator, timeout_ms: int) -> zmq.Socket:
+    """A client socket of its own, to send frames the Python client would not (or without waiting for replies)."""
     socket = zmq.Context.instance().socket(zmq.DEALER)
     socket.setsockopt(zmq.LINGER, 0)
-    socket.setsockopt(zmq.RCVTIMEO, 5000)
+    socket.setsockopt(zmq.RCVTIMEO, timeout_ms)
     socket.connect(coordinator.config.client_endpoint)
+    return socket
+
+
+@pytest.fixture
+def raw(coordinator):
+    socket = raw_client(coordinator, 5000)
     yield socket
     socket.close()
 
@@ -319,10 +325,7 @@ def test_tokens_stream_on_while_a_long_prompt_is_tokenized_and_a_cancel_after_a_
     of such prompts stalled them all for seconds. Client messages are still taken one after another: a cancel sent
     right behind a long request ends it."""
     coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8, max_request_bytes=2 << 20)
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.setsockopt(zmq.RCVTIMEO, 30_000)
-    raw.connect(coordinator.config.client_endpoint)
+    raw = raw_client(coordinator, 30_000)
     with joined_worker(coordinator) as (member, engine, hb):
         stream = coordinator.client.generate(request_id="running", token_ids=[5], max_tokens=4)
         running = decode(engine.recv_multipart())
@@ -348,10 +351,7 @@ def test_a_request_behind_a_long_prompt_counts_its_time_to_first_token_from_its_
     for its tokenizing. It was stamped as it was handled, after that wait: its time to first token (the final
     event's, and the histogram's) left the wait out."""
     coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8, max_request_bytes=2 << 20)
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.setsockopt(zmq.RCVTIMEO, 30_000)
-    raw.connect(coordinator.config.client_endpoint)
+    raw = raw_client(coordinator, 30_000)
     with joined_worker(coordinator) as (member, engine, hb):
         raw.send_multipart(encode(Generate(request_id="huge", prompt="a" * (1 << 20), max_tokens=1)))
         raw.send_multipart(encode(Generate(request_id="small", token_ids=[5], max_tokens=1)))
@@ -373,9 +373,7 @@ def test_a_long_prompt_being_tokenized_when_a_drain_begins_is_answered_before_th
     ended at once and its sender never heard back. The drain now waits for it to be answered (here: too long for
     the context, found as it is tokenized), then the coordinator stops."""
     coordinator = Coordinator(tiny_model, tmp_path, expert_hosts=0, hot_experts=8, max_request_bytes=8 << 20)
-    raw = zmq.Context.instance().socket(zmq.DEALER)
-    raw.setsockopt(zmq.LINGER, 0)
-    raw.connect(coordinator.config.client_endpoint)
+    raw = raw_client(coordinator, 30_000)
     with joined_worker(coordinator):
         raw.send_multipart(encode(Generate(request_id="huge", prompt="a " * (2 << 20), max_tokens=1)))
         time.sleep(0.3)  # the coordinator is tokenizing it
