@@ -54,11 +54,11 @@ SHALLOWEST_DOWN_STAGES = 2
 ONE_GROUP_LOOP_EXPERTS = range(5, 17)
 # A gate/up launch that walks each warp's groups one at a time lets down, its dependent, start once each block has a
 # warp RELEASE_EIGHTHS[8-row tiles of x - 1] eighths of the way through its groups, not from gate/up's start: down's
-# early copies slowed gate/up's loop more than they gained. On the H100 a quarter and a half were within 0.3% of each
-# other at one tile, a half and three quarters at two; after the loop down started too late. At two tiles over at
+# early copies slowed gate/up's loop more than they gained. On the H100 int4's FFN was within 0.3% at a quarter and a
+# half at one tile, at a half and three quarters at two; after the loop down started too late. At two tiles over at
 # most SHALLOW_DOWN_EXPERTS experts, FEW_EXPERTS_RELEASE_EIGHTHS: at 8 x 9-16 Q4_K_M's FFN (down in int8) was 1.4-1.8%
-# faster at five eighths than at a half and 2-5% slower at three eighths or three quarters, int4's level; at 16 x 16
-# five eighths was 1.2% (Q4_K_M) and 2.3% (int4) slower (mma_decode.cu; bench/quant_kernels.md)
+# faster at five eighths than at a half, and 2-4% slower at three eighths or three quarters than at a half, int4's
+# level; at 16 x 16 five eighths was 1.2% (Q4_K_M) and 2.3% (int4) slower (mma_decode.cu; bench/quant_kernels.md)
 RELEASE_EIGHTHS = (4, 4)
 FEW_EXPERTS_RELEASE_EIGHTHS = 5
 _WARPS_PER_SM = 8  # warps a launch aims for: enough loads in flight to keep HBM busy
