@@ -33,6 +33,7 @@ from coordinator.admission import (
     Limits,
     Rejected,
     check_state,
+    check_values,
     frames_size,
     parse_request,
     recover_request_id,
@@ -272,6 +273,7 @@ class Coordinator:
                 self.send_client(client, ErrorEvent(request_id=request_id, code="internal_error", message=repr(e)))
 
     async def admit(self, client: bytes, msg: Generate, arrived: float, on_a_thread: bool) -> None:
+        check_values(msg)  # a request's own fault first: refused as busy or not ready, it would be sent again as it is
         self.check_admissible(client, msg, time.monotonic())
         if on_a_thread:
             self.admitting += 1  # a drain waits for it, as for the requests in the table

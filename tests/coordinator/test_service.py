@@ -127,6 +127,15 @@ def test_generate_without_a_worker_is_unavailable(coordinator):
     assert placement["version"] == coordinator.client.health().members[0]["placement_version"]
 
 
+def test_a_request_with_a_bad_value_is_refused_for_it_even_while_the_server_is_not_ready(coordinator):
+    """The server's state was checked before the request's values: a max_tokens of 0 was refused as `unavailable`
+    (and would have been as `overloaded`), which a client retries, to be refused again once the server is ready."""
+    with pytest.raises(ServerError) as info:
+        coordinator.client.complete(request_id="zero", prompt="hello", max_tokens=0)
+    assert (info.value.code, info.value.request_id) == ("invalid_request", "zero")
+    assert "max_tokens must be at least 1" in info.value.message
+
+
 @pytest.mark.parametrize(
     ("frames", "code", "request_id"),
     [
