@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import logging
 import math
 import os
 import re
@@ -29,6 +28,7 @@ IPC_PATH_BYTES = 107
 MAX_REQUEST_BYTES = 1 << 40
 HOST_MEMORY_KINDS = ("mapped", "pinned")
 COLD_PATHS = ("auto", "cpu", "stream")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")  # any case; logging's aliases (WARN, NOTSET) are not
 SOFT_POLICIES = ("decayed-lfu", "lru")
 
 
@@ -233,9 +233,8 @@ class Config:
             raise ValueError(f"cold_path must be one of {', '.join(COLD_PATHS)}, not {self.cold_path!r}")
         if self.soft_policy not in SOFT_POLICIES:
             raise ValueError(f"soft_policy must be one of {', '.join(SOFT_POLICIES)}, not {self.soft_policy!r}")
-        if self.log_level.upper() not in logging.getLevelNamesMapping():
-            raise ValueError(f"log_level must be one of DEBUG, INFO, WARNING, ERROR or CRITICAL, "
-                             f"not {self.log_level!r}")
+        if self.log_level.upper() not in LOG_LEVELS:
+            raise ValueError(f"log_level must be one of {', '.join(LOG_LEVELS)}, not {self.log_level!r}")
         for kind in self.host_memory.split(","):
             if kind.strip() not in HOST_MEMORY_KINDS:
                 raise ValueError(f"host_memory must be one of {', '.join(HOST_MEMORY_KINDS)} (or a comma-separated "

@@ -71,7 +71,8 @@ def test_tierserve_up_leaves_a_config_file_in_its_run_dir_as_it_was(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["config.toml"]
 
 
-@pytest.mark.parametrize(("key", "value"), [("cold_path", "gpu"), ("soft_policy", "lfu"), ("log_level", "verbose")])
+@pytest.mark.parametrize(("key", "value"), [("cold_path", "gpu"), ("soft_policy", "lfu"), ("log_level", "verbose"),
+                                            ("log_level", "notset"), ("log_level", "warn")])
 def test_a_value_no_process_can_use_is_refused_at_load(key, value):
     """Each once passed the load and stopped a role at start-up with a traceback (cold_path and soft_policy the
     gpu worker's, and only with soft slots; log_level every process's)."""
