@@ -194,6 +194,16 @@ def unrolled_rounds(used: int, x_tiles: int) -> bool:
     return x_tiles >= 2 and used not in ONE_GROUP_LOOP_EXPERTS
 
 
+def release_eighths_of(used: int, swiglu: bool, x_tiles: int) -> int:
+    """Eighths of a warp's groups after which a launch over `used` experts lets its dependent start: 0, at its
+    start, for down and for gate/up's unrolled rounds (RELEASE_EIGHTHS)."""
+    if not swiglu or unrolled_rounds(used, x_tiles):
+        return 0
+    if x_tiles == 2 and used <= SHALLOW_DOWN_EXPERTS:
+        return FEW_EXPERTS_RELEASE_EIGHTHS
+    return RELEASE_EIGHTHS[x_tiles - 1]
+
+
 @functools.cache
 def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -314,8 +324,4 @@ def _launch_shape(n: int, k: int, used: int, swiglu: bool, rows_at_most: int, k_
     assert shared_bytes <= _shared_limit(device), \
         f"{warps} warps' rings need more shared memory than a block gets on this GPU"
     unrolled = unrolled_rounds(used, x_tiles)
-    release_eighths = 0
-    if swiglu and not unrolled:
-        few = x_tiles == 2 and used <= SHALLOW_DOWN_EXPERTS
-        release_eighths = FEW_EXPERTS_RELEASE_EIGHTHS if few else RELEASE_EIGHTHS[x_tiles - 1]
-    return x_tiles, stages, unrolled, 32 * warps, shared_bytes, k_warps, release_eighths
+    return x_tiles, stages, unrolled, 32 * warps, shared_bytes, k_warps, release_eighths_of(used, swiglu, x_tiles)

@@ -1,5 +1,6 @@
-"""How many warps cut K in the int4 / int8 decode kernel's blocks (gpu_worker.mma_decode.plan_k_warps): pure
-arithmetic on the GPU's SM count and shared memory, so it runs without a GPU."""
+"""How many warps cut K in the int4 / int8 decode kernel's blocks (gpu_worker.mma_decode.plan_k_warps), their rings'
+stages and where gate/up lets down start: pure arithmetic on the GPU's SM count and shared memory, so it runs without
+a GPU."""
 
 from __future__ import annotations
 
@@ -7,7 +8,9 @@ import pytest
 
 from gpu_worker.mma_decode import (
     DEEP_STAGES,
+    FEW_EXPERTS_RELEASE_EIGHTHS,
     ONE_GROUP_LOOP_EXPERTS,
+    RELEASE_EIGHTHS,
     SHALLOW_DOWN_STAGES,
     SHALLOWEST_DOWN_FROM,
     SHALLOWEST_DOWN_STAGES,
@@ -15,6 +18,7 @@ from gpu_worker.mma_decode import (
     _shared_bytes,
     _x_tiles,
     plan_k_warps,
+    release_eighths_of,
     ring_stages,
     unrolled_rounds,
 )
@@ -72,6 +76,18 @@ def test_unrolled_rounds_only_at_two_tiles_outside_a_few_experts():
     assert not unrolled_rounds(8, 1) and not unrolled_rounds(128, 1)
     assert [used for used in range(1, 129) if not unrolled_rounds(used, 2)] == list(ONE_GROUP_LOOP_EXPERTS)
     assert 8 in ONE_GROUP_LOOP_EXPERTS and 4 not in ONE_GROUP_LOOP_EXPERTS and 64 not in ONE_GROUP_LOOP_EXPERTS
+
+
+def test_gate_up_lets_down_start_part_way_through_its_loop_and_later_at_a_few_experts_of_two_tiles():
+    """Down launched at gate/up's start copied its weights while gate/up's loop ran and slowed it: gate/up's one-group
+    loop lets it in part way through (a half), and later at two tiles of x over one token's 8 experts or fewer;
+    gate/up's unrolled rounds and down itself (whose dependents are none) let it in at the start."""
+    assert release_eighths_of(8, True, 1) == release_eighths_of(128, True, 1) == RELEASE_EIGHTHS[0] > 0
+    assert release_eighths_of(8, True, 2) == release_eighths_of(5, True, 2) == FEW_EXPERTS_RELEASE_EIGHTHS
+    assert release_eighths_of(16, True, 2) == RELEASE_EIGHTHS[1] != FEW_EXPERTS_RELEASE_EIGHTHS
+    assert release_eighths_of(4, True, 2) == release_eighths_of(64, True, 2) == 0  # unrolled rounds
+    assert release_eighths_of(8, False, 1) == release_eighths_of(8, False, 2) == 0
+    assert all(0 < e < 8 for e in (*RELEASE_EIGHTHS, FEW_EXPERTS_RELEASE_EIGHTHS))
 
 
 def test_int8_rings_take_more_shared_memory():
